@@ -1,0 +1,200 @@
+"""Text normalisation and sentence splitting (spec frontend-llm.md §4).
+
+Every rule here mirrors the documented upstream behaviour so that long texts become the same
+segments (golden ``frontend/text_frontend.json``). The only deliberate difference: indices that
+upstream reads past the end of the string (``replace_blank`` on a trailing space) are treated as
+"not ASCII" instead of raising.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+
+import regex
+
+# zh: characters; en: tokens of the family's text tokenizer.
+LengthFn = Callable[[str], int]
+
+ZH_PUNCT = "。？！；：、.?!;"
+EN_PUNCT = ".?!;:"
+CLOSING_QUOTES = ('"', "”")
+_PUNCT_ONLY = regex.compile(r"^[\p{P}\p{S}]*$")
+_DIGIT_RUN = re.compile(r"\d+")  # str.isdigit runs; `re` \d matches Unicode decimal digits
+_TRAILING_COMMAS = re.compile(r"[，,、]+$")
+
+
+def contains_chinese(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def replace_blank(text: str) -> str:
+    """Drop every space unless both neighbours are ASCII non-space characters."""
+    out = []
+    n = len(text)
+    for i, c in enumerate(text):
+        if c == " ":
+            # upstream indexes text[i-1] (wrapping at 0) and text[i+1]
+            prev = text[i - 1]
+            nxt = text[i + 1] if i + 1 < n else ""
+            if nxt and nxt.isascii() and nxt != " " and prev.isascii() and prev != " ":
+                out.append(c)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def replace_corner_mark(text: str) -> str:
+    return text.replace("²", "平方").replace("³", "立方")
+
+
+def remove_bracket(text: str) -> str:
+    for ch in ("（", "）", "【", "】", "`"):
+        text = text.replace(ch, "")
+    return text.replace("——", " ")
+
+
+@functools.cache
+def _inflect_engine():
+    import inflect
+
+    return inflect.engine()
+
+
+def spell_out_number(text: str) -> str:
+    """Replace every maximal digit run by inflect's words ("3.5" -> "three.five", as upstream)."""
+    out: list[str] = []
+    st = None
+    for i, c in enumerate(text):
+        if c.isdigit():
+            if st is None:
+                st = i
+        else:
+            if st is not None:
+                out.append(_number_words(text[st:i]))
+                st = None
+            out.append(c)
+    if st is not None:
+        out.append(_number_words(text[st:]))
+    return "".join(out)
+
+
+def _number_words(run: str) -> str:
+    try:
+        return _inflect_engine().number_to_words(run)
+    except Exception:  # e.g. superscript digits inflect cannot parse: keep them as they are
+        return run
+
+
+def split_paragraph(
+    text: str,
+    length: LengthFn,
+    lang: str,
+    token_max_n: int = 80,
+    token_min_n: int = 60,
+    merge_len: int = 20,
+    comma_split: bool = False,
+) -> list[str]:
+    """Cut ``text`` at sentence-final punctuation, then greedily merge sentences into segments."""
+    punct = ZH_PUNCT if lang == "zh" else EN_PUNCT
+    if comma_split:
+        punct += "，,"
+    if not text:
+        return []
+    if text[-1] not in punct:
+        text += "。" if lang == "zh" else "."
+    utts = sentences(text, punct)
+    return merge_sentences(utts, length, token_max_n, token_min_n, merge_len)
+
+
+def sentences(text: str, punct: str) -> list[str]:
+    """Cut at punctuation; a closing quote right after the mark sticks to the sentence."""
+    utts: list[str] = []
+    st = 0
+    for i, c in enumerate(text):
+        if c in punct:
+            if text[st:i]:
+                utts.append(text[st:i] + c)
+            if i + 1 < len(text) and text[i + 1] in CLOSING_QUOTES:
+                if utts:
+                    utts[-1] = utts[-1] + text[i + 1]
+                st = i + 2
+            else:
+                st = i + 1
+    return utts
+
+
+def merge_sentences(
+    utts: list[str], length: LengthFn, token_max_n: int, token_min_n: int, merge_len: int
+) -> list[str]:
+    final: list[str] = []
+    cur = ""
+    for u in utts:
+        if length(cur + u) > token_max_n and length(cur) > token_min_n:
+            final.append(cur)
+            cur = ""
+        cur += u
+    if cur:
+        if length(cur) < merge_len and final:
+            final[-1] += cur
+        else:
+            final.append(cur)
+    return final
+
+
+def is_punct_only(seg: str) -> bool:
+    return bool(_PUNCT_ONLY.match(seg))
+
+
+class TextNormalizer:
+    """``text_normalize`` of the spec, with a pluggable token counter for English lengths.
+
+    ``use_wetext=False`` reproduces upstream's ``text_frontend == ''`` fallback (no wetext).
+    """
+
+    def __init__(self, count_tokens: LengthFn, use_wetext: bool = True) -> None:
+        self.count_tokens = count_tokens
+        self._zh = self._en = None
+        if use_wetext:
+            from wetext import Normalizer
+
+            self._zh = Normalizer(remove_erhua=False)
+            self._en = Normalizer()
+
+    @staticmethod
+    def bypass(text: str) -> bool:
+        """Special-token text (``<|...|>``) skips normalisation and splitting entirely."""
+        return "<|" in text and "|>" in text
+
+    def normalize_zh(self, text: str) -> str:
+        if self._zh is not None:
+            text = self._zh.normalize(text)
+        text = text.replace("\n", "")
+        text = replace_blank(text)
+        text = replace_corner_mark(text)
+        text = text.replace(".", "。")
+        text = text.replace(" - ", "，")
+        text = remove_bracket(text)
+        return _TRAILING_COMMAS.sub("。", text)
+
+    def normalize_en(self, text: str) -> str:
+        if self._en is not None:
+            text = self._en.normalize(text)
+        return spell_out_number(text)
+
+    def normalize(self, text: str, split: bool = True, text_frontend: bool = True):
+        """Return the list of segments (``split=True``) or the normalised string."""
+        if self.bypass(text):
+            text_frontend = False
+        if not text_frontend or text == "":
+            return [text] if split else text
+        text = text.strip()
+        if contains_chinese(text):
+            text = self.normalize_zh(text)
+            segs = split_paragraph(text, len, "zh")
+        else:
+            text = self.normalize_en(text)
+            segs = split_paragraph(text, self.count_tokens, "en")
+        segs = [s for s in segs if not is_punct_only(s)]
+        return segs if split else text
