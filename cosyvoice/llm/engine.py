@@ -1,0 +1,157 @@
+"""Step API of the speech-token LM for a continuous-batching scheduler.
+
+A request is an :class:`LLMRequest` (its token ids, KV cache, generator, length limits, done
+flag). :meth:`LLMEngine.step` runs ONE forward over any subset of live requests: those without a
+cache are prefilled, the others decode one token; all are packed into the same forward. Finished
+or cancelled requests are simply not passed again; their cache is dropped when they finish (or
+when the caller calls :meth:`LLMRequest.cancel`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import SamplingConfig
+from .lm import QwenSpeechLM
+from .qwen2 import KVCache
+from .sampling import sample_next
+
+MIN_TOKEN_TEXT_RATIO = 2
+MAX_TOKEN_TEXT_RATIO = 20
+
+
+@dataclass(eq=False)
+class LLMRequest:
+    """One text segment to turn into speech tokens.
+
+    ``text_ids``: tokens of the text to speak (they set min/max length);
+    ``prompt_text_ids`` / ``prompt_speech_tokens``: zero-shot prompt (transcript tokens and the
+    aligned prompt speech tokens); ``seed``: 0 = random; ``greedy``: argmax instead of RAS
+    (debugging / parity); ``max_len`` may be lowered by the caller before the first step.
+    """
+
+    text_ids: Sequence[int]
+    prompt_text_ids: Sequence[int] = ()
+    prompt_speech_tokens: Sequence[int] = ()
+    seed: int = 0
+    greedy: bool = False
+    min_len: int = -1
+    max_len: int = -1
+    # runtime state
+    out_tokens: list[int] = field(default_factory=list)
+    cache: KVCache | None = None
+    done: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    last_logits: torch.Tensor | None = None  # llm_decoder output of the latest step (V,)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.text_ids)
+        if self.min_len < 0:
+            self.min_len = int(n * MIN_TOKEN_TEXT_RATIO)
+        if self.max_len < 0:
+            self.max_len = int(n * MAX_TOKEN_TEXT_RATIO)
+        if self.seed == 0:
+            self.seed = secrets.randbits(63) or 1
+        if self.generator is None and not self.greedy:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(self.seed)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.cache is not None or bool(self.out_tokens)
+
+    def cancel(self) -> None:
+        self._finish("cancelled")
+
+    def _finish(self, reason: str) -> None:
+        self.done = True
+        self.finish_reason = reason
+        self.cache = None  # free the KV memory now
+
+
+class LLMEngine:
+    """Wraps a loaded :class:`QwenSpeechLM`; ``model.llm`` of :func:`cosyvoice.load`."""
+
+    def __init__(self, net: QwenSpeechLM, sampling: SamplingConfig) -> None:
+        self.net = net
+        self.sampling = sampling
+        # the scheduler calls from one thread; the lock only guards against accidental sharing
+        self._lock = threading.Lock()
+
+    @property
+    def speech_token_size(self) -> int:
+        return self.net.speech_token_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.llm_decoder.weight.device
+
+    def prefill(self, requests: Sequence[LLMRequest]) -> list[int | None]:
+        if any(r.prefilled for r in requests):
+            raise ValueError("prefill() got a request that already ran")
+        return self.step(requests)
+
+    def decode(self, requests: Sequence[LLMRequest]) -> list[int | None]:
+        if not all(r.prefilled for r in requests):
+            raise ValueError("decode() got a request that was not prefilled")
+        return self.step(requests)
+
+    @torch.inference_mode()
+    def step(self, requests: Sequence[LLMRequest]) -> list[int | None]:
+        """One forward for all ``requests``; returns each one's new token, or None if it
+        finished in this step (stop token or length limit; see ``finish_reason``)."""
+        for r in requests:
+            if r.done:
+                raise ValueError("step() got a finished request")
+        if not requests:
+            return []
+        net = self.net
+        dev, dtype = self.device, net.llm_decoder.weight.dtype
+        embeds, lens, caches = [], [], []
+        for r in requests:
+            if not r.prefilled:
+                text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
+                speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
+                e = net.prefix_embeds(text, speech)
+                r.cache = net.qwen.new_cache(dtype, dev)
+            else:
+                last = torch.tensor([r.out_tokens[-1]], dtype=torch.long, device=dev)
+                e = net.speech_embedding(last)
+            embeds.append(e)
+            lens.append(e.shape[0])
+            caches.append(r.cache)
+        with self._lock:
+            logits = net.forward_packed(torch.cat(embeds), caches, lens)
+        logits = logits.float().cpu()
+        out: list[int | None] = []
+        for r, lg in zip(requests, logits, strict=True):
+            r.last_logits = lg
+            tok = sample_next(
+                lg,
+                r.out_tokens,
+                self.speech_token_size,
+                ignore_eos=len(r.out_tokens) < r.min_len,
+                cfg=self.sampling,
+                generator=None if r.greedy else r.generator,
+            )
+            if tok >= self.speech_token_size:
+                r._finish("stop")
+                out.append(None)
+                continue
+            r.out_tokens.append(tok)
+            if len(r.out_tokens) >= r.max_len:
+                r._finish("length")
+            out.append(tok)
+        return out
+
+    def generate(self, request: LLMRequest) -> list[int]:
+        """Run one request to completion alone (tests, scripts)."""
+        while not request.done:
+            self.step([request])
+        return list(request.out_tokens)

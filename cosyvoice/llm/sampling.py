@@ -1,0 +1,67 @@
+"""Repetition-aware sampling (RAS, spec §8.4) with a per-request generator.
+
+Deliberate differences from upstream HEAD (spec "bugs"):
+* while fewer than ``min_len`` tokens exist, *every* special id (>= speech_token_size) is masked,
+  not only id ``speech_token_size`` (which in v3 is sos, not eos);
+* randomness comes from the request's own ``torch.Generator``, never the global RNG, so the
+  same seed gives the same tokens whatever else runs in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SamplingConfig
+
+
+def nucleus_candidates(
+    probs: torch.Tensor, top_p: float, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (kept probs, their ids): take sorted entries while cum < top_p and count < top_k.
+
+    The first entry is always taken and the entry that crosses top_p is included.
+    """
+    sorted_p, sorted_idx = probs.sort(descending=True, stable=True)
+    cum = sorted_p.cumsum(0)
+    # entry j is kept iff the cumulative mass *before* it is < top_p (and j < top_k)
+    before = cum - sorted_p
+    n = int((before < top_p).sum())
+    n = max(1, min(n, top_k))
+    return sorted_p[:n], sorted_idx[:n]
+
+
+def ras_sample(
+    logp: torch.Tensor,
+    decoded: list[int],
+    cfg: SamplingConfig,
+    generator: torch.Generator,
+) -> int:
+    """One RAS draw from log-probs ``logp`` (V,) float32 on CPU."""
+    probs = logp.softmax(0)
+    kept_p, kept_idx = nucleus_candidates(probs, cfg.top_p, cfg.top_k)
+    top = int(kept_idx[torch.multinomial(kept_p, 1, generator=generator)])
+    window = decoded[-cfg.win_size :]
+    if window.count(top) >= cfg.win_size * cfg.tau_r:
+        # fallback: full distribution with the repeated id banned
+        scores = logp.clone()
+        scores[top] = float("-inf")
+        top = int(torch.multinomial(scores.softmax(0), 1, generator=generator))
+    return top
+
+
+def sample_next(
+    logits: torch.Tensor,
+    decoded: list[int],
+    speech_token_size: int,
+    ignore_eos: bool,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None,
+) -> int:
+    """Mask specials if ``ignore_eos`` and draw; ``generator=None`` means greedy (argmax)."""
+    logp = logits.float().log_softmax(-1)
+    if ignore_eos:
+        logp = logp.clone()
+        logp[speech_token_size:] = float("-inf")
+    if generator is None:
+        return int(logp.argmax())
+    return ras_sample(logp, decoded, cfg, generator)
