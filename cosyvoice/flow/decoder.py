@@ -1,0 +1,196 @@
+"""Causal U-Net estimator of the CosyVoice2 flow (``CausalConditionalDecoder``) and the Euler CFM
+sampler with cosine schedule and classifier-free guidance."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice.flow.encoder import attn_masks
+
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d with (k-1) zeros on the left, none on the right."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+
+
+class CausalBlock1D(nn.Module):
+    """block = [CausalConv1d(k3), -, LayerNorm over channels, -, Mish]; out = block(x*m)*m."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.block = nn.ModuleList(
+            [CausalConv1d(dim, dim_out, 3), nn.Identity(), nn.LayerNorm(dim_out), nn.Identity()]
+        )
+
+    def forward(self, x, mask):
+        h = self.block[0](x * mask)
+        h = self.block[2](h.transpose(1, 2)).transpose(1, 2)
+        return F.mish(h) * mask
+
+
+class CausalResnetBlock1D(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_dim, dim_out))
+        self.block1 = CausalBlock1D(dim, dim_out)
+        self.block2 = CausalBlock1D(dim_out, dim_out)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+
+    def forward(self, x, mask, temb):
+        h = self.block1(x, mask)
+        h = h + self.mlp(temb)[:, :, None]
+        h = self.block2(h, mask)
+        return h + self.res_conv(x * mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, inner = heads, heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+
+    def forward(self, x, bias):  # x (B,T,C), bias (B,1,T,T) additive
+        b, t, _ = x.shape
+        q, k, v = (
+            f(x).view(b, t, self.heads, -1).transpose(1, 2)
+            for f in (self.to_q, self.to_k, self.to_v)
+        )
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(-1, self.heads, -1, -1))
+        return self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))
+
+
+class GELUProj(nn.Module):
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim_out)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList(
+            [GELUProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)]
+        )
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, bias):
+        x = x + self.attn1(self.norm1(x), bias)
+        return x + self.ff(self.norm3(x))
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, cin: int, dim: int):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(cin, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def sinusoidal_emb(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    half = dim // 2
+    f = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
+    e = scale * t[:, None] * f[None, :]
+    return torch.cat([e.sin(), e.cos()], dim=-1).to(t.dtype)
+
+
+class CausalConditionalDecoder(nn.Module):
+    """Single-level causal U-Net: down (resnet, transformers, causal conv), mid blocks, up (skip
+    concat), final block, 1x1 projection. Inputs (B,80,T) x/mu/cond, mask (B,1,T), t (B,), spks (B,80)."""
+
+    def __init__(
+        self, cin=320, cout=80, channels=256, head_dim=64, n_blocks=4, n_mid=12, heads=8, chunk=50
+    ):
+        super().__init__()
+        self.cin, self.chunk = cin, chunk
+        tdim = channels * 4
+        self.time_mlp = TimestepEmbedding(cin, tdim)
+
+        def level(din):
+            blocks = nn.ModuleList(
+                TransformerBlock(channels, heads, head_dim) for _ in range(n_blocks)
+            )
+            return nn.ModuleList([CausalResnetBlock1D(din, channels, tdim), blocks])
+
+        self.down_blocks = nn.ModuleList([level(cin).append(CausalConv1d(channels, channels, 3))])
+        self.mid_blocks = nn.ModuleList(level(channels) for _ in range(n_mid))
+        self.up_blocks = nn.ModuleList(
+            [level(2 * channels).append(CausalConv1d(channels, channels, 3))]
+        )
+        self.final_block = CausalBlock1D(channels, channels)
+        self.final_proj = nn.Conv1d(channels, cout, 1)
+
+    def forward(self, x, mask, mu, t, spks, cond, streaming):
+        """streaming: (B,) bool, chunk-masked attention for those rows."""
+        temb = self.time_mlp(sinusoidal_emb(t, self.cin))
+        x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
+        lens = mask[:, 0].sum(-1).long()
+        am = attn_masks(lens, x.shape[-1], self.chunk, streaming)
+        bias = ((1.0 - am.to(x.dtype)) * -1.0e10)[:, None]
+
+        def run(lvl, x):
+            x = lvl[0](x, mask, temb).transpose(1, 2)
+            for blk in lvl[1]:
+                x = blk(x, bias)
+            return x.transpose(1, 2)
+
+        x = run(self.down_blocks[0], x)
+        skip = x
+        x = self.down_blocks[0][2](x * mask)
+        for lvl in self.mid_blocks:
+            x = run(lvl, x)
+        x = torch.cat([x, skip], dim=1)
+        x = run(self.up_blocks[0], x)
+        x = self.up_blocks[0][2](x * mask)
+        x = self.final_block(x, mask)
+        return self.final_proj(x * mask) * mask
+
+
+def cosine_t_span(n: int, dtype=torch.float32) -> torch.Tensor:
+    t = torch.linspace(0, 1, n + 1, dtype=dtype)
+    return 1 - torch.cos(t * 0.5 * torch.pi)
+
+
+def cfm_euler(estimator, z, mask, mu, spks, cond, streaming, n_steps=10, cfg_rate=0.7):
+    """Euler ODE from noise z with classifier-free guidance (unconditional rows zero mu/spks/cond)."""
+    t_span = cosine_t_span(n_steps, mu.dtype).to(mu.device)
+    b = z.shape[0]
+    x = z
+    mask2 = torch.cat([mask, mask])
+    mu2 = torch.cat([mu, torch.zeros_like(mu)])
+    spks2 = torch.cat([spks, torch.zeros_like(spks)])
+    cond2 = torch.cat([cond, torch.zeros_like(cond)])
+    stream2 = torch.cat([streaming, streaming])
+    t, dt = t_span[0], t_span[1] - t_span[0]
+    for step in range(1, len(t_span)):
+        v = estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * b), spks2, cond2, stream2)
+        vc, vu = v[:b], v[b:]
+        v = (1.0 + cfg_rate) * vc - cfg_rate * vu
+        x = x + dt * v
+        t = t + dt
+        if step < len(t_span) - 1:
+            dt = t_span[step + 1] - t
+    return x.float()

@@ -1,0 +1,209 @@
+"""CosyVoice2 flow (``CausalMaskedDiffWithXvec``): speech tokens -> 80-bin mel at 2x token rate.
+
+Batched inference: ``FlowModel.inference(reqs)`` takes several :class:`FlowInput` at once, pads them
+and returns one mel per request, equal to what the request gives alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice.flow.decoder import CausalConditionalDecoder, cfm_euler
+from cosyvoice.flow.encoder import UpsampleConformerEncoder
+
+NOISE_FRAMES = 15000
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    vocab_size: int = 6561
+    input_size: int = 512
+    output_size: int = 80
+    spk_embed_dim: int = 192
+    token_mel_ratio: int = 2
+    pre_lookahead_len: int = 3
+    heads: int = 8
+    linear_units: int = 2048
+    num_blocks: int = 6
+    num_up_blocks: int = 4
+    chunk_size: int = 25  # tokens (encoder static chunk); the estimator uses chunk*ratio frames
+    est_in_channels: int = 320
+    est_channels: int = 256
+    est_head_dim: int = 64
+    est_n_blocks: int = 4
+    est_num_mid_blocks: int = 12
+    est_num_heads: int = 8
+    est_chunk: int = 50
+    cfg_rate: float = 0.7
+    n_timesteps: int = 10
+
+    @classmethod
+    def from_yaml(cls, cfg: dict[str, Any]) -> FlowConfig:
+        """From the ``flow`` node of a parsed cosyvoice2.yaml (:func:`cosyvoice.config.read_yaml`)."""
+        f = cfg["flow"] if "flow" in cfg else cfg
+        target = str(f.get("_target_", ""))
+        if target and not target.endswith("CausalMaskedDiffWithXvec"):
+            raise ValueError(f"flow class {target} is not supported by cosyvoice.flow (v2 only)")
+        enc, dec = f["encoder"], f["decoder"]
+        est = dec["estimator"]
+        cfm = dec.get("cfm_params", {})
+        cfm = cfm.get("content", cfm) if isinstance(cfm, dict) else {}
+        return cls(
+            vocab_size=int(f["vocab_size"]),
+            input_size=int(f["input_size"]),
+            output_size=int(f["output_size"]),
+            spk_embed_dim=int(f["spk_embed_dim"]),
+            token_mel_ratio=int(f.get("token_mel_ratio", 2)),
+            pre_lookahead_len=int(f.get("pre_lookahead_len", 3)),
+            heads=int(enc.get("attention_heads", 4)),
+            linear_units=int(enc.get("linear_units", 2048)),
+            num_blocks=int(enc.get("num_blocks", 6)),
+            chunk_size=int(enc.get("static_chunk_size", 0)),
+            est_in_channels=int(est["in_channels"]),
+            est_channels=int(est["channels"][0]),
+            est_head_dim=int(est.get("attention_head_dim", 64)),
+            est_n_blocks=int(est.get("n_blocks", 1)),
+            est_num_mid_blocks=int(est.get("num_mid_blocks", 2)),
+            est_num_heads=int(est.get("num_heads", 4)),
+            est_chunk=int(est.get("static_chunk_size", 0)),
+            cfg_rate=float(cfm.get("inference_cfg_rate", 0.7)),
+        )
+
+
+@functools.cache
+def fixed_noise() -> torch.Tensor:
+    """The CFM's fixed initial noise: what ``manual_seed(0); randn(1, 80, 15000)`` gives on CPU.
+    Drawn from a private generator (the global RNG is left alone); read-only by convention."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 80, NOISE_FRAMES, generator=g)
+
+
+@dataclass
+class FlowInput:
+    """One request's flow call. ``token`` (N,) int (for a non-final call it ends with the look-ahead
+    tokens), ``prompt_token`` (P,), ``prompt_feat`` (2P, 80), ``embedding`` (192,)."""
+
+    token: torch.Tensor
+    prompt_token: torch.Tensor
+    prompt_feat: torch.Tensor
+    embedding: torch.Tensor
+    streaming: bool = False
+    finalize: bool = True
+
+
+class _CFM(nn.Module):
+    def __init__(self, est: nn.Module):
+        super().__init__()
+        self.estimator = est
+
+
+class FlowModel(nn.Module):
+    """``CausalMaskedDiffWithXvec``; parameter names equal the official ``flow.pt`` keys."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.input_size
+        self.input_embedding = nn.Embedding(cfg.vocab_size, d)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        self.encoder = UpsampleConformerEncoder(
+            d, cfg.heads, cfg.linear_units, cfg.num_blocks, cfg.num_up_blocks,
+            cfg.pre_lookahead_len, cfg.chunk_size, cfg.token_mel_ratio,
+        )  # fmt: skip
+        self.encoder_proj = nn.Linear(d, cfg.output_size)
+        self.decoder = _CFM(
+            CausalConditionalDecoder(
+                cfg.est_in_channels,
+                cfg.output_size,
+                cfg.est_channels,
+                cfg.est_head_dim,
+                cfg.est_n_blocks,
+                cfg.est_num_mid_blocks,
+                cfg.est_num_heads,
+                cfg.est_chunk,
+            )  # fmt: skip
+        )
+
+    def encode(self, reqs: list[FlowInput]):
+        """Token embedding + encoder + projection -> mu (B, T, 80), per-item frame counts."""
+        la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
+        seqs, lens, ctx = [], [], []
+        for r in reqs:
+            tok = torch.cat([r.prompt_token.reshape(-1), r.token.reshape(-1)]).long().to(dev)
+            if not r.finalize:
+                if tok.numel() <= la:
+                    raise ValueError("a non-final flow call needs more than the look-ahead tokens")
+                lens.append(tok.numel() - la)
+            else:
+                lens.append(tok.numel())
+            seqs.append(tok)
+            ctx.append(not r.finalize)
+        lmax = max(lens)
+        toks = torch.zeros(len(reqs), lmax + la, dtype=torch.long, device=dev)
+        valid = torch.zeros(len(reqs), lmax + la, 1, device=dev)
+        for i, s in enumerate(seqs):
+            toks[i, : s.numel()] = s
+            valid[i, : s.numel()] = 1.0
+        xe = self.input_embedding(toks.clamp(min=0)) * valid
+        lens_t = torch.tensor(lens, device=dev)
+        streaming = torch.tensor([r.streaming for r in reqs], device=dev)
+        h, hl = self.encoder(xe, lens_t, torch.tensor(ctx, device=dev), streaming)
+        return self.encoder_proj(h), hl
+
+    @torch.inference_mode()
+    def inference(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
+        """Returns one mel (80, frames) per request, prompt frames removed."""
+        dev = self.input_embedding.weight.device
+        b = len(reqs)
+        mu, hl = self.encode(reqs)  # (B, T, 80)
+        t = mu.shape[1]
+        mu = mu.transpose(1, 2)
+        emb = torch.stack([r.embedding.reshape(-1).float() for r in reqs]).to(dev)
+        spks = self.spk_embed_affine_layer(F.normalize(emb, dim=1))
+        cond = torch.zeros(b, self.cfg.output_size, t, device=dev)
+        mask = torch.zeros(b, 1, t, device=dev)
+        z = torch.zeros(b, self.cfg.output_size, t, device=dev)
+        noise = fixed_noise()
+        p_len = []
+        for i, r in enumerate(reqs):
+            n = int(hl[i])
+            if n > NOISE_FRAMES:
+                raise ValueError(
+                    f"flow call of {n} frames exceeds the {NOISE_FRAMES}-frame noise buffer"
+                )
+            pf = r.prompt_feat.reshape(-1, self.cfg.output_size)
+            cond[i, :, : pf.shape[0]] = pf.T.to(dev)
+            mask[i, :, :n] = 1.0
+            z[i, :, :n] = noise[0, :, :n].to(dev)
+            p_len.append(pf.shape[0])
+        streaming = torch.tensor([r.streaming for r in reqs], device=dev)
+        x = cfm_euler(
+            self.decoder.estimator, z, mask, mu, spks, cond, streaming,
+            self.cfg.n_timesteps, self.cfg.cfg_rate,
+        )  # fmt: skip
+        return [x[i, :, p_len[i] : int(hl[i])] for i in range(b)]
+
+
+def build_flow(cfg: FlowConfig) -> FlowModel:
+    """Randomly initialised flow of the configured sizes; ``state_dict()`` has the flow.pt layout."""
+    return FlowModel(cfg).eval()
+
+
+def load_flow(model_dir: str | Path, cfg: FlowConfig | None = None, device="cpu") -> FlowModel:
+    """Build from ``cosyvoice2.yaml`` (unless ``cfg`` given) and load ``flow.pt`` strictly."""
+    model_dir = Path(model_dir)
+    if cfg is None:
+        from cosyvoice.config import read_yaml
+
+        cfg = FlowConfig.from_yaml(read_yaml(model_dir / "cosyvoice2.yaml"))
+    m = FlowModel(cfg)
+    sd = torch.load(model_dir / "flow.pt", map_location="cpu", weights_only=True)
+    m.load_state_dict(sd, strict=True)
+    return m.to(device).eval()
