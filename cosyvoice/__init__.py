@@ -1,0 +1,50 @@
+"""Clean-room, inference-only CosyVoice (v2 ``CosyVoice2-0.5B``; v3 LLM; v1 not yet).
+
+Public API (front half: text -> speech tokens; token2wav lives in :mod:`cosyvoice.token2wav`)::
+
+    import cosyvoice, torch
+    m = cosyvoice.load("pretrained_models/CosyVoice2-0.5B", device="cpu", dtype=torch.float32,
+                       speaker_dir=None)          # -> cosyvoice.model.CosyVoiceModel
+    m.family                                      # "v2" | "v3" (from the yaml file name)
+    m.config                                      # parsed yaml, plain dicts (cosyvoice.config)
+
+Text frontend (``m.frontend``, :class:`cosyvoice.frontend.Frontend`)::
+
+    segs = m.frontend.split("long text ...")      # normalised segments, one LLM run each
+    ids = m.frontend.encode(segs[0])              # list[int] Qwen2 BPE ids (+ CosyVoice specials)
+    s = m.frontend.incremental()                  # streaming text input
+    s.push("Hello wor") -> []; s.push("ld. How") -> ["Hello world."]; s.flush() -> ["How."]
+
+LLM step API (``m.llm``, :class:`cosyvoice.llm.engine.LLMEngine`) for a continuous-batching
+scheduler. A request is a :class:`cosyvoice.llm.engine.LLMRequest`::
+
+    r = m.new_request(segs[0], speaker="my_voice", seed=1234)   # or LLMRequest(text_ids=...)
+    m.llm.prefill([r1, r2])        # -> list[int | None]: first token of each (None = finished)
+    m.llm.decode([r1, r2, r3])     # -> one more token each
+    m.llm.step(reqs)               # any mix: un-started requests are prefilled, others decode,
+                                   # all in ONE packed forward (ragged batch, per-request KV cache)
+    r.out_tokens, r.done, r.finish_reason ("stop" | "length" | "cancelled"), r.last_logits
+    r.cancel()                     # frees its KV cache; just stop passing it to step()
+
+Sampling: RAS (top-p 0.8 / top-k 25 / repetition fallback, from the yaml) with the request's
+own ``torch.Generator`` seeded from ``seed`` (0 = random; the seed used is kept in ``r.seed``),
+so a request's tokens never depend on its batch-mates. ``min_len = 2 * len(text_ids)``
+(every special id is masked before that), ``max_len = 20 * len(text_ids)``. ``greedy=True``
+takes the argmax instead.
+
+Speakers (``m.speakers``, :class:`cosyvoice.speakers.SpeakerStore`)::
+
+    m.speakers.list() -> list[str]               # spk2info.pt speakers + registered ones
+    m.speakers.get(name) -> Speaker               # embedding, prompt ids/tokens/feat
+    m.speakers.register(name, audio, prompt_text) # audio: path | bytes | file | (samples, sr)
+    m.speakers.delete(name)
+
+Errors: :class:`cosyvoice.frontend.audio.AudioError` (``ValueError``) for unusable prompt audio
+(not decodable / no audio stream, shorter than 1 s, longer than 30 s, silent, below 16 kHz);
+:class:`cosyvoice.speakers.SpeakerError` (``KeyError``) for unknown/duplicate/built-in names;
+:class:`cosyvoice.config.ConfigError` for a bad model dir.
+"""
+
+from .model import CosyVoiceModel, load
+
+__all__ = ["CosyVoiceModel", "load"]

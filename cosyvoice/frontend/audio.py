@@ -1,0 +1,183 @@
+"""Prompt-audio decoding and feature extraction (spec frontend-llm.md §3).
+
+* :func:`decode_audio` reads any container/codec PyAV understands and down-mixes to mono.
+* :func:`resample` is torchaudio's ``Resample`` with default arguments, as upstream.
+* :func:`kaldi_fbank_cmn` (CAM++ input), :func:`whisper_log_mel` (S3 tokenizer input) and
+  :func:`matcha_mel` (flow prompt mel) reproduce the documented DSP exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+
+
+class AudioError(ValueError):
+    """Prompt audio that cannot be used (not audio, too short, too long, silent, ...)."""
+
+
+# a path, encoded bytes, a binary file object, or already decoded (samples, sample_rate)
+AudioSource = str | Path | bytes | bytearray | memoryview | io.IOBase | tuple[np.ndarray, int]
+
+
+def decode_audio(src: AudioSource) -> tuple[np.ndarray, int]:
+    """Decode ``src`` to mono float32 in [-1, 1] and its rate.
+
+    ``src`` is a path, encoded bytes, a binary file object (any container/codec PyAV reads), or
+    a ``(samples, rate)`` tuple with samples shaped (N,) or (channels, N).
+    """
+    import av
+
+    if isinstance(src, tuple):
+        arr, rate = src
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr.mean(axis=0)
+        if arr.ndim != 1 or arr.size == 0:
+            raise AudioError("sample array must be non-empty and 1-D or (channels, N)")
+        return arr, int(rate)
+
+    if isinstance(src, bytes | bytearray | memoryview):
+        src = io.BytesIO(bytes(src))
+    elif isinstance(src, Path):
+        src = str(src)
+    try:
+        with av.open(src, mode="r") as container:
+            if not container.streams.audio:
+                raise AudioError("no audio stream found")
+            stream = container.streams.audio[0]
+            # planar float output keeps full precision for every input format
+            resampler = av.AudioResampler(format="fltp", layout=None, rate=None)
+            chunks: list[np.ndarray] = []
+            rate = stream.rate or stream.codec_context.sample_rate
+            for frame in container.decode(stream):
+                for f in resampler.resample(frame):
+                    chunks.append(f.to_ndarray())
+            for f in resampler.resample(None):
+                chunks.append(f.to_ndarray())
+    except AudioError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise AudioError(f"cannot decode audio: {e}") from e
+    if not chunks or not rate:
+        raise AudioError("audio stream is empty")
+    data = np.concatenate(chunks, axis=1).astype(np.float32)  # (channels, N)
+    return data.mean(axis=0), int(rate)
+
+
+@functools.cache
+def _resampler(orig: int, target: int) -> torchaudio.transforms.Resample:
+    return torchaudio.transforms.Resample(orig, target)
+
+
+def resample(wav: torch.Tensor, orig: int, target: int) -> torch.Tensor:
+    if orig == target:
+        return wav
+    return _resampler(orig, target)(wav)
+
+
+def kaldi_fbank_cmn(wav16k: torch.Tensor) -> torch.Tensor:
+    """(1, N) 16 kHz -> (T, 80) kaldi fbank minus its mean over time (CAM++ input)."""
+    feat = torchaudio.compliance.kaldi.fbank(
+        wav16k, num_mel_bins=80, dither=0, sample_frequency=16000
+    )
+    return feat - feat.mean(dim=0, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# librosa-compatible Slaney mel filterbank (written from librosa's documented definition)
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3
+    mels = f / f_sp
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    log_t = f >= min_log_hz
+    mels = np.where(log_t, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mels)
+    return mels
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    f_sp = 200.0 / 3
+    freqs = f_sp * m
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = np.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), freqs)
+
+
+@functools.cache
+def mel_filterbank(
+    sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
+    """(n_mels, 1 + n_fft // 2) float32, Slaney mel scale and Slaney area normalisation."""
+    if fmax is None:
+        fmax = sr / 2.0
+    weights = np.zeros((n_mels, 1 + n_fft // 2), dtype=np.float32)
+    fftfreqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sr)
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fftfreqs)
+    for i in range(n_mels):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    enorm = 2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels])
+    weights *= enorm[:, np.newaxis]
+    return weights
+
+
+def whisper_log_mel(wav16k: torch.Tensor, n_mels: int = 128) -> torch.Tensor:
+    """(1, N) 16 kHz -> (1, n_mels, N // 160) whisper log-mel (S3 tokenizer input)."""
+    window = torch.hann_window(400, device=wav16k.device)
+    stft = torch.stft(wav16k, 400, 160, window=window, return_complex=True)
+    mag = stft[..., :-1].abs() ** 2
+    filters = torch.from_numpy(mel_filterbank(16000, 400, n_mels)).to(wav16k.device)
+    mel = filters @ mag
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def matcha_mel(
+    wav: torch.Tensor,
+    n_fft: int,
+    num_mels: int,
+    sampling_rate: int,
+    hop_size: int,
+    win_size: int,
+    fmin: float = 0,
+    fmax: float | None = None,
+    center: bool = False,
+) -> torch.Tensor:
+    """(1, N) -> (1, num_mels, N // hop) natural-log magnitude mel (flow prompt features)."""
+    basis = torch.from_numpy(mel_filterbank(sampling_rate, n_fft, num_mels, fmin, fmax)).to(
+        wav.device
+    )
+    window = torch.hann_window(win_size, device=wav.device)
+    pad = (n_fft - hop_size) // 2
+    y = torch.nn.functional.pad(wav.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+    spec = torch.stft(
+        y,
+        n_fft,
+        hop_length=hop_size,
+        win_length=win_size,
+        window=window,
+        center=center,
+        pad_mode="reflect",
+        normalized=False,
+        onesided=True,
+        return_complex=True,
+    )
+    spec = torch.view_as_real(spec)
+    spec = torch.sqrt(spec.pow(2).sum(-1) + 1e-9)
+    return torch.log(torch.clamp(basis @ spec, min=1e-5))

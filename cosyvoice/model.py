@@ -1,0 +1,93 @@
+"""The loaded model object returned by :func:`cosyvoice.load`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Family, LLMConfig, llm_config, load_model_yaml
+from .frontend import Frontend
+from .llm.engine import LLMEngine, LLMRequest
+from .llm.lm import QwenSpeechLM
+from .speakers import SpeakerStore
+
+
+@dataclass
+class CosyVoiceModel:
+    """``frontend`` (text), ``llm`` (batched step API), ``speakers`` (store) of one model dir.
+
+    ``config`` is the parsed yaml (plain dicts, see :mod:`cosyvoice.config`), from which the
+    token2wav half builds its own configs.
+    """
+
+    model_dir: Path
+    family: Family
+    config: dict[str, Any]
+    llm_config: LLMConfig
+    frontend: Frontend
+    llm: LLMEngine
+    speakers: SpeakerStore
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.config.get("sample_rate", 24000))
+
+    def new_request(
+        self,
+        text: str,
+        speaker: str | None = None,
+        seed: int = 0,
+        greedy: bool = False,
+    ) -> LLMRequest:
+        """LLM request for one already-normalised text segment (see ``frontend.split``), with
+        the zero-shot prompt of ``speaker`` if it has one."""
+        prompt_text: list[int] = []
+        prompt_speech: list[int] = []
+        if speaker is not None:
+            spk = self.speakers.get(speaker)
+            prompt_text, prompt_speech = spk.prompt_text_ids, spk.prompt_speech_tokens
+        return LLMRequest(
+            text_ids=self.frontend.encode(text),
+            prompt_text_ids=prompt_text,
+            prompt_speech_tokens=prompt_speech,
+            seed=seed,
+            greedy=greedy,
+        )
+
+
+def load(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    speaker_dir: str | Path | None = None,
+    use_wetext: bool = True,
+) -> CosyVoiceModel:
+    model_dir = Path(model_dir)
+    family, cfg = load_model_yaml(model_dir)
+    if family == "v1":
+        raise NotImplementedError(
+            "CosyVoice v1 (TransformerLM, whisper tokenizer) is not implemented"
+        )
+    device = torch.device(device)
+    lcfg = llm_config(family, cfg, model_dir)
+    net = QwenSpeechLM(lcfg)
+    net.load_checkpoint(model_dir / "llm.pt")
+    net = net.to(device=device, dtype=dtype).eval()
+    frontend = Frontend(model_dir, family, use_wetext=use_wetext)
+    speakers = SpeakerStore(model_dir, family, cfg, frontend.encode, speaker_dir=speaker_dir)
+    return CosyVoiceModel(
+        model_dir=model_dir,
+        family=family,
+        config=cfg,
+        llm_config=lcfg,
+        frontend=frontend,
+        llm=LLMEngine(net, lcfg.sampling),
+        speakers=speakers,
+        device=device,
+        dtype=dtype,
+    )

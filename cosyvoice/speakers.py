@@ -1,0 +1,324 @@
+"""Speaker store: built-in ``spk2info.pt`` speakers plus registered zero-shot speakers.
+
+Registered speakers are computed from prompt audio + transcript (spec §3: CAM++ embedding,
+S3 speech tokens, 24 kHz prompt mel, 1:2 token/mel alignment) and persisted one file per
+speaker as safetensors in ``speaker_dir`` (atomic write: temp file + ``os.replace``), so they
+survive a restart. Built-in speakers are read-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .frontend.audio import (
+    AudioError,
+    AudioSource,
+    decode_audio,
+    kaldi_fbank_cmn,
+    matcha_mel,
+    resample,
+    whisper_log_mel,
+)
+
+MIN_PROMPT_SECONDS = 1.0
+MAX_PROMPT_SECONDS = 30.0  # the speech tokenizer refuses longer audio
+MIN_SAMPLE_RATE = 16000  # upstream asserts the prompt rate is >= 16 kHz
+SILENCE_PEAK = 1e-3  # peak amplitude below which the prompt counts as silent
+_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,64}$")
+
+
+class SpeakerError(KeyError):
+    """Unknown speaker, name clash, or deleting a built-in speaker."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class Speaker:
+    """What the LLM and the flow need from a speaker.
+
+    ``embedding`` (1, 192) float32 is the CAM++ x-vector (flow speaker embedding; v1 LLM too).
+    Zero-shot speakers also carry ``prompt_text_ids``, ``prompt_speech_tokens`` (aligned, also
+    fed to the LLM) and ``prompt_feat`` (1, 2*Ts, 80). SFT speakers have empty prompts.
+    """
+
+    name: str
+    embedding: torch.Tensor
+    prompt_text_ids: list[int] = field(default_factory=list)
+    prompt_speech_tokens: list[int] = field(default_factory=list)
+    prompt_feat: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 0, 80))
+    prompt_text: str = ""
+    builtin: bool = False
+
+    @property
+    def zero_shot(self) -> bool:
+        return bool(self.prompt_speech_tokens)
+
+
+class PromptExtractor:
+    """Prompt-audio features with the model dir's ONNX models (CPU onnxruntime)."""
+
+    def __init__(self, model_dir: Path, family: str, cfg: dict[str, Any]) -> None:
+        self.model_dir = model_dir
+        self.family = family
+        self.sample_rate = int(cfg.get("sample_rate", 24000))
+        fe = cfg.get("feat_extractor") or {}
+        self.mel_args = {
+            k: fe.get(k, d)
+            for k, d in dict(
+                n_fft=1920,
+                num_mels=80,
+                sampling_rate=self.sample_rate,
+                hop_size=480,
+                win_size=1920,
+                fmin=0,
+                fmax=8000,
+                center=False,
+            ).items()
+        }
+        self.tokenizer_file = {
+            "v1": "speech_tokenizer_v1.onnx",
+            "v2": "speech_tokenizer_v2.onnx",
+            "v3": "speech_tokenizer_v3.onnx",
+        }[family]
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _session(self, name: str):
+        with self._lock:
+            if name not in self._sessions:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = 1
+                self._sessions[name] = ort.InferenceSession(
+                    str(self.model_dir / name),
+                    sess_options=opts,
+                    providers=["CPUExecutionProvider"],
+                )
+            return self._sessions[name]
+
+    def embedding(self, wav16k: torch.Tensor) -> torch.Tensor:
+        feat = kaldi_fbank_cmn(wav16k)
+        sess = self._session("campplus.onnx")
+        out = sess.run(None, {sess.get_inputs()[0].name: feat.unsqueeze(0).numpy()})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(1, -1))
+
+    def speech_tokens(self, wav16k: torch.Tensor) -> list[int]:
+        if wav16k.shape[1] / 16000 > MAX_PROMPT_SECONDS:
+            raise AudioError(f"prompt audio longer than {MAX_PROMPT_SECONDS:g} s")
+        feat = whisper_log_mel(wav16k, n_mels=128)
+        sess = self._session(self.tokenizer_file)
+        ins = sess.get_inputs()
+        out = sess.run(
+            None,
+            {ins[0].name: feat.numpy(), ins[1].name: np.array([feat.shape[2]], dtype=np.int32)},
+        )[0]
+        return np.asarray(out).reshape(-1).astype(np.int64).tolist()
+
+    def prompt_mel(self, wav: torch.Tensor) -> torch.Tensor:
+        """(1, N) at the model's sample rate -> (1, T, 80)."""
+        return matcha_mel(wav, **self.mel_args).squeeze(0).transpose(0, 1).unsqueeze(0)
+
+    def extract(self, wav: np.ndarray, sr: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """(embedding, aligned speech tokens, aligned prompt mel) from a mono waveform."""
+        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).unsqueeze(0)
+        w16 = resample(x, sr, 16000)
+        emb = self.embedding(w16)
+        tokens = self.speech_tokens(w16)
+        feat = self.prompt_mel(resample(x, sr, self.sample_rate))
+        if self.family in ("v2", "v3"):
+            n = min(feat.shape[1] // 2, len(tokens))
+            feat, tokens = feat[:, : 2 * n], tokens[:n]
+        return emb, tokens, feat
+
+
+def check_prompt_audio(wav: np.ndarray, sr: int) -> None:
+    """Raise :class:`AudioError` for audio that cannot make a usable prompt."""
+    if sr < MIN_SAMPLE_RATE:
+        raise AudioError(f"sample rate {sr} Hz is below {MIN_SAMPLE_RATE} Hz")
+    dur = len(wav) / sr
+    if dur < MIN_PROMPT_SECONDS:
+        raise AudioError(f"prompt audio too short: {dur:.2f} s < {MIN_PROMPT_SECONDS:g} s")
+    if dur > MAX_PROMPT_SECONDS:
+        raise AudioError(f"prompt audio too long: {dur:.2f} s > {MAX_PROMPT_SECONDS:g} s")
+    if not np.isfinite(wav).all():
+        raise AudioError("prompt audio contains NaN/inf samples")
+    if float(np.abs(wav).max()) < SILENCE_PEAK:
+        raise AudioError("prompt audio is silent")
+
+
+class SpeakerStore:
+    """``list()``, ``get(name)``, ``register(name, audio, prompt_text)``, ``delete(name)``."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        family: str,
+        cfg: dict[str, Any],
+        encode_text,
+        speaker_dir: str | Path | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.family = family
+        self.encode_text = encode_text
+        self.speaker_dir = (
+            Path(speaker_dir) if speaker_dir else self.model_dir / "registered_speakers"
+        )
+        self.extractor = PromptExtractor(self.model_dir, family, cfg)
+        self._lock = threading.RLock()
+        self._builtin = self._load_spk2info()
+        self._registered: dict[str, Speaker] = {}
+        self._load_registered()
+
+    # -- loading ------------------------------------------------------------------------------
+    def _load_spk2info(self) -> dict[str, Speaker]:
+        path = self.model_dir / "spk2info.pt"
+        if not path.is_file():
+            return {}
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        out = {}
+        for name, e in raw.items():
+            if "embedding" in e:  # SFT format
+                emb = e["embedding"]
+                out[name] = Speaker(name, emb.float().reshape(1, -1), builtin=True)
+            elif "llm_prompt_speech_token" in e:  # add_zero_shot_spk format
+                out[name] = Speaker(
+                    name,
+                    e["flow_embedding"].float().reshape(1, -1),
+                    prompt_text_ids=e["prompt_text"].reshape(-1).tolist(),
+                    prompt_speech_tokens=e["llm_prompt_speech_token"].reshape(-1).tolist(),
+                    prompt_feat=e["prompt_speech_feat"].float().reshape(1, -1, 80),
+                    builtin=True,
+                )
+        return out
+
+    def _file(self, name: str) -> Path:
+        # hashed file names: any Unicode speaker name, no path tricks
+        return self.speaker_dir / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".safetensors")
+
+    def _load_registered(self) -> None:
+        if not self.speaker_dir.is_dir():
+            return
+        for p in sorted(self.speaker_dir.glob("*.safetensors")):
+            try:
+                spk = _read_speaker(p)
+            except Exception:  # a damaged file must not take the server down
+                continue
+            self._registered[spk.name] = spk
+
+    # -- queries ------------------------------------------------------------------------------
+    def list(self) -> list[str]:
+        with self._lock:
+            return [*self._builtin, *(n for n in self._registered if n not in self._builtin)]
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._builtin or name in self._registered
+
+    def get(self, name: str) -> Speaker:
+        with self._lock:
+            if name in self._builtin:
+                return self._builtin[name]
+            if name in self._registered:
+                return self._registered[name]
+        raise SpeakerError(f"unknown speaker: {name!r}")
+
+    # -- mutations ----------------------------------------------------------------------------
+    def register(
+        self, name: str, audio: AudioSource, prompt_text: str, overwrite: bool = False
+    ) -> Speaker:
+        """Build a zero-shot speaker from prompt audio (any format PyAV decodes) and its
+        transcript, persist it, return it. Raises :class:`AudioError` for unusable audio and
+        :class:`SpeakerError` for a bad or taken name."""
+        if not _NAME_RE.match(name) or name.strip() != name:
+            raise SpeakerError(f"invalid speaker name: {name!r}")
+        if not prompt_text.strip():
+            raise ValueError("prompt_text is empty")
+        with self._lock:
+            if name in self._builtin:
+                raise SpeakerError(f"{name!r} is a built-in speaker")
+            if name in self._registered and not overwrite:
+                raise SpeakerError(f"speaker {name!r} already exists")
+        wav, sr = decode_audio(audio)
+        check_prompt_audio(wav, sr)
+        emb, tokens, feat = self.extractor.extract(wav, sr)
+        if not tokens:
+            raise AudioError("prompt audio gave no speech tokens")
+        spk = Speaker(
+            name,
+            emb,
+            prompt_text_ids=list(self.encode_text(prompt_text)),
+            prompt_speech_tokens=tokens,
+            prompt_feat=feat,
+            prompt_text=prompt_text,
+        )
+        with self._lock:
+            self.speaker_dir.mkdir(parents=True, exist_ok=True)
+            _write_speaker(self._file(name), spk, self.family)
+            self._registered[name] = spk
+        return spk
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            if name in self._builtin:
+                raise SpeakerError(f"{name!r} is a built-in speaker and cannot be deleted")
+            if name not in self._registered:
+                raise SpeakerError(f"unknown speaker: {name!r}")
+            self._file(name).unlink(missing_ok=True)
+            del self._registered[name]
+
+
+def _write_speaker(path: Path, spk: Speaker, family: str) -> None:
+    tensors = {
+        "embedding": spk.embedding.float().contiguous(),
+        "prompt_text_ids": torch.tensor(spk.prompt_text_ids, dtype=torch.int32),
+        "prompt_speech_tokens": torch.tensor(spk.prompt_speech_tokens, dtype=torch.int32),
+        "prompt_feat": spk.prompt_feat.float().contiguous(),
+    }
+    meta = {
+        "name": spk.name,
+        "prompt_text": spk.prompt_text,
+        "family": family,
+        "created": str(int(time.time())),
+        "format": "cosyvoice-speaker-1",
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_speaker(path: Path) -> Speaker:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    t = load_file(str(path))
+    return Speaker(
+        meta["name"],
+        t["embedding"],
+        prompt_text_ids=t["prompt_text_ids"].tolist(),
+        prompt_speech_tokens=t["prompt_speech_tokens"].tolist(),
+        prompt_feat=t["prompt_feat"],
+        prompt_text=meta.get("prompt_text", ""),
+    )
