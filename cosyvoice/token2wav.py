@@ -1,0 +1,240 @@
+"""Streaming token2wav for CosyVoice2: speech tokens -> 24 kHz audio chunks.
+
+Every request owns a :class:`Token2WavState` (token list, hop, offsets, HiFT caches, noise
+generator); the :class:`Token2Wav` object only holds the (read-only) flow and HiFT modules, so any
+number of requests can be advanced together with :meth:`Token2Wav.step`, which runs ONE batched
+flow call and ONE batched HiFT call for all items that have a chunk ready.
+
+Chunk schedule (upstream ``CosyVoice2Model.tts`` with the per-request hop it should have had):
+* hop sizes 25 (+ ``prompt_pad``) -> 50 -> 100 -> 100 ... tokens, where ``prompt_pad = ceil(P/25)*25
+  - P`` aligns the first chunk end to the 25-token attention-chunk grid that starts at the prompt;
+* a non-final chunk needs ``hop + 3`` unconsumed tokens (the last 3 are look-ahead only) and runs the
+  flow with chunk-masked attention (streaming=True, finalize=False) over prompt + all tokens so far;
+* when the input has ended and no full hop is left, the final chunk runs the flow over all tokens
+  without chunk masks (streaming=False, finalize=True), as upstream does;
+* HiFT caches: the last 8 mel frames and 3840 source samples are prepended/reused by the next chunk,
+  and its first 3840 samples are cross-faded (Hamming 7680, float64) with the held-back tail of the
+  previous chunk; every non-final chunk holds back its last 3840 samples.
+A request with ``stream=False`` gets one chunk, computed when its input ends (non-stream path).
+
+``speed``: non-stream: the whole mel is linearly resampled to ``int(T / speed)`` frames before the
+vocoder (upstream). Streaming (upstream refuses speed != 1 there): each chunk's new mel frames are
+resampled the same way before the HiFT cache is prepended, so the caches and cross-fades operate on
+the time-scaled signal and the output stays seamless; chunk durations scale by ``1/speed``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cosyvoice.flow import FlowInput, FlowModel
+from cosyvoice.hift import HiFT
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    token_hop_len: int = 25  # first hop; must equal the flow's static chunk size (tokens)
+    token_max_hop_len: int = 100
+    stream_scale_factor: int = 2
+    pre_lookahead_len: int = 3
+    token_mel_ratio: int = 2
+    mel_cache_len: int = 8
+    samples_per_frame: int = 480
+
+    @property
+    def source_cache_len(self) -> int:
+        return self.mel_cache_len * self.samples_per_frame
+
+
+@dataclass
+class Token2WavState:
+    """Per-request streaming state. Create with :meth:`Token2Wav.new_state`."""
+
+    prompt_token: torch.Tensor  # (P,) int
+    prompt_feat: torch.Tensor  # (2P, 80)
+    embedding: torch.Tensor  # (192,)
+    stream: bool = True
+    speed: float = 1.0
+    generator: torch.Generator | None = None  # HiFT noise; None = zero noise
+    hop: int = 25
+    tokens: list[int] = field(default_factory=list)
+    token_offset: int = 0
+    input_done: bool = False
+    done: bool = False
+    cache_mel: torch.Tensor | None = None  # (80, 8)
+    cache_source: torch.Tensor | None = None  # (3840,)
+    cache_speech: torch.Tensor | None = None  # (3840,)
+    prompt_pad: int = 0  # extra first-hop tokens aligning the first chunk to the chunk grid
+    n_chunks: int = 0
+    n_samples: int = 0
+
+
+def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: np.ndarray) -> torch.Tensor:
+    """Cross-fade the first len(window)/2 samples of ``new`` with the last ones of ``old``
+    (float64 window and blend, rounded once to float32)."""
+    n = len(window) // 2
+    w = torch.from_numpy(window)
+    out = new.clone()
+    k = min(n, new.shape[-1])
+    blend = (
+        new[:k].double() * w[:k]
+        + old[old.shape[-1] - n : old.shape[-1] - n + k].double() * w[n : n + k]
+    )
+    out[:k] = blend.to(new.dtype)
+    return out
+
+
+@dataclass
+class _Job:
+    state: Token2WavState
+    n_tok: int
+    final: bool
+    streaming: bool
+
+
+class Token2Wav:
+    def __init__(self, flow: FlowModel, hift: HiFT, cfg: StreamConfig | None = None):
+        self.flow, self.hift = flow, hift
+        self.cfg = cfg or StreamConfig(
+            token_hop_len=flow.cfg.chunk_size or 25,
+            pre_lookahead_len=flow.cfg.pre_lookahead_len,
+            token_mel_ratio=flow.cfg.token_mel_ratio,
+            samples_per_frame=hift.cfg.samples_per_frame,
+        )
+        self.window = np.hamming(2 * self.cfg.source_cache_len)  # float64, read-only
+        self.sample_rate = hift.cfg.sampling_rate
+
+    def new_state(
+        self,
+        embedding: torch.Tensor,
+        prompt_token: torch.Tensor | None = None,
+        prompt_feat: torch.Tensor | None = None,
+        stream: bool = True,
+        speed: float = 1.0,
+        seed: int | None = None,
+    ) -> Token2WavState:
+        """``seed``: HiFT noise from a private generator with this seed; None = no noise (the
+        deterministic setting the golden fixtures were recorded with)."""
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        pt = torch.zeros(0, dtype=torch.long) if prompt_token is None else prompt_token.reshape(-1)
+        pf = torch.zeros(0, 80) if prompt_feat is None else prompt_feat.reshape(-1, 80)
+        g = None if seed is None else torch.Generator().manual_seed(int(seed))
+        h, p = self.cfg.token_hop_len, int(pt.numel())
+        return Token2WavState(
+            pt, pf, embedding.reshape(-1), stream, float(speed), g, hop=h,
+            prompt_pad=math.ceil(p / h) * h - p,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ scheduling
+    def _plan(self, st: Token2WavState) -> _Job | None:
+        if st.done:
+            return None
+        c = len(st.tokens) - st.token_offset
+        if st.stream:
+            hop = st.hop + (st.prompt_pad if st.token_offset == 0 else 0)
+            if c >= hop + self.cfg.pre_lookahead_len:
+                return _Job(st, st.token_offset + hop + self.cfg.pre_lookahead_len, False, True)
+        if st.input_done:
+            return _Job(st, len(st.tokens), True, False)
+        return None
+
+    def ready(self, st: Token2WavState) -> bool:
+        """Whether :meth:`step` would produce a chunk for this state now."""
+        return self._plan(st) is not None
+
+    @torch.inference_mode()
+    def step(self, items: list[tuple[Token2WavState, list[int] | torch.Tensor, bool]]) -> list:
+        """Add each item's new tokens (and whether its input has ended), then produce at most one
+        chunk per item: a 1-D float32 tensor of samples, or None when the item is not ready.
+        All ready items share one flow call and one HiFT call. A state is finished when
+        ``state.done``; an item whose input ended may need more calls (one chunk per call) until then.
+        """
+        jobs: list[_Job | None] = []
+        for st, new, final in items:
+            if st.done:
+                raise ValueError("step() on a finished Token2WavState")
+            if isinstance(new, torch.Tensor):
+                new = new.reshape(-1).tolist()
+            st.tokens.extend(int(t) for t in new)
+            st.input_done = st.input_done or bool(final)
+            jobs.append(self._plan(st))
+        out: list[torch.Tensor | None] = [None] * len(items)
+        run = [(i, j) for i, j in enumerate(jobs) if j is not None and j.n_tok > 0]
+        for i, j in enumerate(jobs):  # nothing to synthesize at all
+            if j is not None and j.n_tok == 0:
+                j.state.done = True
+                out[i] = torch.zeros(0)
+        if not run:
+            return out
+        reqs = [
+            FlowInput(
+                torch.tensor(j.state.tokens[: j.n_tok], dtype=torch.long),
+                j.state.prompt_token,
+                j.state.prompt_feat,
+                j.state.embedding,
+                streaming=j.streaming,
+                finalize=j.final,
+            )
+            for _, j in run
+        ]
+        mels = self.flow.inference(reqs)
+        hift_in, caches, gens = [], [], []
+        for (_, j), mel in zip(run, mels, strict=True):
+            st = j.state
+            mel = mel[:, st.token_offset * self.cfg.token_mel_ratio :].float().cpu()
+            if st.speed != 1.0 and (st.stream or st.token_offset == 0):
+                mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+            if st.cache_mel is not None:
+                mel = torch.cat([st.cache_mel, mel], dim=-1)
+            hift_in.append(mel)
+            caches.append(st.cache_source)
+            gens.append(st.generator)
+        res = self.hift.inference(hift_in, caches, gens)
+        nc = self.cfg.source_cache_len
+        for (i, j), mel, (speech, source) in zip(run, hift_in, res, strict=True):
+            st = j.state
+            speech, source = speech.cpu(), source.cpu()
+            if st.cache_speech is not None:
+                speech = fade_in_out(speech, st.cache_speech, self.window)
+            if j.final:
+                st.done = True
+                st.cache_mel = st.cache_source = st.cache_speech = None
+                chunk = speech
+            else:
+                st.cache_mel = mel[:, -self.cfg.mel_cache_len :]
+                st.cache_source = source[-nc:]
+                st.cache_speech = speech[-nc:]
+                chunk = speech[:-nc]
+                st.token_offset = j.n_tok - self.cfg.pre_lookahead_len
+                st.hop = min(self.cfg.token_max_hop_len, st.hop * self.cfg.stream_scale_factor)
+            st.n_chunks += 1
+            st.n_samples += chunk.numel()
+            out[i] = chunk
+        return out
+
+    # ------------------------------------------------------------------ single-request helpers
+    def stream(self, st: Token2WavState, token_chunks):
+        """Generator: feed an iterable of token lists (the LLM output as it arrives), yield audio
+        chunks as soon as they are ready, then the rest after the input ends."""
+        for toks in token_chunks:
+            while True:
+                (c,) = self.step([(st, toks, False)])
+                toks = []
+                if c is None:
+                    break
+                yield c
+        while not st.done:
+            (c,) = self.step([(st, [], True)])
+            if c is not None:
+                yield c
+
+    def synthesize(self, st: Token2WavState, tokens) -> torch.Tensor:
+        """All tokens at once -> the whole waveform (concatenated chunks if ``st.stream``)."""
+        chunks = list(self.stream(st, [list(torch.as_tensor(tokens).reshape(-1).tolist())]))
+        return torch.cat(chunks) if chunks else torch.zeros(0)
