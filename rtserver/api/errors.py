@@ -1,0 +1,70 @@
+"""Every error is JSON with a human-readable `detail`, and the right status code."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from rtserver.service import Busy, SynthesisFailed, TextTooLong, UnknownSpeaker
+
+log = logging.getLogger("rtserver.api")
+
+
+def _body(status: int, detail: str, extra: object = None) -> dict[str, object]:
+    body: dict[str, object] = {"status_code": status, "detail": detail}
+    if extra is not None:
+        body["extra"] = extra
+    return body
+
+
+def validation_error(_: Request, exc: ValidationException) -> Response:
+    # Litestar answers 400 for schema violations; the API promises 422 (as FastAPI does).
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    messages = [
+        f"{p.get('key') or 'body'}: {p.get('message')}" if isinstance(p, dict) else str(p)
+        for p in problems
+    ]
+    detail = "; ".join(messages) or str(exc.detail)
+    return Response(_body(422, f"invalid request: {detail}", exc.extra), status_code=422)
+
+
+def http_error(_: Request, exc: HTTPException) -> Response:
+    return Response(
+        _body(exc.status_code, str(exc.detail), exc.extra or None),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def unknown_speaker(_: Request, exc: UnknownSpeaker) -> Response:
+    return Response(_body(400, str(exc), {"valid_speakers": exc.valid}), status_code=400)
+
+
+def text_too_long(_: Request, exc: TextTooLong) -> Response:
+    return Response(_body(413, str(exc)), status_code=413)
+
+
+def busy(_: Request, exc: Busy) -> Response:
+    return Response(_body(503, str(exc)), status_code=503, headers={"Retry-After": "1"})
+
+
+def synthesis_failed(_: Request, exc: SynthesisFailed) -> Response:
+    return Response(_body(500, f"synthesis failed: {exc}"), status_code=500)
+
+
+def internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Response(_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+
+
+EXCEPTION_HANDLERS = {
+    ValidationException: validation_error,
+    HTTPException: http_error,
+    UnknownSpeaker: unknown_speaker,
+    TextTooLong: text_too_long,
+    Busy: busy,
+    SynthesisFailed: synthesis_failed,
+    Exception: internal_error,
+}

@@ -1,0 +1,14 @@
+"""/ws/tts: the route. The protocol itself lives in rtserver.ws_session."""
+
+from __future__ import annotations
+
+from litestar import WebSocket, websocket
+
+from rtserver.service import TTSService
+from rtserver.ws_session import WsSession
+
+
+@websocket("/ws/tts")
+async def ws_tts(socket: WebSocket, service: TTSService) -> None:
+    await socket.accept()
+    await WsSession(socket, service).run()

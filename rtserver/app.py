@@ -1,0 +1,84 @@
+"""The Litestar application: routes, CORS, OpenAPI, the web demo, and the engine's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from litestar import Litestar, get
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.response import File
+from litestar.static_files import create_static_files_router
+
+from rtserver import __version__
+from rtserver.api.errors import EXCEPTION_HANDLERS
+from rtserver.api.http import ROUTES
+from rtserver.api.ws import ws_tts
+from rtserver.engine import Engine
+from rtserver.engines import load_engine
+from rtserver.service import TTSService
+from rtserver.settings import Settings
+
+log = logging.getLogger("rtserver")
+
+WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+
+
+@get("/", include_in_schema=False)
+async def index() -> File:
+    return File(WEB_DEMO / "index.html", content_disposition_type="inline", media_type="text/html")
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        def boot() -> TTSService:
+            eng = engine or load_engine(settings.model, settings.voices_dir, device=settings.device,
+                                        dtype=settings.dtype)  # fmt: skip
+            svc = TTSService(settings, eng)
+            svc.start()
+            return svc
+
+        service = await asyncio.to_thread(boot)
+        app.state.service = service
+        log.info("ready: engine=%s speakers=%s on http://%s:%d", service.engine.name,
+                 [s.id for s in service.speakers()], settings.host, settings.port)  # fmt: skip
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.stop)
+
+    def provide_service(state: State) -> TTSService:
+        return state.service
+
+    routes: list = [*ROUTES, ws_tts, index]
+    if WEB_DEMO.is_dir():
+        routes.append(create_static_files_router(path="/demo", directories=[WEB_DEMO]))
+
+    return Litestar(
+        route_handlers=routes,
+        lifespan=[lifespan],
+        dependencies={"service": Provide(provide_service, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        cors_config=CORSConfig(
+            allow_origins=["*"],
+            expose_headers=["X-Sample-Rate", "X-Channels", "X-Bit-Depth", "Content-Disposition"],
+        ),
+        openapi_config=OpenAPIConfig(
+            title="rtserver",
+            version=__version__,
+            description="Real-time CosyVoice TTS. The WebSocket protocol (/ws/tts) is in "
+            "docs/websocket.md.",
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+        ),
+        request_max_body_size=1024 * 1024,
+        state=State({"settings": settings}),
+    )

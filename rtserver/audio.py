@@ -1,0 +1,107 @@
+"""Float32 engine audio -> the bytes a client gets: s16le PCM or one continuous MP3 stream.
+
+One encoder object per stream, fed chunk by chunk and finished once, so chunk joins are
+invisible: no per-chunk headers, encoder padding or fades. Resampling (when a client asks for
+another rate) uses libswresample through PyAV, with its filter state kept across chunks.
+"""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+
+MP3_BITRATE = 64_000  # mono speech: transparent enough, 8 kB/s
+
+
+def to_s16le(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+class _Resampler:
+    def __init__(self, rate_in: int, rate_out: int) -> None:
+        self.rate_in = rate_in
+        self._rs = av.AudioResampler(format="flt", layout="mono", rate=rate_out)
+        self._pts = 0
+
+    def __call__(self, audio: np.ndarray | None) -> np.ndarray:
+        frame = None
+        if audio is not None:
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1),
+                format="flt",
+                layout="mono",
+            )
+            frame.sample_rate = self.rate_in
+            frame.pts = self._pts
+            self._pts += len(audio)
+        out = [f.to_ndarray().reshape(-1) for f in self._rs.resample(frame)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+class Encoder:
+    """Base: optional resampling in front of a codec."""
+
+    media_type = "application/octet-stream"
+
+    def __init__(self, rate_in: int, rate_out: int | None = None) -> None:
+        self.sample_rate = rate_out or rate_in
+        self._resample = (
+            _Resampler(rate_in, self.sample_rate) if self.sample_rate != rate_in else None
+        )
+
+    def encode(self, audio: np.ndarray) -> bytes:
+        if self._resample:
+            audio = self._resample(audio)
+        return self._encode(audio) if len(audio) else b""
+
+    def finish(self) -> bytes:
+        tail = self._resample(None) if self._resample else np.zeros(0, np.float32)
+        return (self._encode(tail) if len(tail) else b"") + self._finish()
+
+    def _encode(self, audio: np.ndarray) -> bytes:
+        raise NotImplementedError
+
+    def _finish(self) -> bytes:
+        return b""
+
+
+class PcmEncoder(Encoder):
+    media_type = "audio/pcm"
+
+    def _encode(self, audio: np.ndarray) -> bytes:
+        return to_s16le(audio)
+
+
+class Mp3Encoder(Encoder):
+    media_type = "audio/mpeg"
+
+    def __init__(self, rate_in: int, rate_out: int | None = None) -> None:
+        super().__init__(rate_in, rate_out)
+        cc = av.CodecContext.create("libmp3lame", "w")
+        cc.sample_rate = self.sample_rate
+        cc.layout = "mono"
+        cc.format = av.AudioFormat("fltp")
+        cc.bit_rate = MP3_BITRATE
+        cc.open()
+        self._cc = cc
+        self._pts = 0
+
+    def _encode(self, audio: np.ndarray | None) -> bytes:
+        frame = None
+        if audio is not None:
+            frame = av.AudioFrame.from_ndarray(
+                np.clip(audio, -1.0, 1.0).astype(np.float32).reshape(1, -1),
+                format="fltp",
+                layout="mono",
+            )
+            frame.sample_rate = self.sample_rate
+            frame.pts = self._pts
+            self._pts += len(audio)
+        return b"".join(bytes(p) for p in self._cc.encode(frame))
+
+    def _finish(self) -> bytes:
+        return self._encode(None)
+
+
+def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder:
+    return {"pcm": PcmEncoder, "mp3": Mp3Encoder}[fmt](rate_in, rate_out)

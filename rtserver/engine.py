@@ -1,0 +1,147 @@
+"""The contract between the scheduler and a synthesis engine, and the Job that carries a request.
+
+The scheduler is the only caller of an engine and calls it from its one inference thread. An
+engine never sees HTTP or WebSocket types; a session never sees the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from rtserver.channel import Channel
+
+
+@dataclass(frozen=True)
+class Speaker:
+    id: str
+    language: str
+    sample_rate: int
+    engine: str
+
+
+@dataclass
+class Chunk:
+    """A piece of audio: float32 mono in [-1, 1] at the speaker's sample rate."""
+
+    audio: np.ndarray
+    segment: int  # index of the text segment this audio belongs to
+    segment_end: bool  # the last chunk of that segment
+
+
+@dataclass
+class Done:
+    pass
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Cancelled:
+    pass
+
+
+Event = Chunk | Done | Failed | Cancelled
+
+_job_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One synthesis stream: an HTTP request or a WebSocket context.
+
+    Text arrives as segments (sentences), possibly over time; `close_input` says no more will come.
+    The inference thread pops segments; the event loop pushes them: hence the lock.
+    """
+
+    speaker: Speaker
+    channel: Channel
+    speed: float = 1.0
+    seed: int = 0
+    stream: bool = False
+    id: int = field(default_factory=lambda: next(_job_ids))
+    created: float = field(default_factory=time.monotonic)
+    # Set by the scheduler (inference thread); read by the session for metrics.
+    first_audio_at: float | None = None
+    audio_seconds: float = 0.0
+    processing_seconds: float = 0.0
+    engine_state: Any = None  # owned by the engine between start() and release()
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._segments: deque[str] = deque()
+        self._submitted = 0
+        self._input_closed = False
+        self._cancel = threading.Event()
+
+    def add_segments(self, segments: list[str]) -> None:
+        with self._lock:
+            self._segments.extend(segments)
+            self._submitted += len(segments)
+
+    def close_input(self) -> None:
+        with self._lock:
+            self._input_closed = True
+
+    def next_segment(self) -> tuple[int, str] | None:
+        """Pop the next segment with its index in the job, or None if none is pending."""
+        with self._lock:
+            if not self._segments:
+                return None
+            index = self._submitted - len(self._segments)
+            return index, self._segments.popleft()
+
+    def has_pending_text(self) -> bool:
+        with self._lock:
+            return bool(self._segments)
+
+    @property
+    def input_closed(self) -> bool:
+        with self._lock:
+            return self._input_closed
+
+    @property
+    def submitted_segments(self) -> int:
+        with self._lock:
+            return self._submitted
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+
+class Engine(Protocol):
+    """What the scheduler needs from a model. All methods run on the inference thread."""
+
+    name: str
+    max_batch: int  # how many jobs one step() may advance together
+
+    def speakers(self) -> list[Speaker]: ...
+
+    def warmup(self) -> None: ...
+
+    def start(self, job: Job) -> None:
+        """Allocate per-job state (job.engine_state). May raise: that fails only this job."""
+
+    def ready(self, job: Job) -> bool:
+        """Whether step() can make progress on this job now (text pending, work in flight,
+        or input closed so it can finish)."""
+
+    def step(self, jobs: list[Job]) -> list[tuple[Job, Event]]:
+        """Advance every job by one unit of work. A job finishes by returning Done for it.
+        Must not raise for a per-job problem: return Failed for that job instead."""
+
+    def release(self, job: Job) -> None:
+        """Free per-job state (finish, cancel or failure). Idempotent."""

@@ -1,0 +1,195 @@
+"""The session scheduler: one inference thread multiplexes the engine across every stream.
+
+Each tick: drop cancelled jobs, admit waiting ones, pick a batch (jobs still waiting for their
+first audio first, then the job whose listener runs out of buffered audio soonest), run one
+engine step, route what it produced. Jobs whose consumer has not read its backlog are skipped,
+so a slow client slows only itself and server memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job
+
+log = logging.getLogger("rtserver.scheduler")
+
+
+class Busy(Exception):
+    """The scheduler is at capacity."""
+
+
+@dataclass
+class Counters:
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    rejected: int = 0
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        max_streams: int = 16,
+        max_queue: int = 16,
+        max_backlog: int = 4,
+        serial: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.max_streams = max_streams  # jobs admitted to the engine at once
+        self.max_queue = max_queue  # jobs waiting for admission; beyond that: Busy
+        self.max_backlog = max_backlog  # unread events per job before it stops being scheduled
+        self.serial = serial  # benchmark baseline: one job at a time, start to finish
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+
+    # ---- called from the event loop -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if len(self._running) + len(self._waiting) >= self.max_streams + self.max_queue:
+                self.counters.rejected += 1
+                raise Busy(
+                    f"server at capacity ({self.max_streams} streams, {self.max_queue} queued)"
+                )
+            self._waiting.append(job)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Something changed for some job (text, cancel, a read): look again."""
+        self._wake.set()
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            active, queued = len(self._running), len(self._waiting)
+        c = self.counters
+        return {
+            "active": active,
+            "queued": queued,
+            "completed": c.completed,
+            "cancelled": c.cancelled,
+            "failed": c.failed,
+            "rejected": c.rejected,
+            "steps": c.steps,
+            "max_streams": self.max_streams,
+            "max_queue": self.max_queue,
+        }
+
+    # ---- the inference thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.clear()
+            self._drop_cancelled()
+            self._admit()
+            batch = self._pick()
+            if not batch:
+                self._wake.wait(timeout=1.0)
+                continue
+            t0 = time.monotonic()
+            results = self._step(batch)
+            share = (time.monotonic() - t0) / len(batch)
+            self.counters.steps += 1
+            for job in batch:
+                job.processing_seconds += share
+            for job, event in results:
+                self._route(job, event)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [j for j in (*self._running, *self._waiting) if j.cancelled]
+            if not gone:
+                return
+            self._running = [j for j in self._running if not j.cancelled]
+            self._waiting = deque(j for j in self._waiting if not j.cancelled)
+        for job in gone:
+            self.engine.release(job)
+            self.counters.cancelled += 1
+            job.channel.put(Cancelled())
+            log.info("job %d cancelled after %.2fs of audio", job.id, job.audio_seconds)
+
+    def _admit(self) -> None:
+        limit = 1 if self.serial else self.max_streams
+        while True:
+            with self._lock:
+                if not self._waiting or len(self._running) >= limit:
+                    return
+                job = self._waiting.popleft()
+                self._running.append(job)
+            try:
+                self.engine.start(job)
+            except Exception as exc:  # one bad job must not hurt the others
+                log.exception("job %d failed to start", job.id)
+                self._route(job, Failed(f"{type(exc).__name__}: {exc}"))
+
+    def _pick(self) -> list[Job]:
+        with self._lock:
+            running = list(self._running)
+        ready = [
+            j
+            for j in running
+            if not j.cancelled and j.channel.backlog < self.max_backlog and self.engine.ready(j)
+        ]
+
+        def urgency(job: Job) -> tuple[int, float]:
+            if job.first_audio_at is None:
+                return (0, job.created)
+            # When the listener, playing in real time since the first audio, runs dry.
+            return (1, job.first_audio_at + job.audio_seconds)
+
+        ready.sort(key=urgency)
+        return ready[: self.engine.max_batch]
+
+    def _step(self, batch: list[Job]) -> list[tuple[Job, Event]]:
+        try:
+            return self.engine.step(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("job %d failed", batch[0].id)
+                return [(batch[0], Failed(f"{type(exc).__name__}: {exc}"))]
+            # Find the culprit: each job alone, so the others go on.
+            log.warning("batched step failed (%s); retrying jobs one by one", exc)
+            return [ev for job in batch for ev in self._step([job])]
+
+    def _route(self, job: Job, event: Event) -> None:
+        if isinstance(event, Chunk):
+            if job.first_audio_at is None:
+                job.first_audio_at = time.monotonic()
+            job.audio_seconds += len(event.audio) / job.speaker.sample_rate
+            job.channel.put(event)
+            return
+        with self._lock:
+            if job in self._running:
+                self._running.remove(job)
+        self.engine.release(job)
+        if isinstance(event, Done):
+            self.counters.completed += 1
+            ttfa = (job.first_audio_at - job.created) * 1000 if job.first_audio_at else float("nan")
+            rtf = job.processing_seconds / job.audio_seconds if job.audio_seconds else float("nan")
+            log.info(
+                "job %d done: spk=%s ttfa=%.0fms audio=%.2fs rtf=%.3f",
+                job.id, job.speaker.id, ttfa, job.audio_seconds, rtf,
+            )  # fmt: skip
+        elif isinstance(event, Failed):
+            self.counters.failed += 1
+            log.warning("job %d failed: %s", job.id, event.message)
+        job.channel.put(event)
