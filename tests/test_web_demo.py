@@ -1,0 +1,195 @@
+"""The web demo in a real browser: headless Debian Chromium against a real server.
+
+Each test opens the page fresh and drives it the way a person would (click Speak, click Stop),
+then reads what happened from `window.rtDemo`, the page's read-only test surface. Sample counts
+come from the AudioWorklet itself (its message port), so "audio was played" means the playback
+cursor really moved, not merely that frames arrived on the socket.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = shutil.which("chromium")
+OUT = Path(__file__).resolve().parent / "out"
+
+# ~10 s of speech: long enough that 2 s can be played while the server is still busy.
+LONG_TEXT = (
+    "Streaming speech should start quickly and never stutter. "
+    "This sentence arrives while the first one is already playing. "
+    "The browser keeps one ring buffer and one playback cursor, so chunk seams are inaudible. "
+    "If you press stop, the server cancels the work and the speakers go quiet at once. "
+    "That is what a voice agent needs when a person interrupts it. "
+    "And this last sentence is only here to make the text a little longer."
+)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--autoplay-policy=no-user-gesture-required",
+            ],
+        )
+        yield b
+        b.close()
+
+
+class Page:
+    """A fresh tab on the demo, with its console errors collected."""
+
+    def __init__(self, browser, base_url: str) -> None:
+        self.page = browser.new_page(viewport={"width": 900, "height": 1000})
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+        self.page.goto(f"{base_url}/")
+        self.page.wait_for_function("window.rtDemo && rtDemo.state !== 'loading'", timeout=10_000)
+
+    def demo(self, key: str):
+        return self.page.evaluate(f"rtDemo.{key}")
+
+    def wait(self, js: str, timeout_s: float = 15.0, what: str = "") -> None:
+        try:
+            self.page.wait_for_function(js, timeout=timeout_s * 1000, polling=50)
+        except playwright_api.TimeoutError:
+            snap = self.page.evaluate("rtDemo.snapshot()")
+            pytest.fail(f"timed out waiting for {what or js}; rtDemo = {snap}")
+
+    def shot(self, name: str) -> Path:
+        OUT.mkdir(parents=True, exist_ok=True)
+        path = OUT / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def page(browser, server) -> Iterator[Page]:
+    p = Page(browser, server.base_url)
+    yield p
+    p.page.close()
+
+
+def test_page_loads_and_lists_speakers(page: Page, server) -> None:
+    assert page.demo("lastError") is None
+    options = page.page.eval_on_selector_all("#speaker option", "os => os.map(o => o.value)")
+    expected = {s["id"] for s in server_speakers(server)}
+    assert expected and set(options) == expected
+    assert page.page.is_enabled("#speak")
+    assert page.page.is_disabled("#stop")
+    assert page.errors == []
+
+
+def test_speak_plays_pcm_through_the_worklet(page: Page) -> None:
+    page.page.fill("#text", LONG_TEXT)
+    page.page.click("#speak")
+    page.wait("rtDemo.sampleRate > 0", what="`started`")
+    rate = page.demo("sampleRate")
+    # The worklet's cursor must really move: 2 s of samples consumed at playback speed.
+    page.wait(f"rtDemo.samplesPlayed >= {2 * rate}", timeout_s=25, what="2 s played")
+    assert page.demo("samplesReceived") >= page.demo("samplesPlayed")
+    assert page.demo("ttfaMs") > 0
+    assert page.demo("state") in ("speaking", "idle")
+    page.shot("web_demo_speaking.png")
+
+    page.wait("rtDemo.rtf !== null", what="`done`")
+    rtf_text = page.page.text_content("#stat-rtf")
+    assert rtf_text and rtf_text != "—"
+    assert page.demo("segments") >= 3
+    # After `done`, the tail plays out and the page settles by itself, with every sample played.
+    page.wait("rtDemo.state === 'idle'", timeout_s=30, what="play-out to finish")
+    assert page.demo("samplesPlayed") == page.demo("samplesReceived")
+    assert page.demo("lastError") is None
+    assert page.errors == []
+
+
+def test_stop_barges_in_and_the_server_cancels(page: Page, server) -> None:
+    before = server.healthz()["cancelled"]
+    # Agent mode types one word every 50-80 ms, so the server is certainly still busy with this
+    # context when we stop: the cancel has real work to cancel.
+    page.page.check("#agent")
+    page.page.fill("#text", LONG_TEXT + " " + LONG_TEXT)
+    page.page.click("#speak")
+    page.wait("rtDemo.sampleRate > 0 && rtDemo.samplesPlayed > rtDemo.sampleRate / 2",
+              what="audio to start playing")  # fmt: skip
+    page.page.click("#stop")
+    page.wait("rtDemo.state === 'idle'", timeout_s=5, what="the cancel to be confirmed")
+    assert page.demo("cancelsSent") == 1
+    assert page.demo("lastEvent") == "cancelled"
+    assert "Stopped" in page.page.text_content("#status")
+
+    # Playback ends: the ring buffer is empty and the cursor stops moving.
+    time.sleep(0.3)
+    played = page.demo("samplesPlayed")
+    time.sleep(0.4)
+    assert page.demo("samplesPlayed") == played
+    assert page.demo("bufferedMs") == 0
+    assert page.demo("samplesPlayed") < page.demo("samplesReceived") or page.demo("rtf") is None
+
+    health = server.wait_idle()
+    assert health["cancelled"] > before
+    assert health["active"] == 0
+    assert page.errors == []
+
+
+def test_unknown_speaker_is_shown_to_the_person(page: Page) -> None:
+    # Inject a speaker the server does not have, as if the list were stale.
+    page.page.evaluate(
+        """() => {
+            const sel = document.querySelector('#speaker');
+            sel.append(new Option('nobody', 'nobody'));
+            sel.value = 'nobody';
+        }"""
+    )
+    page.page.click("#speak")
+    page.wait("rtDemo.lastError !== null", timeout_s=10, what="the error")
+    assert page.demo("lastError")["code"] == "unknown_speaker"
+    assert page.page.is_visible("#error")
+    assert "Unknown speaker" in page.page.text_content("#error")
+    assert page.demo("state") == "idle"
+    page.shot("web_demo_error.png")
+
+    # The same mistake over HTTP (MP3 mode) is shown too, with the server's own message.
+    page.page.check("input[name=mode][value=mp3]")
+    page.page.click("#speak")
+    page.wait("rtDemo.lastError && rtDemo.lastError.code === 'bad_request'", timeout_s=10,
+              what="the HTTP 400")  # fmt: skip
+    assert "HTTP 400" in page.page.text_content("#error")
+
+
+def test_mp3_mode_plays_through_the_audio_element(page: Page) -> None:
+    page.page.check("input[name=mode][value=mp3]")
+    page.page.fill("#text", LONG_TEXT)
+    page.page.click("#speak")
+    page.wait("document.querySelector('#player').currentTime > 0.5", timeout_s=20,
+              what="<audio> to play")  # fmt: skip
+    assert page.demo("mp3Bytes") > 0
+    assert page.demo("state") == "speaking"
+    page.page.click("#stop")
+    page.wait("rtDemo.state === 'idle'", timeout_s=5, what="Stop in MP3 mode")
+    assert page.page.evaluate("document.querySelector('#player').paused")
+    assert page.demo("lastError") is None
+    assert page.errors == []
+
+
+def server_speakers(server) -> list[dict]:
+    import httpx
+
+    return httpx.get(f"{server.base_url}/speakers", timeout=10).json()
