@@ -1,0 +1,95 @@
+"""Golden-fixture folder resolution and shared helpers for tests/golden.
+
+The folder comes from ``$COSYVOICE_GOLDEN``; default ``../shared/golden`` relative to the repo
+root (not the cwd). Tests discover fixtures from the folder's contents, so any folder of the
+same format can be checked: ``COSYVOICE_GOLDEN=DIR pytest tests/golden``.
+
+* fixture ``golden_dir`` -> Path (skips if the folder is missing);
+* parameter ``family_dir``: every ``<golden>/<name>/`` holding a ``model/`` dir with a CosyVoice
+  yaml. A test marked ``@pytest.mark.unsupported_families("v1", reason=...)`` gets those
+  families as ``xfail(strict=True)`` params, so an unimplemented family never silently passes;
+* ``config.cosyvoice_golden`` holds the resolved Path for module-level parametrisation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_golden_dir() -> Path:
+    env = os.environ.get("COSYVOICE_GOLDEN")
+    p = Path(env) if env else Path("../shared/golden")
+    if not p.is_absolute():
+        p = (Path.cwd() / p) if env else (REPO_ROOT / p)
+    return p.resolve()
+
+
+def family_dirs(golden: Path) -> list[Path]:
+    if not golden.is_dir():
+        return []
+    out = []
+    for d in sorted(golden.iterdir()):
+        m = d / "model"
+        if m.is_dir() and any(
+            (m / n).is_file() for n in ("cosyvoice.yaml", "cosyvoice2.yaml", "cosyvoice3.yaml")
+        ):
+            out.append(d)
+    return out
+
+
+def family_of(family_dir: Path) -> str:
+    from cosyvoice.config import detect_family
+
+    return detect_family(family_dir / "model")[0]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "unsupported_families(*families, reason): strict-xfail those golden families"
+    )
+    config.cosyvoice_golden = resolve_golden_dir()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "family_dir" not in metafunc.fixturenames:
+        return
+    golden = metafunc.config.cosyvoice_golden
+    mark = metafunc.definition.get_closest_marker("unsupported_families")
+    unsupported = set(mark.args) if mark else set()
+    reason = mark.kwargs.get("reason", "family not implemented") if mark else ""
+    params = []
+    for d in family_dirs(golden):
+        marks = []
+        if family_of(d) in unsupported:
+            marks = [pytest.mark.xfail(strict=True, reason=reason)]
+        params.append(pytest.param(d, id=d.name, marks=marks))
+    if not params:
+        params = [
+            pytest.param(None, marks=pytest.mark.skip(reason=f"no golden model dirs in {golden}"))
+        ]
+    metafunc.parametrize("family_dir", params)
+
+
+@pytest.fixture(scope="session")
+def golden_dir(pytestconfig: pytest.Config) -> Path:
+    p = pytestconfig.cosyvoice_golden
+    if not p.is_dir():
+        pytest.skip(f"golden folder {p} not found (set COSYVOICE_GOLDEN)")
+    return p
+
+
+def assert_close(got, expected, atol: float, rtol: float = 0.0, what: str = "") -> float:
+    """Compare as float64 numpy arrays (shape included); returns the max abs error."""
+    import numpy as np
+
+    g = np.asarray(got, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert g.shape == e.shape, f"{what}: shape {g.shape} != {e.shape}"
+    err = float(np.abs(g - e).max()) if g.size else 0.0
+    np.testing.assert_allclose(g, e, atol=atol, rtol=rtol, err_msg=what)
+    return err

@@ -1,0 +1,162 @@
+"""Speakers: spk2info parity (features recomputed from spk_waves.npz), registration round trip
+across processes, and the documented AudioError for unusable prompt audio."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, assert_close
+
+import cosyvoice
+from cosyvoice.frontend.audio import AudioError, resample
+from cosyvoice.speakers import SpeakerError
+
+ATOL = 1e-4
+V1 = dict(reason="v1 family (TransformerLM, whisper tokenizer) not implemented")
+# README: zs_spk1 was stored by add_zero_shot_spk with this transcript (v3's is in make_info.json)
+V2_ZS_PROMPT = "希望你以后能够做的比我还好呦。"
+
+
+def _load(family_dir, tmp_path):
+    return cosyvoice.load(family_dir / "model", speaker_dir=tmp_path / "spk")
+
+
+@pytest.mark.unsupported_families("v1", **V1)
+def test_spk2info_parity(family_dir, tmp_path):
+    m = _load(family_dir, tmp_path)
+    raw = torch.load(family_dir / "model" / "spk2info.pt", weights_only=True)
+    waves = np.load(family_dir / "spk_waves.npz")
+    info = json.loads((family_dir / "make_info.json").read_text(encoding="utf-8"))
+    sr = m.sample_rate
+    ex = m.speakers.extractor
+    assert m.speakers.list()[: len(raw)] == list(raw)
+    for name, entry in raw.items():
+        w = torch.from_numpy(waves[name]).unsqueeze(0)
+        w16 = resample(w, sr, 16000)
+        if "embedding" in entry:  # SFT format: unaligned tokens and mel
+            assert_close(ex.embedding(w16), entry["embedding"], ATOL, what=f"{name} embedding")
+            assert ex.speech_tokens(w16) == entry["speech_token"][0].tolist()
+            assert_close(ex.prompt_mel(w), entry["speech_feat"], ATOL, what=f"{name} feat")
+            assert_close(m.speakers.get(name).embedding, entry["embedding"], 0.0)
+        else:  # zero-shot format: register from the same audio + transcript
+            text = info.get("zs_prompt_text", V2_ZS_PROMPT)
+            spk = m.speakers.register(f"re_{name}", (waves[name], sr), text)
+            assert spk.prompt_text_ids == entry["prompt_text"][0].tolist()
+            assert spk.prompt_speech_tokens == entry["llm_prompt_speech_token"][0].tolist()
+            assert spk.prompt_speech_tokens == entry["flow_prompt_speech_token"][0].tolist()
+            assert_close(spk.prompt_feat, entry["prompt_speech_feat"], ATOL, what=f"{name} feat")
+            assert_close(spk.embedding, entry["llm_embedding"], ATOL, what=f"{name} emb")
+            assert_close(spk.embedding, entry["flow_embedding"], ATOL, what=f"{name} emb")
+            assert spk.prompt_feat.shape[1] == 2 * len(spk.prompt_speech_tokens)
+
+
+def _tone(seconds: float, sr: int = 24000, amp: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    f = 150 + 400 * t / max(seconds, 1e-3)  # chirp with AM: "voice-like" enough for stand-ins
+    rng = np.random.default_rng(5)
+    x = amp * np.sin(2 * np.pi * np.cumsum(f) / sr) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    return (x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def _encode(wav: np.ndarray, sr: int, fmt: str, codec: str) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as c:
+        s = c.add_stream(codec, rate=sr, layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            (wav * 32767).astype(np.int16)[None], format="s16", layout="mono"
+        )
+        frame.sample_rate = sr
+        for p in s.encode(frame):
+            c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return buf.getvalue()
+
+
+def _v2_dir(golden_dir: Path) -> Path:
+    d = golden_dir / "cosyvoice2"
+    if not (d / "model").is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    return d
+
+
+def test_register_round_trip(golden_dir, tmp_path):
+    d = _v2_dir(golden_dir)
+    m = _load(d, tmp_path)
+    wav = _tone(3.0, 44100)
+    audio = _encode(wav, 44100, "wav", "pcm_s16le")
+    spk = m.speakers.register("测试 voice-1", audio, "你好，这是一个测试。")
+    assert "测试 voice-1" in m.speakers.list()
+    # 3 s at 25 Hz tokens -> 75 tokens before alignment; feat frames = 2 x tokens
+    assert 70 <= len(spk.prompt_speech_tokens) <= 75
+    assert spk.prompt_feat.shape == (1, 2 * len(spk.prompt_speech_tokens), 80)
+    assert spk.prompt_text_ids == m.frontend.encode("你好，这是一个测试。")
+    with pytest.raises(SpeakerError):
+        m.speakers.register("测试 voice-1", audio, "again")
+    with pytest.raises(SpeakerError):
+        m.speakers.delete("spk_f1")  # built-in
+    # FLAC through PyAV as well
+    m.speakers.register("flac_voice", _encode(_tone(2.0, 16000), 16000, "flac", "flac"), "hello")
+
+    script = (
+        "import json, sys, cosyvoice\n"
+        "m = cosyvoice.load(sys.argv[1], speaker_dir=sys.argv[2])\n"
+        "s = m.speakers.get('测试 voice-1')\n"
+        "r = m.new_request('你好。', speaker='测试 voice-1', seed=7)\n"
+        "toks = m.llm.generate(r)\n"
+        "print(json.dumps({'list': m.speakers.list(), 'tokens': s.prompt_speech_tokens,\n"
+        "  'emb': s.embedding.flatten().tolist(), 'n_out': len(toks)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(d / "model"), str(tmp_path / "spk")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "测试 voice-1" in got["list"] and "flac_voice" in got["list"]
+    assert got["tokens"] == spk.prompt_speech_tokens
+    assert np.allclose(got["emb"], spk.embedding.flatten().numpy(), atol=0)
+    assert got["n_out"] >= 2 * len(m.frontend.encode("你好。"))  # min_len respected
+
+    m.speakers.delete("flac_voice")
+    assert "flac_voice" not in m.speakers.list()
+    m2 = _load(d, tmp_path)
+    assert "flac_voice" not in m2.speakers.list() and "测试 voice-1" in m2.speakers.list()
+    assert not list((tmp_path / "spk").glob(".tmp-*"))  # atomic writes left no temp files
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("not_audio", "decode|audio stream"),
+        ("too_short", "too short"),
+        ("too_long", "too long"),
+        ("silent", "silent"),
+        ("low_rate", "below 16000"),
+        ("empty_bytes", "decode|empty"),
+    ],
+)
+def test_bad_audio(golden_dir, tmp_path, case, pattern):
+    m = _load(_v2_dir(golden_dir), tmp_path)
+    audio = {
+        "not_audio": lambda: b"this is definitely not an audio file" * 50,
+        "too_short": lambda: _encode(_tone(0.4), 24000, "wav", "pcm_s16le"),
+        "too_long": lambda: (_tone(31.0, 16000), 16000),
+        "silent": lambda: _encode(np.zeros(48000, np.float32), 24000, "wav", "pcm_s16le"),
+        "low_rate": lambda: _encode(_tone(2.0, 8000), 8000, "wav", "pcm_s16le"),
+        "empty_bytes": lambda: b"",
+    }[case]()
+    with pytest.raises(AudioError, match=pattern):
+        m.speakers.register("bad", audio, "text")
+    assert "bad" not in m.speakers.list()

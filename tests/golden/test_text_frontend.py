@@ -1,0 +1,80 @@
+"""Text frontend parity with <golden>/frontend/text_frontend.json: segments, unsplit text and
+token ids must match exactly, for every item x normaliser x tokenizer key in the file."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from cosyvoice.frontend.text import TextNormalizer
+from cosyvoice.frontend.tokenizer import QwenTokenizer
+
+# tokenizer key -> golden model dir providing it (None: not implemented)
+TOKENIZERS = {"qwen_tiny": "cosyvoice2"}
+
+
+def _cases(golden: Path):
+    p = golden / "frontend" / "text_frontend.json"
+    if not p.is_file():
+        return []
+    d = json.loads(p.read_text(encoding="utf-8"))
+    out = []
+    for i, item in enumerate(d["items"]):
+        for key in item:
+            if key == "input":
+                continue
+            norm, tok = key.split("|")
+            marks = []
+            if tok not in TOKENIZERS:
+                marks = [
+                    pytest.mark.xfail(
+                        strict=True,
+                        raises=NotImplementedError,
+                        reason=f"{tok} tokenizer (v1 whisper) not implemented",
+                    )
+                ]
+            out.append(pytest.param((str(golden), i, norm, tok), id=f"{i}-{key}", marks=marks))
+    return out
+
+
+def pytest_generate_tests(metafunc):
+    if "text_case" in metafunc.fixturenames:
+        cases = _cases(metafunc.config.cosyvoice_golden)
+        if not cases:
+            cases = [pytest.param(None, marks=pytest.mark.skip(reason="no text_frontend.json"))]
+        metafunc.parametrize("text_case", cases)
+
+
+@functools.cache
+def _load(golden: str):
+    return json.loads(
+        (Path(golden) / "frontend" / "text_frontend.json").read_text(encoding="utf-8")
+    )
+
+
+@functools.cache
+def _tokenizer(golden: str, tok: str) -> QwenTokenizer:
+    if tok not in TOKENIZERS:
+        raise NotImplementedError(tok)
+    return QwenTokenizer(Path(golden) / TOKENIZERS[tok] / "model" / "CosyVoice-BlankEN", "v2")
+
+
+@functools.cache
+def _normalizer(golden: str, norm: str, tok: str) -> TextNormalizer:
+    t = _tokenizer(golden, tok)
+    return TextNormalizer(lambda s: len(t.encode(s)), use_wetext=(norm == "wetext"))
+
+
+def test_text_normalize(text_case):
+    golden, i, norm, tok = text_case
+    item = _load(golden)["items"][i]
+    exp = item[f"{norm}|{tok}"]
+    n = _normalizer(golden, norm, tok)
+    segs = n.normalize(item["input"], split=True)
+    assert segs == exp["split"]
+    assert n.normalize(item["input"], split=False) == exp["no_split"]
+    t = _tokenizer(golden, tok)
+    assert [t.encode(s) for s in segs] == exp["split_token_ids"]

@@ -1,0 +1,55 @@
+"""Incremental splitter: fragments fed in arbitrary pieces give complete sentences as soon as
+they are safe, and together the same normalised text as splitting the whole at once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cosyvoice.frontend import Frontend
+
+
+@pytest.fixture(scope="module")
+def frontend(golden_dir):
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    return Frontend(d, "v2")
+
+
+def _long_texts(golden_dir):
+    items = json.loads((golden_dir / "frontend" / "text_frontend.json").read_text("utf-8"))["items"]
+    return [it["input"] for it in items if len(it["input"]) > 150]
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7])
+def test_pieces_join_to_whole(frontend, golden_dir, piece):
+    texts = _long_texts(golden_dir)
+    assert texts
+    for text in texts:
+        s = frontend.incremental(min_len=40, first_min_len=1)
+        segs = []
+        for i in range(0, len(text), piece):
+            segs += s.push(text[i : i + piece])
+        segs += s.flush()
+        whole = frontend.split(text)
+        assert len(segs) >= 2
+        sep = "" if any("\u4e00" <= c <= "\u9fff" for c in text) else " "
+        assert sep.join(x.strip() for x in segs) == sep.join(x.strip() for x in whole)
+
+
+def test_waits_for_decimal_and_quote(frontend):
+    s = frontend.incremental(min_len=1)
+    assert s.push("售价4799.") == []  # could be a decimal point
+    assert s.push("2元！") == []  # "！" is last: a closing quote may follow
+    assert s.push("”然后") == ["售价四千七百九十九点二元！”"]
+    assert s.flush() == ["然后。"]
+    assert s.flush() == []
+
+
+def test_first_sentence_early(frontend):
+    s = frontend.incremental(min_len=60, first_min_len=1)
+    assert s.push("Hi. Next") == ["Hi."]
+    assert s.push(" one. And more") == []  # below min_len: keep collecting
+    assert s.flush() == ["Next one. And more."]  # each chunk is normalised (stripped)
