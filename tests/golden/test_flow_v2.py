@@ -1,0 +1,167 @@
+"""CosyVoice2 flow (CausalMaskedDiffWithXvec) against the golden fixtures: estimator, encoder,
+whole-utterance and streaming-chunk mels, strict loading, batch invariance."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.flow import FlowConfig, FlowInput, build_flow, fixed_noise, load_flow
+
+MEL_TOL = 1e-4  # golden README: flow mel after 10 Euler steps with CFG
+BATCH_TOL = 1e-5  # same request alone vs in a padded batch (float32 reassociation only)
+
+
+def golden_dir() -> Path:
+    env = os.environ.get("COSYVOICE_GOLDEN")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+
+
+D = golden_dir() / "cosyvoice2"
+pytestmark = pytest.mark.skipif(not (D / "flow.npz").is_file(), reason=f"no golden fixtures at {D}")
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return dict(np.load(D / "flow.npz"))
+
+
+@pytest.fixture(scope="module")
+def flow():
+    torch.set_num_threads(2)
+    return load_flow(D / "model")
+
+
+def _schedules() -> dict:
+    return json.loads((D / "fixtures_v2.json").read_text())["flow"]["cases"]
+
+
+def _inp(fx, case: str, n_tok: int | None = None, streaming=False, finalize=True) -> FlowInput:
+    """Inputs as the golden README describes them: cases B and D carry the zero-shot prompt
+    (with ``prompt_embedding``), the others have no prompt and ``embedding``."""
+    tok = torch.from_numpy(fx["token"][0])
+    if n_tok is not None:
+        tok = tok[:n_tok]
+    if case in ("B", "D"):
+        return FlowInput(
+            tok,
+            torch.from_numpy(fx["prompt_token"][0]),
+            torch.from_numpy(fx["prompt_feat"][0]),
+            torch.from_numpy(fx["prompt_embedding"][0]),
+            streaming,
+            finalize,
+        )
+    return FlowInput(tok, torch.zeros(0, dtype=torch.long), torch.zeros(0, 80),
+                     torch.from_numpy(fx["embedding"][0]), streaming, finalize)  # fmt: skip
+
+
+def _whole_cases(fx):
+    """(key, case, streaming) for every whole-utterance mel in the fixture."""
+    out = []
+    for k in fx:
+        m = re.fullmatch(r"([A-Z]\d?)_mel(_streaming_finalize)?", k)
+        if m:
+            out.append((k, m.group(1)[0], m.group(2) is not None))
+    return out
+
+
+def _chunk_cases():
+    sched = _schedules()
+    return [
+        (c, i, s)
+        for c, v in sched.items()
+        if isinstance(v, dict)
+        for i, s in enumerate(v["schedule"])
+    ]
+
+
+def test_strict_load_and_key_layout(flow):
+    sd = torch.load(D / "model" / "flow.pt", map_location="cpu", weights_only=True)
+    assert set(flow.state_dict()) == set(sd)
+    bad = dict(sd)
+    bad["decoder.estimator.extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError):
+        build_flow(flow.cfg).load_state_dict(bad, strict=True)
+    bad = dict(sd)
+    bad.pop("encoder.pre_lookahead_layer.conv1.weight")
+    with pytest.raises(RuntimeError):
+        build_flow(flow.cfg).load_state_dict(bad, strict=True)
+
+
+def test_fixed_noise(fx):
+    ref = fx["rand_noise_used"]
+    assert np.array_equal(fixed_noise()[:, :, : ref.shape[-1]].numpy(), ref)
+    # drawing the buffer must not disturb the global RNG
+    torch.manual_seed(123)
+    a = torch.rand(3)
+    torch.manual_seed(123)
+    fixed_noise.cache_clear()
+    fixed_noise()
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_estimator_call(flow, fx):
+    a = {
+        k: torch.from_numpy(fx[f"A_est_call0_{k}"])
+        for k in ("x", "mask", "mu", "t", "spks", "cond")
+    }
+    with torch.inference_mode():
+        v = flow.decoder.estimator(a["x"], a["mask"], a["mu"], a["t"], a["spks"], a["cond"],
+                                   torch.zeros(2, dtype=torch.bool))  # fmt: skip
+    np.testing.assert_allclose(v.numpy(), fx["A_est_call0_dphi_dt"], atol=MEL_TOL, rtol=0)
+
+
+def test_encoder_mu(flow, fx):
+    with torch.inference_mode():
+        mu, lens = flow.encode([_inp(fx, "A")])
+    assert int(lens[0]) == fx["A_mu"].shape[1]
+    np.testing.assert_allclose(mu.numpy(), fx["A_mu"], atol=MEL_TOL, rtol=0)
+
+
+def test_whole_utterance_batched_and_alone(flow, fx):
+    cases = _whole_cases(fx)
+    assert len(cases) >= 3, "expected A, B and A2 mels in flow.npz"
+    inps = [_inp(fx, c, streaming=s) for _, c, s in cases]
+    batched = flow.inference(inps)
+    for (key, _, _), inp, mb in zip(cases, inps, batched, strict=True):
+        ref = fx[key][0]
+        assert mb.shape == ref.shape, key
+        np.testing.assert_allclose(mb.numpy(), ref, atol=MEL_TOL, rtol=0, err_msg=key)
+        (alone,) = flow.inference([inp])
+        np.testing.assert_allclose(mb.numpy(), alone.numpy(), atol=BATCH_TOL, rtol=0, err_msg=key)
+
+
+def test_streaming_chunks(flow, fx):
+    """Every chunk call of the C/D schedules, all in one batched call (mixed streaming flags,
+    prompt / no prompt, different lengths), raw and offset-sliced."""
+    cases = _chunk_cases()
+    assert cases
+    inps = [_inp(fx, c, s["n_tok"], s["streaming"], s["finalize"]) for c, _, s in cases]
+    outs = flow.inference(inps)
+    for (c, i, s), o in zip(cases, outs, strict=True):
+        raw = fx[f"{c}_chunk{i}_mel_raw"][0]
+        assert o.shape == raw.shape
+        np.testing.assert_allclose(o.numpy(), raw, atol=MEL_TOL, rtol=0, err_msg=f"{c}{i}")
+        sliced = o[:, s["token_offset"] * 2 :]
+        np.testing.assert_allclose(sliced.numpy(), fx[f"{c}_chunk{i}_mel"][0], atol=MEL_TOL, rtol=0)
+
+
+def test_chunk_prefix_consistency(flow, fx):
+    """Chunk-aligned streaming calls leave earlier frames unchanged (fixed noise + chunk masks +
+    causal convs + real look-ahead)."""
+    a, b = flow.inference([_inp(fx, "A", 28, True, False), _inp(fx, "A", 53, True, False)])
+    assert a.shape[-1] == 50 and b.shape[-1] == 100
+    np.testing.assert_allclose(b[:, :50].numpy(), a.numpy(), atol=1e-5, rtol=0)
+
+
+def test_config_from_yaml():
+    from cosyvoice.config import read_yaml
+
+    cfg = FlowConfig.from_yaml(read_yaml(D / "model" / "cosyvoice2.yaml"))
+    assert (cfg.vocab_size, cfg.est_channels, cfg.est_chunk, cfg.chunk_size) == (512, 64, 50, 25)
