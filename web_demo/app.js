@@ -285,9 +285,11 @@ function onSocketClose(s, e) {
   sock = null;
   setConnection("closed", "disconnected");
   const u = current;
+  for (const other of contexts.values()) if (other !== u) finish(other, "error");
   if (u && u.mode === "pcm" && !u.finished) {
     const why = e.reason ? `${e.reason} (code ${e.code})` : `code ${e.code}`;
-    showError("socket_closed", `the server closed the connection mid-stream: ${why}`);
+    if (u.startSent) showError("socket_closed", `the server closed the connection mid-stream: ${why}`);
+    else showError("connect_failed", `the WebSocket closed before it was ready: ${why}`);
     // Whatever already arrived is still worth hearing; let the worklet play it out.
     finish(u, "error", { keepAudio: true });
   }
@@ -302,8 +304,10 @@ function onEvent(s, text) {
     return;
   }
   demo.lastEvent = msg.type;
-  const u = current;
-  const mine = u && u.mode === "pcm" && msg.context_id === u.id;
+  // Look the context up by id, not "the current one": after a barge-in the previous context
+  // still has to settle (its `cancelled`) while the new one is already starting.
+  const u = msg.context_id != null ? contexts.get(msg.context_id) : undefined;
+  const mine = u !== undefined && u === current;
   switch (msg.type) {
     case "ready":
       s.info = msg;
@@ -323,9 +327,10 @@ function onEvent(s, text) {
       if (mine) addSegment(msg);
       break;
     case "cancelled":
-      if (mine) finish(u, "cancelled");
+      if (u) finish(u, "cancelled");
       break;
     case "done":
+      if (u && !mine) finish(u, "cancelled"); // superseded; it finished before our cancel landed
       if (!mine) break;
       demo.rtf = msg.rtf;
       demo.serverTtfaMs = msg.ttfa_ms;
@@ -344,21 +349,24 @@ function onEvent(s, text) {
 }
 
 function onServerError(msg) {
-  const u = current;
-  const active = u && u.mode === "pcm" && !u.finished;
-  const forCurrent = active && (msg.context_id == null || msg.context_id === u.id);
+  const cur = current;
+  const active = cur && cur.mode === "pcm" && !cur.finished;
+  const u = msg.context_id == null ? (active ? cur : undefined) : contexts.get(msg.context_id);
   if (msg.code === "idle_timeout" && !active) {
     setStatus("Idle connection closed by the server; Speak reconnects.");
     return;
   }
   // Our cancel crossed the server's `done` on the wire: nothing went wrong.
-  if (msg.code === "unknown_context" && forCurrent && u.stopping) {
+  if (msg.code === "unknown_context" && u?.stopping) {
     finish(u, "cancelled");
     return;
   }
-  if (msg.context_id != null && !forCurrent) return; // stale: a context we already gave up on
+  if (msg.context_id != null && u !== cur) {
+    if (u) finish(u, "error"); // a superseded context failed: nothing to show the person
+    return;
+  }
   showError(msg.code, msg.message);
-  if (forCurrent) finish(u, "error", { keepAudio: true });
+  if (u) finish(u, "error", { keepAudio: true });
 }
 
 function onAudio(buf) {
@@ -378,6 +386,7 @@ function onAudio(buf) {
 
 let current = null; // the utterance being spoken (or the last one)
 let seq = 0;
+const contexts = new Map(); // context_id -> PCM utterance the server may still send events for
 
 function newUtterance(mode) {
   seq++;
@@ -396,6 +405,8 @@ function newUtterance(mode) {
     abort: null,
     objectUrl: null,
   };
+  current.settled = new Promise((resolve) => (current.settle = resolve));
+  if (mode === "pcm") contexts.set(current.id, current);
   Object.assign(demo, {
     mode,
     utterances: seq,
@@ -419,6 +430,14 @@ function newUtterance(mode) {
   return current;
 }
 
+// Barge-in by speaking again: the server frees a cancelled context's slot only once it has
+// dropped the job (it then sends `cancelled`), so starting before that can be refused as busy.
+function othersSettled(u) {
+  const pending = [...contexts.values()].filter((c) => c !== u).map((c) => c.settled);
+  if (!pending.length) return Promise.resolve();
+  return Promise.race([Promise.all(pending), new Promise((r) => setTimeout(r, STOP_TIMEOUT_MS))]);
+}
+
 // Split text into pieces that fit the server's max_message_bytes, cutting at spaces.
 function chunkText(text, maxBytes) {
   const limit = Math.max(64, Math.floor(((maxBytes ?? 65536) - 256) / 4)); // 4: worst-case UTF-8 bytes per char
@@ -440,6 +459,7 @@ async function speakPcm(u, { text, spk, speed, agent }) {
   let info;
   try {
     await audio.ready;
+    await othersSettled(u);
     info = await connect();
   } catch (err) {
     if (u !== current || u.finished) return;
@@ -455,6 +475,7 @@ async function speakPcm(u, { text, spk, speed, agent }) {
   if (rate >= 8000 && rate <= 48000) start.sample_rate = Math.round(rate);
 
   setState("speaking");
+  u.startSent = true;
   if (agent) {
     // Like an LLM streaming tokens: the words (with their trailing spaces) go out one by one,
     // and the server decides on its own when it has enough for a sentence.
@@ -502,6 +523,8 @@ async function speakMp3(u, { text, spk, speed }) {
   }
 
   u.abort = new AbortController();
+  await othersSettled(u);
+  if (u.finished) return;
   let res;
   try {
     res = await fetch("/tts", {
@@ -585,8 +608,9 @@ function stop(u) {
     return;
   }
   audio.node?.port.postMessage({ type: "clear" });
-  // Only a context the server still works on needs a cancel; after `done` it is gone.
-  if (!u.serverDone && send({ type: "cancel", context_id: u.id })) {
+  // Only a context the server works on needs a cancel: not one whose `start` is still unsent
+  // (speakPcm sees `finished` and never sends it), nor one past `done`.
+  if (u.startSent && !u.serverDone && send({ type: "cancel", context_id: u.id })) {
     demo.cancelsSent++;
     u.stopping = true;
     setState("stopping");
@@ -594,7 +618,7 @@ function stop(u) {
     u.timers.push(
       setTimeout(() => {
         if (!u.finished) {
-          showError("socket_closed", "the server did not confirm the cancel");
+          if (u === current) showError("socket_closed", "the server did not confirm the cancel");
           finish(u, "cancelled");
         }
       }, STOP_TIMEOUT_MS),
@@ -608,6 +632,9 @@ function finish(u, reason, { keepAudio = false } = {}) {
   if (u.finished) return;
   u.finished = true;
   u.timers.forEach(clearTimeout);
+  contexts.delete(u.id);
+  u.settle(reason);
+  if (current !== u) return; // superseded: the worklet and the page belong to the new utterance
   if (u.mode === "pcm") {
     if (keepAudio) audio.node?.port.postMessage({ type: "end", id: u.n });
     else if (reason !== "done") audio.node?.port.postMessage({ type: "clear" });
@@ -621,7 +648,7 @@ function finish(u, reason, { keepAudio = false } = {}) {
     ui.player.onended = null;
     if (u.objectUrl) URL.revokeObjectURL(u.objectUrl);
   }
-  if (current === u) {
+  {
     setState("idle");
     const secs = demo.audioMs != null ? ` ${(demo.audioMs / 1000).toFixed(1)} s of audio.` : "";
     setStatus(
@@ -665,11 +692,9 @@ function onSpeak() {
   const mode = selectedMode();
   const rate = demo.speakers.find((s) => s.id === spk)?.sample_rate ?? 22050;
 
-  // Barge-in by speaking again: the old utterance is cancelled, the new one starts at once.
-  if (current && !current.finished) {
-    stop(current);
-    if (!current.finished) finish(current, "stopped");
-  }
+  // Barge-in by speaking again: silence the old utterance now; the new one starts as soon as
+  // the server has confirmed the cancel.
+  if (current && !current.finished) stop(current);
   ensureAudio(rate); // synchronously, inside the click (autoplay rules)
   const u = newUtterance(mode);
   const args = { text, spk, speed, agent: ui.agent.checked };
