@@ -22,7 +22,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium")
 OUT = Path(__file__).resolve().parent / "out"
 
-# ~4 s of speech: played to the end in the PCM test.
+# ~6 s of speech: played to the end in the PCM test.
 SHORT_TEXT = (
     "Streaming speech should start quickly and never stutter. "
     "This second sentence arrives while the first one is already playing."
@@ -60,12 +60,12 @@ def browser() -> Iterator:
 class Page:
     """A fresh tab on the demo, with its console errors collected."""
 
-    def __init__(self, browser, base_url: str) -> None:
+    def __init__(self, browser, base_url: str, path: str = "/") -> None:
         self.page = browser.new_page(viewport={"width": 900, "height": 1000})
         self.errors: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
-        self.page.goto(f"{base_url}/")
+        self.page.goto(f"{base_url}{path}")
         self.page.wait_for_function("window.rtDemo && rtDemo.state !== 'loading'", timeout=10_000)
 
     def demo(self, key: str):
@@ -121,6 +121,8 @@ def test_speak_plays_pcm_through_the_worklet(page: Page) -> None:
     # After `done`, the tail plays out and the page settles by itself, with every sample played.
     page.wait("rtDemo.state === 'idle'", timeout_s=30, what="play-out to finish")
     assert page.demo("samplesPlayed") == page.demo("samplesReceived")
+    assert page.page.text_content("#stat-ttfa-server").startswith("server ")
+    page.shot("web_demo_done.png")
     assert page.demo("lastError") is None
     assert page.errors == []
 
@@ -179,12 +181,17 @@ def test_unknown_speaker_is_shown_to_the_person(page: Page) -> None:
     assert "HTTP 400" in page.page.text_content("#error")
 
 
-def test_mp3_mode_plays_through_the_audio_element(page: Page) -> None:
+@pytest.mark.parametrize("query, transport", [("", "mse"), ("?nomse", "blob")])
+def test_mp3_mode_plays_through_the_audio_element(browser, server, query, transport) -> None:
+    # Chromium streams into MediaSource; `?nomse` forces the whole-file fallback that browsers
+    # without MP3 MediaSource (Firefox, iOS < 17.1) get.
+    page = Page(browser, server.base_url, f"/{query}")
     page.page.check("input[name=mode][value=mp3]")
-    page.page.fill("#text", LONG_TEXT)
+    page.page.fill("#text", SHORT_TEXT)
     page.page.click("#speak")
     page.wait("document.querySelector('#player').currentTime > 0.5", timeout_s=20,
               what="<audio> to play")  # fmt: skip
+    assert page.demo("mp3Transport") == transport
     assert page.demo("mp3Bytes") > 0
     assert page.demo("state") == "speaking"
     page.page.click("#stop")
@@ -192,6 +199,7 @@ def test_mp3_mode_plays_through_the_audio_element(page: Page) -> None:
     assert page.page.evaluate("document.querySelector('#player').paused")
     assert page.demo("lastError") is None
     assert page.errors == []
+    page.page.close()
 
 
 def test_busy_server_and_closed_socket_are_shown(browser, make_server) -> None:

@@ -9,6 +9,8 @@ const PREBUFFER_MS = 60; // worklet collects this much before starting, so the f
 const AGENT_DELAY_MS = [50, 80]; // agent mode: one word every 50-80 ms, roughly an LLM's token rate
 const STOP_TIMEOUT_MS = 3000; // give up waiting for `cancelled` after this (socket stuck or gone)
 const READY_TIMEOUT_MS = 5000;
+// `?nomse` forces the MP3 fallback path, to try (and test) what Firefox and older iOS get.
+const FORCE_MP3_FALLBACK = new URLSearchParams(location.search).has("nomse");
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -23,6 +25,7 @@ const ui = {
   error: $("error"),
   conn: $("conn"),
   ttfa: $("stat-ttfa"),
+  ttfaServer: $("stat-ttfa-server"),
   rtf: $("stat-rtf"),
   buffered: $("stat-buffered"),
   received: $("stat-received"),
@@ -59,6 +62,7 @@ const demo = {
   segments: 0,
   mp3Bytes: 0,
   mp3CurrentTime: 0,
+  mp3Transport: null, // "mse" (streamed into MediaSource) | "blob" (fallback: whole file, then play)
   cancelsSent: 0,
   lastEvent: null,
   lastError: null, // {code, message}
@@ -425,6 +429,7 @@ function newUtterance(mode) {
     segments: 0,
     mp3Bytes: 0,
     mp3CurrentTime: 0,
+    mp3Transport: null,
   });
   ui.segments.replaceChildren();
   return current;
@@ -510,7 +515,8 @@ async function speakMp3(u, { text, spk, speed }) {
   routeMediaElement();
   const player = ui.player;
   const MS = window.ManagedMediaSource || window.MediaSource;
-  const useMse = Boolean(MS && MS.isTypeSupported("audio/mpeg"));
+  const useMse = Boolean(MS && MS.isTypeSupported("audio/mpeg")) && !FORCE_MP3_FALLBACK;
+  demo.mp3Transport = useMse ? "mse" : "blob";
   let mse = null;
   if (useMse) {
     // Attach the MediaSource and call play() now, still inside the click's user activation;
@@ -739,6 +745,7 @@ function render() {
   const u = current;
   const rate = demo.sampleRate;
   ui.ttfa.textContent = demo.ttfaMs == null ? "—" : fmtMs(demo.ttfaMs);
+  ui.ttfaServer.textContent = demo.serverTtfaMs == null ? "" : `server ${fmtMs(demo.serverTtfaMs)}`;
   ui.rtf.textContent = demo.rtf == null ? "—" : demo.rtf.toFixed(3);
   if (u?.mode === "mp3") {
     const p = ui.player;
@@ -747,7 +754,7 @@ function render() {
     ui.received.textContent = `${(demo.mp3Bytes / 1024).toFixed(1)} KiB`;
     ui.played.textContent = `${p.currentTime.toFixed(2)} s`;
   } else {
-    ui.buffered.textContent = u ? fmtMs(demo.bufferedMs) : "—";
+    ui.buffered.textContent = rate ? fmtMs(demo.bufferedMs) : "—";
     ui.received.textContent = u ? fmtSec(demo.samplesReceived, rate) : "—";
     ui.played.textContent = u ? fmtSec(demo.samplesPlayed, rate) : "—";
     // Highlight the sentence under the playback cursor.
