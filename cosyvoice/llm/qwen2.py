@@ -98,7 +98,7 @@ class Attention(nn.Module):
             vals = kv[1, :, : past + ln].unsqueeze(0)
             qi = q[st : st + ln].transpose(0, 1).unsqueeze(0)  # (1, H, ln, hd)
             if ln == 1:
-                o = F.scaled_dot_product_attention(qi, keys, vals, enable_gqa=True)
+                o = _decode_attention(qi, keys, vals)
             elif past == 0:
                 o = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=True)
             else:
@@ -108,6 +108,19 @@ class Attention(nn.Module):
             outs.append(o[0].transpose(0, 1).reshape(ln, -1))
             st += ln
         return self.o_proj(torch.cat(outs, 0) if len(outs) > 1 else outs[0])
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query position against the cache, GQA by grouping query heads per KV head.
+
+    Plain matmul+softmax: for a single query, CPU SDPA on a strided cache view is ~10x slower.
+    q (1, H, 1, hd); k/v (1, n_kv, T, hd) -> (1, H, 1, hd).
+    """
+    _, h, _, hd = q.shape
+    n_kv = k.shape[1]
+    qg = q.view(1, n_kv, h // n_kv, hd)  # consecutive query heads share a KV head
+    scores = (qg @ k.transpose(-1, -2)) * (hd**-0.5)
+    return (scores.float().softmax(-1).to(v.dtype) @ v).view(1, h, 1, hd)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

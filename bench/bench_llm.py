@@ -1,0 +1,97 @@
+"""LLM decode throughput: decode steps/second at batch 1, 4, 16 on the full-size model.
+
+    uv run python bench/make_full_model.py        # once: writes bench/out/CosyVoice2-0.5B
+    uv run python bench/bench_llm.py [--model-dir DIR] [--batches 1 4 16] [--steps 20]
+
+Each batch holds requests of different text lengths (ragged prefill), all prefilled in one
+step; then ``--steps`` timed decode steps after ``--warmup`` untimed ones. Stop tokens are
+disabled (min_len = max_len) so every request decodes every step. Reports steps/s (one new
+token for every request per step), tokens/s and the prefill time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cosyvoice  # noqa: E402
+from cosyvoice.llm.engine import LLMRequest  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_batch(m, batch: int, steps: int, warmup: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(batch):
+        n_text = 20 + 7 * i % 40  # different lengths
+        ids = torch.randint(0, 1000, (n_text,), generator=g).tolist()
+        n = steps + warmup + 1
+        reqs.append(LLMRequest(text_ids=ids, seed=seed + i, min_len=n, max_len=n + 1))
+    t0 = time.perf_counter()
+    m.llm.prefill(reqs)
+    t_prefill = time.perf_counter() - t0
+    for _ in range(warmup):
+        m.llm.decode(reqs)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        m.llm.decode(reqs)
+    dt = time.perf_counter() - t0
+    assert all(not r.done for r in reqs)
+    return {
+        "batch": batch,
+        "steps_per_s": steps / dt,
+        "tokens_per_s": steps * batch / dt,
+        "ms_per_step": 1000 * dt / steps,
+        "prefill_s": t_prefill,
+        "prefill_tokens": sum(len(r.text_ids) + 2 for r in reqs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", type=Path, default=REPO / "bench" / "out" / "CosyVoice2-0.5B")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    m = cosyvoice.load(args.model_dir, dtype=getattr(torch, args.dtype), speaker_dir=None)
+    print(
+        f"load {time.perf_counter() - t0:.1f}s; {cpu_name()}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, dtype {args.dtype}"
+    )
+    print("| batch | decode steps/s | tokens/s | ms/step | prefill (tokens, s) |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in args.batches:
+        r = run_batch(m, b, args.steps, args.warmup, args.seed)
+        print(
+            f"| {b} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.0f} "
+            f"| {r['prefill_tokens']}, {r['prefill_s']:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
