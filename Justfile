@@ -1,0 +1,24 @@
+# The commands people type. `just --list` shows them.
+
+# Start the server on the built-in voice (or: just serve --model pretrained_models/CosyVoice2-0.5B)
+serve *ARGS:
+    uv run --extra voice rtserver serve {{ARGS}}
+
+# The whole test suite (installs Chromium for the browser test if missing)
+test *ARGS:
+    command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+    uv run --extra voice pytest {{ARGS}}
+
+# Benchmarks; results go to docs/benchmarks.md
+bench:
+    uv run --extra voice python bench/http_load.py
+    uv run --extra voice python bench/ws_agents.py
+
+# Format and lint
+lint:
+    uv run ruff format .
+    uv run ruff check . --fix
+
+# Open the browser demo
+demo:
+    uv run --extra voice rtserver serve --host 127.0.0.1 --port 50000

