@@ -32,3 +32,22 @@ def make_server() -> Iterator[Callable[..., ServerProcess]]:
     yield make
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed on first use where we may (root + apt-get), as the
+    quickstart promises a test command that installs what it needs."""
+    import os
+    import shutil
+    import subprocess
+
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("chromium is required for the browser test: apt-get install chromium")
+    return path
