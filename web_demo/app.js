@@ -131,9 +131,11 @@ function setConnection(state, label) {
   ui.conn.textContent = label;
 }
 
-const fmtMs = (ms) => (ms == null ? "—" : ms >= 10000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms)} ms`);
+const fmtMs = (ms) =>
+  ms == null ? "—" : ms >= 10000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms)} ms`;
 const fmtSec = (samples, rate) => (rate ? `${(samples / rate).toFixed(2)} s` : "—");
-const once = (target, type) => new Promise((resolve) => target.addEventListener(type, resolve, { once: true }));
+const once = (target, type) =>
+  new Promise((resolve) => target.addEventListener(type, resolve, { once: true }));
 
 // Litestar error bodies are {"status_code", "detail", "extra"}; fall back to plain text.
 async function httpErrorText(res) {
@@ -207,19 +209,22 @@ function ensureAudio(preferredRate) {
     audio.analyser = ctx.createAnalyser();
     audio.analyser.fftSize = 2048;
     audio.analyser.connect(ctx.destination);
-    audio.ready = ctx.audioWorklet
-      .addModule(new URL("pcm-worklet.js", import.meta.url))
-      .then(() => {
-        const node = new AudioWorkletNode(ctx, "pcm-player", {
-          numberOfInputs: 0,
-          numberOfOutputs: 1,
-          outputChannelCount: [1],
-        });
-        node.port.onmessage = (e) => onWorkletMessage(e.data);
-        node.connect(audio.analyser);
-        audio.node = node;
+    // AudioWorklet exists only in secure contexts: https, or http on localhost/127.0.0.1. A page
+    // opened as http://<lan-ip>/ has none, and should say why instead of failing obscurely.
+    const worklet = ctx.audioWorklet
+      ? ctx.audioWorklet.addModule(new URL("pcm-worklet.js", import.meta.url))
+      : Promise.reject(new Error("AudioWorklet needs https or localhost; MP3 mode still works here"));
+    audio.ready = worklet.then(() => {
+      const node = new AudioWorkletNode(ctx, "pcm-player", {
+        numberOfInputs: 0,
+        numberOfOutputs: 1,
+        outputChannelCount: [1],
       });
-    audio.ready.catch((err) => showError("audio", `Audio worklet failed to load: ${err.message}`));
+      node.port.onmessage = (e) => onWorkletMessage(e.data);
+      node.connect(audio.analyser);
+      audio.node = node;
+    });
+    audio.ready.catch(() => {}); // reported by speakPcm, which is the one that needs it
   }
   if (audio.ctx.state !== "running") audio.ctx.resume().catch(() => {});
   return audio.ready;
@@ -267,7 +272,10 @@ function connect() {
     s.resolve = resolve;
     s.reject = reject;
   });
-  const timer = setTimeout(() => s.reject(new Error("no `ready` from the server")), READY_TIMEOUT_MS);
+  const timer = setTimeout(() => {
+    s.reject(new Error("no `ready` from the server"));
+    ws.close(); // so the next Speak opens a fresh socket instead of reusing this stuck one
+  }, READY_TIMEOUT_MS);
   s.ready.finally(() => clearTimeout(timer)).catch(() => {});
   ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(s, e.data) : onAudio(e.data));
   ws.onclose = (e) => onSocketClose(s, e);
@@ -325,7 +333,12 @@ function onEvent(s, text) {
       u.rate = msg.sample_rate;
       demo.stream = msg.stream;
       demo.sampleRate = msg.sample_rate;
-      audio.node.port.postMessage({ type: "begin", id: u.n, inRate: msg.sample_rate, prebufferMs: PREBUFFER_MS });
+      audio.node.port.postMessage({
+        type: "begin",
+        id: u.n,
+        inRate: msg.sample_rate,
+        prebufferMs: PREBUFFER_MS,
+      });
       break;
     case "segment":
       if (mine) addSegment(msg);
@@ -464,6 +477,13 @@ async function speakPcm(u, { text, spk, speed, agent }) {
   let info;
   try {
     await audio.ready;
+  } catch (err) {
+    if (u !== current || u.finished) return;
+    showError("audio", `cannot play PCM: ${err.message}`);
+    finish(u, "error");
+    return;
+  }
+  try {
     await othersSettled(u);
     info = await connect();
   } catch (err) {
@@ -555,7 +575,9 @@ async function speakMp3(u, { text, spk, speed }) {
   }
   if (u.finished) return;
   setState("speaking");
-  setStatus(useMse ? "Playing MP3 (streamed through MediaSource)…" : "Downloading MP3 (no MediaSource here)…");
+  setStatus(
+    useMse ? "Playing MP3 (streamed through MediaSource)…" : "Downloading MP3 (no MediaSource here)…",
+  );
   player.onended = () => finish(u, "done");
 
   try {

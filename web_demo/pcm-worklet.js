@@ -36,10 +36,12 @@ class PcmPlayer extends AudioWorkletProcessor {
     this.dropped = 0;
     this.fade = 0; // frames left in a Stop fade-out; 0 when not fading
     this.quanta = 0;
+    this.dirty = false; // something changed since the last stats message (idle pages stay quiet)
     this.port.onmessage = (e) => this.onMessage(e.data);
   }
 
   onMessage(msg) {
+    this.dirty = true;
     switch (msg.type) {
       case "begin":
         this.drop();
@@ -165,8 +167,10 @@ class PcmPlayer extends AudioWorkletProcessor {
     for (let c = 1; c < out.length; c++) out[c].set(ch0);
 
     const finished = this.ended && this.count === 0 && !this.fade;
-    if (++this.quanta % STATS_EVERY_QUANTA === 0 || (wasPlaying && !this.playing)) {
+    const due = ++this.quanta % STATS_EVERY_QUANTA === 0 && (this.playing || this.dirty);
+    if (due || (wasPlaying && !this.playing)) {
       this.port.postMessage(this.stats(finished && wasPlaying ? "drained" : "stats"));
+      this.dirty = false;
     }
     // Keep the processor alive for the life of the page: the node is reused by every utterance.
     return true;
