@@ -278,6 +278,7 @@ class LLMConfig:
     # v1 TransformerLM-only sizes (None for v2/v3)
     text_token_size: int | None = None
     spk_embed_dim: int = 192
+    text_encoder_input_size: int | None = None
     v1_text_encoder: dict[str, Any] | None = None
     v1_llm: dict[str, Any] | None = None
 
@@ -306,6 +307,7 @@ def llm_config(family: Family, cfg: dict[str, Any], model_dir: str | Path) -> LL
         qwen=qwen,
         text_token_size=_get(llm, "text_token_size", default=None),
         spk_embed_dim=int(_get(llm, "spk_embed_dim", default=cfg.get("spk_embed_dim", 192))),
+        text_encoder_input_size=_get(llm, "text_encoder_input_size", default=None),
         v1_text_encoder=_get(llm, "text_encoder", default=None),
         v1_llm=_get(llm, "llm", default=None) if family == "v1" else None,
     )

@@ -12,6 +12,7 @@ from .config import Family, LLMConfig, llm_config, load_model_yaml
 from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
+from .llm.transformer_lm import TransformerSpeechLM
 from .speakers import SpeakerStore
 
 
@@ -48,15 +49,18 @@ class CosyVoiceModel:
         the zero-shot prompt of ``speaker`` if it has one."""
         prompt_text: list[int] = []
         prompt_speech: list[int] = []
+        embedding = None
         if speaker is not None:
             spk = self.speakers.get(speaker)
             prompt_text, prompt_speech = spk.prompt_text_ids, spk.prompt_speech_tokens
+            embedding = spk.embedding  # only the v1 LLM reads it
         return LLMRequest(
             text_ids=self.frontend.encode(text),
             prompt_text_ids=prompt_text,
             prompt_speech_tokens=prompt_speech,
             seed=seed,
             greedy=greedy,
+            embedding=embedding,
         )
 
 
@@ -69,13 +73,9 @@ def load(
 ) -> CosyVoiceModel:
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
-    if family == "v1":
-        raise NotImplementedError(
-            "CosyVoice v1 (TransformerLM, whisper tokenizer) is not implemented"
-        )
     device = torch.device(device)
     lcfg = llm_config(family, cfg, model_dir)
-    net = QwenSpeechLM(lcfg)
+    net = TransformerSpeechLM(lcfg) if family == "v1" else QwenSpeechLM(lcfg)
     net.load_checkpoint(model_dir / "llm.pt")
     net = net.to(device=device, dtype=dtype).eval()
     frontend = Frontend(model_dir, family, use_wetext=use_wetext)

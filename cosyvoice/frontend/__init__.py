@@ -2,7 +2,8 @@
 
 :class:`Frontend` bundles the text normaliser/splitter (:mod:`.text`), the family's tokenizer
 (:mod:`.tokenizer`), the incremental splitter (:mod:`.incremental`) and the prompt-audio DSP
-(:mod:`.audio`). v1's whisper tokenizer and v3's pinyin special tokens are not supported yet.
+(:mod:`.audio`). Not supported yet: v3's 176 pinyin special tokens (ids 151748..151923;
+their exact list is not in our facts), so v3 texts must not contain them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from .audio import AudioError, decode_audio
 from .incremental import IncrementalSplitter
 from .text import TextNormalizer
-from .tokenizer import QwenTokenizer
+from .tokenizer import QwenTokenizer, WhisperTokenizer
 
 __all__ = ["AudioError", "Frontend", "IncrementalSplitter", "decode_audio"]
 
@@ -21,10 +22,12 @@ class Frontend:
     """``normalize``/``split`` text, ``encode`` it to token ids, split incrementally."""
 
     def __init__(self, model_dir: str | Path, family: str, use_wetext: bool = True) -> None:
-        if family not in ("v2", "v3"):
-            raise NotImplementedError(f"text frontend for family {family} is not implemented")
         self.family = family
-        self.tokenizer = QwenTokenizer(Path(model_dir) / "CosyVoice-BlankEN", family)
+        self.tokenizer: QwenTokenizer | WhisperTokenizer
+        if family == "v1":
+            self.tokenizer = WhisperTokenizer()
+        else:
+            self.tokenizer = QwenTokenizer(Path(model_dir) / "CosyVoice-BlankEN", family)
         self.normalizer = TextNormalizer(lambda s: len(self.tokenizer.encode(s)), use_wetext)
 
     def encode(self, text: str) -> list[int]:

@@ -111,3 +111,31 @@ def _pinyin_tokens() -> list[str]:
     # The exact 176-entry list of v3 is not reproduced in our facts; v3 tokenization is not
     # supported yet (see cosyvoice.frontend docstring).
     return []
+
+
+class WhisperTokenizer:
+    """v1 text tokenizer: openai-whisper's multilingual tiktoken encoding (51866 ids), called
+    exactly as the v1 yaml does; special tokens such as ``<|en|>`` are matched atomically."""
+
+    def __init__(self) -> None:
+        # imported lazily: whisper pulls numba/torch, only v1 needs it
+        from whisper.tokenizer import get_tokenizer
+
+        tok = get_tokenizer(multilingual=True, num_languages=100, language="en", task="transcribe")
+        self._enc = tok.encoding
+        self.family = "v1"
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode([i for i in ids if i < self._enc.eot_token])
+
+    def token_to_id(self, token: str) -> int | None:
+        try:
+            return self._enc.encode_single_token(token)
+        except KeyError:
+            return None
+
+    def __len__(self) -> int:
+        return self._enc.n_vocab

@@ -20,6 +20,7 @@ from ..config import SamplingConfig
 from .lm import QwenSpeechLM
 from .qwen2 import KVCache
 from .sampling import sample_next
+from .transformer_lm import TransformerSpeechLM
 
 MIN_TOKEN_TEXT_RATIO = 2
 MAX_TOKEN_TEXT_RATIO = 20
@@ -40,6 +41,7 @@ class LLMRequest:
     prompt_speech_tokens: Sequence[int] = ()
     seed: int = 0
     greedy: bool = False
+    embedding: torch.Tensor | None = None  # speaker x-vector (1, 192); used by the v1 LLM only
     min_len: int = -1
     max_len: int = -1
     # runtime state
@@ -76,9 +78,10 @@ class LLMRequest:
 
 
 class LLMEngine:
-    """Wraps a loaded :class:`QwenSpeechLM`; ``model.llm`` of :func:`cosyvoice.load`."""
+    """Wraps a loaded speech LM (v2/v3 :class:`QwenSpeechLM`, v1 :class:`TransformerSpeechLM`);
+    ``model.llm`` of :func:`cosyvoice.load`."""
 
-    def __init__(self, net: QwenSpeechLM, sampling: SamplingConfig) -> None:
+    def __init__(self, net: QwenSpeechLM | TransformerSpeechLM, sampling: SamplingConfig) -> None:
         self.net = net
         self.sampling = sampling
         # the scheduler calls from one thread; the lock only guards against accidental sharing
@@ -118,8 +121,8 @@ class LLMEngine:
             if not r.prefilled:
                 text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
                 speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
-                e = net.prefix_embeds(text, speech)
-                r.cache = net.qwen.new_cache(dtype, dev)
+                e = net.prefix_embeds(text, speech, r.embedding)
+                r.cache = net.new_cache(dtype, dev)
             else:
                 last = torch.tensor([r.out_tokens[-1]], dtype=torch.long, device=dev)
                 e = net.speech_embedding(last)

@@ -73,8 +73,19 @@ class QwenSpeechLM(nn.Module):
         s = self.speech_token_size + 2
         return self.speech_embedding.weight[s : s + 1]
 
-    def prefix_embeds(self, text_ids: torch.Tensor, prompt_speech: torch.Tensor) -> torch.Tensor:
-        """sos ++ E_t(prompt_text ++ text) ++ task ++ E_s(prompt speech): (L, d)."""
+    def new_cache(self, dtype=None, device=None) -> KVCache:
+        return self.qwen.new_cache(dtype, device)
+
+    def prefix_embeds(
+        self,
+        text_ids: torch.Tensor,
+        prompt_speech: torch.Tensor,
+        embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sos ++ E_t(prompt_text ++ text) ++ task ++ E_s(prompt speech): (L, d).
+
+        ``embedding`` (speaker x-vector) is accepted for API symmetry with v1 and ignored, as
+        upstream's v2/v3 LLM ignores it."""
         return torch.cat(
             [
                 self.sos_embed(),

@@ -11,18 +11,16 @@ from conftest import assert_close, family_of
 from cosyvoice.config import llm_config, load_model_yaml
 from cosyvoice.llm.engine import LLMEngine, LLMRequest
 from cosyvoice.llm.lm import QwenSpeechLM
+from cosyvoice.llm.transformer_lm import TransformerSpeechLM
 
 ATOL = 1e-4
-V1 = dict(reason="v1 TransformerLM + whisper tokenizer not implemented")
 
 
 def _engine(family_dir):
     model_dir = family_dir / "model"
     fam, cfg = load_model_yaml(model_dir)
-    if fam == "v1":
-        raise NotImplementedError("v1 LLM")
     lc = llm_config(fam, cfg, model_dir)
-    net = QwenSpeechLM(lc)
+    net = TransformerSpeechLM(lc) if fam == "v1" else QwenSpeechLM(lc)
     net.load_checkpoint(model_dir / "llm.pt")
     return LLMEngine(net.eval(), lc.sampling)
 
@@ -34,31 +32,37 @@ def _npz(family_dir):
     return np.load(p)
 
 
-@pytest.mark.unsupported_families("v1", **V1)
 def test_teacher_forced_logits(family_dir):
     z = _npz(family_dir)
     eng = _engine(family_dir)
     net = eng.net
     text = torch.from_numpy(z["text_token"][0]).long()
     speech = torch.from_numpy(z["tf_speech_token"][0]).long()
+    emb = torch.from_numpy(z["speaker_embedding"])  # only v1 uses it
     with torch.inference_mode():
-        x = torch.cat([net.prefix_embeds(text, speech[:0]), net.speech_embedding(speech)])
+        if "text_encoder_out" in z:  # v1: causal conformer text encoder
+            assert_close(net.encode_text(text), z["text_encoder_out"][0], ATOL, what="text_encoder")
+        x = torch.cat([net.prefix_embeds(text, speech[:0], emb), net.speech_embedding(speech)])
         assert_close(x, z["tf_lm_input"][0], ATOL, what="lm_input")
-        cache = net.qwen.new_cache()
-        hidden = net.qwen(x, [cache], [x.shape[0]])
+        cache = net.new_cache(torch.float32, "cpu")
+        if isinstance(net, QwenSpeechLM):
+            hidden = net.qwen(x, [cache], [x.shape[0]])
+        else:
+            hidden = net.llm(x, [cache], [x.shape[0]])
         assert_close(hidden, z["tf_last_hidden"][0], ATOL, what="last_hidden")
         logits = net.llm_decoder(hidden)
     assert_close(logits, z["tf_logits"][0], ATOL, what="tf_logits")
-    assert_close(logits.log_softmax(-1), z["tf_logp"][0], ATOL, what="tf_logp")
+    if "tf_logp" in z:
+        assert_close(logits.log_softmax(-1), z["tf_logp"][0], ATOL, what="tf_logp")
 
 
-@pytest.mark.unsupported_families("v1", **V1)
 @pytest.mark.parametrize("variant", ["plain", "zero_shot"])
 def test_greedy_decode(family_dir, variant):
     z = _npz(family_dir)
     eng = _engine(family_dir)
     if variant == "plain":
-        req = LLMRequest(text_ids=z["text_token"][0].tolist(), greedy=True)
+        emb = torch.from_numpy(z["speaker_embedding"])
+        req = LLMRequest(text_ids=z["text_token"][0].tolist(), greedy=True, embedding=emb)
         exp_tokens, exp_logits = z["greedy_tokens"][0], z["greedy_step_logits"]
     else:
         if "zs_text_token" not in z:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from cosyvoice.frontend.text import TextNormalizer
-from cosyvoice.frontend.tokenizer import QwenTokenizer
+from cosyvoice.frontend.tokenizer import QwenTokenizer, WhisperTokenizer
 
-# tokenizer key -> golden model dir providing it (None: not implemented)
-TOKENIZERS = {"qwen_tiny": "cosyvoice2"}
+# tokenizer key -> golden model dir providing it ("" = needs no model dir)
+TOKENIZERS = {"qwen_tiny": "cosyvoice2", "whisper_v1": ""}
 
 
 def _cases(golden: Path):
@@ -33,7 +33,7 @@ def _cases(golden: Path):
                     pytest.mark.xfail(
                         strict=True,
                         raises=NotImplementedError,
-                        reason=f"{tok} tokenizer (v1 whisper) not implemented",
+                        reason=f"unknown tokenizer {tok}",
                     )
                 ]
             out.append(pytest.param((str(golden), i, norm, tok), id=f"{i}-{key}", marks=marks))
@@ -56,9 +56,11 @@ def _load(golden: str):
 
 
 @functools.cache
-def _tokenizer(golden: str, tok: str) -> QwenTokenizer:
+def _tokenizer(golden: str, tok: str) -> QwenTokenizer | WhisperTokenizer:
     if tok not in TOKENIZERS:
         raise NotImplementedError(tok)
+    if tok == "whisper_v1":
+        return WhisperTokenizer()
     return QwenTokenizer(Path(golden) / TOKENIZERS[tok] / "model" / "CosyVoice-BlankEN", "v2")
 
 
