@@ -18,7 +18,9 @@ Format = Literal["pcm", "mp3"]
 Speed = Annotated[float, msgspec.Meta(gt=0, le=4.0, description="Speaking rate, 1.0 = normal.")]
 Seed = Annotated[
     int,
-    msgspec.Meta(ge=0, le=2**63 - 1, description="Sampling seed; 0 draws a random one per request."),
+    msgspec.Meta(
+        ge=0, le=2**63 - 1, description="Sampling seed; 0 draws a random one per request."
+    ),
 ]
 Text = Annotated[str, msgspec.Meta(min_length=1, description="Text to speak.")]
 ContextId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]

@@ -1,15 +1,82 @@
-"""`rtserver say`: placeholder until the client lands."""
+"""`rtserver say "text" --spk joe -o out.mp3`: speak through a running server (HTTP or --ws)."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from rtserver.settings import Settings
+import httpx
+
+from rtserver.client import ServerError, TTSClient
+from rtserver.settings import DEFAULT_PORT, Settings
 
 
 def add_say_args(p: argparse.ArgumentParser, env: Settings) -> None:
-    p.add_argument("text")
+    p.add_argument("text", help="what to say ('-' reads stdin)")
+    p.add_argument("--spk", default="joe", help="speaker id (see GET /speakers)")
+    p.add_argument("-o", "--output", type=Path, help="write here (.mp3 or .pcm); default: say.mp3")
+    p.add_argument("--url", default=f"http://{env.host}:{env.port or DEFAULT_PORT}")
+    p.add_argument("--format", choices=["mp3", "pcm"], help="default: from the output suffix")
+    p.add_argument("--ws", action="store_true", help="use /ws/tts, sending the text word by word")
+    p.add_argument("--play", action="store_true", help="play with ffplay/mpv when one exists")
+    p.add_argument("--speed", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="finest chunks (HTTP)")
 
 
 async def say(args: argparse.Namespace) -> int:
-    raise SystemExit("not implemented yet")
+    text = sys.stdin.read() if args.text == "-" else args.text
+    out: Path = args.output or Path("say.mp3")
+    fmt = args.format or ("pcm" if out.suffix == ".pcm" else "mp3")
+    t0 = time.monotonic()
+    first: float | None = None
+    audio = b""
+    async with TTSClient(args.url) as client:
+        try:
+            if args.ws:
+                async with client.connect() as conn:
+                    ctx = await conn.start(
+                        spk_id=args.spk, format=fmt, speed=args.speed, seed=args.seed
+                    )
+                    for word in text.split(" "):
+                        await ctx.send(word + " ")
+                    await ctx.close()
+                    async for item in ctx.events():
+                        if isinstance(item, bytes):
+                            first = first or time.monotonic()
+                            audio += item
+                    rate = ctx.sample_rate
+            else:
+                rate = 0
+                async for piece in client.tts(
+                    text, args.spk, fmt, args.stream, args.speed, args.seed
+                ):
+                    first = first or time.monotonic()
+                    audio += piece
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except httpx.HTTPStatusError as exc:
+            print(f"error: {exc.response.status_code} {exc.response.text}", file=sys.stderr)
+            return 1
+    out.write_bytes(audio)
+    ttfa = (first - t0) * 1000 if first else float("nan")
+    print(f"wrote {out} ({len(audio)} bytes, {fmt}{f', {rate} Hz' if rate else ''}); "
+          f"first audio after {ttfa:.0f} ms", file=sys.stderr)  # fmt: skip
+    if args.play:
+        player = shutil.which("ffplay") or shutil.which("mpv")
+        if not player:
+            print("no player found (ffplay or mpv)", file=sys.stderr)
+            return 0
+        if fmt == "pcm":
+            print("--play supports mp3 output", file=sys.stderr)
+            return 0
+        cmd = (
+            [player, "-nodisp", "-autoexit", str(out)] if "ffplay" in player else [player, str(out)]
+        )
+        subprocess.run(cmd, check=False)
+    return 0

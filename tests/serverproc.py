@@ -21,7 +21,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, log_path: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, log_path: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"

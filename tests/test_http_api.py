@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -122,7 +121,10 @@ def test_unknown_speaker_is_400_listing_valid_ones(server):
     body = error(post(server, "/tts", tts_text="Hello.", spk_id="nobody"), 400)
     assert "nobody" in body["detail"] and "joe" in body["detail"]
     assert body["extra"]["valid_speakers"] == ["joe"]
-    error(httpx.get(f"{server.base_url}/inference_sft", params={"tts_text": "Hi.", "spk_id": "x"}), 400)
+    error(
+        httpx.get(f"{server.base_url}/inference_sft", params={"tts_text": "Hi.", "spk_id": "x"}),
+        400,
+    )
 
 
 @pytest.mark.parametrize(

@@ -99,7 +99,9 @@ class PiperEngine:
                     work.append((job, *item))
             if len(work) == taken:
                 break
-        futures = [self._pool.submit(self._synthesize, j.speaker.id, t, j.speed) for j, _, t in work]
+        futures = [
+            self._pool.submit(self._synthesize, j.speaker.id, t, j.speed) for j, _, t in work
+        ]
         out: list[tuple[Job, Event]] = []
         failed: set[Job] = set()
         for (job, index, _), future in zip(work, futures, strict=True):

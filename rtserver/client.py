@@ -1,0 +1,218 @@
+"""An async Python client for rtserver: /ws/tts contexts and the HTTP routes.
+
+async with TTSClient("http://127.0.0.1:50000") as client:
+    async with client.connect() as ws:
+        ctx = await ws.start(spk_id="joe", format="pcm")
+        for word in "Hello there, how are you?".split():
+            await ctx.send(word + " ")
+        await ctx.close()
+        result = await ctx.collect()      # audio bytes, segment events, the done event
+
+    async for piece in client.tts("Hello.", "joe", fmt="mp3"):
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import msgspec
+import websockets
+
+from rtserver.protocol import (
+    AppendText,
+    Cancel,
+    Cancelled,
+    Close,
+    Done,
+    Error,
+    Flush,
+    Ping,
+    Ready,
+    Segment,
+    ServerMessage,
+    Start,
+    Started,
+)
+
+_decode = msgspec.json.Decoder(ServerMessage).decode
+_encode = msgspec.json.Encoder().encode
+_ids = itertools.count(1)
+
+
+class ServerError(Exception):
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+
+@dataclass
+class Result:
+    audio: bytes = b""
+    segments: list[Segment] = field(default_factory=list)
+    events: list[msgspec.Struct] = field(default_factory=list)
+    done: Done | None = None
+    cancelled: bool = False
+
+
+class Context:
+    """One context of a socket: send text, read its audio and events in order."""
+
+    def __init__(self, conn: Connection, context_id: str) -> None:
+        self.conn = conn
+        self.id = context_id
+        self.started: Started | None = None
+        self.queue: asyncio.Queue[bytes | msgspec.Struct] = asyncio.Queue()
+
+    @property
+    def sample_rate(self) -> int:
+        assert self.started is not None
+        return self.started.sample_rate
+
+    async def send(self, text: str, flush: bool = False) -> None:
+        await self.conn.send(AppendText(context_id=self.id, text=text, flush=flush))
+
+    async def flush(self) -> None:
+        await self.conn.send(Flush(context_id=self.id))
+
+    async def close(self) -> None:
+        await self.conn.send(Close(context_id=self.id))
+
+    async def cancel(self) -> None:
+        await self.conn.send(Cancel(context_id=self.id))
+
+    async def events(self) -> AsyncIterator[bytes | msgspec.Struct]:
+        """Audio (bytes) and events of this context until done, cancelled or an error."""
+        while True:
+            item = await self.queue.get()
+            yield item
+            if isinstance(item, Done | Cancelled | Error):
+                return
+
+    async def collect(self) -> Result:
+        result = Result()
+        async for item in self.events():
+            if isinstance(item, bytes):
+                result.audio += item
+                continue
+            result.events.append(item)
+            if isinstance(item, Segment):
+                result.segments.append(item)
+            elif isinstance(item, Done):
+                result.done = item
+            elif isinstance(item, Cancelled):
+                result.cancelled = True
+            elif isinstance(item, Error):
+                raise ServerError(item)
+        return result
+
+
+class Connection:
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.ready: Ready | None = None
+        self.contexts: dict[str, Context] = {}
+        self.streams: dict[int, Context] = {}
+        self.errors: asyncio.Queue[Error] = asyncio.Queue()  # errors without a context
+        self._reader: asyncio.Task | None = None
+
+    async def _open(self) -> None:
+        first = _decode(await self.ws.recv())
+        assert isinstance(first, Ready), first
+        self.ready = first
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for frame in self.ws:
+            if isinstance(frame, bytes):
+                (stream,) = struct.unpack_from("<I", frame)
+                ctx = self.streams.get(stream)
+                if ctx:
+                    ctx.queue.put_nowait(frame[4:])
+                continue
+            msg = _decode(frame)
+            ctx = self.contexts.get(getattr(msg, "context_id", None) or "")
+            if isinstance(msg, Started) and ctx:
+                ctx.started = msg
+                self.streams[msg.stream] = ctx
+            if ctx:
+                ctx.queue.put_nowait(msg)
+            elif isinstance(msg, Error):
+                self.errors.put_nowait(msg)
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        await self.ws.send(_encode(msg).decode())
+
+    async def start(
+        self,
+        spk_id: str,
+        format: str = "pcm",
+        context_id: str | None = None,
+        sample_rate: int | None = None,
+        speed: float = 1.0,
+        seed: int = 0,
+        text: str = "",
+    ) -> Context:
+        """Open a context; raises ServerError if the server refuses it."""
+        cid = context_id or f"ctx-{next(_ids)}"
+        ctx = Context(self, cid)
+        self.contexts[cid] = ctx
+        await self.send(Start(context_id=cid, spk_id=spk_id, format=format,
+                              sample_rate=sample_rate, speed=speed, seed=seed, text=text))  # fmt: skip
+        first = await ctx.queue.get()
+        if isinstance(first, Error):
+            del self.contexts[cid]
+            raise ServerError(first)
+        return ctx
+
+    async def ping(self) -> None:
+        await self.send(Ping())
+
+
+class TTSClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:50000", timeout: float = 120) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+
+    async def __aenter__(self) -> TTSClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    @asynccontextmanager
+    async def connect(self, **kwargs: object) -> AsyncIterator[Connection]:
+        url = "ws" + self.base_url.removeprefix("http") + "/ws/tts"
+        async with websockets.connect(url, compression=None, max_size=None, **kwargs) as ws:
+            conn = Connection(ws)
+            await conn._open()
+            try:
+                yield conn
+            finally:
+                if conn._reader:
+                    conn._reader.cancel()
+
+    async def speakers(self) -> list[dict]:
+        r = await self.http.get("/speakers")
+        r.raise_for_status()
+        return r.json()
+
+    async def tts(
+        self, text: str, spk_id: str, fmt: str = "mp3", stream: bool = False,
+        speed: float = 1.0, seed: int = 0,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        """Stream `POST /tts` (mp3) or `POST /tts/pcm` (pcm). Raises httpx.HTTPStatusError."""
+        path = "/tts" if fmt == "mp3" else "/tts/pcm"
+        body = {"tts_text": text, "spk_id": spk_id, "stream": stream, "speed": speed, "seed": seed}
+        async with self.http.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                r.raise_for_status()
+            async for piece in r.aiter_raw():
+                yield piece

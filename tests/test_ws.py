@@ -1,0 +1,309 @@
+"""/ws/tts against a real server with real `websockets` clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+
+import pytest
+import websockets
+from audio_check import assert_speech, decode_mp3, decode_pcm
+
+from rtserver.client import ServerError, TTSClient
+
+TEXT = (
+    "Voice agents stream their replies a few words at a time. The server buffers the words, "
+    "cuts them into sentences, and speaks each sentence as soon as it is complete. When the "
+    "user interrupts, the agent cancels, and the audio stops at once."
+)
+LONG = " ".join([TEXT] * 6)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+async def speak(base_url: str, text: str, word_by_word: bool, fmt: str = "pcm"):
+    async with TTSClient(base_url) as client, client.connect() as conn:
+        ctx = await conn.start(spk_id="joe", format=fmt)
+        if word_by_word:
+            for word in text.split(" "):
+                await ctx.send(word + " ")
+        else:
+            await ctx.send(text)
+        await ctx.close()
+        return await ctx.collect(), ctx.sample_rate
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_word_by_word_matches_one_piece(server):
+    pieces, rate = run(speak(server.base_url, TEXT, word_by_word=True))
+    whole, _ = run(speak(server.base_url, TEXT, word_by_word=False))
+    a, b = decode_pcm(pieces.audio), decode_pcm(whole.audio)
+    assert_speech(a, rate, min_seconds=8.0)
+    assert abs(len(a) - len(b)) / len(b) < 0.15, (len(a), len(b))
+    # Segment events cover all the text, in order, and tile the audio.
+    assert words(" ".join(s.text for s in pieces.segments)) == words(TEXT)
+    assert len(pieces.segments) >= 3
+    assert pieces.segments[0].start_ms == 0
+    for prev, nxt in zip(pieces.segments, pieces.segments[1:], strict=False):
+        assert nxt.start_ms == pytest.approx(prev.end_ms, abs=0.2)
+    assert pieces.segments[-1].end_ms == pytest.approx(len(a) * 1000 / rate, abs=1)
+    done = pieces.done
+    assert done and done.segments == len(pieces.segments)
+    assert done.audio_ms == pytest.approx(len(a) * 1000 / rate, abs=1)
+    assert done.ttfa_ms is not None and done.ttfa_ms > 0 and 0 < done.rtf < 1
+
+
+def test_mp3_context_and_resampling(server):
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            mp3 = await conn.start(spk_id="joe", format="mp3", text=TEXT)
+            pcm = await conn.start(spk_id="joe", format="pcm", sample_rate=16000, text=TEXT)
+            await mp3.close()
+            await pcm.close()
+            return await mp3.collect(), await pcm.collect(), pcm.sample_rate
+
+    mp3, pcm, rate = run(go())
+    assert rate == 16000
+    audio, mp3_rate = decode_mp3(mp3.audio)
+    assert mp3_rate == 22050
+    assert_speech(audio, mp3_rate, min_seconds=8.0)
+    assert_speech(decode_pcm(pcm.audio), 16000, min_seconds=8.0)
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_interleaved_contexts_each_get_their_audio(server, n):
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctxs = [await conn.start(spk_id="joe", context_id=f"c{i}") for i in range(n)]
+            streams = {ctx.started.stream for ctx in ctxs}
+            assert len(streams) == n
+            # Interleave word by word across contexts, with a different text per context.
+            texts = [f"This is context number {i}. " + TEXT for i in range(n)]
+            split = [t.split(" ") for t in texts]
+            for k in range(max(map(len, split))):
+                for ctx, ws in zip(ctxs, split, strict=True):
+                    if k < len(ws):
+                        await ctx.send(ws[k] + " ")
+            for ctx in ctxs:
+                await ctx.close()
+            return await asyncio.gather(*(c.collect() for c in ctxs)), texts
+
+    results, texts = run(go())
+    for result, text in zip(results, texts, strict=True):
+        assert result.done is not None
+        assert_speech(decode_pcm(result.audio), 22050, min_seconds=8.0)
+        assert words(" ".join(s.text for s in result.segments)) == words(text)
+
+
+def test_cancel_mid_utterance(server):
+    async def go():
+        async with websockets.connect(f"{server.ws_url}/ws/tts", compression=None) as ws:
+            json.loads(await ws.recv())  # ready
+            await ws.send(
+                json.dumps({"type": "start", "context_id": "a", "spk_id": "joe", "text": LONG})
+            )
+            await ws.send(json.dumps({"type": "close", "context_id": "a"}))
+            started = json.loads(await ws.recv())
+            stream = started["stream"]
+            while not isinstance(frame := await ws.recv(), bytes):
+                pass
+            assert struct.unpack_from("<I", frame)[0] == stream
+            assert server.healthz()["active"] == 1
+            await ws.send(json.dumps({"type": "cancel", "context_id": "a"}))
+            t0 = time.monotonic()
+            while True:
+                frame = await ws.recv()
+                if isinstance(frame, str) and json.loads(frame)["type"] == "cancelled":
+                    break
+            ack_s = time.monotonic() - t0
+            health = server.healthz()
+            # Nothing of context a after the ack, while a new context on the socket works.
+            await ws.send(json.dumps({"type": "start", "context_id": "b", "spk_id": "joe",
+                                      "text": "A fresh start after the interruption."}))  # fmt: skip
+            await ws.send(json.dumps({"type": "close", "context_id": "b"}))
+            audio_b = b""
+            while True:
+                frame = await ws.recv()
+                if isinstance(frame, bytes):
+                    assert struct.unpack_from("<I", frame)[0] != stream, "audio after cancelled"
+                    audio_b += frame[4:]
+                elif json.loads(frame)["type"] == "done":
+                    break
+            return ack_s, health, audio_b
+
+    before = server.wait_idle()
+    ack_s, health, audio_b = run(go())
+    assert health["active"] == 0, health
+    assert health["cancelled"] == before["cancelled"] + 1
+    assert ack_s < 5
+    assert_speech(decode_pcm(audio_b), 22050, min_seconds=1.0)
+
+
+def test_flush_is_acknowledged_after_its_audio(server):
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe")
+            await ctx.send("Half a sentence without an end", flush=True)
+            seen: list[str] = []
+            async for item in ctx.events():
+                if isinstance(item, bytes):
+                    seen.append("audio")
+                else:
+                    seen.append(type(item).__name__)
+                    if seen[-1] == "Flushed":
+                        break
+            await ctx.cancel()
+            return seen
+
+    seen = run(go())
+    assert seen.index("audio") < seen.index("Segment") < seen.index("Flushed")
+
+
+def test_idle_text_is_flushed_automatically(server):
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe")
+            await ctx.send("No punctuation and no flush")
+            async for item in ctx.events():
+                if not isinstance(item, bytes) and type(item).__name__ == "Segment":
+                    await ctx.cancel()
+                    return item.text
+
+    assert run(go()) == "No punctuation and no flush"
+
+
+# ---- malformed input ----------------------------------------------------------------------
+
+
+async def expect_error(ws, code: str) -> dict:
+    while True:
+        msg = await ws.recv()
+        if isinstance(msg, str) and (event := json.loads(msg))["type"] == "error":
+            assert event["code"] == code, event
+            assert event["message"]
+            return event
+
+
+async def still_open(ws) -> None:
+    await ws.send(json.dumps({"type": "ping"}))
+    while json.loads(await ws.recv())["type"] != "pong":
+        pass
+
+
+def test_malformed_input_gets_error_events_and_socket_survives(server):
+    async def go():
+        async with websockets.connect(f"{server.ws_url}/ws/tts", compression=None) as ws:
+            ready = json.loads(await ws.recv())
+            assert ready["type"] == "ready" and "joe" in ready["speakers"]
+            cases = [
+                ("{oops", "invalid_json"),
+                (json.dumps({"type": "bogus"}), "invalid_message"),
+                (json.dumps({"type": "start", "spk_id": "joe"}), "invalid_message"),
+                (json.dumps({"type": "start", "context_id": "x", "spk_id": "joe", "speed": 0}), "invalid_message"),
+                (json.dumps({"type": "text", "context_id": "nope", "text": "hi"}), "unknown_context"),
+                (json.dumps({"type": "start", "context_id": "x", "spk_id": "nobody"}), "unknown_speaker"),
+                (json.dumps({"type": "text", "context_id": "x", "text": "a" * (ready["max_message_bytes"] + 10)}), "message_too_large"),
+            ]  # fmt: skip
+            for frame, code in cases:
+                await ws.send(frame)
+                event = await expect_error(ws, code)
+                await still_open(ws)
+            assert event["context_id"] is None or isinstance(event["context_id"], str)
+            await ws.send(b"\x00\x01binary")
+            await expect_error(ws, "binary_not_accepted")
+            await still_open(ws)
+            # Too many contexts: the limit from `ready`, then one more.
+            for i in range(ready["max_contexts"]):
+                await ws.send(json.dumps({"type": "start", "context_id": f"k{i}", "spk_id": "joe"}))
+            await ws.send(json.dumps({"type": "start", "context_id": "extra", "spk_id": "joe"}))
+            event = await expect_error(ws, "too_many_contexts")
+            assert event["context_id"] == "extra"
+            await ws.send(json.dumps({"type": "start", "context_id": "k0", "spk_id": "joe"}))
+            await expect_error(ws, "duplicate_context")
+            await still_open(ws)
+
+    run(go())
+    assert server.wait_idle()["active"] == 0  # the socket closed: its contexts were dropped
+
+
+def test_client_error_helpers_raise(server):
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            with pytest.raises(ServerError, match="unknown_speaker"):
+                await conn.start(spk_id="nobody")
+
+    run(go())
+
+
+def test_idle_socket_is_closed(make_server):
+    srv = make_server("--ws-idle-timeout-s", "1", "--no-warmup")
+
+    async def go():
+        async with websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as ws:
+            await ws.recv()
+            await expect_error(ws, "idle_timeout")
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+
+    run(go())
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def wait_stalled(srv, quiet_s: float = 1.5, timeout: float = 30) -> dict:
+    """Wait until the scheduler stops stepping (nothing left it may work on)."""
+    deadline = time.monotonic() + timeout
+    last = srv.healthz()
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = srv.healthz()
+        if now["steps"] != last["steps"]:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError("the scheduler kept stepping for a client that does not read")
+
+
+def test_slow_reader_is_bounded_and_does_not_stall_others(make_server):
+    srv = make_server("--max-text-chars", "200000")
+    huge = " ".join([TEXT] * 60)  # ~15 minutes of speech: ~40 MB of PCM if it were all produced
+
+    async def go():
+        # max_queue=1: the client library stops reading from TCP once one frame waits.
+        async with websockets.connect(
+            f"{srv.ws_url}/ws/tts", compression=None, max_queue=1
+        ) as lazy:
+            await lazy.send(
+                json.dumps({"type": "start", "context_id": "lazy", "spk_id": "joe", "text": huge})
+            )
+            await lazy.send(json.dumps({"type": "close", "context_id": "lazy"}))
+            # The lazy context produces until the socket and its backlog are full, then stops.
+            stalled = await asyncio.to_thread(wait_stalled, srv)
+            assert stalled["active"] == 1
+            base = rss_mb(srv.proc.pid)
+            result, rate = await speak(srv.base_url, TEXT, word_by_word=False)
+            after_other = await asyncio.to_thread(wait_stalled, srv)
+            grown = rss_mb(srv.proc.pid) - base
+            return result, rate, stalled, after_other, grown
+
+    result, rate, stalled, after_other, grown = run(go())
+    # The other client got its whole stream while the lazy one stayed parked.
+    assert_speech(decode_pcm(result.audio), rate, min_seconds=8.0)
+    assert result.done is not None
+    assert after_other["active"] == 1 and after_other["completed"] == stalled["completed"] + 1
+    assert grown < 50, f"server RSS grew {grown:.1f} MB while a client did not read"
+    assert srv.wait_idle(timeout=15)["active"] == 0  # the lazy socket closed: its job was dropped
