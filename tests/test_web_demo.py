@@ -148,7 +148,7 @@ def test_stop_barges_in_and_the_server_cancels(page: Page, server) -> None:
     time.sleep(0.4)
     assert page.demo("samplesPlayed") == played
     assert page.demo("bufferedMs") == 0
-    assert page.demo("samplesPlayed") < page.demo("samplesReceived") or page.demo("rtf") is None
+    assert page.demo("rtf") is None  # a cancelled context never gets `done`
 
     health = server.wait_idle()
     assert health["cancelled"] > before

@@ -134,6 +134,7 @@ function setConnection(state, label) {
 const fmtMs = (ms) =>
   ms == null ? "—" : ms >= 10000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms)} ms`;
 const fmtSec = (samples, rate) => (rate ? `${(samples / rate).toFixed(2)} s` : "—");
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 const once = (target, type) =>
   new Promise((resolve) => target.addEventListener(type, resolve, { once: true }));
 
@@ -176,7 +177,7 @@ async function loadSpeakers() {
     );
     ui.speaker.disabled = list.length === 0;
     demo.speakersLoaded = list.length > 0;
-    ui.footer.textContent = `${list.length} speaker${list.length === 1 ? "" : "s"} available`;
+    ui.footer.textContent = `${plural(list.length, "speaker")} available`;
     setState("idle");
     setStatus(list.length ? "Ready." : "The server has no speakers.");
   } catch (err) {
@@ -324,7 +325,7 @@ function onEvent(s, text) {
     case "ready":
       s.info = msg;
       setConnection("open", "connected");
-      ui.footer.textContent = `${msg.server ?? "server"} ${msg.version ?? ""} · ${msg.engine ?? "engine"} · ${msg.sample_rate} Hz · ${msg.speakers?.length ?? 0} speakers`;
+      ui.footer.textContent = `${msg.server ?? "server"} ${msg.version ?? ""} · ${msg.engine ?? "engine"} · ${msg.sample_rate} Hz · ${plural(msg.speakers?.length ?? 0, "speaker")}`;
       s.resolve(msg);
       break;
     case "started":
