@@ -171,3 +171,17 @@ ERROR_CODES: dict[str, str] = {
     "synthesis_failed": "the engine failed on this context",
     "idle_timeout": "no message within idle_timeout_s; the socket is closed",
 }
+
+
+def json_schema() -> dict[str, object]:
+    """JSON Schema of both directions (OpenAPI cannot describe WebSocket messages)."""
+    return {
+        "client_message": msgspec.json.schema(ClientMessage),
+        "server_message": msgspec.json.schema(ServerMessage),
+    }
+
+
+if __name__ == "__main__":  # python -m rtserver.protocol > schema.json
+    import json
+
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
