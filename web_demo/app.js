@@ -90,10 +90,14 @@ const FRIENDLY = {
   connect_failed: "Cannot connect",
   http: "Request failed",
   bad_request: "Request rejected",
+  invalid_request: "Invalid request",
   audio: "Audio playback problem",
   speakers: "Could not load speakers",
   empty_text: "Nothing to say",
 };
+
+// POST /tts statuses, mapped onto the same codes the WebSocket uses where they mean the same.
+const HTTP_ERROR_CODES = { 400: "bad_request", 413: "text_too_long", 422: "invalid_request", 503: "busy" };
 
 function showError(code, message) {
   demo.lastError = { code, message };
@@ -563,7 +567,7 @@ async function speakMp3(u, { text, spk, speed }) {
     if (!res.ok) {
       const detail = await httpErrorText(res);
       if (u.finished) return;
-      const code = res.status === 503 ? "busy" : res.status === 400 ? "bad_request" : "http";
+      const code = HTTP_ERROR_CODES[res.status] ?? "http";
       showError(code, detail);
       finish(u, "error");
       return;
