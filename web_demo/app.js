@@ -239,6 +239,9 @@ function ensureAudio(preferredRate) {
 // An element can be attached to a graph only once, hence the single AudioContext per page.
 function routeMediaElement() {
   if (audio.mediaNode || !audio.ctx) return;
+  // WebKit (the only engine with ManagedMediaSource) has a history of silent output once a
+  // MediaSource-fed element is routed into Web Audio; there, hearing it beats metering it.
+  if (window.ManagedMediaSource) return;
   try {
     audio.mediaNode = audio.ctx.createMediaElementSource(ui.player);
     audio.mediaNode.connect(audio.analyser);
