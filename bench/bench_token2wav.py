@@ -1,0 +1,138 @@
+"""Benchmark the CosyVoice2 token2wav half (flow + HiFT) on this machine.
+
+Measures, with random speech tokens (all available at once, so only token2wav is timed):
+* single request, non-stream and stream: time to first chunk (TTFC), total wall time, RTF
+  (wall / audio duration);
+* flow+HiFT throughput of ``Token2Wav.step`` for batch 1/4/8, where every item produces one
+  streaming chunk (first hop: 25+3 tokens -> 0.84 s of audio; second hop: 50 tokens -> 2 s).
+
+    uv run python bench/bench_token2wav.py [--model bench/out/CosyVoice2-0.5B] [--tokens 150]
+        [--batches 1,4,8] [--threads 2] [--device cpu] [--json out.json]
+
+``--model`` is a full-size random-weight dir from ``bench/make_full_model.py``; without one the
+full-size modules are built in memory with random weights (same shapes, same compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cosyvoice.flow import FlowConfig, build_flow, load_flow  # noqa: E402
+from cosyvoice.hift import HiFTConfig, build_hift, load_hift  # noqa: E402
+from cosyvoice.token2wav import Token2Wav  # noqa: E402
+
+
+def load(model: Path | None, device: str) -> Token2Wav:
+    if model is not None and (model / "flow.pt").is_file():
+        return Token2Wav(load_flow(model, device=device), load_hift(model, device=device))
+    torch.manual_seed(0)
+    flow = build_flow(FlowConfig()).to(device)
+    hift = build_hift(HiFTConfig()).fold_weight_norm().to(device)
+    return Token2Wav(flow, hift)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def single(t2w: Token2Wav, toks: list[int], emb, stream: bool, device: str) -> dict:
+    st = t2w.new_state(emb, stream=stream, seed=1)
+    t0 = time.perf_counter()
+    ttfc, n, chunks = None, 0, 0
+    while not st.done:
+        (c,) = t2w.step([(st, toks if n == 0 and chunks == 0 else [], True)])
+        sync(device)
+        if c is not None:
+            if ttfc is None:
+                ttfc = time.perf_counter() - t0
+            n += c.numel()
+            chunks += 1
+    wall = time.perf_counter() - t0
+    audio = n / t2w.sample_rate
+    return {"stream": stream, "tokens": len(toks), "audio_s": round(audio, 3), "chunks": chunks,
+            "ttfc_s": round(ttfc, 3), "wall_s": round(wall, 3), "rtf": round(wall / audio, 3)}  # fmt: skip
+
+
+def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -> dict:
+    g = torch.Generator().manual_seed(b)
+    sts = [t2w.new_state(emb, stream=True, seed=i + 1) for i in range(b)]
+    toks = [torch.randint(0, vocab, (80,), generator=g).tolist() for _ in range(b)]
+    if hop == "second":  # consume the first hop outside the timing
+        t2w.step([(s, t[:28], False) for s, t in zip(sts, toks, strict=True)])
+        items = [(s, t[28:78], False) for s, t in zip(sts, toks, strict=True)]
+    else:
+        items = [(s, t[:28], False) for s, t in zip(sts, toks, strict=True)]
+    sync(device)
+    t0 = time.perf_counter()
+    out = t2w.step(items)
+    sync(device)
+    wall = time.perf_counter() - t0
+    audio = sum(c.numel() for c in out) / t2w.sample_rate
+    return {"batch": b, "hop": hop, "wall_s": round(wall, 3), "audio_s": round(audio, 3),
+            "audio_s_per_s": round(audio / wall, 3)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=REPO / "bench/out/CosyVoice2-0.5B")
+    ap.add_argument("--tokens", type=int, default=150)
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--hops", default="first,second")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    t2w = load(a.model, a.device)
+    load_s = time.perf_counter() - t0
+    vocab = t2w.flow.cfg.vocab_size
+    emb = torch.randn(192, generator=torch.Generator().manual_seed(0))
+    toks = torch.randint(0, vocab, (a.tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    # warm-up (allocator, kernels)
+    t2w.step([(t2w.new_state(emb, stream=True), toks[:28], False)])
+    res = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": a.threads,
+            "device": a.device,
+            "torch": torch.__version__,
+            "load_avg_start": os.getloadavg(),
+        },  # fmt: skip
+        "model": str(a.model) if (a.model / "flow.pt").is_file() else "in-memory random full size",
+        "load_s": round(load_s, 2),
+        "single": [],
+        "batch": [],
+    }
+    if a.device.startswith("cuda"):
+        res["machine"]["gpu"] = torch.cuda.get_device_name()
+    for stream in (False, True):
+        r = single(t2w, toks, emb, stream, a.device)
+        print(json.dumps(r), flush=True)
+        res["single"].append(r)
+    for hop in a.hops.split(","):
+        for b in (int(x) for x in a.batches.split(",")):
+            r = batch_step(t2w, b, hop, emb, a.device, vocab)
+            print(json.dumps(r), flush=True)
+            res["batch"].append(r)
+    res["machine"]["load_avg_end"] = os.getloadavg()
+    print(json.dumps(res["machine"]))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
