@@ -1,0 +1,126 @@
+"""Voice-agent load on /ws/tts: N sockets, each streaming an LLM-like reply token by token.
+
+    uv run --extra voice python bench/ws_agents.py [--model DIR] [--agents 1 4 16 32]
+
+Each agent, in a loop for the run's duration: opens a context, sends the reply word by word
+at `--words-per-s` (an LLM's pace), sends `flush` after the first sentence (as agent
+frameworks do once they have a sentence) and `close` at the end, and plays the audio in real
+time from its first frame. Measured per turn: flush -> first audio, underruns (the player ran
+dry), and the turn's RTF; aggregate: audio seconds delivered per wall second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import httpx
+from report import git_rev, machine, pct, write_section
+from serverproc import ServerProcess
+
+from rtserver.client import TTSClient
+
+REPLY = (
+    "Sure, I can help with that. Your order shipped this morning and should arrive on Thursday. "
+    "If you are not home, the driver will leave it with a neighbour. Is there anything else?"
+)
+
+
+async def turn(client: TTSClient, spk: str, wps: float) -> dict:
+    async with client.connect() as conn:
+        ctx = await conn.start(spk_id=spk, format="pcm")
+        rate = ctx.sample_rate
+        words = REPLY.split(" ")
+        first_end = next(i for i, w in enumerate(words) if w.endswith("."))
+        marks: dict[str, float] = {}
+        arrivals: list[tuple[float, int]] = []
+
+        async def reader() -> None:
+            async for item in ctx.events():
+                if isinstance(item, bytes):
+                    arrivals.append((time.monotonic(), len(item)))
+
+        task = asyncio.create_task(reader())
+        for i, word in enumerate(words):
+            await ctx.send(word + " ")
+            if i == first_end:
+                await ctx.flush()
+                marks["flush"] = time.monotonic()
+            await asyncio.sleep(1 / wps)
+        await ctx.close()
+        await task
+    first = arrivals[0][0]
+    play_end = first  # when a real-time player that started at the first frame runs dry
+    underruns = 0
+    for t, n in arrivals:
+        if t > play_end + 0.02:
+            underruns += 1
+            play_end = t
+        play_end += n / 2 / rate
+    audio = sum(n for _, n in arrivals) / 2 / rate
+    return {"flush_to_audio": first - marks["flush"], "underruns": underruns, "audio": audio,
+            "end": arrivals[-1][0]}  # fmt: skip
+
+
+async def level(
+    base: str, spk: str, n: int, seconds: float, wps: float
+) -> tuple[list[dict], float]:
+    results: list[dict] = []
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    async with TTSClient(base) as client:
+
+        async def agent(k: int) -> None:
+            await asyncio.sleep(k * 0.1)  # agents do not all start in the same millisecond
+            while time.monotonic() < deadline:
+                results.append(await turn(client, spk, wps))
+
+        await asyncio.gather(*(agent(k) for k in range(n)))
+    return results, time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--agents", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--words-per-s", type=float, default=15.0)
+    ap.add_argument("--section", default="ws_agents")
+    args = ap.parse_args()
+    server_args = ["--max-streams", "64"] + (["--model", args.model] if args.model else [])
+    srv = ServerProcess(*server_args).wait_ready(timeout=600)
+    try:
+        spk = httpx.get(f"{srv.base_url}/speakers").json()[0]
+        rows = []
+        for n in args.agents:
+            res, wall = asyncio.run(
+                level(srv.base_url, spk["id"], n, args.seconds, args.words_per_s)
+            )
+            lat = [r["flush_to_audio"] * 1000 for r in res]
+            rows.append(
+                f"| {n} | {len(res)} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | "
+                f"{sum(r['underruns'] for r in res)} | "
+                f"{sum(1 for r in res if r['underruns']) / len(res):.0%} | "
+                f"{sum(r['audio'] for r in res) / wall:.1f} |"
+            )
+            print(rows[-1], flush=True)
+    finally:
+        srv.stop()
+    body = f"""## WebSocket voice agents ({spk["engine"]}, speaker `{spk["id"]}`)
+
+Command: `uv run --extra voice python bench/ws_agents.py{" --model " + args.model if args.model else ""}`
+(commit {git_rev()}). Machine: {machine()}.
+N sockets, each looping for {args.seconds:.0f} s over turns: a {len(REPLY)}-character reply sent
+word by word at {args.words_per_s:.0f} words/s, `flush` after the first sentence, `close` at the end;
+audio played in real time from its first frame. Latency: flush -> first audio frame. An
+underrun is a frame that arrived after the player had run dry.
+
+| agents | turns | flush->audio p50 ms | p95 ms | underruns | turns with underrun | audio s per wall s |
+| --- | --- | --- | --- | --- | --- | --- |
+""" + "\n".join(rows)
+    write_section(args.section, body)
+
+
+if __name__ == "__main__":
+    main()
