@@ -60,6 +60,11 @@ class IncrementalSplitter:
         self._emitted += len(segs)
         return segs
 
+    @property
+    def pending(self) -> str:
+        """Text received but not yet emitted (an idle auto-flush would speak it)."""
+        return self._buf
+
     def flush(self) -> list[str]:
         chunk, self._buf = self._buf, ""
         if not chunk.strip():
