@@ -40,8 +40,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         def boot() -> TTSService:
-            eng = engine or load_engine(settings.model, settings.voices_dir, device=settings.device,
-                                        dtype=settings.dtype)  # fmt: skip
+            eng = engine or load_engine(settings)
             svc = TTSService(settings, eng)
             svc.start()
             return svc

@@ -18,6 +18,10 @@ def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
                    help="a CosyVoice model dir (default: the built-in Piper voice)")  # fmt: skip
     p.add_argument("--voices-dir", type=Path, default=env.voices_dir,
                    help="extra Piper voices (*.onnx + *.onnx.json)")  # fmt: skip
+    p.add_argument("--speaker-dir", type=Path, default=env.speaker_dir,
+                   help="where registered CosyVoice speakers are kept (default: in the model dir)")  # fmt: skip
+    p.add_argument("--llm-fixed-tokens", type=int, default=env.llm_fixed_tokens,
+                   help="benchmarks only: every LLM run emits exactly this many tokens")  # fmt: skip
     p.add_argument("--max-streams", type=int, default=env.max_streams)
     p.add_argument("--max-queue", type=int, default=env.max_queue)
     p.add_argument("--max-text-chars", type=int, default=env.max_text_chars)

@@ -18,7 +18,14 @@ from rtserver.scheduler import Busy, Scheduler
 from rtserver.settings import Settings
 from rtserver.text import Segmenter
 
-__all__ = ["Busy", "SynthesisFailed", "TTSService", "TextTooLong", "UnknownSpeaker"]
+__all__ = [
+    "Busy",
+    "SpeakerRegistrationError",
+    "SynthesisFailed",
+    "TTSService",
+    "TextTooLong",
+    "UnknownSpeaker",
+]
 
 
 class UnknownSpeaker(LookupError):
@@ -34,6 +41,14 @@ class TextTooLong(ValueError):
 
 class SynthesisFailed(RuntimeError):
     pass
+
+
+class SpeakerRegistrationError(ValueError):
+    """Registration refused: unusable audio, a bad or taken name, or an engine without it."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TTSService:
@@ -83,6 +98,32 @@ class TTSService:
             **self.scheduler.snapshot(),
         }
 
+    async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
+        register = getattr(self.engine, "register_speaker", None)
+        if register is None:
+            raise SpeakerRegistrationError(
+                f"the {self.engine.name} engine has no zero-shot speaker registration", 400
+            )
+        if any(s.id == spk_id for s in self.engine.speakers()):
+            raise SpeakerRegistrationError(f"speaker {spk_id!r} already exists", 409)
+        try:
+            # Feature extraction runs ONNX models: keep it off the event loop.
+            return await asyncio.to_thread(register, spk_id, audio, prompt_text)
+        except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
+            raise SpeakerRegistrationError(str(exc).strip("'\""), 400) from exc
+
+    async def delete_speaker(self, spk_id: str) -> None:
+        delete = getattr(self.engine, "delete_speaker", None)
+        if delete is None:
+            raise SpeakerRegistrationError(
+                f"the {self.engine.name} engine has no registered speakers"
+            )
+        self.speaker(spk_id)  # UnknownSpeaker -> 400 listing the valid ones
+        try:
+            await asyncio.to_thread(delete, spk_id)
+        except KeyError as exc:  # a built-in speaker
+            raise SpeakerRegistrationError(str(exc).strip("'\""), 400) from exc
+
     # ---- synthesis ------------------------------------------------------------------------
 
     def check_text(self, text: str) -> None:
@@ -91,7 +132,12 @@ class TTSService:
                 f"text has {len(text)} characters; the limit is {self.settings.max_text_chars}"
             )
 
-    def segmenter(self, stream: bool) -> Segmenter:
+    def segmenter(self, stream: bool, incremental: bool = False) -> Segmenter:
+        """How text becomes job segments: the engine's own rules where it has them (CosyVoice
+        splits as upstream does), else sentence segmentation tuned for low latency."""
+        own = getattr(self.engine, "segmenter", None)
+        if own is not None:
+            return own(incremental)
         s = self.settings
         return Segmenter(
             min_chars=s.min_sentence_chars,

@@ -28,6 +28,8 @@ class Settings:
     auto_flush_ms: int = 1500  # WebSocket: speak buffered text after this much silence
     min_sentence_chars: int = 12
     first_segment_chars: int = 60  # cut the first segment at a clause past this for low TTFA
+    speaker_dir: Path | None = None  # registered CosyVoice speakers; default: in the model dir
+    llm_fixed_tokens: int = 0  # benchmarks only: every LLM run emits exactly this many tokens
     device: str = "cpu"
     dtype: str = "float32"
     scheduler: str = "batch"  # or "serial" (benchmark baseline)
@@ -46,7 +48,7 @@ class Settings:
 
 
 def _parse(name: str, raw: str, current: object) -> object:
-    if name in ("model", "voices_dir"):
+    if name in ("model", "voices_dir", "speaker_dir"):
         return Path(raw) if raw else None
     if isinstance(current, bool):
         return raw.lower() in ("1", "true", "yes", "on")

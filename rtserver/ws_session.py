@@ -218,7 +218,7 @@ class WsSession:
             stream=self._next_stream,
             job=job,
             encoder=make_encoder(msg.format, speaker.sample_rate, msg.sample_rate),
-            segmenter=self.service.segmenter(stream=True),
+            segmenter=self.service.segmenter(stream=True, incremental=True),
         )
         self._next_stream += 1
         self.contexts[cid] = ctx

@@ -7,7 +7,13 @@ import logging
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from rtserver.service import Busy, SynthesisFailed, TextTooLong, UnknownSpeaker
+from rtserver.service import (
+    Busy,
+    SpeakerRegistrationError,
+    SynthesisFailed,
+    TextTooLong,
+    UnknownSpeaker,
+)
 
 log = logging.getLogger("rtserver.api")
 
@@ -54,6 +60,10 @@ def synthesis_failed(_: Request, exc: SynthesisFailed) -> Response:
     return Response(_body(500, f"synthesis failed: {exc}"), status_code=500)
 
 
+def registration_error(_: Request, exc: SpeakerRegistrationError) -> Response:
+    return Response(_body(exc.status, str(exc)), status_code=exc.status)
+
+
 def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return Response(_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
@@ -66,5 +76,6 @@ EXCEPTION_HANDLERS = {
     TextTooLong: text_too_long,
     Busy: busy,
     SynthesisFailed: synthesis_failed,
+    SpeakerRegistrationError: registration_error,
     Exception: internal_error,
 }

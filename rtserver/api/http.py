@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
-from litestar import Request, get, post, route
-from litestar.datastructures import ResponseHeader
+from litestar import Request, delete, get, post, route
+from litestar.datastructures import ResponseHeader, UploadFile
+from litestar.enums import RequestEncodingType
 from litestar.exceptions import ValidationException
 from litestar.openapi import ResponseSpec
+from litestar.params import Body
 from litestar.response import Stream
 
 from rtserver.audio import Mp3Encoder, PcmEncoder
@@ -143,9 +145,38 @@ async def speakers(service: TTSService) -> list[SpeakerInfo]:
     ]
 
 
+class RegisteredSpeaker(msgspec.Struct):
+    spk_id: str
+    prompt_text: str
+    prompt_wav: UploadFile
+
+
+@post(
+    "/speakers",
+    summary="Register a zero-shot speaker from a prompt recording and its transcript",
+    description="Multipart fields: `spk_id`, `prompt_text` (what the recording says) and "
+    "`prompt_wav` (1-30 s of speech, any common audio format). CosyVoice engines only. "
+    "Registered speakers are saved and survive a restart.",
+    responses=ERROR_DOCS,
+    status_code=201,
+)
+async def register_speaker(
+    data: Annotated[RegisteredSpeaker, Body(media_type=RequestEncodingType.MULTI_PART)],
+    service: TTSService,
+) -> SpeakerInfo:
+    audio = await data.prompt_wav.read()
+    s = await service.register_speaker(data.spk_id, audio, data.prompt_text)
+    return SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine)
+
+
+@delete("/speakers/{spk_id:str}", summary="Delete a registered speaker", status_code=204)
+async def delete_speaker(spk_id: str, service: TTSService) -> None:
+    await service.delete_speaker(spk_id)
+
+
 @get("/healthz", summary="Liveness and live scheduler counters")
 async def healthz(service: TTSService) -> dict[str, object]:
     return service.health()
 
 
-ROUTES = [tts_mp3, tts_pcm, inference_sft, speakers, healthz]
+ROUTES = [tts_mp3, tts_pcm, inference_sft, speakers, register_speaker, delete_speaker, healthz]

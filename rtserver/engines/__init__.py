@@ -3,16 +3,22 @@ never imports the GPL-licensed Piper package unless the built-in voice is used."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rtserver.engine import Engine
+from rtserver.settings import Settings
 
 
-def load_engine(model_dir: Path | None, voices_dir: Path | None, **options: object) -> Engine:
-    if model_dir is None:
+def load_engine(settings: Settings) -> Engine:
+    if settings.model is None:
         from rtserver.engines.piper_voice import PiperEngine
 
-        return PiperEngine(voices_dir)
+        return PiperEngine(settings.voices_dir)
     from rtserver.engines.cosyvoice_engine import CosyVoiceEngine
 
-    return CosyVoiceEngine(model_dir, **options)
+    return CosyVoiceEngine(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        speaker_dir=settings.speaker_dir,
+        max_batch=settings.max_streams,
+        fixed_tokens=settings.llm_fixed_tokens or None,
+    )

@@ -1,0 +1,242 @@
+"""CosyVoice behind the scheduler: continuous batching across every stream.
+
+One step = one packed LLM forward for every job in its token phase (new segments are prefilled
+in the same forward) + one batched flow call and one batched HiFT call for every job whose
+next streaming chunk became ready. Jobs join and leave between steps; a finished or cancelled
+job's KV cache and token2wav caches go with its state.
+
+Text: each job segment is one or more normalized CosyVoice segments (the frontend's own
+normalization and splitting rules); each is one LLM run and one token2wav stream. Randomness
+is per job: LLM sampling and vocoder noise of segment i use seed + i, so a request's audio
+never depends on what else runs in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
+
+log = logging.getLogger("rtserver.cosyvoice")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(eq=False)
+class _State:
+    seed: int
+    pending: deque[tuple[int, str, bool]] = field(default_factory=deque)  # (job seg, text, last)
+    current: tuple[int, bool] | None = None  # (job segment index, last piece of it)
+    llm: object | None = None  # cosyvoice LLMRequest
+    t2w: object | None = None  # cosyvoice Token2WavState
+    runs: int = 0  # LLM runs started (seeds segment i with seed + i)
+
+
+class _WholeText:
+    """HTTP segmentation: the whole text, split by the frontend's rules, as upstream does."""
+
+    def __init__(self) -> None:
+        self._buf = ""
+
+    def push(self, text: str) -> list[str]:
+        self._buf += text
+        return []
+
+    def flush(self) -> list[str]:
+        text, self._buf = self._buf, ""
+        return [text] if text.strip() else []
+
+    @property
+    def pending(self) -> str:
+        return self._buf
+
+
+class _Incremental:
+    """WebSocket segmentation: raw text cut at sentence ends as soon as they arrive (the
+    engine normalizes and splits each piece like any other segment)."""
+
+    def __init__(self, splitter_cls) -> None:
+        self._s = splitter_cls(lambda text: [text.strip()] if text.strip() else [])
+
+    def push(self, text: str) -> list[str]:
+        return self._s.push(text)
+
+    def flush(self) -> list[str]:
+        return self._s.flush()
+
+    @property
+    def pending(self) -> str:
+        return self._s.pending
+
+
+class CosyVoiceEngine:
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        speaker_dir: Path | None = None,
+        max_batch: int = 64,
+        fixed_tokens: int | None = None,
+    ) -> None:
+        import cosyvoice
+        from cosyvoice.flow import FlowConfig, load_flow
+        from cosyvoice.hift import HiFTConfig, load_hift
+        from cosyvoice.token2wav import Token2Wav
+
+        self.model = cosyvoice.load(model_dir, device=device, dtype=_DTYPES[dtype],
+                                    speaker_dir=speaker_dir)  # fmt: skip
+        if self.model.family != "v2":
+            raise NotImplementedError(
+                f"serving family {self.model.family} is not implemented yet (CosyVoice2 is)"
+            )
+        flow = load_flow(model_dir, FlowConfig.from_yaml(self.model.config), device=device)
+        hift = load_hift(model_dir, HiFTConfig.from_yaml(self.model.config), device=device)
+        self.t2w = Token2Wav(flow, hift)
+        self.name = f"cosyvoice-{self.model.family}"
+        self.max_batch = max_batch
+        self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
+        self._speakers = self._list_speakers()
+
+    # ---- speakers -------------------------------------------------------------------------
+
+    def _list_speakers(self) -> list[Speaker]:
+        rate = self.t2w.sample_rate
+        return [Speaker(n, "zh/en", rate, self.name) for n in self.model.speakers.list()]
+
+    def speakers(self) -> list[Speaker]:
+        return self._speakers
+
+    def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
+        self.model.speakers.register(spk_id, audio, prompt_text)
+        self._speakers = self._list_speakers()
+        return next(s for s in self._speakers if s.id == spk_id)
+
+    def delete_speaker(self, spk_id: str) -> None:
+        self.model.speakers.delete(spk_id)
+        self._speakers = self._list_speakers()
+
+    # ---- text -----------------------------------------------------------------------------
+
+    def segmenter(self, incremental: bool) -> _WholeText | _Incremental:
+        if incremental:
+            from cosyvoice.frontend import IncrementalSplitter
+
+            return _Incremental(IncrementalSplitter)
+        return _WholeText()
+
+    # ---- scheduler interface --------------------------------------------------------------
+
+    def warmup(self) -> None:
+        name = self.model.speakers.list()[0]
+        spk = self.model.speakers.get(name)
+        req = self.model.new_request("Warm up.", name, seed=1)
+        req.max_len = min(req.max_len, 2 * self.t2w.cfg.token_hop_len)
+        st = self._t2w_state(spk, stream=True, speed=1.0, seed=1)
+        while not st.done:
+            tok = self.model.llm.step([req]) if not req.done else []
+            self.t2w.step([(st, [t for t in tok if t is not None], req.done)])
+
+    def start(self, job: Job) -> None:
+        self.model.speakers.get(job.speaker.id)  # raises for a speaker deleted meanwhile
+        job.engine_state = _State(seed=job.seed or secrets.randbits(62) + 1)
+
+    def ready(self, job: Job) -> bool:
+        st: _State = job.engine_state
+        if st is None:
+            return False
+        return bool(st.current or st.pending) or job.has_pending_text() or job.input_closed
+
+    def step(self, jobs: list[Job]) -> list[tuple[Job, Event]]:
+        out: list[tuple[Job, Event]] = []
+        active: list[Job] = []
+        for job in jobs:
+            try:
+                if self._advance_segment(job):
+                    active.append(job)
+                elif job.input_closed and not job.has_pending_text():
+                    out.append((job, Done()))
+            except Exception as exc:
+                log.exception("job %d: could not start a segment", job.id)
+                out.append((job, Failed(f"{type(exc).__name__}: {exc}")))
+        if not active:
+            return out
+
+        # One packed LLM forward for every job still producing tokens.
+        llm_jobs = [j for j in active if not j.engine_state.llm.done]
+        new_tokens: dict[Job, list[int]] = {j: [] for j in active}
+        if llm_jobs:
+            toks = self.model.llm.step([j.engine_state.llm for j in llm_jobs])
+            for job, tok in zip(llm_jobs, toks, strict=True):
+                if tok is not None:
+                    new_tokens[job].append(tok)
+
+        # One batched flow + HiFT call for every job with a chunk ready.
+        items = [(j.engine_state.t2w, new_tokens[j], j.engine_state.llm.done) for j in active]
+        chunks = self.t2w.step(items)
+        for job, chunk in zip(active, chunks, strict=True):
+            st: _State = job.engine_state
+            t2w_done = st.t2w.done
+            if chunk is None and not t2w_done:
+                continue
+            seg, last_piece = st.current
+            audio = chunk.float().numpy() if chunk is not None else torch.zeros(0).numpy()
+            if t2w_done:
+                st.current, st.llm, st.t2w = None, None, None
+            out.append((job, Chunk(audio, seg, segment_end=t2w_done and last_piece)))
+            if t2w_done and not st.pending and job.input_closed and not job.has_pending_text():
+                out.append((job, Done()))
+        return out
+
+    def release(self, job: Job) -> None:
+        st: _State | None = job.engine_state
+        if st and st.llm is not None and not st.llm.done:
+            st.llm.cancel()  # frees its KV cache now
+        job.engine_state = None
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _advance_segment(self, job: Job) -> bool:
+        """Make sure the job has a segment in flight; False if it has nothing to do."""
+        st: _State = job.engine_state
+        if st.current is not None:
+            return True
+        while not st.pending:
+            item = job.next_segment()
+            if item is None:
+                return False
+            index, text = item
+            pieces = self.model.frontend.split(text)
+            for k, piece in enumerate(pieces):
+                st.pending.append((index, piece, k == len(pieces) - 1))
+            if not pieces:  # nothing speakable (punctuation only): close the segment at once
+                st.pending.append((index, "", True))
+        index, text, last = st.pending.popleft()
+        seed = st.seed + st.runs
+        st.runs += 1
+        spk = self.model.speakers.get(job.speaker.id)
+        req = self.model.new_request(text, job.speaker.id, seed=seed)
+        if self.fixed_tokens:
+            req.min_len = req.max_len = self.fixed_tokens
+        if not text:
+            req.cancel()
+        st.llm = req
+        st.t2w = self._t2w_state(spk, stream=job.stream, speed=job.speed, seed=seed)
+        st.current = (index, last)
+        return True
+
+    def _t2w_state(self, spk, stream: bool, speed: float, seed: int):
+        return self.t2w.new_state(
+            spk.embedding,
+            torch.tensor(spk.prompt_speech_tokens, dtype=torch.long),
+            spk.prompt_feat,
+            stream=stream,
+            speed=speed,
+            seed=seed,
+        )
