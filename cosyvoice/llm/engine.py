@@ -20,6 +20,7 @@ from ..config import SamplingConfig
 from .lm import QwenSpeechLM
 from .qwen2 import KVCache
 from .sampling import sample_next
+from .silence import SilentFilter
 from .transformer_lm import TransformerSpeechLM
 
 MIN_TOKEN_TEXT_RATIO = 2
@@ -45,12 +46,14 @@ class LLMRequest:
     min_len: int = -1
     max_len: int = -1
     # runtime state
-    out_tokens: list[int] = field(default_factory=list)
+    out_tokens: list[int] = field(default_factory=list)  # every token the LLM produced
+    flow_tokens: list[int] = field(default_factory=list)  # what goes on to token2wav (v3 filter)
     cache: KVCache | None = None
     done: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     last_logits: torch.Tensor | None = None  # llm_decoder output of the latest step (V,)
     generator: torch.Generator | None = None
+    silent_filter: SilentFilter | None = None
 
     def __post_init__(self) -> None:
         n = len(self.text_ids)
@@ -108,7 +111,9 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self, requests: Sequence[LLMRequest]) -> list[int | None]:
         """One forward for all ``requests``; returns each one's new token, or None if it
-        finished in this step (stop token or length limit; see ``finish_reason``)."""
+        finished in this step with a stop token (``finish_reason``). A request that reaches
+        ``max_len`` returns its last token and is done ("length"). ``r.flow_tokens`` gets the
+        tokens meant for token2wav (v3 drops long silent runs, spec §8.5)."""
         for r in requests:
             if r.done:
                 raise ValueError("step() got a finished request")
@@ -148,6 +153,13 @@ class LLMEngine:
                 out.append(None)
                 continue
             r.out_tokens.append(tok)
+            if net.family != "v3":
+                r.flow_tokens.append(tok)
+            else:
+                if r.silent_filter is None:
+                    r.silent_filter = SilentFilter()
+                if r.silent_filter.keep(tok):
+                    r.flow_tokens.append(tok)
             if len(r.out_tokens) >= r.max_len:
                 r._finish("length")
             out.append(tok)
