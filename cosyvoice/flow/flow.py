@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.flow.decoder import CausalConditionalDecoder, cfm_euler
-from cosyvoice.flow.encoder import UpsampleConformerEncoder
+from cosyvoice.flow.dit import DiT
+from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
 
 NOISE_FRAMES = 15000
 
@@ -43,18 +44,48 @@ class FlowConfig:
     est_chunk: int = 50
     cfg_rate: float = 0.7
     n_timesteps: int = 10
+    # v3 (CausalMaskedDiffWithDiT): no conformer; pre-lookahead on the raw embeddings + DiT
+    estimator: str = "unet"  # "unet" (v2) | "dit" (v3)
+    pre_lookahead_channels: int = 1024
+    dit_dim: int = 1024
+    dit_depth: int = 22
+    dit_heads: int = 16
+    dit_dim_head: int = 64
+    dit_ff_mult: int = 2
 
     @classmethod
     def from_yaml(cls, cfg: dict[str, Any]) -> FlowConfig:
         """From the ``flow`` node of a parsed cosyvoice2.yaml (:func:`cosyvoice.config.read_yaml`)."""
-        f = cfg["flow"] if "flow" in cfg else cfg
+        f = cfg.get("flow", cfg)
         target = str(f.get("_target_", ""))
-        if target and not target.endswith("CausalMaskedDiffWithXvec"):
-            raise ValueError(f"flow class {target} is not supported by cosyvoice.flow (v2 only)")
-        enc, dec = f["encoder"], f["decoder"]
+        dec = f["decoder"]
         est = dec["estimator"]
         cfm = dec.get("cfm_params", {})
         cfm = cfm.get("content", cfm) if isinstance(cfm, dict) else {}
+        if target.endswith("CausalMaskedDiffWithDiT"):
+            pl = f.get("pre_lookahead_layer", {})
+            return cls(
+                vocab_size=int(f["vocab_size"]),
+                input_size=int(f["input_size"]),
+                output_size=int(f["output_size"]),
+                spk_embed_dim=int(f["spk_embed_dim"]),
+                token_mel_ratio=int(f.get("token_mel_ratio", 2)),
+                pre_lookahead_len=int(f.get("pre_lookahead_len", 3)),
+                chunk_size=int(est.get("static_chunk_size", 50))
+                // int(f.get("token_mel_ratio", 2)),
+                est_chunk=int(est.get("static_chunk_size", 50)),
+                cfg_rate=float(cfm.get("inference_cfg_rate", 0.7)),
+                estimator="dit",
+                pre_lookahead_channels=int(pl.get("channels", 1024)),
+                dit_dim=int(est["dim"]),
+                dit_depth=int(est["depth"]),
+                dit_heads=int(est["heads"]),
+                dit_dim_head=int(est["dim_head"]),
+                dit_ff_mult=int(est.get("ff_mult", 2)),
+            )
+        if target and not target.endswith("CausalMaskedDiffWithXvec"):
+            raise ValueError(f"flow class {target} is not supported by cosyvoice.flow (v2/v3 only)")
+        enc = f["encoder"]
         return cls(
             vocab_size=int(f["vocab_size"]),
             input_size=int(f["input_size"]),
@@ -113,6 +144,25 @@ class FlowModel(nn.Module):
         d = cfg.input_size
         self.input_embedding = nn.Embedding(cfg.vocab_size, d)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        if cfg.estimator == "dit":
+            self.pre_lookahead_layer = PreLookahead(
+                d, cfg.pre_lookahead_channels, cfg.pre_lookahead_len
+            )
+            self.decoder = _CFM(
+                DiT(
+                    cfg.dit_dim,
+                    cfg.dit_depth,
+                    cfg.dit_heads,
+                    cfg.dit_dim_head,
+                    cfg.dit_ff_mult,
+                    cfg.output_size,
+                    d,
+                    cfg.output_size,
+                    cfg.output_size,
+                    cfg.est_chunk,
+                )  # fmt: skip
+            )
+            return
         self.encoder = UpsampleConformerEncoder(
             d, cfg.heads, cfg.linear_units, cfg.num_blocks, cfg.num_up_blocks,
             cfg.pre_lookahead_len, cfg.chunk_size, cfg.token_mel_ratio,
@@ -154,7 +204,14 @@ class FlowModel(nn.Module):
         xe = self.input_embedding(toks.clamp(min=0)) * valid
         lens_t = torch.tensor(lens, device=dev)
         streaming = torch.tensor([r.streaming for r in reqs], device=dev)
-        h, hl = self.encoder(xe, lens_t, torch.tensor(ctx, device=dev), streaming)
+        has_ctx = torch.tensor(ctx, device=dev)
+        if self.cfg.estimator == "dit":
+            keep = lens_t + has_ctx.long() * la
+            xe = xe * (torch.arange(lmax + la, device=dev)[None, :] < keep[:, None])[..., None]
+            h = self.pre_lookahead_layer(xe.contiguous())
+            r = self.cfg.token_mel_ratio
+            return h.repeat_interleave(r, dim=1), lens_t * r
+        h, hl = self.encoder(xe, lens_t, has_ctx, streaming)
         return self.encoder_proj(h), hl
 
     @torch.inference_mode()
@@ -200,9 +257,9 @@ def load_flow(model_dir: str | Path, cfg: FlowConfig | None = None, device="cpu"
     """Build from ``cosyvoice2.yaml`` (unless ``cfg`` given) and load ``flow.pt`` strictly."""
     model_dir = Path(model_dir)
     if cfg is None:
-        from cosyvoice.config import read_yaml
+        from cosyvoice.config import load_model_yaml
 
-        cfg = FlowConfig.from_yaml(read_yaml(model_dir / "cosyvoice2.yaml"))
+        cfg = FlowConfig.from_yaml(load_model_yaml(model_dir)[1])
     m = FlowModel(cfg)
     sd = torch.load(model_dir / "flow.pt", map_location="cpu", weights_only=True)
     m.load_state_dict(sd, strict=True)

@@ -49,7 +49,7 @@ class HiFTConfig:
     @classmethod
     def from_yaml(cls, cfg: dict[str, Any]) -> HiFTConfig:
         """From the ``hift`` node of a parsed yaml (:func:`cosyvoice.config.read_yaml`)."""
-        h = cfg["hift"] if "hift" in cfg else cfg
+        h = cfg.get("hift", cfg)
         target = str(h.get("_target_", ""))
         if target and not target.endswith(".HiFTGenerator"):
             raise ValueError(f"vocoder class {target} is not supported by cosyvoice.hift")

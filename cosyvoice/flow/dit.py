@@ -1,0 +1,157 @@
+"""DiT estimator of the CosyVoice3 flow (``CausalMaskedDiffWithDiT``): AdaLN-zero transformer
+blocks over [x, cond, mu, spks], causal conv position embedding, partial rotary embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice.flow.decoder import sinusoidal_emb
+from cosyvoice.flow.encoder import attn_masks
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.time_mlp(sinusoidal_emb(t, self.freq_dim))
+
+
+class CausalConvPositionEmbedding(nn.Module):
+    def __init__(self, dim: int, k: int = 31, groups: int = 16):
+        super().__init__()
+        self.k = k
+        self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, k, groups=groups), nn.Mish())
+        self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, k, groups=groups), nn.Mish())
+
+    def forward(self, x):  # (B, T, C)
+        x = x.transpose(1, 2)
+        x = self.conv1(F.pad(x, (self.k - 1, 0)))
+        x = self.conv2(F.pad(x, (self.k - 1, 0)))
+        return x.transpose(1, 2)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, mel_dim: int, in_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.conv_pos_embed = CausalConvPositionEmbedding(dim)
+
+    def forward(self, x, cond, mu, spks):  # (B, T, C) each, spks (B, C)
+        h = self.proj(torch.cat([x, cond, mu, spks[:, None].expand(-1, x.shape[1], -1)], dim=-1))
+        return self.conv_pos_embed(h) + h
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
+
+    def forward(self, t: int):
+        pos = torch.arange(t, device=self.inv_freq.device).type_as(self.inv_freq)
+        f = torch.einsum("i,j->ij", pos, self.inv_freq)
+        return torch.stack([f, f], dim=-1).reshape(t, -1)  # (T, dim) interleaved pairs
+
+
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate the first freqs.shape[-1] channels of x (B, T, C) in interleaved pairs (float32)."""
+    rd = freqs.shape[-1]
+    dt = x.dtype
+    r, rest = x[..., :rd].float(), x[..., rd:]
+    x1, x2 = r.unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    r = r * freqs.cos() + rot * freqs.sin()
+    return torch.cat([r.to(dt), rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads, inner = heads, heads * dim_head
+        self.to_q, self.to_k, self.to_v = (
+            nn.Linear(dim, inner),
+            nn.Linear(dim, inner),
+            nn.Linear(dim, inner),
+        )
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+
+    def forward(self, x, mask, freqs):  # mask (B, 1, T, T) bool
+        b, t, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        q, k, v = (y.view(b, t, self.heads, -1).transpose(1, 2) for y in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))
+        return o.masked_fill(~mask[:, 0, -1, :, None], 0.0)
+
+
+class AdaLNZero(nn.Module):
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, dim * n)
+
+    def forward(self, c):
+        return self.linear(F.silu(c)).chunk(
+            self.linear.out_features // self.linear.in_features, dim=-1
+        )
+
+
+def _ln(x):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class FF(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(approximate="tanh")),
+                                nn.Identity(), nn.Linear(dim * mult, dim))  # fmt: skip
+
+    def forward(self, x):
+        return self.ff(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.attn_norm = AdaLNZero(dim, 6)
+        self.attn = Attention(dim, heads, dim_head)
+        self.ff = FF(dim, ff_mult)
+
+    def forward(self, x, c, mask, freqs):
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.attn_norm(c)
+        n = _ln(x) * (1 + sc_a[:, None]) + sh_a[:, None]
+        x = x + g_a[:, None] * self.attn(n, mask, freqs)
+        n = _ln(x) * (1 + sc_m[:, None]) + sh_m[:, None]
+        return x + g_m[:, None] * self.ff(n)
+
+
+class DiT(nn.Module):
+    def __init__(self, dim=1024, depth=22, heads=16, dim_head=64, ff_mult=2, mel_dim=80, mu_dim=80,
+                 spk_dim=80, out_channels=80, chunk=50):  # fmt: skip
+        super().__init__()
+        self.chunk = chunk
+        self.time_embed = TimestepEmbedding(dim)
+        self.input_embed = InputEmbedding(mel_dim, mel_dim * 2 + mu_dim + spk_dim, dim)
+        self.rotary_embed = RotaryEmbedding(dim_head)
+        self.transformer_blocks = nn.ModuleList(
+            DiTBlock(dim, heads, dim_head, ff_mult) for _ in range(depth)
+        )
+        self.norm_out = AdaLNZero(dim, 2)
+        self.proj_out = nn.Linear(dim, out_channels)
+
+    def forward(self, x, mask, mu, t, spks, cond, streaming):
+        b, _, tt = x.shape
+        c = self.time_embed(t)
+        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
+        lens = mask[:, 0].sum(-1).long()
+        am = attn_masks(lens, tt, self.chunk, streaming)[:, None]
+        freqs = self.rotary_embed(tt)
+        for blk in self.transformer_blocks:
+            h = blk(h, c, am, freqs)
+        scale, shift = self.norm_out(c)
+        h = _ln(h) * (1 + scale[:, None]) + shift[:, None]
+        return self.proj_out(h).transpose(1, 2)
