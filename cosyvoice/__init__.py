@@ -1,11 +1,18 @@
-"""Clean-room, inference-only CosyVoice (v2 ``CosyVoice2-0.5B``; v3 LLM; v1 not yet).
+"""Clean-room, inference-only CosyVoice: text -> speech tokens for all three families.
+
+Families (detected from the yaml file name): v1 ``CosyVoice-300M-SFT`` (``cosyvoice.yaml``:
+rel-pos Transformer LM, whisper tokenizer), v2 ``CosyVoice2-0.5B`` (``cosyvoice2.yaml``: Qwen2
+LM), v3 ``Fun-CosyVoice3-0.5B`` (``cosyvoice3.yaml``; its 176 pinyin special tokens are not
+supported by the tokenizer yet). Bistream (text-streaming into one LLM run) is not implemented;
+streamed text is cut into sentences by ``frontend.incremental()`` and each runs on its own.
 
 Public API (front half: text -> speech tokens; token2wav lives in :mod:`cosyvoice.token2wav`)::
 
     import cosyvoice, torch
     m = cosyvoice.load("pretrained_models/CosyVoice2-0.5B", device="cpu", dtype=torch.float32,
-                       speaker_dir=None)          # -> cosyvoice.model.CosyVoiceModel
-    m.family                                      # "v2" | "v3" (from the yaml file name)
+                       speaker_dir=None,          # default <model_dir>/registered_speakers
+                       use_wetext=True)           # -> cosyvoice.model.CosyVoiceModel
+    m.family                                      # "v1" | "v2" | "v3"
     m.config                                      # parsed yaml, plain dicts (cosyvoice.config)
 
 Text frontend (``m.frontend``, :class:`cosyvoice.frontend.Frontend`)::
@@ -24,13 +31,16 @@ scheduler. A request is a :class:`cosyvoice.llm.engine.LLMRequest`::
     m.llm.step(reqs)               # any mix: un-started requests are prefilled, others decode,
                                    # all in ONE packed forward (ragged batch, per-request KV cache)
     r.out_tokens, r.done, r.finish_reason ("stop" | "length" | "cancelled"), r.last_logits
+    r.flow_tokens                  # the tokens for token2wav (= out_tokens except v3's dropped
+                                   # silent runs); read the new ones after every step
     r.cancel()                     # frees its KV cache; just stop passing it to step()
 
 Sampling: RAS (top-p 0.8 / top-k 25 / repetition fallback, from the yaml) with the request's
 own ``torch.Generator`` seeded from ``seed`` (0 = random; the seed used is kept in ``r.seed``),
 so a request's tokens never depend on its batch-mates. ``min_len = 2 * len(text_ids)``
 (every special id is masked before that), ``max_len = 20 * len(text_ids)``. ``greedy=True``
-takes the argmax instead.
+takes the argmax instead. v1 requests also take the speaker x-vector (``embedding``; set by
+``new_request`` from the speaker).
 
 Speakers (``m.speakers``, :class:`cosyvoice.speakers.SpeakerStore`)::
 
