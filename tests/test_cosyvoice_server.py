@@ -1,0 +1,195 @@
+"""The server on CosyVoice: the tiny official-format golden model dir through every route."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from audio_check import assert_speech, decode_mp3, decode_pcm
+from serverproc import ROOT, ServerProcess
+
+from rtserver.client import TTSClient
+
+GOLDEN = Path(os.environ.get("COSYVOICE_GOLDEN") or ROOT.parent / "shared" / "golden")
+MODEL = GOLDEN / "cosyvoice2" / "model"
+TEXT = "你好，今天天气很好。我们去公园散步吧。Hello there, this is a test of the server."
+LONG = "".join(f"第{i}句话说的是今天的天气很好，我们一起去公园散步吧。" for i in range(20))
+
+pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"no golden model dir at {MODEL}")
+
+
+def start(speaker_dir: Path, *args: str) -> ServerProcess:
+    return ServerProcess(
+        "--model", str(MODEL), "--speaker-dir", str(speaker_dir), *args
+    ).wait_ready()
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory):
+    srv = start(tmp_path_factory.mktemp("speakers"))
+    yield srv
+    srv.stop()
+
+
+def pcm(srv: ServerProcess, text: str = TEXT, **kw) -> bytes:
+    body = {"tts_text": text, "spk_id": "spk_f1", **kw}
+    r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sample-rate"] == "24000"
+    return r.content
+
+
+def test_speakers_are_the_model_dirs(cv):
+    ids = {s["id"] for s in httpx.get(f"{cv.base_url}/speakers").json()}
+    assert ids == {"spk_f1", "spk_m1", "zs_spk1"}
+    assert cv.healthz()["engine"] == "cosyvoice-v2"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pcm_and_mp3_stream_and_not(cv, stream):
+    audio = decode_pcm(pcm(cv, stream=stream, seed=3))
+    assert_speech(audio, 24000, min_seconds=1.0, max_gap_s=1.0)
+    r = httpx.post(f"{cv.base_url}/tts", json={"tts_text": TEXT, "spk_id": "zs_spk1",
+                                              "stream": stream, "seed": 3}, timeout=120)  # fmt: skip
+    assert r.status_code == 200
+    mp3, rate = decode_mp3(r.content)
+    assert rate == 24000
+    assert_speech(mp3, rate, min_seconds=1.0, max_gap_s=1.0)
+
+
+def test_same_seed_same_audio_and_stream_matches_length(cv):
+    a, b = pcm(cv, seed=11), pcm(cv, seed=11)
+    assert a == b
+    streamed = pcm(cv, seed=11, stream=True)
+    # Same tokens (same seed); streaming only changes how the vocoder is chunked.
+    assert abs(len(streamed) - len(a)) / len(a) < 0.05
+    assert pcm(cv, seed=12) != a
+
+
+def test_inference_sft_form_body(cv):
+    r = httpx.request("GET", f"{cv.base_url}/inference_sft",
+                      data={"tts_text": TEXT, "spk_id": "spk_m1"}, timeout=120)  # fmt: skip
+    assert r.status_code == 200
+    assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0, max_gap_s=1.0)
+
+
+def test_concurrent_requests_are_batch_invariant(cv):
+    alone = pcm(cv, seed=21)
+
+    async def together():
+        async with httpx.AsyncClient(base_url=cv.base_url, timeout=120) as c:
+            bodies = [
+                {"tts_text": TEXT, "spk_id": "spk_f1", "seed": 21},
+                {"tts_text": LONG, "spk_id": "spk_m1", "seed": 22, "stream": True},
+                {"tts_text": "另一个请求。" * 3, "spk_id": "zs_spk1", "seed": 23},
+            ]
+            rs = await asyncio.gather(*(c.post("/tts/pcm", json=b) for b in bodies))
+            return [r.content for r in rs]
+
+    batched = asyncio.run(together())[0]
+    x, y = decode_pcm(alone), decode_pcm(batched)
+    assert len(x) == len(y)
+    assert np.abs(x - y).max() <= 3 / 32768  # float reassociation only, no different tokens
+
+
+def test_ws_speaks_and_cancel_frees_the_job(cv):
+    async def go():
+        async with TTSClient(cv.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="spk_f1", seed=5)
+            for ch in TEXT:
+                await ctx.send(ch)
+            await ctx.close()
+            done = await ctx.collect()
+            long = await conn.start(spk_id="spk_m1", text=LONG)
+            await long.close()
+            async for item in long.events():
+                if isinstance(item, bytes):
+                    break
+            await long.cancel()
+            rest = await long.collect()
+            return done, rest
+
+    before = cv.wait_idle()
+    done, rest = asyncio.run(asyncio.wait_for(go(), 120))
+    assert_speech(decode_pcm(done.audio), 24000, min_seconds=1.0, max_gap_s=1.0)
+    assert done.done is not None and done.segments
+    assert rest.cancelled and rest.done is None
+    after = cv.wait_idle()
+    assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_http_disconnect_frees_the_job(cv):
+    before = cv.wait_idle()
+    body = {"tts_text": LONG, "spk_id": "spk_f1", "stream": True}
+    with httpx.stream("POST", f"{cv.base_url}/tts/pcm", json=body, timeout=120) as r:
+        next(r.iter_raw())
+    after = cv.wait_idle(timeout=10)
+    assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+def prompt_wav(seconds: float = 3.0, rate: int = 24000, amplitude: float = 0.3) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(0)
+    x = amplitude * (np.sin(2 * np.pi * (150 + 100 * t) * t) + 0.05 * rng.standard_normal(len(t)))
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def register(
+    srv: ServerProcess, spk_id: str, audio: bytes, text: str = "希望你以后能够做的比我还好呦。"
+):
+    return httpx.post(
+        f"{srv.base_url}/speakers",
+        data={"spk_id": spk_id, "prompt_text": text},
+        files={"prompt_wav": ("prompt.wav", audio, "audio/wav")},
+        timeout=120,
+    )
+
+
+def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
+    spk_dir = tmp_path / "speakers"
+    srv = start(spk_dir, "--no-warmup")
+    try:
+        r = register(srv, "my_voice", prompt_wav())
+        assert r.status_code == 201, r.text
+        assert r.json()["id"] == "my_voice"
+        assert register(srv, "my_voice", prompt_wav()).status_code == 409
+        for bad, why in [
+            (b"definitely not audio", "audio"),
+            (prompt_wav(seconds=0.3), "short"),
+            (prompt_wav(amplitude=0.0), "silent"),
+        ]:
+            r = register(srv, "bad_voice", bad)
+            assert r.status_code == 400, r.text
+            assert why in r.json()["detail"].lower()
+    finally:
+        srv.stop()
+    srv = start(spk_dir, "--no-warmup")
+    try:
+        ids = {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
+        assert "my_voice" in ids and "bad_voice" not in ids
+        body = {"tts_text": TEXT, "spk_id": "my_voice", "seed": 1}
+        r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
+        assert r.status_code == 200
+        assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0, max_gap_s=1.0)
+        assert httpx.delete(f"{srv.base_url}/speakers/my_voice").status_code == 204
+        assert httpx.delete(f"{srv.base_url}/speakers/spk_f1").status_code == 400  # built in
+        assert httpx.post(f"{srv.base_url}/tts/pcm", json=body).status_code == 400
+    finally:
+        srv.stop()
+
+
+def test_piper_engine_refuses_registration(server):
+    r = register(server, "x", prompt_wav())
+    assert r.status_code == 400 and "registration" in r.json()["detail"]
