@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cosyvoice.flow import FlowInput, FlowModel
-from cosyvoice.hift import HiFT
+from cosyvoice.hift import CausalHiFT, HiFT, NoiseBuffer
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,10 @@ class Token2WavState:
     cache_source: torch.Tensor | None = None  # (3840,)
     cache_speech: torch.Tensor | None = None  # (3840,)
     prompt_pad: int = 0  # extra first-hop tokens aligning the first chunk to the chunk grid
+    # v3 (CausalHiFT): all mel so far, re-vocoded every chunk; samples already emitted
+    acc_mel: torch.Tensor | None = None
+    speech_offset: int = 0
+    noise: NoiseBuffer | None = None
     n_chunks: int = 0
     n_samples: int = 0
 
@@ -107,6 +111,7 @@ class Token2Wav:
             samples_per_frame=hift.cfg.samples_per_frame,
         )
         self.window = np.hamming(2 * self.cfg.source_cache_len)  # float64, read-only
+        self.causal = isinstance(hift, CausalHiFT)
         self.sample_rate = hift.cfg.sampling_rate
 
     def new_state(
@@ -126,6 +131,12 @@ class Token2Wav:
         pf = torch.zeros(0, 80) if prompt_feat is None else prompt_feat.reshape(-1, 80)
         g = None if seed is None else torch.Generator().manual_seed(int(seed))
         h, p = self.cfg.token_hop_len, int(pt.numel())
+        if self.causal:
+            return Token2WavState(
+                pt, pf, embedding.reshape(-1), stream, float(speed), None, hop=h,
+                prompt_pad=math.ceil(p / h) * h - p,
+                noise=None if g is None else NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1),
+            )  # fmt: skip
         return Token2WavState(
             pt, pf, embedding.reshape(-1), stream, float(speed), g, hop=h,
             prompt_pad=math.ceil(p / h) * h - p,
@@ -184,6 +195,8 @@ class Token2Wav:
             for _, j in run
         ]
         mels = self.flow.inference(reqs)
+        if self.causal:
+            return self._finish_causal(run, mels, out)
         hift_in, caches, gens = [], [], []
         for (_, j), mel in zip(run, mels, strict=True):
             st = j.state
@@ -215,6 +228,41 @@ class Token2Wav:
                 st.hop = min(self.cfg.token_max_hop_len, st.hop * self.cfg.stream_scale_factor)
             st.n_chunks += 1
             st.n_samples += chunk.numel()
+            out[i] = chunk
+        return out
+
+    def _advance(self, j: _Job, chunk: torch.Tensor) -> None:
+        st = j.state
+        if j.final:
+            st.done = True
+        else:
+            st.token_offset = j.n_tok - self.cfg.pre_lookahead_len
+            st.hop = min(self.cfg.token_max_hop_len, st.hop * self.cfg.stream_scale_factor)
+        st.n_chunks += 1
+        st.n_samples += chunk.numel()
+
+    def _finish_causal(self, run, mels, out):
+        """v3: append the new mel frames to the request's mel and re-vocode all of it with the
+        causal HiFT (non-final calls hold back the last 8 frames); emit the new samples."""
+        acc = []
+        for (_, j), mel in zip(run, mels, strict=True):
+            st = j.state
+            mel = mel[:, st.token_offset * self.cfg.token_mel_ratio :].float().cpu()
+            if st.speed != 1.0 and (st.stream or st.token_offset == 0):
+                mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+            st.acc_mel = mel if st.acc_mel is None else torch.cat([st.acc_mel, mel], dim=-1)
+            acc.append(st.acc_mel)
+        res = self.hift.inference_causal(
+            acc, [j.final for _, j in run], [j.state.noise for _, j in run]
+        )
+        for (i, j), (speech, _) in zip(run, res, strict=True):
+            st = j.state
+            speech = speech.cpu()
+            chunk = speech[st.speech_offset :]
+            st.speech_offset = speech.numel()
+            if j.final:
+                st.acc_mel = None
+            self._advance(j, chunk)
             out[i] = chunk
         return out
 

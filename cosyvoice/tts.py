@@ -35,7 +35,7 @@ class TTS:
         from cosyvoice.model import load
 
         model = load(model_dir, device=device, **kw)
-        if model.family != "v2":
+        if model.family not in ("v2", "v3"):
             raise NotImplementedError(f"token2wav for family {model.family} is not implemented")
         flow = load_flow(model_dir, FlowConfig.from_yaml(model.config), device=device)
         hift = load_hift(model_dir, HiFTConfig.from_yaml(model.config), device=device)

@@ -1,5 +1,14 @@
-"""HiFT vocoder (mel -> 24 kHz waveform)."""
+"""HiFT vocoders (mel -> 24 kHz waveform): v2 HiFTGenerator, v3 CausalHiFTGenerator."""
 
+from cosyvoice.hift.causal import CausalHiFT, NoiseBuffer
 from cosyvoice.hift.hift import HiFT, HiFTConfig, build_hift, load_hift, load_hift_state
 
-__all__ = ["HiFT", "HiFTConfig", "build_hift", "load_hift", "load_hift_state"]
+__all__ = [
+    "CausalHiFT",
+    "HiFT",
+    "HiFTConfig",
+    "NoiseBuffer",
+    "build_hift",
+    "load_hift",
+    "load_hift_state",
+]

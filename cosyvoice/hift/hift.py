@@ -41,6 +41,8 @@ class HiFTConfig:
     audio_limit: float = 0.99
     f0_cond_channels: int = 512
     f0_num_class: int = 1
+    causal: bool = False  # v3 CausalHiFTGenerator
+    conv_pre_look_right: int = 0
 
     @property
     def samples_per_frame(self) -> int:
@@ -51,7 +53,8 @@ class HiFTConfig:
         """From the ``hift`` node of a parsed yaml (:func:`cosyvoice.config.read_yaml`)."""
         h = cfg.get("hift", cfg)
         target = str(h.get("_target_", ""))
-        if target and not target.endswith(".HiFTGenerator"):
+        causal = target.endswith(".CausalHiFTGenerator")
+        if target and not (causal or target.endswith(".HiFTGenerator")):
             raise ValueError(f"vocoder class {target} is not supported by cosyvoice.hift")
         if int(h.get("sampling_rate", 24000)) != 24000:
             raise ValueError("cosyvoice.hift implements the 24 kHz SineGen2 source only (v2)")
@@ -80,6 +83,8 @@ class HiFTConfig:
             audio_limit=float(h.get("audio_limit", 0.99)),
             f0_cond_channels=int(f0.get("cond_channels", 512)),
             f0_num_class=int(f0.get("num_class", 1)),
+            causal=causal,
+            conv_pre_look_right=int(h.get("conv_pre_look_right", 4 if causal else 0)),
         )
 
 
@@ -343,8 +348,12 @@ def _normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_hift(cfg: HiFTConfig) -> HiFT:
-    """Randomly initialised HiFT; ``state_dict()`` has the official hift.pt layout (parametrized
-    weight norm: ``*.parametrizations.weight.original0/1``)."""
+    """Randomly initialised HiFT (v2) or CausalHiFT (v3, ``cfg.causal``); ``state_dict()`` has the
+    official hift.pt layout (parametrized weight norm: ``*.parametrizations.weight.original0/1``)."""
+    if cfg.causal:
+        from cosyvoice.hift.causal import CausalHiFT
+
+        return CausalHiFT(cfg).eval()
     return HiFT(cfg).eval()
 
 
@@ -367,4 +376,4 @@ def load_hift(model_dir: str | Path, cfg: HiFTConfig | None = None, device="cpu"
 
         cfg = HiFTConfig.from_yaml(load_model_yaml(model_dir)[1])
     sd = torch.load(model_dir / "hift.pt", map_location="cpu", weights_only=True)
-    return load_hift_state(HiFT(cfg), sd).to(device).eval()
+    return load_hift_state(build_hift(cfg), sd).to(device).eval()
