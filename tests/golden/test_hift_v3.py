@@ -1,0 +1,107 @@
+"""CosyVoice3 CausalHiFT against the golden fixtures: float64 f0, staircase sine source, filter
+network, final and non-final (streaming) calls, seeded-noise variant, chunk-prefix property."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.hift import CausalHiFT, NoiseBuffer, load_hift
+
+WAVE_TOL = 1e-3  # golden README: waveforms
+F0_TOL = 1e-4  # f0 computed in float64 as upstream
+SRC_TOL = 1e-4
+
+
+def golden_dir() -> Path:
+    env = os.environ.get("COSYVOICE_GOLDEN")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+
+
+D = golden_dir() / "cosyvoice3"
+pytestmark = pytest.mark.skipif(not (D / "hift.npz").is_file(), reason=f"no golden fixtures at {D}")
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return {k: torch.from_numpy(v) for k, v in np.load(D / "hift.npz").items()}
+
+
+@pytest.fixture(scope="module")
+def hift():
+    torch.set_num_threads(2)
+    m = load_hift(D / "model")
+    assert isinstance(m, CausalHiFT)
+    return m
+
+
+def err(a, b):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+class Recorded:
+    """Stands in for a NoiseBuffer: the recorded noise values by sample position."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def take(self, n):
+        return self.t[:n]
+
+
+def test_f0_source_decode(hift, fx):
+    mel = fx["mel"]
+    assert err(hift.f0(mel, True), fx["f0"]) <= F0_TOL
+    with torch.inference_mode():
+        s, sines, uv = hift.source_causal(fx["f0"], None)
+        assert err(uv, fx["uv"]) == 0
+        n = fx["sine_waves_first4800"].shape[1]
+        assert err(sines[:, :n], fx["sine_waves_first4800"]) <= SRC_TOL
+        assert err(s, fx["source"]) <= SRC_TOL
+        assert (
+            err(hift.decode_causal(mel, fx["source"], True), fx["speech_from_decode"]) <= WAVE_TOL
+        )
+
+
+def test_inference_final_and_nonfinal(hift, fx):
+    ((y, s),) = hift.inference_causal([fx["mel"][0]], [True])
+    assert err(y, fx["speech"][0]) <= WAVE_TOL and err(s, fx["source"][0, 0]) <= WAVE_TOL
+    k = 0
+    while f"nonfinal{k}_speech" in fx:
+        n_f0 = fx[f"nonfinal{k}_f0"].shape[-1]
+        t = n_f0 + 3
+        assert err(hift.f0(fx["mel"][:, :, :t], False), fx[f"nonfinal{k}_f0"]) <= F0_TOL
+        ((yk, sk),) = hift.inference_causal([fx["mel"][0, :, :t]], [False])
+        assert yk.numel() == (t - 8) * 480
+        assert err(yk, fx[f"nonfinal{k}_speech"][0]) <= WAVE_TOL
+        assert err(sk, fx[f"nonfinal{k}_source"][0, 0]) <= WAVE_TOL
+        assert err(yk, y[: yk.numel()]) <= 1e-5  # prefix of the full call
+        k += 1
+    assert k >= 1
+
+
+def test_seeded_noise(hift, fx):
+    mel = fx["seeded_mel"][0]
+    nb = Recorded(fx["seeded_noise_sine_waves"][0])
+    ((y, s),) = hift.inference_causal([mel], [True], [nb])
+    e_noisy = err(y, fx["seeded_speech"][0])
+    assert e_noisy <= WAVE_TOL and err(s, fx["seeded_source"][0, 0]) <= WAVE_TOL
+    ((y, s),) = hift.inference_causal([mel], [False], [nb])
+    assert err(y, fx["seeded_nonfinal_speech"][0]) <= WAVE_TOL
+    assert err(s, fx["seeded_nonfinal_source"][0, 0]) <= WAVE_TOL
+    ((y0, _),) = hift.inference_causal([mel], [True])
+    assert err(y0, fx["seeded_speech"][0]) > 10 * e_noisy  # the noise is really applied
+
+
+def test_noise_buffer_is_chunking_independent():
+    a = NoiseBuffer(torch.Generator().manual_seed(3))
+    b = NoiseBuffer(torch.Generator().manual_seed(3))
+    a.take(100)
+    a.take(30000)
+    assert torch.equal(a.take(50000), b.take(50000))
