@@ -143,6 +143,14 @@ def merge_sentences(
     return final
 
 
+@functools.cache
+def _wetext_normalizers():
+    """(zh, en) wetext normalizers as upstream builds them; shared, FST loading is slow."""
+    from wetext import Normalizer
+
+    return Normalizer(remove_erhua=False), Normalizer()
+
+
 def is_punct_only(seg: str) -> bool:
     return bool(_PUNCT_ONLY.match(seg))
 
@@ -157,10 +165,7 @@ class TextNormalizer:
         self.count_tokens = count_tokens
         self._zh = self._en = None
         if use_wetext:
-            from wetext import Normalizer
-
-            self._zh = Normalizer(remove_erhua=False)
-            self._en = Normalizer()
+            self._zh, self._en = _wetext_normalizers()
 
     @staticmethod
     def bypass(text: str) -> bool:
