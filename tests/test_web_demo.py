@@ -8,7 +8,6 @@ cursor really moved, not merely that frames arrived on the socket.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api as playwright_api  # noqa: E402
 
-CHROMIUM = shutil.which("chromium")
 OUT = Path(__file__).resolve().parent / "out"
 
 # ~6 s of speech: played to the end in the PCM test.
@@ -39,12 +37,10 @@ LONG_TEXT = (
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator:
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+def browser(chromium: str) -> Iterator:
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=chromium,
             headless=True,
             args=[
                 "--no-sandbox",
