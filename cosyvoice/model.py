@@ -15,6 +15,8 @@ from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
 from .speakers import SpeakerStore
 
+V3_SYSTEM_PREFIX = "You are a helpful assistant.<|endofprompt|>"
+
 
 @dataclass
 class CosyVoiceModel:
@@ -46,16 +48,29 @@ class CosyVoiceModel:
         greedy: bool = False,
     ) -> LLMRequest:
         """LLM request for one already-normalised text segment (see ``frontend.split``), with
-        the zero-shot prompt of ``speaker`` if it has one."""
+        the zero-shot prompt of ``speaker`` if it has one.
+
+        v3 needs ``<|endofprompt|>`` in prompt text ++ text (spec §5.3); if it is missing, the
+        canonical system prefix is put in front of the prompt transcript (zero-shot) or of
+        the text (SFT), as upstream's examples do."""
         prompt_text: list[int] = []
         prompt_speech: list[int] = []
         embedding = None
         if speaker is not None:
             spk = self.speakers.get(speaker)
-            prompt_text, prompt_speech = spk.prompt_text_ids, spk.prompt_speech_tokens
+            prompt_text, prompt_speech = list(spk.prompt_text_ids), spk.prompt_speech_tokens
             embedding = spk.embedding  # only the v1 LLM reads it
+        text_ids = self.frontend.encode(text)
+        if self.family == "v3":
+            eop = self.frontend.tokenizer.token_to_id("<|endofprompt|>")
+            if eop not in prompt_text and eop not in text_ids:
+                prefix = self.frontend.encode(V3_SYSTEM_PREFIX)
+                if prompt_speech:
+                    prompt_text = prefix + prompt_text
+                else:
+                    text_ids = prefix + text_ids
         return LLMRequest(
-            text_ids=self.frontend.encode(text),
+            text_ids=text_ids,
             prompt_text_ids=prompt_text,
             prompt_speech_tokens=prompt_speech,
             seed=seed,

@@ -54,3 +54,23 @@ def test_v3_silent_filter(golden_dir):
         pytest.skip("no silent filter arrays")
     got = filter_silent(d["silent_filter_in"][0].tolist())
     assert got == d["silent_filter_out"][0].tolist()
+
+
+def test_v3_system_prefix_added(golden_dir, tmp_path):
+    """Text without <|endofprompt|> gets upstream's canonical prefix (v3 only): the ids equal
+    the golden llm.npz text tokens, which upstream built from the prefixed text."""
+    d = golden_dir / "cosyvoice3"
+    if not (d / "llm.npz").is_file():
+        pytest.skip("no cosyvoice3 llm.npz")
+    meta = json.loads((d / "fixtures_v3.json").read_text(encoding="utf-8"))["llm"]
+    prefix = "You are a helpful assistant.<|endofprompt|>"
+    if not meta["sft_text"].startswith(prefix):
+        pytest.skip("fixture text has another prefix")
+    m = cosyvoice.load(d / "model", speaker_dir=tmp_path)
+    z = np.load(d / "llm.npz")
+    req = m.new_request(meta["sft_text"][len(prefix) :], speaker="spk_f1", greedy=True)
+    assert list(req.text_ids) == z["text_token"][0].tolist()
+    assert req.min_len == meta["min_len"] and req.max_len == meta["max_len"]
+    assert m.llm.generate(req) == z["greedy_tokens"][0].tolist()
+    zs = m.new_request(meta["zs_text"], speaker="zs_spk1")  # prompt already has the prefix
+    assert list(zs.prompt_text_ids) == z["zs_prompt_text_token"][0].tolist()
