@@ -57,6 +57,8 @@ class LLMRequest:
 
     def __post_init__(self) -> None:
         n = len(self.text_ids)
+        if n == 0:
+            raise ValueError("LLMRequest needs at least one text token")
         if self.min_len < 0:
             self.min_len = int(n * MIN_TOKEN_TEXT_RATIO)
         if self.max_len < 0:
@@ -117,25 +119,32 @@ class LLMEngine:
         for r in requests:
             if r.done:
                 raise ValueError("step() got a finished request")
+        if len({id(r) for r in requests}) != len(requests):
+            raise ValueError("step() got the same request twice")
         if not requests:
             return []
         net = self.net
         dev, dtype = self.device, net.llm_decoder.weight.dtype
         embeds, lens, caches = [], [], []
+        fresh: list[tuple[LLMRequest, KVCache]] = []
         for r in requests:
             if not r.prefilled:
                 text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
                 speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
                 e = net.prefix_embeds(text, speech, r.embedding)
-                r.cache = net.new_cache(dtype, dev)
+                cache = net.new_cache(dtype, dev)
+                fresh.append((r, cache))
             else:
                 last = torch.tensor([r.out_tokens[-1]], dtype=torch.long, device=dev)
                 e = net.speech_embedding(last)
+                cache = r.cache
             embeds.append(e)
             lens.append(e.shape[0])
-            caches.append(r.cache)
+            caches.append(cache)
         with self._lock:
             logits = net.forward_packed(torch.cat(embeds), caches, lens)
+        for r, cache in fresh:  # only now: a failed forward leaves them un-started
+            r.cache = cache
         logits = logits.float().cpu()
         out: list[int | None] = []
         for r, lg in zip(requests, logits, strict=True):

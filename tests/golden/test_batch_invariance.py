@@ -98,3 +98,18 @@ def test_random_seed_zero(model):
     ids = model.frontend.encode("seed zero means random")
     a, b = LLMRequest(text_ids=ids), LLMRequest(text_ids=ids)
     assert a.seed != 0 and a.seed != b.seed
+
+
+def test_bad_steps_rejected(model):
+    ids = model.frontend.encode("guard rails")
+    r = LLMRequest(text_ids=ids, seed=5)
+    with pytest.raises(ValueError):
+        model.llm.step([r, r])
+    assert not r.prefilled  # nothing ran
+    with pytest.raises(ValueError):
+        model.llm.decode([r])
+    with pytest.raises(ValueError):
+        LLMRequest(text_ids=[])
+    model.llm.prefill([r])
+    with pytest.raises(ValueError):
+        model.llm.prefill([r])
