@@ -200,6 +200,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "CosyVoice2-0.5B")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-flow-hift", action="store_true", help="LLM side only")
+    ap.add_argument(
+        "--assets-from",
+        type=Path,
+        default=None,
+        help="a real CosyVoice2 dir: copy its tokenizer files and ONNX models instead of the stand-ins",
+    )
     args = ap.parse_args()
     src = golden_dir() / "cosyvoice2" / "model"
     out: Path = args.out
@@ -210,11 +216,14 @@ def main() -> None:
     )
     blank = out / "CosyVoice-BlankEN"
     (blank / "config.json").write_text(json.dumps(QWEN_CONFIG, indent=2) + "\n")
-    # stand-ins: tiny tokenizer files and ONNX models (the real ones cannot be fetched here)
+    # stand-ins: tiny tokenizer files and ONNX models, unless real ones are given
+    real = args.assets_from
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy2(src / "CosyVoice-BlankEN" / name, blank / name)
+        p = real / "CosyVoice-BlankEN" / name if real else None
+        shutil.copy2(p if p and p.is_file() else src / "CosyVoice-BlankEN" / name, blank / name)
     for name in ("campplus.onnx", "speech_tokenizer_v2.onnx"):
-        shutil.copy2(src / name, out / name)
+        p = real / name if real else None
+        shutil.copy2(p if p and p.is_file() else src / name, out / name)
 
     cfg = read_yaml(out / "cosyvoice2.yaml", {"qwen_pretrain_path": str(blank)})
     print("[make_full_model] llm.pt ...", flush=True)
