@@ -30,6 +30,16 @@ D = golden_dir() / "cosyvoice2"
 pytestmark = pytest.mark.skipif(not (D / "hift.npz").is_file(), reason=f"no golden fixtures at {D}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
+    two OpenMP threads collapse under contention (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def fx():
     return {k: torch.from_numpy(v) for k, v in np.load(D / "hift.npz").items()}
@@ -37,7 +47,6 @@ def fx():
 
 @pytest.fixture(scope="module")
 def hift():
-    torch.set_num_threads(2)
     return load_hift(D / "model")
 
 

@@ -35,9 +35,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
+    two OpenMP threads collapse under contention (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def t2w():
-    torch.set_num_threads(2)
     return Token2Wav(load_flow(D / "model"), load_hift(D / "model"))
 
 
@@ -81,8 +90,11 @@ def _tokens(fx, key):
 RUNS = _runs() if (D / "e2e_sft.npz").is_file() else []
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[r["key"] for r in RUNS])
-@pytest.mark.parametrize("feed", ["all_at_once", "token_by_token"])
+# every run with all tokens at once; streaming runs also token by token (as the LLM emits them)
+CASES = [(r, "all_at_once") for r in RUNS] + [(r, "token_by_token") for r in RUNS if r["stream"]]
+
+
+@pytest.mark.parametrize(("run", "feed"), CASES, ids=[f"{r['key']}-{f}" for r, f in CASES])
 def test_chunks_match_fixture(t2w, fx, spk, run, feed):
     key = run["key"]
     toks = _tokens(fx, key)

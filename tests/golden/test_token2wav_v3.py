@@ -33,9 +33,18 @@ pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
 RUNS = json.loads((D / "fixtures_v3.json").read_text())["e2e_sft"]["runs"] if HAVE else []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
+    two OpenMP threads collapse under contention (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def t2w():
-    torch.set_num_threads(2)
     return Token2Wav(load_flow(D / "model"), load_hift(D / "model"))
 
 
