@@ -93,8 +93,8 @@ class QwenTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -128,8 +128,10 @@ class WhisperTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special="all")
 
-    def decode(self, ids: list[int]) -> str:
-        return self._enc.decode([i for i in ids if i < self._enc.eot_token])
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i < self._enc.eot_token]
+        return self._enc.decode(ids)
 
     def token_to_id(self, token: str) -> int | None:
         try:
