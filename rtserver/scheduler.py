@@ -111,8 +111,9 @@ class Scheduler:
             share = elapsed / len(batch)
             log.debug("step: %d jobs in %.1f ms", len(batch), elapsed * 1000)
             self.counters.steps += 1
-            for job in batch:
-                job.processing_seconds += share
+            if not getattr(self.engine, "measures_time", False):
+                for job in batch:
+                    job.processing_seconds += share
             for job, event in results:
                 self._route(job, event)
 

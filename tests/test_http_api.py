@@ -174,7 +174,8 @@ def test_capacity_gives_503_with_retry_after(make_server):
     body = {"tts_text": LONG_TEXT * 3, "spk_id": "joe", "stream": True}
     with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=60) as first:
         assert first.status_code == 200
-        next(first.iter_raw())  # the first job is admitted and holds the only slot
+        chunks = first.iter_raw()  # keep the iterator: dropping it closes the response
+        next(chunks)  # the first job is admitted and holds the only slot
         r = post(srv, "/tts", tts_text="Hello.", spk_id="joe")
         got = error(r, 503)
         assert int(r.headers["retry-after"]) >= 1 and "capacity" in got["detail"]
@@ -216,19 +217,21 @@ def test_engine_failure_is_500_json_and_hurts_no_one_else(make_server, tmp_path)
 # ---- scheduler behaviour ------------------------------------------------------------------
 
 
-def test_disconnect_mid_stream_drops_the_job(server):
-    before = server.wait_idle()
-    body = {"tts_text": LONG_TEXT * 4, "spk_id": "joe", "stream": True}
-    with httpx.stream("POST", f"{server.base_url}/tts/pcm", json=body, timeout=60) as r:
+def test_disconnect_mid_stream_drops_the_job(make_server):
+    # Far more audio than socket buffers hold, so the job is still running when we leave.
+    srv = make_server("--max-text-chars", "100000")
+    before = srv.wait_idle()
+    body = {"tts_text": LONG_TEXT * 40, "spk_id": "joe", "stream": True}
+    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=60) as r:
         assert r.status_code == 200
-        next(r.iter_raw())
-        assert server.healthz()["active"] == 1
+        chunks = r.iter_raw()  # keep the iterator: dropping it closes the response
+        next(chunks)
+        assert srv.healthz()["active"] == 1
     # Leaving the block closes the connection after one chunk.
-    t0 = time.monotonic()
-    after = server.wait_idle(timeout=5)
+    after = srv.wait_idle(timeout=5)
     assert after["active"] == 0, after
     assert after["cancelled"] == before["cancelled"] + 1
-    assert time.monotonic() - t0 < 5
+    assert after["completed"] == before["completed"]
 
 
 def test_eight_concurrent_requests_beat_eight_sequential(server):
@@ -248,8 +251,13 @@ def test_eight_concurrent_requests_beat_eight_sequential(server):
                 out = [await one(c, t) for t in texts]
             return time.monotonic() - t0, list(out)
 
-    sequential, _ = asyncio.run(run(False))
-    concurrent, outs = asyncio.run(run(True))
-    for pcm in outs:
-        assert_speech(decode_pcm(pcm), 22050, min_seconds=10.0)
+    # Best of two alternating rounds each, so a hiccup of the machine cannot decide it.
+    seq_times, conc_times = [], []
+    for _ in range(2):
+        seq_times.append(asyncio.run(run(False))[0])
+        elapsed, outs = asyncio.run(run(True))
+        conc_times.append(elapsed)
+        for pcm in outs:
+            assert_speech(decode_pcm(pcm), 22050, min_seconds=10.0)
+    sequential, concurrent = min(seq_times), min(conc_times)
     assert concurrent < sequential, f"concurrent {concurrent:.2f}s vs sequential {sequential:.2f}s"

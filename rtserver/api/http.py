@@ -104,8 +104,12 @@ async def tts_pcm(data: TTSRequest, service: TTSService) -> Stream:
     body, rate = await _start(service, data, PcmEncoder)
     return Stream(
         body,
-        media_type=f"audio/L16;rate={rate};channels=1",
-        headers={"Content-Disposition": "attachment; filename=tts.pcm", **_pcm_headers(rate)},
+        headers={
+            # The route's static media type documents the endpoint; the real one has the rate.
+            "content-type": f"audio/L16;rate={rate};channels=1",
+            "Content-Disposition": "attachment; filename=tts.pcm",
+            **_pcm_headers(rate),
+        },
     )
 
 
