@@ -18,6 +18,7 @@ from litestar.response import File
 from litestar.static_files import create_static_files_router
 
 from rtserver import __version__
+from rtserver.api import openai
 from rtserver.api.errors import EXCEPTION_HANDLERS
 from rtserver.api.http import ROUTES
 from rtserver.api.ws import ws_tts
@@ -57,7 +58,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
     def provide_service(state: State) -> TTSService:
         return state.service
 
-    routes: list = [*ROUTES, ws_tts, index]
+    routes: list = [*ROUTES, *openai.ROUTES, ws_tts, index]
     if WEB_DEMO.is_dir():
         routes.append(create_static_files_router(path="/demo", directories=[WEB_DEMO]))
 

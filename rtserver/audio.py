@@ -7,6 +7,8 @@ another rate) uses libswresample through PyAV, with its filter state kept across
 
 from __future__ import annotations
 
+import struct
+
 import av
 import numpy as np
 
@@ -72,6 +74,32 @@ class PcmEncoder(Encoder):
         return to_s16le(audio)
 
 
+class WavEncoder(PcmEncoder):
+    """A streamed WAV: the header first, with the 'unknown length' sizes players accept."""
+
+    media_type = "audio/wav"
+
+    def __init__(self, rate_in: int, rate_out: int | None = None) -> None:
+        super().__init__(rate_in, rate_out)
+        self._header_sent = False
+
+    def header(self) -> bytes:
+        rate = self.sample_rate
+        return (
+            b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", 0xFFFFFFFF)
+        )  # fmt: skip
+
+    def _encode(self, audio: np.ndarray) -> bytes:
+        head = b"" if self._header_sent else self.header()
+        self._header_sent = True
+        return head + to_s16le(audio)
+
+    def _finish(self) -> bytes:
+        return b"" if self._header_sent else self.header()
+
+
 class Mp3Encoder(Encoder):
     media_type = "audio/mpeg"
 
@@ -104,4 +132,4 @@ class Mp3Encoder(Encoder):
 
 
 def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder:
-    return {"pcm": PcmEncoder, "mp3": Mp3Encoder}[fmt](rate_in, rate_out)
+    return {"pcm": PcmEncoder, "mp3": Mp3Encoder, "wav": WavEncoder}[fmt](rate_in, rate_out)

@@ -1,0 +1,92 @@
+"""OpenAI-compatible speech routes, so voice-agent frameworks plug in by base_url.
+
+`POST /v1/audio/speech` takes OpenAI's body (model, input, voice, response_format, speed,
+stream_format) and `GET /v1/audio/voices` lists what `voice` accepts. OpenAI's own voice
+names are accepted as aliases of the server's first speaker, since frameworks such as Pipecat
+refuse other names. `pcm` is 24 kHz s16le mono, as OpenAI sends it; `mp3` and `wav` keep the
+speaker's rate. `model` and `instructions` are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+import msgspec
+from litestar import get, post
+from litestar.exceptions import ValidationException
+from litestar.response import Stream
+
+from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS
+from rtserver.audio import make_encoder
+from rtserver.engine import Speaker
+from rtserver.protocol import Text
+from rtserver.service import TTSService, UnknownSpeaker
+
+OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                 "shimmer", "verse")  # fmt: skip
+OPENAI_PCM_RATE = 24000
+MEDIA_TYPES = {"mp3": "audio/mpeg", "pcm": "audio/pcm", "wav": "audio/wav"}
+
+
+class SpeechRequest(msgspec.Struct):
+    input: Text
+    voice: str
+    model: str = "tts-1"
+    response_format: str = "mp3"
+    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
+    stream_format: Literal["audio", "sse"] = "audio"
+    instructions: str | None = None
+
+
+def _speaker(service: TTSService, voice: str) -> Speaker:
+    try:
+        return service.speaker(voice)
+    except UnknownSpeaker as exc:
+        if voice.lower() in OPENAI_VOICES:
+            return service.speakers()[0]
+        raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES]) from None
+
+
+@post(
+    "/v1/audio/speech",
+    summary="OpenAI-compatible speech",
+    description="Body as OpenAI's: `input`, `voice`, `response_format` (mp3, pcm, wav), "
+    "`speed` (0.25-4), `stream_format` (audio or sse).",
+    responses=ERROR_DOCS,
+    status_code=200,
+)
+async def speech(data: SpeechRequest, service: TTSService) -> Stream:
+    if data.response_format not in MEDIA_TYPES:
+        raise ValidationException(
+            f"response_format {data.response_format!r} is not supported; use one of "
+            f"{', '.join(MEDIA_TYPES)}",
+            extra=[
+                {"key": "response_format", "message": f"unsupported; use {', '.join(MEDIA_TYPES)}"}
+            ],
+        )
+    speaker = _speaker(service, data.voice)
+    job = service.synthesize(data.input, speaker, data.speed, seed=0, stream=True)
+    first = await service.first_event(job)
+    rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None
+    encoder = make_encoder(data.response_format, speaker.sample_rate, rate_out)
+    body = service.encoded(job, encoder, first)
+    if data.stream_format == "sse":
+        return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)
+    return Stream(body, media_type=MEDIA_TYPES[data.response_format], headers=STREAM_HEADERS)
+
+
+async def _sse(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async for piece in body:
+        event = {"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()}
+        yield b"data: " + msgspec.json.encode(event) + b"\n\n"
+    yield b'data: {"type":"speech.audio.done"}\n\n'
+
+
+@get("/v1/audio/voices", summary="Voices /v1/audio/speech accepts")
+async def voices(service: TTSService) -> dict[str, list[str]]:
+    return {"voices": [s.id for s in service.speakers()], "aliases": list(OPENAI_VOICES)}
+
+
+ROUTES = [speech, voices]
