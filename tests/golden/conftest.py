@@ -93,3 +93,19 @@ def assert_close(got, expected, atol: float, rtol: float = 0.0, what: str = "") 
     err = float(np.abs(g - e).max()) if g.size else 0.0
     np.testing.assert_allclose(g, e, atol=atol, rtol=rtol, err_msg=what)
     return err
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Run a module's tiny-model tests on one torch thread.
+
+    On the shared 2-core machine, 2 OpenMP threads under contention make microsecond-sized ops
+    wait on thread barriers (measured 6-15x slower). Use via
+    ``pytestmark = pytest.mark.usefixtures("torch_single_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,6 +10,8 @@ import torch
 import cosyvoice
 from cosyvoice.llm.engine import LLMRequest
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 LOGIT_ATOL = 1e-4
 
 

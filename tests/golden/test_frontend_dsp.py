@@ -15,6 +15,8 @@ from conftest import assert_close
 
 from cosyvoice.frontend.audio import kaldi_fbank_cmn, matcha_mel, resample, whisper_log_mel
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 ATOL = 1e-4
 
 

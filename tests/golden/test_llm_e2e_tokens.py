@@ -12,6 +12,8 @@ import pytest
 import cosyvoice
 from cosyvoice.llm.silence import filter_silent
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _fixtures(family_dir):
     js = sorted(family_dir.glob("fixtures_*.json"))

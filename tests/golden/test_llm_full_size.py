@@ -14,6 +14,8 @@ from conftest import REPO_ROOT
 from cosyvoice.config import QwenConfig, llm_config, read_yaml
 from cosyvoice.llm.lm import UNUSED_KEYS, QwenSpeechLM
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 def _mfm():
     spec = importlib.util.spec_from_file_location("mfm", REPO_ROOT / "bench" / "make_full_model.py")

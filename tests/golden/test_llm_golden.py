@@ -13,6 +13,8 @@ from cosyvoice.llm.engine import LLMEngine, LLMRequest
 from cosyvoice.llm.lm import QwenSpeechLM
 from cosyvoice.llm.transformer_lm import TransformerSpeechLM
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 ATOL = 1e-4
 
 

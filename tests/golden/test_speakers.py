@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from conftest import REPO_ROOT, assert_close
 import cosyvoice
 from cosyvoice.frontend.audio import AudioError, resample
 from cosyvoice.speakers import SpeakerError
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 ATOL = 1e-4
 
@@ -128,6 +131,7 @@ def test_register_round_trip(golden_dir, tmp_path):
         text=True,
         check=True,
         cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see conftest.torch_single_thread
     )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert "测试 voice-1" in got["list"] and "flac_voice" in got["list"]

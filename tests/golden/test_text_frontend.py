@@ -12,6 +12,8 @@ import pytest
 from cosyvoice.frontend.text import TextNormalizer
 from cosyvoice.frontend.tokenizer import QwenTokenizer, WhisperTokenizer
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 # tokenizer key -> golden model dir providing it ("" = needs no model dir)
 TOKENIZERS = {"qwen_tiny": "cosyvoice2", "whisper_v1": ""}
 

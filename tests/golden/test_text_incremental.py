@@ -9,6 +9,8 @@ import pytest
 
 from cosyvoice.frontend import Frontend
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 
 @pytest.fixture(scope="module")
 def frontend(golden_dir):
