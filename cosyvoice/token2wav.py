@@ -79,17 +79,14 @@ class Token2WavState:
 
 
 def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: np.ndarray) -> torch.Tensor:
-    """Cross-fade the first len(window)/2 samples of ``new`` with the last ones of ``old``
-    (float64 window and blend, rounded once to float32)."""
+    """Cross-fade the first len(window)/2 samples (last dim) of ``new`` with the last ones of
+    ``old`` (float64 window and blend, rounded once to float32)."""
     n = len(window) // 2
     w = torch.from_numpy(window)
     out = new.clone()
     k = min(n, new.shape[-1])
-    blend = (
-        new[:k].double() * w[:k]
-        + old[old.shape[-1] - n : old.shape[-1] - n + k].double() * w[n : n + k]
-    )
-    out[:k] = blend.to(new.dtype)
+    o = old[..., old.shape[-1] - n : old.shape[-1] - n + k].double()
+    out[..., :k] = (new[..., :k].double() * w[:k] + o * w[n : n + k]).to(new.dtype)
     return out
 
 
@@ -286,3 +283,144 @@ class Token2Wav:
         """All tokens at once -> the whole waveform (concatenated chunks if ``st.stream``)."""
         chunks = list(self.stream(st, [list(torch.as_tensor(tokens).reshape(-1).tolist())]))
         return torch.cat(chunks) if chunks else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# v1 (CosyVoice-300M, 22.05 kHz): fixed 100-token hops with 20 overlap tokens, flow cache, mel
+# overlap cross-fade (34 frames) and HiFT caches (20 mel frames / 5120 samples).
+
+
+@dataclass(frozen=True)
+class StreamConfigV1:
+    token_hop_len: int = 100
+    token_overlap_len: int = 20
+    mel_overlap_len: int = 34
+    mel_cache_len: int = 20
+    source_cache_len: int = 20 * 256
+
+
+@dataclass
+class Token2WavV1State:
+    prompt_token: torch.Tensor
+    prompt_feat: torch.Tensor
+    embedding: torch.Tensor
+    stream: bool = True
+    speed: float = 1.0
+    generator: torch.Generator | None = None  # HiFT noise; None = zero noise
+    flow_generator: torch.Generator | None = None  # flow noise (v1 draws it every call)
+    flow_noise: list[torch.Tensor] = field(default_factory=list)  # test hook: z per flow call
+    tokens: list[int] = field(default_factory=list)  # not yet consumed (incl. the overlap)
+    input_done: bool = False
+    done: bool = False
+    flow_cache: torch.Tensor | None = None
+    mel_overlap: torch.Tensor | None = None
+    cache_mel: torch.Tensor | None = None
+    cache_source: torch.Tensor | None = None
+    cache_speech: torch.Tensor | None = None
+    n_chunks: int = 0
+    n_samples: int = 0
+
+
+class Token2WavV1:
+    """Same API as :class:`Token2Wav` for the v1 family. Flow calls run per request (v1 flow is
+    not batched); HiFT runs batched."""
+
+    def __init__(self, flow, hift: HiFT, cfg: StreamConfigV1 | None = None):
+        self.flow, self.hift = flow, hift
+        self.cfg = cfg or StreamConfigV1(source_cache_len=20 * hift.cfg.samples_per_frame)
+        self.mel_window = np.hamming(2 * self.cfg.mel_overlap_len)
+        self.window = np.hamming(2 * self.cfg.source_cache_len)
+        self.sample_rate = hift.cfg.sampling_rate
+
+    def new_state(
+        self, embedding, prompt_token=None, prompt_feat=None, stream=True, speed=1.0, seed=None
+    ):
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        pt = torch.zeros(0, dtype=torch.long) if prompt_token is None else prompt_token.reshape(-1)
+        pf = torch.zeros(0, 80) if prompt_feat is None else prompt_feat.reshape(-1, 80)
+        g = None if seed is None else torch.Generator().manual_seed(int(seed))
+        fg = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
+        return Token2WavV1State(pt, pf, embedding.reshape(-1), stream, float(speed), g, fg)
+
+    def _plan(self, st) -> str | None:
+        if st.done:
+            return None
+        if st.stream and len(st.tokens) >= self.cfg.token_hop_len + self.cfg.token_overlap_len:
+            return "chunk"
+        return "final" if st.input_done else None
+
+    ready = Token2Wav.ready
+
+    @torch.inference_mode()
+    def step(self, items) -> list:
+        out: list[torch.Tensor | None] = [None] * len(items)
+        run, mels = [], []
+        for i, (st, new, final) in enumerate(items):
+            if st.done:
+                raise ValueError("step() on a finished state")
+            if isinstance(new, torch.Tensor):
+                new = new.reshape(-1).tolist()
+            st.tokens.extend(int(t) for t in new)
+            st.input_done = st.input_done or bool(final)
+            kind = self._plan(st)
+            if kind is None:
+                continue
+            n = (
+                self.cfg.token_hop_len + self.cfg.token_overlap_len
+                if kind == "chunk"
+                else len(st.tokens)
+            )
+            if n == 0:
+                st.done, out[i] = True, torch.zeros(0)
+                continue
+            z = st.flow_noise.pop(0) if st.flow_noise else None
+            mel, st.flow_cache = self.flow.inference(
+                torch.tensor(st.tokens[:n]), st.prompt_token, st.prompt_feat, st.embedding,
+                st.flow_cache, z=z, generator=st.flow_generator,
+            )  # fmt: skip
+            mel = mel.float().cpu()
+            if st.mel_overlap is not None:
+                mel = fade_in_out(mel, st.mel_overlap, self.mel_window)
+            if kind == "chunk":
+                st.tokens = st.tokens[self.cfg.token_hop_len :]
+            elif st.cache_mel is None and st.speed != 1.0:
+                mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+            if st.cache_mel is not None:
+                mel = torch.cat([st.cache_mel, mel], dim=-1)
+            if kind == "chunk":
+                st.mel_overlap = mel[:, -self.cfg.mel_overlap_len :]
+                mel = mel[:, : -self.cfg.mel_overlap_len]
+            run.append((i, st, kind))
+            mels.append(mel)
+        if not run:
+            return out
+        res = self.hift.inference(
+            mels, [st.cache_source for _, st, _ in run], [st.generator for _, st, _ in run]
+        )
+        nc = self.cfg.source_cache_len
+        for (i, st, kind), mel, (speech, source) in zip(run, mels, res, strict=True):
+            speech, source = speech.cpu(), source.cpu()
+            if st.cache_speech is not None:
+                speech = fade_in_out(speech, st.cache_speech, self.window)
+            if kind == "final":
+                st.done = True
+                chunk = speech
+            else:
+                st.cache_mel = mel[:, -self.cfg.mel_cache_len :]
+                st.cache_source, st.cache_speech = source[-nc:], speech[-nc:]
+                chunk = speech[:-nc]
+            st.n_chunks += 1
+            st.n_samples += chunk.numel()
+            out[i] = chunk
+        return out
+
+    stream = Token2Wav.stream
+    synthesize = Token2Wav.synthesize
+
+
+def make_token2wav(flow, hift):
+    """The streaming token2wav for a loaded flow/HiFT pair (v1, v2 or v3)."""
+    from cosyvoice.flow.v1 import FlowV1
+
+    return Token2WavV1(flow, hift) if isinstance(flow, FlowV1) else Token2Wav(flow, hift)

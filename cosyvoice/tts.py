@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from cosyvoice.flow import FlowConfig, load_flow
+from cosyvoice.flow import load_flow
 from cosyvoice.hift import HiFTConfig, load_hift
-from cosyvoice.token2wav import Token2Wav
+from cosyvoice.token2wav import Token2Wav, Token2WavV1, make_token2wav
 
 
 @dataclass
 class TTS:
     model: object  # cosyvoice.model.CosyVoiceModel
-    token2wav: Token2Wav
+    token2wav: Token2Wav | Token2WavV1
 
     @property
     def sample_rate(self) -> int:
@@ -35,11 +35,9 @@ class TTS:
         from cosyvoice.model import load
 
         model = load(model_dir, device=device, **kw)
-        if model.family not in ("v2", "v3"):
-            raise NotImplementedError(f"token2wav for family {model.family} is not implemented")
-        flow = load_flow(model_dir, FlowConfig.from_yaml(model.config), device=device)
+        flow = load_flow(model_dir, device=device)
         hift = load_hift(model_dir, HiFTConfig.from_yaml(model.config), device=device)
-        return cls(model, Token2Wav(flow, hift))
+        return cls(model, make_token2wav(flow, hift))
 
     def tts(
         self,

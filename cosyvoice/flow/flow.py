@@ -259,7 +259,12 @@ def load_flow(model_dir: str | Path, cfg: FlowConfig | None = None, device="cpu"
     if cfg is None:
         from cosyvoice.config import load_model_yaml
 
-        cfg = FlowConfig.from_yaml(load_model_yaml(model_dir)[1])
+        y = load_model_yaml(model_dir)[1]
+        if str(y["flow"].get("_target_", "")).endswith(".MaskedDiffWithXvec"):
+            from cosyvoice.flow.v1 import load_flow_v1
+
+            return load_flow_v1(model_dir, device)  # v1: a FlowV1, see cosyvoice.flow.v1
+        cfg = FlowConfig.from_yaml(y)
     m = FlowModel(cfg)
     sd = torch.load(model_dir / "flow.pt", map_location="cpu", weights_only=True)
     m.load_state_dict(sd, strict=True)

@@ -56,8 +56,6 @@ class HiFTConfig:
         causal = target.endswith(".CausalHiFTGenerator")
         if target and not (causal or target.endswith(".HiFTGenerator")):
             raise ValueError(f"vocoder class {target} is not supported by cosyvoice.hift")
-        if int(h.get("sampling_rate", 24000)) != 24000:
-            raise ValueError("cosyvoice.hift implements the 24 kHz SineGen2 source only (v2)")
         tup = lambda v: tuple(int(x) for x in v)  # noqa: E731
         f0 = h.get("f0_predictor", {})
         ist = h.get("istft_params", {})
@@ -215,6 +213,10 @@ class HiFT(nn.Module):
             1, 2
         )  # (B, L, 1)
         fn = f0_up * harm  # (B, L, H)
+        if cfg.sampling_rate == 22050:  # v1 SineGen: per-sample phase, 2*pi*(cumsum(f/sr) mod 1)
+            theta = 2 * np.pi * (torch.cumsum(fn / cfg.sampling_rate, dim=1) % 1)
+            sines = torch.sin(theta) * cfg.nsf_alpha
+            return self._finish_source(f0_up, sines, noise)
         rad = (fn / cfg.sampling_rate) % 1
         rad = F.interpolate(rad.transpose(1, 2), scale_factor=1.0 / spf, mode="linear").transpose(
             1, 2
@@ -224,6 +226,10 @@ class HiFT(nn.Module):
             phase.transpose(1, 2) * spf, scale_factor=float(spf), mode="linear"
         ).transpose(1, 2)
         sines = torch.sin(phase) * cfg.nsf_alpha
+        return self._finish_source(f0_up, sines, noise)
+
+    def _finish_source(self, f0_up, sines, noise):
+        cfg = self.cfg
         uv = (f0_up > cfg.nsf_voiced_threshold).float()
         amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
         nz = torch.zeros_like(sines)
