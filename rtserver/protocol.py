@@ -164,6 +164,7 @@ ERROR_CODES: dict[str, str] = {
     "message_too_large": "the frame exceeds max_message_bytes",
     "unknown_context": "no open context has this context_id",
     "duplicate_context": "a context with this context_id is already open",
+    "context_closed": "text, flush or close for a context after its `close` (or after it finished)",
     "unknown_speaker": "spk_id is not one of the server's speakers",
     "too_many_contexts": "the socket already has max_contexts open contexts",
     "text_too_long": "the context's text exceeds the server's limit",

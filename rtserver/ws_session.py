@@ -64,6 +64,7 @@ class Context:
     flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segment count)
     flush_count: int = 0
     cancelled: bool = False
+    closed: bool = False  # `close` received: no more text
     pump: asyncio.Task | None = None
     auto_flush: asyncio.TimerHandle | None = None
 
@@ -172,14 +173,25 @@ class WsSession:
         else:
             ctx = self.contexts.get(msg.context_id)
             if ctx is None:
-                if isinstance(msg, Cancel) and msg.context_id in self.finished:
-                    await self._send(CancelledMsg(context_id=msg.context_id))
+                if msg.context_id in self.finished:
+                    if isinstance(msg, Cancel):  # the race of barge-in with the last audio
+                        await self._send(CancelledMsg(context_id=msg.context_id))
+                    else:
+                        await self._error(
+                            "context_closed",
+                            f"context {msg.context_id!r} has finished",
+                            msg.context_id,
+                        )
                     return
                 await self._error(
                     "unknown_context", f"no open context {msg.context_id!r}", msg.context_id
                 )
                 return
-            if isinstance(msg, AppendText):
+            if ctx.closed and isinstance(msg, AppendText | Flush | Close):
+                await self._error(
+                    "context_closed", f"context {ctx.id!r} was closed; open a new one", ctx.id
+                )
+            elif isinstance(msg, AppendText):
                 await self._append(ctx, msg.text)
                 if msg.flush:
                     await self._flush(ctx)
@@ -276,6 +288,7 @@ class WsSession:
             await self._send(Flushed(context_id=ctx.id, flush_id=flush_id))
 
     async def _close(self, ctx: Context) -> None:
+        ctx.closed = True
         if ctx.auto_flush:
             ctx.auto_flush.cancel()
         self._submit(ctx, ctx.segmenter.flush(), close=True)

@@ -227,6 +227,9 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
             assert event["context_id"] == "extra"
             await ws.send(json.dumps({"type": "start", "context_id": "k0", "spk_id": "joe"}))
             await expect_error(ws, "duplicate_context")
+            await ws.send(json.dumps({"type": "close", "context_id": "k1"}))
+            await ws.send(json.dumps({"type": "text", "context_id": "k1", "text": "late"}))
+            await expect_error(ws, "context_closed")
             await still_open(ws)
 
     run(go())
