@@ -10,7 +10,7 @@ single-request reference path (tests, CLI).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +49,13 @@ class TTS:
         greedy: bool = False,
         noise: bool = True,
         text_frontend: bool = True,
+        state_hook: Callable[[object, int], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield float32 audio chunks (1-D, ``sample_rate``). ``seed`` (0 = random) drives LLM
         sampling and the vocoder noise; ``greedy`` = argmax decoding and ``noise=False`` = zero
         vocoder noise give the deterministic output the golden fixtures were recorded with.
-        With ``stream=False`` one chunk per text segment is yielded."""
+        With ``stream=False`` one chunk per text segment is yielded. ``state_hook(state, i)`` sees
+        each segment's token2wav state before use (tests replay recorded v1 flow noise with it)."""
         m = self.model
         spk = m.speakers.get(speaker)
         if seed == 0:
@@ -68,6 +70,8 @@ class TTS:
                 speed=speed,
                 seed=(seed + i) if noise else None,
             )
+            if state_hook is not None:
+                state_hook(st, i)
             while not st.done:
                 new: list[int] = []
                 if not req.done:

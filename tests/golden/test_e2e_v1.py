@@ -1,14 +1,19 @@
-"""CosyVoice-300M-SFT (v1) end-to-end / streaming token2wav fixtures: NOT IMPLEMENTED (v1 LLM,
-flow with flow cache and mel overlap, 22.05 kHz HiFT). Strict xfail per recorded run."""
+"""CosyVoice-300M-SFT (v1) end to end, text -> audio through cosyvoice.tts (greedy LLM, zero
+vocoder noise, recorded flow noise replayed). The v1 LLM / text tokenizer belong to part 1: while
+``cosyvoice.load`` refuses v1, each run is an explicit xfail (never a silent pass)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+WAVE_TOL = 1e-3
 
 
 def golden_dir() -> Path:
@@ -18,26 +23,38 @@ def golden_dir() -> Path:
 
 D = golden_dir() / "cosyvoice1"
 HAVE = (D / "e2e_sft.npz").is_file()
-RUNS = (
-    sorted(
-        {m.group(1) for k in np.load(D / "e2e_sft.npz") if (m := re.match(r"(t\d+_\w+?)_chunk", k))}
-    )
-    if HAVE
-    else []
-)
-pytestmark = [
-    pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}"),
-    pytest.mark.xfail(
-        strict=True,
-        raises=(ValueError, NotImplementedError),
-        reason="v1 token2wav (flow cache, mel overlap, 22.05 kHz HiFT) is not implemented",
-    ),  # fmt: skip
-]
+pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
+RUNS = json.loads((D / "fixtures_v1.json").read_text())["e2e_sft"]["runs"] if HAVE else []
 
 
-@pytest.mark.parametrize("run", RUNS)
-def test_v1_e2e(run):
+@pytest.fixture(scope="module")
+def tts():
     from cosyvoice.tts import TTS
 
-    TTS.load(D / "model")  # raises: v1 not supported
-    raise AssertionError("unreachable until v1 exists")
+    try:
+        return TTS.load(D / "model")
+    except NotImplementedError as e:
+        pytest.xfail(f"v1 front half not implemented: {e}")
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r["key"] for r in RUNS])
+def test_v1_e2e(tts, run):
+    fx = np.load(D / "e2e_sft.npz")
+    key = run["key"]
+
+    def replay_noise(st, seg):  # v1 draws flow noise per call: replay the recorded z
+        n = len(run["flow_calls"])
+        st.flow_noise = [torch.from_numpy(fx[f"{key}_flowcall{k}_noise_z"]) for k in range(n)]
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chunks = list(tts.tts(run["text"], run["spk"], stream=run["stream"], greedy=True, noise=False,
+                              state_hook=replay_noise))  # fmt: skip
+    finally:
+        torch.set_num_threads(n)
+    refs = [k for k in fx if re.fullmatch(rf"{key}_chunk\d+_speech", k)]
+    assert len(chunks) == len(refs) == run["n_chunks"]
+    for i, c in enumerate(chunks):
+        ref = fx[f"{key}_chunk{i}_speech"][0]
+        assert c.shape == ref.shape and np.abs(c.numpy() - ref).max() <= WAVE_TOL, (key, i)

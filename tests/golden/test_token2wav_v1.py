@@ -1,0 +1,58 @@
+"""CosyVoice-300M-SFT (v1) streaming token2wav against the golden e2e fixtures, fed with the
+recorded LLM tokens and the recorded flow noise of every flow call: every emitted chunk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.flow import load_flow
+from cosyvoice.hift import load_hift
+from cosyvoice.token2wav import Token2WavV1, make_token2wav
+
+WAVE_TOL = 1e-3
+
+
+def golden_dir() -> Path:
+    env = os.environ.get("COSYVOICE_GOLDEN")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
+
+
+D = golden_dir() / "cosyvoice1"
+HAVE = (D / "e2e_sft.npz").is_file()
+pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
+RUNS = json.loads((D / "fixtures_v1.json").read_text())["e2e_sft"]["runs"] if HAVE else []
+
+
+@pytest.fixture(scope="module")
+def t2w():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = make_token2wav(load_flow(D / "model"), load_hift(D / "model"))
+    assert isinstance(t, Token2WavV1)
+    yield t
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r["key"] for r in RUNS])
+def test_v1_chunks(t2w, run):
+    fx = np.load(D / "e2e_sft.npz")
+    spk = torch.load(D / "model" / "spk2info.pt", map_location="cpu", weights_only=True)
+    key = run["key"]
+    toks = fx[f"{key}_seg0_tokens"][0].tolist()
+    st = t2w.new_state(spk[run["spk"]]["embedding"], stream=run["stream"])
+    st.flow_noise = [
+        torch.from_numpy(fx[f"{key}_flowcall{k}_noise_z"]) for k in range(len(run["flow_calls"]))
+    ]
+    chunks = list(t2w.stream(st, [[t] for t in toks]))
+    refs = [k for k in fx if re.fullmatch(rf"{key}_chunk\d+_speech", k)]
+    assert len(chunks) == len(refs) == run["n_chunks"]
+    for i, c in enumerate(chunks):
+        ref = fx[f"{key}_chunk{i}_speech"][0]
+        assert c.shape == ref.shape and np.abs(c.numpy() - ref).max() <= WAVE_TOL, (key, i)
