@@ -1,4 +1,12 @@
-"""Streaming token2wav for CosyVoice2: speech tokens -> 24 kHz audio chunks.
+"""Streaming token2wav: speech tokens -> audio chunks (CosyVoice2 and 3 at 24 kHz; CosyVoice-300M
+v1 at 22.05 kHz in :class:`Token2WavV1`). Use :func:`make_token2wav` to get the right one.
+
+API (same for all families)::
+
+    t2w = make_token2wav(load_flow(d), load_hift(d))
+    st = t2w.new_state(embedding, prompt_token, prompt_feat, stream=True, speed=1.0, seed=None)
+    chunks = t2w.step([(st, new_tokens, input_ended), ...])   # one chunk | None per item
+    # call step until st.done; t2w.stream(st, token_lists) / t2w.synthesize(st, tokens) for one request
 
 Every request owns a :class:`Token2WavState` (token list, hop, offsets, HiFT caches, noise
 generator); the :class:`Token2Wav` object only holds the (read-only) flow and HiFT modules, so any
@@ -16,6 +24,9 @@ Chunk schedule (upstream ``CosyVoice2Model.tts`` with the per-request hop it sho
   and its first 3840 samples are cross-faded (Hamming 7680, float64) with the held-back tail of the
   previous chunk; every non-final chunk holds back its last 3840 samples.
 A request with ``stream=False`` gets one chunk, computed when its input ends (non-stream path).
+CosyVoice3 (causal HiFT) keeps the same schedule but no HiFT caches: each chunk's mel is appended
+to the request's mel, which is re-vocoded as a whole (non-final calls hold back 8 frames), and only
+the new samples are emitted - as upstream, exact and O(n^2) in the utterance length.
 
 ``speed``: non-stream: the whole mel is linearly resampled to ``int(T / speed)`` frames before the
 vocoder (upstream). Streaming (upstream refuses speed != 1 there): each chunk's new mel frames are
