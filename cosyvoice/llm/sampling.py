@@ -9,6 +9,7 @@ Deliberate differences from upstream HEAD (spec "bugs"):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..config import SamplingConfig
@@ -17,16 +18,31 @@ from ..config import SamplingConfig
 def nucleus_candidates(
     probs: torch.Tensor, top_p: float, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (kept probs, their ids): take sorted entries while cum < top_p and count < top_k.
+    """Return (kept probs, their ids) as upstream's walk over the stable descending sort does:
+    take entries while cum < top_p and count < top_k (cum summed in float32, one by one), so
+    the first entry is always taken and the one that crosses top_p is included.
 
-    The first entry is always taken and the entry that crosses top_p is included.
+    Only the first top_k sorted entries can be kept, so instead of sorting the whole vocabulary
+    we take the top_k values and rebuild the stable order (lower id first among equal values,
+    also for ties at the k-th value).
     """
-    sorted_p, sorted_idx = probs.sort(descending=True, stable=True)
-    cum = sorted_p.cumsum(0)
-    # entry j is kept iff the cumulative mass *before* it is < top_p (and j < top_k)
-    before = cum - sorted_p
-    n = int((before < top_p).sum())
-    n = max(1, min(n, top_k))
+    k = min(top_k, probs.numel())
+    thr = probs.topk(k).values[-1]
+    above = (probs > thr).nonzero().flatten()
+    ties = (probs == thr).nonzero().flatten()[: k - above.numel()]
+    idx = torch.cat([above, ties])  # ascending ids within each group
+    p = probs[idx]
+    order = p.argsort(descending=True, stable=True)
+    sorted_p, sorted_idx = p[order], idx[order]
+    limit = np.float32(top_p)
+    cum = np.float32(0.0)
+    n = 0
+    for v in sorted_p.tolist():
+        if not cum < limit:
+            break
+        n += 1
+        cum = np.float32(cum + np.float32(v))
+    n = max(n, 1)
     return sorted_p[:n], sorted_idx[:n]
 
 

@@ -1,0 +1,70 @@
+"""Sampling rules of spec §8.4 (no fixture records sampled tokens: upstream was patched to argmax
+for the goldens), checked against a literal re-statement of the rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cosyvoice.config import SamplingConfig
+from cosyvoice.llm.sampling import nucleus_candidates, ras_sample, sample_next
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _walk(probs: torch.Tensor, top_p: float, top_k: int) -> list[int]:
+    """The spec's words: stable descending sort; add while cum < top_p and count < top_k."""
+    sp, si = probs.sort(descending=True, stable=True)
+    kept: list[int] = []
+    cum = torch.tensor(0.0)
+    for p, i in zip(sp, si.tolist(), strict=True):
+        if not (cum < top_p and len(kept) < top_k):
+            break
+        kept.append(i)
+        cum = cum + p
+    return kept
+
+
+@pytest.mark.parametrize("case", ["plain", "ties", "masked", "peaked"])
+def test_nucleus_matches_spec_walk(case):
+    g = torch.Generator().manual_seed(123)
+    for _ in range(150):
+        logits = torch.randn(700, generator=g) * float(0.3 + 6 * torch.rand(1, generator=g))
+        if case == "ties":
+            logits[:400] = logits[3]
+        elif case == "masked":
+            logits[40:] = float("-inf")
+        elif case == "peaked":
+            logits[17] = 40.0
+        probs = logits.softmax(0)
+        for top_p, top_k in [(0.8, 25), (0.5, 3), (0.99, 700)]:
+            _, ids = nucleus_candidates(probs, top_p, top_k)
+            assert ids.tolist() == _walk(probs, top_p, top_k)
+
+
+def test_ras_fallback_bans_repeated_token():
+    cfg = SamplingConfig()  # top_p 0.8, top_k 25, win 10, tau_r 0.1 -> any repeat in 10
+    logp = torch.full((50,), -20.0)
+    logp[7] = 0.0  # ~certain under top-p/top-k
+    logp = logp.log_softmax(0)
+    g = torch.Generator().manual_seed(0)
+    assert ras_sample(logp, [1, 2, 3], cfg, g) == 7
+    got = {ras_sample(logp, [7, 1, 2], cfg, g) for _ in range(200)}
+    assert 7 not in got and len(got) > 5  # full-distribution fallback, 7 banned
+    # outside the window (11 tokens back) the token is allowed again
+    assert ras_sample(logp, [7] + [1] * 10, cfg, g) == 7
+
+
+def test_min_len_masks_every_special_and_seed_reproducible():
+    cfg = SamplingConfig()
+    s = 40
+    logits = torch.zeros(s + 3)
+    logits[s + 1] = 50.0  # the second stop id: upstream HEAD would let it through
+    assert sample_next(logits, [], s, True, cfg, None) < s
+    assert sample_next(logits, [], s, False, cfg, None) == s + 1
+    torch.manual_seed(0)
+    lg = torch.randn(s + 3)
+    a = [sample_next(lg, [], s, True, cfg, torch.Generator().manual_seed(9)) for _ in range(3)]
+    torch.manual_seed(1)  # the global RNG must not matter
+    b = [sample_next(lg, [], s, True, cfg, torch.Generator().manual_seed(9)) for _ in range(3)]
+    assert a == b
