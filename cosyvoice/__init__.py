@@ -46,7 +46,8 @@ Speakers (``m.speakers``, :class:`cosyvoice.speakers.SpeakerStore`)::
 
     m.speakers.list() -> list[str]               # spk2info.pt speakers + registered ones
     m.speakers.get(name) -> Speaker               # embedding, prompt ids/tokens/feat
-    m.speakers.register(name, audio, prompt_text) # audio: path | bytes | file | (samples, sr)
+    m.speakers.register(name, audio, prompt_text, overwrite=False, normalize=True)
+                                                  # audio: path | bytes | file | (samples, sr)
     m.speakers.delete(name)
 
 Errors: :class:`cosyvoice.frontend.audio.AudioError` (``ValueError``) for unusable prompt audio

@@ -94,7 +94,14 @@ def load(
     net.load_checkpoint(model_dir / "llm.pt")
     net = net.to(device=device, dtype=dtype).eval()
     frontend = Frontend(model_dir, family, use_wetext=use_wetext)
-    speakers = SpeakerStore(model_dir, family, cfg, frontend.encode, speaker_dir=speaker_dir)
+    speakers = SpeakerStore(
+        model_dir,
+        family,
+        cfg,
+        frontend.encode,
+        speaker_dir=speaker_dir,
+        normalize_text=frontend.normalize,
+    )
     return CosyVoiceModel(
         model_dir=model_dir,
         family=family,

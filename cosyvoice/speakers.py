@@ -14,6 +14,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,12 +170,14 @@ class SpeakerStore:
         model_dir: str | Path,
         family: str,
         cfg: dict[str, Any],
-        encode_text,
+        encode_text: Callable[[str], list[int]],
         speaker_dir: str | Path | None = None,
+        normalize_text: Callable[[str], str] | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.family = family
         self.encode_text = encode_text
+        self.normalize_text = normalize_text
         self.speaker_dir = (
             Path(speaker_dir) if speaker_dir else self.model_dir / "registered_speakers"
         )
@@ -239,11 +242,19 @@ class SpeakerStore:
 
     # -- mutations ----------------------------------------------------------------------------
     def register(
-        self, name: str, audio: AudioSource, prompt_text: str, overwrite: bool = False
+        self,
+        name: str,
+        audio: AudioSource,
+        prompt_text: str,
+        overwrite: bool = False,
+        normalize: bool = True,
     ) -> Speaker:
         """Build a zero-shot speaker from prompt audio (any format PyAV decodes) and its
         transcript, persist it, return it. Raises :class:`AudioError` for unusable audio and
-        :class:`SpeakerError` for a bad or taken name."""
+        :class:`SpeakerError` for a bad or taken name.
+
+        ``normalize``: run the transcript through the text normaliser first, as upstream's
+        ``inference_zero_shot`` does for a prompt wav (its ``add_zero_shot_spk`` does not)."""
         if not _NAME_RE.match(name) or name.strip() != name:
             raise SpeakerError(f"invalid speaker name: {name!r}")
         if not prompt_text.strip():
@@ -253,6 +264,9 @@ class SpeakerStore:
                 raise SpeakerError(f"{name!r} is a built-in speaker")
             if name in self._registered and not overwrite:
                 raise SpeakerError(f"speaker {name!r} already exists")
+        text = prompt_text
+        if normalize and self.normalize_text is not None:
+            text = self.normalize_text(prompt_text)
         wav, sr = decode_audio(audio)
         check_prompt_audio(wav, sr)
         emb, tokens, feat = self.extractor.extract(wav, sr)
@@ -261,7 +275,7 @@ class SpeakerStore:
         spk = Speaker(
             name,
             emb,
-            prompt_text_ids=list(self.encode_text(prompt_text)),
+            prompt_text_ids=list(self.encode_text(text)),
             prompt_speech_tokens=tokens,
             prompt_feat=feat,
             prompt_text=prompt_text,

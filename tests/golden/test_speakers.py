@@ -56,7 +56,8 @@ def test_spk2info_parity(family_dir, tmp_path):
             text = info.get("zs_prompt_text") or m.frontend.tokenizer.decode(
                 entry["prompt_text"][0].tolist(), skip_special_tokens=False
             )
-            spk = m.speakers.register(f"re_{name}", (waves[name], sr), text)
+            # add_zero_shot_spk stores the transcript as given (no normalisation)
+            spk = m.speakers.register(f"re_{name}", (waves[name], sr), text, normalize=False)
             assert spk.prompt_text_ids == entry["prompt_text"][0].tolist()
             assert spk.prompt_speech_tokens == entry["llm_prompt_speech_token"][0].tolist()
             assert spk.prompt_speech_tokens == entry["flow_prompt_speech_token"][0].tolist()
@@ -113,8 +114,11 @@ def test_register_round_trip(golden_dir, tmp_path):
         m.speakers.register("测试 voice-1", audio, "again")
     with pytest.raises(SpeakerError):
         m.speakers.delete("spk_f1")  # built-in
-    # FLAC through PyAV as well
-    m.speakers.register("flac_voice", _encode(_tone(2.0, 16000), 16000, "flac", "flac"), "hello")
+    # FLAC through PyAV as well; the transcript is normalised by default
+    flac = m.speakers.register(
+        "flac_voice", _encode(_tone(2.0, 16000), 16000, "flac", "flac"), "I have 2 cats"
+    )
+    assert flac.prompt_text_ids == m.frontend.encode("I have two cats")
 
     script = (
         "import json, sys, cosyvoice\n"
