@@ -267,7 +267,7 @@ class SpeakerStore:
         text = prompt_text
         if normalize and self.normalize_text is not None:
             text = self.normalize_text(prompt_text)
-        wav, sr = decode_audio(audio)
+        wav, sr = decode_audio(audio, max_seconds=MAX_PROMPT_SECONDS + 1.0)
         check_prompt_audio(wav, sr)
         emb, tokens, feat = self.extractor.extract(wav, sr)
         if not tokens:

@@ -25,11 +25,13 @@ class AudioError(ValueError):
 AudioSource = str | Path | bytes | bytearray | memoryview | io.IOBase | tuple[np.ndarray, int]
 
 
-def decode_audio(src: AudioSource) -> tuple[np.ndarray, int]:
+def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode ``src`` to mono float32 in [-1, 1] and its rate.
 
     ``src`` is a path, encoded bytes, a binary file object (any container/codec PyAV reads), or
-    a ``(samples, rate)`` tuple with samples shaped (N,) or (channels, N).
+    a ``(samples, rate)`` tuple with samples shaped (N,) or (channels, N). With
+    ``max_seconds``, decoding stops with :class:`AudioError` as soon as the audio is longer
+    (an hour-long upload is never fully decoded).
     """
     import av
 
@@ -55,9 +57,14 @@ def decode_audio(src: AudioSource) -> tuple[np.ndarray, int]:
             resampler = av.AudioResampler(format="fltp", layout=None, rate=None)
             chunks: list[np.ndarray] = []
             rate = stream.rate or stream.codec_context.sample_rate
+            limit = int(max_seconds * rate) if max_seconds and rate else None
+            n = 0
             for frame in container.decode(stream):
                 for f in resampler.resample(frame):
                     chunks.append(f.to_ndarray())
+                    n += chunks[-1].shape[1]
+                if limit is not None and n > limit:
+                    raise AudioError(f"audio too long: more than {max_seconds:g} s")
             for f in resampler.resample(None):
                 chunks.append(f.to_ndarray())
     except AudioError:
@@ -66,7 +73,10 @@ def decode_audio(src: AudioSource) -> tuple[np.ndarray, int]:
         raise AudioError(f"cannot decode audio: {e}") from e
     if not chunks or not rate:
         raise AudioError("audio stream is empty")
-    data = np.concatenate(chunks, axis=1).astype(np.float32)  # (channels, N)
+    try:
+        data = np.concatenate(chunks, axis=1).astype(np.float32)  # (channels, N)
+    except ValueError as e:  # channel layout changed inside the stream
+        raise AudioError(f"inconsistent channel layout: {e}") from e
     return data.mean(axis=0), int(rate)
 
 
