@@ -3,8 +3,9 @@
 Families (detected from the yaml file name): v1 ``CosyVoice-300M-SFT`` (``cosyvoice.yaml``:
 rel-pos Transformer LM, whisper tokenizer), v2 ``CosyVoice2-0.5B`` (``cosyvoice2.yaml``: Qwen2
 LM), v3 ``Fun-CosyVoice3-0.5B`` (``cosyvoice3.yaml``; its 176 pinyin special tokens are not
-supported by the tokenizer yet). Bistream (text-streaming into one LLM run) is not implemented;
-streamed text is cut into sentences by ``frontend.incremental()`` and each runs on its own.
+supported by the tokenizer yet). Streamed text can either be cut into sentences by
+``frontend.incremental()`` (each one its own LLM run, like upstream's non-streaming text) or
+fed token by token into one "bistream" LLM run (v2/v3, ``new_stream_request``).
 
 Public API (front half: text -> speech tokens; token2wav lives in :mod:`cosyvoice.token2wav`)::
 
@@ -34,6 +35,13 @@ scheduler. A request is a :class:`cosyvoice.llm.engine.LLMRequest`::
     r.flow_tokens                  # the tokens for token2wav (= out_tokens except v3's dropped
                                    # silent runs); read the new ones after every step
     r.cancel()                     # frees its KV cache; just stop passing it to step()
+
+    # bistream (spec §8.6; v2/v3): text arrives while speech tokens are generated
+    r = m.new_stream_request(speaker="my_voice", seed=1)
+    r.push_text(m.frontend.encode("Hello, ")); r.push_text(...); r.close_text()
+    r.ready                        # False while it waits for 5 more text tokens: don't step it
+    m.llm.step([r, ...])           # None also when it produced a "fill" (then waits for text);
+                                   # r.out_tokens includes fills, r.flow_tokens never does
 
 Sampling: RAS (top-p 0.8 / top-k 25 / repetition fallback, from the yaml) with the request's
 own ``torch.Generator`` seeded from ``seed`` (0 = random; the seed used is kept in ``r.seed``),

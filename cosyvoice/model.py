@@ -78,6 +78,27 @@ class CosyVoiceModel:
             embedding=embedding,
         )
 
+    def new_stream_request(
+        self, speaker: str | None = None, seed: int = 0, greedy: bool = False
+    ) -> LLMRequest:
+        """Bistream LLM request (v2/v3): feed text with ``r.push_text(frontend.encode(piece))``
+        as it arrives, end with ``r.close_text()``; step it whenever ``r.ready``."""
+        if self.family == "v1":
+            raise NotImplementedError("text-streaming input needs a v2/v3 model")
+        prompt_text: list[int] = []
+        prompt_speech: list[int] = []
+        if speaker is not None:
+            spk = self.speakers.get(speaker)
+            prompt_text, prompt_speech = list(spk.prompt_text_ids), spk.prompt_speech_tokens
+        eop = None
+        if self.family == "v3":
+            eop = self.frontend.tokenizer.token_to_id("<|endofprompt|>")
+            if eop not in prompt_text:
+                prompt_text = self.frontend.encode(V3_SYSTEM_PREFIX) + prompt_text
+        return LLMRequest.streaming(
+            prompt_text, prompt_speech, seed=seed, greedy=greedy, eop_id=eop
+        )
+
 
 def load(
     model_dir: str | Path,

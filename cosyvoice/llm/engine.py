@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SamplingConfig
+from .bistream import SPEECH_CHUNK, BistreamState
 from .lm import QwenSpeechLM
 from .qwen2 import KVCache
 from .sampling import sample_next
@@ -54,10 +55,11 @@ class LLMRequest:
     last_logits: torch.Tensor | None = None  # llm_decoder output of the latest step (V,)
     generator: torch.Generator | None = None
     silent_filter: SilentFilter | None = None
+    bistream: BistreamState | None = None  # set by LLMRequest.streaming()
 
     def __post_init__(self) -> None:
         n = len(self.text_ids)
-        if n == 0:
+        if n == 0 and self.bistream is None:
             raise ValueError("LLMRequest needs at least one text token")
         if self.min_len < 0:
             self.min_len = int(n * MIN_TOKEN_TEXT_RATIO)
@@ -68,6 +70,48 @@ class LLMRequest:
         if self.generator is None and not self.greedy:
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(self.seed)
+
+    @classmethod
+    def streaming(
+        cls,
+        prompt_text_ids: Sequence[int] = (),
+        prompt_speech_tokens: Sequence[int] = (),
+        seed: int = 0,
+        greedy: bool = False,
+        eop_id: int | None = None,
+    ) -> LLMRequest:
+        """A bistream request: text arrives later through :meth:`push_text` and ends with
+        :meth:`close_text` (v2/v3 only, see :mod:`cosyvoice.llm.bistream`). ``eop_id``: the
+        ``<|endofprompt|>`` id for v3 (its system prompt is fed whole, first)."""
+        st = BistreamState.start(list(prompt_text_ids), list(prompt_speech_tokens), eop_id)
+        return cls(
+            text_ids=(),
+            prompt_text_ids=prompt_text_ids,
+            prompt_speech_tokens=prompt_speech_tokens,
+            seed=seed,
+            greedy=greedy,
+            min_len=0,
+            max_len=1 << 30,  # bounded per phase instead (bistream module docstring)
+            bistream=st,
+        )
+
+    def push_text(self, ids: Sequence[int]) -> None:
+        if self.bistream is None:
+            raise ValueError("push_text() needs a streaming request")
+        self.bistream.push(list(ids))
+
+    def close_text(self) -> None:
+        if self.bistream is None:
+            raise ValueError("close_text() needs a streaming request")
+        self.bistream.closed = True
+
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`LLMEngine.step` can run this request now (a streaming request may be
+        waiting for more text)."""
+        if self.done:
+            return False
+        return self.bistream is None or self.bistream.ready
 
     @property
     def prefilled(self) -> bool:
@@ -112,13 +156,16 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self, requests: Sequence[LLMRequest]) -> list[int | None]:
-        """One forward for all ``requests``; returns each one's new token, or None if it
-        finished in this step with a stop token (``finish_reason``). A request that reaches
+        """One forward for all ``requests``; returns each one's new speech token, or None if
+        there is none: it finished with a stop token (``done``/``finish_reason``), or a
+        streaming request produced *fill* and now waits for text (``ready``). A request that reaches
         ``max_len`` returns its last token and is done ("length"). ``r.flow_tokens`` gets the
         tokens meant for token2wav (v3 drops long silent runs, spec §8.5)."""
         for r in requests:
             if r.done:
                 raise ValueError("step() got a finished request")
+            if r.bistream is not None and not r.ready:
+                raise ValueError("step() got a streaming request that is waiting for text")
         if len({id(r) for r in requests}) != len(requests):
             raise ValueError("step() got the same request twice")
         if not requests:
@@ -128,7 +175,15 @@ class LLMEngine:
         embeds, lens, caches = [], [], []
         fresh: list[tuple[LLMRequest, KVCache]] = []
         for r in requests:
-            if not r.prefilled:
+            if r.bistream is not None:
+                items = r.bistream.pending or [("speech", [r.out_tokens[-1]])]
+                e = torch.cat([net.embed_item(k, ids) for k, ids in items])
+                if r.cache is None:
+                    cache = net.new_cache(dtype, dev)
+                    fresh.append((r, cache))
+                else:
+                    cache = r.cache
+            elif not r.prefilled:
                 text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
                 speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
                 e = net.prefix_embeds(text, speech, r.embedding)
@@ -149,6 +204,10 @@ class LLMEngine:
         out: list[int | None] = []
         for r, lg in zip(requests, logits, strict=True):
             r.last_logits = lg
+            if r.bistream is not None:
+                r.bistream.pending = []
+                out.append(self._bistream_token(r, lg))
+                continue
             tok = sample_next(
                 lg,
                 r.out_tokens,
@@ -161,18 +220,49 @@ class LLMEngine:
                 r._finish("stop")
                 out.append(None)
                 continue
-            r.out_tokens.append(tok)
-            if net.family != "v3":
-                r.flow_tokens.append(tok)
-            else:
-                if r.silent_filter is None:
-                    r.silent_filter = SilentFilter()
-                if r.silent_filter.keep(tok):
-                    r.flow_tokens.append(tok)
+            self._emit(r, tok)
             if len(r.out_tokens) >= r.max_len:
                 r._finish("length")
             out.append(tok)
         return out
+
+    def _emit(self, r: LLMRequest, tok: int) -> None:
+        r.out_tokens.append(tok)
+        if self.net.family != "v3":
+            r.flow_tokens.append(tok)
+            return
+        if r.silent_filter is None:
+            r.silent_filter = SilentFilter()
+        if r.silent_filter.keep(tok):
+            r.flow_tokens.append(tok)
+
+    def _bistream_token(self, r: LLMRequest, lg: torch.Tensor) -> int | None:
+        """Sample one token of a streaming request (spec §8.6 with our policies)."""
+        bs = r.bistream
+        s = self.speech_token_size
+        gen = None if r.greedy else r.generator
+        if bs.final:
+            tok = sample_next(lg, r.out_tokens, s, False, self.sampling, gen)
+            if tok >= s:
+                r._finish("stop")
+                return None
+            self._emit(r, tok)
+            if len(r.out_tokens) >= MAX_TOKEN_TEXT_RATIO * max(bs.n_text, 1) + 2 * SPEECH_CHUNK:
+                r._finish("length")
+            return tok
+        fill = self.net.fill_id
+        if len(r.out_tokens) == bs.next_fill:
+            tok = fill  # forced: the block's 15 speech tokens are done
+            bs.next_fill += SPEECH_CHUNK + 1
+        else:
+            tok = sample_next(lg, r.out_tokens, s, True, self.sampling, gen, allow=fill)
+        if tok == fill:
+            bs.next_fill = len(r.out_tokens) + SPEECH_CHUNK + 1
+            r.out_tokens.append(fill)  # counts for RAS and the schedule, never reaches the flow
+            bs.waiting = True
+            return None
+        self._emit(r, tok)
+        return tok
 
     def generate(self, request: LLMRequest) -> list[int]:
         """Run one request to completion alone (tests, scripts)."""

@@ -62,6 +62,20 @@ class QwenSpeechLM(nn.Module):
     def speech_token_size(self) -> int:
         return self.cfg.speech_token_size
 
+    @property
+    def fill_id(self) -> int:
+        """Bistream "need more text" token (v2: S+2, v3: S+3)."""
+        return self.speech_token_size + (2 if self.family == "v2" else 3)
+
+    def embed_item(self, kind: str, ids: list[int]) -> torch.Tensor:
+        """Embeddings of one bistream input item (sos / task / text ids / speech ids)."""
+        if kind == "sos":
+            return self.sos_embed()
+        if kind == "task":
+            return self.task_embed()
+        t = torch.tensor(ids, dtype=torch.long, device=self.llm_decoder.weight.device)
+        return self.qwen.embed_tokens(t) if kind == "text" else self.speech_embedding(t)
+
     def sos_embed(self) -> torch.Tensor:
         if self.family == "v2":
             return self.llm_embedding.weight[0:1]

@@ -72,12 +72,17 @@ def sample_next(
     ignore_eos: bool,
     cfg: SamplingConfig,
     generator: torch.Generator | None,
+    allow: int | None = None,
 ) -> int:
-    """Mask specials if ``ignore_eos`` and draw; ``generator=None`` means greedy (argmax)."""
+    """Mask specials if ``ignore_eos`` (except ``allow``, the bistream fill id) and draw;
+    ``generator=None`` means greedy (argmax)."""
     logp = logits.float().log_softmax(-1)
     if ignore_eos:
+        keep = logp[allow].clone() if allow is not None else None
         logp = logp.clone()
         logp[speech_token_size:] = float("-inf")
+        if keep is not None:
+            logp[allow] = keep
     if generator is None:
         return int(logp.argmax())
     return ras_sample(logp, decoded, cfg, generator)
