@@ -10,6 +10,9 @@ request's generator, indexed by absolute sample position) or None = zero noise.
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,7 +93,7 @@ class CausalHiFT(HiFT):
             for i, k in enumerate(cfg.upsample_kernel_sizes)
         )
         rates = list(cfg.upsample_rates)
-        downs = [int(x) for x in torch.tensor([1] + rates[::-1][:-1]).cumprod(0).tolist()][::-1]
+        downs = list(itertools.accumulate([1] + rates[::-1][:-1], operator.mul))[::-1]
         self.down_factors = downs
         self.source_downs, self.source_resblocks = nn.ModuleList(), nn.ModuleList()
         for i, (u, k, d) in enumerate(

@@ -174,3 +174,13 @@ def test_config_from_yaml():
 
     cfg = FlowConfig.from_yaml(read_yaml(D / "model" / "cosyvoice2.yaml"))
     assert (cfg.vocab_size, cfg.est_channels, cfg.est_chunk, cfg.chunk_size) == (512, 64, 50, 25)
+
+
+def test_full_size_builder_matches_spec_counts():
+    """The builder used by bench/make_full_model.py: full-size CosyVoice2 flow.pt layout with the
+    tensor / parameter counts the spec derives (1121 tensors, 112,549,360 values)."""
+    with torch.device("meta"):
+        sd = build_flow(FlowConfig()).state_dict()
+    assert len(sd) == 1121
+    assert sum(v.numel() for v in sd.values()) == 112_549_360
+    assert sd["decoder.estimator.down_blocks.0.1.0.attn1.to_q.weight"].shape == (512, 256)

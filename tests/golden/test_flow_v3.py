@@ -135,3 +135,13 @@ def test_whole_and_chunks_batched(flow, fx):
     for i in (0, 3, len(inps) - 1):
         (alone,) = flow.inference([inps[i]])
         assert (alone - outs[i]).abs().max() <= BATCH_TOL
+
+
+def test_full_size_builder_matches_spec_counts():
+    """Full-size CosyVoice3 flow.pt layout: 330 tensors (incl. the inv_freq buffer), 332,257,120."""
+    from cosyvoice.flow import FlowConfig
+
+    with torch.device("meta"):
+        sd = build_flow(FlowConfig(input_size=80, estimator="dit")).state_dict()
+    assert len(sd) == 330
+    assert sum(v.numel() for v in sd.values()) == 332_257_120

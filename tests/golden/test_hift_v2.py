@@ -158,3 +158,12 @@ def test_config_from_yaml():
 
     cfg = HiFTConfig.from_yaml(read_yaml(D / "model" / "cosyvoice2.yaml"))
     assert cfg.samples_per_frame == 480 and cfg.base_channels == 64
+
+
+def test_full_size_builder_matches_spec_counts():
+    """Full-size CosyVoice2 hift.pt layout from the builder: 328 tensors, 20,821,295 values."""
+    with torch.device("meta"):
+        sd = build_hift(HiFTConfig()).state_dict()
+    assert len(sd) == 328
+    assert sum(v.numel() for v in sd.values()) == 20_821_295
+    assert sd["ups.0.parametrizations.weight.original0"].shape == (512, 1, 1)

@@ -114,3 +114,13 @@ def test_noise_buffer_is_chunking_independent():
     a.take(100)
     a.take(30000)
     assert torch.equal(a.take(50000), b.take(50000))
+
+
+def test_full_size_builder_matches_spec_counts():
+    """Full-size CosyVoice3 CausalHiFT hift.pt layout: 328 tensors, 20,779,887 values."""
+    from cosyvoice.hift import HiFTConfig, build_hift
+
+    with torch.device("meta"):
+        sd = build_hift(HiFTConfig(causal=True, conv_pre_look_right=4)).state_dict()
+    assert len(sd) == 328
+    assert sum(v.numel() for v in sd.values()) == 20_779_887
