@@ -101,6 +101,22 @@ def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: np.ndarray) -> tor
     return out
 
 
+def _validated(items, vocab: int) -> list[list[int]]:
+    """New tokens of every item as int lists; raises ValueError (before any state changes) for a
+    finished state or a token id outside [0, vocab), naming the item, so a scheduler can fail just
+    that request and step the others again."""
+    out = []
+    for i, (st, new, _) in enumerate(items):
+        if st.done:
+            raise ValueError(f"item {i}: step() on a finished state")
+        new = new.reshape(-1).tolist() if isinstance(new, torch.Tensor) else [int(t) for t in new]
+        bad = [t for t in new if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"item {i}: speech token ids out of range [0, {vocab}): {bad[:5]}")
+        out.append(new)
+    return out
+
+
 @dataclass
 class _Job:
     state: Token2WavState
@@ -175,12 +191,10 @@ class Token2Wav:
         ``state.done``; an item whose input ended may need more calls (one chunk per call) until then.
         """
         jobs: list[_Job | None] = []
-        for st, new, final in items:
-            if st.done:
-                raise ValueError("step() on a finished Token2WavState")
-            if isinstance(new, torch.Tensor):
-                new = new.reshape(-1).tolist()
-            st.tokens.extend(int(t) for t in new)
+        for (st, _, final), new in zip(
+            items, _validated(items, self.flow.cfg.vocab_size), strict=True
+        ):
+            st.tokens.extend(new)
             st.input_done = st.input_done or bool(final)
             jobs.append(self._plan(st))
         out: list[torch.Tensor | None] = [None] * len(items)
@@ -367,12 +381,9 @@ class Token2WavV1:
     def step(self, items) -> list:
         out: list[torch.Tensor | None] = [None] * len(items)
         run, mels = [], []
-        for i, (st, new, final) in enumerate(items):
-            if st.done:
-                raise ValueError("step() on a finished state")
-            if isinstance(new, torch.Tensor):
-                new = new.reshape(-1).tolist()
-            st.tokens.extend(int(t) for t in new)
+        valid = _validated(items, self.flow.cfg.vocab_size)
+        for i, ((st, _, final), new) in enumerate(zip(items, valid, strict=True)):
+            st.tokens.extend(new)
             st.input_done = st.input_done or bool(final)
             kind = self._plan(st)
             if kind is None:

@@ -237,5 +237,9 @@ def test_empty_and_misuse(t2w, spk):
     with pytest.raises(ValueError):
         t2w.step([(st, [1], True)])
     st = t2w.new_state(spk["spk_f1"]["embedding"])
+    other = t2w.new_state(spk["spk_m1"]["embedding"])
+    with pytest.raises(ValueError, match="item 1"):  # out of vocab: refused before any change
+        t2w.step([(other, [1, 2], False), (st, [3, 512], False)])
+    assert other.tokens == [] and st.tokens == []
     assert t2w.step([(st, list(range(27)), False)]) == [None]  # 25 + 3 look-ahead needed
     assert t2w.step([(st, [5], False)])[0].numel() == 42 * 480
