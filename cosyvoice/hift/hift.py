@@ -1,6 +1,8 @@
-"""HiFT vocoder of CosyVoice2 (``HiFTGenerator``): mel (80, T) -> 24 kHz wave (T*480 samples).
+"""HiFT vocoder (``HiFTGenerator``): mel (80, T) -> wave. CosyVoice2: 24 kHz, T*480 samples,
+``SineGen2`` source; CosyVoice-300M (v1): 22.05 kHz, T*256 samples, per-sample ``SineGen`` source
+(selected by the yaml's sampling_rate). The v3 causal variant is in :mod:`cosyvoice.hift.causal`.
 
-f0 predictor -> NSF harmonic sine source (``SineGen2``) -> conv-transpose / Snake-resblock stack fed
+f0 predictor -> NSF harmonic sine source -> conv-transpose / Snake-resblock stack fed
 with the source's STFT -> 16-point iSTFT. Batched: items are right-padded and every convolution input
 is masked to the item's own length, so each item's output equals what it gives alone.
 Noise: per item, from an optional ``torch.Generator`` (``None`` = zero noise, as in the fixtures).
