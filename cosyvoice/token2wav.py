@@ -362,6 +362,8 @@ class Token2WavV1:
     ):
         if speed <= 0:
             raise ValueError("speed must be > 0")
+        if stream and speed != 1.0:  # the 34-frame mel overlap fade needs unscaled chunks
+            raise ValueError("v1 streaming supports speed 1.0 only (non-stream applies any speed)")
         pt = torch.zeros(0, dtype=torch.long) if prompt_token is None else prompt_token.reshape(-1)
         pf = torch.zeros(0, 80) if prompt_feat is None else prompt_feat.reshape(-1, 80)
         g = None if seed is None else torch.Generator().manual_seed(int(seed))
