@@ -32,6 +32,7 @@ the new samples are emitted - as upstream, exact and O(n^2) in the utterance len
 vocoder (upstream). Streaming (upstream refuses speed != 1 there): each chunk's new mel frames are
 resampled the same way before the HiFT cache is prepended, so the caches and cross-fades operate on
 the time-scaled signal and the output stays seamless; chunk durations scale by ``1/speed``.
+v1 (:class:`Token2WavV1`) refuses speed != 1 when streaming, like upstream.
 """
 
 from __future__ import annotations
