@@ -35,6 +35,8 @@ scheduler. A request is a :class:`cosyvoice.llm.engine.LLMRequest`::
     r.flow_tokens                  # the tokens for token2wav (= out_tokens except v3's dropped
                                    # silent runs); read the new ones after every step
     r.cancel()                     # frees its KV cache; just stop passing it to step()
+    m.llm.prefill_chunk = 64       # optional chunked prefill: <= 64 prefix positions of a request
+                                   # per step (step returns None for it until the prefix is in)
 
     # bistream (spec §8.6; v2/v3): text arrives while speech tokens are generated
     r = m.new_stream_request(speaker="my_voice", seed=1)

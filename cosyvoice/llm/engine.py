@@ -56,6 +56,8 @@ class LLMRequest:
     generator: torch.Generator | None = None
     silent_filter: SilentFilter | None = None
     bistream: BistreamState | None = None  # set by LLMRequest.streaming()
+    prefix: torch.Tensor | None = None  # prefix embeddings while a chunked prefill is running
+    prefix_fed: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.text_ids)
@@ -114,8 +116,13 @@ class LLMRequest:
         return self.bistream is None or self.bistream.ready
 
     @property
-    def prefilled(self) -> bool:
+    def started(self) -> bool:
         return self.cache is not None or bool(self.out_tokens)
+
+    @property
+    def prefilled(self) -> bool:
+        """The whole prefix is in the cache (a chunked prefill may still be running)."""
+        return (self.cache is not None and self.prefix is None) or bool(self.out_tokens)
 
     def cancel(self) -> None:
         self._finish("cancelled")
@@ -133,6 +140,9 @@ class LLMEngine:
     def __init__(self, net: QwenSpeechLM | TransformerSpeechLM, sampling: SamplingConfig) -> None:
         self.net = net
         self.sampling = sampling
+        # Chunked prefill: at most this many prefix positions of a request per step (None = all
+        # at once), so a long zero-shot prefix does not stall the decode steps of the others.
+        self.prefill_chunk: int | None = None
         # the scheduler calls from one thread; the lock only guards against accidental sharing
         self._lock = threading.Lock()
 
@@ -145,7 +155,7 @@ class LLMEngine:
         return self.net.llm_decoder.weight.device
 
     def prefill(self, requests: Sequence[LLMRequest]) -> list[int | None]:
-        if any(r.prefilled for r in requests):
+        if any(r.started for r in requests):
             raise ValueError("prefill() got a request that already ran")
         return self.step(requests)
 
@@ -157,8 +167,9 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self, requests: Sequence[LLMRequest]) -> list[int | None]:
         """One forward for all ``requests``; returns each one's new speech token, or None if
-        there is none: it finished with a stop token (``done``/``finish_reason``), or a
-        streaming request produced *fill* and now waits for text (``ready``). A request that reaches
+        there is none: it finished with a stop token (``done``/``finish_reason``), its chunked
+        prefill is not complete yet (``prefill_chunk``), or a streaming request produced *fill*
+        and now waits for text (``ready``). A request that reaches
         ``max_len`` returns its last token and is done ("length"). ``r.flow_tokens`` gets the
         tokens meant for token2wav (v3 drops long silent runs, spec §8.5)."""
         for r in requests:
@@ -174,6 +185,7 @@ class LLMEngine:
         dev, dtype = self.device, net.llm_decoder.weight.dtype
         embeds, lens, caches = [], [], []
         fresh: list[tuple[LLMRequest, KVCache]] = []
+        partial: list[tuple[LLMRequest, torch.Tensor, int]] = []  # prefills and where they got to
         for r in requests:
             if r.bistream is not None:
                 items = r.bistream.pending or [("speech", [r.out_tokens[-1]])]
@@ -184,11 +196,23 @@ class LLMEngine:
                 else:
                     cache = r.cache
             elif not r.prefilled:
-                text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
-                speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
-                e = net.prefix_embeds(text, speech, r.embedding)
-                cache = net.new_cache(dtype, dev)
-                fresh.append((r, cache))
+                if r.started:  # chunked prefill in progress
+                    prefix, cache = r.prefix, r.cache
+                else:
+                    ids = [*r.prompt_text_ids, *r.text_ids]
+                    text = torch.tensor(ids, dtype=torch.long, device=dev)
+                    speech = torch.tensor(
+                        list(r.prompt_speech_tokens), dtype=torch.long, device=dev
+                    )
+                    prefix = net.prefix_embeds(text, speech, r.embedding)
+                    cache = net.new_cache(dtype, dev)
+                    fresh.append((r, cache))
+                st = r.prefix_fed
+                n = prefix.shape[0] - st
+                if self.prefill_chunk is not None:
+                    n = min(n, self.prefill_chunk)
+                e = prefix[st : st + n]
+                partial.append((r, prefix, st + n))
             else:
                 last = torch.tensor([r.out_tokens[-1]], dtype=torch.long, device=dev)
                 e = net.speech_embedding(last)
@@ -200,9 +224,18 @@ class LLMEngine:
             logits = net.forward_packed(torch.cat(embeds), caches, lens)
         for r, cache in fresh:  # only now: a failed forward leaves them un-started
             r.cache = cache
+        mid_prefill = set()
+        for r, prefix, fed in partial:
+            done_prefix = fed >= prefix.shape[0]
+            r.prefix, r.prefix_fed = (None, 0) if done_prefix else (prefix, fed)
+            if not done_prefix:
+                mid_prefill.add(id(r))
         logits = logits.float().cpu()
         out: list[int | None] = []
         for r, lg in zip(requests, logits, strict=True):
+            if id(r) in mid_prefill:  # nothing to sample until the whole prefix is in
+                out.append(None)
+                continue
             r.last_logits = lg
             if r.bistream is not None:
                 r.bistream.pending = []

@@ -115,3 +115,38 @@ def test_bad_steps_rejected(model):
     model.llm.prefill([r])
     with pytest.raises(ValueError):
         model.llm.prefill([r])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill(model, golden_dir, chunk):
+    """Prefix fed in chunks over several steps (while others decode): same greedy tokens as the
+    golden zero-shot run and the same sampled tokens as an unchunked run."""
+    z = np.load(golden_dir / "cosyvoice2" / "llm.npz")
+    spec = _requests(model, golden_dir)[2]  # the zero-shot one: the longest prefix
+    plain = LLMRequest(**spec)
+    model.llm.generate(plain)
+    greedy = LLMRequest(**{**spec, "greedy": True})
+    other = LLMRequest(**_requests(model, golden_dir)[0])
+    sampled = LLMRequest(**spec)
+    model.llm.prefill([other])
+    model.llm.prefill_chunk = chunk
+    try:
+        prefix_len = (
+            2
+            + len(spec["prompt_text_ids"])
+            + len(spec["text_ids"])
+            + len(spec["prompt_speech_tokens"])
+        )
+        steps_to_first = 0
+        while not greedy.out_tokens:
+            assert not greedy.prefilled
+            live = [r for r in (greedy, sampled, other) if not r.done]
+            model.llm.step(live)
+            steps_to_first += 1
+        assert steps_to_first == -(-prefix_len // chunk)
+        while not (greedy.done and sampled.done):
+            model.llm.step([r for r in (greedy, sampled, other) if not r.done])
+    finally:
+        model.llm.prefill_chunk = None
+    assert greedy.out_tokens == z["zs_greedy_tokens"][0].tolist()
+    assert sampled.out_tokens == plain.out_tokens
