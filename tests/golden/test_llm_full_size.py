@@ -47,3 +47,48 @@ def test_full_v2_shape(golden_dir, tmp_path):
     assert sum(p.numel() for p in net.parameters()) == 505_803_812
     assert tuple(sd["llm_decoder.weight"].shape) == (6564, 896)
     assert tuple(sd["llm.model.model.layers.23.self_attn.k_proj.weight"].shape) == (128, 896)
+
+
+QWEN_05B = QwenConfig(896, 24, 14, 2, 4864, 151936, 1e6, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "family,n_keys,n_params",
+    [
+        ("v1", 401, 310_718_465),  # spec §7.1 (instantiated upstream)
+        ("v3", 293, 506_148_480),  # spec §7.3 (keys verified, count derived)
+    ],
+)
+def test_released_shapes_other_families(family, n_keys, n_params):
+    from cosyvoice.config import LLMConfig
+    from cosyvoice.llm.transformer_lm import TransformerSpeechLM
+
+    if family == "v1":
+        cfg = LLMConfig(
+            family="v1",
+            llm_input_size=1024,
+            llm_output_size=1024,
+            speech_token_size=4096,
+            text_token_size=51866,
+            text_encoder_input_size=512,
+            v1_text_encoder={
+                "output_size": 1024,
+                "attention_heads": 16,
+                "linear_units": 4096,
+                "num_blocks": 6,
+            },
+            v1_llm={"attention_heads": 16, "linear_units": 4096, "num_blocks": 14},
+        )
+    else:
+        cfg = LLMConfig(
+            family="v3",
+            llm_input_size=896,
+            llm_output_size=896,
+            speech_token_size=6561,
+            qwen=QWEN_05B,
+        )
+    with torch.device("meta"):
+        net = TransformerSpeechLM(cfg) if family == "v1" else QwenSpeechLM(cfg)
+    extra = 0 if family == "v1" else len(UNUSED_KEYS)
+    assert len(net.state_dict()) + extra == n_keys
+    assert sum(p.numel() for p in net.parameters()) == n_params
