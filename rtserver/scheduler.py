@@ -1,8 +1,8 @@
 """The session scheduler: one inference thread multiplexes the engine across every stream.
 
-Each tick: drop cancelled jobs, admit waiting ones, pick a batch (jobs still waiting for their
-first audio first, then the job whose listener runs out of buffered audio soonest), run one
-engine step, route what it produced. Jobs whose consumer has not read its backlog are skipped,
+Each tick: drop cancelled jobs, admit waiting ones, pick a batch by earliest deadline (jobs
+still waiting for their first audio are due a moment after they arrive; the others when their
+listener runs out of buffered audio), run one engine step, route what it produced. Jobs whose consumer has not read its backlog are skipped,
 so a slow client slows only itself and server memory stays bounded.
 """
 
@@ -40,12 +40,14 @@ class Scheduler:
         max_queue: int = 16,
         max_backlog: int = 4,
         serial: bool = False,
+        first_audio_budget_s: float = 0.25,
     ) -> None:
         self.engine = engine
         self.max_streams = max_streams  # jobs admitted to the engine at once
         self.max_queue = max_queue  # jobs waiting for admission; beyond that: Busy
         self.max_backlog = max_backlog  # unread events per job before it stops being scheduled
         self.serial = serial  # benchmark baseline: one job at a time, start to finish
+        self.first_audio_budget_s = first_audio_budget_s
         self.counters = Counters()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -153,14 +155,20 @@ class Scheduler:
             if not j.cancelled and j.channel.backlog < self.max_backlog and self.engine.ready(j)
         ]
 
-        def urgency(job: Job) -> tuple[int, float]:
-            if job.first_audio_at is None:
-                return (0, job.created)
-            # When the listener, playing in real time since the first audio, runs dry.
-            return (1, job.first_audio_at + job.audio_seconds)
-
-        ready.sort(key=urgency)
+        ready.sort(key=self.deadline)
         return ready[: self.engine.max_batch]
+
+    def deadline(self, job: Job) -> float:
+        """When this job's listener needs its next audio (earliest deadline first).
+
+        A listener playing in real time since the first audio runs dry at first_audio_at +
+        audio_seconds. A job still waiting for its first audio is due `first_audio_budget_s`
+        after it arrived: so new jobs go first, unless a running stream is about to run dry
+        (pure first-audio-first starves running streams when new jobs keep coming).
+        """
+        if job.first_audio_at is None:
+            return job.created + self.first_audio_budget_s
+        return job.first_audio_at + job.audio_seconds
 
     def _step(self, batch: list[Job]) -> list[tuple[Job, Event]]:
         try:

@@ -193,3 +193,29 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
 def test_piper_engine_refuses_registration(server):
     r = register(server, "x", prompt_wav())
     assert r.status_code == 400 and "registration" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("family, rate", [("cosyvoice1", 22050), ("cosyvoice3", 24000)])
+def test_other_families_serve_http_and_ws(tmp_path, family, rate):
+    model = GOLDEN / family / "model"
+    srv = ServerProcess("--model", str(model), "--speaker-dir", str(tmp_path), "--no-warmup")
+    try:
+        srv.wait_ready()
+        speakers = httpx.get(f"{srv.base_url}/speakers").json()
+        assert {s["sample_rate"] for s in speakers} == {rate}
+        body = {"tts_text": TEXT, "spk_id": "spk_f1", "stream": True, "seed": 2}
+        r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
+        assert r.status_code == 200 and r.headers["x-sample-rate"] == str(rate)
+        assert_speech(decode_pcm(r.content), rate, min_seconds=0.3, max_gap_s=1.0)
+
+        async def ws():
+            async with TTSClient(srv.base_url) as client, client.connect() as conn:
+                ctx = await conn.start(spk_id="spk_m1", text=TEXT)
+                await ctx.close()
+                return await ctx.collect(), ctx.sample_rate
+
+        result, ws_rate = asyncio.run(asyncio.wait_for(ws(), 120))
+        assert ws_rate == rate and result.done is not None
+        assert_speech(decode_pcm(result.audio), rate, min_seconds=0.3, max_gap_s=1.0)
+    finally:
+        srv.stop()

@@ -86,19 +86,15 @@ class CosyVoiceEngine:
         fixed_tokens: int | None = None,
     ) -> None:
         import cosyvoice
-        from cosyvoice.flow import FlowConfig, load_flow
+        from cosyvoice.flow import load_flow
         from cosyvoice.hift import HiFTConfig, load_hift
-        from cosyvoice.token2wav import Token2Wav
+        from cosyvoice.token2wav import make_token2wav
 
         self.model = cosyvoice.load(model_dir, device=device, dtype=_DTYPES[dtype],
                                     speaker_dir=speaker_dir)  # fmt: skip
-        if self.model.family != "v2":
-            raise NotImplementedError(
-                f"serving family {self.model.family} is not implemented yet (CosyVoice2 is)"
-            )
-        flow = load_flow(model_dir, FlowConfig.from_yaml(self.model.config), device=device)
+        flow = load_flow(model_dir, device=device)
         hift = load_hift(model_dir, HiFTConfig.from_yaml(self.model.config), device=device)
-        self.t2w = Token2Wav(flow, hift)
+        self.t2w = make_token2wav(flow, hift)
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
@@ -232,6 +228,8 @@ class CosyVoiceEngine:
         return True
 
     def _t2w_state(self, spk, stream: bool, speed: float, seed: int):
+        if self.model.family == "v1" and speed != 1.0:
+            stream = False  # v1's streaming vocoder cannot time-scale: speak per segment
         return self.t2w.new_state(
             spk.embedding,
             torch.tensor(spk.prompt_speech_tokens, dtype=torch.long),
