@@ -36,6 +36,7 @@ class _State:
     llm: object | None = None  # cosyvoice LLMRequest
     t2w: object | None = None  # cosyvoice Token2WavState
     runs: int = 0  # LLM runs started (seeds segment i with seed + i)
+    fed: int = 0  # LLM tokens already handed to token2wav
 
 
 class _WholeText:
@@ -136,8 +137,10 @@ class CosyVoiceEngine:
         req.max_len = min(req.max_len, 2 * self.t2w.cfg.token_hop_len)
         st = self._t2w_state(spk, stream=True, speed=1.0, seed=1)
         while not st.done:
-            tok = self.model.llm.step([req]) if not req.done else []
-            self.t2w.step([(st, [t for t in tok if t is not None], req.done)])
+            fed = len(req.flow_tokens)
+            if not req.done:
+                self.model.llm.step([req])
+            self.t2w.step([(st, req.flow_tokens[fed:], req.done)])
 
     def start(self, job: Job) -> None:
         self.model.speakers.get(job.speaker.id)  # raises for a speaker deleted meanwhile
@@ -166,12 +169,14 @@ class CosyVoiceEngine:
 
         # One packed LLM forward for every job still producing tokens.
         llm_jobs = [j for j in active if not j.engine_state.llm.done]
-        new_tokens: dict[Job, list[int]] = {j: [] for j in active}
         if llm_jobs:
-            toks = self.model.llm.step([j.engine_state.llm for j in llm_jobs])
-            for job, tok in zip(llm_jobs, toks, strict=True):
-                if tok is not None:
-                    new_tokens[job].append(tok)
+            self.model.llm.step([j.engine_state.llm for j in llm_jobs])
+        new_tokens: dict[Job, list[int]] = {}
+        for job in active:
+            # flow_tokens, not step()'s return: v3 drops long runs of silent tokens there.
+            st: _State = job.engine_state
+            new_tokens[job] = st.llm.flow_tokens[st.fed :]
+            st.fed = len(st.llm.flow_tokens)
 
         # One batched flow + HiFT call for every job with a chunk ready.
         items = [(j.engine_state.t2w, new_tokens[j], j.engine_state.llm.done) for j in active]
@@ -222,7 +227,7 @@ class CosyVoiceEngine:
             req.min_len = req.max_len = self.fixed_tokens
         if not text:
             req.cancel()
-        st.llm = req
+        st.llm, st.fed = req, 0
         st.t2w = self._t2w_state(spk, stream=job.stream, speed=job.speed, seed=seed)
         st.current = (index, last)
         return True
