@@ -100,24 +100,31 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stop:
-            self._wake.clear()
-            self._drop_cancelled()
-            self._admit()
-            batch = self._pick()
-            if not batch:
-                self._wake.wait(timeout=1.0)
-                continue
-            t0 = time.monotonic()
-            results = self._step(batch)
-            elapsed = time.monotonic() - t0
-            share = elapsed / len(batch)
-            log.debug("step: %d jobs in %.1f ms", len(batch), elapsed * 1000)
-            self.counters.steps += 1
-            if not getattr(self.engine, "measures_time", False):
-                for job in batch:
-                    job.processing_seconds += share
-            for job, event in results:
-                self._route(job, event)
+            try:
+                self._tick()
+            except Exception:  # the thread must outlive any bug: a dead loop hangs every stream
+                log.exception("scheduler tick failed")
+                time.sleep(0.05)
+
+    def _tick(self) -> None:
+        self._wake.clear()
+        self._drop_cancelled()
+        self._admit()
+        batch = self._pick()
+        if not batch:
+            self._wake.wait(timeout=1.0)
+            return
+        t0 = time.monotonic()
+        results = self._step(batch)
+        elapsed = time.monotonic() - t0
+        share = elapsed / len(batch)
+        log.debug("step: %d jobs in %.1f ms", len(batch), elapsed * 1000)
+        self.counters.steps += 1
+        if not getattr(self.engine, "measures_time", False):
+            for job in batch:
+                job.processing_seconds += share
+        for job, event in results:
+            self._route(job, event)
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -149,11 +156,16 @@ class Scheduler:
     def _pick(self) -> list[Job]:
         with self._lock:
             running = list(self._running)
-        ready = [
-            j
-            for j in running
-            if not j.cancelled and j.channel.backlog < self.max_backlog and self.engine.ready(j)
-        ]
+        ready = []
+        for job in running:
+            if job.cancelled or job.channel.backlog >= self.max_backlog:
+                continue
+            try:
+                if self.engine.ready(job):
+                    ready.append(job)
+            except Exception as exc:
+                log.exception("job %d: engine.ready failed", job.id)
+                self._route(job, Failed(f"{type(exc).__name__}: {exc}"))
 
         ready.sort(key=self.deadline)
         return ready[: self.engine.max_batch]
@@ -174,12 +186,10 @@ class Scheduler:
         try:
             return self.engine.step(batch)
         except Exception as exc:
-            if len(batch) == 1:
-                log.exception("job %d failed", batch[0].id)
-                return [(batch[0], Failed(f"{type(exc).__name__}: {exc}"))]
-            # Find the culprit: each job alone, so the others go on.
-            log.warning("batched step failed (%s); retrying jobs one by one", exc)
-            return [ev for job in batch for ev in self._step([job])]
+            # Engines report per-job problems as Failed events; an exception out of a batched
+            # step leaves no way to tell whose state is intact, so the batch fails, nothing else.
+            log.exception("engine step failed for jobs %s", [j.id for j in batch])
+            return [(job, Failed(f"{type(exc).__name__}: {exc}")) for job in batch]
 
     def _route(self, job: Job, event: Event) -> None:
         if isinstance(event, Chunk):

@@ -1,0 +1,213 @@
+"""The scheduler on its own, driving a small deterministic engine written for the test."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from rtserver.channel import Channel
+from rtserver.engine import Cancelled, Chunk, Done, Failed, Job, Speaker
+from rtserver.scheduler import Busy, Scheduler
+
+SPEAKER = Speaker("tone", "xx", 1000, "test")
+
+
+class ToneEngine:
+    """One segment = one step. Text "bad" fails its job (as engines report per-job problems);
+    text "boom" makes the whole step raise (an engine bug)."""
+
+    name = "tone"
+
+    def __init__(self, max_batch: int = 8) -> None:
+        self.max_batch = max_batch
+        self.batches: list[list[int]] = []
+        self.released: list[int] = []
+
+    def speakers(self) -> list[Speaker]:
+        return [SPEAKER]
+
+    def warmup(self) -> None:
+        pass
+
+    def start(self, job: Job) -> None:
+        job.engine_state = "started"
+
+    def ready(self, job: Job) -> bool:
+        return job.has_pending_text() or job.input_closed
+
+    def step(self, jobs: list[Job]) -> list:
+        self.batches.append([j.id for j in jobs])
+        out = []
+        for job in jobs:
+            item = job.next_segment()
+            if item is None:
+                out.append((job, Done()))
+                continue
+            index, text = item
+            if text == "boom":
+                raise RuntimeError("engine exploded")
+            if text == "bad":
+                out.append((job, Failed("bad segment")))
+                continue
+            out.append((job, Chunk(np.full(100, 0.1, np.float32), index, True)))
+        return out
+
+    def release(self, job: Job) -> None:
+        self.released.append(job.id)
+
+
+async def drain(job: Job) -> list:
+    events = []
+    while True:
+        ev = await asyncio.wait_for(job.channel.get(), 10)
+        events.append(ev)
+        if isinstance(ev, Done | Failed | Cancelled):
+            return events
+
+
+def make_job(sched: Scheduler, segments: list[str], close: bool = True) -> Job:
+    job = Job(speaker=SPEAKER, channel=Channel(asyncio.get_running_loop(), sched.wake))
+    job.add_segments(segments)
+    if close:
+        job.close_input()
+    sched.submit(job)
+    return job
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_jobs_are_batched_and_finish_in_order():
+    async def go():
+        engine = ToneEngine()
+        sched = Scheduler(engine)
+        sched.start()
+        try:
+            jobs = [make_job(sched, ["a", "b", "c"]) for _ in range(3)]
+            results = await asyncio.gather(*(drain(j) for j in jobs))
+        finally:
+            sched.stop()
+        return engine, results
+
+    engine, results = run(go())
+    for events in results:
+        assert [e.segment for e in events if isinstance(e, Chunk)] == [0, 1, 2]
+        assert isinstance(events[-1], Done)
+    assert max(len(b) for b in engine.batches) > 1  # jobs shared steps
+    assert len(engine.released) == 3
+
+
+def test_a_failing_job_fails_alone():
+    async def go():
+        engine = ToneEngine()
+        sched = Scheduler(engine)
+        jobs = [make_job(sched, ["a", "b"]), make_job(sched, ["bad", "x"]), make_job(sched, ["c"])]
+        sched.start()
+        try:
+            results = await asyncio.gather(*(drain(j) for j in jobs))
+        finally:
+            sched.stop()
+        return sched, engine, jobs, results
+
+    sched, engine, jobs, (good1, bad, good2) = run(go())
+    assert isinstance(bad[-1], Failed) and "bad segment" in bad[-1].message
+    assert [type(e) for e in good1] == [Chunk, Chunk, Done]
+    assert [type(e) for e in good2] == [Chunk, Done]
+    snap = sched.snapshot()
+    assert snap["failed"] == 1 and snap["completed"] == 2 and snap["active"] == 0
+    assert jobs[1].id in engine.released
+
+
+def test_an_engine_exception_fails_its_batch_and_the_scheduler_goes_on():
+    async def go():
+        engine = ToneEngine(max_batch=1)
+        sched = Scheduler(engine)
+        sched.start()
+        try:
+            broken = await drain(make_job(sched, ["boom"]))
+            later = await drain(make_job(sched, ["a"]))
+        finally:
+            sched.stop()
+        return broken, later
+
+    broken, later = run(go())
+    assert isinstance(broken[-1], Failed) and "exploded" in broken[-1].message
+    assert [type(e) for e in later] == [Chunk, Done]
+
+
+def test_cancel_drops_the_job_and_frees_it():
+    async def go():
+        engine = ToneEngine()
+        sched = Scheduler(engine)
+        sched.start()
+        try:
+            job = make_job(sched, ["x"] * 1000, close=False)
+            first = await asyncio.wait_for(job.channel.get(), 10)
+            job.cancel()
+            sched.wake()
+            events = [first, *await drain(job)]
+        finally:
+            sched.stop()
+        return engine, sched, job, events
+
+    engine, sched, job, events = run(go())
+    assert isinstance(events[-1], Cancelled)
+    assert job.id in engine.released
+    # Bounded by the backlog: far fewer than the 1000 segments were synthesized.
+    assert sum(isinstance(e, Chunk) for e in events) <= sched.max_backlog + 2
+    assert sched.snapshot()["active"] == 0 and sched.snapshot()["cancelled"] == 1
+
+
+def test_unread_jobs_stop_being_scheduled():
+    async def go():
+        engine = ToneEngine()
+        sched = Scheduler(engine, max_backlog=3)
+        sched.start()
+        try:
+            job = make_job(sched, ["x"] * 100)
+            await asyncio.sleep(0.3)  # nobody reads
+            backlog, steps = job.channel.backlog, sched.counters.steps
+            await asyncio.sleep(0.3)
+            return backlog, steps, sched.counters.steps
+        finally:
+            sched.stop()
+
+    backlog, steps_a, steps_b = run(go())
+    assert backlog == 3 and steps_a == steps_b
+
+
+def test_capacity_and_serial_mode():
+    async def go():
+        engine = ToneEngine()
+        sched = Scheduler(engine, max_streams=1, max_queue=1, serial=True)
+        a = make_job(sched, ["a", "b"])
+        b = make_job(sched, ["c"])
+        with pytest.raises(Busy):
+            make_job(sched, ["d"])
+        sched.start()
+        try:
+            await asyncio.gather(drain(a), drain(b))
+        finally:
+            sched.stop()
+        return engine
+
+    engine = run(go())
+    assert all(len(batch) == 1 for batch in engine.batches)
+
+
+def test_earliest_deadline_first():
+    engine = ToneEngine()
+    sched = Scheduler(engine, first_audio_budget_s=0.25)
+
+    class Stub:
+        def __init__(self, created, first=None, audio=0.0):
+            self.created, self.first_audio_at, self.audio_seconds = created, first, audio
+
+    new = Stub(created=100.0)  # due at 100.25
+    starving = Stub(created=90.0, first=95.0, audio=5.1)  # listener runs dry at 100.1
+    comfortable = Stub(created=90.0, first=95.0, audio=20.0)  # dry at 115
+    order = sorted([comfortable, new, starving], key=sched.deadline)
+    assert order == [starving, new, comfortable]
