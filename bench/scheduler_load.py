@@ -83,7 +83,7 @@ def main() -> None:
         )
     body = f"""## CosyVoice2 scheduler: batched vs serial (full-size random weights, {args.device} {args.dtype})
 
-Command: `uv run python bench/scheduler_load.py --tokens {args.tokens} --rounds {args.rounds}`
+Command: `uv run python bench/scheduler_load.py --tokens {args.tokens} --rounds {args.rounds} --dtype {args.dtype}`
 (commit {git_rev()}). Machine: {machine()}.
 Model: `bench/make_full_model.py` output (CosyVoice2-0.5B sizes, random weights), LLM forced to
 {args.tokens} tokens per request ({args.tokens / 25:.1f} s of audio), `stream=true`, N clients at once.
