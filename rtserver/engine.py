@@ -109,11 +109,6 @@ class Job:
         with self._lock:
             return self._input_closed
 
-    @property
-    def submitted_segments(self) -> int:
-        with self._lock:
-            return self._submitted
-
     def cancel(self) -> None:
         self._cancel.set()
 
