@@ -4,27 +4,19 @@ vocoder noise, recorded flow noise replayed). The v1 LLM / text tokenizer belong
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _fixtures import e2e_runs, family_dir, needs
 
 WAVE_TOL = 1e-3
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice1"
-HAVE = (D / "e2e_sft.npz").is_file()
-pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
-RUNS = json.loads((D / "fixtures_v1.json").read_text())["e2e_sft"]["runs"] if HAVE else []
+D = family_dir("cosyvoice1")
+pytestmark = needs(D / "e2e_sft.npz")
+RUNS = e2e_runs(D, "v1")
 
 
 @pytest.fixture(scope="module")

@@ -3,37 +3,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _fixtures import ONE_THREAD, e2e_runs, family_dir, load_arrays, needs
 
 WAVE_TOL = 1e-3  # golden README: waveforms
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice2"
-HAVE = (D / "e2e_sft.npz").is_file()
-pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
-RUNS = json.loads((D / "fixtures_v2.json").read_text())["e2e_sft"]["runs"] if HAVE else []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
-    two OpenMP threads collapse under contention (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+D = family_dir("cosyvoice2")
+pytestmark = [needs(D / "e2e_sft.npz"), ONE_THREAD]
+RUNS = e2e_runs(D, "v2")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +27,7 @@ def tts():
 
 @pytest.fixture(scope="module")
 def fx():
-    return dict(np.load(D / "e2e_sft.npz"))
+    return load_arrays(D / "e2e_sft.npz")
 
 
 @pytest.mark.parametrize("run", RUNS, ids=[r["key"] for r in RUNS])

@@ -3,13 +3,12 @@ returned flow cache with the recorded noise, with and without prompt; strict loa
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _fixtures import ONE_THREAD, family_dir, load_tensors, needs
 
 from cosyvoice.flow import load_flow
 from cosyvoice.flow.v1 import FlowV1
@@ -17,23 +16,10 @@ from cosyvoice.flow.v1 import FlowV1
 MEL_TOL = 1e-4
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice1"
+D = family_dir("cosyvoice1")
 HAVE = (D / "flow.npz").is_file()
 KEYS = sorted(k for k in np.load(D / "flow.npz") if re.fullmatch(r"[A-Z]_mel", k)) if HAVE else []
-pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [needs(D / "flow.npz"), ONE_THREAD]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def flow():
 
 @pytest.fixture(scope="module")
 def fx():
-    return {k: torch.from_numpy(v) for k, v in np.load(D / "flow.npz").items()}
+    return load_tensors(D / "flow.npz")
 
 
 def test_strict_keys(flow):

@@ -4,13 +4,12 @@ whole-utterance and streaming-chunk mels, strict loading, batch invariance."""
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _fixtures import ONE_THREAD, family_dir, load_arrays, needs
 
 from cosyvoice.flow import FlowConfig, FlowInput, build_flow, fixed_noise, load_flow
 
@@ -18,28 +17,13 @@ MEL_TOL = 1e-4  # golden README: flow mel after 10 Euler steps with CFG
 BATCH_TOL = 1e-5  # same request alone vs in a padded batch (float32 reassociation only)
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice2"
-pytestmark = pytest.mark.skipif(not (D / "flow.npz").is_file(), reason=f"no golden fixtures at {D}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
-    two OpenMP threads collapse under contention (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+D = family_dir("cosyvoice2")
+pytestmark = [needs(D / "flow.npz"), ONE_THREAD]
 
 
 @pytest.fixture(scope="module")
 def fx():
-    return dict(np.load(D / "flow.npz"))
+    return load_arrays(D / "flow.npz")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,11 @@ pre-lookahead output, whole-utterance and streaming-chunk mels, strict loading, 
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from _fixtures import ONE_THREAD, family_dir, load_tensors, needs
 
 from cosyvoice.flow import FlowInput, build_flow, fixed_noise, load_flow
 
@@ -18,29 +16,13 @@ MEL_TOL = 1e-4  # golden README: flow mel
 BATCH_TOL = 1e-5
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice3"
-HAVE = (D / "flow.npz").is_file()
-pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
-    two OpenMP threads collapse under contention (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+D = family_dir("cosyvoice3")
+pytestmark = [needs(D / "flow.npz"), ONE_THREAD]
 
 
 @pytest.fixture(scope="module")
 def fx():
-    return {k: torch.from_numpy(v) for k, v in np.load(D / "flow.npz").items()}
+    return load_tensors(D / "flow.npz")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from _fixtures import family_dir, load_tensors, needs
 
 from cosyvoice.hift import load_hift
 
@@ -16,18 +13,13 @@ WAVE_TOL = 1e-3
 F0_TOL = 2e-3  # see test_hift_v2: the classifier amplifies float32 reassociation noise
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice1"
-pytestmark = pytest.mark.skipif(not (D / "hift.npz").is_file(), reason=f"no golden fixtures at {D}")
+D = family_dir("cosyvoice1")
+pytestmark = needs(D / "hift.npz")
 
 
 @pytest.fixture(scope="module")
 def fx():
-    return {k: torch.from_numpy(v) for k, v in np.load(D / "hift.npz").items()}
+    return load_tensors(D / "hift.npz")
 
 
 def test_v1_hift(fx):

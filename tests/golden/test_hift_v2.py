@@ -4,12 +4,9 @@ per-request noise generators."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from _fixtures import ONE_THREAD, family_dir, load_tensors, needs
 
 from cosyvoice.hift import HiFTConfig, build_hift, load_hift, load_hift_state
 
@@ -21,28 +18,13 @@ SRC_TOL = 1e-4
 F0_TOL = 2e-3
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice2"
-pytestmark = pytest.mark.skipif(not (D / "hift.npz").is_file(), reason=f"no golden fixtures at {D}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
-    two OpenMP threads collapse under contention (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+D = family_dir("cosyvoice2")
+pytestmark = [needs(D / "hift.npz"), ONE_THREAD]
 
 
 @pytest.fixture(scope="module")
 def fx():
-    return {k: torch.from_numpy(v) for k, v in np.load(D / "hift.npz").items()}
+    return load_tensors(D / "hift.npz")
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@ recorded LLM tokens and the recorded flow noise of every flow call: every emitte
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _fixtures import e2e_runs, family_dir, needs
 
 from cosyvoice.flow import load_flow
 from cosyvoice.hift import load_hift
@@ -19,15 +17,9 @@ from cosyvoice.token2wav import Token2WavV1, make_token2wav
 WAVE_TOL = 1e-3
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice1"
-HAVE = (D / "e2e_sft.npz").is_file()
-pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
-RUNS = json.loads((D / "fixtures_v1.json").read_text())["e2e_sft"]["runs"] if HAVE else []
+D = family_dir("cosyvoice1")
+pytestmark = needs(D / "e2e_sft.npz")
+RUNS = e2e_runs(D, "v1")
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ and batched step() invariance."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _fixtures import ONE_THREAD, e2e_runs, family_dir, load_arrays, needs
 
 from cosyvoice.flow import FlowInput, load_flow
 from cosyvoice.hift import load_hift
@@ -22,25 +20,9 @@ MEL_TOL = 1e-4
 BATCH_WAVE_TOL = 2e-4  # see test_token2wav_v2
 
 
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
-D = golden_dir() / "cosyvoice3"
-HAVE = (D / "e2e_sft.npz").is_file()
-pytestmark = pytest.mark.skipif(not HAVE, reason=f"no golden fixtures at {D}")
-RUNS = json.loads((D / "fixtures_v3.json").read_text())["e2e_sft"]["runs"] if HAVE else []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core box
-    two OpenMP threads collapse under contention (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+D = family_dir("cosyvoice3")
+pytestmark = [needs(D / "e2e_sft.npz"), ONE_THREAD]
+RUNS = e2e_runs(D, "v3")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +32,7 @@ def t2w():
 
 @pytest.fixture(scope="module")
 def fx():
-    return dict(np.load(D / "e2e_sft.npz"))
+    return load_arrays(D / "e2e_sft.npz")
 
 
 @pytest.fixture(scope="module")
