@@ -1,5 +1,7 @@
 """End to end (text + speaker -> audio chunks) through cosyvoice.tts against the golden
-``e2e_sft`` fixtures: greedy LLM (the fixtures' argmax patch) and zero vocoder noise."""
+``e2e_sft`` fixtures of CosyVoice2 and CosyVoice3 (SFT, CosyVoice3's with the system prefix, and
+zero-shot): greedy LLM (the fixtures' argmax patch) and zero vocoder noise. CosyVoice-300M (v1)
+replays recorded flow noise: see test_e2e_v1."""
 
 from __future__ import annotations
 
@@ -12,25 +14,41 @@ from _fixtures import ONE_THREAD, e2e_runs, family_dir, load_arrays, needs
 
 WAVE_TOL = 1e-3  # golden README: waveforms
 
+FAMILIES = {"v2": family_dir("cosyvoice2"), "v3": family_dir("cosyvoice3")}
+pytestmark = ONE_THREAD
 
-D = family_dir("cosyvoice2")
-pytestmark = [needs(D / "e2e_sft.npz"), ONE_THREAD]
-RUNS = e2e_runs(D, "v2")
+
+def _cases(versions):
+    """(family, run) params; a family without fixtures gives one skipped param."""
+    out = []
+    for v in versions:
+        d = FAMILIES[v]
+        mark = needs(d / "e2e_sft.npz")
+        runs = e2e_runs(d, v)
+        out += [pytest.param(v, r, id=f"{v}-{r['key']}", marks=mark) for r in runs]
+        if not runs:
+            out.append(pytest.param(v, None, id=v, marks=mark))
+    return out
 
 
 @pytest.fixture(scope="module")
-def tts():
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tts(family):
     from cosyvoice.tts import TTS
 
-    return TTS.load(D / "model")
+    return TTS.load(FAMILIES[family] / "model")
 
 
 @pytest.fixture(scope="module")
-def fx():
-    return load_arrays(D / "e2e_sft.npz")
+def fx(family):
+    return load_arrays(FAMILIES[family] / "e2e_sft.npz")
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[r["key"] for r in RUNS])
+@pytest.mark.parametrize(("family", "run"), _cases(FAMILIES), indirect=["family"], scope="module")
 def test_tts_matches_fixture(tts, fx, run):
     key = run["key"]
     chunks = list(tts.tts(run["text"], run["spk"], stream=run["stream"], greedy=True, noise=False))
@@ -44,6 +62,12 @@ def test_tts_matches_fixture(tts, fx, run):
         assert err <= WAVE_TOL, f"{k}: {err:.3g}"
 
 
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param("v2", marks=needs(FAMILIES["v2"] / "e2e_sft.npz"))],
+    indirect=True,
+    scope="module",
+)
 def test_tts_zero_shot_speaker_runs(tts):
     """The zero-shot speaker (prompt tokens + prompt mel) goes through the same path."""
     chunks = list(tts.tts("Hello there.", "zs_spk1", stream=True, greedy=True, noise=False))
