@@ -53,3 +53,27 @@ def e2e_runs(d: Path, version: str) -> list[dict]:
     if not (d / "e2e_sft.npz").is_file():
         return []
     return json.loads((d / f"fixtures_{version}.json").read_text())["e2e_sft"]["runs"]
+
+
+def drive_ragged(t2w, states, toks: list[int], rates: list[int]):
+    """Drive ``states`` together through ``t2w.step`` with ragged token arrival: request i gets the
+    next ``rates[i]`` tokens of ``toks`` each step (finalised with its last ones) until all are
+    done. Returns (each request's emitted chunks, how many steps emitted more than one chunk)."""
+    got: list[list] = [[] for _ in states]
+    pos = [0] * len(states)
+    n_batched_steps = 0
+    while not all(s.done for s in states):
+        items, idx = [], []
+        for i, s in enumerate(states):
+            if s.done:
+                continue
+            new = toks[pos[i] : pos[i] + rates[i]]
+            pos[i] += len(new)
+            items.append((s, new, pos[i] >= len(toks)))
+            idx.append(i)
+        outs = t2w.step(items)
+        n_batched_steps += sum(o is not None for o in outs) > 1
+        for i, o in zip(idx, outs, strict=True):
+            if o is not None:
+                got[i].append(o)
+    return got, n_batched_steps

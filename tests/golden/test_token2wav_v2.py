@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from _fixtures import ONE_THREAD, family_dir, load_arrays, needs
+from _fixtures import ONE_THREAD, drive_ragged, family_dir, load_arrays, needs
 
 from cosyvoice.flow import FlowInput, load_flow
 from cosyvoice.hift import load_hift
@@ -141,24 +141,8 @@ def test_batched_step_equals_alone(t2w, spk):
 
     alone = [torch.cat(list(t2w.stream(s, [toks.tolist()]))) for s in states()]
     sts = states()
-    got: list[list[torch.Tensor]] = [[], [], []]
-    rates = [7, 11, 5]  # tokens per step: requests 0 and 1 get their first chunk in the same step
-    pos = [0, 0, 0]
-    n_batched_steps = 0
-    while not all(s.done for s in sts):
-        items, idx = [], []
-        for i, s in enumerate(sts):
-            if s.done:
-                continue
-            new = toks[pos[i] : pos[i] + rates[i]].tolist()
-            pos[i] += len(new)
-            items.append((s, new, pos[i] >= len(toks)))
-            idx.append(i)
-        outs = t2w.step(items)
-        n_batched_steps += sum(o is not None for o in outs) > 1
-        for i, o in zip(idx, outs, strict=True):
-            if o is not None:
-                got[i].append(o)
+    # tokens per step: requests 0 and 1 get their first chunk in the same step
+    got, n_batched_steps = drive_ragged(t2w, sts, toks.tolist(), [7, 11, 5])
     assert n_batched_steps > 0, "the schedule never produced two chunks in one step"
     for i in range(3):
         y = torch.cat(got[i])

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from _fixtures import ONE_THREAD, e2e_runs, family_dir, load_arrays, needs
+from _fixtures import ONE_THREAD, drive_ragged, e2e_runs, family_dir, load_arrays, needs
 
 from cosyvoice.flow import FlowInput, load_flow
 from cosyvoice.hift import load_hift
@@ -99,20 +99,8 @@ def test_batched_step_equals_alone(t2w, spk):
                 t2w.new_state(spk["spk_m1"]["embedding"], stream=False)]  # fmt: skip
 
     alone = [torch.cat(list(t2w.stream(s, [toks]))) for s in states()]
-    sts, got, pos, rates, both = states(), [[], [], []], [0, 0, 0], [7, 11, 5], 0
-    while not all(s.done for s in sts):
-        items, idx = [], []
-        for i, s in enumerate(sts):
-            if not s.done:
-                new = toks[pos[i] : pos[i] + rates[i]]
-                pos[i] += len(new)
-                items.append((s, new, pos[i] >= len(toks)))
-                idx.append(i)
-        outs = t2w.step(items)
-        both += sum(o is not None for o in outs) > 1
-        for i, o in zip(idx, outs, strict=True):
-            if o is not None:
-                got[i].append(o)
+    sts = states()
+    got, both = drive_ragged(t2w, sts, toks, [7, 11, 5])
     assert both > 0
     for i in range(3):
         y = torch.cat(got[i])
