@@ -174,6 +174,15 @@ def cosine_t_span(n: int, dtype=torch.float32) -> torch.Tensor:
     return 1 - torch.cos(t * 0.5 * torch.pi)
 
 
+class CFM(nn.Module):
+    """A flow's ``decoder``: holds the estimator, so its weights sit under ``decoder.estimator.*``
+    as in the official ``flow.pt``; the sampler is :func:`cfm_euler`."""
+
+    def __init__(self, est: nn.Module):
+        super().__init__()
+        self.estimator = est
+
+
 def cfm_euler(estimator, z, mask, mu, spks, cond, streaming, n_steps=10, cfg_rate=0.7):
     """Euler ODE from noise z with classifier-free guidance (unconditional rows zero mu/spks/cond)."""
     t_span = cosine_t_span(n_steps, mu.dtype).to(mu.device)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.flow.decoder import CausalConditionalDecoder, cfm_euler
+from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
 
@@ -62,19 +62,24 @@ class FlowConfig:
         est = dec["estimator"]
         cfm = dec.get("cfm_params", {})
         cfm = cfm.get("content", cfm) if isinstance(cfm, dict) else {}
+        if target and not target.endswith(("CausalMaskedDiffWithDiT", "CausalMaskedDiffWithXvec")):
+            raise ValueError(f"flow class {target} is not supported by cosyvoice.flow (v2/v3 only)")
+        common = dict(  # the fields v2 (U-Net) and v3 (DiT) read alike
+            vocab_size=int(f["vocab_size"]),
+            input_size=int(f["input_size"]),
+            output_size=int(f["output_size"]),
+            spk_embed_dim=int(f["spk_embed_dim"]),
+            token_mel_ratio=int(f.get("token_mel_ratio", 2)),
+            pre_lookahead_len=int(f.get("pre_lookahead_len", 3)),
+            cfg_rate=float(cfm.get("inference_cfg_rate", 0.7)),
+        )
         if target.endswith("CausalMaskedDiffWithDiT"):
             pl = f.get("pre_lookahead_layer", {})
             return cls(
-                vocab_size=int(f["vocab_size"]),
-                input_size=int(f["input_size"]),
-                output_size=int(f["output_size"]),
-                spk_embed_dim=int(f["spk_embed_dim"]),
-                token_mel_ratio=int(f.get("token_mel_ratio", 2)),
-                pre_lookahead_len=int(f.get("pre_lookahead_len", 3)),
+                **common,
                 chunk_size=int(est.get("static_chunk_size", 50))
                 // int(f.get("token_mel_ratio", 2)),
                 est_chunk=int(est.get("static_chunk_size", 50)),
-                cfg_rate=float(cfm.get("inference_cfg_rate", 0.7)),
                 estimator="dit",
                 pre_lookahead_channels=int(pl.get("channels", 1024)),
                 dit_dim=int(est["dim"]),
@@ -83,16 +88,9 @@ class FlowConfig:
                 dit_dim_head=int(est["dim_head"]),
                 dit_ff_mult=int(est.get("ff_mult", 2)),
             )
-        if target and not target.endswith("CausalMaskedDiffWithXvec"):
-            raise ValueError(f"flow class {target} is not supported by cosyvoice.flow (v2/v3 only)")
         enc = f["encoder"]
         return cls(
-            vocab_size=int(f["vocab_size"]),
-            input_size=int(f["input_size"]),
-            output_size=int(f["output_size"]),
-            spk_embed_dim=int(f["spk_embed_dim"]),
-            token_mel_ratio=int(f.get("token_mel_ratio", 2)),
-            pre_lookahead_len=int(f.get("pre_lookahead_len", 3)),
+            **common,
             heads=int(enc.get("attention_heads", 4)),
             linear_units=int(enc.get("linear_units", 2048)),
             num_blocks=int(enc.get("num_blocks", 6)),
@@ -104,7 +102,6 @@ class FlowConfig:
             est_num_mid_blocks=int(est.get("num_mid_blocks", 2)),
             est_num_heads=int(est.get("num_heads", 4)),
             est_chunk=int(est.get("static_chunk_size", 0)),
-            cfg_rate=float(cfm.get("inference_cfg_rate", 0.7)),
         )
 
 
@@ -129,12 +126,6 @@ class FlowInput:
     finalize: bool = True
 
 
-class _CFM(nn.Module):
-    def __init__(self, est: nn.Module):
-        super().__init__()
-        self.estimator = est
-
-
 class FlowModel(nn.Module):
     """``CausalMaskedDiffWithXvec``; parameter names equal the official ``flow.pt`` keys."""
 
@@ -148,7 +139,7 @@ class FlowModel(nn.Module):
             self.pre_lookahead_layer = PreLookahead(
                 d, cfg.pre_lookahead_channels, cfg.pre_lookahead_len
             )
-            self.decoder = _CFM(
+            self.decoder = CFM(
                 DiT(
                     cfg.dit_dim,
                     cfg.dit_depth,
@@ -168,7 +159,7 @@ class FlowModel(nn.Module):
             cfg.pre_lookahead_len, cfg.chunk_size, cfg.token_mel_ratio,
         )  # fmt: skip
         self.encoder_proj = nn.Linear(d, cfg.output_size)
-        self.decoder = _CFM(
+        self.decoder = CFM(
             CausalConditionalDecoder(
                 cfg.est_in_channels,
                 cfg.output_size,

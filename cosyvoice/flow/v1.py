@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.flow.decoder import TimestepEmbedding, TransformerBlock, cfm_euler, sinusoidal_emb
+from cosyvoice.flow.decoder import (
+    CFM,
+    TimestepEmbedding,
+    TransformerBlock,
+    cfm_euler,
+    sinusoidal_emb,
+)
 from cosyvoice.flow.encoder import ConformerLayer, LinearInput, attn_masks, rel_pos_table
 
 OVERLAP_FRAMES = 34  # int(20 / 50 * 22050 / 256): mel frames of the 20 overlap tokens
@@ -225,12 +231,6 @@ class ConditionalDecoder(nn.Module):
         return self.final_proj(x * m) * mask
 
 
-class _CFM(nn.Module):
-    def __init__(self, est):
-        super().__init__()
-        self.estimator = est
-
-
 class FlowV1(nn.Module):
     """``MaskedDiffWithXvec``; parameter names equal the official v1 ``flow.pt`` keys."""
 
@@ -244,7 +244,7 @@ class FlowV1(nn.Module):
         )
         self.encoder_proj = nn.Linear(cfg.enc_size, cfg.output_size)
         self.length_regulator = InterpolateRegulator(cfg.output_size)
-        self.decoder = _CFM(
+        self.decoder = CFM(
             ConditionalDecoder(
                 cfg.est_in_channels,
                 cfg.output_size,
