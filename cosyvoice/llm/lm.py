@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import LLMConfig
-from .qwen2 import KVCache, Qwen2Model
+from .qwen2 import KVCache, Qwen2Model, last_positions
 
 UNUSED_KEYS = ("llm.model.lm_head.weight",)
 
@@ -114,10 +114,7 @@ class QwenSpeechLM(nn.Module):
     ) -> torch.Tensor:
         """Packed embeddings -> llm_decoder logits (of each segment's last position if last_only)."""
         h = self.qwen(x, caches, seg_lens)
-        if last_only:
-            idx = torch.tensor(seg_lens, device=h.device).cumsum(0) - 1
-            h = h[idx]
-        return self.llm_decoder(h)
+        return self.llm_decoder(last_positions(h, seg_lens) if last_only else h)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load ``llm.pt`` requiring exactly our keys (+ the unused tied lm_head)."""

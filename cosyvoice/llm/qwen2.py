@@ -58,6 +58,12 @@ class KVCache:
         return self.data.numel() * self.data.element_size()
 
 
+def last_positions(h: torch.Tensor, seg_lens: list[int]) -> torch.Tensor:
+    """Rows of packed hidden states ``h`` (sum(seg_lens), D) at each segment's last position."""
+    idx = torch.tensor(seg_lens, device=h.device).cumsum(0) - 1
+    return h[idx]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: QwenConfig) -> None:
         super().__init__()

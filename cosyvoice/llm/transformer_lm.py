@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LLMConfig
-from .qwen2 import KVCache
+from .qwen2 import KVCache, last_positions
 
 
 def rel_pe(n: int, d: int, device=None) -> torch.Tensor:
@@ -220,10 +220,7 @@ class TransformerSpeechLM(nn.Module):
 
     def forward_packed(self, x, caches, seg_lens, last_only: bool = True) -> torch.Tensor:
         h = self.llm(x, caches, seg_lens)
-        if last_only:
-            idx = torch.tensor(seg_lens, device=h.device).cumsum(0) - 1
-            h = h[idx]
-        return self.llm_decoder(h)
+        return self.llm_decoder(last_positions(h, seg_lens) if last_only else h)
 
     def load_checkpoint(self, path: str | Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
