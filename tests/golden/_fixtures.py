@@ -1,6 +1,7 @@
 """Fixture loading shared by the per-family golden test modules (test_e2e_*, test_flow_*,
-test_hift_*, test_token2wav_*): where a family's fixtures live, the skip-if-missing mark, the
-one-thread mark and the npz / json loaders.
+test_hift_*, test_token2wav_*) and the engine-level tests: where a family's fixtures live, the
+skip-if-missing mark, the one-thread mark, the npz / json loaders, the token2wav ragged-batch
+driver and the engine loader.
 
 Imported as a plain module (``from _fixtures import ...``): tests/golden is not a package and
 pytest puts it on ``sys.path``.
@@ -77,3 +78,14 @@ def drive_ragged(t2w, states, toks: list[int], rates: list[int]):
             if o is not None:
                 got[i].append(o)
     return got, n_batched_steps
+
+
+def load_engine(golden_dir: Path, name: str):
+    """``cosyvoice.load`` of ``<golden_dir>/<name>/model`` without a speaker dir; skips the test
+    when that folder is missing."""
+    import cosyvoice
+
+    d = golden_dir / name / "model"
+    if not d.is_dir():
+        pytest.skip(f"no {name} golden dir")
+    return cosyvoice.load(d, speaker_dir=None)

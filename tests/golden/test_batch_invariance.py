@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _fixtures import load_engine
 
-import cosyvoice
 from cosyvoice.llm.engine import LLMRequest
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -17,10 +17,7 @@ LOGIT_ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model(golden_dir):
-    d = golden_dir / "cosyvoice2" / "model"
-    if not d.is_dir():
-        pytest.skip("no cosyvoice2 golden dir")
-    return cosyvoice.load(d, speaker_dir=None)
+    return load_engine(golden_dir, "cosyvoice2")
 
 
 def _requests(model, golden_dir):

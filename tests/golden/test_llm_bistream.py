@@ -5,8 +5,8 @@ that the result does not depend on how the text is chunked."""
 from __future__ import annotations
 
 import pytest
+from _fixtures import load_engine
 
-import cosyvoice
 from cosyvoice.llm.engine import LLMRequest
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -16,10 +16,7 @@ TEXT = "Hello world, this is a bistream test with a few more words to stream in.
 
 @pytest.fixture(scope="module")
 def model(golden_dir):
-    d = golden_dir / "cosyvoice2" / "model"
-    if not d.is_dir():
-        pytest.skip("no cosyvoice2 golden dir")
-    return cosyvoice.load(d, speaker_dir=None)
+    return load_engine(golden_dir, "cosyvoice2")
 
 
 def _run(model, req: LLMRequest, ids: list[int], piece: int) -> LLMRequest:
@@ -118,10 +115,7 @@ def test_mixed_batch_with_unistream(model):
 
 
 def test_v3_system_prompt_first(golden_dir):
-    d = golden_dir / "cosyvoice3" / "model"
-    if not d.is_dir():
-        pytest.skip("no cosyvoice3 golden dir")
-    m = cosyvoice.load(d, speaker_dir=None)
+    m = load_engine(golden_dir, "cosyvoice3")
     r = m.new_stream_request(None, seed=2)
     system = m.frontend.encode("You are a helpful assistant.<|endofprompt|>")
     assert r.bistream.pending == [("sos", []), ("text", system)]
