@@ -89,3 +89,24 @@ def load_engine(golden_dir: Path, name: str):
     if not d.is_dir():
         pytest.skip(f"no {name} golden dir")
     return cosyvoice.load(d, speaker_dir=None)
+
+
+def flow_input(fx, case: str, n_tok: int | None = None, streaming=False, finalize=True):
+    """A ``FlowInput`` from a flow.npz (numpy arrays or tensors), as the golden README describes
+    the cases: B and D carry the zero-shot prompt (with ``prompt_embedding``), the others have no
+    prompt and ``embedding``. ``n_tok`` keeps only the first tokens."""
+    import torch
+
+    from cosyvoice.flow import FlowInput
+
+    tok = torch.as_tensor(fx["token"][0])
+    if n_tok is not None:
+        tok = tok[:n_tok]
+    if case in ("B", "D"):
+        prompt_token = torch.as_tensor(fx["prompt_token"][0])
+        prompt_feat = torch.as_tensor(fx["prompt_feat"][0])
+        emb = torch.as_tensor(fx["prompt_embedding"][0])
+    else:
+        prompt_token, prompt_feat = torch.zeros(0, dtype=torch.long), torch.zeros(0, 80)
+        emb = torch.as_tensor(fx["embedding"][0])
+    return FlowInput(tok, prompt_token, prompt_feat, emb, streaming, finalize)

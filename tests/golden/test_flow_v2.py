@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from _fixtures import ONE_THREAD, family_dir, load_arrays, needs
+from _fixtures import ONE_THREAD, family_dir, flow_input, load_arrays, needs
 
-from cosyvoice.flow import FlowConfig, FlowInput, build_flow, fixed_noise, load_flow
+from cosyvoice.flow import FlowConfig, build_flow, fixed_noise, load_flow
 
 MEL_TOL = 1e-4  # golden README: flow mel after 10 Euler steps with CFG
 BATCH_TOL = 1e-5  # same request alone vs in a padded batch (float32 reassociation only)
@@ -33,25 +33,6 @@ def flow():
 
 def _schedules() -> dict:
     return json.loads((D / "fixtures_v2.json").read_text())["flow"]["cases"]
-
-
-def _inp(fx, case: str, n_tok: int | None = None, streaming=False, finalize=True) -> FlowInput:
-    """Inputs as the golden README describes them: cases B and D carry the zero-shot prompt
-    (with ``prompt_embedding``), the others have no prompt and ``embedding``."""
-    tok = torch.from_numpy(fx["token"][0])
-    if n_tok is not None:
-        tok = tok[:n_tok]
-    if case in ("B", "D"):
-        return FlowInput(
-            tok,
-            torch.from_numpy(fx["prompt_token"][0]),
-            torch.from_numpy(fx["prompt_feat"][0]),
-            torch.from_numpy(fx["prompt_embedding"][0]),
-            streaming,
-            finalize,
-        )
-    return FlowInput(tok, torch.zeros(0, dtype=torch.long), torch.zeros(0, 80),
-                     torch.from_numpy(fx["embedding"][0]), streaming, finalize)  # fmt: skip
 
 
 def _whole_cases(fx):
@@ -112,7 +93,7 @@ def test_estimator_call(flow, fx):
 
 def test_encoder_mu(flow, fx):
     with torch.inference_mode():
-        mu, lens = flow.encode([_inp(fx, "A")])
+        mu, lens = flow.encode([flow_input(fx, "A")])
     assert int(lens[0]) == fx["A_mu"].shape[1]
     np.testing.assert_allclose(mu.numpy(), fx["A_mu"], atol=MEL_TOL, rtol=0)
 
@@ -120,7 +101,7 @@ def test_encoder_mu(flow, fx):
 def test_whole_utterance_batched_and_alone(flow, fx):
     cases = _whole_cases(fx)
     assert len(cases) >= 3, "expected A, B and A2 mels in flow.npz"
-    inps = [_inp(fx, c, streaming=s) for _, c, s in cases]
+    inps = [flow_input(fx, c, streaming=s) for _, c, s in cases]
     batched = flow.inference(inps)
     for (key, _, _), inp, mb in zip(cases, inps, batched, strict=True):
         ref = fx[key][0]
@@ -135,7 +116,7 @@ def test_streaming_chunks(flow, fx):
     prompt / no prompt, different lengths), raw and offset-sliced."""
     cases = _chunk_cases()
     assert cases
-    inps = [_inp(fx, c, s["n_tok"], s["streaming"], s["finalize"]) for c, _, s in cases]
+    inps = [flow_input(fx, c, s["n_tok"], s["streaming"], s["finalize"]) for c, _, s in cases]
     outs = flow.inference(inps)
     for (c, i, s), o in zip(cases, outs, strict=True):
         raw = fx[f"{c}_chunk{i}_mel_raw"][0]
@@ -148,7 +129,9 @@ def test_streaming_chunks(flow, fx):
 def test_chunk_prefix_consistency(flow, fx):
     """Chunk-aligned streaming calls leave earlier frames unchanged (fixed noise + chunk masks +
     causal convs + real look-ahead)."""
-    a, b = flow.inference([_inp(fx, "A", 28, True, False), _inp(fx, "A", 53, True, False)])
+    a, b = flow.inference(
+        [flow_input(fx, "A", 28, True, False), flow_input(fx, "A", 53, True, False)]
+    )
     assert a.shape[-1] == 50 and b.shape[-1] == 100
     np.testing.assert_allclose(b[:, :50].numpy(), a.numpy(), atol=1e-5, rtol=0)
 

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
-from _fixtures import ONE_THREAD, family_dir, load_tensors, needs
+from _fixtures import ONE_THREAD, family_dir, flow_input, load_tensors, needs
 
-from cosyvoice.flow import FlowInput, build_flow, fixed_noise, load_flow
+from cosyvoice.flow import build_flow, fixed_noise, load_flow
 
 MEL_TOL = 1e-4  # golden README: flow mel
 BATCH_TOL = 1e-5
@@ -28,15 +28,6 @@ def fx():
 @pytest.fixture(scope="module")
 def flow():
     return load_flow(D / "model")
-
-
-def _inp(fx, case, n_tok=None, streaming=False, finalize=True):
-    tok = fx["token"][0] if n_tok is None else fx["token"][0, :n_tok]
-    if case in ("B", "D"):  # the zero-shot prompt set (with prompt_embedding), as in the README
-        return FlowInput(tok, fx["prompt_token"][0], fx["prompt_feat"][0], fx["prompt_embedding"][0],
-                         streaming, finalize)  # fmt: skip
-    return FlowInput(tok, torch.zeros(0, dtype=torch.long), torch.zeros(0, 80), fx["embedding"][0],
-                     streaming, finalize)  # fmt: skip
 
 
 def _est_calls(fx):
@@ -87,7 +78,7 @@ def test_estimator_calls(flow, fx):
 
 def test_pre_lookahead(flow, fx):
     with torch.inference_mode():
-        mu, _ = flow.encode([_inp(fx, "A")])
+        mu, _ = flow.encode([flow_input(fx, "A")])
     assert (mu[:, ::2] - fx["A_h"]).abs().max() <= MEL_TOL
     assert torch.equal(mu[:, ::2], mu[:, 1::2])
 
@@ -100,12 +91,12 @@ def test_whole_and_chunks_batched(flow, fx):
         m = re.fullmatch(r"([A-Z])\d?_mel(_streaming_finalize)?", k)
         if m:
             cases.append((k, None))
-            inps.append(_inp(fx, m.group(1), streaming=m.group(2) is not None))
+            inps.append(flow_input(fx, m.group(1), streaming=m.group(2) is not None))
     for c, v in sched.items():
         if isinstance(v, dict):
             for i, s in enumerate(v["schedule"]):
                 cases.append((f"{c}_chunk{i}_mel_raw", s["token_offset"] * 2))
-                inps.append(_inp(fx, c, s["n_tok"], s["streaming"], s["finalize"]))
+                inps.append(flow_input(fx, c, s["n_tok"], s["streaming"], s["finalize"]))
     assert len(cases) >= 9
     outs = flow.inference(inps)
     for (key, off), o in zip(cases, outs, strict=True):
