@@ -110,3 +110,17 @@ def flow_input(fx, case: str, n_tok: int | None = None, streaming=False, finaliz
         prompt_token, prompt_feat = torch.zeros(0, dtype=torch.long), torch.zeros(0, 80)
         emb = torch.as_tensor(fx["embedding"][0])
     return FlowInput(tok, prompt_token, prompt_feat, emb, streaming, finalize)
+
+
+def assert_chunks_match(chunks, fx, key: str, n_chunks: int, tol: float) -> None:
+    """``chunks`` (1-D tensors) are the fixture's ``<key>_chunk<i>_speech`` waveforms: the same
+    count (also ``n_chunks``, from the json), shapes, and max abs error <= ``tol``."""
+    import re
+
+    refs = [k for k in fx if re.fullmatch(rf"{key}_chunk\d+_speech", k)]
+    assert len(chunks) == len(refs) == n_chunks
+    for i, c in enumerate(chunks):
+        ref = fx[f"{key}_chunk{i}_speech"][0]
+        assert c.shape == ref.shape, (key, i)
+        err = float(np.abs(c.numpy() - ref).max())
+        assert err <= tol, f"{key} chunk {i}: {err:.3g}"

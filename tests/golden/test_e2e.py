@@ -5,12 +5,9 @@ replays recorded flow noise: see test_e2e_v1."""
 
 from __future__ import annotations
 
-import re
-
-import numpy as np
 import pytest
 import torch
-from _fixtures import ONE_THREAD, e2e_runs, family_dir, load_arrays, needs
+from _fixtures import ONE_THREAD, assert_chunks_match, e2e_runs, family_dir, load_arrays, needs
 
 WAVE_TOL = 1e-3  # golden README: waveforms
 
@@ -52,14 +49,7 @@ def fx(family):
 def test_tts_matches_fixture(tts, fx, run):
     key = run["key"]
     chunks = list(tts.tts(run["text"], run["spk"], stream=run["stream"], greedy=True, noise=False))
-    refs = sorted((k for k in fx if re.fullmatch(rf"{key}_chunk\d+_speech", k)),
-                  key=lambda k: int(re.search(r"chunk(\d+)", k).group(1)))  # fmt: skip
-    assert len(chunks) == len(refs) == run["n_chunks"]
-    for c, k in zip(chunks, refs, strict=True):
-        ref = fx[k][0]
-        assert c.shape == ref.shape, k
-        err = float(np.abs(c.numpy() - ref).max())
-        assert err <= WAVE_TOL, f"{k}: {err:.3g}"
+    assert_chunks_match(chunks, fx, key, run["n_chunks"], WAVE_TOL)
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,10 @@ vocoder noise, recorded flow noise replayed). The v1 LLM / text tokenizer belong
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
-from _fixtures import e2e_runs, family_dir, needs
+from _fixtures import assert_chunks_match, e2e_runs, family_dir, needs
 
 WAVE_TOL = 1e-3
 
@@ -45,8 +43,4 @@ def test_v1_e2e(tts, run):
                               state_hook=replay_noise))  # fmt: skip
     finally:
         torch.set_num_threads(n)
-    refs = [k for k in fx if re.fullmatch(rf"{key}_chunk\d+_speech", k)]
-    assert len(chunks) == len(refs) == run["n_chunks"]
-    for i, c in enumerate(chunks):
-        ref = fx[f"{key}_chunk{i}_speech"][0]
-        assert c.shape == ref.shape and np.abs(c.numpy() - ref).max() <= WAVE_TOL, (key, i)
+    assert_chunks_match(chunks, fx, key, run["n_chunks"], WAVE_TOL)

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from _fixtures import ONE_THREAD, drive_ragged, family_dir, load_arrays, needs
+from _fixtures import ONE_THREAD, assert_chunks_match, drive_ragged, family_dir, load_arrays, needs
 
 from cosyvoice.flow import FlowInput, load_flow
 from cosyvoice.hift import load_hift
@@ -83,13 +83,7 @@ def test_chunks_match_fixture(t2w, fx, spk, run, feed):
     st = t2w.new_state(spk[run["spk"]]["embedding"], stream=run["stream"])
     pieces = [toks.tolist()] if feed == "all_at_once" else [[t] for t in toks.tolist()]
     chunks = list(t2w.stream(st, pieces))
-    n_ref = len([k for k in fx if re.fullmatch(rf"{key}_chunk\d+_speech", k)])
-    assert len(chunks) == n_ref == run["n_chunks"]
-    for i, c in enumerate(chunks):
-        ref = fx[f"{key}_chunk{i}_speech"][0]
-        assert c.shape == ref.shape, (key, i)
-        err = np.abs(c.numpy() - ref).max()
-        assert err <= WAVE_TOL, f"{key} chunk {i}: {err:.3g}"
+    assert_chunks_match(chunks, fx, key, run["n_chunks"], WAVE_TOL)
     assert st.done and st.n_samples == sum(c.numel() for c in chunks)
 
 

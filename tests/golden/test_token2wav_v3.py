@@ -9,7 +9,15 @@ import re
 import numpy as np
 import pytest
 import torch
-from _fixtures import ONE_THREAD, drive_ragged, e2e_runs, family_dir, load_arrays, needs
+from _fixtures import (
+    ONE_THREAD,
+    assert_chunks_match,
+    drive_ragged,
+    e2e_runs,
+    family_dir,
+    load_arrays,
+    needs,
+)
 
 from cosyvoice.flow import FlowInput, load_flow
 from cosyvoice.hift import load_hift
@@ -59,12 +67,7 @@ def test_chunks_match_fixture(t2w, fx, spk, run):
     emb, pt, pf = _speaker(spk, run["spk"])
     st = t2w.new_state(emb, pt, pf, stream=run["stream"])
     chunks = list(t2w.stream(st, [[t] for t in _tokens(fx, key).tolist()]))
-    refs = [k for k in fx if re.fullmatch(rf"{key}_chunk\d+_speech", k)]
-    assert len(chunks) == len(refs) == run["n_chunks"]
-    for i, c in enumerate(chunks):
-        ref = fx[f"{key}_chunk{i}_speech"][0]
-        assert c.shape == ref.shape, (key, i)
-        assert np.abs(c.numpy() - ref).max() <= WAVE_TOL, (key, i)
+    assert_chunks_match(chunks, fx, key, run["n_chunks"], WAVE_TOL)
 
 
 @pytest.mark.parametrize("run", [r for r in RUNS if r["stream"]], ids=lambda r: r["key"])
