@@ -223,9 +223,7 @@ class Token2Wav:
         hift_in, caches, gens = [], [], []
         for (_, j), mel in zip(run, mels, strict=True):
             st = j.state
-            mel = mel[:, st.token_offset * self.cfg.token_mel_ratio :].float().cpu()
-            if st.speed != 1.0 and (st.stream or st.token_offset == 0):
-                mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+            mel = self._new_frames(st, mel)
             if st.cache_mel is not None:
                 mel = torch.cat([st.cache_mel, mel], dim=-1)
             hift_in.append(mel)
@@ -239,7 +237,6 @@ class Token2Wav:
             if st.cache_speech is not None:
                 speech = fade_in_out(speech, st.cache_speech, self.window)
             if j.final:
-                st.done = True
                 st.cache_mel = st.cache_source = st.cache_speech = None
                 chunk = speech
             else:
@@ -247,12 +244,17 @@ class Token2Wav:
                 st.cache_source = source[-nc:]
                 st.cache_speech = speech[-nc:]
                 chunk = speech[:-nc]
-                st.token_offset = j.n_tok - self.cfg.pre_lookahead_len
-                st.hop = min(self.cfg.token_max_hop_len, st.hop * self.cfg.stream_scale_factor)
-            st.n_chunks += 1
-            st.n_samples += chunk.numel()
+            self._advance(j, chunk)
             out[i] = chunk
         return out
+
+    def _new_frames(self, st: Token2WavState, mel: torch.Tensor) -> torch.Tensor:
+        """The frames of a flow output past the request's token offset (float, on the CPU),
+        time-stretched by the request's speed where that applies."""
+        mel = mel[:, st.token_offset * self.cfg.token_mel_ratio :].float().cpu()
+        if st.speed != 1.0 and (st.stream or st.token_offset == 0):
+            mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+        return mel
 
     def _advance(self, j: _Job, chunk: torch.Tensor) -> None:
         st = j.state
@@ -270,9 +272,7 @@ class Token2Wav:
         acc = []
         for (_, j), mel in zip(run, mels, strict=True):
             st = j.state
-            mel = mel[:, st.token_offset * self.cfg.token_mel_ratio :].float().cpu()
-            if st.speed != 1.0 and (st.stream or st.token_offset == 0):
-                mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+            mel = self._new_frames(st, mel)
             st.acc_mel = mel if st.acc_mel is None else torch.cat([st.acc_mel, mel], dim=-1)
             acc.append(st.acc_mel)
         res = self.hift.inference_causal(
