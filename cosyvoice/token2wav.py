@@ -184,6 +184,13 @@ class Token2Wav:
         """Whether :meth:`step` would produce a chunk for this state now."""
         return self._plan(st) is not None
 
+    def feed(self, st, tokens: list[int] | torch.Tensor, final: bool = False) -> None:
+        """Add tokens (and the end of input) without synthesizing: a scheduler can then hold
+        ready items back a few steps to vocode them in one larger batch."""
+        (new,) = _validated([(st, tokens, final)], self.flow.cfg.vocab_size)
+        st.tokens.extend(new)
+        st.input_done = st.input_done or bool(final)
+
     @torch.inference_mode()
     def step(self, items: list[tuple[Token2WavState, list[int] | torch.Tensor, bool]]) -> list:
         """Add each item's new tokens (and whether its input has ended), then produce at most one
@@ -379,6 +386,7 @@ class Token2WavV1:
         return "final" if st.input_done else None
 
     ready = Token2Wav.ready
+    feed = Token2Wav.feed
 
     @torch.inference_mode()
     def step(self, items) -> list:

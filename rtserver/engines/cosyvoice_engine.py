@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
 
 log = logging.getLogger("rtserver.cosyvoice")
 
+RUN_DRY_S = 1.0  # a stream with less buffered audio than this is vocoded at once
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,6 +39,7 @@ class _State:
     t2w: object | None = None  # cosyvoice Token2WavState
     runs: int = 0  # LLM runs started (seeds segment i with seed + i)
     fed: int = 0  # LLM tokens already handed to token2wav
+    ready_since: int = 0  # engine step at which its next chunk became ready (0: not ready)
 
 
 class _Autocast:
@@ -99,6 +102,7 @@ class CosyVoiceEngine:
         speaker_dir: Path | None = None,
         max_batch: int = 64,
         fixed_tokens: int | None = None,
+        vocode_wait_steps: int = 3,
     ) -> None:
         import cosyvoice
         from cosyvoice.flow import load_flow
@@ -117,6 +121,8 @@ class CosyVoiceEngine:
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
+        self.vocode_wait_steps = vocode_wait_steps
+        self._steps = 0
         self._speakers = self._list_speakers()
 
     # ---- speakers -------------------------------------------------------------------------
@@ -189,18 +195,23 @@ class CosyVoiceEngine:
         llm_jobs = [j for j in active if not j.engine_state.llm.done]
         if llm_jobs:
             self.model.llm.step([j.engine_state.llm for j in llm_jobs])
-        new_tokens: dict[Job, list[int]] = {}
         for job in active:
             # flow_tokens, not step()'s return: v3 drops long runs of silent tokens there.
             st: _State = job.engine_state
-            new_tokens[job] = st.llm.flow_tokens[st.fed :]
+            self.t2w.feed(st.t2w, st.llm.flow_tokens[st.fed :], st.llm.done)
             st.fed = len(st.llm.flow_tokens)
 
-        # One batched flow + HiFT call for every job with a chunk ready.
-        items = [(j.engine_state.t2w, new_tokens[j], j.engine_state.llm.done) for j in active]
-        chunks = self.t2w.step(items)
-        for job, chunk in zip(active, chunks, strict=True):
-            st: _State = job.engine_state
+        # One batched flow + HiFT call for the jobs with a chunk ready, unless it pays to wait.
+        self._steps += 1
+        ready = [j for j in active if self.t2w.ready(j.engine_state.t2w)]
+        for job in ready:
+            job.engine_state.ready_since = job.engine_state.ready_since or self._steps
+        if not ready or not self._vocode_now(active, ready):
+            return out
+        chunks = self.t2w.step([(j.engine_state.t2w, [], j.engine_state.llm.done) for j in ready])
+        for job, chunk in zip(ready, chunks, strict=True):
+            st = job.engine_state
+            st.ready_since = 0
             t2w_done = st.t2w.done
             if chunk is None and not t2w_done:
                 continue
@@ -212,6 +223,23 @@ class CosyVoiceEngine:
             if t2w_done and not st.pending and job.input_closed and not job.has_pending_text():
                 out.append((job, Done()))
         return out
+
+    def _vocode_now(self, active: list[Job], ready: list[Job]) -> bool:
+        """Chunks of jobs that started a step or two apart become ready a step or two apart;
+        vocoding each alone wastes the batch (the flow is most of the cost). So hold ready
+        chunks up to `vocode_wait_steps` LLM steps while other jobs are still producing
+        tokens, unless a listener is about to run dry."""
+        if len(ready) == len(active) or all(
+            j.engine_state.llm.done for j in active if j not in ready
+        ):
+            return True
+        if self._steps - min(j.engine_state.ready_since for j in ready) >= self.vocode_wait_steps:
+            return True
+        now = time.monotonic()
+        return any(
+            j.first_audio_at is not None and j.first_audio_at + j.audio_seconds - now < RUN_DRY_S
+            for j in ready
+        )
 
     def release(self, job: Job) -> None:
         st: _State | None = job.engine_state
