@@ -258,14 +258,18 @@ class WsSession:
         if ctx.first_text_at is None and text.strip():
             ctx.first_text_at = time.monotonic()
         self._submit(ctx, ctx.segmenter.push(text))
-        if ctx.auto_flush:
-            ctx.auto_flush.cancel()
-            ctx.auto_flush = None
+        self._stop_auto_flush(ctx)
         if ctx.segmenter.pending.strip():
             loop = asyncio.get_running_loop()
             ctx.auto_flush = loop.call_later(
                 self.settings.auto_flush_ms / 1000, self._auto_flush, ctx
             )
+
+    @staticmethod
+    def _stop_auto_flush(ctx: Context) -> None:
+        if ctx.auto_flush:
+            ctx.auto_flush.cancel()
+            ctx.auto_flush = None
 
     def _auto_flush(self, ctx: Context) -> None:
         ctx.auto_flush = None
@@ -289,22 +293,19 @@ class WsSession:
 
     async def _close(self, ctx: Context) -> None:
         ctx.closed = True
-        if ctx.auto_flush:
-            ctx.auto_flush.cancel()
+        self._stop_auto_flush(ctx)
         self._submit(ctx, ctx.segmenter.flush(), close=True)
 
     def _cancel(self, ctx: Context) -> None:
         # Stop forwarding now; the ack is sent once the scheduler has dropped the job.
         ctx.cancelled = True
-        if ctx.auto_flush:
-            ctx.auto_flush.cancel()
+        self._stop_auto_flush(ctx)
         self.service.cancel(ctx.job)
 
     def _drop(self, ctx: Context) -> None:
         """The socket is gone: free everything of this context."""
         ctx.cancelled = True
-        if ctx.auto_flush:
-            ctx.auto_flush.cancel()
+        self._stop_auto_flush(ctx)
         self.service.cancel(ctx.job)
         if ctx.pump and ctx.pump is not asyncio.current_task():
             ctx.pump.cancel()

@@ -14,6 +14,7 @@ from litestar.params import Body
 from litestar.response import Stream
 
 from rtserver.audio import Mp3Encoder, PcmEncoder
+from rtserver.engine import Speaker
 from rtserver.protocol import SpeakerInfo, TTSRequest
 from rtserver.service import TTSService
 
@@ -50,6 +51,10 @@ class SftForm(msgspec.Struct):
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     spk_id: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+def _info(s: Speaker) -> SpeakerInfo:
+    return SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine)
 
 
 def _validated_text(text: str) -> str:
@@ -143,10 +148,7 @@ async def inference_sft(request: Request, service: TTSService) -> Stream:
 
 @get("/speakers", summary="Speakers this server can use")
 async def speakers(service: TTSService) -> list[SpeakerInfo]:
-    return [
-        SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine)
-        for s in service.speakers()
-    ]
+    return [_info(s) for s in service.speakers()]
 
 
 class RegisteredSpeaker(msgspec.Struct):
@@ -170,7 +172,7 @@ async def register_speaker(
 ) -> SpeakerInfo:
     audio = await data.prompt_wav.read()
     s = await service.register_speaker(data.spk_id, audio, data.prompt_text)
-    return SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine)
+    return _info(s)
 
 
 @delete("/speakers/{spk_id:str}", summary="Delete a registered speaker", status_code=204)

@@ -75,22 +75,10 @@ class _WholeText:
         return self._buf
 
 
-class _Incremental:
-    """WebSocket segmentation: raw text cut at sentence ends as soon as they arrive (the
-    engine normalizes and splits each piece like any other segment)."""
-
-    def __init__(self, splitter_cls) -> None:
-        self._s = splitter_cls(lambda text: [text.strip()] if text.strip() else [])
-
-    def push(self, text: str) -> list[str]:
-        return self._s.push(text)
-
-    def flush(self) -> list[str]:
-        return self._s.flush()
-
-    @property
-    def pending(self) -> str:
-        return self._s.pending
+def _raw_sentence(text: str) -> list[str]:
+    """WebSocket text is only cut at sentence ends here; the engine normalizes and splits each
+    piece like any other segment."""
+    return [text.strip()] if text.strip() else []
 
 
 class CosyVoiceEngine:
@@ -145,11 +133,11 @@ class CosyVoiceEngine:
 
     # ---- text -----------------------------------------------------------------------------
 
-    def segmenter(self, incremental: bool) -> _WholeText | _Incremental:
+    def segmenter(self, incremental: bool):
         if incremental:
             from cosyvoice.frontend import IncrementalSplitter
 
-            return _Incremental(IncrementalSplitter)
+            return IncrementalSplitter(_raw_sentence)
         return _WholeText()
 
     # ---- scheduler interface --------------------------------------------------------------
