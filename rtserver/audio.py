@@ -8,8 +8,10 @@ another rate) uses libswresample through PyAV, with its filter state kept across
 from __future__ import annotations
 
 import struct
+from fractions import Fraction
 
 import av
+import av.filter
 import numpy as np
 
 MP3_BITRATE = 64_000  # mono speech: transparent enough, 8 kB/s
@@ -19,6 +21,9 @@ def to_s16le(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)  # MPEG-1/2/2.5
+
+
 class _Resampler:
     def __init__(self, rate_in: int, rate_out: int) -> None:
         self.rate_in = rate_in
@@ -26,6 +31,8 @@ class _Resampler:
         self._pts = 0
 
     def __call__(self, audio: np.ndarray | None) -> np.ndarray:
+        if (audio is not None and not len(audio)) or (audio is None and not self._pts):
+            return np.zeros(0, np.float32)  # libswresample fails on empty input and empty flushes
         frame = None
         if audio is not None:
             frame = av.AudioFrame.from_ndarray(
@@ -38,6 +45,38 @@ class _Resampler:
             self._pts += len(audio)
         out = [f.to_ndarray().reshape(-1) for f in self._rs.resample(frame)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def time_stretch(audio: np.ndarray, rate: int, speed: float) -> np.ndarray:
+    """Speak `speed` times faster at the same pitch (FFmpeg's WSOLA `atempo`); the duration
+    becomes exactly 1/speed of the input's."""
+    if speed == 1.0 or not len(audio):
+        return audio
+    factors = []
+    while speed < 0.5:  # one atempo instance covers 0.5 to 100
+        factors.append(0.5)
+        speed /= 0.5
+    graph = av.filter.Graph()
+    nodes = [graph.add_abuffer(format="flt", sample_rate=rate, layout="mono",
+                               time_base=Fraction(1, rate))]  # fmt: skip
+    nodes += [graph.add("atempo", f"{f:.6f}") for f in (*factors, speed)]
+    nodes.append(graph.add("abuffersink"))
+    for a, b in zip(nodes, nodes[1:], strict=False):
+        a.link_to(b)
+    graph.configure()
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1), format="flt", layout="mono"
+    )
+    frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+    graph.push(frame)
+    graph.push(None)
+    out = []
+    while True:
+        try:
+            out.append(graph.pull().to_ndarray().reshape(-1))
+        except (av.BlockingIOError, av.EOFError):
+            break
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class Encoder:
@@ -132,4 +171,11 @@ class Mp3Encoder(Encoder):
 
 
 def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder:
-    return {"pcm": PcmEncoder, "mp3": Mp3Encoder, "wav": WavEncoder}[fmt](rate_in, rate_out)
+    """Raises ValueError for a format or rate the codec cannot do (before any job exists)."""
+    if fmt == "mp3" and (rate_out or rate_in) not in MP3_RATES:
+        rates = ", ".join(map(str, MP3_RATES))
+        raise ValueError(f"mp3 cannot be encoded at {rate_out or rate_in} Hz; use one of {rates}")
+    encoders: dict[str, type[Encoder]] = {"pcm": PcmEncoder, "mp3": Mp3Encoder, "wav": WavEncoder}
+    if fmt not in encoders:
+        raise ValueError(f"unknown audio format {fmt!r}; use one of {', '.join(encoders)}")
+    return encoders[fmt](rate_in, rate_out)

@@ -8,6 +8,7 @@ bounded by construction, not by refusing puts.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -19,15 +20,23 @@ class Channel:
         self._items: deque[Any] = deque()
         self._ready = asyncio.Event()
         self._on_read = on_read  # wakes the scheduler: backlog went down
+        self._waiting_since: float | None = None  # items wait unread since then
 
     def put(self, item: Any) -> None:
         """Called from any thread."""
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self._items.append(item)
         self._loop.call_soon_threadsafe(self._ready.set)
 
     @property
     def backlog(self) -> int:
         return len(self._items)
+
+    def stalled_for(self, now: float) -> float:
+        """How long items have waited with the consumer reading none of them."""
+        since = self._waiting_since
+        return now - since if since is not None and self._items else 0.0
 
     async def get(self) -> Any:
         while not self._items:
@@ -36,5 +45,6 @@ class Channel:
                 break
             await self._ready.wait()
         item = self._items.popleft()
+        self._waiting_since = time.monotonic() if self._items else None
         self._on_read()
         return item

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from rtserver.settings import DEFAULT_PORT, Settings
 
+# Frames up to this size are read and answered with `message_too_large` (the limit is
+# max_message_bytes); past it the WebSocket library must refuse to buffer them: close 1009.
+WS_MAX_FRAME = 4 * 1024 * 1024
+
 
 def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
     p.add_argument("--host", default=env.host)
@@ -25,9 +29,19 @@ def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
     p.add_argument("--max-streams", type=int, default=env.max_streams)
     p.add_argument("--max-queue", type=int, default=env.max_queue)
     p.add_argument("--max-text-chars", type=int, default=env.max_text_chars)
+    p.add_argument("--max-audio-s", type=float, default=env.max_audio_s,
+                   help="audio one request or context may produce before it ends")  # fmt: skip
+    p.add_argument("--max-client-streams", type=int, default=env.max_client_streams,
+                   help="streams open at once per client address (0: no limit)")  # fmt: skip
+    p.add_argument("--max-client-sockets", type=int, default=env.max_client_sockets,
+                   help="WebSockets open at once per client address (0: no limit)")  # fmt: skip
+    p.add_argument("--read-timeout-s", type=float, default=env.read_timeout_s,
+                   help="drop a stream whose client reads none of its audio this long")  # fmt: skip
     p.add_argument("--max-contexts", type=int, default=env.max_contexts)
     p.add_argument("--max-message-bytes", type=int, default=env.max_message_bytes)
     p.add_argument("--ws-idle-timeout-s", type=float, default=env.ws_idle_timeout_s)
+    p.add_argument("--context-idle-timeout-s", type=float, default=env.context_idle_timeout_s,
+                   help="end a WebSocket context that has nothing to say this long")  # fmt: skip
     p.add_argument("--auto-flush-ms", type=int, default=env.auto_flush_ms)
     p.add_argument("--device", default=env.device)
     p.add_argument("--dtype", default=env.dtype, choices=["float32", "bfloat16", "float16"])
@@ -54,7 +68,7 @@ def serve(args: argparse.Namespace) -> None:
         port=settings.port,
         log_level=settings.log_level,
         ws_per_message_deflate=False,  # PCM/MP3 do not compress; deflate only burns CPU
-        ws_max_size=settings.max_message_bytes * 4,  # our own limit answers politely below this
+        ws_max_size=WS_MAX_FRAME,
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )

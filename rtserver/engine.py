@@ -6,6 +6,7 @@ engine never sees HTTP or WebSocket types; a session never sees the engine.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 import time
@@ -43,6 +44,7 @@ class Done:
 @dataclass
 class Failed:
     message: str
+    code: str = "synthesis_failed"  # the WebSocket error code; see rtserver.protocol.ERROR_CODES
 
 
 @dataclass
@@ -51,6 +53,13 @@ class Cancelled:
 
 
 Event = Chunk | Done | Failed | Cancelled
+
+
+class JobStatus(enum.Enum):
+    WAITING = "waiting"  # submitted, not yet admitted to the engine
+    RUNNING = "running"  # admitted: the engine holds its state
+    FINISHED = "finished"  # done, failed or cancelled: its last event is sent, state released
+
 
 _job_ids = itertools.count(1)
 
@@ -68,7 +77,9 @@ class Job:
     speed: float = 1.0
     seed: int = 0
     stream: bool = False
+    max_audio_s: float = float("inf")  # the scheduler fails the job past this much audio
     id: int = field(default_factory=lambda: next(_job_ids))
+    status: JobStatus = JobStatus.WAITING  # written by the scheduler only
     created: float = field(default_factory=time.monotonic)
     # Set by the scheduler (inference thread); read by the session for metrics.
     first_audio_at: float | None = None

@@ -15,7 +15,9 @@ import msgspec
 Format = Literal["pcm", "mp3"]
 
 # Shared constraints, so HTTP and WebSocket validate the same way.
-Speed = Annotated[float, msgspec.Meta(gt=0, le=4.0, description="Speaking rate, 1.0 = normal.")]
+Speed = Annotated[
+    float, msgspec.Meta(ge=0.25, le=4.0, description="Speaking rate, 1.0 = normal (as OpenAI's).")
+]
 Seed = Annotated[
     int,
     msgspec.Meta(
@@ -105,6 +107,8 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type"):
     max_contexts: int
     max_message_bytes: int
     idle_timeout_s: float
+    context_idle_timeout_s: float
+    max_audio_s: float
     min_sentence_chars: int
     auto_flush_ms: int
 
@@ -166,11 +170,19 @@ ERROR_CODES: dict[str, str] = {
     "duplicate_context": "a context with this context_id is already open",
     "context_closed": "text, flush or close for a context after its `close` (or after it finished)",
     "unknown_speaker": "spk_id is not one of the server's speakers",
+    "unsupported_format": "the format cannot be encoded at the requested sample_rate",
     "too_many_contexts": "the socket already has max_contexts open contexts",
-    "text_too_long": "the context's text exceeds the server's limit",
+    "too_many_streams": "this client address already has its limit of streams open",
+    "too_many_sockets": "this client address already has its limit of sockets open; closed",
+    "text_too_long": "the context's text exceeds the server's limit; the fragment is dropped",
+    "invalid_text": "the fragment contains a control character; it is dropped",
     "busy": "the server is at capacity; retry later",
     "synthesis_failed": "the engine failed on this context",
-    "idle_timeout": "no message within idle_timeout_s; the socket is closed",
+    "audio_limit": "the context reached max_audio_s of audio; it has ended",
+    "read_timeout": "the client read none of this context's audio for too long; it has ended",
+    "context_timeout": "the context had nothing to say for context_idle_timeout_s; it has ended",
+    "internal_error": "a server bug ended this context (it is logged)",
+    "idle_timeout": "no message and no audio for idle_timeout_s; the socket is closed",
 }
 
 

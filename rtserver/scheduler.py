@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job
+from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job, JobStatus
 
 log = logging.getLogger("rtserver.scheduler")
 
@@ -27,7 +27,8 @@ class Busy(Exception):
 class Counters:
     completed: int = 0
     cancelled: int = 0
-    failed: int = 0
+    failed: int = 0  # engine errors
+    dropped: int = 0  # ended by a limit: audio cap, a client that stopped reading
     rejected: int = 0
     steps: int = 0
 
@@ -41,6 +42,7 @@ class Scheduler:
         max_backlog: int = 4,
         serial: bool = False,
         first_audio_budget_s: float = 0.25,
+        read_timeout_s: float = float("inf"),
     ) -> None:
         self.engine = engine
         self.max_streams = max_streams  # jobs admitted to the engine at once
@@ -48,6 +50,7 @@ class Scheduler:
         self.max_backlog = max_backlog  # unread events per job before it stops being scheduled
         self.serial = serial  # benchmark baseline: one job at a time, start to finish
         self.first_audio_budget_s = first_audio_budget_s
+        self.read_timeout_s = read_timeout_s  # a consumer that reads nothing this long is gone
         self.counters = Counters()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -90,6 +93,7 @@ class Scheduler:
             "completed": c.completed,
             "cancelled": c.cancelled,
             "failed": c.failed,
+            "dropped": c.dropped,
             "rejected": c.rejected,
             "steps": c.steps,
             "max_streams": self.max_streams,
@@ -109,6 +113,7 @@ class Scheduler:
     def _tick(self) -> None:
         self._wake.clear()
         self._drop_cancelled()
+        self._drop_stalled()
         self._admit()
         batch = self._pick()
         if not batch:
@@ -129,15 +134,17 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         with self._lock:
             gone = [j for j in (*self._running, *self._waiting) if j.cancelled]
-            if not gone:
-                return
-            self._running = [j for j in self._running if not j.cancelled]
-            self._waiting = deque(j for j in self._waiting if not j.cancelled)
         for job in gone:
-            self.engine.release(job)
-            self.counters.cancelled += 1
-            job.channel.put(Cancelled())
-            log.info("job %d cancelled after %.2fs of audio", job.id, job.audio_seconds)
+            self._finish(job, Cancelled())
+
+    def _drop_stalled(self) -> None:
+        """A client that stops reading holds a slot (and its audio) until this gives up on it."""
+        now = time.monotonic()
+        with self._lock:
+            stalled = [j for j in self._running if j.channel.stalled_for(now) > self.read_timeout_s]
+        for job in stalled:
+            message = f"the client read no audio for {self.read_timeout_s:g} s"
+            self._finish(job, Failed(message, code="read_timeout"))
 
     def _admit(self) -> None:
         limit = 1 if self.serial else self.max_streams
@@ -147,6 +154,7 @@ class Scheduler:
                     return
                 job = self._waiting.popleft()
                 self._running.append(job)
+                job.status = JobStatus.RUNNING
             try:
                 self.engine.start(job)
             except Exception as exc:  # one bad job must not hurt the others
@@ -192,25 +200,49 @@ class Scheduler:
             return [(job, Failed(f"{type(exc).__name__}: {exc}")) for job in batch]
 
     def _route(self, job: Job, event: Event) -> None:
-        if isinstance(event, Chunk):
-            if job.first_audio_at is None:
-                job.first_audio_at = time.monotonic()
-            job.audio_seconds += len(event.audio) / job.speaker.sample_rate
-            job.channel.put(event)
+        if job.status is JobStatus.FINISHED:
+            return  # it ended earlier in this step (its audio limit, say): drop the rest
+        if not isinstance(event, Chunk):
+            self._finish(job, event)
             return
+        if job.first_audio_at is None:
+            job.first_audio_at = time.monotonic()
+        job.audio_seconds += len(event.audio) / job.speaker.sample_rate
+        job.channel.put(event)
+        if job.audio_seconds >= job.max_audio_s:
+            message = f"the stream reached its limit of {job.max_audio_s:g} s of audio"
+            self._finish(job, Failed(message, code="audio_limit"))
+
+    def _finish(self, job: Job, event: Done | Failed | Cancelled) -> None:
+        """The job's last event: out of the queues, engine state freed, the consumer told."""
         with self._lock:
-            if job in self._running:
+            if job.status is JobStatus.FINISHED:
+                return
+            if job.status is JobStatus.RUNNING:
                 self._running.remove(job)
+            else:
+                self._waiting.remove(job)
+            job.status = JobStatus.FINISHED
         self.engine.release(job)
-        if isinstance(event, Done):
-            self.counters.completed += 1
+        self._count(job, event)
+        job.channel.put(event)
+
+    def _count(self, job: Job, event: Done | Failed | Cancelled) -> None:
+        c = self.counters
+        if isinstance(event, Cancelled):
+            c.cancelled += 1
+            log.info("job %d cancelled after %.2fs of audio", job.id, job.audio_seconds)
+        elif isinstance(event, Failed) and event.code == "synthesis_failed":
+            c.failed += 1
+            log.warning("job %d failed: %s", job.id, event.message)
+        elif isinstance(event, Failed):
+            c.dropped += 1
+            log.info("job %d dropped (%s): %s", job.id, event.code, event.message)
+        else:
+            c.completed += 1
             ttfa = (job.first_audio_at - job.created) * 1000 if job.first_audio_at else float("nan")
             rtf = job.processing_seconds / job.audio_seconds if job.audio_seconds else float("nan")
             log.info(
                 "job %d done: spk=%s ttfa=%.0fms audio=%.2fs rtf=%.3f",
                 job.id, job.speaker.id, ttfa, job.audio_seconds, rtf,
             )  # fmt: skip
-        elif isinstance(event, Failed):
-            self.counters.failed += 1
-            log.warning("job %d failed: %s", job.id, event.message)
-        job.channel.put(event)

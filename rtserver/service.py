@@ -8,23 +8,33 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 from rtserver import __version__
-from rtserver.audio import Encoder
+from rtserver.audio import make_encoder
 from rtserver.channel import Channel
-from rtserver.engine import Cancelled, Chunk, Done, Engine, Failed, Job, Speaker
+from rtserver.engine import Engine, Job, Speaker
 from rtserver.scheduler import Busy, Scheduler
+from rtserver.session import (
+    ClientQuota,
+    Session,
+    TextRejected,
+    TooManyForClient,
+    check_text,
+    speakable,
+)
 from rtserver.settings import Settings
 from rtserver.text import Segmenter
 
 __all__ = [
     "Busy",
+    "ClientGone",
     "SpeakerRegistrationError",
     "SynthesisFailed",
     "TTSService",
-    "TextTooLong",
+    "TextRejected",
+    "TooManyForClient",
     "UnknownSpeaker",
+    "UnsupportedFormat",
 ]
 
 
@@ -35,12 +45,16 @@ class UnknownSpeaker(LookupError):
         self.valid = valid
 
 
-class TextTooLong(ValueError):
-    pass
+class UnsupportedFormat(ValueError):
+    """An audio format or rate the encoder cannot produce."""
 
 
 class SynthesisFailed(RuntimeError):
     pass
+
+
+class ClientGone(Exception):
+    """The client left before its response started: nothing to answer."""
 
 
 class SpeakerRegistrationError(ValueError):
@@ -60,7 +74,10 @@ class TTSService:
             max_streams=settings.max_streams,
             max_queue=settings.max_queue,
             serial=settings.scheduler == "serial",
+            read_timeout_s=settings.read_timeout_s,
         )
+        self.client_streams = ClientQuota("streams", settings.max_client_streams)
+        self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
         self.started_at = time.time()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -126,12 +143,6 @@ class TTSService:
 
     # ---- synthesis ------------------------------------------------------------------------
 
-    def check_text(self, text: str) -> None:
-        if len(text) > self.settings.max_text_chars:
-            raise TextTooLong(
-                f"text has {len(text)} characters; the limit is {self.settings.max_text_chars}"
-            )
-
     def segmenter(self, stream: bool, incremental: bool = False) -> Segmenter:
         """How text becomes job segments: the engine's own rules where it has them (CosyVoice
         splits as upstream does), else sentence segmentation tuned for low latency."""
@@ -146,69 +157,49 @@ class TTSService:
             clause_chars=s.first_segment_chars if stream else 0,
         )
 
-    def open_job(
-        self, speaker: Speaker, speed: float = 1.0, seed: int = 0, stream: bool = False
-    ) -> Job:
-        """A job registered with the scheduler, ready for text. Raises Busy at capacity."""
-        channel = Channel(asyncio.get_running_loop(), self.scheduler.wake)
-        job = Job(speaker=speaker, channel=channel, speed=speed, seed=seed, stream=stream)
-        self.scheduler.submit(job)
-        return job
-
-    def add_text(self, job: Job, segments: list[str], close: bool = False) -> None:
-        if segments:
-            job.add_segments(segments)
-        if close:
-            job.close_input()
-        self.scheduler.wake()
-
-    def cancel(self, job: Job) -> None:
-        job.cancel()
-        self.scheduler.wake()
-
-    def synthesize(self, text: str, speaker: Speaker, speed: float, seed: int, stream: bool) -> Job:
-        """A job for a whole text (HTTP): segmented, submitted and closed."""
-        self.check_text(text)
-        seg = self.segmenter(stream)
-        job = self.open_job(speaker, speed, seed, stream)
-        self.add_text(job, seg.push(text) + seg.flush(), close=True)
-        return job
-
-    async def first_event(self, job: Job) -> Chunk | Done:
-        """Wait for the first audio, so a failure before it can still become an HTTP error."""
-        event = await job.channel.get()
-        if isinstance(event, Failed):
-            raise SynthesisFailed(event.message)
-        if isinstance(event, Cancelled):
-            raise SynthesisFailed("the job was cancelled")
-        return event
-
-    async def encoded(
-        self, job: Job, encoder: Encoder, first: Chunk | Done
-    ) -> AsyncIterator[bytes]:
-        """The job's audio through one encoder. Leaving early (client gone) cancels the job."""
-        finished = False
+    def check_whole_text(self, text: str, field: str) -> None:
+        """A request's whole text (the body's `field`), before anything is admitted: raises
+        TextRejected."""
         try:
-            event: object = first
-            while True:
-                if isinstance(event, Chunk):
-                    data = encoder.encode(event.audio)
-                    if data:
-                        yield data
-                elif isinstance(event, Done):
-                    finished = True
-                    tail = encoder.finish()
-                    if tail:
-                        yield tail
-                    return
-                elif isinstance(event, Failed):
-                    finished = True
-                    # Headers are gone: break the body so the client sees an incomplete stream.
-                    raise SynthesisFailed(event.message)
-                else:
-                    finished = True
-                    return
-                event = await job.channel.get()
-        finally:
-            if not finished:
-                self.cancel(job)
+            check_text(text, 0, self.settings.max_text_chars)
+        except TextRejected as exc:
+            raise TextRejected(exc.code, f"{field}: {exc}", exc.status) from None
+        if not speakable(text):
+            raise TextRejected("no_speakable_text", f"{field}: has nothing to speak")
+
+    def open_session(
+        self,
+        spk_id: str,
+        client: str,
+        fmt: str = "pcm",
+        sample_rate: int | None = None,
+        speed: float = 1.0,
+        seed: int = 0,
+        stream: bool = False,
+        incremental: bool = False,
+    ) -> Session:
+        """A session whose job is admitted. Everything that can fail is built first; raises
+        UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then."""
+        speaker = self.speaker(spk_id)
+        try:
+            encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)
+        except ValueError as exc:
+            raise UnsupportedFormat(str(exc)) from exc
+        segmenter = self.segmenter(stream, incremental)
+        release = self.client_streams.acquire(client)
+        loop = asyncio.get_running_loop()
+        job = Job(
+            speaker=speaker,
+            channel=Channel(loop, self.scheduler.wake),
+            speed=speed,
+            seed=seed,
+            stream=stream,
+            max_audio_s=self.settings.max_audio_s,
+        )
+        try:
+            self.scheduler.submit(job)
+        except Busy:
+            release()
+            raise
+        wake = self.scheduler.wake
+        return Session(job, encoder, segmenter, self.settings.max_text_chars, wake, release)

@@ -19,12 +19,17 @@ class Settings:
     port: int = DEFAULT_PORT
     model: Path | None = None  # a CosyVoice model dir; None = the built-in Piper voice
     voices_dir: Path = field(default_factory=_default_voices_dir)  # extra Piper voices
-    max_streams: int = 16  # jobs synthesizing at once
-    max_queue: int = 32  # jobs waiting beyond that; more get 503 / busy
+    max_streams: int = 8  # jobs synthesizing at once (2 cores keep 8 Piper streams real-time)
+    max_queue: int = 16  # jobs waiting beyond that; more get 503 / busy
     max_text_chars: int = 5000  # per HTTP request or WebSocket context
+    max_audio_s: float = 600.0  # audio one request or context may produce; then it fails
+    max_client_streams: int = 8  # streams open at once from one client address (0: no limit)
+    max_client_sockets: int = 16  # WebSockets open at once from one client address (0: no limit)
+    read_timeout_s: float = 30.0  # a stream whose client reads nothing for this long is dropped
     max_contexts: int = 8  # per WebSocket
     max_message_bytes: int = 64 * 1024  # per WebSocket frame from a client
-    ws_idle_timeout_s: float = 60.0
+    ws_idle_timeout_s: float = 60.0  # no message and no audio for this long: the socket closes
+    context_idle_timeout_s: float = 30.0  # a context with nothing to say for this long ends
     auto_flush_ms: int = 1500  # WebSocket: speak buffered text after this much silence
     min_sentence_chars: int = 12
     first_segment_chars: int = 60  # cut the first segment at a clause past this for low TTFA

@@ -1,13 +1,17 @@
 """One /ws/tts connection: contexts with incremental text, flush, close, cancel.
 
-The receive loop never waits on synthesis: each context has a pump task that moves its job's
-audio to the socket. A client that stops reading blocks only its own pumps (the socket's send
-waits), its jobs' backlogs fill, and the scheduler stops producing for them.
+Each context is a Session. The receive loop never waits on synthesis: each context has a pump
+task that moves its session's events to the socket. A client that stops reading blocks only its
+own pumps (the socket's send waits), its jobs' backlogs fill, the scheduler stops producing for
+them and, after its read timeout, drops them. A watchdog ends contexts that have nothing to say
+and sockets that are idle, so nothing idle holds a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import struct
 import time
@@ -19,8 +23,7 @@ from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
 from rtserver import __version__
-from rtserver.audio import Encoder, make_encoder
-from rtserver.engine import Cancelled, Chunk, Done, Failed, Job
+from rtserver.api.http import client_of
 from rtserver.protocol import (
     AppendText,
     Cancel,
@@ -38,32 +41,41 @@ from rtserver.protocol import (
 from rtserver.protocol import Cancelled as CancelledMsg
 from rtserver.protocol import Done as DoneMsg
 from rtserver.protocol import Error as ErrorMsg
-from rtserver.service import Busy, TTSService, UnknownSpeaker
-from rtserver.text import Segmenter
+from rtserver.service import (
+    Busy,
+    TextRejected,
+    TooManyForClient,
+    TTSService,
+    UnknownSpeaker,
+    UnsupportedFormat,
+)
+from rtserver.session import Audio, Cancelled, Failed, Finished, SegmentEnd, Session
 
 log = logging.getLogger("rtserver.ws")
 
 _decoder = msgspec.json.Decoder(ClientMessage)
 _encoder = msgspec.json.Encoder()
 _FINISHED_MEMORY = 64  # recently finished context ids, so a late cancel is acknowledged
+_GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
+_START_ERRORS = {
+    UnknownSpeaker: "unknown_speaker",
+    UnsupportedFormat: "unsupported_format",
+    TooManyForClient: "too_many_streams",
+    Busy: "busy",
+}
 
 
 @dataclass(eq=False)
 class Context:
     id: str
     stream: int
-    job: Job
-    encoder: Encoder
-    segmenter: Segmenter
-    texts: list[str] = field(default_factory=list)  # segment texts, by segment index
-    chars: int = 0
-    first_text_at: float | None = None
-    first_audio_at: float | None = None
-    samples: int = 0  # engine-rate samples sent so far
-    segments_done: int = 0
-    flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segment count)
+    session: Session
+    last_active: float = field(default_factory=time.monotonic)  # last message or audio
+    flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segments)
     flush_count: int = 0
+    segments_done: int = 0
     cancelled: bool = False
+    timed_out: bool = False
     closed: bool = False  # `close` received: no more text
     pump: asyncio.Task | None = None
     auto_flush: asyncio.TimerHandle | None = None
@@ -74,8 +86,10 @@ class WsSession:
         self.socket = socket
         self.service = service
         self.settings = service.settings
+        self.client = client_of(socket)
         self.contexts: dict[str, Context] = {}
         self.finished: deque[str] = deque(maxlen=_FINISHED_MEMORY)
+        self.last_active = time.monotonic()  # last client message or audio sent
         self._next_stream = 1
         self._send_lock = asyncio.Lock()
         self._closed = False
@@ -95,6 +109,7 @@ class WsSession:
             if ctx.cancelled:  # the ack may have been decided while we waited
                 return
             await self.socket.send_bytes(struct.pack("<I", ctx.stream) + data)
+        ctx.last_active = self.last_active = time.monotonic()
 
     async def _error(self, code: str, message: str, context_id: str | None = None) -> None:
         await self._send(ErrorMsg(code=code, message=message, context_id=context_id))
@@ -102,48 +117,53 @@ class WsSession:
     # ---- main loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        s = self.settings
-        speakers = [sp.id for sp in self.service.speakers()]
         try:
-            await self._send(
-                Ready(
-                    server="rtserver",
-                    version=__version__,
-                    engine=self.service.engine.name,
-                    sample_rate=self.service.sample_rate,
-                    formats=["pcm", "mp3"],
-                    speakers=speakers,
-                    max_contexts=s.max_contexts,
-                    max_message_bytes=s.max_message_bytes,
-                    idle_timeout_s=s.ws_idle_timeout_s,
-                    min_sentence_chars=s.min_sentence_chars,
-                    auto_flush_ms=s.auto_flush_ms,
-                )
-            )
+            release = self.service.client_sockets.acquire(self.client)
+        except TooManyForClient as exc:
+            await self._refuse("too_many_sockets", str(exc))
+            return
+        watchdog = asyncio.create_task(self._watchdog(), name="ws-watchdog")
+        try:
+            await self._send(self._ready())
             await self._receive_loop()
-        except (WebSocketDisconnect, ConnectionError):
+        except _GONE:
             pass
         finally:
             self._closed = True
+            watchdog.cancel()
             for ctx in list(self.contexts.values()):
                 self._drop(ctx)
+            release()
+
+    async def _refuse(self, code: str, message: str) -> None:
+        with contextlib.suppress(*_GONE):
+            await self._error(code, message)
+            await self.socket.close(code=1008, reason=code)
+
+    def _ready(self) -> Ready:
+        s = self.settings
+        return Ready(
+            server="rtserver",
+            version=__version__,
+            engine=self.service.engine.name,
+            sample_rate=self.service.sample_rate,
+            formats=["pcm", "mp3"],
+            speakers=[sp.id for sp in self.service.speakers()],
+            max_contexts=s.max_contexts,
+            max_message_bytes=s.max_message_bytes,
+            idle_timeout_s=s.ws_idle_timeout_s,
+            context_idle_timeout_s=s.context_idle_timeout_s,
+            max_audio_s=s.max_audio_s,
+            min_sentence_chars=s.min_sentence_chars,
+            auto_flush_ms=s.auto_flush_ms,
+        )
 
     async def _receive_loop(self) -> None:
         while True:
-            try:
-                message = await asyncio.wait_for(
-                    self.socket.receive(), timeout=self.settings.ws_idle_timeout_s
-                )
-            except TimeoutError:
-                if self.contexts:  # still speaking: not idle
-                    continue
-                await self._error(
-                    "idle_timeout", f"no message for {self.settings.ws_idle_timeout_s}s"
-                )
-                await self.socket.close(code=1000, reason="idle timeout")
-                return
+            message = await self.socket.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            self.last_active = time.monotonic()
             if message.get("bytes") is not None:
                 await self._error(
                     "binary_not_accepted", "send JSON text frames; audio only flows to you"
@@ -151,11 +171,34 @@ class WsSession:
                 continue
             await self._handle_text(message.get("text") or "")
 
+    async def _watchdog(self) -> None:
+        """End contexts with nothing to say, and the socket when nothing at all happens."""
+        with contextlib.suppress(*_GONE):
+            await self._watch()
+
+    async def _watch(self) -> None:
+        s = self.settings
+        period = min(1.0, s.context_idle_timeout_s / 4, s.ws_idle_timeout_s / 4)
+        while not self._closed:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for ctx in list(self.contexts.values()):
+                idle = not ctx.closed and not ctx.cancelled and ctx.session.idle
+                if idle and now - ctx.last_active > s.context_idle_timeout_s:
+                    ctx.timed_out = True
+                    self._cancel(ctx)
+            if now - self.last_active > s.ws_idle_timeout_s:
+                message = f"no message and no audio for {s.ws_idle_timeout_s:g}s"
+                await self._error("idle_timeout", message)
+                await self.socket.close(code=1000, reason="idle timeout")
+                return
+
     async def _handle_text(self, raw: str) -> None:
-        if len(raw.encode()) > self.settings.max_message_bytes:
+        size = len(raw.encode())
+        if size > self.settings.max_message_bytes:
             await self._error(
                 "message_too_large",
-                f"frame of {len(raw.encode())} bytes exceeds {self.settings.max_message_bytes}",
+                f"frame of {size} bytes exceeds {self.settings.max_message_bytes}",
             )
             return
         try:
@@ -163,44 +206,43 @@ class WsSession:
         except msgspec.ValidationError as exc:
             await self._error("invalid_message", str(exc))
             return
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             await self._error("invalid_json", f"not valid JSON: {exc}")
             return
         if isinstance(msg, Ping):
             await self._send(Pong())
         elif isinstance(msg, Start):
             await self._start(msg)
+        elif (ctx := self.contexts.get(msg.context_id)) is None:
+            await self._no_context(msg)
         else:
-            ctx = self.contexts.get(msg.context_id)
-            if ctx is None:
-                if msg.context_id in self.finished:
-                    if isinstance(msg, Cancel):  # the race of barge-in with the last audio
-                        await self._send(CancelledMsg(context_id=msg.context_id))
-                    else:
-                        await self._error(
-                            "context_closed",
-                            f"context {msg.context_id!r} has finished",
-                            msg.context_id,
-                        )
-                    return
-                await self._error(
-                    "unknown_context", f"no open context {msg.context_id!r}", msg.context_id
-                )
-                return
-            if ctx.closed and isinstance(msg, AppendText | Flush | Close):
-                await self._error(
-                    "context_closed", f"context {ctx.id!r} was closed; open a new one", ctx.id
-                )
-            elif isinstance(msg, AppendText):
-                await self._append(ctx, msg.text)
-                if msg.flush:
-                    await self._flush(ctx)
-            elif isinstance(msg, Flush):
+            ctx.last_active = self.last_active
+            await self._on_context(ctx, msg)
+
+    async def _no_context(self, msg: AppendText | Flush | Close | Cancel) -> None:
+        cid = msg.context_id
+        if cid not in self.finished:
+            await self._error("unknown_context", f"no open context {cid!r}", cid)
+        elif isinstance(msg, Cancel):  # the race of barge-in with the last audio
+            await self._send(CancelledMsg(context_id=cid))
+        else:
+            await self._error("context_closed", f"context {cid!r} has finished", cid)
+
+    async def _on_context(self, ctx: Context, msg: AppendText | Flush | Close | Cancel) -> None:
+        if ctx.closed and isinstance(msg, AppendText | Flush | Close):
+            await self._error(
+                "context_closed", f"context {ctx.id!r} was closed; open a new one", ctx.id
+            )
+        elif isinstance(msg, AppendText):
+            await self._append(ctx, msg.text)
+            if msg.flush:
                 await self._flush(ctx)
-            elif isinstance(msg, Close):
-                await self._close(ctx)
-            elif isinstance(msg, Cancel):
-                self._cancel(ctx)
+        elif isinstance(msg, Flush):
+            await self._flush(ctx)
+        elif isinstance(msg, Close):
+            self._close(ctx)
+        elif isinstance(msg, Cancel):
+            self._cancel(ctx)
 
     # ---- context operations ---------------------------------------------------------------
 
@@ -210,28 +252,19 @@ class WsSession:
             await self._error("duplicate_context", f"context {cid!r} is already open", cid)
             return
         if len(self.contexts) >= self.settings.max_contexts:
-            await self._error(
-                "too_many_contexts",
-                f"{self.settings.max_contexts} contexts already open on this socket",
-                cid,
-            )
+            limit = self.settings.max_contexts
+            await self._error("too_many_contexts", f"{limit} contexts already open", cid)
             return
         try:
-            speaker = self.service.speaker(msg.spk_id)
-            job = self.service.open_job(speaker, msg.speed, msg.seed, stream=True)
-        except UnknownSpeaker as exc:
-            await self._error("unknown_speaker", str(exc), cid)
+            session = self.service.open_session(
+                msg.spk_id, self.client, msg.format, msg.sample_rate,
+                speed=msg.speed, seed=msg.seed, stream=True, incremental=True,
+            )  # fmt: skip
+        except tuple(_START_ERRORS) as exc:
+            code = next(c for cls, c in _START_ERRORS.items() if isinstance(exc, cls))
+            await self._error(code, str(exc), cid)
             return
-        except Busy as exc:
-            await self._error("busy", str(exc), cid)
-            return
-        ctx = Context(
-            id=cid,
-            stream=self._next_stream,
-            job=job,
-            encoder=make_encoder(msg.format, speaker.sample_rate, msg.sample_rate),
-            segmenter=self.service.segmenter(stream=True, incremental=True),
-        )
+        ctx = Context(id=cid, stream=self._next_stream, session=session)
         self._next_stream += 1
         self.contexts[cid] = ctx
         await self._send(
@@ -239,7 +272,7 @@ class WsSession:
                 context_id=cid,
                 stream=ctx.stream,
                 format=msg.format,
-                sample_rate=ctx.encoder.sample_rate,
+                sample_rate=session.sample_rate,
             )  # fmt: skip
         )
         ctx.pump = asyncio.create_task(self._pump(ctx), name=f"pump-{cid}")
@@ -247,19 +280,13 @@ class WsSession:
             await self._append(ctx, msg.text)
 
     async def _append(self, ctx: Context, text: str) -> None:
-        if ctx.chars + len(text) > self.settings.max_text_chars:
-            await self._error(
-                "text_too_long",
-                f"context text would exceed {self.settings.max_text_chars} characters; fragment dropped",
-                ctx.id,
-            )
+        try:
+            ctx.session.push(text)
+        except TextRejected as exc:
+            await self._error(exc.code, f"{exc}; fragment dropped", ctx.id)
             return
-        ctx.chars += len(text)
-        if ctx.first_text_at is None and text.strip():
-            ctx.first_text_at = time.monotonic()
-        self._submit(ctx, ctx.segmenter.push(text))
         self._stop_auto_flush(ctx)
-        if ctx.segmenter.pending.strip():
+        if ctx.session.pending_text:
             loop = asyncio.get_running_loop()
             ctx.auto_flush = loop.call_later(
                 self.settings.auto_flush_ms / 1000, self._auto_flush, ctx
@@ -274,16 +301,12 @@ class WsSession:
     def _auto_flush(self, ctx: Context) -> None:
         ctx.auto_flush = None
         if self.contexts.get(ctx.id) is ctx and not ctx.cancelled:
-            self._submit(ctx, ctx.segmenter.flush())
-
-    def _submit(self, ctx: Context, segments: list[str], close: bool = False) -> None:
-        ctx.texts.extend(segments)
-        self.service.add_text(ctx.job, segments, close=close)
+            ctx.session.flush()
 
     async def _flush(self, ctx: Context) -> None:
-        self._submit(ctx, ctx.segmenter.flush())
+        submitted = ctx.session.flush()
         ctx.flush_count += 1
-        ctx.flushes.append((ctx.flush_count, len(ctx.texts)))
+        ctx.flushes.append((ctx.flush_count, submitted))
         await self._settle_flushes(ctx)
 
     async def _settle_flushes(self, ctx: Context) -> None:
@@ -291,22 +314,21 @@ class WsSession:
             flush_id, _ = ctx.flushes.popleft()
             await self._send(Flushed(context_id=ctx.id, flush_id=flush_id))
 
-    async def _close(self, ctx: Context) -> None:
+    def _close(self, ctx: Context) -> None:
         ctx.closed = True
         self._stop_auto_flush(ctx)
-        self._submit(ctx, ctx.segmenter.flush(), close=True)
+        ctx.session.close()
 
     def _cancel(self, ctx: Context) -> None:
         # Stop forwarding now; the ack is sent once the scheduler has dropped the job.
         ctx.cancelled = True
         self._stop_auto_flush(ctx)
-        self.service.cancel(ctx.job)
+        ctx.session.cancel()
 
     def _drop(self, ctx: Context) -> None:
         """The socket is gone: free everything of this context."""
-        ctx.cancelled = True
-        self._stop_auto_flush(ctx)
-        self.service.cancel(ctx.job)
+        self._cancel(ctx)
+        ctx.session.end()
         if ctx.pump and ctx.pump is not asyncio.current_task():
             ctx.pump.cancel()
         self.contexts.pop(ctx.id, None)
@@ -318,63 +340,47 @@ class WsSession:
     # ---- audio pump -----------------------------------------------------------------------
 
     async def _pump(self, ctx: Context) -> None:
-        rate = ctx.job.speaker.sample_rate
+        """The session's events to the socket; every context ends with exactly one of `done`,
+        `cancelled` or `error`, whatever happens."""
         try:
-            while True:
-                event = await ctx.job.channel.get()
-                if isinstance(event, Chunk):
-                    if ctx.cancelled:
-                        continue
-                    data = ctx.encoder.encode(event.audio)
-                    start_ms = ctx.samples * 1000 / rate
-                    ctx.samples += len(event.audio)
-                    if data:
-                        if ctx.first_audio_at is None:
-                            ctx.first_audio_at = time.monotonic()
-                        await self._send_audio(ctx, data)
-                    if event.segment_end:
-                        ctx.segments_done = event.segment + 1
-                        await self._send(
-                            Segment(
-                                context_id=ctx.id,
-                                index=event.segment,
-                                text=ctx.texts[event.segment],
-                                start_ms=round(start_ms, 1),
-                                end_ms=round(ctx.samples * 1000 / rate, 1),
-                            )  # fmt: skip
-                        )
-                        await self._settle_flushes(ctx)
-                elif isinstance(event, Done):
-                    tail = ctx.encoder.finish()
-                    if tail:
-                        await self._send_audio(ctx, tail)
+            async for event in ctx.session.events():
+                if isinstance(event, Audio):
+                    await self._send_audio(ctx, event.data)
+                elif isinstance(event, SegmentEnd):
+                    await self._segment_end(ctx, event)
+                else:
                     self._finish(ctx)
-                    await self._send(self._done(ctx))
-                    return
-                elif isinstance(event, Failed):
-                    self._finish(ctx)
-                    await self._error("synthesis_failed", event.message, ctx.id)
-                    return
-                elif isinstance(event, Cancelled):
-                    self._finish(ctx)
-                    await self._send(CancelledMsg(context_id=ctx.id))
-                    return
-        except (WebSocketDisconnect, ConnectionError, RuntimeError) as exc:
+                    await self._send(self._last_message(ctx, event))
+        except _GONE as exc:
             log.info("context %s: socket gone (%s)", ctx.id, exc)
             self._drop(ctx)
+        except Exception:
+            log.exception("context %s: pump failed", ctx.id)
+            self._drop(ctx)
+            await self._error("internal_error", "the server failed on this context", ctx.id)
 
-    def _done(self, ctx: Context) -> DoneMsg:
-        job = ctx.job
-        audio_ms = ctx.samples * 1000 / job.speaker.sample_rate
-        processing_ms = job.processing_seconds * 1000
-        ttfa = None
-        if ctx.first_audio_at is not None and ctx.first_text_at is not None:
-            ttfa = round((ctx.first_audio_at - ctx.first_text_at) * 1000, 1)
-        return DoneMsg(
-            context_id=ctx.id,
-            ttfa_ms=ttfa,
-            audio_ms=round(audio_ms, 1),
-            processing_ms=round(processing_ms, 1),
-            rtf=round(processing_ms / audio_ms, 4) if audio_ms else 0.0,
-            segments=len(ctx.texts),
+    async def _segment_end(self, ctx: Context, event: SegmentEnd) -> None:
+        ctx.segments_done = event.index + 1
+        if ctx.cancelled:
+            return
+        await self._send(
+            Segment(
+                context_id=ctx.id,
+                index=event.index,
+                text=event.text,
+                start_ms=event.start_ms,
+                end_ms=event.end_ms,
+            )  # fmt: skip
         )
+        await self._settle_flushes(ctx)
+
+    def _last_message(self, ctx: Context, event: Finished | Cancelled | Failed) -> msgspec.Struct:
+        if isinstance(event, Finished):
+            return DoneMsg(context_id=ctx.id, **dataclasses.asdict(event))
+        if isinstance(event, Failed):
+            return ErrorMsg(code=event.code, message=event.message, context_id=ctx.id)
+        if ctx.timed_out:
+            limit = self.settings.context_idle_timeout_s
+            message = f"nothing to say for {limit:g}s; the context has ended"
+            return ErrorMsg(code="context_timeout", message=message, context_id=ctx.id)
+        return CancelledMsg(context_id=ctx.id)

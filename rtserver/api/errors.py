@@ -9,10 +9,13 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from rtserver.service import (
     Busy,
+    ClientGone,
     SpeakerRegistrationError,
     SynthesisFailed,
-    TextTooLong,
+    TextRejected,
+    TooManyForClient,
     UnknownSpeaker,
+    UnsupportedFormat,
 )
 
 log = logging.getLogger("rtserver.api")
@@ -48,12 +51,25 @@ def unknown_speaker(_: Request, exc: UnknownSpeaker) -> Response:
     return Response(_body(400, str(exc), {"valid_speakers": exc.valid}), status_code=400)
 
 
-def text_too_long(_: Request, exc: TextTooLong) -> Response:
-    return Response(_body(413, str(exc)), status_code=413)
+def text_rejected(_: Request, exc: TextRejected) -> Response:
+    return Response(_body(exc.status, str(exc), {"code": exc.code}), status_code=exc.status)
+
+
+def unsupported_format(_: Request, exc: UnsupportedFormat) -> Response:
+    return Response(_body(422, str(exc)), status_code=422)
 
 
 def busy(_: Request, exc: Busy) -> Response:
     return Response(_body(503, str(exc)), status_code=503, headers={"Retry-After": "1"})
+
+
+def too_many_for_client(_: Request, exc: TooManyForClient) -> Response:
+    return Response(_body(429, str(exc)), status_code=429, headers={"Retry-After": "1"})
+
+
+def client_gone(_: Request, exc: ClientGone) -> Response:
+    # Nobody reads this; answering (instead of raising) keeps a normal event out of the logs.
+    return Response(_body(499, "client closed the request"), status_code=499)
 
 
 def synthesis_failed(_: Request, exc: SynthesisFailed) -> Response:
@@ -73,8 +89,11 @@ EXCEPTION_HANDLERS = {
     ValidationException: validation_error,
     HTTPException: http_error,
     UnknownSpeaker: unknown_speaker,
-    TextTooLong: text_too_long,
+    TextRejected: text_rejected,
+    UnsupportedFormat: unsupported_format,
     Busy: busy,
+    TooManyForClient: too_many_for_client,
+    ClientGone: client_gone,
     SynthesisFailed: synthesis_failed,
     SpeakerRegistrationError: registration_error,
     Exception: internal_error,

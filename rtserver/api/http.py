@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Annotated
 
 import msgspec
 from litestar import Request, delete, get, post, route
+from litestar.connection import ASGIConnection
 from litestar.datastructures import ResponseHeader, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import ValidationException
+from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
 from litestar.response import Stream
 
-from rtserver.audio import Mp3Encoder, PcmEncoder
 from rtserver.engine import Speaker
 from rtserver.protocol import SpeakerInfo, TTSRequest
-from rtserver.service import TTSService
+from rtserver.service import ClientGone, SynthesisFailed, TTSService
+from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PCM_DOC_HEADERS = [
@@ -37,9 +40,13 @@ class ErrorBody(msgspec.Struct):
 ERROR_DOCS = {
     code: ResponseSpec(data_container=ErrorBody, description=what, generate_examples=False)
     for code, what in {
-        400: "Unknown spk_id (extra.valid_speakers lists the valid ones) or an illegal value.",
+        400: "Unknown spk_id (extra.valid_speakers lists the valid ones), or a body that is "
+        "not UTF-8 JSON.",
         413: "Text longer than the server's limit.",
-        422: "Schema violation: missing field, wrong type, speed <= 0, empty text.",
+        415: "A JSON route got another content type.",
+        422: "Schema violation: missing field, wrong type, speed outside [0.25, 4], blank text, "
+        "text with nothing to speak, control characters.",
+        429: "This client address already has its limit of streams open.",
         500: "Synthesis failed before the first audio.",
         503: "At capacity; retry after Retry-After seconds.",
     }.items()
@@ -57,22 +64,101 @@ def _info(s: Speaker) -> SpeakerInfo:
     return SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine)
 
 
-def _validated_text(text: str) -> str:
-    if not text.strip():
-        raise ValidationException(
-            "tts_text is blank", extra=[{"key": "tts_text", "message": "must contain text"}]
+def client_of(connection: ASGIConnection) -> str:
+    """The client address that per-client quotas count against."""
+    return connection.client.host if connection.client else "unknown"
+
+
+async def strict_json(request: Request) -> None:
+    """Before a JSON body is parsed: a JSON content type, UTF-8, and a sane nesting depth, so
+    bad bytes get a 4xx that says what is wrong instead of a parser's internals."""
+    media_type = request.content_type[0]
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise HTTPException(
+            status_code=415, detail=f"send the body as application/json, not {media_type!r}"
         )
-    return text
+    body = await request.body()  # cached: the route's own parsing reads it again
+    try:
+        msgspec.json.decode(body)
+    except UnicodeDecodeError as exc:
+        raise HTTPException(status_code=400, detail="the body is not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise HTTPException(status_code=400, detail="the JSON is nested too deeply") from exc
+    except msgspec.DecodeError as exc:
+        raise HTTPException(status_code=400, detail=f"the body is not valid JSON: {exc}") from exc
 
 
-async def _start(service: TTSService, req: TTSRequest, encoder_cls: type) -> tuple[Stream, int]:
-    speaker = service.speaker(req.spk_id)
-    job = service.synthesize(
-        _validated_text(req.tts_text), speaker, req.speed, req.seed, req.stream
+async def open_stream(
+    request: Request,
+    service: TTSService,
+    text: str,
+    spk_id: str,
+    fmt: str,
+    *,
+    rate_out: int | None = None,
+    speed: float = 1.0,
+    seed: int = 0,
+    stream: bool = False,
+    field: str = "tts_text",
+) -> tuple[AsyncIterator[bytes], int]:
+    """Check, admit and start a whole-text session; returns its encoded audio and rate once
+    the first audio exists, so a failure before it is still an HTTP error."""
+    service.check_whole_text(text, field)
+    session = service.open_session(
+        spk_id, client_of(request), fmt, rate_out, speed=speed, seed=seed, stream=stream
     )
-    first = await service.first_event(job)
-    encoder = encoder_cls(speaker.sample_rate)
-    return service.encoded(job, encoder, first), speaker.sample_rate
+    session.say(text)
+    events = session.events()
+    first = await _until_disconnect(request, anext(events))
+    if isinstance(first, Failed):
+        raise SynthesisFailed(first.message)
+    if isinstance(first, Cancelled):
+        raise ClientGone()
+    return _audio(first, events), session.sample_rate
+
+
+async def _until_disconnect(request: Request, waiting: Awaitable[SessionEvent]) -> SessionEvent:
+    """Await the first event; a client that leaves first cancels its job, so a request
+    abandoned in the queue never costs any synthesis."""
+    first = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not first.done():
+        first.cancel()  # runs the session's cleanup: the job is cancelled
+        raise ClientGone()
+    return first.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _audio(first: SessionEvent, events: AsyncGenerator[SessionEvent]) -> AsyncIterator[bytes]:
+    """The body: encoded audio only. A failure after the headers breaks the body, so the
+    client sees an incomplete stream rather than a clean end."""
+    try:
+        event = first
+        while True:
+            if isinstance(event, Audio):
+                yield event.data
+            elif isinstance(event, Failed):
+                raise SynthesisFailed(event.message)
+            elif not isinstance(event, SegmentEnd):
+                return
+            event = await anext(events)
+    finally:
+        await events.aclose()  # early exit (client gone): the session cancels its job
+
+
+async def _speak(request: Request, service: TTSService, req: TTSRequest, fmt: str):
+    return await open_stream(
+        request, service, req.tts_text, req.spk_id, fmt,
+        speed=req.speed, seed=req.seed, stream=req.stream,
+    )  # fmt: skip
 
 
 def _pcm_headers(rate: int) -> dict[str, str]:
@@ -86,9 +172,10 @@ def _pcm_headers(rate: int) -> dict[str, str]:
     response_description="One continuous MP3 stream (mono, the speaker's rate).",
     responses=ERROR_DOCS,
     status_code=200,
+    before_request=strict_json,
 )
-async def tts_mp3(data: TTSRequest, service: TTSService) -> Stream:
-    body, _ = await _start(service, data, Mp3Encoder)
+async def tts_mp3(request: Request, data: TTSRequest, service: TTSService) -> Stream:
+    body, _ = await _speak(request, service, data, "mp3")
     return Stream(
         body,
         media_type="audio/mpeg",
@@ -104,9 +191,10 @@ async def tts_mp3(data: TTSRequest, service: TTSService) -> Stream:
     responses=ERROR_DOCS,
     response_headers=PCM_DOC_HEADERS,
     status_code=200,
+    before_request=strict_json,
 )
-async def tts_pcm(data: TTSRequest, service: TTSService) -> Stream:
-    body, rate = await _start(service, data, PcmEncoder)
+async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> Stream:
+    body, rate = await _speak(request, service, data, "pcm")
     return Stream(
         body,
         headers={
@@ -142,7 +230,7 @@ async def inference_sft(request: Request, service: TTSService) -> Stream:
     except msgspec.ValidationError as exc:
         raise ValidationException(str(exc), extra=[{"key": "form", "message": str(exc)}]) from exc
     req = TTSRequest(tts_text=sft.tts_text, spk_id=sft.spk_id)
-    body, rate = await _start(service, req, PcmEncoder)
+    body, rate = await _speak(request, service, req, "pcm")
     return Stream(body, media_type="audio/pcm", headers=_pcm_headers(rate))
 
 

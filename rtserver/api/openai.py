@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Literal
 
 import msgspec
-from litestar import get, post
+from litestar import Request, get, post
 from litestar.exceptions import ValidationException
 from litestar.response import Stream
 
-from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS
-from rtserver.audio import make_encoder
+from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, strict_json
 from rtserver.engine import Speaker
-from rtserver.protocol import Text
+from rtserver.protocol import Speed, Text
 from rtserver.service import TTSService, UnknownSpeaker
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
@@ -35,7 +34,7 @@ class SpeechRequest(msgspec.Struct):
     voice: str
     model: str = "tts-1"
     response_format: str = "mp3"
-    speed: Annotated[float, msgspec.Meta(ge=0.25, le=4.0)] = 1.0
+    speed: Speed = 1.0
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: str | None = None
 
@@ -56,8 +55,9 @@ def _speaker(service: TTSService, voice: str) -> Speaker:
     "`speed` (0.25-4), `stream_format` (audio or sse).",
     responses=ERROR_DOCS,
     status_code=200,
+    before_request=strict_json,
 )
-async def speech(data: SpeechRequest, service: TTSService) -> Stream:
+async def speech(request: Request, data: SpeechRequest, service: TTSService) -> Stream:
     if data.response_format not in MEDIA_TYPES:
         raise ValidationException(
             f"response_format {data.response_format!r} is not supported; use one of "
@@ -67,11 +67,11 @@ async def speech(data: SpeechRequest, service: TTSService) -> Stream:
             ],
         )
     speaker = _speaker(service, data.voice)
-    job = service.synthesize(data.input, speaker, data.speed, seed=0, stream=True)
-    first = await service.first_event(job)
     rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None
-    encoder = make_encoder(data.response_format, speaker.sample_rate, rate_out)
-    body = service.encoded(job, encoder, first)
+    body, _ = await open_stream(
+        request, service, data.input, speaker.id, data.response_format,
+        rate_out=rate_out, speed=data.speed, stream=True, field="input",
+    )  # fmt: skip
     if data.stream_format == "sse":
         return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)
     return Stream(body, media_type=MEDIA_TYPES[data.response_format], headers=STREAM_HEADERS)

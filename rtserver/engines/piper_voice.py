@@ -10,6 +10,12 @@ than there are cores, the next segments of the same jobs. A step returns as soon
 segment is done, so a short first segment is never held back by a long one beside it; each
 job's chunks still come out in order. Piper's noise is drawn inside the ONNX graph, so `seed`
 cannot be honoured here.
+
+A run cannot be interrupted, so the work is cut into pieces: each phonemized sentence is split
+at clause marks or word boundaries into pieces of at most MAX_PIECE_PHONEMES (about 3 s of
+speech, 0.2-0.5 s of one core), which bounds how long a cancel or a new job waits for a
+worker. `speed` stretches the synthesized audio (WSOLA) instead of VITS's length scale, whose
+durations round to whole frames and so do not scale as 1/speed (speed 4 came out 2.1x shorter).
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from rtserver.audio import time_stretch
 from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
 
 log = logging.getLogger("rtserver.piper")
 
 ENGINE = "piper"
 POLL_S = 0.02  # longest a step blocks on running segments
+MAX_PIECE_PHONEMES = 60  # ~18 phoneme symbols a second: ~3 s of speech per run
+_CLAUSE_MARKS = ",;:"
 
 
 def _session(path: Path) -> object:
@@ -37,9 +46,28 @@ def _session(path: Path) -> object:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
+    # The arena keeps the peak of the longest run for the life of the process; without it a
+    # long request's memory goes back when the request ends.
+    opts.enable_cpu_mem_arena = False
     # Idle pool threads must not spin: the event loop needs the cores between steps.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def split_phonemes(phonemes: list[str], limit: int = MAX_PIECE_PHONEMES) -> list[list[str]]:
+    """Cut one sentence's phonemes into pieces of at most `limit`: after the last clause mark
+    that fits, else before the last word that fits, else hard."""
+    pieces = []
+    while len(phonemes) > limit:
+        window = phonemes[: limit + 1]
+        marks = [i + 1 for i, p in enumerate(window[:-1]) if p in _CLAUSE_MARKS]
+        spaces = [i for i, p in enumerate(window) if p == " " and i > 0]
+        cut = (marks or spaces or [limit])[-1]
+        pieces.append(phonemes[:cut])
+        phonemes = phonemes[cut:]
+        while phonemes and phonemes[0] == " ":
+            phonemes = phonemes[1:]
+    return [*pieces, phonemes] if phonemes else pieces
 
 
 def _voice_id(stem: str) -> str:
@@ -88,79 +116,102 @@ class PiperEngine:
         return list(self._speakers.values())
 
     def warmup(self) -> None:
-        for vid in self._voices:
-            self._synthesize(vid, "Warming up.", 1.0)
+        for vid, voice in self._voices.items():
+            for phonemes in voice.phonemize("Warming up."):
+                self._synthesize(vid, phonemes, 1.0)
 
     def start(self, job: Job) -> None:
         if job.speaker.id not in self._voices:
             raise KeyError(f"unknown speaker {job.speaker.id!r}")
+        job.engine_state = deque()  # pieces (segment index, phonemes, last of the segment)
 
     def ready(self, job: Job) -> bool:
-        return job.has_pending_text() or job.input_closed or bool(self._inflight.get(job))
+        return bool(
+            job.has_pending_text() or job.input_closed or job.engine_state
+            or self._inflight.get(job)
+        )  # fmt: skip
 
     def step(self, jobs: list[Job]) -> list[tuple[Job, Event]]:
         self._fill(jobs)
-        # Unless a chunk is ready, block until some segment ends (a worker to refill, maybe a
+        # Unless a chunk is ready, block until some piece ends (a worker to refill, maybe a
         # chunk), but briefly: the scheduler must also see new jobs and cancels.
-        if not any(q[0][1].done() for j in jobs if (q := self._inflight.get(j))):
-            running = [f for q in self._inflight.values() for _, f in q if not f.done()]
+        if not any(q[0][2].done() for j in jobs if (q := self._inflight.get(j))):
+            running = [f for q in self._inflight.values() for *_, f in q if not f.done()]
             if running:
                 wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
         out: list[tuple[Job, Event]] = []
         for job in jobs:
             queue = self._inflight.get(job)
-            while queue and queue[0][1].done():
-                index, future = queue.popleft()
+            while queue and queue[0][2].done():
+                index, last, future = queue.popleft()
                 try:
-                    out.append((job, Chunk(future.result(), index, segment_end=True)))
+                    out.append((job, Chunk(future.result(), index, segment_end=last)))
                 except Exception as exc:
                     log.exception("piper failed on job %d", job.id)
                     out.append((job, Failed(f"synthesis failed: {exc}")))
                     self.release(job)
                     break
             else:
-                if not queue and job.input_closed and not job.has_pending_text():
+                if not queue and not job.engine_state and self._finished_input(job):
                     self._inflight.pop(job, None)
                     out.append((job, Done()))
         return out
 
+    @staticmethod
+    def _finished_input(job: Job) -> bool:
+        return job.input_closed and not job.has_pending_text()
+
     def _fill(self, jobs: list[Job]) -> None:
-        """Give idle workers the next segments, most urgent jobs first, round robin."""
+        """Give idle workers the next pieces, most urgent jobs first, round robin."""
         free = self.workers - sum(len(q) for q in self._inflight.values())
         while free > 0:
             submitted = False
             for job in jobs:
-                if free and (item := job.next_segment()):
-                    index, text = item
-                    future = self._pool.submit(self._timed, job, text)
-                    self._inflight.setdefault(job, deque()).append((index, future))
+                if free and (piece := self._next_piece(job)):
+                    index, last, future = piece
+                    self._inflight.setdefault(job, deque()).append((index, last, future))
                     free -= 1
                     submitted = True
             if not submitted:
                 return
 
+    def _next_piece(self, job: Job) -> tuple[int, bool, Future] | None:
+        """The job's next piece, started on the pool (segments are phonemized as needed)."""
+        pending: deque[tuple[int, list[str], bool]] | None = job.engine_state
+        if pending is None:  # released
+            return None
+        while not pending:
+            item = job.next_segment()
+            if item is None:
+                return None
+            index, text = item
+            try:
+                sentences = self._voices[job.speaker.id].phonemize(text)
+            except Exception as exc:  # reported as this job's failure by step()
+                failed: Future = Future()
+                failed.set_exception(exc)
+                return index, True, failed
+            pieces = [p for ph in sentences if ph for p in split_phonemes(ph)] or [[]]
+            pending.extend((index, p, k == len(pieces) - 1) for k, p in enumerate(pieces))
+        index, phonemes, last = pending.popleft()
+        return index, last, self._pool.submit(self._timed, job, phonemes)
+
     def release(self, job: Job) -> None:
-        # A running segment cannot be interrupted; its result is dropped when it ends.
+        # A running piece cannot be interrupted; its result is dropped when it ends.
         self._inflight.pop(job, None)
         job.engine_state = None
 
-    def _timed(self, job: Job, text: str) -> np.ndarray:
+    def _timed(self, job: Job, phonemes: list[str]) -> np.ndarray:
         t0 = time.monotonic()
         try:
-            return self._synthesize(job.speaker.id, text, job.speed)
+            return self._synthesize(job.speaker.id, phonemes, job.speed)
         finally:
             job.processing_seconds += time.monotonic() - t0
 
-    def _synthesize(self, vid: str, text: str, speed: float) -> np.ndarray:
-        from piper import SynthesisConfig
-
-        voice = self._voices[vid]
-        cfg = SynthesisConfig(length_scale=voice.config.length_scale / speed)
-        parts = [
-            voice.phoneme_ids_to_audio(voice.phonemes_to_ids(ph), cfg)
-            for ph in voice.phonemize(text)
-            if ph
-        ]
-        if not parts:
+    def _synthesize(self, vid: str, phonemes: list[str], speed: float) -> np.ndarray:
+        if not phonemes:  # nothing to say: an empty chunk still ends its segment
             return np.zeros(0, np.float32)
-        return np.clip(np.concatenate(parts), -1.0, 1.0).astype(np.float32)
+        voice = self._voices[vid]
+        audio = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(phonemes))
+        audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+        return time_stretch(audio, voice.config.sample_rate, speed)

@@ -1,0 +1,266 @@
+"""A Session is one synthesis stream, an HTTP request or a WebSocket context: text in, encoded
+audio out. Both transports use it the same way, so every check, limit and release lives here.
+
+Opening one (`TTSService.open_session`) builds everything that can fail (speaker, encoder,
+client quota) before the job is admitted, and undoes what it took if admission fails. From
+then on `events()` is the one audio pump: it encodes the job's chunks and yields `Audio`,
+`SegmentEnd` and one terminal event (`Finished`, `Cancelled` or `Failed`); leaving it early
+cancels the job, and `end()` releases everything whatever path the stream took.
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from rtserver.audio import Encoder
+from rtserver.engine import Cancelled, Chunk, Done, Failed, Job, JobStatus
+from rtserver.text import Segmenter
+
+__all__ = [
+    "Audio",
+    "Cancelled",
+    "ClientQuota",
+    "Failed",
+    "Finished",
+    "SegmentEnd",
+    "Session",
+    "SessionEvent",
+    "TextRejected",
+    "TooManyForClient",
+    "check_text",
+    "speakable",
+]
+
+_ALLOWED_CONTROLS = "\t\n\r"
+
+
+class TextRejected(ValueError):
+    """Text that must not reach the engine. `code` is the WebSocket error code."""
+
+    def __init__(self, code: str, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class TooManyForClient(Exception):
+    """One client address holds its whole quota of streams or sockets."""
+
+
+def speakable(text: str) -> bool:
+    """Whether any character would be spoken: a letter or a digit in any script. Punctuation,
+    symbols, spaces and invisible format characters alone give no audio."""
+    return any(unicodedata.category(c)[0] in "LN" for c in text)
+
+
+def check_text(text: str, used: int, limit: int) -> None:
+    """Refuse control characters and text past the per-stream limit (`used` already spent)."""
+    bad = next(
+        (c for c in text if unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS), None
+    )
+    if bad is not None:
+        raise TextRejected("invalid_text", f"text contains the control character U+{ord(bad):04X}")
+    if used + len(text) > limit:
+        raise TextRejected(
+            "text_too_long",
+            f"text has {used + len(text)} characters; the limit is {limit}",
+            status=413,
+        )
+
+
+class ClientQuota:
+    """At most `limit` things (streams, sockets) open at once per client address."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self.what = what
+        self.limit = limit  # 0: no limit
+        self._held: dict[str, int] = {}
+
+    def acquire(self, client: str) -> Callable[[], None]:
+        """Take one; returns the (idempotent) release. Raises TooManyForClient."""
+        held = self._held.get(client, 0)
+        if self.limit and held >= self.limit:
+            raise TooManyForClient(f"{client} already has {held} {self.what} open (the limit)")
+        self._held[client] = held + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self._held[client] - 1
+                if left:
+                    self._held[client] = left
+                else:
+                    del self._held[client]
+
+        return release
+
+    def held(self) -> int:
+        return sum(self._held.values())
+
+
+@dataclass
+class Audio:
+    data: bytes  # encoded audio (never empty)
+
+
+@dataclass
+class SegmentEnd:
+    index: int
+    text: str
+    start_ms: float  # where the segment sits in the stream's audio
+    end_ms: float
+
+
+@dataclass
+class Finished:
+    ttfa_ms: float | None  # first text to first audio; None if no audio
+    audio_ms: float
+    processing_ms: float
+    rtf: float
+    segments: int
+
+
+SessionEvent = Audio | SegmentEnd | Finished | Cancelled | Failed
+
+
+class Session:
+    def __init__(
+        self,
+        job: Job,
+        encoder: Encoder,
+        segmenter: Segmenter,
+        max_chars: int,
+        wake: Callable[[], None],
+        release: Callable[[], None],
+    ) -> None:
+        self.job = job
+        self.encoder = encoder
+        self.sample_rate = encoder.sample_rate  # of the encoded output
+        self._segmenter = segmenter
+        self._max_chars = max_chars
+        self._wake = wake  # tells the scheduler something changed
+        self._release = release  # frees the client's quota
+        self.texts: list[str] = []  # submitted segments, by segment index
+        self.chars = 0
+        self.input_closed = False
+        self.first_text_at: float | None = None
+        self.first_audio_at: float | None = None
+        self._rate_in = job.speaker.sample_rate
+        self._samples = 0  # engine-rate samples pumped so far
+        self._segment_start = 0  # sample where the segment being pumped began
+        self._segments_done = 0
+
+    # ---- text in ---------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        """The whole text at once (HTTP): segmented, submitted and closed."""
+        self.push(text)
+        self.close()
+
+    def push(self, text: str) -> None:
+        """A fragment; raises TextRejected (and takes nothing of it) when it is not allowed."""
+        check_text(text, self.chars, self._max_chars)
+        self.chars += len(text)
+        if self.first_text_at is None and speakable(text):
+            self.first_text_at = time.monotonic()
+        self._submit(self._segmenter.push(text))
+
+    def flush(self) -> int:
+        """Submit whatever is buffered now; returns how many segments are submitted in all."""
+        self._submit(self._segmenter.flush())
+        return len(self.texts)
+
+    def close(self) -> None:
+        self.flush()
+        self.input_closed = True
+        self.job.close_input()
+        self._wake()
+
+    @property
+    def pending_text(self) -> bool:
+        """Buffered text the segmenter is holding back (waiting for a sentence end)."""
+        return speakable(self._segmenter.pending)
+
+    def _submit(self, segments: list[str]) -> None:
+        # Segments with nothing to say would give silence, or no audio at all: never send them.
+        segments = [s for s in segments if speakable(s)]
+        if segments:
+            self.texts.extend(segments)
+            self.job.add_segments(segments)
+            self._wake()
+
+    # ---- control ---------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left to say: every submitted segment is spoken and no text is buffered."""
+        return self._segments_done == len(self.texts) and not self.pending_text
+
+    def cancel(self) -> None:
+        self.job.cancel()
+        self._wake()
+
+    def end(self) -> None:
+        """Release everything this session holds. Idempotent; safe on any path."""
+        if self.job.status is not JobStatus.FINISHED:
+            self.cancel()
+        self._release()
+
+    # ---- audio out -------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[SessionEvent]:
+        """The stream's events, ending with exactly one Finished, Cancelled or Failed."""
+        try:
+            while True:
+                event = await self.job.channel.get()
+                if isinstance(event, Chunk):
+                    for out in self._chunk(event):
+                        yield out
+                    continue
+                if isinstance(event, Done):
+                    tail = self.encoder.finish()
+                    if tail:
+                        yield Audio(tail)
+                    yield self._finished()
+                else:
+                    yield event
+                return
+        finally:
+            self.end()
+
+    def _chunk(self, chunk: Chunk) -> list[Audio | SegmentEnd]:
+        out: list[Audio | SegmentEnd] = []
+        self._samples += len(chunk.audio)
+        data = self.encoder.encode(chunk.audio)
+        if data:
+            if self.first_audio_at is None:
+                self.first_audio_at = time.monotonic()
+            out.append(Audio(data))
+        if chunk.segment_end:
+            self._segments_done = chunk.segment + 1
+            start_ms, end_ms = (
+                n * 1000 / self._rate_in for n in (self._segment_start, self._samples)
+            )
+            self._segment_start = self._samples
+            text = self.texts[chunk.segment]
+            out.append(SegmentEnd(chunk.segment, text, round(start_ms, 1), round(end_ms, 1)))
+        return out
+
+    def _finished(self) -> Finished:
+        audio_ms = self._samples * 1000 / self._rate_in
+        processing_ms = self.job.processing_seconds * 1000
+        ttfa = None
+        if self.first_audio_at is not None and self.first_text_at is not None:
+            ttfa = round((self.first_audio_at - self.first_text_at) * 1000, 1)
+        return Finished(
+            ttfa_ms=ttfa,
+            audio_ms=round(audio_ms, 1),
+            processing_ms=round(processing_ms, 1),
+            rtf=round(processing_ms / audio_ms, 4) if audio_ms else 0.0,
+            segments=len(self.texts),
+        )
