@@ -8,6 +8,8 @@ so a slow client slows only itself and server memory stays bounded.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -17,6 +19,19 @@ from dataclasses import dataclass
 from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job, JobStatus
 
 log = logging.getLogger("rtserver.scheduler")
+
+
+TRIM_EVERY_S = 30.0  # under constant load, hand freed memory back at most this often
+
+
+def _libc_trim() -> callable:
+    """glibc keeps freed memory in its per-thread arenas for reuse; after a long request that
+    is hundreds of MB the process never needs again. malloc_trim hands it back to the OS."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return lambda: None
+    return lambda: trim(0)
 
 
 class Busy(Exception):
@@ -31,6 +46,7 @@ class Counters:
     dropped: int = 0  # ended by a limit: audio cap, a client that stopped reading
     rejected: int = 0
     steps: int = 0
+    audio_s: float = 0.0  # audio produced for clients, all jobs together
 
 
 class Scheduler:
@@ -57,6 +73,9 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._stop = False
+        self._trim = _libc_trim()
+        self._trimmed_at = time.monotonic()
+        self._dirty = False  # work done since memory was last handed back
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # ---- called from the event loop -------------------------------------------------------
@@ -96,6 +115,7 @@ class Scheduler:
             "dropped": c.dropped,
             "rejected": c.rejected,
             "steps": c.steps,
+            "audio_s": round(c.audio_s, 3),
             "max_streams": self.max_streams,
             "max_queue": self.max_queue,
         }
@@ -116,9 +136,11 @@ class Scheduler:
         self._drop_stalled()
         self._admit()
         batch = self._pick()
+        self._release_memory()
         if not batch:
             self._wake.wait(timeout=1.0)
             return
+        self._dirty = True
         t0 = time.monotonic()
         results = self._step(batch)
         elapsed = time.monotonic() - t0
@@ -130,6 +152,13 @@ class Scheduler:
                 job.processing_seconds += share
         for job, event in results:
             self._route(job, event)
+
+    def _release_memory(self) -> None:
+        now = time.monotonic()
+        idle = not self._running and not self._waiting
+        if self._dirty and (idle or now - self._trimmed_at > TRIM_EVERY_S):
+            self._trim()
+            self._trimmed_at, self._dirty = now, False
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -207,7 +236,9 @@ class Scheduler:
             return
         if job.first_audio_at is None:
             job.first_audio_at = time.monotonic()
-        job.audio_seconds += len(event.audio) / job.speaker.sample_rate
+        seconds = len(event.audio) / job.speaker.sample_rate
+        job.audio_seconds += seconds
+        self.counters.audio_s += seconds
         job.channel.put(event)
         if job.audio_seconds >= job.max_audio_s:
             message = f"the stream reached its limit of {job.max_audio_s:g} s of audio"

@@ -1,0 +1,357 @@
+"""Bad, idle and hostile clients against real server processes: each case is one that took the
+server down (or held its slots) before, and every one ends with the scheduler's active and
+queued counters back at zero."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import websockets
+from audio_check import assert_speech, decode_pcm
+from serverproc import ServerProcess
+from test_http_api import LONG_TEXT, error
+
+# A server with small limits, so each one is quick to reach.
+TIGHT = (
+    "--max-streams", "2", "--max-queue", "2", "--max-audio-s", "4",
+    "--read-timeout-s", "2", "--context-idle-timeout-s", "1", "--ws-idle-timeout-s", "3",
+    "--max-client-streams", "3", "--max-client-sockets", "4", "--max-text-chars", "100000",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tight():
+    srv = ServerProcess(*TIGHT).wait_ready()
+    yield srv
+    srv.stop()
+
+
+def assert_idle(srv: ServerProcess, timeout: float = 15) -> dict:
+    health = srv.wait_idle(timeout=timeout)
+    assert health["active"] == 0 and health["queued"] == 0, health
+    return health
+
+
+def run(coro, timeout: float = 120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def recv_json(ws) -> dict:
+    while isinstance(msg := await ws.recv(), bytes):
+        pass
+    return json.loads(msg)
+
+
+async def until(ws, *types: str) -> dict:
+    """The next JSON event of one of `types` (audio and other events skipped)."""
+    while (event := await recv_json(ws))["type"] not in types:
+        pass
+    return event
+
+
+def connect(srv: ServerProcess):
+    return websockets.connect(f"{srv.ws_url}/ws/tts", compression=None, max_size=None)
+
+
+async def send(ws, **msg) -> None:
+    await ws.send(json.dumps(msg))
+
+
+# ---- admission: nothing that fails while opening keeps a slot ------------------------------
+
+
+def test_unencodable_start_takes_no_slot(tight):
+    async def one() -> dict:
+        async with connect(tight) as ws:
+            await recv_json(ws)  # ready
+            await send(ws, type="start", context_id="c", spk_id="joe", format="mp3",
+                       sample_rate=9000)  # fmt: skip
+            return await until(ws, "error", "started")
+
+    # Three times what the server can hold: a leak would leave it full.
+    for _ in range(12):
+        event = run(one())
+        assert event["type"] == "error" and event["code"] == "unsupported_format", event
+        assert event["context_id"] == "c" and "9000" in event["message"]
+    assert_idle(tight)
+    r = httpx.post(f"{tight.base_url}/tts/pcm", json={"tts_text": "Still here.", "spk_id": "joe"})
+    assert r.status_code == 200
+    assert_speech(decode_pcm(r.content), 22050, min_seconds=0.5)
+
+
+def test_client_address_limits(tight):
+    async def go() -> tuple[dict, dict, int, httpx.Response]:
+        async with connect(tight) as ws:
+            await recv_json(ws)
+            for i in range(3):  # --max-client-streams 3
+                await send(ws, type="start", context_id=f"k{i}", spk_id="joe")
+                await until(ws, "started")
+            await send(ws, type="start", context_id="k3", spk_id="joe")
+            streams = await until(ws, "error", "started")
+            async with httpx.AsyncClient(base_url=tight.base_url) as c:
+                http = await c.post("/tts/pcm", json={"tts_text": "Hi there.", "spk_id": "joe"})
+            sockets = [await connect(tight).__aenter__() for _ in range(3)]  # 4 with ws
+            try:
+                extra = await connect(tight).__aenter__()
+                refused = await recv_json(extra)
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await extra.recv()
+                return streams, refused, closed.value.rcvd.code, http
+            finally:
+                for s in sockets:
+                    await s.close()
+
+    streams, refused, close_code, http = run(go())
+    assert streams["code"] == "too_many_streams" and streams["context_id"] == "k3"
+    error(http, 429)
+    assert refused["type"] == "error" and refused["code"] == "too_many_sockets"
+    assert close_code == 1008
+    assert_idle(tight)
+
+
+# ---- bounded cost per request ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("speed", [0.003, 0.01, 5e-324, 0.2, 4.5])
+def test_speed_outside_a_quarter_to_four_is_refused(server, speed):
+    body = {"tts_text": "Hello there.", "spk_id": "joe", "speed": speed}
+    assert "speed" in error(httpx.post(f"{server.base_url}/tts/pcm", json=body), 422)["detail"]
+    oai = {"input": "Hello there.", "voice": "joe", "speed": speed}
+    error(httpx.post(f"{server.base_url}/v1/audio/speech", json=oai), 422)
+
+    async def ws() -> dict:
+        async with connect(server) as ws:
+            await recv_json(ws)
+            await send(ws, type="start", context_id="s", spk_id="joe", speed=speed)
+            return await until(ws, "error", "started")
+
+    assert run(ws())["code"] == "invalid_message"
+
+
+def test_duration_scales_as_one_over_speed(server):
+    def seconds(speed: float) -> float:
+        body = {"tts_text": LONG_TEXT, "spk_id": "joe", "speed": speed}
+        r = httpx.post(f"{server.base_url}/tts/pcm", json=body, timeout=120)
+        assert r.status_code == 200
+        return len(r.content) / 2 / 22050
+
+    normal = seconds(1.0)
+    for speed in (0.5, 2.0, 4.0):
+        ratio = normal / seconds(speed)
+        # Piper draws phoneme durations at random: the two renditions differ a little.
+        assert abs(ratio - speed) / speed < 0.12, f"speed {speed}: {ratio:.2f}x shorter"
+
+
+def test_audio_limit_ends_http_and_ws_streams(tight):
+    before = assert_idle(tight)
+    body = {"tts_text": LONG_TEXT * 3, "spk_id": "joe"}
+    audio = b""
+    with (
+        pytest.raises(httpx.RemoteProtocolError),  # the body is cut: the client can tell
+        httpx.stream("POST", f"{tight.base_url}/tts/pcm", json=body, timeout=60) as r,
+    ):
+        assert r.status_code == 200
+        for piece in r.iter_raw():
+            audio += piece
+    # The chunk that crosses the limit is sent whole: at most one piece (~3 s) past it.
+    assert 4.0 <= len(audio) / 2 / 22050 < 8.0
+
+    async def ws() -> dict:
+        async with connect(tight) as ws:
+            await recv_json(ws)
+            await send(ws, type="start", context_id="a", spk_id="joe", text=LONG_TEXT * 3)
+            await send(ws, type="close", context_id="a")
+            return await until(ws, "error", "done")
+
+    event = run(ws())
+    assert event["code"] == "audio_limit" and event["context_id"] == "a"
+    after = assert_idle(tight)
+    assert after["dropped"] == before["dropped"] + 2
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_memory_is_handed_back_after_a_long_request(make_server):
+    srv = make_server("--max-text-chars", "100000")
+    speak = {"tts_text": "Warm up the buffers once.", "spk_id": "joe"}
+    assert httpx.post(f"{srv.base_url}/tts/pcm", json=speak, timeout=60).status_code == 200
+    assert_idle(srv)
+    time.sleep(1.5)
+    base = rss_mb(srv.proc.pid)
+    body = {"tts_text": LONG_TEXT * 8, "spk_id": "joe", "speed": 0.5}  # ~4 minutes of audio
+    r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=300)
+    assert r.status_code == 200 and len(r.content) / 2 / 22050 > 180
+    assert_idle(srv)
+    time.sleep(1.5)  # the scheduler hands memory back once it is idle
+    grown = rss_mb(srv.proc.pid) - base
+    assert grown < 40, f"RSS stayed {grown:.0f} MB above its level before the request"
+
+
+# ---- idle and stalled clients -----------------------------------------------------------------
+
+
+def test_empty_contexts_expire_and_free_their_slots(tight):
+    async def go() -> tuple[dict, list[dict]]:
+        async with connect(tight) as ws:
+            ready = await recv_json(ws)
+            assert ready["context_idle_timeout_s"] == 1
+            for i in range(3):
+                await send(ws, type="start", context_id=f"e{i}", spk_id="joe")
+                await until(ws, "started")
+            held = tight.healthz()
+            ended = [await until(ws, "error", "done", "cancelled") for _ in range(3)]
+            return held, ended
+
+    held, ended = run(go())
+    assert held["active"] + held["queued"] == 3
+    assert sorted(e["context_id"] for e in ended) == ["e0", "e1", "e2"]
+    assert {e["code"] for e in ended} == {"context_timeout"}
+    assert_idle(tight)
+
+
+def test_socket_with_only_idle_contexts_is_closed(tight):
+    async def go() -> tuple[list[str], float]:
+        async with connect(tight) as ws:
+            await recv_json(ws)
+            t0 = time.monotonic()
+            await send(ws, type="start", context_id="quiet", spk_id="joe")
+            codes = []
+            with pytest.raises(websockets.ConnectionClosedOK):
+                while True:
+                    event = await recv_json(ws)
+                    if event["type"] == "error":
+                        codes.append(event["code"])
+            return codes, time.monotonic() - t0
+
+    codes, lasted = run(go())
+    assert codes == ["context_timeout", "idle_timeout"]
+    assert lasted < 15
+    assert_idle(tight)
+
+
+def raw_request(srv: ServerProcess, body: dict, rcvbuf: int | None = None) -> socket.socket:
+    """An HTTP request on a bare socket, so the test decides when (if ever) to read."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", srv.port))
+    data = json.dumps(body).encode()
+    s.sendall(
+        b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+    )  # fmt: skip
+    return s
+
+
+def test_clients_that_stop_reading_are_dropped(make_server):
+    srv = make_server("--read-timeout-s", "2", "--max-text-chars", "200000", "--no-warmup")
+    huge = LONG_TEXT * 40  # ~20 minutes of speech: far more than any socket buffer holds
+    before = assert_idle(srv)
+
+    async def lazy_ws() -> None:
+        async with websockets.connect(f"{srv.ws_url}/ws/tts", compression=None, max_queue=1) as ws:
+            await send(ws, type="start", context_id="lazy", spk_id="joe", text=huge)
+            await send(ws, type="close", context_id="lazy")
+            deadline = time.monotonic() + 60
+            while srv.healthz()["dropped"] < before["dropped"] + 2:
+                assert time.monotonic() < deadline, srv.healthz()
+                await asyncio.sleep(0.5)
+
+    lazy_http = raw_request(srv, {"tts_text": huge, "spk_id": "joe"}, rcvbuf=4096)
+    try:
+        run(lazy_ws())
+    finally:
+        lazy_http.close()
+    assert_idle(srv)
+
+
+def test_requests_abandoned_in_the_queue_cost_no_synthesis(make_server):
+    srv = make_server("--max-streams", "1", "--max-queue", "32", "--max-client-streams", "0",
+                      "--max-text-chars", "100000")  # fmt: skip
+    before = assert_idle(srv)
+    body = {"tts_text": LONG_TEXT * 10, "spk_id": "joe", "stream": True}
+    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=60) as holder:
+        chunks = holder.iter_raw()
+        next(chunks)  # the holder runs; everything after it waits in the queue
+        for _ in range(20):
+            raw_request(srv, {"tts_text": LONG_TEXT, "spk_id": "joe"}).close()
+        deadline = time.monotonic() + 20
+        while srv.healthz()["cancelled"] < before["cancelled"] + 20:
+            assert time.monotonic() < deadline, "abandoned requests are still queued"
+            time.sleep(0.1)
+        produced = srv.healthz()["audio_s"]
+    after = assert_idle(srv)
+    assert after["cancelled"] == before["cancelled"] + 21
+    # Only the holder's pieces in flight may end after it was left; none of the 20.
+    assert after["audio_s"] - produced < 10, (produced, after)
+
+
+# ---- strict input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/tts/pcm", "/tts", "/v1/audio/speech"])
+def test_bytes_that_are_not_utf8_json_get_a_clear_4xx(server, path):
+    url = f"{server.base_url}{path}"
+    json_type = {"content-type": "application/json"}
+    got = error(httpx.post(url, content=b'{"tts_text": "\xff\xfe", "spk_id": "joe"}',
+                           headers=json_type), 400)  # fmt: skip
+    assert "UTF-8" in got["detail"]
+    got = error(httpx.post(url, content=b"[" * 1000 + b"]" * 1000, headers=json_type), 400)
+    assert "nested" in got["detail"]
+    got = error(httpx.post(url, content=b'{"tts_text": "hi", "spk_id": "joe"}',
+                           headers={"content-type": "text/plain"}), 415)  # fmt: skip
+    assert "application/json" in got["detail"]
+    error(httpx.post(url, data={"tts_text": "hi", "spk_id": "joe"}), 415)
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [("a\x00b", "invalid_text"), ("Ring\x07", "invalid_text"), ("...", "no_speakable_text"),
+     ("\u200b\u200b", "no_speakable_text"), ("?! -- ...", "no_speakable_text")],
+)  # fmt: skip
+def test_text_with_nothing_to_say_or_control_characters_is_422(server, text, code):
+    body = error(httpx.post(f"{server.base_url}/tts/pcm",
+                            json={"tts_text": text, "spk_id": "joe"}), 422)  # fmt: skip
+    assert body["extra"]["code"] == code and "tts_text" in body["detail"]
+    oai = {"input": text, "voice": "alloy", "response_format": "pcm"}
+    assert (
+        "input" in error(httpx.post(f"{server.base_url}/v1/audio/speech", json=oai), 422)["detail"]
+    )
+    sft = httpx.post(f"{server.base_url}/inference_sft", data={"tts_text": text, "spk_id": "joe"})
+    error(sft, 422)
+
+
+def test_ws_bad_frames_and_text_get_errors_and_the_socket_survives(server):
+    async def go() -> tuple[dict, dict, dict, dict]:
+        async with connect(server) as ws:
+            await recv_json(ws)
+            await ws.send(json.dumps({"type": "ping", "pad": "x" * (1024 * 1024)}))
+            too_large = await until(ws, "error")
+            await ws.send("[" * 5000 + "]" * 5000)
+            nested = await until(ws, "error")
+            await send(ws, type="start", context_id="n", spk_id="joe", sample_rate=16000)
+            await until(ws, "started")
+            await send(ws, type="text", context_id="n", text="bad \x00 byte")
+            nul = await until(ws, "error")
+            # Nothing speakable, at a rate that needs resampling: still a clean `done`.
+            await send(ws, type="text", context_id="n", text="... \u200b !")
+            await send(ws, type="close", context_id="n")
+            done = await until(ws, "done", "error")
+            await send(ws, type="ping")
+            await until(ws, "pong")
+            return too_large, nested, nul, done
+
+    too_large, nested, nul, done = run(go())
+    assert too_large["code"] == "message_too_large"
+    assert nested["code"] in ("invalid_json", "invalid_message")
+    assert nul["code"] == "invalid_text" and nul["context_id"] == "n"
+    assert done["type"] == "done" and done["audio_ms"] == 0 and done["segments"] == 0
+    assert_idle(server)
