@@ -186,6 +186,12 @@ ERROR_CODES: dict[str, str] = {
 }
 
 
+# The error codes that end the context they name (the others only refuse one message).
+ENDING_ERRORS = frozenset(
+    {"synthesis_failed", "audio_limit", "read_timeout", "context_timeout", "internal_error"}
+)
+
+
 def json_schema() -> dict[str, object]:
     """JSON Schema of both directions (OpenAPI cannot describe WebSocket messages)."""
     return {

@@ -21,7 +21,8 @@ from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job, 
 log = logging.getLogger("rtserver.scheduler")
 
 
-TRIM_EVERY_S = 30.0  # under constant load, hand freed memory back at most this often
+TRIM_EVERY_S = 30.0  # under constant load, hand freed memory back at least this often
+TRIM_GAP_S = 1.0  # and at most this often, when jobs end or the scheduler goes idle
 
 
 def _libc_trim() -> callable:
@@ -76,6 +77,7 @@ class Scheduler:
         self._trim = _libc_trim()
         self._trimmed_at = time.monotonic()
         self._dirty = False  # work done since memory was last handed back
+        self._ended = False  # a job ended since then
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     # ---- called from the event loop -------------------------------------------------------
@@ -154,11 +156,12 @@ class Scheduler:
             self._route(job, event)
 
     def _release_memory(self) -> None:
-        now = time.monotonic()
+        since = time.monotonic() - self._trimmed_at
         idle = not self._running and not self._waiting
-        if self._dirty and (idle or now - self._trimmed_at > TRIM_EVERY_S):
+        due = (idle or self._ended) and since > TRIM_GAP_S
+        if self._dirty and (due or since > TRIM_EVERY_S):
             self._trim()
-            self._trimmed_at, self._dirty = now, False
+            self._trimmed_at, self._dirty, self._ended = time.monotonic(), False, False
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -254,6 +257,7 @@ class Scheduler:
             else:
                 self._waiting.remove(job)
             job.status = JobStatus.FINISHED
+        self._ended = True
         self.engine.release(job)
         self._count(job, event)
         job.channel.put(event)

@@ -95,7 +95,9 @@ def test_concurrent_requests_are_batch_invariant(cv):
     batched = asyncio.run(together())[0]
     x, y = decode_pcm(alone), decode_pcm(batched)
     assert len(x) == len(y)
-    assert np.abs(x - y).max() <= 3 / 32768  # float reassociation only, no different tokens
+    # Float reassociation in batched matmuls only (a few LSB after the vocoder); a different
+    # token would differ by orders of magnitude more.
+    assert np.abs(x - y).max() <= 8 / 32768
 
 
 def test_ws_speaks_and_cancel_frees_the_job(cv):

