@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0, help="per level")
     ap.add_argument("--section", default="http_load")
     args = ap.parse_args()
-    server_args = ["--max-streams", "64"] + (["--model", args.model] if args.model else [])
+    server_args = ["--max-streams", "64", "--max-client-streams", "0", "--max-client-sockets", "0"]
+    server_args += ["--model", args.model] if args.model else []
     srv = ServerProcess(*server_args).wait_ready(timeout=600)
     try:
         spk = httpx.get(f"{srv.base_url}/speakers").json()[0]

@@ -63,7 +63,8 @@ def main() -> None:
     for mode in ("batch", "serial"):
         srv = ServerProcess(
             "--model", args.model, "--scheduler", mode, "--llm-fixed-tokens", str(args.tokens),
-            "--max-streams", "64", "--device", args.device, "--dtype", args.dtype,
+            "--max-streams", "64", "--max-client-streams", "0", "--device", args.device,
+            "--dtype", args.dtype,
             "--speaker-dir", str(ROOT / "bench" / "out" / "speakers"),
         ).wait_ready(timeout=900)  # fmt: skip
         try:

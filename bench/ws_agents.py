@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--words-per-s", type=float, default=15.0)
     ap.add_argument("--section", default="ws_agents")
     args = ap.parse_args()
-    server_args = ["--max-streams", "64"] + (["--model", args.model] if args.model else [])
+    server_args = ["--max-streams", "64", "--max-client-streams", "0", "--max-client-sockets", "0"]
+    server_args += ["--model", args.model] if args.model else []
     srv = ServerProcess(*server_args).wait_ready(timeout=600)
     try:
         spk = httpx.get(f"{srv.base_url}/speakers").json()[0]

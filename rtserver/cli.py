@@ -53,6 +53,7 @@ def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from rtserver.api.http import abort_quietly
     from rtserver.app import create_app
 
     settings = Settings(
@@ -63,7 +64,7 @@ def serve(args: argparse.Namespace) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     uvicorn.run(
-        create_app(settings),
+        abort_quietly(create_app(settings)),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

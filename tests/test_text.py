@@ -55,3 +55,14 @@ def test_run_on_text_without_punctuation_is_cut():
     text = "and then " * 60
     segs = Segmenter(max_chars=100).push(text)
     assert segs and all(len(s) <= 100 for s in segs)
+
+
+def test_piper_pieces_are_bounded_and_cut_at_clauses_or_words():
+    from rtserver.engines.piper_voice import split_phonemes
+
+    text = "ðə wˈɛðɚ tədˈeɪ ɪz sˈʌni, wɪð ɐ lˈaɪt bɹˈiːz fɹʌmðə wˈɛst ænd klˈaʊdz lˈeɪɾɚ."
+    pieces = ["".join(p) for p in split_phonemes(list(text), limit=30)]
+    assert all(0 < len(p) <= 30 for p in pieces)
+    assert pieces[0].endswith(",")  # the clause mark that fits wins over a later space
+    assert " ".join(pieces).split() == text.split()  # cut between words, nothing lost
+    assert split_phonemes(list(text), limit=1000) == [list(text)]

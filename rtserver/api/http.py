@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Annotated
 
@@ -15,11 +16,14 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
 from litestar.response import Stream
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from rtserver.engine import Speaker
 from rtserver.protocol import SpeakerInfo, TTSRequest
 from rtserver.service import ClientGone, SynthesisFailed, TTSService
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
+
+log = logging.getLogger("rtserver.api")
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PCM_DOC_HEADERS = [
@@ -62,6 +66,40 @@ class SftForm(msgspec.Struct):
 
 def _info(s: Speaker) -> SpeakerInfo:
     return SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine)
+
+
+class StreamAborted(Exception):
+    """The stream ended early after its headers were sent: the body must break, so the client
+    can tell. `abort_quietly` turns it into one log line instead of a traceback."""
+
+
+def abort_quietly(app: ASGIApp) -> ASGIApp:
+    """Wrap the ASGI app: a stream that ends early (a limit, a client that stopped reading) is
+    an expected event, not a server error."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:
+            aborted = _find_abort(exc)
+            if aborted is None:
+                raise
+            log.warning("%s %s: stream ended early (%s)", scope.get("method"), scope.get("path"),
+                        aborted)  # fmt: skip
+
+    return wrapped
+
+
+def _find_abort(exc: BaseException | None) -> StreamAborted | None:
+    """StreamAborted inside what the framework made of it (a task group's exception group,
+    wrapped in 'exception caught after response started')."""
+    while exc is not None:
+        if isinstance(exc, StreamAborted):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            return next(filter(None, map(_find_abort, exc.exceptions)), None)
+        exc = exc.__cause__
+    return None
 
 
 def client_of(connection: ASGIConnection) -> str:
@@ -146,7 +184,7 @@ async def _audio(first: SessionEvent, events: AsyncGenerator[SessionEvent]) -> A
             if isinstance(event, Audio):
                 yield event.data
             elif isinstance(event, Failed):
-                raise SynthesisFailed(event.message)
+                raise StreamAborted(f"{event.code}: {event.message}")
             elif not isinstance(event, SegmentEnd):
                 return
             event = await anext(events)
