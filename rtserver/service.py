@@ -113,6 +113,8 @@ class TTSService:
             "uptime_s": round(time.time() - self.started_at, 1),
             "speakers": len(self.engine.speakers()),
             **self.scheduler.snapshot(),
+            "streams_open": self.client_streams.held(),  # sessions not yet released
+            "sockets_open": self.client_sockets.held(),
         }
 
     async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:

@@ -61,6 +61,18 @@ class ServerProcess:
                 return h
             time.sleep(0.05)
 
+    def assert_idle(self, timeout: float = 15.0) -> dict:
+        """Wait until nothing is held (no job active or queued, no session or socket left
+        unreleased) and return the snapshot; fail if something stays held."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.healthz()
+            held = (h["active"], h["queued"], h["streams_open"], h["sockets_open"])
+            if held == (0, 0, 0, 0):
+                return h
+            assert time.monotonic() < deadline, f"still held after {timeout}s: {h}"
+            time.sleep(0.05)
+
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()[-5000:]

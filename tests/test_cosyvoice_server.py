@@ -131,7 +131,7 @@ def test_http_disconnect_frees_the_job(cv):
     body = {"tts_text": LONG, "spk_id": "spk_f1", "stream": True}
     with httpx.stream("POST", f"{cv.base_url}/tts/pcm", json=body, timeout=120) as r:
         next(r.iter_raw())
-    after = cv.wait_idle(timeout=10)
+    after = cv.assert_idle(timeout=10)
     assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
 
 

@@ -179,7 +179,7 @@ def test_capacity_gives_503_with_retry_after(make_server):
         r = post(srv, "/tts", tts_text="Hello.", spk_id="joe")
         got = error(r, 503)
         assert int(r.headers["retry-after"]) >= 1 and "capacity" in got["detail"]
-    assert srv.wait_idle()["active"] == 0
+    srv.assert_idle()
     assert post(srv, "/tts", tts_text="Hello again, world.", spk_id="joe").status_code == 200
 
 
@@ -210,7 +210,7 @@ def test_engine_failure_is_500_json_and_hurts_no_one_else(make_server, tmp_path)
     assert good.status_code == 200
     audio, rate = decode_mp3(good.content)
     assert_speech(audio, rate, min_seconds=10.0)
-    health = srv.wait_idle()
+    health = srv.assert_idle()
     assert health["failed"] == 1 and health["completed"] >= 1
 
 
@@ -228,7 +228,7 @@ def test_disconnect_mid_stream_drops_the_job(make_server):
         next(chunks)
         assert srv.healthz()["active"] == 1
     # Leaving the block closes the connection after one chunk.
-    after = srv.wait_idle(timeout=5)
+    after = srv.assert_idle(timeout=5)
     assert after["active"] == 0, after
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["completed"] == before["completed"]

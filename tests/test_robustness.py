@@ -32,9 +32,7 @@ def tight():
 
 
 def assert_idle(srv: ServerProcess, timeout: float = 15) -> dict:
-    health = srv.wait_idle(timeout=timeout)
-    assert health["active"] == 0 and health["queued"] == 0, health
-    return health
+    return srv.assert_idle(timeout)
 
 
 def run(coro, timeout: float = 120):

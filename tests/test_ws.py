@@ -233,7 +233,7 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
             await still_open(ws)
 
     run(go())
-    assert server.wait_idle()["active"] == 0  # the socket closed: its contexts were dropped
+    server.assert_idle()  # the socket closed: its contexts were dropped
 
 
 def test_client_error_helpers_raise(server):
@@ -309,7 +309,7 @@ def test_slow_reader_is_bounded_and_does_not_stall_others(make_server):
     assert result.done is not None
     assert after_other["active"] == 1 and after_other["completed"] == stalled["completed"] + 1
     assert grown < 50, f"server RSS grew {grown:.1f} MB while a client did not read"
-    assert srv.wait_idle(timeout=15)["active"] == 0  # the lazy socket closed: its job was dropped
+    srv.assert_idle(timeout=15)  # the lazy socket closed: its job was dropped
 
 
 def test_per_message_deflate_is_refused(server):

@@ -145,13 +145,12 @@ async def open_stream(
     session = service.open_session(
         spk_id, client_of(request), fmt, rate_out, speed=speed, seed=seed, stream=stream
     )
-    session.say(text)
+    session.say(text)  # cannot refuse: the text is checked
     events = session.events()
     first = await _until_disconnect(request, anext(events))
-    if isinstance(first, Failed):
-        raise SynthesisFailed(first.message)
-    if isinstance(first, Cancelled):
-        raise ClientGone()
+    if isinstance(first, Failed | Cancelled):
+        await events.aclose()  # releases the session now, not when collected
+        raise SynthesisFailed(first.message) if isinstance(first, Failed) else ClientGone()
     return _audio(first, events), session.sample_rate
 
 
