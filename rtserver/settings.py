@@ -1,64 +1,137 @@
-"""Server settings: defaults, overridden by RTSERVER_* environment variables, then by CLI flags."""
+"""Server settings: defaults, overridden by RTSERVER_* environment variables, then by CLI flags.
+
+One msgspec Struct holds every setting with its type, bounds and help text; the CLI flags and
+the environment variables are both generated from it and both validated by msgspec, so a bad
+value anywhere gets one clear line (`SettingsError`) instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import typing
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
 
 DEFAULT_PORT = 50000  # upstream CosyVoice's FastAPI server port, so its client works unchanged
+ENV_PREFIX = "RTSERVER_"
 
 
-def _default_voices_dir() -> Path:
-    return Path("pretrained_models")
+def _doc(text: str, **bounds: Any) -> Meta:
+    return Meta(description=text, **bounds)
 
 
-@dataclass
-class Settings:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    model: Path | None = None  # a CosyVoice model dir; None = the built-in Piper voice
-    voices_dir: Path = field(default_factory=_default_voices_dir)  # extra Piper voices
-    max_streams: int = 8  # jobs synthesizing at once (2 cores keep 8 Piper streams real-time)
-    max_queue: int = 16  # jobs waiting beyond that; more get 503 / busy
-    max_text_chars: int = 5000  # per HTTP request or WebSocket context
-    max_audio_s: float = 600.0  # audio one request or context may produce; then it fails
-    max_client_streams: int = 8  # streams open at once from one client address (0: no limit)
-    max_client_sockets: int = 16  # WebSockets open at once from one client address (0: no limit)
-    read_timeout_s: float = 30.0  # a stream whose client reads nothing for this long is dropped
-    max_contexts: int = 8  # per WebSocket
-    max_message_bytes: int = 64 * 1024  # per WebSocket frame from a client
-    ws_idle_timeout_s: float = 60.0  # no message and no audio for this long: the socket closes
-    context_idle_timeout_s: float = 30.0  # a context with nothing to say for this long ends
-    auto_flush_ms: int = 1500  # WebSocket: speak buffered text after this much silence
-    min_sentence_chars: int = 12
-    first_segment_chars: int = 60  # cut the first segment at a clause past this for low TTFA
-    speaker_dir: Path | None = None  # registered CosyVoice speakers; default: in the model dir
-    llm_fixed_tokens: int = 0  # benchmarks only: every LLM run emits exactly this many tokens
-    device: str = "cpu"
-    dtype: str = "float32"
-    scheduler: str = "batch"  # or "serial" (benchmark baseline)
-    warmup: bool = True
-    log_level: str = "info"
+Count = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    host: Annotated[str, _doc("address to listen on")] = "127.0.0.1"
+    port: Annotated[int, _doc("port to listen on", ge=1, le=65535)] = DEFAULT_PORT
+    model: Annotated[Path | None, _doc("a CosyVoice model dir; none: the built-in voice")] = (
+        None
+    )
+    voices_dir: Annotated[Path, _doc("extra Piper voices (*.onnx + *.onnx.json)")] = Path(
+        "pretrained_models"
+    )
+    speaker_dir: Annotated[
+        Path | None, _doc("where registered CosyVoice speakers are kept; none: in the model dir")
+    ] = None
+    max_streams: Annotated[int, _doc("streams synthesizing at once", ge=1)] = 8
+    max_queue: Annotated[Count, _doc("streams waiting beyond that; more get 503 / busy")] = 16
+    max_text_chars: Annotated[int, _doc("text per request or WebSocket context", ge=1)] = 5000
+    max_audio_s: Annotated[Seconds, _doc("audio one request or context may produce")] = 600.0
+    max_client_streams: Annotated[
+        Count, _doc("streams open at once per client address (0: no limit)")
+    ] = 8
+    max_client_sockets: Annotated[
+        Count, _doc("WebSockets open at once per client address (0: no limit)")
+    ] = 16
+    read_timeout_s: Annotated[
+        Seconds, _doc("drop a stream whose client reads none of its audio this long")
+    ] = 30.0
+    max_contexts: Annotated[int, _doc("open contexts per WebSocket", ge=1)] = 8
+    max_message_bytes: Annotated[
+        int, _doc("largest client WebSocket frame", ge=1024, le=4 * 1024 * 1024)
+    ] = 64 * 1024
+    ws_idle_timeout_s: Annotated[
+        Seconds, _doc("close a WebSocket with no message and no audio this long")
+    ] = 60.0
+    context_idle_timeout_s: Annotated[
+        Seconds, _doc("end a WebSocket context that has nothing to say this long")
+    ] = 30.0
+    auto_flush_ms: Annotated[
+        int, _doc("WebSocket: speak buffered text after this much silence", ge=1)
+    ] = 1500
+    min_sentence_chars: Annotated[Count, _doc("merge shorter sentences with the next")] = 12
+    first_segment_chars: Annotated[
+        Count, _doc("cut the first segment at a clause past this, for a fast first audio")
+    ] = 60
+    llm_fixed_tokens: Annotated[
+        Count, _doc("benchmarks only: every LLM run emits exactly this many tokens")
+    ] = 0
+    device: Annotated[str, _doc("torch device for CosyVoice")] = "cpu"
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"], _doc("CosyVoice LLM and flow precision")
+    ] = "float32"
+    scheduler: Annotated[
+        Literal["batch", "serial"], _doc("serial: one job at a time (benchmark baseline)")
+    ] = "batch"
+    warmup: Annotated[bool, _doc("synthesize once before serving")] = True
+    log_level: Annotated[
+        Literal["critical", "error", "warning", "info", "debug"], _doc("log level")
+    ] = "info"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ) if env is None else env
-        s = cls()
-        for f in fields(cls):
-            raw = env.get(f"RTSERVER_{f.name.upper()}")
-            if raw is not None:
-                setattr(s, f.name, _parse(f.name, raw, getattr(s, f.name)))
-        return s
+        raw = {
+            name: env[f"{ENV_PREFIX}{name.upper()}"]
+            for name in cls.__struct_fields__
+            if f"{ENV_PREFIX}{name.upper()}" in env
+        }
+        return load(raw, source="environment")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` (CLI flags) applied and validated."""
+        return load({**msgspec.structs.asdict(self), **changes}, source="flags")
 
 
-def _parse(name: str, raw: str, current: object) -> object:
-    if name in ("model", "voices_dir", "speaker_dir"):
-        return Path(raw) if raw else None
-    if isinstance(current, bool):
-        return raw.lower() in ("1", "true", "yes", "on")
-    if isinstance(current, int):
-        return int(raw)
-    if isinstance(current, float):
-        return float(raw)
-    return raw
+class SettingsError(ValueError):
+    """A setting that does not parse or is out of bounds; the message is one line for a person."""
+
+
+def _decode(kind: type, value: Any) -> Any:
+    if kind is Path:
+        return Path(value)
+    raise NotImplementedError(kind)
+
+
+def load(raw: dict[str, Any], source: str) -> Settings:
+    # Empty strings mean "unset" for the optional paths (RTSERVER_MODEL= on the command line).
+    raw = {k: (None if v == "" and k in ("model", "speaker_dir") else v) for k, v in raw.items()}
+    try:
+        return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_explain(str(exc), source)) from None
+
+
+def _explain(message: str, source: str) -> str:
+    """msgspec's "... - at `$.port`" as the flag or variable the person typed."""
+    text, _, where = message.partition(" - at `$.")
+    name = where.rstrip("`")
+    if not name:
+        return f"invalid settings ({source}): {text}"
+    flag = f"--{name.replace('_', '-')}" if source == "flags" else f"{ENV_PREFIX}{name.upper()}"
+    return f"{flag}: {text}"
+
+
+def help_texts() -> dict[str, str]:
+    """Each setting's help text (its Meta description)."""
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    return {
+        name: next((m.description for m in getattr(hint, "__metadata__", ()) if m.description), "")
+        for name, hint in hints.items()
+    }

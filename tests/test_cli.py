@@ -1,0 +1,44 @@
+"""`rtserver serve` settings: every flag documented with its default and variable, and a bad
+value is one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from serverproc import ROOT
+
+from rtserver.settings import ENV_PREFIX, Settings
+
+
+def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rtserver", "serve", *args], cwd=ROOT, capture_output=True,
+        text=True, timeout=60, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_help_shows_each_flag_with_its_default_and_variable():
+    out = " ".join(serve("--help").stdout.split())
+    for name in Settings.__struct_fields__:
+        assert f"--{name.replace('_', '-')}" in out
+        assert f"{ENV_PREFIX}{name.upper()}" in out
+    assert "(default: 8; env RTSERVER_MAX_STREAMS)" in out
+
+
+@pytest.mark.parametrize(
+    "args, env, says",
+    [
+        ((), {"RTSERVER_PORT": "abc"}, "RTSERVER_PORT"),
+        (("--max-streams", "0"), {}, "--max-streams"),
+        (("--dtype", "int8"), {}, "--dtype"),
+        (("--read-timeout-s", "soon"), {}, "--read-timeout-s"),
+    ],
+)
+def test_a_bad_setting_is_one_clear_line(args, env, says):
+    r = serve(*args, env=env)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in r.stderr, r.stderr
