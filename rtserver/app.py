@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from litestar import Litestar, get
-from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -19,6 +18,7 @@ from litestar.static_files import create_static_files_router
 
 from rtserver import __version__
 from rtserver.api import openai
+from rtserver.api.access import AccessControl, cors_config
 from rtserver.api.errors import EXCEPTION_HANDLERS
 from rtserver.api.http import ROUTES
 from rtserver.api.ws import ws_tts
@@ -67,10 +67,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         lifespan=[lifespan],
         dependencies={"service": Provide(provide_service, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
-        cors_config=CORSConfig(
-            allow_origins=["*"],
-            expose_headers=["X-Sample-Rate", "X-Channels", "X-Bit-Depth", "Content-Disposition"],
-        ),
+        cors_config=cors_config(settings),
+        middleware=[lambda app: AccessControl(app, settings)],
         openapi_config=OpenAPIConfig(
             title="rtserver",
             version=__version__,

@@ -7,7 +7,14 @@ import asyncio
 import logging
 import sys
 
-from rtserver.settings import ENV_PREFIX, Settings, SettingsError, help_texts
+from rtserver.settings import (
+    ENV_PREFIX,
+    LIST_SETTINGS,
+    SECRET_SETTINGS,
+    Settings,
+    SettingsError,
+    help_texts,
+)
 
 # Frames up to this size are read and answered with `message_too_large` (the limit is
 # max_message_bytes); past it the WebSocket library must refuse to buffer them: close 1009.
@@ -20,10 +27,14 @@ def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
     for name, text in help_texts().items():
         flag = f"--{name.replace('_', '-')}"
         default = getattr(env, name)
-        shown = "none" if default is None else default
+        shown = "none" if default in (None, []) else default
+        if name in SECRET_SETTINGS and default:
+            shown = "set"
         kw: dict = {"help": f"{text} (default: {shown}; env {ENV_PREFIX}{name.upper()})"}
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
+        elif name in LIST_SETTINGS:
+            kw["action"] = "append"
         p.add_argument(flag, dest=name, default=argparse.SUPPRESS, **kw)
 
 

@@ -24,21 +24,35 @@ def _doc(text: str, **bounds: Any) -> Meta:
 
 
 Count = Annotated[int, Meta(ge=0)]
+# A key travels in a header, and for browsers in a WebSocket subprotocol: token characters only.
+Key = Annotated[str, Meta(min_length=8, pattern=r"^[A-Za-z0-9._~+-]+$")]
 Seconds = Annotated[float, Meta(gt=0)]
 
 
 class Settings(msgspec.Struct, kw_only=True):
     host: Annotated[str, _doc("address to listen on")] = "127.0.0.1"
     port: Annotated[int, _doc("port to listen on", ge=1, le=65535)] = DEFAULT_PORT
-    model: Annotated[Path | None, _doc("a CosyVoice model dir; none: the built-in voice")] = (
-        None
-    )
+    model: Annotated[Path | None, _doc("a CosyVoice model dir; none: the built-in voice")] = None
     voices_dir: Annotated[Path, _doc("extra Piper voices (*.onnx + *.onnx.json)")] = Path(
         "pretrained_models"
     )
     speaker_dir: Annotated[
         Path | None, _doc("where registered CosyVoice speakers are kept; none: in the model dir")
     ] = None
+    api_key: Annotated[
+        list[Key], _doc("a key clients must send as `Authorization: Bearer KEY` (repeatable)")
+    ] = msgspec.field(default_factory=list)
+    admin_key: Annotated[
+        list[Key], _doc("a key required to register or delete speakers (repeatable)")
+    ] = msgspec.field(default_factory=list)
+    allow_origin: Annotated[
+        list[str],
+        _doc("a browser origin allowed for CORS and WebSockets (repeatable; `*` for any); "
+             "none: any without a key, same-origin only with one"),
+    ] = msgspec.field(default_factory=list)  # fmt: skip
+    allow_host: Annotated[
+        list[str], _doc("a Host header the server answers to (repeatable); none: any")
+    ] = msgspec.field(default_factory=list)
     max_streams: Annotated[int, _doc("streams synthesizing at once", ge=1)] = 8
     max_queue: Annotated[Count, _doc("streams waiting beyond that; more get 503 / busy")] = 16
     max_text_chars: Annotated[int, _doc("text per request or WebSocket context", ge=1)] = 5000
@@ -87,16 +101,20 @@ class Settings(msgspec.Struct, kw_only=True):
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ) if env is None else env
-        raw = {
-            name: env[f"{ENV_PREFIX}{name.upper()}"]
-            for name in cls.__struct_fields__
-            if f"{ENV_PREFIX}{name.upper()}" in env
-        }
+        raw: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            value = env.get(f"{ENV_PREFIX}{name.upper()}")
+            if value is not None:  # lists: comma-separated
+                raw[name] = value.split(",") if name in LIST_SETTINGS else value
         return load(raw, source="environment")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` (CLI flags) applied and validated."""
         return load({**msgspec.structs.asdict(self), **changes}, source="flags")
+
+
+LIST_SETTINGS = ("api_key", "admin_key", "allow_origin", "allow_host")
+SECRET_SETTINGS = ("api_key", "admin_key")  # never shown in help or logs
 
 
 class SettingsError(ValueError):

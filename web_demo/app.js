@@ -35,7 +35,33 @@ const ui = {
   segments: $("segments"),
   player: $("player"),
   footer: $("footer-info"),
+  auth: $("auth"),
+  key: $("key"),
 };
+
+// ---- API key --------------------------------------------------------------------------------
+// A server started with --api-key needs one. The page keeps it for this tab only, takes it from
+// `#key=...` (a fragment never reaches the server or its logs), sends it as a Bearer header on
+// fetch and as the `rtserver.key.KEY` subprotocol on the WebSocket (browsers cannot set headers
+// there).
+
+const KEY_STORE = "rtserver.key";
+const fromHash = new URLSearchParams(location.hash.slice(1)).get("key");
+if (fromHash) {
+  sessionStorage.setItem(KEY_STORE, fromHash);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+const apiKey = () => sessionStorage.getItem(KEY_STORE) || "";
+const authHeaders = (headers = {}) =>
+  apiKey() ? { ...headers, authorization: `Bearer ${apiKey()}` } : headers;
+
+ui.auth.addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY_STORE, ui.key.value.trim());
+  ui.key.value = "";
+  ui.auth.hidden = true;
+  loadSpeakers();
+});
 
 // Everything a test (or a curious person in the console) may want to read. Mutated only here;
 // exposed through read-only getters as window.rtDemo below.
@@ -163,7 +189,14 @@ async function httpErrorText(res) {
 
 async function loadSpeakers() {
   try {
-    const res = await fetch("/speakers", { headers: { accept: "application/json" } });
+    const res = await fetch("/speakers", { headers: authHeaders({ accept: "application/json" }) });
+    if (res.status === 401) {
+      ui.auth.hidden = false;
+      ui.speaker.replaceChildren(new Option("needs a key", ""));
+      setState("idle");
+      setStatus(apiKey() ? "That key was refused." : "This server needs an API key.");
+      return;
+    }
     if (!res.ok) throw new Error(await httpErrorText(res));
     const body = await res.json();
     const list = (Array.isArray(body) ? body : (body.speakers ?? [])).map((s) =>
@@ -273,7 +306,8 @@ function wsUrl() {
 // it (idle timeout, restart) the next Speak opens a fresh one.
 function connect() {
   if (sock && sock.ws.readyState <= WebSocket.OPEN) return sock.ready;
-  const ws = new WebSocket(wsUrl());
+  const key = apiKey();
+  const ws = new WebSocket(wsUrl(), key ? ["rtserver", `rtserver.key.${key}`] : []);
   ws.binaryType = "arraybuffer"; // Int16Array views need an ArrayBuffer, not a Blob
   const s = { ws, info: null };
   s.ready = new Promise((resolve, reject) => {
@@ -563,7 +597,7 @@ async function speakMp3(u, { text, spk, speed }) {
   try {
     res = await fetch("/tts", {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: authHeaders({ "content-type": "application/json" }),
       body: JSON.stringify({ tts_text: text, spk_id: spk, stream: true, speed, seed: 0 }),
       signal: u.abort.signal,
     });

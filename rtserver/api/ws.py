@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from litestar import WebSocket, websocket
 
+from rtserver.api.access import accepted_subprotocol
 from rtserver.service import TTSService
 from rtserver.ws_session import WsSession
 
 
 @websocket("/ws/tts")
 async def ws_tts(socket: WebSocket, service: TTSService) -> None:
-    await socket.accept()
+    await socket.accept(subprotocols=accepted_subprotocol(socket.headers))
     await WsSession(socket, service).run()

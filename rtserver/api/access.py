@@ -1,0 +1,146 @@
+"""Who may use the server: API keys, an admin key for speakers, allowed origins and hosts.
+
+An ASGI middleware in front of every route, so no handler can forget it:
+- Host allow-list (against DNS rebinding): a request for another Host gets 400.
+- API keys: with `--api-key` set, every route except the health probes and the static demo
+  page needs `Authorization: Bearer KEY` (401 otherwise). Browsers cannot set headers on a
+  WebSocket, so `/ws/tts` also takes the key as a subprotocol `rtserver.key.KEY` next to
+  `rtserver` (headers are not logged, unlike a query string); the server answers `rtserver`.
+- Admin keys: with `--admin-key` set, registering or deleting a speaker needs one of them.
+- Origins: a browser WebSocket from an origin outside `--allow-origin` is refused (403); with
+  a key set and no list, only the server's own origin is allowed. CORS uses the same list.
+Keys are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from urllib.parse import urlsplit
+
+import msgspec
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import Headers
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from rtserver.settings import Settings
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes: no key, ever
+STATIC_PATHS = ("/", "/demo/")  # the demo page: public files, useless without a key
+SUBPROTOCOL = "rtserver"
+KEY_SUBPROTOCOL = "rtserver.key."
+ADMIN_ROUTES = ("/speakers",)  # POST and DELETE below these need an admin key
+AUDIO_HEADERS = ["X-Sample-Rate", "X-Channels", "X-Bit-Depth", "Content-Disposition"]
+
+
+def _matches(given: str | None, keys: list[str]) -> bool:
+    if not given:
+        return False
+    # Compare with every key (no early exit), so timing says nothing about which matched.
+    hits = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
+    return any(hits)
+
+
+def offered_subprotocols(headers: Headers) -> list[str]:
+    raw = headers.get("sec-websocket-protocol", "")
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _presented_key(scope: Scope, headers: Headers) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    if scope["type"] == "websocket":
+        for proto in offered_subprotocols(headers):
+            if proto.startswith(KEY_SUBPROTOCOL):
+                return proto[len(KEY_SUBPROTOCOL) :]
+    return None
+
+
+class AccessControl:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.keys = settings.api_key
+        self.admin_keys = settings.admin_key
+        self.origins = settings.allow_origin
+        self.hosts = {h.lower() for h in settings.allow_host}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers.from_scope(scope)
+        refusal = self._refusal(scope, headers)
+        if refusal is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": refusal[1]})
+        else:
+            await _deny(send, *refusal)
+
+    def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
+        """(status, why) if the request may not pass, else None."""
+        host = headers.get("host", "").lower()
+        if self.hosts and host not in self.hosts and host.rsplit(":", 1)[0] not in self.hosts:
+            return 400, f"host {host!r} is not served here"
+        path = scope["path"]
+        if path in OPEN_PATHS:
+            return None
+        if scope["type"] == "websocket" and not self._origin_ok(headers.get("origin"), host):
+            return 403, "this origin may not open a WebSocket here"
+        if self.keys and not _public(path, scope) and not self._key_ok(scope, headers):
+            return 401, "an API key is required: send `Authorization: Bearer KEY`"
+        admin = _matches(_presented_key(scope, headers), self.admin_keys)
+        if self.admin_keys and _admin_route(scope) and not admin:
+            return 403, "registering or deleting speakers needs an admin key"
+        return None
+
+    def _key_ok(self, scope: Scope, headers: Headers) -> bool:
+        key = _presented_key(scope, headers)
+        return _matches(key, self.keys) or _matches(key, self.admin_keys)
+
+    def _origin_ok(self, origin: str | None, host: str) -> bool:
+        if origin is None:  # not a browser: origins do not apply
+            return True
+        if "*" in self.origins or origin in self.origins:
+            return True
+        if self.origins or self.keys:
+            return urlsplit(origin).netloc.lower() == host  # same origin only
+        return True
+
+
+def _public(path: str, scope: Scope) -> bool:
+    static = path == STATIC_PATHS[0] or path.startswith(STATIC_PATHS[1])
+    return static and scope.get("method", "GET") in ("GET", "HEAD")
+
+
+def _admin_route(scope: Scope) -> bool:
+    path = scope["path"]
+    return scope.get("method") in ("POST", "DELETE") and any(
+        path == r or path.startswith(r + "/") for r in ADMIN_ROUTES
+    )
+
+
+async def _deny(send: Send, status: int, detail: str) -> None:
+    body = msgspec.json.encode({"status_code": status, "detail": detail})
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="rtserver"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def cors_config(settings: Settings) -> CORSConfig | None:
+    """CORS from the same origin list; with a key and no list, none (same origin only)."""
+    origins = settings.allow_origin or ([] if settings.api_key else ["*"])
+    if not origins:
+        return None
+    return CORSConfig(
+        allow_origins=origins,
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=AUDIO_HEADERS,
+    )
+
+
+def accepted_subprotocol(headers: Headers) -> str | None:
+    """A browser that offered `rtserver` (to carry its key) must get it back, or it fails."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered_subprotocols(headers) else None

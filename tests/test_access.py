@@ -1,0 +1,127 @@
+"""API keys, the admin key, origins and hosts, against a real server with real clients
+(httpx, `websockets`, and the web demo in headless Chromium)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import websockets
+from audio_check import assert_speech, decode_pcm
+from serverproc import ServerProcess
+
+KEY, ADMIN = "user-key-0123456789", "admin-key-0123456789"
+BODY = {"tts_text": "Only with a key.", "spk_id": "joe"}
+
+
+@pytest.fixture(scope="module")
+def locked():
+    srv = ServerProcess(
+        "--api-key", KEY, "--admin-key", ADMIN, "--allow-host", "127.0.0.1", "--no-warmup"
+    ).wait_ready()
+    yield srv
+    srv.stop()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("headers", [{}, bearer("wrong-key-0123456789"), {"authorization": KEY}])
+def test_http_without_the_key_is_401(locked, headers):
+    for method, path, kw in [
+        ("POST", "/tts/pcm", {"json": BODY}),
+        ("POST", "/v1/audio/speech", {"json": {"input": "Hi there.", "voice": "joe"}}),
+        ("GET", "/inference_sft", {"params": BODY}),
+        ("GET", "/speakers", {}),
+        ("GET", "/schema/openapi.json", {}),
+    ]:
+        r = httpx.request(method, f"{locked.base_url}{path}", headers=headers, **kw)
+        assert r.status_code == 401, (path, r.status_code)
+        assert r.json()["status_code"] == 401 and "key" in r.json()["detail"]
+        assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_http_with_the_key_works_and_probes_stay_open(locked):
+    r = httpx.post(f"{locked.base_url}/tts/pcm", json=BODY, headers=bearer(KEY), timeout=60)
+    assert r.status_code == 200
+    assert_speech(decode_pcm(r.content), 22050, min_seconds=0.5)
+    assert httpx.get(f"{locked.base_url}/healthz").status_code == 200
+    assert httpx.get(f"{locked.base_url}/").status_code == 200  # the page itself holds nothing
+    locked.assert_idle()
+
+
+def test_speakers_need_the_admin_key(locked):
+    url = f"{locked.base_url}/speakers/joe"
+    assert httpx.delete(url).status_code == 401
+    assert httpx.delete(url, headers=bearer(KEY)).status_code == 403
+    # Past access control: the built-in voice has no registered speakers to delete.
+    assert httpx.delete(url, headers=bearer(ADMIN)).status_code == 400
+
+
+def test_a_foreign_host_is_refused(locked):
+    r = httpx.get(f"{locked.base_url}/speakers", headers={**bearer(KEY), "host": "evil.example"})
+    assert r.status_code == 400 and "host" in r.json()["detail"]
+
+
+async def ws_outcome(srv: ServerProcess, **kw) -> str:
+    try:
+        async with websockets.connect(f"{srv.ws_url}/ws/tts", compression=None, **kw) as ws:
+            assert json.loads(await ws.recv())["type"] == "ready"
+            return f"ready {ws.subprotocol}"
+    except websockets.InvalidStatus as exc:
+        return f"refused {exc.response.status_code}"
+
+
+def test_websocket_needs_the_key_and_a_allowed_origin(locked):
+    def outcome(**kw) -> str:
+        return asyncio.run(ws_outcome(locked, **kw))
+
+    token = ["rtserver", f"rtserver.key.{KEY}"]
+    own = f"http://127.0.0.1:{locked.port}"
+    assert outcome() == "refused 403"
+    assert outcome(subprotocols=["rtserver", "rtserver.key.nope-0123456789"]) == "refused 403"
+    assert outcome(additional_headers=bearer(KEY)) == "ready None"
+    assert outcome(subprotocols=token, origin=own) == "ready rtserver"
+    assert outcome(subprotocols=token, origin="http://evil.example") == "refused 403"
+    locked.assert_idle()
+
+
+def test_cors_follows_the_origin_list(make_server):
+    srv = make_server("--api-key", KEY, "--allow-origin", "http://app.example", "--no-warmup")
+    pre = {"access-control-request-method": "POST",
+           "access-control-request-headers": "authorization,content-type"}  # fmt: skip
+    ok = httpx.options(f"{srv.base_url}/tts", headers={"origin": "http://app.example", **pre})
+    assert ok.headers.get("access-control-allow-origin") == "http://app.example"
+    assert "authorization" in ok.headers.get("access-control-allow-headers", "").lower()
+    other = httpx.options(f"{srv.base_url}/tts", headers={"origin": "http://evil.example", **pre})
+    assert other.headers.get("access-control-allow-origin") is None
+    ws = asyncio.run(ws_outcome(srv, additional_headers=bearer(KEY), origin="http://app.example"))
+    assert ws == "ready None"
+
+
+@pytest.mark.browser
+def test_web_demo_asks_for_the_key_then_speaks(locked, chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--autoplay-policy=no-user-gesture-required"],
+        )  # fmt: skip
+        page = browser.new_page()
+        page.goto(f"{locked.base_url}/")
+        page.wait_for_selector("#auth:not([hidden])", timeout=10_000)
+        assert "needs an API key" in page.text_content("#status")
+        page.fill("#key", KEY)
+        page.click("#auth button")
+        page.wait_for_function("rtDemo.speakersLoaded === true", timeout=10_000)
+        page.fill("#text", "A key opened this door.")
+        page.click("#speak")
+        page.wait_for_function("rtDemo.samplesPlayed > 0", timeout=20_000)
+        # The key travels as a subprotocol: the URL and the server's log never carry it.
+        assert KEY not in page.url
+        browser.close()
+    assert KEY not in locked.log()
