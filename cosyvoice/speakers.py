@@ -216,7 +216,12 @@ class SpeakerStore:
     def _load_registered(self) -> None:
         if not self.speaker_dir.is_dir():
             return
-        for p in sorted(self.speaker_dir.glob("*.safetensors")):
+        # A write interrupted by a crash leaves a temp file: never a speaker, so remove it.
+        for tmp in self.speaker_dir.glob(f"{_TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+        for p in sorted(self.speaker_dir.iterdir()):
+            if not _SPEAKER_FILE.fullmatch(p.name):  # only files this store wrote
+                continue
             try:
                 spk = _read_speaker(p)
             except Exception:  # a damaged file must not take the server down
@@ -293,7 +298,12 @@ class SpeakerStore:
             if name not in self._registered:
                 raise SpeakerError(f"unknown speaker: {name!r}")
             self._file(name).unlink(missing_ok=True)
+            _fsync_dir(self.speaker_dir)  # the deletion survives a crash: no speaker returns
             del self._registered[name]
+
+
+_TMP_PREFIX = ".tmp-"
+_SPEAKER_FILE = re.compile(r"[0-9a-f]{24}\.safetensors")  # see SpeakerStore._file
 
 
 def _write_speaker(path: Path, spk: Speaker, family: str) -> None:
@@ -310,16 +320,25 @@ def _write_speaker(path: Path, spk: Speaker, family: str) -> None:
         "created": str(int(time.time())),
         "format": "cosyvoice-speaker-1",
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".partial")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself is durable only once the directory is
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_speaker(path: Path) -> Speaker:

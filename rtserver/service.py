@@ -78,6 +78,7 @@ class TTSService:
         )
         self.client_streams = ClientQuota("streams", settings.max_client_streams)
         self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
+        self._registering: set[str] = set()  # names being registered now
         self.started_at = time.time()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -125,11 +126,18 @@ class TTSService:
             )
         if any(s.id == spk_id for s in self.engine.speakers()):
             raise SpeakerRegistrationError(f"speaker {spk_id!r} already exists", 409)
+        # One registration per name at a time (the event loop is one thread: no lock needed):
+        # concurrent ones would each pass the check above, and the last writer would win.
+        if spk_id in self._registering:
+            raise SpeakerRegistrationError(f"speaker {spk_id!r} is being registered", 409)
+        self._registering.add(spk_id)
         try:
             # Feature extraction runs ONNX models: keep it off the event loop.
             return await asyncio.to_thread(register, spk_id, audio, prompt_text)
         except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
             raise SpeakerRegistrationError(str(exc).strip("'\""), 400) from exc
+        finally:
+            self._registering.discard(spk_id)
 
     async def delete_speaker(self, spk_id: str) -> None:
         delete = getattr(self.engine, "delete_speaker", None)

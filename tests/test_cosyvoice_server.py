@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import time
 import wave
 from pathlib import Path
 
@@ -188,6 +189,50 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
         assert httpx.delete(f"{srv.base_url}/speakers/my_voice").status_code == 204
         assert httpx.delete(f"{srv.base_url}/speakers/spk_f1").status_code == 400  # built in
         assert httpx.post(f"{srv.base_url}/tts/pcm", json=body).status_code == 400
+    finally:
+        srv.stop()
+
+
+SDP = b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 0.0.0.0\nt=0 0\nm=audio 5004 RTP/AVP 0\n"
+
+
+def udp_ports(pid: int) -> set[int]:
+    """Local UDP ports of the process's sockets (from /proc: its fds' inodes)."""
+    inodes = {
+        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+    }
+    ports = set()
+    for table in ("udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_uploads_are_whitelisted_and_one_name_registers_once(tmp_path):
+    srv = start(tmp_path / "speakers", "--no-warmup")
+    try:
+        t0 = time.monotonic()
+        r = register(srv, "sdp_voice", SDP)
+        assert r.status_code == 400 and "wav, flac, mp3, ogg" in r.json()["detail"]
+        assert time.monotonic() - t0 < 5  # refused unread, not after FFmpeg's 20 s wait
+        assert udp_ports(srv.proc.pid) == set()
+
+        async def four() -> list[int]:
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as c:
+                files = {"prompt_wav": ("p.wav", prompt_wav(), "audio/wav")}
+                data = {"spk_id": "same", "prompt_text": "希望你以后能够做的比我还好呦。"}
+                rs = await asyncio.gather(
+                    *(c.post("/speakers", data=data, files=files) for _ in range(4))
+                )
+                return sorted(r.status_code for r in rs)
+
+        assert asyncio.run(four()) == [201, 409, 409, 409]
+        too_big = register(srv, "big_voice", b"RIFF" + b"\0" * (9 * 1024 * 1024))
+        assert too_big.status_code == 413
     finally:
         srv.stop()
 

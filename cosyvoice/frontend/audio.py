@@ -1,6 +1,6 @@
 """Prompt-audio decoding and feature extraction (spec frontend-llm.md §3).
 
-* :func:`decode_audio` reads any container/codec PyAV understands and down-mixes to mono.
+* :func:`decode_audio` reads wav, flac, mp3, ogg or m4a (PyAV) and down-mixes to mono.
 * :func:`resample` is torchaudio's ``Resample`` with default arguments, as upstream.
 * :func:`kaldi_fbank_cmn` (CAM++ input), :func:`whisper_log_mel` (S3 tokenizer input) and
   :func:`matcha_mel` (flow prompt mel) reproduce the documented DSP exactly.
@@ -25,13 +25,34 @@ class AudioError(ValueError):
 AudioSource = str | Path | bytes | bytearray | memoryview | io.IOBase | tuple[np.ndarray, int]
 
 
+# The containers prompt audio may come in, by their first bytes -> FFmpeg's demuxer. The
+# demuxer is forced, so FFmpeg never probes: a playlist, SDP or concat file (which make FFmpeg
+# open files or network sockets) is refused before FFmpeg sees a byte.
+CONTAINERS = ("wav", "flac", "mp3", "ogg", "m4a")
+
+
+def sniff_container(head: bytes) -> str:
+    """The FFmpeg demuxer for a whitelisted container, from the file's first 12 bytes."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[4:8] == b"ftyp":
+        return "mov"  # FFmpeg's mov/mp4/m4a demuxer
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    raise AudioError(f"not a supported audio file: send one of {', '.join(CONTAINERS)}")
+
+
 def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode ``src`` to mono float32 in [-1, 1] and its rate.
 
-    ``src`` is a path, encoded bytes, a binary file object (any container/codec PyAV reads), or
-    a ``(samples, rate)`` tuple with samples shaped (N,) or (channels, N). With
-    ``max_seconds``, decoding stops with :class:`AudioError` as soon as the audio is longer
-    (an hour-long upload is never fully decoded).
+    ``src`` is a path, encoded bytes, a binary file object (a container of
+    :data:`CONTAINERS`), or a ``(samples, rate)`` tuple with samples shaped (N,) or
+    (channels, N). With ``max_seconds``, decoding stops with :class:`AudioError` as soon as
+    the audio is longer (an hour-long upload is never fully decoded).
     """
     import av
 
@@ -46,10 +67,13 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
 
     if isinstance(src, bytes | bytearray | memoryview):
         src = io.BytesIO(bytes(src))
-    elif isinstance(src, Path):
-        src = str(src)
+    elif isinstance(src, str | Path):
+        src = io.BytesIO(Path(src).read_bytes())
+    head = src.read(12)
+    src.seek(-len(head), io.SEEK_CUR)
+    fmt = sniff_container(head)
     try:
-        with av.open(src, mode="r") as container:
+        with av.open(src, mode="r", format=fmt) as container:
             if not container.streams.audio:
                 raise AudioError("no audio stream found")
             stream = container.streams.audio[0]

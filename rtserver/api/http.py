@@ -25,6 +25,8 @@ from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
 log = logging.getLogger("rtserver.api")
 
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a 30 s prompt as 48 kHz stereo WAV is 5.8 MB
+
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PCM_DOC_HEADERS = [
     ResponseHeader(
@@ -286,10 +288,12 @@ class RegisteredSpeaker(msgspec.Struct):
     "/speakers",
     summary="Register a zero-shot speaker from a prompt recording and its transcript",
     description="Multipart fields: `spk_id`, `prompt_text` (what the recording says) and "
-    "`prompt_wav` (1-30 s of speech, any common audio format). CosyVoice engines only. "
-    "Registered speakers are saved and survive a restart.",
+    "`prompt_wav` (1-30 s of speech as wav, flac, mp3, ogg or m4a; at most 8 MiB). CosyVoice "
+    "engines only; needs the admin key when the server has one. Registered speakers are saved "
+    "and survive a restart. Concurrent registrations of one name: one wins, the others 409.",
     responses=ERROR_DOCS,
     status_code=201,
+    request_max_body_size=MAX_UPLOAD_BYTES,
 )
 async def register_speaker(
     data: Annotated[RegisteredSpeaker, Body(media_type=RequestEncodingType.MULTI_PART)],

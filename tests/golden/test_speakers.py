@@ -153,19 +153,26 @@ def test_register_round_trip(golden_dir, tmp_path):
 @pytest.mark.parametrize(
     "case,pattern",
     [
-        ("not_audio", "decode|audio stream"),
+        ("not_audio", "not a supported audio file"),
+        ("sdp", "not a supported audio file"),
+        ("playlist", "not a supported audio file"),
         ("too_short", "too short"),
         ("too_long", "too long"),
         ("too_long_file", "too long"),
         ("silent", "silent"),
         ("low_rate", "below 16000"),
-        ("empty_bytes", "decode|empty"),
+        ("empty_bytes", "not a supported audio file"),
     ],
 )
 def test_bad_audio(golden_dir, tmp_path, case, pattern):
     m = _load(_v2_dir(golden_dir), tmp_path)
     audio = {
         "not_audio": lambda: b"this is definitely not an audio file" * 50,
+        # Both make FFmpeg open sockets or files if it is left to probe the format.
+        "sdp": lambda: (
+            b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 0.0.0.0\nt=0 0\nm=audio 5004 RTP/AVP 0\n"
+        ),
+        "playlist": lambda: b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n",
         "too_short": lambda: _encode(_tone(0.4), 24000, "wav", "pcm_s16le"),
         "too_long": lambda: (_tone(31.0, 16000), 16000),
         "too_long_file": lambda: _encode(_tone(45.0, 16000), 16000, "wav", "pcm_s16le"),
@@ -176,3 +183,23 @@ def test_bad_audio(golden_dir, tmp_path, case, pattern):
     with pytest.raises(AudioError, match=pattern):
         m.speakers.register("bad", audio, "text")
     assert "bad" not in m.speakers.list()
+
+
+def test_leftover_temp_and_foreign_files_never_load(golden_dir, tmp_path):
+    d = _v2_dir(golden_dir)
+    m = _load(d, tmp_path)
+    m.speakers.register("kept", _encode(_tone(2.0, 16000), 16000, "wav", "pcm_s16le"), "你好。")
+    spk_dir = tmp_path / "spk"
+    (written,) = spk_dir.glob("*.safetensors")
+    data = written.read_bytes()
+    m.speakers.delete("kept")
+    # What a crash between write and rename leaves (in this layout and an older one), and a
+    # file some other tool put there: none of them is a speaker.
+    temps = [spk_dir / ".tmp-abc123.safetensors", spk_dir / ".tmp-def456.partial"]
+    foreign = spk_dir / "notes.safetensors"
+    for path in (*temps, foreign):
+        path.write_bytes(data)
+    m2 = _load(d, tmp_path)
+    assert "kept" not in m2.speakers.list()
+    assert not any(t.exists() for t in temps)  # removed at start
+    assert foreign.exists()  # not ours to delete

@@ -1,0 +1,55 @@
+"""Prompt uploads: the whitelisted containers decode; anything else is refused before FFmpeg
+sees it (an SDP file or a playlist would make it open sockets or files)."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from cosyvoice.frontend.audio import AudioError, decode_audio
+
+
+def encode(container: str, codec: str, seconds: float = 1.5, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        fmt = stream.codec_context.format.name
+        frame = av.AudioFrame.from_ndarray(tone.reshape(1, -1), format="fltp", layout="mono")
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
+        for f in resampler.resample(frame):
+            out.mux(stream.encode(f))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "container, codec",
+    [("wav", "pcm_s16le"), ("flac", "flac"), ("mp3", "libmp3lame"), ("ogg", "libopus"),
+     ("ipod", "aac")],
+)  # fmt: skip
+def test_whitelisted_containers_decode(container, codec):
+    rate = 48000 if codec == "libopus" else 16000
+    wav, sr = decode_audio(encode(container, codec, rate=rate))
+    assert sr == rate
+    assert abs(len(wav) / sr - 1.5) < 0.15  # encoder priming and padding at most
+    assert 0.2 < np.abs(wav).max() < 0.4
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 0.0.0.0\nt=0 0\nm=audio 5004 RTP/AVP 0\n",
+        b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n",
+        b"ffconcat version 1.0\nfile /etc/passwd\n",
+        b"",
+    ],
+)
+def test_anything_else_is_refused_unopened(data):
+    with pytest.raises(AudioError, match="not a supported audio file"):
+        decode_audio(data)
