@@ -24,6 +24,8 @@ from rtserver.api.http import ROUTES
 from rtserver.api.ws import ws_tts
 from rtserver.engine import Engine
 from rtserver.engines import load_engine
+from rtserver.logs import with_request_id
+from rtserver.metrics import Metrics, count_requests
 from rtserver.service import TTSService
 from rtserver.settings import Settings
 
@@ -38,11 +40,13 @@ async def index() -> File:
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
+    metrics = Metrics()
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         def boot() -> TTSService:
             eng = engine or load_engine(settings)
-            svc = TTSService(settings, eng)
+            svc = TTSService(settings, eng, metrics)
             svc.start()
             return svc
 
@@ -68,7 +72,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         dependencies={"service": Provide(provide_service, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=cors_config(settings),
-        middleware=[lambda app: AccessControl(app, settings)],
+        middleware=[
+            with_request_id,
+            lambda app: count_requests(app, metrics),
+            lambda app: AccessControl(app, settings),
+        ],
+        logging_config=None,  # rtserver.logs configures one format for everything
         openapi_config=OpenAPIConfig(
             title="rtserver",
             version=__version__,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.config
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
+from litestar import Litestar
 
 from rtserver.settings import (
     ENV_PREFIX,
@@ -15,6 +21,9 @@ from rtserver.settings import (
     SettingsError,
     help_texts,
 )
+
+if TYPE_CHECKING:
+    from rtserver.service import TTSService
 
 # Frames up to this size are read and answered with `message_too_large` (the limit is
 # max_message_bytes); past it the WebSocket library must refuse to buffer them: close 1009.
@@ -38,11 +47,41 @@ def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
         p.add_argument(flag, dest=name, default=argparse.SUPPRESS, **kw)
 
 
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains first: no new sessions, /readyz 503, the
+    running streams get up to the drain deadline, then each WebSocket context left is told
+    `shutting_down`. Only then does uvicorn shut down. A second signal exits at once."""
 
+    def __init__(self, config: uvicorn.Config, app: Litestar, deadline_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.deadline_s = deadline_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        service = getattr(self.app.state, "service", None)
+        if self._draining or self._loop is None or service is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(service)))
+
+    async def _drain(self, service: TTSService) -> None:
+        try:
+            await service.drain(self.deadline_s)
+        finally:
+            self.should_exit = True
+
+
+def serve(args: argparse.Namespace) -> None:
     from rtserver.api.http import abort_quietly
     from rtserver.app import create_app
+    from rtserver.logs import log_config
 
     try:
         settings = args.env.replace(
@@ -50,20 +89,21 @@ def serve(args: argparse.Namespace) -> None:
         )
     except SettingsError as exc:
         sys.exit(f"rtserver: {exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    uvicorn.run(
-        abort_quietly(create_app(settings)),
+    logging_config = log_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(logging_config)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        abort_quietly(app),
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
+        log_config=logging_config,
         ws_per_message_deflate=False,  # PCM/MP3 do not compress; deflate only burns CPU
         ws_max_size=WS_MAX_FRAME,
         ws_ping_interval=20,
         ws_ping_timeout=20,
+        timeout_graceful_shutdown=2,  # after our own drain: what is still open is cut
     )
+    DrainingServer(config, app, settings.drain_timeout_s).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,6 +78,7 @@ class Job:
     seed: int = 0
     stream: bool = False
     max_audio_s: float = float("inf")  # the scheduler fails the job past this much audio
+    request_id: str = "-"  # of the request that opened it, for the inference thread's logs
     id: int = field(default_factory=lambda: next(_job_ids))
     status: JobStatus = JobStatus.WAITING  # written by the scheduler only
     created: float = field(default_factory=time.monotonic)

@@ -182,13 +182,21 @@ ERROR_CODES: dict[str, str] = {
     "read_timeout": "the client read none of this context's audio for too long; it has ended",
     "context_timeout": "the context had nothing to say for context_idle_timeout_s; it has ended",
     "internal_error": "a server bug ended this context (it is logged)",
+    "shutting_down": "the server is shutting down: the context has ended (or cannot start)",
     "idle_timeout": "no message and no audio for idle_timeout_s; the socket is closed",
 }
 
 
 # The error codes that end the context they name (the others only refuse one message).
 ENDING_ERRORS = frozenset(
-    {"synthesis_failed", "audio_limit", "read_timeout", "context_timeout", "internal_error"}
+    {
+        "synthesis_failed",
+        "audio_limit",
+        "read_timeout",
+        "context_timeout",
+        "internal_error",
+        "shutting_down",
+    }
 )
 
 

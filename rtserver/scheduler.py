@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job, JobStatus
+from rtserver.metrics import Metrics
 
 log = logging.getLogger("rtserver.scheduler")
 
@@ -60,6 +61,7 @@ class Scheduler:
         serial: bool = False,
         first_audio_budget_s: float = 0.25,
         read_timeout_s: float = float("inf"),
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.max_streams = max_streams  # jobs admitted to the engine at once
@@ -69,6 +71,9 @@ class Scheduler:
         self.first_audio_budget_s = first_audio_budget_s
         self.read_timeout_s = read_timeout_s  # a consumer that reads nothing this long is gone
         self.counters = Counters()
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self.snapshot)
+        self.last_tick = time.monotonic()  # the inference thread's heartbeat (see stalled())
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: deque[Job] = deque()
@@ -92,7 +97,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if len(self._running) + len(self._waiting) >= self.max_streams + self.max_queue:
+            if self._at_capacity():
                 self.counters.rejected += 1
                 raise Busy(
                     f"server at capacity ({self.max_streams} streams, {self.max_queue} queued)"
@@ -103,6 +108,18 @@ class Scheduler:
     def wake(self) -> None:
         """Something changed for some job (text, cancel, a read): look again."""
         self._wake.set()
+
+    def stalled(self, after_s: float) -> bool:
+        """The inference thread has not come round for `after_s` (a tick waits at most 1 s
+        when idle, so only a stuck engine step or a dead thread gets here)."""
+        return time.monotonic() - self.last_tick > after_s or not self._thread.is_alive()
+
+    def full(self) -> bool:
+        with self._lock:
+            return self._at_capacity()
+
+    def _at_capacity(self) -> bool:  # with the lock held
+        return len(self._running) + len(self._waiting) >= self.max_streams + self.max_queue
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -133,6 +150,7 @@ class Scheduler:
                 time.sleep(0.05)
 
     def _tick(self) -> None:
+        self.last_tick = time.monotonic()
         self._wake.clear()
         self._drop_cancelled()
         self._drop_stalled()
@@ -149,6 +167,7 @@ class Scheduler:
         share = elapsed / len(batch)
         log.debug("step: %d jobs in %.1f ms", len(batch), elapsed * 1000)
         self.counters.steps += 1
+        self.metrics.step(len(batch))
         if not getattr(self.engine, "measures_time", False):
             for job in batch:
                 job.processing_seconds += share
@@ -239,6 +258,7 @@ class Scheduler:
             return
         if job.first_audio_at is None:
             job.first_audio_at = time.monotonic()
+            self.metrics.first_audio(job, job.first_audio_at)
         seconds = len(event.audio) / job.speaker.sample_rate
         job.audio_seconds += seconds
         self.counters.audio_s += seconds
@@ -263,21 +283,22 @@ class Scheduler:
         job.channel.put(event)
 
     def _count(self, job: Job, event: Done | Failed | Cancelled) -> None:
-        c = self.counters
+        c, extra = self.counters, {"extra": {"request_id": job.request_id}}
         if isinstance(event, Cancelled):
             c.cancelled += 1
-            log.info("job %d cancelled after %.2fs of audio", job.id, job.audio_seconds)
+            log.info("job %d cancelled after %.2fs of audio", job.id, job.audio_seconds, **extra)
         elif isinstance(event, Failed) and event.code == "synthesis_failed":
             c.failed += 1
-            log.warning("job %d failed: %s", job.id, event.message)
+            log.warning("job %d failed: %s", job.id, event.message, **extra)
         elif isinstance(event, Failed):
             c.dropped += 1
-            log.info("job %d dropped (%s): %s", job.id, event.code, event.message)
+            log.info("job %d dropped (%s): %s", job.id, event.code, event.message, **extra)
         else:
             c.completed += 1
+            self.metrics.done(job)
             ttfa = (job.first_audio_at - job.created) * 1000 if job.first_audio_at else float("nan")
             rtf = job.processing_seconds / job.audio_seconds if job.audio_seconds else float("nan")
             log.info(
                 "job %d done: spk=%s ttfa=%.0fms audio=%.2fs rtf=%.3f",
-                job.id, job.speaker.id, ttfa, job.audio_seconds, rtf,
+                job.id, job.speaker.id, ttfa, job.audio_seconds, rtf, **extra,
             )  # fmt: skip

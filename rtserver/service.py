@@ -7,12 +7,15 @@ WebSocket error events.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from rtserver import __version__
 from rtserver.audio import make_encoder
 from rtserver.channel import Channel
 from rtserver.engine import Engine, Job, Speaker
+from rtserver.logs import request_id
+from rtserver.metrics import Metrics
 from rtserver.scheduler import Busy, Scheduler
 from rtserver.session import (
     ClientQuota,
@@ -28,6 +31,7 @@ from rtserver.text import Segmenter
 __all__ = [
     "Busy",
     "ClientGone",
+    "ShuttingDown",
     "SpeakerRegistrationError",
     "SynthesisFailed",
     "TTSService",
@@ -36,6 +40,11 @@ __all__ = [
     "UnknownSpeaker",
     "UnsupportedFormat",
 ]
+
+
+log = logging.getLogger("rtserver.service")
+
+STALL_S = 15.0  # an engine step this long means the inference thread is stuck
 
 
 class UnknownSpeaker(LookupError):
@@ -53,6 +62,10 @@ class SynthesisFailed(RuntimeError):
     pass
 
 
+class ShuttingDown(Exception):
+    """The server is draining: no new sessions."""
+
+
 class ClientGone(Exception):
     """The client left before its response started: nothing to answer."""
 
@@ -66,7 +79,7 @@ class SpeakerRegistrationError(ValueError):
 
 
 class TTSService:
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.scheduler = Scheduler(
@@ -75,10 +88,13 @@ class TTSService:
             max_queue=settings.max_queue,
             serial=settings.scheduler == "serial",
             read_timeout_s=settings.read_timeout_s,
+            metrics=metrics,
         )
         self.client_streams = ClientQuota("streams", settings.max_client_streams)
         self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
         self._registering: set[str] = set()  # names being registered now
+        self.draining = False  # SIGTERM came: no new sessions
+        self.sockets: set = set()  # open WsSessions, told when the server shuts down
         self.started_at = time.time()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -90,6 +106,16 @@ class TTSService:
 
     def stop(self) -> None:
         self.scheduler.stop()
+
+    async def drain(self, deadline_s: float) -> None:
+        """Stop taking sessions, let running ones finish for up to `deadline_s`, then end
+        every WebSocket context that is left with `shutting_down`."""
+        self.draining = True
+        log.info("draining: up to %gs for %d streams", deadline_s, self.client_streams.held())
+        end = time.monotonic() + deadline_s
+        while self.client_streams.held() and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*(ws.shutdown() for ws in list(self.sockets)))
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -105,6 +131,16 @@ class TTSService:
     @property
     def sample_rate(self) -> int:
         return self.engine.speakers()[0].sample_rate
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether to send this server new work, and why not."""
+        if self.draining:
+            return False, "shutting down"
+        if self.scheduler.stalled(after_s=STALL_S):
+            return False, f"the inference thread has not come round for {STALL_S:g} s"
+        if self.scheduler.full():
+            return False, "no capacity left"
+        return True, "ready"
 
     def health(self) -> dict[str, object]:
         return {
@@ -190,6 +226,8 @@ class TTSService:
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
         UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another")
         speaker = self.speaker(spk_id)
         try:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)
@@ -205,6 +243,7 @@ class TTSService:
             seed=seed,
             stream=stream,
             max_audio_s=self.settings.max_audio_s,
+            request_id=request_id.get(),
         )
         try:
             self.scheduler.submit(job)

@@ -94,6 +94,10 @@ class Settings(msgspec.Struct, kw_only=True):
         Literal["batch", "serial"], _doc("serial: one job at a time (benchmark baseline)")
     ] = "batch"
     warmup: Annotated[bool, _doc("synthesize once before serving")] = True
+    drain_timeout_s: Annotated[
+        Seconds, _doc("on SIGTERM, let streams finish this long, then end the rest")
+    ] = 30.0
+    log_format: Annotated[Literal["text", "json"], _doc("log lines as text or JSON")] = "text"
     log_level: Annotated[
         Literal["critical", "error", "warning", "info", "debug"], _doc("log level")
     ] = "info"

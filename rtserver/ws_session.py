@@ -43,6 +43,7 @@ from rtserver.protocol import Done as DoneMsg
 from rtserver.protocol import Error as ErrorMsg
 from rtserver.service import (
     Busy,
+    ShuttingDown,
     TextRejected,
     TooManyForClient,
     TTSService,
@@ -62,6 +63,7 @@ _START_ERRORS = {
     UnsupportedFormat: "unsupported_format",
     TooManyForClient: "too_many_streams",
     Busy: "busy",
+    ShuttingDown: "shutting_down",
 }
 
 
@@ -123,17 +125,29 @@ class WsSession:
             await self._refuse("too_many_sockets", str(exc))
             return
         watchdog = asyncio.create_task(self._watchdog(), name="ws-watchdog")
+        self.service.sockets.add(self)
         try:
             await self._send(self._ready())
             await self._receive_loop()
         except _GONE:
             pass
         finally:
+            self.service.sockets.discard(self)
             self._closed = True
             watchdog.cancel()
             for ctx in list(self.contexts.values()):
                 self._drop(ctx)
             release()
+
+    async def shutdown(self) -> None:
+        """The server is going away: every open context ends with `shutting_down`, then the
+        socket closes (1001, going away)."""
+        with contextlib.suppress(*_GONE):
+            for ctx in list(self.contexts.values()):
+                self._drop(ctx)
+                message = "the server is shutting down; start the context again elsewhere"
+                await self._error("shutting_down", message, ctx.id)
+            await self.socket.close(code=1001, reason="server shutting down")
 
     async def _refuse(self, code: str, message: str) -> None:
         with contextlib.suppress(*_GONE):

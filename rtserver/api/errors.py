@@ -10,6 +10,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from rtserver.service import (
     Busy,
     ClientGone,
+    ShuttingDown,
     SpeakerRegistrationError,
     SynthesisFailed,
     TextRejected,
@@ -63,6 +64,10 @@ def busy(_: Request, exc: Busy) -> Response:
     return Response(_body(503, str(exc)), status_code=503, headers={"Retry-After": "1"})
 
 
+def shutting_down(_: Request, exc: ShuttingDown) -> Response:
+    return Response(_body(503, str(exc)), status_code=503, headers={"Retry-After": "1"})
+
+
 def too_many_for_client(_: Request, exc: TooManyForClient) -> Response:
     return Response(_body(429, str(exc)), status_code=429, headers={"Retry-After": "1"})
 
@@ -93,6 +98,7 @@ EXCEPTION_HANDLERS = {
     UnsupportedFormat: unsupported_format,
     Busy: busy,
     TooManyForClient: too_many_for_client,
+    ShuttingDown: shutting_down,
     ClientGone: client_gone,
     SynthesisFailed: synthesis_failed,
     SpeakerRegistrationError: registration_error,

@@ -15,10 +15,11 @@ from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body
-from litestar.response import Stream
+from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from rtserver.engine import Speaker
+from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import SpeakerInfo, TTSRequest
 from rtserver.service import ClientGone, SynthesisFailed, TTSService
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
@@ -314,4 +315,28 @@ async def healthz(service: TTSService) -> dict[str, object]:
     return service.health()
 
 
-ROUTES = [tts_mp3, tts_pcm, inference_sft, speakers, register_speaker, delete_speaker, healthz]
+class Readiness(msgspec.Struct):
+    ready: bool
+    reason: str
+
+
+@get(
+    "/readyz",
+    summary="Readiness: 503 while shutting down, stalled or full",
+    responses={503: ResponseSpec(data_container=Readiness, description="Not ready now.")},
+)
+async def readyz(service: TTSService) -> Response[Readiness]:
+    ready, reason = service.readiness()
+    return Response(Readiness(ready, reason), status_code=200 if ready else 503)
+
+
+@get("/metrics", summary="Prometheus metrics", media_type=METRICS_CONTENT_TYPE)
+async def metrics(service: TTSService) -> Response[bytes]:
+    body = service.scheduler.metrics.render()
+    return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+
+ROUTES = [
+    tts_mp3, tts_pcm, inference_sft, speakers, register_speaker, delete_speaker, healthz,
+    readyz, metrics,
+]  # fmt: skip

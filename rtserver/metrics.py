@@ -1,0 +1,104 @@
+"""Prometheus metrics (prometheus-client), one registry per server.
+
+Counts that the scheduler already keeps (completed, cancelled, failed, ...) and its live
+gauges are read from it at scrape time, so nothing is counted twice; what only exists as
+events (time to first audio, real-time factor, batch sizes, requests by route and status) is
+observed as it happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from rtserver.engine import Job
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SCHEDULER_COUNTERS = {
+    "completed": "Jobs that finished with all their audio.",
+    "cancelled": "Jobs cancelled by their client (disconnect, cancel, barge-in).",
+    "failed": "Jobs the engine failed on.",
+    "dropped": "Jobs ended by a limit: the audio cap, a client that stopped reading.",
+    "rejected": "Jobs refused at capacity (503 / busy).",
+    "steps": "Engine steps run.",
+}
+
+
+class _SchedulerCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, float]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.snapshot()
+        for name, doc in SCHEDULER_COUNTERS.items():
+            yield CounterMetricFamily(f"rtserver_jobs_{name}", doc, value=s[name])
+        yield CounterMetricFamily(
+            "rtserver_audio_seconds", "Audio produced, all jobs.", value=s["audio_s"]
+        )
+        yield GaugeMetricFamily("rtserver_jobs_active", "Jobs admitted now.", value=s["active"])
+        yield GaugeMetricFamily("rtserver_jobs_queued", "Jobs waiting now.", value=s["queued"])
+        yield GaugeMetricFamily(
+            "rtserver_max_streams", "Admission capacity.", value=s["max_streams"]
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rtserver_http_requests", "HTTP requests by route and status.",
+            ["route", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.ttfa = Histogram(
+            "rtserver_ttfa_seconds", "Job arrival to its first audio.", registry=self.registry,
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+        )  # fmt: skip
+        self.rtf = Histogram(
+            "rtserver_rtf", "Processing time over audio time, per finished job.",
+            registry=self.registry, buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5, 10),
+        )  # fmt: skip
+        self.batch = Histogram(
+            "rtserver_batch_size", "Jobs advanced by one engine step.", registry=self.registry,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
+        )  # fmt: skip
+
+    def watch(self, snapshot: Callable[[], dict[str, float]]) -> None:
+        self.registry.register(_SchedulerCollector(snapshot))
+
+    # ---- called by the scheduler (inference thread; prometheus-client is thread-safe) -------
+
+    def step(self, batch: int) -> None:
+        self.batch.observe(batch)
+
+    def first_audio(self, job: Job, at: float) -> None:
+        self.ttfa.observe(at - job.created)
+
+    def done(self, job: Job) -> None:
+        if job.audio_seconds:
+            self.rtf.observe(job.processing_seconds / job.audio_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def count_requests(app: ASGIApp, metrics: Metrics) -> ASGIApp:
+    """Middleware: count each HTTP response by its route template (bounded labels) and status."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("path_template", "unmatched")
+                metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await app(scope, receive, counting_send)
+
+    return wrapped

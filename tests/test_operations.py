@@ -1,0 +1,108 @@
+"""Operating the server: Prometheus metrics, readiness, one log format with request ids, and
+a SIGTERM drain that tells WebSocket clients before it closes them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import websockets
+from prometheus_client.parser import text_string_to_metric_families
+from serverproc import ServerProcess
+from test_http_api import LONG_TEXT
+
+
+def scrape(srv: ServerProcess) -> dict[str, float]:
+    r = httpx.get(f"{srv.base_url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def test_metrics_parse_and_move_after_a_request(server):
+    before = scrape(server)
+    body = {"tts_text": "Counting this one.", "spk_id": "joe"}
+    assert httpx.post(f"{server.base_url}/tts/pcm", json=body, timeout=60).status_code == 200
+    server.assert_idle()
+    after = scrape(server)
+    ok = "rtserver_http_requests_total{route=/tts/pcm,status=200}"
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after["rtserver_jobs_completed_total"] == before["rtserver_jobs_completed_total"] + 1
+    assert after["rtserver_ttfa_seconds_count"] == before["rtserver_ttfa_seconds_count"] + 1
+    assert after["rtserver_rtf_count"] == before["rtserver_rtf_count"] + 1
+    assert after["rtserver_batch_size_count"] > before["rtserver_batch_size_count"]
+    assert after["rtserver_audio_seconds_total"] > before["rtserver_audio_seconds_total"]
+    assert after["rtserver_jobs_active"] == 0
+
+
+def test_readyz_is_unready_when_the_scheduler_is_full(make_server):
+    srv = make_server("--max-streams", "1", "--max-queue", "0", "--no-warmup")
+    assert httpx.get(f"{srv.base_url}/readyz").json() == {"ready": True, "reason": "ready"}
+    body = {"tts_text": LONG_TEXT * 3, "spk_id": "joe", "stream": True}
+    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=60) as r:
+        chunks = r.iter_raw()
+        next(chunks)  # the only slot is taken
+        full = httpx.get(f"{srv.base_url}/readyz")
+    assert full.status_code == 503 and "capacity" in full.json()["reason"]
+    srv.assert_idle()
+    assert httpx.get(f"{srv.base_url}/readyz").status_code == 200
+
+
+def test_request_ids_and_one_json_log_format(make_server):
+    srv = make_server("--log-format", "json", "--no-warmup")
+    mine = httpx.post(f"{srv.base_url}/tts/pcm", headers={"x-request-id": "trace-42"},
+                      json={"tts_text": "Trace me.", "spk_id": "joe"}, timeout=60)  # fmt: skip
+    assert mine.headers["x-request-id"] == "trace-42"
+    fresh = httpx.get(f"{srv.base_url}/speakers").headers["x-request-id"]
+    assert fresh and fresh != "trace-42"
+    srv.assert_idle()
+    lines = [line for line in srv.log().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines[1:]]  # a partial first line may be cut
+    assert {"time", "level", "logger", "request_id", "message"} <= set(entries[-1])
+    traced = [e for e in entries if e["request_id"] == "trace-42"]
+    loggers = {e["logger"] for e in traced}
+    assert "uvicorn.access" in loggers  # the access line carries the id too
+    assert any(e["logger"].startswith("rtserver") for e in traced)
+
+
+def test_sigterm_drains_then_tells_websocket_contexts(make_server):
+    srv = make_server("--drain-timeout-s", "2", "--no-warmup")
+
+    async def go() -> tuple[list[dict], int, float]:
+        async with websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "start", "context_id": "long", "spk_id": "joe",
+                                      "text": LONG_TEXT * 10}))  # fmt: skip
+            while not isinstance(await ws.recv(), bytes):
+                pass  # audio flows
+            srv.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            await asyncio.sleep(0.3)
+            async with httpx.AsyncClient(base_url=srv.base_url) as c:
+                ready = await c.get("/readyz")
+                late = await c.post("/tts/pcm", json={"tts_text": "Too late.", "spk_id": "joe"})
+            assert ready.status_code == 503 and "shutting down" in ready.json()["reason"]
+            assert late.status_code == 503
+            events = []
+            try:
+                while True:
+                    msg = await ws.recv()
+                    if isinstance(msg, str):
+                        events.append(json.loads(msg))
+            except websockets.ConnectionClosed as closed:
+                return events, closed.rcvd.code if closed.rcvd else -1, time.monotonic() - t0
+
+    events, code, waited = asyncio.run(asyncio.wait_for(go(), 60))
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors and errors[-1]["code"] == "shutting_down" and errors[-1]["context_id"] == "long"
+    assert code == 1001
+    assert 1.5 < waited < 6  # the drain deadline, not an instant cut
+    srv.proc.wait(timeout=20)
+    assert srv.proc.returncode == 0
