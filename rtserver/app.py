@@ -12,7 +12,7 @@ from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 
@@ -39,6 +39,30 @@ async def index() -> File:
     return File(WEB_DEMO / "index.html", content_disposition_type="inline", media_type="text/html")
 
 
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the openapi-ui-bundles package
+
+
+def _swagger_ui() -> SwaggerRenderPlugin:
+    """The API docs page at /schema, with its assets served from the package (no CDN: the
+    page works offline and leaks no visit to a third party)."""
+    return SwaggerRenderPlugin(
+        js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        standalone_preset_js_url=f"{DOCS_ASSETS}/swagger-ui-standalone-preset.js",
+        favicon=f"<link rel='icon' type='image/png' href='{DOCS_ASSETS}/favicon-32x32.png'>",
+        path=["/", "/swagger"],
+    )
+
+
+def _docs_assets():
+    import openapi_ui_bundles.swagger_ui
+
+    return create_static_files_router(
+        path=DOCS_ASSETS, directories=[openapi_ui_bundles.swagger_ui.static_path],
+        include_in_schema=False,
+    )  # fmt: skip
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
     metrics = Metrics()
 
@@ -62,9 +86,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
     def provide_service(state: State) -> TTSService:
         return state.service
 
-    routes: list = [*ROUTES, *openai.ROUTES, ws_tts, index]
+    routes: list = [*ROUTES, *openai.ROUTES, ws_tts, index, _docs_assets()]
     if WEB_DEMO.is_dir():
-        routes.append(create_static_files_router(path="/demo", directories=[WEB_DEMO]))
+        demo = create_static_files_router(
+            path="/demo", directories=[WEB_DEMO], include_in_schema=False
+        )
+        routes.append(demo)
 
     return Litestar(
         route_handlers=routes,
@@ -84,7 +111,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
             description="Real-time CosyVoice TTS. The WebSocket protocol (/ws/tts) is in "
             "docs/websocket.md.",
             path="/schema",
-            render_plugins=[ScalarRenderPlugin(), SwaggerRenderPlugin(path="/swagger")],
+            render_plugins=[_swagger_ui()],
         ),
         request_max_body_size=1024 * 1024,
         state=State({"settings": settings}),

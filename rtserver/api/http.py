@@ -10,14 +10,15 @@ from typing import Annotated
 import msgspec
 from litestar import Request, delete, get, post, route
 from litestar.connection import ASGIConnection
-from litestar.datastructures import ResponseHeader, UploadFile
+from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
-from litestar.params import Body
+from litestar.params import Body, Parameter
 from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from rtserver.api.docs import BINARY, L16, audio_operation
 from rtserver.engine import Speaker
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import SpeakerInfo, TTSRequest
@@ -29,13 +30,6 @@ log = logging.getLogger("rtserver.api")
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a 30 s prompt as 48 kHz stereo WAV is 5.8 MB
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-PCM_DOC_HEADERS = [
-    ResponseHeader(
-        name="X-Sample-Rate", documentation_only=True, description="Samples per second."
-    ),
-    ResponseHeader(name="X-Channels", documentation_only=True, description="Always 1."),
-    ResponseHeader(name="X-Bit-Depth", documentation_only=True, description="Always 16 (s16le)."),
-]
 
 
 class ErrorBody(msgspec.Struct):
@@ -202,7 +196,11 @@ async def _speak(request: Request, service: TTSService, req: TTSRequest, fmt: st
 
 
 def _pcm_headers(rate: int) -> dict[str, str]:
-    return {"X-Sample-Rate": str(rate), "X-Channels": "1", "X-Bit-Depth": "16", **STREAM_HEADERS}
+    return {
+        # The route's static media type documents the endpoint; the real one has the rate.
+        "content-type": f"{L16};rate={rate};channels=1",
+        "X-Sample-Rate": str(rate), "X-Channels": "1", "X-Bit-Depth": "16", **STREAM_HEADERS,
+    }  # fmt: skip
 
 
 @post(
@@ -210,6 +208,7 @@ def _pcm_headers(rate: int) -> dict[str, str]:
     summary="Speak text as a streamed MP3",
     media_type="audio/mpeg",
     response_description="One continuous MP3 stream (mono, the speaker's rate).",
+    operation_class=audio_operation({"audio/mpeg": BINARY}),
     responses=ERROR_DOCS,
     status_code=200,
     before_request=strict_json,
@@ -226,10 +225,10 @@ async def tts_mp3(request: Request, data: TTSRequest, service: TTSService) -> St
 @post(
     "/tts/pcm",
     summary="Speak text as streamed raw PCM (s16le mono)",
-    media_type="audio/L16",
+    media_type=L16,
     response_description="Raw s16le mono PCM; rate in X-Sample-Rate.",
+    operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
     responses=ERROR_DOCS,
-    response_headers=PCM_DOC_HEADERS,
     status_code=200,
     before_request=strict_json,
 )
@@ -237,12 +236,7 @@ async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> St
     body, rate = await _speak(request, service, data, "pcm")
     return Stream(
         body,
-        headers={
-            # The route's static media type documents the endpoint; the real one has the rate.
-            "content-type": f"audio/L16;rate={rate};channels=1",
-            "Content-Disposition": "attachment; filename=tts.pcm",
-            **_pcm_headers(rate),
-        },
+        headers={"Content-Disposition": "attachment; filename=tts.pcm", **_pcm_headers(rate)},
     )
 
 
@@ -252,14 +246,22 @@ async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> St
     summary="Upstream CosyVoice SFT endpoint: headerless s16le PCM",
     description="Fields `tts_text` and `spk_id` from a url-encoded or multipart body, or the "
     "query string (upstream's client sends GET with a form body). Sentence-level chunks.",
-    media_type="audio/pcm",
+    media_type=L16,
     response_description="Headerless s16le mono PCM at the model's rate.",
+    operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
     responses=ERROR_DOCS,
-    response_headers=PCM_DOC_HEADERS,
     status_code=200,
 )
-async def inference_sft(request: Request, service: TTSService) -> Stream:
-    # GET handlers cannot declare a body in Litestar, so read the form by hand.
+async def inference_sft(
+    request: Request,
+    service: TTSService,
+    tts_text: Annotated[
+        str | None, Parameter(description="Text to speak (or in the form).")
+    ] = None,
+    spk_id: Annotated[str | None, Parameter(description="Speaker id (or in the form).")] = None,
+) -> Stream:
+    # The query parameters are declared for the docs; GET handlers cannot declare a body in
+    # Litestar, so the form is read by hand and wins over the query string.
     fields: dict[str, str] = dict(request.query_params)
     form = await request.form()
     fields.update({k: v for k, v in form.items() if isinstance(v, str)})
@@ -271,7 +273,7 @@ async def inference_sft(request: Request, service: TTSService) -> Stream:
         raise ValidationException(str(exc), extra=[{"key": "form", "message": str(exc)}]) from exc
     req = TTSRequest(tts_text=sft.tts_text, spk_id=sft.spk_id)
     body, rate = await _speak(request, service, req, "pcm")
-    return Stream(body, media_type="audio/pcm", headers=_pcm_headers(rate))
+    return Stream(body, headers=_pcm_headers(rate))
 
 
 @get("/speakers", summary="Speakers this server can use")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 from litestar import Request, get, post
 from litestar.exceptions import ValidationException
-from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
+from rtserver.api.docs import BINARY, audio_operation
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, strict_json
 from rtserver.engine import Speaker
 from rtserver.protocol import Speed, Text
@@ -28,6 +28,7 @@ from rtserver.service import TTSService, UnknownSpeaker
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
                  "shimmer", "verse")  # fmt: skip
 OPENAI_PCM_RATE = 24000
+SSE = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
 MEDIA_TYPES = {"mp3": "audio/mpeg", "pcm": "audio/pcm", "wav": "audio/wav"}
 
 
@@ -50,17 +51,6 @@ def _speaker(service: TTSService, voice: str) -> Speaker:
         raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES]) from None
 
 
-@dataclass
-class _SpeechOperation(Operation):
-    """The 200 answer is audio in the asked format, or SSE: document every media type."""
-
-    def __post_init__(self) -> None:
-        audio = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
-        events = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
-        ok = self.responses["200"]
-        ok.content = {**dict.fromkeys(MEDIA_TYPES.values(), audio), "text/event-stream": events}
-
-
 @post(
     "/v1/audio/speech",
     summary="OpenAI-compatible speech",
@@ -69,7 +59,9 @@ class _SpeechOperation(Operation):
     responses=ERROR_DOCS,
     status_code=200,
     before_request=strict_json,
-    operation_class=_SpeechOperation,
+    operation_class=audio_operation(
+        {**dict.fromkeys(MEDIA_TYPES.values(), BINARY), "text/event-stream": SSE}
+    ),
 )
 async def speech(request: Request, data: SpeechRequest, service: TTSService) -> Stream:
     if data.response_format not in MEDIA_TYPES:
