@@ -11,6 +11,7 @@ from pathlib import Path
 from litestar import Litestar, get
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import File
@@ -31,11 +32,15 @@ from rtserver.settings import Settings
 
 log = logging.getLogger("rtserver")
 
-WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+_HERE = Path(__file__).resolve().parent
+# In a checkout the demo sits beside the package; an installed wheel carries it inside.
+WEB_DEMO = next((d for d in (_HERE / "web_demo", _HERE.parent / "web_demo") if d.is_dir()), None)
 
 
 @get("/", include_in_schema=False)
 async def index() -> File:
+    if WEB_DEMO is None:
+        raise NotFoundException("this install has no web demo")
     return File(WEB_DEMO / "index.html", content_disposition_type="inline", media_type="text/html")
 
 
@@ -87,7 +92,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         return state.service
 
     routes: list = [*ROUTES, *openai.ROUTES, ws_tts, index, _docs_assets()]
-    if WEB_DEMO.is_dir():
+    if WEB_DEMO is not None:
         demo = create_static_files_router(
             path="/demo", directories=[WEB_DEMO], include_in_schema=False
         )

@@ -51,3 +51,16 @@ def chromium() -> str:
     if path is None:
         pytest.fail("chromium is required for the browser test: apt-get install chromium")
     return path
+
+
+def pytest_report_header(config) -> str:
+    """Say up front whether the CosyVoice tests can run (they need the golden fixtures)."""
+    from golden.conftest import resolve_golden_dir
+
+    golden = resolve_golden_dir()
+    if golden.is_dir():
+        return f"golden fixtures: {golden}"
+    return (
+        f"golden fixtures: none at {golden}: the CosyVoice tests skip "
+        "(set COSYVOICE_GOLDEN=DIR; see README, Quickstart)"
+    )
