@@ -53,7 +53,7 @@ class Settings(msgspec.Struct, kw_only=True):
     allow_host: Annotated[
         list[str], _doc("a Host header the server answers to (repeatable); none: any")
     ] = msgspec.field(default_factory=list)
-    max_streams: Annotated[int, _doc("streams synthesizing at once", ge=1)] = 8
+    max_streams: Annotated[int, _doc("streams synthesizing at once", ge=1)] = 6
     max_queue: Annotated[Count, _doc("streams waiting beyond that; more get 503 / busy")] = 16
     max_text_chars: Annotated[int, _doc("text per request or WebSocket context", ge=1)] = 5000
     max_audio_s: Annotated[Seconds, _doc("audio one request or context may produce")] = 600.0

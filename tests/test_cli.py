@@ -25,7 +25,7 @@ def test_help_shows_each_flag_with_its_default_and_variable():
     for name in Settings.__struct_fields__:
         assert f"--{name.replace('_', '-')}" in out
         assert f"{ENV_PREFIX}{name.upper()}" in out
-    assert "(default: 8; env RTSERVER_MAX_STREAMS)" in out
+    assert "(default: 6; env RTSERVER_MAX_STREAMS)" in out
 
 
 @pytest.mark.parametrize(
