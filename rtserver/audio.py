@@ -7,7 +7,9 @@ another rate) uses libswresample through PyAV, with its filter state kept across
 
 from __future__ import annotations
 
+import io
 import struct
+from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -170,12 +172,91 @@ class Mp3Encoder(Encoder):
         return self._encode(None)
 
 
+class _Sink(io.RawIOBase):
+    """Where a muxer writes: bytes are collected and taken after each encode (not seekable,
+    so muxers write a stream, never go back to patch a header)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        out, self._parts = b"".join(self._parts), []
+        return out
+
+
+@dataclass(frozen=True)
+class Muxed:
+    """A codec in a streamable container (or a raw one), at `rates` (the first: default)."""
+
+    container: str
+    codec: str
+    media_type: str
+    rates: tuple[int, ...] = ()  # () = any rate, default the engine's
+    options: tuple[tuple[str, str], ...] = ()
+
+
+MUXED = {
+    "opus": Muxed("ogg", "libopus", "audio/ogg", (48000, 24000, 16000, 12000, 8000),
+                  (("page_duration", "20000"),)),  # 20 ms Ogg pages: audio leaves at once
+    "aac": Muxed("adts", "aac", "audio/aac"),
+    "flac": Muxed("flac", "flac", "audio/flac"),
+    "mulaw": Muxed("mulaw", "pcm_mulaw", "audio/basic", (8000, 16000)),  # telephony: G.711
+    "alaw": Muxed("alaw", "pcm_alaw", "audio/PCMA", (8000, 16000)),
+}  # fmt: skip
+
+
+class MuxEncoder(Encoder):
+    def __init__(self, spec: Muxed, rate_in: int, rate_out: int | None = None) -> None:
+        super().__init__(rate_in, rate_out or (spec.rates[0] if spec.rates else None))
+        self.media_type = spec.media_type
+        self._sink = _Sink()
+        self._out = av.open(self._sink, "w", format=spec.container, options=dict(spec.options))
+        self._stream = self._out.add_stream(spec.codec, rate=self.sample_rate, layout="mono")
+        self._format = self._stream.codec_context.format.name
+
+    def _encode(self, audio: np.ndarray | None) -> bytes:
+        frames: list = [None]
+        if audio is not None:
+            frame = av.AudioFrame.from_ndarray(
+                np.clip(audio, -1.0, 1.0).astype(np.float32).reshape(1, -1),
+                format="flt", layout="mono",
+            )  # fmt: skip
+            frame.sample_rate = self.sample_rate
+            frames = av.AudioResampler(format=self._format, layout="mono").resample(frame)
+        for frame in frames:
+            for packet in self._stream.encode(frame):
+                self._out.mux(packet)
+        return self._sink.take()
+
+    def _finish(self) -> bytes:
+        tail = self._encode(None)
+        self._out.close()
+        return tail + self._sink.take()
+
+
+FORMATS = ("pcm", "wav", "mp3", *MUXED)
+
+
 def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder:
     """Raises ValueError for a format or rate the codec cannot do (before any job exists)."""
-    if fmt == "mp3" and (rate_out or rate_in) not in MP3_RATES:
+    rate = rate_out or rate_in
+    if fmt == "mp3" and rate not in MP3_RATES:
         rates = ", ".join(map(str, MP3_RATES))
-        raise ValueError(f"mp3 cannot be encoded at {rate_out or rate_in} Hz; use one of {rates}")
+        raise ValueError(f"mp3 cannot be encoded at {rate} Hz; use one of {rates}")
+    if fmt in MUXED:
+        spec = MUXED[fmt]
+        if rate_out and spec.rates and rate_out not in spec.rates:
+            rates = ", ".join(map(str, spec.rates))
+            raise ValueError(f"{fmt} cannot be encoded at {rate_out} Hz; use one of {rates}")
+        return MuxEncoder(spec, rate_in, rate_out)
     encoders: dict[str, type[Encoder]] = {"pcm": PcmEncoder, "mp3": Mp3Encoder, "wav": WavEncoder}
     if fmt not in encoders:
-        raise ValueError(f"unknown audio format {fmt!r}; use one of {', '.join(encoders)}")
+        raise ValueError(f"unknown audio format {fmt!r}; use one of {', '.join(FORMATS)}")
     return encoders[fmt](rate_in, rate_out)

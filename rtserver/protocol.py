@@ -12,7 +12,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-Format = Literal["pcm", "mp3"]
+# pcm: s16le; mulaw/alaw: G.711 bytes for phone lines (8 kHz unless sample_rate says 16000);
+# mp3, opus (Ogg), aac (ADTS), flac: one continuous stream per context.
+Format = Literal["pcm", "mp3", "opus", "aac", "flac", "mulaw", "alaw"]
 
 # Shared constraints, so HTTP and WebSocket validate the same way.
 Speed = Annotated[

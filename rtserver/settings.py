@@ -50,6 +50,11 @@ class Settings(msgspec.Struct, kw_only=True):
         _doc("a browser origin allowed for CORS and WebSockets (repeatable; `*` for any); "
              "none: any without a key, same-origin only with one"),
     ] = msgspec.field(default_factory=list)  # fmt: skip
+    voice_alias: Annotated[
+        list[str],
+        _doc("an OpenAI voice name for a speaker, `alloy=SPEAKER` (repeatable); unmapped "
+             "OpenAI names speak as the first speaker"),
+    ] = msgspec.field(default_factory=list)  # fmt: skip
     allow_host: Annotated[
         list[str], _doc("a Host header the server answers to (repeatable); none: any")
     ] = msgspec.field(default_factory=list)
@@ -117,7 +122,7 @@ class Settings(msgspec.Struct, kw_only=True):
         return load({**msgspec.structs.asdict(self), **changes}, source="flags")
 
 
-LIST_SETTINGS = ("api_key", "admin_key", "allow_origin", "allow_host")
+LIST_SETTINGS = ("api_key", "admin_key", "allow_origin", "allow_host", "voice_alias")
 SECRET_SETTINGS = ("api_key", "admin_key")  # never shown in help or logs
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import struct
 import time
+import typing
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from rtserver.protocol import (
     Close,
     Flush,
     Flushed,
+    Format,
     Ping,
     Pong,
     Ready,
@@ -161,7 +163,7 @@ class WsSession:
             version=__version__,
             engine=self.service.engine.name,
             sample_rate=self.service.sample_rate,
-            formats=["pcm", "mp3"],
+            formats=list(typing.get_args(Format)),
             speakers=[sp.id for sp in self.service.speakers()],
             max_contexts=s.max_contexts,
             max_message_bytes=s.max_message_bytes,

@@ -117,6 +117,17 @@ def error(r: httpx.Response, status: int) -> dict:
     return body
 
 
+def message(r: httpx.Response, status: int) -> str:
+    """The error's message, in our shape or (on /v1) OpenAI's."""
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    if "error" in body:
+        err = body["error"]
+        assert err["message"] and err["type"] in ("invalid_request_error", "server_error"), body
+        return err["message"]
+    return error(r, status)["detail"]
+
+
 def test_unknown_speaker_is_400_listing_valid_ones(server):
     body = error(post(server, "/tts", tts_text="Hello.", spk_id="nobody"), 400)
     assert "nobody" in body["detail"] and "joe" in body["detail"]

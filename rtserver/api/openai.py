@@ -2,34 +2,69 @@
 
 `POST /v1/audio/speech` takes OpenAI's body (model, input, voice, response_format, speed,
 stream_format) and `GET /v1/audio/voices` lists what `voice` accepts. OpenAI's own voice
-names are accepted as aliases of the server's first speaker, since frameworks such as Pipecat
-refuse other names. `pcm` is 24 kHz s16le mono, as OpenAI sends it; `mp3` and `wav` keep the
-speaker's rate. `model` and `instructions` are accepted and ignored.
+names are accepted, since frameworks such as Pipecat refuse other names: `--voice-alias
+alloy=SPEAKER` maps one to a speaker, the others speak as the first speaker. `pcm` is 24 kHz
+s16le mono and `opus` 48 kHz Ogg, as OpenAI sends them; the other formats keep the speaker's
+rate (`mulaw`/`alaw`, for phone lines, are 8 kHz). `model` and `instructions` are accepted
+and ignored. Errors come in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`)
+so the SDKs show the message.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import msgspec
-from litestar import Request, get, post
+from litestar import Request, Response, Router, get, post
 from litestar.exceptions import ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from rtserver.api.docs import BINARY, audio_operation
+from rtserver.api.errors import EXCEPTION_HANDLERS
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, strict_json
+from rtserver.audio import MUXED
 from rtserver.engine import Speaker
 from rtserver.protocol import Speed, Text
 from rtserver.service import TTSService, UnknownSpeaker
 
-OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
-                 "shimmer", "verse")  # fmt: skip
+OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova",
+                 "onyx", "sage", "shimmer", "verse")  # fmt: skip
 OPENAI_PCM_RATE = 24000
-SSE = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
-MEDIA_TYPES = {"mp3": "audio/mpeg", "pcm": "audio/pcm", "wav": "audio/wav"}
+# Each server-sent event: `data` is JSON, {"type": "speech.audio.delta", "audio": base64} and
+# a last {"type": "speech.audio.done"}, as OpenAI streams it.
+SSE = OpenAPIMediaType(
+    schema=Schema(
+        type=OpenAPIType.OBJECT,
+        properties={"data": Schema(type=OpenAPIType.STRING, description="one JSON event")},
+        required=["data"],
+    )
+)
+MEDIA_TYPES = {
+    "mp3": "audio/mpeg", "pcm": "audio/pcm", "wav": "audio/wav",
+    **{name: spec.media_type for name, spec in MUXED.items()},
+}  # fmt: skip
+
+
+class OpenAIErrorDetail(msgspec.Struct):
+    message: str
+    type: str  # invalid_request_error or server_error
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(msgspec.Struct):
+    error: OpenAIErrorDetail
+
+
+OPENAI_ERROR_DOCS = {
+    code: ResponseSpec(data_container=OpenAIError, description=spec.description,
+                       generate_examples=False)
+    for code, spec in ERROR_DOCS.items()
+}  # fmt: skip
 
 
 class SpeechRequest(msgspec.Struct):
@@ -43,20 +78,27 @@ class SpeechRequest(msgspec.Struct):
 
 
 def _speaker(service: TTSService, voice: str) -> Speaker:
+    aliases = voice_aliases(service.settings.voice_alias)
     try:
-        return service.speaker(voice)
+        return service.speaker(aliases.get(voice.lower(), voice))
     except UnknownSpeaker as exc:
         if voice.lower() in OPENAI_VOICES:
             return service.speakers()[0]
         raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES]) from None
 
 
+def voice_aliases(pairs: list[str]) -> dict[str, str]:
+    """`--voice-alias alloy=joe` pairs as {openai voice: speaker id}."""
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
 @post(
     "/v1/audio/speech",
     summary="OpenAI-compatible speech",
-    description="Body as OpenAI's: `input`, `voice`, `response_format` (mp3, pcm, wav), "
-    "`speed` (0.25-4), `stream_format` (audio or sse).",
-    responses=ERROR_DOCS,
+    description="Body as OpenAI's: `input`, `voice`, `response_format` (mp3, opus, aac, flac, "
+    "wav, pcm; also mulaw and alaw at 8 kHz), `speed` (0.25-4), `stream_format` (audio or "
+    "sse). Errors in OpenAI's shape.",
+    responses=OPENAI_ERROR_DOCS,
     status_code=200,
     before_request=strict_json,
     operation_class=audio_operation(
@@ -73,7 +115,7 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
             ],
         )
     speaker = _speaker(service, data.voice)
-    rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None
+    rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None  # opus: 48 kHz
     body, _ = await open_stream(
         request, service, data.input, speaker.id, data.response_format,
         rate_out=rate_out, speed=data.speed, stream=True, field="input",
@@ -95,4 +137,26 @@ async def voices(service: TTSService) -> dict[str, list[str]]:
     return {"voices": [s.id for s in service.speakers()], "aliases": list(OPENAI_VOICES)}
 
 
-ROUTES = [speech, voices]
+def _openai_shape(handler: Callable[[Request, Exception], Response]):
+    """Our error answer, reshaped as OpenAI's, so the SDKs show its message."""
+
+    def reshaped(request: Request, exc: Exception) -> Response:
+        ours = handler(request, exc)
+        body, status = ours.content, ours.status_code
+        extra = body.get("extra")
+        code = extra.get("code") if isinstance(extra, dict) else None
+        param = extra[0].get("key") if isinstance(extra, list) and extra else None
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        error = {"message": body["detail"], "type": kind, "param": param, "code": code}
+        return Response({"error": error}, status_code=status, headers=dict(ours.headers))
+
+    return reshaped
+
+
+ROUTES = [
+    Router(
+        path="/",
+        route_handlers=[speech, voices],
+        exception_handlers={exc: _openai_shape(h) for exc, h in EXCEPTION_HANDLERS.items()},
+    )
+]
