@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import struct
 import time
 
+import av
+import numpy as np
 import pytest
 import websockets
 from audio_check import assert_speech, decode_mp3, decode_pcm
@@ -75,6 +78,23 @@ def test_mp3_context_and_resampling(server):
     assert mp3_rate == 22050
     assert_speech(audio, mp3_rate, min_seconds=8.0)
     assert_speech(decode_pcm(pcm.audio), 16000, min_seconds=8.0)
+
+
+@pytest.mark.parametrize("fmt", ["mulaw", "alaw"])
+def test_telephony_contexts_speak_g711_at_8khz(server, fmt):
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", format=fmt, text=TEXT)
+            await ctx.close()
+            return await ctx.collect(), ctx.sample_rate
+
+    result, rate = run(go())
+    assert rate == 8000
+    assert len(result.audio) / rate > 8.0  # one byte per sample
+    with av.open(io.BytesIO(result.audio), format=fmt, options={"sample_rate": "8000"}) as c:
+        audio = np.concatenate([f.to_ndarray().astype(np.float32).reshape(-1)
+                                for f in c.decode(audio=0)])  # fmt: skip
+    assert_speech(audio, 8000, min_seconds=8.0)
 
 
 @pytest.mark.parametrize("n", [2, 5])
