@@ -26,6 +26,7 @@ import msgspec
 import websockets
 
 from rtserver.protocol import (
+    ENDING_ERRORS,
     AppendText,
     Cancel,
     Cancelled,
@@ -61,6 +62,13 @@ class Result:
     cancelled: bool = False
 
 
+def _ends(item: object) -> bool:
+    """Whether this ends its context (`connection_closed`: the client's own, socket gone)."""
+    if isinstance(item, Error):
+        return item.code in ENDING_ERRORS or item.code == "connection_closed"
+    return isinstance(item, Done | Cancelled)
+
+
 class Context:
     """One context of a socket: send text, read its audio and events in order."""
 
@@ -92,7 +100,7 @@ class Context:
         while True:
             item = await self.queue.get()
             yield item
-            if isinstance(item, Done | Cancelled | Error):
+            if _ends(item):
                 return
 
     async def collect(self) -> Result:
@@ -108,7 +116,7 @@ class Context:
                 result.done = item
             elif isinstance(item, Cancelled):
                 result.cancelled = True
-            elif isinstance(item, Error):
+            elif _ends(item):  # an error that ended the context
                 raise ServerError(item)
         return result
 
@@ -129,22 +137,42 @@ class Connection:
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        async for frame in self.ws:
-            if isinstance(frame, bytes):
-                (stream,) = struct.unpack_from("<I", frame)
-                ctx = self.streams.get(stream)
-                if ctx:
-                    ctx.queue.put_nowait(frame[4:])
-                continue
-            msg = _decode(frame)
-            ctx = self.contexts.get(getattr(msg, "context_id", None) or "")
-            if isinstance(msg, Started) and ctx:
-                ctx.started = msg
-                self.streams[msg.stream] = ctx
-            if ctx:
-                ctx.queue.put_nowait(msg)
-            elif isinstance(msg, Error):
+        try:
+            async for frame in self.ws:
+                self._route(frame)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            # Every awaitable ends: whatever is still open learns the socket is gone.
+            gone = Error(code="connection_closed", message="the server closed the socket")
+            for ctx in list(self.contexts.values()):
+                ctx.queue.put_nowait(Error(gone.code, gone.message, ctx.id))
+            self.contexts.clear()
+            self.errors.put_nowait(gone)
+
+    def _route(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            (stream,) = struct.unpack_from("<I", frame)
+            if ctx := self.streams.get(stream):
+                ctx.queue.put_nowait(frame[4:])
+            return
+        msg = _decode(frame)
+        ctx = self.contexts.get(getattr(msg, "context_id", None) or "")
+        if ctx is None:
+            if isinstance(msg, Error):
                 self.errors.put_nowait(msg)
+            return
+        if isinstance(msg, Started):
+            ctx.started = msg
+            self.streams[msg.stream] = ctx
+        ctx.queue.put_nowait(msg)
+        if _ends(msg):
+            self._release(ctx)  # finished: nothing more comes for it
+
+    def _release(self, ctx: Context) -> None:
+        self.contexts.pop(ctx.id, None)
+        if ctx.started:
+            self.streams.pop(ctx.started.stream, None)
 
     async def send(self, msg: msgspec.Struct) -> None:
         await self.ws.send(_encode(msg).decode())
@@ -165,9 +193,16 @@ class Connection:
         self.contexts[cid] = ctx
         await self.send(Start(context_id=cid, spk_id=spk_id, format=format,
                               sample_rate=sample_rate, speed=speed, seed=seed, text=text))  # fmt: skip
-        first = await ctx.queue.get()
+        # The answer is `started` or an error; an error the server could not tie to the
+        # context (it could not even parse the start) comes without its id.
+        answer = asyncio.ensure_future(ctx.queue.get())
+        unowned = asyncio.ensure_future(self.errors.get())
+        await asyncio.wait({answer, unowned}, return_when=asyncio.FIRST_COMPLETED)
+        unowned.cancel()
+        first = answer.result() if answer.done() else unowned.result()
+        answer.cancel()
         if isinstance(first, Error):
-            del self.contexts[cid]
+            self._release(ctx)
             raise ServerError(first)
         return ctx
 

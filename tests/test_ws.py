@@ -340,3 +340,22 @@ def test_per_message_deflate_is_refused(server):
             assert json.loads(await ws.recv())["type"] == "ready"
 
     run(go())
+
+
+def test_client_never_hangs_on_a_refused_start_or_a_closed_socket(make_server):
+    srv = make_server("--ws-idle-timeout-s", "1", "--no-warmup")
+
+    async def go() -> tuple[str, str]:
+        async with TTSClient(srv.base_url) as client, client.connect() as conn:
+            # The server cannot parse this start, so its error carries no context id.
+            with pytest.raises(ServerError) as refused:
+                await conn.start(spk_id="joe", speed=40.0)
+            ctx = await conn.start(spk_id="joe")
+            # Nothing more is sent: the server closes the idle socket under the open context.
+            with pytest.raises(ServerError) as closed:
+                await ctx.collect()
+            return refused.value.error.code, closed.value.error.code
+
+    refused, closed = asyncio.run(asyncio.wait_for(go(), 20))
+    assert refused == "invalid_message"
+    assert closed in ("context_timeout", "connection_closed")
