@@ -207,7 +207,7 @@ MUXED = {
                   (("page_duration", "20000"),)),  # 20 ms Ogg pages: audio leaves at once
     "aac": Muxed("adts", "aac", "audio/aac"),
     "flac": Muxed("flac", "flac", "audio/flac"),
-    "mulaw": Muxed("mulaw", "pcm_mulaw", "audio/basic", (8000, 16000)),  # telephony: G.711
+    "mulaw": Muxed("mulaw", "pcm_mulaw", "audio/PCMU", (8000, 16000)),  # telephony: G.711
     "alaw": Muxed("alaw", "pcm_alaw", "audio/PCMA", (8000, 16000)),
 }  # fmt: skip
 

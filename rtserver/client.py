@@ -44,6 +44,8 @@ from rtserver.protocol import (
 
 _decode = msgspec.json.Decoder(ServerMessage).decode
 _encode = msgspec.json.Encoder().encode
+__all__ = ["Connection", "Context", "Result", "ServerError", "TTSClient"]
+
 _ids = itertools.count(1)
 
 

@@ -39,6 +39,9 @@ class TTSRequest(msgspec.Struct, forbid_unknown_fields=False):
     stream: bool = False
     speed: Speed = 1.0
     seed: Seed = 0
+    sample_rate: SampleRate | None = None  # resample to this; None: the speaker's rate
+    # /tts/pcm only: G.711 for phone lines (8 kHz unless sample_rate says 16000).
+    encoding: Literal["s16le", "mulaw", "alaw"] = "s16le"
 
 
 # ---- client -> server -------------------------------------------------------------------

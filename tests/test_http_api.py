@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from pathlib import Path
 
+import av
 import httpx
+import numpy as np
 import pytest
 from audio_check import assert_speech, decode_mp3, decode_pcm
 
@@ -301,3 +304,24 @@ def test_extra_piper_voice_becomes_a_speaker(make_server, tmp_path):
     r = post(srv, "/tts/pcm", tts_text=SHORT_TEXT, spk_id="second")
     assert r.status_code == 200
     assert_speech(decode_pcm(r.content), 22050, min_seconds=2.0)
+
+
+@pytest.mark.parametrize("encoding", ["mulaw", "alaw"])
+def test_pcm_route_speaks_g711_for_phone_lines(server, encoding):
+    r = post(server, "/tts/pcm", tts_text=SHORT_TEXT, spk_id="joe", encoding=encoding)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sample-rate"] == "8000" and r.headers["x-bit-depth"] == "8"
+    assert r.headers["content-type"].startswith(f"audio/PCM{'U' if encoding == 'mulaw' else 'A'}")
+    with av.open(io.BytesIO(r.content), format=encoding, options={"sample_rate": "8000"}) as c:
+        audio = np.concatenate(
+            [f.to_ndarray().astype(np.float32).reshape(-1) for f in c.decode(audio=0)]
+        )
+    assert_speech(audio, 8000, min_seconds=2.0)
+
+
+def test_pcm_route_resamples_on_request(server):
+    r = post(server, "/tts/pcm", tts_text=SHORT_TEXT, spk_id="joe", sample_rate=16000)
+    assert r.status_code == 200 and r.headers["x-sample-rate"] == "16000"
+    assert_speech(decode_pcm(r.content), 16000, min_seconds=2.0)
+    assert "9000" in error(post(server, "/tts", tts_text=SHORT_TEXT, spk_id="joe",
+                                sample_rate=9000), 422)["detail"]  # fmt: skip

@@ -29,7 +29,7 @@ STATIC_PATHS = ("/", "/demo/")  # the demo page: public files, useless without a
 SUBPROTOCOL = "rtserver"
 KEY_SUBPROTOCOL = "rtserver.key."
 ADMIN_ROUTES = ("/speakers",)  # POST and DELETE below these need an admin key
-AUDIO_HEADERS = ["X-Sample-Rate", "X-Channels", "X-Bit-Depth", "Content-Disposition"]
+AUDIO_HEADERS = ["X-Sample-Rate", "X-Channels", "X-Bit-Depth", "X-Encoding", "Content-Disposition"]
 
 
 def _matches(given: str | None, keys: list[str]) -> bool:

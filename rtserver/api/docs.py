@@ -11,7 +11,7 @@ BINARY = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"
 PCM_HEADERS = {
     "X-Sample-Rate": "Samples per second.",
     "X-Channels": "Always 1.",
-    "X-Bit-Depth": "Always 16: signed 16-bit little-endian samples (s16le).",
+    "X-Bit-Depth": "16: signed 16-bit little-endian samples (s16le); 8 for mulaw/alaw.",
 }
 L16 = "audio/L16"  # RFC 2586's name; the real header adds `;rate=R;channels=1`
 

@@ -190,16 +190,23 @@ async def _audio(first: SessionEvent, events: AsyncGenerator[SessionEvent]) -> A
 
 async def _speak(request: Request, service: TTSService, req: TTSRequest, fmt: str):
     return await open_stream(
-        request, service, req.tts_text, req.spk_id, fmt,
+        request, service, req.tts_text, req.spk_id, fmt, rate_out=req.sample_rate,
         speed=req.speed, seed=req.seed, stream=req.stream,
     )  # fmt: skip
 
 
-def _pcm_headers(rate: int) -> dict[str, str]:
+# Raw sample encodings of the PCM routes: (format, media type, bits per sample).
+ENCODINGS = {"s16le": ("pcm", L16, 16), "mulaw": ("mulaw", "audio/PCMU", 8),
+             "alaw": ("alaw", "audio/PCMA", 8)}  # fmt: skip
+
+
+def _pcm_headers(rate: int, encoding: str = "s16le") -> dict[str, str]:
+    _, media_type, bits = ENCODINGS[encoding]
     return {
         # The route's static media type documents the endpoint; the real one has the rate.
-        "content-type": f"{L16};rate={rate};channels=1",
-        "X-Sample-Rate": str(rate), "X-Channels": "1", "X-Bit-Depth": "16", **STREAM_HEADERS,
+        "content-type": f"{media_type};rate={rate};channels=1",
+        "X-Sample-Rate": str(rate), "X-Channels": "1", "X-Bit-Depth": str(bits),
+        "X-Encoding": encoding, **STREAM_HEADERS,
     }  # fmt: skip
 
 
@@ -224,20 +231,21 @@ async def tts_mp3(request: Request, data: TTSRequest, service: TTSService) -> St
 
 @post(
     "/tts/pcm",
-    summary="Speak text as streamed raw PCM (s16le mono)",
+    summary="Speak text as streamed raw PCM (s16le mono; or G.711 mu-law/A-law)",
     media_type=L16,
-    response_description="Raw s16le mono PCM; rate in X-Sample-Rate.",
-    operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
+    response_description="Raw mono samples: s16le (little-endian) by default; `encoding` "
+    "mulaw or alaw gives 8-bit G.711 at 8 kHz. Rate in X-Sample-Rate.",
+    operation_class=audio_operation(
+        {L16: BINARY, "audio/PCMU": BINARY, "audio/PCMA": BINARY}, pcm_headers=True
+    ),
     responses=ERROR_DOCS,
     status_code=200,
     before_request=strict_json,
 )
 async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> Stream:
-    body, rate = await _speak(request, service, data, "pcm")
-    return Stream(
-        body,
-        headers={"Content-Disposition": "attachment; filename=tts.pcm", **_pcm_headers(rate)},
-    )
+    body, rate = await _speak(request, service, data, ENCODINGS[data.encoding][0])
+    disposition = {"Content-Disposition": "attachment; filename=tts.pcm"}
+    return Stream(body, headers={**disposition, **_pcm_headers(rate, data.encoding)})
 
 
 @route(
