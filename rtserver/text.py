@@ -8,62 +8,43 @@ The same class serves HTTP (push everything, then flush) and WebSocket (tokens a
 
 from __future__ import annotations
 
-_HARD_END = "。！？；…\n"  # ends a sentence wherever it stands
-_SOFT_END = ".!?;"  # ends a sentence only before whitespace (3.14, e.g., URLs)
-_CLOSERS = "\"'”’」』)]）】"
+import pysbd
+
+_HARD_END = "。！？；…\n"  # ends a sentence wherever it stands, even at the end of the buffer
+_SOFT_END = ".!?;"  # may end one (pysbd decides: 3.14, e.g., U.S. in 2019, 5 p.m. today)
 _CLAUSE = ",，、:：—"
-_ABBREVIATIONS = {
-    "mr",
-    "mrs",
-    "ms",
-    "dr",
-    "st",
-    "vs",
-    "etc",
-    "e.g",
-    "i.e",
-    "jr",
-    "sr",
-    "prof",
-    "no",
-}
+# pysbd's rule-based boundaries (abbreviations, numbers, URLs, quotes, CJK); clean=False keeps
+# the text exactly, so the sentences concatenate back to the buffer.
+_SBD = pysbd.Segmenter(language="en", clean=False, char_span=False)
 
 
-def _sentence_end(buf: str, i: int, final: bool) -> int | None:
-    """If a sentence ends at buf[i], the index just past it (closers included), else None.
-    Returns None when more text is needed to decide (non-final buffer)."""
-    c = buf[i]
-    if c not in _HARD_END and c not in _SOFT_END:
-        return None
-    j = i + 1
-    while j < len(buf) and (buf[j] in _CLOSERS or buf[j] in _HARD_END or buf[j] in _SOFT_END):
-        j += 1
-    if c in _HARD_END:
-        return j
-    if j == len(buf):
-        return j if final else None
-    if not buf[j].isspace():
-        return None
-    if c == ".":
-        word = buf[:i].rsplit(None, 1)[-1].lower() if buf[:i].strip() else ""
-        if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
-            return None
-    return j
+def _complete_sentences(buf: str, final: bool) -> tuple[list[str], str]:
+    """The complete sentences at the head of `buf`, and what is left. Unless `final`, the last
+    sentence waits for more text (the next words decide "5 p.m." + "today") unless it ends at
+    a hard end."""
+    if not any(c in _HARD_END or c in _SOFT_END for c in buf):
+        return [], buf  # no possible end: skip the splitter (it runs on every token)
+    parts = _SBD.segment(buf)
+    if not final and parts and not parts[-1].rstrip(" \t").endswith(tuple(_HARD_END)):
+        return parts[:-1], parts[-1]
+    return parts, ""
+
+
+def _next_clause(text: str) -> int | None:
+    ends = [i + 1 for i, c in enumerate(text[:-1]) if c in _CLAUSE]
+    return ends[0] if ends else None
 
 
 def _weight(text: str) -> int:
     return len(text) - sum(ch.isspace() for ch in text)
 
 
-def _cut(text: str, limit: int, min_chars: int) -> int:
-    """Where to cut `text` so the head is at most `limit` long: the last clause mark, else
-    the last space, else a hard cut."""
+def _cut(text: str, limit: int, min_chars: int, marks: str) -> int | None:
+    """Where to cut `text` so the head is at most `limit` long: after the last of `marks`
+    that leaves a head of at least `min_chars`; None if there is none."""
     window = text[: limit + 1]
-    for marks in (_CLAUSE, " "):
-        pos = max(window.rfind(m) for m in marks)
-        if pos + 1 >= min_chars:
-            return pos + 1
-    return limit
+    pos = max(window.rfind(m) for m in marks)
+    return pos + 1 if pos + 1 >= min_chars else None
 
 
 class Segmenter:
@@ -101,49 +82,46 @@ class Segmenter:
 
     def _drain(self, final: bool) -> list[str]:
         out: list[str] = []
-        start = 0
-        for i in range(len(self._buf)):
-            if i < start:
-                continue
-            end = _sentence_end(self._buf, i, final)
-            if end is None:
-                continue
-            sentence = self._buf[start:end]
-            start = end
+        sentences, self._buf = _complete_sentences(self._buf, final)
+        for sentence in sentences:
             self._held += sentence
             if _weight(self._held) >= self.min_chars:
                 out += self._shape(self._held.strip())
                 self._held = ""
-        self._buf = self._buf[start:]
-        # A run-on without punctuation: don't wait forever, cut at a clause.
+        # A run-on without punctuation: don't wait forever, cut at a clause or a space.
         while _weight(self._held + self._buf) > self.max_chars:
             text = self._held + self._buf
-            cut = _cut(text, self.max_chars, self.min_chars)
+            cut = _cut(text, self.max_chars, self.min_chars, _CLAUSE + " ") or self.max_chars
             out += self._shape(text[:cut].strip())
             self._held, self._buf = "", text[cut:]
         return [s for s in out if s]
 
     def _shape(self, sentence: str) -> list[str]:
-        """Cut one sentence into the segments actually sent."""
+        """Cut one sentence into the segments actually sent. Cuts made for latency (the first
+        segment, clause mode) fall only at clause marks: a cut between two words mid-phrase
+        is audible. Only a sentence past max_chars is cut at a space."""
         pieces: list[str] = []
         while sentence:
-            limit = self.max_chars
-            if self._emitted == 0 and self.first_chars:
-                limit = min(limit, self.first_chars)
-            if self.clause_chars:
-                limit = min(limit, self.clause_chars)
-            if _weight(sentence) <= limit or len(sentence) <= limit:
-                head, sentence = sentence, ""
-            else:
-                cut = _cut(sentence, limit, self.min_chars)
-                head, sentence = sentence[:cut].strip(), sentence[cut:].strip()
-                # Never leave a tail too short to say well.
-                if _weight(sentence) < self.min_chars:
-                    head, sentence = f"{head} {sentence}".strip(), ""
+            head, sentence = self._head(sentence)
             if head:
                 pieces.append(head)
                 self._emitted += 1
         return pieces
+
+    def _head(self, sentence: str) -> tuple[str, str]:
+        fast = [n for n in (self.first_chars if self._emitted == 0 else 0, self.clause_chars) if n]
+        cut = None
+        if fast and _weight(sentence) > min(fast):
+            # The last clause mark in reach, else the next one: never between two words.
+            cut = _cut(sentence, min(fast), self.min_chars, _CLAUSE) or _next_clause(sentence)
+        if cut is None and _weight(sentence) > self.max_chars:
+            cut = _cut(sentence, self.max_chars, self.min_chars, _CLAUSE + " ") or self.max_chars
+        if cut is None:
+            return sentence, ""
+        head, rest = sentence[:cut].strip(), sentence[cut:].strip()
+        if _weight(rest) < self.min_chars:  # never leave a tail too short to say well
+            return f"{head} {rest}".strip(), ""
+        return head, rest
 
 
 def split_text(text: str, **options: int) -> list[str]:

@@ -1,5 +1,7 @@
 """Sentence segmentation: what the engine is asked to say, batch or token by token."""
 
+import pytest
+
 from rtserver.text import Segmenter, split_text
 
 TEXT = (
@@ -66,3 +68,25 @@ def test_piper_pieces_are_bounded_and_cut_at_clauses_or_words():
     assert pieces[0].endswith(",")  # the clause mark that fits wins over a later space
     assert " ".join(pieces).split() == text.split()  # cut between words, nothing lost
     assert split_phonemes(list(text), limit=1000) == [list(text)]
+
+
+AGENT_TEXT = "We moved to the U.S. in 2019 and stayed. Meet me at 5 p.m. today, please. Thanks!"
+
+
+@pytest.mark.parametrize("by_token", [False, True])
+def test_abbreviations_and_times_are_not_sentence_ends(by_token):
+    seg = Segmenter()
+    if by_token:  # as an LLM streams it: the words after "U.S." decide
+        out = [s for token in AGENT_TEXT.split(" ") for s in seg.push(token + " ")]
+    else:
+        out = seg.push(AGENT_TEXT)
+    out += seg.flush()
+    assert out == ["We moved to the U.S. in 2019 and stayed.", "Meet me at 5 p.m. today, please.",
+                   "Thanks!"]  # fmt: skip
+
+
+def test_a_fast_first_segment_is_never_cut_between_two_words():
+    text = "Call Dr. Smith at half past three tomorrow morning before you leave the office today."
+    assert split_text(text, first_chars=40) == [text]  # no clause mark: whole
+    with_comma = "Call Dr. Smith tomorrow morning before you leave the office, then rest all weekend."
+    assert split_text(with_comma, first_chars=40)[0].endswith("office,")  # the next clause
