@@ -88,5 +88,7 @@ def test_abbreviations_and_times_are_not_sentence_ends(by_token):
 def test_a_fast_first_segment_is_never_cut_between_two_words():
     text = "Call Dr. Smith at half past three tomorrow morning before you leave the office today."
     assert split_text(text, first_chars=40) == [text]  # no clause mark: whole
-    with_comma = "Call Dr. Smith tomorrow morning before you leave the office, then rest all weekend."
+    with_comma = (
+        "Call Dr. Smith tomorrow morning before you leave the office, then rest all weekend."
+    )
     assert split_text(with_comma, first_chars=40)[0].endswith("office,")  # the next clause

@@ -23,7 +23,8 @@ FRAGMENTS = st.sampled_from(
      "One, two, three", "!", "x" * 300]
 )  # fmt: skip
 FORMATS = st.sampled_from([("pcm", None), ("pcm", 16000), ("mp3", None), ("mp3", 9000),
-                           ("mp3", 24000), ("wav", None)])  # fmt: skip
+                           ("mp3", 24000), ("wav", None), ("opus", None), ("opus", 22050),
+                           ("mulaw", None), ("alaw", 16000), ("aac", None), ("flac", 8000)])  # fmt: skip
 SPEEDS = st.sampled_from([1.0, 0.25, 4.0, 0.1, 1.5])
 
 
