@@ -1,12 +1,12 @@
-"""/ws/tts: the route. The protocol itself lives in rtserver.ws_session."""
+"""/ws/tts: the route. The protocol itself lives in rtserver.api.ws_session."""
 
 from __future__ import annotations
 
 from litestar import WebSocket, websocket
 
 from rtserver.api.access import accepted_subprotocol
+from rtserver.api.ws_session import WsSession
 from rtserver.service import TTSService
-from rtserver.ws_session import WsSession
 
 
 @websocket("/ws/tts")
