@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import time
@@ -198,11 +199,11 @@ SDP = b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 0.0.0.0\nt=0 0\nm=audio 500
 
 def udp_ports(pid: int) -> set[int]:
     """Local UDP ports of the process's sockets (from /proc: its fds' inodes)."""
-    inodes = {
-        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
-        for fd in os.listdir(f"/proc/{pid}/fd")
-        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
-    }
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed while we looked
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    inodes = {link[8:-1] for link in links if link.startswith("socket:[")}
     ports = set()
     for table in ("udp", "udp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
