@@ -206,10 +206,7 @@ class TTSService:
     def check_whole_text(self, text: str, field: str) -> None:
         """A request's whole text (the body's `field`), before anything is admitted: raises
         TextRejected."""
-        try:
-            check_text(text, 0, self.settings.max_text_chars)
-        except TextRejected as exc:
-            raise TextRejected(exc.code, f"{field}: {exc}", exc.status) from None
+        check_text(text, 0, self.settings.max_text_chars, name=field)
         if not speakable(text):
             raise TextRejected("no_speakable_text", f"{field}: has nothing to speak")
 

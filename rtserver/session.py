@@ -56,17 +56,19 @@ def speakable(text: str) -> bool:
     return any(unicodedata.category(c)[0] in "LN" for c in text)
 
 
-def check_text(text: str, used: int, limit: int) -> None:
-    """Refuse control characters and text past the per-stream limit (`used` already spent)."""
+def check_text(text: str, used: int, limit: int, name: str = "text") -> None:
+    """Refuse control characters and text past the per-stream limit (`used` already spent).
+    `name` is what the message calls the text (a request's field)."""
     bad = next(
         (c for c in text if unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS), None
     )
     if bad is not None:
-        raise TextRejected("invalid_text", f"text contains the control character U+{ord(bad):04X}")
+        message = f"{name} contains the control character U+{ord(bad):04X}"
+        raise TextRejected("invalid_text", message)
     if used + len(text) > limit:
         raise TextRejected(
             "text_too_long",
-            f"text has {used + len(text)} characters; the limit is {limit}",
+            f"{name} has {used + len(text)} characters; the limit is {limit}",
             status=413,
         )
 
@@ -147,7 +149,6 @@ class Session:
         self._release = release  # frees the client's quota
         self.texts: list[str] = []  # submitted segments, by segment index
         self.chars = 0
-        self.input_closed = False
         self.first_text_at: float | None = None
         self.first_audio_at: float | None = None
         self._rate_in = job.speaker.sample_rate
@@ -177,7 +178,6 @@ class Session:
 
     def close(self) -> None:
         self.flush()
-        self.input_closed = True
         self.job.close_input()
         self._wake()
 
@@ -195,6 +195,11 @@ class Session:
             self._wake()
 
     # ---- control ---------------------------------------------------------------------------
+
+    @property
+    def segments_done(self) -> int:
+        """Segments whose audio the consumer has taken (their SegmentEnd is yielded)."""
+        return self._segments_done
 
     @property
     def idle(self) -> bool:
@@ -220,6 +225,8 @@ class Session:
                 event = await self.job.channel.get()
                 if isinstance(event, Chunk):
                     for out in self._chunk(event):
+                        if isinstance(out, SegmentEnd):  # counted once its audio went out
+                            self._segments_done = out.index + 1
                         yield out
                     continue
                 if isinstance(event, Done):
@@ -242,7 +249,6 @@ class Session:
                 self.first_audio_at = time.monotonic()
             out.append(Audio(data))
         if chunk.segment_end:
-            self._segments_done = chunk.segment + 1
             start_ms, end_ms = (
                 n * 1000 / self._rate_in for n in (self._segment_start, self._samples)
             )

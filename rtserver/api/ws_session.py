@@ -77,7 +77,6 @@ class Context:
     last_active: float = field(default_factory=time.monotonic)  # last message or audio
     flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segments)
     flush_count: int = 0
-    segments_done: int = 0
     cancelled: bool = False
     timed_out: bool = False
     closed: bool = False  # `close` received: no more text
@@ -326,7 +325,7 @@ class WsSession:
         await self._settle_flushes(ctx)
 
     async def _settle_flushes(self, ctx: Context) -> None:
-        while ctx.flushes and ctx.flushes[0][1] <= ctx.segments_done:
+        while ctx.flushes and ctx.flushes[0][1] <= ctx.session.segments_done:
             flush_id, _ = ctx.flushes.popleft()
             await self._send(Flushed(context_id=ctx.id, flush_id=flush_id))
 
@@ -376,7 +375,6 @@ class WsSession:
             await self._error("internal_error", "the server failed on this context", ctx.id)
 
     async def _segment_end(self, ctx: Context, event: SegmentEnd) -> None:
-        ctx.segments_done = event.index + 1
         if ctx.cancelled:
             return
         await self._send(
