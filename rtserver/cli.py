@@ -15,7 +15,6 @@ from litestar import Litestar
 
 from rtserver.settings import (
     ENV_PREFIX,
-    LIST_SETTINGS,
     SECRET_SETTINGS,
     Settings,
     SettingsError,
@@ -42,7 +41,7 @@ def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
         kw: dict = {"help": f"{text} (default: {shown}; env {ENV_PREFIX}{name.upper()})"}
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
-        elif name in LIST_SETTINGS:
+        elif isinstance(default, list):
             kw["action"] = "append"
         p.add_argument(flag, dest=name, default=argparse.SUPPRESS, **kw)
 

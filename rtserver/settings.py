@@ -51,7 +51,7 @@ class Settings(msgspec.Struct, kw_only=True):
              "none: any without a key, same-origin only with one"),
     ] = msgspec.field(default_factory=list)  # fmt: skip
     voice_alias: Annotated[
-        list[str],
+        list[Annotated[str, Meta(pattern=r"^[^=]+=.+$")]],
         _doc("an OpenAI voice name for a speaker, `alloy=SPEAKER` (repeatable); unmapped "
              "OpenAI names speak as the first speaker"),
     ] = msgspec.field(default_factory=list)  # fmt: skip
@@ -122,7 +122,10 @@ class Settings(msgspec.Struct, kw_only=True):
         return load({**msgspec.structs.asdict(self), **changes}, source="flags")
 
 
-LIST_SETTINGS = ("api_key", "admin_key", "allow_origin", "allow_host", "voice_alias")
+# Repeatable settings (a list in Settings): repeated flags, comma-separated variables.
+LIST_SETTINGS = tuple(
+    k for k, v in msgspec.structs.asdict(Settings()).items() if isinstance(v, list)
+)
 SECRET_SETTINGS = ("api_key", "admin_key")  # never shown in help or logs
 
 

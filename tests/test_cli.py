@@ -35,6 +35,7 @@ def test_help_shows_each_flag_with_its_default_and_variable():
         (("--max-streams", "0"), {}, "--max-streams"),
         (("--dtype", "int8"), {}, "--dtype"),
         (("--read-timeout-s", "soon"), {}, "--read-timeout-s"),
+        (("--voice-alias", "alloy"), {}, "--voice-alias"),
     ],
 )
 def test_a_bad_setting_is_one_clear_line(args, env, says):

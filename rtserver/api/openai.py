@@ -13,6 +13,7 @@ so the SDKs show the message.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
@@ -78,7 +79,7 @@ class SpeechRequest(msgspec.Struct):
 
 
 def _speaker(service: TTSService, voice: str) -> Speaker:
-    aliases = voice_aliases(service.settings.voice_alias)
+    aliases = voice_aliases(tuple(service.settings.voice_alias))
     try:
         return service.speaker(aliases.get(voice.lower(), voice))
     except UnknownSpeaker as exc:
@@ -87,9 +88,10 @@ def _speaker(service: TTSService, voice: str) -> Speaker:
         raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES]) from None
 
 
-def voice_aliases(pairs: list[str]) -> dict[str, str]:
-    """`--voice-alias alloy=joe` pairs as {openai voice: speaker id}."""
-    return dict(pair.split("=", 1) for pair in pairs)
+@functools.cache  # parsed once, not on every request
+def voice_aliases(pairs: tuple[str, ...]) -> dict[str, str]:
+    """`--voice-alias alloy=joe` pairs as {openai voice, lowercase: speaker id}."""
+    return {name.lower(): spk for name, spk in (pair.split("=", 1) for pair in pairs)}
 
 
 @post(
