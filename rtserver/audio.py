@@ -19,6 +19,16 @@ import numpy as np
 MP3_BITRATE = 64_000  # mono speech: transparent enough, 8 kB/s
 
 
+def _frame(audio: np.ndarray, rate: int, pts: int, fmt: str = "flt") -> av.AudioFrame:
+    """Mono float32 samples as a PyAV frame (`flt` and `fltp` are the same bytes for one
+    channel; encoders want one or the other)."""
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1), format=fmt, layout="mono"
+    )
+    frame.sample_rate, frame.pts, frame.time_base = rate, pts, Fraction(1, rate)
+    return frame
+
+
 def to_s16le(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
@@ -37,13 +47,7 @@ class _Resampler:
             return np.zeros(0, np.float32)  # libswresample fails on empty input and empty flushes
         frame = None
         if audio is not None:
-            frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1),
-                format="flt",
-                layout="mono",
-            )
-            frame.sample_rate = self.rate_in
-            frame.pts = self._pts
+            frame = _frame(audio, self.rate_in, self._pts)
             self._pts += len(audio)
         out = [f.to_ndarray().reshape(-1) for f in self._rs.resample(frame)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -66,11 +70,7 @@ def time_stretch(audio: np.ndarray, rate: int, speed: float) -> np.ndarray:
     for a, b in zip(nodes, nodes[1:], strict=False):
         a.link_to(b)
     graph.configure()
-    frame = av.AudioFrame.from_ndarray(
-        np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1), format="flt", layout="mono"
-    )
-    frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
-    graph.push(frame)
+    graph.push(_frame(audio, rate, 0))
     graph.push(None)
     out = []
     while True:
@@ -158,13 +158,7 @@ class Mp3Encoder(Encoder):
     def _encode(self, audio: np.ndarray | None) -> bytes:
         frame = None
         if audio is not None:
-            frame = av.AudioFrame.from_ndarray(
-                np.clip(audio, -1.0, 1.0).astype(np.float32).reshape(1, -1),
-                format="fltp",
-                layout="mono",
-            )
-            frame.sample_rate = self.sample_rate
-            frame.pts = self._pts
+            frame = _frame(np.clip(audio, -1.0, 1.0), self.sample_rate, self._pts, "fltp")
             self._pts += len(audio)
         return b"".join(bytes(p) for p in self._cc.encode(frame))
 
@@ -219,17 +213,18 @@ class MuxEncoder(Encoder):
         self._sink = _Sink()
         self._out = av.open(self._sink, "w", format=spec.container, options=dict(spec.options))
         self._stream = self._out.add_stream(spec.codec, rate=self.sample_rate, layout="mono")
-        self._format = self._stream.codec_context.format.name
+        # To the codec's own sample format (s16 for G.711 and FLAC, fltp for AAC, ...).
+        codec_format = self._stream.codec_context.format.name
+        self._to_codec = av.AudioResampler(format=codec_format, layout="mono")
+        self._pts = 0
 
     def _encode(self, audio: np.ndarray | None) -> bytes:
-        frames: list = [None]
-        if audio is not None:
-            frame = av.AudioFrame.from_ndarray(
-                np.clip(audio, -1.0, 1.0).astype(np.float32).reshape(1, -1),
-                format="flt", layout="mono",
-            )  # fmt: skip
-            frame.sample_rate = self.sample_rate
-            frames = av.AudioResampler(format=self._format, layout="mono").resample(frame)
+        if audio is None:  # the end: flush the converter, then the encoder
+            frames = [*self._to_codec.resample(None), None]
+        else:
+            frame = _frame(np.clip(audio, -1.0, 1.0), self.sample_rate, self._pts)
+            self._pts += len(audio)
+            frames = self._to_codec.resample(frame)
         for frame in frames:
             for packet in self._stream.encode(frame):
                 self._out.mux(packet)
