@@ -24,7 +24,7 @@ from collections import Counter
 import httpx
 import websockets
 from report import git_rev, machine, write_section
-from serverproc import ServerProcess
+from serverproc import ServerProcess, rss_mb
 
 TEXTS = [
     "Hello there. This is a short test of the speech server.",
@@ -32,11 +32,6 @@ TEXTS = [
     "Voice agents stream their replies a few words at a time, and the server speaks each "
     "sentence as soon as it is complete. When the user interrupts, the audio stops at once.",
 ]
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 async def http_whole(c: httpx.AsyncClient, spk: str, rng: random.Random) -> str:

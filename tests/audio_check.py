@@ -17,6 +17,15 @@ def decode_mp3(data: bytes) -> tuple[np.ndarray, int]:
     return np.concatenate(frames), rate
 
 
+def decode_audio(data: bytes, fmt: str | None = None, rate: int = 8000) -> tuple[np.ndarray, int]:
+    """Any container PyAV reads (probed), or headerless G.711 (`mulaw`, `alaw`) at `rate`."""
+    opts = {"format": fmt, "options": {"sample_rate": str(rate)}} if fmt else {}
+    with av.open(io.BytesIO(data), **opts) as container:
+        stream = container.streams.audio[0]
+        frames = [f.to_ndarray().astype(np.float32).reshape(-1) for f in container.decode(stream)]
+        return np.concatenate(frames), stream.rate
+
+
 def decode_pcm(data: bytes) -> np.ndarray:
     assert len(data) % 2 == 0, "s16le PCM must have an even number of bytes"
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0

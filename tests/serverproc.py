@@ -14,6 +14,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, MB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from audio_check import assert_speech, decode_mp3, decode_pcm
+from audio_check import assert_speech, decode_audio, decode_mp3, decode_pcm
 from openai import OpenAI
 
 TEXT = "Hello from the OpenAI compatible route. It streams speech like the real one does."
@@ -69,14 +69,6 @@ def sdk(server) -> OpenAI:
     return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def decode_any(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
-    opts = {"format": fmt, "options": {"sample_rate": "8000"}} if fmt in ("mulaw", "alaw") else {}
-    with av.open(io.BytesIO(data), **opts) as c:
-        stream = c.streams.audio[0]
-        frames = [f.to_ndarray().astype(np.float32).reshape(-1) for f in c.decode(stream)]
-        return np.concatenate(frames), stream.rate
-
-
 @pytest.mark.parametrize(
     "fmt, rate",
     [("mp3", 22050), ("opus", 48000), ("aac", 22050), ("flac", 22050), ("wav", 22050),
@@ -90,7 +82,7 @@ def test_every_format_through_the_openai_sdk(server, fmt, rate):
     if fmt == "pcm":
         audio, got = decode_pcm(data), 24000
     else:
-        audio, got = decode_any(data, fmt)
+        audio, got = decode_audio(data, fmt if fmt in ("mulaw", "alaw") else None)
         if fmt in ("aac", "mp3", "opus"):  # lossy: peak levels shift a little
             audio = audio / max(1.0, float(np.abs(audio).max()))
     assert got == rate

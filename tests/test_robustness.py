@@ -13,7 +13,7 @@ import httpx
 import pytest
 import websockets
 from audio_check import assert_speech, decode_pcm
-from serverproc import ServerProcess
+from serverproc import ServerProcess, rss_mb
 from test_http_api import LONG_TEXT, error, message
 
 # A server with small limits, so each one is quick to reach.
@@ -170,11 +170,6 @@ def test_audio_limit_ends_http_and_ws_streams(tight):
     assert event["code"] == "audio_limit" and event["context_id"] == "a"
     after = assert_idle(tight)
     assert after["dropped"] == before["dropped"] + 2
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def test_memory_is_handed_back_after_a_long_request(make_server):
