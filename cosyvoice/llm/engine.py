@@ -18,8 +18,8 @@ import torch
 
 from ..config import SamplingConfig
 from .bistream import SPEECH_CHUNK, BistreamState
+from .kv import KVCache
 from .lm import QwenSpeechLM
-from .qwen2 import KVCache
 from .sampling import sample_next
 from .silence import SilentFilter
 from .transformer_lm import TransformerSpeechLM
@@ -130,7 +130,9 @@ class LLMRequest:
     def _finish(self, reason: str) -> None:
         self.done = True
         self.finish_reason = reason
-        self.cache = None  # free the KV memory now
+        if self.cache is not None:
+            self.cache.release()  # its blocks go back to the pool now
+        self.cache = None
 
 
 class LLMEngine:

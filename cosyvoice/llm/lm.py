@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..config import LLMConfig
-from .qwen2 import KVCache, Qwen2Model, last_positions
+from .kv import KVCache, KVPool
+from .qwen2 import Qwen2Model, last_positions
 
 UNUSED_KEYS = ("llm.model.lm_head.weight",)
 
@@ -89,6 +90,9 @@ class QwenSpeechLM(nn.Module):
 
     def new_cache(self, dtype=None, device=None) -> KVCache:
         return self.qwen.new_cache(dtype, device)
+
+    def kv_pool(self, dtype=None, device=None, **kw) -> KVPool:
+        return self.qwen.kv_pool(dtype, device, **kw)
 
     def prefix_embeds(
         self,

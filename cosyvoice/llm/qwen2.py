@@ -1,9 +1,10 @@
-"""Qwen2 decoder in plain torch with a per-request, readable KV cache.
+"""Qwen2 decoder in plain torch over a paged, readable KV cache (:mod:`cosyvoice.llm.kv`).
 
 Batching is *ragged*: the tokens of all requests in a step are packed into one flat
-``(N_total, d)`` tensor, so every Linear/MLP runs once for the whole batch with no padding, and
-only attention is done per request against that request's own cache. A request's numbers thus
-never depend on which other requests share the step (up to matmul blocking noise).
+``(N_total, d)`` tensor, so every Linear/MLP runs once for the whole batch with no padding;
+attention is one masked call per layer for all decode rows (and one for prefill rows) over the
+blocks each request owns. A request's numbers never depend on which other requests share the
+step (up to matmul blocking noise).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QwenConfig
+from .kv import KVCache, KVPool, Layout, gather, write
 
 
 class RMSNorm(nn.Module):
@@ -29,37 +31,10 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-class KVCache:
-    """Keys/values of one request: ``data[layer, 0=k/1=v, kv_head, position, head_dim]``.
-
-    ``length`` positions are valid. Capacity grows in blocks so a long generation does not copy
-    the cache on every step.
-    """
-
-    BLOCK = 256
-
-    def __init__(self, n_layers: int, n_kv: int, head_dim: int, dtype, device) -> None:
-        self.data = torch.empty(n_layers, 2, n_kv, self.BLOCK, head_dim, dtype=dtype, device=device)
-        self.length = 0
-
-    def reserve(self, n_new: int) -> None:
-        need = self.length + n_new
-        cap = self.data.shape[3]
-        if need <= cap:
-            return
-        new_cap = ((need + self.BLOCK - 1) // self.BLOCK) * self.BLOCK
-        shape = list(self.data.shape)
-        shape[3] = new_cap
-        grown = torch.empty(shape, dtype=self.data.dtype, device=self.data.device)
-        grown[:, :, :, : self.length] = self.data[:, :, :, : self.length]
-        self.data = grown
-
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
-
 def last_positions(h: torch.Tensor, seg_lens: list[int]) -> torch.Tensor:
     """Rows of packed hidden states ``h`` (sum(seg_lens), D) at each segment's last position."""
+    if all(n == 1 for n in seg_lens):  # decode: every row is a last position
+        return h
     idx = torch.tensor(seg_lens, device=h.device).cumsum(0) - 1
     return h[idx]
 
@@ -83,50 +58,43 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (N, d) packed tokens of all requests
         cos: torch.Tensor,  # (N, head_dim)
         sin: torch.Tensor,
-        layer: int,
-        caches: list[KVCache],
-        seg_lens: list[int],
+        kv: torch.Tensor,  # this layer of the KV pool
+        layout: Layout,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.n_kv, self.head_dim)
+        q = apply_rope(self.q_proj(x).view(n, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(n, self.n_kv, self.head_dim), cos, sin)
         v = self.v_proj(x).view(n, self.n_kv, self.head_dim)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        outs = []
-        st = 0
-        for cache, ln in zip(caches, seg_lens, strict=True):
-            past = cache.length
-            kv = cache.data[layer]
-            kv[0, :, past : past + ln] = k[st : st + ln].transpose(0, 1)
-            kv[1, :, past : past + ln] = v[st : st + ln].transpose(0, 1)
-            keys = kv[0, :, : past + ln].unsqueeze(0)  # (1, n_kv, T, hd)
-            vals = kv[1, :, : past + ln].unsqueeze(0)
-            qi = q[st : st + ln].transpose(0, 1).unsqueeze(0)  # (1, H, ln, hd)
-            if ln == 1:
-                o = _decode_attention(qi, keys, vals)
-            elif past == 0:
-                o = F.scaled_dot_product_attention(qi, keys, vals, is_causal=True, enable_gqa=True)
-            else:
-                # chunk appended after a cache: bottom-right aligned causal mask
-                mask = torch.ones(ln, past + ln, dtype=torch.bool, device=x.device).tril(past)
-                o = F.scaled_dot_product_attention(qi, keys, vals, attn_mask=mask, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1).reshape(ln, -1))
-            st += ln
-        return self.o_proj(torch.cat(outs, 0) if len(outs) > 1 else outs[0])
+        write(kv, layout.slots, k, v)
+        out = layout.attend(
+            q,
+            lambda g: gather(kv, g),
+            lambda qp, keys, values, g: attention(qp, keys, values, g.mask),
+        )
+        return self.o_proj(out)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One query position against the cache, GQA by grouping query heads per KV head.
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Masked GQA attention for a padded batch: q (B, L, H, hd), k/v (B, T, n_kv, hd), mask
+    (B, 1, L, T) -> (B, L, H * hd). Query head h reads KV head h // (H / n_kv).
 
-    Plain matmul+softmax: for a single query, CPU SDPA on a strided cache view is ~10x slower.
-    q (1, H, 1, hd); k/v (1, n_kv, T, hd) -> (1, H, 1, hd).
-    """
-    _, h, _, hd = q.shape
-    n_kv = k.shape[1]
-    qg = q.view(1, n_kv, h // n_kv, hd)  # consecutive query heads share a KV head
-    scores = (qg @ k.transpose(-1, -2)) * (hd**-0.5)
-    return (scores.float().softmax(-1).to(v.dtype) @ v).view(1, h, 1, hd)
+    On the GPU this is one SDPA kernel. On the CPU, SDPA with a mask is several times slower
+    than grouping the query heads per KV head and doing two matmuls, so that is done there."""
+    b, lq, h, hd = q.shape
+    n_kv = k.shape[2]
+    if q.device.type != "cpu":
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            enable_gqa=True,
+        )  # fmt: skip
+        return o.transpose(1, 2).reshape(b, lq, h * hd)
+    qg = q.view(b, lq, n_kv, h // n_kv, hd).permute(0, 2, 3, 1, 4)  # (B, n_kv, g, L, hd)
+    scores = (qg @ k.permute(0, 2, 3, 1)[:, :, None]) * (hd**-0.5)  # (B, n_kv, g, L, T)
+    scores = scores.float().masked_fill(~mask[:, :, None], float("-inf"))
+    o = scores.softmax(-1).to(v.dtype) @ v.transpose(1, 2)[:, :, None]  # (B, n_kv, g, L, hd)
+    return o.permute(0, 3, 1, 2, 4).reshape(b, lq, h * hd)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,21 +138,28 @@ class Qwen2Model(nn.Module):
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
         self.register_buffer("inv_freq", inv, persistent=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pools: dict[tuple[torch.dtype, torch.device], KVPool] = {}
 
     def new_cache(self, dtype=None, device=None) -> KVCache:
-        p = self.norm.weight
-        return KVCache(
-            self.cfg.num_hidden_layers,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-            dtype or p.dtype,
-            device or p.device,
-        )
+        return self.kv_pool(dtype, device).new_cache()
 
-    def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(positions.max()) + 1
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < need:
-            n = max(need, 4096)
+    def kv_pool(self, dtype=None, device=None, **kw) -> KVPool:
+        """The pool every request of this model shares (one per dtype and device); ``kw``
+        (``blocks``, ``fixed``) sizes it when it is first made."""
+        p = self.norm.weight
+        key = (dtype or p.dtype, torch.device(device or p.device))
+        if key not in self._pools:
+            c = self.cfg
+            self._pools[key] = KVPool(
+                c.num_hidden_layers, c.num_key_value_heads, c.head_dim, *key, **kw
+            )
+        return self._pools[key]
+
+    def rope(self, positions: torch.Tensor, max_pos: int, dtype) -> tuple[torch.Tensor, ...]:
+        """cos/sin (N, head_dim) at ``positions``; ``max_pos`` (known on the host, so no device
+        sync) grows the table when needed."""
+        if self._rope_cache is None or self._rope_cache[0].shape[0] <= max_pos:
+            n = max(max_pos + 1, 4096)
             t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.float())
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -193,24 +168,23 @@ class Qwen2Model(nn.Module):
         return cos[positions].to(dtype), sin[positions].to(dtype)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache], seg_lens: list[int]) -> torch.Tensor:
-        """x: packed input embeddings (N, d) of all requests, in ``caches`` order.
+        """x: packed input embeddings (N, d) of all requests, in ``caches`` order (one pool).
 
         Appends the new keys/values to every cache and returns the final-normed hidden states
         (N, d). Positions continue from each cache's length.
         """
-        positions = torch.cat(
-            [
-                torch.arange(c.length, c.length + n, device=x.device)
-                for c, n in zip(caches, seg_lens, strict=True)
-            ]
-        )
-        cos, sin = self._rope(positions, x.dtype)
-        for c, n in zip(caches, seg_lens, strict=True):
-            c.reserve(n)
+        pool = caches[0].pool
+        layout = pool.layout(caches, seg_lens)
+        max_pos = max(c.length + n for c, n in zip(caches, seg_lens, strict=True)) - 1
+        h = self.forward_layout(x, pool, layout, max_pos)
+        pool.commit(caches, seg_lens)
+        return h
+
+    def forward_layout(self, x: torch.Tensor, pool: KVPool, layout: Layout, max_pos: int):
+        """The layers over a prepared layout: no host work, no per-request ops."""
+        cos, sin = self.rope(layout.positions, max_pos, x.dtype)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            x = x + layer.self_attn(h, cos, sin, i, caches, seg_lens)
+            x = x + layer.self_attn(h, cos, sin, pool.layer(i), layout)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        for c, n in zip(caches, seg_lens, strict=True):
-            c.length += n
         return self.norm(x)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LLMConfig
-from .qwen2 import KVCache, last_positions
+from .kv import BLOCK, KVCache, KVPool, Layout, gather, write
+from .qwen2 import last_positions
 
 
 def rel_pe(n: int, d: int, device=None) -> torch.Tensor:
@@ -53,23 +54,21 @@ class RelPosAttention(nn.Module):
             self._p = self.linear_pos(pe).view(cap, self.h, self.dk)
         return self._p[:n]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
-        """q (L, H, dk) at positions past..past+L-1; k/v (H, T, dk), T = past + L -> (L, H*dk)."""
-        L, T = q.shape[0], k.shape[1]
-        qu = (q + self.pos_bias_u).transpose(0, 1)  # (H, L, dk)
-        qv = (q + self.pos_bias_v).transpose(0, 1)
-        ac = qu @ k.transpose(-1, -2)  # (H, L, T)
-        p = self.pos_table(T).permute(1, 2, 0)  # (H, dk, R=T)
-        m = qv @ p  # (H, L, R): m[h, i, r] = (q_i + v)·P[r]
-        qpos = torch.arange(past, past + L, device=q.device).unsqueeze(1)
-        kpos = torch.arange(T, device=q.device).unsqueeze(0)
-        rel = qpos - kpos  # (L, T)
-        mask = rel < 0
-        bd = m.gather(2, rel.clamp(min=0).unsqueeze(0).expand(self.h, L, T))
-        scores = (ac + bd) / math.sqrt(self.dk)
-        scores = scores.masked_fill(mask, float("-inf"))
-        out = scores.softmax(-1) @ v  # (H, L, dk)
-        return out.transpose(0, 1).reshape(L, -1)
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, mask
+    ) -> torch.Tensor:
+        """Padded batch: q (B, L, H, dk) at positions ``q_pos`` (B, L); k/v (B, T, H, dk) at
+        positions 0..T-1; mask (B, 1, L, T) -> (B, L, H * dk)."""
+        b, L, T = q.shape[0], q.shape[1], k.shape[1]
+        qu = (q + self.pos_bias_u).transpose(1, 2)  # (B, H, L, dk)
+        qv = (q + self.pos_bias_v).transpose(1, 2)
+        ac = qu @ k.permute(0, 2, 3, 1)  # (B, H, L, T)
+        m = qv @ self.pos_table(T).permute(1, 2, 0)  # (B, H, L, R): (q_i + v)·P[r]
+        rel = (q_pos[:, :, None] - torch.arange(T, device=q.device)).clamp(min=0)  # (B, L, T)
+        bd = m.gather(3, rel[:, None].expand(b, self.h, L, T))
+        scores = ((ac + bd) / math.sqrt(self.dk)).masked_fill(~mask, float("-inf"))
+        out = scores.softmax(-1) @ v.transpose(1, 2)  # (B, H, L, dk)
+        return out.transpose(1, 2).reshape(b, L, -1)
 
 
 class FeedForward(nn.Module):
@@ -123,37 +122,51 @@ class RelPosEncoder(nn.Module):
     def forward(
         self, x: torch.Tensor, caches: list[KVCache] | None, seg_lens: list[int]
     ) -> torch.Tensor:
-        """x packed (N, d_in). With caches: append K/V per request; without: each segment is a
-        standalone causal sequence (the text encoder)."""
+        """x packed (N, d_in). With caches (one pool): append K/V per request; without: each
+        segment is a standalone causal sequence (the text encoder)."""
         x = self.embed.out(x) * math.sqrt(self.d)
         if caches is not None:
-            for c, n in zip(caches, seg_lens, strict=True):
-                c.reserve(n)
+            pool = caches[0].pool
+            layout = pool.layout(caches, seg_lens)
+        else:
+            layout = Layout.build([0] * len(seg_lens), seg_lens, _no_blocks(seg_lens), x.device)
         for li, blk in enumerate(self.encoders):
             h = blk.norm1_(x)
             att = blk.self_attn
             q = att.linear_q(h).view(-1, att.h, att.dk)
             k = att.linear_k(h).view(-1, att.h, att.dk)
             v = att.linear_v(h).view(-1, att.h, att.dk)
-            outs, st = [], 0
-            for i, n in enumerate(seg_lens):
-                kk, vv = k[st : st + n].transpose(0, 1), v[st : st + n].transpose(0, 1)
-                past = 0
-                if caches is not None:
-                    c = caches[i]
-                    past = c.length
-                    kv = c.data[li]
-                    kv[0, :, past : past + n] = kk
-                    kv[1, :, past : past + n] = vv
-                    kk, vv = kv[0, :, : past + n], kv[1, :, : past + n]
-                outs.append(att.attend(q[st : st + n], kk, vv, past))
-                st += n
-            x = x + att.linear_out(torch.cat(outs))
+            if caches is not None:
+                kv = pool.layer(li)
+                write(kv, layout.slots, k, v)
+                out = layout.attend(
+                    q, lambda g, kv=kv: gather(kv, g), _rel_attend(att, cached=True)
+                )
+            else:  # the text encoder: keys are this forward's own rows
+                out = layout.attend(
+                    q, lambda g, k=k, v=v: (g.pad(k), g.pad(v)), _rel_attend(att, cached=False)
+                )
+            x = x + att.linear_out(out)
             x = x + blk.feed_forward(blk.norm2_(x))
         if caches is not None:
-            for c, n in zip(caches, seg_lens, strict=True):
-                c.length += n
+            pool.commit(caches, seg_lens)
         return self.after_norm(x)
+
+
+def _rel_attend(att: RelPosAttention, cached: bool):
+    """The per-group call for :meth:`Layout.attend`; uncached keys are padded to the queries'
+    length, so the mask is cut to match."""
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g) -> torch.Tensor:
+        mask = g.mask if cached else g.mask[..., : g.q_len]
+        return att.attend(q, k, v, g.q_pos, mask)
+
+    return fn
+
+
+def _no_blocks(seg_lens: list[int]) -> list[list[int]]:
+    """Placeholder block lists for an uncached layout (only its shapes and masks are used)."""
+    return [[0] * -(-n // BLOCK) for n in seg_lens]
 
 
 def _size(node: dict | None, key: str, default):
@@ -188,14 +201,23 @@ class TransformerSpeechLM(nn.Module):
         self.speech_embedding = nn.Embedding(s, d)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, d)
         self.stop_ids = range(s, s + 1)
+        self._pools: dict[tuple[torch.dtype, torch.device], KVPool] = {}
 
     @property
     def speech_token_size(self) -> int:
         return self.cfg.speech_token_size
 
-    def new_cache(self, dtype, device) -> KVCache:
-        blk = self.llm.encoders[0].self_attn
-        return KVCache(len(self.llm.encoders), blk.h, blk.dk, dtype, device)
+    def new_cache(self, dtype=None, device=None) -> KVCache:
+        return self.kv_pool(dtype, device).new_cache()
+
+    def kv_pool(self, dtype=None, device=None, **kw) -> KVPool:
+        """The pool every request shares (one per dtype and device), as in the Qwen2 LM."""
+        w = self.llm_decoder.weight
+        key = (dtype or w.dtype, torch.device(device or w.device))
+        if key not in self._pools:
+            blk = self.llm.encoders[0].self_attn
+            self._pools[key] = KVPool(len(self.llm.encoders), blk.h, blk.dk, *key, **kw)
+        return self._pools[key]
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.text_encoder(self.text_embedding(ids), None, [ids.shape[0]])

@@ -1,0 +1,122 @@
+"""The batched LLM step: one decode step does the same number of torch ops at batch 1 and 16
+(no per-request work inside the layers), the paged KV pool gets every block back, a cache can
+be read back, and the CPU attention path equals SDPA."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _fixtures import load_engine
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cosyvoice.llm.engine import LLMRequest
+from cosyvoice.llm.kv import BLOCK
+from cosyvoice.llm.qwen2 import attention
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _started(model, n: int) -> list[LLMRequest]:
+    reqs = [
+        LLMRequest(text_ids=list(range(10, 17 + 3 * i)), seed=i + 1, min_len=50, max_len=50)
+        for i in range(n)
+    ]
+    model.llm.step(reqs)  # prefill (different lengths)
+    model.llm.step(reqs)
+    return reqs
+
+
+def _decode_ops(model, n: int) -> Counter[str]:
+    reqs = _started(model, n)
+    counter = _CountOps()
+    with counter, torch.inference_mode():
+        model.llm.net.forward_packed(
+            model.llm.net.speech_embedding(torch.tensor([r.out_tokens[-1] for r in reqs])),
+            [r.cache for r in reqs],
+            [1] * n,
+        )
+    for r in reqs:
+        r.cancel()
+    return counter.ops
+
+
+@pytest.mark.parametrize("family", ["cosyvoice1", "cosyvoice2"])
+def test_decode_step_ops_do_not_grow_with_batch(golden_dir, family):
+    model = load_engine(golden_dir, family)
+    one, sixteen = _decode_ops(model, 1), _decode_ops(model, 16)
+    n_layers = model.llm_config.qwen.num_hidden_layers if model.llm_config.qwen else 1
+    extra = sum(sixteen.values()) - sum(one.values())
+    # a few ops of host-side bookkeeping may differ, never anything per request per layer
+    assert abs(extra) <= 8, (sum(one.values()), sum(sixteen.values()), sixteen - one)
+    assert sum(one.values()) > 5 * n_layers  # the counter saw the layers at all
+
+
+def test_pool_blocks_come_back(golden_dir):
+    model = load_engine(golden_dir, "cosyvoice2")
+    pool = model.llm.net.kv_pool()
+    before = pool.used_blocks
+    reqs = _started(model, 6)
+    assert pool.used_blocks > before
+    reqs[0].cancel()  # cancelled
+    while not reqs[1].done:  # finished by length
+        model.llm.step([reqs[1]])
+    held = sum(len(r.cache.blocks) for r in reqs[2:])
+    assert pool.used_blocks == before + held
+    del reqs  # dropped without cancel: garbage collection gives the blocks back
+    assert pool.used_blocks == before
+
+
+def test_cache_is_readable_and_grows_past_a_block(golden_dir):
+    model = load_engine(golden_dir, "cosyvoice2")
+    net = model.llm.net
+    n = 2 * BLOCK + 5
+    x = torch.randn(n, net.cfg.llm_input_size, generator=torch.Generator().manual_seed(0))
+    whole, pieces = net.new_cache(), net.new_cache()
+    with torch.inference_mode():
+        h_whole = net.qwen(x, [whole], [n])
+        h_last = [net.qwen(x[i : i + 1], [pieces], [1]) for i in range(n)][-1]
+    assert len(whole.blocks) == 3 and whole.length == pieces.length == n
+    for layer in (0, net.cfg.qwen.num_hidden_layers - 1):
+        assert whole.keys(layer).shape == (
+            net.cfg.qwen.num_key_value_heads,
+            n,
+            net.cfg.qwen.head_dim,
+        )
+        torch.testing.assert_close(whole.keys(layer), pieces.keys(layer), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(whole.values(layer), pieces.values(layer), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h_whole[-1:], h_last, atol=1e-5, rtol=1e-4)
+    whole.release()
+    with pytest.raises(ValueError):
+        whole.keys(0)
+
+
+def test_cpu_attention_matches_sdpa():
+    g = torch.Generator().manual_seed(3)
+    b, lq, h, n_kv, hd, t = 3, 5, 8, 2, 16, 40
+    q = torch.randn(b, lq, h, hd, generator=g)
+    k = torch.randn(b, t, n_kv, hd, generator=g)
+    v = torch.randn(b, t, n_kv, hd, generator=g)
+    past = torch.tensor([0, 10, 30])
+    q_pos = past[:, None] + torch.arange(lq)
+    mask = (torch.arange(t) <= q_pos[:, :, None]) & (torch.arange(t) < (past + lq)[:, None, None])
+    got = attention(q, k, v, mask[:, None])
+    ref = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.repeat_interleave(h // n_kv, 2).transpose(1, 2),
+        v.repeat_interleave(h // n_kv, 2).transpose(1, 2),
+        attn_mask=mask[:, None],
+    )
+    torch.testing.assert_close(got, ref.transpose(1, 2).reshape(b, lq, h * hd))
