@@ -85,7 +85,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    m = cosyvoice.load(args.model_dir, dtype=getattr(torch, args.dtype), speaker_dir=None)
+    m = cosyvoice.load(args.model_dir, dtype=args.dtype, speaker_dir=None, token2wav=False)
     print(
         f"load {time.perf_counter() - t0:.1f}s; {cpu_name()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, dtype {args.dtype}"

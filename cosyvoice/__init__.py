@@ -1,4 +1,4 @@
-"""Clean-room, inference-only CosyVoice: text -> speech tokens for all three families.
+"""Clean-room, inference-only CosyVoice: text -> speech for all three families.
 
 Families (detected from the yaml file name): v1 ``CosyVoice-300M-SFT`` (``cosyvoice.yaml``:
 rel-pos Transformer LM, whisper tokenizer), v2 ``CosyVoice2-0.5B`` (``cosyvoice2.yaml``: Qwen2
@@ -7,14 +7,33 @@ supported by the tokenizer yet). Streamed text can either be cut into sentences 
 ``frontend.incremental()`` (each one its own LLM run, like upstream's non-streaming text) or
 fed token by token into one "bistream" LLM run (v2/v3, ``new_stream_request``).
 
-Public API (front half: text -> speech tokens; token2wav lives in :mod:`cosyvoice.token2wav`)::
+Public API: one object owns the whole pipeline::
 
-    import cosyvoice, torch
-    m = cosyvoice.load("pretrained_models/CosyVoice2-0.5B", device="cpu", dtype=torch.float32,
+    import cosyvoice
+    m = cosyvoice.load("pretrained_models/CosyVoice2-0.5B",
+                       device=None,               # None/"auto": cuda if visible, else cpu
+                       dtype=None,                # None/"auto": bfloat16 on cuda, float32 on cpu
                        speaker_dir=None,          # default <model_dir>/registered_speakers
-                       use_wetext=True)           # -> cosyvoice.model.CosyVoiceModel
-    m.family                                      # "v1" | "v2" | "v3"
-    m.config                                      # parsed yaml, plain dicts (cosyvoice.config)
+                       use_wetext=True,
+                       token2wav=True)            # False: front half only (text -> tokens)
+    m.family, m.config, m.sample_rate             # "v1" | "v2" | "v3", parsed yaml, 24000/22050
+
+    # one utterance in-process
+    from cosyvoice.tts import synthesize
+    for chunk in synthesize(m, "Hello.", "spk", stream=True, seed=1, speed=1.0): ...
+
+    # many at once (what a serving scheduler does): each step is ONE packed LLM forward for
+    # every utterance, then one batched flow + HiFT call for those with a chunk ready
+    u = m.start("spk", seed=0, speed=1.0, stream=True)  # seed 0 = random; -> Utterance
+    m.add_text(u, "First sentence. Second one.", tag=0)   # normalized + split, one LLM run each
+    m.close_text(u)                                       # no more text
+    for out in m.step([u, ...], urgent=None):             # -> list[Output]
+        out.utterance, out.audio, out.tag, out.tag_end, out.done, out.error
+    m.cancel(u)                                           # frees its KV blocks now
+    u.status                                              # WAITING | RUNNING | FINISHED
+
+v1 cannot time-scale while streaming, so ``start`` turns streaming off for v1 at speed != 1.
+A bfloat16 request on a CPU without bf16 matrix units falls back to float32 (``devices``).
 
 Text frontend (``m.frontend``, :class:`cosyvoice.frontend.Frontend`)::
 
@@ -23,8 +42,10 @@ Text frontend (``m.frontend``, :class:`cosyvoice.frontend.Frontend`)::
     s = m.frontend.incremental()                  # streaming text input
     s.push("Hello wor") -> []; s.push("ld. How") -> ["Hello world."]; s.flush() -> ["How."]
 
-LLM step API (``m.llm``, :class:`cosyvoice.llm.engine.LLMEngine`) for a continuous-batching
-scheduler. A request is a :class:`cosyvoice.llm.engine.LLMRequest`::
+The stages underneath, for tests and tools. LLM step API (``m.llm``,
+:class:`cosyvoice.llm.engine.LLMEngine`); a request is a :class:`cosyvoice.llm.engine.LLMRequest`
+and its keys/values live in blocks of one paged pool per model (``m.llm.net.kv_pool()``,
+:mod:`cosyvoice.llm.kv`)::
 
     r = m.new_request(segs[0], speaker="my_voice", seed=1234)   # or LLMRequest(text_ids=...)
     m.llm.prefill([r1, r2])        # -> list[int | None]: first token of each (None = finished)

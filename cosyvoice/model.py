@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Family, LLMConfig, llm_config, load_model_yaml
+from .devices import resolve_device, resolve_dtype
 from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
 from .speakers import SpeakerStore
+from .utterance import Output, Status, Utterance
+
+log = logging.getLogger("cosyvoice")
 
 V3_SYSTEM_PREFIX = "You are a helpful assistant.<|endofprompt|>"
 
 
-@dataclass
+@dataclass(eq=False)
 class CosyVoiceModel:
-    """``frontend`` (text), ``llm`` (batched step API), ``speakers`` (store) of one model dir.
+    """One model dir: ``frontend`` (text), ``llm`` (batched step API), ``token2wav`` (flow +
+    HiFT), ``speakers`` (store), and the utterance API that drives them all
+    (:meth:`start`, :meth:`add_text`, :meth:`close_text`, :meth:`step`, :meth:`cancel`).
 
-    ``config`` is the parsed yaml (plain dicts, see :mod:`cosyvoice.config`), from which the
-    token2wav half builds its own configs.
+    ``config`` is the parsed yaml (plain dicts, see :mod:`cosyvoice.config`).
     """
 
     model_dir: Path
@@ -35,10 +43,168 @@ class CosyVoiceModel:
     speakers: SpeakerStore
     device: torch.device
     dtype: torch.dtype
+    token2wav: Any = None  # Token2Wav | Token2WavV1; None when loaded with token2wav=False
+    # A ready chunk may wait up to this many steps for others to batch with (see _vocode_now).
+    vocode_wait_steps: int = 3
+    _steps: int = field(default=0, repr=False)
 
     @property
     def sample_rate(self) -> int:
+        if self.token2wav is not None:
+            return self.token2wav.sample_rate
         return int(self.config.get("sample_rate", 24000))
+
+    # ---- utterances ----------------------------------------------------------------------
+
+    def start(
+        self, speaker: str, seed: int = 0, speed: float = 1.0, stream: bool = True, **opts: Any
+    ) -> Utterance:
+        """A new utterance in ``speaker``'s voice (raises ``SpeakerError`` for an unknown one).
+        ``seed`` 0 picks a random one. ``opts``: the other :class:`Utterance` fields."""
+        self.speakers.get(speaker)
+        if not speed > 0:
+            raise ValueError("speed must be > 0")
+        if self.family == "v1" and speed != 1.0:
+            stream = False  # v1's streaming vocoder cannot time-scale: one chunk per segment
+        return Utterance(speaker, seed or secrets.randbits(62) + 1, speed, stream, **opts)
+
+    def add_text(self, utt: Utterance, text: str, tag: Any = None) -> None:
+        """Queue a piece of text: normalized and split into segments (one LLM run each). Its
+        audio comes out tagged ``tag``; a piece with nothing speakable still ends (empty)."""
+        if utt.closed or utt.status is Status.FINISHED:
+            raise ValueError("add_text() after close_text() or the end of the utterance")
+        segs = self.frontend.split(text, text_frontend=utt.text_frontend)
+        for k, seg in enumerate(segs):
+            utt.pending.append((tag, seg, k == len(segs) - 1))
+        if not segs:
+            utt.pending.append((tag, "", True))
+        utt.status = Status.RUNNING
+
+    def close_text(self, utt: Utterance) -> None:
+        """No more text: the utterance finishes once everything queued is spoken."""
+        utt.closed = True
+        if utt.status is Status.WAITING:
+            utt.status = Status.RUNNING  # a step reports the end
+
+    def cancel(self, utt: Utterance) -> None:
+        """Stop now and free the utterance's KV blocks and vocoder state (idempotent)."""
+        if utt.llm is not None and not utt.llm.done:
+            utt.llm.cancel()
+        utt.llm = utt.t2w = None
+        utt.pending.clear()
+        utt.status = Status.FINISHED
+
+    def step(
+        self, utts: list[Utterance], urgent: Callable[[Utterance], bool] | None = None
+    ) -> list[Output]:
+        """Advance every busy utterance by one step: ONE packed LLM forward for all of them,
+        then (when chunks are ready) ONE batched flow call and ONE HiFT call. ``urgent(u)``:
+        whether ``u``'s listener is about to run out of audio, so ready chunks are vocoded now
+        instead of waiting a few steps to share the batch.
+
+        Per-utterance problems (its speaker was deleted) end that utterance with an output
+        whose ``error`` is set; an exception means the whole step failed."""
+        out: list[Output] = []
+        active: list[Utterance] = []
+        for u in utts:
+            if u.status is Status.FINISHED:
+                raise ValueError("step() got a finished utterance")
+            try:
+                started = u.in_flight or self._next_segment(u)
+            except Exception as exc:  # noqa: BLE001 - reported on this utterance only
+                log.exception("could not start a segment")
+                self.cancel(u)
+                out.append(Output(u, _EMPTY, done=True, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            if started:
+                active.append(u)
+            elif u.closed:
+                u.status = Status.FINISHED
+                out.append(Output(u, _EMPTY, done=True))
+            else:
+                u.status = Status.WAITING
+        if active:
+            out += self._advance(active, urgent)
+        return out
+
+    def _advance(self, active: list[Utterance], urgent) -> list[Output]:
+        llm = [u.llm for u in active if not u.llm.done]
+        if llm:
+            self.llm.step(llm)
+        t2w = self.token2wav
+        for u in active:  # flow_tokens, not step()'s return: v3 drops long silent runs there
+            t2w.feed(u.t2w, u.llm.flow_tokens[u.fed :], u.llm.done)
+            u.fed = len(u.llm.flow_tokens)
+        self._steps += 1
+        ready = [u for u in active if t2w.ready(u.t2w)]
+        for u in ready:
+            u.ready_since = u.ready_since or self._steps
+        if not ready or not self._vocode_now(active, ready, urgent):
+            return []
+        out = []
+        chunks = t2w.step([(u.t2w, [], u.llm.done) for u in ready])
+        for u, chunk in zip(ready, chunks, strict=True):
+            u.ready_since = 0
+            seg_done = u.t2w.done
+            if chunk is None and not seg_done:
+                continue
+            tag, tag_end = u.tag, seg_done and u.tag_last
+            if seg_done:
+                u.llm = u.t2w = None
+            done = seg_done and u.closed and not u.pending
+            if done:
+                u.status = Status.FINISHED
+            audio = _EMPTY if chunk is None else chunk.float().cpu()
+            out.append(Output(u, audio, tag, tag_end, done))
+        return out
+
+    def _vocode_now(self, active: list[Utterance], ready: list[Utterance], urgent) -> bool:
+        """Chunks of utterances that started a step or two apart become ready a step or two
+        apart; vocoding each alone wastes the batch (the flow is most of the cost). So ready
+        chunks wait up to ``vocode_wait_steps`` steps while others still produce tokens,
+        unless a listener is about to run dry."""
+        waiting = [u for u in active if u not in ready]
+        if all(u.llm.done for u in waiting):
+            return True
+        if self._steps - min(u.ready_since for u in ready) >= self.vocode_wait_steps:
+            return True
+        return urgent is not None and any(urgent(u) for u in ready)
+
+    def _next_segment(self, u: Utterance) -> bool:
+        """Start the next queued segment: its LLM request and token2wav state."""
+        if not u.pending:
+            return False
+        tag, text, last = u.pending.popleft()
+        seed = u.seed + u.runs
+        spk = self.speakers.get(u.speaker)  # raises for a speaker deleted meanwhile
+        req = self.new_request(text, u.speaker, seed=seed, greedy=u.greedy) if text else None
+        if req is not None and u.fixed_tokens:
+            req.min_len = req.max_len = u.fixed_tokens
+        st = self.token2wav.new_state(
+            spk.embedding,
+            torch.tensor(spk.prompt_speech_tokens, dtype=torch.long),
+            spk.prompt_feat,
+            stream=u.stream,
+            speed=u.speed,
+            seed=seed if u.noise else None,
+        )
+        if u.on_segment is not None:
+            u.on_segment(st, u.runs)
+        u.runs += 1
+        u.llm, u.t2w, u.fed = req or _Spoken(), st, 0
+        u.tag, u.tag_last = tag, last
+        u.status = Status.RUNNING
+        return True
+
+    def warmup(self) -> None:
+        """One short utterance through every stage, so the first request does not pay for
+        lazy initialisation."""
+        spk = self.speakers.list()[0]
+        u = self.start(spk, seed=1, stream=True, fixed_tokens=2 * self.token2wav.cfg.token_hop_len)
+        self.add_text(u, "Warm up.")
+        self.close_text(u)
+        while u.status is not Status.FINISHED:
+            self.step([u])
 
     def new_request(
         self,
@@ -100,16 +266,33 @@ class CosyVoiceModel:
         )
 
 
+@dataclass
+class _Spoken:
+    """The LLM side of a segment with nothing to say: already done, no tokens."""
+
+    done: bool = True
+    flow_tokens: list[int] = field(default_factory=list)
+
+
+_EMPTY = torch.zeros(0)
+
+
 def load(
     model_dir: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
     speaker_dir: str | Path | None = None,
     use_wetext: bool = True,
+    token2wav: bool = True,
 ) -> CosyVoiceModel:
+    """Load a model dir. ``device`` None: CUDA when available, else CPU; ``dtype`` None:
+    bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
+    on a CPU without bf16 matrix units falls back). ``token2wav=False`` loads only the front
+    half (text -> speech tokens)."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
-    device = torch.device(device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     lcfg = llm_config(family, cfg, model_dir)
     net = TransformerSpeechLM(lcfg) if family == "v1" else QwenSpeechLM(lcfg)
     net.load_checkpoint(model_dir / "llm.pt")
@@ -123,7 +306,7 @@ def load(
         speaker_dir=speaker_dir,
         normalize_text=frontend.normalize,
     )
-    return CosyVoiceModel(
+    model = CosyVoiceModel(
         model_dir=model_dir,
         family=family,
         config=cfg,
@@ -134,3 +317,34 @@ def load(
         device=device,
         dtype=dtype,
     )
+    if token2wav:
+        model.token2wav = _load_token2wav(model_dir, cfg, device, dtype)
+    return model
+
+
+def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: torch.dtype):
+    from .flow import load_flow
+    from .hift import HiFTConfig, load_hift
+    from .token2wav import make_token2wav
+
+    flow = load_flow(model_dir, device=device)
+    t2w = make_token2wav(flow, load_hift(model_dir, HiFTConfig.from_yaml(cfg), device=device))
+    if dtype != torch.float32:
+        # The flow is most of token2wav's time; autocast runs its matmuls in bf16/fp16 (2x at
+        # batch 8 on an AMX CPU, mel within ~1.5%) while HiFT's f0/iSTFT stay float32.
+        t2w.flow = _Autocast(flow, device.type, dtype)
+    return t2w
+
+
+class _Autocast:
+    """A flow whose inference runs under torch.autocast; everything else passes through."""
+
+    def __init__(self, flow, device_type: str, dtype: torch.dtype) -> None:
+        self._flow, self._device_type, self._dtype = flow, device_type, dtype
+
+    def inference(self, *args, **kwargs):
+        with torch.autocast(self._device_type, dtype=self._dtype):
+            return self._flow.inference(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._flow, name)

@@ -91,10 +91,13 @@ class Settings(msgspec.Struct, kw_only=True):
     llm_fixed_tokens: Annotated[
         Count, _doc("benchmarks only: every LLM run emits exactly this many tokens")
     ] = 0
-    device: Annotated[str, _doc("torch device for CosyVoice")] = "cpu"
+    device: Annotated[
+        str, _doc("torch device for CosyVoice (auto: cuda when a GPU is visible, else cpu)")
+    ] = "auto"
     dtype: Annotated[
-        Literal["float32", "bfloat16", "float16"], _doc("CosyVoice LLM and flow precision")
-    ] = "float32"
+        Literal["auto", "float32", "bfloat16", "float16"],
+        _doc("CosyVoice precision (auto: bfloat16 on cuda, float32 on cpu)"),
+    ] = "auto"
     scheduler: Annotated[
         Literal["batch", "serial"], _doc("serial: one job at a time (benchmark baseline)")
     ] = "batch"

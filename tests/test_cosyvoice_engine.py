@@ -39,13 +39,13 @@ def job(engine, seed: int) -> Job:
 
 def test_chunks_of_staggered_jobs_are_vocoded_together(engine):
     calls: list[int] = []
-    step = engine.t2w.step
+    step = engine.model.token2wav.step
 
     def counting(items):
         calls.append(len(items))
         return step(items)
 
-    engine.t2w.step = counting
+    engine.model.token2wav.step = counting
     try:
         a = job(engine, 1)
         engine.step([a])  # a is one LLM step ahead of b
@@ -56,7 +56,7 @@ def test_chunks_of_staggered_jobs_are_vocoded_together(engine):
             for j, event in engine.step(live):
                 events[j].append(event)
     finally:
-        engine.t2w.step = step
+        engine.model.token2wav.step = step
     # Every vocoder call took both jobs: a's chunks waited a step for b's.
     assert calls and all(n == 2 for n in calls), calls
     for j in (a, b):

@@ -1,0 +1,140 @@
+"""The model's utterance API (cosyvoice.load -> start / add_text / close_text / step / cancel)
+on the tiny golden CosyVoice2 dir: tags and ends, batch invariance through the whole pipeline,
+cancel and errors giving back every KV block."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _fixtures import ONE_THREAD
+
+import cosyvoice
+from cosyvoice.devices import resolve_dtype
+from cosyvoice.tts import synthesize
+from cosyvoice.utterance import Output, Status
+
+pytestmark = ONE_THREAD
+TOKENS = 40  # fixed LLM length: a few streaming chunks per segment, quick on the tiny model
+
+
+@pytest.fixture(scope="module")
+def model(golden_dir, tmp_path_factory):
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    return cosyvoice.load(
+        d, device="cpu", dtype="float32", speaker_dir=tmp_path_factory.mktemp("s")
+    )
+
+
+def _run(model, utts) -> dict[int, list[Output]]:
+    outs: dict[int, list[Output]] = {id(u): [] for u in utts}
+    while live := [u for u in utts if u.status is not Status.FINISHED]:
+        for o in model.step(live):
+            outs[id(o.utterance)].append(o)
+    return outs
+
+
+def _audio(outs: list[Output]) -> np.ndarray:
+    return torch.cat([o.audio for o in outs]).numpy()
+
+
+def test_pieces_are_tagged_and_end_in_order(model):
+    spk = model.speakers.list()[0]
+    u = model.start(spk, seed=5, fixed_tokens=TOKENS)
+    model.add_text(u, "Hello there. How are you today?", tag="a")
+    model.add_text(u, "...", tag="b")  # nothing speakable: still ends
+    model.add_text(u, "Fine.", tag="c")
+    assert u.status is Status.RUNNING
+    model.close_text(u)
+    with pytest.raises(ValueError):
+        model.add_text(u, "late", tag="d")
+    outs = _run(model, [u])[id(u)]
+    ends = [o.tag for o in outs if o.tag_end]
+    assert ends == ["a", "b", "c"]
+    tags = [o.tag for o in outs if o.audio.numel()]
+    assert tags == sorted(tags) and set(tags) == {"a", "c"}  # audio in text order, none for "b"
+    assert [o.done for o in outs].count(True) == 1 and outs[-1].done
+    assert not any(o.error for o in outs)
+    # streamed: a first chunk after 25 + 3 tokens, then the rest
+    assert sum(1 for o in outs if o.tag == "c" and o.audio.numel()) >= 2
+
+
+def test_waiting_until_text_or_close(model):
+    u = model.start(model.speakers.list()[0], seed=1, fixed_tokens=TOKENS)
+    assert model.step([u]) == [] and u.status is Status.WAITING
+    model.close_text(u)
+    (out,) = model.step([u])
+    assert out.done and out.audio.numel() == 0 and u.status is Status.FINISHED
+    with pytest.raises(ValueError):
+        model.step([u])
+
+
+def test_batched_equals_alone(model):
+    spk = model.speakers.list()[0]
+    texts = ["The first voice speaks.", "A second and longer sentence, spoken at once."]
+
+    def utt(i: int):
+        u = model.start(spk, seed=100 + i, fixed_tokens=TOKENS + 7 * i)
+        model.add_text(u, texts[i], tag=i)
+        model.close_text(u)
+        return u
+
+    alone = [_audio(_run(model, [u])[id(u)]) for u in (utt(0), utt(1))]
+    a, b = utt(0), utt(1)
+    model.step([a])  # staggered: a is one step ahead
+    together = _run(model, [a, b])
+    for got, ref in zip((_audio(together[id(a)]), _audio(together[id(b)])), alone, strict=True):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=2e-3)
+
+
+def test_same_seed_same_audio_in_process(model):
+    spk = model.speakers.list()[0]
+    one = torch.cat(list(synthesize(model, "Seeded.", spk, stream=True, seed=9)))
+    two = torch.cat(list(synthesize(model, "Seeded.", spk, stream=True, seed=9)))
+    torch.testing.assert_close(one, two)
+
+
+def test_cancel_and_errors_give_back_kv_blocks(model):
+    pool = model.llm.net.kv_pool()
+    base = pool.used_blocks
+    spk = model.speakers.list()[0]
+    u = model.start(spk, seed=3, fixed_tokens=200)
+    model.add_text(u, "Cancelled halfway through.")
+    for _ in range(5):
+        model.step([u])
+    assert pool.used_blocks > base
+    model.cancel(u)
+    model.cancel(u)  # idempotent
+    assert pool.used_blocks == base and u.status is Status.FINISHED
+
+    wav = (0.3 * np.sin(np.arange(48000) * 2 * np.pi * 220 / 16000)).astype(np.float32)
+    model.speakers.register("short-lived", (wav, 16000), "A test voice.")
+    v = model.start("short-lived", seed=4, fixed_tokens=TOKENS)
+    model.add_text(v, "One.", tag=0)
+    model.add_text(v, "Two.", tag=1)
+    while not any(o.tag_end for o in model.step([v])):
+        pass
+    model.speakers.delete("short-lived")  # deleted while its second segment waits
+    outs = _run(model, [v])[id(v)]
+    assert outs[-1].error and "short-lived" in outs[-1].error and outs[-1].done
+    assert pool.used_blocks == base
+    with pytest.raises(KeyError):
+        model.start("short-lived")
+
+
+def test_bf16_falls_back_on_a_cpu_without_bf16_units(monkeypatch, caplog):
+    import cosyvoice.devices as devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: False)
+    assert resolve_dtype("bfloat16", cpu) is torch.float32
+    assert "slower" in caplog.text
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: True)
+    assert resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert resolve_dtype(None, cpu) is torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    with pytest.raises(ValueError):
+        resolve_dtype("int8", cpu)
