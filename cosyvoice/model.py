@@ -284,11 +284,14 @@ def load(
     speaker_dir: str | Path | None = None,
     use_wetext: bool = True,
     token2wav: bool = True,
+    max_batch: int = 64,
+    graphs: bool | None = None,
 ) -> CosyVoiceModel:
     """Load a model dir. ``device`` None: CUDA when available, else CPU; ``dtype`` None:
     bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
     on a CPU without bf16 matrix units falls back). ``token2wav=False`` loads only the front
-    half (text -> speech tokens)."""
+    half (text -> speech tokens). ``graphs`` (default: on CUDA for v2/v3) runs decode steps of
+    up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`)."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)
@@ -317,6 +320,8 @@ def load(
         device=device,
         dtype=dtype,
     )
+    if graphs if graphs is not None else (device.type == "cuda" and family != "v1"):
+        model.llm.enable_graphs(max_batch)
     if token2wav:
         model.token2wav = _load_token2wav(model_dir, cfg, device, dtype)
     return model

@@ -18,6 +18,7 @@ import torch
 
 from ..config import SamplingConfig
 from .bistream import SPEECH_CHUNK, BistreamState
+from .graphs import CONTEXT_BLOCKS, DecodeGraphs
 from .kv import KVCache
 from .lm import QwenSpeechLM
 from .sampling import sample_next
@@ -147,6 +148,22 @@ class LLMEngine:
         self.prefill_chunk: int | None = None
         # the scheduler calls from one thread; the lock only guards against accidental sharing
         self._lock = threading.Lock()
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_graphs(self, max_batch: int, capture: bool | None = None) -> None:
+        """Run decode steps of up to ``max_batch`` requests at static shapes, replayed as CUDA
+        graphs on a GPU (``capture=False``: eagerly, to test the padding on a CPU). v2/v3 only;
+        call before any request runs: the KV pool becomes fixed-size."""
+        if not isinstance(self.net, QwenSpeechLM):
+            raise ValueError("decode graphs need the Qwen2 LM (v2/v3)")
+        net, dtype = self.net, self.net.llm_decoder.weight.dtype
+        blocks = max_batch * CONTEXT_BLOCKS[-1] + 1
+        pool = net.kv_pool(dtype, self.device, blocks=blocks, fixed=True)
+        if self.graphs is not None or not pool.fixed or pool.blocks != blocks:
+            raise ValueError("enable_graphs() must come once, before the first request")
+        self.graphs = DecodeGraphs(net, pool, max_batch, capture)
+        with torch.inference_mode():
+            self.graphs.capture_all()
 
     @property
     def speech_token_size(self) -> int:
@@ -223,7 +240,11 @@ class LLMEngine:
             lens.append(e.shape[0])
             caches.append(cache)
         with self._lock:
-            logits = net.forward_packed(torch.cat(embeds), caches, lens)
+            g = self.graphs
+            if g is not None and not fresh and not partial and max(lens) == 1 and g.fits(caches):
+                logits = g.run(torch.cat(embeds), caches)
+            else:
+                logits = net.forward_packed(torch.cat(embeds), caches, lens)
         for r, cache in fresh:  # only now: a failed forward leaves them un-started
             r.cache = cache
         mid_prefill = set()

@@ -28,7 +28,8 @@ class KVPool:
     """``data[layer, 0=k/1=v, slot, kv_head, head_dim]`` with ``slot = block * BLOCK + offset``.
 
     On the CPU the pool grows (doubling) when it runs out of blocks. ``fixed=True`` (CUDA graphs
-    read ``data`` at a captured address) makes running out an error instead.
+    read ``data`` at a captured address) makes running out an error instead. Block 0 is never
+    handed out: padded rows of a static batch write there and attend to it alone.
     """
 
     def __init__(
@@ -45,7 +46,9 @@ class KVPool:
             n_layers, 2, blocks * BLOCK, n_kv, head_dim, dtype=dtype, device=device
         )
         self.fixed = fixed
-        self._free = list(range(blocks - 1, -1, -1))  # pop() hands out the lowest block first
+        if blocks < 2:
+            raise ValueError("a KV pool needs at least 2 blocks (block 0 is scratch)")
+        self._free = list(range(blocks - 1, 0, -1))  # pop() hands out the lowest block first
 
     @property
     def blocks(self) -> int:

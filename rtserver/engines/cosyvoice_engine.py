@@ -52,7 +52,9 @@ class CosyVoiceEngine:
         max_batch: int = 64,
         fixed_tokens: int | None = None,
     ) -> None:
-        self.model = cosyvoice.load(model_dir, device=device, dtype=dtype, speaker_dir=speaker_dir)
+        self.model = cosyvoice.load(
+            model_dir, device=device, dtype=dtype, speaker_dir=speaker_dir, max_batch=max_batch
+        )
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many

@@ -1,0 +1,126 @@
+"""The decode step at static shapes, captured as CUDA graphs (v2/v3 Qwen2 LM).
+
+A decode step over B requests is ~24 layers x a dozen small kernels: on a GPU the launches,
+not the math, set its time. So the step is captured once per (batch bucket, context bucket)
+and replayed: inputs are copied into static buffers, padded rows write their keys to the
+pool's scratch block 0 and attend only to it, and the logits of the real rows are read back.
+On the CPU the same static step runs eagerly (``capture=False``), which is how the padding and
+bucketing are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from .kv import BLOCK, Group, KVCache, KVPool, Layout
+from .lm import QwenSpeechLM
+
+BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+CONTEXT_BLOCKS = (8, 16, 32, 64, 128)  # 256 .. 4096 positions
+
+
+class DecodeGraphs:
+    def __init__(
+        self, net: QwenSpeechLM, pool: KVPool, max_batch: int, capture: bool | None = None
+    ) -> None:
+        self.net, self.pool = net, pool
+        self.batches = [b for b in BATCHES if b < max_batch] + [max_batch]
+        self.contexts = list(CONTEXT_BLOCKS)
+        self.capture = pool.data.device.type == "cuda" if capture is None else capture
+        dev, d = pool.data.device, net.cfg.llm_input_size
+        mb, mc = self.batches[-1], self.contexts[-1]
+        self.x = torch.zeros(mb, d, dtype=pool.data.dtype, device=dev)
+        self.slots = torch.zeros(mb, dtype=torch.long, device=dev)  # 0: the scratch slot
+        self.ctx = torch.ones(mb, dtype=torch.long, device=dev)
+        self.table = torch.zeros(mb, mc, dtype=torch.long, device=dev)
+        self.max_pos = mc * BLOCK - 1
+        net.qwen.rope(torch.zeros(1, dtype=torch.long, device=dev), self.max_pos, self.x.dtype)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._mempool = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.batches[-1]
+
+    def fits(self, caches: list[KVCache]) -> bool:
+        """Whether this step (every request decoding one token) has a bucket."""
+        return len(caches) <= self.max_batch and all(
+            c.length + 1 <= self.contexts[-1] * BLOCK for c in caches
+        )
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
+        if not self.capture:
+            return
+        self._mempool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.batches):
+            for nb in reversed(self.contexts):
+                self._capture(b, nb)
+
+    def run(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Logits (len(caches), V) of one decode step; advances the caches by one position."""
+        n = len(caches)
+        for c in caches:
+            c.reserve(1)
+        b = self.batches[bisect.bisect_left(self.batches, n)]
+        need = max(-(-(c.length + 1) // BLOCK) for c in caches)
+        nb = self.contexts[bisect.bisect_left(self.contexts, need)]
+        self._fill(x, caches, b, nb)
+        if self.capture:
+            if (b, nb) not in self._graphs:
+                self._capture(b, nb)
+            graph, logits = self._graphs[(b, nb)]
+            graph.replay()
+        else:
+            logits = self._forward(b, nb)
+        KVPool.commit(caches, [1] * n)
+        return logits[:n]
+
+    def _fill(self, x: torch.Tensor, caches: list[KVCache], b: int, nb: int) -> None:
+        n = len(caches)
+        slots, ctx, table = [], [], []
+        for c in caches:
+            pos = c.length
+            slots.append(c.blocks[pos // BLOCK] * BLOCK + pos % BLOCK)
+            ctx.append(pos + 1)
+            row = c.blocks[:nb]
+            table.append(row + [0] * (nb - len(row)))
+        pad = b - n  # padded rows: write to the scratch slot, attend to it alone
+        host = dict(dtype=torch.long)
+        self.x[:n].copy_(x)
+        self.x[n:b].zero_()
+        self.slots[:b].copy_(torch.tensor(slots + [0] * pad, **host), non_blocking=True)
+        self.ctx[:b].copy_(torch.tensor(ctx + [1] * pad, **host), non_blocking=True)
+        self.table[:b, :nb].copy_(torch.tensor(table + [[0] * nb] * pad, **host), non_blocking=True)
+
+    def _forward(self, b: int, nb: int) -> torch.Tensor:
+        """The static step: every op reads the buffers, so it can be captured."""
+        ctx = self.ctx[:b]
+        k_pos = torch.arange(nb * BLOCK, device=ctx.device)
+        group = Group(
+            rows=torch.arange(b, device=ctx.device),
+            pad_rows=torch.arange(b, device=ctx.device),
+            block_table=self.table[:b, :nb],
+            q_pos=(ctx - 1)[:, None],
+            mask=(k_pos < ctx[:, None, None])[:, None],
+            q_len=1,
+        )
+        layout = Layout(slots=self.slots[:b], positions=ctx - 1, groups=[group])
+        h = self.net.qwen.forward_layout(self.x[:b], self.pool, layout, self.max_pos)
+        return self.net.llm_decoder(h)
+
+    def _capture(self, b: int, nb: int) -> None:
+        self.slots[:b].zero_()
+        self.ctx[:b].fill_(1)
+        self.table[:b, :nb].zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the capture (allocator, kernels)
+            self._forward(b, nb)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool):
+            logits = self._forward(b, nb)
+        self._graphs[(b, nb)] = (graph, logits)

@@ -1,0 +1,64 @@
+"""The static decode step that CUDA graphs replay, run eagerly on the CPU: padded to batch and
+context buckets, it gives the same logits and tokens as the dynamic step, across a bucket
+boundary and while requests join and leave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _fixtures import ONE_THREAD
+
+import cosyvoice
+from cosyvoice.llm.engine import LLMRequest
+from cosyvoice.llm.kv import BLOCK
+
+pytestmark = ONE_THREAD
+
+
+def _load(golden_dir, graphs: bool):
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    return cosyvoice.load(d, device="cpu", dtype="float32", speaker_dir=None,
+                          token2wav=False, graphs=graphs, max_batch=6)  # fmt: skip
+
+
+def _trace(model, lengths: list[int]) -> list[tuple[list[int], list[torch.Tensor]]]:
+    reqs = [
+        LLMRequest(text_ids=list(range(20, 26 + 4 * i)), seed=7 + i, min_len=n, max_len=n)
+        for i, n in enumerate(lengths)
+    ]
+    logits: list[list[torch.Tensor]] = [[] for _ in reqs]
+    late = reqs.pop()  # joins after a few steps
+    step = 0
+    while live := [r for r in reqs if not r.done]:
+        model.llm.step(live)
+        for r in live:
+            logits[reqs.index(r)].append(r.last_logits.clone())
+        step += 1
+        if step == 3:
+            reqs.append(late)
+    return [(r.out_tokens, lg) for r, lg in zip(reqs, logits, strict=False)]
+
+
+def test_static_step_matches_dynamic(golden_dir):
+    eager, static = _load(golden_dir, False), _load(golden_dir, True)
+    assert static.llm.graphs is not None and not static.llm.graphs.capture
+    # 5 requests (a padded bucket of 6), one running past 8 blocks (the 256-position bucket)
+    lengths = [12, 40, 9 * BLOCK, 30, 25]
+    for (tok_e, lg_e), (tok_s, lg_s) in zip(
+        _trace(eager, lengths), _trace(static, lengths), strict=True
+    ):
+        assert tok_e == tok_s
+        torch.testing.assert_close(torch.stack(lg_s), torch.stack(lg_e), atol=1e-4, rtol=1e-4)
+    pool = static.llm.net.kv_pool()
+    assert pool.fixed and pool.used_blocks == 1  # only the scratch block is left
+
+
+def test_pool_is_fixed_and_full_is_an_error(golden_dir):
+    model = _load(golden_dir, True)
+    pool = model.llm.net.kv_pool()
+    with pytest.raises(MemoryError):
+        pool.take(pool.free_blocks + 1)
+    with pytest.raises(ValueError):
+        model.llm.enable_graphs(4)  # the pool already exists
