@@ -22,3 +22,8 @@ lint:
 # Open the browser demo
 demo:
     uv run --extra voice rtserver serve --host 127.0.0.1 --port 50000
+
+# The GPU benchmark (one GPU, ~8 minutes): parity on CUDA, TTFA and real-time capacity in
+# float32 and bfloat16, written to docs/benchmarks.md
+bench-gpu *ARGS:
+    uv run --extra voice python bench/bench_gpu.py {{ARGS}}

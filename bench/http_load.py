@@ -30,8 +30,9 @@ def mp3_seconds(data: bytes) -> float:
         return sum(f.samples for f in c.decode(audio=0)) / c.streams.audio[0].rate
 
 
-async def one(client: httpx.AsyncClient, path: str, spk: str, rate: int) -> dict:
-    body = {"tts_text": SENTENCE, "spk_id": spk}
+async def one(client: httpx.AsyncClient, path: str, spk: str, rate: int, **extra: object) -> dict:
+    """One request; ``extra`` joins the JSON body (``stream``, ``seed``, ``tts_text``)."""
+    body = {"tts_text": SENTENCE, "spk_id": spk, **extra}
     t0 = time.monotonic()
     arrivals: list[tuple[float, int]] = []
     data = b""

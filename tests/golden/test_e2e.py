@@ -5,6 +5,8 @@ replays recorded flow noise: see test_e2e_v1."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _fixtures import ONE_THREAD, assert_chunks_match, e2e_runs, family_dir, load_arrays, needs
@@ -14,6 +16,8 @@ from cosyvoice.tts import synthesize
 WAVE_TOL = 1e-3  # golden README: waveforms
 
 FAMILIES = {"v2": family_dir("cosyvoice2"), "v3": family_dir("cosyvoice3")}
+# `bench/bench_gpu.py` runs these on CUDA
+DEVICE = os.environ.get("COSYVOICE_TEST_DEVICE", "cpu")
 pytestmark = ONE_THREAD
 
 
@@ -39,7 +43,7 @@ def family(request):
 def tts(family):
     import cosyvoice
 
-    return cosyvoice.load(FAMILIES[family] / "model", device="cpu", dtype="float32")
+    return cosyvoice.load(FAMILIES[family] / "model", device=DEVICE, dtype="float32")
 
 
 @pytest.fixture(scope="module")

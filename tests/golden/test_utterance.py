@@ -4,6 +4,8 @@ cancel and errors giving back every KV block."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from cosyvoice.devices import resolve_dtype
 from cosyvoice.tts import synthesize
 from cosyvoice.utterance import Output, Status
 
+# `bench/bench_gpu.py` runs these on CUDA
+DEVICE = os.environ.get("COSYVOICE_TEST_DEVICE", "cpu")
 pytestmark = ONE_THREAD
 TOKENS = 40  # fixed LLM length: a few streaming chunks per segment, quick on the tiny model
 
@@ -24,7 +28,7 @@ def model(golden_dir, tmp_path_factory):
     if not d.is_dir():
         pytest.skip("no cosyvoice2 golden dir")
     return cosyvoice.load(
-        d, device="cpu", dtype="float32", speaker_dir=tmp_path_factory.mktemp("s")
+        d, device=DEVICE, dtype="float32", speaker_dir=tmp_path_factory.mktemp("s")
     )
 
 
