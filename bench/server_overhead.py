@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import httpx
 from http_load import one
@@ -25,7 +26,7 @@ TEXT = "Hello there, this is a benchmark sentence."
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
