@@ -18,7 +18,7 @@ from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
 from .speakers import SpeakerStore
-from .utterance import Output, Status, Utterance
+from .utterance import Output, Status, TextRun, Utterance
 
 log = logging.getLogger("cosyvoice")
 
@@ -64,6 +64,8 @@ class CosyVoiceModel:
         self.speakers.get(speaker)
         if not speed > 0:
             raise ValueError("speed must be > 0")
+        if opts.get("text_stream") and self.family == "v1":
+            raise ValueError("text streaming needs a CosyVoice2/3 model")
         if self.family == "v1" and speed != 1.0:
             stream = False  # v1's streaming vocoder cannot time-scale: one chunk per segment
         return Utterance(speaker, seed or secrets.randbits(62) + 1, speed, stream, **opts)
@@ -73,6 +75,9 @@ class CosyVoiceModel:
         audio comes out tagged ``tag``; a piece with nothing speakable still ends (empty)."""
         if utt.closed or utt.status is Status.FINISHED:
             raise ValueError("add_text() after close_text() or the end of the utterance")
+        if utt.text_stream:
+            self._stream_text(utt, text, tag)
+            return
         segs = self.frontend.split(text, text_frontend=utt.text_frontend)
         for k, seg in enumerate(segs):
             utt.pending.append((tag, seg, k == len(segs) - 1))
@@ -80,8 +85,39 @@ class CosyVoiceModel:
             utt.pending.append((tag, "", True))
         utt.status = Status.RUNNING
 
+    def _stream_text(self, utt: Utterance, text: str, tag: Any) -> None:
+        """Text streaming: a fragment joins the open run of its tag (a new tag seals the
+        previous run and opens one). Raw text: fragments are not normalized."""
+        run = utt.open_run
+        if run is None or run.tag != tag:
+            self.seal(utt)
+            run = utt.open_run = TextRun(tag)
+            utt.pending.append((tag, run, True))
+        run.text += text
+        self._push_run(run)
+        utt.status = Status.RUNNING
+
+    def seal(self, utt: Utterance) -> None:
+        """Text streaming: the open piece is complete (its run decodes to the end)."""
+        run, utt.open_run = utt.open_run, None
+        if run is not None:
+            run.sealed = True
+            self._push_run(run)
+
+    def _push_run(self, run: TextRun) -> None:
+        if run.llm is None:
+            return  # not started: its text goes in when it starts
+        text = run.text if run.sealed else run.text[: _last_boundary(run.text)]
+        ids = self.frontend.encode(text) if text else []
+        if len(ids) > run.sent:
+            run.llm.push_text(ids[run.sent :])
+            run.sent = len(ids)
+        if run.sealed and not run.llm.bistream.closed:
+            run.llm.close_text()
+
     def close_text(self, utt: Utterance) -> None:
         """No more text: the utterance finishes once everything queued is spoken."""
+        self.seal(utt)
         utt.closed = True
         if utt.status is Status.WAITING:
             utt.status = Status.RUNNING  # a step reports the end
@@ -128,7 +164,7 @@ class CosyVoiceModel:
         return out
 
     def _advance(self, active: list[Utterance], urgent) -> list[Output]:
-        llm = [u.llm for u in active if not u.llm.done]
+        llm = [u.llm for u in active if u.llm.ready]  # not: done, or waiting for text
         if llm:
             self.llm.step(llm)
         t2w = self.token2wav
@@ -136,7 +172,11 @@ class CosyVoiceModel:
             t2w.feed(u.t2w, u.llm.flow_tokens[u.fed :], u.llm.done)
             u.fed = len(u.llm.flow_tokens)
         self._steps += 1
-        ready = [u for u in active if t2w.ready(u.t2w)]
+        ready = []
+        for u in active:
+            u.chunk_ready = t2w.ready(u.t2w)
+            if u.chunk_ready:
+                ready.append(u)
         for u in ready:
             u.ready_since = u.ready_since or self._steps
         if not ready or not self._vocode_now(active, ready, urgent):
@@ -144,7 +184,7 @@ class CosyVoiceModel:
         out = []
         chunks = t2w.step([(u.t2w, [], u.llm.done) for u in ready])
         for u, chunk in zip(ready, chunks, strict=True):
-            u.ready_since = 0
+            u.ready_since, u.chunk_ready = 0, t2w.ready(u.t2w)
             seg_done = u.t2w.done
             if chunk is None and not seg_done:
                 continue
@@ -163,9 +203,8 @@ class CosyVoiceModel:
         apart; vocoding each alone wastes the batch (the flow is most of the cost). So ready
         chunks wait up to ``vocode_wait_steps`` steps while others still produce tokens,
         unless a listener is about to run dry."""
-        waiting = [u for u in active if u not in ready]
-        if all(u.llm.done for u in waiting):
-            return True
+        if not any(u.llm.ready for u in active if u not in ready):
+            return True  # nobody else will have a chunk soon
         if self._steps - min(u.ready_since for u in ready) >= self.vocode_wait_steps:
             return True
         return urgent is not None and any(urgent(u) for u in ready)
@@ -177,9 +216,15 @@ class CosyVoiceModel:
         tag, text, last = u.pending.popleft()
         seed = u.seed + u.runs
         spk = self.speakers.get(u.speaker)  # raises for a speaker deleted meanwhile
-        req = self.new_request(text, u.speaker, seed=seed, greedy=u.greedy) if text else None
-        if req is not None and u.fixed_tokens:
-            req.min_len = req.max_len = u.fixed_tokens
+        if isinstance(text, TextRun):
+            req = text.llm = self.new_stream_request(u.speaker, seed=seed, greedy=u.greedy)
+            self._push_run(text)
+        elif text:
+            req = self.new_request(text, u.speaker, seed=seed, greedy=u.greedy)
+            if u.fixed_tokens:
+                req.min_len = req.max_len = u.fixed_tokens
+        else:
+            req = None
         st = self.token2wav.new_state(
             spk.embedding,
             torch.tensor(spk.prompt_speech_tokens, dtype=torch.long),
@@ -271,7 +316,22 @@ class _Spoken:
     """The LLM side of a segment with nothing to say: already done, no tokens."""
 
     done: bool = True
+    ready: bool = False
     flow_tokens: list[int] = field(default_factory=list)
+
+
+_CJK_STOPS = frozenset("，。！？；：、")
+
+
+def _last_boundary(text: str) -> int:
+    """Length of the text's prefix that tokenizes the same whatever follows: up to its last
+    whitespace (a BPE word takes the space before it) or just past CJK punctuation."""
+    for i in range(len(text) - 1, -1, -1):
+        if text[i].isspace():
+            return i
+        if text[i] in _CJK_STOPS:
+            return i + 1
+    return 0
 
 
 _EMPTY = torch.zeros(0)

@@ -31,7 +31,8 @@ class Utterance:
     (argmax LLM) and ``noise=False`` (zero vocoder noise) reproduce the golden fixtures;
     ``fixed_tokens`` makes every LLM run emit exactly that many tokens (benchmarks);
     ``on_segment(t2w_state, i)`` sees each segment's token2wav state before use (tests replay
-    recorded noise with it).
+    recorded noise with it). ``text_stream`` (v2/v3): each piece is ONE LLM run fed token by
+    token as its text arrives (bistream), instead of waiting for the piece to be complete.
     """
 
     speaker: str
@@ -43,9 +44,13 @@ class Utterance:
     text_frontend: bool = True
     fixed_tokens: int | None = None
     on_segment: Callable[[Any, int], None] | None = None
+    text_stream: bool = False
     status: Status = Status.WAITING
     closed: bool = False  # no more text will come
-    pending: deque[tuple[Any, str, bool]] = field(default_factory=deque)  # (tag, text, last)
+    pending: deque[tuple[Any, str | TextRun, bool]] = field(
+        default_factory=deque
+    )  # (tag, text, last)
+    open_run: TextRun | None = None  # text_stream: the piece still taking text
     tag: Any = None  # the piece the segment in flight belongs to
     tag_last: bool = False  # the segment in flight is the last one of its piece
     llm: Any = None  # LLMRequest of the segment in flight
@@ -53,18 +58,38 @@ class Utterance:
     runs: int = 0  # segments started
     fed: int = 0  # LLM tokens handed to token2wav
     ready_since: int = 0  # model step at which its next chunk became ready (0: not ready)
+    chunk_ready: bool = False  # token2wav has a chunk to make (set by the model's step)
 
     @property
     def in_flight(self) -> bool:
         return self.t2w is not None
 
     @property
+    def open_tag(self) -> Any:
+        return None if self.open_run is None else self.open_run.tag
+
+    @property
     def busy(self) -> bool:
-        """Whether a step can make progress (a segment in flight or queued, or an end to
-        report)."""
+        """Whether a step can make progress: a segment to start, tokens to make, a chunk to
+        vocode, or an end to report (not: a text-streaming run waiting for text)."""
         if self.status is Status.FINISHED:
             return False
-        return self.in_flight or bool(self.pending) or self.closed
+        if self.in_flight:
+            return self.llm.done or self.llm.ready or self.chunk_ready
+        return bool(self.pending) or self.closed
+
+
+@dataclass(eq=False)
+class TextRun:
+    """A text-streaming piece: its text so far and how much of it the LLM has been given.
+    Text is handed over only up to the last word boundary, so the tokens do not depend on
+    where the fragments were cut; the rest follows when the piece is sealed."""
+
+    tag: Any
+    text: str = ""
+    sent: int = 0  # tokens pushed so far
+    sealed: bool = False
+    llm: Any = None  # the bistream LLMRequest once the run started
 
 
 @dataclass

@@ -142,3 +142,46 @@ def test_bf16_falls_back_on_a_cpu_without_bf16_units(monkeypatch, caplog):
     assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
     with pytest.raises(ValueError):
         resolve_dtype("int8", cpu)
+
+
+def test_text_streaming_cuts_do_not_matter(model):
+    spk = model.speakers.list()[0]
+
+    def run(fragments: list[str]) -> np.ndarray:
+        u = model.start(spk, seed=21, text_stream=True)
+        outs: list[Output] = []
+        for f in fragments:
+            model.add_text(u, f, tag="turn")
+            outs += model.step([u]) if u.busy else []
+        model.close_text(u)
+        outs += _run(model, [u])[id(u)]
+        assert [o.tag for o in outs if o.tag_end] == ["turn"] and outs[-1].done
+        return _audio(outs)
+
+    whole = run(["Hello there, how are you doing today? I am fine."])
+    cut = run(["Hel", "lo the", "re, how", " are you do", "ing today? I", " am fine."])
+    assert whole.size > 0
+    np.testing.assert_array_equal(cut, whole)
+
+
+def test_text_streaming_waits_for_text_without_spinning(model):
+    u = model.start(model.speakers.list()[0], seed=2, text_stream=True)
+    model.add_text(u, "Wor", tag=0)  # no word boundary yet: nothing for the LLM
+    model.step([u])
+    assert u.status is Status.RUNNING and not u.busy
+    model.add_text(u, "ds keep coming in", tag=0)
+    assert u.busy
+    model.add_text(u, "A new piece.", tag=1)  # a new tag seals the first run
+    model.close_text(u)
+    outs = _run(model, [u])[id(u)]
+    assert [o.tag for o in outs if o.tag_end] == [0, 1]
+    assert all(o.audio.numel() for o in outs if o.tag_end)
+
+
+def test_text_streaming_needs_v2_or_v3(golden_dir):
+    d = golden_dir / "cosyvoice1" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice1 golden dir")
+    v1 = cosyvoice.load(d, device="cpu", dtype="float32", speaker_dir=None, token2wav=False)
+    with pytest.raises(ValueError, match="CosyVoice2/3"):
+        v1.start(v1.speakers.list()[0], text_stream=True)
