@@ -188,13 +188,16 @@ class Connection:
         speed: float = 1.0,
         seed: int = 0,
         text: str = "",
+        text_streaming: bool = False,
     ) -> Context:
-        """Open a context; raises ServerError if the server refuses it."""
+        """Open a context; raises ServerError if the server refuses it. ``text_streaming``:
+        fragments feed the model as they arrive (CosyVoice2/3), a flush ends the piece."""
         cid = context_id or f"ctx-{next(_ids)}"
         ctx = Context(self, cid)
         self.contexts[cid] = ctx
         await self.send(Start(context_id=cid, spk_id=spk_id, format=format,
-                              sample_rate=sample_rate, speed=speed, seed=seed, text=text))  # fmt: skip
+                              sample_rate=sample_rate, speed=speed, seed=seed, text=text,
+                              text_streaming=text_streaming))  # fmt: skip
         # The answer is `started` or an error; an error the server could not tie to the
         # context (it could not even parse the start) comes without its id.
         answer = asyncio.ensure_future(ctx.queue.get())

@@ -78,6 +78,7 @@ class Job:
     seed: int = 0
     stream: bool = False
     max_audio_s: float = float("inf")  # the scheduler fails the job past this much audio
+    text_streaming: bool = False  # fragments reach the engine as they arrive (add_fragment)
     request_id: str = "-"  # of the request that opened it, for the inference thread's logs
     id: int = field(default_factory=lambda: next(_job_ids))
     status: JobStatus = JobStatus.WAITING  # written by the scheduler only
@@ -90,27 +91,56 @@ class Job:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._segments: deque[str] = deque()
-        self._submitted = 0
+        self._segments: deque[tuple[int, str]] = deque()  # (segment index, text)
+        self._submitted = 0  # segments opened so far
+        self._open: int | None = None  # text streaming: the segment still taking fragments
         self._input_closed = False
         self._cancel = threading.Event()
 
     def add_segments(self, segments: list[str]) -> None:
         with self._lock:
-            self._segments.extend(segments)
-            self._submitted += len(segments)
+            self._open = None
+            for text in segments:
+                self._segments.append((self._submitted, text))
+                self._submitted += 1
+
+    def add_fragment(self, text: str) -> int:
+        """Text streaming: a fragment of the open segment (opening one if needed); returns
+        its index. The engine may start speaking it before the segment is sealed."""
+        with self._lock:
+            if self._open is None:
+                self._open = self._submitted
+                self._submitted += 1
+            self._segments.append((self._open, text))
+            return self._open
+
+    def seal(self) -> None:
+        """Text streaming: the open segment is complete."""
+        with self._lock:
+            self._open = None
+
+    @property
+    def open_segment(self) -> int | None:
+        with self._lock:
+            return self._open
 
     def close_input(self) -> None:
         with self._lock:
+            self._open = None
             self._input_closed = True
 
     def next_segment(self) -> tuple[int, str] | None:
-        """Pop the next segment with its index in the job, or None if none is pending."""
+        """Pop the next segment (or fragment) with its index in the job, or None."""
         with self._lock:
-            if not self._segments:
-                return None
-            index = self._submitted - len(self._segments)
-            return index, self._segments.popleft()
+            return self._segments.popleft() if self._segments else None
+
+    def take_text(self) -> tuple[list[tuple[int, str]], int | None, bool]:
+        """Everything queued, with the open segment and whether input is closed, as one
+        snapshot: a segment sealed (or input closed) by then has all its text in the list."""
+        with self._lock:
+            items = list(self._segments)
+            self._segments.clear()
+            return items, self._open, self._input_closed
 
     def has_pending_text(self) -> bool:
         with self._lock:

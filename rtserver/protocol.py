@@ -57,6 +57,9 @@ class Start(msgspec.Struct, tag="start", tag_field="type", forbid_unknown_fields
     speed: Speed = 1.0
     seed: Seed = 0
     text: str = ""  # optional first fragment, same as a `text` message
+    # CosyVoice2/3: fragments feed one running LLM as they arrive (bistream) instead of
+    # waiting for sentence ends; a flush ends the piece. Raw text: no text normalization.
+    text_streaming: bool = False
 
 
 class AppendText(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
@@ -176,6 +179,7 @@ ERROR_CODES: dict[str, str] = {
     "context_closed": "text, flush or close for a context after its `close` (or after it finished)",
     "unknown_speaker": "spk_id is not one of the server's speakers",
     "unsupported_format": "the format cannot be encoded at the requested sample_rate",
+    "unsupported_option": "the loaded model cannot do this (text_streaming needs CosyVoice2/3)",
     "too_many_contexts": "the socket already has max_contexts open contexts",
     "too_many_streams": "this client address already has its limit of streams open",
     "too_many_sockets": "this client address already has its limit of sockets open; closed",

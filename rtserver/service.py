@@ -58,6 +58,10 @@ class UnsupportedFormat(ValueError):
     """An audio format or rate the encoder cannot produce."""
 
 
+class UnsupportedOption(ValueError):
+    """An option the loaded engine cannot honour (text streaming on Piper or CosyVoice v1)."""
+
+
 class SynthesisFailed(RuntimeError):
     pass
 
@@ -220,6 +224,7 @@ class TTSService:
         seed: int = 0,
         stream: bool = False,
         incremental: bool = False,
+        text_streaming: bool = False,
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
         UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then."""
@@ -230,6 +235,8 @@ class TTSService:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)
         except ValueError as exc:
             raise UnsupportedFormat(str(exc)) from exc
+        if text_streaming and not getattr(self.engine, "text_streaming", False):
+            raise UnsupportedOption("text_streaming needs a CosyVoice2 or CosyVoice3 model")
         segmenter = self.segmenter(stream, incremental)
         release = self.client_streams.acquire(client)
         loop = asyncio.get_running_loop()
@@ -241,6 +248,7 @@ class TTSService:
             stream=stream,
             max_audio_s=self.settings.max_audio_s,
             request_id=request_id.get(),
+            text_streaming=text_streaming,
         )
         try:
             self.scheduler.submit(job)

@@ -169,12 +169,31 @@ class Session:
         self.chars += len(text)
         if self.first_text_at is None and speakable(text):
             self.first_text_at = time.monotonic()
-        self._submit(self._segmenter.push(text))
+        if self.job.text_streaming:
+            self._stream(text)
+        else:
+            self._submit(self._segmenter.push(text))
 
     def flush(self) -> int:
         """Submit whatever is buffered now; returns how many segments are submitted in all."""
-        self._submit(self._segmenter.flush())
+        if self.job.text_streaming:
+            self.job.seal()
+            self._wake()
+        else:
+            self._submit(self._segmenter.flush())
         return len(self.texts)
+
+    def _stream(self, text: str) -> None:
+        """Text streaming: the fragment goes to the engine now, as part of the open segment
+        (a flush seals it). Spaces matter here, so nothing is stripped."""
+        if self.job.open_segment is None and not speakable(text):
+            return  # would open a segment with nothing to say
+        index = self.job.add_fragment(text)
+        if index == len(self.texts):
+            self.texts.append(text)
+        else:
+            self.texts[index] += text
+        self._wake()
 
     def close(self) -> None:
         self.flush()

@@ -128,6 +128,35 @@ def test_ws_speaks_and_cancel_frees_the_job(cv):
     assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
 
 
+def test_ws_text_streaming_speaks_each_flushed_piece(cv):
+    """Fragments feed one LLM run per piece as they arrive; a flush ends the piece. Cut
+    mid-word, the audio is the same as the piece sent whole (same seed)."""
+    first, second = "Hello there, how are you doing today?", "Fine, thanks."
+
+    async def turn(fragments: list[str]) -> tuple:
+        async with TTSClient(cv.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="spk_f1", seed=8, text_streaming=True)
+            for f in fragments:
+                await ctx.send(f)
+            await ctx.flush()
+            await ctx.send(second)
+            await ctx.close()
+            return await ctx.collect()
+
+    before = cv.wait_idle()
+    whole = asyncio.run(asyncio.wait_for(turn([first]), 120))
+    cut = asyncio.run(
+        asyncio.wait_for(turn(["Hel", "lo the", "re, how", " are you do", "ing today?"]), 120)
+    )
+    for result in (whole, cut):
+        assert [s.text for s in result.segments] == [first, second]
+        assert result.done is not None and any(type(e).__name__ == "Flushed" for e in result.events)
+        assert_speech(decode_pcm(result.audio), 24000, min_seconds=0.5, max_gap_s=1.0)
+    assert cut.audio == whole.audio
+    after = cv.assert_idle()
+    assert after["completed"] == before["completed"] + 2
+
+
 def test_http_disconnect_frees_the_job(cv):
     before = cv.wait_idle()
     body = {"tts_text": LONG, "spk_id": "spk_f1", "stream": True}

@@ -256,6 +256,9 @@ def test_client_error_helpers_raise(server):
         async with TTSClient(server.base_url) as client, client.connect() as conn:
             with pytest.raises(ServerError, match="unknown_speaker"):
                 await conn.start(spk_id="nobody")
+            # the built-in voice cannot stream text into a running model
+            with pytest.raises(ServerError, match="unsupported_option"):
+                await conn.start(spk_id="joe", text_streaming=True)
 
     run(go())
 

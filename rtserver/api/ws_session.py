@@ -51,6 +51,7 @@ from rtserver.service import (
     TTSService,
     UnknownSpeaker,
     UnsupportedFormat,
+    UnsupportedOption,
 )
 from rtserver.session import Audio, Cancelled, Failed, Finished, SegmentEnd, Session
 
@@ -63,6 +64,7 @@ _GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under 
 _START_ERRORS = {
     UnknownSpeaker: "unknown_speaker",
     UnsupportedFormat: "unsupported_format",
+    UnsupportedOption: "unsupported_option",
     TooManyForClient: "too_many_streams",
     Busy: "busy",
     ShuttingDown: "shutting_down",
@@ -274,6 +276,7 @@ class WsSession:
             session = self.service.open_session(
                 msg.spk_id, self.client, msg.format, msg.sample_rate,
                 speed=msg.speed, seed=msg.seed, stream=True, incremental=True,
+                text_streaming=msg.text_streaming,
             )  # fmt: skip
         except tuple(_START_ERRORS) as exc:
             code = next(c for cls, c in _START_ERRORS.items() if isinstance(exc, cls))

@@ -58,6 +58,7 @@ class CosyVoiceEngine:
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
+        self.text_streaming = self.model.family != "v1"  # bistream needs the Qwen2 LM
         self._speakers = self._list_speakers()
 
     # ---- speakers -------------------------------------------------------------------------
@@ -89,12 +90,15 @@ class CosyVoiceEngine:
     def start(self, job: Job) -> None:
         job.engine_state = self.model.start(
             job.speaker.id, seed=job.seed, speed=job.speed, stream=job.stream,
-            fixed_tokens=self.fixed_tokens,
+            fixed_tokens=self.fixed_tokens, text_stream=job.text_streaming,
         )  # fmt: skip
 
     def ready(self, job: Job) -> bool:
         utt: Utterance | None = job.engine_state
-        return utt is not None and (utt.busy or job.has_pending_text() or job.input_closed)
+        if utt is None:
+            return False
+        sealed = utt.open_tag is not None and job.open_segment != utt.open_tag
+        return utt.busy or sealed or job.has_pending_text() or job.input_closed
 
     def step(self, jobs: list[Job]) -> list[tuple[Job, Event]]:
         for job in jobs:
@@ -113,15 +117,18 @@ class CosyVoiceEngine:
     # ---- internals ------------------------------------------------------------------------
 
     def _take_text(self, job: Job) -> None:
-        """Move the job's queued segments into its utterance (read `input_closed` first: once
-        it is set, every segment is already queued)."""
+        """Move the job's queued segments (or text-streaming fragments) into its utterance;
+        seal or close it as the job's snapshot says."""
         utt: Utterance = job.engine_state
-        closed = job.input_closed
-        while (item := job.next_segment()) is not None:
-            index, text = item
+        items, open_segment, closed = job.take_text()
+        for index, text in items:
             self.model.add_text(utt, text, tag=index)
-        if closed and not utt.closed and utt.status is not Status.FINISHED:
+        if utt.status is Status.FINISHED or utt.closed:
+            return
+        if closed:
             self.model.close_text(utt)
+        elif utt.open_tag is not None and utt.open_tag != open_segment:
+            self.model.seal(utt)
 
 
 def _urgent(job: Job) -> bool:
