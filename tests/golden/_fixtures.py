@@ -1,7 +1,7 @@
-"""Fixture loading shared by the per-family golden test modules (test_e2e_*, test_flow_*,
-test_hift_*, test_token2wav_*) and the engine-level tests: where a family's fixtures live, the
-skip-if-missing mark, the one-thread mark, the npz / json loaders, the token2wav ragged-batch
-driver and the engine loader.
+"""Fixture loading shared by the per-family golden test modules (test_e2e*, test_flow,
+test_hift, test_token2wav) and the engine-level tests: where a family's fixtures live, the
+per-family parameters with their skip-if-missing mark, the one-thread mark, the npz / json / yaml
+loaders, the token2wav ragged-batch driver and the engine loader.
 
 Imported as a plain module (``from _fixtures import ...``): tests/golden is not a package and
 pytest puts it on ``sys.path``.
@@ -10,11 +10,15 @@ pytest puts it on ``sys.path``.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 
 def golden_root() -> Path:
@@ -35,6 +39,66 @@ def needs(path: Path) -> pytest.MarkDecorator:
 
 # One intra-op thread for a module's tiny-model tests (see conftest.torch_single_thread).
 ONE_THREAD = pytest.mark.usefixtures("torch_single_thread")
+
+# family -> the folder of its fixtures (golden README layout) and its model yaml's name
+FAMILIES = {
+    f: family_dir(d)
+    for f, d in {"v1": "cosyvoice1", "v2": "cosyvoice2", "v3": "cosyvoice3"}.items()
+}
+FAMILY_YAML = {"v1": "cosyvoice.yaml", "v2": "cosyvoice2.yaml", "v3": "cosyvoice3.yaml"}
+
+
+def family_params(fixture: str, *families: str) -> list:
+    """One ``pytest.param(family)`` per family (id = family), skipped unless that family's
+    ``fixture`` file exists. For ``parametrize("family", ..., indirect=True, scope="module")``
+    with conftest's ``family`` fixture."""
+    return [pytest.param(f, id=f, marks=needs(FAMILIES[f] / fixture)) for f in families]
+
+
+class _TagBlindLoader(yaml.SafeLoader):
+    """SafeLoader that reads every HyperPyYAML tag (``!new:``, ``!name:``, ``!apply:``, ``!ref``)
+    as the plain node under it."""
+
+
+def _untagged(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_TagBlindLoader.add_multi_constructor("!", _untagged)
+_REF = re.compile(r"<(\w+)>")
+
+
+def raw_yaml(path: Path) -> dict[str, Any]:
+    """A CosyVoice yaml as plain data, read without ``cosyvoice.config``: tags are ignored and
+    ``!ref`` expressions stay strings (resolve them with :func:`yaml_value`). Tests compare what
+    the code parsed against this independent reading."""
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_TagBlindLoader)  # noqa: S506
+
+
+def yaml_value(raw: dict[str, Any], dotted: str) -> Any:
+    """The value at ``a.b.c`` of :func:`raw_yaml` data, with a reference to top-level keys
+    (``<chunk_size>`` or a product such as ``<chunk_size> * <token_mel_ratio>``, the only forms
+    the CosyVoice yamls use for numbers) resolved."""
+    v: Any = raw
+    for k in dotted.split("."):
+        v = v[k]
+    return _resolve(raw, v)
+
+
+def _resolve(raw: dict[str, Any], v: Any) -> Any:
+    if not (isinstance(v, str) and _REF.search(v)):
+        return v
+    factors = []
+    for term in v.split("*"):
+        m = _REF.fullmatch(term.strip())
+        if m is None:
+            raise ValueError(f"unsupported !ref expression {v!r}")
+        factors.append(_resolve(raw, raw[m.group(1)]))
+    return factors[0] if len(factors) == 1 else math.prod(factors)
 
 
 def load_arrays(path: Path) -> dict:

@@ -8,6 +8,9 @@ same format can be checked: ``COSYVOICE_GOLDEN=DIR pytest tests/golden``.
 * parameter ``family_dir``: every ``<golden>/<name>/`` holding a ``model/`` dir with a CosyVoice
   yaml. A test marked ``@pytest.mark.unsupported_families("v1", reason=...)`` gets those
   families as ``xfail(strict=True)`` params, so an unimplemented family never silently passes;
+* fixture ``family``: the family name of a module-scoped indirect parametrisation over the
+  fixed family folders (``_fixtures.family_params``), as test_flow / test_hift / test_token2wav
+  / test_e2e use;
 * ``config.cosyvoice_golden`` holds the resolved Path for module-level parametrisation.
 """
 
@@ -73,6 +76,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             pytest.param(None, marks=pytest.mark.skip(reason=f"no golden model dirs in {golden}"))
         ]
     metafunc.parametrize("family_dir", params)
+
+
+@pytest.fixture(scope="module")
+def family(request: pytest.FixtureRequest) -> str:
+    """The family ("v1", "v2", "v3") of a module-scoped indirect parametrisation
+    (``_fixtures.family_params``): module-scoped model fixtures load once per family."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -35,11 +35,6 @@ def _cases(versions):
 
 
 @pytest.fixture(scope="module")
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
 def tts(family):
     import cosyvoice
 

@@ -1,0 +1,257 @@
+"""Streaming token2wav of every family against <golden>/<family>/e2e_sft.npz, fed with the
+recorded LLM tokens: every emitted chunk (tokens all at once and one by one) and, for the v2/v3
+streaming runs, every flow and HiFT call. v2/v3 also: batched step() with ragged token arrival
+equals each request alone, the per-request hop schedule, seams, speed and misuse.
+
+v1 draws new flow noise on every flow call: its runs replay the recorded z of each call. v2
+cross-fades HiFT output with source caches; v3 (causal HiFT) re-vocodes the accumulated mel."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from _fixtures import (
+    FAMILIES,
+    ONE_THREAD,
+    assert_chunks_match,
+    drive_ragged,
+    e2e_runs,
+    family_params,
+    load_arrays,
+    needs,
+)
+from conftest import assert_close
+
+from cosyvoice.flow import FlowInput, load_flow
+from cosyvoice.hift import load_hift
+from cosyvoice.token2wav import Token2Wav, Token2WavV1, make_token2wav
+
+WAVE_TOL = 1e-3  # golden README: waveforms
+MEL_TOL = 1e-4
+# batched vs alone: the flow's mel agrees to ~3e-6 (float32 reassociation in padded GEMMs and
+# masked attention); HiFT's sine phase and f0 classifier amplify that to ~6e-5 in the waveform
+BATCH_WAVE_TOL = 2e-4
+
+# Streaming format of upstream CosyVoice2Model (inherited by v3): the first hop is 25 tokens
+# (the flow's attention chunk), 480 samples per mel frame, a source cache of 8 frames.
+HOP = 25
+SAMPLES_PER_FRAME = 480
+SOURCE_CACHE = 8 * SAMPLES_PER_FRAME
+
+V2_V3 = family_params("e2e_sft.npz", "v2", "v3")
+
+pytestmark = ONE_THREAD
+
+
+def _runs(family: str) -> list[dict]:
+    """The family's e2e runs with one segment (token2wav gets one segment's tokens; runs with
+    several segments are covered by the e2e tests)."""
+    return [r for r in e2e_runs(FAMILIES[family], family) if len(r["segments"]) == 1]
+
+
+def _cases(families, stream_only: bool = False) -> list:
+    """(family, run) params; a family without fixtures gives one skipped param."""
+    out = []
+    for f in families:
+        mark = needs(FAMILIES[f] / "e2e_sft.npz")
+        runs = [r for r in _runs(f) if r["stream"] or not stream_only]
+        out += [pytest.param(f, r, id=f"{f}-{r['key']}", marks=mark) for r in runs]
+        if not runs:
+            out.append(pytest.param(f, None, id=f, marks=mark))
+    return out
+
+
+@pytest.fixture(scope="module")
+def t2w(family):
+    d = FAMILIES[family] / "model"
+    t = make_token2wav(load_flow(d), load_hift(d))
+    assert isinstance(t, Token2WavV1 if family == "v1" else Token2Wav)
+    return t
+
+
+@pytest.fixture(scope="module")
+def fx(family) -> dict[str, np.ndarray]:
+    return load_arrays(FAMILIES[family] / "e2e_sft.npz")
+
+
+@pytest.fixture(scope="module")
+def spk(family) -> dict[str, dict[str, torch.Tensor]]:
+    return torch.load(
+        FAMILIES[family] / "model" / "spk2info.pt", map_location="cpu", weights_only=True
+    )
+
+
+@pytest.fixture(scope="module")
+def vocab(family) -> int:
+    """The speech-token vocabulary, read off flow.pt's embedding (not from the parsed yaml)."""
+    sd = torch.load(FAMILIES[family] / "model" / "flow.pt", map_location="cpu", weights_only=True)
+    return sd["input_embedding.weight"].shape[0]
+
+
+def _speaker(spk, name: str):
+    """(embedding, prompt tokens, prompt mel): SFT entries have only an embedding."""
+    s = spk[name]
+    if "embedding" in s:
+        return s["embedding"], None, None
+    return s["flow_embedding"], s["flow_prompt_speech_token"][0], s["prompt_speech_feat"][0]
+
+
+def _sft(spk) -> list[str]:
+    """The SFT speakers of spk2info.pt, in file order."""
+    return [n for n, s in spk.items() if "embedding" in s]
+
+
+def _zero_shot(spk) -> str:
+    """The first zero-shot speaker of spk2info.pt (prompt tokens + prompt mel)."""
+    return next(n for n, s in spk.items() if "flow_prompt_speech_token" in s)
+
+
+def _tokens(fx, key: str) -> torch.Tensor:
+    (seg,) = [k for k in fx if re.fullmatch(rf"{key}_seg\d+_tokens", k)]
+    return torch.from_numpy(fx[seg][0]).long()
+
+
+def _random_tokens(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("feed", ["all_at_once", "token_by_token"])
+@pytest.mark.parametrize(("family", "run"), _cases(FAMILIES), indirect=["family"], scope="module")
+def test_chunks_match_fixture(family, t2w, fx, spk, run, feed):
+    key = run["key"]
+    toks = _tokens(fx, key).tolist()
+    st = t2w.new_state(*_speaker(spk, run["spk"]), stream=run["stream"])
+    if family == "v1":  # replay the flow noise of every recorded call
+        n = len(run["flow_calls"])
+        st.flow_noise = [torch.from_numpy(fx[f"{key}_flowcall{k}_noise_z"]) for k in range(n)]
+    pieces = [toks] if feed == "all_at_once" else [[t] for t in toks]
+    chunks = list(t2w.stream(st, pieces))
+    assert_chunks_match(chunks, fx, key, run["n_chunks"], WAVE_TOL)
+    assert st.done and st.n_samples == sum(c.numel() for c in chunks)
+
+
+@pytest.mark.parametrize(
+    ("family", "run"), _cases(("v2", "v3"), stream_only=True), indirect=["family"], scope="module"
+)
+def test_flow_and_hift_calls(t2w, fx, spk, run):
+    """Each recorded flow call (schedule from the json) and each HiFT call on the recorded HiFT
+    input: v2 with the previous call's source cache, v3 re-vocoding the accumulated mel."""
+    key = run["key"]
+    toks = _tokens(fx, key)
+    emb, pt, pf = _speaker(spk, run["spk"])
+    pt = torch.zeros(0, dtype=torch.long) if pt is None else pt
+    pf = torch.zeros(0, 80) if pf is None else pf
+    calls = run["flow_calls"]
+    inps = [
+        FlowInput(toks[: c["n_tok"]], pt, pf, emb, c["streaming"], c["finalize"]) for c in calls
+    ]
+    for k, mel in enumerate(t2w.flow.inference(inps)):
+        assert_close(mel, fx[f"{key}_flowcall{k}_mel"][0], MEL_TOL, what=f"flow call {k}")
+    cache = None
+    for k, hc in enumerate(run["hift_calls"]):
+        mel = torch.from_numpy(fx[f"{key}_hiftcall{k}_mel_in"][0])
+        if t2w.causal:
+            ((y, s),) = t2w.hift.inference_causal([mel], [hc["finalize"]])
+        else:
+            assert (0 if cache is None else cache.numel()) == hc["cache_source_len"]
+            ((y, s),) = t2w.hift.inference([mel], [cache])
+            cache = torch.from_numpy(fx[f"{key}_hiftcall{k}_source"][0, 0, -SOURCE_CACHE:])
+        assert_close(s, fx[f"{key}_hiftcall{k}_source"][0, 0], WAVE_TOL, what=f"source {k}")
+        assert_close(y, fx[f"{key}_hiftcall{k}_speech"][0], WAVE_TOL, what=f"speech {k}")
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_batched_step_equals_alone(t2w, spk, vocab):
+    """Three requests (seeded-noise SFT stream, zero-shot stream with prompt padding, non-stream)
+    driven together with ragged token arrival: each request's chunks equal those it produces
+    alone."""
+    toks = _random_tokens(90, 5, vocab)
+    sft = _sft(spk)
+    emb_z, pt, pf = _speaker(spk, _zero_shot(spk))
+
+    def states():
+        return [t2w.new_state(spk[sft[0]]["embedding"], seed=7),
+                t2w.new_state(emb_z, pt, pf),
+                t2w.new_state(spk[sft[-1]]["embedding"], stream=False)]  # fmt: skip
+
+    alone = [torch.cat(list(t2w.stream(s, [toks]))) for s in states()]
+    sts = states()
+    # tokens per step: requests 0 and 1 get their first chunk in the same step
+    got, n_batched_steps = drive_ragged(t2w, sts, toks, [7, 11, 5])
+    assert n_batched_steps > 0, "the schedule never produced two chunks in one step"
+    for i in range(3):
+        y = torch.cat(got[i])
+        assert y.shape == alone[i].shape
+        assert (y - alone[i]).abs().max() <= BATCH_WAVE_TOL
+    # the zero-shot request's first hop is extended to the next multiple of the hop after the
+    # prompt: P prompt tokens -> (-P) mod 25 extra tokens
+    assert sts[1].prompt_pad == -pt.numel() % HOP
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_hop_schedule_is_per_request(t2w, spk, vocab):
+    """A second request starts again at hop 25 (upstream mutates a shared hop and does not)."""
+    emb = spk[_sft(spk)[0]]["embedding"]
+    toks = _random_tokens(185, 3, vocab)
+    st = t2w.new_state(emb)
+    sizes = [c.numel() for c in t2w.stream(st, [toks])]
+    # hops 25, 50, 100 tokens -> (50-8)*480, 100*480, 200*480 samples, then the rest
+    assert sizes[:3] == [42 * 480, 100 * 480, 200 * 480] and len(sizes) == 4
+    assert sum(sizes) == 2 * 185 * 480
+    st2 = t2w.new_state(emb)
+    assert t2w.step([(st2, toks[:28], False)])[0].numel() == 42 * 480
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_seams_and_length(t2w, spk, vocab):
+    """Streaming a long utterance: no discontinuity at chunk joins, total length equal to the
+    non-streaming output (within one chunk), and the same audio away from the chunk tails."""
+    emb = spk[_sft(spk)[-1]]["embedding"]
+    toks = _random_tokens(190, 11, vocab)
+    chunks = list(t2w.stream(t2w.new_state(emb), [toks]))
+    full = torch.cat(list(t2w.stream(t2w.new_state(emb, stream=False), [toks])))
+    assert len(chunks) >= 4
+    y = torch.cat(chunks)
+    assert abs(y.numel() - full.numel()) <= max(c.numel() for c in chunks)
+    inner = max(c.diff().abs().max().item() for c in chunks)
+    pos = np.cumsum([c.numel() for c in chunks])[:-1]
+    for p in pos:
+        jump = abs(y[p].item() - y[p - 1].item())
+        assert jump <= inner, f"seam at {p}: jump {jump:.4f} > largest in-chunk jump {inner:.4f}"
+    # away from the final chunk, streaming equals the full-attention result only loosely (chunk
+    # masks), but it must stay the same signal: compare energies of the first 2 s
+    n = 2 * 24000
+    e_s, e_f = y[:n].pow(2).mean(), full[:n].pow(2).mean()
+    assert 0.5 < (e_s / e_f).item() < 2.0
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_speed(t2w, spk, vocab):
+    emb = spk[_sft(spk)[0]]["embedding"]
+    toks = _random_tokens(60, 3, vocab)
+    n1 = t2w.synthesize(t2w.new_state(emb, stream=False), toks).numel()
+    n2 = t2w.synthesize(t2w.new_state(emb, stream=False, speed=2.0), toks).numel()
+    assert n1 == 120 * 480 and n2 == int(120 / 2.0) * 480
+    ns = t2w.synthesize(t2w.new_state(emb, stream=True, speed=2.0), toks).numel()
+    assert abs(ns - n2) <= 2 * 480
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_empty_and_misuse(t2w, spk, vocab):
+    sft = _sft(spk)
+    st = t2w.new_state(spk[sft[0]]["embedding"])
+    (c,) = t2w.step([(st, [], True)])
+    assert st.done and c.numel() == 0
+    with pytest.raises(ValueError):
+        t2w.step([(st, [1], True)])
+    st = t2w.new_state(spk[sft[0]]["embedding"])
+    other = t2w.new_state(spk[sft[-1]]["embedding"])
+    with pytest.raises(ValueError, match="item 1"):  # out of vocab: refused before any change
+        t2w.step([(other, [1, 2], False), (st, [3, vocab], False)])
+    assert other.tokens == [] and st.tokens == []
+    assert t2w.step([(st, list(range(27)), False)]) == [None]  # 25 + 3 look-ahead needed
+    assert t2w.step([(st, [5], False)])[0].numel() == 42 * 480
