@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 
 import httpx
@@ -27,9 +28,9 @@ REPLY = (
 )
 
 
-async def turn(client: TTSClient, spk: str, wps: float) -> dict:
+async def turn(client: TTSClient, spk: str, wps: float, text_streaming: bool = False) -> dict:
     async with client.connect() as conn:
-        ctx = await conn.start(spk_id=spk, format="pcm")
+        ctx = await conn.start(spk_id=spk, format="pcm", text_streaming=text_streaming)
         rate = ctx.sample_rate
         words = REPLY.split(" ")
         first_end = next(i for i, w in enumerate(words) if w.endswith("."))
@@ -42,6 +43,7 @@ async def turn(client: TTSClient, spk: str, wps: float) -> dict:
                     arrivals.append((time.monotonic(), len(item)))
 
         task = asyncio.create_task(reader())
+        marks["text"] = time.monotonic()
         for i, word in enumerate(words):
             await ctx.send(word + " ")
             if i == first_end:
@@ -59,12 +61,12 @@ async def turn(client: TTSClient, spk: str, wps: float) -> dict:
             play_end = t
         play_end += n / 2 / rate
     audio = sum(n for _, n in arrivals) / 2 / rate
-    return {"flush_to_audio": first - marks["flush"], "underruns": underruns, "audio": audio,
-            "end": arrivals[-1][0]}  # fmt: skip
+    return {"flush_to_audio": first - marks["flush"], "text_to_audio": first - marks["text"],
+            "underruns": underruns, "audio": audio, "end": arrivals[-1][0]}  # fmt: skip
 
 
 async def level(
-    base: str, spk: str, n: int, seconds: float, wps: float
+    base: str, spk: str, n: int, seconds: float, wps: float, text_streaming: bool = False
 ) -> tuple[list[dict], float]:
     results: list[dict] = []
     t0 = time.monotonic()
@@ -74,7 +76,7 @@ async def level(
         async def agent(k: int) -> None:
             await asyncio.sleep(k * 0.1)  # agents do not all start in the same millisecond
             while time.monotonic() < deadline:
-                results.append(await turn(client, spk, wps))
+                results.append(await turn(client, spk, wps, text_streaming))
 
         await asyncio.gather(*(agent(k) for k in range(n)))
     return results, time.monotonic() - t0
@@ -87,20 +89,35 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--words-per-s", type=float, default=15.0)
     ap.add_argument("--section", default="ws_agents")
+    ap.add_argument(
+        "--modes", nargs="+", default=["sentence"], choices=["sentence", "text-streaming"],
+        help="text-streaming: fragments feed a running CosyVoice2/3 LLM (start.text_streaming)",
+    )  # fmt: skip
+    ap.add_argument("--llm-fixed-tokens", type=int, default=0, help="CosyVoice benchmarks")
     args = ap.parse_args()
     server_args = ["--max-streams", "64", "--max-client-streams", "0", "--max-client-sockets", "0"]
     server_args += ["--model", args.model] if args.model else []
+    server_args += ["--llm-fixed-tokens", str(args.llm_fixed_tokens)]
     srv = ServerProcess(*server_args).wait_ready(timeout=600)
     try:
         spk = httpx.get(f"{srv.base_url}/speakers").json()[0]
         rows = []
-        for n in args.agents:
+        for mode, n in ((m, n) for m in args.modes for n in args.agents):
             res, wall = asyncio.run(
-                level(srv.base_url, spk["id"], n, args.seconds, args.words_per_s)
+                level(
+                    srv.base_url,
+                    spk["id"],
+                    n,
+                    args.seconds,
+                    args.words_per_s,
+                    mode == "text-streaming",
+                )  # fmt: skip
             )
             lat = [r["flush_to_audio"] * 1000 for r in res]
+            first = [r["text_to_audio"] * 1000 for r in res]
             rows.append(
-                f"| {n} | {len(res)} | {pct(lat, 50):.0f} | {pct(lat, 95):.0f} | "
+                f"| {mode} | {n} | {len(res)} | {pct(first, 50):.0f} | "
+                f"{pct(lat, 50):.0f} | {pct(lat, 95):.0f} | "
                 f"{sum(r['underruns'] for r in res)} | "
                 f"{sum(1 for r in res if r['underruns']) / len(res):.0%} | "
                 f"{sum(r['audio'] for r in res) / wall:.1f} |"
@@ -108,17 +125,20 @@ def main() -> None:
             print(rows[-1], flush=True)
     finally:
         srv.stop()
+    cmd = " ".join(sys.argv[1:])
     body = f"""## WebSocket voice agents ({spk["engine"]}, speaker `{spk["id"]}`)
 
-Command: `uv run --extra voice python bench/ws_agents.py{" --model " + args.model if args.model else ""}`
+Command: `uv run --extra voice python bench/ws_agents.py {cmd}`
 (commit {git_rev()}). Machine: {machine()}.
 N sockets, each looping for {args.seconds:.0f} s over turns: a {len(REPLY)}-character reply sent
 word by word at {args.words_per_s:.0f} words/s, `flush` after the first sentence, `close` at the end;
-audio played in real time from its first frame. Latency: flush -> first audio frame. An
-underrun is a frame that arrived after the player had run dry.
+audio played in real time from its first frame. Latency: first text fragment -> first audio
+frame, and flush -> first audio frame. An underrun is a frame that arrived after the player
+had run dry. Modes: `sentence` (text waits for sentence ends, one LLM run each) and
+`text-streaming` (`start.text_streaming`: fragments feed a running LLM as they arrive).
 
-| agents | turns | flush->audio p50 ms | p95 ms | underruns | turns with underrun | audio s per wall s |
-| --- | --- | --- | --- | --- | --- | --- |
+| mode | agents | turns | first text->audio p50 ms | flush->audio p50 ms | p95 ms | underruns | turns with underrun | audio s per wall s |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
 """ + "\n".join(rows)
     write_section(args.section, body)
 
