@@ -40,6 +40,8 @@ from rtserver.protocol import (
     ServerMessage,
     Start,
     Started,
+    Word,
+    Words,
 )
 
 _decode = msgspec.json.Decoder(ServerMessage).decode
@@ -59,6 +61,7 @@ class ServerError(Exception):
 class Result:
     audio: bytes = b""
     segments: list[Segment] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)  # with start(timestamps=True)
     events: list[msgspec.Struct] = field(default_factory=list)
     done: Done | None = None
     cancelled: bool = False
@@ -114,6 +117,8 @@ class Context:
             result.events.append(item)
             if isinstance(item, Segment):
                 result.segments.append(item)
+            elif isinstance(item, Words):
+                result.words += item.words
             elif isinstance(item, Done):
                 result.done = item
             elif isinstance(item, Cancelled):
@@ -189,15 +194,17 @@ class Connection:
         seed: int = 0,
         text: str = "",
         text_streaming: bool = False,
+        timestamps: bool = False,
     ) -> Context:
         """Open a context; raises ServerError if the server refuses it. ``text_streaming``:
-        fragments feed the model as they arrive (CosyVoice2/3), a flush ends the piece."""
+        fragments feed the model as they arrive (CosyVoice2/3), a flush ends the piece.
+        ``timestamps``: a ``Words`` event (estimated word timings) before each ``Segment``."""
         cid = context_id or f"ctx-{next(_ids)}"
         ctx = Context(self, cid)
         self.contexts[cid] = ctx
         await self.send(Start(context_id=cid, spk_id=spk_id, format=format,
                               sample_rate=sample_rate, speed=speed, seed=seed, text=text,
-                              text_streaming=text_streaming))  # fmt: skip
+                              text_streaming=text_streaming, timestamps=timestamps))  # fmt: skip
         # The answer is `started` or an error; an error the server could not tie to the
         # context (it could not even parse the start) comes without its id.
         answer = asyncio.ensure_future(ctx.queue.get())

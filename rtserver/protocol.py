@@ -60,6 +60,8 @@ class Start(msgspec.Struct, tag="start", tag_field="type", forbid_unknown_fields
     # CosyVoice2/3: fragments feed one running LLM as they arrive (bistream) instead of
     # waiting for sentence ends; a flush ends the piece. Raw text: no text normalization.
     text_streaming: bool = False
+    # Send `words` (estimated word timings) before each `segment`.
+    timestamps: bool = False
 
 
 class AppendText(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
@@ -138,6 +140,22 @@ class Segment(msgspec.Struct, tag="segment", tag_field="type"):
     end_ms: float
 
 
+class Word(msgspec.Struct):
+    word: str
+    start_ms: float  # in the context's audio, like Segment's times
+    end_ms: float
+
+
+class Words(msgspec.Struct, tag="words", tag_field="type"):
+    """Word timings of one segment (start.timestamps), sent right before its `segment`.
+    Estimated: spread over the segment's speech by word length, not aligned."""
+
+    context_id: str
+    index: int  # the segment's index
+    words: list[Word]
+    estimated: bool = True
+
+
 class Flushed(msgspec.Struct, tag="flushed", tag_field="type"):
     context_id: str
     flush_id: int
@@ -166,7 +184,7 @@ class Pong(msgspec.Struct, tag="pong", tag_field="type"):
     pass
 
 
-ServerMessage = Ready | Started | Segment | Flushed | Cancelled | Done | Error | Pong
+ServerMessage = Ready | Started | Segment | Words | Flushed | Cancelled | Done | Error | Pong
 
 # Error codes sent in `error` events.
 ERROR_CODES: dict[str, str] = {

@@ -15,6 +15,8 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from rtserver.audio import Encoder
 from rtserver.engine import Cancelled, Chunk, Done, Failed, Job, JobStatus
 from rtserver.text import Segmenter
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 _ALLOWED_CONTROLS = "\t\n\r"
+VOICE_LEVEL = 0.02  # |sample| above this is speech, not the silence around it (-34 dBFS)
 
 
 class TextRejected(ValueError):
@@ -116,6 +119,7 @@ class SegmentEnd:
     text: str
     start_ms: float  # where the segment sits in the stream's audio
     end_ms: float
+    voiced_ms: tuple[float, float] | None = None  # first to last non-silent sample, if any
 
 
 @dataclass
@@ -154,6 +158,7 @@ class Session:
         self._rate_in = job.speaker.sample_rate
         self._samples = 0  # engine-rate samples pumped so far
         self._segment_start = 0  # sample where the segment being pumped began
+        self._voiced: tuple[int, int] | None = None  # the segment's first/last loud sample
         self._segments_done = 0
 
     # ---- text in ---------------------------------------------------------------------------
@@ -261,6 +266,7 @@ class Session:
 
     def _chunk(self, chunk: Chunk) -> list[Audio | SegmentEnd]:
         out: list[Audio | SegmentEnd] = []
+        self._track_voice(chunk.audio)
         self._samples += len(chunk.audio)
         data = self.encoder.encode(chunk.audio)
         if data:
@@ -273,8 +279,21 @@ class Session:
             )
             self._segment_start = self._samples
             text = self.texts[chunk.segment]
-            out.append(SegmentEnd(chunk.segment, text, round(start_ms, 1), round(end_ms, 1)))
+            voiced = self._voiced and tuple(
+                round(n * 1000 / self._rate_in, 1) for n in self._voiced
+            )
+            self._voiced = None
+            out.append(
+                SegmentEnd(chunk.segment, text, round(start_ms, 1), round(end_ms, 1), voiced)
+            )
         return out
+
+    def _track_voice(self, audio: np.ndarray) -> None:
+        """Where speech starts and ends in the segment (word timings are spread over it)."""
+        loud = np.flatnonzero(np.abs(audio) > VOICE_LEVEL)
+        if loud.size:
+            first, last = self._samples + int(loud[0]), self._samples + int(loud[-1]) + 1
+            self._voiced = (self._voiced[0] if self._voiced else first, last)
 
     def _finished(self) -> Finished:
         audio_ms = self._samples * 1000 / self._rate_in

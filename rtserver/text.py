@@ -8,6 +8,8 @@ The same class serves HTTP (push everything, then flush) and WebSocket (tokens a
 
 from __future__ import annotations
 
+import re
+
 import pysbd
 
 _HARD_END = "。！？；…\n"  # ends a sentence wherever it stands, even at the end of the buffer
@@ -127,3 +129,37 @@ class Segmenter:
 def split_text(text: str, **options: int) -> list[str]:
     seg = Segmenter(**options)
     return seg.push(text) + seg.flush()
+
+
+_WORD = re.compile(
+    r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]|[^\s\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]+"
+)
+_PAUSE = 3.0  # weight of the pause after a comma or sentence end, in letters
+
+
+def estimate_words(text: str, start_ms: float, end_ms: float) -> list[tuple[str, float, float]]:
+    """Word timings spread over [start_ms, end_ms] by length: a CJK character counts as three
+    letters (about a syllable either way), punctuation after a word as a short pause after it.
+    Words are whitespace-separated, each CJK character is one; punctuation stays on its word."""
+    words: list[str] = []
+    for w in _WORD.findall(text):  # punctuation alone (a CJK comma, a dash) joins the word before
+        if words and not any(ch.isalnum() for ch in w):
+            words[-1] += w
+        else:
+            words.append(w)
+    pauses = [_PAUSE if not w[-1].isalnum() else 0.0 for w in words]
+    speech = [_speech(w) for w in words]
+    scale = max(end_ms - start_ms, 0.0) / (sum(speech) + sum(pauses) or 1.0)
+    t, out = start_ms, []
+    for w, sp, pause in zip(words, speech, pauses, strict=True):
+        out.append((w, round(t, 1), round(t + sp * scale, 1)))
+        t += (sp + pause) * scale
+    return out
+
+
+def _speech(word: str) -> float:
+    return max(sum(3.0 if _cjk(ch) else 1.0 for ch in word if ch.isalnum()), 1.0)
+
+
+def _cjk(ch: str) -> bool:
+    return "\u3040" <= ch <= "\u30ff" or "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff"

@@ -92,3 +92,19 @@ def test_a_fast_first_segment_is_never_cut_between_two_words():
         "Call Dr. Smith tomorrow morning before you leave the office, then rest all weekend."
     )
     assert split_text(with_comma, first_chars=40)[0].endswith("office,")  # the next clause
+
+
+def test_word_estimates_tile_the_span_with_pauses_at_punctuation():
+    from rtserver.text import estimate_words
+
+    words = estimate_words("Hello there, my friend.", 100.0, 1500.0)
+    assert [w for w, _, _ in words] == ["Hello", "there,", "my", "friend."]
+    assert words[0][1] == 100.0 and words[-1][2] <= 1500.0
+    gaps = [b[1] - a[2] for a, b in zip(words, words[1:], strict=False)]
+    assert gaps[0] == gaps[2] == 0 and gaps[1] > 0  # a pause only after the comma
+    # a CJK character is a word and weighs about a syllable (three letters)
+    zh = estimate_words("你好，世界", 0.0, 1000.0)
+    assert [w for w, _, _ in zh] == ["你", "好，", "世", "界"]
+    assert zh[0][2] - zh[0][1] == pytest.approx(zh[3][2] - zh[3][1])
+    assert estimate_words("", 0.0, 100.0) == []
+    assert [w for w, _, _ in estimate_words("— wait —", 0.0, 100.0)] == ["—", "wait—"]

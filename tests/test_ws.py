@@ -7,6 +7,7 @@ import json
 import struct
 import time
 
+import numpy as np
 import pytest
 import websockets
 from audio_check import assert_speech, decode_audio, decode_mp3, decode_pcm
@@ -59,6 +60,50 @@ def test_word_by_word_matches_one_piece(server):
     assert done and done.segments == len(pieces.segments)
     assert done.audio_ms == pytest.approx(len(a) * 1000 / rate, abs=1)
     assert done.ttfa_ms is not None and done.ttfa_ms > 0 and 0 < done.rtf < 1
+
+
+def test_word_timings_arrive_in_order_before_their_segment(server):
+    """`timestamps: true`: a `words` event per segment, before its `segment`, covering its
+    words in order within its speech, with the pauses at punctuation where the audio has
+    them."""
+    text = "Hello there, my friend. This is the second sentence of one flush."
+
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", timestamps=True, text=text)
+            await ctx.close()
+            return await ctx.collect(), ctx.sample_rate
+
+    result, rate = run(go())
+    kinds = [type(e).__name__ for e in result.events]
+    assert kinds.count("Words") == len(result.segments) >= 1
+    for i, kind in enumerate(kinds):
+        if kind == "Words":
+            assert (
+                kinds[i + 1] == "Segment" and result.events[i].index == result.events[i + 1].index
+            )
+    assert [w.word for w in result.words] == text.split()
+    times = [(w.start_ms, w.end_ms) for w in result.words]
+    assert all(s < e for s, e in times)
+    assert all(a[1] <= b[0] for a, b in zip(times, times[1:], strict=False))
+    audio = decode_pcm(result.audio)
+    assert result.words[-1].end_ms <= len(audio) * 1000 / rate + 1
+    # The first word starts where speech starts (not at the leading silence).
+    loud = np.flatnonzero(np.abs(audio) > 0.02)
+    assert abs(result.words[0].start_ms - loud[0] * 1000 / rate) < 30
+    # The longest pause inside the speech (after a comma or a sentence end) falls in one of
+    # the estimated gaps between words, give or take 250 ms.
+    gaps = np.diff(loud)
+    k = int(np.argmax(gaps))
+    pause_ms = (loud[k] + loud[k + 1]) / 2 * 1000 / rate
+    pairs = list(zip(result.words, result.words[1:], strict=False))
+    miss, (before, _) = min(
+        (max(0.0, a.end_ms - pause_ms, pause_ms - b.start_ms), (a, b)) for a, b in pairs
+    )
+    assert miss < 250 and not before.word[-1].isalnum(), (pause_ms, before, miss)
+    # Uncalled-for words: none without timestamps.
+    plain, _ = run(speak(server.base_url, "Hello there.", word_by_word=False))
+    assert not plain.words
 
 
 def test_mp3_context_and_resampling(server):

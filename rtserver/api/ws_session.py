@@ -39,6 +39,8 @@ from rtserver.protocol import (
     Segment,
     Start,
     Started,
+    Word,
+    Words,
 )
 from rtserver.protocol import Cancelled as CancelledMsg
 from rtserver.protocol import Done as DoneMsg
@@ -54,6 +56,7 @@ from rtserver.service import (
     UnsupportedOption,
 )
 from rtserver.session import Audio, Cancelled, Failed, Finished, SegmentEnd, Session
+from rtserver.text import estimate_words
 
 log = logging.getLogger("rtserver.ws")
 
@@ -82,6 +85,7 @@ class Context:
     cancelled: bool = False
     timed_out: bool = False
     closed: bool = False  # `close` received: no more text
+    timestamps: bool = False  # send `words` before each `segment`
     pump: asyncio.Task | None = None
     auto_flush: asyncio.TimerHandle | None = None
 
@@ -282,7 +286,7 @@ class WsSession:
             code = next(c for cls, c in _START_ERRORS.items() if isinstance(exc, cls))
             await self._error(code, str(exc), cid)
             return
-        ctx = Context(id=cid, stream=self._next_stream, session=session)
+        ctx = Context(id=cid, stream=self._next_stream, session=session, timestamps=msg.timestamps)
         self._next_stream += 1
         self.contexts[cid] = ctx
         await self._send(
@@ -380,6 +384,10 @@ class WsSession:
     async def _segment_end(self, ctx: Context, event: SegmentEnd) -> None:
         if ctx.cancelled:
             return
+        if ctx.timestamps:
+            start, end = event.voiced_ms or (event.start_ms, event.end_ms)
+            words = [Word(w, s, e) for w, s, e in estimate_words(event.text, start, end)]
+            await self._send(Words(context_id=ctx.id, index=event.index, words=words))
         await self._send(
             Segment(
                 context_id=ctx.id,
