@@ -120,6 +120,19 @@ def e2e_runs(d: Path, version: str) -> list[dict]:
     return json.loads((d / f"fixtures_{version}.json").read_text())["e2e_sft"]["runs"]
 
 
+def run_params(families: dict[str, Path], keep=lambda family, run: True) -> list:
+    """(family, run) params over the e2e runs that ``keep``; a family without fixtures (or
+    without a kept run) gives one skipped param, so the test shows up as skipped."""
+    out = []
+    for f, d in families.items():
+        mark = needs(d / "e2e_sft.npz")
+        runs = [r for r in e2e_runs(d, f) if keep(f, r)]
+        out += [pytest.param(f, r, id=f"{f}-{r['key']}", marks=mark) for r in runs]
+        if not runs:
+            out.append(pytest.param(f, None, id=f, marks=mark))
+    return out
+
+
 def drive_ragged(t2w, states, toks: list[int], rates: list[int]):
     """Drive ``states`` together through ``t2w.step`` with ragged token arrival: request i gets the
     next ``rates[i]`` tokens of ``toks`` each step (finalised with its last ones) until all are

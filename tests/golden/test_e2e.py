@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from _fixtures import ONE_THREAD, assert_chunks_match, e2e_runs, family_dir, load_arrays, needs
+from _fixtures import ONE_THREAD, assert_chunks_match, family_dir, load_arrays, needs, run_params
 
 from cosyvoice.tts import synthesize
 
@@ -19,19 +19,6 @@ FAMILIES = {"v2": family_dir("cosyvoice2"), "v3": family_dir("cosyvoice3")}
 # `bench/bench_gpu.py` runs these on CUDA
 DEVICE = os.environ.get("COSYVOICE_TEST_DEVICE", "cpu")
 pytestmark = ONE_THREAD
-
-
-def _cases(versions):
-    """(family, run) params; a family without fixtures gives one skipped param."""
-    out = []
-    for v in versions:
-        d = FAMILIES[v]
-        mark = needs(d / "e2e_sft.npz")
-        runs = e2e_runs(d, v)
-        out += [pytest.param(v, r, id=f"{v}-{r['key']}", marks=mark) for r in runs]
-        if not runs:
-            out.append(pytest.param(v, None, id=v, marks=mark))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,9 @@ def fx(family):
     return load_arrays(FAMILIES[family] / "e2e_sft.npz")
 
 
-@pytest.mark.parametrize(("family", "run"), _cases(FAMILIES), indirect=["family"], scope="module")
+@pytest.mark.parametrize(
+    ("family", "run"), run_params(FAMILIES), indirect=["family"], scope="module"
+)
 def test_tts_matches_fixture(tts, fx, run):
     key = run["key"]
     chunks = list(

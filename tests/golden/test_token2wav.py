@@ -18,10 +18,9 @@ from _fixtures import (
     ONE_THREAD,
     assert_chunks_match,
     drive_ragged,
-    e2e_runs,
     family_params,
     load_arrays,
-    needs,
+    run_params,
 )
 from conftest import assert_close
 
@@ -46,22 +45,10 @@ V2_V3 = family_params("e2e_sft.npz", "v2", "v3")
 pytestmark = ONE_THREAD
 
 
-def _runs(family: str) -> list[dict]:
-    """The family's e2e runs with one segment (token2wav gets one segment's tokens; runs with
-    several segments are covered by the e2e tests)."""
-    return [r for r in e2e_runs(FAMILIES[family], family) if len(r["segments"]) == 1]
-
-
-def _cases(families, stream_only: bool = False) -> list:
-    """(family, run) params; a family without fixtures gives one skipped param."""
-    out = []
-    for f in families:
-        mark = needs(FAMILIES[f] / "e2e_sft.npz")
-        runs = [r for r in _runs(f) if r["stream"] or not stream_only]
-        out += [pytest.param(f, r, id=f"{f}-{r['key']}", marks=mark) for r in runs]
-        if not runs:
-            out.append(pytest.param(f, None, id=f, marks=mark))
-    return out
+def _one_segment(family: str, run: dict, stream_only: bool = False) -> bool:
+    """token2wav gets one segment's tokens: runs with several segments are covered by the e2e
+    tests."""
+    return len(run["segments"]) == 1 and (run["stream"] or not stream_only)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +107,9 @@ def _random_tokens(n: int, seed: int, vocab: int) -> list[int]:
 
 
 @pytest.mark.parametrize("feed", ["all_at_once", "token_by_token"])
-@pytest.mark.parametrize(("family", "run"), _cases(FAMILIES), indirect=["family"], scope="module")
+@pytest.mark.parametrize(
+    ("family", "run"), run_params(FAMILIES, _one_segment), indirect=["family"], scope="module"
+)
 def test_chunks_match_fixture(family, t2w, fx, spk, run, feed):
     key = run["key"]
     toks = _tokens(fx, key).tolist()
@@ -135,7 +124,10 @@ def test_chunks_match_fixture(family, t2w, fx, spk, run, feed):
 
 
 @pytest.mark.parametrize(
-    ("family", "run"), _cases(("v2", "v3"), stream_only=True), indirect=["family"], scope="module"
+    ("family", "run"),
+    run_params({f: FAMILIES[f] for f in ("v2", "v3")}, lambda f, r: _one_segment(f, r, True)),
+    indirect=["family"],
+    scope="module",
 )
 def test_flow_and_hift_calls(t2w, fx, spk, run):
     """Each recorded flow call (schedule from the json) and each HiFT call on the recorded HiFT
