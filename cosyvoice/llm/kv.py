@@ -27,7 +27,8 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Group"], torch.T
 class KVPool:
     """``data[layer, 0=k/1=v, slot, kv_head, head_dim]`` with ``slot = block * BLOCK + offset``.
 
-    On the CPU the pool grows (doubling) when it runs out of blocks. ``fixed=True`` (CUDA graphs
+    On the CPU the pool grows (doubling) when it runs out of blocks, and goes back to its first
+    size when no request holds a block, so a burst does not keep its memory. ``fixed=True`` (CUDA graphs
     read ``data`` at a captured address) makes running out an error instead. Block 0 is never
     handed out: padded rows of a static batch write there and attend to it alone.
     """
@@ -46,6 +47,7 @@ class KVPool:
             n_layers, 2, blocks * BLOCK, n_kv, head_dim, dtype=dtype, device=device
         )
         self.fixed = fixed
+        self._initial = blocks
         if blocks < 2:
             raise ValueError("a KV pool needs at least 2 blocks (block 0 is scratch)")
         self._free = list(range(blocks - 1, 0, -1))  # pop() hands out the lowest block first
@@ -76,6 +78,11 @@ class KVPool:
 
     def give(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
+        if not self.fixed and self.blocks > self._initial and self.used_blocks == 1:
+            shape = list(self.data.shape)
+            shape[2] = self._initial * BLOCK
+            self.data = self.data.new_zeros(shape)  # nothing live to copy: block 0 is scratch
+            self._free = list(range(self._initial - 1, 0, -1))
 
     def _grow(self, need: int) -> None:
         if self.fixed:

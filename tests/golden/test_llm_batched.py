@@ -79,6 +79,21 @@ def test_pool_blocks_come_back(golden_dir):
     assert pool.used_blocks == before
 
 
+def test_pool_grows_for_a_burst_and_shrinks_after(golden_dir):
+    model = load_engine(golden_dir, "cosyvoice2")
+    pool = model.llm.net.kv_pool()
+    first = pool.blocks
+    reqs = _started(model, 12)
+    burst = [r.cache for r in reqs]
+    for c in burst:
+        c.reserve(6 * BLOCK)  # more than the first size holds
+    assert pool.blocks > first
+    del burst
+    for r in reqs:
+        r.cancel()
+    assert pool.blocks == first and pool.used_blocks == 1
+
+
 def test_cache_is_readable_and_grows_past_a_block(golden_dir):
     model = load_engine(golden_dir, "cosyvoice2")
     net = model.llm.net
