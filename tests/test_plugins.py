@@ -1,0 +1,124 @@
+"""The Pipecat and LiveKit Agents plugins of rtserver-client, driven by each framework's own
+machinery against a real built-in-voice server: a turn is spoken, a barge-in cancels it on the
+server, and word timings (when the server sends `words` events) arrive in order."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from audio_check import assert_speech, decode_pcm
+
+from rtserver.client import TTSClient
+
+pytestmark = pytest.mark.plugins
+
+TURN = "Hello there. The weather is lovely today, so let us go for a walk."
+LONG = " ".join(
+    ["Voice agents stream their replies a few words at a time, and users interrupt them."] * 12
+)
+RATE = 24000  # what both frameworks ask for: the server resamples from Piper's 22.05 kHz
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=180))
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())
+
+
+@pytest.fixture(scope="module")
+def sends_words(server) -> bool:
+    """Whether the server under test answers `timestamps: true` with `words` events."""
+
+    async def probe() -> bool:
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", text="Hello there.", timestamps=True)
+            await ctx.close()
+            return bool((await ctx.collect()).words)
+
+    return run(probe())
+
+
+def need_words(sends_words: bool) -> None:
+    if not sends_words:
+        pytest.skip("the server under test sends no `words` events for `timestamps: true`")
+
+
+def check_word_times(spoken: list[tuple[str, float]], text: str, audio_s: float) -> None:
+    """Words in the text's order, start times non-decreasing and inside the audio."""
+    assert words_of(" ".join(w for w, _ in spoken)) == words_of(text), spoken
+    starts = [t for _, t in spoken]
+    assert starts == sorted(starts), starts
+    assert starts[0] >= 0 and starts[-1] < audio_s, (starts, audio_s)
+
+
+# ---- Pipecat ------------------------------------------------------------------------------
+
+
+def pipecat_turn(base_url: str, frames: list, **kwargs) -> list:
+    from pipecat.pipeline.worker import PipelineParams
+    from pipecat.tests.utils import run_test
+    from rtserver_client.pipecat import RTServerTTSService
+
+    tts = RTServerTTSService(base_url=base_url, voice="joe", **kwargs)
+    params = PipelineParams(audio_out_sample_rate=RATE)
+    down, _ = run(run_test(tts, frames_to_send=frames, pipeline_params=params))
+    return list(down)
+
+
+def test_pipecat_speaks_a_turn(server):
+    from pipecat.frames.frames import (
+        TTSAudioRawFrame,
+        TTSSpeakFrame,
+        TTSStartedFrame,
+        TTSStoppedFrame,
+        TTSTextFrame,
+    )
+
+    down = pipecat_turn(server.base_url, [TTSSpeakFrame(TURN)])
+    kinds = [type(f) for f in down]
+    assert TTSStartedFrame in kinds and TTSStoppedFrame in kinds, kinds
+    audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert audio and {(f.sample_rate, f.num_channels) for f in audio} == {(RATE, 1)}
+    first, last = kinds.index(TTSStartedFrame), kinds.index(TTSStoppedFrame)
+    assert all(first < down.index(f) < last for f in audio), "audio outside its turn"
+    pcm = decode_pcm(b"".join(f.audio for f in audio))
+    assert_speech(pcm, RATE, min_seconds=2.5)
+    assert len(pcm) / RATE < 10, "far more audio than the text"
+    # The spoken text reaches the context (from word timings or end-of-turn completion).
+    text = " ".join(f.text for f in down if isinstance(f, TTSTextFrame))
+    assert words_of(text) == words_of(TURN)
+    server.assert_idle()
+
+
+def test_pipecat_barge_in_cancels_on_the_server(server):
+    from pipecat.frames.frames import InterruptionFrame, TTSAudioRawFrame, TTSSpeakFrame
+    from pipecat.tests.utils import SleepFrame
+
+    before = server.healthz()["cancelled"]
+    # The long turn takes far more than 3 s to speak; the interruption lands mid-turn.
+    frames = [TTSSpeakFrame(LONG), SleepFrame(sleep=3.0), InterruptionFrame(), SleepFrame(1.0)]
+    down = pipecat_turn(server.base_url, frames)
+    cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
+    before_cut = [f for f in down[:cut] if isinstance(f, TTSAudioRawFrame)]
+    assert before_cut, "no audio in the 3 s before the interruption"
+    assert not any(isinstance(f, TTSAudioRawFrame) for f in down[cut:]), "audio after barge-in"
+    spoken_s = sum(len(f.audio) for f in before_cut) / 2 / RATE
+    assert spoken_s < 30, spoken_s  # LONG is ~60 s of speech: it was cut short
+    # The plugin sent `cancel`: the server dropped the job (not just Pipecat the audio).
+    assert server.assert_idle()["cancelled"] == before + 1
+
+
+def test_pipecat_word_timestamps(server, sends_words):
+    need_words(sends_words)
+    from pipecat.frames.frames import TTSAudioRawFrame, TTSSpeakFrame, TTSTextFrame
+
+    down = pipecat_turn(server.base_url, [TTSSpeakFrame(TURN)])
+    audio_s = sum(len(f.audio) for f in down if isinstance(f, TTSAudioRawFrame)) / 2 / RATE
+    texts = [f for f in down if isinstance(f, TTSTextFrame)]
+    assert len(texts) >= len(words_of(TURN)) - 1, "one text frame per word, timed"
+    t0 = min(f.pts for f in texts)
+    check_word_times([(f.text, (f.pts - t0) / 1e9) for f in texts], TURN, audio_s)
