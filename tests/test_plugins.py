@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import numpy as np
 import pytest
 from audio_check import assert_speech, decode_pcm
 
@@ -122,3 +123,93 @@ def test_pipecat_word_timestamps(server, sends_words):
     assert len(texts) >= len(words_of(TURN)) - 1, "one text frame per word, timed"
     t0 = min(f.pts for f in texts)
     check_word_times([(f.text, (f.pts - t0) / 1e9) for f in texts], TURN, audio_s)
+
+
+# ---- LiveKit Agents -----------------------------------------------------------------------
+# As LiveKit's own plugin tests do: the plugin's stream() / synthesize() called directly.
+
+
+def livekit_frames(events) -> tuple[np.ndarray, list]:
+    """PCM and timed transcripts of a list of SynthesizedAudio."""
+    from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT
+
+    assert {(e.frame.sample_rate, e.frame.num_channels) for e in events} == {(RATE, 1)}
+    pcm = decode_pcm(b"".join(bytes(e.frame.data) for e in events))
+    timed = [w for e in events for w in e.frame.userdata.get(USERDATA_TIMED_TRANSCRIPT, [])]
+    return pcm, timed
+
+
+async def livekit_stream(base_url: str, text: str):
+    from rtserver_client.livekit import TTS
+
+    tts = TTS(base_url=base_url, voice="joe", sample_rate=RATE)
+    try:
+        async with tts.stream() as stream:
+            for word in text.split(" "):  # as an LLM streams it
+                stream.push_text(word + " ")
+            stream.flush()
+            stream.end_input()
+            return [ev async for ev in stream]
+    finally:
+        await tts.aclose()
+
+
+def test_livekit_stream_speaks_pushed_text(server):
+    events = run(livekit_stream(server.base_url, TURN))
+    pcm, _ = livekit_frames(events)
+    assert_speech(pcm, RATE, min_seconds=2.5)
+    assert len(pcm) / RATE < 10, "far more audio than the text"
+    assert events[-1].is_final and len({e.segment_id for e in events}) == 1
+    server.assert_idle()
+
+
+def test_livekit_synthesize_one_shot(server):
+    from rtserver_client.livekit import TTS
+
+    async def go():
+        tts = TTS(base_url=server.base_url, voice="joe", sample_rate=RATE)
+        try:
+            return await tts.synthesize(TURN).collect()
+        finally:
+            await tts.aclose()
+
+    frame = run(go())
+    assert (frame.sample_rate, frame.num_channels) == (RATE, 1)
+    assert_speech(decode_pcm(bytes(frame.data)), RATE, min_seconds=2.5)
+    server.assert_idle()
+
+
+def test_livekit_barge_in_cancels_on_the_server(server):
+    from rtserver_client.livekit import TTS
+
+    before = server.healthz()["cancelled"]
+
+    async def go() -> float:
+        tts = TTS(base_url=server.base_url, voice="joe", sample_rate=RATE)
+        try:
+            stream = tts.stream()
+            stream.push_text(LONG)
+            stream.end_input()
+            heard = 0.0
+            async for ev in stream:
+                heard += ev.frame.duration
+                if heard > 1.0:  # the user starts talking: the agent closes the stream
+                    break
+            await stream.aclose()
+            # The socket stays open, so anything the server still sent would show up here.
+            await asyncio.sleep(1.0)
+            return heard
+        finally:
+            await tts.aclose()
+
+    heard = run(go())
+    assert 1.0 < heard < 30, heard  # LONG is ~60 s of speech: it was cut short
+    assert server.assert_idle()["cancelled"] == before + 1
+
+
+def test_livekit_word_timings(server, sends_words):
+    need_words(sends_words)
+    events = run(livekit_stream(server.base_url, TURN))
+    pcm, timed = livekit_frames(events)
+    check_word_times([(str(w), w.start_time) for w in timed], TURN, len(pcm) / RATE)
+    assert all(w.end_time >= w.start_time for w in timed)
