@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import httpx
 import numpy as np
 import pytest
 from audio_check import assert_speech, decode_pcm
@@ -48,6 +49,17 @@ def need_words(sends_words: bool) -> None:
         pytest.skip("the server under test sends no `words` events for `timestamps: true`")
 
 
+async def cancel_seen(base_url: str, before: int) -> bool:
+    """Wait for the server to count one more cancelled job; whether the plugin's socket was
+    still open then, i.e. the plugin sent `cancel` (closing the socket cancels jobs too)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        while True:
+            health = (await http.get("/healthz")).json()
+            if health["cancelled"] > before:
+                return health["sockets_open"] > 0
+            await asyncio.sleep(0.02)
+
+
 def check_word_times(spoken: list[tuple[str, float]], text: str, audio_s: float) -> None:
     """Words in the text's order, start times non-decreasing and inside the audio."""
     assert words_of(" ".join(w for w, _ in spoken)) == words_of(text), spoken
@@ -59,15 +71,19 @@ def check_word_times(spoken: list[tuple[str, float]], text: str, audio_s: float)
 # ---- Pipecat ------------------------------------------------------------------------------
 
 
-def pipecat_turn(base_url: str, frames: list, **kwargs) -> list:
+async def pipecat_run(base_url: str, frames: list) -> list:
     from pipecat.pipeline.worker import PipelineParams
     from pipecat.tests.utils import run_test
     from rtserver_client.pipecat import RTServerTTSService
 
-    tts = RTServerTTSService(base_url=base_url, voice="joe", **kwargs)
+    tts = RTServerTTSService(base_url=base_url, voice="joe")
     params = PipelineParams(audio_out_sample_rate=RATE)
-    down, _ = run(run_test(tts, frames_to_send=frames, pipeline_params=params))
+    down, _ = await run_test(tts, frames_to_send=frames, pipeline_params=params)
     return list(down)
+
+
+def pipecat_turn(base_url: str, frames: list) -> list:
+    return run(pipecat_run(base_url, frames))
 
 
 def test_pipecat_speaks_a_turn(server):
@@ -102,7 +118,14 @@ def test_pipecat_barge_in_cancels_on_the_server(server):
     before = server.healthz()["cancelled"]
     # The long turn takes far more than 3 s to speak; the interruption lands mid-turn.
     frames = [TTSSpeakFrame(LONG), SleepFrame(sleep=3.0), InterruptionFrame(), SleepFrame(1.0)]
-    down = pipecat_turn(server.base_url, frames)
+
+    async def go() -> tuple[list, bool]:
+        return await asyncio.gather(
+            pipecat_run(server.base_url, frames), cancel_seen(server.base_url, before)
+        )
+
+    down, socket_open = run(go())
+    assert socket_open, "the job ended only when the socket closed: no `cancel` was sent"
     cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
     before_cut = [f for f in down[:cut] if isinstance(f, TTSAudioRawFrame)]
     assert before_cut, "no audio in the 3 s before the interruption"
@@ -202,7 +225,11 @@ def test_livekit_barge_in_cancels_on_the_server(server):
         finally:
             await tts.aclose()
 
-    heard = run(go())
+    async def both() -> tuple[float, bool]:
+        return await asyncio.gather(go(), cancel_seen(server.base_url, before))
+
+    heard, socket_open = run(both())
+    assert socket_open, "the job ended only when the socket closed: no `cancel` was sent"
     assert 1.0 < heard < 30, heard  # LONG is ~60 s of speech: it was cut short
     assert server.assert_idle()["cancelled"] == before + 1
 
