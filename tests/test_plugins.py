@@ -71,37 +71,54 @@ def check_word_times(spoken: list[tuple[str, float]], text: str, audio_s: float)
 # ---- Pipecat ------------------------------------------------------------------------------
 
 
-async def pipecat_run(base_url: str, frames: list) -> list:
+async def pipecat_run(base_url: str, frames: list, **kwargs: object) -> list:
     from pipecat.pipeline.worker import PipelineParams
     from pipecat.tests.utils import run_test
     from rtserver_client.pipecat import RTServerTTSService
 
-    tts = RTServerTTSService(base_url=base_url, voice="joe")
+    tts = RTServerTTSService(base_url=base_url, voice="joe", **kwargs)
     params = PipelineParams(audio_out_sample_rate=RATE)
     down, _ = await run_test(tts, frames_to_send=frames, pipeline_params=params)
     return list(down)
 
 
-def pipecat_turn(base_url: str, frames: list) -> list:
-    return run(pipecat_run(base_url, frames))
+def pipecat_turn(base_url: str, frames: list, **kwargs: object) -> list:
+    return run(pipecat_run(base_url, frames, **kwargs))
 
 
-def test_pipecat_speaks_a_turn(server):
+def llm_reply(text: str) -> list:
+    """The frames an LLM service pushes for one reply, a word per token."""
+    from pipecat.frames.frames import (
+        LLMFullResponseEndFrame,
+        LLMFullResponseStartFrame,
+        LLMTextFrame,
+    )
+
+    tokens = [LLMTextFrame(word + " ") for word in text.split(" ")]
+    return [LLMFullResponseStartFrame(), *tokens, LLMFullResponseEndFrame()]
+
+
+@pytest.mark.parametrize("mode", ["sentence", "token"])
+def test_pipecat_speaks_an_llm_turn(server, mode):
+    """An LLM reply streamed token by token: Pipecat cuts sentences (SENTENCE mode), or the
+    tokens go straight to the server's own sentence buffering (TOKEN mode)."""
     from pipecat.frames.frames import (
         TTSAudioRawFrame,
-        TTSSpeakFrame,
         TTSStartedFrame,
         TTSStoppedFrame,
         TTSTextFrame,
     )
+    from pipecat.services.tts_service import TextAggregationMode
 
-    down = pipecat_turn(server.base_url, [TTSSpeakFrame(TURN)])
+    down = pipecat_turn(
+        server.base_url, llm_reply(TURN), text_aggregation_mode=TextAggregationMode(mode)
+    )
     kinds = [type(f) for f in down]
-    assert TTSStartedFrame in kinds and TTSStoppedFrame in kinds, kinds
+    assert kinds.count(TTSStartedFrame) == 1 and kinds.count(TTSStoppedFrame) == 1, kinds
+    first, last = kinds.index(TTSStartedFrame), kinds.index(TTSStoppedFrame)
     audio = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     assert audio and {(f.sample_rate, f.num_channels) for f in audio} == {(RATE, 1)}
-    first, last = kinds.index(TTSStartedFrame), kinds.index(TTSStoppedFrame)
-    assert all(first < down.index(f) < last for f in audio), "audio outside its turn"
+    assert all(first < i < last for i, k in enumerate(kinds) if k is TTSAudioRawFrame)
     pcm = decode_pcm(b"".join(f.audio for f in audio))
     assert_speech(pcm, RATE, min_seconds=2.5)
     assert len(pcm) / RATE < 10, "far more audio than the text"
