@@ -47,7 +47,16 @@ from rtserver_client.protocol import (
 )
 
 _encode = msgspec.json.Encoder().encode
-__all__ = ["Connection", "Context", "Result", "ServerError", "TTSClient", "auth_headers", "ws_url"]
+__all__ = [
+    "Connection",
+    "Context",
+    "Event",
+    "Result",
+    "ServerError",
+    "TTSClient",
+    "auth_headers",
+    "ws_url",
+]
 
 Event = bytes | ServerMessage  # what a context yields: audio payloads and its events
 
@@ -74,9 +83,8 @@ class ServerError(Exception):
 class Result:
     audio: bytes = b""
     segments: list[Segment] = field(default_factory=list)
-    words: list[Word] = field(
-        default_factory=list
-    )  # with timestamps=True, if the server sends them
+    # With timestamps=True, from the server's `words` events (none from a server without them).
+    words: list[Word] = field(default_factory=list)
     events: list[ServerMessage] = field(default_factory=list)
     done: Done | None = None
     cancelled: bool = False

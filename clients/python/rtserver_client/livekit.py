@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 
+import websockets
 from livekit.agents import (
     DEFAULT_API_CONNECT_OPTIONS,
     APIConnectionError,
@@ -75,6 +76,7 @@ class TTS(tts.TTS):
         self._client = TTSClient(base_url, api_key=api_key)
         self._conn: Connection | None = None
         self._conn_lock = asyncio.Lock()
+        self._prewarm: asyncio.Future[Connection] | None = None
 
     @property
     def provider(self) -> str:
@@ -86,7 +88,7 @@ class TTS(tts.TTS):
             if self._conn is None or self._conn.closed:
                 try:
                     self._conn = await self._client.open()
-                except OSError as e:
+                except (OSError, websockets.InvalidHandshake) as e:
                     raise APIConnectionError(f"rtserver unreachable: {e}") from e
             return self._conn
 
@@ -107,7 +109,8 @@ class TTS(tts.TTS):
             raise APIError(str(e), retryable=retryable) from e
 
     def prewarm(self) -> None:
-        asyncio.ensure_future(self._connection())
+        # Kept: the event loop holds only a weak reference to a task.
+        self._prewarm = asyncio.ensure_future(self._connection())
 
     def synthesize(
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
