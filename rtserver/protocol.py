@@ -1,9 +1,9 @@
-"""Wire types: HTTP request bodies and the /ws/tts message schema.
+"""Wire types: HTTP request bodies here, the /ws/tts message schema from the client package.
 
-Every JSON message on /ws/tts is one of these Structs, tagged by its `type` field. Audio never
-travels as JSON: it goes out as binary frames `[u32 little-endian stream id][payload]`, where the
-stream id is the number the server assigned to the context in its `started` event and the payload
-is s16le mono PCM (an even number of bytes) or a slice of one continuous MP3 stream.
+The /ws/tts messages are defined once, in `rtserver_client.protocol` (the installable client
+distribution in clients/python), and re-exported here so the server validates exactly what
+clients send and decode. Audio never travels as JSON: it goes out as binary frames
+`[u32 little-endian stream id][payload]`.
 """
 
 from __future__ import annotations
@@ -11,24 +11,68 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+from rtserver_client.protocol import (
+    ENDING_ERRORS,
+    ERROR_CODES,
+    AppendText,
+    Cancel,
+    Cancelled,
+    ClientMessage,
+    Close,
+    ContextId,
+    Done,
+    Error,
+    Flush,
+    Flushed,
+    Format,
+    Ping,
+    Pong,
+    Ready,
+    SampleRate,
+    Seed,
+    Segment,
+    ServerMessage,
+    Speed,
+    Start,
+    Started,
+    Word,
+    Words,
+    json_schema,
+)
 
-# pcm: s16le; mulaw/alaw: G.711 bytes for phone lines (8 kHz unless sample_rate says 16000);
-# mp3, opus (Ogg), aac (ADTS), flac: one continuous stream per context.
-Format = Literal["pcm", "mp3", "opus", "aac", "flac", "mulaw", "alaw"]
+__all__ = [
+    "ENDING_ERRORS",
+    "ERROR_CODES",
+    "AppendText",
+    "Cancel",
+    "Cancelled",
+    "ClientMessage",
+    "Close",
+    "ContextId",
+    "Done",
+    "Error",
+    "Flush",
+    "Flushed",
+    "Format",
+    "Ping",
+    "Pong",
+    "Ready",
+    "SampleRate",
+    "Seed",
+    "Segment",
+    "ServerMessage",
+    "SpeakerInfo",
+    "Speed",
+    "Start",
+    "Started",
+    "TTSRequest",
+    "Text",
+    "Word",
+    "Words",
+    "json_schema",
+]
 
-# Shared constraints, so HTTP and WebSocket validate the same way.
-Speed = Annotated[
-    float, msgspec.Meta(ge=0.25, le=4.0, description="Speaking rate, 1.0 = normal (as OpenAI's).")
-]
-Seed = Annotated[
-    int,
-    msgspec.Meta(
-        ge=0, le=2**63 - 1, description="Sampling seed; 0 draws a random one per request."
-    ),
-]
 Text = Annotated[str, msgspec.Meta(min_length=1, description="Text to speak.")]
-ContextId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-SampleRate = Annotated[int, msgspec.Meta(ge=8000, le=48000)]
 
 
 class TTSRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -44,195 +88,11 @@ class TTSRequest(msgspec.Struct, forbid_unknown_fields=False):
     encoding: Literal["s16le", "mulaw", "alaw"] = "s16le"
 
 
-# ---- client -> server -------------------------------------------------------------------
-
-
-class Start(msgspec.Struct, tag="start", tag_field="type", forbid_unknown_fields=True):
-    """Open a context. Text may follow in `text` messages; `close` ends it."""
-
-    context_id: ContextId
-    spk_id: Annotated[str, msgspec.Meta(min_length=1)]
-    format: Format = "pcm"
-    sample_rate: SampleRate | None = None  # None: the engine's own rate
-    speed: Speed = 1.0
-    seed: Seed = 0
-    text: str = ""  # optional first fragment, same as a `text` message
-    # CosyVoice2/3: fragments feed one running LLM as they arrive (bistream) instead of
-    # waiting for sentence ends; a flush ends the piece. Raw text: no text normalization.
-    text_streaming: bool = False
-    # Send `words` (estimated word timings) before each `segment`.
-    timestamps: bool = False
-
-
-class AppendText(msgspec.Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
-    """Append a fragment (any size, even one token). Spaces are the client's to send."""
-
-    context_id: ContextId
-    text: str
-    flush: bool = False
-
-
-class Flush(msgspec.Struct, tag="flush", tag_field="type", forbid_unknown_fields=True):
-    """Synthesize everything buffered now; answered by `flushed` once its audio is sent."""
-
-    context_id: ContextId
-
-
-class Close(msgspec.Struct, tag="close", tag_field="type", forbid_unknown_fields=True):
-    """No more text: speak what is buffered, then send `done`."""
-
-    context_id: ContextId
-
-
-class Cancel(msgspec.Struct, tag="cancel", tag_field="type", forbid_unknown_fields=True):
-    """Barge-in: stop now. After `cancelled` no audio of this context is ever sent."""
-
-    context_id: ContextId
-
-
-class Ping(msgspec.Struct, tag="ping", tag_field="type", forbid_unknown_fields=True):
-    """Keepalive; answered by `pong`. Any message resets the idle timer."""
-
-
-ClientMessage = Start | AppendText | Flush | Close | Cancel | Ping
-
-
-# ---- server -> client -------------------------------------------------------------------
-
-
 class SpeakerInfo(msgspec.Struct):
     id: str
     language: str
     sample_rate: int
     engine: str
-
-
-class Ready(msgspec.Struct, tag="ready", tag_field="type"):
-    server: str
-    version: str
-    engine: str
-    sample_rate: int
-    formats: list[str]
-    speakers: list[str]
-    max_contexts: int
-    max_message_bytes: int
-    idle_timeout_s: float
-    context_idle_timeout_s: float
-    max_audio_s: float
-    min_sentence_chars: int
-    auto_flush_ms: int
-
-
-class Started(msgspec.Struct, tag="started", tag_field="type"):
-    context_id: str
-    stream: int  # the u32 that prefixes this context's binary audio frames
-    format: str
-    sample_rate: int
-
-
-class Segment(msgspec.Struct, tag="segment", tag_field="type"):
-    """One synthesized sentence and where it sits in the context's audio (sent after its audio)."""
-
-    context_id: str
-    index: int
-    text: str
-    start_ms: float
-    end_ms: float
-
-
-class Word(msgspec.Struct):
-    word: str
-    start_ms: float  # in the context's audio, like Segment's times
-    end_ms: float
-
-
-class Words(msgspec.Struct, tag="words", tag_field="type"):
-    """Word timings of one segment (start.timestamps), sent right before its `segment`.
-    Estimated: spread over the segment's speech by word length, not aligned."""
-
-    context_id: str
-    index: int  # the segment's index
-    words: list[Word]
-    estimated: bool = True
-
-
-class Flushed(msgspec.Struct, tag="flushed", tag_field="type"):
-    context_id: str
-    flush_id: int
-
-
-class Cancelled(msgspec.Struct, tag="cancelled", tag_field="type"):
-    context_id: str
-
-
-class Done(msgspec.Struct, tag="done", tag_field="type"):
-    context_id: str
-    ttfa_ms: float | None  # from the first text to the first audio frame; None if no audio
-    audio_ms: float
-    processing_ms: float
-    rtf: float  # processing time / audio time
-    segments: int
-
-
-class Error(msgspec.Struct, tag="error", tag_field="type"):
-    code: str
-    message: str
-    context_id: str | None = None
-
-
-class Pong(msgspec.Struct, tag="pong", tag_field="type"):
-    pass
-
-
-ServerMessage = Ready | Started | Segment | Words | Flushed | Cancelled | Done | Error | Pong
-
-# Error codes sent in `error` events.
-ERROR_CODES: dict[str, str] = {
-    "invalid_json": "the text frame is not valid JSON",
-    "invalid_message": "unknown `type`, missing or ill-typed field",
-    "binary_not_accepted": "clients send JSON text frames only",
-    "message_too_large": "the frame exceeds max_message_bytes",
-    "unknown_context": "no open context has this context_id",
-    "duplicate_context": "a context with this context_id is already open",
-    "context_closed": "text, flush or close for a context after its `close` (or after it finished)",
-    "unknown_speaker": "spk_id is not one of the server's speakers",
-    "unsupported_format": "the format cannot be encoded at the requested sample_rate",
-    "unsupported_option": "the loaded model cannot do this (text_streaming needs CosyVoice2/3)",
-    "too_many_contexts": "the socket already has max_contexts open contexts",
-    "too_many_streams": "this client address already has its limit of streams open",
-    "too_many_sockets": "this client address already has its limit of sockets open; closed",
-    "text_too_long": "the context's text exceeds the server's limit; the fragment is dropped",
-    "invalid_text": "the fragment contains a control character; it is dropped",
-    "busy": "the server is at capacity; retry later",
-    "synthesis_failed": "the engine failed on this context",
-    "audio_limit": "the context reached max_audio_s of audio; it has ended",
-    "read_timeout": "the client read none of this context's audio for too long; it has ended",
-    "context_timeout": "the context had nothing to say for context_idle_timeout_s; it has ended",
-    "internal_error": "a server bug ended this context (it is logged)",
-    "shutting_down": "the server is shutting down: the context has ended (or cannot start)",
-    "idle_timeout": "no message and no audio for idle_timeout_s; the socket is closed",
-}
-
-
-# The error codes that end the context they name (the others only refuse one message).
-ENDING_ERRORS = frozenset(
-    {
-        "synthesis_failed",
-        "audio_limit",
-        "read_timeout",
-        "context_timeout",
-        "internal_error",
-        "shutting_down",
-    }
-)
-
-
-def json_schema() -> dict[str, object]:
-    """JSON Schema of both directions (OpenAPI cannot describe WebSocket messages)."""
-    return {
-        "client_message": msgspec.json.schema(ClientMessage),
-        "server_message": msgspec.json.schema(ServerMessage),
-    }
 
 
 if __name__ == "__main__":  # python -m rtserver.protocol > schema.json

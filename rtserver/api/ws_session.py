@@ -387,7 +387,9 @@ class WsSession:
         if ctx.timestamps:
             start, end = event.voiced_ms or (event.start_ms, event.end_ms)
             words = [Word(w, s, e) for w, s, e in estimate_words(event.text, start, end)]
-            await self._send(Words(context_id=ctx.id, index=event.index, words=words))
+            await self._send(
+                Words(context_id=ctx.id, index=event.index, words=words, estimated=True)
+            )
         await self._send(
             Segment(
                 context_id=ctx.id,

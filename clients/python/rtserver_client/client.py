@@ -1,0 +1,316 @@
+"""An async Python client for rtserver: /ws/tts contexts and the HTTP routes.
+
+async with TTSClient("http://127.0.0.1:50000") as client:
+    async with client.connect() as ws:
+        ctx = await ws.start(spk_id="joe", format="pcm", timestamps=True)
+        for word in "Hello there, how are you?".split():
+            await ctx.send(word + " ")
+        await ctx.close()
+        result = await ctx.collect()      # audio bytes, segments, word timings, the done event
+
+    async for piece in client.tts("Hello.", "joe", fmt="mp3"):
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+import websockets
+
+from rtserver_client.protocol import (
+    ENDING_ERRORS,
+    AppendText,
+    Cancel,
+    Cancelled,
+    Close,
+    Done,
+    Error,
+    Flush,
+    Format,
+    Ping,
+    Ready,
+    Segment,
+    ServerMessage,
+    Start,
+    Started,
+    Word,
+    Words,
+    decode_server_frame,
+)
+
+_encode = msgspec.json.Encoder().encode
+__all__ = [
+    "Connection",
+    "Context",
+    "Event",
+    "Result",
+    "ServerError",
+    "TTSClient",
+    "auth_headers",
+    "ws_url",
+]
+
+Event = bytes | ServerMessage  # what a context yields: audio payloads and its events
+
+_ids = itertools.count(1)
+
+
+def ws_url(base_url: str) -> str:
+    """The /ws/tts URL of a server given by its HTTP base URL (http -> ws, https -> wss)."""
+    return "ws" + base_url.rstrip("/").removeprefix("http") + "/ws/tts"
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The header a server started with --api-key wants on every route and the upgrade."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class ServerError(Exception):
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+
+
+@dataclass
+class Result:
+    audio: bytes = b""
+    segments: list[Segment] = field(default_factory=list)
+    # With timestamps=True, from the server's `words` events (none from a server without them).
+    words: list[Word] = field(default_factory=list)
+    events: list[ServerMessage] = field(default_factory=list)
+    done: Done | None = None
+    cancelled: bool = False
+
+
+def _ends(item: object) -> bool:
+    """Whether this ends its context (`connection_closed`: the client's own, socket gone)."""
+    if isinstance(item, Error):
+        return item.code in ENDING_ERRORS or item.code == "connection_closed"
+    return isinstance(item, Done | Cancelled)
+
+
+class Context:
+    """One context of a socket: send text, read its audio and events in order."""
+
+    def __init__(self, conn: Connection, context_id: str) -> None:
+        self.conn = conn
+        self.id = context_id
+        self.started: Started | None = None
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    @property
+    def sample_rate(self) -> int:
+        assert self.started is not None
+        return self.started.sample_rate
+
+    async def send(self, text: str, flush: bool = False) -> None:
+        await self.conn.send(AppendText(context_id=self.id, text=text, flush=flush))
+
+    async def flush(self) -> None:
+        await self.conn.send(Flush(context_id=self.id))
+
+    async def close(self) -> None:
+        await self.conn.send(Close(context_id=self.id))
+
+    async def cancel(self) -> None:
+        await self.conn.send(Cancel(context_id=self.id))
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Audio (bytes) and events of this context until done, cancelled or an error."""
+        while True:
+            item = await self.queue.get()
+            yield item
+            if _ends(item):
+                return
+
+    async def collect(self) -> Result:
+        result = Result()
+        async for item in self.events():
+            if isinstance(item, bytes):
+                result.audio += item
+                continue
+            result.events.append(item)
+            if isinstance(item, Segment):
+                result.segments.append(item)
+            elif isinstance(item, Words):
+                result.words.extend(item.words)
+            elif isinstance(item, Done):
+                result.done = item
+            elif isinstance(item, Cancelled):
+                result.cancelled = True
+            elif _ends(item):  # an error that ended the context
+                raise ServerError(item)
+        return result
+
+
+class Connection:
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+        self.ready: Ready | None = None
+        self.contexts: dict[str, Context] = {}
+        self.streams: dict[int, Context] = {}
+        self.errors: asyncio.Queue[Error] = asyncio.Queue()  # errors without a context
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _open(self) -> None:
+        first = decode_server_frame(await self.ws.recv())
+        assert isinstance(first, Ready), first
+        self.ready = first
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.ws:
+                self._route(frame)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            # Every awaitable ends: whatever is still open learns the socket is gone.
+            gone = Error(code="connection_closed", message="the server closed the socket")
+            for ctx in list(self.contexts.values()):
+                ctx.queue.put_nowait(Error(gone.code, gone.message, ctx.id))
+            self.contexts.clear()
+            self.errors.put_nowait(gone)
+
+    def _route(self, frame: str | bytes) -> None:
+        msg = decode_server_frame(frame)
+        if isinstance(msg, tuple):
+            stream, payload = msg
+            if ctx := self.streams.get(stream):
+                ctx.queue.put_nowait(payload)
+            return
+        ctx = self.contexts.get(getattr(msg, "context_id", None) or "")
+        if ctx is None:
+            if isinstance(msg, Error):
+                self.errors.put_nowait(msg)
+            return
+        if isinstance(msg, Started):
+            ctx.started = msg
+            self.streams[msg.stream] = ctx
+        ctx.queue.put_nowait(msg)
+        if _ends(msg):
+            self._release(ctx)  # finished: nothing more comes for it
+
+    def _release(self, ctx: Context) -> None:
+        self.contexts.pop(ctx.id, None)
+        if ctx.started:
+            self.streams.pop(ctx.started.stream, None)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the socket is gone (the reader has ended)."""
+        return self._reader is not None and self._reader.done()
+
+    async def aclose(self) -> None:
+        """Close the socket; every context still open ends with `connection_closed`."""
+        if self._reader:
+            self._reader.cancel()
+        await self.ws.close()
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        await self.ws.send(_encode(msg).decode())
+
+    async def start(
+        self,
+        spk_id: str,
+        format: Format = "pcm",
+        context_id: str | None = None,
+        sample_rate: int | None = None,
+        speed: float = 1.0,
+        seed: int = 0,
+        text: str = "",
+        text_streaming: bool = False,
+        timestamps: bool = False,
+    ) -> Context:
+        """Open a context; raises ServerError if the server refuses it. ``text_streaming``:
+        fragments feed the model as they arrive (CosyVoice2/3), a flush ends the piece.
+        ``timestamps``: ask for a `words` event (word timings) before each `segment`."""
+        cid = context_id or f"ctx-{next(_ids)}"
+        ctx = Context(self, cid)
+        self.contexts[cid] = ctx
+        await self.send(Start(context_id=cid, spk_id=spk_id, format=format,
+                              sample_rate=sample_rate, speed=speed, seed=seed, text=text,
+                              text_streaming=text_streaming, timestamps=timestamps))  # fmt: skip
+        # The answer is `started` or an error; an error the server could not tie to the
+        # context (it could not even parse the start) comes without its id.
+        answer = asyncio.ensure_future(ctx.queue.get())
+        unowned = asyncio.ensure_future(self.errors.get())
+        await asyncio.wait({answer, unowned}, return_when=asyncio.FIRST_COMPLETED)
+        unowned.cancel()
+        first = answer.result() if answer.done() else unowned.result()
+        answer.cancel()
+        if isinstance(first, Error):
+            self._release(ctx)
+            raise ServerError(first)
+        return ctx
+
+    async def ping(self) -> None:
+        await self.send(Ping())
+
+
+class TTSClient:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:50000",
+        timeout: float = 120,
+        api_key: str | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = auth_headers(api_key)
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=self.headers)
+
+    async def __aenter__(self) -> TTSClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def open(self, **kwargs: Any) -> Connection:
+        """A socket that stays open until its `aclose()` (a plugin keeps one for many turns:
+        the protocol multiplexes contexts, so one socket serves every concurrent turn)."""
+        kwargs.setdefault("additional_headers", self.headers)
+        ws = await websockets.connect(
+            ws_url(self.base_url), compression=None, max_size=None, **kwargs
+        )
+        conn = Connection(ws)
+        try:
+            await conn._open()
+        except BaseException:
+            await ws.close()
+            raise
+        return conn
+
+    @asynccontextmanager
+    async def connect(self, **kwargs: Any) -> AsyncIterator[Connection]:
+        conn = await self.open(**kwargs)
+        try:
+            yield conn
+        finally:
+            await conn.aclose()
+
+    async def speakers(self) -> list[dict[str, object]]:
+        r = await self.http.get("/speakers")
+        r.raise_for_status()
+        return r.json()
+
+    async def tts(
+        self, text: str, spk_id: str, fmt: str = "mp3", stream: bool = False,
+        speed: float = 1.0, seed: int = 0,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        """Stream `POST /tts` (mp3) or `POST /tts/pcm` (pcm). Raises httpx.HTTPStatusError."""
+        path = "/tts" if fmt == "mp3" else "/tts/pcm"
+        body = {"tts_text": text, "spk_id": spk_id, "stream": stream, "speed": speed, "seed": seed}
+        async with self.http.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                r.raise_for_status()
+            async for piece in r.aiter_raw():
+                yield piece
