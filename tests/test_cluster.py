@@ -18,6 +18,7 @@ import websockets
 from audio_check import assert_speech, decode_pcm
 from serverproc import ServerProcess, alive, descendants
 from test_http_api import LONG_TEXT
+from test_web_demo import SHORT_TEXT, Page, headless
 
 from rtserver.client import Context, Result, ServerError, TTSClient
 from rtserver.protocol import Error
@@ -93,6 +94,43 @@ def test_twenty_requests_are_served_by_both_replicas(cluster):
         assert health["completed"] >= served[replica]
     metrics = httpx.get(f"{cluster.base_url}/metrics")
     assert f'rtserver_replica_info{{replica="{metrics.headers["x-replica"]}"}} 1.0' in metrics.text
+
+
+@pytest.mark.parametrize(
+    "method, path, body, expect",
+    [
+        ("GET", "/", None, "text/html"),
+        ("GET", "/demo/app.js", None, "javascript"),
+        ("GET", "/schema", None, "text/html"),
+        ("GET", "/schema/openapi.json", None, "openapi+json"),
+        ("GET", "/speakers", None, "application/json"),
+        ("GET", "/readyz", None, "application/json"),
+        ("GET", "/v1/audio/voices", None, "application/json"),
+        ("POST", "/tts", {"tts_text": SENTENCE, "spk_id": "joe"}, "audio/mpeg"),
+        ("POST", "/v1/audio/speech", {"input": SENTENCE, "voice": "alloy"}, "audio/mpeg"),
+        ("GET", f"/inference_sft?tts_text={SENTENCE}&spk_id=joe", None, "audio/L16"),
+    ],
+)
+def test_every_route_answers_through_the_proxy(cluster, method, path, body, expect):
+    r = httpx.request(method, f"{cluster.base_url}{path}", json=body, timeout=60)
+    assert r.status_code == 200 and expect in r.headers["content-type"], (r.status_code, r.text)
+    assert r.headers["x-replica"] and r.content
+    missing = httpx.get(f"{cluster.base_url}/no/such/route")
+    assert missing.status_code == 404 and missing.json()["status_code"] == 404
+
+
+@pytest.mark.browser
+def test_the_web_demo_speaks_through_the_proxy(chromium, cluster):
+    with headless(chromium) as browser:
+        page = Page(browser, cluster.base_url)
+        page.page.fill("#text", SHORT_TEXT)
+        page.page.click("#speak")
+        page.wait("rtDemo.sampleRate > 0", what="`started`")
+        rate = page.demo("sampleRate")
+        page.wait(f"rtDemo.samplesPlayed >= {2 * rate}", timeout_s=25, what="2 s played")
+        page.wait("rtDemo.state === 'idle'", timeout_s=30, what="play-out to finish")
+        assert page.demo("samplesPlayed") == page.demo("samplesReceived")
+        assert page.demo("lastError") is None and page.errors == []
 
 
 def test_refused_only_when_every_replica_is_full(cluster):
