@@ -136,6 +136,17 @@ def application(settings: Settings) -> serve.Application:
     return serve.deployment(Replica, **options).bind(settings)
 
 
+def app(args: dict[str, Any]) -> serve.Application:
+    """The application for a Serve config file, where no `rtserver serve` command runs (e.g.
+    a KubeRay RayService, docs/deploy.md): `import_path: rtserver.cluster:app`, and `args`
+    are settings by name (`model: /models/CosyVoice2-0.5B`, `replicas: 2`, ...) over the
+    RTSERVER_* variables. Without the command no drain order comes: Serve stops replicas
+    by its own rules."""
+    settings = Settings.from_env().replace(**args)
+    settings.check_cluster()
+    return application(settings)
+
+
 def run(settings: Settings) -> None:
     """Start or join a Ray cluster, deploy, serve until a signal, undeploy."""
     started_ray = _connect(settings)
