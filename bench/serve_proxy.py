@@ -97,6 +97,10 @@ machine weighs on both alike. TTFA: request sent -> first audio byte.
 Memory (resident, after the load): the plain server {plain_rss:.0f} MB; each replica
 {", ".join(f"{r:.0f}" for r in replicas)} MB; the Ray cluster around them (the command, GCS,
 raylet, Serve's controller and proxy, Ray's agents) {overhead:.0f} MB in all.
+
+At concurrency 1 the difference is what the proxy hop costs (the request and every audio
+chunk pass through one more process, the proxy). At 8 the replicas also share the
+same two cores, two engines instead of one; the comparison is one machine either way.
 """
     write_section(args.section, body)
 
