@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,8 +28,8 @@ pytestmark = [
     pytest.mark.skipif(not MODEL.is_dir(), reason=f"no golden model dir at {MODEL}"),
 ]
 
-# A cluster that `ray start` runs takes its token from ~/.ray (see docs/deploy.md).
-ENV = {"RAY_AUTH_MODE": "token"}
+# The cluster and the command that joins it share a token of their own (docs/deploy.md).
+ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 TEXT = "你好，今天天气很好。"
 
 
