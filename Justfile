@@ -4,15 +4,20 @@
 serve *ARGS:
     uv run --extra voice rtserver serve {{ARGS}}
 
+# The same server in N replicas on Ray Serve (docs/deploy.md): just cluster 2 [--model ...]
+cluster REPLICAS *ARGS:
+    uv run --extra voice --extra cluster rtserver serve --replicas {{REPLICAS}} {{ARGS}}
+
 # The whole test suite (installs Chromium for the browser test if missing)
 test *ARGS:
     command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-    uv run --extra voice pytest {{ARGS}}
+    uv run --extra voice --extra cluster pytest {{ARGS}}
 
 # Benchmarks; results go to docs/benchmarks.md
 bench:
     uv run --extra voice python bench/http_load.py
     uv run --extra voice python bench/ws_agents.py
+    uv run --extra voice --extra cluster python bench/serve_proxy.py
 
 # Format and lint
 lint:

@@ -2,12 +2,18 @@
 
 Registered speakers are computed from prompt audio + transcript (spec §3: CAM++ embedding,
 S3 speech tokens, 24 kHz prompt mel, 1:2 token/mel alignment) and persisted one file per
-speaker as safetensors in ``speaker_dir`` (atomic write: temp file + ``os.replace``), so they
+speaker as safetensors in ``speaker_dir`` (atomic write: temp file + rename), so they
 survive a restart. Built-in speakers are read-only.
+
+Several processes may share one ``speaker_dir`` (the replicas of a deployment, on one machine
+or on a network file system): each query first looks whether the directory changed and reads
+what another process registered, replaced or deleted, so a speaker registered through one
+process is usable on all and a deletion is seen everywhere.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -185,7 +191,14 @@ class SpeakerStore:
         self._lock = threading.RLock()
         self._builtin = self._load_spk2info()
         self._registered: dict[str, Speaker] = {}
-        self._load_registered()
+        # Each speaker file as last read: its identity (inode, mtime, size) and the speaker
+        # (None: unreadable). A file whose identity changed was replaced by another process.
+        self._files: dict[str, tuple[tuple[int, int, int], Speaker | None]] = {}
+        # speaker_dir's (inode, mtime) at the last scan; racy: that mtime may hide a change
+        self._dir_stamp: tuple[int, int] | None = None
+        self._stamp_racy = True
+        self._remove_leftovers()
+        self._refresh()
 
     # -- loading ------------------------------------------------------------------------------
     def _load_spk2info(self) -> dict[str, Speaker]:
@@ -213,32 +226,76 @@ class SpeakerStore:
         # hashed file names: any Unicode speaker name, no path tricks
         return self.speaker_dir / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".safetensors")
 
-    def _load_registered(self) -> None:
+    def _remove_leftovers(self) -> None:
+        """A write interrupted by a crash leaves a temp file: never a speaker, so remove it;
+        but not one another process is writing now (it holds a lock on it)."""
         if not self.speaker_dir.is_dir():
             return
-        # A write interrupted by a crash leaves a temp file: never a speaker, so remove it.
         for tmp in self.speaker_dir.glob(f"{_TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
-        for p in sorted(self.speaker_dir.iterdir()):
+            try:
+                fd = os.open(tmp, os.O_RDWR)
+            except FileNotFoundError:  # renamed into place meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tmp.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+
+    def _refresh(self) -> None:
+        """Catch up with what other processes wrote to or deleted from ``speaker_dir``. One
+        ``stat`` while the directory is unchanged; else a rescan that reads only new or replaced
+        files. Called with the lock held."""
+        try:
+            st = self.speaker_dir.stat()
+            stamp: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+            if stamp == self._dir_stamp and not self._stamp_racy:
+                return
+            paths = list(self.speaker_dir.iterdir())
+        except FileNotFoundError:  # no speaker registered yet (or the directory was removed)
+            stamp, paths = None, []
+        files: dict[str, tuple[tuple[int, int, int], Speaker | None]] = {}
+        for p in paths:
             if not _SPEAKER_FILE.fullmatch(p.name):  # only files this store wrote
                 continue
             try:
-                spk = _read_speaker(p)
-            except Exception:  # a damaged file must not take the server down
+                fst = p.stat()
+            except FileNotFoundError:  # deleted while we looked
                 continue
-            self._registered[spk.name] = spk
+            key = (fst.st_ino, fst.st_mtime_ns, fst.st_size)
+            known = self._files.get(p.name)
+            if known is not None and known[0] == key:
+                files[p.name] = known
+                continue
+            try:
+                spk: Speaker | None = _read_speaker(p)
+            except Exception:  # a damaged file must not take the server down
+                spk = None
+            files[p.name] = (key, spk)
+        self._files = files
+        found = sorted((spk for _, spk in files.values() if spk), key=lambda s: s.name)
+        self._registered = {spk.name: spk for spk in found}
+        self._dir_stamp = stamp
+        # A directory's mtime has its file system's granularity (a clock tick; a second on some
+        # network file systems): a change in the same tick as this scan would leave it as is.
+        self._stamp_racy = stamp is not None and time.time_ns() - stamp[1] < _RACY_NS
 
     # -- queries ------------------------------------------------------------------------------
     def list(self) -> list[str]:
         with self._lock:
+            self._refresh()
             return [*self._builtin, *(n for n in self._registered if n not in self._builtin)]
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
+            self._refresh()
             return name in self._builtin or name in self._registered
 
     def get(self, name: str) -> Speaker:
         with self._lock:
+            self._refresh()
             if name in self._builtin:
                 return self._builtin[name]
             if name in self._registered:
@@ -265,6 +322,7 @@ class SpeakerStore:
         if not prompt_text.strip():
             raise ValueError("prompt_text is empty")
         with self._lock:
+            self._refresh()
             if name in self._builtin:
                 raise SpeakerError(f"{name!r} is a built-in speaker")
             if name in self._registered and not overwrite:
@@ -287,26 +345,36 @@ class SpeakerStore:
         )
         with self._lock:
             self.speaker_dir.mkdir(parents=True, exist_ok=True)
-            _write_speaker(self._file(name), spk, self.family)
+            path = self._file(name)
+            if not _write_speaker(path, spk, self.family, replace=overwrite):
+                raise SpeakerError(f"speaker {name!r} already exists")  # another process's
+            st = path.stat()
+            self._files[path.name] = ((st.st_ino, st.st_mtime_ns, st.st_size), spk)
             self._registered[name] = spk
         return spk
 
     def delete(self, name: str) -> None:
         with self._lock:
+            self._refresh()
             if name in self._builtin:
                 raise SpeakerError(f"{name!r} is a built-in speaker and cannot be deleted")
             if name not in self._registered:
                 raise SpeakerError(f"unknown speaker: {name!r}")
-            self._file(name).unlink(missing_ok=True)
+            path = self._file(name)
+            path.unlink(missing_ok=True)
             _fsync_dir(self.speaker_dir)  # the deletion survives a crash: no speaker returns
+            self._files.pop(path.name, None)
             del self._registered[name]
 
 
 _TMP_PREFIX = ".tmp-"
+_RACY_NS = 2_000_000_000  # see SpeakerStore._refresh
 _SPEAKER_FILE = re.compile(r"[0-9a-f]{24}\.safetensors")  # see SpeakerStore._file
 
 
-def _write_speaker(path: Path, spk: Speaker, family: str) -> None:
+def _write_speaker(path: Path, spk: Speaker, family: str, replace: bool) -> bool:
+    """Write atomically and durably. Without ``replace``, False if ``path`` exists already
+    (checked by the file system, so two processes registering one name cannot both win)."""
     tensors = {
         "embedding": spk.embedding.float().contiguous(),
         "prompt_text_ids": torch.tensor(spk.prompt_text_ids, dtype=torch.int32),
@@ -321,16 +389,29 @@ def _write_speaker(path: Path, spk: Speaker, family: str) -> None:
         "format": "cosyvoice-speaker-1",
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=".partial")
-    os.close(fd)
     try:
+        # Held until the file is in place: another process's start-up cleanup (a replica
+        # sharing the directory) leaves a temp file alone while it is locked.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent, also on NFS
+            except FileExistsError:
+                return False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         _fsync_dir(path.parent)  # the rename itself is durable only once the directory is
+        return True
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

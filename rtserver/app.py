@@ -16,6 +16,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import File
 from litestar.static_files import create_static_files_router
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from rtserver import __version__
 from rtserver.api import openai
@@ -25,7 +26,7 @@ from rtserver.api.http import ROUTES
 from rtserver.api.ws import ws_tts
 from rtserver.engine import Engine
 from rtserver.engines import load_engine
-from rtserver.logs import with_request_id
+from rtserver.logs import with_header, with_request_id
 from rtserver.metrics import Metrics, count_requests
 from rtserver.service import TTSService
 from rtserver.settings import Settings
@@ -68,14 +69,28 @@ def _docs_assets():
     )  # fmt: skip
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
-    metrics = Metrics()
+def with_replica(app: ASGIApp, replica: str) -> ASGIApp:
+    """Middleware: name the replica that answered in `X-Replica` (behind Ray Serve's proxy a
+    client cannot otherwise tell which replica, with its own counters, it reached)."""
+    value = replica.encode()
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope, receive, with_header(send, b"x-replica", value))
+
+    return wrapped
+
+
+def create_app(
+    settings: Settings, engine: Engine | None = None, replica: str | None = None
+) -> Litestar:
+    """The app; `replica` is its Ray Serve replica id when it is one of several."""
+    metrics = Metrics(replica)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         def boot() -> TTSService:
             eng = engine or load_engine(settings)
-            svc = TTSService(settings, eng, metrics)
+            svc = TTSService(settings, eng, metrics, replica)
             svc.start()
             return svc
 
@@ -105,6 +120,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         cors_config=cors_config(settings),
         middleware=[
+            *([lambda app: with_replica(app, replica)] if replica is not None else []),
             with_request_id,
             lambda app: count_requests(app, metrics),
             lambda app: AccessControl(app, settings),

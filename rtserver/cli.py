@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import logging.config
+import os
 import sys
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -90,6 +91,9 @@ def serve(args: argparse.Namespace) -> None:
         sys.exit(f"rtserver: {exc}")
     logging_config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(logging_config)
+    if settings.on_ray:
+        serve_on_ray(settings)
+        return
     app = create_app(settings)
     config = uvicorn.Config(
         abort_quietly(app),
@@ -103,6 +107,28 @@ def serve(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=2,  # after our own drain: what is still open is cut
     )
     DrainingServer(config, app, settings.drain_timeout_s).run()
+
+
+def serve_on_ray(settings: Settings) -> None:
+    """`serve` with --replicas or --ray-address: replicas on Ray Serve (rtserver.cluster)."""
+    try:
+        settings.check_cluster()
+    except SettingsError as exc:
+        sys.exit(f"rtserver: {exc}")
+    # Ray's workers would otherwise rebuild this environment from the working dir when the
+    # command runs under `uv run` (a new venv, torch included); they use the installed one.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    try:
+        from rtserver import cluster
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        sys.exit("rtserver: --replicas and --ray-address need Ray Serve: install the `cluster` "
+                 "extra (uv run --extra cluster rtserver serve ...)")  # fmt: skip
+    try:
+        cluster.run(settings)
+    except SettingsError as exc:
+        sys.exit(f"rtserver: {exc}")
 
 
 def main(argv: list[str] | None = None) -> None:

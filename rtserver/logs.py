@@ -76,17 +76,20 @@ def with_request_id(app: ASGIApp) -> ASGIApp:
         given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _SANE_ID.fullmatch(given) else secrets.token_hex(8)
         token = request_id.set(rid)
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] in ("http.response.start", "websocket.accept"):
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", rid.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
         try:
-            await app(scope, receive, send_with_id)
+            await app(scope, receive, with_header(send, b"x-request-id", rid.encode()))
         finally:
             request_id.reset(token)
 
     return wrapped
+
+
+def with_header(send: Send, name: bytes, value: bytes) -> Send:
+    """`send`, adding a header to the response start (HTTP) or the accept (WebSocket)."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] in ("http.response.start", "websocket.accept"):
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return sending

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -47,8 +47,11 @@ class _SchedulerCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, replica: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        if replica is not None:  # one of several replicas: a scrape says whose numbers these are
+            Info("rtserver_replica", "The Ray Serve replica these metrics are from.",
+                 registry=self.registry).info({"replica": replica})  # fmt: skip
         self.requests = Counter(
             "rtserver_http_requests", "HTTP requests by route and status.",
             ["route", "status"], registry=self.registry,

@@ -83,9 +83,16 @@ class SpeakerRegistrationError(ValueError):
 
 
 class TTSService:
-    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        metrics: Metrics | None = None,
+        replica: str | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
+        self.replica = replica  # the Ray Serve replica id, when this is one of several
         self.scheduler = Scheduler(
             engine,
             max_streams=settings.max_streams,
@@ -149,6 +156,7 @@ class TTSService:
     def health(self) -> dict[str, object]:
         return {
             "status": "ok",
+            **({"replica": self.replica} if self.replica is not None else {}),
             "version": __version__,
             "engine": self.engine.name,
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -175,7 +183,9 @@ class TTSService:
             # Feature extraction runs ONNX models: keep it off the event loop.
             return await asyncio.to_thread(register, spk_id, audio, prompt_text)
         except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
-            raise SpeakerRegistrationError(str(exc).strip("'\""), 400) from exc
+            # Another replica sharing the speaker dir may have taken the name meanwhile.
+            taken = any(s.id == spk_id for s in self.engine.speakers())
+            raise SpeakerRegistrationError(str(exc).strip("'\""), 409 if taken else 400) from exc
         finally:
             self._registering.discard(spk_id)
 

@@ -105,10 +105,56 @@ class Settings(msgspec.Struct, kw_only=True):
     drain_timeout_s: Annotated[
         Seconds, _doc("on SIGTERM, let streams finish this long, then end the rest")
     ] = 30.0
+    replicas: Annotated[
+        Count,
+        _doc("run this many replicas on Ray Serve behind one endpoint (needs the `cluster` "
+             "extra); 0: one server in this process, no Ray"),
+    ] = 0  # fmt: skip
+    ray_address: Annotated[
+        str | None,
+        _doc("join this Ray cluster (`HOST:PORT` of `ray start --head`, or `auto`) instead "
+             "of starting one on this machine; implies at least one replica"),
+    ] = None  # fmt: skip
+    replica_cpus: Annotated[
+        float, _doc("CPUs Ray reserves for each replica (fractions pack several on a core)", ge=0)
+    ] = 1.0
+    replica_gpus: Annotated[
+        float, _doc("GPUs for each replica (0.5: two replicas share a GPU); needs --device cuda",
+                    ge=0),
+    ] = 0.0  # fmt: skip
+    min_replicas: Annotated[Count, _doc("autoscaling: fewest replicas")] = 1
+    max_replicas: Annotated[
+        Count, _doc("autoscaling: most replicas (0: a fixed --replicas, no autoscaling)")
+    ] = 0
     log_format: Annotated[Literal["text", "json"], _doc("log lines as text or JSON")] = "text"
     log_level: Annotated[
         Literal["critical", "error", "warning", "info", "debug"], _doc("log level")
     ] = "info"
+
+    @property
+    def on_ray(self) -> bool:
+        """Whether `serve` deploys replicas on Ray Serve instead of serving in-process."""
+        return bool(self.replicas or self.ray_address or self.max_replicas)
+
+    @property
+    def initial_replicas(self) -> int:
+        return max(self.replicas, 1)  # --ray-address alone: one replica
+
+    def check_cluster(self) -> None:
+        """The rules between cluster settings that no flag's own bounds can say. Not checked
+        on every Settings: the environment alone may be half of a valid configuration."""
+        if self.replica_gpus and self.device == "cpu":
+            raise SettingsError(
+                "--replica-gpus: set --device cuda too (each replica sees its GPUs)"
+            )
+        if self.max_replicas and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise SettingsError(
+                "--max-replicas: autoscaling needs --min-replicas <= --replicas <= "
+                f"--max-replicas (got {self.min_replicas}, {self.initial_replicas}, "
+                f"{self.max_replicas})"
+            )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -130,6 +176,7 @@ LIST_SETTINGS = tuple(
     k for k, v in msgspec.structs.asdict(Settings()).items() if isinstance(v, list)
 )
 SECRET_SETTINGS = ("api_key", "admin_key")  # never shown in help or logs
+OPTIONAL_SETTINGS = ("model", "speaker_dir", "ray_address")  # None by default
 
 
 class SettingsError(ValueError):
@@ -143,8 +190,8 @@ def _decode(kind: type, value: Any) -> Any:
 
 
 def load(raw: dict[str, Any], source: str) -> Settings:
-    # Empty strings mean "unset" for the optional paths (RTSERVER_MODEL= on the command line).
-    raw = {k: (None if v == "" and k in ("model", "speaker_dir") else v) for k, v in raw.items()}
+    # Empty strings mean "unset" for the optional settings (RTSERVER_MODEL= on the command line).
+    raw = {k: (None if v == "" and k in OPTIONAL_SETTINGS else v) for k, v in raw.items()}
     try:
         return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode)
     except msgspec.ValidationError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +20,33 @@ def rss_mb(pid: int) -> float:
     """A process's resident memory, MB (Linux /proc)."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc), e.g. the Ray cluster a server started."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # the field after "(comm)" is the state, then the parent pid
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found.update(children)
+        todo.extend(children)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has ended: it only waits to be reaped)."""
+    running = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.add(pid)
+    return running
 
 
 def free_port() -> int:
@@ -54,6 +83,18 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()}")
+
+    def wait_log(self, pattern: str, timeout: float = 300.0) -> re.Match:
+        """Wait for a line of the server's log to match `pattern` (a regex); returns the match."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._log.flush()
+            if m := re.search(pattern, self.log_path.read_text(errors="replace")):
+                return m
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.5)
+        raise TimeoutError(f"no {pattern!r} in the log in {timeout}s:\n{self.log()}")
 
     def healthz(self) -> dict:
         return httpx.get(f"{self.base_url}/healthz", timeout=10).json()

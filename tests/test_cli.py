@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from serverproc import ROOT
@@ -36,6 +37,9 @@ def test_help_shows_each_flag_with_its_default_and_variable():
         (("--dtype", "int8"), {}, "--dtype"),
         (("--read-timeout-s", "soon"), {}, "--read-timeout-s"),
         (("--voice-alias", "alloy"), {}, "--voice-alias"),
+        (("--replicas", "2", "--replica-gpus", "1"), {}, "--replica-gpus"),
+        (("--replicas", "1", "--max-replicas", "3", "--min-replicas", "2"), {}, "--max-replicas"),
+        ((), {"RTSERVER_REPLICA_CPUS": "-1"}, "RTSERVER_REPLICA_CPUS"),
     ],
 )
 def test_a_bad_setting_is_one_clear_line(args, env, says):
@@ -43,3 +47,8 @@ def test_a_bad_setting_is_one_clear_line(args, env, says):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_plain_serve_never_imports_ray(server):
+    """Ray is for --replicas and --ray-address only: the plain server never loads it."""
+    assert "site-packages/ray/" not in Path(f"/proc/{server.proc.pid}/maps").read_text()

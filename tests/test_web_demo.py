@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,10 @@ LONG_TEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def browser(chromium: str) -> Iterator:
+@contextmanager
+def headless(chromium: str) -> Iterator:
+    """The browser. Playwright's sync API runs an event loop in this thread while it is open:
+    close it before anything here calls asyncio.run()."""
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(
             executable_path=chromium,
@@ -49,8 +52,16 @@ def browser(chromium: str) -> Iterator:
                 "--autoplay-policy=no-user-gesture-required",
             ],
         )
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator:
+    with headless(chromium) as b:
         yield b
-        b.close()
 
 
 class Page:

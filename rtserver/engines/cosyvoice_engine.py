@@ -59,25 +59,23 @@ class CosyVoiceEngine:
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
         self.text_streaming = self.model.family != "v1"  # bistream needs the Qwen2 LM
-        self._speakers = self._list_speakers()
 
     # ---- speakers -------------------------------------------------------------------------
 
-    def _list_speakers(self) -> list[Speaker]:
-        rate = self.model.sample_rate
-        return [Speaker(n, "zh/en", rate, self.name) for n in self.model.speakers.list()]
+    def _speaker(self, name: str) -> Speaker:
+        return Speaker(name, "zh/en", self.model.sample_rate, self.name)
 
     def speakers(self) -> list[Speaker]:
-        return self._speakers
+        # Asked of the store each time: it sees what other replicas sharing its speaker dir
+        # registered or deleted (one stat while nothing changed).
+        return [self._speaker(n) for n in self.model.speakers.list()]
 
     def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
         self.model.speakers.register(spk_id, audio, prompt_text)
-        self._speakers = self._list_speakers()
-        return next(s for s in self._speakers if s.id == spk_id)
+        return self._speaker(spk_id)
 
     def delete_speaker(self, spk_id: str) -> None:
         self.model.speakers.delete(spk_id)
-        self._speakers = self._list_speakers()
 
     def segmenter(self, incremental: bool):
         return IncrementalSplitter(_raw_sentence) if incremental else _WholeText()
