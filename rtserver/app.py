@@ -28,7 +28,7 @@ from rtserver.engine import Engine
 from rtserver.engines import load_engine
 from rtserver.logs import with_header, with_request_id
 from rtserver.metrics import Metrics, count_requests
-from rtserver.service import TTSService
+from rtserver.service import TTSService, in_own_thread
 from rtserver.settings import Settings
 
 log = logging.getLogger("rtserver")
@@ -94,7 +94,7 @@ def create_app(
             svc.start()
             return svc
 
-        service = await asyncio.to_thread(boot)
+        service = await in_own_thread(boot)
         app.state.service = service
         log.info("ready: engine=%s speakers=%s on http://%s:%d", service.engine.name,
                  [s.id for s in service.speakers()], settings.host, settings.port)  # fmt: skip
