@@ -119,7 +119,7 @@ class Settings(msgspec.Struct, kw_only=True):
         float, _doc("CPUs Ray reserves for each replica (fractions pack several on a core)", ge=0)
     ] = 1.0
     replica_gpus: Annotated[
-        float, _doc("GPUs for each replica (0.5: two replicas share a GPU); needs --device cuda",
+        float, _doc("GPUs for each replica (0.5: two replicas share a GPU); not with --device cpu",
                     ge=0),
     ] = 0.0  # fmt: skip
     min_replicas: Annotated[Count, _doc("autoscaling: fewest replicas")] = 1

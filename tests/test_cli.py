@@ -37,7 +37,7 @@ def test_help_shows_each_flag_with_its_default_and_variable():
         (("--dtype", "int8"), {}, "--dtype"),
         (("--read-timeout-s", "soon"), {}, "--read-timeout-s"),
         (("--voice-alias", "alloy"), {}, "--voice-alias"),
-        (("--replicas", "2", "--replica-gpus", "1"), {}, "--replica-gpus"),
+        (("--replicas", "2", "--replica-gpus", "1", "--device", "cpu"), {}, "--replica-gpus"),
         (("--replicas", "1", "--max-replicas", "3", "--min-replicas", "2"), {}, "--max-replicas"),
         ((), {"RTSERVER_REPLICA_CPUS": "-1"}, "RTSERVER_REPLICA_CPUS"),
     ],
