@@ -54,6 +54,11 @@ class CosyVoiceModel:
             return self.token2wav.sample_rate
         return int(self.config.get("sample_rate", 24000))
 
+    @property
+    def text_streaming(self) -> bool:
+        """Whether utterances can take ``text_stream=True`` (bistream needs the Qwen2 LM)."""
+        return self.family != "v1"
+
     # ---- utterances ----------------------------------------------------------------------
 
     def start(
@@ -64,7 +69,7 @@ class CosyVoiceModel:
         self.speakers.get(speaker)
         if not speed > 0:
             raise ValueError("speed must be > 0")
-        if opts.get("text_stream") and self.family == "v1":
+        if opts.get("text_stream") and not self.text_streaming:
             raise ValueError("text streaming needs a CosyVoice2/3 model")
         if self.family == "v1" and speed != 1.0:
             stream = False  # v1's streaming vocoder cannot time-scale: one chunk per segment
@@ -176,9 +181,8 @@ class CosyVoiceModel:
         for u in active:
             u.chunk_ready = t2w.ready(u.t2w)
             if u.chunk_ready:
+                u.ready_since = u.ready_since or self._steps
                 ready.append(u)
-        for u in ready:
-            u.ready_since = u.ready_since or self._steps
         if not ready or not self._vocode_now(active, ready, urgent):
             return []
         out = []
@@ -294,7 +298,7 @@ class CosyVoiceModel:
     ) -> LLMRequest:
         """Bistream LLM request (v2/v3): feed text with ``r.push_text(frontend.encode(piece))``
         as it arrives, end with ``r.close_text()``; step it whenever ``r.ready``."""
-        if self.family == "v1":
+        if not self.text_streaming:
             raise NotImplementedError("text-streaming input needs a v2/v3 model")
         prompt_text: list[int] = []
         prompt_speech: list[int] = []

@@ -4,24 +4,5 @@ Kept as a module of the server package so `from rtserver.client import TTSClient
 working; the code lives in one place, `rtserver_client`.
 """
 
-from rtserver_client.client import (
-    Connection,
-    Context,
-    Event,
-    Result,
-    ServerError,
-    TTSClient,
-    auth_headers,
-    ws_url,
-)
-
-__all__ = [
-    "Connection",
-    "Context",
-    "Event",
-    "Result",
-    "ServerError",
-    "TTSClient",
-    "auth_headers",
-    "ws_url",
-]
+from rtserver_client.client import *  # noqa: F403
+from rtserver_client.client import __all__  # noqa: F401 - the same public names

@@ -134,6 +134,14 @@ class Job:
         with self._lock:
             return self._segments.popleft() if self._segments else None
 
+    @property
+    def runs_dry_at(self) -> float | None:
+        """When a listener playing in real time since the first audio runs out of it (None
+        before the first audio)."""
+        if self.first_audio_at is None:
+            return None
+        return self.first_audio_at + self.audio_seconds
+
     def take_text(self) -> tuple[list[tuple[int, str]], int | None, bool]:
         """Everything queued, with the open segment and whether input is closed, as one
         snapshot: a segment sealed (or input closed) by then has all its text in the list."""

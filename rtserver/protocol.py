@@ -11,66 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-from rtserver_client.protocol import (
-    ENDING_ERRORS,
-    ERROR_CODES,
-    AppendText,
-    Cancel,
-    Cancelled,
-    ClientMessage,
-    Close,
-    ContextId,
-    Done,
-    Error,
-    Flush,
-    Flushed,
-    Format,
-    Ping,
-    Pong,
-    Ready,
-    SampleRate,
-    Seed,
-    Segment,
-    ServerMessage,
-    Speed,
-    Start,
-    Started,
-    Word,
-    Words,
-    json_schema,
-)
+from rtserver_client import protocol as _wire
+from rtserver_client.protocol import *  # noqa: F403 - the /ws/tts types, re-exported whole
+from rtserver_client.protocol import SampleRate, Seed, Speed, json_schema
 
-__all__ = [
-    "ENDING_ERRORS",
-    "ERROR_CODES",
-    "AppendText",
-    "Cancel",
-    "Cancelled",
-    "ClientMessage",
-    "Close",
-    "ContextId",
-    "Done",
-    "Error",
-    "Flush",
-    "Flushed",
-    "Format",
-    "Ping",
-    "Pong",
-    "Ready",
-    "SampleRate",
-    "Seed",
-    "Segment",
-    "ServerMessage",
-    "SpeakerInfo",
-    "Speed",
-    "Start",
-    "Started",
-    "TTSRequest",
-    "Text",
-    "Word",
-    "Words",
-    "json_schema",
-]
+__all__ = [*_wire.__all__, "SpeakerInfo", "TTSRequest", "Text"]
 
 Text = Annotated[str, msgspec.Meta(min_length=1, description="Text to speak.")]
 

@@ -237,9 +237,8 @@ class Scheduler:
         after it arrived: so new jobs go first, unless a running stream is about to run dry
         (pure first-audio-first starves running streams when new jobs keep coming).
         """
-        if job.first_audio_at is None:
-            return job.created + self.first_audio_budget_s
-        return job.first_audio_at + job.audio_seconds
+        dry = job.runs_dry_at
+        return job.created + self.first_audio_budget_s if dry is None else dry
 
     def _step(self, batch: list[Job]) -> list[tuple[Job, Event]]:
         try:

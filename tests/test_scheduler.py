@@ -202,12 +202,13 @@ def test_earliest_deadline_first():
     engine = ToneEngine()
     sched = Scheduler(engine, first_audio_budget_s=0.25)
 
-    class Stub:
-        def __init__(self, created, first=None, audio=0.0):
-            self.created, self.first_audio_at, self.audio_seconds = created, first, audio
+    def job(created: float, first: float | None = None, audio: float = 0.0) -> Job:
+        j = Job(speaker=SPEAKER, channel=None, created=created)  # never admitted: no channel
+        j.first_audio_at, j.audio_seconds = first, audio
+        return j
 
-    new = Stub(created=100.0)  # due at 100.25
-    starving = Stub(created=90.0, first=95.0, audio=5.1)  # listener runs dry at 100.1
-    comfortable = Stub(created=90.0, first=95.0, audio=20.0)  # dry at 115
+    new = job(created=100.0)  # due at 100.25
+    starving = job(created=90.0, first=95.0, audio=5.1)  # listener runs dry at 100.1
+    comfortable = job(created=90.0, first=95.0, audio=20.0)  # dry at 115
     order = sorted([comfortable, new, starving], key=sched.deadline)
     assert order == [starving, new, comfortable]

@@ -14,7 +14,7 @@ import bisect
 
 import torch
 
-from .kv import BLOCK, Group, KVCache, KVPool, Layout
+from .kv import BLOCK, Group, KVCache, KVPool, Layout, blocks_for, slot, table_row
 from .lm import QwenSpeechLM
 
 BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -65,7 +65,7 @@ class DecodeGraphs:
         for c in caches:
             c.reserve(1)
         b = self.batches[bisect.bisect_left(self.batches, n)]
-        need = max(-(-(c.length + 1) // BLOCK) for c in caches)
+        need = max(blocks_for(c.length + 1) for c in caches)
         nb = self.contexts[bisect.bisect_left(self.contexts, need)]
         self._fill(x, caches, b, nb)
         if self.capture:
@@ -83,10 +83,9 @@ class DecodeGraphs:
         slots, ctx, table = [], [], []
         for c in caches:
             pos = c.length
-            slots.append(c.blocks[pos // BLOCK] * BLOCK + pos % BLOCK)
+            slots.append(slot(c.blocks, pos))
             ctx.append(pos + 1)
-            row = c.blocks[:nb]
-            table.append(row + [0] * (nb - len(row)))
+            table.append(table_row(c.blocks, nb))
         pad = b - n  # padded rows: write to the scratch slot, attend to it alone
         host = dict(dtype=torch.long)
         self.x[:n].copy_(x)

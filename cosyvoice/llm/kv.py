@@ -20,6 +20,24 @@ import torch
 BLOCK = 32  # positions per block: small enough to waste little, big enough for few indices
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
+
+
+def blocks_for(positions: int) -> int:
+    """How many blocks hold ``positions`` positions."""
+    return -(-positions // BLOCK)
+
+
+def slot(blocks: list[int], pos: int) -> int:
+    """Where position ``pos`` of a request owning ``blocks`` sits in the pool."""
+    return blocks[pos // BLOCK] * BLOCK + pos % BLOCK
+
+
+def table_row(blocks: list[int], n: int) -> list[int]:
+    """A request's first ``n`` blocks, padded with the scratch block 0 (masked out)."""
+    row = blocks[:n]
+    return row + [0] * (n - len(row))
+
+
 KeysOf = Callable[["Group"], Tensors]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Group"], torch.Tensor]
 
@@ -127,7 +145,7 @@ class KVCache:
     def reserve(self, n_new: int) -> None:
         if not self._finalizer.alive:
             raise ValueError("KV cache used after release()")
-        need = -(-(self.length + n_new) // BLOCK) - len(self.blocks)
+        need = blocks_for(self.length + n_new) - len(self.blocks)
         if need > 0:
             self.blocks.extend(self.pool.take(need))
 
@@ -216,7 +234,7 @@ class Layout:
         positions: list[int] = []
         for p, n, blk in zip(past, seg_lens, blocks, strict=True):
             for pos in range(p, p + n):
-                slots.append(blk[pos // BLOCK] * BLOCK + pos % BLOCK)
+                slots.append(slot(blk, pos))
                 positions.append(pos)
         starts = [0]
         for n in seg_lens:
@@ -242,8 +260,8 @@ def _group(
     past: list[int], lens: list[int], blocks: list[list[int]], starts: list[int], device
 ) -> Group:
     q_len = max(lens)
-    n_blocks = max(-(-(p + n) // BLOCK) for p, n in zip(past, lens, strict=True))
-    table = [blk[:n_blocks] + [0] * (n_blocks - len(blk[:n_blocks])) for blk in blocks]
+    n_blocks = max(blocks_for(p + n) for p, n in zip(past, lens, strict=True))
+    table = [table_row(blk, n_blocks) for blk in blocks]
     rows = [s + i for s, n in zip(starts, lens, strict=True) for i in range(n)]
     pad_rows = [j * q_len + i for j, n in enumerate(lens) for i in range(n)]
     as_long = dict(dtype=torch.long, device=device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LLMConfig
-from .kv import BLOCK, KVCache, KVPool, Layout, gather, write
+from .kv import KVCache, KVPool, Layout, blocks_for, gather, write
 from .qwen2 import last_positions
 
 
@@ -166,7 +166,7 @@ def _rel_attend(att: RelPosAttention, cached: bool):
 
 def _no_blocks(seg_lens: list[int]) -> list[list[int]]:
     """Placeholder block lists for an uncached layout (only its shapes and masks are used)."""
-    return [[0] * -(-n // BLOCK) for n in seg_lens]
+    return [[0] * blocks_for(n) for n in seg_lens]
 
 
 def _size(node: dict | None, key: str, default):

@@ -58,7 +58,7 @@ class CosyVoiceEngine:
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
-        self.text_streaming = self.model.family != "v1"  # bistream needs the Qwen2 LM
+        self.text_streaming = self.model.text_streaming
 
     # ---- speakers -------------------------------------------------------------------------
 
@@ -95,8 +95,12 @@ class CosyVoiceEngine:
         utt: Utterance | None = job.engine_state
         if utt is None:
             return False
-        sealed = utt.open_tag is not None and job.open_segment != utt.open_tag
-        return utt.busy or sealed or job.has_pending_text() or job.input_closed
+        return (
+            utt.busy
+            or _seal_due(utt, job.open_segment)
+            or job.has_pending_text()
+            or job.input_closed
+        )
 
     def step(self, jobs: list[Job]) -> list[tuple[Job, Event]]:
         for job in jobs:
@@ -125,15 +129,19 @@ class CosyVoiceEngine:
             return
         if closed:
             self.model.close_text(utt)
-        elif utt.open_tag is not None and utt.open_tag != open_segment:
+        elif _seal_due(utt, open_segment):
             self.model.seal(utt)
+
+
+def _seal_due(utt: Utterance, open_segment: int | None) -> bool:
+    """The utterance's text-streaming piece is still open, but the job has sealed it."""
+    return utt.open_tag is not None and utt.open_tag != open_segment
 
 
 def _urgent(job: Job) -> bool:
     """The listener has under RUN_DRY_S of audio left to play."""
-    if job.first_audio_at is None:
-        return False
-    return job.first_audio_at + job.audio_seconds - time.monotonic() < RUN_DRY_S
+    dry = job.runs_dry_at
+    return dry is not None and dry - time.monotonic() < RUN_DRY_S
 
 
 def _events(out: Output) -> list[Event]:
