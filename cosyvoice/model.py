@@ -350,12 +350,16 @@ def load(
     token2wav: bool = True,
     max_batch: int = 64,
     graphs: bool | None = None,
+    exact_final: bool = False,
+    flow_cache_mb: float = 2048.0,
 ) -> CosyVoiceModel:
     """Load a model dir. ``device`` None: CUDA when available, else CPU; ``dtype`` None:
     bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
     on a CPU without bf16 matrix units falls back). ``token2wav=False`` loads only the front
     half (text -> speech tokens). ``graphs`` (default: on CUDA for v2/v3) runs decode steps of
-    up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`)."""
+    up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`).
+    ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state each may
+    keep (:class:`cosyvoice.token2wav.StreamConfig`)."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)
@@ -387,17 +391,19 @@ def load(
     if graphs if graphs is not None else (device.type == "cuda" and family != "v1"):
         model.llm.enable_graphs(max_batch)
     if token2wav:
-        model.token2wav = _load_token2wav(model_dir, cfg, device, dtype)
+        opts = {} if family == "v1" else dict(exact_final=exact_final, flow_cache_mb=flow_cache_mb)
+        model.token2wav = _load_token2wav(model_dir, cfg, device, dtype, **opts)
     return model
 
 
-def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: torch.dtype):
+def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: torch.dtype, **opts):
     from .flow import load_flow
     from .hift import HiFTConfig, load_hift
     from .token2wav import make_token2wav
 
     flow = load_flow(model_dir, device=device)
-    t2w = make_token2wav(flow, load_hift(model_dir, HiFTConfig.from_yaml(cfg), device=device))
+    hift = load_hift(model_dir, HiFTConfig.from_yaml(cfg), device=device)
+    t2w = make_token2wav(flow, hift, **opts)
     if dtype != torch.float32:
         # The flow is most of token2wav's time; autocast runs its matmuls in bf16/fp16 (2x at
         # batch 8 on an AMX CPU, mel within ~1.5%) while HiFT's f0/iSTFT stay float32.

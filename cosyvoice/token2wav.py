@@ -17,9 +17,15 @@ Chunk schedule (upstream ``CosyVoice2Model.tts`` with the per-request hop it sho
 * hop sizes 25 (+ ``prompt_pad``) -> 50 -> 100 -> 100 ... tokens, where ``prompt_pad = ceil(P/25)*25
   - P`` aligns the first chunk end to the 25-token attention-chunk grid that starts at the prompt;
 * a non-final chunk needs ``hop + 3`` unconsumed tokens (the last 3 are look-ahead only) and runs the
-  flow with chunk-masked attention (streaming=True, finalize=False) over prompt + all tokens so far;
-* when the input has ended and no full hop is left, the final chunk runs the flow over all tokens
-  without chunk masks (streaming=False, finalize=True), as upstream does;
+  flow with chunk-masked attention (streaming=True, finalize=False). Upstream recomputes prompt +
+  all tokens so far every chunk (O(n^2) in the utterance); here each request keeps a
+  :class:`~cosyvoice.flow.FlowCache` (attention keys/values and causal-conv inputs of its finished
+  frames, per Euler step) and a chunk computes only its new frames - the same frames, linear work.
+  A cache above ``StreamConfig.flow_cache_mb`` is dropped and the request recomputes from then on;
+* when the input has ended and no full hop is left, the final chunk: by default the last piece
+  with the same chunk-masked attention, reading the cache (linear; what every earlier chunk did).
+  Upstream instead reruns the flow over all tokens without chunk masks (streaming=False), which
+  costs a whole non-stream pass; ``StreamConfig(exact_final=True)`` does that, for bit parity;
 * HiFT caches: the last 8 mel frames and 3840 source samples are prepended/reused by the next chunk,
   and its first 3840 samples are cross-faded (Hamming 7680, float64) with the held-back tail of the
   previous chunk; every non-final chunk holds back its last 3840 samples.
@@ -37,6 +43,7 @@ v1 (:class:`Token2WavV1`) refuses speed != 1 when streaming, like upstream.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cosyvoice.flow import FlowInput, FlowModel
+from cosyvoice.flow import FlowCache, FlowInput, FlowModel
 from cosyvoice.hift import CausalHiFT, HiFT, NoiseBuffer
 
 
@@ -57,6 +64,8 @@ class StreamConfig:
     token_mel_ratio: int = 2
     mel_cache_len: int = 8
     samples_per_frame: int = 480
+    exact_final: bool = False  # final chunk: upstream's full-attention recompute of everything
+    flow_cache_mb: float = 2048.0  # per request; above it the request recomputes each chunk
 
     @property
     def source_cache_len(self) -> int:
@@ -86,6 +95,7 @@ class Token2WavState:
     acc_mel: torch.Tensor | None = None
     speech_offset: int = 0
     noise: NoiseBuffer | None = None
+    flow_cache: FlowCache | None = None  # streaming: the flow state of the finished frames
     n_chunks: int = 0
     n_samples: int = 0
 
@@ -127,14 +137,16 @@ class _Job:
 
 
 class Token2Wav:
-    def __init__(self, flow: FlowModel, hift: HiFT, cfg: StreamConfig | None = None):
+    def __init__(self, flow: FlowModel, hift: HiFT, cfg: StreamConfig | None = None, **opts):
+        """``opts``: :class:`StreamConfig` fields to override (``exact_final``, ``flow_cache_mb``)."""
         self.flow, self.hift = flow, hift
-        self.cfg = cfg or StreamConfig(
+        cfg = cfg or StreamConfig(
             token_hop_len=flow.cfg.chunk_size or 25,
             pre_lookahead_len=flow.cfg.pre_lookahead_len,
             token_mel_ratio=flow.cfg.token_mel_ratio,
             samples_per_frame=hift.cfg.samples_per_frame,
         )
+        self.cfg = dataclasses.replace(cfg, **opts)
         self.window = np.hamming(2 * self.cfg.source_cache_len)  # float64, read-only
         self.causal = isinstance(hift, CausalHiFT)
         self.sample_rate = hift.cfg.sampling_rate
@@ -156,16 +168,14 @@ class Token2Wav:
         pf = torch.zeros(0, 80) if prompt_feat is None else prompt_feat.reshape(-1, 80)
         g = None if seed is None else torch.Generator().manual_seed(int(seed))
         h, p = self.cfg.token_hop_len, int(pt.numel())
-        if self.causal:
-            return Token2WavState(
-                pt, pf, embedding.reshape(-1), stream, float(speed), None, hop=h,
-                prompt_pad=math.ceil(p / h) * h - p,
-                noise=None if g is None else NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1),
-            )  # fmt: skip
-        return Token2WavState(
-            pt, pf, embedding.reshape(-1), stream, float(speed), g, hop=h,
-            prompt_pad=math.ceil(p / h) * h - p,
+        st = Token2WavState(
+            pt, pf, embedding.reshape(-1), stream, float(speed), None if self.causal else g,
+            hop=h, prompt_pad=math.ceil(p / h) * h - p,
+            flow_cache=FlowCache() if stream and self.cfg.flow_cache_mb > 0 else None,
         )  # fmt: skip
+        if self.causal and g is not None:
+            st.noise = NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1)
+        return st
 
     # ------------------------------------------------------------------ scheduling
     def _plan(self, st: Token2WavState) -> _Job | None:
@@ -177,7 +187,7 @@ class Token2Wav:
             if c >= hop + self.cfg.pre_lookahead_len:
                 return _Job(st, st.token_offset + hop + self.cfg.pre_lookahead_len, False, True)
         if st.input_done:
-            return _Job(st, len(st.tokens), True, False)
+            return _Job(st, len(st.tokens), True, st.stream and not self.cfg.exact_final)
         return None
 
     def ready(self, st: Token2WavState) -> bool:
@@ -213,18 +223,9 @@ class Token2Wav:
                 out[i] = torch.zeros(0)
         if not run:
             return out
-        reqs = [
-            FlowInput(
-                torch.tensor(j.state.tokens[: j.n_tok], dtype=torch.long),
-                j.state.prompt_token,
-                j.state.prompt_feat,
-                j.state.embedding,
-                streaming=j.streaming,
-                finalize=j.final,
-            )
-            for _, j in run
-        ]
-        mels = self.flow.inference(reqs)
+        mels = self.flow.inference([self._flow_input(j) for _, j in run])
+        for _, j in run:
+            self._keep_or_drop_cache(j)
         if self.causal:
             return self._finish_causal(run, mels, out)
         hift_in, caches, gens = [], [], []
@@ -255,10 +256,32 @@ class Token2Wav:
             out[i] = chunk
         return out
 
+    def _flow_input(self, j: _Job) -> FlowInput:
+        """The flow call of a job: new frames only (from the request's token offset), over its
+        cache when it streams (upstream's exact final pass recomputes without one)."""
+        st = j.state
+        return FlowInput(
+            torch.tensor(st.tokens[: j.n_tok], dtype=torch.long),
+            st.prompt_token,
+            st.prompt_feat,
+            st.embedding,
+            streaming=j.streaming,
+            finalize=j.final,
+            emit_from=st.token_offset * self.cfg.token_mel_ratio,
+            cache=st.flow_cache if j.streaming else None,
+        )
+
+    def _keep_or_drop_cache(self, j: _Job) -> None:
+        """A finished request frees its cache; one over the memory bound drops it and
+        recomputes its later chunks from scratch (the same frames, at upstream's cost)."""
+        c = j.state.flow_cache
+        if c is not None and (j.final or c.nbytes > self.cfg.flow_cache_mb * 2**20):
+            j.state.flow_cache = None
+
     def _new_frames(self, st: Token2WavState, mel: torch.Tensor) -> torch.Tensor:
-        """The frames of a flow output past the request's token offset (float, on the CPU),
-        time-stretched by the request's speed where that applies."""
-        mel = mel[:, st.token_offset * self.cfg.token_mel_ratio :].float().cpu()
+        """A flow output's new frames as float on the CPU, time-stretched by the request's speed
+        where that applies."""
+        mel = mel.float().cpu()
         if st.speed != 1.0 and (st.stream or st.token_offset == 0):
             mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
         return mel
@@ -452,8 +475,9 @@ class Token2WavV1:
     synthesize = Token2Wav.synthesize
 
 
-def make_token2wav(flow, hift):
-    """The streaming token2wav for a loaded flow/HiFT pair (v1, v2 or v3)."""
+def make_token2wav(flow, hift, **opts):
+    """The streaming token2wav for a loaded flow/HiFT pair (v1, v2 or v3). ``opts``: v2/v3
+    :class:`StreamConfig` fields (``exact_final``, ``flow_cache_mb``); v1 has no such choices."""
     from cosyvoice.flow.v1 import FlowV1
 
-    return Token2WavV1(flow, hift) if isinstance(flow, FlowV1) else Token2Wav(flow, hift)
+    return Token2WavV1(flow, hift) if isinstance(flow, FlowV1) else Token2Wav(flow, hift, **opts)

@@ -1,5 +1,9 @@
 """Causal U-Net estimator of the CosyVoice2 flow (``CausalConditionalDecoder``) and the Euler CFM
-sampler with cosine schedule and classifier-free guidance."""
+sampler with cosine schedule and classifier-free guidance.
+
+The estimator runs on a call's new frames; a :class:`Past` (one per Euler step) supplies the
+keys/values and convolution inputs of earlier frames, so a streaming chunk does not recompute
+them (see :mod:`cosyvoice.flow.cache`)."""
 
 from __future__ import annotations
 
@@ -9,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.flow.encoder import attn_masks
+from cosyvoice.flow.cache import FlowCache, Past
 
 
 class CausalConv1d(nn.Conv1d):
-    """Conv1d with (k-1) zeros on the left, none on the right."""
+    """Conv1d over the (k-1) frames before the input (zeros at the start), none after it."""
 
-    def forward(self, x):
-        return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
+    def forward(self, x, past: Past):
+        return super().forward(past.conv(self, x, self.kernel_size[0] - 1))
 
 
 class CausalBlock1D(nn.Module):
@@ -28,8 +32,8 @@ class CausalBlock1D(nn.Module):
             [CausalConv1d(dim, dim_out, 3), nn.Identity(), nn.LayerNorm(dim_out), nn.Identity()]
         )
 
-    def forward(self, x, mask):
-        h = self.block[0](x * mask)
+    def forward(self, x, mask, past: Past):
+        h = self.block[0](x * mask, past)
         h = self.block[2](h.transpose(1, 2)).transpose(1, 2)
         return F.mish(h) * mask
 
@@ -42,10 +46,10 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x, mask, temb):
-        h = self.block1(x, mask)
+    def forward(self, x, mask, temb, past: Past):
+        h = self.block1(x, mask, past)
         h = h + self.mlp(temb)[:, :, None]
-        h = self.block2(h, mask)
+        h = self.block2(h, mask, past)
         return h + self.res_conv(x * mask)
 
 
@@ -58,13 +62,14 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
 
-    def forward(self, x, bias):  # x (B,T,C), bias (B,1,T,T) additive
+    def forward(self, x, past: Past):  # x (B,T,C) new frames
         b, t, _ = x.shape
         q, k, v = (
             f(x).view(b, t, self.heads, -1).transpose(1, 2)
             for f in (self.to_q, self.to_k, self.to_v)
         )
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(-1, self.heads, -1, -1))
+        k, v = past.kv(self, k, v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=past.mask)
         return self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -96,8 +101,8 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, bias):
-        x = x + self.attn1(self.norm1(x), bias)
+    def forward(self, x, past: Past):
+        x = x + self.attn1(self.norm1(x), past)
         return x + self.ff(self.norm3(x))
 
 
@@ -143,30 +148,39 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(channels, channels)
         self.final_proj = nn.Conv1d(channels, cout, 1)
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming):
-        """streaming: (B,) bool, chunk-masked attention for those rows."""
+    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past: Past | None = None):
+        """Inputs (B, C, T) of the new frames. ``past``: the call's view of earlier frames (one
+        Euler step's); without it every row is a whole sequence, chunk-masked where
+        ``streaming`` (B,) is set."""
+        if past is None:
+            past = fresh_past(mask, streaming, self.chunk)
         temb = self.time_mlp(sinusoidal_emb(t, self.cin))
         x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
-        lens = mask[:, 0].sum(-1).long()
-        am = attn_masks(lens, x.shape[-1], self.chunk, streaming)
-        bias = ((1.0 - am.to(x.dtype)) * -1.0e10)[:, None]
 
         def run(lvl, x):
-            x = lvl[0](x, mask, temb).transpose(1, 2)
+            x = lvl[0](x, mask, temb, past).transpose(1, 2)
             for blk in lvl[1]:
-                x = blk(x, bias)
+                x = blk(x, past)
             return x.transpose(1, 2)
 
         x = run(self.down_blocks[0], x)
         skip = x
-        x = self.down_blocks[0][2](x * mask)
+        x = self.down_blocks[0][2](x * mask, past)
         for lvl in self.mid_blocks:
             x = run(lvl, x)
         x = torch.cat([x, skip], dim=1)
         x = run(self.up_blocks[0], x)
-        x = self.up_blocks[0][2](x * mask)
-        x = self.final_block(x, mask)
+        x = self.up_blocks[0][2](x * mask, past)
+        x = self.final_block(x, mask, past)
         return self.final_proj(x * mask) * mask
+
+
+def fresh_past(mask: torch.Tensor, streaming: torch.Tensor | None, chunk: int) -> Past:
+    """A view in which each row of ``mask`` (B, 1, T) is a whole sequence of its own."""
+    lens = mask[:, 0].sum(-1).long().tolist()
+    stream = [False] * len(lens) if streaming is None else [bool(s) for s in streaming]
+    return Past([FlowCache() for _ in lens], [0] * len(lens), lens, stream, chunk,
+                device=mask.device)  # fmt: skip
 
 
 def cosine_t_span(n: int, dtype=torch.float32) -> torch.Tensor:
@@ -183,8 +197,9 @@ class CFM(nn.Module):
         self.estimator = est
 
 
-def cfm_euler(estimator, z, mask, mu, spks, cond, streaming, n_steps=10, cfg_rate=0.7):
-    """Euler ODE from noise z with classifier-free guidance (unconditional rows zero mu/spks/cond)."""
+def cfm_euler(estimator, z, mask, mu, spks, cond, past: Past, n_steps=10, cfg_rate=0.7):
+    """Euler ODE from noise z with classifier-free guidance (unconditional rows zero mu/spks/cond).
+    ``past`` (2 row groups: conditional, unconditional) is keyed apart for every step."""
     t_span = cosine_t_span(n_steps, mu.dtype).to(mu.device)
     b = z.shape[0]
     x = z
@@ -192,10 +207,10 @@ def cfm_euler(estimator, z, mask, mu, spks, cond, streaming, n_steps=10, cfg_rat
     mu2 = torch.cat([mu, torch.zeros_like(mu)])
     spks2 = torch.cat([spks, torch.zeros_like(spks)])
     cond2 = torch.cat([cond, torch.zeros_like(cond)])
-    stream2 = torch.cat([streaming, streaming])
     t, dt = t_span[0], t_span[1] - t_span[0]
     for step in range(1, len(t_span)):
-        v = estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * b), spks2, cond2, stream2)
+        v = estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * b), spks2, cond2,
+                      past=past.at(step))  # fmt: skip
         vc, vu = v[:b], v[b:]
         v = (1.0 + cfg_rate) * vc - cfg_rate * vu
         x = x + dt * v

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.flow.decoder import sinusoidal_emb
-from cosyvoice.flow.encoder import attn_masks
+from cosyvoice.flow.cache import Past
+from cosyvoice.flow.decoder import fresh_past, sinusoidal_emb
 
 
 class TimestepEmbedding(nn.Module):
@@ -28,10 +28,10 @@ class CausalConvPositionEmbedding(nn.Module):
         self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, k, groups=groups), nn.Mish())
         self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, k, groups=groups), nn.Mish())
 
-    def forward(self, x):  # (B, T, C)
+    def forward(self, x, past: Past):  # (B, T, C), causal: each conv reads k-1 earlier frames
         x = x.transpose(1, 2)
-        x = self.conv1(F.pad(x, (self.k - 1, 0)))
-        x = self.conv2(F.pad(x, (self.k - 1, 0)))
+        x = self.conv1(past.conv(self.conv1, x, self.k - 1))
+        x = self.conv2(past.conv(self.conv2, x, self.k - 1))
         return x.transpose(1, 2)
 
 
@@ -41,9 +41,9 @@ class InputEmbedding(nn.Module):
         self.proj = nn.Linear(in_dim, dim)
         self.conv_pos_embed = CausalConvPositionEmbedding(dim)
 
-    def forward(self, x, cond, mu, spks):  # (B, T, C) each, spks (B, C)
+    def forward(self, x, cond, mu, spks, past: Past):  # (B, T, C) each, spks (B, C)
         h = self.proj(torch.cat([x, cond, mu, spks[:, None].expand(-1, x.shape[1], -1)], dim=-1))
-        return self.conv_pos_embed(h) + h
+        return self.conv_pos_embed(h, past) + h
 
 
 class RotaryEmbedding(nn.Module):
@@ -51,10 +51,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
 
-    def forward(self, t: int):
-        pos = torch.arange(t, device=self.inv_freq.device).type_as(self.inv_freq)
-        f = torch.einsum("i,j->ij", pos, self.inv_freq)
-        return torch.stack([f, f], dim=-1).reshape(t, -1)  # (T, dim) interleaved pairs
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        """Absolute positions (B, T) -> angles (B, T, dim), interleaved pairs."""
+        f = pos.type_as(self.inv_freq)[..., None] * self.inv_freq
+        return torch.stack([f, f], dim=-1).flatten(-2)
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -79,14 +79,15 @@ class Attention(nn.Module):
         )
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
 
-    def forward(self, x, mask, freqs):  # mask (B, 1, T, T) bool
+    def forward(self, x, past: Past, freqs):  # x (B, T, C) new frames, freqs (B, T, rot)
         b, t, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         q, k, v = (y.view(b, t, self.heads, -1).transpose(1, 2) for y in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        k, v = past.kv(self, k, v)  # keys are kept rotated at their own positions
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=past.mask)
         o = self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))
-        return o.masked_fill(~mask[:, 0, -1, :, None], 0.0)
+        return o.masked_fill(~past.valid[..., None], 0.0)
 
 
 class AdaLNZero(nn.Module):
@@ -121,10 +122,10 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, heads, dim_head)
         self.ff = FF(dim, ff_mult)
 
-    def forward(self, x, c, mask, freqs):
+    def forward(self, x, c, past: Past, freqs):
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.attn_norm(c)
         n = _ln(x) * (1 + sc_a[:, None]) + sh_a[:, None]
-        x = x + g_a[:, None] * self.attn(n, mask, freqs)
+        x = x + g_a[:, None] * self.attn(n, past, freqs)
         n = _ln(x) * (1 + sc_m[:, None]) + sh_m[:, None]
         return x + g_m[:, None] * self.ff(n)
 
@@ -143,15 +144,17 @@ class DiT(nn.Module):
         self.norm_out = AdaLNZero(dim, 2)
         self.proj_out = nn.Linear(dim, out_channels)
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming):
-        b, _, tt = x.shape
+    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past: Past | None = None):
+        """Inputs (B, C, T) of the new frames; ``past`` as for the U-Net estimator."""
+        if past is None:
+            past = fresh_past(mask, streaming, self.chunk)
         c = self.time_embed(t)
-        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
-        lens = mask[:, 0].sum(-1).long()
-        am = attn_masks(lens, tt, self.chunk, streaming)[:, None]
-        freqs = self.rotary_embed(tt)
+        h = self.input_embed(
+            x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks, past
+        )
+        freqs = self.rotary_embed(past.positions)
         for blk in self.transformer_blocks:
-            h = blk(h, c, am, freqs)
+            h = blk(h, c, past, freqs)
         scale, shift = self.norm_out(c)
         h = _ln(h) * (1 + scale[:, None]) + shift[:, None]
         return self.proj_out(h).transpose(1, 2)

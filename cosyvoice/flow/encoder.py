@@ -1,8 +1,9 @@
 """Upsampling causal conformer encoder of the CosyVoice2 flow (tokens -> 2x frame-rate features).
 
-Batched: ``xs`` is right-padded (B, L, C) with per-item ``lens``; every layer only lets valid
-positions read valid positions (or the item's own look-ahead context), so an item's output does
-not depend on what it is batched with.
+Batched and incremental: each item's new tokens are right-padded (B, T, C); a :class:`Past` at
+token and at frame resolution supplies the keys/values and convolution inputs of the item's earlier
+positions (none for a whole-utterance call) and masks padding, so an item's output depends neither
+on what it is batched with nor on how its utterance was chunked.
 """
 
 from __future__ import annotations
@@ -13,31 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def chunk_mask(t: int, chunk: int, device=None) -> torch.Tensor:
-    """(T, T) bool: i may attend j iff j < (i // chunk + 1) * chunk (chunks aligned at index 0)."""
-    i = torch.arange(t, device=device)
-    return i[None, :] < ((i // chunk + 1) * chunk)[:, None]
-
-
-def attn_masks(lens: torch.Tensor, t: int, chunk: int, streaming: torch.Tensor) -> torch.Tensor:
-    """(B, T, T) bool attention masks: key padding, plus the chunk mask for streaming items."""
-    keys = torch.arange(t, device=lens.device)[None, :] < lens[:, None]  # (B, T)
-    m = keys[:, None, :].expand(-1, t, -1)
-    if chunk > 0 and bool(streaming.any()):
-        cm = chunk_mask(t, chunk, lens.device)[None]
-        m = torch.where(streaming[:, None, None], m & cm, m)
-    return m
-
-
-def rel_pos_table(t: int, d: int) -> torch.Tensor:
-    """(2T-1, d) rows for relative positions T-1 .. -(T-1); interleaved sin/cos."""
-    pos = torch.arange(t - 1, -t, -1, dtype=torch.float32)[:, None]
-    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * -(math.log(10000.0) / d))
-    pe = torch.zeros(2 * t - 1, d)
-    pe[:, 0::2] = torch.sin(pos * div)
-    pe[:, 1::2] = torch.cos(pos * div)
-    return pe
+from cosyvoice.flow.cache import Past
 
 
 class LinearInput(nn.Module):
@@ -62,21 +39,21 @@ class RelPosAttention(nn.Module):
         self.pos_bias_u = nn.Parameter(torch.zeros(h, self.dk))
         self.pos_bias_v = nn.Parameter(torch.zeros(h, self.dk))
 
-    def forward(self, x, mask, pos):  # x (B,T,d), mask (B,T,T) bool, pos (2T-1, d)
+    def forward(self, x, past: Past):  # x (B,T,d) new positions
         b, t, _ = x.shape
         q = self.linear_q(x).view(b, t, self.h, self.dk)
         k = self.linear_k(x).view(b, t, self.h, self.dk).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.dk).transpose(1, 2)
-        p = self.linear_pos(pos).view(1, -1, self.h, self.dk).transpose(1, 2)  # (1,h,2T-1,dk)
+        k, v = past.kv(self, k, v)  # (B,h,K,dk): earlier positions too
+        table, idx = past.rel_pos(self.h * self.dk)
+        p = self.linear_pos(table.to(x)).view(1, -1, self.h, self.dk).transpose(1, 2)
         qu = (q + self.pos_bias_u).transpose(1, 2)
         qv = (q + self.pos_bias_v).transpose(1, 2)
         ac = qu @ k.transpose(-2, -1)
-        bd = qv @ p.transpose(-2, -1)  # (B,h,T,2T-1)
-        i = torch.arange(t, device=x.device)
-        idx = (t - 1) - i[:, None] + i[None, :]  # relative position i-j
-        bd = bd.gather(-1, idx.expand(b, self.h, t, t))
+        bd = qv @ p.transpose(-2, -1)  # (B,h,T,offsets)
+        bd = bd.gather(-1, idx[:, None].expand(-1, self.h, -1, -1))  # offset i-j of each pair
         scores = (ac + bd) / math.sqrt(self.dk)
-        m = ~mask[:, None]
+        m = ~past.mask
         scores = scores.masked_fill(m, float("-inf"))
         attn = torch.softmax(scores, dim=-1).masked_fill(m, 0.0)
         out = (attn @ v).transpose(1, 2).reshape(b, t, -1)
@@ -102,8 +79,8 @@ class ConformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(d, eps=1e-12)
         self.norm_mha = nn.LayerNorm(d, eps=1e-12)
 
-    def forward(self, x, mask, pos):
-        x = x + self.self_attn(self.norm_mha(x), mask, pos)
+    def forward(self, x, past: Past):
+        x = x + self.self_attn(self.norm_mha(x), past)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -116,10 +93,10 @@ class PreLookahead(nn.Module):
         self.conv1 = nn.Conv1d(cin, ch, lookahead + 1)
         self.conv2 = nn.Conv1d(ch, cin, 3)
 
-    def forward(self, xe):  # xe (B, L + lookahead, C): sequence already extended by the look-ahead
+    def forward(self, xe, past: Past):  # xe (B, T + lookahead, C): new positions + look-ahead
         x = xe.transpose(1, 2)
         y = F.leaky_relu(self.conv1(x))
-        y = self.conv2(F.pad(y, (2, 0))).transpose(1, 2).contiguous()
+        y = self.conv2(past.conv(self.conv2, y, 2)).transpose(1, 2).contiguous()
         return y + xe[:, : xe.shape[1] - self.lookahead]
 
 
@@ -131,9 +108,9 @@ class Upsample(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(ch, ch, stride * 2 + 1)
 
-    def forward(self, x):  # (B, C, T)
+    def forward(self, x, past: Past):  # (B, C, T) -> (B, C, stride*T); past at the output rate
         x = F.interpolate(x, scale_factor=float(self.stride), mode="nearest")
-        return self.conv(F.pad(x, (self.stride * 2, 0)))
+        return self.conv(past.conv(self.conv, x, self.stride * 2))
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -150,28 +127,21 @@ class UpsampleConformerEncoder(nn.Module):
         self.up_encoders = nn.ModuleList(ConformerLayer(d, heads, units) for _ in range(up_blocks))
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
-    def forward(self, xe, lens, has_ctx, streaming):
-        """xe: (B, Lmax + lookahead, d) token embeddings, item b holding its L_b tokens followed by
-        its look-ahead context tokens at [L_b, L_b + lookahead) if has_ctx[b] (else zero padding is
-        used there, after the input layer). lens (B,) = L_b; streaming (B,) bool selects chunk masks.
-        Returns (B, ratio*Lmax, d) and the output lengths."""
-        b, lx, _ = xe.shape
-        lmax = lx - self.lookahead
-        pos_idx = torch.arange(lx, device=xe.device)
+    def forward(self, xe, ctx: torch.Tensor, tok: Past, frm: Past):
+        """xe: (B, T + lookahead, d) embeddings of each item's new tokens followed by its
+        look-ahead context tokens if ctx[b] (else zero padding is used there, after the input
+        layer). ``tok``/``frm``: the call's view at token and at frame rate.
+        Returns (B, ratio*T, d)."""
+        pos_idx = torch.arange(xe.shape[1], device=xe.device)
         xs = self.embed(xe)
         # zero everything after each item's real context (finalize: zero look-ahead padding)
-        valid = lens + has_ctx.long() * self.lookahead
+        valid = torch.tensor(tok.lens, device=xe.device) + ctx.long() * self.lookahead
         xs = (xs * (pos_idx[None, :] < valid[:, None])[..., None]).contiguous()
-        xs = self.pre_lookahead_layer(xs)  # (B, Lmax, d)
-        mask = attn_masks(lens, lmax, self.chunk, streaming)
-        pos = rel_pos_table(lmax, self.d).to(xs)
+        xs = self.pre_lookahead_layer(xs, tok)  # (B, T, d)
         for layer in self.encoders:
-            xs = layer(xs, mask, pos)
-        xs = self.up_layer(xs.transpose(1, 2)).transpose(1, 2).contiguous()
-        lens2, t2 = lens * self.ratio, lmax * self.ratio
+            xs = layer(xs, tok)
+        xs = self.up_layer(xs.transpose(1, 2), frm).transpose(1, 2).contiguous()
         xs = self.up_embed(xs)
-        mask = attn_masks(lens2, t2, self.chunk * self.ratio, streaming)
-        pos = rel_pos_table(t2, self.d).to(xs)
         for layer in self.up_encoders:
-            xs = layer(xs, mask, pos)
-        return self.after_norm(xs), lens2
+            xs = layer(xs, frm)
+        return self.after_norm(xs)

@@ -1,7 +1,9 @@
 """CosyVoice2 flow (``CausalMaskedDiffWithXvec``): speech tokens -> 80-bin mel at 2x token rate.
 
 Batched inference: ``FlowModel.inference(reqs)`` takes several :class:`FlowInput` at once, pads them
-and returns one mel per request, equal to what the request gives alone.
+and returns one mel per request, equal to what the request gives alone. A streaming request that
+carries a :class:`FlowCache` computes only the frames past the cache and extends it (non-final
+calls), so an utterance's chunks cost their own frames, not a recompute of everything before.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyvoice.flow.cache import FlowCache, Past
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
@@ -115,8 +118,11 @@ def fixed_noise() -> torch.Tensor:
 
 @dataclass
 class FlowInput:
-    """One request's flow call. ``token`` (N,) int (for a non-final call it ends with the look-ahead
-    tokens), ``prompt_token`` (P,), ``prompt_feat`` (2P, 80), ``embedding`` (192,)."""
+    """One request's flow call. ``token`` (N,) int: all of the utterance's tokens so far (for a
+    non-final call ending with the look-ahead tokens), ``prompt_token`` (P,), ``prompt_feat``
+    (2P, 80), ``embedding`` (192,). ``emit_from``: the first mel frame (after the prompt) to
+    return. ``cache``: the request's :class:`FlowCache`; only the positions past it are
+    computed, and a non-final call appends its finished positions to it."""
 
     token: torch.Tensor
     prompt_token: torch.Tensor
@@ -124,6 +130,19 @@ class FlowInput:
     embedding: torch.Tensor
     streaming: bool = False
     finalize: bool = True
+    emit_from: int = 0
+    cache: FlowCache | None = None
+
+
+@dataclass
+class _Plan:
+    """Where each request's call starts and ends, in tokens (prompt included)."""
+
+    caches: list[FlowCache]
+    start: list[int]
+    lens: list[int]
+    commit: list[bool]
+    seqs: list[torch.Tensor]  # new tokens followed by the look-ahead tokens (non-final)
 
 
 class FlowModel(nn.Module):
@@ -172,45 +191,58 @@ class FlowModel(nn.Module):
             )  # fmt: skip
         )
 
-    def encode(self, reqs: list[FlowInput]):
-        """Token embedding + encoder + projection -> mu (B, T, 80), per-item frame counts."""
+    def plan(self, reqs: list[FlowInput]) -> _Plan:
         la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
-        seqs, lens, ctx = [], [], []
+        p = _Plan([], [], [], [], [])
         for r in reqs:
+            c = r.cache if r.cache is not None else FlowCache()
             tok = torch.cat([r.prompt_token.reshape(-1), r.token.reshape(-1)]).long().to(dev)
-            if not r.finalize:
-                if tok.numel() <= la:
-                    raise ValueError("a non-final flow call needs more than the look-ahead tokens")
-                lens.append(tok.numel() - la)
-            else:
-                lens.append(tok.numel())
-            seqs.append(tok)
-            ctx.append(not r.finalize)
-        lmax = max(lens)
-        toks = torch.zeros(len(reqs), lmax + la, dtype=torch.long, device=dev)
-        valid = torch.zeros(len(reqs), lmax + la, 1, device=dev)
-        for i, s in enumerate(seqs):
+            end = tok.numel() - (0 if r.finalize else la)
+            if end <= c.tokens:
+                raise ValueError("a flow call needs new tokens past its cache and look-ahead")
+            p.caches.append(c)
+            p.start.append(c.tokens)
+            p.lens.append(end - c.tokens)
+            p.commit.append(r.cache is not None and not r.finalize)
+            p.seqs.append(tok[c.tokens :])
+        return p
+
+    def encode(self, reqs: list[FlowInput], plan: _Plan | None = None):
+        """Token embedding + encoder + projection of each request's new positions -> mu
+        (B, T, 80) and the per-item frame counts."""
+        p = plan or self.plan(reqs)
+        la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
+        ratio = self.cfg.token_mel_ratio
+        t = max(p.lens)
+        toks = torch.zeros(len(reqs), t + la, dtype=torch.long, device=dev)
+        valid = torch.zeros(len(reqs), t + la, 1, device=dev)
+        for i, s in enumerate(p.seqs):
             toks[i, : s.numel()] = s
             valid[i, : s.numel()] = 1.0
         xe = self.input_embedding(toks.clamp(min=0)) * valid
-        lens_t = torch.tensor(lens, device=dev)
-        streaming = torch.tensor([r.streaming for r in reqs], device=dev)
-        has_ctx = torch.tensor(ctx, device=dev)
+        streaming = [r.streaming for r in reqs]
+        has_ctx = torch.tensor([not r.finalize for r in reqs], device=dev)
+        tok = Past(p.caches, p.start, p.lens, streaming, self.cfg.chunk_size, commit=p.commit,
+                   device=dev, tag="tokens")  # fmt: skip
+        lens = torch.tensor(p.lens, device=dev)
         if self.cfg.estimator == "dit":
-            keep = lens_t + has_ctx.long() * la
-            xe = xe * (torch.arange(lmax + la, device=dev)[None, :] < keep[:, None])[..., None]
-            h = self.pre_lookahead_layer(xe.contiguous())
-            r = self.cfg.token_mel_ratio
-            return h.repeat_interleave(r, dim=1), lens_t * r
-        h, hl = self.encoder(xe, lens_t, has_ctx, streaming)
-        return self.encoder_proj(h), hl
+            keep = lens + has_ctx.long() * la
+            xe = xe * (torch.arange(t + la, device=dev)[None, :] < keep[:, None])[..., None]
+            h = self.pre_lookahead_layer(xe.contiguous(), tok)
+            return h.repeat_interleave(ratio, dim=1), lens * ratio
+        frm = Past(p.caches, [s * ratio for s in p.start], [n * ratio for n in p.lens],
+                   streaming, self.cfg.chunk_size * ratio, commit=p.commit, device=dev,
+                   tag="frames")  # fmt: skip
+        return self.encoder_proj(self.encoder(xe, has_ctx, tok, frm)), lens * ratio
 
     @torch.inference_mode()
     def inference(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
-        """Returns one mel (80, frames) per request, prompt frames removed."""
-        dev = self.input_embedding.weight.device
+        """Returns one mel (80, frames) per request: the frames from ``emit_from`` (after the
+        prompt) to the end of the call."""
+        dev, ratio = self.input_embedding.weight.device, self.cfg.token_mel_ratio
         b = len(reqs)
-        mu, hl = self.encode(reqs)  # (B, T, 80)
+        p = self.plan(reqs)
+        mu, hl = self.encode(reqs, p)  # (B, T, 80) new frames
         t = mu.shape[1]
         mu = mu.transpose(1, 2)
         emb = torch.stack([r.embedding.reshape(-1).float() for r in reqs]).to(dev)
@@ -219,24 +251,35 @@ class FlowModel(nn.Module):
         mask = torch.zeros(b, 1, t, device=dev)
         z = torch.zeros(b, self.cfg.output_size, t, device=dev)
         noise = fixed_noise()
+        start = [s * ratio for s in p.start]
         p_len = []
         for i, r in enumerate(reqs):
-            n = int(hl[i])
-            if n > NOISE_FRAMES:
+            n, s = int(hl[i]), start[i]
+            if s + n > NOISE_FRAMES:
                 raise ValueError(
-                    f"flow call of {n} frames exceeds the {NOISE_FRAMES}-frame noise buffer"
+                    f"flow call of {s + n} frames exceeds the {NOISE_FRAMES}-frame noise buffer"
                 )
-            pf = r.prompt_feat.reshape(-1, self.cfg.output_size)
+            pf = r.prompt_feat.reshape(-1, self.cfg.output_size)[s:]  # prompt frames not cached
             cond[i, :, : pf.shape[0]] = pf.T.to(dev)
             mask[i, :, :n] = 1.0
-            z[i, :, :n] = noise[0, :, :n].to(dev)
-            p_len.append(pf.shape[0])
-        streaming = torch.tensor([r.streaming for r in reqs], device=dev)
+            z[i, :, :n] = noise[0, :, s : s + n].to(dev)
+            p_len.append(r.prompt_feat.reshape(-1, self.cfg.output_size).shape[0])
+        past = Past(p.caches, start, hl.tolist(), [r.streaming for r in reqs], self.cfg.est_chunk,
+                    rows=2, commit=p.commit, device=dev)  # fmt: skip
         x = cfm_euler(
-            self.decoder.estimator, z, mask, mu, spks, cond, streaming,
+            self.decoder.estimator, z, mask, mu, spks, cond, past,
             self.cfg.n_timesteps, self.cfg.cfg_rate,
         )  # fmt: skip
-        return [x[i, :, p_len[i] : int(hl[i])] for i in range(b)]
+        out = []
+        for i, r in enumerate(reqs):
+            skip = p_len[i] + r.emit_from - start[i]
+            if skip < 0:
+                raise ValueError("emit_from lies before the frames this call computes")
+            out.append(x[i, :, skip : int(hl[i])])
+        for c, s, n, keep in zip(p.caches, p.start, p.lens, p.commit, strict=True):
+            if keep:
+                c.tokens = s + n
+        return out
 
 
 def build_flow(cfg: FlowConfig) -> FlowModel:

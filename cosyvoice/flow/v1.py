@@ -18,9 +18,10 @@ from cosyvoice.flow.decoder import (
     TimestepEmbedding,
     TransformerBlock,
     cfm_euler,
+    fresh_past,
     sinusoidal_emb,
 )
-from cosyvoice.flow.encoder import ConformerLayer, LinearInput, attn_masks, rel_pos_table
+from cosyvoice.flow.encoder import ConformerLayer, LinearInput
 
 OVERLAP_FRAMES = 34  # int(20 / 50 * 22050 / 256): mel frames of the 20 overlap tokens
 
@@ -79,14 +80,10 @@ class ConformerEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x):  # (1, T, idim), full attention
-        t = x.shape[1]
         x = self.embed(x)
-        mask = attn_masks(
-            torch.tensor([t], device=x.device), t, 0, torch.zeros(1, dtype=torch.bool)
-        )
-        pos = rel_pos_table(t, self.d).to(x)
+        past = fresh_past(x.new_ones(1, 1, x.shape[1]), None, 0)
         for layer in self.encoders:
-            x = layer(x, mask, pos)
+            x = layer(x, past)
         return self.after_norm(x)
 
 
@@ -200,15 +197,16 @@ class ConditionalDecoder(nn.Module):
         self.final_block = Block1D(up[-1], up[-1])
         self.final_proj = nn.Conv1d(up[-1], cout, 1)
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming=None):
+    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past=None):
+        """Full attention over each level's frames (``streaming``/``past`` do not apply)."""
         temb = self.time_mlp(sinusoidal_emb(t, self.cin))
         x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
 
         def run(lvl, x, m):
             x = lvl[0](x, m, temb).transpose(1, 2)
-            bias = ((1.0 - m.to(x.dtype)) * -1.0e10)[:, :, None, :].expand(-1, -1, m.shape[-1], -1)
+            whole = fresh_past(m, None, 0)
             for blk in lvl[1]:
-                x = blk(x, bias)
+                x = blk(x, whole)
             return x.transpose(1, 2)
 
         masks, hiddens = [mask], []
@@ -286,7 +284,7 @@ class FlowV1(nn.Module):
         new_cache = torch.stack([torch.cat([z[0, :, :mel_len1], z[0, :, -o:]], dim=1),
                                  torch.cat([mu[0, :, :mel_len1], mu[0, :, -o:]], dim=1)], dim=-1)  # fmt: skip
         mask = torch.ones(1, 1, t, device=dev)
-        x = cfm_euler(self.decoder.estimator, z, mask, mu, spks, cond, torch.zeros(1, dtype=torch.bool, device=dev),
+        x = cfm_euler(self.decoder.estimator, z, mask, mu, spks, cond, fresh_past(mask, None, 0),
                       self.cfg.n_timesteps, self.cfg.cfg_rate)  # fmt: skip
         return x[0, :, mel_len1:], new_cache
 
