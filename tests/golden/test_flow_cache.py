@@ -1,0 +1,153 @@
+"""Streaming over the flow cache (v2 U-Net, v3 DiT): every chunk of a long random utterance equals
+the chunk recomputed from scratch, alone and batched with ragged requests; the estimator only ever
+sees a chunk's new frames; the memory bound drops a cache without changing the audio; a call that
+skips a chunk is refused. Upstream parity of the cached chunks is in test_token2wav/test_e2e."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _fixtures import FAMILIES, ONE_THREAD, drive_ragged, family_params
+from conftest import assert_close
+
+from cosyvoice.flow import FlowCache, FlowInput, load_flow
+from cosyvoice.hift import load_hift
+from cosyvoice.token2wav import make_token2wav
+
+V2_V3 = family_params("e2e_sft.npz", "v2", "v3")
+MEL_TOL = 1e-4  # golden README: flow mel
+WAVE_TOL = 1e-3
+N_TOKENS = 420  # hops 25, 50, 100, 100, 100 and a final piece: 16.8 s
+
+pytestmark = [ONE_THREAD, pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")]
+
+
+@pytest.fixture(scope="module")
+def parts(family):
+    d = FAMILIES[family] / "model"
+    spk = torch.load(d / "spk2info.pt", map_location="cpu", weights_only=True)
+    return load_flow(d), load_hift(d), spk
+
+
+def _speakers(spk):
+    """(embedding, prompt tokens, prompt mel) of an SFT speaker and of a zero-shot one."""
+    sft = next(s for s in spk.values() if "embedding" in s)
+    zs = next(s for s in spk.values() if "flow_prompt_speech_token" in s)
+    return [
+        (sft["embedding"], None, None),
+        (zs["flow_embedding"], zs["flow_prompt_speech_token"][0], zs["prompt_speech_feat"][0]),
+    ]
+
+
+def _tokens(n: int, seed: int, vocab: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _stream(t2w, speaker, toks, seed=3):
+    st = t2w.new_state(*speaker, seed=seed)
+    return list(t2w.stream(st, [toks])), st
+
+
+def test_flow_calls_over_the_cache_equal_recomputed(parts):
+    """Chunk-aligned calls with a cache return the frames a from-scratch call returns."""
+    flow, _, spk = parts
+    for emb, pt, pf in _speakers(spk):
+        pt = torch.zeros(0, dtype=torch.long) if pt is None else pt
+        pf = torch.zeros(0, 80) if pf is None else pf
+        pad = -pt.numel() % 25
+        toks = torch.tensor(_tokens(300, 1, flow.cfg.vocab_size))
+        cache, offset = FlowCache(), 0
+        for end, final in [(25 + pad, False), (75 + pad, False), (175 + pad, False), (300, True)]:
+            n = end if final else end + 3
+            args = (toks[:n], pt, pf, emb, True, final, 2 * offset)
+            (cached,) = flow.inference([FlowInput(*args, cache=cache)])
+            (scratch,) = flow.inference([FlowInput(*args)])
+            assert cached.shape == scratch.shape == (80, 2 * (end - offset))
+            assert_close(cached, scratch, MEL_TOL, what=f"chunk ending at token {end}")
+            offset = end
+        assert cache.tokens == pt.numel() + 175 + pad  # the final call does not extend it
+
+
+def test_long_utterance_cached_equals_recomputed(parts):
+    """Every emitted chunk of a 16.8 s stream, with and without caches (the final chunk too:
+    both read/recompute it chunk-masked), for a plain and a prompted speaker."""
+    flow, hift, spk = parts
+    cached_t2w, scratch_t2w = (
+        make_token2wav(flow, hift),
+        make_token2wav(flow, hift, flow_cache_mb=0),
+    )
+    toks = _tokens(N_TOKENS, 2, flow.cfg.vocab_size)
+    for speaker in _speakers(spk):
+        got, st = _stream(cached_t2w, speaker, toks)
+        ref, st_ref = _stream(scratch_t2w, speaker, toks)
+        assert st_ref.flow_cache is None and st.flow_cache is None  # freed at the end
+        assert [c.numel() for c in got] == [c.numel() for c in ref] and len(got) >= 6
+        for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+            assert_close(a, b, WAVE_TOL, what=f"chunk {i}")
+
+
+def test_estimator_sees_only_new_frames(parts):
+    """The linear-time property itself: each Euler step of a cached chunk runs the estimator on
+    that chunk's frames, not on the utterance so far."""
+    flow, hift, spk = parts
+    seen: list[int] = []
+    hook = flow.decoder.estimator.register_forward_hook(
+        lambda m, args, out: seen.append(out.shape[-1])
+    )
+    try:
+        chunks, _ = _stream(
+            make_token2wav(flow, hift), _speakers(spk)[0], _tokens(300, 4, flow.cfg.vocab_size)
+        )
+    finally:
+        hook.remove()
+    per_call = seen[:: flow.cfg.n_timesteps]  # one entry per flow call
+    # hops 25, 50, 100, 100 tokens -> 50, 100, 200, 200 frames, then the last 25 tokens
+    assert per_call == [50, 100, 200, 200, 50]
+    assert len(chunks) == 5
+
+
+def test_batched_ragged_requests_over_caches(parts):
+    """Three requests stepped together with ragged token arrival (their caches at different
+    lengths in one padded call) give what each gives alone from scratch."""
+    flow, hift, spk = parts
+    t2w, scratch = make_token2wav(flow, hift), make_token2wav(flow, hift, flow_cache_mb=0)
+    toks = _tokens(260, 6, flow.cfg.vocab_size)
+    (sft, prompted) = _speakers(spk)
+    speakers = [sft, prompted, sft]
+    alone = [torch.cat(_stream(scratch, s, toks, seed=i)[0]) for i, s in enumerate(speakers)]
+    states = [t2w.new_state(*s, seed=i) for i, s in enumerate(speakers)]
+    got, n_batched = drive_ragged(t2w, states, toks, [9, 13, 4])
+    assert n_batched > 0
+    for i in range(3):
+        assert_close(torch.cat(got[i]), alone[i], WAVE_TOL, what=f"request {i}")
+
+
+def test_memory_bound_drops_the_cache_not_the_audio(parts):
+    flow, hift, spk = parts
+    tiny = make_token2wav(flow, hift, flow_cache_mb=0.05)
+    toks = _tokens(200, 7, flow.cfg.vocab_size)
+    st = tiny.new_state(*_speakers(spk)[0], seed=1)
+    assert st.flow_cache is not None
+    (first,) = tiny.step([(st, toks[:28], False)])
+    assert first is not None and st.flow_cache is None  # over 50 kB after one chunk
+    rest = list(tiny.stream(st, [toks[28:]]))
+    ref, _ = _stream(make_token2wav(flow, hift), _speakers(spk)[0], toks, seed=1)
+    for i, (a, b) in enumerate(zip([first, *rest], ref, strict=True)):
+        assert_close(a, b, WAVE_TOL, what=f"chunk {i}")
+
+
+def test_cache_grows_with_frames_and_refuses_a_skipped_chunk(parts):
+    flow, _, spk = parts
+    emb = _speakers(spk)[0][0]
+    toks = torch.tensor(_tokens(200, 8, flow.cfg.vocab_size))
+    none = torch.zeros(0, dtype=torch.long), torch.zeros(0, 80)
+    cache = FlowCache()
+    flow.inference([FlowInput(toks[:28], *none, emb, True, False, 0, cache)])
+    one = cache.nbytes
+    flow.inference([FlowInput(toks[:78], *none, emb, True, False, 50, cache)])
+    assert cache.tokens == 75 and 2.5 * one <= cache.nbytes <= 4.5 * one  # ~3x the frames
+    stale = FlowCache()
+    flow.inference([FlowInput(toks[:28], *none, emb, True, False, 0, stale)])
+    stale.tokens = 50  # claims positions it does not hold
+    with pytest.raises(RuntimeError, match="flow cache holds"):
+        flow.inference([FlowInput(toks[:103], *none, emb, True, False, 100, stale)])
