@@ -9,6 +9,13 @@ Measures, with random speech tokens (all available at once, so only token2wav is
     uv run python bench/bench_token2wav.py [--model bench/out/CosyVoice2-0.5B] [--tokens 100]
         [--batches 1,4,8] [--threads 2] [--repeat 2] [--device cpu] [--json out.json]
 
+Long-utterance mode (``--long SECONDS``): one stream of SECONDS of audio, the wall time of every
+chunk in order, streaming over the flow cache vs recomputing every chunk (upstream's way, also
+its full-attention final chunk) vs non-stream, side by side; ``--long-concurrency N`` adds N such
+streams stepped together (one batched flow call per step) in each mode:
+
+    uv run python bench/bench_token2wav.py --long 30 --long-concurrency 8 --long-concurrency-seconds 8
+
 Each number is the best of ``--repeat`` runs (the dev box is shared; see docs/benchmarks.md).
 
 ``--model`` is a full-size random-weight dir from ``bench/make_full_model.py``; without one the
@@ -86,6 +93,51 @@ def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -
             "audio_s_per_s": round(audio / wall, 3)}  # fmt: skip
 
 
+LONG_MODES = {  # name -> (Token2Wav options, stream)
+    "cached": ({"flow_cache_mb": 1e9}, True),
+    "recompute": ({"flow_cache_mb": 0, "exact_final": True}, True),
+    "non-stream": ({}, False),
+}
+
+
+def long_run(t2w: Token2Wav, toks: list[int], embs: list, stream: bool, device: str) -> dict:
+    """All tokens at once for len(embs) streams stepped together; per step: wall time and new
+    tokens of stream 0 (its chunk schedule)."""
+    sts = [t2w.new_state(e, stream=stream, seed=i + 1) for i, e in enumerate(embs)]
+    items = [(s, toks, True) for s in sts]
+    chunks, n, t0 = [], 0, time.perf_counter()
+    while not all(s.done for s in sts):
+        off, t1 = sts[0].token_offset, time.perf_counter()
+        out = t2w.step([it for it in items if not it[0].done])
+        sync(device)
+        items = [(s, [], True) for s in sts]
+        n += sum(c.numel() for c in out if c is not None)
+        new = (sts[0].token_offset if not sts[0].done else len(toks)) - off
+        chunks.append({"tokens": new, "ms": round(1000 * (time.perf_counter() - t1))})
+    wall = time.perf_counter() - t0
+    audio = n / t2w.sample_rate
+    return {"streams": len(embs), "audio_s": round(audio, 2), "wall_s": round(wall, 2),
+            "rtf": round(wall / audio, 3), "chunks": chunks}  # fmt: skip
+
+
+def long_mode(t2w: Token2Wav, a, device: str) -> dict:
+    """``--long``: one long stream per mode; ``--long-concurrency``: N shorter ones together."""
+    vocab, g = t2w.flow.cfg.vocab_size, torch.Generator().manual_seed(2)
+    out = {}
+    for c, seconds in ((1, a.long), (a.long_concurrency, a.long_concurrency_seconds)):
+        if c < 1 or seconds <= 0:
+            continue
+        toks = torch.randint(0, vocab, (int(seconds * 25),), generator=g).tolist()
+        embs = [torch.randn(192, generator=g) for _ in range(c)]
+        for name, (opts, stream) in LONG_MODES.items():
+            t = Token2Wav(t2w.flow, t2w.hift, **opts)
+            r = long_run(t, toks, embs, stream, device)
+            r["mode"] = name
+            print(json.dumps(r), flush=True)
+            out[f"c{c}_{name}"] = r
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=REPO / "bench/out/CosyVoice2-0.5B")
@@ -96,6 +148,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--long", type=float, default=0, help="seconds of one long stream (mode)")
+    ap.add_argument("--long-concurrency", type=int, default=0)
+    ap.add_argument("--long-concurrency-seconds", type=float, default=8)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -122,6 +177,13 @@ def main() -> None:
     }
     if a.device.startswith("cuda"):
         res["machine"]["gpu"] = torch.cuda.get_device_name()
+    if a.long or a.long_concurrency:
+        res["long"] = long_mode(t2w, a, a.device)
+        res["machine"]["load_avg_end"] = os.getloadavg()
+        print(json.dumps(res["machine"]))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1))
+        return
 
     def best(fn, key):  # best of --repeat windows: the box may be shared (see docs)
         runs = [fn() for _ in range(a.repeat)]

@@ -30,9 +30,12 @@ Chunk schedule (upstream ``CosyVoice2Model.tts`` with the per-request hop it sho
   and its first 3840 samples are cross-faded (Hamming 7680, float64) with the held-back tail of the
   previous chunk; every non-final chunk holds back its last 3840 samples.
 A request with ``stream=False`` gets one chunk, computed when its input ends (non-stream path).
-CosyVoice3 (causal HiFT) keeps the same schedule but no HiFT caches: each chunk's mel is appended
-to the request's mel, which is re-vocoded as a whole (non-final calls hold back 8 frames), and only
-the new samples are emitted - as upstream, exact and O(n^2) in the utterance length.
+CosyVoice3 (causal HiFT) keeps the same schedule but no HiFT caches or cross-fades: it emits the
+samples that re-vocoding all the mel so far would add (non-final calls hold back 8 frames), as
+upstream does, but in linear time: each chunk vocodes only its new frames plus the receptive
+field R (30 frames for the released config) to their left, with the f0 context and the sine phase
+sum carried in the request's :class:`~cosyvoice.hift.CausalVocoderState`
+(:meth:`CausalHiFT.inference_stream`).
 
 ``speed``: non-stream: the whole mel is linearly resampled to ``int(T / speed)`` frames before the
 vocoder (upstream). Streaming (upstream refuses speed != 1 there): each chunk's new mel frames are
@@ -52,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from cosyvoice.flow import FlowCache, FlowInput, FlowModel
-from cosyvoice.hift import CausalHiFT, HiFT, NoiseBuffer
+from cosyvoice.hift import CausalHiFT, CausalVocoderState, HiFT, NoiseBuffer
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,8 @@ class Token2WavState:
     cache_source: torch.Tensor | None = None  # (3840,)
     cache_speech: torch.Tensor | None = None  # (3840,)
     prompt_pad: int = 0  # extra first-hop tokens aligning the first chunk to the chunk grid
-    # v3 (CausalHiFT): all mel so far, re-vocoded every chunk; samples already emitted
-    acc_mel: torch.Tensor | None = None
-    speech_offset: int = 0
-    noise: NoiseBuffer | None = None
+    # v3 (CausalHiFT): the vocoder's window of the last mel frames, f0/phase state and noise
+    vocoder: CausalVocoderState | None = None
     flow_cache: FlowCache | None = None  # streaming: the flow state of the finished frames
     n_chunks: int = 0
     n_samples: int = 0
@@ -173,8 +174,9 @@ class Token2Wav:
             hop=h, prompt_pad=math.ceil(p / h) * h - p,
             flow_cache=FlowCache() if stream and self.cfg.flow_cache_mb > 0 else None,
         )  # fmt: skip
-        if self.causal and g is not None:
-            st.noise = NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1)
+        if self.causal:
+            noise = None if g is None else NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1)
+            st.vocoder = CausalVocoderState(noise)
         return st
 
     # ------------------------------------------------------------------ scheduling
@@ -297,24 +299,15 @@ class Token2Wav:
         st.n_samples += chunk.numel()
 
     def _finish_causal(self, run, mels, out):
-        """v3: append the new mel frames to the request's mel and re-vocode all of it with the
-        causal HiFT (non-final calls hold back the last 8 frames); emit the new samples."""
-        acc = []
-        for (_, j), mel in zip(run, mels, strict=True):
-            st = j.state
-            mel = self._new_frames(st, mel)
-            st.acc_mel = mel if st.acc_mel is None else torch.cat([st.acc_mel, mel], dim=-1)
-            acc.append(st.acc_mel)
-        res = self.hift.inference_causal(
-            acc, [j.final for _, j in run], [j.state.noise for _, j in run]
+        """v3: each request's new mel frames through the causal HiFT's streaming window (linear
+        time; the samples re-vocoding all its mel would add)."""
+        res = self.hift.inference_stream(
+            [j.state.vocoder for _, j in run],
+            [self._new_frames(j.state, mel) for (_, j), mel in zip(run, mels, strict=True)],
+            [j.final for _, j in run],
         )
-        for (i, j), (speech, _) in zip(run, res, strict=True):
-            st = j.state
-            speech = speech.cpu()
-            chunk = speech[st.speech_offset :]
-            st.speech_offset = speech.numel()
-            if j.final:
-                st.acc_mel = None
+        for (i, j), chunk in zip(run, res, strict=True):
+            chunk = chunk.cpu()
             self._advance(j, chunk)
             out[i] = chunk
         return out

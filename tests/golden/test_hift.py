@@ -2,7 +2,8 @@
 zero noise the fixtures were recorded with: f0, sine source, filter network, whole inference, the
 config read from the yaml and both weight-norm key spellings. Per family, what only it records or
 does: batching and per-request noise generators (v1/v2 ``HiFTGenerator``), the seeded-noise replay
-(v2, v3) and non-final streaming calls of v3's ``CausalHiFTGenerator``."""
+(v2, v3), non-final streaming calls of v3's ``CausalHiFTGenerator`` and its linear-time streaming
+window against re-vocoding the whole mel."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from conftest import assert_close
 from cosyvoice.config import read_yaml
 from cosyvoice.hift import (
     CausalHiFT,
+    CausalVocoderState,
     HiFTConfig,
     NoiseBuffer,
     build_hift,
@@ -324,9 +326,105 @@ def test_nonfinal_calls(hift, fx):
 def test_noise_buffer_is_chunking_independent():
     a = NoiseBuffer(torch.Generator().manual_seed(3))
     b = NoiseBuffer(torch.Generator().manual_seed(3))
+    c = NoiseBuffer(torch.Generator().manual_seed(3))
     a.take(100)
     a.take(30000)
     assert torch.equal(a.take(50000), b.take(50000))
+    c.span(100, 200)
+    c.release(60000)  # only blocks already drawn: the later draws keep their positions
+    assert c.start == 24000 and c.buf.shape[0] == 0
+    c.span(30000, 50000)
+    c.release(60000)  # whole blocks only: the one holding sample 60000 stays
+    assert c.start == 48000 and c.buf.shape[0] == 24000
+    assert torch.equal(c.span(50000, 80000), b.take(80000)[50000:])
+    with pytest.raises(ValueError):
+        c.span(47999, 48000)
+
+
+# ------------------------------------------------------------------------------ v3 stream window
+
+V3 = family_params("hift.npz", "v3")
+# A long mel in chunks of mixed sizes: one shorter than the 8 held-back frames (emits nothing),
+# single frames, small and large chunks; the rest is the final call.
+STREAM_FRAMES = 650
+STREAM_CHUNKS = [5, 1, 1, 60, 1, 13, 200, 1, 37, 90, 2, 150]
+
+
+def _random_mel(frames: int, seed: int) -> torch.Tensor:
+    """Normal values scaled like log-mels (mean -5, std 2)."""
+    return torch.randn(80, frames, generator=torch.Generator().manual_seed(seed)) * 2 - 5
+
+
+def _noise(seed: int | None) -> NoiseBuffer | None:
+    return None if seed is None else NoiseBuffer(torch.Generator().manual_seed(seed))
+
+
+def _revocoded_chunks(hift, mel, sizes, seed) -> list[torch.Tensor]:
+    """The quadratic reference: at every chunk, vocode all the mel so far and emit the samples
+    past the previous call's end (nothing while all frames are held back)."""
+    out, pos, nb = [], 0, _noise(seed)
+    done = 0
+    for k, n in enumerate(sizes):
+        pos, fin = pos + n, k == len(sizes) - 1
+        if not fin and pos - hift.held_back() <= done // hift.cfg.samples_per_frame:
+            out.append(torch.zeros(0))
+            continue
+        ((y, _),) = hift.inference_causal([mel[:, :pos]], [fin], [nb])
+        out.append(y[done:])
+        done = y.numel()
+    return out
+
+
+def _streamed_chunks(hift, mel, sizes, seed) -> tuple[list[torch.Tensor], int]:
+    """inference_stream over the same chunks; also the most mel frames a state kept."""
+    st, out, pos, kept = CausalVocoderState(_noise(seed)), [], 0, 0
+    for k, n in enumerate(sizes):
+        fin = k == len(sizes) - 1
+        (y,) = hift.inference_stream([st], [mel[:, pos : pos + n]], [fin])
+        pos += n
+        out.append(y)
+        kept = max(kept, 0 if fin else st.mel.shape[-1])
+    assert st.finished and st.mel is None
+    return out, kept
+
+
+@pytest.mark.parametrize("seed", [None, 3], ids=["zero_noise", "seeded_noise"])
+@pytest.mark.parametrize("family", V3, indirect=True, scope="module")
+def test_stream_window_equals_revocoding(hift, seed):
+    """Each chunk of the windowed stream equals what re-vocoding the whole mel emits."""
+    mel = _random_mel(STREAM_FRAMES, 1)
+    sizes = STREAM_CHUNKS + [STREAM_FRAMES - sum(STREAM_CHUNKS)]
+    ref = _revocoded_chunks(hift, mel, sizes, seed)
+    got, kept = _streamed_chunks(hift, mel, sizes, seed)
+    for k, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert_close(g, r, 1e-5, what=f"chunk {k}")
+    assert sum(g.numel() for g in got) == STREAM_FRAMES * hift.cfg.samples_per_frame
+    # the window really slides: far less than the utterance is kept between calls
+    assert kept == hift.receptive_field() + hift.f0_context() + hift.held_back()
+
+
+@pytest.mark.parametrize("family", V3, indirect=True, scope="module")
+def test_stream_state_is_bounded(hift):
+    """Between calls a request keeps R + f0 context + held-back mel frames and at most two noise
+    blocks, however long the utterance."""
+    st = CausalVocoderState(_noise(5))
+    mel = _random_mel(2000, 2)
+    bound = hift.receptive_field() + hift.f0_context() + hift.held_back()
+    for pos in range(0, 2000, 100):
+        hift.inference_stream([st], [mel[:, pos : pos + 100]], [False])
+        assert st.mel.shape[-1] <= bound
+        assert st.noise.buf.shape[0] <= 2 * NoiseBuffer.BLOCK
+    assert st.emitted == 2000 - hift.held_back()
+
+
+@pytest.mark.parametrize("family", V3, indirect=True, scope="module")
+def test_stream_window_too_small_differs(hift, monkeypatch):
+    """The comparison can fail: with a 2-frame window the left zero padding shows."""
+    monkeypatch.setattr(hift, "receptive_field", lambda: 2)
+    mel = _random_mel(160, 4)
+    got, _ = _streamed_chunks(hift, mel, [60, 40, 60], None)
+    ref = _revocoded_chunks(hift, mel, [60, 40, 60], None)
+    assert (got[-1] - ref[-1]).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------ full size

@@ -4,7 +4,8 @@ streaming runs, every flow and HiFT call. v2/v3 also: batched step() with ragged
 equals each request alone, the per-request hop schedule, seams, speed and misuse.
 
 v1 draws new flow noise on every flow call: its runs replay the recorded z of each call. v2
-cross-fades HiFT output with source caches; v3 (causal HiFT) re-vocodes the accumulated mel."""
+cross-fades HiFT output with source caches; v3 (causal HiFT) emits what re-vocoding the accumulated
+mel would, from a sliding window of it (the recorded HiFT calls are the whole-mel ones)."""
 
 from __future__ import annotations
 
@@ -249,3 +250,19 @@ def test_empty_and_misuse(t2w, spk, vocab):
     assert other.tokens == [] and st.tokens == []
     assert t2w.step([(st, list(range(27)), False)]) == [None]  # 25 + 3 look-ahead needed
     assert t2w.step([(st, [5], False)])[0].numel() == 42 * 480
+
+
+@pytest.mark.parametrize(
+    "family", family_params("e2e_sft.npz", "v3"), indirect=True, scope="module"
+)
+def test_v3_keeps_a_window_of_mel(t2w, spk, vocab):
+    """A v3 request keeps the vocoder's window, not the utterance's mel: after every chunk at most
+    R + f0 context + held-back frames, however many chunks came before."""
+    h = t2w.hift
+    bound = h.receptive_field() + h.f0_context() + h.held_back()
+    st = t2w.new_state(spk[_sft(spk)[0]]["embedding"], seed=1)
+    n = 0
+    for _ in t2w.stream(st, [_random_tokens(290, 9, vocab)]):
+        n += 1
+        assert st.done or st.vocoder.mel.shape[-1] <= bound
+    assert n == 5 and st.n_samples == 2 * 290 * 480
