@@ -124,12 +124,14 @@ def long_mode(t2w: Token2Wav, a, device: str) -> dict:
     """``--long``: one long stream per mode; ``--long-concurrency``: N shorter ones together."""
     vocab, g = t2w.flow.cfg.vocab_size, torch.Generator().manual_seed(2)
     out = {}
-    for c, seconds in ((1, a.long), (a.long_concurrency, a.long_concurrency_seconds)):
+    runs = ((1, a.long, a.long_modes), (a.long_concurrency, a.long_concurrency_seconds, a.modes))
+    for c, seconds, modes in runs:
         if c < 1 or seconds <= 0:
             continue
         toks = torch.randint(0, vocab, (int(seconds * 25),), generator=g).tolist()
         embs = [torch.randn(192, generator=g) for _ in range(c)]
-        for name, (opts, stream) in LONG_MODES.items():
+        for name in modes.split(","):
+            opts, stream = LONG_MODES[name]
             t = Token2Wav(t2w.flow, t2w.hift, **opts)
             r = long_run(t, toks, embs, stream, device)
             r["mode"] = name
@@ -151,6 +153,8 @@ def main() -> None:
     ap.add_argument("--long", type=float, default=0, help="seconds of one long stream (mode)")
     ap.add_argument("--long-concurrency", type=int, default=0)
     ap.add_argument("--long-concurrency-seconds", type=float, default=8)
+    ap.add_argument("--long-modes", default=",".join(LONG_MODES), help="modes of the long stream")
+    ap.add_argument("--modes", default=",".join(LONG_MODES), help="modes of the concurrent run")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()

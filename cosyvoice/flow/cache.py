@@ -44,24 +44,27 @@ class FlowCache:
             raise RuntimeError(f"flow cache holds {length} positions, the call starts at {n}")
         return k[..., :n, :], v[..., :n, :]
 
-    def write(self, key: Hashable, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (rows, H, T, dh) at [start, start + T); returns views of [0, start + T).
-        Buffers grow by half their size so appends are amortised O(T)."""
+    def write(self, key: Hashable, start: int, k: torch.Tensor, v: torch.Tensor, keep: bool):
+        """Put k, v (rows, H, T, dh) at [start, start + T) and return views of [0, start + T);
+        ``keep``: they become part of the cache (else the next write overwrites them - a final
+        call reads the past without copying it). Buffers grow by half so appends are amortised
+        O(T)."""
         end = start + k.shape[-2]
         if start:
             self.read(key, start)
         buf = self.kv.get(key)
         if buf is None or buf[0].shape[-2] < end:
-            cap = max(end, 3 * end // 2) if start else end
+            cap = max(end, 3 * end // 2) if keep and start else end
             grown = [k.new_empty(*k.shape[:-2], cap, k.shape[-1]) for _ in range(2)]
             if buf is not None:
                 grown[0][..., :start, :] = buf[0][..., :start, :]
                 grown[1][..., :start, :] = buf[1][..., :start, :]
-            buf = [*grown, 0]
+            buf = [*grown, start]
             self.kv[key] = buf
         buf[0][..., start:end, :] = k
         buf[1][..., start:end, :] = v
-        buf[2] = end
+        if keep:
+            buf[2] = end
         return buf[0][..., :end, :], buf[1][..., :end, :]
 
 
@@ -122,12 +125,8 @@ class Past:
         ks, vs = [], []
         for b, c in enumerate(self.caches):
             kb, vb = k[b::b_n, :, : self.lens[b]], v[b::b_n, :, : self.lens[b]]
-            s = self.start[b]
-            if self.commit[b]:
-                kb, vb = c.write(key, s, kb, vb)
-            elif s:
-                k0, v0 = c.read(key, s)
-                kb, vb = torch.cat([k0, kb], -2), torch.cat([v0, vb], -2)
+            if self.commit[b] or self.start[b]:
+                kb, vb = c.write(key, self.start[b], kb, vb, keep=self.commit[b])
             ks.append(kb)
             vs.append(vb)
         if b_n == 1:
