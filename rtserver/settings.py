@@ -98,6 +98,17 @@ class Settings(msgspec.Struct, kw_only=True):
         Literal["auto", "float32", "bfloat16", "float16"],
         _doc("CosyVoice precision (auto: bfloat16 on cuda, float32 on cpu)"),
     ] = "auto"
+    flow_cache_mb: Annotated[
+        float,
+        _doc("CosyVoice2/3 streaming: flow state each stream may keep so a chunk costs its own "
+             "frames, not a recompute of the utterance so far; a stream above it recomputes "
+             "(same audio, quadratic time); 0: never keep", ge=0),
+    ] = 2048.0  # fmt: skip
+    exact_final: Annotated[
+        bool,
+        _doc("CosyVoice2/3 streaming: end each stream as upstream does, rerunning the flow over "
+             "the whole utterance with full attention (bit parity, one non-stream pass more)"),
+    ] = False  # fmt: skip
     scheduler: Annotated[
         Literal["batch", "serial"], _doc("serial: one job at a time (benchmark baseline)")
     ] = "batch"

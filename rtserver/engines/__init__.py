@@ -21,4 +21,6 @@ def load_engine(settings: Settings) -> Engine:
         speaker_dir=settings.speaker_dir,
         max_batch=settings.max_streams,
         fixed_tokens=settings.llm_fixed_tokens or None,
+        flow_cache_mb=settings.flow_cache_mb,
+        exact_final=settings.exact_final,
     )

@@ -51,9 +51,17 @@ class CosyVoiceEngine:
         speaker_dir: Path | None = None,
         max_batch: int = 64,
         fixed_tokens: int | None = None,
+        flow_cache_mb: float = 2048.0,
+        exact_final: bool = False,
     ) -> None:
         self.model = cosyvoice.load(
-            model_dir, device=device, dtype=dtype, speaker_dir=speaker_dir, max_batch=max_batch
+            model_dir,
+            device=device,
+            dtype=dtype,
+            speaker_dir=speaker_dir,
+            max_batch=max_batch,
+            flow_cache_mb=flow_cache_mb,
+            exact_final=exact_final,
         )
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
