@@ -351,15 +351,15 @@ def load(
     max_batch: int = 64,
     graphs: bool | None = None,
     exact_final: bool = False,
-    flow_cache_mb: float = 2048.0,
+    flow_cache_mb: float = 8192.0,
 ) -> CosyVoiceModel:
     """Load a model dir. ``device`` None: CUDA when available, else CPU; ``dtype`` None:
     bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
     on a CPU without bf16 matrix units falls back). ``token2wav=False`` loads only the front
     half (text -> speech tokens). ``graphs`` (default: on CUDA for v2/v3) runs decode steps of
     up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`).
-    ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state each may
-    keep (:class:`cosyvoice.token2wav.StreamConfig`)."""
+    ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state they may
+    keep together (:class:`cosyvoice.token2wav.StreamConfig`)."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)

@@ -21,7 +21,8 @@ Chunk schedule (upstream ``CosyVoice2Model.tts`` with the per-request hop it sho
   all tokens so far every chunk (O(n^2) in the utterance); here each request keeps a
   :class:`~cosyvoice.flow.FlowCache` (attention keys/values and causal-conv inputs of its finished
   frames, per Euler step) and a chunk computes only its new frames - the same frames, linear work.
-  A cache above ``StreamConfig.flow_cache_mb`` is dropped and the request recomputes from then on;
+  When the caches of all live requests would exceed ``StreamConfig.flow_cache_mb``, the request
+  whose cache just grew drops it and recomputes its later chunks (the same frames, upstream's cost);
 * when the input has ended and no full hop is left, the final chunk: by default the last piece
   with the same chunk-masked attention, reading the cache (linear; what every earlier chunk did).
   Upstream instead reruns the flow over all tokens without chunk masks (streaming=False), which
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,7 +70,7 @@ class StreamConfig:
     mel_cache_len: int = 8
     samples_per_frame: int = 480
     exact_final: bool = False  # final chunk: upstream's full-attention recompute of everything
-    flow_cache_mb: float = 2048.0  # per request; above it the request recomputes each chunk
+    flow_cache_mb: float = 8192.0  # all requests' flow caches; past it a request recomputes
 
     @property
     def source_cache_len(self) -> int:
@@ -148,6 +150,10 @@ class Token2Wav:
             samples_per_frame=hift.cfg.samples_per_frame,
         )
         self.cfg = dataclasses.replace(cfg, **opts)
+        # requests holding a flow cache, for the memory bound (a dropped request just vanishes)
+        self._cached: weakref.WeakValueDictionary[int, Token2WavState] = (
+            weakref.WeakValueDictionary()
+        )
         self.window = np.hamming(2 * self.cfg.source_cache_len)  # float64, read-only
         self.causal = isinstance(hift, CausalHiFT)
         self.sample_rate = hift.cfg.sampling_rate
@@ -174,6 +180,8 @@ class Token2Wav:
             hop=h, prompt_pad=math.ceil(p / h) * h - p,
             flow_cache=FlowCache() if stream and self.cfg.flow_cache_mb > 0 else None,
         )  # fmt: skip
+        if st.flow_cache is not None:
+            self._cached[id(st)] = st
         if self.causal:
             noise = None if g is None else NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1)
             st.vocoder = CausalVocoderState(noise)
@@ -274,11 +282,15 @@ class Token2Wav:
         )
 
     def _keep_or_drop_cache(self, j: _Job) -> None:
-        """A finished request frees its cache; one over the memory bound drops it and
-        recomputes its later chunks from scratch (the same frames, at upstream's cost)."""
-        c = j.state.flow_cache
-        if c is not None and (j.final or c.nbytes > self.cfg.flow_cache_mb * 2**20):
+        """A finished request frees its cache; one whose growth took all requests' caches past
+        the memory bound drops it and recomputes its later chunks from scratch (the same
+        frames, at upstream's cost)."""
+        if j.state.flow_cache is None:
+            return
+        live = [s.flow_cache for s in list(self._cached.values()) if s.flow_cache is not None]
+        if j.final or sum(c.nbytes for c in live) > self.cfg.flow_cache_mb * 2**20:
             j.state.flow_cache = None
+            self._cached.pop(id(j.state), None)
 
     def _new_frames(self, st: Token2WavState, mel: torch.Tensor) -> torch.Tensor:
         """A flow output's new frames as float on the CPU, time-stretched by the request's speed

@@ -100,10 +100,11 @@ class Settings(msgspec.Struct, kw_only=True):
     ] = "auto"
     flow_cache_mb: Annotated[
         float,
-        _doc("CosyVoice2/3 streaming: flow state each stream may keep so a chunk costs its own "
-             "frames, not a recompute of the utterance so far; a stream above it recomputes "
-             "(same audio, quadratic time); 0: never keep", ge=0),
-    ] = 2048.0  # fmt: skip
+        _doc("CosyVoice2/3 streaming: flow state all streams together may keep so a chunk costs "
+             "its own frames, not a recompute of the utterance so far; a stream whose state "
+             "would pass it recomputes instead (same audio, quadratic time); 0: never keep",
+             ge=0),
+    ] = 8192.0  # fmt: skip
     exact_final: Annotated[
         bool,
         _doc("CosyVoice2/3 streaming: end each stream as upstream does, rerunning the flow over "

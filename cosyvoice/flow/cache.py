@@ -32,11 +32,7 @@ class FlowCache:
     tokens: int = 0
     kv: dict[Hashable, list[torch.Tensor]] = field(default_factory=dict)  # [K, V, length]
     tails: dict[Hashable, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        kv = sum(t.numel() * t.element_size() for k, v, _ in self.kv.values() for t in (k, v))
-        return kv + sum(t.numel() * t.element_size() for t in self.tails.values())
+    nbytes: int = 0  # of the K/V buffers (capacity included); the tails are a few frames
 
     def read(self, key: Hashable, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, v, length = self.kv[key]
@@ -56,7 +52,9 @@ class FlowCache:
         if buf is None or buf[0].shape[-2] < end:
             cap = max(end, 3 * end // 2) if keep and start else end
             grown = [k.new_empty(*k.shape[:-2], cap, k.shape[-1]) for _ in range(2)]
+            self.nbytes += 2 * grown[0].numel() * grown[0].element_size()
             if buf is not None:
+                self.nbytes -= 2 * buf[0].numel() * buf[0].element_size()
                 grown[0][..., :start, :] = buf[0][..., :start, :]
                 grown[1][..., :start, :] = buf[1][..., :start, :]
             buf = [*grown, start]

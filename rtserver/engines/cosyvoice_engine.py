@@ -51,7 +51,7 @@ class CosyVoiceEngine:
         speaker_dir: Path | None = None,
         max_batch: int = 64,
         fixed_tokens: int | None = None,
-        flow_cache_mb: float = 2048.0,
+        flow_cache_mb: float = 8192.0,
         exact_final: bool = False,
     ) -> None:
         self.model = cosyvoice.load(

@@ -136,6 +136,28 @@ def test_memory_bound_drops_the_cache_not_the_audio(parts):
         assert_close(a, b, WAVE_TOL, what=f"chunk {i}")
 
 
+def test_memory_bound_is_shared_by_all_streams(parts):
+    """Room for one stream's cache, not two: of two streams stepped together one keeps its
+    cache and one recomputes, both with the right audio; a dropped state leaves the bound."""
+    flow, hift, spk = parts
+    toks = _tokens(140, 9, flow.cfg.vocab_size)
+    probe = make_token2wav(flow, hift)
+    st = probe.new_state(*_speakers(spk)[0])
+    probe.step([(st, toks[:28], False)])
+    one = st.flow_cache.nbytes
+    del st
+    assert not probe._cached  # a state nobody holds no longer counts
+    shared = make_token2wav(flow, hift, flow_cache_mb=1.5 * one / 2**20)
+    states = [shared.new_state(*_speakers(spk)[0], seed=i) for i in range(2)]
+    first = shared.step([(s, toks[:28], False) for s in states])
+    assert sorted(s.flow_cache is None for s in states) == [False, True]
+    rest, _ = drive_ragged(shared, states, toks[28:], [28, 28])
+    for i in range(2):
+        ref, _ = _stream(make_token2wav(flow, hift), _speakers(spk)[0], toks, seed=i)
+        got = torch.cat([first[i], *rest[i]])
+        assert_close(got, torch.cat(ref), WAVE_TOL, what=f"stream {i}")
+
+
 def test_cache_grows_with_frames_and_refuses_a_skipped_chunk(parts):
     flow, _, spk = parts
     emb = _speakers(spk)[0][0]
