@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def long_run(t2w: Token2Wav, toks: list[int], embs: list, stream: bool, device: 
     tokens of stream 0 (its chunk schedule)."""
     sts = [t2w.new_state(e, stream=stream, seed=i + 1) for i, e in enumerate(embs)]
     items = [(s, toks, True) for s in sts]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # first touches of fresh memory
     chunks, n, t0 = [], 0, time.perf_counter()
     while not all(s.done for s in sts):
         off, t1 = sts[0].token_offset, time.perf_counter()
@@ -116,8 +118,9 @@ def long_run(t2w: Token2Wav, toks: list[int], embs: list, stream: bool, device: 
         chunks.append({"tokens": new, "ms": round(1000 * (time.perf_counter() - t1))})
     wall = time.perf_counter() - t0
     audio = n / t2w.sample_rate
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {"streams": len(embs), "audio_s": round(audio, 2), "wall_s": round(wall, 2),
-            "rtf": round(wall / audio, 3), "chunks": chunks}  # fmt: skip
+            "rtf": round(wall / audio, 3), "minor_faults": faults, "chunks": chunks}  # fmt: skip
 
 
 def long_mode(t2w: Token2Wav, a, device: str) -> dict:
