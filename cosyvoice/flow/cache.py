@@ -103,6 +103,7 @@ class Past:
         self.mask = m.repeat(rows, 1, 1)[:, None]  # (rows*B, 1, T, K) bool, True = attend
         self.positions = pos.repeat(rows, 1)  # (rows*B, T)
         self.valid = (~padded).repeat(rows, 1)  # (rows*B, T)
+        self._rel: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def at(self, tag: Hashable) -> Past:
         """The same view keyed apart (one per Euler step: each step has its own state)."""
@@ -117,7 +118,7 @@ class Past:
     def kv(self, mod: object, k: torch.Tensor, v: torch.Tensor):
         """Keys/values of every position up to each request's end, (rows*B, H, K, dh), for new
         k, v (rows*B, H, T, dh); stores the new ones of committing requests."""
-        if not self._reused():  # one fresh request: nothing to read or keep
+        if not self._reused():  # fresh requests only: the keys are the new positions
             return k, v
         key, b_n = (self.tag, mod), len(self.caches)
         ks, vs = [], []
@@ -156,7 +157,7 @@ class Past:
         """The conformer's relative-position inputs: a sinusoidal table of every offset i - j
         from ``max(end) - 1`` down to ``-(T - 1)`` (the rows of the whole-sequence table that
         the call needs), and the (rows*B, T, K) index of each query/key pair in it."""
-        if getattr(self, "_rel", None) is None or self._rel[0].shape[-1] != d:
+        if self._rel is None or self._rel[0].shape[-1] != d:
             hi, lo = max(self.ends) - 1, -(max(self.lens) - 1)
             pos = torch.arange(hi, lo - 1, -1, dtype=torch.float32)[:, None]
             div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * -(math.log(10000.0) / d))
