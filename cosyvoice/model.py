@@ -350,8 +350,8 @@ def load(
     token2wav: bool = True,
     max_batch: int = 64,
     graphs: bool | None = None,
-    exact_final: bool = False,
-    flow_cache_mb: float = 8192.0,
+    exact_final: bool | None = None,
+    flow_cache_mb: float | None = None,
 ) -> CosyVoiceModel:
     """Load a model dir. ``device`` None: CUDA when available, else CPU; ``dtype`` None:
     bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
@@ -359,7 +359,7 @@ def load(
     half (text -> speech tokens). ``graphs`` (default: on CUDA for v2/v3) runs decode steps of
     up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`).
     ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state they may
-    keep together (:class:`cosyvoice.token2wav.StreamConfig`)."""
+    keep together; None: the defaults of :class:`cosyvoice.token2wav.StreamConfig`."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)
@@ -391,7 +391,8 @@ def load(
     if graphs if graphs is not None else (device.type == "cuda" and family != "v1"):
         model.llm.enable_graphs(max_batch)
     if token2wav:
-        opts = {} if family == "v1" else dict(exact_final=exact_final, flow_cache_mb=flow_cache_mb)
+        opts = dict(exact_final=exact_final, flow_cache_mb=flow_cache_mb)
+        opts = {k: v for k, v in opts.items() if v is not None}
         model.token2wav = _load_token2wav(model_dir, cfg, device, dtype, **opts)
     return model
 

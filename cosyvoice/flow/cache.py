@@ -16,6 +16,7 @@ kept only for requests that ``commit``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -107,8 +108,8 @@ class Past:
 
     def at(self, tag: Hashable) -> Past:
         """The same view keyed apart (one per Euler step: each step has its own state)."""
-        p = object.__new__(Past)
-        p.__dict__.update(self.__dict__, tag=tag)
+        p = copy.copy(self)
+        p.tag = tag
         return p
 
     def _reused(self) -> bool:

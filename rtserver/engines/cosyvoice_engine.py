@@ -51,8 +51,8 @@ class CosyVoiceEngine:
         speaker_dir: Path | None = None,
         max_batch: int = 64,
         fixed_tokens: int | None = None,
-        flow_cache_mb: float = 8192.0,
-        exact_final: bool = False,
+        flow_cache_mb: float | None = None,
+        exact_final: bool | None = None,
     ) -> None:
         self.model = cosyvoice.load(
             model_dir,
