@@ -103,11 +103,16 @@ class Token2WavState:
     n_samples: int = 0
 
 
-def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: np.ndarray) -> torch.Tensor:
+def hamming(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """numpy's symmetric Hamming window (float64; the cross-fade weights upstream uses)."""
+    return torch.from_numpy(np.hamming(n)).to(device)
+
+
+def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Cross-fade the first len(window)/2 samples (last dim) of ``new`` with the last ones of
-    ``old`` (float64 window and blend, rounded once to float32)."""
+    ``old`` (float64 window and blend, rounded once to float32), on their device."""
     n = len(window) // 2
-    w = torch.from_numpy(window)
+    w = window.to(new.device)
     out = new.clone()
     k = min(n, new.shape[-1])
     o = old[..., old.shape[-1] - n : old.shape[-1] - n + k].double()
@@ -128,6 +133,23 @@ def _validated(items, vocab: int) -> list[list[int]]:
         if bad:
             raise ValueError(f"item {i}: speech token ids out of range [0, {vocab}): {bad[:5]}")
         out.append(new)
+    return out
+
+
+def to_host(chunks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """A step's audio chunks as CPU float32 tensors. From a GPU: ONE asynchronous copy of all of
+    them into pinned memory and one wait, after the whole flow + vocoder batch was queued (each
+    ``.cpu()`` would stall the host until the device drained, once per chunk)."""
+    on_gpu = [i for i, c in enumerate(chunks) if c is not None and c.is_cuda]
+    if not on_gpu:
+        return [None if c is None else c.float().cpu() for c in chunks]
+    flat = torch.cat([chunks[i].reshape(-1).float() for i in on_gpu])
+    host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    torch.cuda.current_stream(flat.device).synchronize()
+    out = [None if c is None else c.float().cpu() for c in chunks]
+    for i, piece in zip(on_gpu, host.split([chunks[i].numel() for i in on_gpu]), strict=True):
+        out[i] = piece
     return out
 
 
@@ -154,7 +176,8 @@ class Token2Wav:
         self._cached: weakref.WeakValueDictionary[int, Token2WavState] = (
             weakref.WeakValueDictionary()
         )
-        self.window = np.hamming(2 * self.cfg.source_cache_len)  # float64, read-only
+        self.device = hift.conv_pre.weight.device
+        self.window = hamming(2 * self.cfg.source_cache_len, self.device)  # read-only
         self.causal = isinstance(hift, CausalHiFT)
         self.sample_rate = hift.cfg.sampling_rate
 
@@ -251,20 +274,20 @@ class Token2Wav:
         nc = self.cfg.source_cache_len
         for (i, j), mel, (speech, source) in zip(run, hift_in, res, strict=True):
             st = j.state
-            speech, source = speech.cpu(), source.cpu()
             if st.cache_speech is not None:
                 speech = fade_in_out(speech, st.cache_speech, self.window)
             if j.final:
                 st.cache_mel = st.cache_source = st.cache_speech = None
                 chunk = speech
             else:
-                st.cache_mel = mel[:, -self.cfg.mel_cache_len :]
-                st.cache_source = source[-nc:]
-                st.cache_speech = speech[-nc:]
+                # copies: a view would keep the whole batch's buffers alive until the next chunk
+                st.cache_mel = mel[:, -self.cfg.mel_cache_len :].clone()
+                st.cache_source = source[-nc:].clone()
+                st.cache_speech = speech[-nc:].clone()
                 chunk = speech[:-nc]
             self._advance(j, chunk)
             out[i] = chunk
-        return out
+        return to_host(out)
 
     def _flow_input(self, j: _Job) -> FlowInput:
         """The flow call of a job: new frames only (from the request's token offset), over its
@@ -293,9 +316,9 @@ class Token2Wav:
             self._cached.pop(id(j.state), None)
 
     def _new_frames(self, st: Token2WavState, mel: torch.Tensor) -> torch.Tensor:
-        """A flow output's new frames as float on the CPU, time-stretched by the request's speed
-        where that applies."""
-        mel = mel.float().cpu()
+        """A flow output's new frames in float32 (still on the device: the vocoder runs there),
+        time-stretched by the request's speed where that applies."""
+        mel = mel.float()
         if st.speed != 1.0 and (st.stream or st.token_offset == 0):
             mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
         return mel
@@ -319,10 +342,9 @@ class Token2Wav:
             [j.final for _, j in run],
         )
         for (i, j), chunk in zip(run, res, strict=True):
-            chunk = chunk.cpu()
             self._advance(j, chunk)
             out[i] = chunk
-        return out
+        return to_host(out)
 
     # ------------------------------------------------------------------ single-request helpers
     def stream(self, st: Token2WavState, token_chunks):
@@ -389,8 +411,8 @@ class Token2WavV1:
     def __init__(self, flow, hift: HiFT, cfg: StreamConfigV1 | None = None):
         self.flow, self.hift = flow, hift
         self.cfg = cfg or StreamConfigV1(source_cache_len=20 * hift.cfg.samples_per_frame)
-        self.mel_window = np.hamming(2 * self.cfg.mel_overlap_len)
-        self.window = np.hamming(2 * self.cfg.source_cache_len)
+        self.mel_window = hamming(2 * self.cfg.mel_overlap_len)
+        self.window = hamming(2 * self.cfg.source_cache_len)
         self.sample_rate = hift.cfg.sampling_rate
 
     def new_state(

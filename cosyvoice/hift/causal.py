@@ -332,7 +332,7 @@ class CausalHiFT(HiFT):
         """Advance the state past ``end`` emitted frames: the next window starts R frames
         before it; keep its f0 context of mel and the phase sum up to its first frame."""
         m0 = max(0, end - self.receptive_field())
-        st.phase = cum[m0 - st.phase_frame].cpu()
+        st.phase = cum[m0 - st.phase_frame].clone()  # stays on the device: no wait
         start = max(0, m0 - self.f0_context())
         st.mel = st.mel[:, start - st.mel_start :]
         st.mel_start, st.phase_frame, st.emitted = start, m0, end

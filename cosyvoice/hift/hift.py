@@ -205,7 +205,7 @@ class HiFT(nn.Module):
         return self
 
     # ---------------------------------------------------------------- source
-    def source(self, f0: torch.Tensor, lens: torch.Tensor, noise: list[torch.Tensor | None]):
+    def source(self, f0: torch.Tensor, noise: list[torch.Tensor | None]):
         """f0 (B, T) Hz (zero beyond each item's length) -> excitation (B, 1, T*spf).
         ``noise[b]``: (T_b*spf, n_harm+1) standard normal draws for item b, or None (no noise)."""
         cfg, spf = self.cfg, self.cfg.samples_per_frame
@@ -243,8 +243,9 @@ class HiFT(nn.Module):
         return s, sines, uv
 
     # ---------------------------------------------------------------- filter network
-    def decode(self, mel: torch.Tensor, s: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """mel (B, 80, T), source (B, 1, T*spf) -> wave (B, T*spf); item b valid for lens[b] frames."""
+    def decode(self, mel: torch.Tensor, s: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """mel (B, 80, T), source (B, 1, T*spf) -> wave (B, T*spf); item b valid for lens[b]
+        frames (host ints: nothing here waits for the device)."""
         cfg, spf = self.cfg, self.cfg.samples_per_frame
         b, _, t = mel.shape
         dev = mel.device
@@ -253,12 +254,13 @@ class HiFT(nn.Module):
         nfr = t * spf // hop + 1
         s_stft = torch.zeros(b, nfft + 2, nfr, device=dev)
         for i in range(b):
-            n = int(lens[i]) * spf
-            spec = torch.stft(s[i, 0, :n], nfft, hop, nfft, window=win, return_complex=True)
+            spec = torch.stft(s[i, 0, : lens[i] * spf], nfft, hop, nfft, window=win,
+                              return_complex=True)  # fmt: skip
             s_stft[i, :, : spec.shape[-1]] = torch.cat([spec.real, spec.imag], dim=0)
+        frames = torch.tensor(lens, device=dev)
 
         def mask(length_per_frame: float, size: int) -> torch.Tensor:
-            valid = (lens.float() * length_per_frame).long()
+            valid = (frames.float() * length_per_frame).long()
             return (torch.arange(size, device=dev)[None, :] < valid[:, None]).float()[:, None]
 
         m = mask(1, t)
@@ -266,7 +268,7 @@ class HiFT(nn.Module):
         up = 1
         m_stft = torch.zeros(b, 1, nfr, device=dev)
         for i in range(b):
-            m_stft[i, :, : int(lens[i]) * spf // hop + 1] = 1.0
+            m_stft[i, :, : lens[i] * spf // hop + 1] = 1.0
         n_res = len(cfg.resblock_kernel_sizes)
         for i, u in enumerate(cfg.upsample_rates):
             x = F.leaky_relu(x, cfg.lrelu_slope)
@@ -293,7 +295,7 @@ class HiFT(nn.Module):
         spec = torch.complex(mag * torch.cos(ph), mag * torch.sin(ph))
         out = torch.zeros(b, t * spf, device=dev)
         for i in range(b):
-            fr = int(lens[i]) * spf // hop + 1
+            fr = lens[i] * spf // hop + 1
             y = torch.istft(spec[i, :, :fr], nfft, hop, nfft, window=win)
             out[i, : y.shape[-1]] = y
         return out.clamp(-cfg.audio_limit, cfg.audio_limit)
@@ -310,8 +312,8 @@ class HiFT(nn.Module):
         ``generators[b]`` draws its noise (None = zero noise)."""
         spf, b = self.cfg.samples_per_frame, len(mels)
         dev = self.conv_pre.weight.device
-        lens = torch.tensor([m.shape[-1] for m in mels], device=dev)
-        t = int(lens.max())
+        lens = [m.shape[-1] for m in mels]
+        t = max(lens)
         mel = torch.zeros(b, self.cfg.in_channels, t, device=dev)
         for i, m_ in enumerate(mels):
             mel[i, :, : m_.shape[-1]] = m_.to(dev)
@@ -327,18 +329,18 @@ class HiFT(nn.Module):
             if g is None:
                 noise.append(None)
                 continue
-            n = int(lens[i]) * spf
+            n = lens[i] * spf
             h = self.cfg.nb_harmonics + 1
             torch.rand(
                 1, h, generator=g
             )  # initial phases: drawn upstream, without effect (see spec)
             noise.append(torch.randn(n, h, generator=g))
-        s, _, _ = self.source(f0, lens, noise)
+        s, _, _ = self.source(f0, noise)
         for i, c in enumerate(cache_sources or []):
             if c is not None and c.numel():
                 s[i, 0, : c.numel()] = c.reshape(-1).to(s)
         y = self.decode(mel, s, lens)
-        return [(y[i, : int(lens[i]) * spf], s[i, 0, : int(lens[i]) * spf]) for i in range(b)]
+        return [(y[i, : lens[i] * spf], s[i, 0, : lens[i] * spf]) for i in range(b)]
 
 
 def _normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Fixture loading shared by the per-family golden test modules (test_e2e*, test_flow,
 test_hift, test_token2wav) and the engine-level tests: where a family's fixtures live, the
 per-family parameters with their skip-if-missing mark, the one-thread mark, the npz / json / yaml
-loaders, the token2wav ragged-batch driver and the engine loader.
+loaders, the token2wav ragged-batch driver, the engine loader and a torch op counter.
 
 Imported as a plain module (``from _fixtures import ...``): tests/golden is not a package and
 pytest puts it on ``sys.path``.
@@ -9,16 +9,28 @@ pytest puts it on ``sys.path``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# wetext is in the project's dependencies; a bare GPU box running the parity tests on CUDA
+# (bench/gpu_device.sh) may lack it. The fixture texts normalize the same without it.
+WETEXT = importlib.util.find_spec("wetext") is not None
+
+
+# The device the model-level golden tests load on (bench/bench_gpu.py runs them on cuda).
+TEST_DEVICE = os.environ.get("COSYVOICE_TEST_DEVICE", "cpu")
 
 
 def golden_root() -> Path:
@@ -201,3 +213,29 @@ def assert_chunks_match(chunks, fx, key: str, n_chunks: int, tol: float) -> None
         assert c.shape == ref.shape, (key, i)
         err = float(np.abs(c.numpy() - ref).max())
         assert err <= tol, f"{key} chunk {i}: {err:.3g}"
+
+
+# Ops after which the host has a device value in hand: on a GPU each one stalls the host until
+# the device has drained its queue (a scalar read back, or an output shape that depends on data).
+HOST_WAITS = frozenset(
+    {"aten.item", "aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero",
+     "aten.masked_select", "aten.unique_consecutive", "aten._unique2", "aten.index[bool]"}
+)  # fmt: skip
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops run inside it by name (``aten.index[bool]``: indexing by a mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name == "aten.index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            name = "aten.index[bool]"
+        self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def host_waits(self) -> dict[str, int]:
+        return {k: n for k, n in self.ops.items() if k in HOST_WAITS}

@@ -9,24 +9,13 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from _fixtures import load_engine
-from torch.utils._python_dispatch import TorchDispatchMode
+from _fixtures import CountOps, load_engine
 
 from cosyvoice.llm.engine import LLMRequest
 from cosyvoice.llm.kv import BLOCK
 from cosyvoice.llm.qwen2 import attention
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _started(model, n: int) -> list[LLMRequest]:
@@ -41,7 +30,7 @@ def _started(model, n: int) -> list[LLMRequest]:
 
 def _decode_ops(model, n: int) -> Counter[str]:
     reqs = _started(model, n)
-    counter = _CountOps()
+    counter = CountOps()
     with counter, torch.inference_mode():
         model.llm.net.forward_packed(
             model.llm.net.speech_embedding(torch.tensor([r.out_tokens[-1] for r in reqs])),

@@ -17,6 +17,7 @@ import torch
 from _fixtures import (
     FAMILIES,
     ONE_THREAD,
+    CountOps,
     assert_chunks_match,
     drive_ragged,
     family_params,
@@ -185,6 +186,28 @@ def test_batched_step_equals_alone(t2w, spk, vocab):
     # the zero-shot request's first hop is extended to the next multiple of the hop after the
     # prompt: P prompt tokens -> (-P) mod 25 extra tokens
     assert sts[1].prompt_pad == -pt.numel() % HOP
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_step_never_waits_for_the_device(t2w, spk, vocab):
+    """A step queues the flow and vocoder work of its whole batch without reading a device value
+    back (lengths are host ints, caches and cross-fades stay on the device), then copies all its
+    audio back at once: on a GPU, any such read would stall the host once per item. Covers
+    streaming (cached chunks, the final piece), speed != 1, seeded noise and a non-stream item."""
+    streaming = Token2Wav(t2w.flow, t2w.hift)  # the default schedule: a cached final chunk
+    sft, toks = _sft(spk), _random_tokens(140, 9, vocab)
+    for t in (t2w, streaming):
+        sts = [t.new_state(spk[sft[0]]["embedding"], seed=3),
+               t.new_state(spk[sft[-1]]["embedding"], speed=1.5),
+               t.new_state(spk[sft[0]]["embedding"], stream=False, seed=4)]  # fmt: skip
+        counter, fed, n_chunks = CountOps(), 0, 0
+        with counter:
+            while not all(st.done for st in sts):
+                new, fed = toks[fed : fed + 40], min(fed + 40, len(toks))
+                out = t.step([(st, [] if st.done else new, fed == len(toks)) for st in sts])
+                n_chunks += sum(c is not None for c in out)
+        assert n_chunks >= 6 and counter.ops["aten.conv1d"] > 0  # the counter saw the work
+        assert counter.host_waits() == {}
 
 
 @pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
