@@ -1,15 +1,17 @@
 """The GPU benchmark, one command (`just bench-gpu`), at most ~8 minutes on one GPU.
 
-    uv run --extra voice python bench/bench_gpu.py [--model DIR] [--tokens 150]
+    uv run --extra voice python bench/bench_gpu.py [--model DIR] [--tokens 150] [--engine]
 
 1. builds (or reuses) the full-size random-weight CosyVoice2 dir (`bench/make_full_model.py`);
 2. runs the golden parity tests on CUDA in float32 (`COSYVOICE_TEST_DEVICE=cuda`);
-3. for float32 and bfloat16: starts a server on CUDA with the LLM forced to `--tokens` tokens per
-   request, measures TTFA p50/p95 of streaming `/tts/pcm` requests sent at once at concurrency
-   1, 16 and 64, then raises the concurrency until a stream underruns (a listener starting at
-   its first byte would run out of audio): the largest level with none is the real-time
-   capacity;
-4. writes the `gpu` section of docs/benchmarks.md.
+3. for float32 and bfloat16: sends N streaming requests at once, the LLM forced to `--tokens`
+   tokens each, and measures TTFA p50/p95 at N = 1, 16 and 64, then raises N until a stream
+   underruns (a listener starting at its first audio would run out): the largest N with none is
+   the real-time capacity. Requests go to a server on CUDA (`/tts/pcm`, stream=true), or with
+   `--engine` straight to the model's step loop in this process (what the server's scheduler
+   runs, without HTTP: for a GPU box that has torch but not the server's packages, see
+   `bench/gpu_device.sh`);
+4. writes the `gpu` section of docs/benchmarks.md (and `--body-out FILE`, if given).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import httpx
-from http_load import one
-from report import ROOT, git_rev, pct, write_section
-from serverproc import ServerProcess
+from report import ROOT, delivery, git_rev, machine, pct, write_section
 
 TEXT = "Hello there, this is a benchmark sentence for the graphics card."
 LEVELS = (1, 16, 64)
 CAPACITY = (32, 48, 64, 96, 128, 192, 256)
+PARITY_TESTS = [
+    "tests/golden/test_e2e.py",
+    "tests/golden/test_utterance.py",
+    "tests/golden/test_llm_graphs.py",
+]
 
 
 def gpu_name() -> str:
@@ -37,78 +42,149 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
 
 
-async def burst(base: str, spk: str, rate: int, n: int) -> list[dict]:
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        return await asyncio.gather(
-            *(
-                one(client, "/tts/pcm", spk, rate, tts_text=TEXT, stream=True, seed=k + 1)
-                for k in range(n)
-            )
+class ServerTarget:
+    """N streaming `/tts/pcm` requests at once to a server on CUDA."""
+
+    def __init__(self, model: str, device: str, dtype: str, tokens: int, streams: int) -> None:
+        import httpx
+        from serverproc import ServerProcess
+
+        self.srv = ServerProcess(
+            "--model", model, "--device", device, "--dtype", dtype, "--llm-fixed-tokens",
+            str(tokens), "--max-streams", str(streams), "--max-queue", "0",
+            "--max-client-streams", "0", "--speaker-dir", str(ROOT / "bench" / "out" / "speakers"),
+        ).wait_ready(timeout=600)  # fmt: skip
+        spk = httpx.get(f"{self.srv.base_url}/speakers").json()[0]
+        self.spk, self.rate = spk["id"], spk["sample_rate"]
+
+    def burst(self, n: int) -> list[dict]:
+        import httpx
+        from http_load import one
+
+        async def run() -> list[dict]:
+            async with httpx.AsyncClient(base_url=self.srv.base_url, timeout=600) as client:
+                return await asyncio.gather(
+                    *(one(client, "/tts/pcm", self.spk, self.rate, tts_text=TEXT, stream=True,
+                          seed=k + 1) for k in range(n))
+                )  # fmt: skip
+
+        return asyncio.run(run())
+
+    def close(self) -> None:
+        self.srv.stop()
+
+
+class EngineTarget:
+    """N utterances started at once and stepped together in this process, at most
+    ``max_batch`` per step in turn, as the server's scheduler does."""
+
+    def __init__(self, model: str, device: str, dtype: str, tokens: int, streams: int) -> None:
+        import cosyvoice
+
+        self.model = cosyvoice.load(model, device=device, dtype=dtype, use_wetext=False)
+        self.model.warmup()
+        self.tokens, self.max_batch = tokens, 64
+
+    def burst(self, n: int) -> list[dict]:
+        from cosyvoice.utterance import Status
+
+        m, spk = self.model, self.model.speakers.list()[0]
+        t0 = time.monotonic()
+        utts = [m.start(spk, seed=k + 1, fixed_tokens=self.tokens) for k in range(n)]
+        for u in utts:
+            m.add_text(u, TEXT)
+            m.close_text(u)
+        arrivals: dict[int, list[tuple[float, float]]] = {id(u): [] for u in utts}
+        busy = list(utts)
+        while busy:
+            batch, busy = busy[: self.max_batch], busy[self.max_batch :]
+            for o in m.step(batch):
+                if o.error:
+                    raise RuntimeError(o.error)
+                if o.audio.numel():
+                    arrivals[id(o.utterance)].append(
+                        (time.monotonic(), o.audio.numel() / m.sample_rate)
+                    )
+            busy += [u for u in batch if u.status is not Status.FINISHED]
+        return [delivery(t0, arrivals[id(u)]) for u in utts]
+
+    def close(self) -> None:
+        del self.model
+
+
+def measure(target, dtype: str, levels, capacity) -> tuple[list[str], int]:
+    rows, cap = [], 0
+    target.burst(2)  # warm caches
+    for n in sorted({*levels, *capacity}):
+        if n not in levels and cap < n // 2:
+            continue  # already past capacity: skip the larger capacity levels
+        res = target.burst(n)
+        ttfa = [r["ttfa"] * 1000 for r in res]
+        under = sum(r["underruns"] > 0 for r in res)
+        if under == 0:
+            cap = max(cap, n)
+        rows.append(
+            f"| {dtype} | {n} | {pct(ttfa, 50):.0f} | {pct(ttfa, 95):.0f} | "
+            f"{max(r['rtf'] for r in res):.2f} | {under} |"
         )
+        print(rows[-1], flush=True)
+    return rows, cap
 
 
-def measure(model: str, dtype: str, tokens: int) -> tuple[list[str], int]:
-    srv = ServerProcess(
-        "--model", model, "--device", "cuda", "--dtype", dtype, "--llm-fixed-tokens",
-        str(tokens), "--max-streams", str(max(CAPACITY)), "--max-queue", "0",
-        "--max-client-streams", "0", "--speaker-dir", str(ROOT / "bench" / "out" / "speakers"),
-    ).wait_ready(timeout=600)  # fmt: skip
-    rows, capacity = [], 0
-    try:
-        spk = httpx.get(f"{srv.base_url}/speakers").json()[0]
-        asyncio.run(burst(srv.base_url, spk["id"], spk["sample_rate"], 2))  # warm caches
-        for n in sorted({*LEVELS, *CAPACITY}):
-            if n not in LEVELS and capacity < n // 2:
-                continue  # already past capacity: skip the larger capacity levels
-            res = asyncio.run(burst(srv.base_url, spk["id"], spk["sample_rate"], n))
-            ttfa = [r["ttfa"] * 1000 for r in res]
-            under = sum(r["underruns"] > 0 for r in res)
-            if under == 0:
-                capacity = max(capacity, n)
-            rows.append(
-                f"| {dtype} | {n} | {pct(ttfa, 50):.0f} | {pct(ttfa, 95):.0f} | "
-                f"{max(r['rtf'] for r in res):.2f} | {under} |"
-            )
-            print(rows[-1], flush=True)
-    finally:
-        srv.stop()
-    return rows, capacity
+def parity(device: str) -> str:
+    env = {**os.environ, "COSYVOICE_TEST_DEVICE": device}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        *PARITY_TESTS], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    print(r.stdout[-3000:], r.stderr[-2000:], flush=True)
+    return (r.stdout.strip().splitlines() or ["no output"])[-1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "bench" / "out" / "CosyVoice2-0.5B"))
     ap.add_argument("--tokens", type=int, default=150)
+    ap.add_argument("--engine", action="store_true", help="the model's step loop, no server")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
+    ap.add_argument("--capacity", type=int, nargs="+", default=list(CAPACITY))
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--body-out", type=Path, help="also write the section's text here")
     args = ap.parse_args()
     t0 = time.monotonic()
     if not os.path.isdir(args.model):
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_full_model.py"),
                         "--out", args.model], check=True)  # fmt: skip
-    parity = "skipped"
-    if not args.skip_parity:
-        env = {**os.environ, "COSYVOICE_TEST_DEVICE": "cuda"}
-        tests = ["tests/golden/test_e2e.py", "tests/golden/test_utterance.py"]
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", *tests], cwd=ROOT, env=env,
-                           capture_output=True, text=True)  # fmt: skip
-        parity = (r.stdout.strip().splitlines() or ["no output"])[-1]
-        print("parity:", parity, flush=True)
+    par = "skipped" if args.skip_parity else parity(args.device)
+    print("parity:", par, flush=True)
     rows, caps = [], {}
-    for dtype in ("float32", "bfloat16"):
-        r, caps[dtype] = measure(args.model, dtype, args.tokens)
+    target_cls = EngineTarget if args.engine else ServerTarget
+    for dtype in args.dtypes:
+        target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity))
+        try:
+            r, caps[dtype] = measure(target, dtype, args.levels, args.capacity)
+        finally:
+            target.close()
         rows += r
+    how = (
+        "the model's step loop in one process (`--engine`: no HTTP; N utterances started at once, "
+        "stepped together up to 64 per step)"
+        if args.engine
+        else "streaming `/tts/pcm` requests to a server, N sent at once"
+    )
     body = f"""## GPU: CosyVoice2 full size on {gpu_name()}
 
-Command: `just bench-gpu` (`uv run --extra voice python bench/bench_gpu.py --tokens {args.tokens}`),
-commit {git_rev()}, {time.monotonic() - t0:.0f} s in all. Model: `bench/make_full_model.py` output
-(random weights), LLM forced to {args.tokens} tokens ({args.tokens / 25:.0f} s of audio) per
-request, streaming `/tts/pcm`, N requests sent at once. Golden parity on CUDA, float32: {parity}.
-Real-time capacity (largest N with no stream underrunning): float32 {caps["float32"]},
-bfloat16 {caps["bfloat16"]}.
+Command: `bench/bench_gpu.py --tokens {args.tokens}{" --engine" if args.engine else ""}`, commit
+{git_rev()}, {time.monotonic() - t0:.0f} s in all, {machine()}. Model: `bench/make_full_model.py`
+output (random weights), LLM forced to {args.tokens} tokens ({args.tokens / 25:.0f} s of audio)
+per request; {how}. Golden parity on {args.device}, float32: {par}. Real-time capacity (largest N
+with no stream underrunning): {", ".join(f"{d} {c}" for d, c in caps.items())}.
 
 | dtype | N | TTFA p50 ms | TTFA p95 ms | slowest delivery RTF | streams that underran |
 | --- | --- | --- | --- | --- | --- |
 """ + "\n".join(rows)
+    if args.body_out:
+        args.body_out.write_text(body + "\n")
     write_section("gpu", body)
 
 

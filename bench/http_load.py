@@ -17,7 +17,7 @@ import time
 
 import av
 import httpx
-from report import git_rev, machine, pct, write_section
+from report import delivery, git_rev, machine, pct, write_section
 from serverproc import ServerProcess
 
 SENTENCE = (
@@ -34,25 +34,16 @@ async def one(client: httpx.AsyncClient, path: str, spk: str, rate: int, **extra
     """One request; ``extra`` joins the JSON body (``stream``, ``seed``, ``tts_text``)."""
     body = {"tts_text": SENTENCE, "spk_id": spk, **extra}
     t0 = time.monotonic()
-    arrivals: list[tuple[float, int]] = []
+    arrivals: list[tuple[float, float]] = []
     data = b""
     async with client.stream("POST", path, json=body) as r:
         r.raise_for_status()
         async for piece in r.aiter_raw():
-            arrivals.append((time.monotonic(), len(piece)))
+            arrivals.append((time.monotonic(), len(piece) / 2 / rate))
             data += piece
-    seconds = len(data) / 2 / rate if path.endswith("pcm") else mp3_seconds(data)
-    first, last = arrivals[0][0], arrivals[-1][0]
-    # Underrun: a listener playing since the first byte got ahead of the received audio.
-    underruns = 0
     if path.endswith("pcm"):
-        received = 0
-        for t, n in arrivals:
-            if received / 2 / rate < t - first - 0.05:
-                underruns += 1
-            received += n
-    return {"ttfa": first - t0, "rtf": (last - first) / seconds if seconds else 0.0,
-            "wall_rtf": (last - t0) / seconds, "audio": seconds, "underruns": underruns}  # fmt: skip
+        return delivery(t0, arrivals)
+    return delivery(t0, [(t, 0.0) for t, _ in arrivals], mp3_seconds(data))
 
 
 async def level(base: str, path: str, spk: str, rate: int, n: int, seconds: float) -> list[dict]:

@@ -21,6 +21,23 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def delivery(t0: float, arrivals: list[tuple[float, float]], seconds: float | None = None) -> dict:
+    """One streamed response: ``arrivals`` (time, seconds of audio in the piece) from a request
+    sent at ``t0``. TTFA (t0 -> first piece), delivery RTF (first -> last piece over the audio's
+    duration), wall RTF and underruns: pieces that came after a listener playing since the first
+    piece ran out of audio (50 ms slack). ``seconds``: the audio's length when the pieces' are
+    unknown (MP3; given as 0): then no underruns are counted."""
+    first, last = arrivals[0][0], arrivals[-1][0]
+    underruns, received = 0, 0.0
+    for t, n in arrivals:
+        underruns += seconds is None and received < t - first - 0.05
+        received += n
+    total = received if seconds is None else seconds
+    return {"ttfa": first - t0, "rtf": (last - first) / total if total else 0.0,
+            "wall_rtf": (last - t0) / total if total else 0.0, "audio": total,
+            "underruns": int(underruns)}  # fmt: skip
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:

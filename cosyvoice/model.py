@@ -359,7 +359,8 @@ def load(
     half (text -> speech tokens). ``graphs`` (default: on CUDA for v2/v3) runs decode steps of
     up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`).
     ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state they may
-    keep together; None: the defaults of :class:`cosyvoice.token2wav.StreamConfig`."""
+    keep together; None: the defaults of :class:`cosyvoice.token2wav.StreamConfig`, except that
+    on a GPU the flow state may take half the device memory free once the LLM is loaded."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)
@@ -391,6 +392,10 @@ def load(
     if graphs if graphs is not None else (device.type == "cuda" and family != "v1"):
         model.llm.enable_graphs(max_batch)
     if token2wav:
+        if flow_cache_mb is None and device.type == "cuda":
+            # 8192 MB is ~36 s of audio in all for the full CosyVoice2 in float32 (~230 MB per
+            # second of audio); a GPU serving 64 streams has room for far more
+            flow_cache_mb = torch.cuda.mem_get_info(device)[0] / 2 / 2**20
         opts = dict(exact_final=exact_final, flow_cache_mb=flow_cache_mb)
         opts = {k: v for k, v in opts.items() if v is not None}
         model.token2wav = _load_token2wav(model_dir, cfg, device, dtype, **opts)

@@ -99,12 +99,12 @@ class Settings(msgspec.Struct, kw_only=True):
         _doc("CosyVoice precision (auto: bfloat16 on cuda, float32 on cpu)"),
     ] = "auto"
     flow_cache_mb: Annotated[
-        float,
+        Annotated[float, Meta(ge=0)] | None,
         _doc("CosyVoice2/3 streaming: flow state all streams together may keep so a chunk costs "
              "its own frames, not a recompute of the utterance so far; a stream whose state "
-             "would pass it recomputes instead (same audio, quadratic time); 0: never keep",
-             ge=0),
-    ] = 8192.0  # fmt: skip
+             "would pass it recomputes instead (same audio, quadratic time); 0: never keep; "
+             "none: 8192 on the CPU, on a GPU half its memory free after loading"),
+    ] = None  # fmt: skip
     exact_final: Annotated[
         bool,
         _doc("CosyVoice2/3 streaming: end each stream as upstream does, rerunning the flow over "
@@ -188,7 +188,7 @@ LIST_SETTINGS = tuple(
     k for k, v in msgspec.structs.asdict(Settings()).items() if isinstance(v, list)
 )
 SECRET_SETTINGS = ("api_key", "admin_key")  # never shown in help or logs
-OPTIONAL_SETTINGS = ("model", "speaker_dir", "ray_address")  # None by default
+OPTIONAL_SETTINGS = ("model", "speaker_dir", "ray_address", "flow_cache_mb")  # None by default
 
 
 class SettingsError(ValueError):

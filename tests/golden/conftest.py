@@ -56,6 +56,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "unsupported_families(*families, reason): strict-xfail those golden families"
     )
     config.cosyvoice_golden = resolve_golden_dir()
+    if os.environ.get("COSYVOICE_TEST_DEVICE", "cpu").startswith("cuda"):
+        import torch
+
+        # parity on CUDA (bench/bench_gpu.py) means float32 math: no TF32 convolutions/matmuls
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

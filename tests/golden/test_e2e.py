@@ -5,19 +5,25 @@ replays recorded flow noise: see test_e2e_v1."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from _fixtures import ONE_THREAD, assert_chunks_match, family_dir, load_arrays, needs, run_params
+from _fixtures import (
+    ONE_THREAD,
+    TEST_DEVICE,
+    WETEXT,
+    assert_chunks_match,
+    family_dir,
+    load_arrays,
+    needs,
+    run_params,
+)
 
 from cosyvoice.tts import synthesize
 
 WAVE_TOL = 1e-3  # golden README: waveforms
 
 FAMILIES = {"v2": family_dir("cosyvoice2"), "v3": family_dir("cosyvoice3")}
-# `bench/bench_gpu.py` runs these on CUDA
-DEVICE = os.environ.get("COSYVOICE_TEST_DEVICE", "cpu")
+# bench/bench_gpu.py runs these on CUDA: the model loads on TEST_DEVICE
 pytestmark = ONE_THREAD
 
 
@@ -27,7 +33,11 @@ def tts(family):
 
     # exact_final: upstream's full-attention last chunk, which the fixtures recorded
     return cosyvoice.load(
-        FAMILIES[family] / "model", device=DEVICE, dtype="float32", exact_final=True
+        FAMILIES[family] / "model",
+        device=TEST_DEVICE,
+        dtype="float32",
+        use_wetext=WETEXT,
+        exact_final=True,
     )
 
 

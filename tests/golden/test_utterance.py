@@ -4,20 +4,17 @@ cancel and errors giving back every KV block."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-from _fixtures import ONE_THREAD
+from _fixtures import ONE_THREAD, TEST_DEVICE, WETEXT
 
 import cosyvoice
 from cosyvoice.devices import resolve_dtype
 from cosyvoice.tts import synthesize
 from cosyvoice.utterance import Output, Status
 
-# `bench/bench_gpu.py` runs these on CUDA
-DEVICE = os.environ.get("COSYVOICE_TEST_DEVICE", "cpu")
+# bench/bench_gpu.py runs these on CUDA: the model loads on TEST_DEVICE
 pytestmark = ONE_THREAD
 TOKENS = 40  # fixed LLM length: a few streaming chunks per segment, quick on the tiny model
 
@@ -28,7 +25,11 @@ def model(golden_dir, tmp_path_factory):
     if not d.is_dir():
         pytest.skip("no cosyvoice2 golden dir")
     return cosyvoice.load(
-        d, device=DEVICE, dtype="float32", speaker_dir=tmp_path_factory.mktemp("s")
+        d,
+        device=TEST_DEVICE,
+        dtype="float32",
+        use_wetext=WETEXT,
+        speaker_dir=tmp_path_factory.mktemp("s"),
     )
 
 

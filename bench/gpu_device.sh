@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU benchmark on a bare GPU box that has python3 with torch (CUDA) but not this project's
+# environment: the golden parity tests on CUDA, then bench_gpu.py --engine (the model's step
+# loop in-process: the server's packages are not needed). Run from the repository root:
+#
+#   COSYVOICE_GOLDEN=/path/to/golden bash bench/gpu_device.sh OUTDIR [bench_gpu.py options]
+#
+# The golden folder needs cosyvoice2/ only (its model dir also seeds make_full_model.py).
+# OUTDIR receives gpu.md (the docs/benchmarks.md section) and gpu.log.
+set -euo pipefail
+out=${1:?usage: gpu_device.sh OUTDIR [bench_gpu.py options]}
+shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export COSYVOICE_GOLDEN=$(realpath "${COSYVOICE_GOLDEN:-.golden}")
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 bench/bench_gpu.py --engine --body-out "$out/gpu.md" "$@" 2>&1 | tee "$out/gpu.log"
