@@ -2,6 +2,11 @@
 
     uv run python bench/make_full_model.py        # once: writes bench/out/CosyVoice2-0.5B
     uv run python bench/bench_llm.py [--model-dir DIR] [--batches 1 4 16] [--steps 20]
+    uv run python bench/bench_llm.py --sampling [--batches 1 16 64]
+
+``--sampling``: only the host-side draw of a decode step (RAS over the model's speech vocabulary,
+one generator per request), the per-request loop vs one batched call, side by side: on a GPU
+this CPU time adds to every replayed decode step.
 
 Each batch holds requests of different text lengths (ragged prefill), all prefilled in one
 step; then ``--steps`` timed decode steps after ``--warmup`` untimed ones. Stop tokens are
@@ -69,6 +74,27 @@ def run_batch(m, batch: int, steps: int, warmup: int, seed: int, repeat: int) ->
     }
 
 
+def time_sampling(m, batch: int, repeat: int) -> tuple[float, float]:
+    """ms per decode step's draw: each row alone (sample_next) vs all rows at once."""
+    from cosyvoice.llm.sampling import Draw, sample_next, sample_rows
+
+    s, cfg = m.llm.speech_token_size, m.llm.sampling
+    vocab = m.llm.net.llm_decoder.out_features
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(batch)) * 4
+    decoded = [list(range(i, i + 10)) for i in range(batch)]
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    loop, batched = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for lg, d, g in zip(logits, decoded, gens, strict=True):
+            sample_next(lg, d, s, False, cfg, g)
+        loop.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sample_rows(logits, [Draw(d, False, g) for d, g in zip(decoded, gens, strict=True)], s, cfg)
+        batched.append(time.perf_counter() - t0)
+    return 1000 * sorted(loop)[repeat // 2], 1000 * sorted(batched)[repeat // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", type=Path, default=REPO / "bench" / "out" / "CosyVoice2-0.5B")
@@ -81,6 +107,7 @@ def main() -> None:
     ap.add_argument(
         "--repeat", type=int, default=3, help="timed windows per batch; best is reported"
     )
+    ap.add_argument("--sampling", action="store_true", help="time only the host-side draw")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +117,12 @@ def main() -> None:
         f"load {time.perf_counter() - t0:.1f}s; {cpu_name()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, dtype {args.dtype}"
     )
+    if args.sampling:
+        print("| batch | per-request loop ms | batched ms | ratio |\n|---:|---:|---:|---:|")
+        for b in args.batches:
+            loop, batched = time_sampling(m, b, max(args.repeat, 21))
+            print(f"| {b} | {loop:.2f} | {batched:.2f} | {loop / batched:.1f}x |", flush=True)
+        return
     print(
         "| batch | decode steps/s | tokens/s | ms/step (best) | ms/step (median) | prefill (tokens, s) |"
     )

@@ -21,7 +21,7 @@ from .bistream import SPEECH_CHUNK, BistreamState
 from .graphs import CONTEXT_BLOCKS, DecodeGraphs
 from .kv import KVCache
 from .lm import QwenSpeechLM
-from .sampling import sample_next
+from .sampling import Draw, sample_rows
 from .silence import SilentFilter
 from .transformer_lm import TransformerSpeechLM
 
@@ -53,7 +53,8 @@ class LLMRequest:
     cache: KVCache | None = None
     done: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    last_logits: torch.Tensor | None = None  # llm_decoder output of the latest step (V,)
+    last_logits: torch.Tensor | None = None  # llm_decoder output of the latest step (V,), float32
+    # on the model's device
     generator: torch.Generator | None = None
     silent_filter: SilentFilter | None = None
     bistream: BistreamState | None = None  # set by LLMRequest.streaming()
@@ -253,34 +254,60 @@ class LLMEngine:
             r.prefix, r.prefix_fed = (None, 0) if done_prefix else (prefix, fed)
             if not done_prefix:
                 mid_prefill.add(id(r))
-        logits = logits.float().cpu()
-        out: list[int | None] = []
+        logits = logits.float()  # sampling reads back only what it needs (B x top_k on a GPU)
+        # one batched draw for every request that samples (per-row generators inside)
+        plan: list[Draw | int | None] = []  # a draw, a forced token, or nothing this step
         for r, lg in zip(requests, logits, strict=True):
             if id(r) in mid_prefill:  # nothing to sample until the whole prefix is in
-                out.append(None)
+                plan.append(None)
                 continue
             r.last_logits = lg
-            if r.bistream is not None:
-                r.bistream.pending = []
-                out.append(self._bistream_token(r, lg))
-                continue
-            tok = sample_next(
-                lg,
-                r.out_tokens,
-                self.speech_token_size,
-                ignore_eos=len(r.out_tokens) < r.min_len,
-                cfg=self.sampling,
-                generator=None if r.greedy else r.generator,
-            )
-            if tok >= self.speech_token_size:
-                r._finish("stop")
-                out.append(None)
-                continue
-            self._emit(r, tok)
-            if len(r.out_tokens) >= r.max_len:
-                r._finish("length")
-            out.append(tok)
-        return out
+            plan.append(self._draw(r))
+        rows = [i for i, d in enumerate(plan) if isinstance(d, Draw)]
+        if rows:
+            drawn = sample_rows(logits[rows], [plan[i] for i in rows], self.speech_token_size,
+                                self.sampling)  # fmt: skip
+            for i, tok in zip(rows, drawn, strict=True):
+                plan[i] = tok
+        return [
+            None if t is None else self._take(r, t) for r, t in zip(requests, plan, strict=True)
+        ]
+
+    def _draw(self, r: LLMRequest) -> Draw | int:
+        """What request ``r`` samples this step (or the token forced on it)."""
+        gen = None if r.greedy else r.generator
+        bs = r.bistream
+        if bs is None:
+            return Draw(r.out_tokens, len(r.out_tokens) < r.min_len, gen)
+        bs.pending = []
+        if bs.final:
+            return Draw(r.out_tokens, False, gen)
+        if len(r.out_tokens) == bs.next_fill:
+            return self.net.fill_id  # forced: the block's 15 speech tokens are done
+        return Draw(r.out_tokens, True, gen, allow=self.net.fill_id)
+
+    def _take(self, r: LLMRequest, tok: int) -> int | None:
+        """Apply ``r``'s new token: stop, fill (a streaming request waits for text) or speech;
+        returns the speech token or None."""
+        bs = r.bistream
+        if bs is not None and not bs.final and tok == self.net.fill_id:
+            bs.next_fill = len(r.out_tokens) + SPEECH_CHUNK + 1
+            r.out_tokens.append(tok)  # counts for RAS and the schedule, never reaches the flow
+            bs.waiting = True
+            return None
+        if tok >= self.speech_token_size:
+            r._finish("stop")
+            return None
+        self._emit(r, tok)
+        if bs is None:
+            limit = r.max_len
+        elif bs.final:
+            limit = MAX_TOKEN_TEXT_RATIO * max(bs.n_text, 1) + 2 * SPEECH_CHUNK
+        else:
+            limit = None
+        if limit is not None and len(r.out_tokens) >= limit:
+            r._finish("length")
+        return tok
 
     def _emit(self, r: LLMRequest, tok: int) -> None:
         r.out_tokens.append(tok)
@@ -291,34 +318,6 @@ class LLMEngine:
             r.silent_filter = SilentFilter()
         if r.silent_filter.keep(tok):
             r.flow_tokens.append(tok)
-
-    def _bistream_token(self, r: LLMRequest, lg: torch.Tensor) -> int | None:
-        """Sample one token of a streaming request (spec §8.6 with our policies)."""
-        bs = r.bistream
-        s = self.speech_token_size
-        gen = None if r.greedy else r.generator
-        if bs.final:
-            tok = sample_next(lg, r.out_tokens, s, False, self.sampling, gen)
-            if tok >= s:
-                r._finish("stop")
-                return None
-            self._emit(r, tok)
-            if len(r.out_tokens) >= MAX_TOKEN_TEXT_RATIO * max(bs.n_text, 1) + 2 * SPEECH_CHUNK:
-                r._finish("length")
-            return tok
-        fill = self.net.fill_id
-        if len(r.out_tokens) == bs.next_fill:
-            tok = fill  # forced: the block's 15 speech tokens are done
-            bs.next_fill += SPEECH_CHUNK + 1
-        else:
-            tok = sample_next(lg, r.out_tokens, s, True, self.sampling, gen, allow=fill)
-        if tok == fill:
-            bs.next_fill = len(r.out_tokens) + SPEECH_CHUNK + 1
-            r.out_tokens.append(fill)  # counts for RAS and the schedule, never reaches the flow
-            bs.waiting = True
-            return None
-        self._emit(r, tok)
-        return tok
 
     def generate(self, request: LLMRequest) -> list[int]:
         """Run one request to completion alone (tests, scripts)."""

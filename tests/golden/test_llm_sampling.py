@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cosyvoice.config import SamplingConfig
-from cosyvoice.llm.sampling import nucleus_candidates, ras_sample, sample_next
+from cosyvoice.llm.sampling import Draw, nucleus_candidates, nucleus_rows, sample_next, sample_rows
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -25,10 +25,10 @@ def _walk(probs: torch.Tensor, top_p: float, top_k: int) -> list[int]:
     return kept
 
 
-@pytest.mark.parametrize("case", ["plain", "ties", "masked", "peaked"])
-def test_nucleus_matches_spec_walk(case):
+def _distributions(case: str, n: int = 150) -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
-    for _ in range(150):
+    rows = []
+    for _ in range(n):
         logits = torch.randn(700, generator=g) * float(0.3 + 6 * torch.rand(1, generator=g))
         if case == "ties":
             logits[:400] = logits[3]
@@ -36,10 +36,40 @@ def test_nucleus_matches_spec_walk(case):
             logits[40:] = float("-inf")
         elif case == "peaked":
             logits[17] = 40.0
-        probs = logits.softmax(0)
-        for top_p, top_k in [(0.8, 25), (0.5, 3), (0.99, 700)]:
-            _, ids = nucleus_candidates(probs, top_p, top_k)
-            assert ids.tolist() == _walk(probs, top_p, top_k)
+        rows.append(logits.softmax(0))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", ["plain", "ties", "masked", "peaked"])
+def test_nucleus_matches_spec_walk(case):
+    probs = _distributions(case)
+    for top_p, top_k in [(0.8, 25), (0.5, 3), (0.99, 700)]:
+        _, ids, n = nucleus_rows(probs, top_p, top_k)  # the whole batch at once
+        for row, row_ids, row_n in zip(probs, ids, n, strict=True):
+            assert row_ids[:row_n].tolist() == _walk(row, top_p, top_k)
+            assert nucleus_candidates(row, top_p, top_k)[1].tolist() == _walk(row, top_p, top_k)
+
+
+def test_batched_rows_draw_what_each_row_draws_alone():
+    """sample_rows over a batch mixing sampled, greedy, min_len-masked and bistream (allow)
+    rows gives each row the token sample_next gives it alone with the same generator state."""
+    cfg, s = SamplingConfig(), 600
+    logits = torch.log(_distributions("plain", 40)) * 0.5
+    logits[::7, s + 1] = 30.0  # a stop id that wins wherever specials are not masked
+
+    def draws() -> list[Draw]:
+        out = []
+        for i in range(len(logits)):
+            g = None if i % 5 == 0 else torch.Generator().manual_seed(i)
+            out.append(Draw([i % 9] * (i % 12), i % 3 == 0, g, s + 2 if i % 6 == 0 else None))
+        return out
+
+    for _ in range(3):
+        batch = sample_rows(logits, draws(), s, cfg)
+        alone = [sample_next(lg, d.decoded, s, d.ignore_eos, cfg, d.generator, d.allow)
+                 for lg, d in zip(logits, draws(), strict=True)]  # fmt: skip
+        assert batch == alone
+        assert any(t >= s for t in batch) and any(t < s for t in batch)
 
 
 def test_ras_fallback_bans_repeated_token():
@@ -48,11 +78,11 @@ def test_ras_fallback_bans_repeated_token():
     logp[7] = 0.0  # ~certain under top-p/top-k
     logp = logp.log_softmax(0)
     g = torch.Generator().manual_seed(0)
-    assert ras_sample(logp, [1, 2, 3], cfg, g) == 7
-    got = {ras_sample(logp, [7, 1, 2], cfg, g) for _ in range(200)}
+    assert sample_next(logp, [1, 2, 3], 50, False, cfg, g) == 7
+    got = {sample_next(logp, [7, 1, 2], 50, False, cfg, g) for _ in range(200)}
     assert 7 not in got and len(got) > 5  # full-distribution fallback, 7 banned
     # outside the window (11 tokens back) the token is allowed again
-    assert ras_sample(logp, [7] + [1] * 10, cfg, g) == 7
+    assert sample_next(logp, [7] + [1] * 10, 50, False, cfg, g) == 7
 
 
 def test_min_len_masks_every_special_and_seed_reproducible():
