@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,13 @@ class CosyVoiceModel:
     token2wav: Any = None  # Token2Wav | Token2WavV1; None when loaded with token2wav=False
     # A ready chunk may wait up to this many steps for others to batch with (see _vocode_now).
     vocode_wait_steps: int = 3
+    # token2wav on a thread of its own (and its own CUDA stream), so decode steps go on while
+    # a batch is vocoded; its audio is handed out by a later step (see _advance)
+    vocoder_thread: bool = False
     _steps: int = field(default=0, repr=False)
+    _vocoder: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _vocoder_stream: Any = field(default=None, repr=False)
+    _inflight: deque[tuple[Future, list[Utterance]]] = field(default_factory=deque, repr=False)
 
     @property
     def sample_rate(self) -> int:
@@ -145,9 +153,12 @@ class CosyVoiceModel:
 
         Per-utterance problems (its speaker was deleted) end that utterance with an output
         whose ``error`` is set; an exception means the whole step failed."""
-        out: list[Output] = []
+        out = self._collect(wait=False)  # vocoded batches first: they may end segments
+        just_done = {id(o.utterance) for o in out if o.done}
         active: list[Utterance] = []
         for u in utts:
+            if id(u) in just_done:
+                continue
             if u.status is Status.FINISHED:
                 raise ValueError("step() got a finished utterance")
             try:
@@ -169,24 +180,37 @@ class CosyVoiceModel:
         return out
 
     def _advance(self, active: list[Utterance], urgent) -> list[Output]:
+        out: list[Output] = []
         llm = [u.llm for u in active if u.llm.ready]  # not: done, or waiting for text
         if llm:
             self.llm.step(llm)
         t2w = self.token2wav
-        for u in active:  # flow_tokens, not step()'s return: v3 drops long silent runs there
+        idle = [u for u in active if not u.vocoding]  # a state being vocoded is the thread's
+        for u in idle:  # flow_tokens, not step()'s return: v3 drops long silent runs there
             t2w.feed(u.t2w, u.llm.flow_tokens[u.fed :], u.llm.done)
             u.fed = len(u.llm.flow_tokens)
         self._steps += 1
         ready = []
-        for u in active:
+        for u in idle:
             u.chunk_ready = t2w.ready(u.t2w)
             if u.chunk_ready:
                 u.ready_since = u.ready_since or self._steps
                 ready.append(u)
-        if not ready or not self._vocode_now(active, ready, urgent):
-            return []
-        out = []
-        chunks = t2w.step([(u.t2w, [], u.llm.done) for u in ready])
+        if ready and self._vocode_now(active, ready, urgent):
+            items = [(u.t2w, [], u.llm.done) for u in ready]
+            if self.vocoder_thread:
+                for u in ready:
+                    u.vocoding = True
+                self._inflight.append((self._vocoder_pool().submit(self._vocode, items), ready))
+            else:
+                out += self._outputs(ready, t2w.step(items))
+        if self._inflight and not llm:
+            out += self._collect(wait=True)  # nothing else to do meanwhile
+        return out
+
+    def _outputs(self, ready: list[Utterance], chunks: list) -> list[Output]:
+        """The outputs of a vocoded batch; finished segments leave their utterance."""
+        out, t2w = [], self.token2wav
         for u, chunk in zip(ready, chunks, strict=True):
             u.ready_since, u.chunk_ready = 0, t2w.ready(u.t2w)
             seg_done = u.t2w.done
@@ -200,6 +224,47 @@ class CosyVoiceModel:
                 u.status = Status.FINISHED
             audio = _EMPTY if chunk is None else chunk.float().cpu()
             out.append(Output(u, audio, tag, tag_end, done))
+        return out
+
+    def _vocoder_pool(self) -> ThreadPoolExecutor:
+        if self._vocoder is None:
+            self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="cosyvoice-vocoder")
+            if self.device.type == "cuda":
+                self._vocoder_stream = torch.cuda.Stream(self.device)
+        return self._vocoder
+
+    def _vocode(self, items: list) -> list:
+        """On the vocoder thread: the flow and HiFT of one batch, queued on the thread's own
+        CUDA stream (the decode steps' stream never waits for it), audio back on the CPU."""
+        if self._vocoder_stream is None:
+            return self.token2wav.step(items)
+        with torch.cuda.stream(self._vocoder_stream):
+            return self.token2wav.step(items)
+
+    def _collect(self, wait: bool) -> list[Output]:
+        """Outputs of the vocoded batches that are done, oldest first (``wait``: block for the
+        oldest). A failed batch fails its utterances only; cancelled ones are dropped."""
+        out: list[Output] = []
+        while self._inflight and (wait or self._inflight[0][0].done()):
+            wait = False
+            job, utts = self._inflight.popleft()
+            for u in utts:
+                u.vocoding = False
+            try:
+                chunks = job.result()
+            except Exception as exc:  # noqa: BLE001 - reported on those utterances only
+                log.exception("vocoding failed")
+                for u in utts:
+                    if u.status is not Status.FINISHED:
+                        self.cancel(u)
+                        out.append(
+                            Output(u, _EMPTY, done=True, error=f"{type(exc).__name__}: {exc}")
+                        )
+                continue
+            live = [
+                (u, c) for u, c in zip(utts, chunks, strict=True) if u.status is not Status.FINISHED
+            ]
+            out += self._outputs([u for u, _ in live], [c for _, c in live])
         return out
 
     def _vocode_now(self, active: list[Utterance], ready: list[Utterance], urgent) -> bool:
@@ -352,6 +417,7 @@ def load(
     graphs: bool | None = None,
     exact_final: bool | None = None,
     flow_cache_mb: float | None = None,
+    vocoder_thread: bool | None = None,
 ) -> CosyVoiceModel:
     """Load a model dir. ``device`` None: CUDA when available, else CPU; ``dtype`` None:
     bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
@@ -360,7 +426,10 @@ def load(
     up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`).
     ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state they may
     keep together; None: the defaults of :class:`cosyvoice.token2wav.StreamConfig`, except that
-    on a GPU the flow state may take half the device memory free once the LLM is loaded."""
+    on a GPU the flow state may take half the device memory free once the LLM is loaded.
+    ``vocoder_thread`` (default: on CUDA) runs token2wav on its own thread and CUDA stream, so
+    decode steps go on while a batch is vocoded (on a 2-core CPU the two would fight for the
+    cores)."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)
@@ -388,6 +457,7 @@ def load(
         speakers=speakers,
         device=device,
         dtype=dtype,
+        vocoder_thread=device.type == "cuda" if vocoder_thread is None else vocoder_thread,
     )
     if graphs if graphs is not None else (device.type == "cuda" and family != "v1"):
         model.llm.enable_graphs(max_batch)

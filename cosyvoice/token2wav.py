@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -172,10 +173,12 @@ class Token2Wav:
             samples_per_frame=hift.cfg.samples_per_frame,
         )
         self.cfg = dataclasses.replace(cfg, **opts)
-        # requests holding a flow cache, for the memory bound (a dropped request just vanishes)
+        # requests holding a flow cache, for the memory bound (a dropped request just vanishes);
+        # the lock: states are made on the caller's thread, stepped on a vocoder thread
         self._cached: weakref.WeakValueDictionary[int, Token2WavState] = (
             weakref.WeakValueDictionary()
         )
+        self._cached_lock = threading.Lock()
         self.device = hift.conv_pre.weight.device
         self.window = hamming(2 * self.cfg.source_cache_len, self.device)  # read-only
         self.causal = isinstance(hift, CausalHiFT)
@@ -204,7 +207,8 @@ class Token2Wav:
             flow_cache=FlowCache() if stream and self.cfg.flow_cache_mb > 0 else None,
         )  # fmt: skip
         if st.flow_cache is not None:
-            self._cached[id(st)] = st
+            with self._cached_lock:
+                self._cached[id(st)] = st
         if self.causal:
             noise = None if g is None else NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1)
             st.vocoder = CausalVocoderState(noise)
@@ -310,10 +314,14 @@ class Token2Wav:
         frames, at upstream's cost)."""
         if j.state.flow_cache is None:
             return
-        live = [s.flow_cache for s in list(self._cached.values()) if s.flow_cache is not None]
-        if j.final or sum(c.nbytes for c in live) > self.cfg.flow_cache_mb * 2**20:
-            j.state.flow_cache = None
-            self._cached.pop(id(j.state), None)
+        with self._cached_lock:
+            live = [s.flow_cache for s in list(self._cached.values())]
+            if (
+                j.final
+                or sum(c.nbytes for c in live if c is not None) > self.cfg.flow_cache_mb * 2**20
+            ):
+                j.state.flow_cache = None
+                self._cached.pop(id(j.state), None)
 
     def _new_frames(self, st: Token2WavState, mel: torch.Tensor) -> torch.Tensor:
         """A flow output's new frames in float32 (still on the device: the vocoder runs there),

@@ -59,6 +59,7 @@ class Utterance:
     fed: int = 0  # LLM tokens handed to token2wav
     ready_since: int = 0  # model step at which its next chunk became ready (0: not ready)
     chunk_ready: bool = False  # token2wav has a chunk to make (set by the model's step)
+    vocoding: bool = False  # a chunk of it is on the vocoder thread (its audio comes later)
 
     @property
     def in_flight(self) -> bool:
@@ -75,7 +76,7 @@ class Utterance:
         if self.status is Status.FINISHED:
             return False
         if self.in_flight:
-            return self.llm.done or self.llm.ready or self.chunk_ready
+            return self.llm.done or self.llm.ready or self.chunk_ready or self.vocoding
         return bool(self.pending) or self.closed
 
 

@@ -110,6 +110,12 @@ class Settings(msgspec.Struct, kw_only=True):
         _doc("CosyVoice2/3 streaming: end each stream as upstream does, rerunning the flow over "
              "the whole utterance with full attention (bit parity, one non-stream pass more)"),
     ] = False  # fmt: skip
+    vocoder_thread: Annotated[
+        Literal["auto", "on", "off"],
+        _doc("CosyVoice: vocode on a thread (and CUDA stream) of its own, so decode steps go "
+             "on while a batch is vocoded (auto: on with a GPU; off on a CPU, where the two "
+             "would fight for the cores)"),
+    ] = "auto"  # fmt: skip
     scheduler: Annotated[
         Literal["batch", "serial"], _doc("serial: one job at a time (benchmark baseline)")
     ] = "batch"

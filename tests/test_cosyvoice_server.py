@@ -81,25 +81,49 @@ def test_inference_sft_form_body(cv):
     assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0, max_gap_s=1.0)
 
 
-def test_concurrent_requests_are_batch_invariant(cv):
-    alone = pcm(cv, seed=21)
+def three_at_once(srv: ServerProcess) -> bytes:
+    """Three requests at once (plain, long streamed, zero-shot speaker); the first one's PCM."""
 
     async def together():
-        async with httpx.AsyncClient(base_url=cv.base_url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as c:
             bodies = [
                 {"tts_text": TEXT, "spk_id": "spk_f1", "seed": 21},
                 {"tts_text": LONG, "spk_id": "spk_m1", "seed": 22, "stream": True},
                 {"tts_text": "另一个请求。" * 3, "spk_id": "zs_spk1", "seed": 23},
             ]
             rs = await asyncio.gather(*(c.post("/tts/pcm", json=b) for b in bodies))
+            assert all(r.status_code == 200 for r in rs)
             return [r.content for r in rs]
 
-    batched = asyncio.run(together())[0]
-    x, y = decode_pcm(alone), decode_pcm(batched)
+    return asyncio.run(together())[0]
+
+
+def assert_same_pcm(a: bytes, b: bytes) -> None:
+    x, y = decode_pcm(a), decode_pcm(b)
     assert len(x) == len(y)
     # Float reassociation in batched matmuls only (a few LSB after the vocoder); a different
     # token would differ by orders of magnitude more.
     assert np.abs(x - y).max() <= 8 / 32768
+
+
+def test_concurrent_requests_are_batch_invariant(cv):
+    assert_same_pcm(pcm(cv, seed=21), three_at_once(cv))
+
+
+def test_vocoder_thread_serves_the_same_audio_and_frees_cut_streams(cv, tmp_path):
+    """--vocoder-thread on (the default with a GPU): batches are vocoded on a thread of their
+    own while decode steps go on, their audio handed out by later steps."""
+    srv = start(tmp_path, "--vocoder-thread", "on", "--no-warmup")
+    try:
+        assert_same_pcm(pcm(cv, seed=21), three_at_once(srv))
+        before = srv.wait_idle()
+        body = {"tts_text": LONG, "spk_id": "spk_f1", "stream": True}
+        with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=120) as r:
+            next(r.iter_raw())
+        after = srv.assert_idle(timeout=10)
+        assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    finally:
+        srv.stop()
 
 
 def test_ws_speaks_and_cancel_frees_the_job(cv):

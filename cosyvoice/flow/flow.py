@@ -119,7 +119,10 @@ def fixed_noise() -> torch.Tensor:
 @functools.cache
 def _noise_on(device: torch.device) -> torch.Tensor:
     """:func:`fixed_noise` drawn once and kept on ``device`` (1.2 M draws per call otherwise)."""
-    return fixed_noise()[0].to(device)
+    noise = fixed_noise()[0].to(device)
+    if noise.is_cuda:  # shared by every stream (a vocoder thread's too): finish the copy first
+        torch.cuda.current_stream(noise.device).synchronize()
+    return noise
 
 
 @dataclass

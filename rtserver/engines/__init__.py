@@ -23,4 +23,5 @@ def load_engine(settings: Settings) -> Engine:
         fixed_tokens=settings.llm_fixed_tokens or None,
         flow_cache_mb=settings.flow_cache_mb,
         exact_final=settings.exact_final,
+        vocoder_thread={"auto": None, "on": True, "off": False}[settings.vocoder_thread],
     )

@@ -53,6 +53,7 @@ class CosyVoiceEngine:
         fixed_tokens: int | None = None,
         flow_cache_mb: float | None = None,
         exact_final: bool | None = None,
+        vocoder_thread: bool | None = None,
     ) -> None:
         self.model = cosyvoice.load(
             model_dir,
@@ -62,11 +63,15 @@ class CosyVoiceEngine:
             max_batch=max_batch,
             flow_cache_mb=flow_cache_mb,
             exact_final=exact_final,
+            vocoder_thread=vocoder_thread,
         )
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
         self.text_streaming = self.model.text_streaming
+        # every started job by its utterance: a step may hand out audio of jobs it was not
+        # given (batches vocoded on the model's vocoder thread arrive a step or more later)
+        self._jobs: dict[int, Job] = {}
 
     # ---- speakers -------------------------------------------------------------------------
 
@@ -98,6 +103,7 @@ class CosyVoiceEngine:
             job.speaker.id, seed=job.seed, speed=job.speed, stream=job.stream,
             fixed_tokens=self.fixed_tokens, text_stream=job.text_streaming,
         )  # fmt: skip
+        self._jobs[id(job.engine_state)] = job
 
     def ready(self, job: Job) -> bool:
         utt: Utterance | None = job.engine_state
@@ -113,14 +119,16 @@ class CosyVoiceEngine:
     def step(self, jobs: list[Job]) -> list[tuple[Job, Event]]:
         for job in jobs:
             self._take_text(job)
-        by_utt = {id(j.engine_state): j for j in jobs}
+        by_utt = self._jobs
         outs = self.model.step(
             [j.engine_state for j in jobs], urgent=lambda u: _urgent(by_utt[id(u)])
         )
-        return [(by_utt[id(o.utterance)], e) for o in outs for e in _events(o)]
+        return [(by_utt[id(o.utterance)], e) for o in outs if id(o.utterance) in by_utt
+                for e in _events(o)]  # fmt: skip
 
     def release(self, job: Job) -> None:
         if job.engine_state is not None:
+            self._jobs.pop(id(job.engine_state), None)
             self.model.cancel(job.engine_state)
         job.engine_state = None
 

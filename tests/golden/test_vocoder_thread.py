@@ -1,0 +1,119 @@
+"""The vocoder thread (``cosyvoice.load(vocoder_thread=True)``, the default on a GPU): token2wav
+batches run on a thread of their own while decode steps go on, and their audio comes out of a
+later step. Forced on here, on the CPU: the same audio as inline vocoding, cancel and failure
+mid-vocoding release everything."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from _fixtures import ONE_THREAD, WETEXT
+
+import cosyvoice
+from cosyvoice.utterance import Output, Status
+
+pytestmark = ONE_THREAD
+TOKENS = 40
+
+
+def _load(golden_dir, tmp_path_factory, thread: bool):
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    return cosyvoice.load(d, device="cpu", dtype="float32", use_wetext=WETEXT,
+                          speaker_dir=tmp_path_factory.mktemp("s"), vocoder_thread=thread)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def inline(golden_dir, tmp_path_factory):
+    return _load(golden_dir, tmp_path_factory, False)
+
+
+@pytest.fixture(scope="module")
+def threaded(golden_dir, tmp_path_factory):
+    return _load(golden_dir, tmp_path_factory, True)
+
+
+def _start(model, i: int, **kw):
+    u = model.start(model.speakers.list()[i % 2], seed=50 + i, fixed_tokens=TOKENS + 9 * i, **kw)
+    model.add_text(u, f"Sentence number {i}, spoken.", tag=(i, 0))
+    model.add_text(u, "And a second piece.", tag=(i, 1))
+    model.close_text(u)
+    return u
+
+
+def _run(model, utts) -> tuple[dict[int, list[Output]], int]:
+    """Step until all finish, staggered starts; also count the steps after which some audio
+    was still on the vocoder thread."""
+    outs: dict[int, list[Output]] = {id(u): [] for u in utts}
+    live, pending_after = [utts[0]], 0
+    for k in range(1, 100_000):
+        live = [u for u in utts[: 1 + k // 3] if u.status is not Status.FINISHED]
+        if not live:
+            break
+        for o in model.step(live):
+            outs[id(o.utterance)].append(o)
+        pending_after += any(u.vocoding for u in utts)
+    return outs, pending_after
+
+
+def test_same_audio_as_inline_vocoding(inline, threaded):
+    kinds = [dict(), dict(stream=False), dict(speed=1.3)]
+    ref, _ = _run(inline, [_start(inline, i, **k) for i, k in enumerate(kinds)])
+    utts = [_start(threaded, i, **k) for i, k in enumerate(kinds)]
+    got, pending_after = _run(threaded, utts)
+    assert pending_after > 0, "no step ever left audio on the vocoder thread"
+    for a, b in zip(ref.values(), got.values(), strict=True):
+        assert not any(o.error for o in a + b)
+        assert [(o.tag, o.tag_end, o.done) for o in a if o.tag_end or o.done] == [
+            (o.tag, o.tag_end, o.done) for o in b if o.tag_end or o.done
+        ]
+        x, y = (torch.cat([o.audio for o in s]).numpy() for s in (a, b))
+        assert x.shape == y.shape and x.size > 0
+        np.testing.assert_allclose(y, x, atol=2e-3)  # batch compositions differ: batched tol
+        assert [o.done for o in b].count(True) == 1 and b[-1].done
+    assert not threaded._inflight
+
+
+def _settle(model) -> None:
+    gc.collect()
+    assert not model._inflight
+    assert len(model.token2wav._cached) == 0  # no flow cache outlives its stream
+
+
+def test_cancel_while_vocoding_releases_everything(threaded):
+    pool = threaded.llm.net.kv_pool()
+    base = pool.used_blocks
+    a, b = _start(threaded, 0), _start(threaded, 1)
+    for _ in range(200):
+        threaded.step([u for u in (a, b) if u.status is not Status.FINISHED])
+        if b.vocoding:
+            break
+    assert b.vocoding
+    threaded.cancel(b)
+    late = []
+    while a.status is not Status.FINISHED:
+        late += [o for o in threaded.step([a]) if o.utterance is b]
+    assert late == [] and b.status is Status.FINISHED
+    assert pool.used_blocks == base
+    _settle(threaded)
+
+
+def test_a_failed_batch_fails_only_its_utterances(threaded, monkeypatch):
+    good, bad = _start(threaded, 0), _start(threaded, 1, stream=False)
+    t2w, step = threaded.token2wav, threaded.token2wav.step
+
+    def failing(items):
+        if any(st is bad.t2w for st, _, _ in items):
+            raise RuntimeError("vocoder broke")
+        return step(items)
+
+    monkeypatch.setattr(t2w, "step", failing)
+    outs, _ = _run(threaded, [good, bad])
+    (err,) = [o for o in outs[id(bad)] if o.error]
+    assert "vocoder broke" in err.error and err.done and bad.status is Status.FINISHED
+    assert outs[id(good)][-1].done and sum(o.audio.numel() for o in outs[id(good)]) > 0
+    _settle(threaded)
