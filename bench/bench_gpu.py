@@ -45,13 +45,15 @@ def gpu_name() -> str:
 class ServerTarget:
     """N streaming `/tts/pcm` requests at once to a server on CUDA."""
 
-    def __init__(self, model: str, device: str, dtype: str, tokens: int, streams: int) -> None:
+    def __init__(self, model: str, device: str, dtype: str, tokens: int, streams: int,
+                 vocoder_thread: str) -> None:  # fmt: skip
         import httpx
         from serverproc import ServerProcess
 
         self.srv = ServerProcess(
             "--model", model, "--device", device, "--dtype", dtype, "--llm-fixed-tokens",
             str(tokens), "--max-streams", str(streams), "--max-queue", "0",
+            "--vocoder-thread", vocoder_thread,
             "--max-client-streams", "0", "--speaker-dir", str(ROOT / "bench" / "out" / "speakers"),
         ).wait_ready(timeout=600)  # fmt: skip
         spk = httpx.get(f"{self.srv.base_url}/speakers").json()[0]
@@ -78,10 +80,13 @@ class EngineTarget:
     """N utterances started at once and stepped together in this process, at most
     ``max_batch`` per step in turn, as the server's scheduler does."""
 
-    def __init__(self, model: str, device: str, dtype: str, tokens: int, streams: int) -> None:
+    def __init__(self, model: str, device: str, dtype: str, tokens: int, streams: int,
+                 vocoder_thread: str) -> None:  # fmt: skip
         import cosyvoice
 
-        self.model = cosyvoice.load(model, device=device, dtype=dtype, use_wetext=False)
+        thread = {"auto": None, "on": True, "off": False}[vocoder_thread]
+        self.model = cosyvoice.load(model, device=device, dtype=dtype, use_wetext=False,
+                                    vocoder_thread=thread)  # fmt: skip
         self.model.warmup()
         self.tokens, self.max_batch = tokens, 64
 
@@ -148,6 +153,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     ap.add_argument("--capacity", type=int, nargs="+", default=list(CAPACITY))
+    ap.add_argument("--vocoder-thread", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--body-out", type=Path, help="also write the section's text here")
     args = ap.parse_args()
@@ -160,25 +166,32 @@ def main() -> None:
     rows, caps = [], {}
     target_cls = EngineTarget if args.engine else ServerTarget
     for dtype in args.dtypes:
-        target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity))
+        target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
+                            args.vocoder_thread)  # fmt: skip
         try:
             r, caps[dtype] = measure(target, dtype, args.levels, args.capacity)
         finally:
             target.close()
         rows += r
+        report(args, par, rows, caps, time.monotonic() - t0)  # after each dtype: a run cut
+        # short by a time limit still leaves what it measured
+
+
+def report(args, parity_result: str, rows: list[str], caps: dict[str, int], seconds: float) -> None:
     how = (
         "the model's step loop in one process (`--engine`: no HTTP; N utterances started at once, "
         "stepped together up to 64 per step)"
         if args.engine
         else "streaming `/tts/pcm` requests to a server, N sent at once"
     )
+    flags = f"--tokens {args.tokens} --vocoder-thread {args.vocoder_thread}"
     body = f"""## GPU: CosyVoice2 full size on {gpu_name()}
 
-Command: `bench/bench_gpu.py --tokens {args.tokens}{" --engine" if args.engine else ""}`, commit
-{git_rev()}, {time.monotonic() - t0:.0f} s in all, {machine()}. Model: `bench/make_full_model.py`
+Command: `bench/bench_gpu.py {flags}{" --engine" if args.engine else ""}`, commit
+{git_rev()}, {seconds:.0f} s in all, {machine()}. Model: `bench/make_full_model.py`
 output (random weights), LLM forced to {args.tokens} tokens ({args.tokens / 25:.0f} s of audio)
-per request; {how}. Golden parity on {args.device}, float32: {par}. Real-time capacity (largest N
-with no stream underrunning): {", ".join(f"{d} {c}" for d, c in caps.items())}.
+per request; {how}. Golden parity on {args.device}, float32: {parity_result}. Real-time capacity
+(largest N with no stream underrunning): {", ".join(f"{d} {c}" for d, c in caps.items())}.
 
 | dtype | N | TTFA p50 ms | TTFA p95 ms | slowest delivery RTF | streams that underran |
 | --- | --- | --- | --- | --- | --- |
