@@ -102,7 +102,7 @@ class EngineTarget:
         arrivals: dict[int, list[tuple[float, float]]] = {id(u): [] for u in utts}
         busy = list(utts)
         while busy:
-            batch, busy = busy[: self.max_batch], busy[self.max_batch :]
+            batch, rest = busy[: self.max_batch], busy[self.max_batch :]
             for o in m.step(batch):
                 if o.error:
                     raise RuntimeError(o.error)
@@ -110,11 +110,20 @@ class EngineTarget:
                     arrivals[id(o.utterance)].append(
                         (time.monotonic(), o.audio.numel() / m.sample_rate)
                     )
-            busy += [u for u in batch if u.status is not Status.FINISHED]
+            # audio vocoded on the thread may finish an utterance a step was not given
+            busy = [u for u in rest + batch if u.status is not Status.FINISHED]
         return [delivery(t0, arrivals[id(u)]) for u in utts]
 
     def close(self) -> None:
+        import gc
+
+        import torch
+
+        self.model.close()
         del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next dtype's flow-cache bound sees the memory free
 
 
 def measure(target, dtype: str, levels, capacity) -> tuple[list[str], int]:

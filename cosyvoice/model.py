@@ -55,6 +55,7 @@ class CosyVoiceModel:
     _vocoder: ThreadPoolExecutor | None = field(default=None, repr=False)
     _vocoder_stream: Any = field(default=None, repr=False)
     _inflight: deque[tuple[Future, list[Utterance]]] = field(default_factory=deque, repr=False)
+    _outbox: list[Output] = field(default_factory=list, repr=False)
 
     @property
     def sample_rate(self) -> int:
@@ -153,8 +154,8 @@ class CosyVoiceModel:
 
         Per-utterance problems (its speaker was deleted) end that utterance with an output
         whose ``error`` is set; an exception means the whole step failed."""
-        out = self._collect(wait=False)  # vocoded batches first: they may end segments
-        just_done = {id(o.utterance) for o in out if o.done}
+        self._collect(wait=False)  # vocoded batches first: they may end segments
+        just_done = {id(o.utterance) for o in self._outbox if o.done}
         active: list[Utterance] = []
         for u in utts:
             if id(u) in just_done:
@@ -166,33 +167,33 @@ class CosyVoiceModel:
             except Exception as exc:  # noqa: BLE001 - reported on this utterance only
                 log.exception("could not start a segment")
                 self.cancel(u)
-                out.append(Output(u, _EMPTY, done=True, error=f"{type(exc).__name__}: {exc}"))
+                self._outbox.append(_failed(u, exc))
                 continue
             if started:
                 active.append(u)
             elif u.closed:
                 u.status = Status.FINISHED
-                out.append(Output(u, _EMPTY, done=True))
+                self._outbox.append(Output(u, _EMPTY, done=True))
             else:
                 u.status = Status.WAITING
         if active:
-            out += self._advance(active, urgent)
+            self._advance(active, urgent)
+        # outputs wait in the outbox until a step returns: collected audio outlives a step
+        # that raises, and goes out with the next one
+        out, self._outbox = self._outbox, []
         return out
 
-    def _advance(self, active: list[Utterance], urgent) -> list[Output]:
-        out: list[Output] = []
+    def _advance(self, active: list[Utterance], urgent) -> None:
         llm = [u.llm for u in active if u.llm.ready]  # not: done, or waiting for text
         if llm:
             self.llm.step(llm)
-        t2w = self.token2wav
         idle = [u for u in active if not u.vocoding]  # a state being vocoded is the thread's
-        for u in idle:  # flow_tokens, not step()'s return: v3 drops long silent runs there
-            t2w.feed(u.t2w, u.llm.flow_tokens[u.fed :], u.llm.done)
-            u.fed = len(u.llm.flow_tokens)
+        for u in idle:
+            self._feed(u)
         self._steps += 1
         ready = []
         for u in idle:
-            u.chunk_ready = t2w.ready(u.t2w)
+            u.chunk_ready = self.token2wav.ready(u.t2w)
             if u.chunk_ready:
                 u.ready_since = u.ready_since or self._steps
                 ready.append(u)
@@ -203,28 +204,38 @@ class CosyVoiceModel:
                     u.vocoding = True
                 self._inflight.append((self._vocoder_pool().submit(self._vocode, items), ready))
             else:
-                out += self._outputs(ready, t2w.step(items))
+                self._outputs(ready, self.token2wav.step(items))
         if self._inflight and not llm:
-            out += self._collect(wait=True)  # nothing else to do meanwhile
-        return out
+            self._collect(wait=True)  # nothing else to do meanwhile
 
-    def _outputs(self, ready: list[Utterance], chunks: list) -> list[Output]:
-        """The outputs of a vocoded batch; finished segments leave their utterance."""
-        out, t2w = [], self.token2wav
+    def _feed(self, u: Utterance) -> None:
+        """Hand the segment's new LLM tokens (and whether they ended) to its token2wav state;
+        flow_tokens, not the LLM step's return: v3 drops long silent runs there."""
+        self.token2wav.feed(u.t2w, u.llm.flow_tokens[u.fed :], u.llm.done)
+        u.fed = len(u.llm.flow_tokens)
+
+    def _outputs(self, ready: list[Utterance], chunks: list) -> None:
+        """The outputs of a vocoded batch; finished segments leave their utterance. Tokens that
+        came while the batch was on the vocoder thread are fed now, so whether a next chunk is
+        ready does not wait for more LLM work (a text-streaming run may have none)."""
+        t2w = self.token2wav
         for u, chunk in zip(ready, chunks, strict=True):
-            u.ready_since, u.chunk_ready = 0, t2w.ready(u.t2w)
+            u.ready_since = 0
             seg_done = u.t2w.done
+            if not seg_done:
+                self._feed(u)
+                u.chunk_ready = t2w.ready(u.t2w)
             if chunk is None and not seg_done:
                 continue
             tag, tag_end = u.tag, seg_done and u.tag_last
             if seg_done:
                 u.llm = u.t2w = None
+                u.chunk_ready = False
             done = seg_done and u.closed and not u.pending
             if done:
                 u.status = Status.FINISHED
             audio = _EMPTY if chunk is None else chunk.float().cpu()
-            out.append(Output(u, audio, tag, tag_end, done))
-        return out
+            self._outbox.append(Output(u, audio, tag, tag_end, done))
 
     def _vocoder_pool(self) -> ThreadPoolExecutor:
         if self._vocoder is None:
@@ -241,10 +252,9 @@ class CosyVoiceModel:
         with torch.cuda.stream(self._vocoder_stream):
             return self.token2wav.step(items)
 
-    def _collect(self, wait: bool) -> list[Output]:
+    def _collect(self, wait: bool) -> None:
         """Outputs of the vocoded batches that are done, oldest first (``wait``: block for the
         oldest). A failed batch fails its utterances only; cancelled ones are dropped."""
-        out: list[Output] = []
         while self._inflight and (wait or self._inflight[0][0].done()):
             wait = False
             job, utts = self._inflight.popleft()
@@ -257,15 +267,18 @@ class CosyVoiceModel:
                 for u in utts:
                     if u.status is not Status.FINISHED:
                         self.cancel(u)
-                        out.append(
-                            Output(u, _EMPTY, done=True, error=f"{type(exc).__name__}: {exc}")
-                        )
+                        self._outbox.append(_failed(u, exc))
                 continue
-            live = [
-                (u, c) for u, c in zip(utts, chunks, strict=True) if u.status is not Status.FINISHED
-            ]
-            out += self._outputs([u for u, _ in live], [c for _, c in live])
-        return out
+            live = [(u, c) for u, c in zip(utts, chunks, strict=True)
+                    if u.status is not Status.FINISHED]  # fmt: skip
+            self._outputs([u for u, _ in live], [c for _, c in live])
+
+    def close(self) -> None:
+        """Stop the vocoder thread (after its batch in flight); the model stays usable inline."""
+        if self._vocoder is not None:
+            self._vocoder.shutdown(wait=True)
+            self._vocoder, self.vocoder_thread = None, False
+        self._inflight.clear()
 
     def _vocode_now(self, active: list[Utterance], ready: list[Utterance], urgent) -> bool:
         """Chunks of utterances that started a step or two apart become ready a step or two
@@ -404,6 +417,10 @@ def _last_boundary(text: str) -> int:
 
 
 _EMPTY = torch.zeros(0)
+
+
+def _failed(u: Utterance, exc: Exception) -> Output:
+    return Output(u, _EMPTY, done=True, error=f"{type(exc).__name__}: {exc}")
 
 
 def load(

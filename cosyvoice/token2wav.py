@@ -148,10 +148,10 @@ def to_host(chunks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
     host.copy_(flat, non_blocking=True)
     torch.cuda.current_stream(flat.device).synchronize()
-    out = [None if c is None else c.float().cpu() for c in chunks]
+    out = list(chunks)
     for i, piece in zip(on_gpu, host.split([chunks[i].numel() for i in on_gpu]), strict=True):
         out[i] = piece
-    return out
+    return [None if c is None else c.float().cpu() for c in out]  # no-ops but for odd devices
 
 
 @dataclass
@@ -315,7 +315,9 @@ class Token2Wav:
         if j.state.flow_cache is None:
             return
         with self._cached_lock:
-            live = [s.flow_cache for s in list(self._cached.values())]
+            # a snapshot of the refs: a state collected meanwhile (on any thread) is just None
+            refs = self._cached.data.copy()
+            live = [st.flow_cache for st in (r() for r in refs.values()) if st is not None]
             if (
                 j.final
                 or sum(c.nbytes for c in live if c is not None) > self.cfg.flow_cache_mb * 2**20

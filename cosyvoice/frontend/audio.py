@@ -54,8 +54,6 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
     (channels, N). With ``max_seconds``, decoding stops with :class:`AudioError` as soon as
     the audio is longer (an hour-long upload is never fully decoded).
     """
-    import av
-
     if isinstance(src, tuple):
         arr, rate = src
         arr = np.asarray(arr, dtype=np.float32)
@@ -64,6 +62,8 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
         if arr.ndim != 1 or arr.size == 0:
             raise AudioError("sample array must be non-empty and 1-D or (channels, N)")
         return arr, int(rate)
+
+    import av  # only for encoded audio: decoded samples need no codec
 
     if isinstance(src, bytes | bytearray | memoryview):
         src = io.BytesIO(bytes(src))

@@ -254,7 +254,9 @@ class LLMEngine:
             r.prefix, r.prefix_fed = (None, 0) if done_prefix else (prefix, fed)
             if not done_prefix:
                 mid_prefill.add(id(r))
-        logits = logits.float()  # sampling reads back only what it needs (B x top_k on a GPU)
+        # a copy (a replayed graph reuses its output buffer; last_logits must outlive the step);
+        # sampling reads back only what it needs (B x top_k on a GPU)
+        logits = logits.to(torch.float32, copy=True)
         # one batched draw for every request that samples (per-row generators inside)
         plan: list[Draw | int | None] = []  # a draw, a forced token, or nothing this step
         for r, lg in zip(requests, logits, strict=True):

@@ -98,17 +98,11 @@ def nucleus_rows(
     vals = probs.topk(k, dim=-1).values
     thr = vals[:, -1:]
     nz = (probs >= thr).nonzero()  # row-major: ascending ids within each row
-    counts = torch.bincount(nz[:, 0], minlength=probs.shape[0]).tolist()
-    if all(c == k for c in counts):  # no ties past the k-th value: the usual case
-        idx = nz[:, 1].view(-1, k)
-    else:  # ties at the k-th value: their lowest ids fill the places left
-        room = (k - (vals > thr).sum(-1)).tolist()
-        parts = []
-        for i, part in enumerate(nz[:, 1].split(counts)):
-            ties = probs[i, part] == thr[i]
-            part = torch.cat([part[~ties], part[ties][: room[i]]]).sort().values
-            parts.append(part)
-        idx = torch.stack(parts)
+    if nz.shape[0] != probs.shape[0] * k:  # ties past the k-th value (common from bf16 logits):
+        ties = probs == thr  # their lowest ids fill the places left
+        room = k - (vals > thr).sum(-1, keepdim=True)
+        nz = ((probs > thr) | (ties & (ties.cumsum(-1) <= room))).nonzero()
+    idx = nz[:, 1].view(-1, k)  # exactly k per row
     p = probs.gather(-1, idx)
     order = p.argsort(dim=-1, descending=True, stable=True)
     sorted_p, idx = p.gather(-1, order).cpu(), idx.gather(-1, order).cpu()

@@ -45,7 +45,7 @@ def test_static_step_matches_dynamic(golden_dir):
     eager, static = _load(golden_dir, False), _load(golden_dir, True)
     # captured CUDA graphs on a GPU (bench/bench_gpu.py), the same static step eagerly on the CPU
     assert static.llm.graphs is not None
-    assert static.llm.graphs.capture == (TEST_DEVICE == "cuda")
+    assert static.llm.graphs.capture == (torch.device(TEST_DEVICE).type == "cuda")
     # 5 requests (a padded bucket of 6), one running past 8 blocks (the 256-position bucket)
     lengths = [12, 40, 9 * BLOCK, 30, 25]
     for (tok_e, lg_e), (tok_s, lg_s) in zip(

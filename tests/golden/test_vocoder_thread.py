@@ -6,6 +6,7 @@ mid-vocoding release everything."""
 from __future__ import annotations
 
 import gc
+import time
 
 import numpy as np
 import pytest
@@ -116,4 +117,57 @@ def test_a_failed_batch_fails_only_its_utterances(threaded, monkeypatch):
     (err,) = [o for o in outs[id(bad)] if o.error]
     assert "vocoder broke" in err.error and err.done and bad.status is Status.FINISHED
     assert outs[id(good)][-1].done and sum(o.audio.numel() for o in outs[id(good)]) > 0
+    _settle(threaded)
+
+
+def test_text_streaming_gets_all_its_audio_before_waiting_for_text(inline, threaded, monkeypatch):
+    """A text-streaming run that stops for more text has had every chunk its tokens allow, also
+    when the tokens came while a batch was on the vocoder thread (a slow one here: the run
+    decodes up to its wait for text while the batch is out)."""
+    step = threaded.token2wav.step
+
+    def slow(items):
+        time.sleep(0.3)
+        return step(items)
+
+    monkeypatch.setattr(threaded.token2wav, "step", slow)
+    words = "Words keep coming in from the agent, one after another, until the turn is sealed"
+
+    def until_idle(model) -> tuple[int, np.ndarray]:
+        u = model.start(model.speakers.list()[0], seed=21, text_stream=True)
+        model.add_text(u, words + " and then", tag="t")
+        outs: list[Output] = []
+        while u.busy:
+            outs += model.step([u])
+        before = sum(o.audio.numel() for o in outs)
+        model.close_text(u)
+        outs += _run(model, [u])[0][id(u)]
+        return before, torch.cat([o.audio for o in outs]).numpy()
+
+    (n_ref, ref), (n_got, got) = until_idle(inline), until_idle(threaded)
+    assert n_ref > 0 and n_got == n_ref
+    np.testing.assert_allclose(got, ref, atol=2e-3)
+    _settle(threaded)
+
+
+def test_audio_collected_in_a_failing_step_goes_out_with_the_next(inline, threaded, monkeypatch):
+    ref, _ = _run(inline, [_start(inline, i) for i in range(2)])
+    utts = [_start(threaded, i) for i in range(2)]
+    outs: dict[int, list[Output]] = {id(u): [] for u in utts}
+    while not threaded._inflight:
+        for o in threaded.step(utts):
+            outs[id(o.utterance)].append(o)
+    threaded._inflight[0][0].result()  # the batch is done: the next step collects it
+    llm_step = threaded.llm.step
+    monkeypatch.setattr(threaded.llm, "step", lambda reqs: (_ for _ in ()).throw(OSError("x")))
+    with pytest.raises(OSError):
+        threaded.step(utts)
+    monkeypatch.setattr(threaded.llm, "step", llm_step)
+    while live := [u for u in utts if u.status is not Status.FINISHED]:
+        for o in threaded.step(live):
+            outs[id(o.utterance)].append(o)
+    for a, b in zip(ref.values(), outs.values(), strict=True):
+        x, y = (torch.cat([o.audio for o in s]).numpy() for s in (a, b))
+        assert x.shape == y.shape
+        np.testing.assert_allclose(y, x, atol=2e-3)
     _settle(threaded)
