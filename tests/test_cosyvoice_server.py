@@ -116,12 +116,7 @@ def test_vocoder_thread_serves_the_same_audio_and_frees_cut_streams(cv, tmp_path
     srv = start(tmp_path, "--vocoder-thread", "on", "--no-warmup")
     try:
         assert_same_pcm(pcm(cv, seed=21), three_at_once(srv))
-        before = srv.wait_idle()
-        body = {"tts_text": LONG, "spk_id": "spk_f1", "stream": True}
-        with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=120) as r:
-            next(r.iter_raw())
-        after = srv.assert_idle(timeout=10)
-        assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
+        assert_disconnect_frees_the_job(srv)
     finally:
         srv.stop()
 
@@ -181,13 +176,18 @@ def test_ws_text_streaming_speaks_each_flushed_piece(cv):
     assert after["completed"] == before["completed"] + 2
 
 
-def test_http_disconnect_frees_the_job(cv):
-    before = cv.wait_idle()
+def assert_disconnect_frees_the_job(srv: ServerProcess) -> None:
+    """A client that leaves after the first audio: its job is cancelled and freed."""
+    before = srv.wait_idle()
     body = {"tts_text": LONG, "spk_id": "spk_f1", "stream": True}
-    with httpx.stream("POST", f"{cv.base_url}/tts/pcm", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=120) as r:
         next(r.iter_raw())
-    after = cv.assert_idle(timeout=10)
+    after = srv.assert_idle(timeout=10)
     assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_http_disconnect_frees_the_job(cv):
+    assert_disconnect_frees_the_job(cv)
 
 
 def prompt_wav(seconds: float = 3.0, rate: int = 24000, amplitude: float = 0.3) -> bytes:
