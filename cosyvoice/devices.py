@@ -51,3 +51,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         )
         return torch.float32
     return dtype
+
+
+def h2d(x: torch.Tensor | list, device: torch.device | str) -> torch.Tensor:
+    """Host data (a tensor or a list) on ``device`` without making the host wait for the
+    device: on CUDA through pinned memory with a non-blocking copy, queued behind the stream's
+    work (a plain ``.to("cuda")`` or ``torch.tensor(..., device="cuda")`` synchronizes the
+    stream first, so the host could not queue the next kernels meanwhile)."""
+    t = x if isinstance(x, torch.Tensor) else torch.tensor(x)
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from cosyvoice.devices import h2d
+
 
 @dataclass
 class FlowCache:
@@ -91,15 +93,15 @@ class Past:
         self.caches, self.start, self.lens, self.rows, self.tag = caches, start, lens, rows, tag
         self.commit = commit or [False] * len(caches)
         self.ends = [s + n for s, n in zip(start, lens, strict=True)]
-        s = torch.tensor(start, device=device)
+        s = h2d(start, device)
         q = torch.arange(max(lens), device=device)
         j = torch.arange(max(self.ends), device=device)
         pos = s[:, None] + q[None, :]  # (B, T) absolute positions of the queries
-        m = j[None, None, :] < torch.tensor(self.ends, device=device)[:, None, None]
+        m = j[None, None, :] < h2d(self.ends, device)[:, None, None]
         if chunk > 0:
             seen = j[None, None, :] < ((pos // chunk + 1) * chunk)[..., None]
-            m = m & (seen | ~torch.tensor(streaming, device=device)[:, None, None])
-        padded = q[None, :] >= torch.tensor(lens, device=device)[:, None]
+            m = m & (seen | ~h2d(streaming, device)[:, None, None])
+        padded = q[None, :] >= h2d(lens, device)[:, None]
         m = m | padded[..., None] & (j == 0)  # padding rows see one key: no empty softmax
         self.mask = m.repeat(rows, 1, 1)[:, None]  # (rows*B, 1, T, K) bool, True = attend
         self.positions = pos.repeat(rows, 1)  # (rows*B, T)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyvoice.devices import h2d
 from cosyvoice.flow.cache import FlowCache, Past
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
@@ -205,7 +206,7 @@ class FlowModel(nn.Module):
         p = _Plan([], [], [], [], [])
         for r in reqs:
             c = r.cache if r.cache is not None else FlowCache()
-            tok = torch.cat([r.prompt_token.reshape(-1), r.token.reshape(-1)]).long().to(dev)
+            tok = h2d(torch.cat([r.prompt_token.reshape(-1), r.token.reshape(-1)]).long(), dev)
             end = tok.numel() - (0 if r.finalize else la)
             if end <= c.tokens:
                 raise ValueError("a flow call needs new tokens past its cache and look-ahead")
@@ -230,12 +231,12 @@ class FlowModel(nn.Module):
             valid[i, : s.numel()] = 1.0
         xe = self.input_embedding(toks.clamp(min=0)) * valid
         streaming = [r.streaming for r in reqs]
-        has_ctx = torch.tensor([not r.finalize for r in reqs], device=dev)
+        has_ctx = h2d([not r.finalize for r in reqs], dev)
         tok = Past(p.caches, p.start, p.lens, streaming, self.cfg.chunk_size, commit=p.commit,
                    device=dev, tag="tokens")  # fmt: skip
         frames = [n * ratio for n in p.lens]
         if self.cfg.estimator == "dit":
-            keep = torch.tensor(p.lens, device=dev) + has_ctx.long() * la
+            keep = h2d(p.lens, dev) + has_ctx.long() * la
             xe = xe * (torch.arange(t + la, device=dev)[None, :] < keep[:, None])[..., None]
             h = self.pre_lookahead_layer(xe.contiguous(), tok)
             return h.repeat_interleave(ratio, dim=1), frames
@@ -254,7 +255,7 @@ class FlowModel(nn.Module):
         mu, hl = self.encode(reqs, p)  # (B, T, 80) new frames
         t = mu.shape[1]
         mu = mu.transpose(1, 2)
-        emb = torch.stack([r.embedding.reshape(-1).float() for r in reqs]).to(dev)
+        emb = h2d(torch.stack([r.embedding.reshape(-1).float() for r in reqs]), dev)
         spks = self.spk_embed_affine_layer(F.normalize(emb, dim=1))
         cond = torch.zeros(b, self.cfg.output_size, t, device=dev)
         mask = torch.zeros(b, 1, t, device=dev)
@@ -269,7 +270,7 @@ class FlowModel(nn.Module):
                     f"flow call of {s + n} frames exceeds the {NOISE_FRAMES}-frame noise buffer"
                 )
             pf = r.prompt_feat.reshape(-1, self.cfg.output_size)[s:]  # prompt frames not cached
-            cond[i, :, : pf.shape[0]] = pf.T.to(dev)
+            cond[i, :, : pf.shape[0]] = h2d(pf.T, dev)
             mask[i, :, :n] = 1.0
             z[i, :, :n] = noise[:, s : s + n]
             p_len.append(r.prompt_feat.reshape(-1, self.cfg.output_size).shape[0])

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyvoice.devices import h2d
 from cosyvoice.hift.hift import (
     F0Predictor,
     HiFT,
@@ -203,7 +204,7 @@ class CausalHiFT(HiFT):
         uv = (f0_up > cfg.nsf_voiced_threshold).float()
         if noise is not None:
             amp = uv * cfg.nsf_sigma + (1 - uv) * cfg.nsf_alpha / 3
-            sines = sines * uv + amp * noise[None, : sines.shape[1]].to(sines)
+            sines = sines * uv + amp * h2d(noise[None, : sines.shape[1]], sines.device)
         else:
             sines = sines * uv
         return torch.tanh(self.m_source.l_linear(sines)).transpose(1, 2), sines, uv, cum

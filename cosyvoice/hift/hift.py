@@ -21,6 +21,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from cosyvoice.devices import h2d
+
 
 @dataclass(frozen=True)
 class HiFTConfig:
@@ -237,7 +239,7 @@ class HiFT(nn.Module):
         nz = torch.zeros_like(sines)
         for i, n in enumerate(noise):
             if n is not None:
-                nz[i, : n.shape[0]] = n.to(nz)
+                nz[i, : n.shape[0]] = h2d(n, nz.device)
         sines = sines * uv + amp * nz
         s = torch.tanh(self.m_source.l_linear(sines)).transpose(1, 2)
         return s, sines, uv
@@ -257,7 +259,7 @@ class HiFT(nn.Module):
             spec = torch.stft(s[i, 0, : lens[i] * spf], nfft, hop, nfft, window=win,
                               return_complex=True)  # fmt: skip
             s_stft[i, :, : spec.shape[-1]] = torch.cat([spec.real, spec.imag], dim=0)
-        frames = torch.tensor(lens, device=dev)
+        frames = h2d(lens, dev)
 
         def mask(length_per_frame: float, size: int) -> torch.Tensor:
             valid = (frames.float() * length_per_frame).long()
@@ -316,12 +318,12 @@ class HiFT(nn.Module):
         t = max(lens)
         mel = torch.zeros(b, self.cfg.in_channels, t, device=dev)
         for i, m_ in enumerate(mels):
-            mel[i, :, : m_.shape[-1]] = m_.to(dev)
+            mel[i, :, : m_.shape[-1]] = h2d(m_, dev)
         # f0 per item: its classifier amplifies conv reassociation noise (~1e-7 -> ~1e-3 Hz), and
         # per-item shapes keep an item's f0 independent of the batch it is in
         f0 = torch.zeros(b, t, device=dev)
         for i, m_ in enumerate(mels):
-            mi = m_.to(dev)[None]
+            mi = h2d(m_, dev)[None]
             f0[i, : mi.shape[-1]] = self.f0_predictor(mi, torch.ones_like(mi[:, :1]))[0]
         noise = []
         for i in range(b):
