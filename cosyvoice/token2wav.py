@@ -141,17 +141,16 @@ def to_host(chunks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """A step's audio chunks as CPU float32 tensors. From a GPU: ONE asynchronous copy of all of
     them into pinned memory and one wait, after the whole flow + vocoder batch was queued (each
     ``.cpu()`` would stall the host until the device drained, once per chunk)."""
-    on_gpu = [i for i, c in enumerate(chunks) if c is not None and c.is_cuda]
-    if not on_gpu:
-        return [None if c is None else c.float().cpu() for c in chunks]
-    flat = torch.cat([chunks[i].reshape(-1).float() for i in on_gpu])
-    host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
-    host.copy_(flat, non_blocking=True)
-    torch.cuda.current_stream(flat.device).synchronize()
     out = list(chunks)
-    for i, piece in zip(on_gpu, host.split([chunks[i].numel() for i in on_gpu]), strict=True):
-        out[i] = piece
-    return [None if c is None else c.float().cpu() for c in out]  # no-ops but for odd devices
+    on_gpu = [i for i, c in enumerate(chunks) if c is not None and c.is_cuda]
+    if on_gpu:
+        flat = torch.cat([chunks[i].reshape(-1).float() for i in on_gpu])
+        host = torch.empty(flat.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(flat.device).synchronize()
+        for i, piece in zip(on_gpu, host.split([out[i].numel() for i in on_gpu]), strict=True):
+            out[i] = piece
+    return [None if c is None else c.float().cpu() for c in out]  # no-ops once on the host
 
 
 @dataclass
@@ -316,12 +315,13 @@ class Token2Wav:
             return
         with self._cached_lock:
             # a snapshot of the refs: a state collected meanwhile (on any thread) is just None
-            refs = self._cached.data.copy()
-            live = [st.flow_cache for st in (r() for r in refs.values()) if st is not None]
-            if (
-                j.final
-                or sum(c.nbytes for c in live if c is not None) > self.cfg.flow_cache_mb * 2**20
-            ):
+            states = [r() for r in self._cached.data.copy().values()]
+            held = sum(
+                st.flow_cache.nbytes
+                for st in states
+                if st is not None and st.flow_cache is not None
+            )
+            if j.final or held > self.cfg.flow_cache_mb * 2**20:
                 j.state.flow_cache = None
                 self._cached.pop(id(j.state), None)
 

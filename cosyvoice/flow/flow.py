@@ -260,7 +260,7 @@ class FlowModel(nn.Module):
         cond = torch.zeros(b, self.cfg.output_size, t, device=dev)
         mask = torch.zeros(b, 1, t, device=dev)
         z = torch.zeros(b, self.cfg.output_size, t, device=dev)
-        noise = _noise_on(torch.device(dev))
+        noise = _noise_on(dev)
         start = [s * ratio for s in p.start]
         p_len = []
         for i, r in enumerate(reqs):

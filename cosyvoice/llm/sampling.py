@@ -80,10 +80,11 @@ def _mask_specials(logp: torch.Tensor, draws: list[Draw], speech_token_size: int
     rows = [i for i, d in enumerate(draws) if d.ignore_eos]
     if not rows:
         return
-    allow = [(i, d.allow) for i, d in enumerate(draws) if d.ignore_eos and d.allow is not None]
-    kept = logp[[i for i, _ in allow], [a for _, a in allow]].clone()
+    allow_rows = [i for i in rows if draws[i].allow is not None]
+    allow_ids = [draws[i].allow for i in allow_rows]
+    kept = logp[allow_rows, allow_ids].clone()
     logp[rows, speech_token_size:] = float("-inf")
-    logp[[i for i, _ in allow], [a for _, a in allow]] = kept
+    logp[allow_rows, allow_ids] = kept
 
 
 def nucleus_rows(

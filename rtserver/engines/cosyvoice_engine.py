@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import cosyvoice
 from cosyvoice.frontend import IncrementalSplitter
@@ -46,25 +47,13 @@ class CosyVoiceEngine:
     def __init__(
         self,
         model_dir: Path,
-        device: str | None = None,
-        dtype: str | None = None,
-        speaker_dir: Path | None = None,
         max_batch: int = 64,
         fixed_tokens: int | None = None,
-        flow_cache_mb: float | None = None,
-        exact_final: bool | None = None,
-        vocoder_thread: bool | None = None,
+        **load_opts: Any,
     ) -> None:
-        self.model = cosyvoice.load(
-            model_dir,
-            device=device,
-            dtype=dtype,
-            speaker_dir=speaker_dir,
-            max_batch=max_batch,
-            flow_cache_mb=flow_cache_mb,
-            exact_final=exact_final,
-            vocoder_thread=vocoder_thread,
-        )
+        """``load_opts``: :func:`cosyvoice.load`'s options (device, dtype, speaker_dir,
+        flow_cache_mb, exact_final, vocoder_thread), passed as they are."""
+        self.model = cosyvoice.load(model_dir, max_batch=max_batch, **load_opts)
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
