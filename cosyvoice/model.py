@@ -274,11 +274,12 @@ class CosyVoiceModel:
             self._outputs([u for u, _ in live], [c for _, c in live])
 
     def close(self) -> None:
-        """Stop the vocoder thread (after its batch in flight); the model stays usable inline."""
+        """Stop the vocoder thread (after its batches in flight, whose audio goes out with the
+        next step); the model stays usable inline."""
         if self._vocoder is not None:
             self._vocoder.shutdown(wait=True)
             self._vocoder, self.vocoder_thread = None, False
-        self._inflight.clear()
+        self._collect(wait=False)  # all done now
 
     def _vocode_now(self, active: list[Utterance], ready: list[Utterance], urgent) -> bool:
         """Chunks of utterances that started a step or two apart become ready a step or two

@@ -171,3 +171,21 @@ def test_audio_collected_in_a_failing_step_goes_out_with_the_next(inline, thread
         assert x.shape == y.shape
         np.testing.assert_allclose(y, x, atol=2e-3)
     _settle(threaded)
+
+
+def test_close_keeps_the_audio_in_flight(golden_dir, tmp_path_factory, inline):
+    """close() stops the thread after its batches; their audio and the rest come inline."""
+    model = _load(golden_dir, tmp_path_factory, True)
+    ref, _ = _run(inline, [_start(inline, 0)])
+    u = _start(model, 0)
+    outs = []
+    while not model._inflight:
+        outs += model.step([u])
+    model.close()
+    assert not model.vocoder_thread and not u.vocoding
+    while u.status is not Status.FINISHED:
+        outs += model.step([u])
+    (expected,) = ref.values()
+    x, y = (torch.cat([o.audio for o in s]).numpy() for s in (expected, outs))
+    assert x.shape == y.shape
+    np.testing.assert_allclose(y, x, atol=2e-3)
