@@ -3,10 +3,15 @@
     uv run python bench/make_full_model.py        # once: writes bench/out/CosyVoice2-0.5B
     uv run python bench/bench_llm.py [--model-dir DIR] [--batches 1 4 16] [--steps 20]
     uv run python bench/bench_llm.py --sampling [--batches 1 16 64]
+    uv run python bench/bench_llm.py --pack-ab [--batches 1 4 16 64] [--repeat 3]
 
 ``--sampling``: only the host-side draw of a decode step (RAS over the model's speech vocabulary,
 one generator per request), the per-request loop vs one batched call, side by side: on a GPU
 this CPU time adds to every replayed decode step.
+
+``--pack-ab``: the same decode steps with torch's linears (MKL) and with the weights packed once
+for oneDNN (``cosyvoice.load(packed=...)``, the CPU float32 default), two models in one process,
+alternating per window; medians of ``--repeat`` windows of ``--steps`` steps each.
 
 Each batch holds requests of different text lengths (ragged prefill), all prefilled in one
 step; then ``--steps`` timed decode steps after ``--warmup`` untimed ones. Stop tokens are
@@ -95,6 +100,25 @@ def time_sampling(m, batch: int, repeat: int) -> tuple[float, float]:
     return 1000 * sorted(loop)[repeat // 2], 1000 * sorted(batched)[repeat // 2]
 
 
+def pack_ab(args) -> None:
+    kw = dict(dtype="float32", speaker_dir=None, token2wav=False)
+    models = {p: cosyvoice.load(args.model_dir, packed=p, **kw) for p in (False, True)}
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+    print("| batch | torch linears ms/step | packed ms/step | ratio | prefill s (torch, packed) |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in args.batches:
+        ms: dict[bool, list[float]] = {False: [], True: []}
+        prefill: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeat):
+            for p, m in models.items():
+                r = run_batch(m, b, args.steps, args.warmup, args.seed, 1)
+                ms[p].append(r["ms_per_step"])
+                prefill[p].append(r["prefill_s"])
+        a, c = (sorted(ms[p])[len(ms[p]) // 2] for p in (False, True))
+        pa, pc = (sorted(prefill[p])[len(prefill[p]) // 2] for p in (False, True))
+        print(f"| {b} | {a:.0f} | {c:.0f} | {a / c:.2f}x | {pa:.2f}, {pc:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", type=Path, default=REPO / "bench" / "out" / "CosyVoice2-0.5B")
@@ -108,9 +132,12 @@ def main() -> None:
         "--repeat", type=int, default=3, help="timed windows per batch; best is reported"
     )
     ap.add_argument("--sampling", action="store_true", help="time only the host-side draw")
+    ap.add_argument("--pack-ab", action="store_true", help="torch vs packed linears, side by side")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pack_ab:
+        return pack_ab(args)
     t0 = time.perf_counter()
     m = cosyvoice.load(args.model_dir, dtype=args.dtype, speaker_dir=None, token2wav=False)
     print(

@@ -74,7 +74,7 @@ class QwenSpeechLM(nn.Module):
             return self.sos_embed()
         if kind == "task":
             return self.task_embed()
-        t = torch.tensor(ids, dtype=torch.long, device=self.llm_decoder.weight.device)
+        t = torch.tensor(ids, dtype=torch.long, device=self.speech_embedding.weight.device)
         return self.qwen.embed_tokens(t) if kind == "text" else self.speech_embedding(t)
 
     def sos_embed(self) -> torch.Tensor:

@@ -47,10 +47,10 @@ class RelPosAttention(nn.Module):
         self._p: torch.Tensor | None = None  # (R, H, dk) cached linear_pos(PE(r))
 
     def pos_table(self, n: int) -> torch.Tensor:
-        if self._p is None or self._p.shape[0] < n or self._p.dtype != self.linear_pos.weight.dtype:
+        w = self.pos_bias_u  # dtype and device (linear_pos may be packed: devices.pack_linears)
+        if self._p is None or self._p.shape[0] < n or self._p.dtype != w.dtype:
             cap = max(n, 1024)
-            w = self.linear_pos.weight
-            pe = rel_pe(cap, w.shape[1], w.device).to(w.dtype)
+            pe = rel_pe(cap, self.h * self.dk, w.device).to(w.dtype)
             self._p = self.linear_pos(pe).view(cap, self.h, self.dk)
         return self._p[:n]
 
@@ -212,7 +212,7 @@ class TransformerSpeechLM(nn.Module):
 
     def kv_pool(self, dtype=None, device=None, **kw) -> KVPool:
         """The pool every request shares (one per dtype and device), as in the Qwen2 LM."""
-        w = self.llm_decoder.weight
+        w = self.speech_embedding.weight  # linears may be packed (devices.pack_linears)
         key = (dtype or w.dtype, torch.device(device or w.device))
         if key not in self._pools:
             blk = self.llm.encoders[0].self_attn
@@ -231,7 +231,7 @@ class TransformerSpeechLM(nn.Module):
     ) -> torch.Tensor:
         parts = [self.llm_embedding.weight[0:1]]
         if embedding is not None and embedding.numel():
-            e = F.normalize(embedding.reshape(1, -1).to(self.spk_embed_affine_layer.weight), dim=1)
+            e = F.normalize(embedding.reshape(1, -1).to(self.llm_embedding.weight), dim=1)
             parts.append(self.spk_embed_affine_layer(e))
         parts += [
             self.encode_text(text_ids),

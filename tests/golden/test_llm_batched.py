@@ -11,11 +11,16 @@ import torch
 import torch.nn.functional as F
 from _fixtures import CountOps, load_engine
 
+import cosyvoice
+from cosyvoice.devices import PackedLinear, can_pack_linears, pack_linears
 from cosyvoice.llm.engine import LLMRequest
 from cosyvoice.llm.kv import BLOCK
 from cosyvoice.llm.qwen2 import attention
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
+NEEDS_ONEDNN = pytest.mark.skipif(
+    not can_pack_linears(torch.device("cpu"), torch.float32), reason="no oneDNN in this torch"
+)
 
 
 def _started(model, n: int) -> list[LLMRequest]:
@@ -107,9 +112,10 @@ def test_cache_is_readable_and_grows_past_a_block(golden_dir):
         whole.keys(0)
 
 
-def test_cpu_attention_matches_sdpa():
+@pytest.mark.parametrize("lq", [1, 5])  # decode and prefill
+def test_cpu_attention_matches_sdpa(lq):
     g = torch.Generator().manual_seed(3)
-    b, lq, h, n_kv, hd, t = 3, 5, 8, 2, 16, 40
+    b, h, n_kv, hd, t = 3, 8, 2, 16, 40
     q = torch.randn(b, lq, h, hd, generator=g)
     k = torch.randn(b, t, n_kv, hd, generator=g)
     v = torch.randn(b, t, n_kv, hd, generator=g)
@@ -124,3 +130,32 @@ def test_cpu_attention_matches_sdpa():
         attn_mask=mask[:, None],
     )
     torch.testing.assert_close(got, ref.transpose(1, 2).reshape(b, lq, h * hd))
+
+
+@NEEDS_ONEDNN
+def test_packed_linears_compute_what_torch_does():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(40, 8, False))
+    )
+    xs = [torch.randn(1, 24), torch.randn(17, 24), torch.randn(3, 5, 24), torch.randn(24, 6).t()]
+    with torch.inference_mode():
+        expected = [net(x) for x in xs]
+        assert pack_linears(net) == 2
+        assert not any(isinstance(m, torch.nn.Linear) for m in net.modules())
+        for x, e in zip(xs, expected, strict=True):
+            torch.testing.assert_close(net(x), e, atol=1e-5, rtol=1e-5)
+
+
+@NEEDS_ONEDNN
+def test_load_packs_the_llm_on_a_cpu_unless_told_not_to(golden_dir):
+    if not (golden_dir / "cosyvoice2" / "model").is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    for packed in (None, False):
+        llm = cosyvoice.load(golden_dir / "cosyvoice2" / "model", speaker_dir=None, token2wav=False,
+                             packed=packed).llm.net  # fmt: skip
+        kinds = {type(m) for m in llm.modules()}
+        assert (PackedLinear in kinds, torch.nn.Linear in kinds) == (
+            packed is None,
+            packed is False,
+        )

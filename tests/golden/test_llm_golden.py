@@ -1,5 +1,6 @@
 """LLM parity with <golden>/<family>/llm.npz: teacher-forced logits, greedy decode tokens and
-per-step logits (plain and zero-shot prompt). Tolerance 1e-4 abs on logits (README)."""
+per-step logits (plain and zero-shot prompt). Tolerance 1e-4 abs on logits (README). Each runs
+with torch's linears and with the oneDNN-packed ones ``cosyvoice.load`` uses on a CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from conftest import assert_close, family_of
 
 from cosyvoice.config import llm_config, load_model_yaml
+from cosyvoice.devices import can_pack_linears, pack_linears
 from cosyvoice.llm.engine import LLMEngine, LLMRequest
 from cosyvoice.llm.lm import QwenSpeechLM
 from cosyvoice.llm.transformer_lm import TransformerSpeechLM
@@ -17,13 +19,17 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 ATOL = 1e-4
 
+PACKED = [False] + [True] * can_pack_linears(torch.device("cpu"), torch.float32)
 
-def _engine(family_dir):
+
+def _engine(family_dir, packed: bool):
     model_dir = family_dir / "model"
     fam, cfg = load_model_yaml(model_dir)
     lc = llm_config(fam, cfg, model_dir)
     net = TransformerSpeechLM(lc) if fam == "v1" else QwenSpeechLM(lc)
     net.load_checkpoint(model_dir / "llm.pt")
+    if packed:
+        assert pack_linears(net) > 0
     return LLMEngine(net.eval(), lc.sampling)
 
 
@@ -34,9 +40,10 @@ def _npz(family_dir):
     return np.load(p)
 
 
-def test_teacher_forced_logits(family_dir):
+@pytest.mark.parametrize("packed", PACKED)
+def test_teacher_forced_logits(family_dir, packed):
     z = _npz(family_dir)
-    eng = _engine(family_dir)
+    eng = _engine(family_dir, packed)
     net = eng.net
     text = torch.from_numpy(z["text_token"][0]).long()
     speech = torch.from_numpy(z["tf_speech_token"][0]).long()
@@ -58,10 +65,11 @@ def test_teacher_forced_logits(family_dir):
         assert_close(logits.log_softmax(-1), z["tf_logp"][0], ATOL, what="tf_logp")
 
 
+@pytest.mark.parametrize("packed", PACKED)
 @pytest.mark.parametrize("variant", ["plain", "zero_shot"])
-def test_greedy_decode(family_dir, variant):
+def test_greedy_decode(family_dir, variant, packed):
     z = _npz(family_dir)
-    eng = _engine(family_dir)
+    eng = _engine(family_dir, packed)
     if variant == "plain":
         emb = torch.from_numpy(z["speaker_embedding"])
         req = LLMRequest(text_ids=z["text_token"][0].tolist(), greedy=True, embedding=emb)
