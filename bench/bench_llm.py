@@ -47,11 +47,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run_batch(m, batch: int, steps: int, warmup: int, seed: int, repeat: int) -> dict:
+def run_batch(
+    m, batch: int, steps: int, warmup: int, seed: int, repeat: int, context: int = 20
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     reqs = []
     for i in range(batch):
-        n_text = 20 + 7 * i % 40  # different lengths
+        n_text = context + 7 * i % 40  # different lengths
         ids = torch.randint(0, 1000, (n_text,), generator=g).tolist()
         n = (steps * repeat) + warmup + 1
         reqs.append(LLMRequest(text_ids=ids, seed=seed + i, min_len=n, max_len=n + 1))
@@ -111,7 +113,7 @@ def pack_ab(args) -> None:
         prefill: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeat):
             for p, m in models.items():
-                r = run_batch(m, b, args.steps, args.warmup, args.seed, 1)
+                r = run_batch(m, b, args.steps, args.warmup, args.seed, 1, args.context)
                 ms[p].append(r["ms_per_step"])
                 prefill[p].append(r["prefill_s"])
         a, c = (sorted(ms[p])[len(ms[p]) // 2] for p in (False, True))
@@ -128,6 +130,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--context", type=int, default=20, help="shortest prompt (positions already in the cache)"
+    )
     ap.add_argument(
         "--repeat", type=int, default=3, help="timed windows per batch; best is reported"
     )
@@ -155,7 +160,7 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|")
     for b in args.batches:
-        r = run_batch(m, b, args.steps, args.warmup, args.seed, args.repeat)
+        r = run_batch(m, b, args.steps, args.warmup, args.seed, args.repeat, args.context)
         print(
             f"| {b} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.0f} "
             f"| {r['ms_per_step_median']:.0f} | {r['prefill_tokens']}, {r['prefill_s']:.2f} |",

@@ -234,7 +234,7 @@ class CosyVoiceModel:
             done = seg_done and u.closed and not u.pending
             if done:
                 u.status = Status.FINISHED
-            audio = _EMPTY if chunk is None else chunk.float().cpu()
+            audio = _EMPTY if chunk is None else chunk  # token2wav hands out CPU float32
             self._outbox.append(Output(u, audio, tag, tag_end, done))
 
     def _vocoder_pool(self) -> ThreadPoolExecutor:
