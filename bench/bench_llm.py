@@ -134,7 +134,10 @@ def main() -> None:
         "--context", type=int, default=20, help="shortest prompt (positions already in the cache)"
     )
     ap.add_argument(
-        "--repeat", type=int, default=3, help="timed windows per batch; best is reported"
+        "--repeat",
+        type=int,
+        default=3,
+        help="timed windows per batch (best reported; --pack-ab: median)",
     )
     ap.add_argument("--sampling", action="store_true", help="time only the host-side draw")
     ap.add_argument("--pack-ab", action="store_true", help="torch vs packed linears, side by side")

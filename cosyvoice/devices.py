@@ -9,6 +9,7 @@ so such a request falls back to float32 with a warning.
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -66,12 +67,15 @@ def h2d(x: torch.Tensor | list, device: torch.device | str) -> torch.Tensor:
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`pack_linears` applies: float32 on a CPU with oneDNN (bf16 and CUDA keep
-    torch's own kernels; the packed path was only measured against MKL in float32)."""
+    """Whether :func:`pack_linears` applies: float32 on an x86 CPU with oneDNN. bf16, CUDA and
+    ARM builds (oneDNN over ACL) keep torch's own kernels: the packed path was only measured
+    against MKL on x86 in float32."""
     return (
         device.type == "cpu"
         and dtype == torch.float32
+        and platform.machine().lower() in ("x86_64", "amd64")
         and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
@@ -81,10 +85,10 @@ class PackedLinear(nn.Module):
 
     ``F.linear`` on a CPU multiplies by the transposed row-major weight through MKL's sgemm,
     which reads it at half the memory bandwidth for a single row and runs skinny batches far
-    from peak; oneDNN's kernel over a weight packed once at load is 1.3-2x faster for the
-    LLM's decode shapes (1-64 rows of 896 x 4864; ``bench/bench_llm.py --pack-ab``). The
-    packed tensor is opaque (no storage, no state_dict, no ``.to``), so it is a plain
-    attribute and the module is built last, after the net reached its device and dtype."""
+    from peak; oneDNN's kernel over a weight packed once at load makes the LLM's decode steps
+    1.2-1.9x faster (batches of 1-64; ``bench/bench_llm.py --pack-ab``). The packed tensor is
+    opaque (no storage, no state_dict, no ``.to``), so it is a plain attribute and the module
+    is built last, after the net reached its device and dtype."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -96,6 +100,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: would silently not apply
+        raise RuntimeError("a packed linear cannot change device or dtype: pack after .to()")
 
 
 def pack_linears(net: nn.Module) -> int:

@@ -449,7 +449,8 @@ def load(
     ``vocoder_thread`` (default: on CUDA) runs token2wav on its own thread and CUDA stream, so
     decode steps go on while a batch is vocoded (on a 2-core CPU the two would fight for the
     cores). ``packed`` (default: on for float32 on a CPU) runs the LLM's linears over weights
-    packed once for oneDNN (:class:`cosyvoice.devices.PackedLinear`, 1.3-2x faster there)."""
+    packed once for oneDNN (:class:`cosyvoice.devices.PackedLinear`, 1.2-1.9x faster decode
+    steps there); the LLM must not change device or dtype afterwards."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)

@@ -50,7 +50,7 @@ class RelPosAttention(nn.Module):
         w = self.pos_bias_u  # dtype and device (linear_pos may be packed: devices.pack_linears)
         if self._p is None or self._p.shape[0] < n or self._p.dtype != w.dtype:
             cap = max(n, 1024)
-            pe = rel_pe(cap, self.h * self.dk, w.device).to(w.dtype)
+            pe = rel_pe(cap, self.linear_pos.in_features, w.device).to(w.dtype)
             self._p = self.linear_pos(pe).view(cap, self.h, self.dk)
         return self._p[:n]
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from rtserver.engine import Engine
 from rtserver.settings import Settings
 
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+
 
 def load_engine(settings: Settings) -> Engine:
     if settings.model is None:
@@ -23,5 +25,6 @@ def load_engine(settings: Settings) -> Engine:
         fixed_tokens=settings.llm_fixed_tokens or None,
         flow_cache_mb=settings.flow_cache_mb,
         exact_final=settings.exact_final,
-        vocoder_thread={"auto": None, "on": True, "off": False}[settings.vocoder_thread],
+        vocoder_thread=AUTO_ON_OFF[settings.vocoder_thread],
+        packed=AUTO_ON_OFF[settings.packed],
     )

@@ -52,7 +52,7 @@ class CosyVoiceEngine:
         **load_opts: Any,
     ) -> None:
         """``load_opts``: :func:`cosyvoice.load`'s options (device, dtype, speaker_dir,
-        flow_cache_mb, exact_final, vocoder_thread), passed as they are."""
+        flow_cache_mb, exact_final, vocoder_thread, packed), passed as they are."""
         self.model = cosyvoice.load(model_dir, max_batch=max_batch, **load_opts)
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch

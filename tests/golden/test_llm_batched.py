@@ -148,14 +148,30 @@ def test_packed_linears_compute_what_torch_does():
 
 
 @NEEDS_ONEDNN
-def test_load_packs_the_llm_on_a_cpu_unless_told_not_to(golden_dir):
-    if not (golden_dir / "cosyvoice2" / "model").is_dir():
-        pytest.skip("no cosyvoice2 golden dir")
+@pytest.mark.parametrize("family", ["cosyvoice1", "cosyvoice2"])
+def test_load_packs_the_llm_on_a_cpu_unless_told_not_to(golden_dir, family):
+    d = golden_dir / family / "model"
+    if not d.is_dir():
+        pytest.skip(f"no {family} golden dir")
     for packed in (None, False):
-        llm = cosyvoice.load(golden_dir / "cosyvoice2" / "model", speaker_dir=None, token2wav=False,
-                             packed=packed).llm.net  # fmt: skip
+        llm = cosyvoice.load(d, speaker_dir=None, token2wav=False, packed=packed).llm.net
         kinds = {type(m) for m in llm.modules()}
         assert (PackedLinear in kinds, torch.nn.Linear in kinds) == (
             packed is None,
             packed is False,
         )
+    with pytest.raises(RuntimeError, match="packed"):
+        cosyvoice.load(d, speaker_dir=None, token2wav=False).llm.net.to(torch.float64)
+
+
+@NEEDS_ONEDNN
+def test_packing_refuses_what_it_was_not_measured_on(golden_dir, monkeypatch):
+    import cosyvoice.devices as devices
+
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: True)  # keep bf16 on this CPU
+    with pytest.raises(ValueError, match="packed linears need float32"):
+        cosyvoice.load(d, dtype="bfloat16", speaker_dir=None, token2wav=False, packed=True)
+    assert not devices.can_pack_linears(torch.device("cuda"), torch.float32)
