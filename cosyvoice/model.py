@@ -459,11 +459,12 @@ def load(
     net = TransformerSpeechLM(lcfg) if family == "v1" else QwenSpeechLM(lcfg)
     net.load_checkpoint(model_dir / "llm.pt")
     net = net.to(device=device, dtype=dtype).eval()
-    if packed if packed is not None else can_pack_linears(device, dtype):
-        if not can_pack_linears(device, dtype):
-            raise ValueError(
-                f"packed linears need float32 on a CPU with oneDNN, not {dtype} on {device}"
-            )
+    can_pack = can_pack_linears(device, dtype)
+    if packed and not can_pack:
+        raise ValueError(
+            f"packed linears need float32 on an x86 CPU with oneDNN, not {dtype} on {device}"
+        )
+    if can_pack if packed is None else packed:
         pack_linears(net)
     frontend = Frontend(model_dir, family, use_wetext=use_wetext)
     speakers = SpeakerStore(

@@ -157,7 +157,7 @@ class LLMEngine:
         call before any request runs: the KV pool becomes fixed-size."""
         if not isinstance(self.net, QwenSpeechLM):
             raise ValueError("decode graphs need the Qwen2 LM (v2/v3)")
-        net, dtype = self.net, self.net.speech_embedding.weight.dtype
+        net, dtype = self.net, self.dtype
         blocks = max_batch * CONTEXT_BLOCKS[-1] + 1
         pool = net.kv_pool(dtype, self.device, blocks=blocks, fixed=True)
         if self.graphs is not None or not pool.fixed or pool.blocks != blocks:
@@ -172,7 +172,11 @@ class LLMEngine:
 
     @property
     def device(self) -> torch.device:
-        return self.net.speech_embedding.weight.device
+        return self.net.speech_embedding.weight.device  # not a linear's: those may be packed
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.speech_embedding.weight.dtype
 
     def prefill(self, requests: Sequence[LLMRequest]) -> list[int | None]:
         if any(r.started for r in requests):
@@ -202,7 +206,7 @@ class LLMEngine:
         if not requests:
             return []
         net = self.net
-        dev, dtype = self.device, net.speech_embedding.weight.dtype
+        dev, dtype = self.device, self.dtype
         embeds, lens, caches = [], [], []
         fresh: list[tuple[LLMRequest, KVCache]] = []
         partial: list[tuple[LLMRequest, torch.Tensor, int]] = []  # prefills and where they got to
