@@ -16,6 +16,9 @@ streams stepped together (one batched flow call per step) in each mode:
 
     uv run python bench/bench_token2wav.py --long 30 --long-concurrency 8 --long-concurrency-seconds 8
 
+``--count-ops``: instead of timing, the torch ops one batched step dispatches (on a GPU about
+its kernel launches), per batch size and hop.
+
 Each number is the best of ``--repeat`` runs (the dev box is shared; see docs/benchmarks.md).
 
 ``--model`` is a full-size random-weight dir from ``bench/make_full_model.py``; without one the
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -75,15 +79,19 @@ def single(t2w: Token2Wav, toks: list[int], emb, stream: bool, device: str) -> d
             "ttfc_s": round(ttfc, 3), "wall_s": round(wall, 3), "rtf": round(wall / audio, 3)}  # fmt: skip
 
 
-def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -> dict:
+def _items(t2w: Token2Wav, b: int, hop: str, emb, vocab: int) -> list:
+    """``b`` streams' items for one step of the given hop (an earlier hop runs here, untimed)."""
     g = torch.Generator().manual_seed(b)
     sts = [t2w.new_state(emb, stream=True, seed=i + 1) for i in range(b)]
     toks = [torch.randint(0, vocab, (80,), generator=g).tolist() for _ in range(b)]
     if hop == "second":  # consume the first hop outside the timing
         t2w.step([(s, t[:28], False) for s, t in zip(sts, toks, strict=True)])
-        items = [(s, t[28:78], False) for s, t in zip(sts, toks, strict=True)]
-    else:
-        items = [(s, t[:28], False) for s, t in zip(sts, toks, strict=True)]
+        return [(s, t[28:78], False) for s, t in zip(sts, toks, strict=True)]
+    return [(s, t[:28], False) for s, t in zip(sts, toks, strict=True)]
+
+
+def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -> dict:
+    items = _items(t2w, b, hop, emb, vocab)
     sync(device)
     t0 = time.perf_counter()
     out = t2w.step(items)
@@ -92,6 +100,25 @@ def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -
     audio = sum(c.numel() for c in out) / t2w.sample_rate
     return {"batch": b, "hop": hop, "wall_s": round(wall, 3), "audio_s": round(audio, 3),
             "audio_s_per_s": round(audio / wall, 3)}  # fmt: skip
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(t2w: Token2Wav, b: int, hop: str, emb, vocab: int) -> dict:
+    """Torch ops dispatched by one step of ``b`` streams (on a GPU, roughly its kernel launches:
+    what a step costs before any arithmetic). Untimed: counting slows every op."""
+    items = _items(t2w, b, hop, emb, vocab)
+    with _CountOps() as c:
+        t2w.step(items)
+    return {"batch": b, "hop": hop, "ops": c.n}
 
 
 LONG_MODES = {  # name -> (Token2Wav options, stream)
@@ -158,6 +185,7 @@ def main() -> None:
     ap.add_argument("--long-concurrency-seconds", type=float, default=8)
     ap.add_argument("--long-modes", default=",".join(LONG_MODES), help="modes of the long stream")
     ap.add_argument("--modes", default=",".join(LONG_MODES), help="modes of the concurrent run")
+    ap.add_argument("--count-ops", action="store_true", help="ops per batched step, no timing")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -190,6 +218,16 @@ def main() -> None:
         print(json.dumps(res["machine"]))
         if a.json:
             a.json.write_text(json.dumps(res, indent=1))
+        return
+
+    if a.count_ops:
+        # steady state: grow the flow pool for twice the streams, then keep it from shrinking
+        warm = _items(t2w, 2 * max(int(x) for x in a.batches.split(",")), "second", emb, vocab)
+        t2w.step(warm)
+        del warm[1:]
+        res["ops"] = [step_ops(t2w, int(b), h, emb, vocab)
+                      for h in a.hops.split(",") for b in a.batches.split(",")]  # fmt: skip
+        print(json.dumps(res["ops"]))
         return
 
     def best(fn, key):  # best of --repeat windows: the box may be shared (see docs)

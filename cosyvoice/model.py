@@ -68,6 +68,12 @@ class CosyVoiceModel:
         """Whether utterances can take ``text_stream=True`` (bistream needs the Qwen2 LM)."""
         return self.family != "v1"
 
+    def held(self) -> dict[str, int]:
+        """What live utterances hold: KV blocks of the LLM's pool and blocks and slots of the
+        flow's (v2/v3 streams); both 0 once every utterance finished or was cancelled."""
+        pool = getattr(getattr(self.token2wav, "flow", None), "pool", None)
+        return {"kv_blocks": self.llm.held_blocks(), "flow_blocks": pool.held if pool else 0}
+
     # ---- utterances ----------------------------------------------------------------------
 
     def start(

@@ -322,6 +322,7 @@ class Token2Wav:
                 if st is not None and st.flow_cache is not None
             )
             if j.final or held > self.cfg.flow_cache_mb * 2**20:
+                j.state.flow_cache.release()  # the pool's blocks go back now, not at gc
                 j.state.flow_cache = None
                 self._cached.pop(id(j.state), None)
 

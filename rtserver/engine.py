@@ -190,3 +190,6 @@ class Engine(Protocol):
 
     def release(self, job: Job) -> None:
         """Free per-job state (finish, cancel or failure). Idempotent."""
+
+    # optional: ``held() -> dict[str, int]``, memory units that jobs hold now (cache blocks...),
+    # 0 once no job runs; published as /healthz ``held_<name>`` and rtserver_engine_held_<name>

@@ -44,6 +44,11 @@ class _SchedulerCollector(Collector):
         yield GaugeMetricFamily(
             "rtserver_max_streams", "Admission capacity.", value=s["max_streams"]
         )
+        for name, value in s.items():
+            if name.startswith("held_"):
+                yield GaugeMetricFamily(
+                    f"rtserver_engine_{name}", "Engine memory units jobs hold now.", value=value
+                )
 
 
 class Metrics:

@@ -78,6 +78,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
+        self._held: dict[str, int] = {}  # the engine's held(), as of the last tick
         self._stop = False
         self._trim = _libc_trim()
         self._trimmed_at = time.monotonic()
@@ -137,6 +138,7 @@ class Scheduler:
             "audio_s": round(c.audio_s, 3),
             "max_streams": self.max_streams,
             "max_queue": self.max_queue,
+            **self._held,
         }
 
     # ---- the inference thread -------------------------------------------------------------
@@ -157,6 +159,7 @@ class Scheduler:
         self._admit()
         batch = self._pick()
         self._release_memory()
+        self._held = self._engine_held()
         if not batch:
             self._wake.wait(timeout=1.0)
             return
@@ -173,6 +176,10 @@ class Scheduler:
                 job.processing_seconds += share
         for job, event in results:
             self._route(job, event)
+
+    def _engine_held(self) -> dict[str, int]:
+        held = getattr(self.engine, "held", None)
+        return {f"held_{k}": v for k, v in held().items()} if held else {}
 
     def _release_memory(self) -> None:
         since = time.monotonic() - self._trimmed_at

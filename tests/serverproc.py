@@ -115,7 +115,8 @@ class ServerProcess:
         while True:
             h = self.healthz()
             held = (h["active"], h["queued"], h["streams_open"], h["sockets_open"])
-            if held == (0, 0, 0, 0):
+            held += tuple(v for k, v in h.items() if k.startswith("held_"))  # engine memory
+            if not any(held):
                 return h
             assert time.monotonic() < deadline, f"still held after {timeout}s: {h}"
             time.sleep(0.05)

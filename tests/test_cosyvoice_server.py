@@ -183,8 +183,9 @@ def assert_disconnect_frees_the_job(srv: ServerProcess) -> None:
     body = {"tts_text": LONG, "spk_id": "spk_f1", "stream": True}
     with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=120) as r:
         next(r.iter_raw())
-    after = srv.assert_idle(timeout=10)
+    after = srv.assert_idle(timeout=10)  # its KV and flow cache blocks given back too
     assert after["active"] == 0 and after["cancelled"] == before["cancelled"] + 1
+    assert after["held_kv_blocks"] == 0 and after["held_flow_blocks"] == 0
 
 
 def test_http_disconnect_frees_the_job(cv):

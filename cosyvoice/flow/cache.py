@@ -8,75 +8,201 @@ for every causal convolution the last ``k - 1`` input frames - once for the enco
 Euler step (x 2 rows: with and without the condition) for the estimator. A chunk then costs its own
 frames plus attention over the past.
 
-:class:`Past` is one forward call's view of the caches of its (ragged) batch: modules ask it for
-their keys/values (``kv``) and convolution inputs (``conv``) and it reads, extends and writes the
-per-request state. A call without caches uses fresh empty ones, so there is one code path; they are
-kept only for requests that ``commit``.
+All requests' state lives in one :class:`FlowPool` per flow model, shaped like the LLM's paged KV
+pool: per attention layer ONE key/value tensor whose positions are cut into blocks that requests
+own, per convolution ONE tensor of tails indexed by request slot. A forward call's
+:class:`Past` turns its ragged batch into index tensors once, so every layer does a fixed number
+of tensor ops (one scatter of the new keys/values, one gather of the batch's) whatever the batch
+size: on a GPU the launches of a flow call no longer grow with the number of streams.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import threading
+import weakref
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from cosyvoice.devices import h2d
 
+BLOCK = 8  # positions per block (host bookkeeping only: gathers index single positions)
+RESOLUTIONS = ("tokens", "frames")  # the encoder's token layers; its frame layers + estimator
+ZERO_SLOT, SCRATCH_SLOT = 0, 1  # tails read by fresh requests (kept zero) / written by the rest
 
-@dataclass
+
+class _Free:
+    """A free list of ids from ``first`` up that grows by half when it runs out."""
+
+    def __init__(self, first: int, size: int):
+        self.first, self.initial = first, size
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.initial
+        self.free = list(range(self.size - 1, self.first - 1, -1))  # pop() gives the lowest
+
+    @property
+    def used(self) -> int:
+        return self.size - self.first - len(self.free)
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self.free):
+            new = max(self.size + n, 3 * self.size // 2)
+            self.free = list(range(new - 1, self.size - 1, -1)) + self.free
+            self.size = new
+        return [self.free.pop() for _ in range(n)]
+
+
+class FlowPool:
+    """Every streaming request's flow state on one device.
+
+    ``kv[key]``: (2, rows, positions, heads, head_dim) per attention layer (``key`` = the call's
+    tag and the module; positions ``block * BLOCK + offset``, block 0 is scratch for padding);
+    ``tails[key]``: (rows, request slots, channels, k - 1) per causal convolution. Tensors are
+    made on first use and grow with the free lists; when no request holds anything they go back
+    to their first size, so a burst does not keep its memory. One flow call runs at a time; the
+    lock guards the free lists against a cache released (garbage-collected) on another thread.
+    """
+
+    def __init__(self, blocks: int = 8, slots: int = 8):  # small: a position is ~4.6 MB (v2)
+        self.lock = threading.RLock()
+        self.blocks = {r: _Free(1, blocks) for r in RESOLUTIONS}
+        self.slots = _Free(2, slots)
+        self.kv: dict[Hashable, torch.Tensor] = {}
+        self.tails: dict[Hashable, torch.Tensor] = {}
+        self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)  # over every layer's K and V
+        self.slot_bytes = 0  # over every convolution's tails
+
+    def used_blocks(self, res: str) -> int:
+        return self.blocks[res].used
+
+    @property
+    def held(self) -> int:
+        """Blocks and slots that requests hold (0 once every cache is released)."""
+        return sum(b.used for b in self.blocks.values()) + self.slots.used
+
+    def reserve(self, cache: FlowCache, res: str, end: int) -> None:
+        """Blocks for positions [0, end) of ``cache`` at resolution ``res``."""
+        with self.lock:
+            lists = (*self.blocks.values(), self.slots)
+            if self.held == 0 and any(b.size > b.initial for b in lists):
+                self._shrink()
+            need = -(-end // BLOCK) - len(cache.blocks[res])
+            if need > 0:
+                cache.blocks[res].extend(self.blocks[res].take(need))
+
+    def slot(self, cache: FlowCache) -> int:
+        with self.lock:
+            if not cache.slot:
+                cache.slot.extend(self.slots.take(1))
+            return cache.slot[0]
+
+    def give(self, blocks: dict[str, list[int]], slot: list[int]) -> None:
+        with self.lock:
+            for res, ids in blocks.items():
+                self.blocks[res].free.extend(reversed(ids))
+                ids.clear()
+            self.slots.free.extend(slot)
+            slot.clear()
+
+    def trim(self, cache: FlowCache, res: str, end: int) -> None:
+        """Give back the blocks past position ``end`` (a call's positions it did not keep)."""
+        with self.lock:
+            ids = cache.blocks[res]
+            keep = -(-end // BLOCK)
+            self.blocks[res].free.extend(reversed(ids[keep:]))
+            del ids[keep:]
+
+    def _shrink(self) -> None:  # at the start of a call, when nothing is held
+        for b in (*self.blocks.values(), self.slots):
+            b.reset()
+        self.kv.clear()
+        self.tails.clear()
+        self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)
+        self.slot_bytes = 0
+
+    def kv_buffer(self, key: Hashable, res: str, k: torch.Tensor, rows: int) -> torch.Tensor:
+        """Layer ``key``'s (2, rows, positions, H, dh) tensor, grown to the free list's size."""
+        n = self.blocks[res].size * BLOCK
+        t = self.kv.get(key)
+        if t is None or t.shape[2] < n or t.device != k.device:
+            grown = k.new_zeros(2, rows, n, k.shape[1], k.shape[-1])
+            if t is None:
+                self.position_bytes[res] += grown[:, :, 0].numel() * grown.element_size()
+            elif t.device == k.device:
+                grown[:, :, : t.shape[2]] = t
+            self.kv[key] = t = grown
+        return t
+
+    def tails_buffer(self, key: Hashable, x: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+        """Convolution ``key``'s (rows, slots, C, n) tensor, grown to the slot list's size."""
+        t = self.tails.get(key)
+        if t is None or t.shape[1] < self.slots.size or t.device != x.device:
+            grown = x.new_zeros(rows, self.slots.size, x.shape[1], n)
+            if t is None:
+                self.slot_bytes += grown[:, 0].numel() * grown.element_size()
+            elif t.device == x.device:
+                grown[:, : t.shape[1]] = t
+            self.tails[key] = t = grown
+        return t
+
+
 class FlowCache:
-    """One request's flow state. ``tokens``: positions (prompt included) whose encoder output and
-    estimator frames are final and cached; mel frames are ``tokens * token_mel_ratio``."""
+    """One request's flow state: the pool blocks holding its positions at each resolution, its
+    tails slot, and ``tokens``, the positions (prompt included) whose encoder output and
+    estimator frames are final and cached (mel frames are ``tokens * token_mel_ratio``).
+    Bound to a flow's pool on first use; the blocks go back on :meth:`release` or when the
+    cache is garbage-collected."""
 
-    tokens: int = 0
-    kv: dict[Hashable, list[torch.Tensor]] = field(default_factory=dict)  # [K, V, length]
-    tails: dict[Hashable, torch.Tensor] = field(default_factory=dict)
-    nbytes: int = 0  # of the K/V buffers (capacity included); the tails are a few frames
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.pool: FlowPool | None = None
+        self.blocks: dict[str, list[int]] = {r: [] for r in RESOLUTIONS}
+        self.slot: list[int] = []
+        self.length = dict.fromkeys(RESOLUTIONS, 0)  # cached positions per resolution
+        self._finalizer: weakref.finalize | None = None
 
-    def read(self, key: Hashable, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v, length = self.kv[key]
-        if length != n:  # a caller skipped or repeated a chunk: refuse rather than misalign
-            raise RuntimeError(f"flow cache holds {length} positions, the call starts at {n}")
-        return k[..., :n, :], v[..., :n, :]
+    def bind(self, pool: FlowPool) -> None:
+        if self.pool is None:
+            self.pool = pool
+            self._finalizer = weakref.finalize(self, pool.give, self.blocks, self.slot)
+        elif self.pool is not pool:
+            raise ValueError("this flow cache belongs to another flow model")
 
-    def write(self, key: Hashable, start: int, k: torch.Tensor, v: torch.Tensor, keep: bool):
-        """Put k, v (rows, H, T, dh) at [start, start + T) and return views of [0, start + T);
-        ``keep``: they become part of the cache (else the next write overwrites them - a final
-        call reads the past without copying it). Buffers grow by half so appends are amortised
-        O(T)."""
-        end = start + k.shape[-2]
-        if start:
-            self.read(key, start)
-        buf = self.kv.get(key)
-        if buf is None or buf[0].shape[-2] < end:
-            cap = max(end, 3 * end // 2) if keep and start else end
-            grown = [k.new_empty(*k.shape[:-2], cap, k.shape[-1]) for _ in range(2)]
-            self.nbytes += 2 * grown[0].numel() * grown[0].element_size()
-            if buf is not None:
-                self.nbytes -= 2 * buf[0].numel() * buf[0].element_size()
-                grown[0][..., :start, :] = buf[0][..., :start, :]
-                grown[1][..., :start, :] = buf[1][..., :start, :]
-            buf = [*grown, start]
-            self.kv[key] = buf
-        buf[0][..., start:end, :] = k
-        buf[1][..., start:end, :] = v
-        if keep:
-            buf[2] = end
-        return buf[0][..., :end, :], buf[1][..., :end, :]
+    def release(self) -> None:
+        """Give everything back to the pool (idempotent); the cache starts over empty."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self.pool, self._finalizer, self.tokens = None, None, 0
+        self.length = dict.fromkeys(RESOLUTIONS, 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Pool memory this request holds (whole blocks)."""
+        if self.pool is None:
+            return 0
+        held = self.pool.slot_bytes if self.slot else 0
+        return held + sum(
+            len(ids) * BLOCK * self.pool.position_bytes[r] for r, ids in self.blocks.items()
+        )
 
 
 class Past:
-    """A forward call's view of its batch's caches at one resolution (tokens or frames).
+    """A forward call's view of its batch's caches at one resolution (``res``).
 
     Rows are ``rows`` groups of ``B`` requests (row ``j * B + b`` belongs to request ``b``; the
     estimator has 2 groups: conditional and unconditional). Request ``b``'s new positions are
     ``[start[b], start[b] + lens[b])``, right-padded to ``T = max(lens)``; keys are indexed by
     absolute position and right-padded to ``max(start + lens)``. ``chunk`` > 0 gives streaming
-    requests chunk-masked attention (position i sees j < (i // chunk + 1) * chunk)."""
+    requests chunk-masked attention (position i sees j < (i // chunk + 1) * chunk).
+
+    When any request reads or keeps state, every request's new positions get pool blocks for
+    the call (those it does not keep go back in :meth:`finish`), and each layer writes its new
+    keys to the pool and reads all of them back through the same two index tensors."""
 
     def __init__(
         self,
@@ -89,9 +215,12 @@ class Past:
         commit: list[bool] | None = None,
         device: torch.device | str = "cpu",
         tag: Hashable = None,
+        pool: FlowPool | None = None,
+        res: str = "frames",
     ):
         self.caches, self.start, self.lens, self.rows, self.tag = caches, start, lens, rows, tag
         self.commit = commit or [False] * len(caches)
+        self.pool, self.res = pool, res
         self.ends = [s + n for s, n in zip(start, lens, strict=True)]
         s = h2d(start, device)
         q = torch.arange(max(lens), device=device)
@@ -107,6 +236,9 @@ class Past:
         self.positions = pos.repeat(rows, 1)  # (rows*B, T)
         self.valid = (~padded).repeat(rows, 1)  # (rows*B, T)
         self._rel: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tail_idx: dict[int, torch.Tensor] = {}
+        if self._reused():
+            self._index(device)
 
     def at(self, tag: Hashable) -> Past:
         """The same view keyed apart (one per Euler step: each step has its own state)."""
@@ -118,27 +250,66 @@ class Past:
         """Whether any request reads or keeps state; if not, keys are the new positions."""
         return any(self.start) or any(self.commit)
 
+    def _index(self, device: torch.device | str) -> None:
+        """Pool blocks for the call and, once per call, where each position lives in the pool:
+        ``write`` (B*T,) for the new positions (padding -> scratch), ``read`` (B, K) for every
+        position up to each request's end (or a slice when one request's blocks are in order),
+        and the tails slots each request reads and writes."""
+        pool = self.pool
+        if pool is None:
+            raise ValueError("a flow call over caches needs the flow's pool")
+        for c, s, e in zip(self.caches, self.start, self.ends, strict=True):
+            c.bind(pool)
+            if s != c.length[self.res]:  # a caller skipped or repeated a chunk
+                raise RuntimeError(f"flow cache holds {c.length[self.res]} positions, "
+                                   f"the call starts at {s}")  # fmt: skip
+            pool.reserve(c, self.res, e)
+        t, k = max(self.lens), max(self.ends)
+        table = torch.zeros(len(self.caches), -(-k // BLOCK), dtype=torch.long)
+        for b, c in enumerate(self.caches):
+            ids = c.blocks[self.res][: -(-self.ends[b] // BLOCK)]
+            table[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        j = torch.arange(k)
+        read = table[:, j // BLOCK] * BLOCK + j % BLOCK  # (B, K)
+        read[j[None, :] >= torch.tensor(self.ends)[:, None]] = 0
+        pos = torch.tensor(self.start)[:, None] + torch.arange(t)[None, :]  # (B, T)
+        write = read.gather(1, pos.clamp(max=k - 1))
+        write[torch.arange(t)[None, :] >= torch.tensor(self.lens)[:, None]] = 0
+        self.write = h2d(write.flatten(), device)
+        self.read: torch.Tensor | slice = h2d(read, device)
+        if len(self.caches) == 1 and bool((read[0, 1:] - read[0, :-1] == 1).all()):
+            self.read = slice(int(read[0, 0]), int(read[0, 0]) + k)  # no gather copy
+        slots_in = [pool.slot(c) if s else ZERO_SLOT
+                    for c, s in zip(self.caches, self.start, strict=True)]  # fmt: skip
+        slots_out = [pool.slot(c) if keep else SCRATCH_SLOT
+                     for c, keep in zip(self.caches, self.commit, strict=True)]  # fmt: skip
+        self.slots_in, self.slots_out = h2d(slots_in, device), h2d(slots_out, device)
+
+    def finish(self) -> None:
+        """After the call: the committing requests keep their new positions, the others give
+        back what the call reserved for them."""
+        if not self._reused():
+            return
+        for c, e, keep in zip(self.caches, self.ends, self.commit, strict=True):
+            if keep:
+                c.length[self.res] = e
+            elif c.pool is not None:
+                c.pool.trim(c, self.res, c.length[self.res])
+
     def kv(self, mod: object, k: torch.Tensor, v: torch.Tensor):
         """Keys/values of every position up to each request's end, (rows*B, H, K, dh), for new
-        k, v (rows*B, H, T, dh); stores the new ones of committing requests."""
+        k, v (rows*B, H, T, dh); the new ones are stored in the pool."""
         if not self._reused():  # fresh requests only: the keys are the new positions
             return k, v
-        key, b_n = (self.tag, mod), len(self.caches)
-        ks, vs = [], []
-        for b, c in enumerate(self.caches):
-            kb, vb = k[b::b_n, :, : self.lens[b]], v[b::b_n, :, : self.lens[b]]
-            if self.commit[b] or self.start[b]:
-                kb, vb = c.write(key, self.start[b], kb, vb, keep=self.commit[b])
-            ks.append(kb)
-            vs.append(vb)
-        if b_n == 1:
-            return ks[0], vs[0]
-        return self._stack(ks), self._stack(vs)
-
-    def _stack(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        n = max(self.ends)
-        x = torch.stack([F.pad(t, (0, 0, 0, n - t.shape[-2])) for t in xs], 1)
-        return x.flatten(0, 1)  # (rows, B, ...) -> rows*B in j*B+b order
+        buf = self.pool.kv_buffer((self.tag, mod), self.res, k, self.rows)
+        h, dh = k.shape[1], k.shape[-1]
+        for i, x in enumerate((k, v)):
+            x = x.transpose(1, 2).reshape(self.rows, -1, h, dh)  # (rows, B*T, H, dh)
+            buf[i].index_copy_(1, self.write, x.to(buf.dtype))
+        kv = buf[:, :, self.read]  # (2, rows, B, K, H, dh); a slice gives no B axis
+        kv = kv.unsqueeze(2) if isinstance(self.read, slice) else kv
+        kv = kv.transpose(3, 4).flatten(1, 2).to(k.dtype)
+        return kv[0], kv[1]
 
     def conv(self, mod: object, x: torch.Tensor, n: int) -> torch.Tensor:
         """x (rows*B, C, T) with the ``n`` input frames before each request's new ones prepended
@@ -147,13 +318,16 @@ class Past:
             return x
         if not self._reused():
             return F.pad(x, (n, 0))
-        key, b_n = (self.tag, mod), len(self.caches)
-        zero = x.new_zeros(self.rows, x.shape[1], n)
-        tails = [c.tails[key] if s else zero for c, s in zip(self.caches, self.start, strict=True)]
-        xx = torch.cat([torch.stack(tails, 1).flatten(0, 1), x], -1)
-        for b, c in enumerate(self.caches):
-            if self.commit[b]:
-                c.tails[key] = xx[b::b_n, :, self.lens[b] : self.lens[b] + n].clone()
+        buf = self.pool.tails_buffer((self.tag, mod), x, self.rows, n)
+        xx = torch.cat([buf[:, self.slots_in].flatten(0, 1).to(x.dtype), x], -1)
+        idx = self._tail_idx.get(n)
+        if idx is None:  # the n frames before each request's end: xx[:, :, lens[b]:lens[b]+n]
+            last = h2d(self.lens, x.device).repeat(self.rows)[:, None] + torch.arange(
+                n, device=x.device
+            )
+            idx = self._tail_idx[n] = last[:, None, :]
+        new = xx.gather(-1, idx.expand(-1, x.shape[1], -1))
+        buf.index_copy_(1, self.slots_out, new.view(self.rows, -1, *new.shape[1:]).to(buf.dtype))
         return xx
 
     def rel_pos(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:

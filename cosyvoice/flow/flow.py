@@ -9,7 +9,7 @@ calls), so an utterance's chunks cost their own frames, not a recompute of every
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.devices import h2d
-from cosyvoice.flow.cache import FlowCache, Past
+from cosyvoice.flow.cache import FlowCache, FlowPool, Past
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
@@ -153,6 +153,12 @@ class _Plan:
     lens: list[int]
     commit: list[bool]
     seqs: list[torch.Tensor]  # new tokens followed by the look-ahead tokens (non-final)
+    pasts: list[Past] = field(default_factory=list)  # the call's views, finished after it
+
+    def past(self, *args, **kw) -> Past:
+        p = Past(self.caches, *args, commit=self.commit, **kw)
+        self.pasts.append(p)
+        return p
 
 
 class FlowModel(nn.Module):
@@ -161,6 +167,7 @@ class FlowModel(nn.Module):
     def __init__(self, cfg: FlowConfig):
         super().__init__()
         self.cfg = cfg
+        self.pool = FlowPool()  # every streaming request's state (not a parameter or buffer)
         d = cfg.input_size
         self.input_embedding = nn.Embedding(cfg.vocab_size, d)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
@@ -232,17 +239,16 @@ class FlowModel(nn.Module):
         xe = self.input_embedding(toks.clamp(min=0)) * valid
         streaming = [r.streaming for r in reqs]
         has_ctx = h2d([not r.finalize for r in reqs], dev)
-        tok = Past(p.caches, p.start, p.lens, streaming, self.cfg.chunk_size, commit=p.commit,
-                   device=dev, tag="tokens")  # fmt: skip
+        tok = p.past(p.start, p.lens, streaming, self.cfg.chunk_size, device=dev, tag="tokens",
+                     pool=self.pool, res="tokens")  # fmt: skip
         frames = [n * ratio for n in p.lens]
         if self.cfg.estimator == "dit":
             keep = h2d(p.lens, dev) + has_ctx.long() * la
             xe = xe * (torch.arange(t + la, device=dev)[None, :] < keep[:, None])[..., None]
             h = self.pre_lookahead_layer(xe.contiguous(), tok)
             return h.repeat_interleave(ratio, dim=1), frames
-        frm = Past(p.caches, [s * ratio for s in p.start], frames,
-                   streaming, self.cfg.chunk_size * ratio, commit=p.commit, device=dev,
-                   tag="frames")  # fmt: skip
+        frm = p.past([s * ratio for s in p.start], frames, streaming,
+                     self.cfg.chunk_size * ratio, device=dev, tag="frames", pool=self.pool)  # fmt: skip
         return self.encoder_proj(self.encoder(xe, has_ctx, tok, frm)), frames
 
     @torch.inference_mode()
@@ -274,8 +280,8 @@ class FlowModel(nn.Module):
             mask[i, :, :n] = 1.0
             z[i, :, :n] = noise[:, s : s + n]
             p_len.append(r.prompt_feat.reshape(-1, self.cfg.output_size).shape[0])
-        past = Past(p.caches, start, hl, [r.streaming for r in reqs], self.cfg.est_chunk,
-                    rows=2, commit=p.commit, device=dev)  # fmt: skip
+        past = p.past(start, hl, [r.streaming for r in reqs], self.cfg.est_chunk, rows=2,
+                      device=dev, pool=self.pool)  # fmt: skip
         x = cfm_euler(
             self.decoder.estimator, z, mask, mu, spks, cond, past,
             self.cfg.n_timesteps, self.cfg.cfg_rate,
@@ -289,6 +295,8 @@ class FlowModel(nn.Module):
         for c, s, n, keep in zip(p.caches, p.start, p.lens, p.commit, strict=True):
             if keep:
                 c.tokens = s + n
+        for v in p.pasts:
+            v.finish()
         return out
 
 

@@ -178,6 +178,10 @@ class LLMEngine:
     def dtype(self) -> torch.dtype:
         return self.net.speech_embedding.weight.dtype
 
+    def held_blocks(self) -> int:
+        """KV blocks the requests hold now (the pool's scratch block not counted)."""
+        return self.net.kv_pool(self.dtype, self.device).used_blocks - 1
+
     def prefill(self, requests: Sequence[LLMRequest]) -> list[int | None]:
         if any(r.started for r in requests):
             raise ValueError("prefill() got a request that already ran")

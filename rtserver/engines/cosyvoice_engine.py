@@ -115,6 +115,9 @@ class CosyVoiceEngine:
         return [(by_utt[id(o.utterance)], e) for o in outs if id(o.utterance) in by_utt
                 for e in _events(o)]  # fmt: skip
 
+    def held(self) -> dict[str, int]:
+        return self.model.held()
+
     def release(self, job: Job) -> None:
         if job.engine_state is not None:
             self._jobs.pop(id(job.engine_state), None)

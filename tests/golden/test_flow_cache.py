@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fixtures import FAMILIES, ONE_THREAD, drive_ragged, family_params
+from _fixtures import FAMILIES, ONE_THREAD, CountOps, drive_ragged, family_params
 from conftest import assert_close
 
 from cosyvoice.flow import FlowCache, FlowInput, load_flow
@@ -167,9 +167,44 @@ def test_cache_grows_with_frames_and_refuses_a_skipped_chunk(parts):
     flow.inference([FlowInput(toks[:28], *none, emb, True, False, 0, cache)])
     one = cache.nbytes
     flow.inference([FlowInput(toks[:78], *none, emb, True, False, 50, cache)])
-    assert cache.tokens == 75 and 2.5 * one <= cache.nbytes <= 4.5 * one  # ~3x the frames
+    assert cache.tokens == 75 and cache.length == {"tokens": 75, "frames": 150}
+    assert 2 * one <= cache.nbytes <= 4.5 * one  # ~3x the positions (plus fixed conv tails)
     stale = FlowCache()
     flow.inference([FlowInput(toks[:28], *none, emb, True, False, 0, stale)])
     stale.tokens = 50  # claims positions it does not hold
     with pytest.raises(RuntimeError, match="flow cache holds"):
         flow.inference([FlowInput(toks[:103], *none, emb, True, False, 100, stale)])
+
+
+def _second_chunk_ops(flow, emb, toks, n: int) -> CountOps:
+    """The ops of one batched flow call continuing ``n`` cached streams (their second chunk)."""
+    none = torch.zeros(0, dtype=torch.long), torch.zeros(0, 80)
+    caches = [FlowCache() for _ in range(n)]
+    flow.inference([FlowInput(toks[:28], *none, emb, True, False, 0, c) for c in caches])
+    counter = CountOps()
+    with counter:
+        flow.inference([FlowInput(toks[:78], *none, emb, True, False, 50, c) for c in caches])
+    return counter
+
+
+def test_flow_call_ops_do_not_grow_with_batch(parts):
+    """Every layer reads and writes the whole batch's cached keys and conv inputs through one
+    index tensor each, so a call over 6 streams runs the ops of a call over 1 plus a few per
+    request (its tokens and noise), not a few per request per layer; no layer makes the host
+    wait for the device. The pool gives everything back when the streams go."""
+    flow, _, spk = parts
+    emb = _speakers(spk)[0][0]
+    toks = torch.tensor(_tokens(100, 10, flow.cfg.vocab_size))
+    # grow the pool first (growth copies every layer) and hold it there: an empty pool shrinks
+    none = torch.zeros(0, dtype=torch.long), torch.zeros(0, 80)
+    warm = [FlowCache() for _ in range(7)]
+    flow.inference([FlowInput(toks[:78], *none, emb, True, False, 0, c) for c in warm])
+    del warm[1:]
+    one, six = (_second_chunk_ops(flow, emb, toks, n) for n in (1, 6))
+    warm[0].release()
+    assert flow.pool.held == 0
+    extra = sum(six.ops.values()) - sum(one.ops.values())
+    layers = sum(1 for m in flow.modules() if hasattr(m, "to_k") or hasattr(m, "linear_k"))
+    assert sum(one.ops.values()) > 10 * layers * flow.cfg.n_timesteps  # it saw the estimator
+    assert extra <= 40 * 5, six.ops - one.ops
+    assert sum(six.host_waits().values()) <= 8, six.host_waits()

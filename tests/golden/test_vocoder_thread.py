@@ -83,6 +83,7 @@ def _settle(model) -> None:
     gc.collect()
     assert not model._inflight
     assert len(model.token2wav._cached) == 0  # no flow cache outlives its stream
+    assert model.token2wav.flow.pool.held == 0  # nor any of the flow pool's blocks
 
 
 def test_cancel_while_vocoding_releases_everything(threaded):
