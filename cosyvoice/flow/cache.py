@@ -22,6 +22,7 @@ import copy
 import math
 import threading
 import weakref
+from collections import deque
 from collections.abc import Hashable
 
 import torch
@@ -32,6 +33,12 @@ from cosyvoice.devices import h2d
 BLOCK = 8  # positions per block (host bookkeeping only: gathers index single positions)
 RESOLUTIONS = ("tokens", "frames")  # the encoder's token layers; its frame layers + estimator
 ZERO_SLOT, SCRATCH_SLOT = 0, 1  # tails read by fresh requests (kept zero) / written by the rest
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (the pool keeps the dtype of its first call; autocast may differ);
+    no dispatch at all when it already is, which is every call of a steady run."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 class _Free:
@@ -51,7 +58,7 @@ class _Free:
 
     def take(self, n: int) -> list[int]:
         if n > len(self.free):
-            new = max(self.size + n, 3 * self.size // 2)
+            new = max(self.size + n - len(self.free), 3 * self.size // 2)
             self.free = list(range(new - 1, self.size - 1, -1)) + self.free
             self.size = new
         return [self.free.pop() for _ in range(n)]
@@ -63,9 +70,10 @@ class FlowPool:
     ``kv[key]``: (2, rows, positions, heads, head_dim) per attention layer (``key`` = the call's
     tag and the module; positions ``block * BLOCK + offset``, block 0 is scratch for padding);
     ``tails[key]``: (rows, request slots, channels, k - 1) per causal convolution. Tensors are
-    made on first use and grow with the free lists; when no request holds anything they go back
-    to their first size, so a burst does not keep its memory. One flow call runs at a time; the
-    lock guards the free lists against a cache released (garbage-collected) on another thread.
+    made on first use and grow with the free lists; when no request holds anything (checked
+    before and after every call) they go back to their first size, so a burst does not keep its
+    memory. One flow call runs at a time. A cache garbage-collected (on any thread, even inside
+    a free-list update) only queues its ids; the next bookkeeping call takes them back.
     """
 
     def __init__(self, blocks: int = 8, slots: int = 8):  # small: a position is ~4.6 MB (v2)
@@ -76,38 +84,55 @@ class FlowPool:
         self.tails: dict[Hashable, torch.Tensor] = {}
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)  # over every layer's K and V
         self.slot_bytes = 0  # over every convolution's tails
+        self._returned: deque[tuple[dict[str, list[int]], list[int]]] = deque()
 
     def used_blocks(self, res: str) -> int:
-        return self.blocks[res].used
+        with self.lock:
+            self._drain()
+            return self.blocks[res].used
 
     @property
     def held(self) -> int:
         """Blocks and slots that requests hold (0 once every cache is released)."""
-        return sum(b.used for b in self.blocks.values()) + self.slots.used
+        with self.lock:
+            self._drain()
+            return sum(b.used for b in self.blocks.values()) + self.slots.used
 
-    def reserve(self, cache: FlowCache, res: str, end: int) -> None:
-        """Blocks for positions [0, end) of ``cache`` at resolution ``res``."""
+    def shrink_if_idle(self) -> None:
+        """Back to the first size when no request holds anything (between calls only)."""
         with self.lock:
             lists = (*self.blocks.values(), self.slots)
             if self.held == 0 and any(b.size > b.initial for b in lists):
                 self._shrink()
+
+    def reserve(self, cache: FlowCache, res: str, end: int) -> None:
+        """Blocks for positions [0, end) of ``cache`` at resolution ``res``."""
+        with self.lock:
+            self.shrink_if_idle()  # a call's first reservation: nothing of the pool is in use
             need = -(-end // BLOCK) - len(cache.blocks[res])
             if need > 0:
                 cache.blocks[res].extend(self.blocks[res].take(need))
 
     def slot(self, cache: FlowCache) -> int:
         with self.lock:
+            self._drain()
             if not cache.slot:
                 cache.slot.extend(self.slots.take(1))
             return cache.slot[0]
 
     def give(self, blocks: dict[str, list[int]], slot: list[int]) -> None:
-        with self.lock:
+        """A cache's finalizer: queue its ids (no lock: it may run inside a locked update)."""
+        self._returned.append(({r: list(ids) for r, ids in blocks.items()}, list(slot)))
+        for ids in blocks.values():
+            ids.clear()
+        slot.clear()
+
+    def _drain(self) -> None:  # with the lock held
+        while self._returned:
+            blocks, slot = self._returned.popleft()
             for res, ids in blocks.items():
                 self.blocks[res].free.extend(reversed(ids))
-                ids.clear()
             self.slots.free.extend(slot)
-            slot.clear()
 
     def trim(self, cache: FlowCache, res: str, end: int) -> None:
         """Give back the blocks past position ``end`` (a call's positions it did not keep)."""
@@ -285,13 +310,13 @@ class Past:
                      for c, keep in zip(self.caches, self.commit, strict=True)]  # fmt: skip
         self.slots_in, self.slots_out = h2d(slots_in, device), h2d(slots_out, device)
 
-    def finish(self) -> None:
-        """After the call: the committing requests keep their new positions, the others give
-        back what the call reserved for them."""
+    def finish(self, ok: bool = True) -> None:
+        """After the call: the committing requests keep their new positions, the others (all
+        of them if the call failed) give back what the call reserved for them."""
         if not self._reused():
             return
         for c, e, keep in zip(self.caches, self.ends, self.commit, strict=True):
-            if keep:
+            if keep and ok:
                 c.length[self.res] = e
             elif c.pool is not None:
                 c.pool.trim(c, self.res, c.length[self.res])
@@ -305,10 +330,10 @@ class Past:
         h, dh = k.shape[1], k.shape[-1]
         for i, x in enumerate((k, v)):
             x = x.transpose(1, 2).reshape(self.rows, -1, h, dh)  # (rows, B*T, H, dh)
-            buf[i].index_copy_(1, self.write, x.to(buf.dtype))
+            buf[i].index_copy_(1, self.write, _as(x, buf.dtype))
         kv = buf[:, :, self.read]  # (2, rows, B, K, H, dh); a slice gives no B axis
         kv = kv.unsqueeze(2) if isinstance(self.read, slice) else kv
-        kv = kv.transpose(3, 4).flatten(1, 2).to(k.dtype)
+        kv = _as(kv.transpose(3, 4).flatten(1, 2), k.dtype)
         return kv[0], kv[1]
 
     def conv(self, mod: object, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -319,7 +344,7 @@ class Past:
         if not self._reused():
             return F.pad(x, (n, 0))
         buf = self.pool.tails_buffer((self.tag, mod), x, self.rows, n)
-        xx = torch.cat([buf[:, self.slots_in].flatten(0, 1).to(x.dtype), x], -1)
+        xx = torch.cat([_as(buf[:, self.slots_in].flatten(0, 1), x.dtype), x], -1)
         idx = self._tail_idx.get(n)
         if idx is None:  # the n frames before each request's end: xx[:, :, lens[b]:lens[b]+n]
             last = h2d(self.lens, x.device).repeat(self.rows)[:, None] + torch.arange(
@@ -327,7 +352,7 @@ class Past:
             )
             idx = self._tail_idx[n] = last[:, None, :]
         new = xx.gather(-1, idx.expand(-1, x.shape[1], -1))
-        buf.index_copy_(1, self.slots_out, new.view(self.rows, -1, *new.shape[1:]).to(buf.dtype))
+        buf.index_copy_(1, self.slots_out, _as(new.view(self.rows, -1, *new.shape[1:]), buf.dtype))
         return xx
 
     def rel_pos(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:

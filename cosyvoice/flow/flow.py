@@ -255,9 +255,32 @@ class FlowModel(nn.Module):
     def inference(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
         """Returns one mel (80, frames) per request: the frames from ``emit_from`` (after the
         prompt) to the end of the call."""
+        pooled = [i for i, r in enumerate(reqs) if _uses_pool(r)]
+        if not 0 < len(pooled) < len(reqs):
+            return self._call(reqs)
+        # requests without state (non-stream, recomputing) run apart: in a call over caches
+        # their keys would go through the pool too, and a long one would grow it for nothing
+        rest = [i for i in range(len(reqs)) if i not in set(pooled)]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(reqs)
+        for group in (pooled, rest):
+            for i, mel in zip(group, self._call([reqs[i] for i in group]), strict=True):
+                out[i] = mel
+        return out
+
+    def _call(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
+        p, ok = self.plan(reqs), False
+        try:
+            out = self._run(reqs, p)
+            ok = True
+            return out
+        finally:
+            for v in p.pasts:
+                v.finish(ok)
+            self.pool.shrink_if_idle()
+
+    def _run(self, reqs: list[FlowInput], p: _Plan) -> list[torch.Tensor]:
         dev, ratio = self.input_embedding.weight.device, self.cfg.token_mel_ratio
         b = len(reqs)
-        p = self.plan(reqs)
         mu, hl = self.encode(reqs, p)  # (B, T, 80) new frames
         t = mu.shape[1]
         mu = mu.transpose(1, 2)
@@ -295,9 +318,12 @@ class FlowModel(nn.Module):
         for c, s, n, keep in zip(p.caches, p.start, p.lens, p.commit, strict=True):
             if keep:
                 c.tokens = s + n
-        for v in p.pasts:
-            v.finish()
         return out
+
+
+def _uses_pool(r: FlowInput) -> bool:
+    """Whether a call reads or keeps flow state (a cache that is continued or extended)."""
+    return r.cache is not None and (r.cache.tokens > 0 or not r.finalize)
 
 
 def build_flow(cfg: FlowConfig) -> FlowModel:

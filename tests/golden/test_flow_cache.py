@@ -11,6 +11,7 @@ from _fixtures import FAMILIES, ONE_THREAD, CountOps, drive_ragged, family_param
 from conftest import assert_close
 
 from cosyvoice.flow import FlowCache, FlowInput, load_flow
+from cosyvoice.flow.cache import BLOCK
 from cosyvoice.hift import load_hift
 from cosyvoice.token2wav import make_token2wav
 
@@ -208,3 +209,25 @@ def test_flow_call_ops_do_not_grow_with_batch(parts):
     assert sum(one.ops.values()) > 10 * layers * flow.cfg.n_timesteps  # it saw the estimator
     assert extra <= 40 * 5, six.ops - one.ops
     assert sum(six.host_waits().values()) <= 8, six.host_waits()
+
+
+def test_stateless_requests_stay_out_of_the_pool(parts):
+    """A whole-utterance request batched with a stream runs apart from the pool: its 600
+    frames neither grow the pool nor change its mel; the pool shrinks once nothing is held."""
+    flow, _, spk = parts
+    emb = _speakers(spk)[0][0]
+    toks = torch.tensor(_tokens(300, 11, flow.cfg.vocab_size))
+    none = torch.zeros(0, dtype=torch.long), torch.zeros(0, 80)
+    cache = FlowCache()
+    stream = FlowInput(toks[:28], *none, emb, True, False, 0, cache)
+    got = flow.inference([stream, FlowInput(toks, *none, emb)])
+    (alone,) = flow.inference([FlowInput(toks, *none, emb)])
+    assert_close(got[1], alone, MEL_TOL, what="the stateless request")
+    assert cache.length["frames"] == 50 and flow.pool.blocks["frames"].size * BLOCK < 600
+    big = [FlowCache() for _ in range(4)]
+    flow.inference([FlowInput(toks[:203], *none, emb, True, False, 0, c) for c in big])
+    grown = flow.pool.blocks["frames"].size
+    del big
+    cache.release()
+    flow.inference([FlowInput(toks[:50], *none, emb, True, True, 0, FlowCache())])
+    assert flow.pool.held == 0 and flow.pool.blocks["frames"].size < grown
