@@ -35,6 +35,10 @@ RESOLUTIONS = ("tokens", "frames")  # the encoder's token layers; its frame laye
 ZERO_SLOT, SCRATCH_SLOT = 0, 1  # tails read by fresh requests (kept zero) / written by the rest
 
 
+def _blocks_for(positions: int) -> int:
+    return -(-positions // BLOCK)
+
+
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype`` (the pool keeps the dtype of its first call; autocast may differ);
     no dispatch at all when it already is, which is every call of a steady run."""
@@ -63,6 +67,9 @@ class _Free:
             self.size = new
         return [self.free.pop() for _ in range(n)]
 
+    def give(self, ids: list[int]) -> None:
+        self.free.extend(reversed(ids))  # the lowest ids come out first again
+
 
 class FlowPool:
     """Every streaming request's flow state on one device.
@@ -86,11 +93,6 @@ class FlowPool:
         self.slot_bytes = 0  # over every convolution's tails
         self._returned: deque[tuple[dict[str, list[int]], list[int]]] = deque()
 
-    def used_blocks(self, res: str) -> int:
-        with self.lock:
-            self._drain()
-            return self.blocks[res].used
-
     @property
     def held(self) -> int:
         """Blocks and slots that requests hold (0 once every cache is released)."""
@@ -109,7 +111,7 @@ class FlowPool:
         """Blocks for positions [0, end) of ``cache`` at resolution ``res``."""
         with self.lock:
             self.shrink_if_idle()  # a call's first reservation: nothing of the pool is in use
-            need = -(-end // BLOCK) - len(cache.blocks[res])
+            need = _blocks_for(end) - len(cache.blocks[res])
             if need > 0:
                 cache.blocks[res].extend(self.blocks[res].take(need))
 
@@ -131,18 +133,17 @@ class FlowPool:
         while self._returned:
             blocks, slot = self._returned.popleft()
             for res, ids in blocks.items():
-                self.blocks[res].free.extend(reversed(ids))
-            self.slots.free.extend(slot)
+                self.blocks[res].give(ids)
+            self.slots.give(slot)
 
     def trim(self, cache: FlowCache, res: str, end: int) -> None:
         """Give back the blocks past position ``end`` (a call's positions it did not keep)."""
         with self.lock:
-            ids = cache.blocks[res]
-            keep = -(-end // BLOCK)
-            self.blocks[res].free.extend(reversed(ids[keep:]))
+            ids, keep = cache.blocks[res], _blocks_for(end)
+            self.blocks[res].give(ids[keep:])
             del ids[keep:]
 
-    def _shrink(self) -> None:  # at the start of a call, when nothing is held
+    def _shrink(self) -> None:  # between calls, when nothing is held
         for b in (*self.blocks.values(), self.slots):
             b.reset()
         self.kv.clear()
@@ -290,9 +291,9 @@ class Past:
                                    f"the call starts at {s}")  # fmt: skip
             pool.reserve(c, self.res, e)
         t, k = max(self.lens), max(self.ends)
-        table = torch.zeros(len(self.caches), -(-k // BLOCK), dtype=torch.long)
+        table = torch.zeros(len(self.caches), _blocks_for(k), dtype=torch.long)
         for b, c in enumerate(self.caches):
-            ids = c.blocks[self.res][: -(-self.ends[b] // BLOCK)]
+            ids = c.blocks[self.res][: _blocks_for(self.ends[b])]
             table[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         j = torch.arange(k)
         read = table[:, j // BLOCK] * BLOCK + j % BLOCK  # (B, K)
@@ -347,10 +348,8 @@ class Past:
         xx = torch.cat([_as(buf[:, self.slots_in].flatten(0, 1), x.dtype), x], -1)
         idx = self._tail_idx.get(n)
         if idx is None:  # the n frames before each request's end: xx[:, :, lens[b]:lens[b]+n]
-            last = h2d(self.lens, x.device).repeat(self.rows)[:, None] + torch.arange(
-                n, device=x.device
-            )
-            idx = self._tail_idx[n] = last[:, None, :]
+            ends = h2d(self.lens, x.device).repeat(self.rows)  # (rows*B,)
+            idx = self._tail_idx[n] = (ends[:, None] + torch.arange(n, device=x.device))[:, None]
         new = xx.gather(-1, idx.expand(-1, x.shape[1], -1))
         buf.index_copy_(1, self.slots_out, _as(new.view(self.rows, -1, *new.shape[1:]), buf.dtype))
         return xx

@@ -260,7 +260,7 @@ class FlowModel(nn.Module):
             return self._call(reqs)
         # requests without state (non-stream, recomputing) run apart: in a call over caches
         # their keys would go through the pool too, and a long one would grow it for nothing
-        rest = [i for i in range(len(reqs)) if i not in set(pooled)]
+        rest = [i for i, r in enumerate(reqs) if not _uses_pool(r)]
         out: list[torch.Tensor] = [torch.empty(0)] * len(reqs)
         for group in (pooled, rest):
             for i, mel in zip(group, self._call([reqs[i] for i in group]), strict=True):
