@@ -33,6 +33,7 @@ PARITY_TESTS = [
     "tests/golden/test_e2e.py",
     "tests/golden/test_utterance.py",
     "tests/golden/test_llm_graphs.py",
+    "tests/golden/test_flow_graphs.py",
 ]
 
 
@@ -114,6 +115,13 @@ class EngineTarget:
             busy = [u for u in rest + batch if u.status is not Status.FINISHED]
         return [delivery(t0, arrivals[id(u)]) for u in utts]
 
+    def graphs_note(self) -> str:
+        g = self.model.token2wav.flow.graphs
+        if g is None:
+            return "flow graphs off"
+        how = "replayed" if g.capture else "run eagerly at static shapes (no capture)"
+        return f"{g.runs} flow calls {how}, {g.captures} graphs captured"
+
     def close(self) -> None:
         import gc
 
@@ -172,21 +180,25 @@ def main() -> None:
                         "--out", args.model], check=True)  # fmt: skip
     par = "skipped" if args.skip_parity else parity(args.device)
     print("parity:", par, flush=True)
-    rows, caps = [], {}
+    rows, caps, notes = [], {}, {}
     target_cls = EngineTarget if args.engine else ServerTarget
     for dtype in args.dtypes:
         target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
                             args.vocoder_thread)  # fmt: skip
         try:
             r, caps[dtype] = measure(target, dtype, args.levels, args.capacity)
+            if args.engine:
+                notes[dtype] = target.graphs_note()
+                print(dtype, notes[dtype], flush=True)
         finally:
             target.close()
         rows += r
-        report(args, par, rows, caps, time.monotonic() - t0)  # after each dtype: a run cut
+        report(args, par, rows, caps, notes, time.monotonic() - t0)  # after each dtype: a run cut
         # short by a time limit still leaves what it measured
 
 
-def report(args, parity_result: str, rows: list[str], caps: dict[str, int], seconds: float) -> None:
+def report(args, parity_result: str, rows: list[str], caps: dict[str, int],
+           notes: dict[str, str], seconds: float) -> None:  # fmt: skip
     how = (
         "the model's step loop in one process (`--engine`: no HTTP; N utterances started at once, "
         "stepped together up to 64 per step)"
@@ -201,6 +213,7 @@ Command: `bench/bench_gpu.py {flags}{" --engine" if args.engine else ""}`, commi
 output (random weights), LLM forced to {args.tokens} tokens ({args.tokens / 25:.0f} s of audio)
 per request; {how}. Golden parity on {args.device}, float32: {parity_result}. Real-time capacity
 (largest N with no stream underrunning): {", ".join(f"{d} {c}" for d, c in caps.items())}.
+{"".join(f"Flow graphs, {d}: {n}. " for d, n in notes.items())}
 
 | dtype | N | TTFA p50 ms | TTFA p95 ms | slowest delivery RTF | streams that underran |
 | --- | --- | --- | --- | --- | --- |

@@ -105,7 +105,7 @@ def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -
 class _CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.n = 0
+        self.n = self.in_loop = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
@@ -116,9 +116,28 @@ def step_ops(t2w: Token2Wav, b: int, hop: str, emb, vocab: int) -> dict:
     """Torch ops dispatched by one step of ``b`` streams (on a GPU, roughly its kernel launches:
     what a step costs before any arithmetic). Untimed: counting slows every op."""
     items = _items(t2w, b, hop, emb, vocab)
+    graphs = t2w.flow.graphs
     with _CountOps() as c:
-        t2w.step(items)
-    return {"batch": b, "hop": hop, "ops": c.n}
+        if graphs is None:
+            t2w.step(items)
+        else:  # what a captured graph replays in one launch: the static Euler loop
+            loop = graphs._forward
+
+            def counted(*key):
+                n = c.n
+                out = loop(*key)
+                c.in_loop += c.n - n
+                return out
+
+            graphs._forward = counted
+            try:
+                t2w.step(items)
+            finally:
+                del graphs._forward
+    res = {"batch": b, "hop": hop, "ops": c.n}
+    if graphs is not None:
+        res["in_graph"] = c.in_loop
+    return res
 
 
 LONG_MODES = {  # name -> (Token2Wav options, stream)
@@ -186,10 +205,13 @@ def main() -> None:
     ap.add_argument("--long-modes", default=",".join(LONG_MODES), help="modes of the long stream")
     ap.add_argument("--modes", default=",".join(LONG_MODES), help="modes of the concurrent run")
     ap.add_argument("--count-ops", action="store_true", help="ops per batched step, no timing")
+    ap.add_argument("--graphs", action="store_true", help="flow graphs on (eager on a CPU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     t2w = load(a.model, a.device)
+    if a.graphs:
+        t2w.flow.enable_graphs(max_batch=64)
     load_s = time.perf_counter() - t0
     vocab = t2w.flow.cfg.vocab_size
     emb = torch.randn(192, generator=torch.Generator().manual_seed(0))

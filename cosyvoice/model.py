@@ -339,6 +339,9 @@ class CosyVoiceModel:
         self.close_text(u)
         while u.status is not Status.FINISHED:
             self.step([u])
+        graphs = getattr(self.token2wav.flow, "graphs", None) if self.token2wav else None
+        if graphs is not None and graphs.capture:
+            self.token2wav.warm(graphs.batches)
 
     def new_request(
         self,
@@ -448,7 +451,8 @@ def load(
     bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
     on a CPU without bf16 matrix units falls back). ``token2wav=False`` loads only the front
     half (text -> speech tokens). ``graphs`` (default: on CUDA for v2/v3) runs decode steps of
-    up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`).
+    up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`), and
+    so the flow's Euler loop over as many streams (:mod:`cosyvoice.flow.graphs`).
     ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state they may
     keep together; None: the defaults of :class:`cosyvoice.token2wav.StreamConfig`, except that
     on a GPU the flow state may take half the device memory free once the LLM is loaded.
@@ -493,7 +497,8 @@ def load(
         dtype=dtype,
         vocoder_thread=device.type == "cuda" if vocoder_thread is None else vocoder_thread,
     )
-    if graphs if graphs is not None else (device.type == "cuda" and family != "v1"):
+    graphs = graphs if graphs is not None else (device.type == "cuda" and family != "v1")
+    if graphs:
         model.llm.enable_graphs(max_batch)
     if token2wav:
         if flow_cache_mb is None and device.type == "cuda":
@@ -503,6 +508,8 @@ def load(
         opts = dict(exact_final=exact_final, flow_cache_mb=flow_cache_mb)
         opts = {k: v for k, v in opts.items() if v is not None}
         model.token2wav = _load_token2wav(model_dir, cfg, device, dtype, **opts)
+        if graphs:
+            model.token2wav.flow.enable_graphs(max_batch)
     return model
 
 

@@ -292,6 +292,18 @@ class Token2Wav:
             out[i] = chunk
         return to_host(out)
 
+    def warm(self, batches: list[int]) -> None:
+        """A first chunk at each batch size, so that what first audio waits on (the flow's CUDA
+        graphs for it) is captured before requests come."""
+        n = self.cfg.token_hop_len + self.cfg.pre_lookahead_len
+        emb = torch.zeros(self.flow.cfg.spk_embed_dim)
+        for b in batches:
+            states = [self.new_state(emb) for _ in range(b)]
+            self.step([(st, [0] * n, False) for st in states])
+            for st in states:
+                if st.flow_cache is not None:
+                    st.flow_cache.release()
+
     def _flow_input(self, j: _Job) -> FlowInput:
         """The flow call of a job: new frames only (from the request's token offset), over its
         cache when it streams (upstream's exact final pass recomputes without one)."""

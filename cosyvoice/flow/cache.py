@@ -92,6 +92,8 @@ class FlowPool:
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)  # over every layer's K and V
         self.slot_bytes = 0  # over every convolution's tails
         self._returned: deque[tuple[dict[str, list[int]], list[int]]] = deque()
+        self.keep = False  # never shrink (set while CUDA graphs hold the tensors' addresses)
+        self.resets = 0
 
     @property
     def held(self) -> int:
@@ -100,8 +102,17 @@ class FlowPool:
             self._drain()
             return sum(b.used for b in self.blocks.values()) + self.slots.used
 
+    @property
+    def layout(self) -> tuple:
+        """Changes whenever a tensor may be made anew (a free list grew, the pool shrank):
+        what a CUDA graph captured over the tensors must match to be replayed."""
+        sizes = tuple(b.size for b in self.blocks.values())
+        return sizes, self.slots.size, self.resets
+
     def shrink_if_idle(self) -> None:
         """Back to the first size when no request holds anything (between calls only)."""
+        if self.keep:
+            return
         with self.lock:
             lists = (*self.blocks.values(), self.slots)
             if self.held == 0 and any(b.size > b.initial for b in lists):
@@ -148,6 +159,7 @@ class FlowPool:
             b.reset()
         self.kv.clear()
         self.tails.clear()
+        self.resets += 1
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)
         self.slot_bytes = 0
 
@@ -256,15 +268,36 @@ class Past:
         if chunk > 0:
             seen = j[None, None, :] < ((pos // chunk + 1) * chunk)[..., None]
             m = m & (seen | ~h2d(streaming, device)[:, None, None])
-        padded = q[None, :] >= h2d(lens, device)[:, None]
+        self.lens_dev = h2d(lens, device)
+        padded = q[None, :] >= self.lens_dev[:, None]
         m = m | padded[..., None] & (j == 0)  # padding rows see one key: no empty softmax
         self.mask = m.repeat(rows, 1, 1)[:, None]  # (rows*B, 1, T, K) bool, True = attend
         self.positions = pos.repeat(rows, 1)  # (rows*B, T)
         self.valid = (~padded).repeat(rows, 1)  # (rows*B, T)
         self._rel: tuple[torch.Tensor, torch.Tensor] | None = None
         self._tail_idx: dict[int, torch.Tensor] = {}
-        if self._reused():
+        self.pooled = self._reused()
+        if self.pooled:
             self._index(device)
+
+    @classmethod
+    def over(
+        cls, pool: FlowPool, rows: int, mask: torch.Tensor, write: torch.Tensor,
+        read: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], lens: torch.Tensor,
+        positions: torch.Tensor, valid: torch.Tensor,
+    ) -> Past:  # fmt: skip
+        """A pooled view over index tensors built elsewhere (the flow's CUDA graphs read them
+        from static buffers): ``mask`` (rows*B, 1, T, K), ``write`` (B*T,), ``read`` (B, K),
+        ``slots`` (in, out) (B,) each, ``lens`` (B,), ``positions`` and ``valid`` (rows*B, T).
+        It owns no caches: :meth:`finish` is the call's own view's."""
+        p = cls.__new__(cls)
+        p.caches, p.start, p.lens, p.ends, p.commit = [], [], [], [], []
+        p.pool, p.res, p.rows, p.tag, p.pooled = pool, "frames", rows, None, True
+        p.mask, p.write, p.read, p.lens_dev = mask, write, read, lens
+        p.positions, p.valid = positions, valid
+        p.slots_in, p.slots_out = slots
+        p._rel, p._tail_idx = None, {}
+        return p
 
     def at(self, tag: Hashable) -> Past:
         """The same view keyed apart (one per Euler step: each step has its own state)."""
@@ -314,7 +347,7 @@ class Past:
     def finish(self, ok: bool = True) -> None:
         """After the call: the committing requests keep their new positions, the others (all
         of them if the call failed) give back what the call reserved for them."""
-        if not self._reused():
+        if not self.pooled:
             return
         for c, e, keep in zip(self.caches, self.ends, self.commit, strict=True):
             if keep and ok:
@@ -325,7 +358,7 @@ class Past:
     def kv(self, mod: object, k: torch.Tensor, v: torch.Tensor):
         """Keys/values of every position up to each request's end, (rows*B, H, K, dh), for new
         k, v (rows*B, H, T, dh); the new ones are stored in the pool."""
-        if not self._reused():  # fresh requests only: the keys are the new positions
+        if not self.pooled:  # fresh requests only: the keys are the new positions
             return k, v
         buf = self.pool.kv_buffer((self.tag, mod), self.res, k, self.rows)
         h, dh = k.shape[1], k.shape[-1]
@@ -342,13 +375,13 @@ class Past:
         (zeros at the start of an utterance, like the convolution's own left padding)."""
         if n == 0:
             return x
-        if not self._reused():
+        if not self.pooled:
             return F.pad(x, (n, 0))
         buf = self.pool.tails_buffer((self.tag, mod), x, self.rows, n)
         xx = torch.cat([_as(buf[:, self.slots_in].flatten(0, 1), x.dtype), x], -1)
         idx = self._tail_idx.get(n)
         if idx is None:  # the n frames before each request's end: xx[:, :, lens[b]:lens[b]+n]
-            ends = h2d(self.lens, x.device).repeat(self.rows)  # (rows*B,)
+            ends = self.lens_dev.repeat(self.rows)  # (rows*B,)
             idx = self._tail_idx[n] = (ends[:, None] + torch.arange(n, device=x.device))[:, None]
         new = xx.gather(-1, idx.expand(-1, x.shape[1], -1))
         buf.index_copy_(1, self.slots_out, _as(new.view(self.rows, -1, *new.shape[1:]), buf.dtype))

@@ -197,10 +197,13 @@ class CFM(nn.Module):
         self.estimator = est
 
 
-def cfm_euler(estimator, z, mask, mu, spks, cond, past: Past, n_steps=10, cfg_rate=0.7):
+def cfm_euler(estimator, z, mask, mu, spks, cond, past: Past, n_steps=10, cfg_rate=0.7,
+              t_span: torch.Tensor | None = None):  # fmt: skip
     """Euler ODE from noise z with classifier-free guidance (unconditional rows zero mu/spks/cond).
-    ``past`` (2 row groups: conditional, unconditional) is keyed apart for every step."""
-    t_span = cosine_t_span(n_steps, mu.dtype).to(mu.device)
+    ``past`` (2 row groups: conditional, unconditional) is keyed apart for every step.
+    ``t_span``: the schedule already on the device (a CUDA graph cannot copy it there)."""
+    if t_span is None:
+        t_span = cosine_t_span(n_steps, mu.dtype).to(mu.device)
     b = z.shape[0]
     x = z
     mask2 = torch.cat([mask, mask])

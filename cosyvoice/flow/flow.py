@@ -22,6 +22,7 @@ from cosyvoice.flow.cache import FlowCache, FlowPool, Past
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
+from cosyvoice.flow.graphs import CaptureFailed, FlowGraphs
 
 NOISE_FRAMES = 15000
 
@@ -168,6 +169,7 @@ class FlowModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pool = FlowPool()  # every streaming request's state (not a parameter or buffer)
+        self.graphs: FlowGraphs | None = None
         d = cfg.input_size
         self.input_embedding = nn.Embedding(cfg.vocab_size, d)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
@@ -207,6 +209,16 @@ class FlowModel(nn.Module):
                 cfg.est_chunk,
             )  # fmt: skip
         )
+
+    def enable_graphs(self, max_batch: int, capture: bool | None = None, **ladders) -> None:
+        """Run the Euler loop of calls over up to ``max_batch`` pooled streams as replayed
+        CUDA graphs (:mod:`cosyvoice.flow.graphs`; ``capture=False``: eagerly at the same
+        static shapes, to test the padding on a CPU; ``ladders``: its ``frames`` and
+        ``contexts`` buckets). Call after the flow is on its device."""
+        dev = self.input_embedding.weight.device
+        c = self.cfg
+        self.graphs = FlowGraphs(self.decoder.estimator, self.pool, c.n_timesteps, c.cfg_rate,
+                                 max_batch, dev, capture, **ladders)  # fmt: skip
 
     def plan(self, reqs: list[FlowInput]) -> _Plan:
         la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
@@ -305,10 +317,7 @@ class FlowModel(nn.Module):
             p_len.append(r.prompt_feat.reshape(-1, self.cfg.output_size).shape[0])
         past = p.past(start, hl, [r.streaming for r in reqs], self.cfg.est_chunk, rows=2,
                       device=dev, pool=self.pool)  # fmt: skip
-        x = cfm_euler(
-            self.decoder.estimator, z, mask, mu, spks, cond, past,
-            self.cfg.n_timesteps, self.cfg.cfg_rate,
-        )  # fmt: skip
+        x = self._euler(z, mask, mu, spks, cond, past)
         out = []
         for i, r in enumerate(reqs):
             skip = p_len[i] + r.emit_from - start[i]
@@ -319,6 +328,19 @@ class FlowModel(nn.Module):
             if keep:
                 c.tokens = s + n
         return out
+
+    def _euler(self, z, mask, mu, spks, cond, past: Past) -> torch.Tensor:
+        """The estimator's Euler loop: replayed at its bucket when graphs are on and it fits."""
+        g = self.graphs
+        if g is not None and past.pooled and g.fits(z.shape[0], z.shape[-1], past.mask.shape[-1]):
+            try:
+                return g.run(z, mask, mu, spks, cond, past)
+            except CaptureFailed:
+                self.graphs, self.pool.keep = None, False
+        return cfm_euler(
+            self.decoder.estimator, z, mask, mu, spks, cond, past,
+            self.cfg.n_timesteps, self.cfg.cfg_rate,
+        )  # fmt: skip
 
 
 def _uses_pool(r: FlowInput) -> bool:

@@ -1,0 +1,195 @@
+"""The flow's Euler loop at static shapes, captured as CUDA graphs (v2/v3).
+
+A streaming flow call runs the estimator 10 times (both guidance rows at once); each run is a
+few thousand small kernels, so on a GPU a chunk's ~28 000 launches, not its math, set its time.
+Over pooled streams a call is a fixed op sequence over index tensors (:mod:`.cache`), so the
+whole loop is captured once per (batch, new frames, context) bucket and replayed: the call's
+inputs and indices are copied into static buffers, padded rows and positions write to the
+pool's scratch block and slot and attend to one scratch key, and the real rows are read back.
+
+A graph holds the addresses of the pool's tensors, so the pool stops shrinking while graphs
+are on (``FlowPool.keep``) and a graph is captured anew once the pool has grown. On the CPU
+the same static loop runs eagerly (``capture=False``): that is how the padding is tested
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from .cache import SCRATCH_SLOT, ZERO_SLOT, FlowPool, Past
+from .decoder import cfm_euler, cosine_t_span
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+FRAMES = (32, 64, 96, 128, 192, 256)  # new frames per call: a hop of 25 tokens is 50
+CONTEXTS = (128, 256, 512, 1024, 2048, 4096)  # positions up to the call's end (4096: ~82 s)
+INPUTS = ("z", "mask", "mu", "cond")  # (B, C, T) each; spks (B, C) apart
+
+log = logging.getLogger("cosyvoice")
+
+
+class CaptureFailed(RuntimeError):
+    """A capture failed (on padding only: no stream's state moved); the flow goes on eagerly."""
+
+
+def _bucket(ladder: list[int] | tuple[int, ...], n: int) -> int:
+    return ladder[bisect.bisect_left(ladder, n)]
+
+
+class FlowGraphs:
+    """The estimator's Euler loop of one flow model over up to ``max_batch`` pooled streams."""
+
+    def __init__(self, estimator: torch.nn.Module, pool: FlowPool, n_steps: int,
+                 cfg_rate: float, max_batch: int, device: torch.device,
+                 capture: bool | None = None, frames: tuple[int, ...] = FRAMES,
+                 contexts: tuple[int, ...] = CONTEXTS) -> None:  # fmt: skip
+        self.estimator, self.pool, self.n_steps, self.cfg_rate = estimator, pool, n_steps, cfg_rate
+        self.batches = [b for b in BATCHES if b < max_batch] + [max_batch]
+        self.frames, self.contexts = frames, contexts
+        self.runs = 0  # calls that went through the static loop (the rest ran eagerly)
+        self.captures = 0  # graphs captured (again after the pool grew)
+        self.device = device
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.pool.keep = self.pool.keep or self.capture
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._layout: tuple | None = None
+        self._mempool = None
+
+    def fits(self, batch: int, frames: int, context: int) -> bool:
+        return (
+            batch <= self.batches[-1] and frames <= self.frames[-1] and context <= self.contexts[-1]
+        )
+
+    def run(self, z, mask, mu, spks, cond, past: Past) -> torch.Tensor:
+        """What :func:`cfm_euler` gives for a pooled call (inputs (B, C, T), ``past`` its view
+        of the estimator's state), computed at the call's bucket."""
+        n, t, k = z.shape[0], z.shape[-1], past.mask.shape[-1]
+        key = (_bucket(self.batches, n), _bucket(self.frames, t), _bucket(self.contexts, k))
+        self.runs += 1
+        ins = dict(z=z, mask=mask, mu=mu, cond=cond, spks=spks)
+        self._prepare(ins)
+        if self.capture and key not in self._graphs:
+            try:
+                self._capture(key)
+            except Exception as e:  # whatever stops a capture, the eager loop still works
+                log.exception("capturing the flow's CUDA graph failed; the flow runs eagerly")
+                raise CaptureFailed(str(e)) from e
+        self._fill(ins, past, key)
+        if not self.capture:
+            return self._forward(*key)[:n, :, :t]
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out[:n, :, :t].clone()  # the next replay overwrites ``out``
+
+    def _prepare(self, ins: dict[str, torch.Tensor]) -> None:
+        """Static buffers in the inputs' dtypes; graphs over stale buffers or pool tensors go."""
+        b, c, t, k = self.batches[-1], ins["z"].shape[1], self.frames[-1], self.contexts[-1]
+        for name, x in ins.items():
+            shape = (b, c) if name == "spks" else (b, x.shape[1], t)
+            self._buf(name, shape, x.dtype)
+        self._buf("att", (2, b, 1, t, k), torch.bool)  # the mask of both guidance rows
+        for name, shape in dict(write=(b, t), read=(b, k), positions=(b, t)).items():
+            self._buf(name, shape, torch.long)
+        self._buf("valid", (b, t), torch.bool)
+        for name in ("slots_in", "slots_out", "lens"):
+            self._buf(name, (b,), torch.long)
+        span = self._bufs.get("t_span")
+        if span is None or span.dtype != ins["mu"].dtype:  # as cfm_euler makes it: mu's dtype
+            self._bufs["t_span"] = cosine_t_span(self.n_steps, ins["mu"].dtype).to(self.device)
+            self._graphs.clear()
+        if self.pool.layout != self._layout:
+            self._layout = self.pool.layout
+            self._graphs.clear()
+
+    def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        x = self._bufs.get(name)
+        if x is None or x.dtype != dtype or x.shape != shape:
+            self._bufs[name] = torch.zeros(shape, dtype=dtype, device=self.device)
+            self._graphs.clear()
+
+    def _pad(self, b: int, t: int, k: int) -> None:
+        """Bucket (b, t, k) all padding: every write goes to scratch, every query sees key 0."""
+        f = self._bufs
+        for name in (*INPUTS, "write", "positions", "valid"):
+            f[name][:b, ..., :t].zero_()
+        f["read"][:b, :k].zero_()
+        f["att"][:, :b, :, :t, :k].zero_()
+        f["att"][:, :b, :, :t, 0] = True
+        f["spks"][:b].zero_()
+        f["lens"][:b].zero_()
+        f["slots_in"][:b].fill_(ZERO_SLOT)
+        f["slots_out"][:b].fill_(SCRATCH_SLOT)
+
+    def _fill(self, ins: dict[str, torch.Tensor], past: Past, key: tuple[int, int, int]) -> None:
+        n, t, k = ins["z"].shape[0], ins["z"].shape[-1], past.mask.shape[-1]
+        self._pad(*key)
+        f = self._bufs
+        for name in INPUTS:
+            f[name][:n, :, :t] = ins[name]
+        f["spks"][:n] = ins["spks"]
+        f["att"][:, :n, :, :t, :k] = past.mask.view(2, n, 1, t, k)
+        f["write"][:n, :t] = past.write.view(n, t)
+        read = past.read
+        if isinstance(read, slice):  # one stream whose blocks are in order
+            read = torch.arange(read.start, read.stop, device=self.device)[None]
+        f["read"][:n, :k] = read
+        f["positions"][:n, :t] = past.positions[:n]
+        f["valid"][:n, :t] = past.valid[:n]
+        f["lens"][:n] = past.lens_dev
+        f["slots_in"][:n] = past.slots_in
+        f["slots_out"][:n] = past.slots_out
+
+    def _forward(self, b: int, t: int, k: int) -> torch.Tensor:
+        """The static loop: every op reads the buffers, so it can be captured."""
+        f = self._bufs
+        past = Past.over(
+            self.pool,
+            rows=2,
+            mask=f["att"][:, :b, :, :t, :k].flatten(0, 1),
+            write=f["write"][:b, :t].flatten(),
+            read=f["read"][:b, :k],
+            slots=(f["slots_in"][:b], f["slots_out"][:b]),
+            lens=f["lens"][:b],
+            positions=f["positions"][:b, :t].repeat(2, 1),
+            valid=f["valid"][:b, :t].repeat(2, 1),
+        )
+        x = {name: f[name][:b, :, :t] for name in INPUTS}
+        return cfm_euler(
+            self.estimator, x["z"], x["mask"], x["mu"], f["spks"][:b], x["cond"], past,
+            self.n_steps, self.cfg_rate, t_span=f["t_span"],
+        )  # fmt: skip
+
+    def _capture(self, key: tuple[int, int, int]) -> None:
+        """Warm up and capture on padding only: a run over the real indices would move the
+        streams' convolution tails before the replay reads them."""
+        self._pad(*key)
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # allocator, kernels and any pool growth: off the capture
+            self._forward(*key)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the LLM's thread goes on syncing and allocating during the capture
+        with (
+            _no_cast_cache(self.device.type),
+            torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"),
+        ):
+            out = self._forward(*key)
+        self._graphs[key] = (graph, out)
+        self.captures += 1
+
+
+def _no_cast_cache(device_type: str):
+    """Autocast as it is, without its cache of cast weights: cached casts made during a capture
+    would live in the graph's memory and be freed when autocast exits."""
+    if not torch.is_autocast_enabled(device_type):
+        return nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)

@@ -1,0 +1,90 @@
+"""The flow's static Euler loop: calls padded to their (batch, frames, context) bucket give what
+the eager flow gives, for ragged batches, prompted speakers and utterances whose later chunks
+outgrow the buckets and run eagerly over the same pool state. On the CPU the loop runs eagerly;
+on CUDA (bench/bench_gpu.py runs these there) as captured and replayed graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _fixtures import FAMILIES, ONE_THREAD, TEST_DEVICE, drive_ragged, family_params
+from conftest import assert_close
+
+from cosyvoice.flow import load_flow
+from cosyvoice.hift import load_hift
+from cosyvoice.token2wav import make_token2wav
+
+V2_V3 = family_params("e2e_sft.npz", "v2", "v3")
+WAVE_TOL = 1e-3  # as test_flow_cache: chunks of the same utterance, two ways
+
+pytestmark = [ONE_THREAD, pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(family):
+    return FAMILIES[family] / "model"
+
+
+def _speakers(d):
+    spk = torch.load(d / "spk2info.pt", map_location="cpu", weights_only=True)
+    sft = next(s for s in spk.values() if "embedding" in s)
+    zs = next(s for s in spk.values() if "flow_prompt_speech_token" in s)
+    prompted = (
+        zs["flow_embedding"],
+        zs["flow_prompt_speech_token"][0],
+        zs["prompt_speech_feat"][0],
+    )
+    return [(sft["embedding"], None, None), prompted, (sft["embedding"], None, None)]
+
+
+def _ragged(d, toks, **graphs):
+    """Three streams (plain, prompted, plain) with ragged token arrival, through a flow with
+    static graphs (``graphs`` given) or without."""
+    flow = load_flow(d, device=TEST_DEVICE)
+    if graphs:
+        flow.enable_graphs(**graphs)
+        capture = graphs.get("capture", torch.device(TEST_DEVICE).type == "cuda")
+        assert flow.graphs.capture == flow.pool.keep == capture  # captured graphs pin the pool
+    t2w = make_token2wav(flow, load_hift(d, device=TEST_DEVICE))
+    states = [t2w.new_state(*s, seed=i) for i, s in enumerate(_speakers(d))]
+    got, n_batched = drive_ragged(t2w, states, toks, [9, 13, 4])
+    assert n_batched > 0 and flow.pool.held == 0
+    return [torch.cat(g) for g in got], flow.graphs
+
+
+@pytest.mark.parametrize(
+    "ladders",
+    [
+        dict(max_batch=4),  # every pooled call in a bucket: 3 streams padded to 4
+        dict(max_batch=2, contexts=(128,)),  # some calls too wide or too long: those run eagerly
+    ],
+    ids=["all-static", "mixed"],
+)
+def test_static_loop_equals_eager(model_dir, ladders):
+    vocab = load_flow(model_dir).cfg.vocab_size
+    toks = torch.randint(0, vocab, (260,), generator=torch.Generator().manual_seed(6)).tolist()
+    ref, _ = _ragged(model_dir, toks)
+    got, graphs = _ragged(model_dir, toks, **ladders)
+    assert graphs is not None and graphs.runs > 0
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        assert_close(a, b, WAVE_TOL, what=f"request {i}")
+
+
+def test_warm_runs_a_first_chunk_per_batch_and_gives_everything_back(model_dir):
+    flow = load_flow(model_dir, device=TEST_DEVICE)
+    flow.enable_graphs(max_batch=4)
+    t2w = make_token2wav(flow, load_hift(model_dir, device=TEST_DEVICE))
+    t2w.warm(flow.graphs.batches)
+    assert flow.graphs.runs == len(flow.graphs.batches) == 3  # batches 1, 2 and 4
+    assert flow.pool.held == 0
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="a capture fails only where there is no GPU")
+def test_a_failed_capture_leaves_the_flow_eager_and_right(model_dir, caplog):
+    vocab = load_flow(model_dir).cfg.vocab_size
+    toks = torch.randint(0, vocab, (120,), generator=torch.Generator().manual_seed(8)).tolist()
+    ref, _ = _ragged(model_dir, toks)
+    got, graphs = _ragged(model_dir, toks, max_batch=4, capture=True)
+    assert graphs is None and "capturing the flow's CUDA graph failed" in caplog.text
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        assert_close(a, b, WAVE_TOL, what=f"request {i}")
