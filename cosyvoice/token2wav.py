@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from cosyvoice.flow import FlowCache, FlowInput, FlowModel
+from cosyvoice.flow.cache import BLOCK
 from cosyvoice.hift import CausalHiFT, CausalVocoderState, HiFT, NoiseBuffer
 
 
@@ -293,16 +294,29 @@ class Token2Wav:
         return to_host(out)
 
     def warm(self, batches: list[int]) -> None:
-        """A first chunk at each batch size, so that what first audio waits on (the flow's CUDA
-        graphs for it) is captured before requests come."""
+        """Before requests come, for a flow under CUDA graphs: size its pool to the memory
+        bound (graphs over the pool stay valid while it does not grow), then run a first chunk
+        at each batch size, largest first, so that what first audio waits on is captured."""
+        self._first_chunks(max(batches))  # makes the pool's tensors: their bytes per position
+        pool, ratio = self.flow.pool, self.cfg.token_mel_ratio
+        budget = self.cfg.flow_cache_mb * 2**20
+        if pool.position_bytes["frames"] and math.isfinite(budget):
+            dev = self.flow.input_embedding.weight.device
+            if dev.type == "cuda":  # a bound past the free memory is no size to allocate
+                budget = min(budget, 0.6 * torch.cuda.mem_get_info(dev)[0])
+            per_token = pool.position_bytes["tokens"] + ratio * pool.position_bytes["frames"]
+            blocks = 1.25 * budget / per_token / BLOCK + 4 * max(batches)  # streams overshoot
+            pool.presize({"tokens": int(blocks), "frames": int(ratio * blocks)}, 4 * max(batches))
+        for b in sorted(batches, reverse=True):
+            self._first_chunks(b)
+
+    def _first_chunks(self, b: int) -> None:
         n = self.cfg.token_hop_len + self.cfg.pre_lookahead_len
-        emb = torch.zeros(self.flow.cfg.spk_embed_dim)
-        for b in batches:
-            states = [self.new_state(emb) for _ in range(b)]
-            self.step([(st, [0] * n, False) for st in states])
-            for st in states:
-                if st.flow_cache is not None:
-                    st.flow_cache.release()
+        states = [self.new_state(torch.zeros(self.flow.cfg.spk_embed_dim)) for _ in range(b)]
+        self.step([(st, [0] * n, False) for st in states])
+        for st in states:
+            if st.flow_cache is not None:
+                st.flow_cache.release()
 
     def _flow_input(self, j: _Job) -> FlowInput:
         """The flow call of a job: new frames only (from the request's token offset), over its

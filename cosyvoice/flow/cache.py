@@ -109,6 +109,18 @@ class FlowPool:
         sizes = tuple(b.size for b in self.blocks.values())
         return sizes, self.slots.size, self.resets
 
+    def presize(self, blocks: dict[str, int], slots: int) -> None:
+        """Start at (and shrink back to) at least these sizes: graphs over the tensors stay
+        valid only while the pool does not grow, so a pool under graphs is made as large as the
+        memory bound lets its streams get. Empties the pool (nothing may be held)."""
+        with self.lock:
+            if self.held:
+                raise RuntimeError("presize() needs a pool that holds nothing")
+            for res, n in blocks.items():
+                self.blocks[res].initial = max(self.blocks[res].initial, n)
+            self.slots.initial = max(self.slots.initial, slots)
+            self._shrink()
+
     def shrink_if_idle(self) -> None:
         """Back to the first size when no request holds anything (between calls only)."""
         if self.keep:

@@ -25,7 +25,8 @@ from .cache import SCRATCH_SLOT, ZERO_SLOT, FlowPool, Past
 from .decoder import cfm_euler, cosine_t_span
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-FRAMES = (32, 64, 96, 128, 192, 256)  # new frames per call: a hop of 25 tokens is 50
+FRAMES = (32, 64, 96, 128, 192, 256, 384, 512)  # new frames per call: a hop of 25 tokens
+# is 50; a zero-shot speaker's first chunk carries its prompt too (10 s: ~550)
 CONTEXTS = (128, 256, 512, 1024, 2048, 4096)  # positions up to the call's end (4096: ~82 s)
 INPUTS = ("z", "mask", "mu", "cond")  # (B, C, T) each; spks (B, C) apart
 
@@ -59,6 +60,7 @@ class FlowGraphs:
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._layout: tuple | None = None
         self._mempool = None
+        self._stream: torch.cuda.Stream | None = None
 
     def fits(self, batch: int, frames: int, context: int) -> bool:
         return (
@@ -101,16 +103,22 @@ class FlowGraphs:
         span = self._bufs.get("t_span")
         if span is None or span.dtype != ins["mu"].dtype:  # as cfm_euler makes it: mu's dtype
             self._bufs["t_span"] = cosine_t_span(self.n_steps, ins["mu"].dtype).to(self.device)
-            self._graphs.clear()
+            self._drop()
         if self.pool.layout != self._layout:
             self._layout = self.pool.layout
-            self._graphs.clear()
+            self._drop()
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         x = self._bufs.get(name)
         if x is None or x.dtype != dtype or x.shape != shape:
             self._bufs[name] = torch.zeros(shape, dtype=dtype, device=self.device)
-            self._graphs.clear()
+            self._drop()
+
+    def _drop(self) -> None:
+        """Forget every graph, and their memory pool with them: a pool handle whose graphs are
+        all gone cannot take a new capture."""
+        self._graphs.clear()
+        self._mempool = None
 
     def _pad(self, b: int, t: int, k: int) -> None:
         """Bucket (b, t, k) all padding: every write goes to scratch, every query sees key 0."""
@@ -166,22 +174,29 @@ class FlowGraphs:
 
     def _capture(self, key: tuple[int, int, int]) -> None:
         """Warm up and capture on padding only: a run over the real indices would move the
-        streams' convolution tails before the replay reads them."""
+        streams' convolution tails before the replay reads them. Both on a stream of the flow's
+        own: the warm-up makes cuBLAS's workspace for it outside the graph's memory, and the
+        LLM's graphs (captured on torch's default capture stream) do not share it."""
         self._pad(*key)
         if self._mempool is None:
             self._mempool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # allocator, kernels and any pool growth: off the capture
-            self._forward(*key)
-        torch.cuda.current_stream().wait_stream(stream)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        caller = torch.cuda.current_stream()
+        self._stream.wait_stream(caller)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the LLM's thread goes on syncing and allocating during the capture
-        with (
-            _no_cast_cache(self.device.type),
-            torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"),
-        ):
-            out = self._forward(*key)
+        try:
+            with torch.cuda.stream(self._stream):  # allocator, kernels, pool growth
+                self._forward(*key)
+            # thread_local: the LLM's thread goes on syncing and allocating meanwhile
+            with (
+                _no_cast_cache(self.device.type),
+                torch.cuda.graph(graph, self._mempool, self._stream, "thread_local"),
+            ):
+                out = self._forward(*key)
+        finally:  # a capture that fails to begin or end leaves its stream current
+            torch.cuda.set_stream(caller)
+        caller.wait_stream(self._stream)
         self._graphs[key] = (graph, out)
         self.captures += 1
 

@@ -11,6 +11,7 @@ from _fixtures import FAMILIES, ONE_THREAD, TEST_DEVICE, drive_ragged, family_pa
 from conftest import assert_close
 
 from cosyvoice.flow import load_flow
+from cosyvoice.flow.cache import BLOCK
 from cosyvoice.hift import load_hift
 from cosyvoice.token2wav import make_token2wav
 
@@ -70,13 +71,24 @@ def test_static_loop_equals_eager(model_dir, ladders):
         assert_close(a, b, WAVE_TOL, what=f"request {i}")
 
 
-def test_warm_runs_a_first_chunk_per_batch_and_gives_everything_back(model_dir):
+def test_warm_sizes_the_pool_to_its_bound_and_runs_each_batch(model_dir):
+    """Warm-up makes the pool as large as the memory bound lets streams get, so that streams
+    under the bound never grow it (graphs over its tensors stay valid), then runs a first chunk
+    at each batch bucket."""
     flow = load_flow(model_dir, device=TEST_DEVICE)
     flow.enable_graphs(max_batch=4)
-    t2w = make_token2wav(flow, load_hift(model_dir, device=TEST_DEVICE))
+    t2w = make_token2wav(flow, load_hift(model_dir, device=TEST_DEVICE), flow_cache_mb=2)
     t2w.warm(flow.graphs.batches)
-    assert flow.graphs.runs == len(flow.graphs.batches) == 3  # batches 1, 2 and 4
-    assert flow.pool.held == 0
+    assert flow.graphs.runs == 1 + len(flow.graphs.batches) == 4  # sizing, then 4, 2 and 1
+    layout, pool = flow.pool.layout, flow.pool
+    assert (
+        pool.held == 0
+        and pool.blocks["frames"].size * BLOCK >= 2 * 2**20 / pool.position_bytes["frames"]
+    )
+    toks = torch.randint(0, flow.cfg.vocab_size, (260,), generator=torch.Generator().manual_seed(9))
+    states = [t2w.new_state(*s, seed=i) for i, s in enumerate(_speakers(model_dir))]
+    drive_ragged(t2w, states, toks.tolist(), [9, 13, 4])
+    assert pool.layout == layout and pool.held == 0
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="a capture fails only where there is no GPU")
