@@ -9,6 +9,7 @@ when the caller calls :meth:`LLMRequest.cancel`).
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from .lm import QwenSpeechLM
 from .sampling import Draw, sample_rows
 from .silence import SilentFilter
 from .transformer_lm import TransformerSpeechLM
+
+log = logging.getLogger("cosyvoice")
 
 MIN_TOKEN_TEXT_RATIO = 2
 MAX_TOKEN_TEXT_RATIO = 20
@@ -163,8 +166,12 @@ class LLMEngine:
         if self.graphs is not None or not pool.fixed or pool.blocks != blocks:
             raise ValueError("enable_graphs() must come once, before the first request")
         self.graphs = DecodeGraphs(net, pool, max_batch, capture)
-        with torch.inference_mode():
-            self.graphs.capture_all()
+        try:
+            with torch.inference_mode():
+                self.graphs.capture_all()
+        except Exception:  # the eager step still works (over the same, now fixed, pool)
+            log.exception("capturing the LLM's CUDA graphs failed; decode steps run eagerly")
+            self.graphs = None
 
     @property
     def speech_token_size(self) -> int:

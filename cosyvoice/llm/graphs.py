@@ -114,12 +114,15 @@ class DecodeGraphs:
         self.slots[:b].zero_()
         self.ctx[:b].fill_(1)
         self.table[:b, :nb].zero_()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the capture (allocator, kernels)
-            self._forward(b, nb)
-        torch.cuda.current_stream().wait_stream(stream)
+        stream, caller = torch.cuda.Stream(), torch.cuda.current_stream()
+        stream.wait_stream(caller)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
-            logits = self._forward(b, nb)
+        try:
+            with torch.cuda.stream(stream):  # warm-up off the capture (allocator, kernels)
+                self._forward(b, nb)
+            caller.wait_stream(stream)
+            with torch.cuda.graph(graph, pool=self._mempool):
+                logits = self._forward(b, nb)
+        finally:  # a capture that fails to begin or end leaves its stream current
+            torch.cuda.set_stream(caller)
         self._graphs[(b, nb)] = (graph, logits)

@@ -64,3 +64,13 @@ def test_pool_is_fixed_and_full_is_an_error(golden_dir):
         pool.take(pool.free_blocks + 1)
     with pytest.raises(ValueError):
         model.llm.enable_graphs(4)  # the pool already exists
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="a capture fails only where there is no GPU")
+def test_a_failed_capture_leaves_decode_eager_and_right(golden_dir, caplog):
+    eager, model = _load(golden_dir, False), _load(golden_dir, False)
+    model.llm.enable_graphs(6, capture=True)  # on the CPU capturing raises
+    assert model.llm.graphs is None and "capturing the LLM's CUDA graphs failed" in caplog.text
+    lengths = [12, 30, 25]
+    for (tok_e, _), (tok_f, _) in zip(_trace(eager, lengths), _trace(model, lengths), strict=True):
+        assert tok_e == tok_f
