@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -117,3 +119,38 @@ def pack_linears(net: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
     return len(swaps)
+
+
+def capture_graph(
+    fn: Callable[[], torch.Tensor], mempool: tuple, stream: torch.cuda.Stream
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn`` run once eagerly, then captured as a CUDA graph: its graph and output (the static
+    tensor each replay rewrites). Both on ``stream``, one per graph owner: the eager run makes
+    cuBLAS's workspace for that stream outside the graph's memory, and two owners' graphs
+    replayed at once on different streams never share one. ``thread_local``: other threads go
+    on syncing and allocating meanwhile. The caller's stream is current again afterwards, even
+    when the capture fails to begin or end."""
+    caller = torch.cuda.current_stream()
+    stream.wait_stream(caller)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):  # allocator, kernels, lazily grown buffers
+            fn()
+        with (
+            _no_cast_cache(stream.device.type),
+            torch.cuda.graph(graph, mempool, stream, "thread_local"),
+        ):
+            out = fn()
+    finally:
+        torch.cuda.set_stream(caller)
+    caller.wait_stream(stream)
+    return graph, out
+
+
+def _no_cast_cache(device_type: str):
+    """Autocast as it is, without its cache of cast weights: cached casts made during a capture
+    would live in the graph's memory and be freed when autocast exits."""
+    if not torch.is_autocast_enabled(device_type):
+        return nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import bisect
 import logging
-from contextlib import nullcontext
 
 import torch
+
+from cosyvoice.devices import capture_graph
 
 from .cache import SCRATCH_SLOT, ZERO_SLOT, FlowPool, Past
 from .decoder import cfm_euler, cosine_t_span
@@ -174,37 +175,11 @@ class FlowGraphs:
 
     def _capture(self, key: tuple[int, int, int]) -> None:
         """Warm up and capture on padding only: a run over the real indices would move the
-        streams' convolution tails before the replay reads them. Both on a stream of the flow's
-        own: the warm-up makes cuBLAS's workspace for it outside the graph's memory, and the
-        LLM's graphs (captured on torch's default capture stream) do not share it."""
+        streams' convolution tails before the replay reads them."""
         self._pad(*key)
         if self._mempool is None:
             self._mempool = torch.cuda.graph_pool_handle()
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-        caller = torch.cuda.current_stream()
-        self._stream.wait_stream(caller)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(self._stream):  # allocator, kernels, pool growth
-                self._forward(*key)
-            # thread_local: the LLM's thread goes on syncing and allocating meanwhile
-            with (
-                _no_cast_cache(self.device.type),
-                torch.cuda.graph(graph, self._mempool, self._stream, "thread_local"),
-            ):
-                out = self._forward(*key)
-        finally:  # a capture that fails to begin or end leaves its stream current
-            torch.cuda.set_stream(caller)
-        caller.wait_stream(self._stream)
-        self._graphs[key] = (graph, out)
+        self._graphs[key] = capture_graph(lambda: self._forward(*key), self._mempool, self._stream)
         self.captures += 1
-
-
-def _no_cast_cache(device_type: str):
-    """Autocast as it is, without its cache of cast weights: cached casts made during a capture
-    would live in the graph's memory and be freed when autocast exits."""
-    if not torch.is_autocast_enabled(device_type):
-        return nullcontext()
-    dtype = torch.get_autocast_dtype(device_type)
-    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)

@@ -14,6 +14,8 @@ import bisect
 
 import torch
 
+from cosyvoice.devices import capture_graph
+
 from .kv import BLOCK, Group, KVCache, KVPool, Layout, blocks_for, slot, table_row
 from .lm import QwenSpeechLM
 
@@ -39,6 +41,7 @@ class DecodeGraphs:
         net.qwen.rope(torch.zeros(1, dtype=torch.long, device=dev), self.max_pos, self.x.dtype)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = None
+        self._stream: torch.cuda.Stream | None = None  # warm-up and capture (devices.capture_graph)
 
     @property
     def max_batch(self) -> int:
@@ -114,15 +117,8 @@ class DecodeGraphs:
         self.slots[:b].zero_()
         self.ctx[:b].fill_(1)
         self.table[:b, :nb].zero_()
-        stream, caller = torch.cuda.Stream(), torch.cuda.current_stream()
-        stream.wait_stream(caller)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(stream):  # warm-up off the capture (allocator, kernels)
-                self._forward(b, nb)
-            caller.wait_stream(stream)
-            with torch.cuda.graph(graph, pool=self._mempool):
-                logits = self._forward(b, nb)
-        finally:  # a capture that fails to begin or end leaves its stream current
-            torch.cuda.set_stream(caller)
-        self._graphs[(b, nb)] = (graph, logits)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.pool.data.device)
+        self._graphs[(b, nb)] = capture_graph(
+            lambda: self._forward(b, nb), self._mempool, self._stream
+        )
