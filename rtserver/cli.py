@@ -82,6 +82,7 @@ def serve(args: argparse.Namespace) -> None:
     from rtserver.api.http import abort_quietly
     from rtserver.app import create_app
     from rtserver.logs import log_config
+    from rtserver.memory import cap_arenas
 
     try:
         settings = args.env.replace(
@@ -89,6 +90,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     except SettingsError as exc:
         sys.exit(f"rtserver: {exc}")
+    cap_arenas(settings.malloc_arenas)
     logging_config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(logging_config)
     if settings.on_ray:

@@ -32,6 +32,7 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
+from rtserver.memory import arena_env
 from rtserver.settings import Settings, SettingsError
 
 APP = "rtserver"  # the Serve application's name; one per Ray cluster
@@ -113,7 +114,11 @@ def application(settings: Settings) -> serve.Application:
     s = settings
     options: dict[str, Any] = {
         "name": DEPLOYMENT,
-        "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+        "ray_actor_options": {
+            "num_cpus": s.replica_cpus,
+            "num_gpus": s.replica_gpus,
+            "runtime_env": {"env_vars": arena_env(s.malloc_arenas)},
+        },
         "max_ongoing_requests": s.max_streams,
         "max_queued_requests": s.max_queue,
         "backpressure_config": {"retry_after_s": 1},  # as the replicas' own 503s say

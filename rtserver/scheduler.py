@@ -8,8 +8,6 @@ so a slow client slows only itself and server memory stays bounded.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
@@ -17,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job, JobStatus
+from rtserver.memory import trimmer
 from rtserver.metrics import Metrics
 
 log = logging.getLogger("rtserver.scheduler")
@@ -24,16 +23,6 @@ log = logging.getLogger("rtserver.scheduler")
 
 TRIM_EVERY_S = 30.0  # under constant load, hand freed memory back at least this often
 TRIM_GAP_S = 1.0  # and at most this often, when jobs end or the scheduler goes idle
-
-
-def _libc_trim() -> callable:
-    """glibc keeps freed memory in its per-thread arenas for reuse; after a long request that
-    is hundreds of MB the process never needs again. malloc_trim hands it back to the OS."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return lambda: None
-    return lambda: trim(0)
 
 
 class Busy(Exception):
@@ -80,7 +69,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._held: dict[str, int] = {}  # the engine's held(), as of the last tick
         self._stop = False
-        self._trim = _libc_trim()
+        self._trim = trimmer()
         self._trimmed_at = time.monotonic()
         self._dirty = False  # work done since memory was last handed back
         self._ended = False  # a job ended since then

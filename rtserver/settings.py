@@ -125,6 +125,11 @@ class Settings(msgspec.Struct, kw_only=True):
         Literal["batch", "serial"], _doc("serial: one job at a time (benchmark baseline)")
     ] = "batch"
     warmup: Annotated[bool, _doc("synthesize once before serving")] = True
+    malloc_arenas: Annotated[
+        Count,
+        _doc("glibc malloc arenas; fewer hand back more of what a long request used "
+             "(0: glibc's default, 8 per core; MALLOC_ARENA_MAX in the environment wins)"),
+    ] = 4  # fmt: skip
     drain_timeout_s: Annotated[
         Seconds, _doc("on SIGTERM, let streams finish this long, then end the rest")
     ] = 30.0

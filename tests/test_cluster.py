@@ -11,6 +11,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -94,6 +95,19 @@ def test_twenty_requests_are_served_by_both_replicas(cluster):
         assert health["completed"] >= served[replica]
     metrics = httpx.get(f"{cluster.base_url}/metrics")
     assert f'rtserver_replica_info{{replica="{metrics.headers["x-replica"]}"}} 1.0' in metrics.text
+
+
+def test_replicas_start_with_few_malloc_arenas(cluster):
+    """A replica is a process Ray starts: it caps glibc's arenas (what lets a long request's
+    memory go back) only if its environment says so before its first thread."""
+    replicas = set()
+    for pid in descendants(cluster.proc.pid):
+        with contextlib.suppress(OSError):
+            if b"ServeReplica" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                replicas.add(pid)
+    assert len(replicas) == 2, replicas
+    for pid in replicas:
+        assert b"MALLOC_ARENA_MAX=4" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
 
 
 @pytest.mark.parametrize(
