@@ -113,7 +113,7 @@ class CosyVoiceModel:
             self.seal(utt)
             run = utt.open_run = TextRun(tag)
             utt.pending.append((tag, run, True))
-        run.text += text
+        run.add(text)
         self._push_run(run)
         utt.status = Status.RUNNING
 
@@ -127,11 +127,9 @@ class CosyVoiceModel:
     def _push_run(self, run: TextRun) -> None:
         if run.llm is None:
             return  # not started: its text goes in when it starts
-        text = run.text if run.sealed else run.text[: _last_boundary(run.text)]
-        ids = self.frontend.encode(text) if text else []
-        if len(ids) > run.sent:
-            run.llm.push_text(ids[run.sent :])
-            run.sent = len(ids)
+        text = run.take()
+        if text:
+            run.llm.push_text(self.frontend.encode(text))
         if run.sealed and not run.llm.bistream.closed:
             run.llm.close_text()
 
@@ -410,20 +408,6 @@ class _Spoken:
     done: bool = True
     ready: bool = False
     flow_tokens: list[int] = field(default_factory=list)
-
-
-_CJK_STOPS = frozenset("，。！？；：、")
-
-
-def _last_boundary(text: str) -> int:
-    """Length of the text's prefix that tokenizes the same whatever follows: up to its last
-    whitespace (a BPE word takes the space before it) or just past CJK punctuation."""
-    for i in range(len(text) - 1, -1, -1):
-        if text[i].isspace():
-            return i
-        if text[i] in _CJK_STOPS:
-            return i + 1
-    return 0
 
 
 _EMPTY = torch.zeros(0)

@@ -80,17 +80,45 @@ class Utterance:
         return bool(self.pending) or self.closed
 
 
+_CJK_STOPS = frozenset("，。！？；：、")
+
+
+def _last_boundary(text: str) -> int | None:
+    """Where the text may be cut so that the part before tokenizes the same whatever follows:
+    before its last whitespace (a BPE word takes the space before it) or just past CJK
+    punctuation. None: nowhere."""
+    for i in range(len(text) - 1, -1, -1):
+        if text[i].isspace():
+            return i
+        if text[i] in _CJK_STOPS:
+            return i + 1
+    return None
+
+
 @dataclass(eq=False)
 class TextRun:
-    """A text-streaming piece: its text so far and how much of it the LLM has been given.
-    Text is handed over only up to the last word boundary, so the tokens do not depend on
-    where the fragments were cut; the rest follows when the piece is sealed."""
+    """A text-streaming piece: the text the LLM has not been given yet. Text is handed over
+    only up to the last word boundary, so the tokens do not depend on where the fragments were
+    cut; the rest follows when the piece is sealed. Each fragment is scanned and tokenized
+    once: a long piece that arrives a character at a time costs linear time."""
 
     tag: Any
-    text: str = ""
-    sent: int = 0  # tokens pushed so far
+    tail: str = ""  # not yet given to the LLM; starts at a word boundary
+    ready: int = 0  # how much of tail may be given now
     sealed: bool = False
     llm: Any = None  # the bistream LLMRequest once the run started
+
+    def add(self, fragment: str) -> None:
+        cut = _last_boundary(fragment)
+        if cut is not None:
+            self.ready = len(self.tail) + cut
+        self.tail += fragment
+
+    def take(self) -> str:
+        """The text the LLM may have now: up to the last boundary, or all of it once sealed."""
+        n = len(self.tail) if self.sealed else self.ready
+        text, self.tail, self.ready = self.tail[:n], self.tail[n:], 0
+        return text
 
 
 @dataclass

@@ -31,31 +31,30 @@ class IncrementalSplitter:
         self.min_len = min_len
         self.first_min_len = first_min_len
         self._buf = ""
+        self._cut = 0  # just past the last safe sentence end found in the buffer, or 0
         self._emitted = 0
 
-    def _last_boundary(self) -> int:
-        """Index just past the last safe sentence end in the buffer, or 0."""
+    def _scan(self, start: int) -> None:
+        """Look for sentence ends from `start` on (each mark is decided once the character after
+        it has arrived), so a long buffer is not scanned again for every fragment."""
         buf = self._buf
-        cut = 0
-        for i, c in enumerate(buf):
-            if c not in _ALL_PUNCT or i + 1 >= len(buf):
-                continue
-            nxt = buf[i + 1]
-            if c == "." and nxt.isdigit():
-                continue  # decimal point, not a sentence end
-            cut = i + 2 if nxt in CLOSING_QUOTES else i + 1
-        return cut
+        for i in range(start, len(buf) - 1):
+            c, nxt = buf[i], buf[i + 1]
+            if c not in _ALL_PUNCT or (c == "." and nxt.isdigit()):
+                continue  # not a mark, or a decimal point
+            self._cut = i + 2 if nxt in CLOSING_QUOTES else i + 1
 
     def push(self, fragment: str) -> list[str]:
+        start = max(len(self._buf) - 1, 0)  # the last mark waited for this fragment
         self._buf += fragment
-        cut = self._last_boundary()
-        if cut == 0:
+        self._scan(start)
+        if self._cut == 0:
             return []
-        chunk = self._buf[:cut]
+        chunk = self._buf[: self._cut]
         need = self.first_min_len if self._emitted == 0 else self.min_len
         if self._length(chunk.strip()) < need:
             return []
-        self._buf = self._buf[cut:]
+        self._buf, self._cut = self._buf[self._cut :], 0
         segs = self._normalize(chunk)
         self._emitted += len(segs)
         return segs
@@ -66,7 +65,7 @@ class IncrementalSplitter:
         return self._buf
 
     def flush(self) -> list[str]:
-        chunk, self._buf = self._buf, ""
+        chunk, self._buf, self._cut = self._buf, "", 0
         if not chunk.strip():
             return []
         segs = self._normalize(chunk)

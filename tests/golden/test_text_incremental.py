@@ -4,10 +4,12 @@ they are safe, and together the same normalised text as splitting the whole at o
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from cosyvoice.frontend import Frontend
+from cosyvoice.utterance import TextRun
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -55,3 +57,27 @@ def test_first_sentence_early(frontend):
     assert s.push("Hi. Next") == ["Hi."]
     assert s.push(" one. And more") == []  # below min_len: keep collecting
     assert s.flush() == ["Next one. And more."]  # each chunk is normalised (stripped)
+
+
+TRICKY = (
+    "It's 4.5 km,  isn't it?\nYes —   she'll say \"no\"…  then 3,000 more.\n\n"
+    "你好，世界。今天天气怎么样？很好！ Mixed 中文 and English; 100% done. "
+)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 5, "random"])
+def test_streamed_text_tokenizes_as_the_whole(frontend, golden_dir, piece):
+    """A text-streaming run hands the LLM each fragment's text once, cut at word boundaries:
+    the tokens must be those of the whole text, wherever the fragments were cut."""
+    rng = random.Random(7)
+    for text in [TRICKY, *_long_texts(golden_dir)]:
+        run, ids, at = TextRun(tag=0), [], 0
+        while at < len(text):
+            n = rng.randint(1, 12) if piece == "random" else piece
+            run.add(text[at : at + n])
+            at += n
+            ids += frontend.encode(run.take())
+        run.sealed = True
+        ids += frontend.encode(run.take())
+        assert ids == frontend.encode(text)
+        assert run.tail == ""
