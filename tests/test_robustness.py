@@ -213,6 +213,38 @@ def test_empty_contexts_expire_and_free_their_slots(tight):
     assert_idle(tight)
 
 
+def test_flushes_and_blank_text_do_not_keep_an_idle_context(tight):
+    """A client that nags an empty context with flushes and blank fragments, forever, must not
+    hold its scheduler slot: only text to say counts as activity."""
+
+    async def go() -> tuple[dict, dict, float]:
+        async with connect(tight) as ws:
+            await recv_json(ws)
+            await send(ws, type="start", context_id="nag", spk_id="joe")
+            await until(ws, "started")
+            held, t0 = tight.healthz(), time.monotonic()
+
+            async def nag() -> None:
+                while True:
+                    await send(ws, type="flush", context_id="nag")
+                    await send(ws, type="text", context_id="nag", text="  ")
+                    await send(ws, type="text", context_id="nag", text="")
+                    await asyncio.sleep(0.2)
+
+            nagging = asyncio.create_task(nag())
+            try:
+                ended = await until(ws, "error", "done")
+            finally:
+                nagging.cancel()
+            return held, ended, time.monotonic() - t0
+
+    held, ended, after = run(go(), timeout=30)
+    assert held["active"] + held["queued"] == 1
+    assert ended["code"] == "context_timeout" and ended["context_id"] == "nag"
+    assert after < 10  # the context timeout is 1 s; the socket's (3 s) never fires here
+    assert_idle(tight)
+
+
 def test_socket_with_only_idle_contexts_is_closed(tight):
     async def go() -> tuple[list[str], float]:
         async with connect(tight) as ws:

@@ -237,7 +237,10 @@ class WsSession:
         elif (ctx := self.contexts.get(msg.context_id)) is None:
             await self._no_context(msg)
         else:
-            ctx.last_active = self.last_active
+            if isinstance(msg, AppendText) and msg.text.strip():
+                # Only text to say keeps an idle context (and its scheduler slot): flushes
+                # and empty fragments sent forever would otherwise hold it for good.
+                ctx.last_active = self.last_active
             await self._on_context(ctx, msg)
 
     async def _no_context(self, msg: AppendText | Flush | Close | Cancel) -> None:
