@@ -48,6 +48,10 @@ __all__ = [
 log = logging.getLogger("rtserver.service")
 
 STALL_S = 15.0  # an engine step this long means the inference thread is stuck
+# A transcript of at most 30 s of prompt speech; normalizing it costs ~0.15 ms a character on
+# the CPU, with the GIL held, so it is bounded before any of that work starts.
+MAX_PROMPT_TEXT_CHARS = 1000
+MAX_REGISTERING = 2  # registrations at once (each runs ONNX feature extraction on the CPU)
 
 
 class UnknownSpeaker(LookupError):
@@ -205,6 +209,9 @@ class TTSService:
         # concurrent ones would each pass the check above, and the last writer would win.
         if spk_id in self._registering:
             raise SpeakerRegistrationError(f"speaker {spk_id!r} is being registered", 409)
+        check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
+        if len(self._registering) >= MAX_REGISTERING:
+            raise Busy(f"{MAX_REGISTERING} speakers are being registered; try again")
         self._registering.add(spk_id)
         try:
             # Feature extraction runs ONNX models: keep it off the event loop.

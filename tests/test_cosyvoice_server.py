@@ -224,6 +224,9 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
         assert r.status_code == 201, r.text
         assert r.json()["id"] == "my_voice"
         assert register(srv, "my_voice", prompt_wav()).status_code == 409
+        # A transcript is bounded before anything is normalized or decoded.
+        r = register(srv, "long_voice", prompt_wav(), text="好" * 1001)
+        assert r.status_code == 413 and r.json()["extra"]["code"] == "text_too_long", r.text
         for bad, why in [
             (b"definitely not audio", "audio"),
             (prompt_wav(seconds=0.3), "short"),
@@ -237,7 +240,7 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
     srv = start(spk_dir, "--no-warmup")
     try:
         ids = {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
-        assert "my_voice" in ids and "bad_voice" not in ids
+        assert "my_voice" in ids and not {"bad_voice", "long_voice"} & ids
         body = {"tts_text": TEXT, "spk_id": "my_voice", "seed": 1}
         r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
         assert r.status_code == 200

@@ -298,7 +298,8 @@ class RegisteredSpeaker(msgspec.Struct):
 @post(
     "/speakers",
     summary="Register a zero-shot speaker from a prompt recording and its transcript",
-    description="Multipart fields: `spk_id`, `prompt_text` (what the recording says) and "
+    description="Multipart fields: `spk_id`, `prompt_text` (what the recording says, at most "
+    "1000 characters) and "
     "`prompt_wav` (1-30 s of speech as wav, flac, mp3, ogg or m4a; at most 8 MiB). CosyVoice "
     "engines only; needs the admin key when the server has one. Registered speakers are saved "
     "and survive a restart. Concurrent registrations of one name: one wins, the others 409.",
