@@ -20,10 +20,27 @@ _CLAUSE = ",，、:：—"
 _SBD = pysbd.Segmenter(language="en", clean=False, char_span=False)
 
 
+# pysbd's time grows with the square of the sentences it is given (5000 characters of "a. "
+# take half a second), so it reads long text a window at a time. A sentence longer than this is
+# cut at max_chars anyway.
+_WINDOW = 600
+
+
 def _complete_sentences(buf: str, final: bool) -> tuple[list[str], str]:
     """The complete sentences at the head of `buf`, and what is left. Unless `final`, the last
     sentence waits for more text (the next words decide "5 p.m." + "today") unless it ends at
     a hard end."""
+    done: list[str] = []
+    while len(buf) > _WINDOW:
+        cut = buf.rfind(" ", 0, _WINDOW) + 1 or _WINDOW  # a window ends between two words
+        parts, rest = _sentences(buf[:cut], final=False)
+        done += parts or [rest]  # no end in the window: a run-on, cut at the window
+        buf = (rest if parts else "") + buf[cut:]
+    parts, rest = _sentences(buf, final)
+    return done + parts, rest
+
+
+def _sentences(buf: str, final: bool) -> tuple[list[str], str]:
     if not any(c in _HARD_END or c in _SOFT_END for c in buf):
         return [], buf  # no possible end: skip the splitter (it runs on every token)
     parts = _SBD.segment(buf)
@@ -67,6 +84,8 @@ class Segmenter:
 
     def push(self, text: str) -> list[str]:
         self._buf += text
+        if not text.strip(" \t"):
+            return []  # spaces end no sentence: no need to read the buffer again
         return self._drain(final=False)
 
     def flush(self) -> list[str]:

@@ -108,3 +108,35 @@ def test_word_estimates_tile_the_span_with_pauses_at_punctuation():
     assert zh[0][2] - zh[0][1] == pytest.approx(zh[3][2] - zh[3][1])
     assert estimate_words("", 0.0, 100.0) == []
     assert [w for w, _, _ in estimate_words("— wait —", 0.0, 100.0)] == ["—", "wait—"]
+
+
+def test_long_text_is_read_a_window_at_a_time_with_the_same_sentences(monkeypatch):
+    """pysbd is quadratic in the sentences it is given, so long text goes to it in windows;
+    where the windows fall must not move a sentence boundary."""
+    import rtserver.text as text
+
+    long = " ".join(f"{TEXT} Dr. Who paid $4.50 at 5 p.m. on day {i}." for i in range(25))
+    many = "Yes. " * 1000  # many tiny sentences: the quadratic case
+    assert len(long) > 4 * text._WINDOW
+    windowed = [split_text(t, first_chars=60) for t in (long, many)]
+    # A run-on with no sentence end is cut at windows too, but never inside a word.
+    runon = " ".join(f"word{i}" for i in range(600))
+    assert {w for s in split_text(runon) for w in s.split()} == set(runon.split())
+    monkeypatch.setattr(text, "_WINDOW", 10**9)
+    assert windowed == [split_text(t, first_chars=60) for t in (long, many)]
+
+
+def test_fragments_of_spaces_change_nothing():
+    """Spaces alone end no sentence (the segmenter does not reread its buffer for them)."""
+    seg = Segmenter(first_chars=60)
+    out = seg.push("It is 3.14")
+    for _ in range(3000):
+        out += seg.push(" ")
+    out += seg.push("and more to come. Next one!") + seg.flush()
+    assert out == split_text(
+        "It is 3.14" + " " * 3000 + "and more to come. Next one!", first_chars=60
+    )
+    # A newline does end one, at once.
+    seg = Segmenter()
+    assert seg.push("Hello there, my friend.") == []
+    assert seg.push("\n") == ["Hello there, my friend."]

@@ -305,6 +305,8 @@ class WsSession:
             await self._append(ctx, msg.text)
 
     async def _append(self, ctx: Context, text: str) -> None:
+        if not text:
+            return  # nothing to add (their number is not bounded: they must cost nothing)
         try:
             ctx.session.push(text)
         except TextRejected as exc:
