@@ -10,6 +10,9 @@ Times what every WebSocket text fragment (or HTTP text) goes through, per charac
 - `Segmenter`, the built-in voice's: a sentence that waits on "3.14", then spaces one per
   message; and `split_text` over "Yes. " repeated (an HTTP request of tiny sentences).
 Linear time shows as a per-character cost that stays flat as the text grows.
+
+With `--model`, also the steps of a CosyVoice utterance that is speaking while another one's
+5000-character text is normalized (seconds of wetext on a CPU), against a one-sentence text.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import argparse
 import time
 from collections.abc import Callable
 
+import cosyvoice
 from cosyvoice.frontend import Frontend
 from cosyvoice.frontend.incremental import IncrementalSplitter
-from cosyvoice.utterance import TextRun
+from cosyvoice.utterance import Status, TextRun
 from rtserver.session import speakable
 from rtserver.text import Segmenter, split_text
 
@@ -67,6 +71,39 @@ def one_shot_us(n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def steps_ms(model: cosyvoice.CosyVoiceModel, text: str, n: int = 60) -> list[float]:
+    """The durations of `n` steps (add_text included) of one speaking utterance and one
+    given `text`, longest last."""
+    spk = model.speakers.list()[0]
+    speaking = model.start(spk, seed=1, fixed_tokens=400)
+    model.add_text(speaking, "Hello there, this is a stream.")
+    model.close_text(speaking)
+    for _ in range(5):
+        model.step([speaking])
+    other = model.start(spk, seed=2, fixed_tokens=40)
+    t0, ticks = time.perf_counter(), []
+    model.add_text(other, text)
+    model.close_text(other)
+    while speaking.status is not Status.FINISHED and len(ticks) < n:
+        model.step([u for u in (speaking, other) if u.status is not Status.FINISHED])
+        ticks.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+    model.cancel(speaking)
+    model.cancel(other)
+    return sorted(ticks)
+
+
+def stalls(model_dir: str) -> None:
+    model = cosyvoice.load(model_dir, device="cpu", dtype="float32")
+    long = ("The fox paid $3.50 on 2024-05-01 at 5 p.m. and said 12,345 words. " * 80)[:5000]
+    print("\n| other text | longest steps, ms | median step, ms |\n| --- | --- | --- |")
+    for name, text in (("one sentence", "Short text."), ("5000 characters", long)):
+        ticks = steps_ms(model, text)
+        print(f"| {name} | {', '.join(f'{t:.0f}' for t in ticks[-4:])} | "
+              f"{ticks[len(ticks) // 2]:.0f} |")  # fmt: skip
+    model.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="a CosyVoice2/3 dir: its tokenizer")
@@ -84,6 +121,8 @@ def main() -> None:
             one_shot_us(n),
         ]
         print(f"| {n} | " + " | ".join(f"{us:.2f} us" for us in row) + " |")
+    if args.model:
+        stalls(args.model)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,9 @@ from .utterance import Output, Status, TextRun, Utterance
 log = logging.getLogger("cosyvoice")
 
 V3_SYSTEM_PREFIX = "You are a helpful assistant.<|endofprompt|>"
+# What normalizing text may add to a step while other utterances have audio to make (at least
+# one group of sentences, ~40 ms on a slow CPU).
+NORMALIZE_SLICE_S = 0.02
 
 
 @dataclass(eq=False)
@@ -53,6 +57,7 @@ class CosyVoiceModel:
     vocoder_thread: bool = False
     _steps: int = field(default=0, repr=False)
     _vocoder: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _slice_end: float = field(default=0.0, repr=False)  # this step's time for normalizing
     _vocoder_stream: Any = field(default=None, repr=False)
     _inflight: deque[tuple[Future, list[Utterance]]] = field(default_factory=deque, repr=False)
     _outbox: list[Output] = field(default_factory=list, repr=False)
@@ -98,11 +103,9 @@ class CosyVoiceModel:
         if utt.text_stream:
             self._stream_text(utt, text, tag)
             return
-        segs = self.frontend.split(text, text_frontend=utt.text_frontend)
-        for k, seg in enumerate(segs):
-            utt.pending.append((tag, seg, k == len(segs) - 1))
-        if not segs:
-            utt.pending.append((tag, "", True))
+        # Normalized by the steps that start it (a long text takes seconds on a CPU: spread
+        # over several steps, it never stalls the other utterances' audio).
+        utt.pending.append((tag, self.frontend.split_steps(text, utt.text_frontend), True))
         utt.status = Status.RUNNING
 
     def _stream_text(self, utt: Utterance, text: str, tag: Any) -> None:
@@ -159,6 +162,21 @@ class CosyVoiceModel:
         Per-utterance problems (its speaker was deleted) end that utterance with an output
         whose ``error`` is set; an exception means the whole step failed."""
         self._collect(wait=False)  # vocoded batches first: they may end segments
+        # Text is normalized within a slice of the step while others have audio to make; with
+        # nobody to stall, at once.
+        others = any(u.in_flight for u in utts)
+        self._slice_end = time.perf_counter() + NORMALIZE_SLICE_S if others else float("inf")
+        active = self._start(utts)
+        if active:
+            self._advance(active, urgent)
+        # outputs wait in the outbox until a step returns: collected audio outlives a step
+        # that raises, and goes out with the next one
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _start(self, utts: list[Utterance]) -> list[Utterance]:
+        """Those of ``utts`` with a segment in flight (started now if need be); of the others,
+        those whose next piece is still being normalized go on, the rest wait or end."""
         just_done = {id(o.utterance) for o in self._outbox if o.done}
         active: list[Utterance] = []
         for u in utts:
@@ -175,17 +193,14 @@ class CosyVoiceModel:
                 continue
             if started:
                 active.append(u)
+            elif u.preparing:
+                continue
             elif u.closed:
                 u.status = Status.FINISHED
                 self._outbox.append(Output(u, _EMPTY, done=True))
             else:
                 u.status = Status.WAITING
-        if active:
-            self._advance(active, urgent)
-        # outputs wait in the outbox until a step returns: collected audio outlives a step
-        # that raises, and goes out with the next one
-        out, self._outbox = self._outbox, []
-        return out
+        return active
 
     def _advance(self, active: list[Utterance], urgent) -> None:
         llm = [u.llm for u in active if u.llm.ready]  # not: done, or waiting for text
@@ -240,6 +255,25 @@ class CosyVoiceModel:
                 u.status = Status.FINISHED
             audio = _EMPTY if chunk is None else chunk  # token2wav hands out CPU float32
             self._outbox.append(Output(u, audio, tag, tag_end, done))
+
+    def _normalized(self, u: Utterance) -> bool:
+        """Whether the next piece is normalized: if not, normalize some more of it (a group
+        of sentences at least, then until this step's slice is spent)."""
+        tag, steps, _ = u.pending[0]
+        if not u.preparing:
+            return True
+        try:
+            next(steps)
+            while time.perf_counter() < self._slice_end:
+                next(steps)
+        except StopIteration as done:  # its segments take its place
+            segs = done.value or [""]  # nothing speakable: the piece still ends (empty)
+            u.pending.popleft()
+            u.pending.extendleft(
+                reversed([(tag, s, k == len(segs) - 1) for k, s in enumerate(segs)])
+            )
+            return True
+        return False
 
     def _vocoder_pool(self) -> ThreadPoolExecutor:
         if self._vocoder is None:
@@ -298,7 +332,7 @@ class CosyVoiceModel:
 
     def _next_segment(self, u: Utterance) -> bool:
         """Start the next queued segment: its LLM request and token2wav state."""
-        if not u.pending:
+        if not u.pending or not self._normalized(u):
             return False
         tag, text, last = u.pending.popleft()
         seed = u.seed + u.runs

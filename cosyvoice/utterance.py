@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +47,11 @@ class Utterance:
     text_stream: bool = False
     status: Status = Status.WAITING
     closed: bool = False  # no more text will come
-    pending: deque[tuple[Any, str | TextRun, bool]] = field(
+    # (tag, text, last): a segment, a text-streaming run, or a piece still being normalized
+    # (its normalization, in steps: its segments take its place)
+    pending: deque[tuple[Any, str | TextRun | Generator[None, None, list[str]], bool]] = field(
         default_factory=deque
-    )  # (tag, text, last)
+    )
     open_run: TextRun | None = None  # text_stream: the piece still taking text
     tag: Any = None  # the piece the segment in flight belongs to
     tag_last: bool = False  # the segment in flight is the last one of its piece
@@ -64,6 +66,11 @@ class Utterance:
     @property
     def in_flight(self) -> bool:
         return self.t2w is not None
+
+    @property
+    def preparing(self) -> bool:
+        """Its next piece is still being normalized."""
+        return bool(self.pending) and isinstance(self.pending[0][1], Generator)
 
     @property
     def open_tag(self) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .audio import AudioError, decode_audio
 from .incremental import IncrementalSplitter
-from .text import TextNormalizer
+from .text import Steps, TextNormalizer
 from .tokenizer import QwenTokenizer, WhisperTokenizer
 
 __all__ = ["AudioError", "Frontend", "IncrementalSplitter", "decode_audio"]
@@ -40,6 +40,10 @@ class Frontend:
     def split(self, text: str, text_frontend: bool = True) -> list[str]:
         """Normalised segments; each is synthesised by its own LLM run."""
         return self.normalizer.normalize(text, split=True, text_frontend=text_frontend)
+
+    def split_steps(self, text: str, text_frontend: bool = True) -> Steps[list[str]]:
+        """:meth:`split`, pausing between groups of sentences (a long text takes seconds)."""
+        return self.normalizer.normalize_steps(text, split=True, text_frontend=text_frontend)
 
     def incremental(self, min_len: int = 60, first_min_len: int = 1) -> IncrementalSplitter:
         return IncrementalSplitter(self.split, min_len=min_len, first_min_len=first_min_len)

@@ -186,3 +186,36 @@ def test_text_streaming_needs_v2_or_v3(golden_dir):
     v1 = cosyvoice.load(d, device="cpu", dtype="float32", speaker_dir=None, token2wav=False)
     with pytest.raises(ValueError, match="CosyVoice2/3"):
         v1.start(v1.speakers.list()[0], text_stream=True)
+
+
+def test_a_long_text_is_normalized_over_several_steps(model, monkeypatch):
+    """Normalizing a long text takes seconds on a CPU: while another utterance has audio to
+    make, each step normalizes only a group of its sentences, and the audio is the same as
+    when it is normalized at once."""
+    if not WETEXT:
+        pytest.skip("wetext not installed: normalizing is one cheap pass")
+    spk = model.speakers.list()[0]
+    long = " ".join(f"Sentence number {i} is here, and it is long enough." for i in range(30))
+    monkeypatch.setattr(cosyvoice.model, "NORMALIZE_SLICE_S", 0.0)  # one group a step
+    fast = model.start(spk, seed=8, fixed_tokens=TOKENS)
+    model.add_text(fast, "Hello there.", tag=0)
+    model.close_text(fast)
+    slow = model.start(spk, seed=9, fixed_tokens=4)
+    model.add_text(slow, long, tag=0)
+    model.close_text(slow)
+    outs, preparing = {id(fast): [], id(slow): []}, 0
+    model.step([fast])  # in flight now: from here on, slow's text is normalized in slices
+    while fast.status is not Status.FINISHED:
+        for o in model.step([u for u in (fast, slow) if u.status is not Status.FINISHED]):
+            outs[id(o.utterance)].append(o)
+        preparing += slow.preparing
+    outs[id(slow)] += _run(model, [slow])[id(slow)]
+    assert preparing >= 5  # ~1700 characters: 8 groups of 200
+    alone = model.start(spk, seed=9, fixed_tokens=4)
+    model.add_text(alone, long, tag=0)
+    model.close_text(alone)
+    # the same segments; batched with another utterance for a while: batch-level noise only
+    got, ref = _audio(outs[id(slow)]), _audio(_run(model, [alone])[id(alone)])
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=2e-3)
+    assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
