@@ -26,8 +26,8 @@ from .utterance import Output, Status, TextRun, Utterance
 log = logging.getLogger("cosyvoice")
 
 V3_SYSTEM_PREFIX = "You are a helpful assistant.<|endofprompt|>"
-# What normalizing text may add to a step while other utterances have audio to make (at least
-# one group of sentences, ~40 ms on a slow CPU).
+# What normalizing text may add to a step while other utterances have audio to make (one
+# group of sentences at least, ~40 ms on a slow CPU).
 NORMALIZE_SLICE_S = 0.02
 
 
@@ -58,6 +58,7 @@ class CosyVoiceModel:
     _steps: int = field(default=0, repr=False)
     _vocoder: ThreadPoolExecutor | None = field(default=None, repr=False)
     _slice_end: float = field(default=0.0, repr=False)  # this step's time for normalizing
+    _free_group: bool = field(default=False, repr=False)  # a group not yet taken this step
     _vocoder_stream: Any = field(default=None, repr=False)
     _inflight: deque[tuple[Future, list[Utterance]]] = field(default_factory=deque, repr=False)
     _outbox: list[Output] = field(default_factory=list, repr=False)
@@ -162,10 +163,12 @@ class CosyVoiceModel:
         Per-utterance problems (its speaker was deleted) end that utterance with an output
         whose ``error`` is set; an exception means the whole step failed."""
         self._collect(wait=False)  # vocoded batches first: they may end segments
-        # Text is normalized within a slice of the step while others have audio to make; with
-        # nobody to stall, at once.
-        others = any(u.in_flight for u in utts)
+        # Text is normalized within a slice of the step while others have (or will have) audio
+        # to make; with nobody to stall, at once. One group is free each step, whatever the
+        # slice, so the text gets on.
+        others = len(utts) > 1 or any(u.in_flight for u in utts)
         self._slice_end = time.perf_counter() + NORMALIZE_SLICE_S if others else float("inf")
+        self._free_group = True
         active = self._start(utts)
         if active:
             self._advance(active, urgent)
@@ -185,6 +188,8 @@ class CosyVoiceModel:
             if u.status is Status.FINISHED:
                 raise ValueError("step() got a finished utterance")
             try:
+                if u.in_flight and u.preparing:
+                    self._normalized(u)  # the next piece, while this one plays
                 started = u.in_flight or self._next_segment(u)
             except Exception as exc:  # noqa: BLE001 - reported on this utterance only
                 log.exception("could not start a segment")
@@ -258,10 +263,13 @@ class CosyVoiceModel:
 
     def _normalized(self, u: Utterance) -> bool:
         """Whether the next piece is normalized: if not, normalize some more of it (a group
-        of sentences at least, then until this step's slice is spent)."""
+        of sentences, then more until this step's slice is spent)."""
         tag, steps, _ = u.pending[0]
         if not u.preparing:
             return True
+        if not self._free_group and time.perf_counter() >= self._slice_end:
+            return False
+        self._free_group = False
         try:
             next(steps)
             while time.perf_counter() < self._slice_end:

@@ -101,3 +101,32 @@ def test_long_text_normalized_in_groups_matches(golden_dir, monkeypatch, group):
         item = _load(golden)["items"][i]
         n = _normalizer(golden, norm, tok)
         assert n.normalize(item["input"], split=False) == item[f"{norm}|{tok}"]["no_split"]
+
+
+SEAMY = [
+    " ".join(f"Part {i} is done.\nNext part {i} waits!\tThen more; and so on." for i in range(8)),
+    " ".join(f"Sentence {i} has  two spaces.  And a blank line.\n\nAfter it." for i in range(8)),
+    "".join(f"今天我们讨论 Python 第{i}章的问题。价格是3.5元！\n好的。" for i in range(12)),
+]
+
+
+@pytest.mark.parametrize("group", [10, 40])
+def test_groups_never_change_the_text(monkeypatch, group):
+    """Seams with newlines, tabs, runs of spaces and CJK with spaces: a text normalized in
+    groups is the same as the text normalized in one call."""
+    pytest.importorskip("wetext")
+    import cosyvoice.frontend.text as text
+
+    n = TextNormalizer(len)
+    whole = [n.normalize(t, split=False) for t in SEAMY]
+    monkeypatch.setattr(text, "_GROUP_CHARS", group)
+    assert [n.normalize(t, split=False) for t in SEAMY] == whole
+
+
+def test_runs_of_spaces_do_not_fail_english():
+    """wetext asserts on English with a run of spaces; such text reads as with one space."""
+    pytest.importorskip("wetext")
+    n = TextNormalizer(len)
+    assert n.normalize("Hello  world.\n\nIt is 5 pm.", split=False) == n.normalize(
+        "Hello world. It is 5 pm.", split=False
+    )

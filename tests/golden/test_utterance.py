@@ -219,3 +219,25 @@ def test_a_long_text_is_normalized_over_several_steps(model, monkeypatch):
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=2e-3)
     assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
+
+
+def test_the_next_piece_is_normalized_while_one_plays(model, monkeypatch):
+    """A long piece queued behind a segment in flight is normalized during that segment's
+    steps, so its audio follows without a gap of normalizing."""
+    if not WETEXT:
+        pytest.skip("wetext not installed: normalizing is one cheap pass")
+    spk = model.speakers.list()[0]
+    long = " ".join(f"Sentence number {i} is here, and it is long enough." for i in range(12))
+    monkeypatch.setattr(cosyvoice.model, "NORMALIZE_SLICE_S", 0.0)  # one group a step
+    u = model.start(spk, seed=8, fixed_tokens=TOKENS)
+    model.add_text(u, "Hello there.", tag=0)
+    outs = model.step([u])
+    assert u.in_flight
+    model.add_text(u, long, tag=1)
+    model.close_text(u)
+    while not any(o.tag_end for o in outs):
+        assert u.in_flight
+        outs += model.step([u])
+    assert not u.preparing  # normalized before the first piece ended
+    outs += _run(model, [u])[id(u)]
+    assert [o.tag for o in outs if o.tag_end] == [0, 1]
