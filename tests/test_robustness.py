@@ -214,8 +214,8 @@ def test_empty_contexts_expire_and_free_their_slots(tight):
 
 
 def test_flushes_and_blank_text_do_not_keep_an_idle_context(tight):
-    """A client that nags an empty context with flushes and blank fragments, forever, must not
-    hold its scheduler slot: only text to say counts as activity."""
+    """A client that nags an empty context with flushes and blank, silent or refused fragments,
+    forever, must not hold its scheduler slot: only text to say counts as activity."""
 
     async def go() -> tuple[dict, dict, float]:
         async with connect(tight) as ws:
@@ -227,13 +227,14 @@ def test_flushes_and_blank_text_do_not_keep_an_idle_context(tight):
             async def nag() -> None:
                 while True:
                     await send(ws, type="flush", context_id="nag")
-                    await send(ws, type="text", context_id="nag", text="  ")
-                    await send(ws, type="text", context_id="nag", text="")
+                    for text in ("  ", "", ".", "\x01"):  # \x01: refused (invalid_text)
+                        await send(ws, type="text", context_id="nag", text=text)
                     await asyncio.sleep(0.2)
 
             nagging = asyncio.create_task(nag())
             try:
-                ended = await until(ws, "error", "done")
+                while (ended := await until(ws, "error", "done")).get("code") == "invalid_text":
+                    pass
             finally:
                 nagging.cancel()
             return held, ended, time.monotonic() - t0

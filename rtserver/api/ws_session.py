@@ -55,7 +55,7 @@ from rtserver.service import (
     UnsupportedFormat,
     UnsupportedOption,
 )
-from rtserver.session import Audio, Cancelled, Failed, Finished, SegmentEnd, Session
+from rtserver.session import Audio, Cancelled, Failed, Finished, SegmentEnd, Session, speakable
 from rtserver.text import estimate_words
 
 log = logging.getLogger("rtserver.ws")
@@ -237,10 +237,6 @@ class WsSession:
         elif (ctx := self.contexts.get(msg.context_id)) is None:
             await self._no_context(msg)
         else:
-            if isinstance(msg, AppendText) and msg.text.strip():
-                # Only text to say keeps an idle context (and its scheduler slot): flushes
-                # and empty fragments sent forever would otherwise hold it for good.
-                ctx.last_active = self.last_active
             await self._on_context(ctx, msg)
 
     async def _no_context(self, msg: AppendText | Flush | Close | Cancel) -> None:
@@ -312,6 +308,10 @@ class WsSession:
         except TextRejected as exc:
             await self._error(exc.code, f"{exc}; fragment dropped", ctx.id)
             return
+        if speakable(text):
+            # Only text to say keeps an idle context (and its scheduler slot): flushes, blank
+            # or refused fragments sent forever would otherwise hold it for good.
+            ctx.last_active = time.monotonic()
         self._stop_auto_flush(ctx)
         if ctx.session.pending_text:
             loop = asyncio.get_running_loop()
