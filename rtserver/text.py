@@ -21,8 +21,7 @@ _SBD = pysbd.Segmenter(language="en", clean=False, char_span=False)
 
 
 # pysbd's time grows with the square of the sentences it is given (5000 characters of "a. "
-# take half a second), so it reads long text a window at a time. A sentence longer than this is
-# cut at max_chars anyway.
+# take half a second), so it reads long text a window at a time (wider where no sentence ends).
 _WINDOW = 600
 
 
@@ -31,11 +30,16 @@ def _complete_sentences(buf: str, final: bool) -> tuple[list[str], str]:
     sentence waits for more text (the next words decide "5 p.m." + "today") unless it ends at
     a hard end."""
     done: list[str] = []
-    while len(buf) > _WINDOW:
-        cut = buf.rfind(" ", 0, _WINDOW) + 1 or _WINDOW  # a window ends between two words
+    window = _WINDOW
+    while len(buf) > window:
+        # a window ends between two words, or after a hard end (CJK has no spaces)
+        cut = max(buf.rfind(c, 0, window) for c in " " + _HARD_END) + 1 or window
         parts, rest = _sentences(buf[:cut], final=False)
-        done += parts or [rest]  # no end in the window: a run-on, cut at the window
-        buf = (rest if parts else "") + buf[cut:]
+        if not parts:  # no sentence ends in it: a wider one (few sentences read fast)
+            window *= 2
+            continue
+        done += parts
+        buf, window = rest + buf[cut:], _WINDOW
     parts, rest = _sentences(buf, final)
     return done + parts, rest
 
@@ -84,7 +88,7 @@ class Segmenter:
 
     def push(self, text: str) -> list[str]:
         self._buf += text
-        if not text.strip(" \t"):
+        if not text or (text.isspace() and "\n" not in text):
             return []  # spaces end no sentence: no need to read the buffer again
         return self._drain(final=False)
 

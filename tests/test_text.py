@@ -140,3 +140,18 @@ def test_fragments_of_spaces_change_nothing():
     seg = Segmenter()
     assert seg.push("Hello there, my friend.") == []
     assert seg.push("\n") == ["Hello there, my friend."]
+
+
+def test_a_window_over_cjk_ends_at_a_sentence_end(monkeypatch):
+    """CJK has no spaces between words: a window over it ends after a sentence end, not after
+    an early space inside a sentence, and a window with no sentence end reads further."""
+    import rtserver.text as text
+
+    texts = [
+        "今天我们来讨论一下 Python 编程的问题，" + "这是一个很长的句子，" * 150 + "。好的。" * 3,
+        "今天我们来讨论一下 Python 编程的问题，" + "这是一个很长的句子，" * 150,  # no end at all
+    ]
+    assert all(len(t) > 2 * text._WINDOW for t in texts)
+    windowed = [split_text(t) for t in texts]
+    monkeypatch.setattr(text, "_WINDOW", 10**9)
+    assert windowed == [split_text(t) for t in texts]
