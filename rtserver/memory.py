@@ -21,10 +21,11 @@ def _libc() -> ctypes.CDLL | None:
 
 def arena_env(arenas: int) -> dict[str, str]:
     """The environment that caps a new process's arenas (a Ray replica's): glibc reads it
-    before any thread starts. Empty for 0, or where the environment already says."""
-    if not arenas or "MALLOC_ARENA_MAX" in os.environ:
-        return {}
-    return {"MALLOC_ARENA_MAX": str(arenas)}
+    before any thread starts. MALLOC_ARENA_MAX in this process's environment wins; empty
+    for 0."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return {"MALLOC_ARENA_MAX": os.environ["MALLOC_ARENA_MAX"]}
+    return {"MALLOC_ARENA_MAX": str(arenas)} if arenas else {}
 
 
 def cap_arenas(arenas: int) -> None:
@@ -32,9 +33,10 @@ def cap_arenas(arenas: int) -> None:
     A long request leaves its freed memory spread over all of them in pieces malloc_trim
     cannot hand back (measured on 2 cores, Piper, a 6-minute request: 30-77 MB kept; with 4
     arenas 0-9 MB). glibc fixes the limit the first time two threads contend, so call this
-    before the process starts threads; `arena_env` says when it does nothing."""
+    before the process starts threads. 0, or MALLOC_ARENA_MAX in the environment (which glibc
+    has read already), leave glibc's choice."""
     libc = _libc()
-    if arena_env(arenas) and libc is not None:
+    if arenas and libc is not None and "MALLOC_ARENA_MAX" not in os.environ:
         libc.mallopt(M_ARENA_MAX, arenas)
 
 
