@@ -188,15 +188,24 @@ def test_text_streaming_needs_v2_or_v3(golden_dir):
         v1.start(v1.speakers.list()[0], text_stream=True)
 
 
-def test_a_long_text_is_normalized_over_several_steps(model, monkeypatch):
+@pytest.fixture
+def one_group_a_step(model, monkeypatch) -> str:
+    """A speaker of `model`, whose steps now normalize one group of sentences each."""
+    if not WETEXT:
+        pytest.skip("wetext not installed: normalizing is one cheap pass")
+    monkeypatch.setattr(cosyvoice.model, "NORMALIZE_SLICE_S", 0.0)
+    return model.speakers.list()[0]
+
+
+def _sentences(n: int) -> str:
+    return " ".join(f"Sentence number {i} is here, and it is long enough." for i in range(n))
+
+
+def test_a_long_text_is_normalized_over_several_steps(model, one_group_a_step):
     """Normalizing a long text takes seconds on a CPU: while another utterance has audio to
     make, each step normalizes only a group of its sentences, and the audio is the same as
     when it is normalized at once."""
-    if not WETEXT:
-        pytest.skip("wetext not installed: normalizing is one cheap pass")
-    spk = model.speakers.list()[0]
-    long = " ".join(f"Sentence number {i} is here, and it is long enough." for i in range(30))
-    monkeypatch.setattr(cosyvoice.model, "NORMALIZE_SLICE_S", 0.0)  # one group a step
+    spk, long = one_group_a_step, _sentences(30)
     fast = model.start(spk, seed=8, fixed_tokens=TOKENS)
     model.add_text(fast, "Hello there.", tag=0)
     model.close_text(fast)
@@ -221,14 +230,10 @@ def test_a_long_text_is_normalized_over_several_steps(model, monkeypatch):
     assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
 
 
-def test_the_next_piece_is_normalized_while_one_plays(model, monkeypatch):
+def test_the_next_piece_is_normalized_while_one_plays(model, one_group_a_step):
     """A long piece queued behind a segment in flight is normalized during that segment's
     steps, so its audio follows without a gap of normalizing."""
-    if not WETEXT:
-        pytest.skip("wetext not installed: normalizing is one cheap pass")
-    spk = model.speakers.list()[0]
-    long = " ".join(f"Sentence number {i} is here, and it is long enough." for i in range(12))
-    monkeypatch.setattr(cosyvoice.model, "NORMALIZE_SLICE_S", 0.0)  # one group a step
+    spk, long = one_group_a_step, _sentences(12)
     u = model.start(spk, seed=8, fixed_tokens=TOKENS)
     model.add_text(u, "Hello there.", tag=0)
     outs = model.step([u])
