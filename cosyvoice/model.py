@@ -188,7 +188,7 @@ class CosyVoiceModel:
             if u.status is Status.FINISHED:
                 raise ValueError("step() got a finished utterance")
             try:
-                if u.in_flight and u.preparing:
+                if u.in_flight:
                     self._normalized(u)  # the next piece, while this one plays
                 started = u.in_flight or self._next_segment(u)
             except Exception as exc:  # noqa: BLE001 - reported on this utterance only
@@ -264,11 +264,11 @@ class CosyVoiceModel:
     def _normalized(self, u: Utterance) -> bool:
         """Whether the next piece is normalized: if not, normalize some more of it (a group
         of sentences, then more until this step's slice is spent)."""
-        tag, steps, _ = u.pending[0]
         if not u.preparing:
             return True
         if not self._free_group and time.perf_counter() >= self._slice_end:
             return False
+        tag, steps, _ = u.pending[0]
         self._free_group = False
         try:
             next(steps)
