@@ -56,7 +56,9 @@ MAX_REGISTERING = 2  # registrations at once (each runs ONNX feature extraction 
 
 class UnknownSpeaker(LookupError):
     def __init__(self, spk_id: str, valid: list[str]) -> None:
-        super().__init__(f"unknown spk_id {spk_id!r}; valid speakers: {', '.join(valid)}")
+        # the id is the client's; echo a bounded prefix (a 500 KB id made a 500 KB error)
+        shown = spk_id if len(spk_id) <= 64 else spk_id[:64] + "..."
+        super().__init__(f"unknown spk_id {shown!r}; valid speakers: {', '.join(valid)}")
         self.spk_id = spk_id
         self.valid = valid
 

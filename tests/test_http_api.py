@@ -128,6 +128,14 @@ def message(r: httpx.Response, status: int) -> str:
     return error(r, status)["detail"]
 
 
+def test_unknown_speaker_error_echoes_a_bounded_id(server):
+    """A client's 500 KB spk_id must not come back as a 500 KB error body."""
+    r = post(server, "/tts", tts_text="Hello.", spk_id="y" * 500_000)
+    body = error(r, 400)
+    assert "yyyy" in body["detail"] and "joe" in body["detail"]
+    assert len(r.content) < 2000
+
+
 def test_unknown_speaker_is_400_listing_valid_ones(server):
     body = error(post(server, "/tts", tts_text="Hello.", spk_id="nobody"), 400)
     assert "nobody" in body["detail"] and "joe" in body["detail"]
