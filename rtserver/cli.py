@@ -23,6 +23,7 @@ from rtserver.settings import (
 )
 
 if TYPE_CHECKING:
+    from rtserver.api.connection import ConnectionLimits
     from rtserver.service import TTSService
 
 # Frames up to this size are read and answered with `message_too_large` (the limit is
@@ -79,6 +80,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(args: argparse.Namespace) -> None:
+    from rtserver.api.connection import guarded_protocol
     from rtserver.api.http import abort_quietly
     from rtserver.app import create_app
     from rtserver.logs import log_config
@@ -108,7 +110,27 @@ def serve(args: argparse.Namespace) -> None:
         ws_ping_timeout=20,
         timeout_graceful_shutdown=2,  # after our own drain: what is still open is cut
     )
+    config.http = guarded_protocol(connection_limits(settings, config))
     DrainingServer(config, app, settings.drain_timeout_s).run()
+
+
+def connection_limits(settings: Settings, config: uvicorn.Config) -> ConnectionLimits:
+    from rtserver.api.connection import ConnectionLimits, raise_fd_limit, trusted_hosts
+
+    fit = raise_fd_limit(settings.max_connections)
+    if settings.max_connections and fit < settings.max_connections:
+        logging.getLogger("rtserver").warning(
+            "--max-connections %d: the open-file limit fits %d; using that",
+            settings.max_connections, fit)  # fmt: skip
+    return ConnectionLimits(
+        max_connections=min(settings.max_connections, max(fit, 1))
+        if settings.max_connections
+        else 0,
+        max_client_connections=settings.max_client_connections,
+        request_timeout_s=settings.request_timeout_s,
+        write_timeout_s=settings.read_timeout_s,
+        trusted=trusted_hosts(config.forwarded_allow_ips),
+    )
 
 
 def serve_on_ray(settings: Settings) -> None:

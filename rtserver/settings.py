@@ -71,6 +71,17 @@ class Settings(msgspec.Struct, kw_only=True):
     read_timeout_s: Annotated[
         Seconds, _doc("drop a stream whose client reads none of its audio this long")
     ] = 30.0
+    max_connections: Annotated[
+        Count, _doc("connections open at once, HTTP and WebSocket (0: no limit)")
+    ] = 1000
+    max_client_connections: Annotated[
+        Count,
+        _doc("HTTP connections open at once per client address (0: no limit; a proxy trusted "
+             "for X-Forwarded-For is exempt)"),
+    ] = 32  # fmt: skip
+    request_timeout_s: Annotated[
+        Seconds, _doc("a request's headers and body must arrive within this")
+    ] = 30.0
     max_contexts: Annotated[int, _doc("open contexts per WebSocket", ge=1)] = 8
     max_message_bytes: Annotated[
         int, _doc("largest client WebSocket frame", ge=1024, le=4 * 1024 * 1024)

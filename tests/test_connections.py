@@ -1,0 +1,175 @@
+"""Hostile connections below the HTTP request: an endless header, headers or a body sent a
+byte at a time, sockets that never send, and more sockets than a client (or the server) may
+hold. Each is bounded by the server itself, and ordinary clients never notice the bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import websockets
+from audio_check import assert_speech, decode_pcm
+from serverproc import ServerProcess, rss_mb
+from test_http_api import LONG_TEXT
+
+# 127.0.0.1 is a proxy uvicorn trusts for X-Forwarded-For, so it is exempt from the
+# per-address connection cap; Linux answers all of 127/8, so 127.0.0.2 is an ordinary client.
+STRANGER = "127.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    srv = ServerProcess(
+        "--request-timeout-s", "2", "--max-client-connections", "3", "--max-connections", "12",
+        "--no-warmup",
+    ).wait_ready()  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def dial(srv: ServerProcess, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", srv.port), source_address=(source, 0))
+    s.settimeout(15)
+    return s
+
+
+def answer(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    try:
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def status_of(reply: bytes) -> int | None:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
+
+
+def test_an_endless_header_gets_431_without_growing_the_server(guarded):
+    base = rss_mb(guarded.proc.pid)
+    s = dial(guarded)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    sent = 0
+    try:
+        while sent < 64 << 20:  # the server must stop this long before 64 MB
+            s.sendall(b"a" * (1 << 16))
+            sent += 1 << 16
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    reply = answer(s)
+    assert status_of(reply) == 431, reply[:200]
+    assert sent < 8 << 20, f"the server read {sent} bytes of one header"
+    assert rss_mb(guarded.proc.pid) - base < 30
+    assert httpx.get(f"{guarded.base_url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_deadline(guarded, phase):
+    s = dial(guarded)
+    body = json.dumps({"tts_text": "Hello there.", "spk_id": "joe"}).encode()
+    head = (
+        b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )  # fmt: skip
+    trickled, start = (head, b"") if phase == "headers" else (body, head)
+    s.sendall(start)
+    began = time.monotonic()
+    try:
+        for byte in trickled:  # one byte every 0.4 s: each alone keeps a connection busy
+            s.sendall(bytes([byte]))
+            time.sleep(0.4)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    reply = answer(s)
+    took = time.monotonic() - began
+    assert took < 10, f"the server waited {took:.1f} s for one request"
+    if phase == "headers":
+        assert status_of(reply) == 408, reply[:200]
+    else:  # the handler was waiting for the body: the connection is closed under it
+        assert status_of(reply) in (None, 408), reply[:200]
+    guarded.assert_idle()
+
+
+def test_an_idle_socket_is_closed(guarded):
+    s = dial(guarded)
+    began = time.monotonic()
+    assert answer(s) == b""
+    assert time.monotonic() - began < 10
+
+
+def test_connections_per_client_address_are_capped(guarded):
+    held = [dial(guarded, STRANGER) for _ in range(3)]
+    try:
+        refused = dial(guarded, STRANGER)
+        reply = answer(refused)
+        assert status_of(reply) == 429, reply[:200]
+        # Other addresses are not affected, and a trusted proxy's address is not capped.
+        local = [dial(guarded) for _ in range(4)]
+        for s in local:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert status_of(answer(s)) == 200
+        held.pop().close()
+        time.sleep(0.3)
+        again = dial(guarded, STRANGER)  # a closed one gave its place back
+        again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(answer(again)) == 200
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_connections_beyond_the_server_limit_get_503(guarded):
+    time.sleep(0.5)  # earlier tests' sockets are closed
+    held = [dial(guarded) for _ in range(12)]
+    try:
+        reply = answer(dial(guarded))
+        assert status_of(reply) == 503, reply[:200]
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    assert httpx.get(f"{guarded.base_url}/healthz", timeout=10).status_code == 200
+
+
+def test_long_streams_and_sockets_outlive_the_request_deadline(guarded):
+    """The deadline covers receiving a request, not answering it: a stream that takes many
+    times --request-timeout-s, kept-alive requests after it, and a WebSocket all go on."""
+    with httpx.Client(base_url=guarded.base_url, timeout=60) as client:
+        with client.stream(
+            "POST", "/tts/pcm", json={"tts_text": LONG_TEXT * 3, "spk_id": "joe"}
+        ) as r:
+            assert r.status_code == 200
+            rate = int(r.headers["X-Sample-Rate"])
+            pcm = b""
+            began = time.monotonic()
+            for chunk in r.iter_bytes():
+                pcm += chunk
+                time.sleep(0.05)  # a slow but steady reader
+        assert time.monotonic() - began > 4
+        assert_speech(decode_pcm(pcm), rate, min_seconds=15)
+        time.sleep(2.5)  # idle between requests, longer than the request deadline
+        assert client.get("/healthz").status_code == 200
+
+    async def socket_session() -> int:
+        async with websockets.connect(f"{guarded.ws_url}/ws/tts", compression=None) as ws:
+            await asyncio.sleep(3)  # quiet past the request deadline
+            await ws.send(json.dumps({"type": "start", "context_id": "a", "spk_id": "joe",
+                                      "text": "Still here."}))  # fmt: skip
+            await ws.send(json.dumps({"type": "close", "context_id": "a"}))
+            got = 0
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    got += len(msg)
+                elif json.loads(msg)["type"] == "done":
+                    return got
+        return got
+
+    assert asyncio.run(asyncio.wait_for(socket_session(), 60)) > 0
+    guarded.assert_idle()
