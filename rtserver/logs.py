@@ -30,6 +30,19 @@ class _WithRequestId(logging.Filter):
         return True
 
 
+# Set in a request's task when the server ends its response body early on purpose (a limit,
+# a client that stopped reading); the reason is logged where it happens.
+stream_cut: contextvars.ContextVar[bool] = contextvars.ContextVar("stream_cut", default=False)
+
+
+class _ExpectedCut(logging.Filter):
+    """uvicorn logs any response body that ends early as an ERROR; one the server cut on
+    purpose is not an error, and already has its own warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (stream_cut.get() and record.getMessage().startswith("ASGI callable returned"))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -58,11 +71,15 @@ def log_config(level: str, fmt: str) -> dict:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": _WithRequestId}},
+        "filters": {"request_id": {"()": _WithRequestId}, "cut": {"()": _ExpectedCut}},
         "formatters": {"main": formatter},
         "handlers": {"main": handler},
         "root": {"handlers": ["main"], "level": level.upper()},
-        "loggers": {name: quiet for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
+        "loggers": {
+            "uvicorn": quiet,
+            "uvicorn.access": quiet,
+            "uvicorn.error": {**quiet, "filters": ["cut"]},
+        },  # fmt: skip
     }
 
 

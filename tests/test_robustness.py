@@ -158,6 +158,10 @@ def test_audio_limit_ends_http_and_ws_streams(tight):
             audio += piece
     # The chunk that crosses the limit is sent whole: at most one piece (~3 s) past it.
     assert 4.0 <= len(audio) / 2 / 22050 < 8.0
+    # A cut on purpose is one warning with its reason, not uvicorn's error about the body.
+    cut = tight.wait_log(r"WARNING .*stream ended early \(audio_limit", timeout=10)
+    time.sleep(0.5)
+    assert "ERROR" not in tight.log_path.read_text()[cut.start() :]
 
     async def ws() -> dict:
         async with connect(tight) as ws:

@@ -20,6 +20,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from rtserver.api.docs import BINARY, L16, audio_operation
 from rtserver.engine import Speaker
+from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import SpeakerInfo, TTSRequest
 from rtserver.service import ClientGone, SynthesisFailed, TTSService
@@ -81,6 +82,7 @@ def abort_quietly(app: ASGIApp) -> ASGIApp:
             aborted = _find_abort(exc)
             if aborted is None:
                 raise
+            stream_cut.set(True)  # uvicorn's own line about the cut body is not an error
             log.warning("%s %s: stream ended early (%s)", scope.get("method"), scope.get("path"),
                         aborted)  # fmt: skip
 
