@@ -19,7 +19,7 @@ import numpy as np
 
 from rtserver.audio import Encoder
 from rtserver.engine import Cancelled, Chunk, Done, Failed, Job, JobStatus
-from rtserver.text import Segmenter
+from rtserver.text import Segmenter, speakable
 
 __all__ = [
     "Audio",
@@ -51,12 +51,6 @@ class TextRejected(ValueError):
 
 class TooManyForClient(Exception):
     """One client address holds its whole quota of streams or sockets."""
-
-
-def speakable(text: str) -> bool:
-    """Whether any character would be spoken: a letter or a digit in any script. Punctuation,
-    symbols, spaces and invisible format characters alone give no audio."""
-    return any(unicodedata.category(c)[0] in "LN" for c in text)
 
 
 def check_text(text: str, used: int, limit: int, name: str = "text") -> None:

@@ -9,8 +9,17 @@ The same class serves HTTP (push everything, then flush) and WebSocket (tokens a
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Iterable
 
 import pysbd
+
+
+def speakable(text: Iterable[str]) -> bool:
+    """Whether any character would be spoken: a letter or a digit in any script. Punctuation,
+    symbols, spaces and invisible format characters alone give no audio."""
+    return any(unicodedata.category(c)[0] in "LN" for c in text)
+
 
 _HARD_END = "。！？；…\n"  # ends a sentence wherever it stands, even at the end of the buffer
 _SOFT_END = ".!?;"  # may end one (pysbd decides: 3.14, e.g., U.S. in 2019, 5 p.m. today)

@@ -399,3 +399,26 @@ def test_ws_bad_frames_and_text_get_errors_and_the_socket_survives(server):
     assert nul["code"] == "invalid_text" and nul["context_id"] == "n"
     assert done["type"] == "done" and done["audio_ms"] == 0 and done["segments"] == 0
     assert_idle(server)
+
+
+def test_out_of_file_handles_fails_the_request_instead_of_speaking_silence(make_server):
+    """espeak-ng reopens its dictionary for every request and, when it cannot, says nothing
+    and raises nothing: a request must fail then, not answer 200 with a short silence."""
+    import resource
+
+    srv = make_server("--no-warmup")
+    with httpx.Client(base_url=srv.base_url, timeout=60) as client:
+        body = {"tts_text": "Hello there, how are you today?", "spk_id": "joe"}
+        assert client.post("/tts/pcm", json=body).status_code == 200  # the connection is kept
+        limits = resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (3, limits[1]))  # no new files
+        try:
+            starved = client.post("/tts/pcm", json=body)
+        finally:
+            resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, limits)
+        assert starved.status_code == 500, (starved.status_code, len(starved.content))
+        assert "espeak" in starved.json()["detail"]
+        again = client.post("/tts/pcm", json=body)
+    assert again.status_code == 200
+    assert_speech(decode_pcm(again.content), 22050, min_seconds=1.0)
+    assert_idle(srv)

@@ -31,6 +31,7 @@ import numpy as np
 
 from rtserver.audio import time_stretch
 from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
+from rtserver.text import speakable
 
 log = logging.getLogger("rtserver.piper")
 
@@ -68,6 +69,13 @@ def split_phonemes(phonemes: list[str], limit: int = MAX_PIECE_PHONEMES) -> list
         while phonemes and phonemes[0] == " ":
             phonemes = phonemes[1:]
     return [*pieces, phonemes] if phonemes else pieces
+
+
+PROBE_WORD = "hello"
+
+
+class PhonemizerUnavailable(RuntimeError):
+    pass
 
 
 def _voice_id(stem: str) -> str:
@@ -186,7 +194,7 @@ class PiperEngine:
                 return None
             index, text = item
             try:
-                sentences = self._voices[job.speaker.id].phonemize(text)
+                sentences = self._phonemize(job.speaker.id, text)
             except Exception as exc:  # reported as this job's failure by step()
                 failed: Future = Future()
                 failed.set_exception(exc)
@@ -195,6 +203,18 @@ class PiperEngine:
             pending.extend((index, p, k == len(pieces) - 1) for k, p in enumerate(pieces))
         index, phonemes, last = pending.popleft()
         return index, last, self._pool.submit(self._timed, job, phonemes)
+
+    def _phonemize(self, vid: str, text: str) -> list[list[str]]:
+        """Phonemes by sentence. espeak-ng does not raise when it cannot read its data (out
+        of file handles, say): it prints to stderr and gives only punctuation, which would be
+        spoken as a short silence. Speakable text with no phoneme at all is checked against a
+        word espeak always says, so that case fails the job instead."""
+        voice = self._voices[vid]
+        sentences = voice.phonemize(text)
+        said = any(map(speakable, sentences))
+        if not said and speakable(text) and not any(map(speakable, voice.phonemize(PROBE_WORD))):
+            raise PhonemizerUnavailable("the phonemizer (espeak-ng) cannot read its data")
+        return sentences
 
     def release(self, job: Job) -> None:
         # A running piece cannot be interrupted; its result is dropped when it ends.
