@@ -43,6 +43,20 @@ class _ExpectedCut(logging.Filter):
         return not (stream_cut.get() and record.getMessage().startswith("ASGI callable returned"))
 
 
+class _QueryNamesOnly(logging.Filter):
+    """Access lines keep a query's parameter names, not their values: upstream's
+    /inference_sft takes the text to speak there, and a log is no place for what users say."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and "?" in str(args[2]):
+            path, _, query = str(args[2]).partition("?")
+            names = [part.partition("=")[0][:32] + "=..." for part in query.split("&") if part]
+            shown = "&".join(names[:8]) + ("&..." if len(names) > 8 else "")
+            record.args = (*args[:2], f"{path}?{shown}", *args[3:])
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -71,15 +85,19 @@ def log_config(level: str, fmt: str) -> dict:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": _WithRequestId}, "cut": {"()": _ExpectedCut}},
+        "filters": {
+            "request_id": {"()": _WithRequestId},
+            "cut": {"()": _ExpectedCut},
+            "query": {"()": _QueryNamesOnly},
+        },
         "formatters": {"main": formatter},
         "handlers": {"main": handler},
         "root": {"handlers": ["main"], "level": level.upper()},
         "loggers": {
             "uvicorn": quiet,
-            "uvicorn.access": quiet,
+            "uvicorn.access": {**quiet, "filters": ["query"]},
             "uvicorn.error": {**quiet, "filters": ["cut"]},
-        },  # fmt: skip
+        },
     }
 
 

@@ -81,6 +81,10 @@ def test_inference_sft_upstream_compatible(server, how):
     assert r.status_code == 200, r.text
     assert int(r.headers["x-sample-rate"]) == 22050
     assert_speech(decode_pcm(r.content), 22050, min_seconds=2.0)
+    if how == "get_query":  # the access log names the fields, never the text
+        line = server.wait_log(r'"GET /inference_sft\?[^"]*" 200', timeout=10).group(0)
+        assert line == '"GET /inference_sft?tts_text=...&spk_id=... HTTP/1.1" 200'
+        assert "short test of the speech" not in server.log_path.read_text()
 
 
 def test_speakers_health_and_schema(server):
@@ -326,3 +330,8 @@ def test_pcm_route_resamples_on_request(server):
     assert_speech(decode_pcm(r.content), 16000, min_seconds=2.0)
     assert "9000" in error(post(server, "/tts", tts_text=SHORT_TEXT, spk_id="joe",
                                 sample_rate=9000), 422)["detail"]  # fmt: skip
+
+
+def test_mp3_route_refuses_a_pcm_encoding(server):
+    body = {"tts_text": SHORT_TEXT, "spk_id": "joe", "encoding": "mulaw"}
+    assert "encoding" in message(httpx.post(f"{server.base_url}/tts", json=body), 422)

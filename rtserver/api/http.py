@@ -223,6 +223,11 @@ def _pcm_headers(rate: int, encoding: str = "s16le") -> dict[str, str]:
     before_request=strict_json,
 )
 async def tts_mp3(request: Request, data: TTSRequest, service: TTSService) -> Stream:
+    if data.encoding != "s16le":
+        raise ValidationException(
+            "encoding: /tts is MP3; mulaw and alaw are for /tts/pcm",
+            extra=[{"key": "encoding", "message": "only s16le (the default) on /tts"}],
+        )
     body, _ = await _speak(request, service, data, "mp3")
     return Stream(
         body,
