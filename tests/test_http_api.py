@@ -335,3 +335,15 @@ def test_pcm_route_resamples_on_request(server):
 def test_mp3_route_refuses_a_pcm_encoding(server):
     body = {"tts_text": SHORT_TEXT, "spk_id": "joe", "encoding": "mulaw"}
     assert "encoding" in message(httpx.post(f"{server.base_url}/tts", json=body), 422)
+
+
+def test_a_form_of_too_many_parts_is_413(server):
+    parts = "".join(
+        f'--b\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n' for i in range(1500)
+    )
+    r = httpx.post(
+        f"{server.base_url}/inference_sft",
+        content=(parts + "--b--\r\n").encode(),
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert "too many parts" in error(r, 413)["detail"]

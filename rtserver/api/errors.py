@@ -40,11 +40,16 @@ def validation_error(_: Request, exc: ValidationException) -> Response:
     return Response(_body(422, f"invalid request: {detail}", exc.extra), status_code=422)
 
 
+# Litestar's multipart parser refuses a form of more than 1000 parts with this 400.
+_TOO_MANY_PARTS = (400, "Request Entity Too Large")
+
+
 def http_error(_: Request, exc: HTTPException) -> Response:
+    status, detail = exc.status_code, str(exc.detail)
+    if (status, detail) == _TOO_MANY_PARTS:
+        status, detail = 413, "the form has too many parts (at most 1000)"
     return Response(
-        _body(exc.status_code, str(exc.detail), exc.extra or None),
-        status_code=exc.status_code,
-        headers=exc.headers,
+        _body(status, detail, exc.extra or None), status_code=status, headers=exc.headers
     )
 
 

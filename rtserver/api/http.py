@@ -44,7 +44,7 @@ ERROR_DOCS = {
     for code, what in {
         400: "Unknown spk_id (extra.valid_speakers lists the valid ones), or a body that is "
         "not UTF-8 JSON.",
-        413: "Text longer than the server's limit.",
+        413: "Text longer than the server's limit, or a form of more than 1000 parts.",
         415: "A JSON route got another content type.",
         422: "Schema violation: missing field, wrong type, speed outside [0.25, 4], blank text, "
         "text with nothing to speak, control characters.",
