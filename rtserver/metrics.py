@@ -51,6 +51,19 @@ class _SchedulerCollector(Collector):
                 )
 
 
+class _HeldCollector(Collector):
+    """What the server holds for its clients now (sessions, sockets): each must come back to
+    zero when its client is gone, so a leak shows as a gauge that never falls."""
+
+    def __init__(self, held: Callable[[], dict[str, int]]) -> None:
+        self.held = held
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, value in self.held().items():
+            yield GaugeMetricFamily(f"rtserver_{name}", f"Client {name.replace('_', ' ')}.",
+                                    value=value)  # fmt: skip
+
+
 class Metrics:
     def __init__(self, replica: str | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -76,6 +89,9 @@ class Metrics:
 
     def watch(self, snapshot: Callable[[], dict[str, float]]) -> None:
         self.registry.register(_SchedulerCollector(snapshot))
+
+    def watch_held(self, held: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_HeldCollector(held))
 
     # ---- called by the scheduler (inference thread; prometheus-client is thread-safe) -------
 

@@ -136,6 +136,7 @@ class TTSService:
         )
         self.client_streams = ClientQuota("streams", settings.max_client_streams)
         self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
+        self.scheduler.metrics.watch_held(self.held)
         self._registering: set[str] = set()  # names being registered now
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
@@ -195,7 +196,13 @@ class TTSService:
             "uptime_s": round(time.time() - self.started_at, 1),
             "speakers": len(self.engine.speakers()),
             **self.scheduler.snapshot(),
-            "streams_open": self.client_streams.held(),  # sessions not yet released
+            **self.held(),
+        }
+
+    def held(self) -> dict[str, int]:
+        """Sessions not yet released, and WebSockets open."""
+        return {
+            "streams_open": self.client_streams.held(),
             "sockets_open": self.client_sockets.held(),
         }
 

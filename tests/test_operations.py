@@ -50,8 +50,11 @@ def test_readyz_is_unready_when_the_scheduler_is_full(make_server):
         chunks = r.iter_raw()
         next(chunks)  # the only slot is taken
         full = httpx.get(f"{srv.base_url}/readyz")
+        during = scrape(srv)
     assert full.status_code == 503 and "capacity" in full.json()["reason"]
+    assert during["rtserver_streams_open"] == 1 and during["rtserver_sockets_open"] == 0
     srv.assert_idle()
+    assert scrape(srv)["rtserver_streams_open"] == 0
     assert httpx.get(f"{srv.base_url}/readyz").status_code == 200
 
 
