@@ -80,6 +80,7 @@ class Job:
     max_audio_s: float = float("inf")  # the scheduler fails the job past this much audio
     text_streaming: bool = False  # fragments reach the engine as they arrive (add_fragment)
     request_id: str = "-"  # of the request that opened it, for the inference thread's logs
+    client: str = ""  # the client address: admission takes turns between clients
     id: int = field(default_factory=lambda: next(_job_ids))
     status: JobStatus = JobStatus.WAITING  # written by the scheduler only
     created: float = field(default_factory=time.monotonic)

@@ -1,6 +1,6 @@
 """The session scheduler: one inference thread multiplexes the engine across every stream.
 
-Each tick: drop cancelled jobs, admit waiting ones, pick a batch by earliest deadline (jobs
+Each tick: drop cancelled jobs, admit waiting ones (taking turns between clients), pick a batch by earliest deadline (jobs
 still waiting for their first audio are due a moment after they arrive; the others when their
 listener runs out of buffered audio), run one engine step, route what it produced. Jobs whose consumer has not read its backlog are skipped,
 so a slow client slows only itself and server memory stays bounded.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job, JobStatus
@@ -199,7 +199,7 @@ class Scheduler:
             with self._lock:
                 if not self._waiting or len(self._running) >= limit:
                     return
-                job = self._waiting.popleft()
+                job = self._next_waiting()
                 self._running.append(job)
                 job.status = JobStatus.RUNNING
             try:
@@ -207,6 +207,14 @@ class Scheduler:
             except Exception as exc:  # one bad job must not hurt the others
                 log.exception("job %d failed to start", job.id)
                 self._route(job, Failed(f"{type(exc).__name__}: {exc}"))
+
+    def _next_waiting(self) -> Job:  # with the lock held
+        """The waiting job to admit: the oldest of those whose client has the fewest streams
+        running, so one client's burst cannot keep every other client waiting behind it."""
+        running = Counter(j.client for j in self._running)
+        job = min(self._waiting, key=lambda j: running[j.client])  # the first of the fewest
+        self._waiting.remove(job)
+        return job
 
     def _pick(self) -> list[Job]:
         with self._lock:

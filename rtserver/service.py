@@ -301,6 +301,7 @@ class TTSService:
             stream=stream,
             max_audio_s=self.settings.max_audio_s,
             request_id=request_id.get(),
+            client=client,
             text_streaming=text_streaming,
         )
         try:

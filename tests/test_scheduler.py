@@ -24,6 +24,7 @@ class ToneEngine:
         self.max_batch = max_batch
         self.batches: list[list[int]] = []
         self.released: list[int] = []
+        self.started: list[int] = []  # job ids in the order they were admitted
 
     def speakers(self) -> list[Speaker]:
         return [SPEAKER]
@@ -33,6 +34,7 @@ class ToneEngine:
 
     def start(self, job: Job) -> None:
         job.engine_state = "started"
+        self.started.append(job.id)
 
     def ready(self, job: Job) -> bool:
         return job.has_pending_text() or job.input_closed
@@ -67,8 +69,10 @@ async def drain(job: Job) -> list:
             return events
 
 
-def make_job(sched: Scheduler, segments: list[str], close: bool = True) -> Job:
-    job = Job(speaker=SPEAKER, channel=Channel(asyncio.get_running_loop(), sched.wake))
+def make_job(sched: Scheduler, segments: list[str], close: bool = True, client: str = "") -> Job:
+    job = Job(
+        speaker=SPEAKER, channel=Channel(asyncio.get_running_loop(), sched.wake), client=client
+    )
     job.add_segments(segments)
     if close:
         job.close_input()
@@ -212,3 +216,23 @@ def test_earliest_deadline_first():
     comfortable = job(created=90.0, first=95.0, audio=20.0)  # dry at 115
     order = sorted([comfortable, new, starving], key=sched.deadline)
     assert order == [starving, new, comfortable]
+
+
+def test_admission_takes_turns_between_clients():
+    """Client a queues a burst before client b asks once: b takes the second slot instead of
+    waiting behind a's whole burst, and a's burst then runs in its own order."""
+
+    async def go():
+        engine = ToneEngine()
+        sched = Scheduler(engine, max_streams=2)
+        burst = [make_job(sched, ["a"] * 3, client="a") for _ in range(5)]
+        other = make_job(sched, ["b"], client="b")
+        sched.start()
+        try:
+            await asyncio.gather(*(drain(j) for j in [*burst, other]))
+        finally:
+            sched.stop()
+        return engine.started, [j.id for j in burst], other.id
+
+    started, burst, other = run(go())
+    assert started == [burst[0], other, *burst[1:]]
