@@ -80,7 +80,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(args: argparse.Namespace) -> None:
-    from rtserver.api.connection import guarded_protocol
+    from rtserver.api.connection import guarded_protocol, guarded_websocket
     from rtserver.api.http import abort_quietly
     from rtserver.app import create_app
     from rtserver.logs import log_config
@@ -110,7 +110,8 @@ def serve(args: argparse.Namespace) -> None:
         ws_ping_timeout=20,
         timeout_graceful_shutdown=2,  # after our own drain: what is still open is cut
     )
-    config.http = guarded_protocol(connection_limits(settings, config))
+    limits = connection_limits(settings, config)
+    config.http, config.ws = guarded_protocol(limits), guarded_websocket(limits)
     DrainingServer(config, app, settings.drain_timeout_s).run()
 
 

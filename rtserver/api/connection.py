@@ -1,37 +1,46 @@
-"""The HTTP connection under the app: the bounds uvicorn's HTTP/1.1 protocol leaves out.
+"""The connection under the app: the bounds uvicorn's protocols leave out.
 
-uvicorn parses requests without a cap on the header block, gives a request's headers and body
-no deadline, keeps a connection that never sends a byte, takes connections until the process
-runs out of file handles, and waits for ever on a client that stops reading a response. Each
-of those let one client hold the server's memory, sockets or stream quota (docs/deploy.md).
-`guarded_protocol` returns uvicorn's httptools protocol with them bounded:
+uvicorn parses requests without a cap on the header block or on pipelined requests, gives a
+request's headers and body no deadline, keeps a connection that never sends a byte, takes
+connections until the process runs out of file handles, and waits for ever on a client that
+stops reading (a response, a WebSocket, or the last bytes before a close). Each of those let
+one client hold the server's memory, sockets or stream quota (docs/deploy.md). The protocol
+classes made here are uvicorn's own (httptools for HTTP/1.1, websockets' sans-I/O for
+WebSockets) with these bounds:
 
 - at most `max_connections` connections (HTTP and WebSocket) at once, and
   `max_client_connections` HTTP connections per client address (a trusted proxy, whose
   clients are told apart by X-Forwarded-For, is exempt); beyond them a new connection gets
   503 or 429 and is closed before it can send anything;
 - a request's header block (request line included) is at most `max_header_bytes`: 431;
+- at most `MAX_PIPELINED` requests wait behind the one being answered on a connection;
 - a connection must deliver a request's headers and body within `request_timeout_s` of its
   first byte (or of connecting, for the first request): 408 and closed;
-- a response the client reads none of for `write_timeout_s` is cut: the socket is aborted,
-  so the handler's send returns, the stream ends and its quota is released.
+- a socket that takes none of what the server writes for `write_timeout_s` (a response or
+  WebSocket the client stopped reading, or a close waiting to flush) is aborted, so the
+  handler's send returns, the stream ends and its quota is released.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import resource
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 log = logging.getLogger("rtserver.connection")
 
 FD_RESERVE = 256  # file handles beyond the sockets: model files, threads' pipes, logs
+MAX_PIPELINED = 16  # requests queued behind the one being answered (browsers send none)
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -85,6 +94,10 @@ class ConnectionLimits:
             self.per_client.pop(host, None)
 
 
+class _StopParsing(Exception):
+    """Raised from a parser callback: httptools stops, and uvicorn calls send_400_response."""
+
+
 def _response(status: HTTPStatus, text: str) -> bytes:
     body = text.encode()
     return (
@@ -93,17 +106,88 @@ def _response(status: HTTPStatus, text: str) -> bytes:
     ).encode() + body
 
 
+def _abort(transport: asyncio.Transport) -> None:
+    """Drop the connection and what it had left to send: with SO_LINGER 0 the kernel resets
+    it and frees its send buffer now, instead of retrying to a peer that reads nothing."""
+    sock = transport.get_extra_info("socket")
+    with contextlib.suppress(AttributeError, OSError):  # not a TCP socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class _WriteWatch:
+    """Mixin for a uvicorn protocol: abort its socket once it has taken none of what the
+    server writes for `write_timeout_s`: writing paused (the buffer over its high mark) and
+    never resumed, or a close still waiting to flush. Checked a few times per timeout."""
+
+    limits: ConnectionLimits
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        self._paused_at: float | None = None
+        self._closing_at: float | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._rewatch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unwatch()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._paused_at is None:
+            self._paused_at = self.loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self._paused_at = None
+
+    def _rewatch(self) -> None:
+        self._watch = self.loop.call_later(self.limits.write_timeout_s / 4, self._check)
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _check(self) -> None:
+        now, t = self.loop.time(), self.transport
+        flushing = t.is_closing() and t.get_write_buffer_size() > 0
+        self._closing_at = (self._closing_at or now) if flushing else None
+        stuck_since = min(filter(None, (self._paused_at, self._closing_at)), default=None)
+        if stuck_since is not None and now - stuck_since >= self.limits.write_timeout_s:
+            peer = t.get_extra_info("peername")
+            log.warning("%s: took none of what was written for %g s; connection aborted",
+                        peer[0] if peer else "?", self.limits.write_timeout_s)  # fmt: skip
+            self._watch = None
+            _abort(t)
+        else:
+            self._rewatch()
+
+
+def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
+    """uvicorn's WebSocket protocol with the write watch (pass it as uvicorn.Config(ws=...))."""
+
+    class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
+        pass
+
+    GuardedWebSocket.limits = limits
+    return GuardedWebSocket
+
+
 def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol under `limits` (pass it as uvicorn.Config(http=...))."""
 
-    class GuardedHttp(HttpToolsProtocol):
+    class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self._host: str | None = None  # counted against its per-client limit
             self._deadline: asyncio.TimerHandle | None = None  # the request being read
-            self._stuck: asyncio.TimerHandle | None = None  # writing paused since
             self._in_head = True  # reading a request line and headers
-            self._head_bytes = 0
+            self._head_bytes = 0  # read since the head began (an unfinished head's size)
+            self._refused: tuple[HTTPStatus | None, str] | None = None  # by a callback
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -121,46 +205,69 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             super().connection_lost(exc)
 
         def handle_websocket_upgrade(self) -> None:
-            # The WebSocket protocol takes the socket over: its own limits and timeouts apply.
+            # The WebSocket protocol takes the socket over, with its own watch.
             self._let_go()
+            self._unwatch()
             super().handle_websocket_upgrade()
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
                 self._head_bytes += len(data)
             super().data_received(data)
-            # Counted after parsing: a chunk that also holds the body ended the head.
+            # A head still unfinished after all this data: httptools buffers it whole.
             if self._in_head and self._head_bytes > limits.max_header_bytes:
-                log.warning("%s: header block over %d bytes; closed", self._host,
-                            limits.max_header_bytes)  # fmt: skip
-                self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                             f"the header block is over {limits.max_header_bytes} bytes")  # fmt: skip
+                self._refuse(*self._head_too_large())
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._arm_deadline()
 
         def on_headers_complete(self) -> None:
+            size = len(self.url) + sum(len(k) + len(v) for k, v in self.headers)
+            if size > limits.max_header_bytes:
+                self._stop(*self._head_too_large())
             self._in_head, self._head_bytes = False, 0
             super().on_headers_complete()
+            if len(self.pipeline) > MAX_PIPELINED:  # no answer: responses are under way
+                log.warning("%s: over %d pipelined requests; aborted", self._host, MAX_PIPELINED)
+                self._stop(None, "too many pipelined requests")
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._in_head = True
-            self._cancel("_deadline")
+            self._cancel_deadline()
 
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._stuck is None:
-                self._stuck = self.loop.call_later(limits.write_timeout_s, self._write_late)
+        def _stop(self, status: HTTPStatus | None, text: str) -> None:
+            self._refused = (status, text)
+            raise _StopParsing(text)
 
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            self._cancel("_stuck")
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a parser error, which includes our own refusals."""
+            refused, self._refused = self._refused, None
+            if refused is None and self._may_answer():
+                super().send_400_response(msg)
+            elif refused is None:
+                self.transport.close()  # a malformed request behind one being answered
+            elif refused[0] is None:
+                self._let_go()
+                _abort(self.transport)
+            else:
+                self._refuse(*refused)
+
+        def _head_too_large(self) -> tuple[HTTPStatus, str]:
+            log.warning("%s: header block over %d bytes; closed", self._host,
+                        limits.max_header_bytes)  # fmt: skip
+            return (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    f"the header block is over {limits.max_header_bytes} bytes")  # fmt: skip
 
         def _arm_deadline(self) -> None:
             if self._deadline is None:
                 self._deadline = self.loop.call_later(limits.request_timeout_s, self._read_late)
+
+        def _cancel_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
 
         def _read_late(self) -> None:
             self._deadline = None
@@ -171,33 +278,30 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                         limits.request_timeout_s)  # fmt: skip
             self._refuse(HTTPStatus.REQUEST_TIMEOUT, "the request did not arrive in time")
 
-        def _write_late(self) -> None:
-            self._stuck = None
-            log.warning("%s: read none of its response for %g s; connection aborted",
-                        self._host, limits.write_timeout_s)  # fmt: skip
-            self.transport.abort()
+        def _may_answer(self) -> bool:
+            """Whether a status line may be written now: no response is under way, and the
+            request being read has not been answered already (an early 404, say)."""
+            if self.cycle is None:
+                return True
+            if self._in_head:  # a new request: its predecessor must be fully answered
+                return self.cycle.response_complete
+            return not self.cycle.response_started
 
         def _refuse(self, status: HTTPStatus, text: str) -> None:
-            """Answer `status` and close, or only close when a response has begun."""
-            if self.cycle is None or self.cycle.response_complete:
+            """Answer `status` when a status line may be written, and close."""
+            if self._may_answer():
                 self.transport.write(_response(status, text))
             self._let_go()
-            self.transport.close()
-
-        def _cancel(self, name: str) -> None:
-            timer = getattr(self, name)
-            if timer is not None:
-                timer.cancel()
-                setattr(self, name, None)
+            self.transport.close()  # the write watch aborts it if the client never reads
 
         def _let_go(self) -> None:
-            """Stop the timers and give back the per-client count (idempotent)."""
-            self._cancel("_deadline")
-            self._cancel("_stuck")
+            """Stop the request deadline and give back the per-client count (idempotent)."""
+            self._cancel_deadline()
             if self._host is not None:
                 limits.release(self._host)
                 self._host = None
 
+    GuardedHttp.limits = limits
     return GuardedHttp
 
 
