@@ -220,3 +220,24 @@ def test_long_streams_and_sockets_outlive_the_request_deadline(guarded):
 
     assert asyncio.run(asyncio.wait_for(socket_session(), 60)) > 0
     guarded.assert_idle()
+
+
+def test_a_slow_reader_gets_the_whole_response_after_the_server_is_done(guarded):
+    """A client reading far slower than the server writes (but reading) is never cut: not
+    while the response is written, nor while the last bytes drain after the server closes."""
+    s = dial(guarded)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = json.dumps({"tts_text": LONG_TEXT[:250], "spk_id": "joe"}).encode()
+    s.sendall(
+        b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    )  # fmt: skip
+    got = b""
+    began = time.monotonic()
+    while chunk := s.recv(16384):
+        got += chunk
+        time.sleep(0.25)  # at most 64 KB/s: the server writes many times faster
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert status_of(head) == 200
+    assert rest.endswith(b"0\r\n\r\n"), "the body was cut before its end"
+    assert time.monotonic() - began > 4  # far longer than --read-timeout-s

@@ -118,7 +118,9 @@ def _abort(transport: asyncio.Transport) -> None:
 class _WriteWatch:
     """Mixin for a uvicorn protocol: abort its socket once it has taken none of what the
     server writes for `write_timeout_s`: writing paused (the buffer over its high mark) and
-    never resumed, or a close still waiting to flush. Checked a few times per timeout."""
+    never resumed, or a close whose unsent bytes have not moved. Checked a few times per
+    timeout. A slow reader still draining a close's last bytes is progress, not stuck: a
+    player reading at real time may hold a minute of audio in the kernel's buffers."""
 
     limits: ConnectionLimits
     transport: asyncio.Transport
@@ -127,7 +129,8 @@ class _WriteWatch:
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
         self._paused_at: float | None = None
-        self._closing_at: float | None = None
+        self._unmoved_since: float | None = None  # closing, with this many bytes unsent
+        self._unsent = 0
         self._watch: asyncio.TimerHandle | None = None
         self._rewatch()
 
@@ -154,9 +157,13 @@ class _WriteWatch:
 
     def _check(self) -> None:
         now, t = self.loop.time(), self.transport
-        flushing = t.is_closing() and t.get_write_buffer_size() > 0
-        self._closing_at = (self._closing_at or now) if flushing else None
-        stuck_since = min(filter(None, (self._paused_at, self._closing_at)), default=None)
+        unsent = t.get_write_buffer_size() if t.is_closing() else 0
+        if not unsent:
+            self._unmoved_since = None
+        elif unsent != self._unsent or self._unmoved_since is None:
+            self._unmoved_since = now
+        self._unsent = unsent
+        stuck_since = min(filter(None, (self._paused_at, self._unmoved_since)), default=None)
         if stuck_since is not None and now - stuck_since >= self.limits.write_timeout_s:
             peer = t.get_extra_info("peername")
             log.warning("%s: took none of what was written for %g s; connection aborted",
