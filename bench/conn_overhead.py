@@ -1,0 +1,80 @@
+"""Per-request cost of the server's HTTP path, side by side for several checkouts.
+
+    git worktree add /tmp/base COMMIT
+    uv run python bench/conn_overhead.py /tmp/base .
+
+A server is started from each checkout (with this virtualenv), then in 5 rounds each gets
+1000 keep-alive `GET /healthz` and 500 requests on a connection of their own; prints the
+microseconds per request (median of the rounds, and each round).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+ROUNDS = 5
+PORT = 51000
+
+
+def start(root: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtserver", "serve", "--port", str(port), "--no-warmup"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "RTSERVER_LOG_LEVEL": "warning"},
+    )  # fmt: skip
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"no server from {root}")
+
+
+def keep_alive_us(port: int, n: int) -> float:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        t = time.perf_counter()
+        for _ in range(n):
+            client.get("/healthz")
+        return (time.perf_counter() - t) / n * 1e6
+
+
+def new_connection_us(port: int, n: int) -> float:
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    t = time.perf_counter()
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(request)
+            while s.recv(65536):
+                pass
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def main() -> None:
+    roots = sys.argv[1:]
+    ports = {root: PORT + i for i, root in enumerate(roots)}
+    procs = [start(root, port) for root, port in ports.items()]
+    times: dict[str, tuple[list[float], list[float]]] = {r: ([], []) for r in roots}
+    try:
+        for _ in range(ROUNDS):  # interleaved, so a change in the machine's load hits both
+            for root, port in ports.items():
+                times[root][0].append(keep_alive_us(port, 1000))
+                times[root][1].append(new_connection_us(port, 500))
+    finally:
+        for proc in procs:
+            proc.terminate()
+    for root, (kept, fresh) in times.items():
+        print(f"{root}: keep-alive {statistics.median(kept):.0f} us/request "
+              f"{[round(x) for x in kept]}; new connection {statistics.median(fresh):.0f} "
+              f"us/request {[round(x) for x in fresh]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
