@@ -222,10 +222,13 @@ def test_long_streams_and_sockets_outlive_the_request_deadline(guarded):
     guarded.assert_idle()
 
 
-def test_a_slow_reader_gets_the_whole_response_after_the_server_is_done(guarded):
+def test_a_slow_reader_gets_the_whole_response_after_the_server_is_done(make_server):
     """A client reading far slower than the server writes (but reading) is never cut: not
-    while the response is written, nor while the last bytes drain after the server closes."""
-    s = dial(guarded)
+    while the response is written, nor while the last bytes drain after the server closes.
+    (The kernel hands a socket more bytes only once half of what it queued has gone, so a
+    slow reader moves the server's buffer every few seconds, not continuously.)"""
+    srv = make_server("--read-timeout-s", "8", "--no-warmup")
+    s = dial(srv)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     body = json.dumps({"tts_text": LONG_TEXT[:250], "spk_id": "joe"}).encode()
     s.sendall(
@@ -240,4 +243,4 @@ def test_a_slow_reader_gets_the_whole_response_after_the_server_is_done(guarded)
     head, _, rest = got.partition(b"\r\n\r\n")
     assert status_of(head) == 200
     assert rest.endswith(b"0\r\n\r\n"), "the body was cut before its end"
-    assert time.monotonic() - began > 4  # far longer than --read-timeout-s
+    assert time.monotonic() - began > 10  # longer than --read-timeout-s

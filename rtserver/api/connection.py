@@ -34,13 +34,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 log = logging.getLogger("rtserver.connection")
 
 FD_RESERVE = 256  # file handles beyond the sockets: model files, threads' pipes, logs
 MAX_PIPELINED = 16  # requests queued behind the one being answered (browsers send none)
+# Unsent bytes the kernel may queue for a socket before it stops taking more. Linux lets a
+# send buffer grow to 4 MB and wakes the writer only when a third of it has drained: a client
+# reading audio at real time then left writing paused for up to 30 s (seen as "stuck"), and a
+# client that reads nothing parked megabytes in the kernel. With this the writer wakes, and a
+# stalled client is seen, within a few seconds of audio.
+NOTSENT_LOWAT = 128 * 1024
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -115,12 +121,19 @@ def _abort(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def _bound_unsent(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    with contextlib.suppress(AttributeError, OSError):  # not TCP, or not Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+
+
 class _WriteWatch:
     """Mixin for a uvicorn protocol: abort its socket once it has taken none of what the
-    server writes for `write_timeout_s`: writing paused (the buffer over its high mark) and
-    never resumed, or a close whose unsent bytes have not moved. Checked a few times per
-    timeout. A slow reader still draining a close's last bytes is progress, not stuck: a
-    player reading at real time may hold a minute of audio in the kernel's buffers."""
+    server writes for `write_timeout_s`: writing paused (its buffer over the high mark), or a
+    close waiting to flush, while the bytes waiting in the buffer do not move. Any byte taken
+    is progress: a client reading audio at real time drains a paused buffer slowly but never
+    stops (with NOTSENT_LOWAT the kernel takes bytes as the client reads them). Checked a few
+    times per timeout."""
 
     limits: ConnectionLimits
     transport: asyncio.Transport
@@ -128,8 +141,8 @@ class _WriteWatch:
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
-        self._paused_at: float | None = None
-        self._unmoved_since: float | None = None  # closing, with this many bytes unsent
+        self._paused = False
+        self._unmoved_since: float | None = None  # waiting bytes, this many, since then
         self._unsent = 0
         self._watch: asyncio.TimerHandle | None = None
         self._rewatch()
@@ -140,12 +153,11 @@ class _WriteWatch:
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
-        if self._paused_at is None:
-            self._paused_at = self.loop.time()
+        self._paused = True
 
     def resume_writing(self) -> None:
         super().resume_writing()  # type: ignore[misc]
-        self._paused_at = None
+        self._paused = False
 
     def _rewatch(self) -> None:
         self._watch = self.loop.call_later(self.limits.write_timeout_s / 4, self._check)
@@ -157,14 +169,16 @@ class _WriteWatch:
 
     def _check(self) -> None:
         now, t = self.loop.time(), self.transport
-        unsent = t.get_write_buffer_size() if t.is_closing() else 0
-        if not unsent:
+        waiting = t.get_write_buffer_size() if self._paused or t.is_closing() else 0
+        if not waiting:
             self._unmoved_since = None
-        elif unsent != self._unsent or self._unmoved_since is None:
+        elif waiting != self._unsent or self._unmoved_since is None:
             self._unmoved_since = now
-        self._unsent = unsent
-        stuck_since = min(filter(None, (self._paused_at, self._unmoved_since)), default=None)
-        if stuck_since is not None and now - stuck_since >= self.limits.write_timeout_s:
+        self._unsent = waiting
+        if (
+            self._unmoved_since is not None
+            and now - self._unmoved_since >= self.limits.write_timeout_s
+        ):
             peer = t.get_extra_info("peername")
             log.warning("%s: took none of what was written for %g s; connection aborted",
                         peer[0] if peer else "?", self.limits.write_timeout_s)  # fmt: skip
@@ -198,6 +212,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            _bound_unsent(transport)
+            self._answering: RequestResponseCycle | None = None
             host = self.client[0] if self.client else None
             if limits.max_connections and len(self.connections) > limits.max_connections:
                 self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry")
@@ -209,7 +225,17 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._let_go()
+            # uvicorn tells only the newest request; the one being answered and those queued
+            # behind it must also stop writing to the closed socket.
+            for cycle in (self._answering, *(c for c, _ in self.pipeline)):
+                if cycle is not None and not cycle.response_complete:
+                    cycle.disconnected = True
+                    cycle.message_event.set()
             super().connection_lost(exc)
+
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
+            self._answering = cycle
+            super()._start_asgi_task(cycle, app)
 
         def handle_websocket_upgrade(self) -> None:
             # The WebSocket protocol takes the socket over, with its own watch.
@@ -222,7 +248,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                 self._head_bytes += len(data)
             super().data_received(data)
             # A head still unfinished after all this data: httptools buffers it whole.
-            if self._in_head and self._head_bytes > limits.max_header_bytes:
+            closing = self.transport.is_closing()  # refused while parsing
+            if self._in_head and not closing and self._head_bytes > limits.max_header_bytes:
                 self._refuse(*self._head_too_large())
 
         def on_message_begin(self) -> None:
