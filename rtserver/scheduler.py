@@ -1,9 +1,10 @@
 """The session scheduler: one inference thread multiplexes the engine across every stream.
 
-Each tick: drop cancelled jobs, admit waiting ones (taking turns between clients), pick a batch by earliest deadline (jobs
-still waiting for their first audio are due a moment after they arrive; the others when their
-listener runs out of buffered audio), run one engine step, route what it produced. Jobs whose consumer has not read its backlog are skipped,
-so a slow client slows only itself and server memory stays bounded.
+Each tick: drop cancelled jobs, admit waiting ones (taking turns between clients), pick a
+batch by earliest deadline (jobs still waiting for their first audio are due a moment after
+they arrive; the others when their listener runs out of buffered audio), run one engine step,
+route what it produced. Jobs whose consumer has not read its backlog are skipped, so a slow
+client slows only itself and server memory stays bounded.
 """
 
 from __future__ import annotations

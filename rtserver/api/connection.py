@@ -37,6 +37,8 @@ from http import HTTPStatus
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from rtserver.session import ClientQuota, TooManyForClient
+
 log = logging.getLogger("rtserver.connection")
 
 FD_RESERVE = 256  # file handles beyond the sockets: model files, threads' pipes, logs
@@ -80,24 +82,24 @@ class ConnectionLimits:
     write_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024  # nginx's largest default header buffers total 32 KiB
     trusted: Callable[[str], bool] = lambda host: False
-    per_client: dict[str, int] = field(default_factory=dict)  # open HTTP connections
+    per_client: ClientQuota = field(init=False)  # open HTTP connections by address
 
-    def acquire(self, host: str) -> bool:
-        """Count one more connection from `host`; False when it holds its limit."""
-        if not self.max_client_connections or self.trusted(host):
-            return True
-        held = self.per_client.get(host, 0)
-        if held >= self.max_client_connections:
-            return False
-        self.per_client[host] = held + 1
-        return True
+    def __post_init__(self) -> None:
+        self.per_client = ClientQuota("connections", self.max_client_connections)
 
-    def release(self, host: str) -> None:
-        left = self.per_client.get(host, 0) - 1
-        if left > 0:
-            self.per_client[host] = left
-        else:
-            self.per_client.pop(host, None)
+    def admit(self, host: str | None) -> Callable[[], None] | None:
+        """Count a connection from `host`: its (idempotent) release, or None when the address
+        holds its limit. A trusted proxy's connections are not counted."""
+        if host is None or self.trusted(host):
+            return _nothing
+        try:
+            return self.per_client.acquire(host)
+        except TooManyForClient:
+            return None
+
+
+def _nothing() -> None:
+    pass
 
 
 class _StopParsing(Exception):
@@ -112,19 +114,17 @@ def _response(status: HTTPStatus, text: str) -> bytes:
     ).encode() + body
 
 
+def _sockopt(transport: asyncio.Transport, level: int, name: int, value: int | bytes) -> None:
+    sock = transport.get_extra_info("socket")
+    with contextlib.suppress(AttributeError, OSError):  # not a TCP socket, or not Linux
+        sock.setsockopt(level, name, value)
+
+
 def _abort(transport: asyncio.Transport) -> None:
     """Drop the connection and what it had left to send: with SO_LINGER 0 the kernel resets
     it and frees its send buffer now, instead of retrying to a peer that reads nothing."""
-    sock = transport.get_extra_info("socket")
-    with contextlib.suppress(AttributeError, OSError):  # not a TCP socket
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _sockopt(transport, socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
-
-
-def _bound_unsent(transport: asyncio.Transport) -> None:
-    sock = transport.get_extra_info("socket")
-    with contextlib.suppress(AttributeError, OSError):  # not TCP, or not Linux
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
 
 
 class _WriteWatch:
@@ -142,8 +142,8 @@ class _WriteWatch:
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
         self._paused = False
-        self._unmoved_since: float | None = None  # waiting bytes, this many, since then
-        self._unsent = 0
+        self._unmoved_since: float | None = None  # bytes waiting, none taken since then
+        self._waiting = 0  # bytes waiting at the last check
         self._watch: asyncio.TimerHandle | None = None
         self._rewatch()
 
@@ -172,9 +172,9 @@ class _WriteWatch:
         waiting = t.get_write_buffer_size() if self._paused or t.is_closing() else 0
         if not waiting:
             self._unmoved_since = None
-        elif waiting != self._unsent or self._unmoved_since is None:
+        elif waiting != self._waiting or self._unmoved_since is None:
             self._unmoved_since = now
-        self._unsent = waiting
+        self._waiting = waiting
         if (
             self._unmoved_since is not None
             and now - self._unmoved_since >= self.limits.write_timeout_s
@@ -204,7 +204,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self._host: str | None = None  # counted against its per-client limit
+            self._host: str | None = None  # the peer's address, for the log
+            self._release: Callable[[], None] = _nothing  # its per-client count
             self._deadline: asyncio.TimerHandle | None = None  # the request being read
             self._in_head = True  # reading a request line and headers
             self._head_bytes = 0  # read since the head began (an unfinished head's size)
@@ -212,15 +213,15 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            _bound_unsent(transport)
+            _sockopt(transport, socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
             self._answering: RequestResponseCycle | None = None
-            host = self.client[0] if self.client else None
+            self._host = self.client[0] if self.client else None
             if limits.max_connections and len(self.connections) > limits.max_connections:
                 self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry")
-            elif host is not None and not limits.acquire(host):
+            elif (release := limits.admit(self._host)) is None:
                 self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from you")
             else:
-                self._host = host
+                self._release = release
                 self._arm_deadline()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -331,9 +332,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
         def _let_go(self) -> None:
             """Stop the request deadline and give back the per-client count (idempotent)."""
             self._cancel_deadline()
-            if self._host is not None:
-                limits.release(self._host)
-                self._host = None
+            self._release()
 
     GuardedHttp.limits = limits
     return GuardedHttp
