@@ -96,8 +96,12 @@ def steps_ms(model: cosyvoice.CosyVoiceModel, text: str, n: int = 60) -> list[fl
 def stalls(model_dir: str) -> None:
     model = cosyvoice.load(model_dir, device="cpu", dtype="float32")
     long = ("The fox paid $3.50 on 2024-05-01 at 5 p.m. and said 12,345 words. " * 80)[:5000]
+    commas = (", ".join(f"as Dr. Smith said on Jan. {i}" for i in range(1, 300)))[:5000]
+    cjk = ("今天我们讨论这个问题然后大家一起吃饭" * 300)[:5000]
+    cases = {"one sentence": "Short text.", "5000 characters": long,
+             "5000 characters, commas only": commas, "5000 CJK characters, no marks": cjk}  # fmt: skip
     print("\n| other text | longest steps, ms | median step, ms |\n| --- | --- | --- |")
-    for name, text in (("one sentence", "Short text."), ("5000 characters", long)):
+    for name, text in cases.items():
         ticks = steps_ms(model, text)
         print(f"| {name} | {', '.join(f'{t:.0f}' for t in ticks[-4:])} | "
               f"{ticks[len(ticks) // 2]:.0f} |")  # fmt: skip

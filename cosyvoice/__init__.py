@@ -56,8 +56,9 @@ and its keys/values live in blocks of one paged pool per model (``m.llm.net.kv_p
     r.flow_tokens                  # the tokens for token2wav (= out_tokens except v3's dropped
                                    # silent runs); read the new ones after every step
     r.cancel()                     # frees its KV cache; just stop passing it to step()
-    m.llm.prefill_chunk = 64       # optional chunked prefill: <= 64 prefix positions of a request
-                                   # per step (step returns None for it until the prefix is in)
+    m.llm.prefill_chunk = 128      # the default: step() feeds <= 128 input positions of a request
+                                   # (prefix or streamed text) per step and returns None for it
+                                   # until all are in; None: all at once (prefill() always is)
 
     # bistream (spec §8.6; v2/v3): text arrives while speech tokens are generated
     r = m.new_stream_request(speaker="my_voice", seed=1)

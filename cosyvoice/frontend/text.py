@@ -9,8 +9,9 @@ upstream reads past the end of the string (``replace_blank`` on a trailing space
 from __future__ import annotations
 
 import functools
+import itertools
 import re
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import TypeVar
 
 import regex
@@ -159,6 +160,15 @@ def _wetext_normalizers():
 # space (wetext drops a newline there, which a seam could not give back).
 _GROUP_CHARS = 200
 _SEAM = re.compile(r"(?<=[。！？；])(?!\s)|(?<=[!?;]) (?=\S)|(?<=[a-z]{4}\.) (?=\S)")
+# Past two groups with no sentence end (commas only, "Dr." after "Dr."), a group ends between
+# words no tagger joins: one space between lowercase words of 4+ letters (a comma may end the
+# first), or between CJK characters 4+ away from anything else. Text with none of those for
+# _HARD_CHARS (a run of digits or of one letter) is cut there: one wetext call stays bounded.
+_WEAK_SEAM = re.compile(
+    r"(?<=[a-z]{4}) (?=[a-z]{4})|(?<=[a-z]{4},) (?=[a-z]{4})"
+    r"|(?<=[\u4e00-\u9fff]{4})(?=[\u4e00-\u9fff]{4})|(?<=[\u4e00-\u9fff]{4}，)(?=[\u4e00-\u9fff]{4})"
+)
+_HARD_CHARS = 1000
 _SPACE_RUN = re.compile(r"\s{2,}")
 
 T = TypeVar("T")
@@ -174,6 +184,27 @@ def run_steps(steps: Steps[T]) -> T:
             return done.value
 
 
+def _seams(text: str) -> Iterator[tuple[int, int]]:
+    """(end of a group, start of the next) for every group of ``text`` but the last."""
+    start = 0
+    for m in itertools.chain(_SEAM.finditer(text), [None]):
+        stop = len(text) if m is None else m.start()
+        while stop - start > 2 * _GROUP_CHARS and (seam := _weak_seam(text, start, stop)):
+            yield seam
+            start = seam[1]
+        if m is not None and stop - start >= _GROUP_CHARS:
+            yield m.span()
+            start = m.end()
+
+
+def _weak_seam(text: str, start: int, stop: int) -> tuple[int, int] | None:
+    if m := _WEAK_SEAM.search(text, start + _GROUP_CHARS, stop):
+        return m.span()
+    if stop - start > _HARD_CHARS:
+        return start + _HARD_CHARS, start + _HARD_CHARS
+    return None
+
+
 def _wetext_steps(norm, text: str) -> Steps[str]:
     """``norm.normalize(text)`` (text stripped), pausing between groups of sentences."""
     if len(text) <= _GROUP_CHARS:
@@ -182,11 +213,10 @@ def _wetext_steps(norm, text: str) -> Steps[str]:
 
     lang = get_lang(text)  # the whole text's, as one call would decide it
     out, start = [], 0
-    for m in _SEAM.finditer(text):
-        if m.start() - start >= _GROUP_CHARS:
-            out += [_wetext(norm, text[start : m.start()], lang=lang), m.group()]
-            start = m.end()
-            yield
+    for end, nxt in _seams(text):
+        out += [_wetext(norm, text[start:end], lang=lang), text[end:nxt]]
+        start = nxt
+        yield
     if start < len(text):
         out.append(_wetext(norm, text[start:], lang=lang))
     return "".join(out)

@@ -61,7 +61,7 @@ class LLMRequest:
     generator: torch.Generator | None = None
     silent_filter: SilentFilter | None = None
     bistream: BistreamState | None = None  # set by LLMRequest.streaming()
-    prefix: torch.Tensor | None = None  # prefix embeddings while a chunked prefill is running
+    prefix: torch.Tensor | None = None  # an input being fed in chunks (a prefix, streamed text)
     prefix_fed: int = 0
 
     def __post_init__(self) -> None:
@@ -118,7 +118,7 @@ class LLMRequest:
         waiting for more text)."""
         if self.done:
             return False
-        return self.bistream is None or self.bistream.ready
+        return self.bistream is None or self.prefix is not None or self.bistream.ready
 
     @property
     def started(self) -> bool:
@@ -147,9 +147,11 @@ class LLMEngine:
     def __init__(self, net: QwenSpeechLM | TransformerSpeechLM, sampling: SamplingConfig) -> None:
         self.net = net
         self.sampling = sampling
-        # Chunked prefill: at most this many prefix positions of a request per step (None = all
-        # at once), so a long zero-shot prefix does not stall the decode steps of the others.
-        self.prefill_chunk: int | None = None
+        # Chunked prefill: at most this many input positions of a request per step (None: all
+        # at once). A prefix's attention costs the square of its length: 5000 tokens of one
+        # unpunctuated text took one 5.9 s step on the tiny golden model, every other stream's
+        # step included; in chunks, no step costs much more than a new short request's.
+        self.prefill_chunk: int | None = 128
         # the scheduler calls from one thread; the lock only guards against accidental sharing
         self._lock = threading.Lock()
         self.graphs: DecodeGraphs | None = None
@@ -192,7 +194,11 @@ class LLMEngine:
     def prefill(self, requests: Sequence[LLMRequest]) -> list[int | None]:
         if any(r.started for r in requests):
             raise ValueError("prefill() got a request that already ran")
-        return self.step(requests)
+        chunk, self.prefill_chunk = self.prefill_chunk, None  # the whole prefix, in one forward
+        try:
+            return self.step(requests)
+        finally:
+            self.prefill_chunk = chunk
 
     def decode(self, requests: Sequence[LLMRequest]) -> list[int | None]:
         if not all(r.prefilled for r in requests):
@@ -216,53 +222,40 @@ class LLMEngine:
             raise ValueError("step() got the same request twice")
         if not requests:
             return []
-        net = self.net
-        dev, dtype = self.device, self.dtype
         embeds, lens, caches = [], [], []
         fresh: list[tuple[LLMRequest, KVCache]] = []
-        partial: list[tuple[LLMRequest, torch.Tensor, int]] = []  # prefills and where they got to
+        # inputs longer than prefill_chunk, and how far they got
+        partial: list[tuple[LLMRequest, torch.Tensor, int]] = []
+        streamed: list[BistreamState] = []  # whose pending inputs this step takes
         for r in requests:
-            if r.bistream is not None:
-                items = r.bistream.pending or [("speech", [r.out_tokens[-1]])]
-                e = torch.cat([net.embed_item(k, ids) for k, ids in items])
-                if r.cache is None:
-                    cache = net.new_cache(dtype, dev)
-                    fresh.append((r, cache))
-                else:
-                    cache = r.cache
-            elif not r.prefilled:
-                if r.started:  # chunked prefill in progress
-                    prefix, cache = r.prefix, r.cache
-                else:
-                    ids = [*r.prompt_text_ids, *r.text_ids]
-                    text = torch.tensor(ids, dtype=torch.long, device=dev)
-                    speech = torch.tensor(
-                        list(r.prompt_speech_tokens), dtype=torch.long, device=dev
-                    )
-                    prefix = net.prefix_embeds(text, speech, r.embedding)
-                    cache = net.new_cache(dtype, dev)
-                    fresh.append((r, cache))
-                st = r.prefix_fed
-                n = prefix.shape[0] - st
-                if self.prefill_chunk is not None:
-                    n = min(n, self.prefill_chunk)
-                e = prefix[st : st + n]
-                partial.append((r, prefix, st + n))
+            if r.prefix is not None:  # the rest of a long input, a chunk per step
+                full, cache, st = r.prefix, r.cache, r.prefix_fed
             else:
-                last = torch.tensor([r.out_tokens[-1]], dtype=torch.long, device=dev)
-                e = net.speech_embedding(last)
+                full, st = self._input(r), 0
+                if r.bistream is not None:
+                    streamed.append(r.bistream)
                 cache = r.cache
-            embeds.append(e)
-            lens.append(e.shape[0])
+                if cache is None:
+                    cache = self.net.new_cache(self.dtype, self.device)
+                    fresh.append((r, cache))
+            n = full.shape[0] - st
+            if self.prefill_chunk is not None:
+                n = min(n, self.prefill_chunk)
+            if st or n < full.shape[0]:
+                partial.append((r, full, st + n))
+            embeds.append(full[st : st + n])
+            lens.append(n)
             caches.append(cache)
         with self._lock:
             g = self.graphs
             if g is not None and not fresh and not partial and max(lens) == 1 and g.fits(caches):
                 logits = g.run(torch.cat(embeds), caches)
             else:
-                logits = net.forward_packed(torch.cat(embeds), caches, lens)
+                logits = self.net.forward_packed(torch.cat(embeds), caches, lens)
         for r, cache in fresh:  # only now: a failed forward leaves them un-started
             r.cache = cache
+        for bs in streamed:
+            bs.pending = []
         mid_prefill = set()
         for r, prefix, fed in partial:
             done_prefix = fed >= prefix.shape[0]
@@ -290,13 +283,25 @@ class LLMEngine:
             None if t is None else self._take(r, t) for r, t in zip(requests, plan, strict=True)
         ]
 
+    def _input(self, r: LLMRequest) -> torch.Tensor:
+        """The embeddings ``r`` feeds next: its whole prefix (first step), its streamed inputs
+        (bistream), or its last token."""
+        net, dev = self.net, self.device
+        if r.bistream is not None:
+            items = r.bistream.pending or [("speech", [r.out_tokens[-1]])]
+            return torch.cat([net.embed_item(k, ids) for k, ids in items])
+        if r.started:
+            return net.speech_embedding(torch.tensor([r.out_tokens[-1]], device=dev))
+        text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
+        speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
+        return net.prefix_embeds(text, speech, r.embedding)
+
     def _draw(self, r: LLMRequest) -> Draw | int:
         """What request ``r`` samples this step (or the token forced on it)."""
         gen = None if r.greedy else r.generator
         bs = r.bistream
         if bs is None:
             return Draw(r.out_tokens, len(r.out_tokens) < r.min_len, gen)
-        bs.pending = []
         if bs.final:
             return Draw(r.out_tokens, False, gen)
         if len(r.out_tokens) == bs.next_fill:

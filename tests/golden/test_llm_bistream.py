@@ -76,6 +76,30 @@ def test_chunking_does_not_matter(model, speaker):
     assert len(outs[0][0]) > 15
 
 
+@pytest.mark.parametrize("speaker", [None, "zs_spk1"])
+@pytest.mark.parametrize("piece", [4, 1000])
+def test_long_inputs_go_in_chunks(model, speaker, piece):
+    """Streamed inputs longer than ``prefill_chunk`` (a zero-shot prompt's interleaved blocks,
+    the text left when it closes) go in over several steps, text arriving meanwhile included,
+    and the tokens are the same as with every input fed in one step."""
+    ids = model.frontend.encode(TEXT * 3)
+    runs = []
+    for chunk in (None, 3):
+        model.llm.prefill_chunk = chunk
+        steps = []
+        real_step = model.llm.step
+        model.llm.step = lambda rs: steps.append(1) or real_step(rs)
+        try:
+            r = _run(model, model.new_stream_request(speaker, seed=9), ids, piece)
+        finally:
+            model.llm.prefill_chunk = 128
+            del model.llm.step
+        runs.append((r.out_tokens, r.finish_reason, len(steps)))
+    (plain, why, n_plain), (chunked, why_chunked, n_chunked) = runs
+    assert chunked == plain and why_chunked == why
+    assert n_chunked > n_plain  # it did go in chunks
+
+
 def test_waiting_for_text(model):
     r = model.new_stream_request(None, seed=1)
     assert not r.ready  # no prompt speech: needs 5 text tokens first

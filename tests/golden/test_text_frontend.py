@@ -123,6 +123,35 @@ def test_groups_never_change_the_text(monkeypatch, group):
     assert [n.normalize(t, split=False) for t in SEAMY] == whole
 
 
+SEAMLESS = [
+    ", ".join(f"then the {w} waited near the river" for w in ("heron", "otter", "willow") * 30),
+    ", ".join(f"as Dr. Smith said on Jan. {i}" for i in range(1, 80)),
+    "今天我们讨论这个问题然后大家一起吃饭" * 40,
+    "，".join("我们明天早上一起出发去看看海边的风景" for _ in range(40)),
+]
+
+
+def test_text_without_sentence_ends_is_normalized_in_bounded_groups(monkeypatch):
+    """Thousands of characters with no sentence end a group may stop at (commas only, "Dr."
+    after "Dr.", CJK with no marks) still reach wetext in bounded groups, and read the same as
+    the whole text normalized in one call; a run with no seam at all is cut at a bound."""
+    pytest.importorskip("wetext")
+    import cosyvoice.frontend.text as text
+
+    n = TextNormalizer(len)
+    whole = [n.normalize(t, split=False) for t in SEAMLESS]
+    calls: list[int] = []
+    wetext = text._wetext
+    monkeypatch.setattr(
+        text, "_wetext", lambda norm, t, **o: calls.append(len(t)) or wetext(norm, t, **o)
+    )
+    assert [n.normalize(t, split=False) for t in SEAMLESS] == whole
+    assert len(calls) > 4 * len(SEAMLESS) and max(calls) <= 2 * text._GROUP_CHARS
+    calls.clear()
+    n.normalize("a" * 4000 + "1" * 1000, split=False)
+    assert len(calls) >= 5 and max(calls) <= text._HARD_CHARS
+
+
 def test_runs_of_spaces_do_not_fail_english():
     """wetext asserts on English with a run of spaces; such text reads as with one space."""
     pytest.importorskip("wetext")
