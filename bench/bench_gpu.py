@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from report import ROOT, delivery, git_rev, machine, pct, write_section
@@ -134,12 +135,15 @@ class EngineTarget:
             torch.cuda.empty_cache()  # the next dtype's flow-cache bound sees the memory free
 
 
-def measure(target, dtype: str, levels, capacity) -> tuple[list[str], int]:
+def measure(target, dtype: str, levels, capacity, deadline: float) -> tuple[list[str], int]:
     rows, cap = [], 0
     target.burst(2)  # warm caches
     for n in sorted({*levels, *capacity}):
         if n not in levels and cap < n // 2:
             continue  # already past capacity: skip the larger capacity levels
+        if time.monotonic() > deadline:
+            rows.append(f"| {dtype} | {n} | (not run: past --budget-s) | | | |")
+            break
         res = target.burst(n)
         ttfa = [r["ttfa"] * 1000 for r in res]
         under = sum(r["underruns"] > 0 for r in res)
@@ -153,10 +157,16 @@ def measure(target, dtype: str, levels, capacity) -> tuple[list[str], int]:
     return rows, cap
 
 
-def parity(device: str) -> str:
+def parity(device: str, limit_s: float) -> str:
     env = {**os.environ, "COSYVOICE_TEST_DEVICE": device}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *PARITY_TESTS], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=120",
+           "-o", "timeout_method=thread", *PARITY_TESTS]  # fmt: skip
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=limit_s)  # fmt: skip
+    except subprocess.TimeoutExpired as e:  # a hang must not take the measurements' time
+        print(e.stdout, e.stderr, flush=True)
+        return f"not finished in {limit_s:.0f} s"
     print(r.stdout[-3000:], r.stderr[-2000:], flush=True)
     return (r.stdout.strip().splitlines() or ["no output"])[-1]
 
@@ -167,31 +177,38 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=150)
     ap.add_argument("--engine", action="store_true", help="the model's step loop, no server")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     ap.add_argument("--capacity", type=int, nargs="+", default=list(CAPACITY))
     ap.add_argument("--vocoder-thread", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=540,
+                    help="no new burst starts after this long (the whole run)")  # fmt: skip
     ap.add_argument("--body-out", type=Path, help="also write the section's text here")
     args = ap.parse_args()
     t0 = time.monotonic()
     if not os.path.isdir(args.model):
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_full_model.py"),
                         "--out", args.model], check=True)  # fmt: skip
-    par = "skipped" if args.skip_parity else parity(args.device)
+    deadline = t0 + args.budget_s
+    par = "skipped" if args.skip_parity else parity(args.device, min(240, args.budget_s / 3))
     print("parity:", par, flush=True)
     rows, caps, notes = [], {}, {}
     target_cls = EngineTarget if args.engine else ServerTarget
     for dtype in args.dtypes:
-        target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
-                            args.vocoder_thread)  # fmt: skip
-        try:
-            r, caps[dtype] = measure(target, dtype, args.levels, args.capacity)
-            if args.engine:
-                notes[dtype] = target.graphs_note()
-                print(dtype, notes[dtype], flush=True)
-        finally:
-            target.close()
+        try:  # one dtype failing must not cost the other its numbers
+            target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
+                                args.vocoder_thread)  # fmt: skip
+            try:
+                r, caps[dtype] = measure(target, dtype, args.levels, args.capacity, deadline)
+                if args.engine:
+                    notes[dtype] = target.graphs_note()
+                    print(dtype, notes[dtype], flush=True)
+            finally:
+                target.close()
+        except Exception as e:
+            traceback.print_exc()
+            r, notes[dtype] = [], f"failed: {type(e).__name__}: {e}"[:300]
         rows += r
         report(args, par, rows, caps, notes, time.monotonic() - t0)  # after each dtype: a run cut
         # short by a time limit still leaves what it measured
@@ -213,7 +230,7 @@ Command: `bench/bench_gpu.py {flags}{" --engine" if args.engine else ""}`, commi
 output (random weights), LLM forced to {args.tokens} tokens ({args.tokens / 25:.0f} s of audio)
 per request; {how}. Golden parity on {args.device}, float32: {parity_result}. Real-time capacity
 (largest N with no stream underrunning): {", ".join(f"{d} {c}" for d, c in caps.items())}.
-{"".join(f"Flow graphs, {d}: {n}. " for d, n in notes.items())}
+{"".join(f"{d}: {n}. " for d, n in notes.items())}
 
 | dtype | N | TTFA p50 ms | TTFA p95 ms | slowest delivery RTF | streams that underran |
 | --- | --- | --- | --- | --- | --- |

@@ -293,11 +293,13 @@ class Token2Wav:
             out[i] = chunk
         return to_host(out)
 
-    def warm(self, batches: list[int]) -> None:
+    def warm(self, batches: list[int], hops: int = 3) -> None:
         """Before requests come, for a flow under CUDA graphs: size its pool to the memory
-        bound (graphs over the pool stay valid while it does not grow), then run a first chunk
-        at each batch size, largest first, so that what first audio waits on is captured."""
-        self._first_chunks(max(batches))  # makes the pool's tensors: their bytes per position
+        bound (graphs over the pool stay valid while it does not grow), then run the first
+        ``hops`` chunks of streams at each batch size, largest first, so that the shapes of
+        a stream's first seconds (hops of 25, 50 and 100 tokens) are captured before a
+        listener waits on them; longer streams and final chunks are captured when first met."""
+        self._chunks(max(batches), 1)  # makes the pool's tensors: their bytes per position
         pool, ratio = self.flow.pool, self.cfg.token_mel_ratio
         budget = self.cfg.flow_cache_mb * 2**20
         if pool.position_bytes["frames"] and math.isfinite(budget):
@@ -308,12 +310,15 @@ class Token2Wav:
             blocks = 1.25 * budget / per_token / BLOCK + 4 * max(batches)  # streams overshoot
             pool.presize({"tokens": int(blocks), "frames": int(ratio * blocks)}, 4 * max(batches))
         for b in sorted(batches, reverse=True):
-            self._first_chunks(b)
+            self._chunks(b, hops)
 
-    def _first_chunks(self, b: int) -> None:
-        n = self.cfg.token_hop_len + self.cfg.pre_lookahead_len
+    def _chunks(self, b: int, hops: int) -> None:
+        """The first ``hops`` chunks of ``b`` streams of silence, together."""
         states = [self.new_state(torch.zeros(self.flow.cfg.spk_embed_dim)) for _ in range(b)]
-        self.step([(st, [0] * n, False) for st in states])
+        new = [self.cfg.token_hop_len + self.cfg.pre_lookahead_len] * b
+        for _ in range(hops):
+            self.step([(st, [0] * n, False) for st, n in zip(states, new, strict=True)])
+            new = [st.hop for st in states]
         for st in states:
             if st.flow_cache is not None:
                 st.flow_cache.release()

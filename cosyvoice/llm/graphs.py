@@ -14,7 +14,7 @@ import bisect
 
 import torch
 
-from cosyvoice.devices import capture_graph
+from cosyvoice.devices import capture_graph, h2d
 
 from .kv import BLOCK, Group, KVCache, KVPool, Layout, blocks_for, slot, table_row
 from .lm import QwenSpeechLM
@@ -90,12 +90,12 @@ class DecodeGraphs:
             ctx.append(pos + 1)
             table.append(table_row(c.blocks, nb))
         pad = b - n  # padded rows: write to the scratch slot, attend to it alone
-        host = dict(dtype=torch.long)
+        dev = self.x.device  # through pinned memory: a pageable copy would wait for the stream
         self.x[:n].copy_(x)
         self.x[n:b].zero_()
-        self.slots[:b].copy_(torch.tensor(slots + [0] * pad, **host), non_blocking=True)
-        self.ctx[:b].copy_(torch.tensor(ctx + [1] * pad, **host), non_blocking=True)
-        self.table[:b, :nb].copy_(torch.tensor(table + [[0] * nb] * pad, **host), non_blocking=True)
+        self.slots[:b].copy_(h2d(slots + [0] * pad, dev))
+        self.ctx[:b].copy_(h2d(ctx + [1] * pad, dev))
+        self.table[:b, :nb].copy_(h2d(table + [[0] * nb] * pad, dev))
 
     def _forward(self, b: int, nb: int) -> torch.Tensor:
         """The static step: every op reads the buffers, so it can be captured."""

@@ -138,9 +138,6 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        hd = cfg.head_dim
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        self.register_buffer("inv_freq", inv, persistent=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pools: dict[tuple[torch.dtype, torch.device], KVPool] = {}
 
@@ -163,9 +160,12 @@ class Qwen2Model(nn.Module):
         """cos/sin (N, head_dim) at ``positions``; ``max_pos`` (known on the host, so no device
         sync) grows the table when needed."""
         if self._rope_cache is None or self._rope_cache[0].shape[0] <= max_pos:
-            n = max(max_pos + 1, 4096)
-            t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.float())
+            # in float32 from the config, not from a buffer: .to(bfloat16) would round the
+            # frequencies (cos off by up to 0.28 within 300 positions)
+            n, hd = max(max_pos + 1, 4096), self.cfg.head_dim
+            as_f32 = dict(device=self.norm.weight.device, dtype=torch.float32)
+            inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, **as_f32) / hd))
+            freqs = torch.outer(torch.arange(n, **as_f32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._rope_cache = (emb.cos(), emb.sin())
         cos, sin = self._rope_cache

@@ -73,17 +73,18 @@ def test_static_loop_equals_eager(model_dir, ladders):
 
 def test_warm_sizes_the_pool_to_its_bound_and_runs_each_batch(model_dir):
     """Warm-up makes the pool as large as the memory bound lets streams get, so that streams
-    under the bound never grow it (graphs over its tensors stay valid), then runs a first chunk
-    at each batch bucket."""
+    under the bound never grow it (graphs over its tensors stay valid), then runs a stream's
+    first three chunks (three shapes) at each batch bucket."""
     flow = load_flow(model_dir, device=TEST_DEVICE)
     flow.enable_graphs(max_batch=4)
-    t2w = make_token2wav(flow, load_hift(model_dir, device=TEST_DEVICE), flow_cache_mb=2)
+    t2w = make_token2wav(flow, load_hift(model_dir, device=TEST_DEVICE), flow_cache_mb=16)
     t2w.warm(flow.graphs.batches)
-    assert flow.graphs.runs == 1 + len(flow.graphs.batches) == 4  # sizing, then 4, 2 and 1
+    # sizing, then 4, 2 and 1 streams three chunks each
+    assert flow.graphs.runs == 1 + 3 * len(flow.graphs.batches) == 10
     layout, pool = flow.pool.layout, flow.pool
     assert (
         pool.held == 0
-        and pool.blocks["frames"].size * BLOCK >= 2 * 2**20 / pool.position_bytes["frames"]
+        and pool.blocks["frames"].size * BLOCK >= 16 * 2**20 / pool.position_bytes["frames"]
     )
     toks = torch.randint(0, flow.cfg.vocab_size, (260,), generator=torch.Generator().manual_seed(9))
     states = [t2w.new_state(*s, seed=i) for i, s in enumerate(_speakers(model_dir))]

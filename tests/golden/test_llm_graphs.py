@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fixtures import ONE_THREAD, TEST_DEVICE
+from _fixtures import ONE_THREAD, TEST_DEVICE, WETEXT
 
 import cosyvoice
 from cosyvoice.llm.engine import LLMRequest
@@ -19,8 +19,10 @@ def _load(golden_dir, graphs: bool):
     d = golden_dir / "cosyvoice2" / "model"
     if not d.is_dir():
         pytest.skip("no cosyvoice2 golden dir")
+    # no wetext on a bare GPU box: this test reads no text
     return cosyvoice.load(d, device=TEST_DEVICE, dtype="float32", speaker_dir=None,
-                          token2wav=False, graphs=graphs, max_batch=6)  # fmt: skip
+                          use_wetext=WETEXT, token2wav=False, graphs=graphs,
+                          max_batch=6)  # fmt: skip
 
 
 def _trace(model, lengths: list[int]) -> list[tuple[list[int], list[torch.Tensor]]]:
@@ -74,3 +76,20 @@ def test_a_failed_capture_leaves_decode_eager_and_right(golden_dir, caplog):
     lengths = [12, 30, 25]
     for (tok_e, _), (tok_f, _) in zip(_trace(eager, lengths), _trace(model, lengths), strict=True):
         assert tok_e == tok_f
+
+
+def test_rope_keeps_float32_frequencies_in_bfloat16(golden_dir):
+    """The LLM in bfloat16 (the CUDA default) rotates by the float32 angles: its weights are
+    cast, its position table must not be (rounded frequencies put cos off by 0.28 by position
+    300, which the float32 parity runs cannot see)."""
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    model = cosyvoice.load(d, device=TEST_DEVICE, dtype="float32", speaker_dir=None,
+                           use_wetext=WETEXT, token2wav=False, packed=False)  # fmt: skip
+    net = model.llm.net.qwen
+    pos = torch.arange(0, 4000, 7, device=net.norm.weight.device)
+    want = net.rope(pos, 4000, torch.float32)
+    net.to(torch.bfloat16)._rope_cache = None
+    got = net.rope(pos, 4000, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
