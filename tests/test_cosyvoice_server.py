@@ -192,16 +192,19 @@ def test_http_disconnect_frees_the_job(cv):
     assert_disconnect_frees_the_job(cv)
 
 
-def prompt_wav(seconds: float = 3.0, rate: int = 24000, amplitude: float = 0.3) -> bytes:
+def prompt_wav(
+    seconds: float = 3.0, rate: int = 24000, amplitude: float = 0.3, channels: int = 1
+) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     rng = np.random.default_rng(0)
     x = amplitude * (np.sin(2 * np.pi * (150 + 100 * t) * t) + 0.05 * rng.standard_normal(len(t)))
+    frames = np.repeat(np.clip(x, -1, 1)[:, None], channels, axis=1)  # interleaved
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
+        w.setnchannels(channels)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+        w.writeframes((frames * 32767).astype("<i2").tobytes())
     return buf.getvalue()
 
 
@@ -231,16 +234,19 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
             (b"definitely not audio", "audio"),
             (prompt_wav(seconds=0.3), "short"),
             (prompt_wav(amplitude=0.0), "silent"),
+            (prompt_wav(seconds=1.0, rate=400_000), "rate"),
         ]:
             r = register(srv, "bad_voice", bad)
             assert r.status_code == 400, r.text
             assert why in r.json()["detail"].lower()
+        # 8 channels (PyAV's planar decoding crashed the server on them) are mixed down
+        assert register(srv, "surround", prompt_wav(channels=8)).status_code == 201
     finally:
         srv.stop()
     srv = start(spk_dir, "--no-warmup")
     try:
         ids = {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
-        assert "my_voice" in ids and not {"bad_voice", "long_voice"} & ids
+        assert {"my_voice", "surround"} <= ids and not {"bad_voice", "long_voice"} & ids
         body = {"tts_text": TEXT, "spk_id": "my_voice", "seed": 1}
         r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
         assert r.status_code == 200

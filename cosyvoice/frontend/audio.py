@@ -29,6 +29,7 @@ AudioSource = str | Path | bytes | bytearray | memoryview | io.IOBase | tuple[np
 # demuxer is forced, so FFmpeg never probes: a playlist, SDP or concat file (which make FFmpeg
 # open files or network sockets) is refused before FFmpeg sees a byte.
 CONTAINERS = ("wav", "flac", "mp3", "ogg", "m4a")
+MAX_RATE = 384_000  # Hz; the highest rate recorders use (a higher one is a memory bomb's)
 
 
 def sniff_container(head: bytes) -> str:
@@ -77,31 +78,35 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
             if not container.streams.audio:
                 raise AudioError("no audio stream found")
             stream = container.streams.audio[0]
-            # planar float output keeps full precision for every input format
-            resampler = av.AudioResampler(format="fltp", layout=None, rate=None)
+            # packed float keeps full precision for every input format (PyAV's planar
+            # to_ndarray crashed the process on 8 channels)
+            resampler = av.AudioResampler(format="flt", layout=None, rate=None)
             chunks: list[np.ndarray] = []
             rate = stream.rate or stream.codec_context.sample_rate
+            if rate and rate > MAX_RATE:
+                raise AudioError(f"sample rate above {MAX_RATE} Hz")
             limit = int(max_seconds * rate) if max_seconds and rate else None
             n = 0
             for frame in container.decode(stream):
                 for f in resampler.resample(frame):
-                    chunks.append(f.to_ndarray())
-                    n += chunks[-1].shape[1]
+                    chunks.append(_mono(f))
+                    n += chunks[-1].size
                 if limit is not None and n > limit:
                     raise AudioError(f"audio too long: more than {max_seconds:g} s")
-            for f in resampler.resample(None):
-                chunks.append(f.to_ndarray())
+            chunks += [_mono(f) for f in resampler.resample(None)]
     except AudioError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
         raise AudioError(f"cannot decode audio: {e}") from e
     if not chunks or not rate:
         raise AudioError("audio stream is empty")
-    try:
-        data = np.concatenate(chunks, axis=1).astype(np.float32)  # (channels, N)
-    except ValueError as e:  # channel layout changed inside the stream
-        raise AudioError(f"inconsistent channel layout: {e}") from e
-    return data.mean(axis=0), int(rate)
+    return np.concatenate(chunks), int(rate)
+
+
+def _mono(frame) -> np.ndarray:
+    """A packed float frame, its channels averaged (kept mono as it is read: many channels at
+    a high rate would otherwise hold their whole product in memory)."""
+    return frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
 
 
 @functools.cache
