@@ -188,6 +188,14 @@ def assert_disconnect_frees_the_job(srv: ServerProcess) -> None:
     assert after["held_kv_blocks"] == 0 and after["held_flow_blocks"] == 0
 
 
+def test_text_wetext_cannot_parse_is_spoken(cv):
+    """A digit right after "№" made wetext fail an assertion: a 500 for ordinary text."""
+    body = {"tts_text": "Hello there. Room №7 is here.", "spk_id": "spk_f1", "seed": 1}
+    r = httpx.post(f"{cv.base_url}/tts/pcm", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert_speech(decode_pcm(r.content), 24000, min_seconds=0.5, max_gap_s=1.0)
+
+
 def test_http_disconnect_frees_the_job(cv):
     assert_disconnect_frees_the_job(cv)
 

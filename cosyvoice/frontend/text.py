@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import re
 from collections.abc import Callable, Generator, Iterator
 from typing import TypeVar
 
 import regex
+
+log = logging.getLogger("cosyvoice")
 
 # zh: characters; en: tokens of the family's text tokenizer.
 LengthFn = Callable[[str], int]
@@ -170,6 +173,7 @@ _WEAK_SEAM = re.compile(
 )
 _HARD_CHARS = 1000
 _SPACE_RUN = re.compile(r"\s{2,}")
+_SYMBOL_DIGIT = re.compile(r"(?<=[^0-9\s])(?=\d)")
 
 T = TypeVar("T")
 Steps = Generator[None, None, T]  # a computation that pauses (yields) between its pieces
@@ -223,10 +227,17 @@ def _wetext_steps(norm, text: str) -> Steps[str]:
 
 
 def _wetext(norm, text: str, **options: str) -> str:
-    try:
-        return norm.normalize(text, **options)
-    except AssertionError:  # wetext 0.1.8 asserts on English with a run of spaces in it
-        return norm.normalize(_SPACE_RUN.sub(" ", text), **options)
+    """``norm.normalize(text)``; where wetext 0.1.8 fails an assertion (on English with a run
+    of spaces, on a digit right after "№", "＄", "²", "٣" and ~1700 other characters), the text
+    is given to it again with one space in those places, and as a last resort kept as it is."""
+    spaced = _SPACE_RUN.sub(" ", text)
+    for attempt in (text, spaced, _SYMBOL_DIGIT.sub(" ", spaced)):
+        try:
+            return norm.normalize(attempt, **options)
+        except AssertionError:
+            continue
+    log.debug("wetext cannot normalize %r: kept as it is", text[:80])
+    return text
 
 
 def is_punct_only(seg: str) -> bool:

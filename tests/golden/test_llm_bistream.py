@@ -86,9 +86,13 @@ def test_long_inputs_go_in_chunks(model, speaker, piece):
     runs = []
     for chunk in (None, 3):
         model.llm.prefill_chunk = chunk
-        steps = []
-        real_step = model.llm.step
-        model.llm.step = lambda rs: steps.append(1) or real_step(rs)
+        steps: list[int] = []
+
+        def counted(rs, steps=steps, real=model.llm.step):
+            steps.append(1)
+            return real(rs)
+
+        model.llm.step = counted
         try:
             r = _run(model, model.new_stream_request(speaker, seed=9), ids, piece)
         finally:

@@ -159,3 +159,13 @@ def test_runs_of_spaces_do_not_fail_english():
     assert n.normalize("Hello  world.\n\nIt is 5 pm.", split=False) == n.normalize(
         "Hello world. It is 5 pm.", split=False
     )
+
+
+@pytest.mark.parametrize("text", ["Room №7 is here.", "I paid ＄7 today.", "Room ²7, _7 and ٣7.",
+                                  "房间№7在这里。"])  # fmt: skip
+def test_symbols_wetext_fails_on_still_normalize(text):
+    """wetext fails an assertion on a digit right after ~1700 symbols; the text still
+    normalizes, its digits read as words."""
+    pytest.importorskip("wetext")
+    out = TextNormalizer(len).normalize(text, split=False)
+    assert "7" not in out and ("seven" in out or "七" in out), out
