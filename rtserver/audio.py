@@ -7,6 +7,7 @@ another rate) uses libswresample through PyAV, with its filter state kept across
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from dataclasses import dataclass
@@ -239,6 +240,12 @@ class MuxEncoder(Encoder):
 FORMATS = ("pcm", "wav", "mp3", *MUXED)
 
 
+@functools.cache
+def _codec_rates(codec: str) -> tuple[int, ...]:
+    """The rates an encoder takes (empty: any)."""
+    return tuple(av.codec.Codec(codec, "w").audio_rates or ())
+
+
 def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder:
     """Raises ValueError for a format or rate the codec cannot do (before any job exists)."""
     rate = rate_out or rate_in
@@ -247,9 +254,11 @@ def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder
         raise ValueError(f"mp3 cannot be encoded at {rate} Hz; use one of {rates}")
     if fmt in MUXED:
         spec = MUXED[fmt]
-        if rate_out and spec.rates and rate_out not in spec.rates:
-            rates = ", ".join(map(str, spec.rates))
-            raise ValueError(f"{fmt} cannot be encoded at {rate_out} Hz; use one of {rates}")
+        out = rate_out or (spec.rates[0] if spec.rates else rate_in)
+        allowed = spec.rates or _codec_rates(spec.codec)  # AAC: a fixed list of its own
+        if allowed and out not in allowed:
+            rates = ", ".join(map(str, allowed))
+            raise ValueError(f"{fmt} cannot be encoded at {out} Hz; use one of {rates}")
         return MuxEncoder(spec, rate_in, rate_out)
     encoders: dict[str, type[Encoder]] = {"pcm": PcmEncoder, "mp3": Mp3Encoder, "wav": WavEncoder}
     if fmt not in encoders:

@@ -64,16 +64,17 @@ async def send(ws, **msg) -> None:
 
 
 def test_unencodable_start_takes_no_slot(tight):
-    async def one() -> dict:
+    async def one(fmt: str) -> dict:
         async with connect(tight) as ws:
             await recv_json(ws)  # ready
-            await send(ws, type="start", context_id="c", spk_id="joe", format="mp3",
+            await send(ws, type="start", context_id="c", spk_id="joe", format=fmt,
                        sample_rate=9000)  # fmt: skip
             return await until(ws, "error", "started")
 
-    # Three times what the server can hold: a leak would leave it full.
-    for _ in range(12):
-        event = run(one())
+    # Three times what the server can hold: a leak would leave it full. AAC has rates of its
+    # own (it used to fail after `started`, with a traceback).
+    for fmt in ["mp3", "aac"] * 6:
+        event = run(one(fmt))
         assert event["type"] == "error" and event["code"] == "unsupported_format", event
         assert event["context_id"] == "c" and "9000" in event["message"]
     assert_idle(tight)
