@@ -30,8 +30,11 @@ _SBD = pysbd.Segmenter(language="en", clean=False, char_span=False)
 
 
 # pysbd's time grows with the square of the sentences it is given (5000 characters of "a. "
-# take half a second), so it reads long text a window at a time (wider where no sentence ends).
+# take half a second), so it reads long text a window at a time. A window in which no sentence
+# ends is not widened: the text is a run-on, cut at max_chars by the caller, and read on after.
 _WINDOW = 600
+_CLOSERS = "\"')]}”’»"
+_SOFT_THEN_WORD = re.compile(f"[{re.escape(_SOFT_END)}][{re.escape(_CLOSERS)}]*\\s+\\S")
 
 
 def _complete_sentences(buf: str, final: bool) -> tuple[list[str], str]:
@@ -39,18 +42,29 @@ def _complete_sentences(buf: str, final: bool) -> tuple[list[str], str]:
     sentence waits for more text (the next words decide "5 p.m." + "today") unless it ends at
     a hard end."""
     done: list[str] = []
-    window = _WINDOW
-    while len(buf) > window:
+    while len(buf) > _WINDOW:
         # a window ends between two words, or after a hard end (CJK has no spaces)
-        cut = max(buf.rfind(c, 0, window) for c in " " + _HARD_END) + 1 or window
+        cut = max(buf.rfind(c, 0, _WINDOW) for c in " " + _HARD_END) + 1 or _WINDOW
         parts, rest = _sentences(buf[:cut], final=False)
-        if not parts:  # no sentence ends in it: a wider one (few sentences read fast)
-            window *= 2
-            continue
+        if not parts:
+            return done, buf
         done += parts
-        buf, window = rest + buf[cut:], _WINDOW
+        buf = rest + buf[cut:]
     parts, rest = _sentences(buf, final)
     return done + parts, rest
+
+
+def _may_end(buf: str, start: int) -> bool:
+    """Whether the text pushed at `buf[start:]` may complete a sentence: a hard end, or the
+    first word after a soft end (only that word tells "5 p.m." + "today" from an end). Other
+    text leaves the splitter's answer as it was, so it is not asked again."""
+    new = buf[start:]
+    if any(c in _HARD_END for c in new) or _SOFT_THEN_WORD.search(new):
+        return True
+    word = start + len(new) - len(new.lstrip())  # where the fragment's first word starts
+    if word == len(buf) or word == 0 or not buf[word - 1].isspace():
+        return False
+    return buf[:word].rstrip().rstrip(_CLOSERS).endswith(tuple(_SOFT_END))
 
 
 def _sentences(buf: str, final: bool) -> tuple[list[str], str]:
@@ -96,10 +110,11 @@ class Segmenter:
         self._emitted = 0
 
     def push(self, text: str) -> list[str]:
+        start = len(self._buf)
         self._buf += text
-        if not text or (text.isspace() and "\n" not in text):
-            return []  # spaces end no sentence: no need to read the buffer again
-        return self._drain(final=False)
+        if _may_end(self._buf, start) or _weight(self._held + self._buf) > self.max_chars:
+            return self._drain(final=False)
+        return []  # nothing the splitter could answer differently now: not read again
 
     def flush(self) -> list[str]:
         """Everything buffered, now (a flush, a close, or an idle timeout)."""
@@ -116,19 +131,21 @@ class Segmenter:
 
     def _drain(self, final: bool) -> list[str]:
         out: list[str] = []
-        sentences, self._buf = _complete_sentences(self._buf, final)
-        for sentence in sentences:
-            self._held += sentence
-            if _weight(self._held) >= self.min_chars:
-                out += self._shape(self._held.strip())
-                self._held = ""
-        # A run-on without punctuation: don't wait forever, cut at a clause or a space.
-        while _weight(self._held + self._buf) > self.max_chars:
+        while True:
+            sentences, self._buf = _complete_sentences(self._buf, final)
+            for sentence in sentences:
+                self._held += sentence
+                if _weight(self._held) >= self.min_chars:
+                    out += self._shape(self._held.strip())
+                    self._held = ""
+            if _weight(self._held + self._buf) <= self.max_chars:
+                return [s for s in out if s]
+            # A run-on with no sentence end in reach: don't wait forever, cut at a clause or a
+            # space, and read on after the cut.
             text = self._held + self._buf
             cut = _cut(text, self.max_chars, self.min_chars, _CLAUSE + " ") or self.max_chars
             out += self._shape(text[:cut].strip())
             self._held, self._buf = "", text[cut:]
-        return [s for s in out if s]
 
     def _shape(self, sentence: str) -> list[str]:
         """Cut one sentence into the segments actually sent. Cuts made for latency (the first

@@ -155,3 +155,25 @@ def test_a_window_over_cjk_ends_at_a_sentence_end(monkeypatch):
     windowed = [split_text(t) for t in texts]
     monkeypatch.setattr(text, "_WINDOW", 10**9)
     assert windowed == [split_text(t) for t in texts]
+
+
+def test_the_splitter_reads_each_possible_end_once_and_a_window_at_most(monkeypatch):
+    """Text whose periods never end a sentence ("Mr. ", "e.g. ") made every fragment reread
+    the whole pending sentence, and one long message reread ever wider windows: seconds of
+    event-loop time per client. The splitter is asked once per word after a possible end, not
+    per fragment, and never about more than a window of text."""
+    import rtserver.text as text
+
+    sizes: list[int] = []
+    real = text._SBD.segment
+    monkeypatch.setattr(text._SBD, "segment", lambda t: sizes.append(len(t)) or real(t))
+    abbreviations = "Mr. " * 1250
+    seg = Segmenter(first_chars=60)
+    for c in abbreviations:
+        seg.push(c)
+    seg.flush()
+    runon_cuts = len(abbreviations) // seg.max_chars + 1
+    assert len(sizes) <= abbreviations.count(". ") + 2 * runon_cuts
+    sizes.clear()
+    split_text("e.g. " * 1000)
+    assert max(sizes) <= text._WINDOW
