@@ -8,7 +8,9 @@ Times what every WebSocket text fragment (or HTTP text) goes through, per charac
 - `TextRun`: CosyVoice's text streaming (its text goes to the LLM's tokenizer at each word
   boundary; `--model` tokenizes with that dir's tokenizer);
 - `Segmenter`, the built-in voice's: a sentence that waits on "3.14", then spaces one per
-  message; and `split_text` over "Yes. " repeated (an HTTP request of tiny sentences).
+  message; and `split_text` over "Yes. " repeated (an HTTP request of tiny sentences);
+- then the same `Segmenter` on periods that end no sentence: "Mr. " one character per message,
+  and "e.g. " as one message (its cost per character).
 Linear time shows as a per-character cost that stays flat as the text grows.
 
 With `--model`, also the steps of a CosyVoice utterance that is speaking while another one's
@@ -125,6 +127,13 @@ def main() -> None:
             one_shot_us(n),
         ]
         print(f"| {n} | " + " | ".join(f"{us:.2f} us" for us in row) + " |")
+    print("\n| characters | Segmenter, \"Mr. \" 1 char per message | split_text, \"e.g. \" |"
+          "\n| --- | --- | --- |")  # fmt: skip
+    for n in args.chars:
+        abbrev = per_char_us(Segmenter(first_chars=60).push, ("Mr. " * n)[:n])
+        t0 = time.perf_counter()
+        split_text(("e.g. " * n)[:n], first_chars=60)
+        print(f"| {n} | {abbrev:.2f} us | {(time.perf_counter() - t0) / n * 1e6:.2f} us |")
     if args.model:
         stalls(args.model)
 
