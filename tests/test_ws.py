@@ -394,3 +394,18 @@ def test_client_never_hangs_on_a_refused_start_or_a_closed_socket(make_server):
     refused, closed = asyncio.run(asyncio.wait_for(go(), 20))
     assert refused == "invalid_message"
     assert closed in ("context_timeout", "connection_closed")
+
+
+def test_a_socket_gets_its_share_of_the_event_loop_and_no_more():
+    """A socket's messages may keep the loop busy a share of the time: bursts within the
+    allowance never wait, a client that keeps costing more waits for what it took (its
+    reading pauses, so TCP slows it down), and time spent waiting earns the share back."""
+    from rtserver.api.ws_session import LoopShare
+
+    share = LoopShare(0.2, burst_s=0.5, now=0.0)
+    assert [share.spend(0.1, now=0.01 * i) for i in range(5)] == [0.0] * 5  # the burst
+    wait = share.spend(0.1, now=0.05)  # 0.6 s spent in 0.05 s: 0.09 s over the allowance
+    assert wait == pytest.approx((0.6 - 0.5 - 0.05 * 0.2) / 0.2)
+    assert share.spend(0.0, now=0.05 + wait) == pytest.approx(0.0)
+    cheap = LoopShare(0.2, burst_s=0.5, now=0.0)  # 1 ms a message, 100 a second: never waits
+    assert max(cheap.spend(0.001, now=i / 100) for i in range(10_000)) == 0.0

@@ -63,6 +63,11 @@ log = logging.getLogger("rtserver.ws")
 _decoder = msgspec.json.Decoder(ClientMessage)
 _encoder = msgspec.json.Encoder()
 _FINISHED_MEMORY = 64  # recently finished context ids, so a late cancel is acknowledged
+# One socket may keep the event loop busy this share of the time (bursts of up to _BURST_S):
+# 5000 one-character messages a second of "Mr. " (each rereads a pending sentence) kept
+# /healthz waiting 4.7 s. Agents sending an LLM's tokens use a fraction of a percent.
+_LOOP_SHARE = 0.2
+_BURST_S = 0.5
 _GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
 _START_ERRORS = {
     UnknownSpeaker: "unknown_speaker",
@@ -90,6 +95,23 @@ class Context:
     auto_flush: asyncio.TimerHandle | None = None
 
 
+class LoopShare:
+    """A socket's share of the event loop: the time its messages take to handle is paid back
+    by not reading the next one until the balance is positive again (reading pauses, and TCP
+    slows the client down). A client within `share` never waits."""
+
+    def __init__(self, share: float, burst_s: float, now: float) -> None:
+        self.share, self.burst_s = share, burst_s
+        self.balance, self.since = burst_s, now
+
+    def spend(self, seconds: float, now: float) -> float:
+        """Charge `seconds` of handling; returns how long to wait before reading on."""
+        earned = (now - self.since) * self.share
+        self.balance = min(self.burst_s, self.balance + earned) - seconds
+        self.since = now
+        return max(0.0, -self.balance / self.share)
+
+
 class WsSession:
     def __init__(self, socket: WebSocket, service: TTSService) -> None:
         self.socket = socket
@@ -102,6 +124,7 @@ class WsSession:
         self._next_stream = 1
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._share = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
 
     # ---- transport ------------------------------------------------------------------------
 
@@ -190,7 +213,11 @@ class WsSession:
                     "binary_not_accepted", "send JSON text frames; audio only flows to you"
                 )
                 continue
+            start = time.perf_counter()
             await self._handle_text(message.get("text") or "")
+            now = time.perf_counter()
+            if (wait := self._share.spend(now - start, now)) > 0:
+                await asyncio.sleep(wait)
 
     async def _watchdog(self) -> None:
         """End contexts with nothing to say, and the socket when nothing at all happens."""
