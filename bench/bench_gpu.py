@@ -135,8 +135,9 @@ class EngineTarget:
             torch.cuda.empty_cache()  # the next dtype's flow-cache bound sees the memory free
 
 
-def measure(target, dtype: str, levels, capacity, deadline: float) -> tuple[list[str], int]:
-    rows, cap = [], 0
+def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[str]) -> int:
+    """Appends a row per level to `rows` (kept if a later level fails); the capacity."""
+    cap = 0
     target.burst(2)  # warm caches
     for n in sorted({*levels, *capacity}):
         if n not in levels and cap < n // 2:
@@ -154,7 +155,7 @@ def measure(target, dtype: str, levels, capacity, deadline: float) -> tuple[list
             f"{max(r['rtf'] for r in res):.2f} | {under} |"
         )
         print(rows[-1], flush=True)
-    return rows, cap
+    return cap
 
 
 def parity(device: str, limit_s: float) -> str:
@@ -196,11 +197,12 @@ def main() -> None:
     rows, caps, notes = [], {}, {}
     target_cls = EngineTarget if args.engine else ServerTarget
     for dtype in args.dtypes:
+        r: list[str] = []
         try:  # one dtype failing must not cost the other its numbers
             target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
                                 args.vocoder_thread)  # fmt: skip
             try:
-                r, caps[dtype] = measure(target, dtype, args.levels, args.capacity, deadline)
+                caps[dtype] = measure(target, dtype, args.levels, args.capacity, deadline, r)
                 if args.engine:
                     notes[dtype] = target.graphs_note()
                     print(dtype, notes[dtype], flush=True)
@@ -208,7 +210,7 @@ def main() -> None:
                 target.close()
         except Exception as e:
             traceback.print_exc()
-            r, notes[dtype] = [], f"failed: {type(e).__name__}: {e}"[:300]
+            notes[dtype] = f"failed: {type(e).__name__}: {e}"[:300]
         rows += r
         report(args, par, rows, caps, notes, time.monotonic() - t0)  # after each dtype: a run cut
         # short by a time limit still leaves what it measured

@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Iterable
 
 import pysbd
+import regex
 
 
 def speakable(text: Iterable[str]) -> bool:
@@ -33,18 +34,18 @@ _SBD = pysbd.Segmenter(language="en", clean=False, char_span=False)
 # take half a second), so it reads long text a window at a time. A window in which no sentence
 # ends is not widened: the text is a run-on, cut at max_chars by the caller, and read on after.
 _WINDOW = 600
-_CLOSERS = "\"')]}”’»"
-_SOFT_THEN_WORD = re.compile(f"[{re.escape(_SOFT_END)}][{re.escape(_CLOSERS)}]*\\s+\\S")
+# a soft end, closing quotes or brackets, then a word: only that word tells an end from "p.m."
+_SOFT_THEN_WORD = regex.compile(r"[.!?;][\p{Pe}\p{Pf}\"']*\s+\S")
 
 
-def _complete_sentences(buf: str, final: bool) -> tuple[list[str], str]:
+def _complete_sentences(buf: str, final: bool, window: int = _WINDOW) -> tuple[list[str], str]:
     """The complete sentences at the head of `buf`, and what is left. Unless `final`, the last
     sentence waits for more text (the next words decide "5 p.m." + "today") unless it ends at
     a hard end."""
     done: list[str] = []
-    while len(buf) > _WINDOW:
+    while len(buf) > window:
         # a window ends between two words, or after a hard end (CJK has no spaces)
-        cut = max(buf.rfind(c, 0, _WINDOW) for c in " " + _HARD_END) + 1 or _WINDOW
+        cut = max(buf.rfind(c, 0, window) for c in " " + _HARD_END) + 1 or window
         parts, rest = _sentences(buf[:cut], final=False)
         if not parts:
             return done, buf
@@ -59,12 +60,18 @@ def _may_end(buf: str, start: int) -> bool:
     first word after a soft end (only that word tells "5 p.m." + "today" from an end). Other
     text leaves the splitter's answer as it was, so it is not asked again."""
     new = buf[start:]
-    if any(c in _HARD_END for c in new) or _SOFT_THEN_WORD.search(new):
+    if any(c in _HARD_END for c in new):
         return True
-    word = start + len(new) - len(new.lstrip())  # where the fragment's first word starts
-    if word == len(buf) or word == 0 or not buf[word - 1].isspace():
-        return False
-    return buf[:word].rstrip().rstrip(_CLOSERS).endswith(tuple(_SOFT_END))
+    if new.isspace() or not new:
+        return False  # spaces decide nothing: the word after them does
+    k = start  # a soft end and its closers may have come in earlier fragments
+    while k and (buf[k - 1].isspace() or _closer(buf[k - 1])):
+        k -= 1
+    return bool(_SOFT_THEN_WORD.search(buf, max(0, k - 1)))
+
+
+def _closer(c: str) -> bool:
+    return c in "\"'" or unicodedata.category(c) in ("Pe", "Pf")
 
 
 def _sentences(buf: str, final: bool) -> tuple[list[str], str]:
@@ -132,7 +139,9 @@ class Segmenter:
     def _drain(self, final: bool) -> list[str]:
         out: list[str] = []
         while True:
-            sentences, self._buf = _complete_sentences(self._buf, final)
+            # a window longer than a run-on may be (max_chars), so it holds a sentence end
+            window = max(_WINDOW, 3 * self.max_chars)
+            sentences, self._buf = _complete_sentences(self._buf, final, window)
             for sentence in sentences:
                 self._held += sentence
                 if _weight(self._held) >= self.min_chars:

@@ -177,3 +177,20 @@ def test_the_splitter_reads_each_possible_end_once_and_a_window_at_most(monkeypa
     sizes.clear()
     split_text("e.g. " * 1000)
     assert max(sizes) <= text._WINDOW
+
+
+@pytest.mark.parametrize("quotes", ['""', "''", "«»", "‹›", "「」", "（）"])
+def test_a_sentence_ends_when_the_word_after_its_closing_quote_arrives(quotes):
+    """A fragment that starts with the closing quote of a sentence and then the next word
+    completes that sentence at once (not at the next hard end or flush)."""
+    fragments = ["He ", f"said {quotes[0]}stop now.", f"{quotes[1]} N", "ext one is here"]
+    seg = Segmenter()
+    out = [seg.push(f) for f in fragments]
+    # what the whole text splits into, all but its last sentence (which waits for more)
+    assert out[2] == split_text("".join(fragments))[:-1]
+
+
+def test_a_long_max_chars_still_cuts_at_sentence_ends():
+    text = "word " * 130 + "end. " + "more " * 60 + "done."
+    segs = split_text(text, max_chars=1000)
+    assert [s[-4:] for s in segs] == ["end.", "one."]

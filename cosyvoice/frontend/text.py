@@ -173,7 +173,8 @@ _WEAK_SEAM = re.compile(
 )
 _HARD_CHARS = 1000
 _SPACE_RUN = re.compile(r"\s{2,}")
-_SYMBOL_DIGIT = re.compile(r"(?<=[^0-9\s])(?=\d)")
+_SYMBOL_DIGIT = re.compile(r"(?<=[^\x00-\x7f\w\s])(?=\d)")  # "№7", "＄7"
+_ANY_DIGIT = re.compile(r"(?<=[^0-9\s])(?=\d)")  # "_7", "²7", "٣7"
 
 T = TypeVar("T")
 Steps = Generator[None, None, T]  # a computation that pauses (yields) between its pieces
@@ -202,11 +203,17 @@ def _seams(text: str) -> Iterator[tuple[int, int]]:
 
 
 def _weak_seam(text: str, start: int, stop: int) -> tuple[int, int] | None:
-    if m := _WEAK_SEAM.search(text, start + _GROUP_CHARS, stop):
+    end = min(stop, start + _HARD_CHARS)  # a group never grows past _HARD_CHARS
+    if m := _WEAK_SEAM.search(text, start + _GROUP_CHARS, end):
         return m.span()
-    if stop - start > _HARD_CHARS:
-        return start + _HARD_CHARS, start + _HARD_CHARS
-    return None
+    if stop - start <= _HARD_CHARS:
+        return None
+    # no word break a tagger never reads across: the last space (kept, so no number is cut
+    # and wetext does not drop it), else anywhere
+    space = max(
+        text.rfind(" ", start + _GROUP_CHARS, end), text.rfind("\n", start + _GROUP_CHARS, end)
+    )
+    return (space, space + 1) if space > 0 else (end, end)
 
 
 def _wetext_steps(norm, text: str) -> Steps[str]:
@@ -231,7 +238,8 @@ def _wetext(norm, text: str, **options: str) -> str:
     of spaces, on a digit right after "№", "＄", "²", "٣" and ~1700 other characters), the text
     is given to it again with one space in those places, and as a last resort kept as it is."""
     spaced = _SPACE_RUN.sub(" ", text)
-    for attempt in (text, spaced, _SYMBOL_DIGIT.sub(" ", spaced)):
+    narrow = _SYMBOL_DIGIT.sub(" ", spaced)  # only after a non-ASCII symbol
+    for attempt in (text, spaced, narrow, _ANY_DIGIT.sub(" ", narrow)):
         try:
             return norm.normalize(attempt, **options)
         except AssertionError:

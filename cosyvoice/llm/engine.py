@@ -138,6 +138,7 @@ class LLMRequest:
         if self.cache is not None:
             self.cache.release()  # its blocks go back to the pool now
         self.cache = None
+        self.prefix, self.prefix_fed = None, 0  # an input cancelled while going in
 
 
 class LLMEngine:

@@ -125,14 +125,19 @@ class WsSession:
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._share = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
+        self._receiver: asyncio.Task | None = None  # the task reading the client's messages
+        self._sending = 0.0  # the time its replies waited on the socket
 
     # ---- transport ------------------------------------------------------------------------
 
     async def _send(self, msg: msgspec.Struct) -> None:
         if self._closed:
             return
+        start = time.perf_counter()
         async with self._send_lock:
             await self.socket.send_text(_encoder.encode(msg).decode())
+        if asyncio.current_task() is self._receiver:  # waiting on the socket is not loop time
+            self._sending += time.perf_counter() - start
 
     async def _send_audio(self, ctx: Context, data: bytes) -> None:
         if self._closed:
@@ -203,6 +208,7 @@ class WsSession:
         )
 
     async def _receive_loop(self) -> None:
+        self._receiver = asyncio.current_task()
         while True:
             message = await self.socket.receive()
             if message["type"] == "websocket.disconnect":
@@ -213,10 +219,11 @@ class WsSession:
                     "binary_not_accepted", "send JSON text frames; audio only flows to you"
                 )
                 continue
-            start = time.perf_counter()
+            start, sending = time.perf_counter(), self._sending
             await self._handle_text(message.get("text") or "")
             now = time.perf_counter()
-            if (wait := self._share.spend(now - start, now)) > 0:
+            spent = max(0.0, now - start - (self._sending - sending))
+            if (wait := self._share.spend(spent, now)) > 0:
                 await asyncio.sleep(wait)
 
     async def _watchdog(self) -> None:

@@ -150,6 +150,12 @@ def test_text_without_sentence_ends_is_normalized_in_bounded_groups(monkeypatch)
     calls.clear()
     n.normalize("a" * 4000 + "1" * 1000, split=False)
     assert len(calls) >= 5 and max(calls) <= text._HARD_CHARS
+    # no word break a tagger never reads across (capitals, numbers): cut at a space, which
+    # stays, so no number is cut in two and no word runs into the next
+    for caps in ("AB 1234567, " * 400, "ITEM 12345, " * 400):
+        calls.clear()
+        assert n.normalize(caps, split=False) == wetext(n._en, caps.strip())
+        assert len(calls) >= 4 and max(calls) <= text._HARD_CHARS
 
 
 def test_runs_of_spaces_do_not_fail_english():
