@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -56,8 +57,9 @@ async def flood(url: str, pattern: str, seconds: float) -> None:
 
 
 async def _drain(ws) -> None:
-    async for _ in ws:
-        pass
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async for _ in ws:
+            pass
 
 
 async def good_client(url: str) -> float:
