@@ -73,6 +73,9 @@ class StreamConfig:
     samples_per_frame: int = 480
     exact_final: bool = False  # final chunk: upstream's full-attention recompute of everything
     flow_cache_mb: float = 8192.0  # all requests' flow caches; past it a request recomputes
+    # a non-stream utterance of more tokens (30 s) is vocoded in hops like a stream: one flow
+    # call over all of it would hold every other stream's step up for seconds to minutes
+    max_whole_tokens: int = 750
 
     @property
     def source_cache_len(self) -> int:
@@ -219,6 +222,8 @@ class Token2Wav:
         if st.done:
             return None
         c = len(st.tokens) - st.token_offset
+        if st.input_done and not st.stream and c > self.cfg.max_whole_tokens:
+            self._stream_long(st)
         if st.stream:
             hop = st.hop + (st.prompt_pad if st.token_offset == 0 else 0)
             if c >= hop + self.cfg.pre_lookahead_len:
@@ -226,6 +231,15 @@ class Token2Wav:
         if st.input_done:
             return _Job(st, len(st.tokens), True, st.stream and not self.cfg.exact_final)
         return None
+
+    def _stream_long(self, st: Token2WavState) -> None:
+        """A whole utterance too long for one flow call goes in hops (the longest from the
+        start), with a flow cache when the bound allows one."""
+        st.stream, st.hop = True, self.cfg.token_max_hop_len
+        if self.cfg.flow_cache_mb > 0:
+            st.flow_cache = FlowCache()
+            with self._cached_lock:
+                self._cached[id(st)] = st
 
     def ready(self, st: Token2WavState) -> bool:
         """Whether :meth:`step` would produce a chunk for this state now."""

@@ -248,6 +248,23 @@ def test_seams_and_length(t2w, spk, vocab):
 
 
 @pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_a_long_whole_utterance_goes_in_hops(t2w, spk, vocab):
+    """A non-stream utterance longer than max_whole_tokens is vocoded a hop per step, so no
+    step holds the others up for one huge flow call; a shorter one stays one chunk."""
+    emb = spk[_sft(spk)[0]]["embedding"]
+    n = t2w.cfg.max_whole_tokens
+    for length, one_chunk in ((n, True), (n + 60, False)):
+        toks = _random_tokens(length, 5, vocab)
+        st = t2w.new_state(emb, stream=False)
+        chunks = [t2w.step([(st, toks, True)])[0]]
+        while not st.done:
+            chunks.append(t2w.step([(st, [], True)])[0])
+        assert (len(chunks) == 1) == one_chunk
+        assert max(c.numel() for c in chunks) <= (n if one_chunk else 206) * 2 * 480
+        assert abs(sum(c.numel() for c in chunks) - 2 * length * 480) <= 2 * 480
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
 def test_speed(t2w, spk, vocab):
     emb = spk[_sft(spk)[0]]["embedding"]
     toks = _random_tokens(60, 3, vocab)
