@@ -20,7 +20,7 @@ from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
-from .speakers import SpeakerStore
+from .speakers import SpeakerError, SpeakerStore
 from .utterance import Output, Status, TextRun, Utterance
 
 log = logging.getLogger("cosyvoice")
@@ -192,7 +192,10 @@ class CosyVoiceModel:
                     self._normalized(u)  # the next piece, while this one plays
                 started = u.in_flight or self._next_segment(u)
             except Exception as exc:  # noqa: BLE001 - reported on this utterance only
-                log.exception("could not start a segment")
+                if isinstance(exc, SpeakerError):  # deleted while it spoke: not our fault
+                    log.info("utterance ended: %s", exc)
+                else:
+                    log.exception("could not start a segment")
                 self.cancel(u)
                 self._outbox.append(_failed(u, exc))
                 continue
