@@ -157,6 +157,11 @@ def to_host(chunks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     return [None if c is None else c.float().cpu() for c in out]  # no-ops once on the host
 
 
+def _append(st, new: list[int], final: bool) -> None:
+    st.tokens.extend(new)
+    st.input_done = st.input_done or bool(final)
+
+
 @dataclass
 class _Job:
     state: Token2WavState
@@ -207,11 +212,9 @@ class Token2Wav:
         st = Token2WavState(
             pt, pf, embedding.reshape(-1), stream, float(speed), None if self.causal else g,
             hop=h, prompt_pad=math.ceil(p / h) * h - p,
-            flow_cache=FlowCache() if stream and self.cfg.flow_cache_mb > 0 else None,
         )  # fmt: skip
-        if st.flow_cache is not None:
-            with self._cached_lock:
-                self._cached[id(st)] = st
+        if stream:
+            self._keep_flow_cache(st)
         if self.causal:
             noise = None if g is None else NoiseBuffer(g, self.hift.cfg.nb_harmonics + 1)
             st.vocoder = CausalVocoderState(noise)
@@ -222,8 +225,6 @@ class Token2Wav:
         if st.done:
             return None
         c = len(st.tokens) - st.token_offset
-        if st.input_done and not st.stream and c > self.cfg.max_whole_tokens:
-            self._stream_long(st)
         if st.stream:
             hop = st.hop + (st.prompt_pad if st.token_offset == 0 else 0)
             if c >= hop + self.cfg.pre_lookahead_len:
@@ -232,14 +233,19 @@ class Token2Wav:
             return _Job(st, len(st.tokens), True, st.stream and not self.cfg.exact_final)
         return None
 
-    def _stream_long(self, st: Token2WavState) -> None:
-        """A whole utterance too long for one flow call goes in hops (the longest from the
-        start), with a flow cache when the bound allows one."""
-        st.stream, st.hop = True, self.cfg.token_max_hop_len
+    def _keep_flow_cache(self, st: Token2WavState) -> None:
+        """A streaming state keeps its flow state, unless the bound allows none."""
         if self.cfg.flow_cache_mb > 0:
             st.flow_cache = FlowCache()
             with self._cached_lock:
                 self._cached[id(st)] = st
+
+    def _add(self, st: Token2WavState, new: list[int], final: bool) -> None:
+        _append(st, new, final)
+        if st.input_done and not st.stream and len(st.tokens) > self.cfg.max_whole_tokens:
+            # too long for one flow call: in hops (the longest from the start) like a stream
+            st.stream, st.hop = True, self.cfg.token_max_hop_len
+            self._keep_flow_cache(st)
 
     def ready(self, st: Token2WavState) -> bool:
         """Whether :meth:`step` would produce a chunk for this state now."""
@@ -249,8 +255,7 @@ class Token2Wav:
         """Add tokens (and the end of input) without synthesizing: a scheduler can then hold
         ready items back a few steps to vocode them in one larger batch."""
         (new,) = _validated([(st, tokens, final)], self.flow.cfg.vocab_size)
-        st.tokens.extend(new)
-        st.input_done = st.input_done or bool(final)
+        self._add(st, new, final)
 
     @torch.inference_mode()
     def step(self, items: list[tuple[Token2WavState, list[int] | torch.Tensor, bool]]) -> list:
@@ -263,8 +268,7 @@ class Token2Wav:
         for (st, _, final), new in zip(
             items, _validated(items, self.flow.cfg.vocab_size), strict=True
         ):
-            st.tokens.extend(new)
-            st.input_done = st.input_done or bool(final)
+            self._add(st, new, final)
             jobs.append(self._plan(st))
         out: list[torch.Tensor | None] = [None] * len(items)
         run = [(i, j) for i, j in enumerate(jobs) if j is not None and j.n_tok > 0]
@@ -493,6 +497,7 @@ class Token2WavV1:
 
     ready = Token2Wav.ready
     feed = Token2Wav.feed
+    _add = staticmethod(_append)  # what feed calls: v1 has no long-utterance switch
 
     @torch.inference_mode()
     def step(self, items) -> list:
@@ -500,8 +505,7 @@ class Token2WavV1:
         run, mels = [], []
         valid = _validated(items, self.flow.cfg.vocab_size)
         for i, ((st, _, final), new) in enumerate(zip(items, valid, strict=True)):
-            st.tokens.extend(new)
-            st.input_done = st.input_done or bool(final)
+            _append(st, new, final)
             kind = self._plan(st)
             if kind is None:
                 continue

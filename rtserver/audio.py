@@ -34,9 +34,6 @@ def to_s16le(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
-MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)  # MPEG-1/2/2.5
-
-
 class _Resampler:
     def __init__(self, rate_in: int, rate_out: int) -> None:
         self.rate_in = rate_in
@@ -246,19 +243,20 @@ def _codec_rates(codec: str) -> tuple[int, ...]:
     return tuple(av.codec.Codec(codec, "w").audio_rates or ())
 
 
+def _check_rate(fmt: str, rate: int, allowed: tuple[int, ...]) -> None:
+    if allowed and rate not in allowed:
+        rates = ", ".join(map(str, sorted(allowed)))
+        raise ValueError(f"{fmt} cannot be encoded at {rate} Hz; use one of {rates}")
+
+
 def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder:
     """Raises ValueError for a format or rate the codec cannot do (before any job exists)."""
-    rate = rate_out or rate_in
-    if fmt == "mp3" and rate not in MP3_RATES:
-        rates = ", ".join(map(str, MP3_RATES))
-        raise ValueError(f"mp3 cannot be encoded at {rate} Hz; use one of {rates}")
+    if fmt == "mp3":  # MPEG-1/2/2.5 rates
+        _check_rate(fmt, rate_out or rate_in, _codec_rates("libmp3lame"))
     if fmt in MUXED:
         spec = MUXED[fmt]
         out = rate_out or (spec.rates[0] if spec.rates else rate_in)
-        allowed = spec.rates or _codec_rates(spec.codec)  # AAC: a fixed list of its own
-        if allowed and out not in allowed:
-            rates = ", ".join(map(str, allowed))
-            raise ValueError(f"{fmt} cannot be encoded at {out} Hz; use one of {rates}")
+        _check_rate(fmt, out, spec.rates or _codec_rates(spec.codec))  # AAC: a list of its own
         return MuxEncoder(spec, rate_in, rate_out)
     encoders: dict[str, type[Encoder]] = {"pcm": PcmEncoder, "mp3": Mp3Encoder, "wav": WavEncoder}
     if fmt not in encoders:

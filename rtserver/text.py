@@ -34,8 +34,10 @@ _SBD = pysbd.Segmenter(language="en", clean=False, char_span=False)
 # take half a second), so it reads long text a window at a time. A window in which no sentence
 # ends is not widened: the text is a run-on, cut at max_chars by the caller, and read on after.
 _WINDOW = 600
-# a soft end, closing quotes or brackets, then a word: only that word tells an end from "p.m."
-_SOFT_THEN_WORD = regex.compile(r"[.!?;][\p{Pe}\p{Pf}\"']*\s+\S")
+_CLOSER = r"[\p{Pe}\p{Pf}\"']"  # closing brackets and quotes
+# a soft end, its closers, then a word: only that word tells an end from "p.m."
+_SOFT_THEN_WORD = regex.compile(rf"[{regex.escape(_SOFT_END)}]{_CLOSER}*\s+\S")
+_CLOSER_OR_SPACE = regex.compile(rf"{_CLOSER}|\s")
 
 
 def _complete_sentences(buf: str, final: bool, window: int = _WINDOW) -> tuple[list[str], str]:
@@ -65,13 +67,9 @@ def _may_end(buf: str, start: int) -> bool:
     if new.isspace() or not new:
         return False  # spaces decide nothing: the word after them does
     k = start  # a soft end and its closers may have come in earlier fragments
-    while k and (buf[k - 1].isspace() or _closer(buf[k - 1])):
+    while k and _CLOSER_OR_SPACE.match(buf, k - 1):
         k -= 1
     return bool(_SOFT_THEN_WORD.search(buf, max(0, k - 1)))
-
-
-def _closer(c: str) -> bool:
-    return c in "\"'" or unicodedata.category(c) in ("Pe", "Pf")
 
 
 def _sentences(buf: str, final: bool) -> tuple[list[str], str]:
@@ -112,6 +110,8 @@ class Segmenter:
         self.max_chars = max_chars
         self.first_chars = first_chars  # cut the first segment at a clause past this many chars
         self.clause_chars = clause_chars  # cut every segment at clauses past this (finest chunks)
+        # pysbd reads windows longer than a run-on may be (max_chars), so one holds an end
+        self._window = max(_WINDOW, 3 * max_chars)
         self._buf = ""
         self._held = ""  # a complete sentence too short to send alone
         self._emitted = 0
@@ -139,9 +139,7 @@ class Segmenter:
     def _drain(self, final: bool) -> list[str]:
         out: list[str] = []
         while True:
-            # a window longer than a run-on may be (max_chars), so it holds a sentence end
-            window = max(_WINDOW, 3 * self.max_chars)
-            sentences, self._buf = _complete_sentences(self._buf, final, window)
+            sentences, self._buf = _complete_sentences(self._buf, final, self._window)
             for sentence in sentences:
                 self._held += sentence
                 if _weight(self._held) >= self.min_chars:
