@@ -27,7 +27,7 @@ Public API: one object owns the whole pipeline::
     u = m.start("spk", seed=0, speed=1.0, stream=True)  # seed 0 = random; -> Utterance
     m.add_text(u, "First sentence. Second one.", tag=0)   # normalized + split, one LLM run each
     m.close_text(u)                                       # no more text
-    for out in m.step([u, ...], urgent=None):             # -> list[Output]
+    for out in m.step([u, ...], slack=None):              # -> list[Output]
         out.utterance, out.audio, out.tag, out.tag_end, out.done, out.error
     m.cancel(u)                                           # frees its KV blocks now
     u.status                                              # WAITING | RUNNING | FINISHED

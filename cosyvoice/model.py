@@ -29,6 +29,8 @@ V3_SYSTEM_PREFIX = "You are a helpful assistant.<|endofprompt|>"
 # What normalizing text may add to a step while other utterances have audio to make (one
 # group of sentences at least, ~40 ms on a slow CPU).
 NORMALIZE_SLICE_S = 0.02
+# seconds of audio an utterance's listener has left to play (None before its first audio)
+Slack = Callable[[Utterance], float | None] | None
 
 
 @dataclass(eq=False)
@@ -50,8 +52,13 @@ class CosyVoiceModel:
     device: torch.device
     dtype: torch.dtype
     token2wav: Any = None  # Token2Wav | Token2WavV1; None when loaded with token2wav=False
-    # A ready chunk may wait up to this many steps for others to batch with (see _vocode_now).
+    # A ready chunk may wait up to this many steps for others to batch with (see _to_vocode),
+    # unless its listener has under run_dry_s of audio left; one whose listener has over
+    # ahead_s left waits while anyone else has work (one long utterance's hops, each costlier
+    # than the last, would otherwise ride every step and hold everyone's LLM steps up).
     vocode_wait_steps: int = 3
+    run_dry_s: float = 1.0
+    ahead_s: float = 5.0
     # token2wav on a thread of its own (and its own CUDA stream), so decode steps go on while
     # a batch is vocoded; its audio is handed out by a later step (see _advance)
     vocoder_thread: bool = False
@@ -152,13 +159,12 @@ class CosyVoiceModel:
         utt.pending.clear()
         utt.status = Status.FINISHED
 
-    def step(
-        self, utts: list[Utterance], urgent: Callable[[Utterance], bool] | None = None
-    ) -> list[Output]:
+    def step(self, utts: list[Utterance], slack: Slack = None) -> list[Output]:
         """Advance every busy utterance by one step: ONE packed LLM forward for all of them,
-        then (when chunks are ready) ONE batched flow call and ONE HiFT call. ``urgent(u)``:
-        whether ``u``'s listener is about to run out of audio, so ready chunks are vocoded now
-        instead of waiting a few steps to share the batch.
+        then (when chunks are ready) ONE batched flow call and ONE HiFT call. ``slack(u)``:
+        seconds of audio ``u``'s listener has left to play (None before its first audio), so
+        a chunk about to be missed is vocoded now instead of waiting a few steps to share the
+        batch, and one far ahead of its listener waits while others have work.
 
         Per-utterance problems (its speaker was deleted) end that utterance with an output
         whose ``error`` is set; an exception means the whole step failed."""
@@ -171,7 +177,7 @@ class CosyVoiceModel:
         self._free_group = True
         active = self._start(utts)
         if active:
-            self._advance(active, urgent)
+            self._advance(active, slack)
         # outputs wait in the outbox until a step returns: collected audio outlives a step
         # that raises, and goes out with the next one
         out, self._outbox = self._outbox, []
@@ -210,7 +216,7 @@ class CosyVoiceModel:
                 u.status = Status.WAITING
         return active
 
-    def _advance(self, active: list[Utterance], urgent) -> None:
+    def _advance(self, active: list[Utterance], slack: Slack) -> None:
         llm = [u.llm for u in active if u.llm.ready]  # not: done, or waiting for text
         if llm:
             self.llm.step(llm)
@@ -224,7 +230,8 @@ class CosyVoiceModel:
             if u.chunk_ready:
                 u.ready_since = u.ready_since or self._steps
                 ready.append(u)
-        if ready and self._vocode_now(active, ready, urgent):
+        ready = self._to_vocode(active, ready, slack) if ready else ready
+        if ready:
             items = [(u.t2w, [], u.llm.done) for u in ready]
             if self.vocoder_thread:
                 for u in ready:
@@ -330,16 +337,25 @@ class CosyVoiceModel:
             self._vocoder, self.vocoder_thread = None, False
         self._collect(wait=False)  # all done now
 
-    def _vocode_now(self, active: list[Utterance], ready: list[Utterance], urgent) -> bool:
-        """Chunks of utterances that started a step or two apart become ready a step or two
-        apart; vocoding each alone wastes the batch (the flow is most of the cost). So ready
-        chunks wait up to ``vocode_wait_steps`` steps while others still produce tokens,
-        unless a listener is about to run dry."""
-        if not any(u.llm.ready for u in active if u not in ready):
-            return True  # nobody else will have a chunk soon
+    def _to_vocode(self, active: list[Utterance], ready: list[Utterance], slack: Slack) -> list:
+        """Which ready chunks to vocode now. Chunks of utterances that started a step or two
+        apart become ready a step or two apart; vocoding each alone wastes the batch (the flow
+        is most of the cost), so they wait up to ``vocode_wait_steps`` steps while others still
+        produce tokens, unless a listener is about to run dry. A listener with more than
+        ``ahead_s`` left waits while anyone else has work: that is everyone's latency, and the
+        batch pays for the costliest chunk in it."""
+        left = {id(u): None if slack is None else slack(u) for u in active}
+        busy = any(u.llm.ready for u in active if u not in ready)  # others still make tokens
+        due = [u for u in ready if (s := left[id(u)]) is None or s <= self.ahead_s]
+        if busy or due:
+            ready = due
+        if not ready or not busy:
+            return ready
         if self._steps - min(u.ready_since for u in ready) >= self.vocode_wait_steps:
-            return True
-        return urgent is not None and any(urgent(u) for u in ready)
+            return ready
+        if any((s := left[id(u)]) is not None and s < self.run_dry_s for u in ready):
+            return ready
+        return []
 
     def _next_segment(self, u: Utterance) -> bool:
         """Start the next queued segment: its LLM request and token2wav state."""

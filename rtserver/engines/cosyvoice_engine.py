@@ -16,8 +16,6 @@ from cosyvoice.frontend import IncrementalSplitter
 from cosyvoice.utterance import Output, Status, Utterance
 from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
 
-RUN_DRY_S = 1.0  # a stream with less buffered audio than this is vocoded at once
-
 
 class _WholeText:
     """HTTP segmentation: the whole text as one piece; the model splits it as upstream does."""
@@ -110,7 +108,7 @@ class CosyVoiceEngine:
             self._take_text(job)
         by_utt = self._jobs
         outs = self.model.step(
-            [j.engine_state for j in jobs], urgent=lambda u: _urgent(by_utt[id(u)])
+            [j.engine_state for j in jobs], slack=lambda u: _slack(by_utt[id(u)])
         )
         return [(by_utt[id(o.utterance)], e) for o in outs if id(o.utterance) in by_utt
                 for e in _events(o)]  # fmt: skip
@@ -146,10 +144,10 @@ def _seal_due(utt: Utterance, open_segment: int | None) -> bool:
     return utt.open_tag is not None and utt.open_tag != open_segment
 
 
-def _urgent(job: Job) -> bool:
-    """The listener has under RUN_DRY_S of audio left to play."""
+def _slack(job: Job) -> float | None:
+    """Seconds of audio the listener has left to play (None before the first audio)."""
     dry = job.runs_dry_at
-    return dry is not None and dry - time.monotonic() < RUN_DRY_S
+    return None if dry is None else dry - time.monotonic()
 
 
 def _events(out: Output) -> list[Event]:

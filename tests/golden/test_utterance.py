@@ -95,6 +95,38 @@ def test_batched_equals_alone(model):
         np.testing.assert_allclose(got, ref, atol=2e-3)
 
 
+@pytest.mark.parametrize("left", [10.0, 0.5])
+def test_a_listener_far_ahead_waits_while_others_make_tokens(model, left):
+    """A chunk whose listener has over ahead_s of audio left is not vocoded while another
+    utterance still makes tokens (a long one's hops would hold every step up); one about to
+    run dry is vocoded at once. Either way the audio is the same."""
+    spk = model.speakers.list()[0]
+
+    def utt(seed: int, tokens: int):
+        u = model.start(spk, seed=seed, fixed_tokens=tokens)
+        model.add_text(u, "Some words to say.", tag=0)
+        model.close_text(u)
+        return u
+
+    ref = utt(7, 3 * TOKENS)
+    alone = _audio(_run(model, [ref])[id(ref)])
+    a, b = utt(7, 3 * TOKENS), utt(8, 6 * TOKENS)
+    got: list[Output] = []
+    b_busy_at: list[bool] = []  # for each audio output of a: whether b still made tokens
+    while live := [u for u in (a, b) if u.status is not Status.FINISHED]:
+        for o in model.step(live, slack=lambda u: left if u is a else None):
+            if o.utterance is a:
+                got.append(o)
+                if o.audio.numel():
+                    b_busy_at.append(b.llm is not None and not b.llm.done)
+    assert b_busy_at, "a made no audio"
+    if left > model.ahead_s:
+        assert not any(b_busy_at), b_busy_at
+    else:
+        assert all(b_busy_at[:2]), b_busy_at  # a's first chunks come while b still decodes
+    np.testing.assert_allclose(_audio(got), alone, atol=2e-3)
+
+
 def test_same_seed_same_audio_in_process(model):
     spk = model.speakers.list()[0]
     one = torch.cat(list(synthesize(model, "Seeded.", spk, stream=True, seed=9)))
