@@ -17,8 +17,6 @@ the whole mel.
 
 from __future__ import annotations
 
-import itertools
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -140,21 +138,7 @@ class CausalHiFT(HiFT):
             _wn(nn.Conv1d(c // 2**i, c // 2 ** (i + 1), k))
             for i, k in enumerate(cfg.upsample_kernel_sizes)
         )
-        rates = list(cfg.upsample_rates)
-        downs = list(itertools.accumulate([1] + rates[::-1][:-1], operator.mul))[::-1]
-        self.down_factors = downs
-        self.source_downs, self.source_resblocks = nn.ModuleList(), nn.ModuleList()
-        for i, (u, k, d) in enumerate(
-            zip(
-                downs,
-                cfg.source_resblock_kernel_sizes,
-                cfg.source_resblock_dilation_sizes,
-                strict=True,
-            )
-        ):
-            ch = c // 2 ** (i + 1)
-            self.source_downs.append(nn.Conv1d(nf, ch, u * 2, u) if u > 1 else nn.Conv1d(nf, ch, 1))
-            self.source_resblocks.append(CausalResBlock(ch, k, d))
+        self._source_path(CausalResBlock, padded=False)
         self.resblocks = nn.ModuleList(
             CausalResBlock(c // 2 ** (i + 1), k, d)
             for i in range(len(self.ups))

@@ -10,6 +10,8 @@ Noise: per item, from an optional ``torch.Generator`` (``None`` = zero noise, as
 
 from __future__ import annotations
 
+import itertools
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,24 +174,8 @@ class HiFT(nn.Module):
             self.ups.append(
                 _wn(nn.ConvTranspose1d(c // 2**i, c // 2 ** (i + 1), k, u, padding=(k - u) // 2))
             )
-        rates = list(cfg.upsample_rates)
-        downs = list(np.cumprod([1] + rates[::-1][:-1]))[::-1]
         nf = cfg.n_fft + 2
-        self.source_downs, self.source_resblocks = nn.ModuleList(), nn.ModuleList()
-        for i, (u, k, d) in enumerate(
-            zip(
-                downs,
-                cfg.source_resblock_kernel_sizes,
-                cfg.source_resblock_dilation_sizes,
-                strict=True,
-            )
-        ):
-            ch = c // 2 ** (i + 1)
-            u = int(u)
-            conv = nn.Conv1d(nf, ch, u * 2, u, padding=u // 2) if u > 1 else nn.Conv1d(nf, ch, 1)
-            self.source_downs.append(conv)
-            self.source_resblocks.append(ResBlock(ch, k, d))
-        self.down_factors = [int(u) for u in downs]
+        self._source_path(ResBlock, padded=True)
         self.resblocks = nn.ModuleList()
         for i in range(len(self.ups)):
             ch = c // 2 ** (i + 1)
@@ -198,6 +184,26 @@ class HiFT(nn.Module):
         self.conv_post = _wn(nn.Conv1d(c // 2 ** len(self.ups), nf, 7, padding=3))
         self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels, cfg.f0_num_class)
         self.register_buffer("window", hann_periodic(cfg.n_fft), persistent=False)
+
+    def _source_path(self, resblock: type[nn.Module], padded: bool) -> None:
+        """Per upsampling stage, the source's STFT brought down to that stage's rate (strided
+        convs: the later stages' rates multiplied) and a resblock over it."""
+        cfg, nf = self.cfg, self.cfg.n_fft + 2
+        rates = list(cfg.upsample_rates)
+        self.down_factors = list(itertools.accumulate([1] + rates[::-1][:-1], operator.mul))[::-1]
+        self.source_downs, self.source_resblocks = nn.ModuleList(), nn.ModuleList()
+        stages = zip(
+            self.down_factors,
+            cfg.source_resblock_kernel_sizes,
+            cfg.source_resblock_dilation_sizes,
+            strict=True,
+        )
+        for i, (u, k, d) in enumerate(stages):
+            ch = cfg.base_channels // 2 ** (i + 1)
+            pad = u // 2 if padded else 0
+            conv = nn.Conv1d(nf, ch, u * 2, u, padding=pad) if u > 1 else nn.Conv1d(nf, ch, 1)
+            self.source_downs.append(conv)
+            self.source_resblocks.append(resblock(ch, k, d))
 
     def fold_weight_norm(self) -> HiFT:
         """Replace every weight-norm parametrization by the plain weight g * v / ||v|| (once)."""
