@@ -117,7 +117,7 @@ def create_app(
         route_handlers=routes,
         lifespan=[lifespan],
         dependencies={"service": Provide(provide_service, sync_to_thread=False)},
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={exc: openai.by_path(h) for exc, h in EXCEPTION_HANDLERS.items()},
         cors_config=cors_config(settings),
         middleware=[
             *([lambda app: with_replica(app, replica)] if replica is not None else []),

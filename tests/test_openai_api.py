@@ -61,6 +61,12 @@ def test_errors_in_openai_shape(server):
     assert r.status_code == 422 and "opus" in err["message"]
     assert err["type"] == "invalid_request_error" and err["param"] == "response_format"
     assert speech(server, speed=10).status_code == 422
+    # routing errors too (they never reach a router's own handlers); other routes keep ours
+    r = httpx.get(f"{server.base_url}/v1/audio/speech")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{server.base_url}/v1/audio/nothing")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+    assert "detail" in httpx.get(f"{server.base_url}/tts").json()
     voices = httpx.get(f"{server.base_url}/v1/audio/voices").json()
     assert voices["voices"] == ["joe"] and "alloy" in voices["aliases"]
 

@@ -18,14 +18,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import msgspec
-from litestar import Request, Response, Router, get, post
+from litestar import Request, Response, get, post
 from litestar.exceptions import ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from rtserver.api.docs import BINARY, audio_operation
-from rtserver.api.errors import EXCEPTION_HANDLERS
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
@@ -139,11 +138,15 @@ async def voices(service: TTSService) -> dict[str, list[str]]:
     return {"voices": [s.id for s in service.speakers()], "aliases": list(OPENAI_VOICES)}
 
 
-def _openai_shape(handler: Callable[[Request, Exception], Response]):
-    """Our error answer, reshaped as OpenAI's, so the SDKs show its message."""
+def by_path(handler: Callable[[Request, Exception], Response]):
+    """Our error answer; under /v1/ reshaped as OpenAI's, so the SDKs show its message. At the
+    app, not on the router: routing errors (405 for GET /v1/audio/speech) never reach a
+    router's handlers."""
 
-    def reshaped(request: Request, exc: Exception) -> Response:
+    def answer(request: Request, exc: Exception) -> Response:
         ours = handler(request, exc)
+        if not request.url.path.startswith("/v1/"):
+            return ours
         body, status = ours.content, ours.status_code
         extra = body.get("extra")
         code = extra.get("code") if isinstance(extra, dict) else None
@@ -152,13 +155,7 @@ def _openai_shape(handler: Callable[[Request, Exception], Response]):
         error = {"message": body["detail"], "type": kind, "param": param, "code": code}
         return Response({"error": error}, status_code=status, headers=dict(ours.headers))
 
-    return reshaped
+    return answer
 
 
-ROUTES = [
-    Router(
-        path="/",
-        route_handlers=[speech, voices],
-        exception_handlers={exc: _openai_shape(h) for exc, h in EXCEPTION_HANDLERS.items()},
-    )
-]
+ROUTES = [speech, voices]
