@@ -186,13 +186,22 @@ class Scheduler:
             self._finish(job, Cancelled())
 
     def _drop_stalled(self) -> None:
-        """A client that stops reading holds a slot (and its audio) until this gives up on it."""
+        """A client that stops reading holds a slot (and its audio) until this gives up on it:
+        `read_timeout_s` after a listener playing in real time would have played all it was
+        sent. (One reading at playback speed leaves whole seconds of audio in the socket's
+        buffers, so it reads nothing new for as long as they play.)"""
         now = time.monotonic()
         with self._lock:
-            stalled = [j for j in self._running if j.channel.stalled_for(now) > self.read_timeout_s]
+            stalled = [
+                j for j in self._running if j.channel.stalled_for(now) > self._patience(j, now)
+            ]
         for job in stalled:
-            message = f"the client read no audio for {self.read_timeout_s:g} s"
+            message = f"the client read no audio for {job.channel.stalled_for(now):.0f} s"
             self._finish(job, Failed(message, code="read_timeout"))
+
+    def _patience(self, job: Job, now: float) -> float:
+        dry = job.runs_dry_at
+        return self.read_timeout_s + (0.0 if dry is None else max(0.0, dry - now))
 
     def _admit(self) -> None:
         limit = 1 if self.serial else self.max_streams

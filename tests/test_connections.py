@@ -247,3 +247,23 @@ def test_a_slow_reader_gets_the_whole_response_after_the_server_is_done(make_ser
     assert status_of(head) == 200
     assert rest.endswith(b"0\r\n\r\n"), "the body was cut before its end"
     assert time.monotonic() - began > 10  # longer than --read-timeout-s
+
+
+def test_a_listener_reading_at_playback_speed_is_not_taken_for_a_stalled_one(make_server):
+    """A client reading PCM at real time leaves seconds of audio in the sockets' buffers and
+    reads no new piece for as long as they play: longer than --read-timeout-s here. It must
+    still be sent audio (it was dropped ~12 s in, with --read-timeout-s 5)."""
+    srv = make_server("--read-timeout-s", "5", "--max-text-chars", "100000", "--no-warmup")
+    body = {"tts_text": LONG_TEXT * 8, "spk_id": "joe"}  # minutes: more than any buffer holds
+    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=60) as r:
+        rate = int(r.headers["X-Sample-Rate"])
+        pcm, began = b"", time.monotonic()
+        for piece in r.iter_raw(4096):
+            pcm += piece
+            heard = len(pcm) / 2 / rate
+            if heard > 30:
+                break
+            time.sleep(max(0.0, began + heard - time.monotonic()))
+        assert srv.healthz()["dropped"] == 0
+    assert_speech(decode_pcm(pcm), rate, min_seconds=30)
+    srv.assert_idle()
