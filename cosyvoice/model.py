@@ -54,8 +54,9 @@ class CosyVoiceModel:
     token2wav: Any = None  # Token2Wav | Token2WavV1; None when loaded with token2wav=False
     # A ready chunk may wait up to this many steps for others to batch with (see _to_vocode),
     # unless its listener has under run_dry_s of audio left; one whose listener has over
-    # ahead_s left waits while anyone else has work (one long utterance's hops, each costlier
-    # than the last, would otherwise ride every step and hold everyone's LLM steps up).
+    # ahead_s left (plus two recent steps) waits while others make tokens (one long
+    # utterance's hops, each costlier than the last, would otherwise ride every step and hold
+    # everyone's LLM steps up).
     vocode_wait_steps: int = 3
     run_dry_s: float = 1.0
     ahead_s: float = 5.0
@@ -63,6 +64,7 @@ class CosyVoiceModel:
     # a batch is vocoded; its audio is handed out by a later step (see _advance)
     vocoder_thread: bool = False
     _steps: int = field(default=0, repr=False)
+    _step_s: float = field(default=0.0, repr=False)  # recent steps' longest time (decaying)
     _vocoder: ThreadPoolExecutor | None = field(default=None, repr=False)
     _slice_end: float = field(default=0.0, repr=False)  # this step's time for normalizing
     _free_group: bool = field(default=False, repr=False)  # a group not yet taken this step
@@ -172,8 +174,9 @@ class CosyVoiceModel:
         # Text is normalized within a slice of the step while others have (or will have) audio
         # to make; with nobody to stall, at once. One group is free each step, whatever the
         # slice, so the text gets on.
+        began = time.perf_counter()
         others = len(utts) > 1 or any(u.in_flight for u in utts)
-        self._slice_end = time.perf_counter() + NORMALIZE_SLICE_S if others else float("inf")
+        self._slice_end = began + NORMALIZE_SLICE_S if others else float("inf")
         self._free_group = True
         active = self._start(utts)
         if active:
@@ -181,6 +184,7 @@ class CosyVoiceModel:
         # outputs wait in the outbox until a step returns: collected audio outlives a step
         # that raises, and goes out with the next one
         out, self._outbox = self._outbox, []
+        self._step_s = max(time.perf_counter() - began, 0.9 * self._step_s)
         return out
 
     def _start(self, utts: list[Utterance]) -> list[Utterance]:
@@ -341,12 +345,14 @@ class CosyVoiceModel:
         """Which ready chunks to vocode now. Chunks of utterances that started a step or two
         apart become ready a step or two apart; vocoding each alone wastes the batch (the flow
         is most of the cost), so they wait up to ``vocode_wait_steps`` steps while others still
-        produce tokens, unless a listener is about to run dry. A listener with more than
-        ``ahead_s`` left waits while anyone else has work: that is everyone's latency, and the
-        batch pays for the costliest chunk in it."""
+        produce tokens, unless a listener is about to run dry. A listener far ahead (over
+        ``ahead_s`` and two recent steps left) waits while others make tokens or have a chunk
+        due: their steps are everyone's latency, and a batch pays for its costliest chunk. Not
+        when more segments are queued behind the chunk's: the next one starts after it."""
         left = {id(u): None if slack is None else slack(u) for u in active}
         busy = any(u.llm.ready for u in active if u not in ready)  # others still make tokens
-        due = [u for u in ready if (s := left[id(u)]) is None or s <= self.ahead_s]
+        far = self.ahead_s + 2 * self._step_s
+        due = [u for u in ready if u.pending or (s := left[id(u)]) is None or s <= far]
         if busy or due:
             ready = due
         if not ready or not busy:

@@ -99,7 +99,8 @@ def test_batched_equals_alone(model):
 def test_a_listener_far_ahead_waits_while_others_make_tokens(model, left):
     """A chunk whose listener has over ahead_s of audio left is not vocoded while another
     utterance still makes tokens (a long one's hops would hold every step up); one about to
-    run dry is vocoded at once. Either way the audio is the same."""
+    run dry is vocoded the step it is ready, not held for a batch. Either way the audio is
+    the same."""
     spk = model.speakers.list()[0]
 
     def utt(seed: int, tokens: int):
@@ -110,21 +111,48 @@ def test_a_listener_far_ahead_waits_while_others_make_tokens(model, left):
 
     ref = utt(7, 3 * TOKENS)
     alone = _audio(_run(model, [ref])[id(ref)])
-    a, b = utt(7, 3 * TOKENS), utt(8, 6 * TOKENS)
+    b = utt(8, 6 * TOKENS)
+    for _ in range(5):  # b runs ahead: its first chunk is ready (and vocoded) before a's
+        model.step([b])
+    a = utt(7, 3 * TOKENS)
     got: list[Output] = []
     b_busy_at: list[bool] = []  # for each audio output of a: whether b still made tokens
+    fed_at_first = None  # a's tokens when its first chunk came out
     while live := [u for u in (a, b) if u.status is not Status.FINISHED]:
         for o in model.step(live, slack=lambda u: left if u is a else None):
             if o.utterance is a:
                 got.append(o)
                 if o.audio.numel():
+                    fed_at_first = fed_at_first or len(a.t2w.tokens)
                     b_busy_at.append(b.llm is not None and not b.llm.done)
     assert b_busy_at, "a made no audio"
     if left > model.ahead_s:
         assert not any(b_busy_at), b_busy_at
     else:
-        assert all(b_busy_at[:2]), b_busy_at  # a's first chunks come while b still decodes
+        cfg = model.token2wav.cfg
+        assert fed_at_first == cfg.token_hop_len + cfg.pre_lookahead_len  # not held for a batch
+        assert all(b_busy_at[:2]), b_busy_at
     np.testing.assert_allclose(_audio(got), alone, atol=2e-3)
+
+
+def test_a_segment_with_more_behind_it_is_not_held_back(model):
+    """Far ahead or not, a segment's chunk with more segments queued behind it is vocoded:
+    the next segment's LLM starts only after it (holding it made a long sentence after a
+    short one run dry)."""
+    spk = model.speakers.list()[0]
+    a = model.start(spk, seed=3, stream=False, fixed_tokens=TOKENS)
+    for tag, text in enumerate(["Short.", "A longer sentence after it."]):
+        model.add_text(a, text, tag=tag)
+    model.close_text(a)
+    b = model.start(spk, seed=4, fixed_tokens=8 * TOKENS)
+    model.add_text(b, "Some words to say.")
+    model.close_text(b)
+    ends: dict = {}  # a's piece -> whether b still made tokens when it ended
+    while live := [u for u in (a, b) if u.status is not Status.FINISHED]:
+        for o in model.step(live, slack=lambda u: 10.0 if u is a else None):
+            if o.utterance is a and o.tag_end:
+                ends[o.tag] = b.llm is not None and not b.llm.done
+    assert ends == {0: True, 1: False}, ends
 
 
 def test_same_seed_same_audio_in_process(model):
