@@ -183,6 +183,17 @@ def test_inference_sft_missing_field_is_422(server):
     error(httpx.post(f"{server.base_url}/inference_sft", data={"spk_id": "joe"}), 422)
 
 
+def test_inference_sft_takes_the_text_as_a_file_part(server):
+    """curl -F tts_text=@article.txt: the part's bytes are the text (UTF-8)."""
+    url = f"{server.base_url}/inference_sft"
+    r = httpx.post(url, files={"tts_text": ("a.txt", SHORT_TEXT.encode()), "spk_id": (None, "joe")},
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert_speech(decode_pcm(r.content), 22050, min_seconds=2.0)
+    bad = {"tts_text": ("a.txt", b"\xff\xfe text"), "spk_id": (None, "joe")}
+    assert "utf-8" in error(httpx.post(url, files=bad, timeout=30), 422)["detail"].lower()
+
+
 def test_text_over_limit_is_413(server):
     body = error(post(server, "/tts/pcm", tts_text="word " * 500, spk_id="joe"), 413)
     assert "2000" in body["detail"]

@@ -259,8 +259,9 @@ async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> St
     "/inference_sft",
     http_method=["GET", "POST"],
     summary="Upstream CosyVoice SFT endpoint: headerless s16le PCM",
-    description="Fields `tts_text` and `spk_id` from a url-encoded or multipart body, or the "
-    "query string (upstream's client sends GET with a form body). Sentence-level chunks.",
+    description="Fields `tts_text` and `spk_id` from a url-encoded or multipart body (a file "
+    "part is read as UTF-8 text), or the query string (upstream's client sends GET with a form "
+    "body). Sentence-level chunks.",
     media_type=L16,
     response_description="Headerless s16le mono PCM at the model's rate.",
     operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
@@ -279,7 +280,11 @@ async def inference_sft(
     # Litestar, so the form is read by hand and wins over the query string.
     fields: dict[str, str] = dict(request.query_params)
     form = await request.form()
-    fields.update({k: v for k, v in form.items() if isinstance(v, str)})
+    for k, v in form.items():
+        if isinstance(v, UploadFile) and k in SftForm.__struct_fields__:
+            v = await _text_part(k, v)  # curl -F tts_text=@article.txt
+        if isinstance(v, str):
+            fields[k] = v
     try:
         sft = msgspec.convert(
             {k: fields[k] for k in ("tts_text", "spk_id") if k in fields}, SftForm
@@ -289,6 +294,16 @@ async def inference_sft(
     req = TTSRequest(tts_text=sft.tts_text, spk_id=sft.spk_id)
     body, rate = await _speak(request, service, req, "pcm")
     return Stream(body, headers=_pcm_headers(rate))
+
+
+async def _text_part(name: str, part: UploadFile) -> str:
+    """A field sent as a file part: its bytes as UTF-8 text (the form's size bound applies)."""
+    try:
+        return (await part.read()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationException(
+            f"{name}: not UTF-8 text", extra=[{"key": name, "message": str(exc)}]
+        ) from exc
 
 
 @get("/speakers", summary="Speakers this server can use")
