@@ -104,6 +104,7 @@ class Token2WavState:
     # v3 (CausalHiFT): the vocoder's window of the last mel frames, f0/phase state and noise
     vocoder: CausalVocoderState | None = None
     flow_cache: FlowCache | None = None  # streaming: the flow state of the finished frames
+    in_hops: bool = False  # a whole (non-stream) utterance vocoded in hops (max_whole_tokens)
     n_chunks: int = 0
     n_samples: int = 0
 
@@ -225,7 +226,9 @@ class Token2Wav:
         if st.done:
             return None
         c = len(st.tokens) - st.token_offset
-        if st.stream:
+        # A whole utterance's hops are cheap only over its flow cache: once the memory bound
+        # took that, each hop would recompute everything before it, so the rest goes in one call.
+        if st.stream and not (st.in_hops and st.flow_cache is None):
             hop = st.hop + (st.prompt_pad if st.token_offset == 0 else 0)
             if c >= hop + self.cfg.pre_lookahead_len:
                 return _Job(st, st.token_offset + hop + self.cfg.pre_lookahead_len, False, True)
@@ -242,9 +245,10 @@ class Token2Wav:
 
     def _add(self, st: Token2WavState, new: list[int], final: bool) -> None:
         _append(st, new, final)
-        if st.input_done and not st.stream and len(st.tokens) > self.cfg.max_whole_tokens:
+        long = len(st.tokens) > self.cfg.max_whole_tokens
+        if st.input_done and not st.stream and long and self.cfg.flow_cache_mb > 0:
             # too long for one flow call: in hops (the longest from the start) like a stream
-            st.stream, st.hop = True, self.cfg.token_max_hop_len
+            st.stream, st.in_hops, st.hop = True, True, self.cfg.token_max_hop_len
             self._keep_flow_cache(st)
 
     def ready(self, st: Token2WavState) -> bool:

@@ -265,6 +265,24 @@ def test_a_long_whole_utterance_goes_in_hops(t2w, spk, vocab):
 
 
 @pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_a_long_whole_utterance_without_room_for_its_cache_ends_in_one_call(family, spk, vocab):
+    """Once the flow caches' memory bound takes a whole utterance's cache, its hops would each
+    recompute all before them (the cost growing with every hop): the rest goes in one call.
+    With no room for a cache at all it is never cut into hops."""
+    d = FAMILIES[family] / "model"
+    emb = spk[_sft(spk)[0]]["embedding"]
+    for mb, n_chunks in ((1e-6, 2), (0, 1)):
+        t = make_token2wav(load_flow(d), load_hift(d), flow_cache_mb=mb)
+        length = t.cfg.max_whole_tokens + 260
+        st = t.new_state(emb, stream=False)
+        chunks = [t.step([(st, _random_tokens(length, 5, vocab), True)])[0]]
+        while not st.done:
+            chunks.append(t.step([(st, [], True)])[0])
+        assert len(chunks) == n_chunks, [c.numel() for c in chunks]
+        assert abs(sum(c.numel() for c in chunks) - 2 * length * 480) <= 2 * 480
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
 def test_speed(t2w, spk, vocab):
     emb = spk[_sft(spk)[0]]["embedding"]
     toks = _random_tokens(60, 3, vocab)
