@@ -102,10 +102,15 @@ class EngineTarget:
             m.add_text(u, TEXT)
             m.close_text(u)
         arrivals: dict[int, list[tuple[float, float]]] = {id(u): [] for u in utts}
+
+        def slack(u) -> float | None:  # as the server: a listener playing since its first audio
+            got = arrivals[id(u)]
+            return got[0][0] + sum(s for _, s in got) - time.monotonic() if got else None
+
         busy = list(utts)
         while busy:
             batch, rest = busy[: self.max_batch], busy[self.max_batch :]
-            for o in m.step(batch):
+            for o in m.step(batch, slack=slack):
                 if o.error:
                     raise RuntimeError(o.error)
                 if o.audio.numel():
