@@ -53,10 +53,9 @@ class CosyVoiceModel:
     dtype: torch.dtype
     token2wav: Any = None  # Token2Wav | Token2WavV1; None when loaded with token2wav=False
     # A ready chunk may wait up to this many steps for others to batch with (see _to_vocode),
-    # unless its listener has under run_dry_s of audio left; one whose listener has over
-    # ahead_s left (plus two recent steps) waits while others make tokens (one long
-    # utterance's hops, each costlier than the last, would otherwise ride every step and hold
-    # everyone's LLM steps up).
+    # unless its listener has under run_dry_s of audio left; a long whole utterance's hop
+    # whose listener has over ahead_s left (plus two recent steps) waits while others make
+    # tokens (its hops, each costlier than the last, would otherwise ride every step).
     vocode_wait_steps: int = 3
     run_dry_s: float = 1.0
     ahead_s: float = 5.0
@@ -234,7 +233,7 @@ class CosyVoiceModel:
             if u.chunk_ready:
                 u.ready_since = u.ready_since or self._steps
                 ready.append(u)
-        ready = self._to_vocode(active, ready, slack) if ready else ready
+        ready = self._to_vocode(active, ready, slack)
         if ready:
             items = [(u.t2w, [], u.llm.done) for u in ready]
             if self.vocoder_thread:
@@ -341,20 +340,22 @@ class CosyVoiceModel:
             self._vocoder, self.vocoder_thread = None, False
         self._collect(wait=False)  # all done now
 
-    def _to_vocode(self, active: list[Utterance], ready: list[Utterance], slack: Slack) -> list:
+    def _to_vocode(
+        self, active: list[Utterance], ready: list[Utterance], slack: Slack
+    ) -> list[Utterance]:
         """Which ready chunks to vocode now. Chunks of utterances that started a step or two
         apart become ready a step or two apart; vocoding each alone wastes the batch (the flow
         is most of the cost), so they wait up to ``vocode_wait_steps`` steps while others still
-        produce tokens, unless a listener is about to run dry. A listener far ahead (over
-        ``ahead_s`` and two recent steps left) waits while others make tokens or have a chunk
-        due: their steps are everyone's latency, and a batch pays for its costliest chunk. Not
-        when more segments are queued behind the chunk's: the next one starts after it."""
+        produce tokens, unless a listener is about to run dry. A long whole utterance's hops
+        (each costlier than the last, see Token2Wav.max_whole_tokens) also wait while others
+        make tokens or have a chunk due, while their listener has over ``ahead_s`` (and two
+        recent steps) of audio left: the steps they would ride are everyone's latency."""
         left = {id(u): None if slack is None else slack(u) for u in active}
         busy = any(u.llm.ready for u in active if u not in ready)  # others still make tokens
         far = self.ahead_s + 2 * self._step_s
-        due = [u for u in ready if u.pending or (s := left[id(u)]) is None or s <= far]
-        if busy or due:
-            ready = due
+        held = [u for u in ready if u.t2w.in_hops and (s := left[id(u)]) is not None and s > far]
+        if held and (busy or len(held) < len(ready)):
+            ready = [u for u in ready if u not in held]
         if not ready or not busy:
             return ready
         if self._steps - min(u.ready_since for u in ready) >= self.vocode_wait_steps:

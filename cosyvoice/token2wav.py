@@ -158,7 +158,7 @@ def to_host(chunks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     return [None if c is None else c.float().cpu() for c in out]  # no-ops once on the host
 
 
-def _append(st, new: list[int], final: bool) -> None:
+def _append(st: Token2WavState | Token2WavV1State, new: list[int], final: bool) -> None:
     st.tokens.extend(new)
     st.input_done = st.input_done or bool(final)
 
@@ -461,6 +461,7 @@ class Token2WavV1State:
     done: bool = False
     flow_cache: torch.Tensor | None = None
     mel_overlap: torch.Tensor | None = None
+    in_hops: bool = False  # never: v1 vocodes a whole utterance in one call
     cache_mel: torch.Tensor | None = None
     cache_source: torch.Tensor | None = None
     cache_speech: torch.Tensor | None = None

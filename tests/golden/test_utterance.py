@@ -4,6 +4,8 @@ cancel and errors giving back every KV block."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -95,64 +97,67 @@ def test_batched_equals_alone(model):
         np.testing.assert_allclose(got, ref, atol=2e-3)
 
 
-@pytest.mark.parametrize("left", [10.0, 0.5])
-def test_a_listener_far_ahead_waits_while_others_make_tokens(model, left):
-    """A chunk whose listener has over ahead_s of audio left is not vocoded while another
-    utterance still makes tokens (a long one's hops would hold every step up); one about to
-    run dry is vocoded the step it is ready, not held for a batch. Either way the audio is
-    the same."""
+def _whole_then_busy(model, monkeypatch, slack):
+    """A whole utterance long enough to go in hops (max_whole_tokens lowered for the test)
+    beside a streaming one that makes tokens long after it; stepped with ``slack`` for the
+    whole one. -> (its outputs, whether the other made tokens at each of its audio outputs,
+    the steps from its input's end to its first audio)."""
+    monkeypatch.setattr(model, "_step_s", 0.0)
+    cfg = model.token2wav.cfg
+    monkeypatch.setattr(model.token2wav, "cfg", dataclasses.replace(cfg, max_whole_tokens=60))
     spk = model.speakers.list()[0]
 
-    def utt(seed: int, tokens: int):
-        u = model.start(spk, seed=seed, fixed_tokens=tokens)
+    def utt(seed: int, tokens: int, stream: bool):
+        u = model.start(spk, seed=seed, fixed_tokens=tokens, stream=stream)
         model.add_text(u, "Some words to say.", tag=0)
         model.close_text(u)
         return u
 
-    ref = utt(7, 3 * TOKENS)
-    alone = _audio(_run(model, [ref])[id(ref)])
-    b = utt(8, 6 * TOKENS)
-    for _ in range(5):  # b runs ahead: its first chunk is ready (and vocoded) before a's
-        model.step([b])
-    a = utt(7, 3 * TOKENS)
+    a, b = utt(7, 3 * TOKENS, False), utt(8, 8 * TOKENS, True)
     got: list[Output] = []
-    b_busy_at: list[bool] = []  # for each audio output of a: whether b still made tokens
-    fed_at_first = None  # a's tokens when its first chunk came out
+    b_busy_at: list[bool] = []
+    step = ended_at = first_at = 0
     while live := [u for u in (a, b) if u.status is not Status.FINISHED]:
-        for o in model.step(live, slack=lambda u: left if u is a else None):
+        step += 1
+        for o in model.step(live, slack=lambda u: slack if u is a else None):
             if o.utterance is a:
                 got.append(o)
                 if o.audio.numel():
-                    fed_at_first = fed_at_first or len(a.t2w.tokens)
+                    first_at = first_at or step
                     b_busy_at.append(b.llm is not None and not b.llm.done)
-    assert b_busy_at, "a made no audio"
-    if left > model.ahead_s:
-        assert not any(b_busy_at), b_busy_at
-    else:
-        cfg = model.token2wav.cfg
-        assert fed_at_first == cfg.token_hop_len + cfg.pre_lookahead_len  # not held for a batch
-        assert all(b_busy_at[:2]), b_busy_at
-    np.testing.assert_allclose(_audio(got), alone, atol=2e-3)
+        if not ended_at and a.llm is not None and a.llm.done:
+            ended_at = step
+    return got, b_busy_at, first_at - ended_at
 
 
-def test_a_segment_with_more_behind_it_is_not_held_back(model):
-    """Far ahead or not, a segment's chunk with more segments queued behind it is vocoded:
-    the next segment's LLM starts only after it (holding it made a long sentence after a
-    short one run dry)."""
+def test_a_long_whole_utterance_far_ahead_waits_while_others_make_tokens(model, monkeypatch):
+    """Its hops (each costlier than the last) are not vocoded while another utterance still
+    makes tokens: they would hold every step up."""
+    got, b_busy_at, _ = _whole_then_busy(model, monkeypatch, slack=1000.0)
+    assert len(b_busy_at) >= 2 and not any(b_busy_at), b_busy_at  # hops, all after b's tokens
+
+
+def test_a_listener_about_to_run_dry_is_vocoded_at_once(model, monkeypatch):
+    """Not held for a batch: its chunk goes the step it is ready (the input's end here)."""
+    _, b_busy_at, wait = _whole_then_busy(model, monkeypatch, slack=0.5)
+    assert wait == 0 and all(b_busy_at[:1]), (wait, b_busy_at)
+
+
+def test_a_stream_far_ahead_is_not_held(model):
+    """Only a long whole utterance's hops wait: other chunks go as before however far ahead
+    their listener is (holding them paced every response and stalled multi-sentence ones)."""
     spk = model.speakers.list()[0]
-    a = model.start(spk, seed=3, stream=False, fixed_tokens=TOKENS)
-    for tag, text in enumerate(["Short.", "A longer sentence after it."]):
-        model.add_text(a, text, tag=tag)
-    model.close_text(a)
-    b = model.start(spk, seed=4, fixed_tokens=8 * TOKENS)
-    model.add_text(b, "Some words to say.")
-    model.close_text(b)
-    ends: dict = {}  # a's piece -> whether b still made tokens when it ended
+    a = model.start(spk, seed=7, fixed_tokens=3 * TOKENS)
+    b = model.start(spk, seed=8, fixed_tokens=6 * TOKENS)
+    for u in (a, b):
+        model.add_text(u, "Some words to say.", tag=0)
+        model.close_text(u)
+    b_busy_at = []
     while live := [u for u in (a, b) if u.status is not Status.FINISHED]:
-        for o in model.step(live, slack=lambda u: 10.0 if u is a else None):
-            if o.utterance is a and o.tag_end:
-                ends[o.tag] = b.llm is not None and not b.llm.done
-    assert ends == {0: True, 1: False}, ends
+        for o in model.step(live, slack=lambda u: 1000.0 if u is a else None):
+            if o.utterance is a and o.audio.numel():
+                b_busy_at.append(b.llm is not None and not b.llm.done)
+    assert len(b_busy_at) >= 2 and all(b_busy_at), b_busy_at
 
 
 def test_same_seed_same_audio_in_process(model):
