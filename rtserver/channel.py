@@ -17,16 +17,17 @@ from typing import Any
 class Channel:
     def __init__(self, loop: asyncio.AbstractEventLoop, on_read: Callable[[], None]) -> None:
         self._loop = loop
-        self._items: deque[Any] = deque()
+        self._items: deque[tuple[Any, float]] = deque()  # (item, seconds of audio in it)
         self._ready = asyncio.Event()
         self._on_read = on_read  # wakes the scheduler: backlog went down
         self._waiting_since: float | None = None  # items wait unread since then
+        self.taken_s = 0.0  # seconds of audio the consumer has read (written by it alone)
 
-    def put(self, item: Any) -> None:
-        """Called from any thread."""
+    def put(self, item: Any, seconds: float = 0.0) -> None:
+        """Called from any thread; ``seconds``: of audio in the item."""
         if self._waiting_since is None:
             self._waiting_since = time.monotonic()
-        self._items.append(item)
+        self._items.append((item, seconds))
         self._loop.call_soon_threadsafe(self._ready.set)
 
     @property
@@ -44,7 +45,8 @@ class Channel:
             if self._items:
                 break
             await self._ready.wait()
-        item = self._items.popleft()
+        item, seconds = self._items.popleft()
+        self.taken_s += seconds
         self._waiting_since = time.monotonic() if self._items else None
         self._on_read()
         return item

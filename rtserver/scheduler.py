@@ -187,21 +187,23 @@ class Scheduler:
 
     def _drop_stalled(self) -> None:
         """A client that stops reading holds a slot (and its audio) until this gives up on it:
-        `read_timeout_s` after a listener playing in real time would have played all it was
-        sent. (One reading at playback speed leaves whole seconds of audio in the socket's
-        buffers, so it reads nothing new for as long as they play.)"""
+        `read_timeout_s` after both its last read and the time a listener playing in real
+        time would have played all it read. (One reading at playback speed leaves whole
+        seconds of audio in the socket's buffers, so it reads nothing new while they play.)"""
         now = time.monotonic()
         with self._lock:
-            stalled = [
-                j for j in self._running if j.channel.stalled_for(now) > self._patience(j, now)
-            ]
+            stalled = [j for j in self._running if self._idle_for(j, now) > self.read_timeout_s]
         for job in stalled:
             message = f"the client read no audio for {job.channel.stalled_for(now):.0f} s"
             self._finish(job, Failed(message, code="read_timeout"))
 
-    def _patience(self, job: Job, now: float) -> float:
-        dry = job.runs_dry_at
-        return self.read_timeout_s + (0.0 if dry is None else max(0.0, dry - now))
+    @staticmethod
+    def _idle_for(job: Job, now: float) -> float:
+        """How long the job's client has neither read audio nor had any of it left to play."""
+        unread = job.channel.stalled_for(now)
+        if job.first_audio_at is None:
+            return unread
+        return min(unread, now - (job.first_audio_at + job.channel.taken_s))
 
     def _admit(self) -> None:
         limit = 1 if self.serial else self.max_streams
@@ -275,7 +277,7 @@ class Scheduler:
         seconds = len(event.audio) / job.speaker.sample_rate
         job.audio_seconds += seconds
         self.counters.audio_s += seconds
-        job.channel.put(event)
+        job.channel.put(event, seconds)
         if job.audio_seconds >= job.max_audio_s:
             message = f"the stream reached its limit of {job.max_audio_s:g} s of audio"
             self._finish(job, Failed(message, code="audio_limit"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ class ToneEngine:
 
     name = "tone"
 
-    def __init__(self, max_batch: int = 8) -> None:
-        self.max_batch = max_batch
+    def __init__(self, max_batch: int = 8, samples: int = 100) -> None:
+        self.max_batch, self.samples = max_batch, samples  # samples per segment (1000 Hz)
         self.batches: list[list[int]] = []
         self.released: list[int] = []
         self.started: list[int] = []  # job ids in the order they were admitted
@@ -53,7 +54,7 @@ class ToneEngine:
             if text == "bad":
                 out.append((job, Failed("bad segment")))
                 continue
-            out.append((job, Chunk(np.full(100, 0.1, np.float32), index, True)))
+            out.append((job, Chunk(np.full(self.samples, 0.1, np.float32), index, True)))
         return out
 
     def release(self, job: Job) -> None:
@@ -181,6 +182,27 @@ def test_unread_jobs_stop_being_scheduled():
 
     backlog, steps_a, steps_b = run(go())
     assert backlog == 3 and steps_a == steps_b
+
+
+def test_a_reader_is_dropped_once_it_could_have_played_what_it_read():
+    """--read-timeout-s after both its last read and the time a listener playing in real time
+    would have played all it read: not counting audio still queued for it, nor the wait twice
+    (a client reading at playback speed reads nothing new while its buffers play)."""
+
+    async def go() -> float:
+        sched = Scheduler(ToneEngine(samples=4000), read_timeout_s=1.0, max_backlog=3)
+        sched.start()
+        try:
+            job = make_job(sched, ["x"] * 20)  # 4 s of audio each
+            await job.channel.get()  # the first 4 s, then nothing more
+            while sched.counters.dropped == 0:
+                await asyncio.sleep(0.05)
+            return time.monotonic() - job.first_audio_at
+        finally:
+            sched.stop()
+
+    took = run(go())
+    assert 5.0 < took < 7.5, took  # 4 s to play + 1 s; the scheduler looks at least once a second
 
 
 def test_capacity_and_serial_mode():
