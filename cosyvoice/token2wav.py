@@ -361,23 +361,26 @@ class Token2Wav:
         )
 
     def _keep_or_drop_cache(self, j: _Job) -> None:
-        """A finished request frees its cache; one whose growth took all requests' caches past
-        the memory bound drops it and recomputes its later chunks from scratch (the same
-        frames, at upstream's cost)."""
+        """A finished request frees its cache. When all requests' caches are past the memory
+        bound, the largest goes (a long whole utterance paced in hops, say, not the stream
+        that just grew): its request recomputes its later chunks from scratch (the same
+        frames, at upstream's cost), or, a whole utterance in hops, ends in one call."""
         if j.state.flow_cache is None:
             return
         with self._cached_lock:
+            if j.final:
+                self._drop_cache(j.state)
+                return
             # a snapshot of the refs: a state collected meanwhile (on any thread) is just None
-            states = [r() for r in self._cached.data.copy().values()]
-            held = sum(
-                st.flow_cache.nbytes
-                for st in states
-                if st is not None and st.flow_cache is not None
-            )
-            if j.final or held > self.cfg.flow_cache_mb * 2**20:
-                j.state.flow_cache.release()  # the pool's blocks go back now, not at gc
-                j.state.flow_cache = None
-                self._cached.pop(id(j.state), None)
+            live = [st for r in self._cached.data.copy().values() if (st := r()) is not None]
+            cached = [st for st in live if st.flow_cache is not None]
+            if sum(st.flow_cache.nbytes for st in cached) > self.cfg.flow_cache_mb * 2**20:
+                self._drop_cache(max(cached, key=lambda st: st.flow_cache.nbytes))
+
+    def _drop_cache(self, st: Token2WavState) -> None:  # with the lock held
+        st.flow_cache.release()  # the pool's blocks go back now, not at gc
+        st.flow_cache = None
+        self._cached.pop(id(st), None)
 
     def _new_frames(self, st: Token2WavState, mel: torch.Tensor) -> torch.Tensor:
         """A flow output's new frames in float32 (still on the device: the vocoder runs there),

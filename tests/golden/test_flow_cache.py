@@ -159,6 +159,27 @@ def test_memory_bound_is_shared_by_all_streams(parts):
         assert_close(got, torch.cat(ref), WAVE_TOL, what=f"stream {i}")
 
 
+def test_over_the_bound_the_largest_cache_goes(parts):
+    """Not the stream that just grew: the one holding the most (a long whole utterance paced
+    in hops, say) recomputes from then on."""
+    flow, hift, spk = parts
+    toks = _tokens(140, 9, flow.cfg.vocab_size)
+    probe = make_token2wav(flow, hift)
+    big, small = (probe.new_state(*_speakers(spk)[0]) for _ in range(2))
+    probe.step([(big, toks[:28], False)])
+    probe.step([(big, toks[28:78], False)])  # a second hop: about three times the first's
+    probe.step([(small, toks[:28], False)])
+    sizes = big.flow_cache.nbytes, small.flow_cache.nbytes
+    del big, small
+    t = make_token2wav(flow, hift, flow_cache_mb=(sizes[0] + sizes[1] / 2) / 2**20)
+    big, small = (t.new_state(*_speakers(spk)[0]) for _ in range(2))
+    t.step([(big, toks[:28], False)])
+    t.step([(big, toks[28:78], False)])
+    assert big.flow_cache is not None  # alone it fits
+    t.step([(small, toks[:28], False)])
+    assert big.flow_cache is None and small.flow_cache is not None
+
+
 def test_cache_grows_with_frames_and_refuses_a_skipped_chunk(parts):
     flow, _, spk = parts
     emb = _speakers(spk)[0][0]
