@@ -513,7 +513,7 @@ class Token2WavV1:
         run, mels = [], []
         valid = _validated(items, self.flow.cfg.vocab_size)
         for i, ((st, _, final), new) in enumerate(zip(items, valid, strict=True)):
-            _append(st, new, final)
+            self._add(st, new, final)
             kind = self._plan(st)
             if kind is None:
                 continue

@@ -17,6 +17,7 @@ import av
 import av.filter
 import numpy as np
 
+MP3_CODEC = "libmp3lame"
 MP3_BITRATE = 64_000  # mono speech: transparent enough, 8 kB/s
 
 
@@ -144,7 +145,7 @@ class Mp3Encoder(Encoder):
 
     def __init__(self, rate_in: int, rate_out: int | None = None) -> None:
         super().__init__(rate_in, rate_out)
-        cc = av.CodecContext.create("libmp3lame", "w")
+        cc = av.CodecContext.create(MP3_CODEC, "w")
         cc.sample_rate = self.sample_rate
         cc.layout = "mono"
         cc.format = av.AudioFormat("fltp")
@@ -252,7 +253,7 @@ def _check_rate(fmt: str, rate: int, allowed: tuple[int, ...]) -> None:
 def make_encoder(fmt: str, rate_in: int, rate_out: int | None = None) -> Encoder:
     """Raises ValueError for a format or rate the codec cannot do (before any job exists)."""
     if fmt == "mp3":  # MPEG-1/2/2.5 rates
-        _check_rate(fmt, rate_out or rate_in, _codec_rates("libmp3lame"))
+        _check_rate(fmt, rate_out or rate_in, _codec_rates(MP3_CODEC))
     if fmt in MUXED:
         spec = MUXED[fmt]
         out = rate_out or (spec.rates[0] if spec.rates else rate_in)

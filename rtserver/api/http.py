@@ -287,7 +287,7 @@ async def inference_sft(
             fields[k] = v
     try:
         sft = msgspec.convert(
-            {k: fields[k] for k in ("tts_text", "spk_id") if k in fields}, SftForm
+            {k: fields[k] for k in SftForm.__struct_fields__ if k in fields}, SftForm
         )
     except msgspec.ValidationError as exc:
         raise ValidationException(str(exc), extra=[{"key": "form", "message": str(exc)}]) from exc
@@ -297,9 +297,10 @@ async def inference_sft(
 
 
 async def _text_part(name: str, part: UploadFile) -> str:
-    """A field sent as a file part: its bytes as UTF-8 text (the form's size bound applies)."""
+    """A field sent as a file part: its bytes as UTF-8 text (the form's size bound applies;
+    a byte-order mark, as Notepad writes, is not text)."""
     try:
-        return (await part.read()).decode("utf-8")
+        return (await part.read()).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValidationException(
             f"{name}: not UTF-8 text", extra=[{"key": name, "message": str(exc)}]
