@@ -289,7 +289,9 @@ async def _kill_one(cluster: ServerProcess) -> None:
         # ... the other replica's run to their end...
         for result in (http_ok, ws_ok):
             assert result[0] == "ok", result
-            assert_speech(decode_pcm(result[2]), 22050, min_seconds=60)
+            # Piper's pauses are drawn at random (0.2-0.3 s at most here; once 0.52 s in CI): a
+            # cut or blank piece would be longer
+            assert_speech(decode_pcm(result[2]), 22050, min_seconds=60, max_gap_s=1.0)
         # ... and new requests are served at once.
         for _ in range(4):
             t0 = time.monotonic()
