@@ -165,7 +165,8 @@ class CosyVoiceModel:
         then (when chunks are ready) ONE batched flow call and ONE HiFT call. ``slack(u)``:
         seconds of audio ``u``'s listener has left to play (None before its first audio), so
         a chunk about to be missed is vocoded now instead of waiting a few steps to share the
-        batch, and one far ahead of its listener waits while others have work.
+        batch, and a long whole utterance's hop far ahead of its listener waits while others
+        have work.
 
         Per-utterance problems (its speaker was deleted) end that utterance with an output
         whose ``error`` is set; an exception means the whole step failed."""
@@ -350,7 +351,9 @@ class CosyVoiceModel:
         (each costlier than the last, see Token2Wav.max_whole_tokens) also wait while others
         make tokens or have a chunk due, while their listener has over ``ahead_s`` (and two
         recent steps) of audio left: the steps they would ride are everyone's latency."""
-        left = {id(u): None if slack is None else slack(u) for u in active}
+        if not ready:
+            return ready
+        left = {id(u): None if slack is None else slack(u) for u in ready}
         busy = any(u.llm.ready for u in active if u not in ready)  # others still make tokens
         far = self.ahead_s + 2 * self._step_s
         held = [u for u in ready if u.t2w.in_hops and (s := left[id(u)]) is not None and s > far]

@@ -372,8 +372,8 @@ class Token2Wav:
                 self._drop_cache(j.state)
                 return
             # a snapshot of the refs: a state collected meanwhile (on any thread) is just None
-            live = [st for r in self._cached.data.copy().values() if (st := r()) is not None]
-            cached = [st for st in live if st.flow_cache is not None]
+            refs = self._cached.data.copy().values()
+            cached = [st for r in refs if (st := r()) is not None and st.flow_cache is not None]
             if sum(st.flow_cache.nbytes for st in cached) > self.cfg.flow_cache_mb * 2**20:
                 self._drop_cache(max(cached, key=lambda st: st.flow_cache.nbytes))
 
