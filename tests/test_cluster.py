@@ -151,13 +151,17 @@ def test_refused_only_when_every_replica_is_full(cluster):
     """Each replica takes MAX_STREAMS, MAX_QUEUE more wait at the proxy for whichever frees
     first; only past all of that comes a 503, with Retry-After."""
     room = 2 * MAX_STREAMS + MAX_QUEUE
-    text = " ".join([SENTENCE] * 2)  # long enough to keep its slot while the rest arrive
+    # The requests that take the replicas' slots speak long enough (48 s of audio; about 4 s
+    # of work alone on 2 cores) to keep them while the rest arrive, on a fast machine too: two
+    # sentences once finished inside the 0.7 s burst and let one more in. The queued ones are
+    # short, so the test stays quick.
+    hold, short = " ".join([SENTENCE] * 16), SENTENCE
 
     async def go() -> list[httpx.Response]:
         async def one(i: int) -> httpx.Response:
             # One after the other, all well before the first is done.
             await asyncio.sleep(0.025 * i)
-            return await speak(c, text)
+            return await speak(c, hold if i < 2 * MAX_STREAMS else short)
 
         async with httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as c:
             return await asyncio.gather(*(one(i) for i in range(room + 2)))
