@@ -45,7 +45,10 @@ def longest_silence_s(x: np.ndarray, rate: int, threshold: float = 1e-4) -> floa
     return float((ends - starts).max()) / rate
 
 
-def assert_speech(x: np.ndarray, rate: int, min_seconds: float, max_gap_s: float = 0.5) -> None:
+def assert_speech(x: np.ndarray, rate: int, min_seconds: float, max_gap_s: float = 1.0) -> None:
+    """At least `min_seconds` of audible audio with no silence as long as `max_gap_s`. Piper
+    draws its pauses at random (0.2-0.3 s here, once 0.52 s in CI); a blank or lost piece of
+    audio is a chunk long (1-3 s), so 1 s tells them apart."""
     duration = len(x) / rate
     assert duration >= min_seconds, f"only {duration:.2f}s of audio"
     assert rms(x) > 0.01, f"audio is (nearly) silent: rms={rms(x):.4f}"

@@ -9,11 +9,24 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], ok: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """Call `check` until `ok` holds for what it returns (or `timeout` passes): the last value.
+    For state the server reaches a moment after a client's action (a freed slot, memory
+    trimmed once idle), where a fixed sleep is too short on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := check()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
 
 
 def rss_mb(pid: int) -> float:

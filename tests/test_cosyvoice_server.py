@@ -56,13 +56,13 @@ def test_speakers_are_the_model_dirs(cv):
 @pytest.mark.parametrize("stream", [False, True])
 def test_pcm_and_mp3_stream_and_not(cv, stream):
     audio = decode_pcm(pcm(cv, stream=stream, seed=3))
-    assert_speech(audio, 24000, min_seconds=1.0, max_gap_s=1.0)
+    assert_speech(audio, 24000, min_seconds=1.0)
     r = httpx.post(f"{cv.base_url}/tts", json={"tts_text": TEXT, "spk_id": "zs_spk1",
                                               "stream": stream, "seed": 3}, timeout=120)  # fmt: skip
     assert r.status_code == 200
     mp3, rate = decode_mp3(r.content)
     assert rate == 24000
-    assert_speech(mp3, rate, min_seconds=1.0, max_gap_s=1.0)
+    assert_speech(mp3, rate, min_seconds=1.0)
 
 
 def test_same_seed_same_audio_and_stream_matches_length(cv):
@@ -78,7 +78,7 @@ def test_inference_sft_form_body(cv):
     r = httpx.request("GET", f"{cv.base_url}/inference_sft",
                       data={"tts_text": TEXT, "spk_id": "spk_m1"}, timeout=120)  # fmt: skip
     assert r.status_code == 200
-    assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0, max_gap_s=1.0)
+    assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0)
 
 
 def three_at_once(srv: ServerProcess) -> bytes:
@@ -130,8 +130,7 @@ def test_ws_speaks_and_cancel_frees_the_job(cv):
                 await ctx.send(ch)
             await ctx.close()
             done = await ctx.collect()
-            long = await conn.start(spk_id="spk_m1", text=LONG)
-            await long.close()
+            long = await conn.start(spk_id="spk_m1", text=LONG)  # open until the cancel
             async for item in long.events():
                 if isinstance(item, bytes):
                     break
@@ -141,7 +140,7 @@ def test_ws_speaks_and_cancel_frees_the_job(cv):
 
     before = cv.wait_idle()
     done, rest = asyncio.run(asyncio.wait_for(go(), 120))
-    assert_speech(decode_pcm(done.audio), 24000, min_seconds=1.0, max_gap_s=1.0)
+    assert_speech(decode_pcm(done.audio), 24000, min_seconds=1.0)
     assert done.done is not None and done.segments
     assert rest.cancelled and rest.done is None
     after = cv.wait_idle()
@@ -171,7 +170,7 @@ def test_ws_text_streaming_speaks_each_flushed_piece(cv):
     for result in (whole, cut):
         assert [s.text for s in result.segments] == [first, second]
         assert result.done is not None and any(type(e).__name__ == "Flushed" for e in result.events)
-        assert_speech(decode_pcm(result.audio), 24000, min_seconds=0.5, max_gap_s=1.0)
+        assert_speech(decode_pcm(result.audio), 24000, min_seconds=0.5)
     assert cut.audio == whole.audio
     after = cv.assert_idle()
     assert after["completed"] == before["completed"] + 2
@@ -193,7 +192,7 @@ def test_text_wetext_cannot_parse_is_spoken(cv):
     body = {"tts_text": "Hello there. Room №7 is here.", "spk_id": "spk_f1", "seed": 1}
     r = httpx.post(f"{cv.base_url}/tts/pcm", json=body, timeout=120)
     assert r.status_code == 200, r.text
-    assert_speech(decode_pcm(r.content), 24000, min_seconds=0.5, max_gap_s=1.0)
+    assert_speech(decode_pcm(r.content), 24000, min_seconds=0.5)
 
 
 def test_http_disconnect_frees_the_job(cv):
@@ -258,7 +257,7 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
         body = {"tts_text": TEXT, "spk_id": "my_voice", "seed": 1}
         r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
         assert r.status_code == 200
-        assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0, max_gap_s=1.0)
+        assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0)
         assert httpx.delete(f"{srv.base_url}/speakers/my_voice").status_code == 204
         assert httpx.delete(f"{srv.base_url}/speakers/spk_f1").status_code == 400  # built in
         assert httpx.post(f"{srv.base_url}/tts/pcm", json=body).status_code == 400
@@ -326,7 +325,7 @@ def test_other_families_serve_http_and_ws(tmp_path, family, rate):
         body = {"tts_text": TEXT, "spk_id": "spk_f1", "stream": True, "seed": 2}
         r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
         assert r.status_code == 200 and r.headers["x-sample-rate"] == str(rate)
-        assert_speech(decode_pcm(r.content), rate, min_seconds=0.3, max_gap_s=1.0)
+        assert_speech(decode_pcm(r.content), rate, min_seconds=0.3)
 
         async def ws():
             async with TTSClient(srv.base_url) as client, client.connect() as conn:
@@ -336,6 +335,6 @@ def test_other_families_serve_http_and_ws(tmp_path, family, rate):
 
         result, ws_rate = asyncio.run(asyncio.wait_for(ws(), 120))
         assert ws_rate == rate and result.done is not None
-        assert_speech(decode_pcm(result.audio), rate, min_seconds=0.3, max_gap_s=1.0)
+        assert_speech(decode_pcm(result.audio), rate, min_seconds=0.3)
     finally:
         srv.stop()

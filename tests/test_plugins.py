@@ -68,14 +68,6 @@ def check_word_times(spoken: list[tuple[str, float]], text: str, audio_s: float)
     assert starts[0] >= 0 and starts[-1] < audio_s, (starts, audio_s)
 
 
-def spoken_length(base_url: str, text: str) -> float:
-    """Seconds of audio the server gives for the whole of ``text`` (one PCM request)."""
-    body = {"tts_text": text, "spk_id": "joe", "stream": False}
-    r = httpx.post(f"{base_url}/tts/pcm", json=body, timeout=120)
-    r.raise_for_status()
-    return len(r.content) / 2 / int(r.headers["X-Sample-Rate"])
-
-
 # ---- Pipecat ------------------------------------------------------------------------------
 
 
@@ -137,13 +129,15 @@ def test_pipecat_speaks_an_llm_turn(server, mode):
 
 
 def test_pipecat_barge_in_cancels_on_the_server(server):
-    from pipecat.frames.frames import InterruptionFrame, TTSAudioRawFrame, TTSSpeakFrame
+    from pipecat.frames.frames import InterruptionFrame, TTSAudioRawFrame
     from pipecat.tests.utils import SleepFrame
 
-    whole_s = spoken_length(server.base_url, LONG)
     before = server.healthz()["cancelled"]
-    # The long turn takes far more than 3 s to speak; the interruption lands mid-turn.
-    frames = [TTSSpeakFrame(LONG), SleepFrame(sleep=3.0), InterruptionFrame(), SleepFrame(1.0)]
+    # The user interrupts while the LLM's reply still streams (no end of response yet), so the
+    # turn's context is open on the server however fast it speaks what it has: only the
+    # plugin's `cancel` (or the socket closing) ends it.
+    reply = llm_reply(LONG)[:-1]
+    frames = [*reply, SleepFrame(sleep=3.0), InterruptionFrame(), SleepFrame(1.0)]
 
     async def go() -> tuple[list, bool]:
         return await asyncio.gather(
@@ -156,10 +150,6 @@ def test_pipecat_barge_in_cancels_on_the_server(server):
     before_cut = [f for f in down[:cut] if isinstance(f, TTSAudioRawFrame)]
     assert before_cut, "no audio in the 3 s before the interruption"
     assert not any(isinstance(f, TTSAudioRawFrame) for f in down[cut:]), "audio after barge-in"
-    spoken_s = sum(len(f.audio) for f in before_cut) / 2 / RATE
-    # Cut short: less than the whole turn arrived (Piper outruns real time, so how much of it
-    # came in the 3 s depends on the machine, not on the plugin).
-    assert spoken_s < whole_s - 1.0, (spoken_s, whole_s)
     # The plugin sent `cancel`: the server dropped the job (not just Pipecat the audio).
     assert server.assert_idle()["cancelled"] == before + 1
 
@@ -239,8 +229,7 @@ def test_livekit_barge_in_cancels_on_the_server(server):
         tts = TTS(base_url=server.base_url, voice="joe", sample_rate=RATE)
         try:
             stream = tts.stream()
-            stream.push_text(LONG)
-            stream.end_input()
+            stream.push_text(LONG)  # no end_input: the agent's LLM is still talking
             heard = 0.0
             async for ev in stream:
                 heard += ev.frame.duration

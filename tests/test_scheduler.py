@@ -173,7 +173,10 @@ def test_unread_jobs_stop_being_scheduled():
         sched.start()
         try:
             job = make_job(sched, ["x"] * 100)
-            await asyncio.sleep(0.3)  # nobody reads
+            for _ in range(100):  # nobody reads: the backlog fills, then stays full
+                await asyncio.sleep(0.05)
+                if job.channel.backlog >= 3:
+                    break
             backlog, steps = job.channel.backlog, sched.counters.steps
             await asyncio.sleep(0.3)
             return backlog, steps, sched.counters.steps

@@ -266,9 +266,10 @@ def test_busy_server_and_closed_socket_are_shown(browser, make_server) -> None:
     srv = make_server("--max-streams", "1", "--max-queue", "0")
     first, second = Page(browser, srv.base_url), Page(browser, srv.base_url)
     try:
-        # The first tab takes the only synthesis slot (agent mode keeps it open for seconds)...
+        # The first tab takes the only synthesis slot (agent mode keeps it open while it types,
+        # about 9 s here: past the busy check and the screenshot on a slow machine too)...
         first.page.check("#agent")
-        first.page.fill("#text", LONG_TEXT)
+        first.page.fill("#text", LONG_TEXT + " " + LONG_TEXT)
         first.page.click("#speak")
         first.wait("rtDemo.samplesPlayed > 0", what="the first tab to play")
 
