@@ -241,8 +241,11 @@ async def open_on_each_replica(
     http: httpx.AsyncClient, client: TTSClient, stack: contextlib.AsyncExitStack
 ) -> dict[str, tuple[Coroutine[None, None, bytes], Coroutine[None, None, bytes]]]:
     """On each of the two replicas, one streaming HTTP request and one WebSocket context, with
-    audio flowing: {replica: (reading the rest of the request, of the context)}."""
-    request = {"tts_text": LONG_TEXT * 4, "spk_id": "joe"}
+    audio flowing: {replica: (reading the rest of the request, of the context)}. Nothing
+    slows a request behind Serve's proxy (it queues what the replica sends without bound), so
+    it speaks 4.5 minutes, to be still speaking at the kill on a fast machine too; a context
+    stays open until read_context closes it."""
+    request = {"tts_text": LONG_TEXT * 12, "spk_id": "joe"}
     responses: dict[str, httpx.Response] = {}
     while len(responses) < 2:
         # A second one on the same replica is closed at once: it would hold one of its slots.
@@ -261,7 +264,7 @@ async def open_on_each_replica(
             await connecting.__aexit__(None, None, None)
         else:
             stack.push_async_exit(connecting)
-            contexts[replica] = await conn.start(spk_id="joe", text=request["tts_text"])
+            contexts[replica] = await conn.start(spk_id="joe", text=LONG_TEXT * 4)
     opened = {}
     for replica, r in responses.items():
         body = r.aiter_raw()
