@@ -22,7 +22,7 @@ from rtserver import __version__
 from rtserver.api import openai
 from rtserver.api.access import AccessControl, cors_config
 from rtserver.api.errors import EXCEPTION_HANDLERS
-from rtserver.api.http import ROUTES
+from rtserver.api.http import ROUTES, FormRequest
 from rtserver.api.ws import ws_tts
 from rtserver.engine import Engine
 from rtserver.engines import load_engine
@@ -135,5 +135,6 @@ def create_app(
             render_plugins=[_swagger_ui()],
         ),
         request_max_body_size=1024 * 1024,
+        request_class=FormRequest,
         state=State({"settings": settings}),
     )

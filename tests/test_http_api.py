@@ -194,6 +194,39 @@ def test_inference_sft_takes_the_text_as_a_file_part(server):
     assert "utf-8" in error(httpx.post(url, files=bad, timeout=30), 422)["detail"].lower()
 
 
+def multipart(*parts: tuple[str, str, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body of plain (not file) parts: (name, part content type, bytes)."""
+    body = b"".join(
+        b'--XyZ\r\nContent-Disposition: form-data; name="%s"\r\nContent-Type: %s\r\n\r\n%s\r\n'
+        % (name.encode(), kind.encode(), value)
+        for name, kind, value in parts
+    )
+    return body + b"--XyZ--\r\n", {"content-type": "multipart/form-data; boundary=XyZ"}
+
+
+@pytest.mark.parametrize(
+    "kind, value",
+    [
+        ("text/plain", b"\xff\xfe\x80abc"),  # not UTF-8
+        ("text/plain; charset=bogus", b"Hello there."),  # a charset Python does not know
+        ("text/plain; charset=utf-16", b"abc"),  # an odd byte count in UTF-16
+    ],
+)
+def test_form_fields_that_are_not_text_get_422(server, kind, value):
+    """A plain form part's bytes are decoded in its charset: bytes that are not text in it are
+    the client's error, on every route that reads a form (they were a 500)."""
+    for path, name in (("/inference_sft", "tts_text"), ("/speakers", "spk_id")):
+        body, headers = multipart((name, kind, value), ("prompt_text", "text/plain", b"Hi."))
+        r = httpx.post(f"{server.base_url}{path}", content=body, headers=headers, timeout=30)
+        assert "is not text in its charset" in error(r, 422)["detail"], path
+    body, headers = multipart(
+        ("tts_text", "text/plain", b"Hello there."), ("spk_id", "text/plain", b"joe")
+    )
+    r = httpx.post(f"{server.base_url}/inference_sft", content=body, headers=headers, timeout=60)
+    assert r.status_code == 200 and len(r.content) > 22050, r.text  # the same form, as text
+    server.assert_idle()
+
+
 def test_text_over_limit_is_413(server):
     body = error(post(server, "/tts/pcm", tts_text="word " * 500, spk_id="joe"), 413)
     assert "2000" in body["detail"]

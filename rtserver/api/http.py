@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 from litestar import Request, delete, get, post, route
 from litestar.connection import ASGIConnection
-from litestar.datastructures import UploadFile
+from litestar.datastructures import FormMultiDict, UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
@@ -296,6 +296,21 @@ async def inference_sft(
     return Stream(body, headers=_pcm_headers(rate))
 
 
+class FormRequest(Request):
+    """Litestar's request, with a form field that is not text in its part's charset (or names
+    a charset Python does not know) refused as bad input: Litestar's parser lets the decoding
+    error out, a 500 for any client that sends it (/inference_sft, POST /speakers)."""
+
+    async def form(self) -> FormMultiDict:
+        try:
+            return await super().form()
+        except (UnicodeError, LookupError) as exc:
+            if isinstance(exc, KeyError | IndexError):  # a LookupError, but a bug: not input
+                raise
+            message = f"a field is not text in its charset ({exc})"
+            raise ValidationException(message, extra=[{"key": "form", "message": message}]) from exc
+
+
 async def _text_part(name: str, part: UploadFile) -> str:
     """A field sent as a file part: its bytes as UTF-8 text (the form's size bound applies;
     a byte-order mark, as Notepad writes, is not text)."""
@@ -310,6 +325,12 @@ async def _text_part(name: str, part: UploadFile) -> str:
 @get("/speakers", summary="Speakers this server can use")
 async def speakers(service: TTSService) -> list[SpeakerInfo]:
     return [_info(s) for s in service.speakers()]
+
+
+async def _read_form(request: Request) -> None:
+    """Parse the form through FormRequest before Litestar's multipart extractor, which parses
+    it on its own (letting a decoding error out) unless the request already holds it."""
+    await request.form()
 
 
 class RegisteredSpeaker(msgspec.Struct):
@@ -329,6 +350,7 @@ class RegisteredSpeaker(msgspec.Struct):
     responses=ERROR_DOCS,
     status_code=201,
     request_max_body_size=MAX_UPLOAD_BYTES,
+    before_request=_read_form,
 )
 async def register_speaker(
     data: Annotated[RegisteredSpeaker, Body(media_type=RequestEncodingType.MULTI_PART)],
