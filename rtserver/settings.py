@@ -76,8 +76,8 @@ class Settings(msgspec.Struct, kw_only=True):
     ] = 1000
     max_client_connections: Annotated[
         Count,
-        _doc("HTTP connections open at once per client address (0: no limit; a proxy trusted "
-             "for X-Forwarded-For is exempt)"),
+        _doc("connections (HTTP and WebSocket) open at once per client address (0: no limit; "
+             "a proxy trusted for X-Forwarded-For is exempt)"),
     ] = 32  # fmt: skip
     request_timeout_s: Annotated[
         Seconds, _doc("a request's headers and body must arrive within this")

@@ -5,6 +5,7 @@ hold. Each is bounded by the server itself, and ordinary clients never notice th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -178,6 +179,26 @@ def test_connections_per_client_address_are_capped(guarded):
     finally:
         for s in held:
             s.close()
+
+
+def test_websockets_count_against_the_per_address_cap(guarded):
+    """An upgraded connection keeps its place in its address's count until it closes: one
+    address parking sockets (a refused one waits seconds for its close handshake) once held
+    connections beyond its cap, up to the whole server's."""
+
+    async def go() -> int | None:
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(3):  # --max-client-connections 3
+                url = f"{guarded.ws_url}/ws/tts"
+                ws = await stack.enter_async_context(
+                    websockets.connect(url, local_addr=(STRANGER, 0))
+                )
+                await ws.recv()  # ready
+            return await asyncio.to_thread(health_status, guarded, STRANGER)
+
+    assert asyncio.run(asyncio.wait_for(go(), 30)) == 429
+    # Closed, they give their places back.
+    assert eventually(lambda: health_status(guarded, STRANGER), lambda c: c == 200) == 200
 
 
 def test_connections_beyond_the_server_limit_get_503(guarded):

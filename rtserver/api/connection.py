@@ -9,9 +9,9 @@ classes made here are uvicorn's own (httptools for HTTP/1.1, websockets' sans-I/
 WebSockets) with these bounds:
 
 - at most `max_connections` connections (HTTP and WebSocket) at once, and
-  `max_client_connections` HTTP connections per client address (a trusted proxy, whose
-  clients are told apart by X-Forwarded-For, is exempt); beyond them a new connection gets
-  503 or 429 and is closed before it can send anything;
+  `max_client_connections` per client address, a WebSocket counted until its socket closes
+  (a trusted proxy, whose clients are told apart by X-Forwarded-For, is exempt); beyond them
+  a new connection gets 503 or 429 and is closed before it can send anything;
 - a request's header block (request line included) is at most `max_header_bytes`: 431;
 - at most `MAX_PIPELINED` requests wait behind the one being answered on a connection;
 - a connection must deliver a request's headers and body within `request_timeout_s` of its
@@ -192,7 +192,14 @@ def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's WebSocket protocol with the write watch (pass it as uvicorn.Config(ws=...))."""
 
     class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
-        pass
+        # The per-client connection count, handed over by the HTTP protocol at the upgrade:
+        # given back only when the socket closes, so one address cannot park sockets (a
+        # refused one waits for its close handshake) beyond its share of max_connections.
+        release: Callable[[], None] = staticmethod(_nothing)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.release()
+            super().connection_lost(exc)
 
     GuardedWebSocket.limits = limits
     return GuardedWebSocket
@@ -239,10 +246,13 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             super()._start_asgi_task(cycle, app)
 
         def handle_websocket_upgrade(self) -> None:
-            # The WebSocket protocol takes the socket over, with its own watch.
-            self._let_go()
+            # The WebSocket protocol takes the socket over, with its own watch and this
+            # connection's per-client count.
+            self._cancel_deadline()
             self._unwatch()
             super().handle_websocket_upgrade()
+            if (ws := self.transport.get_protocol()) is not self:
+                ws.release, self._release = self._release, _nothing
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
