@@ -63,11 +63,30 @@ def status_of(reply: bytes) -> int | None:
     return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
 
 
-def test_a_header_block_over_the_cap_in_one_piece_gets_431(guarded):
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"X-Pad: " + b"a" * 40_000 + b"\r\n",  # one long value
+        b"A:\r\n" * 9_000,  # 36 KB of lines whose names and values are 9 KB
+        b"Ab: c\r\n" * 5_000,  # 35 KB: the separators count too
+    ],
+)
+def test_a_header_block_over_the_cap_in_one_piece_gets_431(guarded, headers):
     s = dial(guarded)
-    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
     reply = answer(s)
     assert status_of(reply) == 431, reply[:200]
+
+
+def test_a_header_block_just_under_the_cap_is_served(guarded):
+    s = dial(guarded)
+    s.sendall(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + b"Ab: c\r\n" * 4_000
+        + b"\r\n"
+    )
+    reply = answer(s)
+    assert status_of(reply) == 200, reply[:200]
 
 
 def test_a_pipelining_flood_is_cut_and_a_short_pipeline_is_served(guarded):

@@ -268,7 +268,9 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             self._arm_deadline()
 
         def on_headers_complete(self) -> None:
-            size = len(self.url) + sum(len(k) + len(v) for k, v in self.headers)
+            # As sent: the request line (method and version about 16 bytes), and each header
+            # line's separator and CRLF (an empty header line is 4 bytes of block, not 0).
+            size = 16 + len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
             if size > limits.max_header_bytes:
                 self._stop(*self._head_too_large())
             self._in_head, self._head_bytes = False, 0
