@@ -78,6 +78,31 @@ def test_a_header_block_over_the_cap_in_one_piece_gets_431(guarded, headers):
     assert status_of(reply) == 431, reply[:200]
 
 
+def test_trailers_count_toward_the_header_cap(guarded):
+    """A chunked body's trailers join the request's headers: 40 KB of them get 431 too."""
+    s = dial(guarded)
+    head = b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body = b'{"tts_text": "Hi.", "spk_id": "joe"}'
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n" % (len(body), body)
+    s.sendall(head + chunked + b"a: b\r\n" * 6_000 + b"\r\n")
+    reply = answer(s)
+    assert status_of(reply) == 431, reply[:200]
+
+
+def test_a_websocket_handshake_websockets_cannot_parse_is_answered_and_closed(guarded):
+    """A header line over websockets' 8 KiB (well under the server's 32 KiB cap): answered
+    431 and closed at once (the socket used to stay open, unanswered, for good)."""
+    s = dial(guarded)
+    s.settimeout(10)
+    s.sendall(
+        b"GET /ws/tts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Cookie: " + b"c" * 9_000 + b"\r\n\r\n"
+    )
+    reply = answer(s)
+    assert status_of(reply) == 431, reply[:200]
+
+
 def test_a_header_block_just_under_the_cap_is_served(guarded):
     s = dial(guarded)
     s.sendall(

@@ -60,7 +60,7 @@ def test_the_quickstart_server_needs_only_declared_dependencies(tmp_path):
     guard = {"PYTHONPATH": str(ROOT / "tests" / "import_guard"), "RTSERVER_ALLOWED_DISTS": allowed}
     srv = ServerProcess(env=guard, log_path=tmp_path / "server.log")
     try:
-        srv.wait_ready(timeout=120)
+        srv.wait_ready()
         body = {"tts_text": "Installed from the lock file.", "spk_id": "joe"}
         r = httpx.post(f"{srv.base_url}/tts", json=body, timeout=60)
         assert r.status_code == 200, r.text

@@ -201,6 +201,15 @@ def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             self.release()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # A handshake websockets cannot parse (a header line over 8 KiB, over 128 headers,
+            # a body) gets a 4xx it only queues: uvicorn, waiting for a request that never
+            # comes, neither sends it nor closes, and the socket stays open for good.
+            if not self.handshake_initiated and self.conn.handshake_exc is not None:
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.transport.close()
+
     GuardedWebSocket.limits = limits
     return GuardedWebSocket
 
@@ -251,8 +260,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             self._cancel_deadline()
             self._unwatch()
             super().handle_websocket_upgrade()
-            if (ws := self.transport.get_protocol()) is not self:
-                ws.release, self._release = self._release, _nothing
+            if isinstance(ws := self.transport.get_protocol(), _WriteWatch) and ws is not self:
+                ws.release, self._release = self._release, _nothing  # type: ignore[attr-defined]
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
@@ -266,13 +275,25 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._arm_deadline()
+            self._header_size = 16  # the request line's method and version, about
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            self._count_header(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            # Counted as each arrives, so a chunked body's trailers, which the parser adds to
+            # the request's headers after on_headers_complete, are bounded with the rest.
+            super().on_header(name, value)
+            self._count_header(name, value, b": \r\n")
+
+        def _count_header(self, *parts: bytes) -> None:
+            """Add to the block as sent (an empty header line is 4 bytes of it, not 0)."""
+            self._header_size += sum(map(len, parts))
+            if self._header_size > limits.max_header_bytes:
+                self._stop(*self._head_too_large())
 
         def on_headers_complete(self) -> None:
-            # As sent: the request line (method and version about 16 bytes), and each header
-            # line's separator and CRLF (an empty header line is 4 bytes of block, not 0).
-            size = 16 + len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
-            if size > limits.max_header_bytes:
-                self._stop(*self._head_too_large())
             self._in_head, self._head_bytes = False, 0
             super().on_headers_complete()
             if len(self.pipeline) > MAX_PIPELINED:  # no answer: responses are under way
