@@ -4,8 +4,10 @@ and the quickstart's server runs on the dependencies the project declares."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tomllib
 import zipfile
 
@@ -68,3 +70,24 @@ def test_the_quickstart_server_needs_only_declared_dependencies(tmp_path):
         assert "ModuleNotFoundError" not in srv.log()
     finally:
         srv.stop()
+
+
+def test_every_module_imports_on_the_declared_dependencies():
+    """Each module of the server and the model package imports under the same guard, those
+    of routes and engines the quickstart test does not reach too; only rtserver.cluster needs
+    the cluster extra."""
+    code = (
+        "import importlib, pkgutil, cosyvoice, rtserver\n"
+        "for pkg in (rtserver, cosyvoice):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        if m.name != 'rtserver.cluster' and not m.name.endswith('__main__'):\n"
+        "            importlib.import_module(m.name)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "tests" / "import_guard"),
+        "RTSERVER_ALLOWED_DISTS": json.dumps(sorted(locked_closure(["voice"]))),
+    }
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -12,7 +12,8 @@ WebSockets) with these bounds:
   `max_client_connections` per client address, a WebSocket counted until its socket closes
   (a trusted proxy, whose clients are told apart by X-Forwarded-For, is exempt); beyond them
   a new connection gets 503 or 429 and is closed before it can send anything;
-- a request's header block (request line included) is at most `max_header_bytes`: 431;
+- a request's header block (request line and a chunked body's trailers included) is at most
+  `max_header_bytes`: 431;
 - at most `MAX_PIPELINED` requests wait behind the one being answered on a connection;
 - a connection must deliver a request's headers and body within `request_timeout_s` of its
   first byte (or of connecting, for the first request): 408 and closed;
