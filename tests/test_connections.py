@@ -103,6 +103,26 @@ def test_a_websocket_handshake_websockets_cannot_parse_is_answered_and_closed(gu
     assert status_of(reply) == 431, reply[:200]
 
 
+def test_an_upgrade_pipelined_behind_a_stream_drops_the_connection(guarded):
+    """A WebSocket upgrade sent behind a long request on one socket: the socket cannot be
+    both. It was handed over (101) and the request's stream, orphaned, went on unwatched (an
+    attack round held every slot for minutes with such sockets, already closed). Now the
+    connection is dropped, and the stream ends with it."""
+    body = json.dumps({"tts_text": LONG_TEXT * 40, "spk_id": "joe"}).encode()  # ~1 min of work
+    s = dial(guarded, STRANGER)
+    s.sendall(
+        b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+        + b"GET /ws/tts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    reply = answer(s)
+    assert b"101 Switching Protocols" not in reply, reply[:200]
+    guarded.wait_log("WebSocket upgrade behind a response; aborted", timeout=10)
+    guarded.assert_idle(timeout=10)
+
+
 def test_a_header_block_just_under_the_cap_is_served(guarded):
     s = dial(guarded)
     s.sendall(

@@ -204,9 +204,9 @@ def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            # A handshake websockets cannot parse (a header line over 8 KiB, over 128 headers,
-            # a body) gets a 4xx it only queues: uvicorn, waiting for a request that never
-            # comes, neither sends it nor closes, and the socket stays open for good.
+            # A handshake websockets cannot parse gets a 4xx (a header line over 8 KiB, over
+            # 128 headers) or an end of stream (a body) it only queues: uvicorn, waiting for a
+            # request that never comes, neither sent it nor closed, so the socket stayed open.
             if not self.handshake_initiated and self.conn.handshake_exc is not None:
                 self.transport.write(b"".join(self.conn.data_to_send()))
                 self.transport.close()
@@ -256,6 +256,14 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             super()._start_asgi_task(cycle, app)
 
         def handle_websocket_upgrade(self) -> None:
+            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+                # Pipelined behind a response under way (no browser does this): handed over,
+                # the socket would orphan that response, whose stream went on unwatched and
+                # held its slot for minutes after the client left. Dropped, it ends with it.
+                log.warning("%s: WebSocket upgrade behind a response; aborted", self._host)
+                self._let_go()
+                _abort(self.transport)
+                return
             # The WebSocket protocol takes the socket over, with its own watch and this
             # connection's per-client count.
             self._cancel_deadline()
