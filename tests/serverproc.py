@@ -29,6 +29,14 @@ def eventually(check: Callable[[], T], ok: Callable[[T], bool], timeout: float =
     return value
 
 
+def _held(health: dict) -> bool:
+    """Whether a /healthz snapshot shows anything held: a job active or queued, a session or
+    socket, engine memory."""
+    held = [health[k] for k in ("active", "queued", "streams_open", "sockets_open")]
+    held += [v for k, v in health.items() if k.startswith("held_")]
+    return any(held)
+
+
 def rss_mb(pid: int) -> float:
     """A process's resident memory, MB (Linux /proc)."""
     with open(f"/proc/{pid}/status") as f:
@@ -114,25 +122,14 @@ class ServerProcess:
 
     def wait_idle(self, timeout: float = 10.0) -> dict:
         """Poll /healthz until no job is active or queued; returns the last snapshot."""
-        deadline = time.monotonic() + timeout
-        while True:
-            h = self.healthz()
-            if (h["active"] == 0 and h["queued"] == 0) or time.monotonic() > deadline:
-                return h
-            time.sleep(0.05)
+        return eventually(self.healthz, lambda h: h["active"] == h["queued"] == 0, timeout)
 
     def assert_idle(self, timeout: float = 15.0) -> dict:
         """Wait until nothing is held (no job active or queued, no session or socket left
         unreleased) and return the snapshot; fail if something stays held."""
-        deadline = time.monotonic() + timeout
-        while True:
-            h = self.healthz()
-            held = (h["active"], h["queued"], h["streams_open"], h["sockets_open"])
-            held += tuple(v for k, v in h.items() if k.startswith("held_"))  # engine memory
-            if not any(held):
-                return h
-            assert time.monotonic() < deadline, f"still held after {timeout}s: {h}"
-            time.sleep(0.05)
+        h = eventually(self.healthz, lambda h: not _held(h), timeout)
+        assert not _held(h), f"still held after {timeout}s: {h}"
+        return h
 
     def log(self) -> str:
         self._log.flush()

@@ -49,6 +49,13 @@ def answer(s: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+# A WebSocket upgrade's head, without the blank line that ends it.
+UPGRADE = (
+    b"GET /ws/tts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
 def health_status(srv: ServerProcess, source: str = "127.0.0.1") -> int | None:
     """GET /healthz on a new connection from `source`: the status it gets."""
     s = dial(srv, source)
@@ -94,11 +101,7 @@ def test_a_websocket_handshake_websockets_cannot_parse_is_answered_and_closed(gu
     431 and closed at once (the socket used to stay open, unanswered, for good)."""
     s = dial(guarded)
     s.settimeout(10)
-    s.sendall(
-        b"GET /ws/tts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        b"Cookie: " + b"c" * 9_000 + b"\r\n\r\n"
-    )
+    s.sendall(UPGRADE + b"Cookie: " + b"c" * 9_000 + b"\r\n\r\n")
     reply = answer(s)
     assert status_of(reply) == 431, reply[:200]
 
@@ -112,10 +115,7 @@ def test_an_upgrade_pipelined_behind_a_stream_drops_the_connection(guarded):
     s = dial(guarded, STRANGER)
     s.sendall(
         b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s"
-        % (len(body), body)
-        + b"GET /ws/tts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body) + UPGRADE + b"\r\n"
     )
     reply = answer(s)
     assert b"101 Switching Protocols" not in reply, reply[:200]

@@ -52,15 +52,22 @@ def locked_closure(extras: list[str]) -> set[str]:
     return {"rtserver", *(name for name, _ in seen)}
 
 
+def guarded_env() -> dict[str, str]:
+    """Environment for a Python that refuses modules outside the dependencies and the voice
+    extra (tests/import_guard/sitecustomize.py)."""
+    return {
+        "PYTHONPATH": str(ROOT / "tests" / "import_guard"),
+        "RTSERVER_ALLOWED_DISTS": json.dumps(sorted(locked_closure(["voice"]))),
+    }
+
+
 def test_the_quickstart_server_needs_only_declared_dependencies(tmp_path):
     """`uv run --extra voice rtserver serve` on a fresh machine installs the project's
     dependencies, the voice extra and the dev group; the test environment has the cluster
     extra too, which once hid a module the server imports (httptools, pulled in only by Ray).
     The server runs here with every module outside the dependencies and the voice extra
     refused on import, and speaks."""
-    allowed = json.dumps(sorted(locked_closure(["voice"])))
-    guard = {"PYTHONPATH": str(ROOT / "tests" / "import_guard"), "RTSERVER_ALLOWED_DISTS": allowed}
-    srv = ServerProcess(env=guard, log_path=tmp_path / "server.log")
+    srv = ServerProcess(env=guarded_env(), log_path=tmp_path / "server.log")
     try:
         srv.wait_ready()
         body = {"tts_text": "Installed from the lock file.", "spk_id": "joe"}
@@ -83,11 +90,7 @@ def test_every_module_imports_on_the_declared_dependencies():
         "        if m.name != 'rtserver.cluster' and not m.name.endswith('__main__'):\n"
         "            importlib.import_module(m.name)\n"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT / "tests" / "import_guard"),
-        "RTSERVER_ALLOWED_DISTS": json.dumps(sorted(locked_closure(["voice"]))),
-    }
+    env = {**os.environ, **guarded_env()}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -261,8 +261,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                 # the socket would orphan that response, whose stream went on unwatched and
                 # held its slot for minutes after the client left. Dropped, it ends with it.
                 log.warning("%s: WebSocket upgrade behind a response; aborted", self._host)
-                self._let_go()
-                _abort(self.transport)
+                self._drop()
                 return
             # The WebSocket protocol takes the socket over, with its own watch and this
             # connection's per-client count.
@@ -326,8 +325,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             elif refused is None:
                 self.transport.close()  # a malformed request behind one being answered
             elif refused[0] is None:
-                self._let_go()
-                _abort(self.transport)
+                self._drop()
             else:
                 self._refuse(*refused)
 
@@ -370,6 +368,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                 self.transport.write(_response(status, text))
             self._let_go()
             self.transport.close()  # the write watch aborts it if the client never reads
+
+        def _drop(self) -> None:
+            """Reset the connection now, with no answer, and give back its count."""
+            self._let_go()
+            _abort(self.transport)
 
         def _let_go(self) -> None:
             """Stop the request deadline and give back the per-client count (idempotent)."""
