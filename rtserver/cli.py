@@ -83,6 +83,7 @@ def serve(args: argparse.Namespace) -> None:
     from rtserver.api.connection import guarded_protocol, guarded_websocket
     from rtserver.api.http import abort_quietly
     from rtserver.app import create_app
+    from rtserver.engines import check_engine
     from rtserver.logs import log_config
     from rtserver.memory import cap_arenas
 
@@ -98,6 +99,10 @@ def serve(args: argparse.Namespace) -> None:
     if settings.on_ray:
         serve_on_ray(settings)
         return
+    try:
+        check_engine(settings)
+    except SettingsError as exc:
+        sys.exit(f"rtserver: {exc}")
     app = create_app(settings)
     config = uvicorn.Config(
         abort_quietly(app),

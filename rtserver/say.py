@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+from websockets.exceptions import InvalidStatus
 
 from rtserver.client import ServerError, TTSClient
 from rtserver.settings import DEFAULT_PORT, Settings
@@ -19,7 +20,11 @@ def add_say_args(p: argparse.ArgumentParser, env: Settings) -> None:
     p.add_argument("text", help="what to say ('-' reads stdin)")
     p.add_argument("--spk", default="joe", help="speaker id (see GET /speakers)")
     p.add_argument("-o", "--output", type=Path, help="write here (.mp3 or .pcm); default: say.mp3")
-    p.add_argument("--url", default=f"http://{env.host}:{env.port or DEFAULT_PORT}")
+    url = f"http://{env.host}:{env.port or DEFAULT_PORT}"
+    p.add_argument("--url", default=url, help=f"the server (default: {url})")
+    p.add_argument("--api-key", default=(env.api_key or [None])[0],
+                   help="a key of a server started with --api-key (default: the first of "
+                        "RTSERVER_API_KEY)")  # fmt: skip
     p.add_argument("--format", choices=["mp3", "pcm"], help="default: from the output suffix")
     p.add_argument("--ws", action="store_true", help="use /ws/tts, sending the text word by word")
     p.add_argument("--play", action="store_true", help="play with ffplay/mpv when one exists")
@@ -33,36 +38,19 @@ async def say(args: argparse.Namespace) -> int:
     out: Path = args.output or Path("say.mp3")
     fmt = args.format or ("pcm" if out.suffix == ".pcm" else "mp3")
     t0 = time.monotonic()
-    first: float | None = None
-    audio = b""
-    async with TTSClient(args.url) as client:
-        try:
-            if args.ws:
-                async with client.connect() as conn:
-                    ctx = await conn.start(
-                        spk_id=args.spk, format=fmt, speed=args.speed, seed=args.seed
-                    )
-                    for word in text.split(" "):
-                        await ctx.send(word + " ")
-                    await ctx.close()
-                    async for item in ctx.events():
-                        if isinstance(item, bytes):
-                            first = first or time.monotonic()
-                            audio += item
-                    rate = ctx.sample_rate
-            else:
-                rate = 0
-                async for piece in client.tts(
-                    text, args.spk, fmt, args.stream, args.speed, args.seed
-                ):
-                    first = first or time.monotonic()
-                    audio += piece
-        except ServerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except httpx.HTTPStatusError as exc:
-            print(f"error: {exc.response.status_code} {exc.response.text}", file=sys.stderr)
-            return 1
+    try:
+        async with TTSClient(args.url, api_key=args.api_key) as client:
+            audio, rate, first = await _speak(client, args, text, fmt)
+    except ServerError as exc:
+        return _error(str(exc))
+    except httpx.HTTPStatusError as exc:
+        return _error(f"{exc.response.status_code} {exc.response.text}")
+    except InvalidStatus as exc:  # the WebSocket upgrade refused (a key missing, say)
+        return _error(
+            f"{exc.response.status_code} {(exc.response.body or b'').decode(errors='replace')}"
+        )
+    except (httpx.TransportError, OSError) as exc:
+        return _error(f"cannot reach {args.url}: {exc or type(exc).__name__}")
     out.write_bytes(audio)
     ttfa = (first - t0) * 1000 if first else float("nan")
     print(f"wrote {out} ({len(audio)} bytes, {fmt}{f', {rate} Hz' if rate else ''}); "
@@ -80,3 +68,31 @@ async def say(args: argparse.Namespace) -> int:
         )
         subprocess.run(cmd, check=False)
     return 0
+
+
+async def _speak(
+    client: TTSClient, args: argparse.Namespace, text: str, fmt: str
+) -> tuple[bytes, int, float | None]:
+    """The audio, its sample rate (0: not told) and when its first piece came."""
+    first: float | None = None
+    audio = b""
+    if not args.ws:
+        async for piece in client.tts(text, args.spk, fmt, args.stream, args.speed, args.seed):
+            first = first or time.monotonic()
+            audio += piece
+        return audio, 0, first
+    async with client.connect() as conn:
+        ctx = await conn.start(spk_id=args.spk, format=fmt, speed=args.speed, seed=args.seed)
+        for word in text.split(" "):
+            await ctx.send(word + " ")
+        await ctx.close()
+        async for item in ctx.events():
+            if isinstance(item, bytes):
+                first = first or time.monotonic()
+                audio += item
+        return audio, ctx.sample_rate, first
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1

@@ -55,12 +55,11 @@ MAX_REGISTERING = 2  # registrations at once (each runs ONNX feature extraction 
 
 
 class UnknownSpeaker(LookupError):
-    def __init__(self, spk_id: str, valid: list[str]) -> None:
+    def __init__(self, spk_id: str, valid: list[str], field: str = "spk_id") -> None:
         # the id is the client's; echo a bounded prefix (a 500 KB id made a 500 KB error)
         shown = spk_id if len(spk_id) <= 64 else spk_id[:64] + "..."
-        super().__init__(f"unknown spk_id {shown!r}; valid speakers: {', '.join(valid)}")
-        self.spk_id = spk_id
-        self.valid = valid
+        super().__init__(f"unknown {field} {shown!r}; valid speakers: {', '.join(valid)}")
+        self.spk_id, self.valid, self.field = spk_id, valid, field
 
 
 class UnsupportedFormat(ValueError):
@@ -228,7 +227,7 @@ class TTSService:
         except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
             # Another replica sharing the speaker dir may have taken the name meanwhile.
             taken = any(s.id == spk_id for s in self.engine.speakers())
-            raise SpeakerRegistrationError(str(exc).strip("'\""), 409 if taken else 400) from exc
+            raise SpeakerRegistrationError(_message(exc), 409 if taken else 400) from exc
         finally:
             self._registering.discard(spk_id)
 
@@ -242,7 +241,7 @@ class TTSService:
         try:
             await in_own_thread(lambda: delete(spk_id))
         except KeyError as exc:  # a built-in speaker
-            raise SpeakerRegistrationError(str(exc).strip("'\""), 400) from exc
+            raise SpeakerRegistrationError(_message(exc), 400) from exc
 
     # ---- synthesis ------------------------------------------------------------------------
 
@@ -311,3 +310,8 @@ class TTSService:
             raise
         wake = self.scheduler.wake
         return Session(job, encoder, segmenter, self.settings.max_text_chars, wake, release)
+
+
+def _message(exc: Exception) -> str:
+    """An error's text: a KeyError's str() is the repr of its message, quotes and all."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)

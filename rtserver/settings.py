@@ -201,8 +201,8 @@ class Settings(msgspec.Struct, kw_only=True):
         raw: dict[str, Any] = {}
         for name in cls.__struct_fields__:
             value = env.get(f"{ENV_PREFIX}{name.upper()}")
-            if value is not None:  # lists: comma-separated
-                raw[name] = value.split(",") if name in LIST_SETTINGS else value
+            if value is not None:  # lists: comma-separated, and empty when the variable is
+                raw[name] = [v for v in value.split(",") if v] if name in LIST_SETTINGS else value
         return load(raw, source="environment")
 
     def replace(self, **changes: Any) -> Settings:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 import websockets
-from audio_check import assert_speech, decode_pcm
+from audio_check import assert_speech, decode_mp3, decode_pcm
 from serverproc import ServerProcess
 
 KEY, ADMIN = "user-key-0123456789", "admin-key-0123456789"
@@ -40,8 +44,30 @@ def test_http_without_the_key_is_401(locked, headers):
     ]:
         r = httpx.request(method, f"{locked.base_url}{path}", headers=headers, **kw)
         assert r.status_code == 401, (path, r.status_code)
-        assert r.json()["status_code"] == 401 and "key" in r.json()["detail"]
+        if path.startswith("/v1/"):  # OpenAI's shape, as its SDKs read it
+            err = r.json()["error"]
+            assert err["code"] == "invalid_api_key" and "key" in err["message"]
+        else:
+            assert r.json()["status_code"] == 401 and "key" in r.json()["detail"]
         assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_the_openai_sdk_shows_why_its_key_was_refused(locked):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{locked.base_url}/v1", api_key="wrong-0123456789",
+                           max_retries=0)  # fmt: skip
+    with pytest.raises(openai.AuthenticationError, match="not valid"):
+        client.audio.speech.create(model="tts-1", voice="joe", input="Hello.")
+    client = openai.OpenAI(base_url=f"{locked.base_url}/v1", api_key=KEY, max_retries=0)
+    audio = client.audio.speech.create(model="tts-1", voice="joe", input="Hello there.")
+    assert_speech(*decode_mp3(audio.content), min_seconds=0.3)
+
+
+def test_a_wrong_key_is_told_apart_from_none(locked):
+    for headers, says in [({}, "is required"), (bearer("wrong-key-0123456789"), "not valid")]:
+        r = httpx.get(f"{locked.base_url}/speakers", headers=headers)
+        assert r.status_code == 401 and says in r.json()["detail"]
 
 
 def test_http_with_the_key_works_and_probes_stay_open(locked):
@@ -59,6 +85,25 @@ def test_speakers_need_the_admin_key(locked):
     assert httpx.delete(url, headers=bearer(KEY)).status_code == 403
     # Past access control: the built-in voice has no registered speakers to delete.
     assert httpx.delete(url, headers=bearer(ADMIN)).status_code == 400
+
+
+def say(srv: ServerProcess, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rtserver", "say", "Spoken with a key.", "--url", srv.base_url,
+         "-o", str(out), *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "RTSERVER_API_KEY": ""},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("route", [(), ("--ws",)])
+def test_say_sends_its_key(locked, tmp_path, route):
+    refused = say(locked, tmp_path / "no.mp3", *route)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1 and "40" in lines[0], refused.stderr
+    ok = say(locked, tmp_path / "ok.mp3", "--api-key", KEY, *route)
+    assert ok.returncode == 0, ok.stderr
+    assert_speech(*decode_mp3((tmp_path / "ok.mp3").read_bytes()), min_seconds=0.5)
+    locked.assert_idle()
 
 
 def test_a_foreign_host_is_refused(locked):

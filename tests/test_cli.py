@@ -52,3 +52,33 @@ def test_a_bad_setting_is_one_clear_line(args, env, says):
 def test_plain_serve_never_imports_ray(server):
     """Ray is for --replicas and --ray-address only: the plain server never loads it."""
     assert "site-packages/ray/" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
+
+
+@pytest.mark.parametrize(
+    "model, device, says",
+    [
+        ("missing", "auto", "--model"),  # a path with nothing there
+        ("empty", "auto", "--model"),  # a folder without a CosyVoice yaml
+        ("model", "tpu", "--device"),
+        ("model", "cuda:x", "--device"),
+    ],
+)
+def test_a_model_that_cannot_load_is_one_clear_line(tmp_path, model, device, says):
+    """Checked before the app starts: not a traceback from its startup, ending in exit 3."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "cosyvoice2.yaml").write_text("")  # the file names the family
+    r = serve("--model", str(tmp_path / model), "--device", device, "--port", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and says in lines[0], r.stderr
+
+
+def test_say_without_a_server_is_one_clear_line(tmp_path):
+    for route in ((), ("--ws",)):
+        r = subprocess.run(
+            [sys.executable, "-m", "rtserver", "say", "Hello.", "--url", "http://127.0.0.1:1",
+             "-o", str(tmp_path / "x.mp3"), *route],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "cannot reach" in lines[0], r.stderr

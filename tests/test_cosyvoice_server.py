@@ -259,7 +259,9 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
         assert r.status_code == 200
         assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0)
         assert httpx.delete(f"{srv.base_url}/speakers/my_voice").status_code == 204
-        assert httpx.delete(f"{srv.base_url}/speakers/spk_f1").status_code == 400  # built in
+        built_in = httpx.delete(f"{srv.base_url}/speakers/spk_f1")
+        assert built_in.status_code == 400
+        assert built_in.json()["detail"] == "'spk_f1' is a built-in speaker and cannot be deleted"
         assert httpx.post(f"{srv.base_url}/tts/pcm", json=body).status_code == 400
     finally:
         srv.stop()

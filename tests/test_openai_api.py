@@ -55,7 +55,8 @@ def test_sse_stream_format(server):
 
 def test_errors_in_openai_shape(server):
     r = speech(server, voice="nobody")
-    assert r.status_code == 400 and "alloy" in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert r.status_code == 400 and "alloy" in err["message"] and err["param"] == "voice"
     r = speech(server, response_format="vorbis")
     err = r.json()["error"]
     assert r.status_code == 422 and "opus" in err["message"]
@@ -98,7 +99,7 @@ def test_every_format_through_the_openai_sdk(server, fmt, rate):
 def test_sdk_shows_the_server_message(server):
     with pytest.raises(openai.BadRequestError) as err:
         sdk(server).audio.speech.create(model="tts-1", voice="nobody", input=TEXT)
-    assert "unknown spk_id 'nobody'" in str(err.value)
+    assert "unknown voice 'nobody'" in str(err.value)
 
 
 def test_voice_alias_reaches_another_speaker(make_server, tmp_path):

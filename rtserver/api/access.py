@@ -22,6 +22,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import Headers
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from rtserver.api.openai import OPENAI_PREFIX, openai_error
 from rtserver.settings import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes: no key, ever
@@ -75,7 +76,7 @@ class AccessControl:
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": refusal[1]})
         else:
-            await _deny(send, *refusal)
+            await _deny(send, *refusal, scope["path"])
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
         """(status, why) if the request may not pass, else None."""
@@ -87,15 +88,17 @@ class AccessControl:
             return None
         if scope["type"] == "websocket" and not self._origin_ok(headers.get("origin"), host):
             return 403, "this origin may not open a WebSocket here"
-        if self.keys and not _public(path, scope) and not self._key_ok(scope, headers):
+        key = _presented_key(scope, headers)
+        if self.keys and not _public(path, scope) and not self._key_ok(key):
+            if key:
+                return 401, "this API key is not valid here"
             return 401, "an API key is required: send `Authorization: Bearer KEY`"
-        admin = _matches(_presented_key(scope, headers), self.admin_keys)
+        admin = _matches(key, self.admin_keys)
         if self.admin_keys and _admin_route(scope) and not admin:
             return 403, "registering or deleting speakers needs an admin key"
         return None
 
-    def _key_ok(self, scope: Scope, headers: Headers) -> bool:
-        key = _presented_key(scope, headers)
+    def _key_ok(self, key: str | None) -> bool:
         return _matches(key, self.keys) or _matches(key, self.admin_keys)
 
     def _origin_ok(self, origin: str | None, host: str) -> bool:
@@ -120,8 +123,9 @@ def _admin_route(scope: Scope) -> bool:
     )
 
 
-async def _deny(send: Send, status: int, detail: str) -> None:
-    body = msgspec.json.encode({"status_code": status, "detail": detail})
+async def _deny(send: Send, status: int, detail: str, path: str) -> None:
+    shape = openai_error(status, detail) if path.startswith(OPENAI_PREFIX) else None
+    body = msgspec.json.encode(shape or {"status_code": status, "detail": detail})
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="rtserver"'))

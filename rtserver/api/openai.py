@@ -34,6 +34,7 @@ from rtserver.service import TTSService, UnknownSpeaker
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova",
                  "onyx", "sage", "shimmer", "verse")  # fmt: skip
 OPENAI_PCM_RATE = 24000
+OPENAI_PREFIX = "/v1/"  # errors under it come in OpenAI's shape
 # Each server-sent event: `data` is JSON, {"type": "speech.audio.delta", "audio": base64} and
 # a last {"type": "speech.audio.done"}, as OpenAI streams it.
 SSE = OpenAPIMediaType(
@@ -84,7 +85,7 @@ def _speaker(service: TTSService, voice: str) -> Speaker:
     except UnknownSpeaker as exc:
         if voice.lower() in OPENAI_VOICES:
             return service.speakers()[0]
-        raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES]) from None
+        raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES], field="voice") from None
 
 
 @functools.cache  # parsed once, not on every request
@@ -145,17 +146,28 @@ def by_path(handler: Callable[[Request, Exception], Response]):
 
     def answer(request: Request, exc: Exception) -> Response:
         ours = handler(request, exc)
-        if not request.url.path.startswith("/v1/"):
+        if not request.url.path.startswith(OPENAI_PREFIX):
             return ours
         body, status = ours.content, ours.status_code
         extra = body.get("extra")
         code = extra.get("code") if isinstance(extra, dict) else None
         param = extra[0].get("key") if isinstance(extra, list) and extra else None
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        error = {"message": body["detail"], "type": kind, "param": param, "code": code}
-        return Response({"error": error}, status_code=status, headers=dict(ours.headers))
+        if isinstance(exc, UnknownSpeaker):
+            param = exc.field
+        error = openai_error(status, body["detail"], param, code)
+        return Response(error, status_code=status, headers=dict(ours.headers))
 
     return answer
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, dict[str, object]]:
+    """An error body in OpenAI's shape (also for refusals made before routing: a key missing)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        code = "invalid_api_key"  # as OpenAI answers a key missing or wrong
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 ROUTES = [speech, voices]

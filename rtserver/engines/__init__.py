@@ -4,7 +4,7 @@ never imports the GPL-licensed Piper package unless the built-in voice is used."
 from __future__ import annotations
 
 from rtserver.engine import Engine
-from rtserver.settings import Settings
+from rtserver.settings import Settings, SettingsError
 
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
@@ -28,3 +28,28 @@ def load_engine(settings: Settings) -> Engine:
         vocoder_thread=AUTO_ON_OFF[settings.vocoder_thread],
         packed=AUTO_ON_OFF[settings.packed],
     )
+
+
+def check_engine(settings: Settings) -> None:
+    """What can be known wrong before loading, as one line (SettingsError) instead of a
+    traceback from the app's startup: a --model dir that holds no CosyVoice model, a --device
+    torch does not know or cannot see."""
+    if settings.model is None:
+        return
+    import torch
+
+    from cosyvoice.config import ConfigError, detect_family
+    from cosyvoice.devices import resolve_device
+
+    try:
+        detect_family(settings.model)
+    except ConfigError as exc:
+        raise SettingsError(
+            f"--model: {exc} (pretrained_models/README.md says where to get one)"
+        ) from None
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError as exc:  # torch.device's own message lists the device types it knows
+        raise SettingsError(f"--device: {str(exc).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"--device {settings.device}: no CUDA device is visible")
