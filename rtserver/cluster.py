@@ -17,11 +17,13 @@ signal exits at once. Only `rtserver serve` with a cluster flag imports this mod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import logging.config
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -50,16 +52,24 @@ class DrainOrder:
     for requests to end, and a WebSocket never ends by itself, so each replica first drains
     as `rtserver serve` does: no new sessions, streams get --drain-timeout-s, sockets are told
     `shutting_down`. The command owns this actor: a replica whose command is gone (or that
-    was deployed without one) never drains this way and stops as Serve stops it."""
+    was deployed without one) never drains this way and stops as Serve stops it. Each replica
+    reports when its drain is over, and the app is deleted only then (or at the deadline)."""
 
     def __init__(self) -> None:
         self.given = asyncio.Event()
+        self.drained = 0
 
     async def wait(self) -> None:
         await self.given.wait()
 
     def give(self) -> None:
         self.given.set()
+
+    def done(self) -> None:
+        self.drained += 1
+
+    def count(self) -> int:
+        return self.drained
 
 
 @serve.ingress()  # the app is built on the replica (__serve_build_asgi_app__), not pickled
@@ -85,12 +95,15 @@ class Replica:
 
     async def _drain_when_told(self) -> None:
         try:
-            await ray.get_actor(DRAIN_ORDER, namespace=NAMESPACE).wait.remote()
+            order = ray.get_actor(DRAIN_ORDER, namespace=NAMESPACE)
+            await order.wait.remote()
         except (ValueError, RayActorError):  # no such actor, or its command died
             return
         service = getattr(self.litestar.state, "service", None) if self.litestar else None
         if service is not None:
             await service.drain(self.settings.drain_timeout_s)
+        with contextlib.suppress(RayActorError):  # the command gave up waiting and went
+            await order.done.remote()
 
 
 def _one_request_id(app: ASGIApp) -> ASGIApp:
@@ -205,9 +218,21 @@ def _wait_running(stop: threading.Event) -> bool:
     return False
 
 
-def _replicas() -> int:
+def _replicas(state: str | None = None) -> int:
+    """The app's replicas (in ``state`` only, if given: RUNNING, STARTING, ...)."""
     deployments = serve.status().applications[APP].deployments.values()
-    return sum(sum(d.replica_states.values()) for d in deployments)
+    return sum(
+        sum(n for s, n in d.replica_states.items() if state in (None, s)) for d in deployments
+    )
+
+
+def _wait_drained(order: ActorHandle, limit_s: float) -> None:
+    """Until every running replica has drained, or ``limit_s``. Meanwhile the app stays
+    routed, so new requests and /readyz get the replicas' 503, as from `rtserver serve`,
+    not the proxy's 404 for an app that is gone."""
+    deadline = time.monotonic() + limit_s
+    while ray.get(order.count.remote()) < _replicas("RUNNING") and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _connect(settings: Settings) -> bool:
@@ -243,6 +268,7 @@ def _undeploy(
     if stage == "serving" and drain_order is not None:
         log.info("draining the replicas for up to %gs", settings.drain_timeout_s)
         ray.get(drain_order.give.remote())
+        _wait_drained(drain_order, settings.drain_timeout_s + STOP_MARGIN_S)
     if stage != "connected":
         serve.delete(APP)  # returns once every replica finished its requests and stopped
     if started_serve and not serve.status().applications:

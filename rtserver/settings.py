@@ -40,10 +40,14 @@ class Settings(msgspec.Struct, kw_only=True):
         Path | None, _doc("where registered CosyVoice speakers are kept; none: in the model dir")
     ] = None
     api_key: Annotated[
-        list[Key], _doc("a key clients must send as `Authorization: Bearer KEY` (repeatable)")
+        list[Key],
+        _doc(
+            "a key clients must send as `Authorization: Bearer KEY` (repeatable; 8 or more "
+            "of A-Za-z0-9._~+-)"
+        ),
     ] = msgspec.field(default_factory=list)
     admin_key: Annotated[
-        list[Key], _doc("a key required to register or delete speakers (repeatable)")
+        list[Key], _doc("a key required to register or delete speakers (repeatable; as --api-key)")
     ] = msgspec.field(default_factory=list)
     allow_origin: Annotated[
         list[str],

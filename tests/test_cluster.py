@@ -341,15 +341,34 @@ def test_sigterm_drains_and_stops_the_app_and_its_cluster(cluster):
     ray_processes = descendants(cluster.proc.pid)
     assert len(ray_processes) >= 4  # the Ray cluster the command started, and its workers
 
-    async def go() -> tuple[list[str], int | None]:
-        async with TTSClient(cluster.base_url) as client, client.connect() as conn:
+    async def probe(http: httpx.AsyncClient, seen: list[int]) -> None:
+        """/readyz every 0.1 s, and a new request once it stops saying 200."""
+        while True:
+            seen.append((await http.get("/readyz")).status_code)
+            if seen[-1] != 200:
+                late = await http.post("/tts", json={"tts_text": "Too late.", "spk_id": "joe"})
+                seen.append(late.status_code)
+            await asyncio.sleep(0.1)
+
+    async def go() -> tuple[list[str], int | None, list[int]]:
+        seen: list[int] = []
+        async with (
+            TTSClient(cluster.base_url) as client,
+            client.connect() as conn,
+            httpx.AsyncClient(base_url=cluster.base_url, timeout=30) as http,
+        ):
             ctx = await conn.start(spk_id="joe", text="A context that is never closed.")
             cluster.proc.send_signal(signal.SIGTERM)
+            prober = asyncio.create_task(probe(http, seen))
             errors = [e.code async for e in ctx.events() if isinstance(e, Error)]
+            prober.cancel()
             await conn.ws.wait_closed()
-            return errors, conn.ws.close_code
+            return errors, conn.ws.close_code, seen
 
-    errors, close_code = run(go())
+    errors, close_code, seen = run(go())
+    # Until the drain is over, as from `rtserver serve`: the replicas' 503, not the proxy's
+    # 404 for an app already deleted.
+    assert 503 in seen and set(seen) <= {200, 503}, seen
     assert errors[0] == "shutting_down" and close_code == 1001, (errors, close_code)
     assert cluster.proc.wait(timeout=60) == 0, cluster.log()
     deadline = time.monotonic() + 15
