@@ -20,6 +20,7 @@ import re
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,23 @@ MIN_PROMPT_SECONDS = 1.0
 MAX_PROMPT_SECONDS = 30.0  # the speech tokenizer refuses longer audio
 MIN_SAMPLE_RATE = 16000  # upstream asserts the prompt rate is >= 16 kHz
 SILENCE_PEAK = 1e-3  # peak amplitude below which the prompt counts as silent
-_NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,64}$")
+MAX_PEAK = 16.0  # float samples past full scale by more than this (24 dB) are not a recording
+_NAME_RE = re.compile(r"^[^/\\]{1,64}$")
+# Characters a name may not hold: controls, invisible formatting (zero-width, bidirectional
+# overrides) and line or paragraph separators, which make two names look alike or break a
+# log line.
+_HIDDEN = ("Cc", "Cf", "Zl", "Zp")
+
+
+def _valid_name(name: str) -> bool:
+    """A name that fits in a URL path segment and reads as what it is: "." and ".." would
+    be normalized away by clients, so such a speaker could not be deleted."""
+    return (
+        bool(_NAME_RE.match(name))
+        and name.strip() == name
+        and name not in (".", "..")
+        and not any(unicodedata.category(c) in _HIDDEN for c in name)
+    )
 
 
 class SpeakerError(KeyError):
@@ -164,7 +181,10 @@ def check_prompt_audio(wav: np.ndarray, sr: int) -> None:
         raise AudioError(f"prompt audio too long: {dur:.2f} s > {MAX_PROMPT_SECONDS:g} s")
     if not np.isfinite(wav).all():
         raise AudioError("prompt audio contains NaN/inf samples")
-    if float(np.abs(wav).max()) < SILENCE_PEAK:
+    peak = float(np.abs(wav).max())
+    if peak > MAX_PEAK:  # float audio whose features would overflow
+        raise AudioError("prompt audio samples out of range: float audio lies within [-1, 1]")
+    if peak < SILENCE_PEAK:
         raise AudioError("prompt audio is silent")
 
 
@@ -317,7 +337,7 @@ class SpeakerStore:
 
         ``normalize``: run the transcript through the text normaliser first, as upstream's
         ``inference_zero_shot`` does for a prompt wav (its ``add_zero_shot_spk`` does not)."""
-        if not _NAME_RE.match(name) or name.strip() != name:
+        if not _valid_name(name):
             raise SpeakerError(f"invalid speaker name: {name!r}")
         if not prompt_text.strip():
             raise ValueError("prompt_text is empty")
@@ -335,6 +355,8 @@ class SpeakerStore:
         emb, tokens, feat = self.extractor.extract(wav, sr)
         if not tokens:
             raise AudioError("prompt audio gave no speech tokens")
+        if not (torch.isfinite(emb).all() and torch.isfinite(feat).all()):
+            raise AudioError("prompt audio gave features that are not finite numbers")
         spk = Speaker(
             name,
             emb,

@@ -4,6 +4,8 @@ sees it (an SDP file or a playlist would make it open sockets or files)."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -53,3 +55,28 @@ def test_whitelisted_containers_decode(container, codec):
 def test_anything_else_is_refused_unopened(data):
     with pytest.raises(AudioError, match="not a supported audio file"):
         decode_audio(data)
+
+
+def test_an_odd_sample_rate_resamples_in_bounded_memory():
+    """torchaudio's kernel for 16001 -> 16000 Hz alone would be ~8 GB (a 33 KB upload took a
+    server to 10 GB): such rates go through FFmpeg's resampler first. The tone must survive."""
+    code = """
+import resource, sys, numpy as np, torch
+from cosyvoice.frontend.audio import resample
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rate = 16001
+t = np.arange(rate) / rate
+x = torch.from_numpy((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))[None]
+for target in (16000, 24000):
+    y = resample(x, rate, target)[0].numpy()
+    peak_hz = np.argmax(np.abs(np.fft.rfft(y))) * target / len(y)
+    print(target, len(y), round(float(peak_hz)))
+print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    for target in ("16000", "24000"):
+        n, hz = map(int, lines[target].split())
+        assert abs(n - int(target)) <= 2 and abs(hz - 440) <= 2, lines
+    assert int(lines["grew_mb"]) < 300, lines

@@ -1,7 +1,8 @@
 """Prompt-audio decoding and feature extraction (spec frontend-llm.md §3).
 
 * :func:`decode_audio` reads wav, flac, mp3, ogg or m4a (PyAV) and down-mixes to mono.
-* :func:`resample` is torchaudio's ``Resample`` with default arguments, as upstream.
+* :func:`resample` is torchaudio's ``Resample`` with default arguments, as upstream (from an
+  odd rate, after FFmpeg's resampler takes it to 48 kHz: see :data:`MAX_RESAMPLE_KERNEL`).
 * :func:`kaldi_fbank_cmn` (CAM++ input), :func:`whisper_log_mel` (S3 tokenizer input) and
   :func:`matcha_mel` (flow prompt mel) reproduce the documented DSP exactly.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,12 @@ AudioSource = str | Path | bytes | bytearray | memoryview | io.IOBase | tuple[np
 # open files or network sockets) is refused before FFmpeg sees a byte.
 CONTAINERS = ("wav", "flac", "mp3", "ogg", "m4a")
 MAX_RATE = 384_000  # Hz; the highest rate recorders use (a higher one is a memory bomb's)
+# torchaudio's Resample builds a windowed-sinc kernel of about (orig/g) x (target/g) x 12
+# float64 values, g = gcd(orig, target): 11025 -> 16000 Hz gives 282 240 (27 MB), but 16001 ->
+# 16000 gives 2.6e8 (a 33 KB upload took 10 GB). Past this product, FFmpeg's resampler
+# (arbitrary ratios, constant memory) first takes the audio to INTERMEDIATE_RATE.
+MAX_RESAMPLE_KERNEL = 1_000_000
+INTERMEDIATE_RATE = 48_000
 
 
 def sniff_container(head: bytes) -> str:
@@ -109,15 +117,33 @@ def _mono(frame) -> np.ndarray:
     return frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=16)  # bounded: each rate pair keeps its kernel
 def _resampler(orig: int, target: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig, target)
 
 
 def resample(wav: torch.Tensor, orig: int, target: int) -> torch.Tensor:
+    """(1, N) at ``orig`` Hz -> (1, M) at ``target`` Hz."""
     if orig == target:
         return wav
+    g = math.gcd(orig, target)
+    if (orig // g) * (target // g) > MAX_RESAMPLE_KERNEL:
+        wav, orig = _ffmpeg_resample(wav, orig, INTERMEDIATE_RATE), INTERMEDIATE_RATE
+        if orig == target:
+            return wav
     return _resampler(orig, target)(wav)
+
+
+def _ffmpeg_resample(wav: torch.Tensor, orig: int, target: int) -> torch.Tensor:
+    import av
+
+    frame = av.AudioFrame.from_ndarray(
+        wav.reshape(1, -1).float().numpy(), format="flt", layout="mono"
+    )
+    frame.sample_rate = orig
+    rs = av.AudioResampler(format="flt", layout="mono", rate=target)
+    out = [f.to_ndarray().reshape(-1) for f in (*rs.resample(frame), *rs.resample(None))]
+    return torch.from_numpy(np.concatenate(out)).reshape(1, -1)
 
 
 def kaldi_fbank_cmn(wav16k: torch.Tensor) -> torch.Tensor:
