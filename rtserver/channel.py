@@ -21,6 +21,7 @@ class Channel:
         self._ready = asyncio.Event()
         self._on_read = on_read  # wakes the scheduler: backlog went down
         self._waiting_since: float | None = None  # items wait unread since then
+        self._blocked_s = 0.0  # time items waited unread, up to _waiting_since
         self.taken_s = 0.0  # seconds of audio the consumer has read (written by it alone)
 
     def put(self, item: Any, seconds: float = 0.0) -> None:
@@ -39,6 +40,11 @@ class Channel:
         since = self._waiting_since
         return now - since if since is not None and self._items else 0.0
 
+    def blocked_for(self, now: float) -> float:
+        """How long, in all, items have waited unread: the time the consumer, not the
+        producer, held the stream up (a consumer that takes each item as it comes has ~0)."""
+        return self._blocked_s + self.stalled_for(now)
+
     async def get(self) -> Any:
         while not self._items:
             self._ready.clear()
@@ -47,6 +53,9 @@ class Channel:
             await self._ready.wait()
         item, seconds = self._items.popleft()
         self.taken_s += seconds
-        self._waiting_since = time.monotonic() if self._items else None
+        now = time.monotonic()
+        if self._waiting_since is not None:
+            self._blocked_s += now - self._waiting_since
+        self._waiting_since = now if self._items else None
         self._on_read()
         return item

@@ -109,6 +109,11 @@ class Scheduler:
         with self._lock:
             return self._at_capacity()
 
+    @property
+    def contended(self) -> bool:
+        """Whether streams wait for a slot: then a slot held without use is given up sooner."""
+        return bool(self._waiting)
+
     def _at_capacity(self) -> bool:  # with the lock held
         return len(self._running) + len(self._waiting) >= self.max_streams + self.max_queue
 
@@ -189,21 +194,36 @@ class Scheduler:
         """A client that stops reading holds a slot (and its audio) until this gives up on it:
         `read_timeout_s` after both its last read and the time a listener playing in real
         time would have played all it read. (One reading at playback speed leaves whole
-        seconds of audio in the socket's buffers, so it reads nothing new while they play.)"""
+        seconds of audio in the socket's buffers, so it reads nothing new while they play.)
+        While streams wait for a slot, a client that reads, but so slowly that it is
+        `read_timeout_s` behind real time and has kept its audio waiting that long in all,
+        gives its slot up too: a few KB every 20 s held a slot for hours. (A client behind
+        only because synthesis is slower than real time takes each chunk as it comes.)"""
         now = time.monotonic()
         with self._lock:
-            stalled = [j for j in self._running if self._idle_for(j, now) > self.read_timeout_s]
-        for job in stalled:
-            message = f"the client read no audio for {job.channel.stalled_for(now):.0f} s"
-            self._finish(job, Failed(message, code="read_timeout"))
+            contended, running = self.contended, list(self._running)
+        for job in running:
+            if (why := self._stalled(job, now, contended)) is not None:
+                self._finish(job, Failed(why, code="read_timeout"))
+
+    def _stalled(self, job: Job, now: float, contended: bool) -> str | None:
+        """Why the job's client no longer keeps its slot, if it does not."""
+        unread, behind = job.channel.stalled_for(now), self._behind(job, now)
+        if unread == 0 or behind <= self.read_timeout_s:
+            return None
+        if unread > self.read_timeout_s:
+            return f"the client read no audio for {unread:.0f} s"
+        if contended and job.channel.blocked_for(now) > self.read_timeout_s:
+            return f"the client read its audio {behind:.0f} s behind real time while others waited"
+        return None
 
     @staticmethod
-    def _idle_for(job: Job, now: float) -> float:
-        """How long the job's client has neither read audio nor had any of it left to play."""
-        unread = job.channel.stalled_for(now)
+    def _behind(job: Job, now: float) -> float:
+        """How far the job's client is behind a listener playing in real time since the
+        first audio (infinite before it: nothing to play yet, so only unread time counts)."""
         if job.first_audio_at is None:
-            return unread
-        return min(unread, now - (job.first_audio_at + job.channel.taken_s))
+            return float("inf")
+        return now - (job.first_audio_at + job.channel.taken_s)
 
     def _admit(self) -> None:
         limit = 1 if self.serial else self.max_streams

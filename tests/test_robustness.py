@@ -255,6 +255,41 @@ def test_flushes_and_blank_text_do_not_keep_an_idle_context(tight):
     assert_idle(tight)
 
 
+def test_idle_contexts_give_their_slots_up_while_others_wait(make_server):
+    """A socket that kept its contexts alive with a word every 20 s (each restarts the idle
+    timeout) held every slot for good. Alone on the server such contexts stay; once a stream
+    waits for a slot, a context with nothing to say gives its slot up after 5 s."""
+    srv = make_server("--max-streams", "2", "--no-warmup")
+
+    async def go() -> tuple[dict, float, list[dict]]:
+        async with connect(srv) as hog, connect(srv) as other:
+            await recv_json(hog)
+            await recv_json(other)
+            for i in range(2):
+                await send(hog, type="start", context_id=f"h{i}", spk_id="joe",
+                           text="Hm, well, I see. ")  # fmt: skip
+                await until(hog, "segment")  # spoken: nothing left to say
+            await asyncio.sleep(7)  # idle past 5 s, alone: both keep their slots
+            held = srv.healthz()
+            t0 = time.monotonic()
+            await send(other, type="start", context_id="o", spk_id="joe",
+                       text="It is my turn to speak now.")  # fmt: skip
+            await send(other, type="close", context_id="o")
+            while not isinstance(await other.recv(), bytes):
+                pass
+            waited = time.monotonic() - t0
+            ended = [await until(hog, "error") for _ in range(2)]
+            await until(other, "done")
+            return held, waited, ended
+
+    held, waited, ended = run(go())
+    assert held["active"] == 2 and held["queued"] == 0, held
+    assert waited < 12, waited  # the default context timeout (30 s) would have kept it waiting
+    assert {e["code"] for e in ended} == {"context_timeout"}
+    assert all("others waited" in e["message"] for e in ended), ended
+    assert_idle(srv)
+
+
 def test_socket_with_only_idle_contexts_is_closed(tight):
     async def go() -> tuple[list[str], float]:
         async with connect(tight) as ws:

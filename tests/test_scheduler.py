@@ -208,6 +208,69 @@ def test_a_reader_is_dropped_once_it_could_have_played_what_it_read():
     assert 5.0 < took < 7.5, took  # 4 s to play + 1 s; the scheduler looks at least once a second
 
 
+class SlowToneEngine(ToneEngine):
+    """Synthesis slower than real time: each step takes `step_s`."""
+
+    def __init__(self, step_s: float, **kw) -> None:
+        super().__init__(**kw)
+        self.step_s = step_s
+
+    def step(self, jobs: list[Job]) -> list:
+        time.sleep(self.step_s)
+        return super().step(jobs)
+
+
+def test_a_slow_reader_gives_its_slot_up_only_while_others_wait():
+    """A client that reads often, but a quarter of real time, keeps its slot while nobody
+    waits; once a stream waits for the slot, it is dropped for being behind real time."""
+
+    async def go():
+        sched = Scheduler(ToneEngine(samples=250), max_streams=1, read_timeout_s=1.0)
+        sched.start()
+        try:
+            slow = make_job(sched, ["x"] * 200, client="slow")  # 0.25 s of audio a segment
+            events: list = []
+
+            async def read_slowly():
+                while not events or not isinstance(events[-1], Done | Failed | Cancelled):
+                    events.append(await slow.channel.get())
+                    await asyncio.sleep(0.6)  # reads every 0.6 s: never 1 s without reading
+
+            reader = asyncio.create_task(read_slowly())
+            await asyncio.sleep(4.0)  # 3+ s behind real time by now, alone on the scheduler
+            alone = sched.counters.dropped
+            waiting = make_job(sched, ["y"], client="other")
+            other = await drain(waiting)
+            await reader
+            return alone, events[-1], other[-1]
+        finally:
+            sched.stop()
+
+    alone, last, other = run(go())
+    assert alone == 0
+    assert isinstance(last, Failed) and last.code == "read_timeout" and "behind" in last.message
+    assert isinstance(other, Done)
+
+
+def test_a_stream_behind_only_because_synthesis_is_slow_keeps_its_slot():
+    """Synthesis at a fifth of real time, read as it comes, with a stream waiting: the
+    listener is seconds behind real time, but not because of its client."""
+
+    async def go():
+        engine = SlowToneEngine(step_s=0.25, samples=50)  # 0.05 s of audio per 0.25 s
+        sched = Scheduler(engine, max_streams=1, read_timeout_s=1.0)
+        sched.start()
+        try:
+            first = make_job(sched, ["x"] * 16, client="a")
+            waiting = make_job(sched, ["y"], client="b")
+            return (await drain(first))[-1], (await drain(waiting))[-1]
+        finally:
+            sched.stop()
+
+    first, waiting = run(go())
+    assert isinstance(first, Done) and isinstance(waiting, Done), (first, waiting)
+
+
 def test_capacity_and_serial_mode():
     async def go():
         engine = ToneEngine()

@@ -67,6 +67,9 @@ _FINISHED_MEMORY = 64  # recently finished context ids, so a late cancel is ackn
 # 5000 one-character messages a second of "Mr. " (each rereads a pending sentence) kept
 # /healthz waiting 4.7 s. Agents sending an LLM's tokens use a fraction of a percent.
 _LOOP_SHARE = 0.2
+# While streams wait for a slot, a context with nothing to say gives its slot up after this
+# (else --context-idle-timeout-s): one socket sending "Hm. " every 20 s held six for good.
+_CONTENDED_IDLE_S = 5.0
 _BURST_S = 0.5
 _GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
 _START_ERRORS = {
@@ -88,7 +91,7 @@ class Context:
     flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segments)
     flush_count: int = 0
     cancelled: bool = False
-    timed_out: bool = False
+    timed_out: float | None = None  # ended for having nothing to say this many seconds
     closed: bool = False  # `close` received: no more text
     timestamps: bool = False  # send `words` before each `segment`
     pump: asyncio.Task | None = None
@@ -237,10 +240,13 @@ class WsSession:
         while not self._closed:
             await asyncio.sleep(period)
             now = time.monotonic()
+            limit = s.context_idle_timeout_s
+            if self.service.scheduler.contended:
+                limit = min(limit, _CONTENDED_IDLE_S)
             for ctx in list(self.contexts.values()):
                 idle = not ctx.closed and not ctx.cancelled and ctx.session.idle
-                if idle and now - ctx.last_active > s.context_idle_timeout_s:
-                    ctx.timed_out = True
+                if idle and now - ctx.last_active > limit:
+                    ctx.timed_out = limit
                     self._cancel(ctx)
             if now - self.last_active > s.ws_idle_timeout_s:
                 message = f"no message and no audio for {s.ws_idle_timeout_s:g}s"
@@ -445,8 +451,10 @@ class WsSession:
             return DoneMsg(context_id=ctx.id, **dataclasses.asdict(event))
         if isinstance(event, Failed):
             return ErrorMsg(code=event.code, message=event.message, context_id=ctx.id)
-        if ctx.timed_out:
-            limit = self.settings.context_idle_timeout_s
-            message = f"nothing to say for {limit:g}s; the context has ended"
+        if ctx.timed_out is not None:
+            why = f"nothing to say for {ctx.timed_out:g}s"
+            if ctx.timed_out < self.settings.context_idle_timeout_s:
+                why += " while others waited for a slot"
+            message = f"{why}; the context has ended"
             return ErrorMsg(code="context_timeout", message=message, context_id=ctx.id)
         return CancelledMsg(context_id=ctx.id)
