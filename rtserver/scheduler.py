@@ -109,6 +109,12 @@ class Scheduler:
         with self._lock:
             return self._at_capacity()
 
+    def used_memory(self) -> None:
+        """Work done off the inference thread (a speaker registration) left freed memory: hand
+        it back as after synthesis."""
+        self._dirty = True
+        self.wake()
+
     @property
     def contended(self) -> bool:
         """Whether streams wait for a slot: then a slot held without use is given up sooner."""

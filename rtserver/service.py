@@ -7,10 +7,11 @@ WebSocket error events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from rtserver import __version__
@@ -52,6 +53,9 @@ STALL_S = 15.0  # an engine step this long means the inference thread is stuck
 # the CPU, with the GIL held, so it is bounded before any of that work starts.
 MAX_PROMPT_TEXT_CHARS = 1000
 MAX_REGISTERING = 2  # registrations at once (each runs ONNX feature extraction on the CPU)
+# Upload bodies read at once: a body is held whole (up to 8 MiB, a few times that while its
+# form is parsed) before the registration limit can look at it; 256 slow uploads held 1.5 GB.
+MAX_UPLOADS = 4
 
 
 class UnknownSpeaker(LookupError):
@@ -137,6 +141,7 @@ class TTSService:
         self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
         self.scheduler.metrics.watch_held(self.held)
         self._registering: set[str] = set()  # names being registered now
+        self._uploads = 0  # upload bodies being read now
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
         self.started_at = time.time()
@@ -205,6 +210,17 @@ class TTSService:
             "sockets_open": self.client_sockets.held(),
         }
 
+    @contextlib.contextmanager
+    def receiving_upload(self) -> Iterator[None]:
+        """A place to read an upload's body in, or Busy (503) before a byte of it is read."""
+        if self._uploads >= MAX_UPLOADS:
+            raise Busy(f"{MAX_UPLOADS} uploads are being received; try again")
+        self._uploads += 1
+        try:
+            yield
+        finally:
+            self._uploads -= 1
+
     async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
         register = getattr(self.engine, "register_speaker", None)
         if register is None:
@@ -230,6 +246,7 @@ class TTSService:
             raise SpeakerRegistrationError(_message(exc), 409 if taken else 400) from exc
         finally:
             self._registering.discard(spk_id)
+            self.scheduler.used_memory()  # the upload's buffers go back to the OS once idle
 
     async def delete_speaker(self, spk_id: str) -> None:
         delete = getattr(self.engine, "delete_speaker", None)

@@ -464,3 +464,30 @@ def test_out_of_file_handles_fails_the_request_instead_of_speaking_silence(make_
     assert again.status_code == 200
     assert_speech(decode_pcm(again.content), 22050, min_seconds=1.0)
     assert_idle(srv)
+
+
+def test_upload_bodies_are_read_a_few_at_a_time(make_server):
+    """A registration's body is held whole before the registration limit sees it: 256 slow
+    uploads held 1.5 GB. Past 4 bodies being read, an upload gets 503 before it sends one."""
+    srv = make_server("--no-warmup")
+    slow = []
+    for _ in range(4):  # each promises 8 MB and sends a few bytes of it
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        s.sendall(b"POST /speakers HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n"
+                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")  # fmt: skip
+        slow.append(s)
+    files = {"prompt_wav": ("p.wav", b"RIFF" + bytes(2000), "audio/wav")}
+    data = {"spk_id": "late", "prompt_text": "Hello."}
+    url = f"{srv.base_url}/speakers"
+
+    def late() -> httpx.Response:
+        return httpx.post(url, data=data, files=files, timeout=10)
+
+    refused = eventually(late, lambda r: r.status_code == 503)
+    assert "uploads" in refused.json()["detail"] and refused.headers["retry-after"]
+    for s in slow:
+        s.close()
+    # Their places come back: the next upload is read (and refused by the built-in voice).
+    answered = eventually(late, lambda r: r.status_code != 503)
+    assert answered.status_code == 400 and "registration" in answered.json()["detail"]
+    assert_idle(srv)

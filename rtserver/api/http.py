@@ -329,8 +329,11 @@ async def speakers(service: TTSService) -> list[SpeakerInfo]:
 
 async def _read_form(request: Request) -> None:
     """Parse the form through FormRequest before Litestar's multipart extractor, which parses
-    it on its own (letting a decoding error out) unless the request already holds it."""
-    await request.form()
+    it on its own (letting a decoding error out) unless the request already holds it; at most
+    MAX_UPLOADS bodies at a time."""
+    service: TTSService = request.app.state.service
+    with service.receiving_upload():
+        await request.form()
 
 
 class RegisteredSpeaker(msgspec.Struct):
