@@ -20,7 +20,7 @@ from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
-from .speakers import SpeakerError, SpeakerStore
+from .speakers import Speaker, SpeakerError, SpeakerStore
 from .utterance import Output, Status, TextRun, Utterance
 
 log = logging.getLogger("cosyvoice")
@@ -95,14 +95,16 @@ class CosyVoiceModel:
     ) -> Utterance:
         """A new utterance in ``speaker``'s voice (raises ``SpeakerError`` for an unknown one).
         ``seed`` 0 picks a random one. ``opts``: the other :class:`Utterance` fields."""
-        self.speakers.get(speaker)
+        voice = self.speakers.get(speaker)
         if not speed > 0:
             raise ValueError("speed must be > 0")
         if opts.get("text_stream") and not self.text_streaming:
             raise ValueError("text streaming needs a CosyVoice2/3 model")
         if self.family == "v1" and speed != 1.0:
             stream = False  # v1's streaming vocoder cannot time-scale: one chunk per segment
-        return Utterance(speaker, seed or secrets.randbits(62) + 1, speed, stream, **opts)
+        utt = Utterance(speaker, seed or secrets.randbits(62) + 1, speed, stream, **opts)
+        utt.voice = voice
+        return utt
 
     def add_text(self, utt: Utterance, text: str, tag: Any = None) -> None:
         """Queue a piece of text: normalized and split into segments (one LLM run each). Its
@@ -373,12 +375,12 @@ class CosyVoiceModel:
             return False
         tag, text, last = u.pending.popleft()
         seed = u.seed + u.runs
-        spk = self.speakers.get(u.speaker)  # raises for a speaker deleted meanwhile
+        spk = u.voice = u.voice or self.speakers.get(u.speaker)
         if isinstance(text, TextRun):
-            req = text.llm = self.new_stream_request(u.speaker, seed=seed, greedy=u.greedy)
+            req = text.llm = self.new_stream_request(spk, seed=seed, greedy=u.greedy)
             self._push_run(text)
         elif text:
-            req = self.new_request(text, u.speaker, seed=seed, greedy=u.greedy)
+            req = self.new_request(text, spk, seed=seed, greedy=u.greedy)
             if u.fixed_tokens:
                 req.min_len = req.max_len = u.fixed_tokens
         else:
@@ -415,7 +417,7 @@ class CosyVoiceModel:
     def new_request(
         self,
         text: str,
-        speaker: str | None = None,
+        speaker: str | Speaker | None = None,
         seed: int = 0,
         greedy: bool = False,
     ) -> LLMRequest:
@@ -429,7 +431,7 @@ class CosyVoiceModel:
         prompt_speech: list[int] = []
         embedding = None
         if speaker is not None:
-            spk = self.speakers.get(speaker)
+            spk = self._voice(speaker)
             prompt_text, prompt_speech = list(spk.prompt_text_ids), spk.prompt_speech_tokens
             embedding = spk.embedding  # only the v1 LLM reads it
         text_ids = self.frontend.encode(text)
@@ -450,8 +452,11 @@ class CosyVoiceModel:
             embedding=embedding,
         )
 
+    def _voice(self, speaker: str | Speaker) -> Speaker:
+        return speaker if isinstance(speaker, Speaker) else self.speakers.get(speaker)
+
     def new_stream_request(
-        self, speaker: str | None = None, seed: int = 0, greedy: bool = False
+        self, speaker: str | Speaker | None = None, seed: int = 0, greedy: bool = False
     ) -> LLMRequest:
         """Bistream LLM request (v2/v3): feed text with ``r.push_text(frontend.encode(piece))``
         as it arrives, end with ``r.close_text()``; step it whenever ``r.ready``."""
@@ -460,7 +465,7 @@ class CosyVoiceModel:
         prompt_text: list[int] = []
         prompt_speech: list[int] = []
         if speaker is not None:
-            spk = self.speakers.get(speaker)
+            spk = self._voice(speaker)
             prompt_text, prompt_speech = list(spk.prompt_text_ids), spk.prompt_speech_tokens
         eop = None
         if self.family == "v3":

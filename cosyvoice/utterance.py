@@ -58,6 +58,9 @@ class Utterance:
     llm: Any = None  # LLMRequest of the segment in flight
     t2w: Any = None  # its token2wav state
     runs: int = 0  # segments started
+    # The speaker as it was at start(): one deleted or registered anew meanwhile does not
+    # change (or end) an utterance already speaking.
+    voice: Any = None
     fed: int = 0  # LLM tokens handed to token2wav
     ready_since: int = 0  # model step at which its next chunk became ready (0: not ready)
     chunk_ready: bool = False  # token2wav has a chunk to make (set by the model's step)

@@ -299,6 +299,16 @@ def test_prompts_and_names_that_would_harm_are_refused(tmp_path):
             assert r.status_code == 400 and "name" in r.json()["detail"], (name, r.text)
         ids = {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
         assert "odd_rate" in ids and "huge" not in ids
+        # A speaker deleted while it speaks: the stream goes on in its voice to the end.
+        body = {"tts_text": LONG[:200], "spk_id": "odd_rate", "seed": 2}
+        failed = srv.healthz()["failed"]
+        with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=120) as r:
+            pieces = r.iter_bytes()
+            audio = next(pieces)
+            assert httpx.delete(f"{srv.base_url}/speakers/odd_rate").status_code == 204
+            audio += b"".join(pieces)  # an early end would be an incomplete chunked body
+        assert_speech(decode_pcm(audio), 24000, min_seconds=5.0)
+        assert srv.healthz()["failed"] == failed
     finally:
         srv.stop()
 
