@@ -20,7 +20,7 @@ from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
-from .speakers import Speaker, SpeakerError, SpeakerStore
+from .speakers import Speaker, SpeakerStore
 from .utterance import Output, Status, TextRun, Utterance
 
 log = logging.getLogger("cosyvoice")
@@ -102,9 +102,8 @@ class CosyVoiceModel:
             raise ValueError("text streaming needs a CosyVoice2/3 model")
         if self.family == "v1" and speed != 1.0:
             stream = False  # v1's streaming vocoder cannot time-scale: one chunk per segment
-        utt = Utterance(speaker, seed or secrets.randbits(62) + 1, speed, stream, **opts)
-        utt.voice = voice
-        return utt
+        seed = seed or secrets.randbits(62) + 1
+        return Utterance(speaker, seed, speed, stream, voice=voice, **opts)
 
     def add_text(self, utt: Utterance, text: str, tag: Any = None) -> None:
         """Queue a piece of text: normalized and split into segments (one LLM run each). Its
@@ -204,10 +203,7 @@ class CosyVoiceModel:
                     self._normalized(u)  # the next piece, while this one plays
                 started = u.in_flight or self._next_segment(u)
             except Exception as exc:  # noqa: BLE001 - reported on this utterance only
-                if isinstance(exc, SpeakerError):  # deleted while it spoke: not our fault
-                    log.info("utterance ended: %s", exc)
-                else:
-                    log.exception("could not start a segment")
+                log.exception("could not start a segment")
                 self.cancel(u)
                 self._outbox.append(_failed(u, exc))
                 continue
@@ -375,7 +371,7 @@ class CosyVoiceModel:
             return False
         tag, text, last = u.pending.popleft()
         seed = u.seed + u.runs
-        spk = u.voice = u.voice or self.speakers.get(u.speaker)
+        spk = u.voice
         if isinstance(text, TextRun):
             req = text.llm = self.new_stream_request(spk, seed=seed, greedy=u.greedy)
             self._push_run(text)

@@ -58,8 +58,8 @@ class Utterance:
     llm: Any = None  # LLMRequest of the segment in flight
     t2w: Any = None  # its token2wav state
     runs: int = 0  # segments started
-    # The speaker as it was at start(): one deleted or registered anew meanwhile does not
-    # change (or end) an utterance already speaking.
+    # The speaker (cosyvoice.speakers.Speaker) as it was at start(): one deleted or registered
+    # anew meanwhile does not change (or end) an utterance already speaking.
     voice: Any = None
     fed: int = 0  # LLM tokens handed to token2wav
     ready_since: int = 0  # model step at which its next chunk became ready (0: not ready)

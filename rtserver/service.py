@@ -243,7 +243,7 @@ class TTSService:
         except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
             # Another replica sharing the speaker dir may have taken the name meanwhile.
             taken = any(s.id == spk_id for s in self.engine.speakers())
-            raise SpeakerRegistrationError(_message(exc), 409 if taken else 400) from exc
+            raise SpeakerRegistrationError(str(exc), 409 if taken else 400) from exc
         finally:
             self._registering.discard(spk_id)
             self.scheduler.used_memory()  # the upload's buffers go back to the OS once idle
@@ -258,7 +258,7 @@ class TTSService:
         try:
             await in_own_thread(lambda: delete(spk_id))
         except KeyError as exc:  # a built-in speaker
-            raise SpeakerRegistrationError(_message(exc), 400) from exc
+            raise SpeakerRegistrationError(str(exc), 400) from exc
 
     # ---- synthesis ------------------------------------------------------------------------
 
@@ -327,8 +327,3 @@ class TTSService:
             raise
         wake = self.scheduler.wake
         return Session(job, encoder, segmenter, self.settings.max_text_chars, wake, release)
-
-
-def _message(exc: Exception) -> str:
-    """An error's text: a KeyError's str() is the repr of its message, quotes and all."""
-    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)

@@ -10,12 +10,12 @@ import time
 import wave
 from pathlib import Path
 
-import av
 import httpx
 import numpy as np
 import pytest
 from audio_check import assert_speech, decode_mp3, decode_pcm
 from serverproc import ROOT, ServerProcess, rss_mb
+from test_prompt_audio import encode
 
 from rtserver.client import TTSClient
 
@@ -268,19 +268,6 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
         srv.stop()
 
 
-def float_wav(samples: np.ndarray, rate: int = 24000) -> bytes:
-    """A 32-bit float WAV (the wave module writes integer PCM only)."""
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="wav") as out:
-        stream = out.add_stream("pcm_f32le", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(samples.astype(np.float32)[None], format="flt",
-                                           layout="mono")  # fmt: skip
-        frame.sample_rate = rate
-        out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return buf.getvalue()
-
-
 def test_prompts_and_names_that_would_harm_are_refused(tmp_path):
     srv = start(tmp_path / "speakers", "--no-warmup")
     try:
@@ -290,7 +277,7 @@ def test_prompts_and_names_that_would_harm_are_refused(tmp_path):
         assert rss_mb(srv.proc.pid) < rss + 500
         # Finite but huge float samples gave a NaN speaker that spoke only silence.
         huge = np.sin(np.arange(3 * 24000) / 10.0) * 1e37
-        r = register(srv, "huge", float_wav(huge))
+        r = register(srv, "huge", encode("wav", "pcm_f32le", rate=24000, samples=huge))
         assert r.status_code == 400 and "range" in r.json()["detail"], r.text
         # "." and ".." are normalized away by clients (no way to delete them); invisible or
         # bidirectional characters make look-alike names.

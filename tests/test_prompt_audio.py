@@ -14,9 +14,15 @@ import pytest
 from cosyvoice.frontend.audio import AudioError, decode_audio
 
 
-def encode(container: str, codec: str, seconds: float = 1.5, rate: int = 16000) -> bytes:
-    t = np.arange(int(seconds * rate)) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+def encode(
+    container: str, codec: str, seconds: float = 1.5, rate: int = 16000,
+    samples: np.ndarray | None = None,
+) -> bytes:  # fmt: skip
+    """``samples`` (mono float) encoded at ``rate``; by default ``seconds`` of a 220 Hz tone."""
+    if samples is None:
+        t = np.arange(int(seconds * rate)) / rate
+        samples = 0.3 * np.sin(2 * np.pi * 220 * t)
+    tone = samples.astype(np.float32)
     buf = io.BytesIO()
     with av.open(buf, "w", format=container) as out:
         stream = out.add_stream(codec, rate=rate, layout="mono")
