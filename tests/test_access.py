@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,6 +13,7 @@ import pytest
 import websockets
 from audio_check import assert_speech, decode_mp3, decode_pcm
 from serverproc import ServerProcess
+from test_cli import rtserver
 
 KEY, ADMIN = "user-key-0123456789", "admin-key-0123456789"
 BODY = {"tts_text": "Only with a key.", "spk_id": "joe"}
@@ -88,11 +87,8 @@ def test_speakers_need_the_admin_key(locked):
 
 
 def say(srv: ServerProcess, out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rtserver", "say", "Spoken with a key.", "--url", srv.base_url,
-         "-o", str(out), *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "RTSERVER_API_KEY": ""},
-    )  # fmt: skip
+    return rtserver("say", "Spoken with a key.", "--url", srv.base_url, "-o", str(out), *args,
+                    env={"RTSERVER_API_KEY": ""})  # fmt: skip
 
 
 @pytest.mark.parametrize("route", [(), ("--ws",)])

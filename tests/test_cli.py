@@ -14,11 +14,16 @@ from serverproc import ROOT
 from rtserver.settings import ENV_PREFIX, Settings
 
 
-def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def rtserver(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`rtserver ARGS` in a process of its own (a minute at most)."""
     return subprocess.run(
-        [sys.executable, "-m", "rtserver", "serve", *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=60, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "rtserver", *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, env={**os.environ, **(env or {})},
     )  # fmt: skip
+
+
+def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return rtserver("serve", *args, env=env)
 
 
 def test_help_shows_each_flag_with_its_default_and_variable():
@@ -75,10 +80,7 @@ def test_a_model_that_cannot_load_is_one_clear_line(tmp_path, model, device, say
 
 def test_say_without_a_server_is_one_clear_line(tmp_path):
     for route in ((), ("--ws",)):
-        r = subprocess.run(
-            [sys.executable, "-m", "rtserver", "say", "Hello.", "--url", "http://127.0.0.1:1",
-             "-o", str(tmp_path / "x.mp3"), *route],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        r = rtserver("say", "Hello.", "--url", "http://127.0.0.1:1", "-o", str(tmp_path / "x.mp3"),
+                     *route)  # fmt: skip
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and "cannot reach" in lines[0], r.stderr
