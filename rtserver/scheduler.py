@@ -51,6 +51,7 @@ class Scheduler:
         serial: bool = False,
         first_audio_budget_s: float = 0.25,
         read_timeout_s: float = float("inf"),
+        client_share: int = 0,
         metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
@@ -60,6 +61,9 @@ class Scheduler:
         self.serial = serial  # benchmark baseline: one job at a time, start to finish
         self.first_audio_budget_s = first_audio_budget_s
         self.read_timeout_s = read_timeout_s  # a consumer that reads nothing this long is gone
+        # Streams one client runs at once (0: no limit). Below max_streams, a client's streams
+        # that read at real time for minutes cannot hold every slot: another client gets one.
+        self.client_share = client_share
         self.counters = Counters()
         self.metrics = metrics or Metrics()
         self.metrics.watch(self.snapshot)
@@ -117,8 +121,14 @@ class Scheduler:
 
     @property
     def contended(self) -> bool:
-        """Whether streams wait for a slot: then a slot held without use is given up sooner."""
-        return bool(self._waiting)
+        """Whether streams wait for a slot that is taken: then a slot held without use is given
+        up sooner. (One client's streams past its share wait with slots free: they wait for
+        that client's own, which keep their usual time.)"""
+        return bool(self._waiting) and len(self._running) >= self._slots
+
+    @property
+    def _slots(self) -> int:
+        return 1 if self.serial else self.max_streams
 
     def _at_capacity(self) -> bool:  # with the lock held
         return len(self._running) + len(self._waiting) >= self.max_streams + self.max_queue
@@ -232,12 +242,13 @@ class Scheduler:
         return now - (job.first_audio_at + job.channel.taken_s)
 
     def _admit(self) -> None:
-        limit = 1 if self.serial else self.max_streams
         while True:
             with self._lock:
-                if not self._waiting or len(self._running) >= limit:
+                if not self._waiting or len(self._running) >= self._slots:
                     return
                 job = self._next_waiting()
+                if job is None:
+                    return
                 self._running.append(job)
                 job.status = JobStatus.RUNNING
             try:
@@ -246,11 +257,16 @@ class Scheduler:
                 log.exception("job %d failed to start", job.id)
                 self._route(job, Failed(f"{type(exc).__name__}: {exc}"))
 
-    def _next_waiting(self) -> Job:  # with the lock held
+    def _next_waiting(self) -> Job | None:  # with the lock held
         """The waiting job to admit: the oldest of those whose client has the fewest streams
-        running, so one client's burst cannot keep every other client waiting behind it."""
+        running, so one client's burst cannot keep every other client waiting behind it; none
+        when every waiting job's client runs its share already."""
         running = Counter(j.client for j in self._running)
-        job = min(self._waiting, key=lambda j: running[j.client])  # the first of the fewest
+        share = self.client_share or self.max_streams
+        allowed = [j for j in self._waiting if running[j.client] < share]
+        if not allowed:
+            return None
+        job = min(allowed, key=lambda j: running[j.client])  # the first of the fewest
         self._waiting.remove(job)
         return job
 

@@ -118,6 +118,15 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
     return await done
 
 
+def client_share(settings: Settings) -> int:
+    """Streams one client address runs at once: with per-client limits on, all slots but one,
+    so that one address cannot hold them all for as long as its streams last (its other
+    streams wait as if the server were full); 0 (no limit) with them off, as in benchmarks."""
+    if settings.max_client_streams and settings.max_streams > 1:
+        return settings.max_streams - 1
+    return 0
+
+
 class TTSService:
     def __init__(
         self,
@@ -135,6 +144,7 @@ class TTSService:
             max_queue=settings.max_queue,
             serial=settings.scheduler == "serial",
             read_timeout_s=settings.read_timeout_s,
+            client_share=client_share(settings),
             metrics=metrics,
         )
         self.client_streams = ClientQuota("streams", settings.max_client_streams)

@@ -14,6 +14,7 @@ import pytest
 import websockets
 from audio_check import assert_speech, decode_pcm
 from serverproc import ServerProcess, eventually, rss_mb
+from test_connections import STRANGER
 from test_http_api import LONG_TEXT, error, message
 
 # A server with small limits, so each one is quick to reach.
@@ -258,8 +259,9 @@ def test_flushes_and_blank_text_do_not_keep_an_idle_context(tight):
 def test_idle_contexts_give_their_slots_up_while_others_wait(make_server):
     """A socket that kept its contexts alive with a word every 20 s (each restarts the idle
     timeout) held every slot for good. Alone on the server such contexts stay; once a stream
-    waits for a slot, a context with nothing to say gives its slot up after 5 s."""
-    srv = make_server("--max-streams", "2", "--no-warmup")
+    waits for a slot, a context with nothing to say gives its slot up after 5 s. (All from
+    one address: per-client limits off, or the hog could not take both slots.)"""
+    srv = make_server("--max-streams", "2", "--max-client-streams", "0", "--no-warmup")
 
     async def go() -> tuple[dict, float, list[dict]]:
         async with connect(srv) as hog, connect(srv) as other:
@@ -287,6 +289,39 @@ def test_idle_contexts_give_their_slots_up_while_others_wait(make_server):
     assert waited < 12, waited  # the default context timeout (30 s) would have kept it waiting
     assert {e["code"] for e in ended} == {"context_timeout"}
     assert all("others waited" in e["message"] for e in ended), ended
+    assert_idle(srv)
+
+
+def test_one_address_never_holds_every_slot(make_server):
+    """A client that opens as many streams as there are slots, and keeps them (here: contexts
+    it never speaks in; a stream read at real time holds its slot for up to --max-audio-s),
+    runs all but one: a client from another address gets the last slot at once."""
+    srv = make_server("--max-streams", "2", "--context-idle-timeout-s", "20", "--no-warmup")
+
+    async def go() -> tuple[dict, float, httpx.Response]:
+        async with connect(srv) as hog:
+            await recv_json(hog)
+            for i in range(2):
+                await send(hog, type="start", context_id=f"h{i}", spk_id="joe")
+                await until(hog, "started")
+            await asyncio.sleep(0.5)
+            held = srv.healthz()
+            t0 = time.monotonic()
+            transport = httpx.AsyncHTTPTransport(local_address=STRANGER)
+            async with httpx.AsyncClient(transport=transport, timeout=30) as stranger:
+                body = {"tts_text": "My turn.", "spk_id": "joe"}
+                r = await stranger.post(f"{srv.base_url}/tts/pcm", json=body)
+            waited = time.monotonic() - t0
+            for i in range(2):
+                await send(hog, type="cancel", context_id=f"h{i}")
+            return held, waited, r
+
+    held, waited, r = run(go())
+    assert (held["active"], held["queued"]) == (1, 1), held
+    assert r.status_code == 200, r.text
+    assert_speech(decode_pcm(r.content), 22050, min_seconds=0.3)
+    # Before, it waited for a hog's context to give its slot up (5 s, the contended rule).
+    assert waited < 4, waited
     assert_idle(srv)
 
 

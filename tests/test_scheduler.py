@@ -324,3 +324,37 @@ def test_admission_takes_turns_between_clients():
 
     started, burst, other = run(go())
     assert started == [burst[0], other, *burst[1:]]
+
+
+def test_one_client_never_runs_every_slot():
+    """Client a opens as many streams as there are slots and keeps them open: it runs its
+    share (all but one), its last waits with a slot free (not a contended server: a's running
+    streams keep their usual timeouts), and client b, coming later, gets that slot at once."""
+
+    async def go():
+        sched = Scheduler(ToneEngine(), max_streams=3, client_share=2)
+        sched.start()
+        try:
+            held = [make_job(sched, ["a"], close=False, client="a") for _ in range(3)]
+            await eventually(lambda: sched.snapshot()["active"] == 2)
+            await asyncio.sleep(0.2)  # a tick or two later: still only a's share
+            alone = sched.snapshot(), sched.contended
+            other = await drain(make_job(sched, ["b"], client="b"))
+            for job in held:
+                job.cancel()
+            await asyncio.gather(*(drain(j) for j in held))
+            return alone, other[-1], sched.snapshot()
+        finally:
+            sched.stop()
+
+    (alone, contended), other, after = run(go())
+    assert (alone["active"], alone["queued"], contended) == (2, 1, False)
+    assert isinstance(other, Done)
+    assert (after["active"], after["queued"]) == (0, 0)
+
+
+async def eventually(check, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.02)
