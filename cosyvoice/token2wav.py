@@ -41,7 +41,8 @@ sum carried in the request's :class:`~cosyvoice.hift.CausalVocoderState`
 ``speed``: non-stream: the whole mel is linearly resampled to ``int(T / speed)`` frames before the
 vocoder (upstream). Streaming (upstream refuses speed != 1 there): each chunk's new mel frames are
 resampled the same way before the HiFT cache is prepended, so the caches and cross-fades operate on
-the time-scaled signal and the output stays seamless; chunk durations scale by ``1/speed``.
+the time-scaled signal and the output stays seamless. Below speed 1 the longest hop shrinks with the
+speed (to 25 tokens at 0.25), so a chunk holds no more audio, and costs no more, than at speed 1.
 v1 (:class:`Token2WavV1`) refuses speed != 1 when streaming, like upstream.
 """
 
@@ -245,11 +246,22 @@ class Token2Wav:
 
     def _add(self, st: Token2WavState, new: list[int], final: bool) -> None:
         _append(st, new, final)
-        long = len(st.tokens) > self.cfg.max_whole_tokens
+        long = len(st.tokens) > self.cfg.max_whole_tokens * min(st.speed, 1.0)
         if st.input_done and not st.stream and long and self.cfg.flow_cache_mb > 0:
-            # too long for one flow call: in hops (the longest from the start) like a stream
-            st.stream, st.in_hops, st.hop = True, True, self.cfg.token_max_hop_len
+            # too long for one call: in hops (the longest from the start) like a stream
+            st.stream, st.in_hops, st.hop = True, True, self._max_hop(st)
             self._keep_flow_cache(st)
+
+    def _max_hop(self, st: Token2WavState) -> int:
+        """The longest hop, in tokens. Below speed 1 a token's audio is longer, and so is the
+        vocoder's work for it: hops shrink with the speed (to whole first hops, one at least),
+        so one request's chunk costs a step no more at speed 0.25 than at 1. Likewise a whole
+        utterance goes in hops past ``max_whole_tokens`` times the speed."""
+        cfg = self.cfg
+        if st.speed >= 1.0:
+            return cfg.token_max_hop_len
+        hops = int(cfg.token_max_hop_len * st.speed) // cfg.token_hop_len
+        return max(1, hops) * cfg.token_hop_len
 
     def ready(self, st: Token2WavState) -> bool:
         """Whether :meth:`step` would produce a chunk for this state now."""
@@ -396,7 +408,7 @@ class Token2Wav:
             st.done = True
         else:
             st.token_offset = j.n_tok - self.cfg.pre_lookahead_len
-            st.hop = min(self.cfg.token_max_hop_len, st.hop * self.cfg.stream_scale_factor)
+            st.hop = min(self._max_hop(st), st.hop * self.cfg.stream_scale_factor)
         st.n_chunks += 1
         st.n_samples += chunk.numel()
 

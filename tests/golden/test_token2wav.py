@@ -324,3 +324,27 @@ def test_v3_keeps_a_window_of_mel(t2w, spk, vocab):
         n += 1
         assert st.done or st.vocoder.mel.shape[-1] <= bound
     assert n == 5 and st.n_samples == 2 * 290 * 480
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_slow_speech_comes_in_chunks_no_longer_than_at_speed_one(t2w, spk, vocab):
+    """Speed 0.25 makes each token's audio (and the vocoder's work) four times longer: hops
+    shrink with the speed, so one request's chunk costs a step no more than at speed 1 (before,
+    a stream's 100-token hops were 16 s of audio each, and a whole utterance of 30 s of speech
+    two minutes in one call), and a whole utterance goes in hops past a quarter of the usual
+    length."""
+    emb = spk[_sft(spk)[0]]["embedding"]
+    toks = _random_tokens(400, 5, vocab)
+
+    def chunks(**kw) -> list[int]:
+        st = t2w.new_state(emb, **kw)
+        out = [t2w.step([(st, toks, True)])[0]]
+        while not st.done:
+            out.append(t2w.step([(st, [], True)])[0])
+        return [c.numel() for c in out]
+
+    longest = max(chunks(stream=True))  # at speed 1: a 100-token hop (4 s)
+    for kw in (dict(stream=True), dict(stream=False)):
+        slow = chunks(speed=0.25, **kw)
+        assert max(slow) <= 1.2 * longest, (kw, slow)  # a final chunk has the lookahead too
+        assert abs(sum(slow) - 4 * 2 * 400 * 480) <= 4 * 2 * 480 * 2, (kw, sum(slow))
