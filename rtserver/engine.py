@@ -97,6 +97,7 @@ class Job:
         self._open: int | None = None  # text streaming: the segment still taking fragments
         self._input_closed = False
         self._cancel = threading.Event()
+        self.ending: Failed | None = None  # why it was ended from outside, if not cancelled
 
     def add_segments(self, segments: list[str]) -> None:
         with self._lock:
@@ -160,7 +161,10 @@ class Job:
         with self._lock:
             return self._input_closed
 
-    def cancel(self) -> None:
+    def cancel(self, why: Failed | None = None) -> None:
+        """End the job at the scheduler's next tick: as Cancelled, or as `why` (a limit the
+        stream ran into: its client is told so, and it counts as dropped, not cancelled)."""
+        self.ending = why
         self._cancel.set()
 
     @property

@@ -22,7 +22,7 @@ SCHEDULER_COUNTERS = {
     "completed": "Jobs that finished with all their audio.",
     "cancelled": "Jobs cancelled by their client (disconnect, cancel, barge-in).",
     "failed": "Jobs the engine failed on.",
-    "dropped": "Jobs ended by a limit: the audio cap, a client that stopped reading.",
+    "dropped": "Jobs ended by a limit: the audio cap, a client that stopped reading, an idle context.",
     "rejected": "Jobs refused at capacity (503 / busy).",
     "steps": "Engine steps run.",
 }

@@ -35,7 +35,7 @@ class Counters:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0  # engine errors
-    dropped: int = 0  # ended by a limit: audio cap, a client that stopped reading
+    dropped: int = 0  # ended by a limit: audio cap, a client that stopped reading, an idle context
     rejected: int = 0
     steps: int = 0
     audio_s: float = 0.0  # audio produced for clients, all jobs together
@@ -204,7 +204,7 @@ class Scheduler:
         with self._lock:
             gone = [j for j in (*self._running, *self._waiting) if j.cancelled]
         for job in gone:
-            self._finish(job, Cancelled())
+            self._finish(job, job.ending or Cancelled())
 
     def _drop_stalled(self) -> None:
         """A client that stops reading holds a slot (and its audio) until this gives up on it:

@@ -224,8 +224,8 @@ class Session:
         """Nothing left to say: every submitted segment is spoken and no text is buffered."""
         return self._segments_done == len(self.texts) and not self.pending_text
 
-    def cancel(self) -> None:
-        self.job.cancel()
+    def cancel(self, why: Failed | None = None) -> None:
+        self.job.cancel(why)
         self._wake()
 
     def end(self) -> None:

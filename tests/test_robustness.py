@@ -205,6 +205,9 @@ def test_memory_is_handed_back_after_a_long_request(make_server):
 
 
 def test_empty_contexts_expire_and_free_their_slots(tight):
+    """...and count as dropped (a limit ended them), not as cancelled (a client's barge-in)."""
+    before = tight.healthz()
+
     async def go() -> tuple[dict, list[dict]]:
         async with connect(tight) as ws:
             ready = await recv_json(ws)
@@ -220,7 +223,9 @@ def test_empty_contexts_expire_and_free_their_slots(tight):
     assert held["active"] + held["queued"] == 3
     assert sorted(e["context_id"] for e in ended) == ["e0", "e1", "e2"]
     assert {e["code"] for e in ended} == {"context_timeout"}
-    assert_idle(tight)
+    after = assert_idle(tight)
+    assert after["dropped"] - before["dropped"] == 3
+    assert after["cancelled"] == before["cancelled"]
 
 
 def test_flushes_and_blank_text_do_not_keep_an_idle_context(tight):

@@ -91,7 +91,6 @@ class Context:
     flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segments)
     flush_count: int = 0
     cancelled: bool = False
-    timed_out: float | None = None  # ended for having nothing to say this many seconds
     closed: bool = False  # `close` received: no more text
     timestamps: bool = False  # send `words` before each `segment`
     pump: asyncio.Task | None = None
@@ -246,8 +245,7 @@ class WsSession:
             for ctx in list(self.contexts.values()):
                 idle = not ctx.closed and not ctx.cancelled and ctx.session.idle
                 if idle and now - ctx.last_active > limit:
-                    ctx.timed_out = limit
-                    self._cancel(ctx)
+                    self._cancel(ctx, self._timed_out(limit))
             if now - self.last_active > s.ws_idle_timeout_s:
                 message = f"no message and no audio for {s.ws_idle_timeout_s:g}s"
                 await self._error("idle_timeout", message)
@@ -386,11 +384,17 @@ class WsSession:
         self._stop_auto_flush(ctx)
         ctx.session.close()
 
-    def _cancel(self, ctx: Context) -> None:
-        # Stop forwarding now; the ack is sent once the scheduler has dropped the job.
+    def _cancel(self, ctx: Context, why: Failed | None = None) -> None:
+        # Stop forwarding now; the ack (or `why`) is sent once the scheduler has dropped the job.
         ctx.cancelled = True
         self._stop_auto_flush(ctx)
-        ctx.session.cancel()
+        ctx.session.cancel(why)
+
+    def _timed_out(self, limit: float) -> Failed:
+        why = f"nothing to say for {limit:g}s"
+        if limit < self.settings.context_idle_timeout_s:
+            why += " while others waited for a slot"
+        return Failed(f"{why}; the context has ended", code="context_timeout")
 
     def _drop(self, ctx: Context) -> None:
         """The socket is gone: free everything of this context."""
@@ -451,10 +455,4 @@ class WsSession:
             return DoneMsg(context_id=ctx.id, **dataclasses.asdict(event))
         if isinstance(event, Failed):
             return ErrorMsg(code=event.code, message=event.message, context_id=ctx.id)
-        if ctx.timed_out is not None:
-            why = f"nothing to say for {ctx.timed_out:g}s"
-            if ctx.timed_out < self.settings.context_idle_timeout_s:
-                why += " while others waited for a slot"
-            message = f"{why}; the context has ended"
-            return ErrorMsg(code="context_timeout", message=message, context_id=ctx.id)
         return CancelledMsg(context_id=ctx.id)
