@@ -71,15 +71,20 @@ def check_word_times(spoken: list[tuple[str, float]], text: str, audio_s: float)
 # ---- Pipecat ------------------------------------------------------------------------------
 
 
-async def pipecat_run(base_url: str, frames: list, **kwargs: object) -> list:
+async def pipecat_frames(base_url: str, frames: list, **kwargs: object) -> tuple[list, list]:
+    """The frames the service pushed downstream and upstream (where errors go)."""
     from pipecat.pipeline.worker import PipelineParams
     from pipecat.tests.utils import run_test
     from rtserver_client.pipecat import RTServerTTSService
 
     tts = RTServerTTSService(base_url=base_url, voice="joe", **kwargs)
     params = PipelineParams(audio_out_sample_rate=RATE)
-    down, _ = await run_test(tts, frames_to_send=frames, pipeline_params=params)
-    return list(down)
+    down, up = await run_test(tts, frames_to_send=frames, pipeline_params=params)
+    return list(down), list(up)
+
+
+async def pipecat_run(base_url: str, frames: list, **kwargs: object) -> list:
+    return (await pipecat_frames(base_url, frames, **kwargs))[0]
 
 
 def pipecat_turn(base_url: str, frames: list, **kwargs: object) -> list:
@@ -164,6 +169,45 @@ def test_pipecat_word_timestamps(server, sends_words):
     assert len(texts) >= len(words_of(TURN)) - 1, "one text frame per word, timed"
     t0 = min(f.pts for f in texts)
     check_word_times([(f.text, (f.pts - t0) / 1e9) for f in texts], TURN, audio_s)
+
+
+def test_pipecat_agent_silent_past_the_socket_timeout_gets_no_error(make_server):
+    """The server closes a socket with no message for --ws-idle-timeout-s: the service
+    reconnects, as on any close, and the agent's next turn is spoken. It used to push an
+    ErrorFrame for each such close (one a minute for an agent waiting on its user)."""
+    from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSSpeakFrame
+    from pipecat.tests.utils import SleepFrame
+
+    srv = make_server("--ws-idle-timeout-s", "1", "--no-warmup")
+    frames = [SleepFrame(sleep=2.5), TTSSpeakFrame(TURN)]
+    down, up = run(pipecat_frames(srv.base_url, frames))
+    errors = [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    assert not errors, errors
+    pcm = decode_pcm(b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame)))
+    assert_speech(pcm, RATE, min_seconds=2.5)
+    # The server did close the idle socket meanwhile: the service opened another.
+    assert srv.log().count('"WebSocket /ws/tts" [accepted]') >= 2
+
+
+def test_livekit_refused_key_fails_at_once(make_server):
+    """A server that refuses the key (403 on the upgrade) refuses it again: the plugin says so
+    in a final error instead of "unreachable", retried three times over four seconds."""
+    from livekit.agents import APIStatusError
+    from rtserver_client.livekit import TTS
+
+    srv = make_server("--api-key", "right-key-123", "--no-warmup")
+
+    async def go() -> None:
+        tts = TTS(base_url=srv.base_url, voice="joe", api_key="wrong-key-123")
+        try:
+            await tts.synthesize(TURN).collect()
+        finally:
+            await tts.aclose()
+
+    with pytest.raises(APIStatusError) as refused:
+        run(go())
+    assert refused.value.status_code == 403 and not refused.value.retryable
+    assert srv.log().count('"WebSocket /ws/tts" 403') == 1  # asked once, not retried
 
 
 # ---- LiveKit Agents -----------------------------------------------------------------------

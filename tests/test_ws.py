@@ -303,8 +303,17 @@ def test_client_error_helpers_raise(server):
             # the built-in voice cannot stream text into a running model
             with pytest.raises(ServerError, match="unsupported_option"):
                 await conn.start(spk_id="joe", text_streaming=True)
+            # An id that is open: refused here (the server's refusal carries that id, and the
+            # client would lose track of the open context it belongs to).
+            ctx = await conn.start(spk_id="joe", context_id="twice", text="Hello there.")
+            with pytest.raises(ValueError, match="twice"):
+                await conn.start(spk_id="joe", context_id="twice")
+            await ctx.close()
+            return await ctx.collect()
 
-    run(go())
+    result = run(go())
+    assert result.done is not None, result.events
+    assert_speech(decode_pcm(result.audio), 22050, min_seconds=0.5)
 
 
 def test_idle_socket_is_closed(make_server):

@@ -234,6 +234,8 @@ class Connection:
         fragments feed the model as they arrive (CosyVoice2/3), a flush ends the piece.
         ``timestamps``: ask for a `words` event (word timings) before each `segment`."""
         cid = context_id or f"ctx-{next(_ids)}"
+        if cid in self.contexts:  # the server's refusal would carry the open context's id
+            raise ValueError(f"context {cid!r} is open on this connection")
         ctx = Context(self, cid)
         self.contexts[cid] = ctx
         await self.send(Start(context_id=cid, spk_id=spk_id, format=format,

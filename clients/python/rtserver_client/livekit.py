@@ -25,10 +25,12 @@ from livekit.agents import (
     APIConnectionError,
     APIConnectOptions,
     APIError,
+    APIStatusError,
     tts,
     utils,
 )
 from livekit.agents.types import TimedString
+from websockets.http11 import Response
 
 from rtserver_client.client import Connection, Context, ServerError, TTSClient
 from rtserver_client.protocol import Done, Error, Words
@@ -88,6 +90,8 @@ class TTS(tts.TTS):
             if self._conn is None or self._conn.closed:
                 try:
                     self._conn = await self._client.open()
+                except websockets.InvalidStatus as e:
+                    raise _refused(e.response) from e
                 except (OSError, websockets.InvalidHandshake) as e:
                     raise APIConnectionError(f"rtserver unreachable: {e}") from e
             return self._conn
@@ -127,6 +131,18 @@ class TTS(tts.TTS):
             await self._conn.aclose()
             self._conn = None
         await self._client.http.aclose()
+
+
+def _refused(response: Response) -> APIStatusError:
+    """The server answered the upgrade with a refusal: a key or origin it does not accept is
+    refused again on a retry (APIStatusError makes 4xx final, 429 and 5xx retryable)."""
+    detail = response.body.decode(errors="replace")[:200] if response.body else ""
+    return APIStatusError(
+        f"rtserver refused the connection (HTTP {response.status_code}) {detail}".strip(),
+        status_code=response.status_code,
+        request_id=response.headers.get("x-request-id"),
+        body=detail or None,
+    )
 
 
 async def _relay(ctx: Context, emitter: tts.AudioEmitter, word_timestamps: bool) -> None:

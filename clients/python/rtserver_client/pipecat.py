@@ -232,6 +232,8 @@ class RTServerTTSService(WebsocketTTSService):
             )
         elif isinstance(msg, Done | Cancelled):
             await self._end_context(msg.context_id)
+        elif isinstance(msg, Error) and self._quiet(msg):
+            logger.debug(f"{self}: rtserver {msg.code}: {msg.message}")
         elif isinstance(msg, Error):
             await self.push_error(error_msg=f"rtserver {msg.code}: {msg.message}")
             # An ending error, or a refused `start` (no `started` yet), ends the context.
@@ -239,6 +241,14 @@ class RTServerTTSService(WebsocketTTSService):
                 await self._end_context(context_id)
         else:
             logger.trace(f"{self}: {msg!r}")
+
+    def _quiet(self, error: Error) -> bool:
+        """Errors that are no news to the pipeline: an idle socket closed by the server (the
+        service reconnects, as on any close), and text that was on its way to a context the
+        server had already refused or ended (that was reported)."""
+        if error.code == "idle_timeout":
+            return True
+        return error.code == "unknown_context" and error.context_id not in self._opened
 
     async def _end_context(self, context_id: str) -> None:
         if self._opened.pop(context_id, None) is None:
