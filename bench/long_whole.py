@@ -1,10 +1,12 @@
 """One long whole (non-stream) utterance against everyone else's short requests.
 
     uv run python bench/long_whole.py --model DIR [--chars 1500] [--every 0.5] [--count 60]
+        [--speed 1.0]
 
 A text with no punctuation (`--chars` characters of one sentence's words) is one segment;
 spoken whole (`stream` false) it is vocoded in hops once it is longer than 30 s, each later
-hop costlier than the last. Meanwhile another
+hop costlier than the last (`--speed` below 1 makes each token's audio, and the vocoder's work
+for it, longer: hops and the whole-utterance threshold shrink with it). Meanwhile another
 client sends a one-sentence `/tts/pcm` request every `--every` seconds. Prints how long the
 long request took (and its audio), and the short requests' time to their last byte.
 """
@@ -33,14 +35,14 @@ async def timed(client: httpx.AsyncClient, body: dict) -> tuple[float, int | Non
     return time.monotonic() - t0, len(r.content) // 2 // int(r.headers["X-Sample-Rate"])
 
 
-async def run(base: str, speaker: str, chars: int, every: float, count: int) -> None:
+async def run(base: str, speaker: str, chars: int, every: float, count: int, speed: float) -> None:
     words = WORDS.split()
     text = " ".join(words[i % len(words)] for i in range(chars))[:chars]
     short = {"tts_text": "Hello there, this is short.", "spk_id": speaker}
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         await timed(client, short)  # warm
         long = asyncio.create_task(
-            timed(client, {"tts_text": text, "spk_id": speaker, "stream": False})
+            timed(client, {"tts_text": text, "spk_id": speaker, "stream": False, "speed": speed})
         )
         shorts = []
         for _ in range(count):
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=1500)
     ap.add_argument("--every", type=float, default=0.5)
     ap.add_argument("--count", type=int, default=60)
+    ap.add_argument("--speed", type=float, default=1.0, help="of the long request")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as speakers:
         srv = ServerProcess(
@@ -70,7 +73,9 @@ def main() -> None:
             "--max-queue", "8",
         ).wait_ready(timeout=300)  # fmt: skip
         try:
-            asyncio.run(run(srv.base_url, args.speaker, args.chars, args.every, args.count))
+            asyncio.run(
+                run(srv.base_url, args.speaker, args.chars, args.every, args.count, args.speed)
+            )
         finally:
             srv.stop()
 
