@@ -163,8 +163,10 @@ class Job:
 
     def cancel(self, why: Failed | None = None) -> None:
         """End the job at the scheduler's next tick: as Cancelled, or as `why` (a limit the
-        stream ran into: its client is told so, and it counts as dropped, not cancelled)."""
-        self.ending = why
+        stream ran into: its client is told so, and it counts as dropped, not cancelled). The
+        first call decides."""
+        if not self._cancel.is_set():
+            self.ending = why
         self._cancel.set()
 
     @property
