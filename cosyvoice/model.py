@@ -423,13 +423,7 @@ class CosyVoiceModel:
         v3 needs ``<|endofprompt|>`` in prompt text ++ text (spec §5.3); if it is missing, the
         canonical system prefix is put in front of the prompt transcript (zero-shot) or of
         the text (SFT), as upstream's examples do."""
-        prompt_text: list[int] = []
-        prompt_speech: list[int] = []
-        embedding = None
-        if speaker is not None:
-            spk = self._voice(speaker)
-            prompt_text, prompt_speech = list(spk.prompt_text_ids), spk.prompt_speech_tokens
-            embedding = spk.embedding  # only the v1 LLM reads it
+        prompt_text, prompt_speech, embedding = self._prompt(speaker)
         text_ids = self.frontend.encode(text)
         if self.family == "v3":
             eop = self.frontend.tokenizer.token_to_id("<|endofprompt|>")
@@ -448,8 +442,15 @@ class CosyVoiceModel:
             embedding=embedding,
         )
 
-    def _voice(self, speaker: str | Speaker) -> Speaker:
-        return speaker if isinstance(speaker, Speaker) else self.speakers.get(speaker)
+    def _prompt(
+        self, speaker: str | Speaker | None
+    ) -> tuple[list[int], list[int], torch.Tensor | None]:
+        """The speaker's prompt transcript ids, prompt speech tokens and embedding (only the v1
+        LLM reads it); none for no speaker. A name is looked up, a Speaker taken as it is."""
+        if speaker is None:
+            return [], [], None
+        spk = speaker if isinstance(speaker, Speaker) else self.speakers.get(speaker)
+        return list(spk.prompt_text_ids), spk.prompt_speech_tokens, spk.embedding
 
     def new_stream_request(
         self, speaker: str | Speaker | None = None, seed: int = 0, greedy: bool = False
@@ -458,11 +459,7 @@ class CosyVoiceModel:
         as it arrives, end with ``r.close_text()``; step it whenever ``r.ready``."""
         if not self.text_streaming:
             raise NotImplementedError("text-streaming input needs a v2/v3 model")
-        prompt_text: list[int] = []
-        prompt_speech: list[int] = []
-        if speaker is not None:
-            spk = self._voice(speaker)
-            prompt_text, prompt_speech = list(spk.prompt_text_ids), spk.prompt_speech_tokens
+        prompt_text, prompt_speech, _ = self._prompt(speaker)
         eop = None
         if self.family == "v3":
             eop = self.frontend.tokenizer.token_to_id("<|endofprompt|>")
