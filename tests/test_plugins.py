@@ -189,6 +189,41 @@ def test_pipecat_agent_silent_past_the_socket_timeout_gets_no_error(make_server)
     assert srv.log().count('"WebSocket /ws/tts" [accepted]') >= 2
 
 
+@pytest.mark.parametrize("mode", ["sentence", "token"])
+def test_pipecat_turn_outlives_a_context_timeout(make_server, mode):
+    """The LLM pauses mid-reply longer than --context-idle-timeout-s, and the server ends the
+    turn's context: the turn goes on in a new context, one TTSStarted .. TTSStopped around all
+    its audio and no ErrorFrame. It used to push an ErrorFrame and a TTSStoppedFrame, then a
+    second TTSStartedFrame when the LLM went on."""
+    from pipecat.frames.frames import (
+        ErrorFrame,
+        TTSAudioRawFrame,
+        TTSStartedFrame,
+        TTSStoppedFrame,
+    )
+    from pipecat.services.tts_service import TextAggregationMode
+    from pipecat.tests.utils import SleepFrame
+
+    srv = make_server("--context-idle-timeout-s", "1", "--no-warmup")
+    start, *first = llm_reply("Hello there. The weather is lovely today.")[:-1]
+    *second, end = llm_reply("So let us go for a walk in the park.")[1:]
+    frames = [start, *first, SleepFrame(sleep=4.5), *second, end]
+    mode = TextAggregationMode(mode)
+    # Pipecat itself ends a turn's audio after stop_frame_timeout_s (3 s) without any: set
+    # above the pause, so that what is tested is the server's timeout (1 s; in TOKEN mode after
+    # the 1.5 s auto-flush speaks the held sentence end) alone.
+    kwargs = {"text_aggregation_mode": mode, "stop_frame_timeout_s": 10}
+    down, up = run(pipecat_frames(srv.base_url, frames, **kwargs))
+    assert not [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    kinds = [type(f) for f in down]
+    assert kinds.count(TTSStartedFrame) == 1 and kinds.count(TTSStoppedFrame) == 1, kinds
+    first, last = kinds.index(TTSStartedFrame), kinds.index(TTSStoppedFrame)
+    assert all(first < i < last for i, k in enumerate(kinds) if k is TTSAudioRawFrame)
+    pcm = decode_pcm(b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame)))
+    assert_speech(pcm, RATE, min_seconds=3.5)
+    assert srv.assert_idle()["dropped"] >= 1  # the pause did end a server context
+
+
 def test_livekit_refused_key_fails_at_once(make_server):
     """A server that refuses the key (403 on the upgrade) refuses it again: the plugin says so
     in a final error instead of "unreachable", retried three times over four seconds."""
@@ -246,6 +281,38 @@ def test_livekit_stream_speaks_pushed_text(server):
     assert len(pcm) / RATE < 10, "far more audio than the text"
     assert events[-1].is_final and len({e.segment_id for e in events}) == 1
     server.assert_idle()
+
+
+def test_livekit_stream_outlives_a_context_timeout(make_server, sends_words):
+    """The LLM pauses mid-reply past --context-idle-timeout-s and the server ends the stream's
+    context: the next text goes on in a new one, in the same segment, word times continuing
+    from the first context's audio. The stream used to fail with "ended the context"."""
+    need_words(sends_words)
+    from rtserver_client.livekit import TTS
+
+    srv = make_server("--context-idle-timeout-s", "1", "--no-warmup")
+    first, second = "Hello there. The weather is lovely today.", "So let us go for a walk."
+
+    async def go() -> list:
+        tts = TTS(base_url=srv.base_url, voice="joe", sample_rate=RATE)
+        try:
+            async with tts.stream() as stream:
+                stream.push_text(first)
+                # The LLM pauses: the server speaks the held sentence end after its 1.5 s
+                # auto-flush, then has nothing to say.
+                await asyncio.sleep(4.5)
+                stream.push_text(second)
+                stream.end_input()
+                return [ev async for ev in stream]
+        finally:
+            await tts.aclose()
+
+    events = run(go())
+    pcm, timed = livekit_frames(events)
+    assert_speech(pcm, RATE, min_seconds=3.5)
+    check_word_times([(str(w), w.start_time) for w in timed], f"{first} {second}", len(pcm) / RATE)
+    assert events[-1].is_final and len({e.segment_id for e in events}) == 1
+    assert srv.assert_idle()["dropped"] == 1  # the pause did end a server context
 
 
 def test_livekit_synthesize_one_shot(server):

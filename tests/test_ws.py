@@ -316,6 +316,29 @@ def test_client_error_helpers_raise(server):
     assert_speech(decode_pcm(result.audio), 22050, min_seconds=0.5)
 
 
+def test_client_text_to_an_ended_context_spoils_no_later_start(server):
+    """Text can cross a context's end on the wire (the server timed it out, or it was done):
+    the server's `unknown_context` for it names that context, and the client used to queue it
+    as the answer to the next `start` on the socket, which then raised though the server had
+    started that context."""
+
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ended = await conn.start(spk_id="joe", text="Hi there.")
+            await ended.close()
+            await ended.collect()
+            await ended.send("More text, too late.")
+            await asyncio.sleep(0.3)  # the refusal is in
+            ctx = await conn.start(spk_id="joe", text="Hello there.")
+            await ctx.close()
+            return await ctx.collect()
+
+    result = run(go())
+    assert result.done is not None, result.events
+    assert_speech(decode_pcm(result.audio), 22050, min_seconds=0.5)
+    server.assert_idle()
+
+
 def test_idle_socket_is_closed(make_server):
     srv = make_server("--ws-idle-timeout-s", "1", "--no-warmup")
 

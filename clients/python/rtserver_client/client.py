@@ -105,6 +105,9 @@ class Context:
         self.id = context_id
         self.started: Started | None = None
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        # What ended it (done, cancelled, an ending error), as soon as that arrives: the
+        # reader of events() may not have reached it yet.
+        self.ending: Event | None = None
 
     @property
     def sample_rate(self) -> int:
@@ -176,7 +179,8 @@ class Connection:
             # Every awaitable ends: whatever is still open learns the socket is gone.
             gone = Error(code="connection_closed", message="the server closed the socket")
             for ctx in list(self.contexts.values()):
-                ctx.queue.put_nowait(Error(gone.code, gone.message, ctx.id))
+                ctx.ending = Error(gone.code, gone.message, ctx.id)
+                ctx.queue.put_nowait(ctx.ending)
             self.contexts.clear()
             self.errors.put_nowait(gone)
 
@@ -187,9 +191,12 @@ class Connection:
             if ctx := self.streams.get(stream):
                 ctx.queue.put_nowait(payload)
             return
-        ctx = self.contexts.get(getattr(msg, "context_id", None) or "")
+        context_id = getattr(msg, "context_id", None)
+        ctx = self.contexts.get(context_id or "")
         if ctx is None:
-            if isinstance(msg, Error):
+            # Only an error without an id can answer a `start` (the server could not read
+            # it); one about a context that has ended (text crossed its end) is no news.
+            if isinstance(msg, Error) and not context_id:
                 self.errors.put_nowait(msg)
             return
         if isinstance(msg, Started):
@@ -197,6 +204,7 @@ class Connection:
             self.streams[msg.stream] = ctx
         ctx.queue.put_nowait(msg)
         if _ends(msg):
+            ctx.ending = msg
             self._release(ctx)  # finished: nothing more comes for it
 
     def _release(self, ctx: Context) -> None:

@@ -1,7 +1,8 @@
 """A LiveKit Agents TTS plugin for rtserver: `pip install "rtserver-client[livekit]"`.
 
 `stream()` opens one server context per stream and sends text as the agent's LLM produces it
-(the server cuts sentences itself); `flush()` of the input is a `flush` (speak what is
+(the server cuts sentences itself; if the LLM pauses past the server's context timeout, the
+next text goes on in a new context, in the same segment); `flush()` of the input is a `flush` (speak what is
 buffered now) and the end of input a `close`. Closing a stream early (barge-in) sends
 `cancel`, so the server stops synthesizing at once. `synthesize()` is the one-shot form. All
 streams of a TTS share one WebSocket: the protocol multiplexes contexts on it. With
@@ -145,30 +146,41 @@ def _refused(response: Response) -> APIStatusError:
     )
 
 
-async def _relay(ctx: Context, emitter: tts.AudioEmitter, word_timestamps: bool) -> None:
-    """Pass a context's audio and word timings to the emitter until it is done."""
-    last: object = None
+def _lapsed(ctx: Context) -> bool:
+    """Whether the server ended the context for having nothing to say (the agent's LLM
+    paused longer than its context timeout): the stream goes on in a new context."""
+    return isinstance(ctx.ending, Error) and ctx.ending.code == "context_timeout"
+
+
+async def _relay(ctx: Context, emitter: tts.AudioEmitter, words: bool, start_s: float) -> float:
+    """Pass a context's audio and word timings to the emitter until it ends; its audio starts
+    `start_s` into the segment. Returns the seconds of audio passed."""
+    audio = 0
     async for item in ctx.events():  # ends after done, cancelled or an ending error
         if isinstance(item, bytes):
             emitter.push(item)
-        elif isinstance(item, Words) and word_timestamps:
-            # Word times are in the context's audio, which is LiveKit's segment.
+            audio += len(item)
+        elif isinstance(item, Words) and words:
             emitter.push_timed_transcript(
                 [
-                    TimedString(w.word + " ", start_time=w.start_ms / 1e3, end_time=w.end_ms / 1e3)
+                    TimedString(
+                        w.word + " ",
+                        start_time=start_s + w.start_ms / 1e3,
+                        end_time=start_s + w.end_ms / 1e3,
+                    )
                     for w in item.words
                 ]
             )
-        elif isinstance(item, Error):
+        elif isinstance(item, Error) and not _lapsed(ctx):
             logger.warning("rtserver %s: %s", item.code, item.message)
-        last = item
-    if not isinstance(last, Done):
-        raise APIError(f"rtserver ended the context: {last!r}", retryable=False)
+    if not isinstance(ctx.ending, Done) and not _lapsed(ctx):
+        raise APIError(f"rtserver ended the context: {ctx.ending!r}", retryable=False)
+    return audio / (2 * ctx.sample_rate)  # s16le mono
 
 
-async def _cancel_unless_finished(ctx: Context, finished: bool) -> None:
-    """A stream closed before `done` (barge-in) cancels its context on the server."""
-    if not finished and not ctx.conn.closed:
+async def _cancel_if_open(ctx: Context) -> None:
+    """A stream closed before its context ended (barge-in) cancels it on the server."""
+    if ctx.ending is None and not ctx.conn.closed:
         with contextlib.suppress(Exception):
             await ctx.cancel()
 
@@ -188,13 +200,11 @@ class ChunkedStream(tts.ChunkedStream):
             num_channels=1,
             mime_type="audio/pcm",
         )
-        finished = False
         try:
             await ctx.close()
-            await _relay(ctx, output_emitter, self._rt.word_timestamps)
-            finished = True
+            await _relay(ctx, output_emitter, self._rt.word_timestamps, 0.0)
         finally:
-            await _cancel_unless_finished(ctx, finished)
+            await _cancel_if_open(ctx)
 
 
 class SynthesizeStream(tts.SynthesizeStream):
@@ -214,23 +224,41 @@ class SynthesizeStream(tts.SynthesizeStream):
             stream=True,
         )
         output_emitter.start_segment(segment_id=ctx.id)
+        # The contexts the segment's audio comes from, in order: one, unless the server ends
+        # one for idling while the LLM pauses; then the next text opens another.
+        contexts: asyncio.Queue[Context | None] = asyncio.Queue()
+        contexts.put_nowait(ctx)
 
         async def send_text() -> None:
-            async for data in self._input_ch:
-                if isinstance(data, self._FlushSentinel):
-                    await ctx.flush()
-                else:
+            nonlocal ctx
+            try:
+                async for data in self._input_ch:
+                    if isinstance(data, self._FlushSentinel):
+                        if ctx.ending is None:
+                            await ctx.flush()
+                        continue
                     self._mark_started()
+                    if _lapsed(ctx):
+                        ctx = await self._rt._start()
+                        contexts.put_nowait(ctx)
                     await ctx.send(data)
-            await ctx.close()
+                if ctx.ending is None:
+                    await ctx.close()
+            finally:
+                contexts.put_nowait(None)
 
-        finished = False
+        async def relay() -> None:
+            start_s = 0.0
+            while (each := await contexts.get()) is not None:
+                start_s += await _relay(each, output_emitter, self._rt.word_timestamps, start_s)
+                if not _lapsed(each):
+                    return
+
         sender = asyncio.create_task(send_text(), name="rtserver.send_text")
         try:
-            await _relay(ctx, output_emitter, self._rt.word_timestamps)
+            await relay()
             await sender  # surfaces a failed send
-            finished = True
         finally:
             await utils.aio.cancel_and_wait(sender)
-            await _cancel_unless_finished(ctx, finished)
+            await _cancel_if_open(ctx)
         output_emitter.end_segment()

@@ -98,6 +98,9 @@ class RTServerTTSService(WebsocketTTSService):
         # stream numbers that tag their binary audio frames.
         self._opened: dict[str, bool] = {}
         self._streams: dict[int, str] = {}
+        # Turns whose server context ended on `context_timeout` while the LLM paused: the
+        # turn goes on (no TTSStoppedFrame), and its next text opens a new server context.
+        self._lapsed: set[str] = set()
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -166,6 +169,7 @@ class RTServerTTSService(WebsocketTTSService):
             if not self._websocket or self._websocket.state is not State.OPEN:
                 await self._connect()
             if context_id not in self._opened:
+                self._lapsed.discard(context_id)
                 self._opened[context_id] = False
                 await self._send(
                     Start(
@@ -195,10 +199,14 @@ class RTServerTTSService(WebsocketTTSService):
         context_id = context_id or self.get_active_audio_context_id()
         if context_id in self._opened and self._websocket:
             await self._send(Close(context_id=context_id))
+        elif context_id in self._lapsed:
+            self._lapsed.discard(context_id)
+            await self._stop_audio_context(context_id)
 
     async def on_audio_context_interrupted(self, context_id: str) -> None:
         """Barge-in: `cancel` drops the job on the server within one engine step."""
         await self.stop_all_metrics()
+        self._lapsed.discard(context_id)
         if context_id in self._opened and self._websocket:
             await self._send(Cancel(context_id=context_id))
         await super().on_audio_context_interrupted(context_id)
@@ -232,6 +240,12 @@ class RTServerTTSService(WebsocketTTSService):
             )
         elif isinstance(msg, Done | Cancelled):
             await self._end_context(msg.context_id)
+        elif (
+            isinstance(msg, Error) and msg.code == "context_timeout" and context_id in self._opened
+        ):
+            logger.debug(f"{self}: rtserver context {context_id} timed out; the turn goes on")
+            self._forget(context_id)
+            self._lapsed.add(context_id)
         elif isinstance(msg, Error) and self._quiet(msg):
             logger.debug(f"{self}: rtserver {msg.code}: {msg.message}")
         elif isinstance(msg, Error):
@@ -250,10 +264,18 @@ class RTServerTTSService(WebsocketTTSService):
             return True
         return error.code == "unknown_context" and error.context_id not in self._opened
 
-    async def _end_context(self, context_id: str) -> None:
+    def _forget(self, context_id: str) -> bool:
+        """Drop a server context this socket had opened; False if it had none by that id."""
         if self._opened.pop(context_id, None) is None:
-            return
+            return False
         self._streams = {s: c for s, c in self._streams.items() if c != context_id}
+        return True
+
+    async def _end_context(self, context_id: str) -> None:
+        if self._forget(context_id):
+            await self._stop_audio_context(context_id)
+
+    async def _stop_audio_context(self, context_id: str) -> None:
         if self.audio_context_available(context_id):
             await self.stop_ttfb_metrics()
             await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
