@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-from serverproc import ROOT
+from golden.conftest import resolve_golden_dir
 
 from rtserver.engine import Chunk, Done, Job
 
-GOLDEN = Path(os.environ.get("COSYVOICE_GOLDEN") or ROOT.parent / "shared" / "golden")
+GOLDEN = resolve_golden_dir()
 MODEL = GOLDEN / "cosyvoice2" / "model"
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"no golden model dir at {MODEL}")
 

@@ -14,12 +14,13 @@ import httpx
 import numpy as np
 import pytest
 from audio_check import assert_speech, decode_mp3, decode_pcm
-from serverproc import ROOT, ServerProcess, rss_mb
+from golden.conftest import resolve_golden_dir
+from serverproc import ServerProcess, rss_mb
 from test_prompt_audio import encode
 
 from rtserver.client import TTSClient
 
-GOLDEN = Path(os.environ.get("COSYVOICE_GOLDEN") or ROOT.parent / "shared" / "golden")
+GOLDEN = resolve_golden_dir()
 MODEL = GOLDEN / "cosyvoice2" / "model"
 TEXT = "你好，今天天气很好。我们去公园散步吧。Hello there, this is a test of the server."
 LONG = "".join(f"第{i}句话说的是今天的天气很好，我们一起去公园散步吧。" for i in range(20))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from golden.conftest import resolve_golden_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # wetext is in the project's dependencies; a bare GPU box running the parity tests on CUDA
@@ -33,15 +34,9 @@ WETEXT = importlib.util.find_spec("wetext") is not None
 TEST_DEVICE = os.environ.get("COSYVOICE_TEST_DEVICE", "cpu")
 
 
-def golden_root() -> Path:
-    """``$COSYVOICE_GOLDEN``, else ``<repo>/../shared/golden``."""
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "golden"
-
-
 def family_dir(name: str) -> Path:
     """The folder of one family's fixtures, e.g. ``family_dir("cosyvoice2")``."""
-    return golden_root() / name
+    return resolve_golden_dir() / name
 
 
 def needs(path: Path) -> pytest.MarkDecorator:
