@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -483,6 +484,12 @@ def test_ws_bad_frames_and_text_get_errors_and_the_socket_survives(server):
     assert_idle(server)
 
 
+def children(pid: int) -> list[int]:
+    """The processes a process started (its phonemizer, for the built-in voice)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
 def test_out_of_file_handles_fails_the_request_instead_of_speaking_silence(make_server):
     """espeak-ng reopens its dictionary for every request and, when it cannot, says nothing
     and raises nothing: a request must fail then, not answer 200 with a short silence."""
@@ -492,17 +499,45 @@ def test_out_of_file_handles_fails_the_request_instead_of_speaking_silence(make_
     with httpx.Client(base_url=srv.base_url, timeout=60) as client:
         body = {"tts_text": "Hello there, how are you today?", "spk_id": "joe"}
         assert client.post("/tts/pcm", json=body).status_code == 200  # the connection is kept
-        limits = resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE)
-        resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (3, limits[1]))  # no new files
+        (espeak,) = children(srv.proc.pid)  # espeak-ng runs in a child process
+        limits = resource.prlimit(espeak, resource.RLIMIT_NOFILE)
+        resource.prlimit(espeak, resource.RLIMIT_NOFILE, (3, limits[1]))  # no new files
         try:
             starved = client.post("/tts/pcm", json=body)
         finally:
-            resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, limits)
+            resource.prlimit(espeak, resource.RLIMIT_NOFILE, limits)
         assert starved.status_code == 500, (starved.status_code, len(starved.content))
         assert "espeak" in starved.json()["detail"]
         again = client.post("/tts/pcm", json=body)
     assert again.status_code == 200
     assert_speech(decode_pcm(again.content), 22050, min_seconds=1.0)
+    assert_idle(srv)
+
+
+@pytest.mark.parametrize("text", ["a." * 97, "U.S." * 50])
+def test_text_that_crashes_espeak_fails_one_request_only(make_server, text):
+    """espeak-ng (piper-tts 1.8) segfaults on a run of dotted letters. It ran in the server's
+    process, so one such request killed every stream and connection. Now it fails that request;
+    a stream already running goes on, the next request is spoken and the counters go back."""
+    srv = make_server("--no-warmup")
+
+    async def go() -> tuple[httpx.Response, bytes, httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
+            long = {"tts_text": LONG_TEXT, "spk_id": "joe", "stream": True}
+            async with client.stream("POST", "/tts/pcm", json=long) as running:
+                pieces = running.aiter_bytes()
+                audio = [await anext(pieces)]  # it is under way
+                bad = await client.post("/tts/pcm", json={"tts_text": text, "spk_id": "joe"})
+                audio += [piece async for piece in pieces]
+            body = {"tts_text": "Hello there, how are you?", "spk_id": "joe"}
+            return bad, b"".join(audio), await client.post("/tts/pcm", json=body)
+
+    bad, audio, after = run(go())
+    assert bad.status_code == 500 and "phonemizer" in bad.json()["detail"], bad.text
+    assert srv.proc.poll() is None
+    assert_speech(decode_pcm(audio), 22050, min_seconds=10)
+    assert after.status_code == 200
+    assert_speech(decode_pcm(after.content), 22050, min_seconds=1.0)
     assert_idle(srv)
 
 

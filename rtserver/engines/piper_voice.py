@@ -16,6 +16,7 @@ at clause marks or word boundaries into pieces of at most MAX_PIECE_PHONEMES (ab
 speech, 0.2-0.5 s of one core), which bounds how long a cancel or a new job waits for a
 worker. `speed` stretches the synthesized audio (WSOLA) instead of VITS's length scale, whose
 durations round to whole frames and so do not scale as 1/speed (speed 4 came out 2.1x shorter).
+Text is phonemized in a child process (rtserver.engines.espeak): espeak-ng crashes on some.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 from rtserver.audio import time_stretch
 from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
+from rtserver.engines.espeak import Phonemizer
 from rtserver.text import speakable
 
 log = logging.getLogger("rtserver.piper")
@@ -104,6 +106,7 @@ class PiperEngine:
         self._inflight: dict[Job, deque[tuple[int, Future]]] = {}
         self._voices: dict[str, object] = {}
         self._speakers: dict[str, Speaker] = {}
+        configs: dict[str, str] = {}
         for onnx, cfg in files:
             voice = PiperVoice.load(onnx, config_path=cfg)
             voice.session = _session(onnx)
@@ -119,13 +122,15 @@ class PiperEngine:
             )
             log.info("piper voice %s (%s, %d Hz) from %s", vid, voice.config.espeak_voice,
                      voice.config.sample_rate, onnx)  # fmt: skip
+            configs[vid] = str(cfg)
+        self._phonemizer = Phonemizer(configs)
 
     def speakers(self) -> list[Speaker]:
         return list(self._speakers.values())
 
     def warmup(self) -> None:
-        for vid, voice in self._voices.items():
-            for phonemes in voice.phonemize("Warming up."):
+        for vid in self._voices:
+            for phonemes in self._phonemizer(vid, "Warming up."):
                 self._synthesize(vid, phonemes, 1.0)
 
     def start(self, job: Job) -> None:
@@ -209,10 +214,10 @@ class PiperEngine:
         of file handles, say): it prints to stderr and gives only punctuation, which would be
         spoken as a short silence. Speakable text with no phoneme at all is checked against a
         word espeak always says, so that case fails the job instead."""
-        voice = self._voices[vid]
-        sentences = voice.phonemize(text)
-        said = any(map(speakable, sentences))
-        if not said and speakable(text) and not any(map(speakable, voice.phonemize(PROBE_WORD))):
+        sentences = self._phonemizer(vid, text)
+        if any(map(speakable, sentences)) or not speakable(text):
+            return sentences
+        if not any(map(speakable, self._phonemizer(vid, PROBE_WORD))):
             raise PhonemizerUnavailable("the phonemizer (espeak-ng) cannot read its data")
         return sentences
 

@@ -1,0 +1,109 @@
+"""Piper's phonemizer (espeak-ng) in a child process of its own.
+
+espeak-ng is C that some texts crash: in piper-tts 1.8, 97 dotted letters in a row ("a.a.a...",
+"U.S.U.S...") overrun a buffer and kill the process. In the server's process that takes every
+stream and connection with it. Here a crash, or a text that takes over TIMEOUT_S, fails that
+one text (PhonemizerFailed) and the next call starts a fresh child. The child imports only
+Piper (no onnxruntime session, no server), about 50 MB; it speaks JSON lines on its stdin and
+stdout: [voice, text] in, [true, phonemes by sentence] or [false, message] out.
+
+    python -m rtserver.engines.espeak '{"joe": "/path/to/voice.onnx.json"}'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import subprocess
+import sys
+import threading
+
+import msgspec
+
+log = logging.getLogger("rtserver.piper")
+
+TIMEOUT_S = 10.0  # a 5000-character text takes about 0.1 s; this is a hang, not work
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(tuple[bool, list[list[str]] | str]).decode
+
+
+class PhonemizerFailed(RuntimeError):
+    pass
+
+
+class Phonemizer:
+    """Phonemes by sentence, from a child process; one call at a time."""
+
+    def __init__(self, configs: dict[str, str]) -> None:
+        self._configs = configs  # voice id -> its .onnx.json
+        self._lock = threading.Lock()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._start()  # it imports while the server loads
+
+    def __call__(self, voice: str, text: str) -> list[list[str]]:
+        with self._lock:
+            if self._child is None or self._child.poll() is not None:
+                self._start()
+            child = self._child
+            assert child is not None and child.stdin and child.stdout
+            try:
+                child.stdin.write(_encode((voice, text)) + b"\n")
+                child.stdin.flush()
+                answer = self._read(child)
+            except (OSError, PhonemizerFailed) as exc:
+                self._stop()
+                why = f"the phonemizer (espeak-ng) failed on this text: {exc}"
+                raise PhonemizerFailed(why) from exc
+        ok, value = _decode(answer)
+        if not ok:
+            raise PhonemizerFailed(f"the phonemizer (espeak-ng) failed: {value}")
+        return value  # type: ignore[return-value]
+
+    @staticmethod
+    def _read(child: subprocess.Popen[bytes]) -> bytes:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], TIMEOUT_S)
+        if not ready:
+            raise PhonemizerFailed(f"no answer in {TIMEOUT_S:g} s")
+        line = child.stdout.readline()
+        if not line.endswith(b"\n"):  # EOF: the child died (a crash, or killed)
+            raise PhonemizerFailed(f"it exited ({child.wait()})")
+        return line
+
+    def _start(self) -> None:
+        cmd = [sys.executable, "-m", __name__, json.dumps(self._configs)]
+        self._child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        log.debug("phonemizer child %d started", self._child.pid)
+
+    def _stop(self) -> None:
+        if self._child is not None:
+            self._child.kill()
+            self._child.wait()
+            for pipe in (self._child.stdin, self._child.stdout):
+                if pipe:
+                    pipe.close()
+            self._child = None
+
+
+def _serve(configs: dict[str, str]) -> None:
+    from piper.config import PiperConfig
+    from piper.voice import PiperVoice
+
+    voices = {}
+    for vid, path in configs.items():
+        with open(path, encoding="utf-8") as f:
+            voices[vid] = PiperVoice(session=None, config=PiperConfig.from_dict(json.load(f)))
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:  # ends when the server closes the pipe (or exits)
+        vid, text = msgspec.json.decode(line, type=tuple[str, str])
+        try:
+            answer: tuple[bool, object] = (True, voices[vid].phonemize(text))
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, the child goes on
+            answer = (False, f"{type(exc).__name__}: {exc}")
+        out.write(_encode(answer) + b"\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    _serve(json.loads(sys.argv[1]))
