@@ -23,7 +23,7 @@ import msgspec
 
 log = logging.getLogger("rtserver.piper")
 
-TIMEOUT_S = 10.0  # a 5000-character text takes about 0.1 s; this is a hang, not work
+TIMEOUT_S = 5.0  # a 5000-character text takes about 0.1 s: this is a hang, not work
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(tuple[bool, list[list[str]] | str]).decode
 
