@@ -91,11 +91,17 @@ class CosyVoiceModel:
     # ---- utterances ----------------------------------------------------------------------
 
     def start(
-        self, speaker: str, seed: int = 0, speed: float = 1.0, stream: bool = True, **opts: Any
+        self,
+        speaker: str | Speaker,
+        seed: int = 0,
+        speed: float = 1.0,
+        stream: bool = True,
+        **opts: Any,
     ) -> Utterance:
-        """A new utterance in ``speaker``'s voice (raises ``SpeakerError`` for an unknown one).
-        ``seed`` 0 picks a random one. ``opts``: the other :class:`Utterance` fields."""
-        voice = self.speakers.get(speaker)
+        """A new utterance in ``speaker``'s voice (raises ``SpeakerError`` for an unknown one;
+        a Speaker object is used as it is). ``seed`` 0 picks a random one. ``opts``: the other
+        :class:`Utterance` fields."""
+        voice = speaker if isinstance(speaker, Speaker) else self.speakers.get(speaker)
         if not speed > 0:
             raise ValueError("speed must be > 0")
         if opts.get("text_stream") and not self.text_streaming:
@@ -103,7 +109,7 @@ class CosyVoiceModel:
         if self.family == "v1" and speed != 1.0:
             stream = False  # v1's streaming vocoder cannot time-scale: one chunk per segment
         seed = seed or secrets.randbits(62) + 1
-        return Utterance(speaker, seed, speed, stream, voice=voice, **opts)
+        return Utterance(voice.name, seed, speed, stream, voice=voice, **opts)
 
     def add_text(self, utt: Utterance, text: str, tag: Any = None) -> None:
         """Queue a piece of text: normalized and split into segments (one LLM run each). Its
@@ -399,8 +405,12 @@ class CosyVoiceModel:
 
     def warmup(self) -> None:
         """One short utterance through every stage, so the first request does not pay for
-        lazy initialisation."""
-        spk = self.speakers.list()[0]
+        lazy initialisation. A model dir with no speaker (CosyVoice2 and 3 ship none) warms up
+        with a silent SFT one: an x-vector of zeros, no prompt."""
+        names = self.speakers.list()
+        spk = (
+            names[0] if names else Speaker("warm-up", torch.zeros(1, self.llm_config.spk_embed_dim))
+        )
         u = self.start(spk, seed=1, stream=True, fixed_tokens=2 * self.token2wav.cfg.token_hop_len)
         self.add_text(u, "Warm up.")
         self.close_text(u)

@@ -179,6 +179,7 @@ class Engine(Protocol):
 
     name: str
     max_batch: int  # how many jobs one step() may advance together
+    sample_rate: int  # of its audio (a speaker may have its own; there may be none yet)
 
     def speakers(self) -> list[Speaker]: ...
 

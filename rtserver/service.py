@@ -58,11 +58,15 @@ MAX_REGISTERING = 2  # registrations at once (each runs ONNX feature extraction 
 MAX_UPLOADS = 4
 
 
+NO_SPEAKERS = "no speakers yet: register one (POST /speakers)"
+
+
 class UnknownSpeaker(LookupError):
     def __init__(self, spk_id: str, valid: list[str], field: str = "spk_id") -> None:
         # the id is the client's; echo a bounded prefix (a 500 KB id made a 500 KB error)
         shown = spk_id if len(spk_id) <= 64 else spk_id[:64] + "..."
-        super().__init__(f"unknown {field} {shown!r}; valid speakers: {', '.join(valid)}")
+        known = f"valid speakers: {', '.join(valid)}" if valid else NO_SPEAKERS
+        super().__init__(f"unknown {field} {shown!r}; {known}")
         self.spk_id, self.valid, self.field = spk_id, valid, field
 
 
@@ -189,7 +193,7 @@ class TTSService:
 
     @property
     def sample_rate(self) -> int:
-        return self.engine.speakers()[0].sample_rate
+        return self.engine.sample_rate
 
     def readiness(self) -> tuple[bool, str]:
         """Whether to send this server new work, and why not."""

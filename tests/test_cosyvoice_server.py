@@ -228,6 +228,38 @@ def register(
     )
 
 
+def test_a_model_dir_with_no_speakers_serves_once_one_is_registered(tmp_path):
+    """The released CosyVoice2 and 3 dirs have no spk2info.pt: the server failed its warm-up
+    (it took the first speaker), and an OpenAI voice, which stands for the first speaker, got
+    a 500. Now it warms up on a silent speaker, says how to add one, and then speaks."""
+    bare = tmp_path / "model"
+    bare.mkdir()
+    for f in MODEL.iterdir():
+        if f.name != "spk2info.pt":
+            (bare / f.name).symlink_to(f)
+    srv = ServerProcess("--model", str(bare), "--speaker-dir", str(tmp_path / "speakers"))
+    try:
+        srv.wait_ready(timeout=300)  # warm-up on
+        assert httpx.get(f"{srv.base_url}/speakers").json() == []
+
+        async def ready():
+            async with TTSClient(srv.base_url) as client, client.connect() as conn:
+                return conn.ready
+
+        assert asyncio.run(ready()).sample_rate == 24000  # it was read off the first speaker
+        speech = {"model": "tts-1", "input": "你好，今天天气很好。", "voice": "alloy"}
+        refused = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech, timeout=60)
+        assert refused.status_code == 400 and "POST /speakers" in refused.text, refused.text
+        assert register(srv, "mine", prompt_wav()).status_code == 201
+        r = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech | {"response_format": "pcm"},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert_speech(decode_pcm(r.content), 24000, min_seconds=0.5)
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
 def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
     spk_dir = tmp_path / "speakers"
     srv = start(spk_dir, "--no-warmup")

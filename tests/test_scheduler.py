@@ -20,6 +20,7 @@ class ToneEngine:
     text "boom" makes the whole step raise (an engine bug)."""
 
     name = "tone"
+    sample_rate = 1000
 
     def __init__(self, max_batch: int = 8, samples: int = 100) -> None:
         self.max_batch, self.samples = max_batch, samples  # samples per segment (1000 Hz)

@@ -83,6 +83,8 @@ def _speaker(service: TTSService, voice: str) -> Speaker:
     try:
         return service.speaker(aliases.get(voice.lower(), voice))
     except UnknownSpeaker as exc:
+        if not exc.valid:  # no speaker to stand in for an OpenAI voice either
+            raise UnknownSpeaker(voice, [], field="voice") from None
         if voice.lower() in OPENAI_VOICES:
             return service.speakers()[0]
         raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES], field="voice") from None

@@ -54,6 +54,7 @@ class CosyVoiceEngine:
         self.model = cosyvoice.load(model_dir, max_batch=max_batch, **load_opts)
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
+        self.sample_rate = self.model.sample_rate
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
         self.text_streaming = self.model.text_streaming
         # every started job by its utterance: a step may hand out audio of jobs it was not

@@ -123,6 +123,7 @@ class PiperEngine:
             log.info("piper voice %s (%s, %d Hz) from %s", vid, voice.config.espeak_voice,
                      voice.config.sample_rate, onnx)  # fmt: skip
             configs[vid] = str(cfg)
+        self.sample_rate = next(iter(self._speakers.values())).sample_rate  # the built-in's
         self._phonemizer = Phonemizer(configs)
 
     def speakers(self) -> list[Speaker]:
