@@ -289,6 +289,11 @@ class Session:
             first, last = self._samples + int(loud[0]), self._samples + int(loud[-1]) + 1
             self._voiced = (self._voiced[0] if self._voiced else first, last)
 
+    @property
+    def samples(self) -> int:
+        """Samples of audio the engine has made for this session so far."""
+        return self._samples
+
     def _finished(self) -> Finished:
         audio_ms = self._samples * 1000 / self._rate_in
         processing_ms = self.job.processing_seconds * 1000

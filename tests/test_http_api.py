@@ -227,6 +227,30 @@ def test_form_fields_that_are_not_text_get_422(server, kind, value):
     server.assert_idle()
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/tts", {"spk_id": "joe"}),
+        ("POST", "/tts/pcm", {"spk_id": "joe", "stream": True}),
+        ("GET", "/inference_sft", {"spk_id": "joe"}),
+        ("POST", "/v1/audio/speech", {"voice": "alloy", "response_format": "wav"}),
+    ],
+)
+def test_text_the_voice_says_nothing_for_is_422(server, method, path, body):
+    """Letters and digits the voice has no reading for (circled and Arabic-Indic digits pass
+    the text check) made no audio: every route answered 200 with an empty body (or a bare WAV
+    header, an empty Ogg file)."""
+    text = "① ٣"
+    if path == "/v1/audio/speech":
+        r = httpx.post(f"{server.base_url}{path}", json=body | {"input": text}, timeout=60)
+    elif method == "GET":
+        r = httpx.get(f"{server.base_url}{path}", params=body | {"tts_text": text}, timeout=60)
+    else:
+        r = httpx.post(f"{server.base_url}{path}", json=body | {"tts_text": text}, timeout=60)
+    assert "nothing to say" in message(r, 422)
+    server.assert_idle()
+
+
 def test_text_over_limit_is_413(server):
     body = error(post(server, "/tts/pcm", tts_text="word " * 500, spk_id="joe"), 413)
     assert "2000" in body["detail"]

@@ -23,7 +23,7 @@ from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import SpeakerInfo, TTSRequest
-from rtserver.service import ClientGone, SynthesisFailed, TTSService
+from rtserver.service import ClientGone, SynthesisFailed, TextRejected, TTSService
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
 log = logging.getLogger("rtserver.api")
@@ -139,18 +139,31 @@ async def open_stream(
     field: str = "tts_text",
 ) -> tuple[AsyncIterator[bytes], int]:
     """Check, admit and start a whole-text session; returns its encoded audio and rate once
-    the first audio exists, so a failure before it is still an HTTP error."""
+    the first audio exists, so a failure before it (or text the voice says nothing for) is
+    still an HTTP error."""
     service.check_whole_text(text, field)
     session = service.open_session(
         spk_id, client_of(request), fmt, rate_out, speed=speed, seed=seed, stream=stream
     )
     session.say(text)  # cannot refuse: the text is checked
     events = session.events()
-    first = await _until_disconnect(request, anext(events))
-    if isinstance(first, Failed | Cancelled):
+    first = await _until_disconnect(request, _first_output(events))
+    if isinstance(first, Failed | Cancelled) or not session.samples:
         await events.aclose()  # releases the session now, not when collected
-        raise SynthesisFailed(first.message) if isinstance(first, Failed) else ClientGone()
+        if isinstance(first, Failed):
+            raise SynthesisFailed(first.message)
+        if isinstance(first, Cancelled):
+            raise ClientGone()
+        # Letters and digits it has no reading for (①, ٣): an empty 200 body is no answer.
+        raise TextRejected("no_speakable_text", f"{field}: the voice has nothing to say for it")
     return _audio(first, events), session.sample_rate
+
+
+async def _first_output(events: AsyncIterator[SessionEvent]) -> SessionEvent:
+    """The first event that is not a segment's end (those carry no audio for the body)."""
+    while isinstance(event := await anext(events), SegmentEnd):
+        pass
+    return event
 
 
 async def _until_disconnect(request: Request, waiting: Awaitable[SessionEvent]) -> SessionEvent:
