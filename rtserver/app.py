@@ -8,15 +8,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from litestar import Litestar, get
+from litestar import Litestar, Router, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import NotFoundException
+from litestar.file_system import BaseLocalFileSystem
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import File
 from litestar.static_files import create_static_files_router
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, PathType, Receive, Scope, Send
+from litestar.types.file_types import FileInfo
 
 from rtserver import __version__
 from rtserver.api import openai
@@ -45,6 +47,27 @@ async def index() -> File:
     return File(WEB_DEMO / "index.html", content_disposition_type="inline", media_type="text/html")
 
 
+class StaticFileSystem(BaseLocalFileSystem):
+    """The local file system for the static routes, where a path that names no file it could
+    read (a NUL byte, a name too long, a file taken for a folder) is simply not there. Litestar
+    lets such a lookup fail with a ValueError (logged as unhandled, the NUL byte in the line)
+    or an OSError: a 500 for any client that sends one. As FileNotFoundError it is the 404 of
+    a missing file."""
+
+    async def info(self, path: PathType, **kwargs: object) -> FileInfo:
+        try:
+            return await super().info(path, **kwargs)
+        except (ValueError, OSError) as exc:
+            raise FileNotFoundError(f"no such file: {path!r}") from exc
+
+
+def _static_files(path: str, directory: PathType) -> Router:
+    return create_static_files_router(
+        path=path, directories=[directory], file_system=StaticFileSystem(),
+        include_in_schema=False,
+    )  # fmt: skip
+
+
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the openapi-ui-bundles package
 
 
@@ -60,13 +83,10 @@ def _swagger_ui() -> SwaggerRenderPlugin:
     )
 
 
-def _docs_assets():
+def _docs_assets() -> Router:
     import openapi_ui_bundles.swagger_ui
 
-    return create_static_files_router(
-        path=DOCS_ASSETS, directories=[openapi_ui_bundles.swagger_ui.static_path],
-        include_in_schema=False,
-    )  # fmt: skip
+    return _static_files(DOCS_ASSETS, openapi_ui_bundles.swagger_ui.static_path)
 
 
 def with_replica(app: ASGIApp, replica: str) -> ASGIApp:
@@ -108,10 +128,7 @@ def create_app(
 
     routes: list = [*ROUTES, *openai.ROUTES, ws_tts, index, _docs_assets()]
     if WEB_DEMO is not None:
-        demo = create_static_files_router(
-            path="/demo", directories=[WEB_DEMO], include_in_schema=False
-        )
-        routes.append(demo)
+        routes.append(_static_files("/demo", WEB_DEMO))
 
     return Litestar(
         route_handlers=routes,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import zlib
 from pathlib import Path
 
 import httpx
@@ -166,3 +167,22 @@ def test_web_demo_asks_for_the_key_then_speaks(locked, chromium):
         assert KEY not in page.url
         browser.close()
     assert KEY not in locked.log()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/demo/%00", "/docs-assets/%00",  # a NUL byte: no file name can hold one
+        "/demo/" + "a" * 256, "/docs-assets/" + "a" * 256,  # a name over the 255-byte limit
+        "/demo/" + "a/" * 3000,  # a path over the 4096-byte limit
+        "/demo/index.html/x",  # a file taken for a folder
+        "/demo/%FF%FE",  # not UTF-8
+    ],
+)  # fmt: skip
+def test_a_path_no_static_file_can_have_is_404(server, path):
+    rid = f"static-{zlib.crc32(path.encode()):08x}"  # to find this request's log lines
+    for method in ("GET", "HEAD"):
+        r = httpx.request(method, server.base_url + path, headers={"x-request-id": rid})
+        assert r.status_code == 404, (method, r.status_code, r.text[:200])
+    logged = [line for line in server.log_path.read_bytes().splitlines() if rid.encode() in line]
+    assert logged and not any(b"ERROR" in line or b"\x00" in line for line in logged), logged
