@@ -134,11 +134,13 @@ def test_websocket_needs_the_key_and_a_allowed_origin(locked):
 def test_cors_follows_the_origin_list(make_server):
     srv = make_server("--api-key", KEY, "--allow-origin", "http://app.example", "--no-warmup")
     pre = {"access-control-request-method": "POST",
-           "access-control-request-headers": "authorization,content-type"}  # fmt: skip
+           "access-control-request-headers": "authorization,content-type,x-request-id"}  # fmt: skip
     ok = httpx.options(f"{srv.base_url}/tts", headers={"origin": "http://app.example", **pre})
+    assert ok.status_code == 204, ok.text
     assert ok.headers.get("access-control-allow-origin") == "http://app.example"
     assert "authorization" in ok.headers.get("access-control-allow-headers", "").lower()
     other = httpx.options(f"{srv.base_url}/tts", headers={"origin": "http://evil.example", **pre})
+    assert other.status_code == 400 and "Origin" in other.text
     assert other.headers.get("access-control-allow-origin") is None
     ws = asyncio.run(ws_outcome(srv, additional_headers=bearer(KEY), origin="http://app.example"))
     assert ws == "ready None"
@@ -167,6 +169,22 @@ def test_web_demo_asks_for_the_key_then_speaks(locked, chromium):
         assert KEY not in page.url
         browser.close()
     assert KEY not in locked.log()
+
+
+def test_cors_allows_the_headers_clients_send_and_exposes_what_they_read(server):
+    # What the OpenAI JS SDK sends from a browser, and a request id the server keeps.
+    sent = ["content-type", "authorization", "x-request-id", "x-stainless-os",
+            "x-stainless-retry-count"]  # fmt: skip
+    pre = {"origin": "https://app.example", "access-control-request-method": "POST",
+           "access-control-request-headers": ",".join(sent)}  # fmt: skip
+    r = httpx.options(f"{server.base_url}/v1/audio/speech", headers=pre)
+    assert r.status_code == 204, r.text
+    allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+    assert set(sent) <= allowed
+    r = httpx.get(f"{server.base_url}/v1/audio/voices", headers={"origin": "https://app.example"})
+    exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+    readable = {"x-request-id", "x-sample-rate", "x-channels", "x-bit-depth", "retry-after"}
+    assert readable <= exposed
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,12 @@ STATIC_PATHS = ("/", "/demo/")  # the demo page: public files, useless without a
 SUBPROTOCOL = "rtserver"
 KEY_SUBPROTOCOL = "rtserver.key."
 ADMIN_ROUTES = ("/speakers",)  # POST and DELETE below these need an admin key
-AUDIO_HEADERS = ["X-Sample-Rate", "X-Channels", "X-Bit-Depth", "X-Encoding", "Content-Disposition"]
+# Response headers a browser's script may read (CORS hides all but a few by default): the
+# request id, the PCM routes' audio format, the wait a 429 or 503 asks for, the replica.
+EXPOSED_HEADERS = [
+    "X-Request-Id", "X-Sample-Rate", "X-Channels", "X-Bit-Depth", "X-Encoding",
+    "Content-Disposition", "Retry-After", "X-Replica",
+]  # fmt: skip
 
 
 def _matches(given: str | None, keys: list[str]) -> bool:
@@ -140,8 +145,11 @@ def cors_config(settings: Settings) -> CORSConfig | None:
         return None
     return CORSConfig(
         allow_origins=origins,
-        allow_headers=["Authorization", "Content-Type"],
-        expose_headers=AUDIO_HEADERS,
+        # Any request header: the origin list is what decides who may call, and clients
+        # send more than Authorization and Content-Type (X-Request-Id, which the server
+        # keeps; the OpenAI SDKs' X-Stainless-*), which a list refused at the preflight.
+        allow_headers=["*"],
+        expose_headers=EXPOSED_HEADERS,
     )
 
 
