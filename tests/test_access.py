@@ -187,6 +187,31 @@ def test_cors_allows_the_headers_clients_send_and_exposes_what_they_read(server)
     assert readable <= exposed
 
 
+# GET routes, and what GET answers on a path that is not one (HEAD must answer the same).
+HEAD_LIKE_GET = ["/", "/healthz", "/readyz", "/speakers", "/metrics", "/schema",
+                 "/schema/openapi.json", "/v1/audio/voices", "/demo/index.html",
+                 "/docs-assets/swagger-ui.css", "/no-such-route", "/tts"]  # fmt: skip
+
+
+def test_head_answers_as_get_without_a_body(server):
+    for path in HEAD_LIKE_GET:
+        get, head = httpx.get(server.base_url + path), httpx.head(server.base_url + path)
+        assert head.status_code == get.status_code, (path, head.status_code, get.status_code)
+        assert head.content == b"", path
+        assert set(head.headers) == set(get.headers), path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert httpx.head(f"{server.base_url}/healthz").status_code == 200
+
+
+def test_head_on_the_audio_get_route_starts_no_synthesis(server):
+    before = server.wait_idle()
+    r = httpx.head(f"{server.base_url}/inference_sft", params=BODY)
+    assert r.status_code == 405 and {"GET", "POST"} <= set(r.headers["allow"].split(", "))
+    after = server.healthz()
+    counters = ("active", "queued", "completed", "cancelled", "failed", "rejected", "steps")
+    assert {k: after[k] for k in counters} == {k: before[k] for k in counters}
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -12,11 +12,12 @@ from litestar import Request, delete, get, post, route
 from litestar.connection import ASGIConnection
 from litestar.datastructures import FormMultiDict, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, MethodNotAllowedException, ValidationException
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, Parameter
 from litestar.response import Response, Stream
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtserver.api.docs import BINARY, L16, audio_operation
 from rtserver.engine import Speaker
@@ -87,6 +88,38 @@ def abort_quietly(app: ASGIApp) -> ASGIApp:
                         aborted)  # fmt: skip
 
     return wrapped
+
+
+HEAD = "rtserver.head"  # in the scope of a GET that head_as_get made of a HEAD
+
+
+def head_as_get(app: ASGIApp) -> ASGIApp:
+    """Wrap the ASGI app: answer HEAD as GET, with its status and headers but no body, as RFC
+    9110 asks wherever GET works (uptime checkers send HEAD). Litestar routes HEAD only to
+    handlers declared for it, and answered 405 on every other GET route. A route whose GET
+    does work that HEAD must not start refuses it with the `no_head` guard."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await app({**scope, "method": "GET", HEAD: True}, receive, headers_only)
+
+    return wrapped
+
+
+def no_head(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: refuse a HEAD (405) before the route reads its input: its GET starts a job."""
+    if connection.scope.get(HEAD):
+        raise MethodNotAllowedException(
+            "HEAD is not answered here: its GET synthesizes audio", headers={"Allow": "GET, POST"}
+        )
 
 
 def _find_abort(exc: BaseException | None) -> StreamAborted | None:
@@ -280,6 +313,7 @@ async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> St
     operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
     responses=ERROR_DOCS,
     status_code=200,
+    guards=[no_head],
 )
 async def inference_sft(
     request: Request,
