@@ -18,6 +18,10 @@ from prometheus_client.registry import Collector
 from rtserver.engine import Job
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# In a request's scope: the status the connection under the app (rtserver/api/connection.py)
+# answered itself while the app still read the request (408: it did not arrive in time).
+ANSWERED = "rtserver.answered"
+CLIENT_GONE = 499  # nginx's "client closed request": the client left before any answer
 SCHEDULER_COUNTERS = {
     "completed": "Jobs that finished with all their audio.",
     "cancelled": "Jobs cancelled by their client (disconnect, cancel, barge-in).",
@@ -110,19 +114,30 @@ class Metrics:
 
 
 def count_requests(app: ASGIApp, metrics: Metrics) -> ASGIApp:
-    """Middleware: count each HTTP response by its route template (bounded labels) and status."""
+    """Middleware: count each HTTP response by its route template (bounded labels) and the
+    status its client got. An app that learns the client is gone before it answers (the
+    connection dropped, or refused the request itself: 408) answers into the void, often a
+    500 for the body it could not read; that status is not the one the client got."""
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        gone = False
+
+        async def watching_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
+                status = scope.get(ANSWERED, CLIENT_GONE) if gone else message["status"]
                 route = scope.get("path_template", "unmatched")
-                metrics.requests.labels(route, str(message["status"])).inc()
+                metrics.requests.labels(route, str(status)).inc()
             await send(message)
 
-        await app(scope, receive, counting_send)
+        await app(scope, watching_receive, counting_send)
 
     return wrapped

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
-from serverproc import ServerProcess
+from serverproc import ServerProcess, eventually
 from test_http_api import LONG_TEXT
 
 
@@ -40,6 +42,34 @@ def test_metrics_parse_and_move_after_a_request(server):
     assert after["rtserver_batch_size_count"] > before["rtserver_batch_size_count"]
     assert after["rtserver_audio_seconds_total"] > before["rtserver_audio_seconds_total"]
     assert after["rtserver_jobs_active"] == 0
+
+
+# Each body route, with a content type it reads: the headers promise 34 bytes, 5 come.
+PARTIAL = {"/tts/pcm": "application/json", "/v1/audio/speech": "application/json",
+           "/inference_sft": "application/x-www-form-urlencoded"}  # fmt: skip
+
+
+def send_partial(srv: ServerProcess, path: str, then_close: bool = False) -> bytes:
+    """POST to `path` with only part of its body; the status line it gets (none: closed)."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {PARTIAL[path]}\r\n"
+                  "Content-Length: 34\r\n\r\ntts_t".encode())  # fmt: skip
+        return b"" if then_close else s.recv(4096).split(b"\r\n")[0]
+
+
+def test_metrics_count_the_status_the_client_got(make_server):
+    srv = make_server("--request-timeout-s", "1", "--no-warmup")
+    with ThreadPoolExecutor(len(PARTIAL)) as pool:  # all late at once: one timeout's wait
+        lines = list(pool.map(lambda path: send_partial(srv, path), PARTIAL))
+    assert all(line.startswith(b"HTTP/1.1 408 ") for line in lines), lines
+    send_partial(srv, "/tts/pcm", then_close=True)  # a client that left mid-body got nothing
+    left = "rtserver_http_requests_total{route=/tts/pcm,status=499}"
+    counted = eventually(lambda: scrape(srv), lambda m: left in m)
+    for path in PARTIAL:
+        assert counted[f"rtserver_http_requests_total{{route={path},status=408}}"] == 1, path
+    assert counted[left] == 1
+    assert not [k for k in counted if "status=500" in k], counted
+    srv.assert_idle()
 
 
 def test_readyz_is_unready_when_the_scheduler_is_full(make_server):

@@ -38,6 +38,7 @@ from http import HTTPStatus
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from rtserver.metrics import ANSWERED
 from rtserver.session import ClientQuota, TooManyForClient
 
 log = logging.getLogger("rtserver.connection")
@@ -366,6 +367,10 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             """Answer `status` when a status line may be written, and close."""
             if self._may_answer():
                 self.transport.write(_response(status, text))
+                if self.cycle is not None and not self._in_head:
+                    # The app reading this request will answer a closed connection; the
+                    # request count must have this status, the one the client got.
+                    self.cycle.scope[ANSWERED] = status.value
             self._let_go()
             self.transport.close()  # the write watch aborts it if the client never reads
 
