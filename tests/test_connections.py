@@ -271,6 +271,10 @@ def test_connections_beyond_the_server_limit_get_503(guarded):
     try:
         reply = answer(dial(guarded))
         assert status_of(reply) == 503, reply[:200]
+        # In the app's shape: JSON and Retry-After, as its own 503 at capacity (it was text).
+        head, body = reply.split(b"\r\n\r\n", 1)
+        assert b"\r\nretry-after: 1\r\n" in head.lower(), head
+        assert json.loads(body) == {"status_code": 503, "detail": "too many connections; retry"}
     finally:
         for s in held:
             s.close()

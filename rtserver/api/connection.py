@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -108,11 +109,17 @@ class _StopParsing(Exception):
     """Raised from a parser callback: httptools stops, and uvicorn calls send_400_response."""
 
 
+_RETRY = (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE)
+
+
 def _response(status: HTTPStatus, text: str) -> bytes:
-    body = text.encode()
+    """An error in the app's shape (JSON status_code and detail; Retry-After on 429 and 503),
+    written before the app has the request."""
+    body = msgspec.json.encode({"status_code": status.value, "detail": text})
+    retry = "retry-after: 1\r\n" if status in _RETRY else ""
     return (
-        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
+        f"{retry}content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode() + body
 
 
