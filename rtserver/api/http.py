@@ -248,7 +248,7 @@ ENCODINGS = {"s16le": ("pcm", L16, 16), "mulaw": ("mulaw", "audio/PCMU", 8),
              "alaw": ("alaw", "audio/PCMA", 8)}  # fmt: skip
 
 
-def _pcm_headers(rate: int, encoding: str = "s16le") -> dict[str, str]:
+def pcm_headers(rate: int, encoding: str = "s16le") -> dict[str, str]:
     _, media_type, bits = ENCODINGS[encoding]
     return {
         # The route's static media type documents the endpoint; the real one has the rate.
@@ -298,7 +298,7 @@ async def tts_mp3(request: Request, data: TTSRequest, service: TTSService) -> St
 async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> Stream:
     body, rate = await _speak(request, service, data, ENCODINGS[data.encoding][0])
     disposition = {"Content-Disposition": "attachment; filename=tts.pcm"}
-    return Stream(body, headers={**disposition, **_pcm_headers(rate, data.encoding)})
+    return Stream(body, headers={**disposition, **pcm_headers(rate, data.encoding)})
 
 
 @route(
@@ -340,7 +340,7 @@ async def inference_sft(
         raise ValidationException(str(exc), extra=[{"key": "form", "message": str(exc)}]) from exc
     req = TTSRequest(tts_text=sft.tts_text, spk_id=sft.spk_id)
     body, rate = await _speak(request, service, req, "pcm")
-    return Stream(body, headers=_pcm_headers(rate))
+    return Stream(body, headers=pcm_headers(rate))
 
 
 class FormRequest(Request):

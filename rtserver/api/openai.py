@@ -25,7 +25,7 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from rtserver.api.docs import BINARY, audio_operation
-from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, strict_json
+from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
 from rtserver.protocol import Speed, Text
@@ -126,7 +126,8 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
     )  # fmt: skip
     if data.stream_format == "sse":
         return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)
-    return Stream(body, media_type=MEDIA_TYPES[data.response_format], headers=STREAM_HEADERS)
+    headers = pcm_headers(OPENAI_PCM_RATE) if data.response_format == "pcm" else STREAM_HEADERS
+    return Stream(body, media_type=MEDIA_TYPES[data.response_format], headers=headers)
 
 
 async def _sse(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -157,6 +158,8 @@ def by_path(handler: Callable[[Request, Exception], Response]):
         if isinstance(exc, UnknownSpeaker):
             param = exc.field
         error = openai_error(status, body["detail"], param, code)
+        # OpenAI answers invalid input with 400, which its SDKs raise as BadRequestError.
+        status = 400 if status == 422 else status
         return Response(error, status_code=status, headers=dict(ours.headers))
 
     return answer
