@@ -177,6 +177,11 @@ def test_malformed_json_is_rejected_with_json_body(server):
     )
     assert r.status_code in (400, 422)
     assert r.json()["detail"]
+    body = b'\xef\xbb\xbf{"tts_text": "Hello.", "spk_id": "joe"}'
+    r = httpx.post(
+        f"{server.base_url}/tts", content=body, headers={"content-type": "application/json"}
+    )
+    assert "byte order mark" in error(r, 400)["detail"]  # it said "not valid JSON: ..."
 
 
 def test_inference_sft_missing_field_is_422(server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Annotated
@@ -148,6 +149,8 @@ async def strict_json(request: Request) -> None:
             status_code=415, detail=f"send the body as application/json, not {media_type!r}"
         )
     body = await request.body()  # cached: the route's own parsing reads it again
+    if body.startswith(codecs.BOM_UTF8):  # RFC 8259: JSON text has none; say so, not "invalid"
+        raise HTTPException(status_code=400, detail="the body starts with a byte order mark")
     try:
         msgspec.json.decode(body)
     except UnicodeDecodeError as exc:
