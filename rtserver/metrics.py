@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 
 from rtserver.engine import Job
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Prometheus text format 0.0.4; Litestar adds "; charset=utf-8" to a text/* media type.
+CONTENT_TYPE = "text/plain; version=0.0.4"
 # In a request's scope: the status the connection under the app (rtserver/api/connection.py)
 # answered itself while the app still read the request (408: it did not arrive in time).
 ANSWERED = "rtserver.answered"
