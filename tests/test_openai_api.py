@@ -63,6 +63,8 @@ def test_errors_in_openai_shape(server):
     assert r.status_code == 400 and "opus" in err["message"]
     assert err["type"] == "invalid_request_error" and err["param"] == "response_format"
     assert speech(server, speed=10).status_code == 400
+    long = speech(server, input="word " * 401)  # past --max-text-chars (2000): ours is 413
+    assert long.status_code == 400 and long.json()["error"]["code"] == "text_too_long"
     # routing errors too (they never reach a router's own handlers); other routes keep ours
     r = httpx.get(f"{server.base_url}/v1/audio/speech")
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"

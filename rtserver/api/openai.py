@@ -158,8 +158,8 @@ def by_path(handler: Callable[[Request, Exception], Response]):
         if isinstance(exc, UnknownSpeaker):
             param = exc.field
         error = openai_error(status, body["detail"], param, code)
-        # OpenAI answers invalid input with 400, which its SDKs raise as BadRequestError.
-        status = 400 if status == 422 else status
+        # OpenAI answers invalid input (too long too) with 400: its SDKs' BadRequestError.
+        status = 400 if status in (413, 422) else status
         return Response(error, status_code=status, headers=dict(ours.headers))
 
     return answer
