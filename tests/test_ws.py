@@ -261,20 +261,22 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
         async with websockets.connect(f"{server.ws_url}/ws/tts", compression=None) as ws:
             ready = json.loads(await ws.recv())
             assert ready["type"] == "ready" and "joe" in ready["speakers"]
+            # (frame, code, the context_id the error names: a refused start's, as with an
+            # unknown speaker; it was null for an ill-typed start)
             cases = [
-                ("{oops", "invalid_json"),
-                (json.dumps({"type": "bogus"}), "invalid_message"),
-                (json.dumps({"type": "start", "spk_id": "joe"}), "invalid_message"),
-                (json.dumps({"type": "start", "context_id": "x", "spk_id": "joe", "speed": 0}), "invalid_message"),
-                (json.dumps({"type": "text", "context_id": "nope", "text": "hi"}), "unknown_context"),
-                (json.dumps({"type": "start", "context_id": "x", "spk_id": "nobody"}), "unknown_speaker"),
-                (json.dumps({"type": "text", "context_id": "x", "text": "a" * (ready["max_message_bytes"] + 10)}), "message_too_large"),
+                ("{oops", "invalid_json", None),
+                (json.dumps({"type": "bogus"}), "invalid_message", None),
+                (json.dumps({"type": "start", "spk_id": "joe"}), "invalid_message", None),
+                (json.dumps({"type": "start", "context_id": "x", "spk_id": "joe", "speed": 0}), "invalid_message", "x"),
+                (json.dumps({"type": "text", "context_id": "nope", "text": "hi"}), "unknown_context", "nope"),
+                (json.dumps({"type": "start", "context_id": "x", "spk_id": "nobody"}), "unknown_speaker", "x"),
+                (json.dumps({"type": "text", "context_id": "x", "text": "a" * (ready["max_message_bytes"] + 10)}), "message_too_large", None),
             ]  # fmt: skip
-            for frame, code in cases:
+            for frame, code, context_id in cases:
                 await ws.send(frame)
                 event = await expect_error(ws, code)
+                assert event["context_id"] == context_id, (frame[:80], event)
                 await still_open(ws)
-            assert event["context_id"] is None or isinstance(event["context_id"], str)
             await ws.send(b"\x00\x01binary")
             await expect_error(ws, "binary_not_accepted")
             await still_open(ws)

@@ -61,6 +61,24 @@ from rtserver.text import estimate_words
 log = logging.getLogger("rtserver.ws")
 
 _decoder = msgspec.json.Decoder(ClientMessage)
+
+
+class _Addressed(msgspec.Struct):
+    context_id: str | None = None
+
+
+_addressed = msgspec.json.Decoder(_Addressed)
+
+
+def _context_of(raw: str | bytes) -> str | None:
+    """The context an ill-formed message names, if it names one: its error says so, as a
+    refused `start`'s does (a client waits on that context)."""
+    try:
+        return _addressed.decode(raw).context_id
+    except (msgspec.DecodeError, RecursionError):  # not an object, or no string id
+        return None
+
+
 _encoder = msgspec.json.Encoder()
 _FINISHED_MEMORY = 64  # recently finished context ids, so a late cancel is acknowledged
 # One socket may keep the event loop busy this share of the time (bursts of up to _BURST_S):
@@ -263,7 +281,7 @@ class WsSession:
         try:
             msg = _decoder.decode(raw)
         except msgspec.ValidationError as exc:
-            await self._error("invalid_message", str(exc))
+            await self._error("invalid_message", str(exc), _context_of(raw))
             return
         except (msgspec.DecodeError, RecursionError) as exc:
             await self._error("invalid_json", f"not valid JSON: {exc}")
