@@ -117,7 +117,11 @@ def serve(args: argparse.Namespace) -> None:
     )
     limits = connection_limits(settings, config)
     config.http, config.ws = guarded_protocol(limits), guarded_websocket(limits)
-    DrainingServer(config, app, settings.drain_timeout_s).run()
+    # Bound before the model loads (uvicorn binds after its startup): a port in use fails in
+    # a moment, not after minutes of loading and a "ready" line. Until startup completes,
+    # connections wait in the listen backlog.
+    sock = config.bind_socket()
+    DrainingServer(config, app, settings.drain_timeout_s).run(sockets=[sock])
 
 
 def connection_limits(settings: Settings, config: uvicorn.Config) -> ConnectionLimits:

@@ -78,6 +78,14 @@ def test_a_model_that_cannot_load_is_one_clear_line(tmp_path, model, device, say
     assert r.returncode == 1 and len(lines) == 1 and says in lines[0], r.stderr
 
 
+def test_a_port_in_use_fails_before_the_model_loads(server):
+    """The port is taken (here by the shared server): the bind fails first. It was tried only
+    after the model had loaded (minutes for a full one) and the log had said "ready"."""
+    r = serve("--port", str(server.port))
+    assert r.returncode != 0 and "address already in use" in r.stderr.lower(), r.stderr[-2000:]
+    assert "ready:" not in r.stderr and "piper voice" not in r.stderr, r.stderr[-2000:]
+
+
 def test_say_without_a_server_is_one_clear_line(tmp_path):
     for route in ((), ("--ws",)):
         r = rtserver("say", "Hello.", "--url", "http://127.0.0.1:1", "-o", str(tmp_path / "x.mp3"),
