@@ -169,6 +169,8 @@ def test_schema_violations_are_422(server, body, field):
     for path in ("/tts", "/tts/pcm"):
         got = error(httpx.post(f"{server.base_url}{path}", json=body, timeout=30), 422)
         assert field in got["detail"]
+        if isinstance(got.get("extra"), list):  # each problem under its field's key
+            assert field in [p["key"] for p in got["extra"]], got  # a missing one said `data`
 
 
 def test_malformed_json_is_rejected_with_json_body(server):

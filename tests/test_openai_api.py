@@ -65,6 +65,9 @@ def test_errors_in_openai_shape(server):
     assert speech(server, speed=10).status_code == 400
     long = speech(server, input="word " * 401)  # past --max-text-chars (2000): ours is 413
     assert long.status_code == 400 and long.json()["error"]["code"] == "text_too_long"
+    bare = {"model": "tts-1", "voice": "alloy"}
+    r = httpx.post(f"{server.base_url}/v1/audio/speech", json=bare, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"  # it said "data"
     # routing errors too (they never reach a router's own handlers); other routes keep ours
     r = httpx.get(f"{server.base_url}/v1/audio/speech")
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"

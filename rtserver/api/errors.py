@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -29,15 +30,28 @@ def _body(status: int, detail: str, extra: object = None) -> dict[str, object]:
     return body
 
 
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def _keyed(problem: object) -> object:
+    """A missing field's problem under that field's key: Litestar files it under the body's
+    parameter name (`data`), which names no field a client sent or could send."""
+    if not isinstance(problem, dict) or problem.get("key") not in (None, "data"):
+        return problem
+    m = _MISSING.search(str(problem.get("message", "")))
+    return {**problem, "key": m.group(1)} if m else problem
+
+
 def validation_error(_: Request, exc: ValidationException) -> Response:
     # Litestar answers 400 for schema violations; the API promises 422 (as FastAPI does).
-    problems = exc.extra if isinstance(exc.extra, list) else []
+    problems = [_keyed(p) for p in exc.extra] if isinstance(exc.extra, list) else []
     messages = [
         f"{p.get('key') or 'body'}: {p.get('message')}" if isinstance(p, dict) else str(p)
         for p in problems
     ]
     detail = "; ".join(messages) or str(exc.detail)
-    return Response(_body(422, f"invalid request: {detail}", exc.extra), status_code=422)
+    extra = problems or exc.extra
+    return Response(_body(422, f"invalid request: {detail}", extra), status_code=422)
 
 
 # Litestar's multipart parser refuses a form of more than 1000 parts with this 400.
