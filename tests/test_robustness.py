@@ -127,7 +127,7 @@ def test_speed_outside_a_quarter_to_four_is_refused(server, speed):
     body = {"tts_text": "Hello there.", "spk_id": "joe", "speed": speed}
     assert "speed" in error(httpx.post(f"{server.base_url}/tts/pcm", json=body), 422)["detail"]
     oai = {"input": "Hello there.", "voice": "joe", "speed": speed}
-    message(httpx.post(f"{server.base_url}/v1/audio/speech", json=oai), 422)
+    message(httpx.post(f"{server.base_url}/v1/audio/speech", json=oai), 400)  # OpenAI's status
 
     async def ws() -> dict:
         async with connect(server) as ws:
@@ -451,7 +451,7 @@ def test_text_with_nothing_to_say_or_control_characters_is_422(server, text, cod
                             json={"tts_text": text, "spk_id": "joe"}), 422)  # fmt: skip
     assert body["extra"]["code"] == code and "tts_text" in body["detail"]
     oai = {"input": text, "voice": "alloy", "response_format": "pcm"}
-    assert "input" in message(httpx.post(f"{server.base_url}/v1/audio/speech", json=oai), 422)
+    assert "input" in message(httpx.post(f"{server.base_url}/v1/audio/speech", json=oai), 400)
     sft = httpx.post(f"{server.base_url}/inference_sft", data={"tts_text": text, "spk_id": "joe"})
     error(sft, 422)
 
@@ -514,26 +514,34 @@ def test_out_of_file_handles_fails_the_request_instead_of_speaking_silence(make_
     assert_idle(srv)
 
 
-@pytest.mark.parametrize("text", ["a." * 97, "U.S." * 50])
-def test_text_that_crashes_espeak_fails_one_request_only(make_server, text):
+# espeak-ng's overrun is undefined behaviour: each of these crashes it most times, not always.
+ESPEAK_CRASHERS = ["U.S." * 100, "a." * 97, "U.S." * 50, "a." * 400, "U.S." * 100]
+
+
+def test_text_that_crashes_espeak_fails_one_request_only(make_server):
     """espeak-ng (piper-tts 1.8) segfaults on a run of dotted letters. It ran in the server's
     process, so one such request killed every stream and connection. Now it fails that request;
     a stream already running goes on, the next request is spoken and the counters go back."""
     srv = make_server("--no-warmup")
 
-    async def go() -> tuple[httpx.Response, bytes, httpx.Response]:
+    async def go() -> tuple[list[httpx.Response], bytes, httpx.Response]:
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
             long = {"tts_text": LONG_TEXT, "spk_id": "joe", "stream": True}
             async with client.stream("POST", "/tts/pcm", json=long) as running:
                 pieces = running.aiter_bytes()
                 audio = [await anext(pieces)]  # it is under way
-                bad = await client.post("/tts/pcm", json={"tts_text": text, "spk_id": "joe"})
+                bad = []
+                for text in ESPEAK_CRASHERS:
+                    body = {"tts_text": text, "spk_id": "joe"}
+                    bad.append(await client.post("/tts/pcm", json=body))
                 audio += [piece async for piece in pieces]
             body = {"tts_text": "Hello there, how are you?", "spk_id": "joe"}
             return bad, b"".join(audio), await client.post("/tts/pcm", json=body)
 
     bad, audio, after = run(go())
-    assert bad.status_code == 500 and "phonemizer" in bad.json()["detail"], bad.text
+    crashed = [r for r in bad if r.status_code == 500]
+    assert crashed and all("phonemizer" in r.json()["detail"] for r in crashed)
+    assert all(r.status_code == 200 for r in bad if r not in crashed)  # spoken, when it held
     assert srv.proc.poll() is None
     assert_speech(decode_pcm(audio), 22050, min_seconds=10)
     assert after.status_code == 200

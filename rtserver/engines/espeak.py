@@ -5,7 +5,8 @@ espeak-ng is C that some texts crash: in piper-tts 1.8, 97 dotted letters in a r
 stream and connection with it. Here a crash, or a text that takes over TIMEOUT_S, fails that
 one text (PhonemizerFailed) and the next call starts a fresh child. The child imports only
 Piper (no onnxruntime session, no server), about 50 MB; it speaks JSON lines on its stdin and
-stdout: [voice, text] in, [true, phonemes by sentence] or [false, message] out.
+stdout: first `ready`, then [voice, text] in, [true, phonemes by sentence] or [false, message]
+out.
 
     python -m rtserver.engines.espeak '{"joe": "/path/to/voice.onnx.json"}'
 """
@@ -24,6 +25,8 @@ import msgspec
 log = logging.getLogger("rtserver.piper")
 
 TIMEOUT_S = 5.0  # a 5000-character text takes about 0.1 s: this is a hang, not work
+START_S = 60.0  # for a fresh child's imports (a cold disk, a busy host) before its first call
+READY = b"ready\n"  # what a child says once it can phonemize
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(tuple[bool, list[list[str]] | str]).decode
 
@@ -39,6 +42,7 @@ class Phonemizer:
         self._configs = configs  # voice id -> its .onnx.json
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
+        self._fresh = False  # the child has not said `ready` yet
         self._start()  # it imports while the server loads
 
     def __call__(self, voice: str, text: str) -> list[list[str]]:
@@ -48,9 +52,12 @@ class Phonemizer:
             child = self._child
             assert child is not None and child.stdin and child.stdout
             try:
+                if self._fresh and self._read(child, START_S) != READY:
+                    raise PhonemizerFailed("it did not start")
+                self._fresh = False
                 child.stdin.write(_encode((voice, text)) + b"\n")
                 child.stdin.flush()
-                answer = self._read(child)
+                answer = self._read(child, TIMEOUT_S)
             except (OSError, PhonemizerFailed) as exc:
                 self._stop()
                 why = f"the phonemizer (espeak-ng) failed on this text: {exc}"
@@ -61,11 +68,11 @@ class Phonemizer:
         return value  # type: ignore[return-value]
 
     @staticmethod
-    def _read(child: subprocess.Popen[bytes]) -> bytes:
+    def _read(child: subprocess.Popen[bytes], limit: float) -> bytes:
         assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], TIMEOUT_S)
+        ready, _, _ = select.select([child.stdout], [], [], limit)
         if not ready:
-            raise PhonemizerFailed(f"no answer in {TIMEOUT_S:g} s")
+            raise PhonemizerFailed(f"no answer in {limit:g} s")
         line = child.stdout.readline()
         if not line.endswith(b"\n"):  # EOF: the child died (a crash, or killed)
             raise PhonemizerFailed(f"it exited ({child.wait()})")
@@ -74,6 +81,7 @@ class Phonemizer:
     def _start(self) -> None:
         cmd = [sys.executable, "-m", __name__, json.dumps(self._configs)]
         self._child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._fresh = True
         log.debug("phonemizer child %d started", self._child.pid)
 
     def _stop(self) -> None:
@@ -95,6 +103,8 @@ def _serve(configs: dict[str, str]) -> None:
         with open(path, encoding="utf-8") as f:
             voices[vid] = PiperVoice(session=None, config=PiperConfig.from_dict(json.load(f)))
     out = sys.stdout.buffer
+    out.write(READY)
+    out.flush()
     for line in sys.stdin.buffer:  # ends when the server closes the pipe (or exits)
         vid, text = msgspec.json.decode(line, type=tuple[str, str])
         try:
