@@ -101,7 +101,7 @@ class CosyVoiceModel:
         """A new utterance in ``speaker``'s voice (raises ``SpeakerError`` for an unknown one;
         a Speaker object is used as it is). ``seed`` 0 picks a random one. ``opts``: the other
         :class:`Utterance` fields."""
-        voice = speaker if isinstance(speaker, Speaker) else self.speakers.get(speaker)
+        voice = self._voice(speaker)
         if not speed > 0:
             raise ValueError("speed must be > 0")
         if opts.get("text_stream") and not self.text_streaming:
@@ -459,8 +459,12 @@ class CosyVoiceModel:
         LLM reads it); none for no speaker. A name is looked up, a Speaker taken as it is."""
         if speaker is None:
             return [], [], None
-        spk = speaker if isinstance(speaker, Speaker) else self.speakers.get(speaker)
+        spk = self._voice(speaker)
         return list(spk.prompt_text_ids), spk.prompt_speech_tokens, spk.embedding
+
+    def _voice(self, speaker: str | Speaker) -> Speaker:
+        """A name looked up in the store (SpeakerError if unknown); a Speaker as it is."""
+        return speaker if isinstance(speaker, Speaker) else self.speakers.get(speaker)
 
     def new_stream_request(
         self, speaker: str | Speaker | None = None, seed: int = 0, greedy: bool = False

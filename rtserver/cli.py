@@ -81,7 +81,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(args: argparse.Namespace) -> None:
     from rtserver.api.connection import guarded_protocol, guarded_websocket
-    from rtserver.api.http import abort_quietly, head_as_get
+    from rtserver.api.http import served
     from rtserver.app import create_app
     from rtserver.engines import check_engine
     from rtserver.logs import log_config
@@ -105,7 +105,7 @@ def serve(args: argparse.Namespace) -> None:
         sys.exit(f"rtserver: {exc}")
     app = create_app(settings)
     config = uvicorn.Config(
-        abort_quietly(head_as_get(app)),
+        served(app),
         host=settings.host,
         port=settings.port,
         log_config=logging_config,

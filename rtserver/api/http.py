@@ -115,6 +115,12 @@ def head_as_get(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
+def served(app: ASGIApp) -> ASGIApp:
+    """The app as the server runs it, alone or as a replica: HEAD answered as GET, and a
+    stream cut short ends in one log line."""
+    return abort_quietly(head_as_get(app))
+
+
 def no_head(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Guard: refuse a HEAD (405) before the route reads its input: its GET starts a job."""
     if connection.scope.get(HEAD):

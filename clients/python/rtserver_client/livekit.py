@@ -2,10 +2,11 @@
 
 `stream()` opens one server context per stream and sends text as the agent's LLM produces it
 (the server cuts sentences itself; if the LLM pauses past the server's context timeout, the
-next text goes on in a new context, in the same segment); `flush()` of the input is a `flush` (speak what is
-buffered now) and the end of input a `close`. Closing a stream early (barge-in) sends
-`cancel`, so the server stops synthesizing at once. `synthesize()` is the one-shot form. All
-streams of a TTS share one WebSocket: the protocol multiplexes contexts on it. With
+next text goes on in a new context, in the same segment); `flush()` of the input is a `flush`
+(speak what is buffered now) and the end of input a `close`. Closing a stream early
+(barge-in) sends `cancel`, so the server stops synthesizing at once. `synthesize()` is the
+one-shot form. All streams of a TTS share one WebSocket: the protocol multiplexes contexts on
+it. With
 `word_timestamps`, the server's `words` events become LiveKit timed transcripts (aligned
 transcripts, where the installed livekit-agents has them).
 
