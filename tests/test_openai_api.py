@@ -122,3 +122,14 @@ def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
     assert srv.assert_idle()["completed"] == 1
     # The log names the speaker each job spoke with.
     assert "spk=second" in srv.log()
+
+
+def test_models_through_the_openai_sdk(server):
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    ids = [m.id for m in client.models.list()]
+    assert {"tts-1", "tts-1-hd", "piper"} <= set(ids), ids
+    assert client.models.retrieve("tts-1").id == "tts-1"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("whisper-1")
+    assert caught.value.body["code"] == "model_not_found"
+    assert "whisper-1" in caught.value.body["message"]

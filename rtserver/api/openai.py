@@ -1,7 +1,8 @@
 """OpenAI-compatible speech routes, so voice-agent frameworks plug in by base_url.
 
 `POST /v1/audio/speech` takes OpenAI's body (model, input, voice, response_format, speed,
-stream_format) and `GET /v1/audio/voices` lists what `voice` accepts. OpenAI's own voice
+stream_format), `GET /v1/audio/voices` lists what `voice` accepts and `GET /v1/models` the
+model names (tools list them before they offer a model). OpenAI's own voice
 names are accepted, since frameworks such as Pipecat refuse other names: `--voice-alias
 alloy=SPEAKER` maps one to a speaker, the others speak as the first speaker. `pcm` is 24 kHz
 s16le mono and `opus` 48 kHz Ogg, as OpenAI sends them; the other formats keep the speaker's
@@ -19,7 +20,7 @@ from typing import Literal
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.exceptions import ValidationException
+from litestar.exceptions import NotFoundException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
@@ -33,6 +34,7 @@ from rtserver.service import TTSService, UnknownSpeaker
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova",
                  "onyx", "sage", "shimmer", "verse")  # fmt: skip
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # all speak with the one engine
 OPENAI_PCM_RATE = 24000
 OPENAI_PREFIX = "/v1/"  # errors under it come in OpenAI's shape
 # Each server-sent event: `data` is JSON, {"type": "speech.audio.delta", "audio": base64} and
@@ -66,6 +68,18 @@ OPENAI_ERROR_DOCS = {
                        generate_examples=False)
     for code, spec in ERROR_DOCS.items()
 }  # fmt: skip
+
+
+class Model(msgspec.Struct):
+    id: str
+    created: int  # when this server started (unix seconds)
+    object: str = "model"
+    owned_by: str = "rtserver"
+
+
+class ModelList(msgspec.Struct):
+    data: list[Model]
+    object: str = "list"
 
 
 class SpeechRequest(msgspec.Struct):
@@ -142,6 +156,27 @@ async def voices(service: TTSService) -> dict[str, list[str]]:
     return {"voices": [s.id for s in service.speakers()], "aliases": list(OPENAI_VOICES)}
 
 
+def _models(service: TTSService) -> dict[str, Model]:
+    created = int(service.started_at)
+    names = (service.engine.name, *OPENAI_MODELS)  # `model` is ignored: any of them speaks
+    return {name: Model(id=name, created=created) for name in names}
+
+
+@get("/v1/models", summary="Model names /v1/audio/speech accepts (all use the one engine)")
+async def models(service: TTSService) -> ModelList:
+    return ModelList(data=list(_models(service).values()))
+
+
+@get("/v1/models/{model_id:str}", summary="One model name", responses=OPENAI_ERROR_DOCS)
+async def model(model_id: str, service: TTSService) -> Model:
+    found = _models(service).get(model_id)
+    if found is None:
+        raise NotFoundException(
+            f"the model {model_id!r} does not exist", extra={"code": "model_not_found"}
+        )
+    return found
+
+
 def by_path(handler: Callable[[Request, Exception], Response]):
     """Our error answer; under /v1/ reshaped as OpenAI's, so the SDKs show its message. At the
     app, not on the router: routing errors (405 for GET /v1/audio/speech) never reach a
@@ -175,4 +210,4 @@ def openai_error(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-ROUTES = [speech, voices]
+ROUTES = [speech, voices, models, model]
