@@ -241,12 +241,22 @@ class TTSService:
             raise SpeakerRegistrationError(
                 f"the {self.engine.name} engine has no zero-shot speaker registration", 400
             )
-        if any(s.id == spk_id for s in self.engine.speakers()):
+        speakers = self.engine.speakers()
+        if any(s.id == spk_id for s in speakers):
             raise SpeakerRegistrationError(f"speaker {spk_id!r} already exists", 409)
         # One registration per name at a time (the event loop is one thread: no lock needed):
         # concurrent ones would each pass the check above, and the last writer would win.
         if spk_id in self._registering:
             raise SpeakerRegistrationError(f"speaker {spk_id!r} is being registered", 409)
+        # Registrations are kept in memory and on disk: without a cap, anyone allowed to
+        # register could fill both. Those in progress count, so two at once cannot pass it.
+        limit = self.settings.max_speakers
+        if len(speakers) + len(self._registering) >= limit:
+            raise SpeakerRegistrationError(
+                f"the server keeps at most {limit} speakers (--max-speakers); delete one "
+                "first (DELETE /speakers/{id})",
+                409,
+            )
         check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
         if len(self._registering) >= MAX_REGISTERING:
             raise Busy(f"{MAX_REGISTERING} speakers are being registered; try again")

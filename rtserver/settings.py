@@ -39,6 +39,11 @@ class Settings(msgspec.Struct, kw_only=True):
     speaker_dir: Annotated[
         Path | None, _doc("where registered CosyVoice speakers are kept; none: in the model dir")
     ] = None
+    max_speakers: Annotated[
+        int,
+        _doc("speakers kept, built-in ones included; a registration past it gets 409 (each "
+             "registered one holds up to 0.5 MB in memory and on disk)", ge=1),
+    ] = 256  # fmt: skip
     api_key: Annotated[
         list[Key],
         _doc(

@@ -352,6 +352,37 @@ def udp_ports(pid: int) -> set[int]:
     return ports
 
 
+def test_registrations_stop_at_max_speakers_and_a_deletion_makes_room(tmp_path):
+    """Registered speakers stay in memory and on disk: anyone allowed to register could fill
+    both. The golden dir has 3 built-in speakers; with --max-speakers 5 two more fit."""
+    spk_dir = tmp_path / "speakers"
+    srv = start(spk_dir, "--no-warmup", "--max-speakers", "5")
+    try:
+        assert register(srv, "one", prompt_wav()).status_code == 201
+
+        async def two_at_once() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as client:
+                return await asyncio.gather(*(
+                    client.post("/speakers", data={"spk_id": name, "prompt_text": "你好。"},
+                                files={"prompt_wav": ("p.wav", prompt_wav(), "audio/wav")})
+                    for name in ("two", "three")
+                ))  # fmt: skip
+
+        # One slot left for two registrations in flight: exactly one gets it.
+        codes = sorted(r.status_code for r in asyncio.run(two_at_once()))
+        assert codes == [201, 409], codes
+        full = register(srv, "four", prompt_wav())
+        assert full.status_code == 409 and "at most 5 speakers" in full.json()["detail"]
+        ids = {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
+        assert len(ids) == 5 and "four" not in ids, ids
+        assert len(list(spk_dir.iterdir())) == 2  # nothing written for the refused ones
+        assert httpx.delete(f"{srv.base_url}/speakers/one").status_code == 204
+        assert register(srv, "four", prompt_wav()).status_code == 201
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
 def test_uploads_are_whitelisted_and_one_name_registers_once(tmp_path):
     srv = start(tmp_path / "speakers", "--no-warmup")
     try:
