@@ -11,9 +11,11 @@ import struct
 import time
 
 import pytest
+from golden.conftest import resolve_golden_dir
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from serverproc import ServerProcess
 from websockets.sync.client import connect
 
 from rtserver.protocol import ENDING_ERRORS
@@ -35,6 +37,8 @@ def ending(event: dict) -> bool:
 
 class WsMachine(RuleBasedStateMachine):
     url = ""  # set by the test
+    speaker = "joe"
+    text_streaming = st.just(False)  # CosyVoice also takes text as it comes (bistream)
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,12 +55,13 @@ class WsMachine(RuleBasedStateMachine):
     def send(self, **msg) -> None:
         self.ws.send(json.dumps(msg))
 
-    @rule(fmt=FORMATS, speed=SPEEDS, text=st.one_of(st.just(""), FRAGMENTS))
-    def start(self, fmt: tuple[str, int | None], speed: float, text: str) -> None:
+    @rule(fmt=FORMATS, speed=SPEEDS, text=st.one_of(st.just(""), FRAGMENTS), data=st.data())
+    def start(self, fmt: tuple[str, int | None], speed: float, text: str, data) -> None:
         cid = f"c{self.next_id}"
         self.next_id += 1
-        msg = {"type": "start", "context_id": cid, "spk_id": "joe", "format": fmt[0],
-               "speed": speed, "text": text}  # fmt: skip
+        msg = {"type": "start", "context_id": cid, "spk_id": self.speaker, "format": fmt[0],
+               "speed": speed, "text": text,
+               "text_streaming": data.draw(self.text_streaming)}  # fmt: skip
         if fmt[1]:
             msg["sample_rate"] = fmt[1]
         self.send(**msg)
@@ -134,13 +139,38 @@ class WsMachine(RuleBasedStateMachine):
                 ended_streams.add(self.started[e["context_id"]])
 
 
-@pytest.mark.slow
-def test_every_context_ends_exactly_once(server):
-    WsMachine.url = f"{server.ws_url}/ws/tts"
-    machine = WsMachine.TestCase
-    machine.settings = settings(
-        max_examples=25, stateful_step_count=10, deadline=None,
+def run_machine(server, examples: int, **overrides) -> None:
+    class Machine(WsMachine):
+        url = f"{server.ws_url}/ws/tts"
+
+    for name, value in overrides.items():
+        setattr(Machine, name, value)
+    case = Machine.TestCase
+    case.settings = settings(
+        max_examples=examples, stateful_step_count=10, deadline=None,
         suppress_health_check=list(HealthCheck),
     )  # fmt: skip
-    machine().runTest()
+    case().runTest()
     server.assert_idle(timeout=30)
+
+
+@pytest.mark.slow
+def test_every_context_ends_exactly_once(server):
+    run_machine(server, 25)
+
+
+COSYVOICE2 = resolve_golden_dir() / "cosyvoice2" / "model"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not COSYVOICE2.is_dir(), reason=f"no golden model dir at {COSYVOICE2}")
+def test_every_cosyvoice_context_ends_exactly_once_with_text_streaming_or_not():
+    """The same on the CosyVoice engine, whose text-streaming contexts feed the LLM text as it
+    comes (open segments, seals): its own ways to leave a job or a cache block behind."""
+    srv = ServerProcess(
+        "--model", str(COSYVOICE2), "--no-warmup", "--max-streams", "2", "--max-queue", "3"
+    ).wait_ready()
+    try:
+        run_machine(srv, 20, speaker="spk_f1", text_streaming=st.booleans())
+    finally:
+        srv.stop()
