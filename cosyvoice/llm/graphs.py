@@ -38,7 +38,10 @@ class DecodeGraphs:
         self.ctx = torch.ones(mb, dtype=torch.long, device=dev)
         self.table = torch.zeros(mb, mc, dtype=torch.long, device=dev)
         self.max_pos = mc * BLOCK - 1
-        net.qwen.rope(torch.zeros(1, dtype=torch.long, device=dev), self.max_pos, self.x.dtype)
+        # The RoPE tables the graphs read, held here: an eager step past the largest context
+        # bucket grows the model's as new tensors, and the old ones' memory, once freed, would
+        # be handed out again while every replay still reads it.
+        self.rope = net.qwen.rope_tables(self.max_pos)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = None
         self._stream: torch.cuda.Stream | None = None  # warm-up and capture (devices.capture_graph)
@@ -110,7 +113,7 @@ class DecodeGraphs:
             q_len=1,
         )
         layout = Layout(slots=self.slots[:b], positions=ctx - 1, groups=[group])
-        h = self.net.qwen.forward_layout(self.x[:b], self.pool, layout, self.max_pos)
+        h = self.net.qwen.forward_layout(self.x[:b], self.pool, layout, self.max_pos, self.rope)
         return self.net.llm_decoder(h)
 
     def _capture(self, b: int, nb: int) -> None:

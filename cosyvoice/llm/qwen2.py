@@ -156,9 +156,10 @@ class Qwen2Model(nn.Module):
             )
         return self._pools[key]
 
-    def rope(self, positions: torch.Tensor, max_pos: int, dtype) -> tuple[torch.Tensor, ...]:
-        """cos/sin (N, head_dim) at ``positions``; ``max_pos`` (known on the host, so no device
-        sync) grows the table when needed."""
+    def rope_tables(self, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 cos/sin tables (n, head_dim) of positions 0..n-1, n > ``max_pos``. Grown
+        as new tensors when needed: whoever holds the old ones (CUDA graphs read them at their
+        captured address) keeps them valid."""
         if self._rope_cache is None or self._rope_cache[0].shape[0] <= max_pos:
             # in float32 from the config, not from a buffer: .to(bfloat16) would round the
             # frequencies (cos off by up to 0.28 within 300 positions)
@@ -168,7 +169,14 @@ class Qwen2Model(nn.Module):
             freqs = torch.outer(torch.arange(n, **as_f32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
             self._rope_cache = (emb.cos(), emb.sin())
-        cos, sin = self._rope_cache
+        return self._rope_cache
+
+    def rope(
+        self, positions: torch.Tensor, max_pos: int, dtype, tables: tuple | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """cos/sin (N, head_dim) at ``positions``; ``max_pos`` (known on the host, so no device
+        sync) grows the table when needed; ``tables``: these (see :meth:`rope_tables`) instead."""
+        cos, sin = self.rope_tables(max_pos) if tables is None else tables
         return cos[positions].to(dtype), sin[positions].to(dtype)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache], seg_lens: list[int]) -> torch.Tensor:
@@ -184,9 +192,12 @@ class Qwen2Model(nn.Module):
         pool.commit(caches, seg_lens)
         return h
 
-    def forward_layout(self, x: torch.Tensor, pool: KVPool, layout: Layout, max_pos: int):
-        """The layers over a prepared layout: no host work, no per-request ops."""
-        cos, sin = self.rope(layout.positions, max_pos, x.dtype)
+    def forward_layout(
+        self, x: torch.Tensor, pool: KVPool, layout: Layout, max_pos: int, rope: tuple | None = None
+    ):
+        """The layers over a prepared layout: no host work, no per-request ops. ``rope``: the
+        cos/sin tables to read (default: the model's, grown to ``max_pos``)."""
+        cos, sin = self.rope(layout.positions, max_pos, x.dtype, rope)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             x = x + layer.self_attn(h, cos, sin, pool.layer(i), layout)

@@ -4,12 +4,16 @@ boundary and while requests join and leave."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from _fixtures import ONE_THREAD, TEST_DEVICE, WETEXT
 
 import cosyvoice
 from cosyvoice.llm.engine import LLMRequest
+from cosyvoice.llm.graphs import CONTEXT_BLOCKS
 from cosyvoice.llm.kv import BLOCK
 
 pytestmark = ONE_THREAD
@@ -57,6 +61,27 @@ def test_static_step_matches_dynamic(golden_dir):
         torch.testing.assert_close(torch.stack(lg_s), torch.stack(lg_e), atol=1e-4, rtol=1e-4)
     pool = static.llm.net.kv_pool()
     assert pool.fixed and pool.used_blocks == 1  # only the scratch block is left
+
+
+def test_a_request_past_the_buckets_leaves_the_graphs_tables(golden_dir):
+    """A request past the largest context bucket runs eagerly and grows the model's RoPE tables
+    as new tensors. The graphs read the old ones at their captured address: those must stay
+    allocated (freed, their memory is handed out again and every stream's decode step reads
+    garbage), and the static step must go on giving the dynamic step's logits."""
+    eager, static = _load(golden_dir, False), _load(golden_dir, True)
+    qwen = static.llm.net.qwen
+    read = weakref.ref(qwen.rope_tables(0)[0])
+    n = CONTEXT_BLOCKS[-1] * BLOCK + 40
+    static.llm.generate(LLMRequest(text_ids=[20 + i % 10 for i in range(n)], min_len=2, max_len=2))
+    assert qwen.rope_tables(0)[0].shape[0] > n  # grown
+    gc.collect()
+    assert read() is not None
+    lengths = [12, 30, 25]
+    for (tok_e, lg_e), (tok_s, lg_s) in zip(
+        _trace(eager, lengths), _trace(static, lengths), strict=True
+    ):
+        assert tok_e == tok_s
+        torch.testing.assert_close(torch.stack(lg_s), torch.stack(lg_e), atol=1e-4, rtol=1e-4)
 
 
 def test_pool_is_fixed_and_full_is_an_error(golden_dir):
