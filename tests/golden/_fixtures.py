@@ -26,7 +26,8 @@ from golden.conftest import resolve_golden_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # wetext is in the project's dependencies; a bare GPU box running the parity tests on CUDA
-# (bench/gpu_device.sh) may lack it. The fixture texts normalize the same without it.
+# (bench/gpu_device.sh) may lack it. The fixture texts normalize the same without it, except
+# numbers ("42" -> "forty two" with it, "forty-two" without): test_e2e skips those.
 WETEXT = importlib.util.find_spec("wetext") is not None
 
 

@@ -50,6 +50,8 @@ def fx(family):
     ("family", "run"), run_params(FAMILIES), indirect=["family"], scope="module"
 )
 def test_tts_matches_fixture(tts, fx, run):
+    if not WETEXT and any(c.isdigit() for c in run["text"]):
+        pytest.skip("no wetext (a bare GPU box): the fixture's numbers were normalized by it")
     key = run["key"]
     chunks = list(
         synthesize(tts, run["text"], run["spk"], stream=run["stream"], greedy=True, noise=False)
