@@ -201,11 +201,18 @@ def main() -> None:
     print("parity:", par, flush=True)
     rows, caps, notes = [], {}, {}
     target_cls = EngineTarget if args.engine else ServerTarget
+    setup_s = 0.0  # the last dtype's load and warm-up (a minute or more on a GPU)
     for dtype in args.dtypes:
         r: list[str] = []
+        if time.monotonic() + setup_s > deadline:  # would run past the time the run was given
+            notes[dtype] = "not run: past --budget-s"
+            report(args, par, rows, caps, notes, time.monotonic() - t0)
+            continue
         try:  # one dtype failing must not cost the other its numbers
+            began = time.monotonic()
             target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
                                 args.vocoder_thread)  # fmt: skip
+            setup_s = time.monotonic() - began
             try:
                 caps[dtype] = measure(target, dtype, args.levels, args.capacity, deadline, r)
                 if args.engine:
