@@ -130,20 +130,23 @@ def capture_graph(
     replayed at once on different streams never share one. ``thread_local``: other threads go
     on syncing and allocating meanwhile. The caller's stream is current again afterwards, even
     when the capture fails to begin or end."""
-    caller = torch.cuda.current_stream()
-    stream.wait_stream(caller)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.stream(stream):  # allocator, kernels, lazily grown buffers
-            fn()
-        with (
-            _no_cast_cache(stream.device.type),
-            torch.cuda.graph(graph, mempool, stream, "thread_local"),
-        ):
-            out = fn()
-    finally:
-        torch.cuda.set_stream(caller)
-    caller.wait_stream(stream)
+    # on the graph's device: a model on cuda:1 queued its inputs on that device's current
+    # stream, which the capture must wait for, whichever device this thread has current
+    with torch.cuda.device(stream.device):
+        caller = torch.cuda.current_stream()
+        stream.wait_stream(caller)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):  # allocator, kernels, lazily grown buffers
+                fn()
+            with (
+                _no_cast_cache(stream.device.type),
+                torch.cuda.graph(graph, mempool, stream, "thread_local"),
+            ):
+                out = fn()
+        finally:
+            torch.cuda.set_stream(caller)
+        caller.wait_stream(stream)
     return graph, out
 
 
