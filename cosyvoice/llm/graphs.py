@@ -73,10 +73,10 @@ class DecodeGraphs:
         b = self.batches[bisect.bisect_left(self.batches, n)]
         need = max(blocks_for(c.length + 1) for c in caches)
         nb = self.contexts[bisect.bisect_left(self.contexts, need)]
+        if self.capture and (b, nb) not in self._graphs:
+            self._capture(b, nb)  # before _fill: it runs on padding, which it writes
         self._fill(x, caches, b, nb)
         if self.capture:
-            if (b, nb) not in self._graphs:
-                self._capture(b, nb)
             graph, logits = self._graphs[(b, nb)]
             graph.replay()
         else:
