@@ -45,6 +45,15 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def _retire(tensors) -> None:
+    """Before the pool drops its tensors: one made on another stream (the main thread's warm-up,
+    a capture's) goes back to that stream's free memory, which could hand it out while this
+    stream's queued kernels (the vocoder thread's) still read it; recorded, it waits for them."""
+    for t in tensors:
+        if t.is_cuda:
+            t.record_stream(torch.cuda.current_stream(t.device))
+
+
 class _Free:
     """A free list of ids from ``first`` up that grows by half when it runs out."""
 
@@ -169,6 +178,7 @@ class FlowPool:
     def _shrink(self) -> None:  # between calls, when nothing is held
         for b in (*self.blocks.values(), self.slots):
             b.reset()
+        _retire([*self.kv.values(), *self.tails.values()])
         self.kv.clear()
         self.tails.clear()
         self.resets += 1
@@ -185,6 +195,7 @@ class FlowPool:
                 self.position_bytes[res] += grown[:, :, 0].numel() * grown.element_size()
             elif t.device == k.device:
                 grown[:, :, : t.shape[2]] = t
+                _retire([t])
             self.kv[key] = t = grown
         return t
 
@@ -197,6 +208,7 @@ class FlowPool:
                 self.slot_bytes += grown[:, 0].numel() * grown.element_size()
             elif t.device == x.device:
                 grown[:, : t.shape[1]] = t
+                _retire([t])
             self.tails[key] = t = grown
         return t
 
