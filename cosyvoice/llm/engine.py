@@ -228,11 +228,14 @@ class LLMEngine:
         # inputs longer than prefill_chunk, and how far they got
         partial: list[tuple[LLMRequest, torch.Tensor, int]] = []
         streamed: list[BistreamState] = []  # whose pending inputs this step takes
+        last = self._last_tokens(requests)
         for r in requests:
             if r.prefix is not None:  # the rest of a long input, a chunk per step
                 full, cache, st = r.prefix, r.cache, r.prefix_fed
             else:
-                full, st = self._input(r), 0
+                full, st = last.get(id(r)), 0
+                if full is None:
+                    full = self._input(r)
                 if r.bistream is not None:
                     streamed.append(r.bistream)
                 cache = r.cache
@@ -284,15 +287,27 @@ class LLMEngine:
             None if t is None else self._take(r, t) for r, t in zip(requests, plan, strict=True)
         ]
 
+    def _last_tokens(self, requests: Sequence[LLMRequest]) -> dict[int, torch.Tensor]:
+        """The embedding of each request that feeds only its last token, by ``id(request)``:
+        looked up together, so a decode step at batch 64 makes one copy to the device and one
+        kernel, not 64 of each."""
+        plain = [
+            r for r in requests
+            if r.started and r.prefix is None and not (r.bistream and r.bistream.pending)
+        ]  # fmt: skip
+        if not plain:
+            return {}
+        ids = torch.tensor([r.out_tokens[-1] for r in plain], device=self.device)
+        rows = self.net.speech_embedding(ids)
+        return {id(r): rows[i : i + 1] for i, r in enumerate(plain)}
+
     def _input(self, r: LLMRequest) -> torch.Tensor:
-        """The embeddings ``r`` feeds next: its whole prefix (first step), its streamed inputs
-        (bistream), or its last token."""
+        """The embeddings ``r`` feeds next, unless it feeds only its last token: its whole
+        prefix (first step) or its streamed inputs (bistream)."""
         net, dev = self.net, self.device
         if r.bistream is not None:
             items = r.bistream.pending or [("speech", [r.out_tokens[-1]])]
             return torch.cat([net.embed_item(k, ids) for k, ids in items])
-        if r.started:
-            return net.speech_embedding(torch.tensor([r.out_tokens[-1]], device=dev))
         text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
         speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
         return net.prefix_embeds(text, speech, r.embedding)

@@ -58,6 +58,32 @@ def test_decode_step_ops_do_not_grow_with_batch(golden_dir, family):
     assert sum(one.values()) > 5 * n_layers  # the counter saw the layers at all
 
 
+def test_a_whole_decode_step_has_no_per_request_kernels(golden_dir):
+    """The whole step, inputs and sampling included: per request, only views (a row of the
+    batch) and each request's own random draw (its seeded generator, on the host). Each
+    request's last token was looked up alone before: a copy to the device and an embedding
+    kernel per request, 64 of each at batch 64."""
+    model = load_engine(golden_dir, "cosyvoice2")
+
+    def step_ops(n: int) -> Counter[str]:
+        reqs = _started(model, n)
+        counter = CountOps()
+        with counter:
+            model.llm.step(reqs)
+        for r in reqs:
+            r.cancel()
+        return counter.ops
+
+    one, sixteen = step_ops(1), step_ops(16)
+    grown = {op: k for op, k in (sixteen - one).items() if op not in PER_ROW}
+    assert not grown, grown
+    assert sixteen["aten.exponential_"] - one["aten.exponential_"] == 15  # the draws counted
+
+
+# per request in a step: views of its row, and its own seeded draw
+PER_ROW = ("aten.slice", "aten.select", "aten.exponential_")
+
+
 def test_pool_blocks_come_back(golden_dir):
     model = load_engine(golden_dir, "cosyvoice2")
     pool = model.llm.net.kv_pool()
