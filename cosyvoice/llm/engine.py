@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SamplingConfig
+from ..devices import h2d
 from .bistream import SPEECH_CHUNK, BistreamState
 from .graphs import CONTEXT_BLOCKS, DecodeGraphs
 from .kv import KVCache
@@ -297,7 +298,7 @@ class LLMEngine:
         ]  # fmt: skip
         if not plain:
             return {}
-        ids = torch.tensor([r.out_tokens[-1] for r in plain], device=self.device)
+        ids = h2d([r.out_tokens[-1] for r in plain], self.device)  # not waiting for the GPU
         rows = self.net.speech_embedding(ids)
         return {id(r): rows[i : i + 1] for i, r in enumerate(plain)}
 
