@@ -7,6 +7,7 @@ import asyncio
 import logging
 import logging.config
 import os
+import socket
 import sys
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -145,8 +146,16 @@ def connection_limits(settings: Settings, config: uvicorn.Config) -> ConnectionL
 
 def serve_on_ray(settings: Settings) -> None:
     """`serve` with --replicas or --ray-address: replicas on Ray Serve (rtserver.cluster)."""
+    from rtserver.engines import check_engine
+
     try:
         settings.check_cluster()
+        if not settings.ray_address:
+            # A cluster started here runs its proxy and replicas on this machine: what fails
+            # them here fails in a moment, as for plain `serve`, instead of after Ray's start
+            # and three tries per replica (a minute and more of tracebacks).
+            check_engine(settings)
+            check_port_free(settings.host, settings.port)
     except SettingsError as exc:
         sys.exit(f"rtserver: {exc}")
     # Ray's workers would otherwise rebuild this environment from the working dir when the
@@ -163,6 +172,20 @@ def serve_on_ray(settings: Settings) -> None:
         cluster.run(settings)
     except SettingsError as exc:
         sys.exit(f"rtserver: {exc}")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind --host/--port as Ray Serve's proxy will, and let go. Its bind sets no SO_REUSEADDR,
+    so connections closed in the last minute (TIME_WAIT) hold the port for it too."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SettingsError(
+                f"--port: cannot listen on {host}:{port}: {exc.strerror} (another server, or "
+                "connections to one closed less than a minute ago: Ray Serve's proxy cannot "
+                "reuse the port before they time out)"
+            ) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ value is one clear line, not a traceback."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,27 @@ def test_a_port_in_use_fails_before_the_model_loads(server):
     r = serve("--port", str(server.port))
     assert r.returncode != 0 and "address already in use" in r.stderr.lower(), r.stderr[-2000:]
     assert "ready:" not in r.stderr and "piper voice" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model", ["missing", "empty"])
+def test_replicas_check_the_model_before_ray_starts(tmp_path, model):
+    """A cluster the command starts loads the model on this machine: a --model that cannot
+    load is one line at once, as for plain serve. It was over a minute of starting Ray and
+    three tries per replica, their tracebacks, and "the deployment failed"."""
+    (tmp_path / "empty").mkdir()
+    r = serve("--replicas", "1", "--model", str(tmp_path / model))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "--model" in lines[0], r.stderr[-2000:]
+
+
+def test_replicas_on_a_port_in_use_fail_before_ray_starts():
+    """Serve's proxy would find the port taken only after Ray had started (40 s here), and
+    said so in a page of tracebacks."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        r = serve("--replicas", "1", "--port", str(taken.getsockname()[1]))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+    assert "--port" in lines[0] and "address already in use" in lines[0].lower(), lines[0]
 
 
 def test_say_without_a_server_is_one_clear_line(tmp_path):
