@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from serverproc import eventually
 
 pytestmark = pytest.mark.browser
 
@@ -298,6 +299,40 @@ def test_busy_server_and_closed_socket_are_shown(browser, make_server) -> None:
     finally:
         first.page.close()
         second.page.close()
+
+
+@pytest.mark.parametrize(
+    "limits, text, says",
+    [
+        ((), "Here is the first sentence of a turn. Then a bell\x07 rings.", "Text rejected"),
+        (("--max-text-chars", "60"), SHORT_TEXT, "Text too long"),
+    ],
+)
+def test_a_dropped_fragment_cancels_its_context(browser, make_server, limits, text, says) -> None:
+    """Agent mode sends a word the server drops (a control character: `invalid_text`; the
+    same for `text_too_long`). The page shows the error and ends the utterance; the server
+    keeps such a context open, so the page cancels it. It did not: the context, never closed,
+    went on speaking unheard and held the only synthesis slot until its idle timeout (30 s),
+    and the next Speak was refused as busy."""
+    srv = make_server("--max-streams", "1", "--max-queue", "0", *limits)
+    page = Page(browser, srv.base_url)
+    try:
+        page.page.check("#agent")
+        page.page.fill("#text", text)
+        page.page.click("#speak")
+        page.wait("rtDemo.lastError !== null", what=f"the error ({says})")
+        assert says in page.page.text_content("#error") and page.demo("state") == "idle"
+        health = eventually(srv.healthz, lambda h: h["streams_open"] == 0, timeout=5)
+        assert health["streams_open"] == health["active"] == 0, health
+
+        page.page.uncheck("#agent")
+        page.page.fill("#text", "The next turn.")
+        page.page.click("#speak")
+        page.wait("rtDemo.utterances === 2 && rtDemo.samplesPlayed > 0", what="the next turn")
+        assert page.demo("errorCount") == 1 and not page.page.is_visible("#error")
+        assert page.errors == []
+    finally:
+        page.page.close()
 
 
 def server_speakers(server) -> list[dict]:

@@ -109,6 +109,7 @@ const FRIENDLY = {
   busy: "Server busy",
   too_many_contexts: "Too many open streams on this connection",
   text_too_long: "Text too long",
+  invalid_text: "Text rejected",
   synthesis_failed: "Synthesis failed",
   idle_timeout: "Connection timed out",
   invalid_message: "The server rejected a message",
@@ -121,6 +122,9 @@ const FRIENDLY = {
   speakers: "Could not load speakers",
   empty_text: "Nothing to say",
 };
+
+// Errors after which the server keeps the context open: it only dropped that fragment.
+const FRAGMENT_ERRORS = new Set(["text_too_long", "invalid_text"]);
 
 // POST /tts statuses, mapped onto the same codes the WebSocket uses where they mean the same.
 const HTTP_ERROR_CODES = { 400: "bad_request", 413: "text_too_long", 422: "invalid_request", 503: "busy" };
@@ -425,7 +429,11 @@ function onServerError(msg) {
     return;
   }
   showError(msg.code, msg.message);
-  if (u) finish(u, "error", { keepAudio: true });
+  if (!u) return;
+  // The utterance ends here; left open, its context would speak unheard (agent mode never
+  // sends its `close` now) and hold a synthesis slot until the server's idle timeout.
+  if (FRAGMENT_ERRORS.has(msg.code) && !u.serverDone) send({ type: "cancel", context_id: u.id });
+  finish(u, "error", { keepAudio: true });
 }
 
 function onAudio(buf) {
