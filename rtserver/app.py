@@ -90,8 +90,10 @@ def _docs_assets() -> Router:
 
 
 def with_replica(app: ASGIApp, replica: str) -> ASGIApp:
-    """Middleware: name the replica that answered in `X-Replica` (behind Ray Serve's proxy a
-    client cannot otherwise tell which replica, with its own counters, it reached)."""
+    """Wrap the ASGI app: name the replica that answered in `X-Replica` (behind Ray Serve's
+    proxy a client cannot otherwise tell which replica, with its own counters, it reached).
+    Around the app, not as its middleware: Litestar answers an unknown path (404) or method
+    (405) before any middleware runs."""
     value = replica.encode()
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
@@ -137,7 +139,6 @@ def create_app(
         exception_handlers={exc: openai.by_path(h) for exc, h in EXCEPTION_HANDLERS.items()},
         cors_config=cors_config(settings),
         middleware=[
-            *([lambda app: with_replica(app, replica)] if replica is not None else []),
             with_request_id,
             lambda app: count_requests(app, metrics),
             lambda app: AccessControl(app, settings),

@@ -83,7 +83,7 @@ class Replica:
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         from rtserver.api.http import served
-        from rtserver.app import create_app
+        from rtserver.app import create_app, with_replica
         from rtserver.logs import log_config
 
         s = self.settings
@@ -91,7 +91,7 @@ class Replica:
         replica = serve.get_replica_context().replica_id.unique_id
         self.litestar = create_app(s, replica=replica)
         self.drain_order = asyncio.get_running_loop().create_task(self._drain_when_told())
-        return _one_request_id(served(self.litestar))
+        return _one_request_id(with_replica(served(self.litestar), replica))
 
     async def _drain_when_told(self) -> None:
         try:

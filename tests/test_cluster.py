@@ -129,8 +129,12 @@ def test_every_route_answers_through_the_proxy(cluster, method, path, body, expe
     r = httpx.request(method, f"{cluster.base_url}{path}", json=body, timeout=60)
     assert r.status_code == 200 and expect in r.headers["content-type"], (r.status_code, r.text)
     assert r.headers["x-replica"] and r.content
+    # The framework's own answers too: an unknown path or method names its replica.
     missing = httpx.get(f"{cluster.base_url}/no/such/route")
     assert missing.status_code == 404 and missing.json()["status_code"] == 404
+    wrong = httpx.put(f"{cluster.base_url}/tts")
+    assert wrong.status_code == 405 and wrong.json()["status_code"] == 405
+    assert missing.headers["x-replica"] and wrong.headers["x-replica"]
 
 
 @pytest.mark.browser
