@@ -167,7 +167,18 @@ async def models(service: TTSService) -> ModelList:
     return ModelList(data=list(_models(service).values()))
 
 
-@get("/v1/models/{model_id:str}", summary="One model name", responses=OPENAI_ERROR_DOCS)
+@get(
+    "/v1/models/{model_id:str}",
+    summary="One model name",
+    responses={
+        **OPENAI_ERROR_DOCS,
+        404: ResponseSpec(
+            data_container=OpenAIError,
+            description="No such model (code `model_not_found`).",
+            generate_examples=False,
+        ),
+    },
+)
 async def model(model_id: str, service: TTSService) -> Model:
     found = _models(service).get(model_id)
     if found is None:
