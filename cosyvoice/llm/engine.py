@@ -306,9 +306,8 @@ class LLMEngine:
         """The embeddings ``r`` feeds next, unless it feeds only its last token: its whole
         prefix (first step) or its streamed inputs (bistream)."""
         net, dev = self.net, self.device
-        if r.bistream is not None:
-            items = r.bistream.pending or [("speech", [r.out_tokens[-1]])]
-            return torch.cat([net.embed_item(k, ids) for k, ids in items])
+        if r.bistream is not None:  # pending from its start (sos), or _last_tokens took it
+            return torch.cat([net.embed_item(k, ids) for k, ids in r.bistream.pending])
         text = torch.tensor([*r.prompt_text_ids, *r.text_ids], dtype=torch.long, device=dev)
         speech = torch.tensor(list(r.prompt_speech_tokens), dtype=torch.long, device=dev)
         return net.prefix_embeds(text, speech, r.embedding)

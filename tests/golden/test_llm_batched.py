@@ -58,6 +58,10 @@ def test_decode_step_ops_do_not_grow_with_batch(golden_dir, family):
     assert sum(one.values()) > 5 * n_layers  # the counter saw the layers at all
 
 
+# per request in a step: views of its row, and its own seeded draw
+PER_ROW = ("aten.slice", "aten.select", "aten.exponential_")
+
+
 def test_a_whole_decode_step_has_no_per_request_kernels(golden_dir):
     """The whole step, inputs and sampling included: per request, only views (a row of the
     batch) and each request's own random draw (its seeded generator, on the host). Each
@@ -78,10 +82,6 @@ def test_a_whole_decode_step_has_no_per_request_kernels(golden_dir):
     grown = {op: k for op, k in (sixteen - one).items() if op not in PER_ROW}
     assert not grown, grown
     assert sixteen["aten.exponential_"] - one["aten.exponential_"] == 15  # the draws counted
-
-
-# per request in a step: views of its row, and its own seeded draw
-PER_ROW = ("aten.slice", "aten.select", "aten.exponential_")
 
 
 def test_pool_blocks_come_back(golden_dir):
