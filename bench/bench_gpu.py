@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from report import ROOT, delivery, git_rev, machine, pct, write_section
@@ -30,12 +31,22 @@ from report import ROOT, delivery, git_rev, machine, pct, write_section
 TEXT = "Hello there, this is a benchmark sentence for the graphics card."
 LEVELS = (1, 16, 64)
 CAPACITY = (32, 48, 64, 96, 128, 192, 256)
+PROFILE_STREAMS = 16
 PARITY_TESTS = [
     "tests/golden/test_e2e.py",
     "tests/golden/test_utterance.py",
     "tests/golden/test_llm_graphs.py",
     "tests/golden/test_flow_graphs.py",
 ]
+
+
+@dataclass
+class Results:
+    rows: list[str] = field(default_factory=list)  # the table's, every dtype's
+    caps: dict[str, int] = field(default_factory=dict)  # real-time capacity per dtype
+    notes: dict[str, str] = field(default_factory=dict)
+    # engine mode, per dtype: (what was profiled, the table): where TTFA goes
+    profiles: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def gpu_name() -> str:
@@ -91,16 +102,31 @@ class EngineTarget:
                                     vocoder_thread=thread)  # fmt: skip
         self.model.warmup()
         self.tokens, self.max_batch = tokens, 64
+        # (batch size, seconds) of every LLM step and vocoder call: where a burst's time went
+        self.llm_calls: list[tuple[int, float]] = []
+        self.voc_calls: list[tuple[int, float]] = []
+        for part, calls in (
+            (self.model.llm, self.llm_calls),
+            (self.model.token2wav, self.voc_calls),
+        ):
+            part.step = _timed(part.step, calls)
 
-    def burst(self, n: int) -> list[dict]:
-        from cosyvoice.utterance import Status
-
+    def start(self, n: int) -> list:
         m, spk = self.model, self.model.speakers.list()[0]
-        t0 = time.monotonic()
         utts = [m.start(spk, seed=k + 1, fixed_tokens=self.tokens) for k in range(n)]
         for u in utts:
             m.add_text(u, TEXT)
             m.close_text(u)
+        return utts
+
+    def burst(self, n: int) -> list[dict]:
+        from cosyvoice.utterance import Status
+
+        m = self.model
+        self.llm_calls.clear()
+        self.voc_calls.clear()
+        t0 = time.monotonic()
+        utts = self.start(n)
         arrivals: dict[int, list[tuple[float, float]]] = {id(u): [] for u in utts}
 
         def slack(u) -> float | None:  # as the server: a listener playing since its first audio
@@ -121,6 +147,36 @@ class EngineTarget:
             busy = [u for u in rest + batch if u.status is not Status.FINISHED]
         return [delivery(t0, arrivals[id(u)]) for u in utts]
 
+    def split(self) -> str:
+        """The last burst's LLM steps and vocoder calls: count, mean batch, p50 and max ms."""
+        cols = []
+        for calls in (self.llm_calls, self.voc_calls):
+            ms = [s * 1000 for _, s in calls]
+            mean = sum(b for b, _ in calls) / len(calls) if calls else 0
+            cols.append(f"{len(calls)} | {mean:.1f} | {pct(ms, 50):.1f} | {max(ms, default=0):.1f}")
+        return " | ".join(cols)
+
+    def profile(self, n: int, rows: int = 15) -> tuple[str, str]:
+        """torch.profiler over N utterances from their start to the first audio out (prefill,
+        decode steps, the first flow and HiFT call: what TTFA is made of); the top ops and
+        kernels by self device time (CPU time without CUDA). The utterances are then cancelled."""
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.model.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        m, utts, steps = self.model, self.start(n), 0
+        with profile(activities=acts) as prof:
+            while not any(o.audio.numel() for o in m.step(utts)) and steps < 4 * self.tokens:
+                steps += 1
+            if cuda:
+                torch.cuda.synchronize()
+        for u in utts:
+            m.cancel(u)
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        return f"{n} streams, {steps + 1} steps to the first audio", table
+
     def graphs_note(self) -> str:
         g = self.model.token2wav.flow.graphs
         if g is None:
@@ -140,6 +196,17 @@ class EngineTarget:
             torch.cuda.empty_cache()  # the next dtype's flow-cache bound sees the memory free
 
 
+def _timed(fn, calls: list[tuple[int, float]]):
+    def timed(batch, *args, **kwargs):
+        began = time.perf_counter()
+        try:  # the LLM step syncs (host-side sampling), a vocoder call returns CPU audio
+            return fn(batch, *args, **kwargs)
+        finally:
+            calls.append((len(batch), time.perf_counter() - began))
+
+    return timed
+
+
 def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[str]) -> int:
     """Appends a row per level to `rows` (kept if a later level fails); the capacity."""
     cap = 0
@@ -155,9 +222,10 @@ def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[st
         under = sum(r["underruns"] > 0 for r in res)
         if under == 0:
             cap = max(cap, n)
+        split = f" {target.split()} |" if hasattr(target, "split") else ""
         rows.append(
             f"| {dtype} | {n} | {pct(ttfa, 50):.0f} | {pct(ttfa, 95):.0f} | "
-            f"{max(r['rtf'] for r in res):.2f} | {under} |"
+            f"{max(r['rtf'] for r in res):.2f} | {under} |{split}"
         )
         print(rows[-1], flush=True)
     return cap
@@ -199,14 +267,14 @@ def main() -> None:
     deadline = t0 + args.budget_s
     par = "skipped" if args.skip_parity else parity(args.device, min(240, args.budget_s / 3))
     print("parity:", par, flush=True)
-    rows, caps, notes = [], {}, {}
+    res = Results()
     target_cls = EngineTarget if args.engine else ServerTarget
     setup_s = 0.0  # the last dtype's load and warm-up (a minute or more on a GPU)
     for dtype in args.dtypes:
         r: list[str] = []
         if time.monotonic() + setup_s > deadline:  # would run past the time the run was given
-            notes[dtype] = "not run: past --budget-s"
-            report(args, par, rows, caps, notes, time.monotonic() - t0)
+            res.notes[dtype] = "not run: past --budget-s"
+            report(args, par, res, time.monotonic() - t0)
             continue
         try:  # one dtype failing must not cost the other its numbers
             began = time.monotonic()
@@ -214,22 +282,24 @@ def main() -> None:
                                 args.vocoder_thread)  # fmt: skip
             setup_s = time.monotonic() - began
             try:
-                caps[dtype] = measure(target, dtype, args.levels, args.capacity, deadline, r)
+                res.caps[dtype] = measure(target, dtype, args.levels, args.capacity, deadline, r)
                 if args.engine:
-                    notes[dtype] = target.graphs_note()
-                    print(dtype, notes[dtype], flush=True)
+                    res.notes[dtype] = target.graphs_note()
+                    print(dtype, res.notes[dtype], flush=True)
+                    if time.monotonic() < deadline:
+                        res.profiles[dtype] = target.profile(PROFILE_STREAMS)
+                        print(*res.profiles[dtype], sep="\n", flush=True)
             finally:
                 target.close()
         except Exception as e:
             traceback.print_exc()
-            notes[dtype] = f"failed: {type(e).__name__}: {e}"[:300]
-        rows += r
-        report(args, par, rows, caps, notes, time.monotonic() - t0)  # after each dtype: a run cut
-        # short by a time limit still leaves what it measured
+            res.notes[dtype] = f"failed: {type(e).__name__}: {e}"[:300]
+        res.rows += r
+        report(args, par, res, time.monotonic() - t0)  # after each dtype: a run cut short by a
+        # time limit still leaves what it measured
 
 
-def report(args, parity_result: str, rows: list[str], caps: dict[str, int],
-           notes: dict[str, str], seconds: float) -> None:  # fmt: skip
+def report(args, parity_result: str, res: Results, seconds: float) -> None:
     how = (
         "the model's step loop in one process (`--engine`: no HTTP; N utterances started at once, "
         "stepped together up to 64 per step)"
@@ -237,18 +307,42 @@ def report(args, parity_result: str, rows: list[str], caps: dict[str, int],
         else "streaming `/tts/pcm` requests to a server, N sent at once"
     )
     flags = f"--tokens {args.tokens} --vocoder-thread {args.vocoder_thread}"
-    body = f"""## GPU: CosyVoice2 full size on {gpu_name()}
+    head = (
+        "| dtype | N | TTFA p50 ms | TTFA p95 ms | slowest delivery RTF | streams that underran |"
+    )
+    rule = "| --- " * 6
+    if args.engine:
+        head += (
+            " LLM steps | mean batch | p50 ms | max ms |"
+            " vocoder calls | mean chunks | p50 ms | max ms |"
+        )
+        rule += "| --- " * 8
+    split = (
+        "\nLLM steps and vocoder calls (flow and HiFT of a batch of chunks): how many the "
+        "burst made, their mean batch, and their p50 and max wall time.\n"
+        if args.engine
+        else ""
+    )
+    profiles = "".join(
+        f"\n\n{dtype}, `torch.profiler`, {what}:\n\n```\n{table.rstrip()}\n```"
+        for dtype, (what, table) in res.profiles.items()
+    )
+    body = (
+        f"""## GPU: CosyVoice2 full size on {gpu_name()}
 
 Command: `bench/bench_gpu.py {flags}{" --engine" if args.engine else ""}`, commit
 {git_rev()}, {seconds:.0f} s in all, {machine()}. Model: `bench/make_full_model.py`
 output (random weights), LLM forced to {args.tokens} tokens ({args.tokens / 25:.0f} s of audio)
 per request; {how}. Golden parity on {args.device}, float32: {parity_result}. Real-time capacity
-(largest N with no stream underrunning): {", ".join(f"{d} {c}" for d, c in caps.items())}.
-{"".join(f"{d}: {n}. " for d, n in notes.items())}
-
-| dtype | N | TTFA p50 ms | TTFA p95 ms | slowest delivery RTF | streams that underran |
-| --- | --- | --- | --- | --- | --- |
-""" + "\n".join(rows)
+(largest N with no stream underrunning): {", ".join(f"{d} {c}" for d, c in res.caps.items())}.
+{"".join(f"{d}: {n}. " for d, n in res.notes.items())}
+{split}
+{head}
+{rule}|
+"""
+        + "\n".join(res.rows)
+        + profiles
+    )
     if args.body_out:
         args.body_out.write_text(body + "\n")
     if args.device.startswith("cuda"):  # a CPU dry run of the kit must not replace the section
