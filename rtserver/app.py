@@ -28,7 +28,7 @@ from rtserver.api.http import ROUTES, FormRequest
 from rtserver.api.ws import ws_tts
 from rtserver.engine import Engine
 from rtserver.engines import load_engine
-from rtserver.logs import with_header, with_request_id
+from rtserver.logs import with_header
 from rtserver.metrics import Metrics, count_requests
 from rtserver.service import TTSService, in_own_thread
 from rtserver.settings import Settings
@@ -139,7 +139,6 @@ def create_app(
         exception_handlers={exc: openai.by_path(h) for exc, h in EXCEPTION_HANDLERS.items()},
         cors_config=cors_config(settings),
         middleware=[
-            with_request_id,
             lambda app: count_requests(app, metrics),
             lambda app: AccessControl(app, settings),
         ],

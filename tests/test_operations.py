@@ -96,6 +96,9 @@ def test_request_ids_and_one_json_log_format(make_server):
     assert mine.headers["x-request-id"] == "trace-42"
     fresh = httpx.get(f"{srv.base_url}/speakers").headers["x-request-id"]
     assert fresh and fresh != "trace-42"
+    # answered before any route runs: an unknown path, a method the route lacks
+    for r in (httpx.get(f"{srv.base_url}/nope"), httpx.delete(f"{srv.base_url}/tts")):
+        assert r.status_code in (404, 405) and r.headers.get("x-request-id"), r.headers
     srv.assert_idle()
     lines = [line for line in srv.log().splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines[1:]]  # a partial first line may be cut

@@ -22,7 +22,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtserver.api.docs import BINARY, L16, audio_operation
 from rtserver.engine import Speaker
-from rtserver.logs import stream_cut
+from rtserver.logs import stream_cut, with_request_id
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import SpeakerInfo, TTSRequest
 from rtserver.service import ClientGone, SynthesisFailed, TextRejected, TTSService
@@ -116,9 +116,10 @@ def head_as_get(app: ASGIApp) -> ASGIApp:
 
 
 def served(app: ASGIApp) -> ASGIApp:
-    """The app as the server runs it, alone or as a replica: HEAD answered as GET, and a
-    stream cut short ends in one log line."""
-    return abort_quietly(head_as_get(app))
+    """The app as the server runs it, alone or as a replica: every response carries its
+    request id (404 and 405 too, which Litestar answers without running its middleware), HEAD
+    is answered as GET, and a stream cut short ends in one log line."""
+    return with_request_id(abort_quietly(head_as_get(app)))
 
 
 def no_head(connection: ASGIConnection, _: BaseRouteHandler) -> None:
