@@ -132,7 +132,7 @@ def application(settings: Settings) -> serve.Application:
             "num_gpus": s.replica_gpus,
             "runtime_env": {"env_vars": arena_env(s.malloc_arenas)},
         },
-        "max_ongoing_requests": s.max_streams,
+        "max_ongoing_requests": s.streams,
         "max_queued_requests": s.max_queue,
         "backpressure_config": {"retry_after_s": 1},  # as the replicas' own 503s say
         "graceful_shutdown_timeout_s": s.drain_timeout_s + STOP_MARGIN_S,
@@ -147,7 +147,7 @@ def application(settings: Settings) -> serve.Application:
             "initial_replicas": s.initial_replicas,
             "max_replicas": s.max_replicas,
             # Scale out at half of a replica's room: a new one takes a while to load its model.
-            "target_ongoing_requests": max(1, s.max_streams // 2),
+            "target_ongoing_requests": max(1, s.streams // 2),
         }
     else:
         options["num_replicas"] = s.initial_replicas

@@ -126,8 +126,8 @@ def client_share(settings: Settings) -> int:
     """Streams one client address runs at once: with per-client limits on, all slots but one,
     so that one address cannot hold them all for as long as its streams last (its other
     streams wait as if the server were full); 0 (no limit) with them off, as in benchmarks."""
-    if settings.max_client_streams and settings.max_streams > 1:
-        return settings.max_streams - 1
+    if settings.max_client_streams and settings.streams > 1:
+        return settings.streams - 1
     return 0
 
 
@@ -144,7 +144,7 @@ class TTSService:
         self.replica = replica  # the Ray Serve replica id, when this is one of several
         self.scheduler = Scheduler(
             engine,
-            max_streams=settings.max_streams,
+            max_streams=settings.streams,
             max_queue=settings.max_queue,
             serial=settings.scheduler == "serial",
             read_timeout_s=settings.read_timeout_s,

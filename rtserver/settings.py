@@ -27,6 +27,10 @@ Count = Annotated[int, Meta(ge=0)]
 # A key travels in a header, and for browsers in a WebSocket subprotocol: token characters only.
 Key = Annotated[str, Meta(min_length=8, pattern=r"^[A-Za-z0-9._~+-]+$")]
 Seconds = Annotated[float, Meta(gt=0)]
+# --max-streams' defaults: what a 2-core CPU keeps real time with the built-in voice
+# (docs/benchmarks.md), and the count one H100/H200 is built to keep real time in bf16
+# (`just bench-gpu` measures a GPU's own).
+CPU_STREAMS, GPU_STREAMS = 6, 64
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -67,7 +71,11 @@ class Settings(msgspec.Struct, kw_only=True):
     allow_host: Annotated[
         list[str], _doc("a Host header the server answers to (repeatable); none: any")
     ] = msgspec.field(default_factory=list)
-    max_streams: Annotated[int, _doc("streams synthesizing at once", ge=1)] = 6
+    max_streams: Annotated[
+        Count,
+        _doc("streams synthesizing at once, also the largest batch the engine prepares for "
+             f"(0: {CPU_STREAMS}, or {GPU_STREAMS} for CosyVoice on a GPU)"),
+    ] = 0  # fmt: skip
     max_queue: Annotated[Count, _doc("streams waiting beyond that; more get 503 / busy")] = 16
     max_text_chars: Annotated[int, _doc("text per request or WebSocket context", ge=1)] = 5000
     max_audio_s: Annotated[Seconds, _doc("audio one request or context may produce")] = 600.0
@@ -183,6 +191,25 @@ class Settings(msgspec.Struct, kw_only=True):
     def on_ray(self) -> bool:
         """Whether `serve` deploys replicas on Ray Serve instead of serving in-process."""
         return bool(self.replicas or self.ray_address or self.max_replicas)
+
+    @property
+    def streams(self) -> int:
+        """--max-streams, or (0) its default for where the engine runs."""
+        return self.max_streams or (GPU_STREAMS if self.on_gpu else CPU_STREAMS)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the engine runs on a GPU: CosyVoice with --device cuda (auto: one is
+        visible), or replicas given GPUs (the driver that deploys them may have none)."""
+        if self.model is None:  # the built-in voice runs on the CPU
+            return False
+        if self.replica_gpus or self.device.startswith("cuda"):
+            return True
+        if self.device != "auto":
+            return False
+        import torch
+
+        return torch.cuda.is_available()
 
     @property
     def initial_replicas(self) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from serverproc import ROOT
 
-from rtserver.settings import ENV_PREFIX, Settings
+from rtserver.settings import CPU_STREAMS, ENV_PREFIX, GPU_STREAMS, Settings
 
 
 def rtserver(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -32,14 +32,14 @@ def test_help_shows_each_flag_with_its_default_and_variable():
     for name in Settings.__struct_fields__:
         assert f"--{name.replace('_', '-')}" in out
         assert f"{ENV_PREFIX}{name.upper()}" in out
-    assert "(default: 6; env RTSERVER_MAX_STREAMS)" in out
+    assert "(default: 0; env RTSERVER_MAX_STREAMS)" in out
 
 
 @pytest.mark.parametrize(
     "args, env, says",
     [
         ((), {"RTSERVER_PORT": "abc"}, "RTSERVER_PORT"),
-        (("--max-streams", "0"), {}, "--max-streams"),
+        (("--max-streams", "-1"), {}, "--max-streams"),
         (("--dtype", "int8"), {}, "--dtype"),
         (("--read-timeout-s", "soon"), {}, "--read-timeout-s"),
         (("--voice-alias", "alloy"), {}, "--voice-alias"),
@@ -53,6 +53,27 @@ def test_a_bad_setting_is_one_clear_line(args, env, says):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "given, streams",
+    [
+        ({}, CPU_STREAMS),  # the built-in voice runs on the CPU
+        ({"device": "cuda"}, CPU_STREAMS),  # ... whatever --device says (it is for CosyVoice)
+        ({"model": "m", "device": "cpu"}, CPU_STREAMS),
+        ({"model": "m", "device": "cuda"}, GPU_STREAMS),
+        ({"model": "m", "device": "cuda:1"}, GPU_STREAMS),
+        ({"model": "m", "device": "cpu", "replicas": 2}, CPU_STREAMS),
+        ({"model": "m", "replicas": 2, "replica_gpus": 0.5}, GPU_STREAMS),  # the driver: no GPU
+        ({"model": "m", "device": "cuda", "max_streams": 3}, 3),  # a number given is kept
+    ],
+)
+def test_max_streams_defaults_to_where_the_engine_runs(given, streams):
+    assert Settings().replace(**given).streams == streams
+
+
+def test_the_default_server_admits_the_cpu_default(server):
+    assert server.healthz()["max_streams"] == CPU_STREAMS
 
 
 def test_plain_serve_never_imports_ray(server):

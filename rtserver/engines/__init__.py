@@ -21,7 +21,7 @@ def load_engine(settings: Settings) -> Engine:
         device=settings.device,
         dtype=settings.dtype,
         speaker_dir=settings.speaker_dir,
-        max_batch=settings.max_streams,
+        max_batch=settings.streams,
         fixed_tokens=settings.llm_fixed_tokens or None,
         flow_cache_mb=settings.flow_cache_mb,
         exact_final=settings.exact_final,
