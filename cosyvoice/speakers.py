@@ -332,21 +332,38 @@ class SpeakerStore:
         normalize: bool = True,
     ) -> Speaker:
         """Build a zero-shot speaker from prompt audio (any format PyAV decodes) and its
-        transcript, persist it, return it. Raises :class:`AudioError` for unusable audio and
-        :class:`SpeakerError` for a bad or taken name.
-
-        ``normalize``: run the transcript through the text normaliser first, as upstream's
-        ``inference_zero_shot`` does for a prompt wav (its ``add_zero_shot_spk`` does not)."""
+        transcript (:meth:`from_prompt`), persist it, return it. Raises :class:`AudioError` for
+        unusable audio and :class:`SpeakerError` for a bad or taken name."""
         if not _valid_name(name):
             raise SpeakerError(f"invalid speaker name: {name!r}")
-        if not prompt_text.strip():
-            raise ValueError("prompt_text is empty")
         with self._lock:
             self._refresh()
             if name in self._builtin:
                 raise SpeakerError(f"{name!r} is a built-in speaker")
             if name in self._registered and not overwrite:
                 raise SpeakerError(f"speaker {name!r} already exists")
+        spk = self.from_prompt(audio, prompt_text, name, normalize)
+        with self._lock:
+            self.speaker_dir.mkdir(parents=True, exist_ok=True)
+            path = self._file(name)
+            if not _write_speaker(path, spk, self.family, replace=overwrite):
+                raise SpeakerError(f"speaker {name!r} already exists")  # another process's
+            st = path.stat()
+            self._files[path.name] = ((st.st_ino, st.st_mtime_ns, st.st_size), spk)
+            self._registered[name] = spk
+        return spk
+
+    def from_prompt(
+        self, audio: AudioSource, prompt_text: str, name: str = "zero-shot", normalize: bool = True
+    ) -> Speaker:
+        """A zero-shot speaker from prompt audio and its transcript, neither kept nor listed
+        (upstream's ``inference_zero_shot``; :meth:`register` keeps one). Raises
+        :class:`AudioError` for unusable audio, ValueError for an empty transcript.
+
+        ``normalize``: run the transcript through the text normaliser first, as upstream's
+        ``inference_zero_shot`` does for a prompt wav (its ``add_zero_shot_spk`` does not)."""
+        if not prompt_text.strip():
+            raise ValueError("prompt_text is empty")
         text = prompt_text
         if normalize and self.normalize_text is not None:
             text = self.normalize_text(prompt_text)
@@ -357,7 +374,7 @@ class SpeakerStore:
             raise AudioError("prompt audio gave no speech tokens")
         if not (torch.isfinite(emb).all() and torch.isfinite(feat).all()):
             raise AudioError("prompt audio gave features that are not finite numbers")
-        spk = Speaker(
+        return Speaker(
             name,
             emb,
             prompt_text_ids=list(self.encode_text(text)),
@@ -365,15 +382,6 @@ class SpeakerStore:
             prompt_feat=feat,
             prompt_text=prompt_text,
         )
-        with self._lock:
-            self.speaker_dir.mkdir(parents=True, exist_ok=True)
-            path = self._file(name)
-            if not _write_speaker(path, spk, self.family, replace=overwrite):
-                raise SpeakerError(f"speaker {name!r} already exists")  # another process's
-            st = path.stat()
-            self._files[path.name] = ((st.st_ino, st.st_mtime_ns, st.st_size), spk)
-            self._registered[name] = spk
-        return spk
 
     def delete(self, name: str) -> None:
         with self._lock:

@@ -36,7 +36,7 @@ __all__ = [
     "Busy",
     "ClientGone",
     "ShuttingDown",
-    "SpeakerRegistrationError",
+    "SpeakerRefused",
     "SynthesisFailed",
     "TTSService",
     "TextRejected",
@@ -52,7 +52,9 @@ STALL_S = 15.0  # an engine step this long means the inference thread is stuck
 # A transcript of at most 30 s of prompt speech; normalizing it costs ~0.15 ms a character on
 # the CPU, with the GIL held, so it is bounded before any of that work starts.
 MAX_PROMPT_TEXT_CHARS = 1000
-MAX_REGISTERING = 2  # registrations at once (each runs ONNX feature extraction on the CPU)
+# Prompts analysed at once, registrations and zero-shot requests together (each runs ONNX
+# feature extraction on the CPU)
+MAX_EXTRACTING = 2
 # Upload bodies read at once: a body is held whole (up to 8 MiB, a few times that while its
 # form is parsed) before the registration limit can look at it; 256 slow uploads held 1.5 GB.
 MAX_UPLOADS = 4
@@ -90,8 +92,9 @@ class ClientGone(Exception):
     """The client left before its response started: nothing to answer."""
 
 
-class SpeakerRegistrationError(ValueError):
-    """Registration refused: unusable audio, a bad or taken name, or an engine without it."""
+class SpeakerRefused(ValueError):
+    """A speaker not registered, deleted or made from a prompt: unusable audio, a bad or
+    taken name, or an engine without zero-shot speakers."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -155,6 +158,7 @@ class TTSService:
         self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
         self.scheduler.metrics.watch_held(self.held)
         self._registering: set[str] = set()  # names being registered now
+        self._extractions = 0  # prompts being analysed now (registrations among them)
         self._uploads = 0  # upload bodies being read now
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
@@ -238,51 +242,71 @@ class TTSService:
     async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
         register = getattr(self.engine, "register_speaker", None)
         if register is None:
-            raise SpeakerRegistrationError(
+            raise SpeakerRefused(
                 f"the {self.engine.name} engine has no zero-shot speaker registration", 400
             )
         speakers = self.engine.speakers()
         if any(s.id == spk_id for s in speakers):
-            raise SpeakerRegistrationError(f"speaker {spk_id!r} already exists", 409)
+            raise SpeakerRefused(f"speaker {spk_id!r} already exists", 409)
         # One registration per name at a time (the event loop is one thread: no lock needed):
         # concurrent ones would each pass the check above, and the last writer would win.
         if spk_id in self._registering:
-            raise SpeakerRegistrationError(f"speaker {spk_id!r} is being registered", 409)
+            raise SpeakerRefused(f"speaker {spk_id!r} is being registered", 409)
         # Registrations are kept in memory and on disk: without a cap, anyone allowed to
         # register could fill both. Those in progress count, so two at once cannot pass it.
         limit = self.settings.max_speakers
         if len(speakers) + len(self._registering) >= limit:
-            raise SpeakerRegistrationError(
+            raise SpeakerRefused(
                 f"the server keeps at most {limit} speakers (--max-speakers); delete one "
                 "first (DELETE /speakers/{id})",
                 409,
             )
         check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
-        if len(self._registering) >= MAX_REGISTERING:
-            raise Busy(f"{MAX_REGISTERING} speakers are being registered; try again")
-        self._registering.add(spk_id)
+        with self._extracting():
+            self._registering.add(spk_id)
+            try:
+                return await in_own_thread(lambda: register(spk_id, audio, prompt_text))
+            except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
+                # Another replica sharing the speaker dir may have taken the name meanwhile.
+                taken = any(s.id == spk_id for s in self.engine.speakers())
+                raise SpeakerRefused(str(exc), 409 if taken else 400) from exc
+            finally:
+                self._registering.discard(spk_id)
+
+    async def prompt_speaker(self, audio: bytes, prompt_text: str) -> Speaker:
+        """A speaker for one request from a prompt recording and its transcript (upstream's
+        /inference_zero_shot): neither kept nor counted in --max-speakers."""
+        make = getattr(self.engine, "prompt_speaker", None)
+        if make is None:
+            raise SpeakerRefused(f"the {self.engine.name} engine has no zero-shot speakers")
+        check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
+        with self._extracting():
+            try:
+                return await in_own_thread(lambda: make(audio, prompt_text))
+            except (ValueError, KeyError) as exc:  # AudioError, empty text
+                raise SpeakerRefused(str(exc)) from exc
+
+    @contextlib.contextmanager
+    def _extracting(self) -> Iterator[None]:
+        """A place to analyse a prompt in (its own thread: ONNX models), or Busy."""
+        if self._extractions >= MAX_EXTRACTING:
+            raise Busy(f"{MAX_EXTRACTING} prompt recordings are being analysed; try again")
+        self._extractions += 1
         try:
-            # Feature extraction runs ONNX models: keep it off the event loop.
-            return await in_own_thread(lambda: register(spk_id, audio, prompt_text))
-        except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
-            # Another replica sharing the speaker dir may have taken the name meanwhile.
-            taken = any(s.id == spk_id for s in self.engine.speakers())
-            raise SpeakerRegistrationError(str(exc), 409 if taken else 400) from exc
+            yield
         finally:
-            self._registering.discard(spk_id)
+            self._extractions -= 1
             self.scheduler.used_memory()  # the upload's buffers go back to the OS once idle
 
     async def delete_speaker(self, spk_id: str) -> None:
         delete = getattr(self.engine, "delete_speaker", None)
         if delete is None:
-            raise SpeakerRegistrationError(
-                f"the {self.engine.name} engine has no registered speakers"
-            )
+            raise SpeakerRefused(f"the {self.engine.name} engine has no registered speakers")
         self.speaker(spk_id)  # UnknownSpeaker -> 400 listing the valid ones
         try:
             await in_own_thread(lambda: delete(spk_id))
         except KeyError as exc:  # a built-in speaker
-            raise SpeakerRegistrationError(str(exc), 400) from exc
+            raise SpeakerRefused(str(exc), 400) from exc
 
     # ---- synthesis ------------------------------------------------------------------------
 
@@ -309,7 +333,7 @@ class TTSService:
 
     def open_session(
         self,
-        spk_id: str,
+        spk_id: str | Speaker,
         client: str,
         fmt: str = "pcm",
         sample_rate: int | None = None,
@@ -320,10 +344,11 @@ class TTSService:
         text_streaming: bool = False,
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
-        UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then."""
+        UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then.
+        ``spk_id``: a speaker's id, or one made for this session (:meth:`prompt_speaker`)."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another")
-        speaker = self.speaker(spk_id)
+        speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
         try:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)
         except ValueError as exc:

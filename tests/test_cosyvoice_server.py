@@ -217,9 +217,10 @@ def prompt_wav(
     return buf.getvalue()
 
 
-def register(
-    srv: ServerProcess, spk_id: str, audio: bytes, text: str = "希望你以后能够做的比我还好呦。"
-):
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+
+
+def register(srv: ServerProcess, spk_id: str, audio: bytes, text: str = PROMPT_TEXT):
     return httpx.post(
         f"{srv.base_url}/speakers",
         data={"spk_id": spk_id, "prompt_text": text},
@@ -411,6 +412,70 @@ def test_uploads_are_whitelisted_and_one_name_registers_once(tmp_path):
 def test_piper_engine_refuses_registration(server):
     r = register(server, "x", prompt_wav())
     assert r.status_code == 400 and "registration" in r.json()["detail"]
+    r = zero_shot(server)
+    assert r.status_code == 400 and "zero-shot" in r.json()["detail"], r.text
+
+
+def zero_shot(srv: ServerProcess, method: str = "GET", audio: bytes | None = None,
+              **fields: str) -> httpx.Response:  # fmt: skip
+    """Upstream's client: GET (or POST) with a multipart body of the fields and `prompt_wav`."""
+    form = {"tts_text": TEXT, "prompt_text": PROMPT_TEXT, **fields}
+    files = {"prompt_wav": ("prompt.wav", prompt_wav() if audio is None else audio)}
+    url = f"{srv.base_url}/inference_zero_shot"
+    return httpx.request(method, url, data=form, files=files, timeout=120)
+
+
+def test_inference_zero_shot_speaks_as_the_speaker_registered_from_that_recording(cv):
+    """The voice is the recording's: seed for seed, the same audio as the speaker registered
+    from it; another recording speaks otherwise; nothing is kept."""
+    listed = httpx.get(f"{cv.base_url}/speakers").json()
+    r = zero_shot(cv, seed="7")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-sample-rate"] == "24000"
+    assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0)
+    assert httpx.get(f"{cv.base_url}/speakers").json() == listed
+    assert_same_pcm(zero_shot(cv, "POST", seed="7").content, r.content)
+    assert (
+        zero_shot(cv, audio=prompt_wav(seconds=5.0, amplitude=0.5), seed="7").content != r.content
+    )
+    assert register(cv, "zs_same", prompt_wav()).status_code == 201
+    try:
+        body = {"tts_text": TEXT, "spk_id": "zs_same", "seed": 7}
+        same = httpx.post(f"{cv.base_url}/tts/pcm", json=body, timeout=120)
+        assert_same_pcm(same.content, r.content)
+        sft = httpx.post(f"{cv.base_url}/inference_sft",
+                         data={"tts_text": TEXT, "spk_id": "zs_same", "seed": "7"}, timeout=120)  # fmt: skip
+        assert_same_pcm(sft.content, r.content)
+    finally:
+        assert httpx.delete(f"{cv.base_url}/speakers/zs_same").status_code == 204
+    cv.assert_idle()
+
+
+@pytest.mark.parametrize(
+    "fields, audio, status, says",
+    [
+        ({}, b"definitely not audio", 400, "audio"),
+        ({}, prompt_wav(seconds=0.3), 400, "short"),
+        ({"prompt_text": "好" * 1001}, None, 413, "prompt_text"),
+        ({"prompt_text": ""}, None, 422, "prompt_text"),
+        ({"tts_text": "   "}, None, 422, "tts_text"),
+        ({"tts_text": "好" * 5001}, None, 413, "tts_text"),
+        ({"seed": "-1"}, None, 422, "seed"),
+        ({}, b"RIFF" + b"\0" * (9 * 1024 * 1024), 413, ""),
+    ],
+)
+def test_inference_zero_shot_refuses_bad_input_and_holds_nothing(cv, fields, audio, status, says):
+    r = zero_shot(cv, audio=audio, **fields)
+    assert r.status_code == status and says in r.text, r.text
+    cv.assert_idle()
+
+
+def test_inference_zero_shot_needs_the_recording_and_head_starts_nothing(cv):
+    url = f"{cv.base_url}/inference_zero_shot"
+    r = httpx.post(url, data={"tts_text": TEXT, "prompt_text": PROMPT_TEXT}, timeout=60)
+    assert r.status_code == 422 and "prompt_wav" in r.text, r.text
+    assert httpx.head(url).status_code == 405
+    cv.assert_idle()
 
 
 @pytest.mark.parametrize("family, rate", [("cosyvoice1", 22050), ("cosyvoice3", 24000)])

@@ -1,4 +1,5 @@
-"""HTTP routes: the CosyVoice SFT-mode API (MP3, PCM, upstream-compatible /inference_sft)."""
+"""HTTP routes: the CosyVoice SFT-mode API (MP3, PCM, upstream-compatible /inference_sft and
+/inference_zero_shot)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import codecs
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import msgspec
 from litestar import Request, delete, get, post, route
@@ -24,12 +25,13 @@ from rtserver.api.docs import BINARY, L16, audio_operation
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut, with_request_id
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from rtserver.protocol import SpeakerInfo, TTSRequest
+from rtserver.protocol import Seed, SpeakerInfo, TTSRequest
 from rtserver.service import ClientGone, SynthesisFailed, TextRejected, TTSService
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
 log = logging.getLogger("rtserver.api")
 
+F = TypeVar("F", bound=msgspec.Struct)  # an upstream route's form fields
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a 30 s prompt as 48 kHz stereo WAV is 5.8 MB
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -62,6 +64,16 @@ class SftForm(msgspec.Struct):
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     spk_id: Annotated[str, msgspec.Meta(min_length=1)]
+    seed: Seed = 0  # not upstream's (it draws one): the same seed, the same audio
+
+
+class ZeroShotForm(msgspec.Struct):
+    """Upstream's /inference_zero_shot text fields; the recording comes as the file part
+    `prompt_wav`."""
+
+    tts_text: Annotated[str, msgspec.Meta(min_length=1)]
+    prompt_text: Annotated[str, msgspec.Meta(min_length=1)]
+    seed: Seed = 0
 
 
 def _info(s: Speaker) -> SpeakerInfo:
@@ -172,7 +184,7 @@ async def open_stream(
     request: Request,
     service: TTSService,
     text: str,
-    spk_id: str,
+    spk_id: str | Speaker,
     fmt: str,
     *,
     rate_out: int | None = None,
@@ -311,13 +323,23 @@ async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> St
     return Stream(body, headers={**disposition, **pcm_headers(rate, data.encoding)})
 
 
+async def _read_form(request: Request) -> None:
+    """Parse the form through FormRequest before Litestar's multipart extractor, which parses
+    it on its own (letting a decoding error out) unless the request already holds it; at most
+    MAX_UPLOADS bodies at a time."""
+    service: TTSService = request.app.state.service
+    with service.receiving_upload():
+        await request.form()
+
+
 @route(
     "/inference_sft",
     http_method=["GET", "POST"],
     summary="Upstream CosyVoice SFT endpoint: headerless s16le PCM",
     description="Fields `tts_text` and `spk_id` from a url-encoded or multipart body (a file "
     "part is read as UTF-8 text), or the query string (upstream's client sends GET with a form "
-    "body). Sentence-level chunks.",
+    "body); `seed` (not upstream's; 0, the default, draws one) makes the audio reproducible. "
+    "Sentence-level chunks.",
     media_type=L16,
     response_description="Headerless s16le mono PCM at the model's rate.",
     operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
@@ -332,25 +354,62 @@ async def inference_sft(
         str | None, Parameter(description="Text to speak (or in the form).")
     ] = None,
     spk_id: Annotated[str | None, Parameter(description="Speaker id (or in the form).")] = None,
+    seed: Annotated[int | None, Parameter(description="0: a random one (or in the form).")] = None,
 ) -> Stream:
-    # The query parameters are declared for the docs; GET handlers cannot declare a body in
-    # Litestar, so the form is read by hand and wins over the query string.
+    sft = await _form_fields(request, SftForm)
+    req = TTSRequest(tts_text=sft.tts_text, spk_id=sft.spk_id, seed=sft.seed)
+    body, rate = await _speak(request, service, req, "pcm")
+    return Stream(body, headers=pcm_headers(rate))
+
+
+@route(
+    "/inference_zero_shot",
+    http_method=["GET", "POST"],
+    summary="Upstream CosyVoice zero-shot endpoint: headerless s16le PCM in a recording's voice",
+    description="Multipart fields `tts_text`, `prompt_text` (what the recording says, at most "
+    "1000 characters) and the file `prompt_wav` (1-30 s of speech as wav, flac, mp3, ogg or "
+    "m4a; at most 8 MiB), as upstream's client sends them (GET or POST). CosyVoice engines "
+    "only. The recording is analysed for this request alone (nothing is kept): to speak in "
+    "one voice often, register it once (`POST /speakers`) and use `/inference_sft`. `seed` "
+    "as there. Sentence-level chunks.",
+    media_type=L16,
+    response_description="Headerless s16le mono PCM at the model's rate.",
+    operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
+    responses=ERROR_DOCS,
+    status_code=200,
+    request_max_body_size=MAX_UPLOAD_BYTES,
+    before_request=_read_form,
+    guards=[no_head],
+)
+async def inference_zero_shot(request: Request, service: TTSService) -> Stream:
+    zs = await _form_fields(request, ZeroShotForm)
+    wav = (await request.form()).get("prompt_wav")
+    if not isinstance(wav, UploadFile):
+        message = "prompt_wav: send the prompt recording as a file part"
+        raise ValidationException(message, extra=[{"key": "prompt_wav", "message": message}])
+    service.check_whole_text(zs.tts_text, "tts_text")  # before the recording's analysis
+    speaker = await service.prompt_speaker(await wav.read(), zs.prompt_text)
+    body, rate = await open_stream(request, service, zs.tts_text, speaker, "pcm", seed=zs.seed)
+    return Stream(body, headers=pcm_headers(rate))
+
+
+async def _form_fields(request: Request, form_type: type[F]) -> F:
+    """An upstream route's text fields from a url-encoded or multipart body (a file part read
+    as UTF-8 text: curl -F tts_text=@article.txt) over the query string. GET handlers cannot
+    declare a body in Litestar, so the form is read by hand."""
     fields: dict[str, str] = dict(request.query_params)
-    form = await request.form()
-    for k, v in form.items():
-        if isinstance(v, UploadFile) and k in SftForm.__struct_fields__:
-            v = await _text_part(k, v)  # curl -F tts_text=@article.txt
+    for k, v in (await request.form()).items():
+        if isinstance(v, UploadFile) and k in form_type.__struct_fields__:
+            v = await _text_part(k, v)
         if isinstance(v, str):
             fields[k] = v
     try:
-        sft = msgspec.convert(
-            {k: fields[k] for k in SftForm.__struct_fields__ if k in fields}, SftForm
-        )
+        return msgspec.convert(  # not strict: a form's numbers come as text
+            {k: fields[k] for k in form_type.__struct_fields__ if k in fields}, form_type,
+            strict=False,
+        )  # fmt: skip
     except msgspec.ValidationError as exc:
         raise ValidationException(str(exc), extra=[{"key": "form", "message": str(exc)}]) from exc
-    req = TTSRequest(tts_text=sft.tts_text, spk_id=sft.spk_id)
-    body, rate = await _speak(request, service, req, "pcm")
-    return Stream(body, headers=pcm_headers(rate))
 
 
 class FormRequest(Request):
@@ -382,15 +441,6 @@ async def _text_part(name: str, part: UploadFile) -> str:
 @get("/speakers", summary="Speakers this server can use")
 async def speakers(service: TTSService) -> list[SpeakerInfo]:
     return [_info(s) for s in service.speakers()]
-
-
-async def _read_form(request: Request) -> None:
-    """Parse the form through FormRequest before Litestar's multipart extractor, which parses
-    it on its own (letting a decoding error out) unless the request already holds it; at most
-    MAX_UPLOADS bodies at a time."""
-    service: TTSService = request.app.state.service
-    with service.receiving_upload():
-        await request.form()
 
 
 class RegisteredSpeaker(msgspec.Struct):
@@ -453,6 +503,6 @@ async def metrics(service: TTSService) -> Response[bytes]:
 
 
 ROUTES = [
-    tts_mp3, tts_pcm, inference_sft, speakers, register_speaker, delete_speaker, healthz,
+    tts_mp3, tts_pcm, inference_sft, inference_zero_shot, speakers, register_speaker, delete_speaker, healthz,
     readyz, metrics,
 ]  # fmt: skip

@@ -75,6 +75,11 @@ class CosyVoiceEngine:
         self.model.speakers.register(spk_id, audio, prompt_text)
         return self._speaker(spk_id)
 
+    def prompt_speaker(self, audio: bytes, prompt_text: str) -> Speaker:
+        """A speaker for one request, from a prompt recording and its transcript."""
+        voice = self.model.speakers.from_prompt(audio, prompt_text)
+        return Speaker(voice.name, "zh/en", self.model.sample_rate, self.name, voice=voice)
+
     def delete_speaker(self, spk_id: str) -> None:
         self.model.speakers.delete(spk_id)
 
@@ -88,7 +93,7 @@ class CosyVoiceEngine:
 
     def start(self, job: Job) -> None:
         job.engine_state = self.model.start(
-            job.speaker.id, seed=job.seed, speed=job.speed, stream=job.stream,
+            job.speaker.voice or job.speaker.id, seed=job.seed, speed=job.speed, stream=job.stream,
             fixed_tokens=self.fixed_tokens, text_stream=job.text_streaming,
         )  # fmt: skip
         self._jobs[id(job.engine_state)] = job
