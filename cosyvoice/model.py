@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ from .utterance import Output, Status, TextRun, Utterance
 
 log = logging.getLogger("cosyvoice")
 
-V3_SYSTEM_PREFIX = "You are a helpful assistant.<|endofprompt|>"
+EOP = "<|endofprompt|>"  # where v2/v3 prompt text (system, instruction) ends
+V3_SYSTEM = "You are a helpful assistant."
+V3_SYSTEM_PREFIX = V3_SYSTEM + EOP
 # What normalizing text may add to a step while other utterances have audio to make (one
 # group of sentences at least, ~40 ms on a slow CPU).
 NORMALIZE_SLICE_S = 0.02
@@ -460,7 +462,22 @@ class CosyVoiceModel:
         if speaker is None:
             return [], [], None
         spk = self._voice(speaker)
-        return list(spk.prompt_text_ids), spk.prompt_speech_tokens, spk.embedding
+        speech = spk.prompt_speech_tokens if spk.llm_prompt_speech else []
+        return list(spk.prompt_text_ids), speech, spk.embedding
+
+    def instructed(self, speaker: str | Speaker, instruction: str) -> Speaker:
+        """``speaker``'s voice steered by an instruction (dialect, emotion, speed, as upstream's
+        ``inference_instruct2``, v2/v3): the LLM's prompt is the instruction, ending in
+        ``<|endofprompt|>`` (v3: after the system prompt, unless it has its own), and not the
+        speaker's prompt speech, which only the flow hears."""
+        if self.family == "v1":
+            raise ValueError("instructions need a CosyVoice2 or CosyVoice3 model")
+        text = instruction.strip()
+        if EOP not in text:
+            text = (f"{V3_SYSTEM} {text}" if self.family == "v3" else text) + EOP
+        spk = self._voice(speaker)
+        ids = self.frontend.encode(text)
+        return replace(spk, prompt_text_ids=ids, llm_prompt_speech=False, builtin=False)
 
     def _voice(self, speaker: str | Speaker) -> Speaker:
         """A name looked up in the store (SpeakerError if unknown); a Speaker as it is."""

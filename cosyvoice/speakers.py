@@ -76,7 +76,10 @@ class Speaker:
 
     ``embedding`` (1, 192) float32 is the CAM++ x-vector (flow speaker embedding; v1 LLM too).
     Zero-shot speakers also carry ``prompt_text_ids``, ``prompt_speech_tokens`` (aligned, also
-    fed to the LLM) and ``prompt_feat`` (1, 2*Ts, 80). SFT speakers have empty prompts.
+    fed to the LLM unless ``llm_prompt_speech`` is off) and ``prompt_feat`` (1, 2*Ts, 80). SFT
+    speakers have empty prompts. Upstream's cross-lingual and instruct modes are speakers whose
+    prompt speech only the flow hears (:meth:`SpeakerStore.from_prompt` without a transcript,
+    ``Model.instructed``).
     """
 
     name: str
@@ -86,6 +89,7 @@ class Speaker:
     prompt_feat: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 0, 80))
     prompt_text: str = ""
     builtin: bool = False
+    llm_prompt_speech: bool = True
 
     @property
     def zero_shot(self) -> bool:
@@ -354,19 +358,25 @@ class SpeakerStore:
         return spk
 
     def from_prompt(
-        self, audio: AudioSource, prompt_text: str, name: str = "zero-shot", normalize: bool = True
+        self,
+        audio: AudioSource,
+        prompt_text: str | None,
+        name: str = "zero-shot",
+        normalize: bool = True,
     ) -> Speaker:
         """A zero-shot speaker from prompt audio and its transcript, neither kept nor listed
-        (upstream's ``inference_zero_shot``; :meth:`register` keeps one). Raises
-        :class:`AudioError` for unusable audio, ValueError for an empty transcript.
+        (upstream's ``inference_zero_shot``; :meth:`register` keeps one). Without a transcript
+        (None) the LLM hears no prompt and only the flow does (upstream's cross-lingual mode,
+        the base of its instruct2). Raises :class:`AudioError` for unusable audio, ValueError
+        for an empty transcript.
 
         ``normalize``: run the transcript through the text normaliser first, as upstream's
         ``inference_zero_shot`` does for a prompt wav (its ``add_zero_shot_spk`` does not)."""
-        if not prompt_text.strip():
+        if prompt_text is not None and not prompt_text.strip():
             raise ValueError("prompt_text is empty")
-        text = prompt_text
-        if normalize and self.normalize_text is not None:
-            text = self.normalize_text(prompt_text)
+        text = prompt_text or ""
+        if text and normalize and self.normalize_text is not None:
+            text = self.normalize_text(text)
         wav, sr = decode_audio(audio, max_seconds=MAX_PROMPT_SECONDS + 1.0)
         check_prompt_audio(wav, sr)
         emb, tokens, feat = self.extractor.extract(wav, sr)
@@ -377,10 +387,11 @@ class SpeakerStore:
         return Speaker(
             name,
             emb,
-            prompt_text_ids=list(self.encode_text(text)),
+            prompt_text_ids=list(self.encode_text(text)) if text else [],
             prompt_speech_tokens=tokens,
             prompt_feat=feat,
-            prompt_text=prompt_text,
+            prompt_text=prompt_text or "",
+            llm_prompt_speech=prompt_text is not None,
         )
 
     def delete(self, name: str) -> None:

@@ -273,18 +273,36 @@ class TTSService:
             finally:
                 self._registering.discard(spk_id)
 
-    async def prompt_speaker(self, audio: bytes, prompt_text: str) -> Speaker:
-        """A speaker for one request from a prompt recording and its transcript (upstream's
-        /inference_zero_shot): neither kept nor counted in --max-speakers."""
+    async def prompt_speaker(
+        self, audio: bytes, prompt_text: str | None, instruction: str | None = None
+    ) -> Speaker:
+        """A speaker for one request from a prompt recording (upstream's /inference_zero_shot
+        with its transcript, /inference_cross_lingual without, /inference_instruct2 with an
+        instruction): neither kept nor counted in --max-speakers."""
         make = getattr(self.engine, "prompt_speaker", None)
         if make is None:
             raise SpeakerRefused(f"the {self.engine.name} engine has no zero-shot speakers")
-        check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
+        if instruction is not None and not getattr(self.engine, "instructions", False):
+            raise SpeakerRefused("instructions need a CosyVoice2 or CosyVoice3 model")
+        for text, name in ((prompt_text, "prompt_text"), (instruction, "instruct_text")):
+            if text is not None:
+                check_text(text, 0, MAX_PROMPT_TEXT_CHARS, name)
         with self._extracting():
             try:
-                return await in_own_thread(lambda: make(audio, prompt_text))
-            except (ValueError, KeyError) as exc:  # AudioError, empty text
+                return await in_own_thread(lambda: make(audio, prompt_text, instruction))
+            except (ValueError, KeyError) as exc:  # AudioError, empty text, v1's instruct2
                 raise SpeakerRefused(str(exc)) from exc
+
+    def instructed(self, speaker: Speaker, instruction: str, field: str) -> Speaker:
+        """``speaker`` steered by an instruction where the engine takes one (CosyVoice2/3);
+        elsewhere ``speaker`` as it is, as OpenAI's tts-1 ignores `instructions`."""
+        check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, field)
+        if not getattr(self.engine, "instructions", False) or not instruction.strip():
+            return speaker
+        try:
+            return self.engine.instructed(speaker, instruction)
+        except KeyError:  # deleted since it was looked up
+            raise UnknownSpeaker(speaker.id, [s.id for s in self.speakers()]) from None
 
     @contextlib.contextmanager
     def _extracting(self) -> Iterator[None]:

@@ -412,16 +412,19 @@ def test_uploads_are_whitelisted_and_one_name_registers_once(tmp_path):
 def test_piper_engine_refuses_registration(server):
     r = register(server, "x", prompt_wav())
     assert r.status_code == 400 and "registration" in r.json()["detail"]
-    r = zero_shot(server)
+    r = prompted(server)
     assert r.status_code == 400 and "zero-shot" in r.json()["detail"], r.text
 
 
-def zero_shot(srv: ServerProcess, method: str = "GET", audio: bytes | None = None,
-              **fields: str) -> httpx.Response:  # fmt: skip
-    """Upstream's client: GET (or POST) with a multipart body of the fields and `prompt_wav`."""
-    form = {"tts_text": TEXT, "prompt_text": PROMPT_TEXT, **fields}
+def prompted(srv: ServerProcess, mode: str = "zero_shot", method: str = "GET",
+             audio: bytes | None = None, **fields: str) -> httpx.Response:  # fmt: skip
+    """Upstream's client: GET (or POST) to /inference_MODE with a multipart body of the fields
+    and `prompt_wav` (zero_shot: with its transcript)."""
+    form = {"tts_text": TEXT, **fields}
+    if mode == "zero_shot":
+        form = {"prompt_text": PROMPT_TEXT, **form}
     files = {"prompt_wav": ("prompt.wav", prompt_wav() if audio is None else audio)}
-    url = f"{srv.base_url}/inference_zero_shot"
+    url = f"{srv.base_url}/inference_{mode}"
     return httpx.request(method, url, data=form, files=files, timeout=120)
 
 
@@ -429,15 +432,13 @@ def test_inference_zero_shot_speaks_as_the_speaker_registered_from_that_recordin
     """The voice is the recording's: seed for seed, the same audio as the speaker registered
     from it; another recording speaks otherwise; nothing is kept."""
     listed = httpx.get(f"{cv.base_url}/speakers").json()
-    r = zero_shot(cv, seed="7")
+    r = prompted(cv, seed="7")
     assert r.status_code == 200, r.text
     assert r.headers["x-sample-rate"] == "24000"
     assert_speech(decode_pcm(r.content), 24000, min_seconds=1.0)
     assert httpx.get(f"{cv.base_url}/speakers").json() == listed
-    assert_same_pcm(zero_shot(cv, "POST", seed="7").content, r.content)
-    assert (
-        zero_shot(cv, audio=prompt_wav(seconds=5.0, amplitude=0.5), seed="7").content != r.content
-    )
+    assert_same_pcm(prompted(cv, method="POST", seed="7").content, r.content)
+    assert prompted(cv, audio=prompt_wav(seconds=5.0, amplitude=0.5), seed="7").content != r.content
     assert register(cv, "zs_same", prompt_wav()).status_code == 201
     try:
         body = {"tts_text": TEXT, "spk_id": "zs_same", "seed": 7}
@@ -465,8 +466,43 @@ def test_inference_zero_shot_speaks_as_the_speaker_registered_from_that_recordin
     ],
 )
 def test_inference_zero_shot_refuses_bad_input_and_holds_nothing(cv, fields, audio, status, says):
-    r = zero_shot(cv, audio=audio, **fields)
+    r = prompted(cv, audio=audio, **fields)
     assert r.status_code == status and says in r.text, r.text
+    cv.assert_idle()
+
+
+def test_cross_lingual_and_instruct2_prompt_the_llm_otherwise(cv):
+    """Seed for seed, zero-shot, cross-lingual (no prompt for the LLM) and instruct2 (the
+    instruction instead) each speak otherwise; each is reproducible."""
+    zs = prompted(cv, seed="7")
+    cl = prompted(cv, "cross_lingual", seed="7")
+    ins = prompted(cv, "instruct2", instruct_text="用四川话说这句话", seed="7")
+    for r in (cl, ins):
+        assert r.status_code == 200 and r.headers["x-sample-rate"] == "24000", r.text
+        assert_speech(decode_pcm(r.content), 24000, min_seconds=0.5)
+    assert len({zs.content, cl.content, ins.content}) == 3
+    again = prompted(cv, "instruct2", "POST", instruct_text="用四川话说这句话", seed="7")
+    assert_same_pcm(again.content, ins.content)
+    missing = prompted(cv, "instruct2")
+    assert missing.status_code == 422 and "instruct_text" in missing.text, missing.text
+    cv.assert_idle()
+
+
+def test_openai_instructions_steer_cosyvoice2(cv):
+    speech = {"model": "gpt-4o-mini-tts", "input": TEXT, "voice": "spk_f1",
+              "response_format": "pcm", "seed": 5}  # fmt: skip
+
+    def say(**more) -> bytes:
+        r = httpx.post(f"{cv.base_url}/v1/audio/speech", json=speech | more, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.content
+
+    plain, steered = say(), say(instructions="用四川话说这句话")
+    assert steered != plain
+    assert_same_pcm(say(instructions="用四川话说这句话"), steered)
+    assert_same_pcm(say(instructions="  "), plain)
+    long = httpx.post(f"{cv.base_url}/v1/audio/speech", json=speech | {"instructions": "快" * 1001})
+    assert long.status_code == 400 and long.json()["error"]["code"] == "text_too_long", long.text
     cv.assert_idle()
 
 
@@ -500,5 +536,16 @@ def test_other_families_serve_http_and_ws(tmp_path, family, rate):
         result, ws_rate = asyncio.run(asyncio.wait_for(ws(), 120))
         assert ws_rate == rate and result.done is not None
         assert_speech(decode_pcm(result.audio), rate, min_seconds=0.3)
+        # instruct2 is CosyVoice2/3's; OpenAI's `instructions` are ignored where there is none
+        r = prompted(srv, "instruct2", instruct_text="用四川话说这句话")
+        if family == "cosyvoice1":
+            assert r.status_code == 400 and "CosyVoice2" in r.text, r.text
+        else:
+            assert r.status_code == 200, r.text
+            assert_speech(decode_pcm(r.content), rate, min_seconds=0.3)
+        speech = {"input": TEXT, "voice": "spk_f1", "instructions": "用四川话说这句话"}
+        r = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech, timeout=120)
+        assert r.status_code == 200, r.text
+        srv.assert_idle()
     finally:
         srv.stop()

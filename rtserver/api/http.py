@@ -1,5 +1,6 @@
-"""HTTP routes: the CosyVoice SFT-mode API (MP3, PCM, upstream-compatible /inference_sft and
-/inference_zero_shot)."""
+"""HTTP routes: the CosyVoice SFT-mode API (MP3, PCM), upstream-compatible /inference_sft and
+the routes that speak in the voice of a recording sent with the request (zero-shot,
+cross-lingual, instruct2), speakers, probes."""
 
 from __future__ import annotations
 
@@ -69,10 +70,25 @@ class SftForm(msgspec.Struct):
 
 class ZeroShotForm(msgspec.Struct):
     """Upstream's /inference_zero_shot text fields; the recording comes as the file part
-    `prompt_wav`."""
+    `prompt_wav` (so on the two routes below)."""
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     prompt_text: Annotated[str, msgspec.Meta(min_length=1)]
+    seed: Seed = 0
+
+
+class CrossLingualForm(msgspec.Struct):
+    """Upstream's /inference_cross_lingual: no transcript, the LLM hears no prompt."""
+
+    tts_text: Annotated[str, msgspec.Meta(min_length=1)]
+    seed: Seed = 0
+
+
+class Instruct2Form(msgspec.Struct):
+    """Upstream's /inference_instruct2 (CosyVoice2/3): an instruction instead of a transcript."""
+
+    tts_text: Annotated[str, msgspec.Meta(min_length=1)]
+    instruct_text: Annotated[str, msgspec.Meta(min_length=1)]
     seed: Seed = 0
 
 
@@ -362,34 +378,75 @@ async def inference_sft(
     return Stream(body, headers=pcm_headers(rate))
 
 
-@route(
+def _prompted_route(path: str, summary: str, fields: str, mode: str):
+    """An upstream route that speaks in the voice of a recording sent with the request."""
+    return route(
+        path,
+        http_method=["GET", "POST"],
+        summary=f"Upstream CosyVoice {summary}: headerless s16le PCM in a recording's voice",
+        description=f"Multipart fields {fields} and the file `prompt_wav` (1-30 s of speech as "
+        "wav, flac, mp3, ogg or m4a; at most 8 MiB), as upstream's client sends them (GET or "
+        f"POST). {mode} The recording is analysed for this request alone (nothing is kept): to "
+        "speak in one voice often, register it once (`POST /speakers`). `seed` as on "
+        "`/inference_sft`. Sentence-level chunks.",
+        media_type=L16,
+        response_description="Headerless s16le mono PCM at the model's rate.",
+        operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
+        responses=ERROR_DOCS,
+        status_code=200,
+        request_max_body_size=MAX_UPLOAD_BYTES,
+        before_request=_read_form,
+        guards=[no_head],
+    )
+
+
+@_prompted_route(
     "/inference_zero_shot",
-    http_method=["GET", "POST"],
-    summary="Upstream CosyVoice zero-shot endpoint: headerless s16le PCM in a recording's voice",
-    description="Multipart fields `tts_text`, `prompt_text` (what the recording says, at most "
-    "1000 characters) and the file `prompt_wav` (1-30 s of speech as wav, flac, mp3, ogg or "
-    "m4a; at most 8 MiB), as upstream's client sends them (GET or POST). CosyVoice engines "
-    "only. The recording is analysed for this request alone (nothing is kept): to speak in "
-    "one voice often, register it once (`POST /speakers`) and use `/inference_sft`. `seed` "
-    "as there. Sentence-level chunks.",
-    media_type=L16,
-    response_description="Headerless s16le mono PCM at the model's rate.",
-    operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
-    responses=ERROR_DOCS,
-    status_code=200,
-    request_max_body_size=MAX_UPLOAD_BYTES,
-    before_request=_read_form,
-    guards=[no_head],
+    "zero-shot endpoint",
+    "`tts_text`, `prompt_text` (what the recording says, at most 1000 characters)",
+    "CosyVoice engines only.",
 )
 async def inference_zero_shot(request: Request, service: TTSService) -> Stream:
-    zs = await _form_fields(request, ZeroShotForm)
+    return await _speak_prompted(request, service, ZeroShotForm)
+
+
+@_prompted_route(
+    "/inference_cross_lingual",
+    "cross-lingual endpoint",
+    "`tts_text`",
+    "CosyVoice engines only; the LLM hears no prompt, so the text may be in another language "
+    "than the recording (CosyVoice-300M: begin it with a language tag such as `<|en|>`).",
+)
+async def inference_cross_lingual(request: Request, service: TTSService) -> Stream:
+    return await _speak_prompted(request, service, CrossLingualForm)
+
+
+@_prompted_route(
+    "/inference_instruct2",
+    "instruct2 endpoint",
+    "`tts_text`, `instruct_text` (how to speak: a dialect, an emotion, a speed; at most 1000 "
+    "characters; `<|endofprompt|>` is added where it is missing)",
+    "CosyVoice2 and CosyVoice3 only.",
+)
+async def inference_instruct2(request: Request, service: TTSService) -> Stream:
+    return await _speak_prompted(request, service, Instruct2Form)
+
+
+async def _speak_prompted(
+    request: Request,
+    service: TTSService,
+    form_type: type[ZeroShotForm | CrossLingualForm | Instruct2Form],
+) -> Stream:
+    form = await _form_fields(request, form_type)
     wav = (await request.form()).get("prompt_wav")
     if not isinstance(wav, UploadFile):
         message = "prompt_wav: send the prompt recording as a file part"
         raise ValidationException(message, extra=[{"key": "prompt_wav", "message": message}])
-    service.check_whole_text(zs.tts_text, "tts_text")  # before the recording's analysis
-    speaker = await service.prompt_speaker(await wav.read(), zs.prompt_text)
-    body, rate = await open_stream(request, service, zs.tts_text, speaker, "pcm", seed=zs.seed)
+    service.check_whole_text(form.tts_text, "tts_text")  # before the recording's analysis
+    speaker = await service.prompt_speaker(
+        await wav.read(), getattr(form, "prompt_text", None), getattr(form, "instruct_text", None)
+    )
+    body, rate = await open_stream(request, service, form.tts_text, speaker, "pcm", seed=form.seed)
     return Stream(body, headers=pcm_headers(rate))
 
 
@@ -503,6 +560,7 @@ async def metrics(service: TTSService) -> Response[bytes]:
 
 
 ROUTES = [
-    tts_mp3, tts_pcm, inference_sft, inference_zero_shot, speakers, register_speaker, delete_speaker, healthz,
+    tts_mp3, tts_pcm, inference_sft, inference_zero_shot, inference_cross_lingual,
+    inference_instruct2, speakers, register_speaker, delete_speaker, healthz,
     readyz, metrics,
 ]  # fmt: skip

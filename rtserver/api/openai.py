@@ -6,8 +6,9 @@ model names (tools list them before they offer a model). OpenAI's own voice
 names are accepted, since frameworks such as Pipecat refuse other names: `--voice-alias
 alloy=SPEAKER` maps one to a speaker, the others speak as the first speaker. `pcm` is 24 kHz
 s16le mono and `opus` 48 kHz Ogg, as OpenAI sends them; the other formats keep the speaker's
-rate (`mulaw`/`alaw`, for phone lines, are 8 kHz). `model` and `instructions` are accepted
-and ignored. Errors come in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`)
+rate (`mulaw`/`alaw`, for phone lines, are 8 kHz). `model` is accepted and ignored;
+`instructions` steer CosyVoice2/3 (their instruct mode: dialect, emotion, speed) and are
+ignored elsewhere, as OpenAI's tts-1 ignores them. Errors come in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`)
 so the SDKs show the message.
 """
 
@@ -29,7 +30,7 @@ from rtserver.api.docs import BINARY, audio_operation
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
-from rtserver.protocol import Speed, Text
+from rtserver.protocol import Seed, Speed, Text
 from rtserver.service import TTSService, UnknownSpeaker
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova",
@@ -90,6 +91,7 @@ class SpeechRequest(msgspec.Struct):
     speed: Speed = 1.0
     stream_format: Literal["audio", "sse"] = "audio"
     instructions: str | None = None
+    seed: Seed = 0  # not OpenAI's (the SDKs send it in extra_body): the same seed, the same audio
 
 
 def _speaker(service: TTSService, voice: str) -> Speaker:
@@ -115,7 +117,9 @@ def voice_aliases(pairs: tuple[str, ...]) -> dict[str, str]:
     summary="OpenAI-compatible speech",
     description="Body as OpenAI's: `input`, `voice`, `response_format` (mp3, opus, aac, flac, "
     "wav, pcm; also mulaw and alaw at 8 kHz), `speed` (0.25-4), `stream_format` (audio or "
-    "sse). Errors in OpenAI's shape.",
+    "sse), `instructions` (CosyVoice2/3: how to speak, e.g. a dialect or an emotion; at most "
+    "1000 characters; ignored by other engines), and `seed` (not OpenAI's; 0 draws one). "
+    "Errors in OpenAI's shape.",
     responses=OPENAI_ERROR_DOCS,
     status_code=200,
     before_request=strict_json,
@@ -133,10 +137,12 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
             ],
         )
     speaker = _speaker(service, data.voice)
+    if data.instructions:
+        speaker = service.instructed(speaker, data.instructions, "instructions")
     rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None  # opus: 48 kHz
     body, _ = await open_stream(
-        request, service, data.input, speaker.id, data.response_format,
-        rate_out=rate_out, speed=data.speed, stream=True, field="input",
+        request, service, data.input, speaker, data.response_format,
+        rate_out=rate_out, speed=data.speed, seed=data.seed, stream=True, field="input",
     )  # fmt: skip
     if data.stream_format == "sse":
         return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)

@@ -8,6 +8,7 @@ and turns the model's outputs into the scheduler's events.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class CosyVoiceEngine:
         self.sample_rate = self.model.sample_rate
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
         self.text_streaming = self.model.text_streaming
+        self.instructions = self.model.family != "v1"  # instruct2 (CosyVoice2/3)
         # every started job by its utterance: a step may hand out audio of jobs it was not
         # given (batches vocoded on the model's vocoder thread arrive a step or more later)
         self._jobs: dict[int, Job] = {}
@@ -75,10 +77,20 @@ class CosyVoiceEngine:
         self.model.speakers.register(spk_id, audio, prompt_text)
         return self._speaker(spk_id)
 
-    def prompt_speaker(self, audio: bytes, prompt_text: str) -> Speaker:
-        """A speaker for one request, from a prompt recording and its transcript."""
+    def prompt_speaker(
+        self, audio: bytes, prompt_text: str | None, instruction: str | None = None
+    ) -> Speaker:
+        """A speaker for one request from a prompt recording: with its transcript (zero-shot),
+        without (cross-lingual), or steered by an instruction (instruct2)."""
         voice = self.model.speakers.from_prompt(audio, prompt_text)
+        if instruction is not None:
+            voice = self.model.instructed(voice, instruction)
         return Speaker(voice.name, "zh/en", self.model.sample_rate, self.name, voice=voice)
+
+    def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
+        """``speaker`` steered by an instruction (CosyVoice2/3: see ``instructions``)."""
+        voice = self.model.instructed(speaker.voice or speaker.id, instruction)
+        return replace(speaker, voice=voice)
 
     def delete_speaker(self, spk_id: str) -> None:
         self.model.speakers.delete(spk_id)

@@ -203,3 +203,36 @@ def test_leftover_temp_and_foreign_files_never_load(golden_dir, tmp_path):
     assert "kept" not in m2.speakers.list()
     assert not any(t.exists() for t in temps)  # removed at start
     assert foreign.exists()  # not ours to delete
+
+
+def test_cross_lingual_and_instruct2_prompt_only_the_flow(family_dir, tmp_path):
+    """Upstream's modes, as the spec's table of LLM inputs says: cross-lingual feeds the LLM
+    no prompt (v3: the system prefix goes before the text); instruct2 (v2/v3) feeds it the
+    instruction ending in <|endofprompt|> (v3 after the system prompt) and no prompt speech.
+    The flow keeps the recording's tokens and mel either way."""
+    m = _load(family_dir, tmp_path)
+    audio = _encode(_tone(3.0, 24000), 24000, "wav", "pcm_s16le")
+    full = m.speakers.from_prompt(audio, "你好，这是一个测试。")
+    voice = m.speakers.from_prompt(audio, None)
+    assert voice.prompt_speech_tokens == full.prompt_speech_tokens
+    assert torch.equal(voice.prompt_feat, full.prompt_feat)
+    assert voice.name not in m.speakers.list()  # neither kept nor listed
+    text = m.frontend.encode("今天天气很好。")
+    r = m.new_request("今天天气很好。", voice)
+    assert list(r.prompt_speech_tokens) == []
+    system = m.frontend.encode("You are a helpful assistant.<|endofprompt|>")
+    assert [*r.prompt_text_ids, *r.text_ids] == ([*system, *text] if m.family == "v3" else text)
+    if m.family == "v1":
+        with pytest.raises(ValueError, match="CosyVoice2"):
+            m.instructed(voice, "用四川话说")
+        return
+    steered = m.instructed(voice, "用四川话说")
+    head = "You are a helpful assistant. " if m.family == "v3" else ""
+    r = m.new_request("今天天气很好。", steered)
+    assert list(r.prompt_text_ids) == m.frontend.encode(head + "用四川话说<|endofprompt|>")
+    assert list(r.prompt_speech_tokens) == [] and list(r.text_ids) == text
+    assert steered.prompt_speech_tokens == full.prompt_speech_tokens  # the flow's prompt
+    # an instruction that ends itself is taken as it is; a registered voice steers the same
+    own = m.instructed(full, "Speak fast.<|endofprompt|>")
+    assert own.prompt_text_ids == m.frontend.encode("Speak fast.<|endofprompt|>")
+    assert m.instructed(full, "用四川话说").prompt_text_ids == steered.prompt_text_ids
