@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from rtserver_client import protocol as _wire
 from rtserver_client.protocol import *  # noqa: F403 - the /ws/tts types, re-exported whole
-from rtserver_client.protocol import SampleRate, Seed, Speed, json_schema
+from rtserver_client.protocol import Instructions, SampleRate, Seed, Speed, json_schema
 
 __all__ = [*_wire.__all__, "SpeakerInfo", "TTSRequest", "Text"]
 
@@ -28,6 +28,7 @@ class TTSRequest(msgspec.Struct, forbid_unknown_fields=False):
     stream: bool = False
     speed: Speed = 1.0
     seed: Seed = 0
+    instructions: Instructions = None
     sample_rate: SampleRate | None = None  # resample to this; None: the speaker's rate
     # /tts/pcm only: G.711 for phone lines (8 kHz unless sample_rate says 16000).
     encoding: Literal["s16le", "mulaw", "alaw"] = "s16le"

@@ -293,10 +293,10 @@ class TTSService:
             except (ValueError, KeyError) as exc:  # AudioError, empty text, v1's instruct2
                 raise SpeakerRefused(str(exc)) from exc
 
-    def instructed(self, speaker: Speaker, instruction: str, field: str) -> Speaker:
+    def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
         """``speaker`` steered by an instruction where the engine takes one (CosyVoice2/3);
         elsewhere ``speaker`` as it is, as OpenAI's tts-1 ignores `instructions`."""
-        check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, field)
+        check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, "instructions")
         if not getattr(self.engine, "instructions", False) or not instruction.strip():
             return speaker
         try:
@@ -360,13 +360,17 @@ class TTSService:
         stream: bool = False,
         incremental: bool = False,
         text_streaming: bool = False,
+        instructions: str | None = None,
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
-        UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then.
-        ``spk_id``: a speaker's id, or one made for this session (:meth:`prompt_speaker`)."""
+        UnknownSpeaker, UnsupportedFormat, TooManyForClient, Busy or TextRejected (the
+        instructions), holding nothing then. ``spk_id``: a speaker's id, or one made for this
+        session (:meth:`prompt_speaker`)."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another")
         speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
+        if instructions is not None:
+            speaker = self.instructed(speaker, instructions)
         try:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)
         except ValueError as exc:

@@ -18,7 +18,7 @@ from golden.conftest import resolve_golden_dir
 from serverproc import ServerProcess, rss_mb
 from test_prompt_audio import encode
 
-from rtserver.client import TTSClient
+from rtserver.client import ServerError, TTSClient
 
 GOLDEN = resolve_golden_dir()
 MODEL = GOLDEN / "cosyvoice2" / "model"
@@ -503,6 +503,26 @@ def test_openai_instructions_steer_cosyvoice2(cv):
     assert_same_pcm(say(instructions="  "), plain)
     long = httpx.post(f"{cv.base_url}/v1/audio/speech", json=speech | {"instructions": "快" * 1001})
     assert long.status_code == 400 and long.json()["error"]["code"] == "text_too_long", long.text
+    # the same through /tts/pcm; a WebSocket context (segmented otherwise) is steered too
+    body = {"tts_text": TEXT, "spk_id": "spk_f1", "stream": True, "seed": 5,
+            "instructions": "用四川话说这句话"}  # fmt: skip
+    assert_same_pcm(httpx.post(f"{cv.base_url}/tts/pcm", json=body, timeout=120).content, steered)
+
+    async def ws(instructions: str | None) -> tuple[bytes, str | None]:
+        async with TTSClient(cv.base_url) as client, client.connect() as conn:
+            try:
+                ctx = await conn.start(spk_id="spk_f1", seed=5, text=TEXT,
+                                       instructions=instructions)  # fmt: skip
+            except ServerError as e:
+                return b"", e.error.code
+            await ctx.close()
+            return (await ctx.collect()).audio, None
+
+    ws_plain, _ = asyncio.run(asyncio.wait_for(ws(None), 120))
+    ws_steered, _ = asyncio.run(asyncio.wait_for(ws("用四川话说这句话"), 120))
+    assert ws_steered != ws_plain
+    assert_same_pcm(asyncio.run(asyncio.wait_for(ws("用四川话说这句话"), 120))[0], ws_steered)
+    assert asyncio.run(asyncio.wait_for(ws("快" * 1001), 60)) == (b"", "text_too_long")
     cv.assert_idle()
 
 

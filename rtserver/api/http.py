@@ -207,6 +207,7 @@ async def open_stream(
     speed: float = 1.0,
     seed: int = 0,
     stream: bool = False,
+    instructions: str | None = None,
     field: str = "tts_text",
 ) -> tuple[AsyncIterator[bytes], int]:
     """Check, admit and start a whole-text session; returns its encoded audio and rate once
@@ -214,8 +215,9 @@ async def open_stream(
     still an HTTP error."""
     service.check_whole_text(text, field)
     session = service.open_session(
-        spk_id, client_of(request), fmt, rate_out, speed=speed, seed=seed, stream=stream
-    )
+        spk_id, client_of(request), fmt, rate_out, speed=speed, seed=seed, stream=stream,
+        instructions=instructions,
+    )  # fmt: skip
     session.say(text)  # cannot refuse: the text is checked
     events = session.events()
     first = await _until_disconnect(request, _first_output(events))
@@ -277,7 +279,7 @@ async def _audio(first: SessionEvent, events: AsyncGenerator[SessionEvent]) -> A
 async def _speak(request: Request, service: TTSService, req: TTSRequest, fmt: str):
     return await open_stream(
         request, service, req.tts_text, req.spk_id, fmt, rate_out=req.sample_rate,
-        speed=req.speed, seed=req.seed, stream=req.stream,
+        speed=req.speed, seed=req.seed, stream=req.stream, instructions=req.instructions,
     )  # fmt: skip
 
 

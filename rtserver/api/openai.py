@@ -137,12 +137,11 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
             ],
         )
     speaker = _speaker(service, data.voice)
-    if data.instructions:
-        speaker = service.instructed(speaker, data.instructions, "instructions")
     rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None  # opus: 48 kHz
     body, _ = await open_stream(
         request, service, data.input, speaker, data.response_format,
-        rate_out=rate_out, speed=data.speed, seed=data.seed, stream=True, field="input",
+        rate_out=rate_out, speed=data.speed, seed=data.seed, stream=True,
+        instructions=data.instructions, field="input",
     )  # fmt: skip
     if data.stream_format == "sse":
         return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)

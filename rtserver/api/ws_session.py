@@ -335,8 +335,11 @@ class WsSession:
             session = self.service.open_session(
                 msg.spk_id, self.client, msg.format, msg.sample_rate,
                 speed=msg.speed, seed=msg.seed, stream=True, incremental=True,
-                text_streaming=msg.text_streaming,
+                text_streaming=msg.text_streaming, instructions=msg.instructions,
             )  # fmt: skip
+        except TextRejected as exc:  # the instructions
+            await self._error(exc.code, str(exc), cid)
+            return
         except tuple(_START_ERRORS) as exc:
             code = next(c for cls, c in _START_ERRORS.items() if isinstance(exc, cls))
             await self._error(code, str(exc), cid)

@@ -237,10 +237,12 @@ class Connection:
         text: str = "",
         text_streaming: bool = False,
         timestamps: bool = False,
+        instructions: str | None = None,
     ) -> Context:
         """Open a context; raises ServerError if the server refuses it. ``text_streaming``:
         fragments feed the model as they arrive (CosyVoice2/3), a flush ends the piece.
-        ``timestamps``: ask for a `words` event (word timings) before each `segment`."""
+        ``timestamps``: ask for a `words` event (word timings) before each `segment`.
+        ``instructions``: how to speak (CosyVoice2/3's instruct mode; others ignore it)."""
         cid = context_id or f"ctx-{next(_ids)}"
         if cid in self.contexts:  # the server's refusal would carry the open context's id
             raise ValueError(f"context {cid!r} is open on this connection")
@@ -248,7 +250,8 @@ class Connection:
         self.contexts[cid] = ctx
         await self.send(Start(context_id=cid, spk_id=spk_id, format=format,
                               sample_rate=sample_rate, speed=speed, seed=seed, text=text,
-                              text_streaming=text_streaming, timestamps=timestamps))  # fmt: skip
+                              text_streaming=text_streaming, timestamps=timestamps,
+                              instructions=instructions))  # fmt: skip
         # The answer is `started` or an error; an error the server could not tie to the
         # context (it could not even parse the start) comes without its id.
         answer = asyncio.ensure_future(ctx.queue.get())

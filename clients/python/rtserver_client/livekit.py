@@ -54,6 +54,8 @@ class TTS(tts.TTS):
         api_key: for a server started with `--api-key`.
         sample_rate: output rate (the server resamples), 24 kHz by default.
         speed: speaking rate, 1.0 normal.
+        instructions: how to speak, e.g. a dialect or an emotion (CosyVoice2/3's instruct
+            mode; other engines ignore it).
         word_timestamps: ask for `words` events and pass them on as timed transcripts.
     """
 
@@ -65,6 +67,7 @@ class TTS(tts.TTS):
         api_key: str | None = None,
         sample_rate: int = 24000,
         speed: float = 1.0,
+        instructions: str | None = None,
         word_timestamps: bool = True,
     ) -> None:
         aligned = word_timestamps and _ALIGNED
@@ -76,6 +79,7 @@ class TTS(tts.TTS):
         super().__init__(capabilities=caps, sample_rate=sample_rate, num_channels=1)
         self.voice = voice
         self.speed = speed
+        self.instructions = instructions
         self.word_timestamps = aligned
         self._client = TTSClient(base_url, api_key=api_key)
         self._conn: Connection | None = None
@@ -106,6 +110,7 @@ class TTS(tts.TTS):
                 format="pcm",
                 sample_rate=self.sample_rate,
                 speed=self.speed,
+                instructions=self.instructions,
                 text=text,
                 timestamps=self.word_timestamps,
             )

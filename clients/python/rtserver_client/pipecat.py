@@ -57,6 +57,8 @@ class RTServerTTSService(WebsocketTTSService):
         voice: the speaker id (`GET /speakers`).
         api_key: for a server started with `--api-key`.
         speed: speaking rate, 1.0 normal.
+        instructions: how to speak, e.g. a dialect or an emotion (CosyVoice2/3's instruct
+            mode; other engines ignore it).
         word_timestamps: ask the server for `words` events; the service then pushes each
             word as a TTSTextFrame timed to the audio.
         sample_rate: output rate; default the pipeline's.
@@ -72,6 +74,7 @@ class RTServerTTSService(WebsocketTTSService):
         voice: str = "joe",
         api_key: str | None = None,
         speed: float = 1.0,
+        instructions: str | None = None,
         word_timestamps: bool = True,
         sample_rate: int | None = None,
         text_aggregation_mode: TextAggregationMode | None = None,
@@ -91,6 +94,7 @@ class RTServerTTSService(WebsocketTTSService):
         self._url = ws_url(base_url)
         self._headers = auth_headers(api_key)
         self._speed = speed
+        self._instructions = instructions
         self._word_timestamps = word_timestamps
         self._receive_task = None
         self.ready: Ready | None = None
@@ -178,6 +182,7 @@ class RTServerTTSService(WebsocketTTSService):
                         format="pcm",
                         sample_rate=self.sample_rate,
                         speed=self._speed,
+                        instructions=self._instructions,
                         timestamps=self._word_timestamps,
                     )
                 )

@@ -59,6 +59,13 @@ Seed = Annotated[
         ge=0, le=2**63 - 1, description="Sampling seed; 0 draws a random one per request."
     ),
 ]
+Instructions = Annotated[
+    str | None,
+    msgspec.Meta(
+        description="How to speak (a dialect, an emotion, a speed): CosyVoice2/3's instruct "
+        "mode; other engines ignore it. At most 1000 characters."
+    ),
+]
 ContextId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 SampleRate = Annotated[int, msgspec.Meta(ge=8000, le=48000)]
 
@@ -80,6 +87,7 @@ class Start(
     sample_rate: SampleRate | None = None  # None: the engine's own rate
     speed: Speed = 1.0
     seed: Seed = 0
+    instructions: Instructions = None
     text: str = ""  # optional first fragment, same as a `text` message
     # CosyVoice2/3: fragments feed one running LLM as they arrive (bistream) instead of
     # waiting for sentence ends; a flush ends the piece. Raw text: no text normalization.
