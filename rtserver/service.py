@@ -125,6 +125,24 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
     return await done
 
 
+class Gate:
+    """At most ``size`` of one kind of work at a time (on the event loop: no lock); one more
+    is Busy (503) before any of it starts."""
+
+    def __init__(self, size: int, what: str) -> None:
+        self.size, self.what, self.inside = size, what, 0
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        if self.inside >= self.size:
+            raise Busy(f"{self.size} {self.what}; try again")
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+
 def client_share(settings: Settings) -> int:
     """Streams one client address runs at once: with per-client limits on, all slots but one,
     so that one address cannot hold them all for as long as its streams last (its other
@@ -158,8 +176,9 @@ class TTSService:
         self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
         self.scheduler.metrics.watch_held(self.held)
         self._registering: set[str] = set()  # names being registered now
-        self._extractions = 0  # prompts being analysed now (registrations among them)
-        self._uploads = 0  # upload bodies being read now
+        # prompts being analysed now (registrations among them), upload bodies being read now
+        self._extractions = Gate(MAX_EXTRACTING, "prompt recordings are being analysed")
+        self._uploads = Gate(MAX_UPLOADS, "uploads are being received")
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
         self.started_at = time.time()
@@ -228,16 +247,9 @@ class TTSService:
             "sockets_open": self.client_sockets.held(),
         }
 
-    @contextlib.contextmanager
-    def receiving_upload(self) -> Iterator[None]:
+    def receiving_upload(self) -> contextlib.AbstractContextManager[None]:
         """A place to read an upload's body in, or Busy (503) before a byte of it is read."""
-        if self._uploads >= MAX_UPLOADS:
-            raise Busy(f"{MAX_UPLOADS} uploads are being received; try again")
-        self._uploads += 1
-        try:
-            yield
-        finally:
-            self._uploads -= 1
+        return self._uploads.enter()
 
     async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
         register = getattr(self.engine, "register_speaker", None)
@@ -307,14 +319,11 @@ class TTSService:
     @contextlib.contextmanager
     def _extracting(self) -> Iterator[None]:
         """A place to analyse a prompt in (its own thread: ONNX models), or Busy."""
-        if self._extractions >= MAX_EXTRACTING:
-            raise Busy(f"{MAX_EXTRACTING} prompt recordings are being analysed; try again")
-        self._extractions += 1
-        try:
-            yield
-        finally:
-            self._extractions -= 1
-            self.scheduler.used_memory()  # the upload's buffers go back to the OS once idle
+        with self._extractions.enter():
+            try:
+                yield
+            finally:
+                self.scheduler.used_memory()  # the upload's buffers go back to the OS once idle
 
     async def delete_speaker(self, spk_id: str) -> None:
         delete = getattr(self.engine, "delete_speaker", None)

@@ -568,6 +568,10 @@ def test_upload_bodies_are_read_a_few_at_a_time(make_server):
 
     refused = eventually(late, lambda r: r.status_code == 503)
     assert "uploads" in refused.json()["detail"] and refused.headers["retry-after"]
+    # so are the routes that take a recording with the text (upstream's zero-shot)
+    zero_shot = httpx.post(f"{srv.base_url}/inference_zero_shot", files=files, timeout=10,
+                           data={"tts_text": "Hi.", "prompt_text": "Hello."})  # fmt: skip
+    assert zero_shot.status_code == 503 and "uploads" in zero_shot.json()["detail"]
     for s in slow:
         s.close()
     # Their places come back: the next upload is read (and refused by the built-in voice).
