@@ -100,7 +100,7 @@ def synthesis_failed(_: Request, exc: SynthesisFailed) -> Response:
     return Response(_body(500, f"synthesis failed: {exc}"), status_code=500)
 
 
-def registration_error(_: Request, exc: SpeakerRefused) -> Response:
+def speaker_refused(_: Request, exc: SpeakerRefused) -> Response:
     return Response(_body(exc.status, str(exc)), status_code=exc.status)
 
 
@@ -120,6 +120,6 @@ EXCEPTION_HANDLERS = {
     ShuttingDown: shutting_down,
     ClientGone: client_gone,
     SynthesisFailed: synthesis_failed,
-    SpeakerRefused: registration_error,
+    SpeakerRefused: speaker_refused,
     Exception: internal_error,
 }

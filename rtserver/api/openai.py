@@ -8,8 +8,8 @@ alloy=SPEAKER` maps one to a speaker, the others speak as the first speaker. `pc
 s16le mono and `opus` 48 kHz Ogg, as OpenAI sends them; the other formats keep the speaker's
 rate (`mulaw`/`alaw`, for phone lines, are 8 kHz). `model` is accepted and ignored;
 `instructions` steer CosyVoice2/3 (their instruct mode: dialect, emotion, speed) and are
-ignored elsewhere, as OpenAI's tts-1 ignores them. Errors come in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`)
-so the SDKs show the message.
+ignored elsewhere, as OpenAI's tts-1 ignores them. Errors come in OpenAI's shape
+(`{"error": {"message", "type", "param", "code"}}`) so the SDKs show the message.
 """
 
 from __future__ import annotations
