@@ -183,6 +183,13 @@ def test_audio_limit_ends_http_and_ws_streams(tight):
     assert after["dropped"] == before["dropped"] + 2
 
 
+# Measured on a ~200 MB server: 166-230 MB stayed held before (allocator arenas, the ONNX
+# Runtime arena); 28-77 MB with malloc_trim alone (freed pieces spread over glibc's 16 arenas);
+# 0-9 MB with 4 arenas (--malloc-arenas) on the machine of 2026-11-30, but 5-104 MB (mostly
+# ~40-50) over 15 such requests on another on 2026-12-02, same code: the bound sits between.
+HELD_MB = 128
+
+
 def test_memory_is_handed_back_after_a_long_request(make_server):
     srv = make_server("--max-text-chars", "100000")
     speak = {"tts_text": "Warm up the buffers once.", "spk_id": "joe"}
@@ -195,11 +202,8 @@ def test_memory_is_handed_back_after_a_long_request(make_server):
     assert r.status_code == 200 and len(r.content) / 2 / 22050 > 180
     assert_idle(srv)
     # The scheduler hands memory back about a second after it goes idle.
-    grown = eventually(lambda: rss_mb(srv.proc.pid) - base, lambda mb: mb < 64)
-    # Measured on a ~200 MB server: 166-230 MB stayed held before (allocator arenas, the ONNX
-    # Runtime arena); 28-77 MB with malloc_trim alone (freed pieces spread over glibc's 16
-    # arenas); 0-9 MB with 4 arenas (--malloc-arenas).
-    assert grown < 64, f"RSS stayed {grown:.0f} MB above its level before the request"
+    grown = eventually(lambda: rss_mb(srv.proc.pid) - base, lambda mb: mb < HELD_MB)
+    assert grown < HELD_MB, f"RSS stayed {grown:.0f} MB above its level before the request"
 
 
 # ---- idle and stalled clients -----------------------------------------------------------------
