@@ -442,7 +442,7 @@ async def _speak_prompted(
     form = await _form_fields(request, form_type)
     wav = (await request.form()).get("prompt_wav")
     if not isinstance(wav, UploadFile):
-        message = "prompt_wav: send the prompt recording as a file part"
+        message = "send the prompt recording as a file part"  # the answer names the key
         raise ValidationException(message, extra=[{"key": "prompt_wav", "message": message}])
     service.check_whole_text(form.tts_text, "tts_text")  # before the recording's analysis
     speaker = await service.prompt_speaker(
