@@ -203,13 +203,14 @@ class Settings(msgspec.Struct, kw_only=True):
         visible), or replicas given GPUs (the driver that deploys them may have none)."""
         if self.model is None:  # the built-in voice runs on the CPU
             return False
-        if self.replica_gpus or self.device.startswith("cuda"):
+        if self.replica_gpus:
             return True
-        if self.device != "auto":
-            return False
-        import torch
+        from cosyvoice.devices import resolve_device  # the engine's own rule for `auto`
 
-        return torch.cuda.is_available()
+        try:
+            return resolve_device(self.device).type == "cuda"
+        except RuntimeError:  # not a device: check_engine says so, in one line
+            return False
 
     @property
     def initial_replicas(self) -> int:
