@@ -26,6 +26,9 @@ from .utterance import Output, Status, TextRun, Utterance
 log = logging.getLogger("cosyvoice")
 
 EOP = "<|endofprompt|>"  # where v2/v3 prompt text (system, instruction) ends
+# What CosyVoice-300M-Instruct was trained to read after an instruction: plain text to its
+# tokenizer, put after the instruction as upstream's v1 frontend does.
+V1_EOP = "<endofprompt>"
 V3_SYSTEM = "You are a helpful assistant."
 V3_SYSTEM_PREFIX = V3_SYSTEM + EOP
 # What normalizing text may add to a step while other utterances have audio to make (one
@@ -78,6 +81,13 @@ class CosyVoiceModel:
         if self.token2wav is not None:
             return self.token2wav.sample_rate
         return int(self.config.get("sample_rate", 24000))
+
+    @property
+    def instructions(self) -> bool:
+        """Whether :meth:`instructed` works: CosyVoice2/3 (instruct2), and CosyVoice-300M-Instruct,
+        which holds the same files as the other v1 dirs; upstream tells it by its dir's name."""
+        names = (self.model_dir.name, self.model_dir.resolve().name)
+        return self.family != "v1" or any("-instruct" in n.lower() for n in names)
 
     @property
     def text_streaming(self) -> bool:
@@ -463,21 +473,36 @@ class CosyVoiceModel:
             return [], [], None
         spk = self._voice(speaker)
         speech = spk.prompt_speech_tokens if spk.llm_prompt_speech else []
-        return list(spk.prompt_text_ids), speech, spk.embedding
+        return list(spk.prompt_text_ids), speech, spk.embedding if spk.llm_embedding else None
 
     def instructed(self, speaker: str | Speaker, instruction: str) -> Speaker:
-        """``speaker``'s voice steered by an instruction (dialect, emotion, speed, as upstream's
-        ``inference_instruct2``, v2/v3): the LLM's prompt is the instruction, ending in
-        ``<|endofprompt|>`` (v3: after the system prompt, unless it has its own), and not the
-        speaker's prompt speech, which only the flow hears."""
-        if self.family == "v1":
-            raise ValueError("instructions need a CosyVoice2 or CosyVoice3 model")
-        text = instruction.strip()
-        if EOP not in text:
-            text = (f"{V3_SYSTEM} {text}" if self.family == "v3" else text) + EOP
+        """``speaker``'s voice steered by an instruction (dialect, emotion, speed, a character;
+        see :attr:`instructions`). The LLM's prompt is the instruction and not the speaker's
+        prompt speech, which only the flow hears.
+
+        - v2/v3 (upstream's ``inference_instruct2``): it ends in ``<|endofprompt|>``, on v3
+          after the system prompt, unless it has its own.
+        - v1 (``inference_instruct``): normalised as a transcript is, then ``<endofprompt>``;
+          the LLM does not hear the speaker's x-vector either (upstream drops it, as the voice
+          would leak into the instruction's)."""
+        if not self.instructions:
+            raise ValueError(
+                "instructions need CosyVoice-300M-Instruct (a dir named so), CosyVoice2 or 3"
+            )
         spk = self._voice(speaker)
-        ids = self.frontend.encode(text)
-        return replace(spk, prompt_text_ids=ids, llm_prompt_speech=False, builtin=False)
+        text = instruction.strip()
+        if self.family == "v1":
+            text = self.frontend.normalize(text)
+            text += "" if text.endswith(V1_EOP) else V1_EOP
+        elif EOP not in text:
+            text = (f"{V3_SYSTEM} {text}" if self.family == "v3" else text) + EOP
+        return replace(
+            spk,
+            prompt_text_ids=self.frontend.encode(text),
+            llm_prompt_speech=False,
+            llm_embedding=self.family != "v1",
+            builtin=False,
+        )
 
     def _voice(self, speaker: str | Speaker) -> Speaker:
         """A name looked up in the store (SpeakerError if unknown); a Speaker as it is."""

@@ -90,6 +90,7 @@ class Speaker:
     prompt_text: str = ""
     builtin: bool = False
     llm_prompt_speech: bool = True
+    llm_embedding: bool = True  # the v1 LLM hears the x-vector (not in 300M-Instruct's mode)
 
     @property
     def zero_shot(self) -> bool:

@@ -294,20 +294,29 @@ class TTSService:
         make = getattr(self.engine, "prompt_speaker", None)
         if make is None:
             raise SpeakerRefused(f"the {self.engine.name} engine has no zero-shot speakers")
-        if instruction is not None and not getattr(self.engine, "instructions", False):
-            raise SpeakerRefused("instructions need a CosyVoice2 or CosyVoice3 model")
-        for text, name in ((prompt_text, "prompt_text"), (instruction, "instruct_text")):
-            if text is not None:
-                check_text(text, 0, MAX_PROMPT_TEXT_CHARS, name)
+        if instruction is not None:
+            self.check_instructions(instruction)
+        if prompt_text is not None:
+            check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
         with self._extracting():
             try:
                 return await in_own_thread(lambda: make(audio, prompt_text, instruction))
             except (ValueError, KeyError) as exc:  # AudioError, empty text, v1's instruct2
                 raise SpeakerRefused(str(exc)) from exc
 
+    def check_instructions(self, instruction: str) -> None:
+        """Upstream's `instruct_text`: refused by a model without an instruct mode, as upstream
+        does (the `instructions` field is ignored there instead, as by OpenAI's tts-1)."""
+        if not getattr(self.engine, "instructions", False):
+            raise SpeakerRefused(
+                f"the {self.engine.name} model takes no instructions (CosyVoice-300M-Instruct, "
+                "a dir named so, CosyVoice2 and CosyVoice3 do)"
+            )
+        check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, "instruct_text")
+
     def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
-        """``speaker`` steered by an instruction where the engine takes one (CosyVoice2/3);
-        elsewhere ``speaker`` as it is, as OpenAI's tts-1 ignores `instructions`."""
+        """``speaker`` steered by an instruction where the engine takes one (see
+        ``check_instructions``); elsewhere ``speaker`` as it is, as OpenAI's tts-1 ignores `instructions`."""
         check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, "instructions")
         if not getattr(self.engine, "instructions", False) or not instruction.strip():
             return speaker

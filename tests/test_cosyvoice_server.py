@@ -566,6 +566,70 @@ def test_other_families_serve_http_and_ws(tmp_path, family, rate):
         speech = {"input": TEXT, "voice": "spk_f1", "instructions": "用四川话说这句话"}
         r = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech, timeout=120)
         assert r.status_code == 200, r.text
+        # upstream's v1 instruct route is CosyVoice-300M-Instruct's: a plain v1 dir refuses it
+        instruct = {"tts_text": TEXT, "spk_id": "spk_f1", "instruct_text": "Speak slowly."}
+        r = httpx.post(f"{srv.base_url}/inference_instruct", data=instruct, timeout=120)
+        if family == "cosyvoice1":
+            assert r.status_code == 400 and "300M-Instruct" in r.text, r.text
+        else:
+            assert r.status_code == 200, r.text
         srv.assert_idle()
     finally:
         srv.stop()
+
+
+def instruct(srv: ServerProcess, method: str = "GET", **fields) -> httpx.Response:
+    """Upstream's client to /inference_instruct: a form body, GET or POST."""
+    form = {"tts_text": TEXT, "spk_id": "spk_f1", "instruct_text": CHARACTER, "seed": "3"}
+    url = f"{srv.base_url}/inference_instruct"
+    return httpx.request(method, url, data=form | fields, timeout=120)
+
+
+CHARACTER = "Theo, a fiery rebel leader, fights with fervor for justice."
+
+
+def test_v1_instruct_model_speaks_instructions_on_every_route(tmp_path):
+    """CosyVoice-300M-Instruct (the golden v1 dir under that name, as upstream tells it):
+    /inference_instruct speaks otherwise than /inference_sft seed for seed, reproducibly, GET
+    as POST, and as /tts/pcm and OpenAI's route with `instructions`; bad forms get a 4xx."""
+    named = tmp_path / "CosyVoice-300M-Instruct"
+    named.symlink_to(GOLDEN / "cosyvoice1" / "model")
+    srv = ServerProcess("--model", str(named), "--speaker-dir", str(tmp_path / "spk"),
+                        "--no-warmup").wait_ready()  # fmt: skip
+    try:
+        steered = instruct(srv)
+        assert steered.status_code == 200 and steered.headers["x-sample-rate"] == "22050"
+        assert_speech(decode_pcm(steered.content), 22050, min_seconds=0.3)
+        sft = httpx.post(f"{srv.base_url}/inference_sft", timeout=120,
+                         data={"tts_text": TEXT, "spk_id": "spk_f1", "seed": "3"})  # fmt: skip
+        assert sft.status_code == 200 and sft.content != steered.content
+        assert_same_pcm(instruct(srv, "POST").content, steered.content)
+        assert instruct(srv, instruct_text="Speak like a child.").content != steered.content
+        body = {"tts_text": TEXT, "spk_id": "spk_f1", "seed": 3, "instructions": CHARACTER}
+        r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
+        assert_same_pcm(r.content, steered.content)
+        speech = {"input": TEXT, "voice": "spk_f1", "seed": 3, "instructions": CHARACTER,
+                  "response_format": "pcm"}  # fmt: skip
+        r = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech, timeout=120)
+        assert r.status_code == 200 and r.content != sft.content
+        for fields, status, says in [
+            ({"instruct_text": ""}, 422, "instruct_text"),
+            ({"instruct_text": "快" * 1001}, 413, "instruct_text has 1001"),
+            ({"spk_id": "nobody"}, 400, "nobody"),
+            ({"seed": "-1"}, 422, "seed"),
+        ]:
+            r = instruct(srv, "POST", **fields)
+            assert r.status_code == status and says in r.text, (fields, r.text)
+        assert httpx.head(f"{srv.base_url}/inference_instruct").status_code == 405
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
+def test_inference_instruct_on_cosyvoice2_steers_a_speaker_as_instructions_do(cv):
+    r = instruct(cv, instruct_text="用四川话说这句话")
+    assert r.status_code == 200, r.text
+    body = {"tts_text": TEXT, "spk_id": "spk_f1", "seed": 3, "instructions": "用四川话说这句话"}
+    assert_same_pcm(httpx.post(f"{cv.base_url}/tts/pcm", json=body, timeout=120).content,
+                    r.content)  # fmt: skip
+    cv.assert_idle()

@@ -8,7 +8,7 @@ import asyncio
 import codecs
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Request, delete, get, post, route
@@ -66,6 +66,15 @@ class SftForm(msgspec.Struct):
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     spk_id: Annotated[str, msgspec.Meta(min_length=1)]
     seed: Seed = 0  # not upstream's (it draws one): the same seed, the same audio
+
+
+class InstructForm(msgspec.Struct):
+    """Upstream's /inference_instruct (CosyVoice-300M-Instruct): a speaker and an instruction."""
+
+    tts_text: Annotated[str, msgspec.Meta(min_length=1)]
+    spk_id: Annotated[str, msgspec.Meta(min_length=1)]
+    instruct_text: Annotated[str, msgspec.Meta(min_length=1)]
+    seed: Seed = 0
 
 
 class ZeroShotForm(msgspec.Struct):
@@ -350,55 +359,89 @@ async def _read_form(request: Request) -> None:
         await request.form()
 
 
-@route(
+def _pcm_route(path: str, summary: str, description: str, **more: Any):
+    """An upstream route: GET or POST with form fields, headerless PCM back."""
+    return route(
+        path,
+        http_method=["GET", "POST"],
+        summary=f"Upstream CosyVoice {summary}: headerless s16le PCM",
+        description=f"{description} Sentence-level chunks.",
+        media_type=L16,
+        response_description="Headerless s16le mono PCM at the model's rate.",
+        operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
+        responses=ERROR_DOCS,
+        status_code=200,
+        guards=[no_head],
+        **more,
+    )
+
+
+TextField = Annotated[str | None, Parameter(description="Text to speak (or in the form).")]
+SpkIdField = Annotated[str | None, Parameter(description="Speaker id (or in the form).")]
+SeedField = Annotated[int | None, Parameter(description="0: a random one (or in the form).")]
+
+
+@_pcm_route(
     "/inference_sft",
-    http_method=["GET", "POST"],
-    summary="Upstream CosyVoice SFT endpoint: headerless s16le PCM",
-    description="Fields `tts_text` and `spk_id` from a url-encoded or multipart body (a file "
-    "part is read as UTF-8 text), or the query string (upstream's client sends GET with a form "
-    "body); `seed` (not upstream's; 0, the default, draws one) makes the audio reproducible. "
-    "Sentence-level chunks.",
-    media_type=L16,
-    response_description="Headerless s16le mono PCM at the model's rate.",
-    operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
-    responses=ERROR_DOCS,
-    status_code=200,
-    guards=[no_head],
+    "SFT endpoint",
+    "Fields `tts_text` and `spk_id` from a url-encoded or multipart body (a file part is read "
+    "as UTF-8 text), or the query string (upstream's client sends GET with a form body); "
+    "`seed` (not upstream's; 0, the default, draws one) makes the audio reproducible.",
 )
 async def inference_sft(
     request: Request,
     service: TTSService,
-    tts_text: Annotated[
-        str | None, Parameter(description="Text to speak (or in the form).")
-    ] = None,
-    spk_id: Annotated[str | None, Parameter(description="Speaker id (or in the form).")] = None,
-    seed: Annotated[int | None, Parameter(description="0: a random one (or in the form).")] = None,
+    tts_text: TextField = None,
+    spk_id: SpkIdField = None,
+    seed: SeedField = None,
 ) -> Stream:
-    sft = await _form_fields(request, SftForm)
-    req = TTSRequest(tts_text=sft.tts_text, spk_id=sft.spk_id, seed=sft.seed)
+    return await _speak_form(request, service, await _form_fields(request, SftForm))
+
+
+@_pcm_route(
+    "/inference_instruct",
+    "instruct endpoint",
+    "`/inference_sft` with `instruct_text` (how to speak, or a character to play; at most 1000 "
+    "characters; `<endofprompt>` is added), for CosyVoice-300M-Instruct: a model dir whose "
+    "name says `-Instruct`, as upstream tells it. On CosyVoice2/3 a registered speaker is "
+    "steered as by `/inference_instruct2`; a model without an instruct mode answers 400.",
+)
+async def inference_instruct(
+    request: Request,
+    service: TTSService,
+    tts_text: TextField = None,
+    spk_id: SpkIdField = None,
+    instruct_text: Annotated[
+        str | None, Parameter(description="How to speak (or in the form).")
+    ] = None,
+    seed: SeedField = None,
+) -> Stream:
+    form = await _form_fields(request, InstructForm)
+    service.check_instructions(form.instruct_text)
+    return await _speak_form(request, service, form)
+
+
+async def _speak_form(
+    request: Request, service: TTSService, form: SftForm | InstructForm
+) -> Stream:
+    req = TTSRequest(tts_text=form.tts_text, spk_id=form.spk_id, seed=form.seed,
+                     instructions=getattr(form, "instruct_text", None))  # fmt: skip
     body, rate = await _speak(request, service, req, "pcm")
     return Stream(body, headers=pcm_headers(rate))
 
 
 def _prompted_route(path: str, summary: str, fields: str, mode: str):
     """An upstream route that speaks in the voice of a recording sent with the request."""
-    return route(
+    return _pcm_route(
         path,
-        http_method=["GET", "POST"],
-        summary=f"Upstream CosyVoice {summary}: headerless s16le PCM in a recording's voice",
-        description=f"Multipart fields {fields} and the file `prompt_wav` (1-30 s of speech as "
-        "wav, flac, mp3, ogg or m4a; at most 8 MiB), as upstream's client sends them (GET or "
-        f"POST). {mode} The recording is analysed for this request alone (nothing is kept): to "
-        "speak in one voice often, register it once (`POST /speakers`). `seed` as on "
-        "`/inference_sft`. Sentence-level chunks.",
-        media_type=L16,
-        response_description="Headerless s16le mono PCM at the model's rate.",
-        operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
-        responses=ERROR_DOCS,
-        status_code=200,
+        f"{summary} in a recording's voice",
+        f"Multipart fields {fields} and the file `prompt_wav` (1-30 s of speech as wav, flac, "
+        "mp3, ogg or m4a; at most 8 MiB), as upstream's client sends them (GET or POST). "
+        f"{mode} The recording is analysed for this request alone (nothing is kept): to speak "
+        "in one voice often, register it once (`POST /speakers`). `seed` as on "
+        "`/inference_sft`.",
         request_max_body_size=MAX_UPLOAD_BYTES,
         before_request=_read_form,
-        guards=[no_head],
     )
 
 
@@ -428,7 +471,7 @@ async def inference_cross_lingual(request: Request, service: TTSService) -> Stre
     "instruct2 endpoint",
     "`tts_text`, `instruct_text` (how to speak: a dialect, an emotion, a speed; at most 1000 "
     "characters; `<|endofprompt|>` is added where it is missing)",
-    "CosyVoice2 and CosyVoice3 only.",
+    "CosyVoice2 and CosyVoice3 (CosyVoice-300M-Instruct too, in its instruction format).",
 )
 async def inference_instruct2(request: Request, service: TTSService) -> Stream:
     return await _speak_prompted(request, service, Instruct2Form)
@@ -563,6 +606,6 @@ async def metrics(service: TTSService) -> Response[bytes]:
 
 ROUTES = [
     tts_mp3, tts_pcm, inference_sft, inference_zero_shot, inference_cross_lingual,
-    inference_instruct2, speakers, register_speaker, delete_speaker, healthz,
+    inference_instruct, inference_instruct2, speakers, register_speaker, delete_speaker, healthz,
     readyz, metrics,
 ]  # fmt: skip

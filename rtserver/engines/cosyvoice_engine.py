@@ -58,7 +58,7 @@ class CosyVoiceEngine:
         self.sample_rate = self.model.sample_rate
         self.fixed_tokens = fixed_tokens  # benchmarks: every LLM run emits exactly this many
         self.text_streaming = self.model.text_streaming
-        self.instructions = self.model.family != "v1"  # instruct2 (CosyVoice2/3)
+        self.instructions = self.model.instructions  # CosyVoice2/3, CosyVoice-300M-Instruct
         # every started job by its utterance: a step may hand out audio of jobs it was not
         # given (batches vocoded on the model's vocoder thread arrive a step or more later)
         self._jobs: dict[int, Job] = {}
@@ -88,7 +88,7 @@ class CosyVoiceEngine:
         return Speaker(voice.name, "zh/en", self.model.sample_rate, self.name, voice=voice)
 
     def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
-        """``speaker`` steered by an instruction (CosyVoice2/3: see ``instructions``)."""
+        """``speaker`` steered by an instruction (where the model takes them: ``instructions``)."""
         voice = self.model.instructed(speaker.voice or speaker.id, instruction)
         return replace(speaker, voice=voice)
 

@@ -223,7 +223,7 @@ def test_cross_lingual_and_instruct2_prompt_only_the_flow(family_dir, tmp_path):
     system = m.frontend.encode("You are a helpful assistant.<|endofprompt|>")
     assert [*r.prompt_text_ids, *r.text_ids] == ([*system, *text] if m.family == "v3" else text)
     if m.family == "v1":
-        with pytest.raises(ValueError, match="CosyVoice2"):
+        with pytest.raises(ValueError, match="CosyVoice-300M-Instruct"):
             m.instructed(voice, "用四川话说")
         return
     steered = m.instructed(voice, "用四川话说")
@@ -236,3 +236,29 @@ def test_cross_lingual_and_instruct2_prompt_only_the_flow(family_dir, tmp_path):
     own = m.instructed(full, "Speak fast.<|endofprompt|>")
     assert own.prompt_text_ids == m.frontend.encode("Speak fast.<|endofprompt|>")
     assert m.instructed(full, "用四川话说").prompt_text_ids == steered.prompt_text_ids
+
+
+def test_v1_instruct_prompts_the_llm_with_the_instruction_and_no_voice(golden_dir, tmp_path):
+    """CosyVoice-300M-Instruct (told by its dir's name, as upstream does; the golden v1 dir
+    under that name): the LLM hears the normalised instruction ending in <endofprompt> and
+    neither the speaker's x-vector nor any prompt speech; the flow keeps the x-vector."""
+    named = tmp_path / "CosyVoice-300M-Instruct"
+    named.symlink_to(golden_dir / "cosyvoice1" / "model")
+    m = cosyvoice.load(named, speaker_dir=tmp_path / "spk")
+    assert m.instructions
+    spk = m.speakers.get(m.speakers.list()[0])
+    plain = m.new_request("今天天气很好。", spk)
+    assert plain.embedding is not None and plain.prompt_text_ids == []
+    steered = m.instructed(spk, "A fiery rebel leader, who speaks with 2 voices.")
+    r = m.new_request("今天天气很好。", steered)
+    said = m.frontend.normalize("A fiery rebel leader, who speaks with 2 voices.")
+    assert "two" in said  # normalised as a transcript is
+    assert list(r.prompt_text_ids) == m.frontend.encode(said + "<endofprompt>")
+    assert r.embedding is None and list(r.prompt_speech_tokens) == []
+    assert list(r.text_ids) == list(plain.text_ids)
+    assert torch.equal(steered.embedding, spk.embedding)  # the flow's voice
+    # an instruction that ends itself is not ended twice
+    own = m.instructed(spk, "Speak fast.<endofprompt>")
+    assert own.prompt_text_ids == m.frontend.encode(
+        m.frontend.normalize("Speak fast.<endofprompt>")
+    )

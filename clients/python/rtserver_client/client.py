@@ -242,7 +242,8 @@ class Connection:
         """Open a context; raises ServerError if the server refuses it. ``text_streaming``:
         fragments feed the model as they arrive (CosyVoice2/3), a flush ends the piece.
         ``timestamps``: ask for a `words` event (word timings) before each `segment`.
-        ``instructions``: how to speak (CosyVoice2/3's instruct mode; others ignore it)."""
+        ``instructions``: how to speak (the instruct mode of CosyVoice2/3 and
+        CosyVoice-300M-Instruct; others ignore it)."""
         cid = context_id or f"ctx-{next(_ids)}"
         if cid in self.contexts:  # the server's refusal would carry the open context's id
             raise ValueError(f"context {cid!r} is open on this connection")

@@ -62,8 +62,9 @@ Seed = Annotated[
 Instructions = Annotated[
     str | None,
     msgspec.Meta(
-        description="How to speak (a dialect, an emotion, a speed): CosyVoice2/3's instruct "
-        "mode; other engines ignore it. At most 1000 characters."
+        description="How to speak (a dialect, an emotion, a speed): the instruct mode of "
+        "CosyVoice2/3 and CosyVoice-300M-Instruct; other models ignore it. At most 1000 "
+        "characters."
     ),
 ]
 ContextId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
