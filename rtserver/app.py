@@ -24,11 +24,11 @@ from rtserver import __version__
 from rtserver.api import openai
 from rtserver.api.access import AccessControl, cors_config
 from rtserver.api.errors import EXCEPTION_HANDLERS
-from rtserver.api.http import ROUTES, FormRequest
+from rtserver.api.http import ROUTES, FormRequest, abort_quietly, head_as_get
 from rtserver.api.ws import ws_tts
 from rtserver.engine import Engine
 from rtserver.engines import load_engine
-from rtserver.logs import with_header
+from rtserver.logs import with_header, with_request_id
 from rtserver.metrics import Metrics, count_requests
 from rtserver.service import TTSService, in_own_thread
 from rtserver.settings import Settings
@@ -102,6 +102,16 @@ def with_replica(app: ASGIApp, replica: str) -> ASGIApp:
     return wrapped
 
 
+def served(app: Litestar) -> ASGIApp:
+    """The app as the server runs it, alone or as a replica. What must see every request is
+    around the app, not its middleware: Litestar answers an unknown path (404) or method (405)
+    before any middleware runs. So keys and hosts are checked first (a client without a key
+    learns nothing, not even which paths exist), and every response is counted and carries its
+    request id. HEAD is answered as GET, and a stream cut short ends in one log line."""
+    inner = AccessControl(abort_quietly(head_as_get(app)), app.state.settings)
+    return with_request_id(count_requests(inner, app.state.metrics))
+
+
 def create_app(
     settings: Settings, engine: Engine | None = None, replica: str | None = None
 ) -> Litestar:
@@ -138,10 +148,6 @@ def create_app(
         dependencies={"service": Provide(provide_service, sync_to_thread=False)},
         exception_handlers={exc: openai.by_path(h) for exc, h in EXCEPTION_HANDLERS.items()},
         cors_config=cors_config(settings),
-        middleware=[
-            lambda app: count_requests(app, metrics),
-            lambda app: AccessControl(app, settings),
-        ],
         logging_config=None,  # rtserver.logs configures one format for everything
         openapi_config=OpenAPIConfig(
             title="rtserver",
@@ -153,5 +159,5 @@ def create_app(
         ),
         request_max_body_size=1024 * 1024,
         request_class=FormRequest,
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "metrics": metrics}),
     )

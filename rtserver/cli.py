@@ -82,8 +82,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(args: argparse.Namespace) -> None:
     from rtserver.api.connection import guarded_protocol, guarded_websocket
-    from rtserver.api.http import served
-    from rtserver.app import create_app
+    from rtserver.app import create_app, served
     from rtserver.engines import check_engine
     from rtserver.logs import log_config
     from rtserver.memory import cap_arenas

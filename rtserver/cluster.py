@@ -82,8 +82,7 @@ class Replica:
         self.drain_order: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
-        from rtserver.api.http import served
-        from rtserver.app import create_app, with_replica
+        from rtserver.app import create_app, served, with_replica
         from rtserver.logs import log_config
 
         s = self.settings

@@ -103,9 +103,28 @@ def test_say_sends_its_key(locked, tmp_path, route):
     locked.assert_idle()
 
 
+def test_without_the_key_no_path_or_method_is_told(locked):
+    """Keys are checked before routing: without one, a path that is not served or a method a
+    route does not take gets the 401 every route gives, so a scanner learns nothing; with one,
+    404 and 405 (an OPTIONS, Litestar's answer). Each is counted in /metrics and carries a
+    request id."""
+    unknown = [("GET", "/no-such-route"), ("PUT", "/tts"), ("DELETE", "/inference_sft"),
+               ("GET", "/schema/nothing"), ("OPTIONS", "/tts")]  # fmt: skip
+    for method, path in unknown:
+        r = httpx.request(method, locked.base_url + path)
+        assert r.status_code == 401 and "key" in r.json()["detail"], (method, path, r.text)
+        assert r.headers["x-request-id"]
+    keyed = [httpx.request(m, locked.base_url + p, headers=bearer(KEY)) for m, p in unknown]
+    assert [r.status_code for r in keyed] == [404, 405, 405, 404, 204], [r.text for r in keyed]
+    metrics = httpx.get(f"{locked.base_url}/metrics", headers=bearer(KEY)).text
+    for status in ("401", "404", "405"):
+        assert f'route="unmatched",status="{status}"' in metrics, metrics
+
+
 def test_a_foreign_host_is_refused(locked):
-    r = httpx.get(f"{locked.base_url}/speakers", headers={**bearer(KEY), "host": "evil.example"})
-    assert r.status_code == 400 and "host" in r.json()["detail"]
+    for path in ("/speakers", "/no-such-route", "/healthz"):
+        r = httpx.get(locked.base_url + path, headers={**bearer(KEY), "host": "evil.example"})
+        assert r.status_code == 400 and "host" in r.json()["detail"], path
 
 
 async def ws_outcome(srv: ServerProcess, **kw) -> str:

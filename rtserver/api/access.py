@@ -1,6 +1,7 @@
 """Who may use the server: API keys, an admin key for speakers, allowed origins and hosts.
 
-An ASGI middleware in front of every route, so no handler can forget it:
+An ASGI wrapper around the whole app, before routing, so no handler can forget it and a
+client without a key learns nothing (not even which paths exist: 401, not 404):
 - Host allow-list (against DNS rebinding): a request for another Host gets 400.
 - API keys: with `--api-key` set, every route except the health probes and the static demo
   page needs `Authorization: Bearer KEY` (401 otherwise). Browsers cannot set headers on a
@@ -8,7 +9,8 @@ An ASGI middleware in front of every route, so no handler can forget it:
   `rtserver` (headers are not logged, unlike a query string); the server answers `rtserver`.
 - Admin keys: with `--admin-key` set, registering or deleting a speaker needs one of them.
 - Origins: a browser WebSocket from an origin outside `--allow-origin` is refused (403); with
-  a key set and no list, only the server's own origin is allowed. CORS uses the same list.
+  a key set and no list, only the server's own origin is allowed. CORS uses the same list
+  (its preflights need no key: browsers send none with them).
 Keys are compared in constant time.
 """
 
@@ -89,8 +91,8 @@ class AccessControl:
         if self.hosts and host not in self.hosts and host.rsplit(":", 1)[0] not in self.hosts:
             return 400, f"host {host!r} is not served here"
         path = scope["path"]
-        if path in OPEN_PATHS:
-            return None
+        if path in OPEN_PATHS or (self.origins and _preflight(scope, headers)):
+            return None  # probes; CORS preflights, which the CORS layer answers whatever the path
         if scope["type"] == "websocket" and not self._origin_ok(headers.get("origin"), host):
             return 403, "this origin may not open a WebSocket here"
         key = _presented_key(scope, headers)
@@ -114,6 +116,13 @@ class AccessControl:
         if self.origins or self.keys:
             return urlsplit(origin).netloc.lower() == host  # same origin only
         return True
+
+
+def _preflight(scope: Scope, headers: Headers) -> bool:
+    """A browser's CORS preflight (as Litestar's CORS layer tells one): it never carries
+    credentials (the request it asks about will), and the answer says only which origins,
+    methods and headers may call."""
+    return scope.get("method") == "OPTIONS" and "origin" in headers
 
 
 def _public(path: str, scope: Scope) -> bool:
