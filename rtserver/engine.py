@@ -25,6 +25,7 @@ class Speaker:
     language: str
     sample_rate: int
     engine: str
+    instructions: bool = False  # whether `instructions` steer it (the engine's instruct mode)
     # The engine's own voice for a speaker made for one request (a zero-shot prompt), which
     # no name finds; None: the engine's speaker `id`.
     voice: Any = field(default=None, compare=False, repr=False)

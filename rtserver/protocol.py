@@ -39,6 +39,7 @@ class SpeakerInfo(msgspec.Struct):
     language: str
     sample_rate: int
     engine: str
+    instructions: bool = False  # whether `instructions` steer this speaker (an instruct mode)
 
 
 if __name__ == "__main__":  # python -m rtserver.protocol > schema.json

@@ -50,8 +50,9 @@ def pcm(srv: ServerProcess, text: str = TEXT, **kw) -> bytes:
 
 
 def test_speakers_are_the_model_dirs(cv):
-    ids = {s["id"] for s in httpx.get(f"{cv.base_url}/speakers").json()}
-    assert ids == {"spk_f1", "spk_m1", "zs_spk1"}
+    listed = httpx.get(f"{cv.base_url}/speakers").json()
+    assert {s["id"] for s in listed} == {"spk_f1", "spk_m1", "zs_spk1"}
+    assert all(s["instructions"] for s in listed)  # CosyVoice2's instruct mode
     assert cv.healthz()["engine"] == "cosyvoice-v2"
 
 
@@ -542,6 +543,7 @@ def test_other_families_serve_http_and_ws(tmp_path, family, rate):
         srv.wait_ready()
         speakers = httpx.get(f"{srv.base_url}/speakers").json()
         assert {s["sample_rate"] for s in speakers} == {rate}
+        assert {s["instructions"] for s in speakers} == {family == "cosyvoice3"}
         body = {"tts_text": TEXT, "spk_id": "spk_f1", "stream": True, "seed": 2}
         r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
         assert r.status_code == 200 and r.headers["x-sample-rate"] == str(rate)
@@ -597,6 +599,7 @@ def test_v1_instruct_model_speaks_instructions_on_every_route(tmp_path):
     srv = ServerProcess("--model", str(named), "--speaker-dir", str(tmp_path / "spk"),
                         "--no-warmup").wait_ready()  # fmt: skip
     try:
+        assert all(s["instructions"] for s in httpx.get(f"{srv.base_url}/speakers").json())
         steered = instruct(srv)
         assert steered.status_code == 200 and steered.headers["x-sample-rate"] == "22050"
         assert_speech(decode_pcm(steered.content), 22050, min_seconds=0.3)

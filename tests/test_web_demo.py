@@ -8,12 +8,14 @@ cursor really moved, not merely that frames arrived on the socket.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from golden.conftest import resolve_golden_dir
 from serverproc import eventually
 
 pytestmark = pytest.mark.browser
@@ -107,6 +109,7 @@ def test_page_loads_and_lists_speakers(page: Page, server) -> None:
     assert expected and set(options) == expected
     assert page.page.is_enabled("#speak")
     assert page.page.is_disabled("#stop")
+    assert not page.page.is_visible("#instructions")  # the built-in voice takes none
     assert page.errors == []
 
 
@@ -339,3 +342,36 @@ def server_speakers(server) -> list[dict]:
     import httpx
 
     return httpx.get(f"{server.base_url}/speakers", timeout=10).json()
+
+
+def test_instructions_are_offered_where_the_model_takes_them_and_sent(
+    browser, make_server, tmp_path
+):
+    """On CosyVoice2 (the tiny golden dir) the page offers an instructions field and sends
+    what is typed there with the WebSocket `start` and with the MP3 request."""
+    model = resolve_golden_dir() / "cosyvoice2" / "model"
+    if not model.is_dir():
+        pytest.skip(f"no golden model dir at {model}")
+    srv = make_server("--model", str(model), "--speaker-dir", str(tmp_path), "--no-warmup")
+    page = Page(browser, srv.base_url)
+    frames: list[str] = []
+    page.page.on("websocket", lambda ws: ws.on("framesent", lambda f: frames.append(f)))
+    bodies: list[dict] = []
+    page.page.on("request", lambda r: r.url.endswith("/tts") and bodies.append(r.post_data_json))
+    assert page.page.is_visible("#instructions")
+    page.page.fill("#text", "你好，今天天气很好。")
+    page.page.fill("#instructions", "用四川话说这句话")
+    page.page.click("#speak")
+    page.wait("rtDemo.state === 'idle' && rtDemo.samplesPlayed > 0", timeout_s=60,
+              what="PCM played")  # fmt: skip
+    starts = [json.loads(f) for f in frames if isinstance(f, str) and '"start"' in f]
+    assert [m.get("instructions") for m in starts] == ["用四川话说这句话"], frames
+    page.page.check("input[name=mode][value=mp3]")
+    page.page.click("#speak")
+    page.wait("rtDemo.utterances === 2 && rtDemo.mp3Bytes > 0", timeout_s=60, what="MP3 bytes")
+    assert [b.get("instructions") for b in bodies] == ["用四川话说这句话"], bodies
+    page.page.click("#stop")
+    page.wait("rtDemo.state === 'idle'", timeout_s=10, what="Stop")
+    assert page.demo("lastError") is None and page.errors == []
+    page.page.close()
+    srv.assert_idle()

@@ -16,6 +16,8 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   text: $("text"),
   speaker: $("speaker"),
+  instructions: $("instructions"),
+  instructionsRow: $("instructions-row"),
   speed: $("speed"),
   speedOut: $("speed-out"),
   agent: $("agent"),
@@ -218,6 +220,7 @@ async function loadSpeakers() {
     );
     ui.speaker.disabled = list.length === 0;
     demo.speakersLoaded = list.length > 0;
+    showInstructions();
     ui.footer.textContent = `${plural(list.length, "speaker")} available`;
     setState("idle");
     setStatus(list.length ? "Ready." : "The server has no speakers.");
@@ -521,7 +524,7 @@ function chunkText(text, maxBytes) {
   return pieces;
 }
 
-async function speakPcm(u, { text, spk, speed, agent }) {
+async function speakPcm(u, { text, spk, speed, agent, instructions }) {
   setState("connecting");
   setStatus("Connecting…");
   let info;
@@ -546,6 +549,7 @@ async function speakPcm(u, { text, spk, speed, agent }) {
 
   const rate = audio.ctx.sampleRate;
   const start = { type: "start", context_id: u.id, spk_id: spk, format: "pcm", speed, seed: 0 };
+  if (instructions) start.instructions = instructions;
   // Ask for the AudioContext's own rate, so the worklet can copy samples 1:1.
   if (rate >= 8000 && rate <= 48000) start.sample_rate = Math.round(rate);
 
@@ -579,7 +583,7 @@ async function speakPcm(u, { text, spk, speed, agent }) {
   }
 }
 
-async function speakMp3(u, { text, spk, speed }) {
+async function speakMp3(u, { text, spk, speed, instructions }) {
   setState("connecting");
   setStatus("Requesting MP3…");
   routeMediaElement();
@@ -606,7 +610,14 @@ async function speakMp3(u, { text, spk, speed }) {
     res = await fetch("/tts", {
       method: "POST",
       headers: authHeaders({ "content-type": "application/json" }),
-      body: JSON.stringify({ tts_text: text, spk_id: spk, stream: true, speed, seed: 0 }),
+      body: JSON.stringify({
+        tts_text: text,
+        spk_id: spk,
+        stream: true,
+        speed,
+        seed: 0,
+        ...(instructions && { instructions }),
+      }),
       signal: u.abort.signal,
     });
     if (!res.ok) {
@@ -754,6 +765,12 @@ function addSegment(msg) {
 
 // ---- controls -----------------------------------------------------------------------------------
 
+// The instructions field, for a speaker whose model takes them (GET /speakers says so).
+function showInstructions() {
+  const spk = demo.speakers.find((s) => s.id === ui.speaker.value);
+  ui.instructionsRow.hidden = !spk?.instructions;
+}
+
 function selectedMode() {
   return document.querySelector('input[name="mode"]:checked')?.value ?? "pcm";
 }
@@ -775,7 +792,8 @@ function onSpeak() {
   if (current && !current.finished) stop(current);
   ensureAudio(rate); // synchronously, inside the click (autoplay rules)
   const u = newUtterance(mode);
-  const args = { text, spk, speed, agent: ui.agent.checked };
+  const instructions = ui.instructionsRow.hidden ? "" : ui.instructions.value.trim();
+  const args = { text, spk, speed, agent: ui.agent.checked, instructions };
   (mode === "mp3" ? speakMp3(u, args) : speakPcm(u, args)).catch((err) => {
     showError("audio", err.message);
     finish(u, "error");
@@ -783,6 +801,7 @@ function onSpeak() {
 }
 
 ui.speak.addEventListener("click", onSpeak);
+ui.speaker.addEventListener("change", showInstructions);
 ui.stop.addEventListener("click", () => stop(current));
 ui.speed.addEventListener("input", () => {
   ui.speedOut.textContent = `${Number(ui.speed.value).toFixed(2)}×`;

@@ -102,7 +102,8 @@ class Instruct2Form(msgspec.Struct):
 
 
 def _info(s: Speaker) -> SpeakerInfo:
-    return SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine)
+    return SpeakerInfo(id=s.id, language=s.language, sample_rate=s.sample_rate, engine=s.engine,
+                       instructions=s.instructions)  # fmt: skip
 
 
 class StreamAborted(Exception):

@@ -65,8 +65,9 @@ class CosyVoiceEngine:
 
     # ---- speakers -------------------------------------------------------------------------
 
-    def _speaker(self, name: str) -> Speaker:
-        return Speaker(name, "zh/en", self.model.sample_rate, self.name)
+    def _speaker(self, name: str, voice: Any = None) -> Speaker:
+        rate = self.model.sample_rate
+        return Speaker(name, "zh/en", rate, self.name, self.instructions, voice=voice)
 
     def speakers(self) -> list[Speaker]:
         # Asked of the store each time: it sees what other replicas sharing its speaker dir
@@ -85,7 +86,7 @@ class CosyVoiceEngine:
         voice = self.model.speakers.from_prompt(audio, prompt_text)
         if instruction is not None:
             voice = self.model.instructed(voice, instruction)
-        return Speaker(voice.name, "zh/en", self.model.sample_rate, self.name, voice=voice)
+        return self._speaker(voice.name, voice)
 
     def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
         """``speaker`` steered by an instruction (where the model takes them: ``instructions``)."""
