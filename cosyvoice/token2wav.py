@@ -183,6 +183,9 @@ class Token2Wav:
             samples_per_frame=hift.cfg.samples_per_frame,
         )
         self.cfg = dataclasses.replace(cfg, **opts)
+        # a quarter of the flow state's bound keeps speakers' prompts for streams to start from
+        # (the largest when several share the flow)
+        flow.prompts.budget = max(flow.prompts.budget, self.cfg.flow_cache_mb * 2**20 / 4)
         # requests holding a flow cache, for the memory bound (a dropped request just vanishes);
         # the lock: states are made on the caller's thread, stepped on a vocoder thread
         self._cached: weakref.WeakValueDictionary[int, Token2WavState] = (

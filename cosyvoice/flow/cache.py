@@ -22,8 +22,9 @@ import copy
 import math
 import threading
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,7 @@ class FlowPool:
         self.blocks = {r: _Free(1, blocks) for r in RESOLUTIONS}
         self.slots = _Free(2, slots)
         self.kv: dict[Hashable, torch.Tensor] = {}
+        self.kv_res: dict[Hashable, str] = {}  # each layer's resolution
         self.tails: dict[Hashable, torch.Tensor] = {}
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)  # over every layer's K and V
         self.slot_bytes = 0  # over every convolution's tails
@@ -185,8 +187,53 @@ class FlowPool:
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)
         self.slot_bytes = 0
 
+    def _positions(self, cache: FlowCache, res: str, device: torch.device) -> torch.Tensor:
+        """Where positions [0, cache.length[res]) of ``cache`` live in the layers' tensors."""
+        j = torch.arange(cache.length[res])
+        ids = torch.tensor(cache.blocks[res][: _blocks_for(len(j))], dtype=torch.long)
+        return h2d(ids[j // BLOCK] * BLOCK + j % BLOCK, device)
+
+    def snapshot(self, cache: FlowCache) -> CachedPrompt:
+        """A copy of everything ``cache`` holds (its positions in every layer, its tails)."""
+        with self.lock:
+            if not cache.slot:
+                raise ValueError("snapshot() of a cache that holds nothing")
+            at: dict[str, torch.Tensor] = {}
+            kv = {}
+            for key, buf in self.kv.items():
+                res = self.kv_res[key]
+                if res not in at:
+                    at[res] = self._positions(cache, res, buf.device)
+                kv[key] = buf.index_select(2, at[res])
+            tails = {key: buf[:, cache.slot[0]].clone() for key, buf in self.tails.items()}
+        return CachedPrompt(cache.tokens, dict(cache.length), kv, tails)
+
+    def restore(self, saved: CachedPrompt, cache: FlowCache) -> None:
+        """Give an empty ``cache`` the state ``saved`` holds, in blocks and a slot of its own
+        (as if it had made that state itself)."""
+        with self.lock:
+            cache.bind(self)
+            if cache.tokens or cache.slot:
+                raise ValueError("restore() into a cache that holds state")
+            for res, n in saved.length.items():
+                self.reserve(cache, res, n)
+                cache.length[res] = n
+            at: dict[str, torch.Tensor] = {}
+            for key, data in saved.kv.items():
+                res = self.kv_res[key]
+                like = data[0, :, :1].transpose(1, 2)  # (rows, H, 1, dh)
+                buf = self.kv_buffer(key, res, like, data.shape[1])
+                if res not in at:
+                    at[res] = self._positions(cache, res, buf.device)
+                buf.index_copy_(2, at[res], data)
+            slot = self.slot(cache)
+            for key, data in saved.tails.items():
+                self.tails_buffer(key, data, data.shape[0], data.shape[-1])[:, slot] = data
+            cache.tokens = saved.tokens
+
     def kv_buffer(self, key: Hashable, res: str, k: torch.Tensor, rows: int) -> torch.Tensor:
         """Layer ``key``'s (2, rows, positions, H, dh) tensor, grown to the free list's size."""
+        self.kv_res[key] = res
         n = self.blocks[res].size * BLOCK
         t = self.kv.get(key)
         if t is None or t.shape[2] < n or t.device != k.device:
@@ -211,6 +258,60 @@ class FlowPool:
                 _retire([t])
             self.tails[key] = t = grown
         return t
+
+
+@dataclass(eq=False)
+class CachedPrompt:
+    """A copy of a cache's state (:meth:`FlowPool.snapshot`): per attention layer its keys and
+    values (2, rows, positions, H, dh), per convolution its tails (rows, C, k - 1)."""
+
+    tokens: int
+    length: dict[str, int]
+    kv: dict[Hashable, torch.Tensor]
+    tails: dict[Hashable, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.kv, self.tails) for t in d.values())
+
+
+class PromptStore:
+    """Speakers' prompts as a stream's flow state begins with them, by content key, within
+    ``budget`` bytes (the least recently used go first). A zero-shot speaker's prompt is most of
+    a stream's first flow call (a 3 s prompt is 75 tokens, the first hop 25-50): computed once,
+    each later stream copies it in and computes only its own frames. Used inside flow calls
+    only (one runs at a time)."""
+
+    def __init__(self, budget: float = 0.0) -> None:
+        self.budget = budget
+        self._saved: OrderedDict[bytes, CachedPrompt] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self._saved.values())
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+    def get(self, key: bytes) -> CachedPrompt | None:
+        saved = self._saved.get(key)
+        if saved is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._saved.move_to_end(key)
+        return saved
+
+    def put(self, key: bytes, saved: CachedPrompt) -> None:
+        if saved.nbytes > self.budget:
+            return
+        self._saved[key] = saved
+        while self.nbytes > self.budget:
+            self._saved.popitem(last=False)
+
+    def clear(self) -> None:
+        self._saved.clear()
 
 
 class FlowCache:

@@ -9,7 +9,8 @@ calls), so an utterance's chunks cost their own frames, not a recompute of every
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.devices import h2d
-from cosyvoice.flow.cache import FlowCache, FlowPool, Past
+from cosyvoice.flow.cache import FlowCache, FlowPool, Past, PromptStore
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
@@ -169,6 +170,7 @@ class FlowModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pool = FlowPool()  # every streaming request's state (not a parameter or buffer)
+        self.prompts = PromptStore()  # speakers' prompts, for streams to start from
         self.graphs: FlowGraphs | None = None
         d = cfg.input_size
         self.input_embedding = nn.Embedding(cfg.vocab_size, d)
@@ -279,7 +281,10 @@ class FlowModel(nn.Module):
                 out[i] = mel
         return out
 
-    def _call(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
+    def _call(self, reqs: list[FlowInput], prompts: bool = True) -> list[torch.Tensor]:
+        if prompts:
+            for r in reqs:
+                self._start_from_prompt(r)
         p, ok = self.plan(reqs), False
         try:
             out = self._run(reqs, p)
@@ -289,6 +294,31 @@ class FlowModel(nn.Module):
             for v in p.pasts:
                 v.finish(ok)
             self.pool.shrink_if_idle()
+
+    def _start_from_prompt(self, r: FlowInput) -> None:
+        """A stream's first call begins past its speaker's prompt: that part of its state is
+        copied from :attr:`prompts`, or computed now in a call of its own and kept there. The
+        part ends on a chunk (where a hop would end, so its frames are final) with the
+        look-ahead tokens after it still in the prompt; the stream computes the rest."""
+        c, la, chunk = r.cache, self.cfg.pre_lookahead_len, self.cfg.chunk_size
+        if c is None or c.tokens or r.finalize or not r.streaming or not chunk:
+            return
+        n = (r.prompt_token.numel() - la) // chunk * chunk
+        if n <= 0 or self.prompts.budget <= 0:
+            return
+        ratio = self.cfg.token_mel_ratio
+        part = replace(
+            r, token=r.token[:0], prompt_token=r.prompt_token.reshape(-1)[: n + la],
+            prompt_feat=r.prompt_feat.reshape(-1, self.cfg.output_size)[: n * ratio],
+            emit_from=0,
+        )  # fmt: skip
+        key = _prompt_key(part)
+        saved = self.prompts.get(key)
+        if saved is not None:
+            self.pool.restore(saved, c)
+            return
+        self._call([part], prompts=False)
+        self.prompts.put(key, self.pool.snapshot(c))
 
     def _run(self, reqs: list[FlowInput], p: _Plan) -> list[torch.Tensor]:
         dev, ratio = self.input_embedding.weight.device, self.cfg.token_mel_ratio
@@ -341,6 +371,15 @@ class FlowModel(nn.Module):
             self.decoder.estimator, z, mask, mu, spks, cond, past,
             self.cfg.n_timesteps, self.cfg.cfg_rate,
         )  # fmt: skip
+
+
+def _prompt_key(r: FlowInput) -> bytes:
+    """What a prompt's flow state depends on (besides the model): its tokens, mel, x-vector."""
+    h = hashlib.blake2b(digest_size=20)
+    for t in (r.prompt_token.long(), r.prompt_feat.float(), r.embedding.reshape(-1).float()):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
 
 
 def _uses_pool(r: FlowInput) -> bool:

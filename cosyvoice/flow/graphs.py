@@ -27,7 +27,8 @@ from .decoder import cfm_euler, cosine_t_span
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 FRAMES = (32, 64, 96, 128, 192, 256, 384, 512)  # new frames per call: a hop of 25 tokens
-# is 50; a zero-shot speaker's first chunk carries its prompt too (10 s: ~550)
+# is 50; a zero-shot speaker's first chunk carries the end of its prompt too (up to ~150; the
+# whole prompt, 10 s: ~550, when it is not in the flow's prompt store)
 CONTEXTS = (128, 256, 512, 1024, 2048, 4096)  # positions up to the call's end (4096: ~82 s)
 INPUTS = ("z", "mask", "mu", "cond")  # (B, C, T) each; spks (B, C) apart
 

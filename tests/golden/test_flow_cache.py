@@ -252,3 +252,75 @@ def test_stateless_requests_stay_out_of_the_pool(parts):
     cache.release()
     flow.inference([FlowInput(toks[:50], *none, emb, True, True, 0, FlowCache())])
     assert flow.pool.held == 0 and flow.pool.blocks["frames"].size < grown
+
+
+def _first_call_frames(flow, t2w, speaker, toks) -> tuple[list[int], torch.Tensor]:
+    """The frames the estimator saw per flow call while a stream made its first chunk, and
+    the chunk."""
+    seen: list[int] = []
+    hook = flow.decoder.estimator.register_forward_hook(
+        lambda m, args, out: seen.append(out.shape[-1])
+    )
+    try:
+        st = t2w.new_state(*speaker, seed=5)
+        (chunk,) = t2w.step([(st, toks, False)])  # one chunk: the first hop
+    finally:
+        hook.remove()
+    st.flow_cache.release()
+    return seen[:: flow.cfg.n_timesteps], chunk
+
+
+def test_a_prompted_stream_starts_past_its_speakers_saved_prompt(parts):
+    """A zero-shot speaker's prompt (60 tokens) is computed once, up to the last chunk with
+    its look-ahead inside it (50 tokens), and kept: the first stream runs that part as a call
+    of its own, later streams copy it in and compute only the rest and their hop. The audio
+    is the same either way, and the same as without the store; an SFT speaker (no prompt)
+    and a flow without a store budget skip it. The pool holds nothing afterwards."""
+    flow, hift, spk = parts
+    sft, prompted = _speakers(spk)
+    toks = _tokens(60, 12, flow.cfg.vocab_size)
+    flow.prompts.clear()
+    t2w = make_token2wav(flow, hift)
+    pad = -prompted[1].numel() % 25  # the first hop ends on the chunk grid
+    rest = 2 * (prompted[1].numel() - 50 + 25 + pad)
+    first, a = _first_call_frames(flow, t2w, prompted, toks)
+    assert first == [100, rest] and len(flow.prompts) == 1
+    later, b = _first_call_frames(flow, t2w, prompted, toks)
+    assert later == [rest] and flow.prompts.hits == 1
+    assert torch.equal(a, b)
+    flow.prompts.budget, kept = 0, flow.prompts.budget
+    try:
+        flow.prompts.clear()
+        whole, c = _first_call_frames(flow, t2w, prompted, toks)
+    finally:
+        flow.prompts.budget = kept
+    assert whole == [2 * (prompted[1].numel() + 25 + pad)] and len(flow.prompts) == 0
+    assert_close(c, a, WAVE_TOL, what="the first chunk without the store")
+    assert _first_call_frames(flow, t2w, sft, toks)[0] == [50] and len(flow.prompts) == 0
+    assert flow.pool.held == 0
+
+
+def test_the_prompt_store_keeps_what_its_budget_holds(parts):
+    """Keyed by the prompt's content (another x-vector is another entry); past the budget the
+    least recently used goes; a prompt larger than the whole budget is not kept."""
+    flow, hift, spk = parts
+    _, (emb, pt, pf) = _speakers(spk)
+    toks = _tokens(60, 13, flow.cfg.vocab_size)
+    flow.prompts.clear()
+    t2w = make_token2wav(flow, hift)
+    voices = [(emb, pt, pf), (-emb, pt, pf), (emb.flip(-1), pt, pf)]
+    _first_call_frames(flow, t2w, voices[0], toks)
+    one = flow.prompts.nbytes
+    flow.prompts.budget, kept = 2.5 * one, flow.prompts.budget
+    try:
+        for v in voices[1:]:
+            _first_call_frames(flow, t2w, v, toks)
+        assert len(flow.prompts) == 2 and flow.prompts.nbytes == 2 * one
+        assert len(_first_call_frames(flow, t2w, voices[0], toks)[0]) == 2  # evicted: computed
+        flow.prompts.clear()
+        flow.prompts.budget = 0.5 * one
+        _first_call_frames(flow, t2w, voices[0], toks)
+        assert len(flow.prompts) == 0
+    finally:
+        flow.prompts.budget = kept
+    assert flow.pool.held == 0
