@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from report import ROOT, delivery, git_rev, machine, pct, write_section
+from report import ROOT, delivery, first_audio, git_rev, machine, pct, write_section
 
 TEXT = "Hello there, this is a benchmark sentence for the graphics card."
 LEVELS = (1, 16, 64)
@@ -178,6 +178,21 @@ class EngineTarget:
         table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
         return f"{n} streams, {steps + 1} steps to the first audio", table
 
+    def zero_shot_note(self, rounds: int = 3) -> str:
+        """First audio of one stream of a zero-shot speaker (`bench_zs`, a 3 s prompt; the
+        bursts use the SFT-format one): its first stream computes the prompt's flow state,
+        later ones copy it from the flow's prompt store."""
+        m = self.model
+        voices = [m.speakers.get(n) for n in m.speakers.list()]
+        spk = next((v for v in voices if v.zero_shot), None)
+        if spk is None:
+            return "no zero-shot speaker in the model dir"
+        m.token2wav.flow.prompts.clear()
+        ms = [1000 * first_audio(m, spk, TEXT, 60, k + 1) for k in range(rounds + 1)]
+        secs = len(spk.prompt_speech_tokens) / 25
+        return (f"one stream of a {secs:.1f} s zero-shot speaker, first audio: {ms[0]:.0f} ms "
+                f"the first time, then p50 {pct(ms[1:], 50):.0f} ms")  # fmt: skip
+
     def graphs_note(self) -> str:
         g = self.model.token2wav.flow.graphs
         if g is None:
@@ -302,7 +317,7 @@ def main() -> None:
                     target, dtype, args.levels, args.capacity, deadline, res.rows
                 )
                 if args.engine:
-                    res.notes[dtype] = target.graphs_note()
+                    res.notes[dtype] = f"{target.graphs_note()}; {target.zero_shot_note()}"
                     print(dtype, res.notes[dtype], flush=True)
                     report(args, par, res, time.monotonic() - t0)  # kept if the profile hangs
                     profile(target, dtype, res, deadline)

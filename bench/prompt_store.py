@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
 import wave
 
 import numpy as np
-from report import ROOT, git_rev, machine, pct
+from report import ROOT, first_audio, git_rev, machine, pct
 
 TEXT = "Hello there, this is a benchmark sentence."
 
@@ -38,23 +37,6 @@ def recording(seconds: float, sr: int = 24000) -> bytes:
         w.setframerate(sr)
         w.writeframes((x * 32767).astype("<i2").tobytes())
     return buf.getvalue()
-
-
-def first_audio(model, voice, tokens: int, seed: int) -> float:
-    """Seconds from the start of an utterance to its first audio; then it is cancelled."""
-    t0 = time.monotonic()
-    u = model.start(voice, stream=True, seed=seed, fixed_tokens=tokens)
-    model.add_text(u, TEXT)
-    model.close_text(u)
-    try:
-        while True:
-            for out in model.step([u]):
-                if out.error:
-                    raise RuntimeError(out.error)
-                if out.audio.numel():
-                    return time.monotonic() - t0
-    finally:
-        model.cancel(u)
 
 
 def main() -> None:
@@ -76,15 +58,15 @@ def main() -> None:
     for secs in (float(s) for s in args.prompts.split(",")):
         voice = model.speakers.from_prompt(recording(secs), "A synthetic prompt.")
         store.clear()
-        cold = first_audio(model, voice, args.tokens, 1)
+        cold = first_audio(model, voice, TEXT, args.tokens, 1)
         on, off = [], []
         for r in range(args.rounds):
             store.budget = 0
-            off.append(first_audio(model, voice, args.tokens, r + 2))
+            off.append(first_audio(model, voice, TEXT, args.tokens, r + 2))
             store.budget = budget
             if not len(store):
-                first_audio(model, voice, args.tokens, 1)  # the store is warm again
-            on.append(first_audio(model, voice, args.tokens, r + 2))
+                first_audio(model, voice, TEXT, args.tokens, 1)  # the store is warm again
+            on.append(first_audio(model, voice, TEXT, args.tokens, r + 2))
         a, b = pct(on, 50), pct(off, 50)
         print(f"| {secs:g} s | {len(voice.prompt_speech_tokens)} | {cold:.2f} | {a:.2f} | "
               f"{b:.2f} | {b / a:.2f}x |  (store {', '.join(f'{x:.2f}' for x in on)}; "

@@ -38,6 +38,26 @@ def delivery(t0: float, arrivals: list[tuple[float, float]], seconds: float | No
             "underruns": int(underruns)}  # fmt: skip
 
 
+def first_audio(model, voice, text: str, tokens: int, seed: int) -> float:
+    """Seconds from the start of one streaming utterance of a loaded ``cosyvoice`` model
+    (the LLM forced to ``tokens`` tokens) to its first audio; then it is cancelled."""
+    import time
+
+    t0 = time.monotonic()
+    u = model.start(voice, stream=True, seed=seed, fixed_tokens=tokens)
+    model.add_text(u, text)
+    model.close_text(u)
+    try:
+        while True:
+            for out in model.step([u]):
+                if out.error:
+                    raise RuntimeError(out.error)
+                if out.audio.numel():
+                    return time.monotonic() - t0
+    finally:
+        model.cancel(u)
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
