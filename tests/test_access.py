@@ -83,6 +83,14 @@ def test_speakers_need_the_admin_key(locked):
     url = f"{locked.base_url}/speakers/joe"
     assert httpx.delete(url).status_code == 401
     assert httpx.delete(url, headers=bearer(KEY)).status_code == 403
+    # the path as the router matches it: repeated, trailing or encoded slashes change nothing
+    for path in ("//speakers/joe", "/speakers//joe/", "/%2Fspeakers/joe"):
+        r = httpx.delete(locked.base_url + path, headers=bearer(KEY))
+        assert r.status_code == 403, (path, r.status_code, r.text)
+    form = {"spk_id": "x", "prompt_text": "Hello."}
+    for path in ("//speakers", "/speakers/"):
+        r = httpx.post(locked.base_url + path, headers=bearer(KEY), data=form)
+        assert r.status_code == 403, (path, r.status_code, r.text)
     # Past access control: the built-in voice has no registered speakers to delete.
     assert httpx.delete(url, headers=bearer(ADMIN)).status_code == 400
 
@@ -220,6 +228,17 @@ def test_head_answers_as_get_without_a_body(server):
         assert set(head.headers) == set(get.headers), path
         assert head.headers["content-type"] == get.headers["content-type"], path
     assert httpx.head(f"{server.base_url}/healthz").status_code == 200
+
+
+def test_head_then_get_on_one_connection(server):
+    """A HEAD's response carries no body on the wire, so a keep-alive connection stays in step:
+    each GET after a HEAD on it is answered, and the server logs no broken response."""
+    with httpx.Client(base_url=server.base_url) as c:
+        for path in ("/healthz", "/speakers", "/metrics", "/", "/no-such-route"):
+            head, get = c.head(path), c.get(path)
+            assert head.status_code == get.status_code and head.content == b"", path
+    log = server.log_path.read_text(errors="replace")
+    assert "Content-Length" not in log and "Traceback" not in log, log[-2000:]
 
 
 def test_head_on_the_audio_get_route_starts_no_synthesis(server):

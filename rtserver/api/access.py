@@ -23,12 +23,13 @@ import msgspec
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import Headers
 from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.utils import normalize_path
 
 from rtserver.api.openai import OPENAI_PREFIX, openai_error
 from rtserver.settings import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes: no key, ever
-STATIC_PATHS = ("/", "/demo/")  # the demo page: public files, useless without a key
+STATIC_PATHS = ("/", "/demo")  # the demo page and its files: public, useless without a key
 SUBPROTOCOL = "rtserver"
 KEY_SUBPROTOCOL = "rtserver.key."
 ADMIN_ROUTES = ("/speakers",)  # POST and DELETE below these need an admin key
@@ -90,7 +91,7 @@ class AccessControl:
         host = headers.get("host", "").lower()
         if self.hosts and host not in self.hosts and host.rsplit(":", 1)[0] not in self.hosts:
             return 400, f"host {host!r} is not served here"
-        path = scope["path"]
+        path = routed_path(scope)
         if path in OPEN_PATHS or (self.origins and _preflight(scope, headers)):
             return None  # probes; CORS preflights, which the CORS layer answers whatever the path
         if scope["type"] == "websocket" and not self._origin_ok(headers.get("origin"), host):
@@ -101,7 +102,7 @@ class AccessControl:
                 return 401, "this API key is not valid here"
             return 401, "an API key is required: send `Authorization: Bearer KEY`"
         admin = _matches(key, self.admin_keys)
-        if self.admin_keys and _admin_route(scope) and not admin:
+        if self.admin_keys and _admin_route(scope.get("method"), path) and not admin:
             return 403, "registering or deleting speakers needs an admin key"
         return None
 
@@ -126,13 +127,22 @@ def _preflight(scope: Scope, headers: Headers) -> bool:
 
 
 def _public(path: str, scope: Scope) -> bool:
-    static = path == STATIC_PATHS[0] or path.startswith(STATIC_PATHS[1])
+    static = path in STATIC_PATHS or path.startswith(STATIC_PATHS[1] + "/")
     return static and scope.get("method", "GET") in ("GET", "HEAD")
 
 
-def _admin_route(scope: Scope) -> bool:
-    path = scope["path"]
-    return scope.get("method") in ("POST", "DELETE") and any(
+def routed_path(scope: Scope) -> str:
+    """The path as Litestar's router matches it (these checks run before routing): without
+    the root path, with repeated and trailing slashes dropped, so `//speakers/` (or
+    `/%2Fspeakers`, which the server decodes to that) is `/speakers` here as there."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return normalize_path(path)
+
+
+def _admin_route(method: str | None, path: str) -> bool:
+    return method in ("POST", "DELETE") and any(
         path == r or path.startswith(r + "/") for r in ADMIN_ROUTES
     )
 

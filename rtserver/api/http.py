@@ -143,14 +143,17 @@ def head_as_get(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, send)
             return
 
+        # a copy: the server reads the method from its own scope to send no body to a HEAD
+        inner = {**scope, "method": "GET", HEAD: True}
+
         async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.start" and "path_template" in inner:
+                scope["path_template"] = inner["path_template"]  # for the request counter
             if message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
 
-        # in place: the wrappers around see what routing writes into it (its route template)
-        scope["method"], scope[HEAD] = "GET", True
-        await app(scope, receive, headers_only)
+        await app(inner, receive, headers_only)
 
     return wrapped
 
