@@ -183,8 +183,8 @@ class Token2Wav:
             samples_per_frame=hift.cfg.samples_per_frame,
         )
         self.cfg = dataclasses.replace(cfg, **opts)
-        # a quarter of the flow state's bound keeps speakers' prompts for streams to start from
-        # (the largest when several share the flow)
+        # up to a quarter of the flow state's bound keeps speakers' prompts for streams to
+        # start from (the largest when several share the flow), within the bound
         flow.prompts.budget = max(flow.prompts.budget, self.cfg.flow_cache_mb * 2**20 / 4)
         # requests holding a flow cache, for the memory bound (a dropped request just vanishes);
         # the lock: states are made on the caller's thread, stepped on a vocoder thread
@@ -389,7 +389,8 @@ class Token2Wav:
             # a snapshot of the refs: a state collected meanwhile (on any thread) is just None
             refs = self._cached.data.copy().values()
             cached = [st for r in refs if (st := r()) is not None and st.flow_cache is not None]
-            if sum(st.flow_cache.nbytes for st in cached) > self.cfg.flow_cache_mb * 2**20:
+            held = sum(st.flow_cache.nbytes for st in cached) + self.flow.prompts.nbytes
+            if held > self.cfg.flow_cache_mb * 2**20:
                 self._drop_cache(max(cached, key=lambda st: st.flow_cache.nbytes))
 
     def _drop_cache(self, st: Token2WavState) -> None:  # with the lock held

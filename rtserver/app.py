@@ -115,7 +115,8 @@ def served(app: Litestar) -> ASGIApp:
 def create_app(
     settings: Settings, engine: Engine | None = None, replica: str | None = None
 ) -> Litestar:
-    """The app; `replica` is its Ray Serve replica id when it is one of several."""
+    """The app; `replica` is its Ray Serve replica id when it is one of several. Serve it
+    through :func:`served`, which adds the key and host checks (they run before routing)."""
     metrics = Metrics(replica)
 
     @asynccontextmanager

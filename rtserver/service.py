@@ -313,15 +313,22 @@ class TTSService:
                 "a dir named so, CosyVoice2 and CosyVoice3 do)"
             )
         check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, "instruct_text")
+        if not instruction.strip():
+            raise SpeakerRefused("instruct_text: say how to speak (it is blank)")
 
-    def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
-        """``speaker`` steered by an instruction where the engine takes one (see
-        ``check_instructions``); elsewhere ``speaker`` as it is, as OpenAI's tts-1 ignores `instructions`."""
+    async def steered(self, spk_id: str | Speaker, instruction: str | None) -> str | Speaker:
+        """``spk_id``'s speaker steered by an instruction where the engine takes one (see
+        ``check_instructions``), prepared in a worker thread (v1's is normalised, up to 0.1 s);
+        elsewhere ``spk_id`` as it is, as OpenAI's tts-1 ignores `instructions`. Raises
+        TextRejected or UnknownSpeaker."""
+        if instruction is None:
+            return spk_id
         check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, "instructions")
         if not getattr(self.engine, "instructions", False) or not instruction.strip():
-            return speaker
+            return spk_id
+        speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
         try:
-            return self.engine.instructed(speaker, instruction)
+            return await asyncio.to_thread(self.engine.instructed, speaker, instruction)
         except KeyError:  # deleted since it was looked up
             raise UnknownSpeaker(speaker.id, [s.id for s in self.speakers()]) from None
 
@@ -378,17 +385,14 @@ class TTSService:
         stream: bool = False,
         incremental: bool = False,
         text_streaming: bool = False,
-        instructions: str | None = None,
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
-        UnknownSpeaker, UnsupportedFormat, TooManyForClient, Busy or TextRejected (the
-        instructions), holding nothing then. ``spk_id``: a speaker's id, or one made for this
-        session (:meth:`prompt_speaker`)."""
+        UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then.
+        ``spk_id``: a speaker's id, or one made for this session (:meth:`prompt_speaker`,
+        :meth:`steered`)."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another")
         speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
-        if instructions is not None:
-            speaker = self.instructed(speaker, instructions)
         try:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)
         except ValueError as exc:

@@ -611,12 +611,16 @@ def test_v1_instruct_model_speaks_instructions_on_every_route(tmp_path):
         body = {"tts_text": TEXT, "spk_id": "spk_f1", "seed": 3, "instructions": CHARACTER}
         r = httpx.post(f"{srv.base_url}/tts/pcm", json=body, timeout=120)
         assert_same_pcm(r.content, steered.content)
-        speech = {"input": TEXT, "voice": "spk_f1", "seed": 3, "instructions": CHARACTER,
-                  "response_format": "pcm"}  # fmt: skip
-        r = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech, timeout=120)
-        assert r.status_code == 200 and r.content != sft.content
+        speech = {"input": TEXT, "voice": "spk_f1", "seed": 3, "response_format": "pcm"}
+        plain, steered_too = (
+            httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech | more, timeout=120)
+            for more in ({}, {"instructions": CHARACTER})
+        )
+        assert plain.status_code == steered_too.status_code == 200
+        assert steered_too.content != plain.content
         for fields, status, says in [
             ({"instruct_text": ""}, 422, "instruct_text"),
+            ({"instruct_text": "   "}, 400, "blank"),
             ({"instruct_text": "快" * 1001}, 413, "instruct_text has 1001"),
             ({"spk_id": "nobody"}, 400, "nobody"),
             ({"seed": "-1"}, 422, "seed"),

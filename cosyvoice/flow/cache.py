@@ -187,9 +187,9 @@ class FlowPool:
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)
         self.slot_bytes = 0
 
-    def _positions(self, cache: FlowCache, res: str, device: torch.device) -> torch.Tensor:
-        """Where positions [0, cache.length[res]) of ``cache`` live in the layers' tensors."""
-        j = torch.arange(cache.length[res])
+    def _positions(self, cache: FlowCache, res: str, n: int, device) -> torch.Tensor:
+        """Where positions [0, n) of ``cache`` live in the layers' tensors."""
+        j = torch.arange(n)
         ids = torch.tensor(cache.blocks[res][: _blocks_for(len(j))], dtype=torch.long)
         return h2d(ids[j // BLOCK] * BLOCK + j % BLOCK, device)
 
@@ -203,33 +203,33 @@ class FlowPool:
             for key, buf in self.kv.items():
                 res = self.kv_res[key]
                 if res not in at:
-                    at[res] = self._positions(cache, res, buf.device)
+                    at[res] = self._positions(cache, res, cache.length[res], buf.device)
                 kv[key] = buf.index_select(2, at[res])
             tails = {key: buf[:, cache.slot[0]].clone() for key, buf in self.tails.items()}
         return CachedPrompt(cache.tokens, dict(cache.length), kv, tails)
 
     def restore(self, saved: CachedPrompt, cache: FlowCache) -> None:
         """Give an empty ``cache`` the state ``saved`` holds, in blocks and a slot of its own
-        (as if it had made that state itself)."""
+        (as if it had made that state itself). If a copy fails, the cache still holds nothing
+        (its call then computes everything, and the blocks it took go back as usual)."""
         with self.lock:
             cache.bind(self)
             if cache.tokens or cache.slot:
                 raise ValueError("restore() into a cache that holds state")
             for res, n in saved.length.items():
                 self.reserve(cache, res, n)
-                cache.length[res] = n
             at: dict[str, torch.Tensor] = {}
             for key, data in saved.kv.items():
                 res = self.kv_res[key]
                 like = data[0, :, :1].transpose(1, 2)  # (rows, H, 1, dh)
                 buf = self.kv_buffer(key, res, like, data.shape[1])
                 if res not in at:
-                    at[res] = self._positions(cache, res, buf.device)
+                    at[res] = self._positions(cache, res, saved.length[res], buf.device)
                 buf.index_copy_(2, at[res], data)
             slot = self.slot(cache)
             for key, data in saved.tails.items():
                 self.tails_buffer(key, data, data.shape[0], data.shape[-1])[:, slot] = data
-            cache.tokens = saved.tokens
+            cache.length, cache.tokens = dict(saved.length), saved.tokens
 
     def kv_buffer(self, key: Hashable, res: str, k: torch.Tensor, rows: int) -> torch.Tensor:
         """Layer ``key``'s (2, rows, positions, H, dh) tensor, grown to the free list's size."""
@@ -279,13 +279,28 @@ class PromptStore:
     """Speakers' prompts as a stream's flow state begins with them, by content key, within
     ``budget`` bytes (the least recently used go first). A zero-shot speaker's prompt is most of
     a stream's first flow call (a 3 s prompt is 75 tokens, the first hop 25-50): computed once,
-    each later stream copies it in and computes only its own frames. Used inside flow calls
-    only (one runs at a time)."""
+    each later stream copies it in and computes only its own frames. A prompt is kept from its
+    second stream on (:meth:`admit`), so one-off prompts (upstream's per-request recordings)
+    neither cost a copy nor push speakers out. Used inside flow calls only (one at a time)."""
+
+    SEEN = 4096  # prompt keys remembered for admission (20 bytes each)
 
     def __init__(self, budget: float = 0.0) -> None:
         self.budget = budget
         self._saved: OrderedDict[bytes, CachedPrompt] = OrderedDict()
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
         self.hits = self.misses = 0
+
+    def admit(self, key: bytes) -> bool:
+        """Whether to keep this prompt: it was seen before (and the store may keep anything)."""
+        if self.budget <= 0:
+            return False
+        if key in self._seen:
+            return True
+        self._seen[key] = None
+        if len(self._seen) > self.SEEN:
+            self._seen.popitem(last=False)
+        return False
 
     @property
     def nbytes(self) -> int:
@@ -312,6 +327,7 @@ class PromptStore:
 
     def clear(self) -> None:
         self._saved.clear()
+        self._seen.clear()
 
 
 class FlowCache:

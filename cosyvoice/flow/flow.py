@@ -8,6 +8,7 @@ calls), so an utterance's chunks cost their own frames, not a recompute of every
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from dataclasses import dataclass, field, replace
@@ -297,16 +298,17 @@ class FlowModel(nn.Module):
 
     def _start_from_prompt(self, r: FlowInput) -> None:
         """A stream's first call begins past its speaker's prompt: that part of its state is
-        copied from :attr:`prompts`, or computed now in a call of its own and kept there. The
-        part ends on a chunk (where a hop would end, so its frames are final) with the
-        look-ahead tokens after it still in the prompt; the stream computes the rest."""
+        copied from :attr:`prompts`, or (a prompt seen before) computed now in a call of its
+        own and kept there. The part ends on a chunk of the encoder and of the estimator (where
+        a hop would end, so its frames are final) with the look-ahead tokens after it still in
+        the prompt; the stream computes the rest."""
         c, la, chunk = r.cache, self.cfg.pre_lookahead_len, self.cfg.chunk_size
         if c is None or c.tokens or r.finalize or not r.streaming or not chunk:
             return
         n = (r.prompt_token.numel() - la) // chunk * chunk
-        if n <= 0 or self.prompts.budget <= 0:
-            return
         ratio = self.cfg.token_mel_ratio
+        if n <= 0 or self.prompts.budget <= 0 or n * ratio % max(self.cfg.est_chunk, 1):
+            return
         part = replace(
             r, token=r.token[:0], prompt_token=r.prompt_token.reshape(-1)[: n + la],
             prompt_feat=r.prompt_feat.reshape(-1, self.cfg.output_size)[: n * ratio],
@@ -316,9 +318,12 @@ class FlowModel(nn.Module):
         saved = self.prompts.get(key)
         if saved is not None:
             self.pool.restore(saved, c)
-            return
-        self._call([part], prompts=False)
-        self.prompts.put(key, self.pool.snapshot(c))
+        elif self.prompts.admit(key):
+            self._call([part], prompts=False)
+            # else the copy could not be kept; out of memory, the stream goes on without it
+            with contextlib.suppress(torch.OutOfMemoryError):
+                if c.nbytes <= self.prompts.budget:
+                    self.prompts.put(key, self.pool.snapshot(c))
 
     def _run(self, reqs: list[FlowInput], p: _Plan) -> list[torch.Tensor]:
         dev, ratio = self.input_embedding.weight.device, self.cfg.token_mel_ratio

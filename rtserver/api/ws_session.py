@@ -332,10 +332,11 @@ class WsSession:
             await self._error("too_many_contexts", f"{limit} contexts already open", cid)
             return
         try:
+            speaker = await self.service.steered(msg.spk_id, msg.instructions)
             session = self.service.open_session(
-                msg.spk_id, self.client, msg.format, msg.sample_rate,
+                speaker, self.client, msg.format, msg.sample_rate,
                 speed=msg.speed, seed=msg.seed, stream=True, incremental=True,
-                text_streaming=msg.text_streaming, instructions=msg.instructions,
+                text_streaming=msg.text_streaming,
             )  # fmt: skip
         except TextRejected as exc:  # the instructions
             await self._error(exc.code, str(exc), cid)

@@ -125,6 +125,7 @@ def test_batched_ragged_requests_over_caches(parts):
 
 def test_memory_bound_drops_the_cache_not_the_audio(parts):
     flow, hift, spk = parts
+    flow.prompts.clear()  # the bound counts the prompt store too
     tiny = make_token2wav(flow, hift, flow_cache_mb=0.05)
     toks = _tokens(200, 7, flow.cfg.vocab_size)
     st = tiny.new_state(*_speakers(spk)[0], seed=1)
@@ -141,6 +142,7 @@ def test_memory_bound_is_shared_by_all_streams(parts):
     """Room for one stream's cache, not two: of two streams stepped together one keeps its
     cache and one recomputes, both with the right audio; a dropped state leaves the bound."""
     flow, hift, spk = parts
+    flow.prompts.clear()  # the bound counts the prompt store too
     toks = _tokens(140, 9, flow.cfg.vocab_size)
     probe = make_token2wav(flow, hift)
     st = probe.new_state(*_speakers(spk)[0])
@@ -163,6 +165,7 @@ def test_over_the_bound_the_largest_cache_goes(parts):
     """Not the stream that just grew: the one holding the most (a long whole utterance paced
     in hops, say) recomputes from then on."""
     flow, hift, spk = parts
+    flow.prompts.clear()  # the bound counts the prompt store too
     toks = _tokens(140, 9, flow.cfg.vocab_size)
     probe = make_token2wav(flow, hift)
     big, small = (probe.new_state(*_speakers(spk)[0]) for _ in range(2))
@@ -272,30 +275,32 @@ def _first_call_frames(flow, t2w, speaker, toks) -> tuple[list[int], torch.Tenso
 
 def test_a_prompted_stream_starts_past_its_speakers_saved_prompt(parts):
     """A zero-shot speaker's prompt (60 tokens) is computed once, up to the last chunk with
-    its look-ahead inside it (50 tokens), and kept: the first stream runs that part as a call
-    of its own, later streams copy it in and compute only the rest and their hop. The audio
-    is the same either way, and the same as without the store; an SFT speaker (no prompt)
-    and a flow without a store budget skip it. The pool holds nothing afterwards."""
+    its look-ahead inside it (50 tokens), and kept from its second stream on: that stream runs
+    the part as a call of its own, later streams copy it in and compute only the rest and
+    their hop. The first chunk is the same each time; an SFT speaker (no prompt) and a flow
+    without a store budget skip the store. The pool holds nothing afterwards."""
     flow, hift, spk = parts
     sft, prompted = _speakers(spk)
     toks = _tokens(60, 12, flow.cfg.vocab_size)
     flow.prompts.clear()
     t2w = make_token2wav(flow, hift)
     pad = -prompted[1].numel() % 25  # the first hop ends on the chunk grid
-    rest = 2 * (prompted[1].numel() - 50 + 25 + pad)
-    first, a = _first_call_frames(flow, t2w, prompted, toks)
-    assert first == [100, rest] and len(flow.prompts) == 1
-    later, b = _first_call_frames(flow, t2w, prompted, toks)
+    whole, rest = 2 * (prompted[1].numel() + 25 + pad), 2 * (prompted[1].numel() - 50 + 25 + pad)
+    once, a = _first_call_frames(flow, t2w, prompted, toks)
+    assert once == [whole] and len(flow.prompts) == 0  # a prompt seen once is not kept
+    again, b = _first_call_frames(flow, t2w, prompted, toks)
+    assert again == [100, rest] and len(flow.prompts) == 1
+    later, c = _first_call_frames(flow, t2w, prompted, toks)
     assert later == [rest] and flow.prompts.hits == 1
-    assert torch.equal(a, b)
+    assert torch.equal(b, c)
+    assert_close(b, a, WAVE_TOL, what="the first chunk over the store")
     flow.prompts.budget, kept = 0, flow.prompts.budget
     try:
         flow.prompts.clear()
-        whole, c = _first_call_frames(flow, t2w, prompted, toks)
+        assert [_first_call_frames(flow, t2w, prompted, toks)[0] for _ in range(2)] == [[whole]] * 2
     finally:
         flow.prompts.budget = kept
-    assert whole == [2 * (prompted[1].numel() + 25 + pad)] and len(flow.prompts) == 0
-    assert_close(c, a, WAVE_TOL, what="the first chunk without the store")
+    assert len(flow.prompts) == 0
     assert _first_call_frames(flow, t2w, sft, toks)[0] == [50] and len(flow.prompts) == 0
     assert flow.pool.held == 0
 
@@ -309,18 +314,21 @@ def test_the_prompt_store_keeps_what_its_budget_holds(parts):
     flow.prompts.clear()
     t2w = make_token2wav(flow, hift)
     voices = [(emb, pt, pf), (-emb, pt, pf), (emb.flip(-1), pt, pf)]
-    _first_call_frames(flow, t2w, voices[0], toks)
+
+    def twice(v) -> list[int]:  # a prompt is kept from its second stream on
+        return [len(_first_call_frames(flow, t2w, v, toks)[0]) for _ in range(2)]
+
+    twice(voices[0])
     one = flow.prompts.nbytes
     flow.prompts.budget, kept = 2.5 * one, flow.prompts.budget
     try:
         for v in voices[1:]:
-            _first_call_frames(flow, t2w, v, toks)
+            twice(v)
         assert len(flow.prompts) == 2 and flow.prompts.nbytes == 2 * one
-        assert len(_first_call_frames(flow, t2w, voices[0], toks)[0]) == 2  # evicted: computed
+        assert twice(voices[0]) == [2, 1]  # evicted: computed (seen before: kept), then copied
         flow.prompts.clear()
         flow.prompts.budget = 0.5 * one
-        _first_call_frames(flow, t2w, voices[0], toks)
-        assert len(flow.prompts) == 0
+        assert twice(voices[0]) == [1, 2] and len(flow.prompts) == 0  # too large to keep
     finally:
         flow.prompts.budget = kept
     assert flow.pool.held == 0

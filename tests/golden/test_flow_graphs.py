@@ -35,12 +35,16 @@ def _speakers(d):
         zs["flow_prompt_speech_token"][0],
         zs["prompt_speech_feat"][0],
     )
-    return [(sft["embedding"], None, None), prompted, (sft["embedding"], None, None)]
+    plain = (sft["embedding"], None, None)
+    return [plain, prompted, plain, prompted, prompted]
 
 
 def _ragged(d, toks, **graphs):
-    """Three streams (plain, prompted, plain) with ragged token arrival, through a flow with
-    static graphs (``graphs`` given) or without."""
+    """Five streams (plain, prompted, plain, prompted, prompted) with ragged token arrival,
+    through a flow with static graphs (``graphs`` given) or without. The prompted streams'
+    first calls share one call: the first computes its whole prompt, the second (the prompt
+    seen before) computes it in a call of its own for the prompt store, the third copies it
+    from there."""
     flow = load_flow(d, device=TEST_DEVICE)
     if graphs:
         flow.enable_graphs(**graphs)
@@ -48,15 +52,16 @@ def _ragged(d, toks, **graphs):
         assert flow.graphs.capture == flow.pool.keep == capture  # captured graphs pin the pool
     t2w = make_token2wav(flow, load_hift(d, device=TEST_DEVICE))
     states = [t2w.new_state(*s, seed=i) for i, s in enumerate(_speakers(d))]
-    got, n_batched = drive_ragged(t2w, states, toks, [9, 13, 4])
+    got, n_batched = drive_ragged(t2w, states, toks, [9, 13, 4, 13, 13])
     assert n_batched > 0 and flow.pool.held == 0
+    assert len(flow.prompts) == 1 and flow.prompts.hits == 1
     return [torch.cat(g) for g in got], flow.graphs
 
 
 @pytest.mark.parametrize(
     "ladders",
     [
-        dict(max_batch=4),  # every pooled call in a bucket: 3 streams padded to 4
+        dict(max_batch=8),  # every pooled call in a bucket: 5 streams padded to 8
         dict(max_batch=2, contexts=(128,)),  # some calls too wide or too long: those run eagerly
     ],
     ids=["all-static", "mixed"],
@@ -87,7 +92,7 @@ def test_warm_sizes_the_pool_to_its_bound_and_runs_each_batch(model_dir):
         and pool.blocks["frames"].size * BLOCK >= 16 * 2**20 / pool.position_bytes["frames"]
     )
     toks = torch.randint(0, flow.cfg.vocab_size, (260,), generator=torch.Generator().manual_seed(9))
-    states = [t2w.new_state(*s, seed=i) for i, s in enumerate(_speakers(model_dir))]
+    states = [t2w.new_state(*s, seed=i) for i, s in enumerate(_speakers(model_dir)[:3])]
     drive_ragged(t2w, states, toks.tolist(), [9, 13, 4])
     assert pool.layout == layout and pool.held == 0
 
