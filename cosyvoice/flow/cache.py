@@ -328,6 +328,7 @@ class PromptStore:
     def clear(self) -> None:
         self._saved.clear()
         self._seen.clear()
+        self.hits = self.misses = 0
 
 
 class FlowCache:
