@@ -320,7 +320,7 @@ class FlowModel(nn.Module):
             self.pool.restore(saved, c)
         elif self.prompts.admit(key):
             self._call([part], prompts=False)
-            # else the copy could not be kept; out of memory, the stream goes on without it
+            # kept only if it fits; out of memory for the copy, the stream goes on without it
             with contextlib.suppress(torch.OutOfMemoryError):
                 if c.nbytes <= self.prompts.budget:
                     self.prompts.put(key, self.pool.snapshot(c))
