@@ -389,8 +389,10 @@ class Token2Wav:
             # a snapshot of the refs: a state collected meanwhile (on any thread) is just None
             refs = self._cached.data.copy().values()
             cached = [st for r in refs if (st := r()) is not None and st.flow_cache is not None]
-            held = sum(st.flow_cache.nbytes for st in cached) + self.flow.prompts.nbytes
-            if held > self.cfg.flow_cache_mb * 2**20:
+            bound = self.cfg.flow_cache_mb * 2**20
+            # the prompt store's part (its budget may be another Token2Wav's, on one flow)
+            held = sum(st.flow_cache.nbytes for st in cached)
+            if held + min(self.flow.prompts.nbytes, bound / 4) > bound:
                 self._drop_cache(max(cached, key=lambda st: st.flow_cache.nbytes))
 
     def _drop_cache(self, st: Token2WavState) -> None:  # with the lock held

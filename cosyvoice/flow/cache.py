@@ -211,7 +211,7 @@ class FlowPool:
     def restore(self, saved: CachedPrompt, cache: FlowCache) -> None:
         """Give an empty ``cache`` the state ``saved`` holds, in blocks and a slot of its own
         (as if it had made that state itself). If a copy fails, the cache still holds nothing
-        (its call then computes everything, and the blocks it took go back as usual)."""
+        (a call then computes everything, and the blocks it took go back as usual)."""
         with self.lock:
             cache.bind(self)
             if cache.tokens or cache.slot:
@@ -269,10 +269,11 @@ class CachedPrompt:
     length: dict[str, int]
     kv: dict[Hashable, torch.Tensor]
     tails: dict[Hashable, torch.Tensor]
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.kv, self.tails) for t in d.values())
+    def __post_init__(self) -> None:
+        tensors = [*self.kv.values(), *self.tails.values()]
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
 
 
 class PromptStore:
@@ -288,23 +289,25 @@ class PromptStore:
     def __init__(self, budget: float = 0.0) -> None:
         self.budget = budget
         self._saved: OrderedDict[bytes, CachedPrompt] = OrderedDict()
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._seen: OrderedDict[bytes, bool] = OrderedDict()  # key -> may be kept
+        self.nbytes = 0  # of what it keeps
         self.hits = self.misses = 0
 
     def admit(self, key: bytes) -> bool:
-        """Whether to keep this prompt: it was seen before (and the store may keep anything)."""
+        """Whether to keep this prompt: it was seen before and not refused (:meth:`refuse`),
+        and the store may keep anything."""
         if self.budget <= 0:
             return False
-        if key in self._seen:
-            return True
-        self._seen[key] = None
+        ok = self._seen.get(key)
+        self._seen[key] = ok is not False
+        self._seen.move_to_end(key)
         if len(self._seen) > self.SEEN:
             self._seen.popitem(last=False)
-        return False
+        return bool(ok)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self._saved.values())
+    def refuse(self, key: bytes) -> None:
+        """Not to be kept (too large for the budget): later streams do not try again."""
+        self._seen[key] = False
 
     def __len__(self) -> int:
         return len(self._saved)
@@ -320,15 +323,18 @@ class PromptStore:
 
     def put(self, key: bytes, saved: CachedPrompt) -> None:
         if saved.nbytes > self.budget:
+            self.refuse(key)
             return
+        old = self._saved.pop(key, None)
+        self.nbytes += saved.nbytes - (old.nbytes if old else 0)
         self._saved[key] = saved
         while self.nbytes > self.budget:
-            self._saved.popitem(last=False)
+            self.nbytes -= self._saved.popitem(last=False)[1].nbytes
 
     def clear(self) -> None:
         self._saved.clear()
         self._seen.clear()
-        self.hits = self.misses = 0
+        self.nbytes = self.hits = self.misses = 0
 
 
 class FlowCache:

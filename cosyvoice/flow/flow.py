@@ -8,9 +8,9 @@ calls), so an utterance's chunks cost their own frames, not a recompute of every
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
 from cosyvoice.flow.graphs import CaptureFailed, FlowGraphs
 
 NOISE_FRAMES = 15000
+
+log = logging.getLogger("cosyvoice")
 
 
 @dataclass(frozen=True)
@@ -316,14 +318,20 @@ class FlowModel(nn.Module):
         )  # fmt: skip
         key = _prompt_key(part)
         saved = self.prompts.get(key)
-        if saved is not None:
-            self.pool.restore(saved, c)
-        elif self.prompts.admit(key):
-            self._call([part], prompts=False)
-            # kept only if it fits; out of memory for the copy, the stream goes on without it
-            with contextlib.suppress(torch.OutOfMemoryError):
-                if c.nbytes <= self.prompts.budget:
+        try:  # out of memory for a copy (CUDA's error, or the CPU allocator's RuntimeError),
+            # the stream goes on without the store: a failed restore leaves its cache empty
+            if saved is not None:
+                self.pool.restore(saved, c)
+            elif self.prompts.admit(key):
+                self._call([part], prompts=False)
+                if c.nbytes > self.prompts.budget:
+                    self.prompts.refuse(key)
+                else:
                     self.prompts.put(key, self.pool.snapshot(c))
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not _out_of_memory(exc):
+                raise
+            log.warning("the flow's prompt store could not copy a prompt: %s", exc)
 
     def _run(self, reqs: list[FlowInput], p: _Plan) -> list[torch.Tensor]:
         dev, ratio = self.input_embedding.weight.device, self.cfg.token_mel_ratio
@@ -376,6 +384,10 @@ class FlowModel(nn.Module):
             self.decoder.estimator, z, mask, mu, spks, cond, past,
             self.cfg.n_timesteps, self.cfg.cfg_rate,
         )  # fmt: skip
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 def _prompt_key(r: FlowInput) -> bytes:

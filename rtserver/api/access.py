@@ -84,7 +84,7 @@ class AccessControl:
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": refusal[1]})
         else:
-            await _deny(send, *refusal, scope["path"])
+            await _deny(send, *refusal, routed_path(scope))
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
         """(status, why) if the request may not pass, else None."""

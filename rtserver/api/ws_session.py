@@ -146,7 +146,7 @@ class WsSession:
         self._closed = False
         self._share = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
         self._receiver: asyncio.Task | None = None  # the task reading the client's messages
-        self._sending = 0.0  # the time its replies waited on the socket
+        self._waited = 0.0  # the time its handlers waited off the loop (socket, worker thread)
 
     # ---- transport ------------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class WsSession:
         async with self._send_lock:
             await self.socket.send_text(_encoder.encode(msg).decode())
         if asyncio.current_task() is self._receiver:  # waiting on the socket is not loop time
-            self._sending += time.perf_counter() - start
+            self._waited += time.perf_counter() - start
 
     async def _send_audio(self, ctx: Context, data: bytes) -> None:
         if self._closed:
@@ -239,10 +239,10 @@ class WsSession:
                     "binary_not_accepted", "send JSON text frames; audio only flows to you"
                 )
                 continue
-            start, sending = time.perf_counter(), self._sending
+            start, waited = time.perf_counter(), self._waited
             await self._handle_text(message.get("text") or "")
             now = time.perf_counter()
-            spent = max(0.0, now - start - (self._sending - sending))
+            spent = max(0.0, now - start - (self._waited - waited))
             if (wait := self._share.spend(spent, now)) > 0:
                 await asyncio.sleep(wait)
 
@@ -332,7 +332,9 @@ class WsSession:
             await self._error("too_many_contexts", f"{limit} contexts already open", cid)
             return
         try:
+            began = time.perf_counter()
             speaker = await self.service.steered(msg.spk_id, msg.instructions)
+            self._waited += time.perf_counter() - began  # a worker thread's, not the loop's
             session = self.service.open_session(
                 speaker, self.client, msg.format, msg.sample_rate,
                 speed=msg.speed, seed=msg.seed, stream=True, incremental=True,

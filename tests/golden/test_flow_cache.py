@@ -329,6 +329,36 @@ def test_the_prompt_store_keeps_what_its_budget_holds(parts):
         flow.prompts.clear()
         flow.prompts.budget = 0.5 * one
         assert twice(voices[0]) == [1, 2] and len(flow.prompts) == 0  # too large to keep
+        assert twice(voices[0]) == [1, 1]  # and not tried again
     finally:
         flow.prompts.budget = kept
     assert flow.pool.held == 0
+
+
+def test_a_prompt_copy_out_of_memory_leaves_the_stream_whole(parts, monkeypatch):
+    """Out of memory while a kept prompt is copied in (after the copy took blocks), the
+    stream computes its whole prompt instead, with the same audio, and gives everything back;
+    any other error is not hidden."""
+    flow, hift, spk = parts
+    _, prompted = _speakers(spk)
+    toks = _tokens(60, 14, flow.cfg.vocab_size)
+    flow.prompts.clear()
+    t2w = make_token2wav(flow, hift)
+    kept = [_first_call_frames(flow, t2w, prompted, toks) for _ in range(2)][-1][1]
+    assert len(flow.prompts) == 1
+
+    def fail(why: str):
+        def restore(saved, cache):
+            flow.pool.reserve(cache, "frames", 40)
+            raise RuntimeError(why)
+
+        return restore
+
+    monkeypatch.setattr(flow.pool, "restore", fail("CPU allocator: can't allocate memory"))
+    frames, chunk = _first_call_frames(flow, t2w, prompted, toks)
+    assert len(frames) == 1 and frames[0] > 100  # the whole prompt, in the stream's call
+    assert_close(chunk, kept, WAVE_TOL, what="the first chunk without the copy")
+    assert flow.pool.held == 0
+    monkeypatch.setattr(flow.pool, "restore", fail("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        _first_call_frames(flow, t2w, prompted, toks)
