@@ -69,9 +69,10 @@ def main() -> None:
                 first_audio(model, voice, TEXT, args.tokens, 1)  # the store is warm again
             on.append(first_audio(model, voice, TEXT, args.tokens, r + 2))
         a, b = pct(on, 50), pct(off, 50)
-        print(f"| {secs:g} s | {len(voice.prompt_speech_tokens)} | {cold[0]:.2f} / {cold[1]:.2f} | {a:.2f} | "
-              f"{b:.2f} | {b / a:.2f}x |  (store {', '.join(f'{x:.2f}' for x in on)}; "
-              f"off {', '.join(f'{x:.2f}' for x in off)})", flush=True)  # fmt: skip
+        on_s, off_s = (", ".join(f"{x:.2f}" for x in xs) for xs in (on, off))
+        runs = f"store {on_s}; off {off_s}"
+        print(f"| {secs:g} s | {len(voice.prompt_speech_tokens)} | {cold[0]:.2f} / {cold[1]:.2f} "
+              f"| {a:.2f} | {b:.2f} | {b / a:.2f}x |  ({runs})", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,19 +43,15 @@ def first_audio(model, voice, text: str, tokens: int, seed: int) -> float:
     (the LLM forced to ``tokens`` tokens) to its first audio; then it is cancelled."""
     import time
 
+    from cosyvoice.tts import synthesize
+
     t0 = time.monotonic()
-    u = model.start(voice, stream=True, seed=seed, fixed_tokens=tokens)
-    model.add_text(u, text)
-    model.close_text(u)
+    chunks = synthesize(model, text, voice, stream=True, seed=seed, fixed_tokens=tokens)
     try:
-        while True:
-            for out in model.step([u]):
-                if out.error:
-                    raise RuntimeError(out.error)
-                if out.audio.numel():
-                    return time.monotonic() - t0
+        next(chunks)
+        return time.monotonic() - t0
     finally:
-        model.cancel(u)
+        chunks.close()  # cancels the utterance
 
 
 def machine() -> str:

@@ -8,8 +8,9 @@ alloy=SPEAKER` maps one to a speaker, the others speak as the first speaker. `pc
 s16le mono and `opus` 48 kHz Ogg, as OpenAI sends them; the other formats keep the speaker's
 rate (`mulaw`/`alaw`, for phone lines, are 8 kHz). `model` is accepted and ignored;
 `instructions` steer CosyVoice2/3 and CosyVoice-300M-Instruct (their instruct mode: dialect,
-emotion, speed, a character) and are ignored elsewhere, as OpenAI's tts-1 ignores them. Errors come in OpenAI's shape
-(`{"error": {"message", "type", "param", "code"}}`) so the SDKs show the message.
+emotion, speed, a character) and are ignored elsewhere, as OpenAI's tts-1 ignores them. Errors
+come in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) so the SDKs show the
+message.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def voice_aliases(pairs: tuple[str, ...]) -> dict[str, str]:
     description="Body as OpenAI's: `input`, `voice`, `response_format` (mp3, opus, aac, flac, "
     "wav, pcm; also mulaw and alaw at 8 kHz), `speed` (0.25-4), `stream_format` (audio or "
     "sse), `instructions` (CosyVoice2/3 and CosyVoice-300M-Instruct: how to speak, e.g. a "
-    "dialect or an emotion; at most 1000 characters; ignored by other models), and `seed` (not OpenAI's; 0 draws one). "
+    "dialect or an emotion; at most 1000 characters; ignored by other models), and `seed` "
+    "(not OpenAI's; 0 draws one). "
     "Errors in OpenAI's shape.",
     responses=OPENAI_ERROR_DOCS,
     status_code=200,
