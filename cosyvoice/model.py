@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -73,6 +74,8 @@ class CosyVoiceModel:
     _slice_end: float = field(default=0.0, repr=False)  # this step's time for normalizing
     _free_group: bool = field(default=False, repr=False)  # a group not yet taken this step
     _vocoder_stream: Any = field(default=None, repr=False)
+    # one flow call at a time when they run inline (steps, keep_prompt from another thread)
+    _flow_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _inflight: deque[tuple[Future, list[Utterance]]] = field(default_factory=deque, repr=False)
     _outbox: list[Output] = field(default_factory=list, repr=False)
 
@@ -258,7 +261,9 @@ class CosyVoiceModel:
                     u.vocoding = True
                 self._inflight.append((self._vocoder_pool().submit(self._vocode, items), ready))
             else:
-                self._outputs(ready, self.token2wav.step(items))
+                with self._flow_lock:
+                    chunks = self.token2wav.step(items)
+                self._outputs(ready, chunks)
         if self._inflight and not llm:
             self._collect(wait=True)  # nothing else to do meanwhile
 
@@ -314,19 +319,54 @@ class CosyVoiceModel:
         return False
 
     def _vocoder_pool(self) -> ThreadPoolExecutor:
-        if self._vocoder is None:
-            self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="cosyvoice-vocoder")
-            if self.device.type == "cuda":
-                self._vocoder_stream = torch.cuda.Stream(self.device)
-        return self._vocoder
+        with self._flow_lock:  # keep_prompt may come from another thread
+            if self._vocoder is None:
+                self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="cosyvoice-vocoder")
+                if self.device.type == "cuda":
+                    self._vocoder_stream = torch.cuda.Stream(self.device)
+            return self._vocoder
 
     def _vocode(self, items: list) -> list:
         """On the vocoder thread: the flow and HiFT of one batch, queued on the thread's own
         CUDA stream (the decode steps' stream never waits for it), audio back on the CPU."""
+        return self._on_vocoder_stream(self.token2wav.step, items)
+
+    def _on_vocoder_stream(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._vocoder_stream is None:
-            return self.token2wav.step(items)
+            return fn(*args)
         with torch.cuda.stream(self._vocoder_stream):
-            return self.token2wav.step(items)
+            return fn(*args)
+
+    def keep_prompt(self, speaker: str | Speaker) -> bool:
+        """Compute a zero-shot speaker's prompt part of the flow's state now and keep it, so
+        that its streams start past the prompt from the first one (otherwise a prompt is kept
+        from its second stream on): for a speaker registered to be used. False where nothing
+        is kept (no prompt, v1, a store too small for it). It runs where flow calls run, after
+        the batch being vocoded, on the vocoder thread when that is on; any thread may call.
+        (On a CPU that is seconds: the flow over the whole prompt, as a cold stream's first
+        chunk pays.)"""
+        spk = self._voice(speaker)
+        keep = getattr(self.token2wav, "keep_prompt", None)
+        if keep is None or not spk.zero_shot:
+            return False
+        args = (
+            spk.embedding,
+            torch.tensor(spk.prompt_speech_tokens, dtype=torch.long),
+            spk.prompt_feat,
+        )
+        if self.vocoder_thread:
+            return self._vocoder_pool().submit(self._on_vocoder_stream, keep, *args).result()
+        with self._flow_lock:
+            return keep(*args)
+
+    def stats(self) -> dict[str, int]:
+        """The flow's prompt store (v2/v3): prompts kept, their bytes, and streams that found
+        their prompt kept or not."""
+        store = getattr(getattr(self.token2wav, "flow", None), "prompts", None)
+        if store is None:
+            return {}
+        return {"prompts": len(store), "prompt_bytes": store.nbytes, "prompt_hits": store.hits,
+                "prompt_misses": store.misses}  # fmt: skip
 
     def _collect(self, wait: bool) -> None:
         """Outputs of the vocoded batches that are done, oldest first (``wait``: block for the

@@ -349,6 +349,21 @@ class Token2Wav:
         for b in sorted(batches, reverse=True):
             self._chunks(b, hops)
 
+    def keep_prompt(
+        self, embedding: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor
+    ) -> bool:
+        """Compute a speaker's prompt part of a stream's flow state now and keep it in the
+        flow's store (see ``FlowModel.keep_prompt``): its streams start past it from the
+        first. Call it where :meth:`step` is called (one flow call at a time)."""
+        st = self.new_state(embedding, prompt_token, prompt_feat)
+        if st.flow_cache is None:  # the bound keeps no state
+            return False
+        try:
+            return self.flow.keep_prompt(self._flow_input(_Job(st, 0, False, True)))
+        finally:
+            with self._cached_lock:
+                self._drop_cache(st)
+
     def _chunks(self, b: int, hops: int) -> None:
         """The first ``hops`` chunks of ``b`` streams of silence, together."""
         states = [self.new_state(torch.zeros(self.flow.cfg.spk_embed_dim)) for _ in range(b)]

@@ -69,6 +69,27 @@ class _HeldCollector(Collector):
                                     value=value)  # fmt: skip
 
 
+ENGINE_STATS = {  # name in an engine's stats(): (counter?, help)
+    "prompts": (False, "Speakers' prompts the flow keeps computed, for streams to start from."),
+    "prompt_bytes": (False, "Memory those prompts take."),
+    "prompt_hits": (True, "Streams that started from a kept prompt."),
+    "prompt_misses": (True, "Streams with a prompt that was not kept (yet)."),
+}
+
+
+class _EngineCollector(Collector):
+    """What an engine keeps between jobs (CosyVoice2/3: the flow's prompt store)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        for name, value in self.stats().items():
+            counter, doc = ENGINE_STATS[name]
+            family = CounterMetricFamily if counter else GaugeMetricFamily
+            yield family(f"rtserver_flow_{name}", doc, value=value)
+
+
 class Metrics:
     def __init__(self, replica: str | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -97,6 +118,9 @@ class Metrics:
 
     def watch_held(self, held: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_HeldCollector(held))
+
+    def watch_engine(self, stats: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_EngineCollector(stats))
 
     # ---- called by the scheduler (inference thread; prometheus-client is thread-safe) -------
 

@@ -175,6 +175,8 @@ class TTSService:
         self.client_streams = ClientQuota("streams", settings.max_client_streams)
         self.client_sockets = ClientQuota("sockets", settings.max_client_sockets)
         self.scheduler.metrics.watch_held(self.held)
+        if hasattr(engine, "stats"):
+            self.scheduler.metrics.watch_engine(engine.stats)
         self._registering: set[str] = set()  # names being registered now
         # prompts being analysed now (registrations among them), upload bodies being read now
         self._extractions = Gate(MAX_EXTRACTING, "prompt recordings are being analysed")

@@ -16,6 +16,7 @@ import pytest
 from audio_check import assert_speech, decode_mp3, decode_pcm
 from golden.conftest import resolve_golden_dir
 from serverproc import ServerProcess, rss_mb
+from test_operations import scrape
 from test_prompt_audio import encode
 
 from rtserver.client import ServerError, TTSClient
@@ -450,6 +451,29 @@ def test_inference_zero_shot_speaks_as_the_speaker_registered_from_that_recordin
         assert_same_pcm(sft.content, r.content)
     finally:
         assert httpx.delete(f"{cv.base_url}/speakers/zs_same").status_code == 204
+    cv.assert_idle()
+
+
+def test_a_registered_speaker_starts_from_its_kept_prompt_at_once(cv):
+    """Registering a speaker computes its prompt's part of the flow state: the first segment
+    of its first stream copies it in too, as /metrics shows. (That the copy gives the
+    audio a computed prompt does: tests/golden/test_flow_cache.py.)"""
+    before = scrape(cv)
+    voice = prompt_wav(seconds=4.0, amplitude=0.45)  # a recording no other test keeps
+    assert register(cv, "kept_ahead", voice).status_code == 201
+    try:
+        kept = scrape(cv)
+        assert kept["rtserver_flow_prompts"] == before["rtserver_flow_prompts"] + 1
+        assert kept["rtserver_flow_prompt_bytes"] > before["rtserver_flow_prompt_bytes"]
+        body = {"tts_text": TEXT, "spk_id": "kept_ahead", "stream": True}
+        r = httpx.post(f"{cv.base_url}/tts/pcm", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert_speech(decode_pcm(r.content), 24000, min_seconds=0.5)
+        after = scrape(cv)
+        hits, misses = "rtserver_flow_prompt_hits_total", "rtserver_flow_prompt_misses_total"
+        assert after[hits] > kept[hits] and after[misses] == kept[misses]  # every segment
+    finally:
+        assert httpx.delete(f"{cv.base_url}/speakers/kept_ahead").status_code == 204
     cv.assert_idle()
 
 

@@ -312,6 +312,9 @@ class PromptStore:
     def __len__(self) -> int:
         return len(self._saved)
 
+    def __contains__(self, key: bytes) -> bool:  # neither a hit nor a use
+        return key in self._saved
+
     def get(self, key: bytes) -> CachedPrompt | None:
         saved = self._saved.get(key)
         if saved is None:

@@ -8,9 +8,11 @@ calls), so an utterance's chunks cost their own frames, not a recompute of every
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -301,37 +303,58 @@ class FlowModel(nn.Module):
     def _start_from_prompt(self, r: FlowInput) -> None:
         """A stream's first call begins past its speaker's prompt: that part of its state is
         copied from :attr:`prompts`, or (a prompt seen before) computed now in a call of its
-        own and kept there. The part ends on a chunk of the encoder and of the estimator (where
-        a hop would end, so its frames are final) with the look-ahead tokens after it still in
-        the prompt; the stream computes the rest."""
+        own and kept there."""
+        got = self._prompt_part(r)
+        if got is None:
+            return
+        part, key = got
+        saved = self.prompts.get(key)
+        with _unless_out_of_memory():  # a failed restore leaves the cache empty
+            if saved is not None:
+                self.pool.restore(saved, r.cache)
+            elif self.prompts.admit(key):
+                self._keep(part, key, r.cache)
+
+    @torch.inference_mode()
+    def keep_prompt(self, r: FlowInput) -> bool:
+        """Compute the prompt part of ``r`` (a stream's first call, no tokens yet, over an
+        empty cache) and keep it now, without waiting for its second stream: a speaker
+        registered to be used. Whether it is kept (not when too large or out of memory)."""
+        got = self._prompt_part(r)
+        if got is None:
+            return False
+        part, key = got
+        if key not in self.prompts:
+            with _unless_out_of_memory():
+                self._keep(part, key, r.cache)
+        return key in self.prompts
+
+    def _prompt_part(self, r: FlowInput) -> tuple[FlowInput, bytes] | None:
+        """The part of a stream's first call that its prompt alone decides, with its key; None
+        when there is none to keep. The part ends on a chunk of the encoder and of the
+        estimator (where a hop would end, so its frames are final) with the look-ahead tokens
+        after it still in the prompt; the stream computes the rest."""
         c, la, chunk = r.cache, self.cfg.pre_lookahead_len, self.cfg.chunk_size
         if c is None or c.tokens or r.finalize or not r.streaming or not chunk:
-            return
+            return None
         n = (r.prompt_token.numel() - la) // chunk * chunk
         ratio = self.cfg.token_mel_ratio
         if n <= 0 or self.prompts.budget <= 0 or n * ratio % max(self.cfg.est_chunk, 1):
-            return
+            return None
         part = replace(
             r, token=r.token[:0], prompt_token=r.prompt_token.reshape(-1)[: n + la],
             prompt_feat=r.prompt_feat.reshape(-1, self.cfg.output_size)[: n * ratio],
             emit_from=0,
         )  # fmt: skip
-        key = _prompt_key(part)
-        saved = self.prompts.get(key)
-        try:  # out of memory for a copy (CUDA's error, or the CPU allocator's RuntimeError),
-            # the stream goes on without the store: a failed restore leaves its cache empty
-            if saved is not None:
-                self.pool.restore(saved, c)
-            elif self.prompts.admit(key):
-                self._call([part], prompts=False)
-                if c.nbytes > self.prompts.budget:
-                    self.prompts.refuse(key)
-                else:
-                    self.prompts.put(key, self.pool.snapshot(c))
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            if not _out_of_memory(exc):
-                raise
-            log.warning("the flow's prompt store could not copy a prompt: %s", exc)
+        return part, _prompt_key(part)
+
+    def _keep(self, part: FlowInput, key: bytes, c: FlowCache) -> None:
+        """Compute a prompt's part into ``c`` (empty) and keep a copy, unless too large."""
+        self._call([part], prompts=False)
+        if c.nbytes > self.prompts.budget:
+            self.prompts.refuse(key)
+        else:
+            self.prompts.put(key, self.pool.snapshot(c))
 
     def _run(self, reqs: list[FlowInput], p: _Plan) -> list[torch.Tensor]:
         dev, ratio = self.input_embedding.weight.device, self.cfg.token_mel_ratio
@@ -386,8 +409,16 @@ class FlowModel(nn.Module):
         )  # fmt: skip
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+@contextlib.contextmanager
+def _unless_out_of_memory() -> Iterator[None]:
+    """Out of memory for a prompt's copy (CUDA's error, or the CPU allocator's RuntimeError),
+    the stream goes on without the store; other errors raise."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        log.warning("the flow's prompt store could not copy a prompt: %s", exc)
 
 
 def _prompt_key(r: FlowInput) -> bytes:

@@ -7,6 +7,7 @@ and turns the model's outputs into the scheduler's events.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,8 @@ import cosyvoice
 from cosyvoice.frontend import IncrementalSplitter
 from cosyvoice.utterance import Output, Status, Utterance
 from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
+
+log = logging.getLogger("rtserver.cosyvoice")
 
 
 class _WholeText:
@@ -75,7 +78,13 @@ class CosyVoiceEngine:
         return [self._speaker(n) for n in self.model.speakers.list()]
 
     def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
+        """Off the inference thread. A speaker registered is about to be used: its prompt's
+        part of the flow state is computed now, so its first stream starts past it too."""
         self.model.speakers.register(spk_id, audio, prompt_text)
+        try:
+            self.model.keep_prompt(spk_id)
+        except Exception:  # the speaker is registered all the same; its streams compute it
+            log.exception("could not keep the prompt of speaker %r", spk_id)
         return self._speaker(spk_id)
 
     def prompt_speaker(
@@ -134,6 +143,10 @@ class CosyVoiceEngine:
 
     def held(self) -> dict[str, int]:
         return self.model.held()
+
+    def stats(self) -> dict[str, int]:
+        """Read at scrape time, off the inference thread: counts only."""
+        return self.model.stats()
 
     def release(self, job: Job) -> None:
         if job.engine_state is not None:

@@ -305,6 +305,41 @@ def test_a_prompted_stream_starts_past_its_speakers_saved_prompt(parts):
     assert flow.pool.held == 0
 
 
+def test_a_prompt_kept_ahead_serves_the_first_stream(parts):
+    """keep_prompt (a speaker registered to be used) computes the prompt's part at once: its
+    very first stream copies it in and makes the chunk a stream computing it would. Asked
+    again it computes nothing; an SFT speaker and a store without budget keep nothing."""
+    flow, hift, spk = parts
+    sft, prompted = _speakers(spk)
+    toks = _tokens(60, 15, flow.cfg.vocab_size)
+    flow.prompts.clear()
+    t2w = make_token2wav(flow, hift)
+    _, cold = _first_call_frames(flow, t2w, prompted, toks)
+    assert len(flow.prompts) == 0
+    calls: list[int] = []
+    hook = flow.decoder.estimator.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert t2w.keep_prompt(*prompted) and len(flow.prompts) == 1
+        ran = len(calls)
+        assert t2w.keep_prompt(*prompted) and len(calls) == ran  # kept already
+    finally:
+        hook.remove()
+    assert ran == flow.cfg.n_timesteps  # one flow call, over the prompt's part
+    pad = -prompted[1].numel() % 25  # the first hop ends on the chunk grid
+    rest = 2 * (prompted[1].numel() - 50 + 25 + pad)
+    frames, warm = _first_call_frames(flow, t2w, prompted, toks)
+    assert frames == [rest] and flow.prompts.hits == 1
+    assert_close(warm, cold, WAVE_TOL, what="the first chunk from a prompt kept ahead")
+    assert not t2w.keep_prompt(sft[0], torch.zeros(0, dtype=torch.long), torch.zeros(0, 80))
+    flow.prompts.budget, kept = 0, flow.prompts.budget
+    try:
+        flow.prompts.clear()
+        assert not t2w.keep_prompt(*prompted) and len(flow.prompts) == 0
+    finally:
+        flow.prompts.budget = kept
+    assert flow.pool.held == 0
+
+
 def test_the_prompt_store_keeps_what_its_budget_holds(parts):
     """Keyed by the prompt's content (another x-vector is another entry); past the budget the
     least recently used goes; a prompt larger than the whole budget is not kept."""

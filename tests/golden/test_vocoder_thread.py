@@ -5,7 +5,9 @@ mid-vocoding release everything."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import threading
 import time
 
 import numpy as np
@@ -190,3 +192,34 @@ def test_close_keeps_the_audio_in_flight(golden_dir, tmp_path_factory, inline):
     x, y = (torch.cat([o.audio for o in s]).numpy() for s in (expected, outs))
     assert x.shape == y.shape
     np.testing.assert_allclose(y, x, atol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["inline", "threaded"])
+def test_a_prompt_is_kept_where_flow_calls_run(mode, request, monkeypatch):
+    """keep_prompt may come from any thread (the server's registration): with the vocoder
+    thread it runs there, after the batch in flight; inline it waits for the step's flow
+    call to end. Either way the speaker's next stream starts from it."""
+    model = request.getfixturevalue(mode)
+    flow = model.token2wav.flow
+    flow.prompts.clear()
+    ran_on: list[str] = []
+    keep = flow.keep_prompt
+    monkeypatch.setattr(flow, "keep_prompt",
+                        lambda r: ran_on.append(threading.current_thread().name) or keep(r))  # fmt: skip
+    with model._flow_lock if mode == "inline" else contextlib.nullcontext():
+        asked = threading.Thread(target=model.keep_prompt, args=("zs_spk1",))
+        asked.start()
+        if mode == "inline":  # waits for the flow call holding the lock
+            asked.join(timeout=0.5)
+            assert asked.is_alive() and len(flow.prompts) == 0
+    asked.join(timeout=60)
+    assert len(flow.prompts) == 1 and len(ran_on) == 1
+    assert ran_on[0].startswith("cosyvoice-vocoder") == (mode == "threaded")
+    u = model.start("zs_spk1", seed=3, fixed_tokens=2 * TOKENS)  # past the first hop
+    model.add_text(u, "A kept voice.")
+    model.close_text(u)
+    while u.status is not Status.FINISHED:
+        model.step([u])
+    assert flow.prompts.hits == 1 and flow.prompts.misses == 0
+    assert model.stats()["prompts"] == 1
+    _settle(model)
