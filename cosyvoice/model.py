@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -21,7 +22,7 @@ from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
-from .speakers import Speaker, SpeakerStore
+from .speakers import Speaker, SpeakerError, SpeakerStore
 from .utterance import Output, Status, TextRun, Utterance
 
 log = logging.getLogger("cosyvoice")
@@ -471,6 +472,22 @@ class CosyVoiceModel:
         graphs = getattr(self.token2wav.flow, "graphs", None) if self.token2wav else None
         if graphs is not None and graphs.capture:
             self.token2wav.warm(graphs.batches)
+        self._keep_prompts()
+
+    def _keep_prompts(self) -> None:
+        """The zero-shot speakers' prompts into the flow's store (:meth:`keep_prompt`), as many
+        as it holds without pushing one out: after a restart their first streams start past
+        their prompts again."""
+        store = getattr(getattr(self.token2wav, "flow", None), "prompts", None)
+        if store is None:
+            return
+        for name in self.speakers.list():
+            if len(store) and store.nbytes / len(store) > store.budget - store.nbytes:
+                break  # the next would push one out
+            with contextlib.suppress(SpeakerError):  # deleted meanwhile (a shared dir)
+                spk = self.speakers.get(name)
+                if spk.zero_shot:
+                    self.keep_prompt(spk)
 
     def new_request(
         self,

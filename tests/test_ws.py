@@ -297,6 +297,31 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
     server.assert_idle()  # the socket closed: its contexts were dropped
 
 
+def test_barge_in_at_the_context_limit_starts_the_new_context(server):
+    """A socket with every context open cancels one and starts another in the same breath
+    (barge-in): the new one starts once the cancelled one has ended, not refused."""
+
+    async def go():
+        async with websockets.connect(f"{server.ws_url}/ws/tts", compression=None) as ws:
+            ready = json.loads(await ws.recv())
+            n = ready["max_contexts"]
+            for i in range(n):
+                await ws.send(json.dumps({"type": "start", "context_id": f"k{i}",
+                                          "spk_id": "joe", "text": LONG}))  # fmt: skip
+            await ws.send(json.dumps({"type": "cancel", "context_id": "k0"}))
+            await ws.send(json.dumps({"type": "start", "context_id": "new", "spk_id": "joe",
+                                      "text": "Sorry, go on."}))  # fmt: skip
+            got: dict[str, list[str]] = {"k0": [], "new": []}  # event types (error: code)
+            while "cancelled" not in got["k0"] or not got["new"]:
+                msg = await ws.recv()
+                if isinstance(msg, str) and (e := json.loads(msg)).get("context_id") in got:
+                    got[e["context_id"]].append(e.get("code", e["type"]))
+            assert got["new"] == ["started"]
+
+    run(go())
+    server.assert_idle()
+
+
 def test_client_error_helpers_raise(server):
     async def go():
         async with TTSClient(server.base_url) as client, client.connect() as conn:

@@ -90,6 +90,8 @@ _LOOP_SHARE = 0.2
 _CONTENDED_IDLE_S = 5.0
 _BURST_S = 0.5
 _GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
+CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
+
 _START_ERRORS = {
     UnknownSpeaker: "unknown_speaker",
     UnsupportedFormat: "unsupported_format",
@@ -328,6 +330,8 @@ class WsSession:
             await self._error("duplicate_context", f"context {cid!r} is already open", cid)
             return
         if len(self.contexts) >= self.settings.max_contexts:
+            await self._let_cancelled_end()
+        if len(self.contexts) >= self.settings.max_contexts:
             limit = self.settings.max_contexts
             await self._error("too_many_contexts", f"{limit} contexts already open", cid)
             return
@@ -361,6 +365,14 @@ class WsSession:
         ctx.pump = asyncio.create_task(self._pump(ctx), name=f"pump-{cid}")
         if msg.text:
             await self._append(ctx, msg.text)
+
+    async def _let_cancelled_end(self) -> None:
+        """Barge-in sends `cancel` and a new `start` at once. A cancelled context ends (and
+        gives back its stream) once the scheduler has dropped its job, within a step: a start
+        at the limit waits for those, a bounded time, instead of being refused."""
+        ending = [c.pump for c in self.contexts.values() if c.cancelled and c.pump]
+        if ending:
+            await asyncio.wait(ending, timeout=CANCEL_WAIT_S)
 
     async def _append(self, ctx: Context, text: str) -> None:
         if not text:

@@ -262,3 +262,26 @@ def test_v1_instruct_prompts_the_llm_with_the_instruction_and_no_voice(golden_di
     assert own.prompt_text_ids == m.frontend.encode(
         m.frontend.normalize("Speak fast.<endofprompt>")
     )
+
+
+def test_warm_up_keeps_the_zero_shot_prompts_that_fit(golden_dir, tmp_path, monkeypatch):
+    """After a restart a zero-shot speaker's first stream starts past its prompt again: the
+    warm-up keeps the prompts of the zero-shot speakers (the built-in one and two registered,
+    equal parts), as many as the flow's store holds without pushing one out."""
+    m = _load(_v2_dir(golden_dir), tmp_path)
+    for i, amp in enumerate((0.2, 0.4)):
+        m.speakers.register(
+            f"v{i}", _encode(_tone(3.0, amp=amp), 24000, "wav", "pcm_s16le"), "你好。"
+        )
+    flow = m.token2wav.flow
+    m.warmup()
+    assert len(flow.prompts) == 3
+    one = flow.prompts.nbytes / 3
+    kept: list[int] = []
+    keep = flow.keep_prompt
+    monkeypatch.setattr(flow, "keep_prompt", lambda r: kept.append(1) or keep(r))
+    flow.prompts.clear()
+    flow.prompts.budget = 2.5 * one
+    m.warmup()
+    assert len(flow.prompts) == 2 and len(kept) == 2  # the third would push one out
+    assert flow.pool.held == 0
