@@ -342,13 +342,23 @@ class CosyVoiceModel:
         """Compute a zero-shot speaker's prompt part of the flow's state now and keep it, so
         that its streams start past the prompt from the first one (otherwise a prompt is kept
         from its second stream on): for a speaker registered to be used. False where nothing
-        is kept (no prompt, v1, a store too small for it). It runs where flow calls run, after
-        the batch being vocoded, on the vocoder thread when that is on; any thread may call.
-        (On a CPU that is seconds: the flow over the whole prompt, as a cold stream's first
-        chunk pays.)"""
+        is kept (no prompt, v1, a store too small for it). (On a CPU that is seconds: the flow
+        over the whole prompt, as a cold stream's first chunk pays.)"""
+        return self._where_flow_runs("keep_prompt", speaker)
+
+    def forget_prompt(self, speaker: str | Speaker) -> bool:
+        """Drop a zero-shot speaker's prompt from the flow's store (the speaker was deleted):
+        its memory goes now, and streams still speaking in that voice do not keep it again.
+        Whether it was kept."""
+        return self._where_flow_runs("forget_prompt", speaker)
+
+    def _where_flow_runs(self, op: str, speaker: str | Speaker) -> bool:
+        """Token2wav's ``op`` over a speaker's prompt, where flow calls run, after the batch
+        being vocoded: on the vocoder thread when that is on, else inline between the steps'
+        flow calls. Any thread may call (the server's registrations and deletions do)."""
         spk = self._voice(speaker)
-        keep = getattr(self.token2wav, "keep_prompt", None)
-        if keep is None or not spk.zero_shot:
+        fn = getattr(self.token2wav, op, None)
+        if fn is None or not spk.zero_shot:
             return False
         args = (
             spk.embedding,
@@ -356,9 +366,9 @@ class CosyVoiceModel:
             spk.prompt_feat,
         )
         if self.vocoder_thread:
-            return self._vocoder_pool().submit(self._on_vocoder_stream, keep, *args).result()
+            return self._vocoder_pool().submit(self._on_vocoder_stream, fn, *args).result()
         with self._flow_lock:
-            return keep(*args)
+            return fn(*args)
 
     def stats(self) -> dict[str, int]:
         """The flow's prompt store (v2/v3): prompts kept, their bytes, and streams that found

@@ -52,6 +52,7 @@ import dataclasses
 import math
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -355,11 +356,22 @@ class Token2Wav:
         """Compute a speaker's prompt part of a stream's flow state now and keep it in the
         flow's store (see ``FlowModel.keep_prompt``): its streams start past it from the
         first. Call it where :meth:`step` is called (one flow call at a time)."""
-        st = self.new_state(embedding, prompt_token, prompt_feat)
+        return self._on_prompt(self.flow.keep_prompt, embedding, prompt_token, prompt_feat)
+
+    def forget_prompt(
+        self, embedding: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor
+    ) -> bool:
+        """Drop a speaker's prompt from the flow's store (the speaker was deleted); called as
+        :meth:`keep_prompt` is."""
+        return self._on_prompt(self.flow.forget_prompt, embedding, prompt_token, prompt_feat)
+
+    def _on_prompt(self, fn: Callable[[FlowInput], bool], *speaker: torch.Tensor) -> bool:
+        """``fn`` over the first flow call of a stream of this speaker with no tokens yet."""
+        st = self.new_state(*speaker)
         if st.flow_cache is None:  # the bound keeps no state
             return False
         try:
-            return self.flow.keep_prompt(self._flow_input(_Job(st, 0, False, True)))
+            return fn(self._flow_input(_Job(st, 0, False, True)))
         finally:
             with self._cached_lock:
                 self._drop_cache(st)

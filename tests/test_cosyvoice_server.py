@@ -456,8 +456,8 @@ def test_inference_zero_shot_speaks_as_the_speaker_registered_from_that_recordin
 
 def test_a_registered_speaker_starts_from_its_kept_prompt_at_once(cv):
     """Registering a speaker computes its prompt's part of the flow state: the first segment
-    of its first stream copies it in too, as /metrics shows. (That the copy gives the
-    audio a computed prompt does: tests/golden/test_flow_cache.py.)"""
+    of its first stream copies it in too, as /metrics shows, and deleting the speaker frees
+    it. (That the copy gives the audio a computed prompt does: test_flow_cache.py.)"""
     before = scrape(cv)
     voice = prompt_wav(seconds=4.0, amplitude=0.45)  # a recording no other test keeps
     assert register(cv, "kept_ahead", voice).status_code == 201
@@ -474,6 +474,9 @@ def test_a_registered_speaker_starts_from_its_kept_prompt_at_once(cv):
         assert after[hits] > kept[hits] and after[misses] == kept[misses]  # every segment
     finally:
         assert httpx.delete(f"{cv.base_url}/speakers/kept_ahead").status_code == 204
+    gone = scrape(cv)  # deleted: what the flow kept of it goes too
+    assert gone["rtserver_flow_prompts"] == before["rtserver_flow_prompts"]
+    assert gone["rtserver_flow_prompt_bytes"] == before["rtserver_flow_prompt_bytes"]
     cv.assert_idle()
 
 

@@ -334,6 +334,15 @@ class PromptStore:
         while self.nbytes > self.budget:
             self.nbytes -= self._saved.popitem(last=False)[1].nbytes
 
+    def discard(self, key: bytes) -> bool:
+        """Forget a prompt (its speaker was deleted) and refuse it from now on, so that streams
+        still speaking in that voice do not keep it again. Whether it was kept."""
+        old = self._saved.pop(key, None)
+        self.refuse(key)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        return old is not None
+
     def clear(self) -> None:
         self._saved.clear()
         self._seen.clear()

@@ -329,6 +329,12 @@ class FlowModel(nn.Module):
                 self._keep(part, key, r.cache)
         return key in self.prompts
 
+    def forget_prompt(self, r: FlowInput) -> bool:
+        """Drop the prompt part of ``r`` (as for :meth:`keep_prompt`) from the store: its
+        speaker is gone. Whether it was kept."""
+        got = self._prompt_part(r)
+        return got is not None and self.prompts.discard(got[1])
+
     def _prompt_part(self, r: FlowInput) -> tuple[FlowInput, bytes] | None:
         """The part of a stream's first call that its prompt alone decides, with its key; None
         when there is none to keep. The part ends on a chunk of the encoder and of the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ class _WholeText:
     @property
     def pending(self) -> str:
         return self._buf
+
+
+def _quietly(op: Callable[[Any], bool], voice: Any) -> None:
+    """keep_prompt or forget_prompt: if it fails, the speaker is registered or deleted all the
+    same (its streams compute the prompt; LRU pushes it out), so only the log hears of it."""
+    try:
+        op(voice)
+    except Exception:
+        log.exception("%s failed for speaker %r", op.__name__, voice.name)
 
 
 def _raw_sentence(text: str) -> list[str]:
@@ -80,11 +90,8 @@ class CosyVoiceEngine:
     def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
         """Off the inference thread. A speaker registered is about to be used: its prompt's
         part of the flow state is computed now, so its first stream starts past it too."""
-        self.model.speakers.register(spk_id, audio, prompt_text)
-        try:
-            self.model.keep_prompt(spk_id)
-        except Exception:  # the speaker is registered all the same; its streams compute it
-            log.exception("could not keep the prompt of speaker %r", spk_id)
+        voice = self.model.speakers.register(spk_id, audio, prompt_text)
+        _quietly(self.model.keep_prompt, voice)
         return self._speaker(spk_id)
 
     def prompt_speaker(
@@ -103,7 +110,10 @@ class CosyVoiceEngine:
         return replace(speaker, voice=voice)
 
     def delete_speaker(self, spk_id: str) -> None:
+        """Off the inference thread. What the flow kept of its prompt goes too."""
+        voice = self.model.speakers.get(spk_id)
         self.model.speakers.delete(spk_id)
+        _quietly(self.model.forget_prompt, voice)
 
     def segmenter(self, incremental: bool):
         return IncrementalSplitter(_raw_sentence) if incremental else _WholeText()

@@ -308,7 +308,8 @@ def test_a_prompted_stream_starts_past_its_speakers_saved_prompt(parts):
 def test_a_prompt_kept_ahead_serves_the_first_stream(parts):
     """keep_prompt (a speaker registered to be used) computes the prompt's part at once: its
     very first stream copies it in and makes the chunk a stream computing it would. Asked
-    again it computes nothing; an SFT speaker and a store without budget keep nothing."""
+    again it computes nothing; an SFT speaker and a store without budget keep nothing.
+    forget_prompt (the speaker deleted) frees it for good."""
     flow, hift, spk = parts
     sft, prompted = _speakers(spk)
     toks = _tokens(60, 15, flow.cfg.vocab_size)
@@ -331,6 +332,11 @@ def test_a_prompt_kept_ahead_serves_the_first_stream(parts):
     assert frames == [rest] and flow.prompts.hits == 1
     assert_close(warm, cold, WAVE_TOL, what="the first chunk from a prompt kept ahead")
     assert not t2w.keep_prompt(sft[0], torch.zeros(0, dtype=torch.long), torch.zeros(0, 80))
+    assert t2w.forget_prompt(*prompted) and (len(flow.prompts), flow.prompts.nbytes) == (0, 0)
+    assert not t2w.forget_prompt(*prompted)
+    for _ in range(2):  # a stream still speaking in a deleted voice does not keep it again
+        _first_call_frames(flow, t2w, prompted, toks)
+    assert len(flow.prompts) == 0
     flow.prompts.budget, kept = 0, flow.prompts.budget
     try:
         flow.prompts.clear()
