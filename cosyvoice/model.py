@@ -8,7 +8,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -321,11 +321,14 @@ class CosyVoiceModel:
 
     def _vocoder_pool(self) -> ThreadPoolExecutor:
         with self._flow_lock:  # keep_prompt may come from another thread
-            if self._vocoder is None:
-                self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="cosyvoice-vocoder")
-                if self.device.type == "cuda":
-                    self._vocoder_stream = torch.cuda.Stream(self.device)
-            return self._vocoder
+            return self._vocoder_pool_locked()
+
+    def _vocoder_pool_locked(self) -> ThreadPoolExecutor:
+        if self._vocoder is None:
+            self._vocoder = ThreadPoolExecutor(1, thread_name_prefix="cosyvoice-vocoder")
+            if self.device.type == "cuda":
+                self._vocoder_stream = torch.cuda.Stream(self.device)
+        return self._vocoder
 
     def _vocode(self, items: list) -> list:
         """On the vocoder thread: the flow and HiFT of one batch, queued on the thread's own
@@ -341,34 +344,43 @@ class CosyVoiceModel:
     def keep_prompt(self, speaker: str | Speaker) -> bool:
         """Compute a zero-shot speaker's prompt part of the flow's state now and keep it, so
         that its streams start past the prompt from the first one (otherwise a prompt is kept
-        from its second stream on): for a speaker registered to be used. False where nothing
-        is kept (no prompt, v1, a store too small for it). (On a CPU that is seconds: the flow
-        over the whole prompt, as a cold stream's first chunk pays.)"""
-        return self._where_flow_runs("keep_prompt", speaker)
+        from its second stream on): for a speaker registered to be used. Only into room the
+        store has. False where nothing is kept (no prompt, v1, no room). The prompt goes
+        through the flow a chunk per call, each where flow calls run, with the steps' flow
+        calls free to run between (on a CPU a 10 s prompt takes many seconds)."""
+        args = self._prompt_args(speaker)
+        if args is None or not hasattr(self.token2wav, "keep_prompt"):
+            return False
+        pieces = self.token2wav.keep_prompt(*args)
+        while (kept := self._where_flow_runs(_next_piece, pieces)) is None:
+            pass
+        return kept
 
     def forget_prompt(self, speaker: str | Speaker) -> bool:
         """Drop a zero-shot speaker's prompt from the flow's store (the speaker was deleted):
-        its memory goes now, and streams still speaking in that voice do not keep it again.
-        Whether it was kept."""
-        return self._where_flow_runs("forget_prompt", speaker)
-
-    def _where_flow_runs(self, op: str, speaker: str | Speaker) -> bool:
-        """Token2wav's ``op`` over a speaker's prompt, where flow calls run, after the batch
-        being vocoded: on the vocoder thread when that is on, else inline between the steps'
-        flow calls. Any thread may call (the server's registrations and deletions do)."""
-        spk = self._voice(speaker)
-        fn = getattr(self.token2wav, op, None)
-        if fn is None or not spk.zero_shot:
+        its memory goes now. Whether it was kept."""
+        args = self._prompt_args(speaker)
+        if args is None or not hasattr(self.token2wav, "forget_prompt"):
             return False
-        args = (
-            spk.embedding,
-            torch.tensor(spk.prompt_speech_tokens, dtype=torch.long),
-            spk.prompt_feat,
-        )
-        if self.vocoder_thread:
-            return self._vocoder_pool().submit(self._on_vocoder_stream, fn, *args).result()
+        return self._where_flow_runs(self.token2wav.forget_prompt, *args)
+
+    def _prompt_args(self, speaker: str | Speaker) -> tuple[torch.Tensor, ...] | None:
+        """What token2wav needs of a speaker's prompt; None for a speaker without one."""
+        spk = self._voice(speaker)
+        if not spk.zero_shot:
+            return None
+        tokens = torch.tensor(spk.prompt_speech_tokens, dtype=torch.long)
+        return spk.embedding, tokens, spk.prompt_feat
+
+    def _where_flow_runs(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` where flow calls run: on the vocoder thread when that is on (after
+        the batch being vocoded), else here between the steps' flow calls. Any thread may
+        call (the server's registrations and deletions do); :meth:`close` may come between."""
         with self._flow_lock:
-            return fn(*args)
+            if not self.vocoder_thread:
+                return fn(*args)
+            job = self._vocoder_pool_locked().submit(self._on_vocoder_stream, fn, *args)
+        return job.result()
 
     def stats(self) -> dict[str, int]:
         """The flow's prompt store (v2/v3): prompts kept, their bytes, and streams that found
@@ -403,9 +415,12 @@ class CosyVoiceModel:
     def close(self) -> None:
         """Stop the vocoder thread (after its batches in flight, whose audio goes out with the
         next step); the model stays usable inline."""
-        if self._vocoder is not None:
-            self._vocoder.shutdown(wait=True)
-            self._vocoder, self.vocoder_thread = None, False
+        with self._flow_lock:  # a keep_prompt from another thread goes on inline after
+            if self._vocoder is not None:
+                self._vocoder.shutdown(wait=True)
+                if self._vocoder_stream is not None:  # what it wrote, before others read it
+                    torch.cuda.current_stream(self.device).wait_stream(self._vocoder_stream)
+                self._vocoder, self.vocoder_thread = None, False
         self._collect(wait=False)  # all done now
 
     def _to_vocode(
@@ -486,18 +501,11 @@ class CosyVoiceModel:
 
     def _keep_prompts(self) -> None:
         """The zero-shot speakers' prompts into the flow's store (:meth:`keep_prompt`), as many
-        as it holds without pushing one out: after a restart their first streams start past
-        their prompts again."""
-        store = getattr(getattr(self.token2wav, "flow", None), "prompts", None)
-        if store is None:
-            return
+        as it has room for: after a restart their first streams start past their prompts
+        again."""
         for name in self.speakers.list():
-            if len(store) and store.nbytes / len(store) > store.budget - store.nbytes:
-                break  # the next would push one out
             with contextlib.suppress(SpeakerError):  # deleted meanwhile (a shared dir)
-                spk = self.speakers.get(name)
-                if spk.zero_shot:
-                    self.keep_prompt(spk)
+                self.keep_prompt(name)
 
     def new_request(
         self,
@@ -591,6 +599,15 @@ class CosyVoiceModel:
         return LLMRequest.streaming(
             prompt_text, prompt_speech, seed=seed, greedy=greedy, eop_id=eop
         )
+
+
+def _next_piece(pieces: Generator[None, None, bool]) -> bool | None:
+    """One step of a generator that works in pieces: None while it goes on, then its result."""
+    try:
+        next(pieces)
+    except StopIteration as done:
+        return bool(done.value)
+    return None
 
 
 @dataclass

@@ -52,7 +52,7 @@ import dataclasses
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -352,29 +352,39 @@ class Token2Wav:
 
     def keep_prompt(
         self, embedding: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor
-    ) -> bool:
+    ) -> Generator[None, None, bool]:
         """Compute a speaker's prompt part of a stream's flow state now and keep it in the
         flow's store (see ``FlowModel.keep_prompt``): its streams start past it from the
-        first. Call it where :meth:`step` is called (one flow call at a time)."""
-        return self._on_prompt(self.flow.keep_prompt, embedding, prompt_token, prompt_feat)
+        first. A generator: each ``next()`` is one bounded flow call; drive it where
+        :meth:`step` is called, letting steps run between. Returns whether it is kept."""
+        st = self.new_state(embedding, prompt_token, prompt_feat)
+        if st.flow_cache is None:  # the bound keeps no state
+            return False
+        try:
+            return (yield from self.flow.keep_prompt(self._first_input(st)))
+        finally:
+            self._release(st)
 
     def forget_prompt(
         self, embedding: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor
     ) -> bool:
-        """Drop a speaker's prompt from the flow's store (the speaker was deleted); called as
-        :meth:`keep_prompt` is."""
-        return self._on_prompt(self.flow.forget_prompt, embedding, prompt_token, prompt_feat)
-
-    def _on_prompt(self, fn: Callable[[FlowInput], bool], *speaker: torch.Tensor) -> bool:
-        """``fn`` over the first flow call of a stream of this speaker with no tokens yet."""
-        st = self.new_state(*speaker)
-        if st.flow_cache is None:  # the bound keeps no state
+        """Drop a speaker's prompt from the flow's store (the speaker was deleted); called
+        where :meth:`step` is called."""
+        st = self.new_state(embedding, prompt_token, prompt_feat)
+        if st.flow_cache is None:
             return False
         try:
-            return fn(self._flow_input(_Job(st, 0, False, True)))
+            return self.flow.forget_prompt(self._first_input(st))
         finally:
-            with self._cached_lock:
-                self._drop_cache(st)
+            self._release(st)
+
+    def _first_input(self, st: Token2WavState) -> FlowInput:
+        """A stream's first flow call before it has any token: what its prompt alone decides."""
+        return self._flow_input(_Job(st, 0, False, True))
+
+    def _release(self, st: Token2WavState) -> None:
+        with self._cached_lock:
+            self._drop_cache(st)
 
     def _chunks(self, b: int, hops: int) -> None:
         """The first ``hops`` chunks of ``b`` streams of silence, together."""

@@ -178,6 +178,8 @@ class TTSService:
         if hasattr(engine, "stats"):
             self.scheduler.metrics.watch_engine(engine.stats)
         self._registering: set[str] = set()  # names being registered now
+        self._keeping = asyncio.Lock()  # registered speakers' prompts kept one at a time
+        self._keeps: set[asyncio.Task] = set()
         # prompts being analysed now (registrations among them), upload bodies being read now
         self._extractions = Gate(MAX_EXTRACTING, "prompt recordings are being analysed")
         self._uploads = Gate(MAX_UPLOADS, "uploads are being received")
@@ -279,13 +281,34 @@ class TTSService:
         with self._extracting():
             self._registering.add(spk_id)
             try:
-                return await in_own_thread(lambda: register(spk_id, audio, prompt_text))
+                speaker = await in_own_thread(lambda: register(spk_id, audio, prompt_text))
             except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
                 # Another replica sharing the speaker dir may have taken the name meanwhile.
                 taken = any(s.id == spk_id for s in self.engine.speakers())
                 raise SpeakerRefused(str(exc), 409 if taken else 400) from exc
             finally:
                 self._registering.discard(spk_id)
+        self._keep_prompt_soon(spk_id)
+        return speaker
+
+    def _keep_prompt_soon(self, spk_id: str) -> None:
+        """After a registration has answered, the engine keeps what the speaker's first stream
+        would compute (CosyVoice: its prompt's flow state; seconds on a CPU): in the
+        background, one speaker at a time, outside the gate for prompt analysis."""
+        keep = getattr(self.engine, "keep_prompt", None)
+        if keep is None:
+            return
+
+        async def kept() -> None:
+            async with self._keeping:
+                try:
+                    await in_own_thread(lambda: keep(spk_id))
+                except Exception:  # the speaker speaks all the same; its streams compute it
+                    log.exception("could not keep the prompt of speaker %r", spk_id)
+
+        task = asyncio.get_running_loop().create_task(kept(), name=f"keep-{spk_id}")
+        self._keeps.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._keeps.discard)
 
     async def prompt_speaker(
         self, audio: bytes, prompt_text: str | None, instruction: str | None = None

@@ -299,7 +299,8 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
 
 def test_barge_in_at_the_context_limit_starts_the_new_context(server):
     """A socket with every context open cancels one and starts another in the same breath
-    (barge-in): the new one starts once the cancelled one has ended, not refused."""
+    (barge-in): the new one starts once the cancelled one has ended, not refused; so does a
+    start that reuses the cancelled context's id."""
 
     async def go():
         async with websockets.connect(f"{server.ws_url}/ws/tts", compression=None) as ws:
@@ -317,6 +318,16 @@ def test_barge_in_at_the_context_limit_starts_the_new_context(server):
                 if isinstance(msg, str) and (e := json.loads(msg)).get("context_id") in got:
                     got[e["context_id"]].append(e.get("code", e["type"]))
             assert got["new"] == ["started"]
+            # the same with the cancelled context's id
+            await ws.send(json.dumps({"type": "cancel", "context_id": "k1"}))
+            await ws.send(json.dumps({"type": "start", "context_id": "k1", "spk_id": "joe",
+                                      "text": "Again."}))  # fmt: skip
+            k1: list[str] = []  # the old k1's last events, then the new one's
+            while "duplicate_context" not in k1 and k1[-1:] != ["started"]:
+                msg = await ws.recv()
+                if isinstance(msg, str) and (e := json.loads(msg)).get("context_id") == "k1":
+                    k1.append(e.get("code", e["type"]))
+            assert k1[-2:] == ["cancelled", "started"], k1
 
     run(go())
     server.assert_idle()

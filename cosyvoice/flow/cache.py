@@ -102,6 +102,7 @@ class FlowPool:
         self.tails: dict[Hashable, torch.Tensor] = {}
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)  # over every layer's K and V
         self.slot_bytes = 0  # over every convolution's tails
+        self._known_bytes = (self.position_bytes, 0)  # the two, as before the last shrink
         self._returned: deque[tuple[dict[str, list[int]], list[int]]] = deque()
         self.keep = False  # never shrink (set while CUDA graphs hold the tensors' addresses)
         self.resets = 0
@@ -184,8 +185,18 @@ class FlowPool:
         self.kv.clear()
         self.tails.clear()
         self.resets += 1
+        if any(self.position_bytes.values()):  # the layers stay as they were: for bytes_for
+            self._known_bytes = (self.position_bytes, self.slot_bytes)
         self.position_bytes = dict.fromkeys(RESOLUTIONS, 0)
         self.slot_bytes = 0
+
+    def bytes_for(self, tokens: int, frames: int) -> int:
+        """What a copy of a cache with these positions takes (0 before the first call: the
+        pool does not know its layers yet)."""
+        pb, sb = self.position_bytes, self.slot_bytes
+        if not any(pb.values()):  # shrunk since
+            pb, sb = self._known_bytes
+        return sb + tokens * pb["tokens"] + frames * pb["frames"]
 
     def _positions(self, cache: FlowCache, res: str, n: int, device) -> torch.Tensor:
         """Where positions [0, n) of ``cache`` live in the layers' tensors."""
@@ -334,11 +345,14 @@ class PromptStore:
         while self.nbytes > self.budget:
             self.nbytes -= self._saved.popitem(last=False)[1].nbytes
 
+    def has_room(self, nbytes: int) -> bool:
+        """Whether this much more fits without pushing anything out."""
+        return self.nbytes + nbytes <= self.budget
+
     def discard(self, key: bytes) -> bool:
-        """Forget a prompt (its speaker was deleted) and refuse it from now on, so that streams
-        still speaking in that voice do not keep it again. Whether it was kept."""
+        """Forget a prompt (its speaker was deleted; another speaker made from the same
+        recording keeps it again from its second stream). Whether it was kept."""
         old = self._saved.pop(key, None)
-        self.refuse(key)
         if old is not None:
             self.nbytes -= old.nbytes
         return old is not None

@@ -12,7 +12,8 @@ import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -316,18 +317,48 @@ class FlowModel(nn.Module):
                 self._keep(part, key, r.cache)
 
     @torch.inference_mode()
-    def keep_prompt(self, r: FlowInput) -> bool:
+    def keep_prompt(self, r: FlowInput) -> Generator[None, None, bool]:
         """Compute the prompt part of ``r`` (a stream's first call, no tokens yet, over an
         empty cache) and keep it now, without waiting for its second stream: a speaker
-        registered to be used. Whether it is kept (not when too large or out of memory)."""
+        registered to be used. Only into room the store has (what streams use decides what
+        it pushes out), and not at all when the estimate says there is none.
+
+        A generator: each ``next()`` is one flow call over the next piece of the prompt (one
+        chunk of the encoder and of the estimator), so a caller can let other flow calls run
+        between (on a CPU a 10 s prompt is many seconds). Returns whether it is kept."""
         got = self._prompt_part(r)
         if got is None:
             return False
         part, key = got
-        if key not in self.prompts:
-            with _unless_out_of_memory():
-                self._keep(part, key, r.cache)
+        if key in self.prompts:
+            return True
+        n, ratio, la = (
+            self._prompt_tokens(part),
+            self.cfg.token_mel_ratio,
+            self.cfg.pre_lookahead_len,
+        )
+        if not self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):
+            return False
+        step = self._piece_tokens()
+        with _unless_out_of_memory():
+            for end in range(step, n + 1, step):
+                piece = replace(part, prompt_token=part.prompt_token[: end + la],
+                                prompt_feat=part.prompt_feat[: end * ratio])  # fmt: skip
+                self._call([piece], prompts=False)
+                yield
+            if self.prompts.has_room(r.cache.nbytes):
+                self.prompts.put(key, self.pool.snapshot(r.cache))
         return key in self.prompts
+
+    def _prompt_tokens(self, part: FlowInput) -> int:
+        """The positions a prompt part makes final (its look-ahead tokens are past them)."""
+        return part.prompt_token.numel() - self.cfg.pre_lookahead_len
+
+    def _piece_tokens(self) -> int:
+        """The fewest tokens a call over a cache can end on: whole chunks of the encoder whose
+        frames are whole chunks of the estimator."""
+        chunk, est = self.cfg.chunk_size, max(self.cfg.est_chunk, 1)
+        return math.lcm(chunk * self.cfg.token_mel_ratio, est) // self.cfg.token_mel_ratio
 
     def forget_prompt(self, r: FlowInput) -> bool:
         """Drop the prompt part of ``r`` (as for :meth:`keep_prompt`) from the store: its

@@ -326,11 +326,10 @@ class WsSession:
 
     async def _start(self, msg: Start) -> None:
         cid = msg.context_id
+        await self._let_cancelled_end(cid)
         if cid in self.contexts:
             await self._error("duplicate_context", f"context {cid!r} is already open", cid)
             return
-        if len(self.contexts) >= self.settings.max_contexts:
-            await self._let_cancelled_end()
         if len(self.contexts) >= self.settings.max_contexts:
             limit = self.settings.max_contexts
             await self._error("too_many_contexts", f"{limit} contexts already open", cid)
@@ -366,13 +365,23 @@ class WsSession:
         if msg.text:
             await self._append(ctx, msg.text)
 
-    async def _let_cancelled_end(self) -> None:
+    async def _let_cancelled_end(self, cid: str) -> None:
         """Barge-in sends `cancel` and a new `start` at once. A cancelled context ends (and
         gives back its stream) once the scheduler has dropped its job, within a step: a start
-        at the limit waits for those, a bounded time, instead of being refused."""
-        ending = [c.pump for c in self.contexts.values() if c.cancelled and c.pump]
-        if ending:
-            await asyncio.wait(ending, timeout=CANCEL_WAIT_S)
+        at the limit, or reusing a cancelled context's id, waits for that (up to
+        CANCEL_WAIT_S) instead of being refused. The socket's later messages wait with it,
+        in order; the wait is not the socket's loop time."""
+        began = time.perf_counter()
+        deadline = began + CANCEL_WAIT_S
+        while (left := deadline - time.perf_counter()) > 0:
+            old = self.contexts.get(cid)
+            full = len(self.contexts) >= self.settings.max_contexts
+            waits_on = [old] if old is not None else list(self.contexts.values()) if full else []
+            ending = [c.pump for c in waits_on if c.cancelled and c.pump and not c.pump.done()]
+            if not ending:
+                break
+            await asyncio.wait(ending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        self._waited += time.perf_counter() - began
 
     async def _append(self, ctx: Context, text: str) -> None:
         if not text:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,6 @@ class _WholeText:
     @property
     def pending(self) -> str:
         return self._buf
-
-
-def _quietly(op: Callable[[Any], bool], voice: Any) -> None:
-    """keep_prompt or forget_prompt: if it fails, the speaker is registered or deleted all the
-    same (its streams compute the prompt; LRU pushes it out), so only the log hears of it."""
-    try:
-        op(voice)
-    except Exception:
-        log.exception("%s failed for speaker %r", op.__name__, voice.name)
 
 
 def _raw_sentence(text: str) -> list[str]:
@@ -88,11 +78,22 @@ class CosyVoiceEngine:
         return [self._speaker(n) for n in self.model.speakers.list()]
 
     def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
-        """Off the inference thread. A speaker registered is about to be used: its prompt's
-        part of the flow state is computed now, so its first stream starts past it too."""
-        voice = self.model.speakers.register(spk_id, audio, prompt_text)
-        _quietly(self.model.keep_prompt, voice)
+        self.model.speakers.register(spk_id, audio, prompt_text)
         return self._speaker(spk_id)
+
+    def keep_prompt(self, spk_id: str) -> bool:
+        """Off the inference thread, after a registration: a speaker registered is about to
+        be used, so its prompt's part of the flow state is computed now and its first stream
+        starts past it too. A speaker deleted meanwhile leaves nothing kept."""
+        try:
+            voice = self.model.speakers.get(spk_id)
+        except KeyError:  # deleted already
+            return False
+        kept = self.model.keep_prompt(voice)
+        if kept and spk_id not in self.model.speakers:  # its deletion's forget came first
+            self.model.forget_prompt(voice)
+            return False
+        return kept
 
     def prompt_speaker(
         self, audio: bytes, prompt_text: str | None, instruction: str | None = None
@@ -113,7 +114,10 @@ class CosyVoiceEngine:
         """Off the inference thread. What the flow kept of its prompt goes too."""
         voice = self.model.speakers.get(spk_id)
         self.model.speakers.delete(spk_id)
-        _quietly(self.model.forget_prompt, voice)
+        try:
+            self.model.forget_prompt(voice)
+        except Exception:  # deleted all the same; the store's LRU pushes the prompt out
+            log.exception("could not drop the kept prompt of speaker %r", spk_id)
 
     def segmenter(self, incremental: bool):
         return IncrementalSplitter(_raw_sentence) if incremental else _WholeText()

@@ -305,11 +305,23 @@ def test_a_prompted_stream_starts_past_its_speakers_saved_prompt(parts):
     assert flow.pool.held == 0
 
 
+def _kept(pieces) -> tuple[bool, int]:
+    """Drive keep_prompt's pieces: whether it kept the prompt, and how many flow calls."""
+    n = 0
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value, n
+        n += 1
+
+
 def test_a_prompt_kept_ahead_serves_the_first_stream(parts):
-    """keep_prompt (a speaker registered to be used) computes the prompt's part at once: its
-    very first stream copies it in and makes the chunk a stream computing it would. Asked
-    again it computes nothing; an SFT speaker and a store without budget keep nothing.
-    forget_prompt (the speaker deleted) frees it for good."""
+    """keep_prompt (a speaker registered to be used) computes the prompt's part at once, a
+    chunk per call (60 tokens: two of 25): its very first stream copies it in and makes the
+    chunk a stream computing it would. Asked again it computes nothing; an SFT speaker and a
+    store without budget keep nothing; without room it computes nothing either.
+    forget_prompt (the speaker deleted) frees it."""
     flow, hift, spk = parts
     sft, prompted = _speakers(spk)
     toks = _tokens(60, 15, flow.cfg.vocab_size)
@@ -320,27 +332,31 @@ def test_a_prompt_kept_ahead_serves_the_first_stream(parts):
     calls: list[int] = []
     hook = flow.decoder.estimator.register_forward_hook(lambda *_: calls.append(1))
     try:
-        assert t2w.keep_prompt(*prompted) and len(flow.prompts) == 1
-        ran = len(calls)
-        assert t2w.keep_prompt(*prompted) and len(calls) == ran  # kept already
+        assert _kept(t2w.keep_prompt(*prompted)) == (True, 2) and len(flow.prompts) == 1
+        assert len(calls) == 2 * flow.cfg.n_timesteps
+        assert _kept(t2w.keep_prompt(*prompted)) == (True, 0)  # kept already
+        other = (-prompted[0], *prompted[1:])
+        flow.prompts.budget, budget = 1.5 * flow.prompts.nbytes, flow.prompts.budget
+        assert _kept(t2w.keep_prompt(*other)) == (False, 0)  # no room: nothing computed
+        flow.prompts.budget = budget
+        assert len(calls) == 2 * flow.cfg.n_timesteps
     finally:
         hook.remove()
-    assert ran == flow.cfg.n_timesteps  # one flow call, over the prompt's part
     pad = -prompted[1].numel() % 25  # the first hop ends on the chunk grid
     rest = 2 * (prompted[1].numel() - 50 + 25 + pad)
     frames, warm = _first_call_frames(flow, t2w, prompted, toks)
     assert frames == [rest] and flow.prompts.hits == 1
     assert_close(warm, cold, WAVE_TOL, what="the first chunk from a prompt kept ahead")
-    assert not t2w.keep_prompt(sft[0], torch.zeros(0, dtype=torch.long), torch.zeros(0, 80))
+    assert (
+        _kept(t2w.keep_prompt(sft[0], torch.zeros(0, dtype=torch.long), torch.zeros(0, 80)))[0]
+        is False
+    )
     assert t2w.forget_prompt(*prompted) and (len(flow.prompts), flow.prompts.nbytes) == (0, 0)
     assert not t2w.forget_prompt(*prompted)
-    for _ in range(2):  # a stream still speaking in a deleted voice does not keep it again
-        _first_call_frames(flow, t2w, prompted, toks)
-    assert len(flow.prompts) == 0
     flow.prompts.budget, kept = 0, flow.prompts.budget
     try:
         flow.prompts.clear()
-        assert not t2w.keep_prompt(*prompted) and len(flow.prompts) == 0
+        assert _kept(t2w.keep_prompt(*prompted)) == (False, 0) and len(flow.prompts) == 0
     finally:
         flow.prompts.budget = kept
     assert flow.pool.held == 0

@@ -264,24 +264,29 @@ def test_v1_instruct_prompts_the_llm_with_the_instruction_and_no_voice(golden_di
     )
 
 
-def test_warm_up_keeps_the_zero_shot_prompts_that_fit(golden_dir, tmp_path, monkeypatch):
+def test_warm_up_keeps_the_zero_shot_prompts_that_fit(golden_dir, tmp_path):
     """After a restart a zero-shot speaker's first stream starts past its prompt again: the
     warm-up keeps the prompts of the zero-shot speakers (the built-in one and two registered,
-    equal parts), as many as the flow's store holds without pushing one out."""
+    equal parts), as many as the flow's store has room for, computing no others."""
     m = _load(_v2_dir(golden_dir), tmp_path)
     for i, amp in enumerate((0.2, 0.4)):
         m.speakers.register(
             f"v{i}", _encode(_tone(3.0, amp=amp), 24000, "wav", "pcm_s16le"), "你好。"
         )
     flow = m.token2wav.flow
-    m.warmup()
-    assert len(flow.prompts) == 3
+    calls: list[int] = []
+    flow.decoder.estimator.register_forward_hook(lambda *_: calls.append(1))
+
+    def warm_up(budget: float) -> int:  # estimator calls
+        flow.prompts.clear()
+        flow.prompts.budget, n = budget, len(calls)
+        m.warmup()
+        return len(calls) - n
+
+    full = flow.prompts.budget
+    utterance = warm_up(0)  # no store: the warm-up utterance alone
+    three = warm_up(full) - utterance
+    assert len(flow.prompts) == 3 and three > 0
     one = flow.prompts.nbytes / 3
-    kept: list[int] = []
-    keep = flow.keep_prompt
-    monkeypatch.setattr(flow, "keep_prompt", lambda r: kept.append(1) or keep(r))
-    flow.prompts.clear()
-    flow.prompts.budget = 2.5 * one
-    m.warmup()
-    assert len(flow.prompts) == 2 and len(kept) == 2  # the third would push one out
-    assert flow.pool.held == 0
+    assert warm_up(2.5 * one) - utterance == 2 * three // 3  # the third: no room, not computed
+    assert len(flow.prompts) == 2 and flow.pool.held == 0
