@@ -332,11 +332,8 @@ class FlowModel(nn.Module):
         part, key = got
         if key in self.prompts:
             return True
-        n, ratio, la = (
-            self._prompt_tokens(part),
-            self.cfg.token_mel_ratio,
-            self.cfg.pre_lookahead_len,
-        )
+        ratio, la = self.cfg.token_mel_ratio, self.cfg.pre_lookahead_len
+        n = part.prompt_token.numel() - la  # the positions it makes final
         if not self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):
             return False
         step = self._piece_tokens()
@@ -349,10 +346,6 @@ class FlowModel(nn.Module):
             if self.prompts.has_room(r.cache.nbytes):
                 self.prompts.put(key, self.pool.snapshot(r.cache))
         return key in self.prompts
-
-    def _prompt_tokens(self, part: FlowInput) -> int:
-        """The positions a prompt part makes final (its look-ahead tokens are past them)."""
-        return part.prompt_token.numel() - self.cfg.pre_lookahead_len
 
     def _piece_tokens(self) -> int:
         """The fewest tokens a call over a cache can end on: whole chunks of the encoder whose

@@ -90,7 +90,7 @@ _LOOP_SHARE = 0.2
 _CONTENDED_IDLE_S = 5.0
 _BURST_S = 0.5
 _GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
-CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
+_CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
 
 _START_ERRORS = {
     UnknownSpeaker: "unknown_speaker",
@@ -369,10 +369,10 @@ class WsSession:
         """Barge-in sends `cancel` and a new `start` at once. A cancelled context ends (and
         gives back its stream) once the scheduler has dropped its job, within a step: a start
         at the limit, or reusing a cancelled context's id, waits for that (up to
-        CANCEL_WAIT_S) instead of being refused. The socket's later messages wait with it,
+        _CANCEL_WAIT_S) instead of being refused. The socket's later messages wait with it,
         in order; the wait is not the socket's loop time."""
         began = time.perf_counter()
-        deadline = began + CANCEL_WAIT_S
+        deadline = began + _CANCEL_WAIT_S
         while (left := deadline - time.perf_counter()) > 0:
             old = self.contexts.get(cid)
             full = len(self.contexts) >= self.settings.max_contexts
