@@ -40,6 +40,27 @@ NORMALIZE_SLICE_S = 0.02
 Slack = Callable[[Utterance], float | None] | None
 
 
+class _TurnLock:
+    """A lock taken in the order it was asked for. keep_prompt takes it once per piece of a
+    prompt, letting go between; with a plain lock the keeping thread, still running, would
+    take it again before a step that waits for it wakes, and every stream would wait for the
+    whole prompt."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._next = self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cv:
+            turn, self._next = self._next, self._next + 1
+            self._cv.wait_for(lambda: self._serving == turn)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
+
+
 @dataclass(eq=False)
 class CosyVoiceModel:
     """One model dir: ``frontend`` (text), ``llm`` (batched step API), ``token2wav`` (flow +
@@ -76,7 +97,7 @@ class CosyVoiceModel:
     _free_group: bool = field(default=False, repr=False)  # a group not yet taken this step
     _vocoder_stream: Any = field(default=None, repr=False)
     # one flow call at a time when they run inline (steps, keep_prompt from another thread)
-    _flow_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _flow_lock: _TurnLock = field(default_factory=_TurnLock, repr=False)
     _inflight: deque[tuple[Future, list[Utterance]]] = field(default_factory=deque, repr=False)
     _outbox: list[Output] = field(default_factory=list, repr=False)
 
@@ -730,6 +751,19 @@ class _Autocast:
     def inference(self, *args, **kwargs):
         with torch.autocast(self._device_type, dtype=self._dtype):
             return self._flow.inference(*args, **kwargs)
+
+    def keep_prompt(self, *args, **kwargs):
+        """A generator (``FlowModel.keep_prompt``): each piece under autocast, as a stream's
+        calls are (the pool's tensors and the flow's CUDA graphs keep one dtype), and none of
+        it across the pauses between pieces, where other flow calls run."""
+        pieces = self._flow.keep_prompt(*args, **kwargs)
+        while True:
+            with torch.autocast(self._device_type, dtype=self._dtype):
+                try:
+                    next(pieces)
+                except StopIteration as done:
+                    return done.value
+            yield
 
     def __getattr__(self, name: str):
         return getattr(self._flow, name)

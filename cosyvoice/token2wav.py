@@ -357,34 +357,35 @@ class Token2Wav:
         flow's store (see ``FlowModel.keep_prompt``): its streams start past it from the
         first. A generator: each ``next()`` is one bounded flow call; drive it where
         :meth:`step` is called, letting steps run between. Returns whether it is kept."""
-        st = self.new_state(embedding, prompt_token, prompt_feat)
-        if st.flow_cache is None:  # the bound keeps no state
+        st = self._prompt_state(embedding, prompt_token, prompt_feat)
+        if st is None:
             return False
         try:
             return (yield from self.flow.keep_prompt(self._first_input(st)))
         finally:
-            self._release(st)
+            st.flow_cache.release()
 
     def forget_prompt(
         self, embedding: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor
     ) -> bool:
         """Drop a speaker's prompt from the flow's store (the speaker was deleted); called
         where :meth:`step` is called."""
-        st = self.new_state(embedding, prompt_token, prompt_feat)
-        if st.flow_cache is None:
-            return False
-        try:
-            return self.flow.forget_prompt(self._first_input(st))
-        finally:
-            self._release(st)
+        st = self._prompt_state(embedding, prompt_token, prompt_feat)
+        return st is not None and self.flow.forget_prompt(self._first_input(st))
+
+    def _prompt_state(self, *speaker: torch.Tensor) -> Token2WavState | None:
+        """A stream's state for a speaker's prompt alone, with a flow cache the memory bound
+        does not count or take (the prompt store bounds what it holds, and it is gone at the
+        end of the call that made it); None when the bound keeps no state at all."""
+        if self.cfg.flow_cache_mb <= 0:
+            return None
+        st = self.new_state(*speaker, stream=False)  # not among the bound's streams
+        st.flow_cache = FlowCache()
+        return st
 
     def _first_input(self, st: Token2WavState) -> FlowInput:
         """A stream's first flow call before it has any token: what its prompt alone decides."""
         return self._flow_input(_Job(st, 0, False, True))
-
-    def _release(self, st: Token2WavState) -> None:
-        with self._cached_lock:
-            self._drop_cache(st)
 
     def _chunks(self, b: int, hops: int) -> None:
         """The first ``hops`` chunks of ``b`` streams of silence, together."""

@@ -350,8 +350,9 @@ class PromptStore:
         return self.nbytes + nbytes <= self.budget
 
     def discard(self, key: bytes) -> bool:
-        """Forget a prompt (its speaker was deleted; another speaker made from the same
-        recording keeps it again from its second stream). Whether it was kept."""
+        """Forget a prompt (its speaker was deleted), as if never seen: a speaker made from the
+        same recording has it kept again from its second stream. Whether it was kept."""
+        self._seen.pop(key, None)
         old = self._saved.pop(key, None)
         if old is not None:
             self.nbytes -= old.nbytes

@@ -334,7 +334,7 @@ class FlowModel(nn.Module):
             return True
         ratio, la = self.cfg.token_mel_ratio, self.cfg.pre_lookahead_len
         n = part.prompt_token.numel() - la  # the positions it makes final
-        if not self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):
+        if not self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):  # 0: not known yet
             return False
         step = self._piece_tokens()
         with _unless_out_of_memory():
@@ -343,7 +343,7 @@ class FlowModel(nn.Module):
                                 prompt_feat=part.prompt_feat[: end * ratio])  # fmt: skip
                 self._call([piece], prompts=False)
                 yield
-            if self.prompts.has_room(r.cache.nbytes):
+            if self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):  # what a copy takes
                 self.prompts.put(key, self.pool.snapshot(r.cache))
         return key in self.prompts
 

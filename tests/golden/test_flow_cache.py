@@ -362,6 +362,23 @@ def test_a_prompt_kept_ahead_serves_the_first_stream(parts):
     assert flow.pool.held == 0
 
 
+def test_a_prompt_kept_under_autocast_keeps_the_flows_dtype(family):
+    """A bfloat16 model's flow runs under autocast (cosyvoice.load wraps it); keep_prompt's
+    pieces do too, so the pool's tensors and what the store keeps stay in the dtype the
+    streams' calls use (on CUDA a change of dtype would also drop the flow's graphs)."""
+    from cosyvoice.model import _Autocast
+
+    d = FAMILIES[family] / "model"
+    flow, hift = load_flow(d), load_hift(d)
+    spk = torch.load(d / "spk2info.pt", map_location="cpu", weights_only=True)
+    t2w = make_token2wav(flow, hift)
+    t2w.flow = _Autocast(flow, "cpu", torch.bfloat16)
+    assert _kept(t2w.keep_prompt(*_speakers(spk)[1]))[0]
+    (saved,) = flow.prompts._saved.values()
+    assert {t.dtype for t in saved.kv.values()} == {torch.bfloat16}
+    assert {t.dtype for t in flow.pool.kv.values()} <= {torch.bfloat16}
+
+
 def test_the_prompt_store_keeps_what_its_budget_holds(parts):
     """Keyed by the prompt's content (another x-vector is another entry); past the budget the
     least recently used goes; a prompt larger than the whole budget is not kept."""

@@ -223,3 +223,29 @@ def test_a_prompt_is_kept_where_flow_calls_run(mode, request, monkeypatch):
     assert flow.prompts.hits == 1 and flow.prompts.misses == 0
     assert model.stats()["prompts"] == 1
     _settle(model)
+
+
+def test_steps_flow_calls_run_between_the_pieces_of_a_kept_prompt(inline, monkeypatch):
+    """Inline, keep_prompt takes the flow's lock once per piece of the prompt (two here); a
+    step that asks for it meanwhile gets it before the next piece (a plain lock would go
+    back to the keeping thread, still running, and streams would wait for the whole prompt)."""
+    flow = inline.token2wav.flow
+    flow.prompts.clear()
+    order: list[str] = []
+    call = flow._call
+
+    def piece(reqs, prompts=True):
+        order.append("piece")
+        if len(order) == 1:
+            time.sleep(0.3)  # the step asks for the lock meanwhile
+        return call(reqs, prompts)
+
+    monkeypatch.setattr(flow, "_call", piece)
+    keeping = threading.Thread(target=inline.keep_prompt, args=("zs_spk1",))
+    keeping.start()
+    while not order:
+        time.sleep(0.01)
+    with inline._flow_lock:  # as _advance takes it for a step's flow call
+        order.append("step")
+    keeping.join(timeout=60)
+    assert order == ["piece", "step", "piece"] and len(flow.prompts) == 1
