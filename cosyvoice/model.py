@@ -362,19 +362,22 @@ class CosyVoiceModel:
         with torch.cuda.stream(self._vocoder_stream):
             return fn(*args)
 
-    def keep_prompt(self, speaker: str | Speaker) -> bool:
+    def keep_prompt(self, speaker: str | Speaker, stop: Callable[[], bool] | None = None) -> bool:
         """Compute a zero-shot speaker's prompt part of the flow's state now and keep it, so
         that its streams start past the prompt from the first one (otherwise a prompt is kept
         from its second stream on): for a speaker registered to be used. Only into room the
         store has. False where nothing is kept (no prompt, v1, no room). The prompt goes
         through the flow a chunk per call, each where flow calls run, with the steps' flow
-        calls free to run between (on a CPU a 10 s prompt takes many seconds)."""
+        calls free to run between (on a CPU a 10 s prompt takes many seconds). ``stop()``,
+        asked between pieces, ends it early (the server's shutdown, the speaker deleted)."""
         args = self._prompt_args(speaker)
         if args is None or not hasattr(self.token2wav, "keep_prompt"):
             return False
         pieces = self.token2wav.keep_prompt(*args)
         while (kept := self._where_flow_runs(_next_piece, pieces)) is None:
-            pass
+            if stop is not None and stop():
+                self._where_flow_runs(pieces.close)  # its cache goes back where it was used
+                return False
         return kept
 
     def forget_prompt(self, speaker: str | Speaker) -> bool:

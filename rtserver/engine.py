@@ -45,6 +45,10 @@ class Done:
     pass
 
 
+class SpeakerGone(LookupError):
+    """Raised by Engine.start: the job's speaker was deleted after the job was accepted."""
+
+
 @dataclass
 class Failed:
     message: str

@@ -15,7 +15,17 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from rtserver.engine import Cancelled, Chunk, Done, Engine, Event, Failed, Job, JobStatus
+from rtserver.engine import (
+    Cancelled,
+    Chunk,
+    Done,
+    Engine,
+    Event,
+    Failed,
+    Job,
+    JobStatus,
+    SpeakerGone,
+)
 from rtserver.memory import trimmer
 from rtserver.metrics import Metrics
 
@@ -253,6 +263,9 @@ class Scheduler:
                 job.status = JobStatus.RUNNING
             try:
                 self.engine.start(job)
+            except SpeakerGone as exc:  # deleted since it was accepted: the client's 4xx
+                log.info("job %d: %s", job.id, exc)
+                self._route(job, Failed(str(exc), "unknown_speaker"))
             except Exception as exc:  # one bad job must not hurt the others
                 log.exception("job %d failed to start", job.id)
                 self._route(job, Failed(f"{type(exc).__name__}: {exc}"))

@@ -48,6 +48,7 @@ __all__ = [
 
 log = logging.getLogger("rtserver.service")
 
+KEEP_STOP_S = 30.0  # at shutdown, the longest wait for a prompt being kept to stop
 STALL_S = 15.0  # an engine step this long means the inference thread is stuck
 # A transcript of at most 30 s of prompt speech; normalizing it costs ~0.15 ms a character on
 # the CPU, with the GIL held, so it is bounded before any of that work starts.
@@ -180,6 +181,8 @@ class TTSService:
         self._registering: set[str] = set()  # names being registered now
         self._keeping = asyncio.Lock()  # registered speakers' prompts kept one at a time
         self._keeps: set[asyncio.Task] = set()
+        self._keep_busy = threading.Lock()  # held by the thread keeping one
+        self._stop_keeping = threading.Event()
         # prompts being analysed now (registrations among them), upload bodies being read now
         self._extractions = Gate(MAX_EXTRACTING, "prompt recordings are being analysed")
         self._uploads = Gate(MAX_UPLOADS, "uploads are being received")
@@ -195,6 +198,11 @@ class TTSService:
         self.scheduler.start()
 
     def stop(self) -> None:
+        # A prompt being kept stops after its piece (seconds at most on a CPU): a thread still
+        # in torch when the interpreter exits aborts the process.
+        self._stop_keeping.set()
+        if self._keep_busy.acquire(timeout=KEEP_STOP_S):
+            self._keep_busy.release()
         self.scheduler.stop()
 
     async def drain(self, deadline_s: float) -> None:
@@ -299,10 +307,15 @@ class TTSService:
         if keep is None:
             return
 
+        def keep_now() -> None:
+            with self._keep_busy:  # stop() waits for this, so no thread runs torch at exit
+                if not self._stop_keeping.is_set():
+                    keep(spk_id, self._stop_keeping)
+
         async def kept() -> None:
             async with self._keeping:
                 try:
-                    await in_own_thread(lambda: keep(spk_id))
+                    await in_own_thread(keep_now)
                 except Exception:  # the speaker speaks all the same; its streams compute it
                     log.exception("could not keep the prompt of speaker %r", spk_id)
 

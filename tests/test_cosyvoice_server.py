@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import time
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import websockets
 from audio_check import assert_speech, decode_mp3, decode_pcm
 from golden.conftest import resolve_golden_dir
 from serverproc import ServerProcess, eventually, rss_mb
@@ -479,6 +482,47 @@ def test_a_registered_speaker_starts_from_its_kept_prompt_at_once(cv):
     assert gone["rtserver_flow_prompts"] == before["rtserver_flow_prompts"]
     assert gone["rtserver_flow_prompt_bytes"] == before["rtserver_flow_prompt_bytes"]
     cv.assert_idle()
+
+
+def test_shutdown_while_a_prompt_is_kept_exits_cleanly(tmp_path):
+    """SIGTERM while a registered speaker's long prompt is kept in the background: the keep
+    stops after its piece and the process exits 0 (a thread still in torch at exit aborted
+    it with SIGABRT)."""
+    srv = start(tmp_path / "speakers", "--no-warmup")
+    try:
+        assert register(srv, "long", prompt_wav(seconds=29.0)).status_code == 201
+        time.sleep(0.5)  # into the keep (seconds of pieces for 29 s, even on the tiny model)
+        srv.proc.terminate()
+        assert srv.proc.wait(timeout=60) == 0, srv.log()
+    finally:
+        srv.stop()
+
+
+def test_a_speaker_deleted_while_its_request_waits_gets_a_400(tmp_path):
+    """A request accepted for a speaker that is deleted before the request gets a slot is
+    answered 400 (unknown speaker), not a 500 with a traceback in the log."""
+    srv = start(tmp_path / "speakers", "--no-warmup", "--max-streams", "1")
+    try:
+        assert register(srv, "brief", prompt_wav()).status_code == 201
+        begin = {"type": "start", "context_id": "hog", "spk_id": "spk_f1", "text": "你好，"}
+
+        async def hog_the_slot() -> httpx.Response:  # a context waiting for more text
+            async with websockets.connect(f"{srv.ws_url}/ws/tts") as ws:
+                await ws.recv()  # ready
+                await ws.send(json.dumps(begin))
+                with ThreadPoolExecutor(1) as pool:
+                    waits = pool.submit(httpx.post, f"{srv.base_url}/tts/pcm", timeout=120,
+                                        json={"tts_text": TEXT, "spk_id": "brief"})  # fmt: skip
+                    await asyncio.to_thread(eventually, srv.healthz, lambda h: h["queued"] == 1, 30)
+                    assert httpx.delete(f"{srv.base_url}/speakers/brief").status_code == 204
+                return await asyncio.to_thread(waits.result)  # the idle context gives way
+
+        r = asyncio.run(hog_the_slot())
+        assert r.status_code == 400 and "brief" in r.text, r.text
+        assert "failed to start" not in srv.log()
+        srv.assert_idle()
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,8 @@ async def open_stream(
     if isinstance(first, Failed | Cancelled) or not session.samples:
         await events.aclose()  # releases the session now, not when collected
         if isinstance(first, Failed):
+            if first.code == "unknown_speaker" and isinstance(spk_id, str):
+                service.speaker(spk_id)  # deleted while it waited: UnknownSpeaker, a 400
             raise SynthesisFailed(first.message)
         if isinstance(first, Cancelled):
             raise ClientGone()

@@ -8,6 +8,7 @@ and turns the model's outputs into the scheduler's events.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 
 import cosyvoice
 from cosyvoice.frontend import IncrementalSplitter
+from cosyvoice.speakers import SpeakerError
 from cosyvoice.utterance import Output, Status, Utterance
-from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker
+from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker, SpeakerGone
 
 log = logging.getLogger("rtserver.cosyvoice")
 
@@ -81,16 +83,24 @@ class CosyVoiceEngine:
         self.model.speakers.register(spk_id, audio, prompt_text)
         return self._speaker(spk_id)
 
-    def keep_prompt(self, spk_id: str) -> bool:
+    def keep_prompt(self, spk_id: str, stopping: threading.Event) -> bool:
         """Off the inference thread, after a registration: a speaker registered is about to
         be used, so its prompt's part of the flow state is computed now and its first stream
-        starts past it too. A speaker deleted meanwhile leaves nothing kept."""
+        starts past it too. It stops (between pieces) once ``stopping`` is set or the speaker
+        is deleted or registered anew, and what it kept of a speaker no longer there goes."""
         try:
             voice = self.model.speakers.get(spk_id)
-        except KeyError:  # deleted already
+        except SpeakerError:  # deleted already
             return False
-        kept = self.model.keep_prompt(voice)
-        if kept and spk_id not in self.model.speakers:  # its deletion's forget came first
+
+        def gone() -> bool:
+            try:  # the store's object until its file changes: another one is another voice
+                return self.model.speakers.get(spk_id) is not voice
+            except SpeakerError:
+                return True
+
+        kept = self.model.keep_prompt(voice, stop=lambda: stopping.is_set() or gone())
+        if kept and gone():  # its deletion's forget came first
             self.model.forget_prompt(voice)
             return False
         return kept
@@ -128,10 +138,13 @@ class CosyVoiceEngine:
         self.model.warmup()
 
     def start(self, job: Job) -> None:
-        job.engine_state = self.model.start(
-            job.speaker.voice or job.speaker.id, seed=job.seed, speed=job.speed, stream=job.stream,
-            fixed_tokens=self.fixed_tokens, text_stream=job.text_streaming,
-        )  # fmt: skip
+        try:
+            job.engine_state = self.model.start(
+                job.speaker.voice or job.speaker.id, seed=job.seed, speed=job.speed,
+                stream=job.stream, fixed_tokens=self.fixed_tokens, text_stream=job.text_streaming,
+            )  # fmt: skip
+        except SpeakerError as exc:  # deleted while the job waited
+            raise SpeakerGone(str(exc)) from exc
         self._jobs[id(job.engine_state)] = job
 
     def ready(self, job: Job) -> bool:

@@ -249,3 +249,15 @@ def test_steps_flow_calls_run_between_the_pieces_of_a_kept_prompt(inline, monkey
         order.append("step")
     keeping.join(timeout=60)
     assert order == ["piece", "step", "piece"] and len(flow.prompts) == 1
+
+
+def test_a_kept_prompt_stops_between_pieces_when_asked(inline):
+    """keep_prompt's ``stop`` (the server shutting down, the speaker deleted) ends it after
+    the piece in progress: nothing kept, its cache back in the pool."""
+    flow = inline.token2wav.flow
+    flow.prompts.clear()
+    asked: list[int] = []
+    assert not inline.keep_prompt("zs_spk1", stop=lambda: asked.append(1) or True)
+    assert asked == [1] and len(flow.prompts) == 0  # asked after the first of two pieces
+    _settle(inline)
+    assert inline.keep_prompt("zs_spk1", stop=lambda: False) and len(flow.prompts) == 1
