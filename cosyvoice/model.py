@@ -762,10 +762,9 @@ class _Autocast:
         pieces = self._flow.keep_prompt(*args, **kwargs)
         while True:
             with torch.autocast(self._device_type, dtype=self._dtype):
-                try:
-                    next(pieces)
-                except StopIteration as done:
-                    return done.value
+                kept = _next_piece(pieces)
+            if kept is not None:
+                return kept
             yield
 
     def __getattr__(self, name: str):
