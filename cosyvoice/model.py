@@ -382,11 +382,24 @@ class CosyVoiceModel:
 
     def forget_prompt(self, speaker: str | Speaker) -> bool:
         """Drop a zero-shot speaker's prompt from the flow's store (the speaker was deleted):
-        its memory goes now. Whether it was kept."""
+        its memory goes now, unless a speaker still here has the same prompt. Whether it was
+        dropped."""
         args = self._prompt_args(speaker)
-        if args is None or not hasattr(self.token2wav, "forget_prompt"):
+        if args is None or not hasattr(self.token2wav, "forget_prompt") or self._shared(speaker):
             return False
         return self._where_flow_runs(self.token2wav.forget_prompt, *args)
+
+    def _shared(self, speaker: str | Speaker) -> bool:
+        """Whether a speaker in the store (``speaker`` itself aside) has its flow prompt."""
+        spk = self._voice(speaker)
+        for name in self.speakers.list():
+            try:
+                other = self.speakers.get(name)
+            except SpeakerError:  # deleted since the list, by another process
+                continue
+            if other is not spk and other.zero_shot and spk.same_flow_prompt(other):
+                return True
+        return False
 
     def _prompt_args(self, speaker: str | Speaker) -> tuple[torch.Tensor, ...] | None:
         """What token2wav needs of a speaker's prompt; None for a speaker without one."""

@@ -96,6 +96,15 @@ class Speaker:
     def zero_shot(self) -> bool:
         return bool(self.prompt_speech_tokens)
 
+    def same_flow_prompt(self, other: Speaker) -> bool:
+        """Whether the flow hears the same prompt from both (two names for one recording, the
+        transcripts aside): the flow keeps a prompt's state by its content, once for both."""
+        return (
+            self.prompt_speech_tokens == other.prompt_speech_tokens
+            and torch.equal(self.prompt_feat, other.prompt_feat)
+            and torch.equal(self.embedding, other.embedding)
+        )
+
 
 class PromptExtractor:
     """Prompt-audio features with the model dir's ONNX models (CPU onnxruntime)."""

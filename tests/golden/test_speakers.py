@@ -290,3 +290,24 @@ def test_warm_up_keeps_the_zero_shot_prompts_that_fit(golden_dir, tmp_path):
     one = flow.prompts.nbytes / 3
     assert warm_up(2.5 * one) - utterance == 2 * three // 3  # the third: no room, not computed
     assert len(flow.prompts) == 2 and flow.pool.held == 0
+
+
+def test_a_prompt_two_speakers_share_stays_kept_while_either_is_left(golden_dir, tmp_path):
+    """Two names for one recording (transcripts aside) are one prompt to the flow: deleting one
+    keeps what the flow kept for the other; deleting both frees it."""
+    m = _load(_v2_dir(golden_dir), tmp_path)
+    wav = _encode(_tone(3.0), 24000, "wav", "pcm_s16le")
+    m.speakers.register("a", wav, "你好。")
+    m.speakers.register("b", wav, "再见。")
+    m.speakers.register("c", _encode(_tone(3.0, amp=0.4), 24000, "wav", "pcm_s16le"), "你好。")
+    a, b, c = (m.speakers.get(n) for n in "abc")
+    store = m.token2wav.flow.prompts
+    store.clear()
+    assert m.keep_prompt(a) and m.keep_prompt(c) and len(store) == 2
+    assert m.keep_prompt(b) and len(store) == 2  # kept already: one entry for both names
+    m.speakers.delete("a")
+    assert not m.forget_prompt(a) and len(store) == 2
+    m.speakers.delete("c")
+    assert m.forget_prompt(c) and len(store) == 1
+    m.speakers.delete("b")
+    assert m.forget_prompt(b) and len(store) == 0
