@@ -120,8 +120,31 @@ def serve(args: argparse.Namespace) -> None:
     # Bound before the model loads (uvicorn binds after its startup): a port in use fails in
     # a moment, not after minutes of loading and a "ready" line. Until startup completes,
     # connections wait in the listen backlog.
-    sock = config.bind_socket()
+    sock = _bind(config)
     DrainingServer(config, app, settings.drain_timeout_s).run(sockets=[sock])
+
+
+def _bind(config: uvicorn.Config) -> socket.socket:
+    """uvicorn's bind, a failure said in one line naming the settings to change (uvicorn logs
+    only the OS error)."""
+    failed: list[OSError] = []
+
+    def take(record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, OSError):
+            failed.append(record.msg)
+            return False
+        return True
+
+    log = logging.getLogger("uvicorn.error")
+    log.addFilter(take)
+    try:
+        return config.bind_socket()
+    except SystemExit:
+        why = failed[0].strerror if failed else "cannot bind"
+        sys.exit(f"rtserver: --host {config.host} --port {config.port}: {why} "
+                 f"(env {ENV_PREFIX}HOST, {ENV_PREFIX}PORT)")  # fmt: skip
+    finally:
+        log.removeFilter(take)
 
 
 def connection_limits(settings: Settings, config: uvicorn.Config) -> ConnectionLimits:

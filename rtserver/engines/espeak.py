@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -95,6 +96,9 @@ class Phonemizer:
 
 
 def _serve(configs: dict[str, str]) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the server drains, then closes
+    # the pipe, which ends this loop. A KeyboardInterrupt here only printed a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from piper.config import PiperConfig
     from piper.voice import PiperVoice
 
