@@ -66,6 +66,17 @@ def test_speed_changes_duration(server):
     assert len(slow.content) > 2.5 * len(fast.content)
 
 
+def test_inference_sft_takes_speed_too(server):
+    """Our field beside upstream's, as on /tts: it was taken and ignored (README: every route)."""
+    url = f"{server.base_url}/inference_sft"
+    slow, fast = (httpx.post(url, data={"tts_text": LONG_TEXT, "spk_id": "joe", "speed": v},
+                             timeout=60) for v in ("0.5", "2"))  # fmt: skip
+    assert slow.status_code == fast.status_code == 200, slow.text
+    assert len(slow.content) > 2.5 * len(fast.content)
+    too_fast = httpx.post(url, data={"tts_text": SHORT_TEXT, "spk_id": "joe", "speed": "100"})
+    assert "speed" in error(too_fast, 422)["detail"]
+
+
 @pytest.mark.parametrize("how", ["get_form_body", "post_form", "post_multipart", "get_query"])
 def test_inference_sft_upstream_compatible(server, how):
     fields = {"tts_text": SHORT_TEXT, "spk_id": "joe"}
@@ -190,6 +201,12 @@ def test_malformed_json_is_rejected_with_json_body(server):
 
 def test_inference_sft_missing_field_is_422(server):
     error(httpx.post(f"{server.base_url}/inference_sft", data={"spk_id": "joe"}), 422)
+
+
+def test_inference_sft_sent_json_says_where_json_goes(server):
+    """A client of /tts sends its JSON body here: it was told `tts_text` is missing."""
+    r = httpx.post(f"{server.base_url}/inference_sft", json={"tts_text": "Hi.", "spk_id": "joe"})
+    assert "/tts/pcm" in error(r, 415)["detail"]
 
 
 def test_inference_sft_takes_the_text_as_a_file_part(server):

@@ -26,7 +26,7 @@ from rtserver.api.docs import BINARY, L16, audio_operation
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from rtserver.protocol import Seed, SpeakerInfo, TTSRequest
+from rtserver.protocol import Seed, SpeakerInfo, Speed, TTSRequest
 from rtserver.service import ClientGone, SynthesisFailed, TextRejected, TTSService
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
@@ -60,45 +60,47 @@ ERROR_DOCS = {
 }
 
 
-class SftForm(msgspec.Struct):
+class _Ours(msgspec.Struct, kw_only=True):
+    """The fields every upstream route takes here beside upstream's own."""
+
+    seed: Seed = 0  # upstream draws one: the same seed, the same audio
+    speed: Speed = 1.0  # upstream's server has none (its model call does)
+
+
+class SftForm(_Ours):
     """Upstream's /inference_sft fields (form, multipart or query string)."""
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     spk_id: Annotated[str, msgspec.Meta(min_length=1)]
-    seed: Seed = 0  # not upstream's (it draws one): the same seed, the same audio
 
 
-class InstructForm(msgspec.Struct):
+class InstructForm(_Ours):
     """Upstream's /inference_instruct (CosyVoice-300M-Instruct): a speaker and an instruction."""
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     spk_id: Annotated[str, msgspec.Meta(min_length=1)]
     instruct_text: Annotated[str, msgspec.Meta(min_length=1)]
-    seed: Seed = 0
 
 
-class ZeroShotForm(msgspec.Struct):
+class ZeroShotForm(_Ours):
     """Upstream's /inference_zero_shot text fields; the recording comes as the file part
     `prompt_wav` (so on the two routes below)."""
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     prompt_text: Annotated[str, msgspec.Meta(min_length=1)]
-    seed: Seed = 0
 
 
-class CrossLingualForm(msgspec.Struct):
+class CrossLingualForm(_Ours):
     """Upstream's /inference_cross_lingual: no transcript, the LLM hears no prompt."""
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
-    seed: Seed = 0
 
 
-class Instruct2Form(msgspec.Struct):
+class Instruct2Form(_Ours):
     """Upstream's /inference_instruct2 (CosyVoice2/3): an instruction instead of a transcript."""
 
     tts_text: Annotated[str, msgspec.Meta(min_length=1)]
     instruct_text: Annotated[str, msgspec.Meta(min_length=1)]
-    seed: Seed = 0
 
 
 def _info(s: Speaker) -> SpeakerInfo:
@@ -380,6 +382,9 @@ def _pcm_route(path: str, summary: str, description: str, **more: Any):
 TextField = Annotated[str | None, Parameter(description="Text to speak (or in the form).")]
 SpkIdField = Annotated[str | None, Parameter(description="Speaker id (or in the form).")]
 SeedField = Annotated[int | None, Parameter(description="0: a random one (or in the form).")]
+SpeedField = Annotated[
+    float | None, Parameter(description="0.25-4, 1 as recorded (or in the form).")
+]
 
 
 @_pcm_route(
@@ -387,7 +392,8 @@ SeedField = Annotated[int | None, Parameter(description="0: a random one (or in 
     "SFT endpoint",
     "Fields `tts_text` and `spk_id` from a url-encoded or multipart body (a file part is read "
     "as UTF-8 text), or the query string (upstream's client sends GET with a form body); "
-    "`seed` (not upstream's; 0, the default, draws one) makes the audio reproducible.",
+    "`seed` (not upstream's; 0, the default, draws one) makes the audio reproducible; "
+    "`speed` (not upstream's server's; 0.25-4) as on `/tts`.",
 )
 async def inference_sft(
     request: Request,
@@ -395,6 +401,7 @@ async def inference_sft(
     tts_text: TextField = None,
     spk_id: SpkIdField = None,
     seed: SeedField = None,
+    speed: SpeedField = None,
 ) -> Stream:
     return await _speak_form(request, service, await _form_fields(request, SftForm))
 
@@ -416,6 +423,7 @@ async def inference_instruct(
         str | None, Parameter(description="How to speak (or in the form).")
     ] = None,
     seed: SeedField = None,
+    speed: SpeedField = None,
 ) -> Stream:
     form = await _form_fields(request, InstructForm)
     service.check_instructions(form.instruct_text)
@@ -426,7 +434,7 @@ async def _speak_form(
     request: Request, service: TTSService, form: SftForm | InstructForm
 ) -> Stream:
     req = TTSRequest(tts_text=form.tts_text, spk_id=form.spk_id, seed=form.seed,
-                     instructions=getattr(form, "instruct_text", None))  # fmt: skip
+                     speed=form.speed, instructions=getattr(form, "instruct_text", None))  # fmt: skip
     body, rate = await _speak(request, service, req, "pcm")
     return Stream(body, headers=pcm_headers(rate))
 
@@ -439,8 +447,8 @@ def _prompted_route(path: str, summary: str, fields: str, mode: str):
         f"Multipart fields {fields} and the file `prompt_wav` (1-30 s of speech as wav, flac, "
         "mp3, ogg or m4a; at most 8 MiB), as upstream's client sends them (GET or POST). "
         f"{mode} The recording is analysed for this request alone (nothing is kept): to speak "
-        "in one voice often, register it once (`POST /speakers`). `seed` as on "
-        "`/inference_sft`.",
+        "in one voice often, register it once (`POST /speakers`). `seed` and `speed` as "
+        "on `/inference_sft`.",
         request_max_body_size=MAX_UPLOAD_BYTES,
         before_request=_read_form,
     )
@@ -492,7 +500,9 @@ async def _speak_prompted(
     speaker = await service.prompt_speaker(
         await wav.read(), getattr(form, "prompt_text", None), getattr(form, "instruct_text", None)
     )
-    body, rate = await open_stream(request, service, form.tts_text, speaker, "pcm", seed=form.seed)
+    body, rate = await open_stream(
+        request, service, form.tts_text, speaker, "pcm", seed=form.seed, speed=form.speed
+    )
     return Stream(body, headers=pcm_headers(rate))
 
 
@@ -500,6 +510,13 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
     """An upstream route's text fields from a url-encoded or multipart body (a file part read
     as UTF-8 text: curl -F tts_text=@article.txt) over the query string. GET handlers cannot
     declare a body in Litestar, so the form is read by hand."""
+    media_type = request.content_type[0]
+    if media_type == "application/json" or media_type.endswith("+json"):  # "missing tts_text"
+        raise HTTPException(
+            status_code=415,
+            detail=f"{request.url.path} takes its fields as a form, multipart or the query "
+            "string, as upstream's; JSON goes to POST /tts/pcm (PCM) or /tts (MP3)",
+        )
     fields: dict[str, str] = dict(request.query_params)
     for k, v in (await request.form()).items():
         if isinstance(v, UploadFile) and k in form_type.__struct_fields__:
