@@ -49,6 +49,7 @@ v1 (:class:`Token2WavV1`) refuses speed != 1 when streaming, like upstream.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
 import weakref
@@ -62,6 +63,9 @@ import torch.nn.functional as F
 from cosyvoice.flow import FlowCache, FlowInput, FlowModel
 from cosyvoice.flow.cache import BLOCK
 from cosyvoice.hift import CausalHiFT, CausalVocoderState, HiFT, NoiseBuffer
+
+log = logging.getLogger(__name__)
+POOL_OVERSHOOT = 1.25  # streams past the bound until it drops caches, partly filled blocks
 
 
 @dataclass(frozen=True)
@@ -332,23 +336,52 @@ class Token2Wav:
         return to_host(out)
 
     def warm(self, batches: list[int], hops: int = 3) -> None:
-        """Before requests come, for a flow under CUDA graphs: size its pool to the memory
-        bound (graphs over the pool stay valid while it does not grow), then run the first
-        ``hops`` chunks of streams at each batch size, largest first, so that the shapes of
-        a stream's first seconds (hops of 25, 50 and 100 tokens) are captured before a
-        listener waits on them; longer streams and final chunks are captured when first met."""
+        """Before requests come, for a flow under CUDA graphs: size its pool (:meth:`_size_pool`),
+        then run the first ``hops`` chunks of streams at each batch size, largest first, so that
+        the shapes of a stream's first seconds (hops of 25, 50 and 100 tokens) are captured
+        before a listener waits on them; longer streams and final chunks are captured when
+        first met."""
         self._chunks(max(batches), 1)  # makes the pool's tensors: their bytes per position
-        pool, ratio = self.flow.pool, self.cfg.token_mel_ratio
-        budget = self.cfg.flow_cache_mb * 2**20
-        if pool.position_bytes["frames"] and math.isfinite(budget):
-            dev = self.flow.input_embedding.weight.device
-            if dev.type == "cuda":  # a bound past the free memory is no size to allocate
-                budget = min(budget, 0.6 * torch.cuda.mem_get_info(dev)[0])
-            per_token = pool.position_bytes["tokens"] + ratio * pool.position_bytes["frames"]
-            blocks = 1.25 * budget / per_token / BLOCK + 4 * max(batches)  # streams overshoot
-            pool.presize({"tokens": int(blocks), "frames": int(ratio * blocks)}, 4 * max(batches))
+        if self.flow.pool.position_bytes["frames"]:
+            self._size_pool(max(batches))
         for b in sorted(batches, reverse=True):
             self._chunks(b, hops)
+
+    def _size_pool(self, batch: int) -> None:
+        """Graphs over the pool stay valid only while it does not grow, so it is made as large
+        as streams under the memory bound get: the bound (streams overshoot it a little) and
+        one call of ``batch`` streams at the longest hop. Within the device's room: where that
+        is less, the bound is lowered to fit (half the free memory at load was the bound, and
+        a pool grown past the device's memory takes every stream down)."""
+        pool, cfg = self.flow.pool, self.cfg
+        per_token = (
+            pool.position_bytes["tokens"] + cfg.token_mel_ratio * pool.position_bytes["frames"]
+        )
+        call = batch * (-(-(cfg.token_max_hop_len + cfg.pre_lookahead_len) // BLOCK) + 1) * BLOCK
+        bound = cfg.flow_cache_mb * 2**20 / per_token  # tokens
+        fits = (self._room() / per_token - call) / POOL_OVERSHOOT
+        if fits < bound:
+            self.cfg = dataclasses.replace(cfg, flow_cache_mb=max(fits, 0) * per_token / 2**20)
+            self.flow.prompts.budget = min(
+                self.flow.prompts.budget, self.cfg.flow_cache_mb * 2**20 / 4
+            )
+            log.warning(
+                "flow cache bound lowered to %.0f MB to fit the device with one call of %d streams",
+                self.cfg.flow_cache_mb,
+                batch,
+            )
+            bound = max(fits, 0)
+        if not math.isfinite(bound):
+            return
+        blocks = (POOL_OVERSHOOT * bound + call) / BLOCK
+        pool.presize(
+            {"tokens": int(blocks), "frames": int(cfg.token_mel_ratio * blocks)}, 4 * batch
+        )
+
+    def _room(self) -> float:
+        """Bytes the flow's pool may take on its device: 0.6 of the free memory on a GPU."""
+        dev = self.flow.input_embedding.weight.device
+        return 0.6 * torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else math.inf
 
     def keep_prompt(
         self, embedding: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor

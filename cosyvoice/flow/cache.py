@@ -56,10 +56,13 @@ def _retire(tensors) -> None:
 
 
 class _Free:
-    """A free list of ids from ``first`` up that grows by half when it runs out."""
+    """A free list of ids from ``first`` up that grows by half when it runs out (``exact``: by
+    what is missing, for a list presized to its device's memory, where half as much again
+    would not fit)."""
 
     def __init__(self, first: int, size: int):
         self.first, self.initial = first, size
+        self.exact = False
         self.reset()
 
     def reset(self) -> None:
@@ -72,7 +75,8 @@ class _Free:
 
     def take(self, n: int) -> list[int]:
         if n > len(self.free):
-            new = max(self.size + n - len(self.free), 3 * self.size // 2)
+            new = self.size + n - len(self.free)
+            new = new if self.exact else max(new, 3 * self.size // 2)
             self.free = list(range(new - 1, self.size - 1, -1)) + self.free
             self.size = new
         return [self.free.pop() for _ in range(n)]
@@ -130,7 +134,9 @@ class FlowPool:
                 raise RuntimeError("presize() needs a pool that holds nothing")
             for res, n in blocks.items():
                 self.blocks[res].initial = max(self.blocks[res].initial, n)
+                self.blocks[res].exact = True
             self.slots.initial = max(self.slots.initial, slots)
+            self.slots.exact = True
             self._shrink()
 
     def shrink_if_idle(self) -> None:

@@ -97,6 +97,33 @@ def test_warm_sizes_the_pool_to_its_bound_and_runs_each_batch(model_dir):
     assert pool.layout == layout and pool.held == 0
 
 
+def test_warm_lowers_the_bound_to_what_the_device_has_room_for(model_dir):
+    """Where the device has less room than the bound and one call of the largest batch at the
+    longest hop (on a GPU, half its free memory at load was the bound), the bound is lowered
+    to fit: the pool is sized within the room, and streams past the lowered bound drop their
+    caches instead of growing the pool (grown by half, it ran out of GPU memory)."""
+    flow = load_flow(model_dir, device=TEST_DEVICE)
+    flow.enable_graphs(max_batch=4)
+    t2w = make_token2wav(flow, load_hift(model_dir, device=TEST_DEVICE), flow_cache_mb=64)
+    t2w._chunks(4, 1)  # the pool's bytes per position
+    pool = flow.pool
+    per_token = pool.position_bytes["tokens"] + 2 * pool.position_bytes["frames"]
+    call = 4 * (-(-103 // BLOCK) + 1) * BLOCK  # 4 streams, a 100-token hop and 3 ahead
+    room = per_token * (call + 1.25 * 120)  # room for a bound of 120 tokens
+    assert room < 64 * 2**20 + per_token * call  # less than the bound asked for
+    t2w._room = lambda: room
+    t2w.warm(flow.graphs.batches)
+    assert t2w.cfg.flow_cache_mb * 2**20 == pytest.approx(120 * per_token)
+    capacity = sum(pool.blocks[r].size * BLOCK * b for r, b in pool.position_bytes.items())
+    assert capacity <= room + 2 * BLOCK * per_token and pool.held == 0
+    layout = pool.layout
+    toks = torch.randint(0, flow.cfg.vocab_size, (260,), generator=torch.Generator().manual_seed(9))
+    plain = _speakers(model_dir)[0]
+    states = [t2w.new_state(*plain, seed=i) for i in range(3)]
+    drive_ragged(t2w, states, toks.tolist(), [9, 13, 4])  # 780 tokens: past the bound
+    assert pool.layout == layout and pool.held == 0
+
+
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="a capture fails only where there is no GPU")
 def test_a_failed_capture_leaves_the_flow_eager_and_right(model_dir, caplog):
     vocab = load_flow(model_dir).cfg.vocab_size
