@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
 
 import httpx
@@ -15,17 +17,20 @@ from websockets.exceptions import InvalidStatus
 from rtserver.client import ServerError, TTSClient
 from rtserver.settings import DEFAULT_PORT, Settings
 
+FORMATS = ["mp3", "wav", "pcm"]
+
 
 def add_say_args(p: argparse.ArgumentParser, env: Settings) -> None:
     p.add_argument("text", help="what to say ('-' reads stdin)")
     p.add_argument("--spk", default="joe", help="speaker id (see GET /speakers)")
-    p.add_argument("-o", "--output", type=Path, help="write here (.mp3 or .pcm); default: say.mp3")
+    p.add_argument("-o", "--output", type=Path,
+                   help="write here (.mp3, .wav or .pcm); default: say.mp3")  # fmt: skip
     url = f"http://{env.host}:{env.port or DEFAULT_PORT}"
     p.add_argument("--url", default=url, help=f"the server (default: {url})")
     p.add_argument("--api-key", default=(env.api_key or [None])[0],
                    help="a key of a server started with --api-key (default: the first of "
                         "RTSERVER_API_KEY)")  # fmt: skip
-    p.add_argument("--format", choices=["mp3", "pcm"], help="default: from the output suffix")
+    p.add_argument("--format", choices=FORMATS, help="default: from the output suffix")
     p.add_argument("--ws", action="store_true", help="use /ws/tts, sending the text word by word")
     p.add_argument("--play", action="store_true", help="play with ffplay/mpv when one exists")
     p.add_argument("--speed", type=float, default=1.0)
@@ -36,11 +41,15 @@ def add_say_args(p: argparse.ArgumentParser, env: Settings) -> None:
 async def say(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text == "-" else args.text
     out: Path = args.output or Path("say.mp3")
-    fmt = args.format or ("pcm" if out.suffix == ".pcm" else "mp3")
+    fmt = args.format or out.suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        return _error(f"{out}: name it .mp3, .wav or .pcm, or say which with --format")
     t0 = time.monotonic()
     try:
         async with TTSClient(args.url, api_key=args.api_key) as client:
-            audio, rate, first = await _speak(client, args, text, fmt)
+            audio, rate, first = await _speak(client, args, text, "pcm" if fmt == "wav" else fmt)
+            if fmt == "wav":
+                audio = _wav(audio, rate or await _rate_of(client, args.spk))
     except ServerError as exc:
         return _error(str(exc))
     except httpx.HTTPStatusError as exc:
@@ -61,7 +70,7 @@ async def say(args: argparse.Namespace) -> int:
             print("no player found (ffplay or mpv)", file=sys.stderr)
             return 0
         if fmt == "pcm":
-            print("--play supports mp3 output", file=sys.stderr)
+            print("--play supports mp3 and wav output", file=sys.stderr)
             return 0
         cmd = (
             [player, "-nodisp", "-autoexit", str(out)] if "ffplay" in player else [player, str(out)]
@@ -91,6 +100,22 @@ async def _speak(
                 first = first or time.monotonic()
                 audio += item
         return audio, ctx.sample_rate, first
+
+
+async def _rate_of(client: TTSClient, spk_id: str) -> int:
+    """The sample rate of `spk_id`'s PCM (the HTTP route sends it as a header, which the
+    client's byte stream does not carry)."""
+    return next(int(s["sample_rate"]) for s in await client.speakers() if s["id"] == spk_id)
+
+
+def _wav(pcm: bytes, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return buf.getvalue()
 
 
 def _error(message: str) -> int:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from audio_check import assert_speech, decode_audio
 from serverproc import ROOT
 
 from rtserver.settings import CPU_STREAMS, ENV_PREFIX, GPU_STREAMS, Settings
@@ -137,3 +138,20 @@ def test_say_without_a_server_is_one_clear_line(tmp_path):
                      *route)  # fmt: skip
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and "cannot reach" in lines[0], r.stderr
+
+
+def test_say_writes_what_its_output_is_named(server, tmp_path):
+    """`-o x.wav` is a WAV file (it was MP3 bytes under that name), over HTTP and --ws; a name
+    that says no format it writes is one line, not a file of another format."""
+    for route in ((), ("--ws",)):
+        out = tmp_path / "x.wav"
+        r = rtserver("say", "Written as a wave file.", "--url", server.base_url, "-o", str(out),
+                     *route)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        audio, rate = decode_audio(out.read_bytes(), "wav")
+        assert rate == 22050
+        assert_speech(audio, rate, min_seconds=1.0)
+    r = rtserver("say", "Hi.", "--url", server.base_url, "-o", str(tmp_path / "x.ogg"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and ".wav" in lines[0], r.stderr
+    assert not (tmp_path / "x.ogg").exists()
