@@ -92,6 +92,8 @@ def test_every_format_through_the_openai_sdk(server, fmt, rate):
         model="tts-1", voice="marin", input=TEXT, response_format=fmt
     )
     data = response.content
+    if fmt in ("pcm", "mulaw", "alaw"):  # headerless: the rate comes as a header, as on /tts/pcm
+        assert int(response.response.headers["x-sample-rate"]) == rate
     if fmt == "pcm":
         audio, got = decode_pcm(data), 24000
     else:

@@ -38,6 +38,7 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "m
                  "onyx", "sage", "shimmer", "verse")  # fmt: skip
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # all speak with the one engine
 OPENAI_PCM_RATE = 24000
+RAW_ENCODINGS = {"pcm": "s16le", "mulaw": "mulaw", "alaw": "alaw"}  # response_format -> ours
 OPENAI_PREFIX = "/v1/"  # errors under it come in OpenAI's shape
 # Each server-sent event: `data` is JSON, {"type": "speech.audio.delta", "audio": base64} and
 # a last {"type": "speech.audio.done"}, as OpenAI streams it.
@@ -140,14 +141,15 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
         )
     speaker = _speaker(service, data.voice)
     rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None  # opus: 48 kHz
-    body, _ = await open_stream(
+    body, rate = await open_stream(
         request, service, data.input, speaker, data.response_format,
         rate_out=rate_out, speed=data.speed, seed=data.seed, stream=True,
         instructions=data.instructions, field="input",
     )  # fmt: skip
     if data.stream_format == "sse":
         return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)
-    headers = pcm_headers(OPENAI_PCM_RATE) if data.response_format == "pcm" else STREAM_HEADERS
+    raw = RAW_ENCODINGS.get(data.response_format)  # headerless: the rate goes in headers
+    headers = pcm_headers(rate, raw) if raw else STREAM_HEADERS
     return Stream(body, media_type=MEDIA_TYPES[data.response_format], headers=headers)
 
 
