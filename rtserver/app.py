@@ -129,8 +129,13 @@ def create_app(
 
         service = await in_own_thread(boot)
         app.state.service = service
-        log.info("ready: engine=%s speakers=%s on http://%s:%d", service.engine.name,
-                 [s.id for s in service.speakers()], settings.host, settings.port)  # fmt: skip
+        ids = [s.id for s in service.speakers()]
+        log.info("ready: engine=%s speakers=%s on http://%s:%d", service.engine.name, ids,
+                 settings.host, settings.port)  # fmt: skip
+        for voice, spk in openai.voice_aliases(tuple(settings.voice_alias)).items():
+            if spk not in ids:  # it may be registered later (POST /speakers)
+                log.warning("--voice-alias %s=%s: no speaker %r (yet); until there is one, "
+                            "voice %r gets 400", voice, spk, spk, voice)  # fmt: skip
         try:
             yield
         finally:

@@ -67,11 +67,13 @@ NO_SPEAKERS = "no speakers yet: register one (POST /speakers)"
 
 
 class UnknownSpeaker(LookupError):
-    def __init__(self, spk_id: str, valid: list[str], field: str = "spk_id") -> None:
+    def __init__(
+        self, spk_id: str, valid: list[str], field: str = "spk_id", note: str = ""
+    ) -> None:
         # the id is the client's; echo a bounded prefix (a 500 KB id made a 500 KB error)
         shown = spk_id if len(spk_id) <= 64 else spk_id[:64] + "..."
         known = f"valid speakers: {', '.join(valid)}" if valid else NO_SPEAKERS
-        super().__init__(f"unknown {field} {shown!r}; {known}")
+        super().__init__(f"unknown {field} {shown!r}{note}; {known}")
         self.spk_id, self.valid, self.field = spk_id, valid, field
 
 

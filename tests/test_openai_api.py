@@ -117,13 +117,20 @@ def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
     voices.mkdir()
     (voices / "en_US-second-medium.onnx").symlink_to(joe.model_path())
     (voices / "en_US-second-medium.onnx.json").symlink_to(joe.config_path())
-    srv = make_server("--voices-dir", str(voices), "--voice-alias", "cedar=second", "--no-warmup")
-    r = httpx.post(f"{srv.base_url}/v1/audio/speech", timeout=60,
+    srv = make_server("--voices-dir", str(voices), "--voice-alias", "cedar=second",
+                      "--voice-alias", "alloy=nobody", "--no-warmup")  # fmt: skip
+    url = f"{srv.base_url}/v1/audio/speech"
+    r = httpx.post(url, timeout=60,
                    json={"input": "Hello there.", "voice": "cedar", "response_format": "pcm"})  # fmt: skip
     assert r.status_code == 200
     assert srv.assert_idle()["completed"] == 1
     # The log names the speaker each job spoke with.
     assert "spk=second" in srv.log()
+    # An alias to a speaker that is not there: said at startup, and a 400 naming it, not the
+    # first speaker's voice in its stead (as for a voice name no alias maps)
+    assert "--voice-alias alloy=nobody: no speaker 'nobody'" in srv.log()
+    r = httpx.post(url, json={"input": "Hello there.", "voice": "alloy"}, timeout=60)
+    assert r.status_code == 400 and "'nobody'" in r.json()["error"]["message"], r.text
 
 
 def test_models_through_the_openai_sdk(server):

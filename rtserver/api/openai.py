@@ -97,10 +97,13 @@ class SpeechRequest(msgspec.Struct):
 
 
 def _speaker(service: TTSService, voice: str) -> Speaker:
-    aliases = voice_aliases(tuple(service.settings.voice_alias))
+    target = voice_aliases(tuple(service.settings.voice_alias)).get(voice.lower())
     try:
-        return service.speaker(aliases.get(voice.lower(), voice))
+        return service.speaker(target or voice)
     except UnknownSpeaker as exc:
+        if target is not None:  # not another speaker's voice in its stead: the operator chose
+            note = f" (--voice-alias maps it to speaker {target!r}, which is not there)"
+            raise UnknownSpeaker(voice, exc.valid, field="voice", note=note) from None
         if not exc.valid:  # no speaker to stand in for an OpenAI voice either
             raise UnknownSpeaker(voice, [], field="voice") from None
         if voice.lower() in OPENAI_VOICES:
