@@ -7,6 +7,7 @@ value anywhere gets one clear line (`SettingsError`) instead of a traceback.
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 from pathlib import Path
@@ -281,13 +282,28 @@ def _explain(message: str, source: str) -> str:
     if not name:
         return f"invalid settings ({source}): {text}"
     flag = f"--{name.replace('_', '-')}" if source == "flags" else f"{ENV_PREFIX}{name.upper()}"
-    return f"{flag}: {text}"
+    one_of = choices().get(name)
+    return f"{flag}: {text}" + (f" (one of: {', '.join(one_of)})" if one_of else "")
 
 
 def help_texts() -> dict[str, str]:
-    """Each setting's help text (its Meta description)."""
+    """Each setting's help text (its Meta description), with its values where they are few."""
     hints = typing.get_type_hints(Settings, include_extras=True)
-    return {
+    texts = {
         name: next((m.description for m in getattr(hint, "__metadata__", ()) if m.description), "")
         for name, hint in hints.items()
+    }
+    for name, values in choices().items():
+        texts[name] += f"; one of: {', '.join(values)}"
+    return texts
+
+
+@functools.cache
+def choices() -> dict[str, tuple[str, ...]]:
+    """The settings that take one of a few values (a Literal), and those values."""
+    hints = typing.get_type_hints(Settings)
+    return {
+        name: typing.get_args(hint)
+        for name, hint in hints.items()
+        if typing.get_origin(hint) is Literal
     }

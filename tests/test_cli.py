@@ -34,6 +34,7 @@ def test_help_shows_each_flag_with_its_default_and_variable():
         assert f"--{name.replace('_', '-')}" in out
         assert f"{ENV_PREFIX}{name.upper()}" in out
     assert "(default: 0; env RTSERVER_MAX_STREAMS)" in out
+    assert "one of: auto, float32, bfloat16, float16 (default: auto" in out  # --dtype's values
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_help_shows_each_flag_with_its_default_and_variable():
     [
         ((), {"RTSERVER_PORT": "abc"}, "RTSERVER_PORT"),
         (("--max-streams", "-1"), {}, "--max-streams"),
-        (("--dtype", "int8"), {}, "--dtype"),
+        (("--dtype", "int8"), {}, "one of: auto, float32, bfloat16, float16"),  # and --dtype
         (("--read-timeout-s", "soon"), {}, "--read-timeout-s"),
         (("--voice-alias", "alloy"), {}, "--voice-alias"),
         (("--replicas", "2", "--replica-gpus", "1", "--device", "cpu"), {}, "--replica-gpus"),
