@@ -25,7 +25,7 @@ from rtserver.api import openai
 from rtserver.api.access import AccessControl, cors_config
 from rtserver.api.errors import EXCEPTION_HANDLERS
 from rtserver.api.http import ROUTES, FormRequest, abort_quietly, head_as_get
-from rtserver.api.ws import ws_tts
+from rtserver.api.ws import ws_tts, ws_tts_over_http
 from rtserver.engine import Engine
 from rtserver.engines import load_engine
 from rtserver.logs import with_header, with_request_id
@@ -144,7 +144,7 @@ def create_app(
     def provide_service(state: State) -> TTSService:
         return state.service
 
-    routes: list = [*ROUTES, *openai.ROUTES, ws_tts, index, _docs_assets()]
+    routes: list = [*ROUTES, *openai.ROUTES, ws_tts, ws_tts_over_http, index, _docs_assets()]
     if WEB_DEMO is not None:
         routes.append(_static_files("/demo", WEB_DEMO))
 

@@ -199,6 +199,12 @@ def test_malformed_json_is_rejected_with_json_body(server):
     assert "byte order mark" in error(r, 400)["detail"]  # it said "not valid JSON: ..."
 
 
+def test_an_empty_body_is_said_to_be_empty(server):
+    for path in ("/tts", "/tts/pcm", "/v1/audio/speech"):
+        r = httpx.post(f"{server.base_url}{path}", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "empty" in r.text, (path, r.text)
+
+
 def test_inference_sft_missing_field_is_422(server):
     error(httpx.post(f"{server.base_url}/inference_sft", data={"spk_id": "joe"}), 422)
 

@@ -7,6 +7,7 @@ import json
 import struct
 import time
 
+import httpx
 import numpy as np
 import pytest
 import websockets
@@ -478,3 +479,10 @@ def test_a_socket_gets_its_share_of_the_event_loop_and_no_more():
     assert share.spend(0.0, now=0.05 + wait) == pytest.approx(0.0)
     cheap = LoopShare(0.2, burst_s=0.5, now=0.0)  # 1 ms a message, 100 a second: never waits
     assert max(cheap.spend(0.001, now=i / 100) for i in range(10_000)) == 0.0
+
+
+def test_plain_http_on_the_websocket_route_says_what_it_is(server):
+    """curl or a browser's address bar on /ws/tts: it was a bare 405 Method Not Allowed."""
+    r = httpx.get(f"{server.base_url}/ws/tts")
+    assert r.status_code == 426 and r.headers["upgrade"] == "websocket"
+    assert "WebSocket endpoint" in r.json()["detail"]

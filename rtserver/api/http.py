@@ -194,6 +194,8 @@ async def strict_json(request: Request) -> None:
             status_code=415, detail=f"send the body as application/json, not {media_type!r}"
         )
     body = await request.body()  # cached: the route's own parsing reads it again
+    if not body.strip():  # said as "not valid JSON: Input data was truncated"
+        raise HTTPException(status_code=400, detail="the body is empty: send a JSON object")
     if body.startswith(codecs.BOM_UTF8):  # RFC 8259: JSON text has none; say so, not "invalid"
         raise HTTPException(status_code=400, detail="the body starts with a byte order mark")
     try:
