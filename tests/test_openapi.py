@@ -17,6 +17,14 @@ def test_document_validates(server):
     for path in ("/tts/pcm", "/inference_sft"):
         for method in paths[path].values():
             assert "audio/L16" in method["responses"]["200"]["content"], path
+    # the routes that take a recording read their form by hand: documented all the same, so
+    # the docs page can send one
+    for path, field in [("/inference_zero_shot", "prompt_text"),
+                        ("/inference_cross_lingual", "tts_text"),
+                        ("/inference_instruct2", "instruct_text")]:  # fmt: skip
+        form = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert {field, "prompt_wav", "seed", "speed"} <= set(form["properties"]), path
+        assert {field, "prompt_wav"} <= set(form["required"]) and "seed" not in form["required"]
     speech = paths["/v1/audio/speech"]["post"]["responses"]["200"]["content"]
     assert {"audio/mpeg", "audio/wav", "text/event-stream"} <= set(speech)
     assert "application/json" not in speech

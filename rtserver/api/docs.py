@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, OpenAPIType, Operation, Schema
+import msgspec
+from litestar.openapi.spec import (
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 
 BINARY = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
 PCM_HEADERS = {
@@ -16,12 +24,45 @@ PCM_HEADERS = {
 L16 = "audio/L16"  # RFC 2586's name; the real header adds `;rate=R;channels=1`
 
 
-def audio_operation(media_types: dict[str, OpenAPIMediaType], pcm_headers: bool = False):
-    """An Operation class whose 200 answer is documented as `media_types`."""
+_FIELD_TYPES = {
+    msgspec.inspect.StrType: OpenAPIType.STRING,
+    msgspec.inspect.IntType: OpenAPIType.INTEGER,
+    msgspec.inspect.FloatType: OpenAPIType.NUMBER,
+}
+
+
+def _bare(t: msgspec.inspect.Type) -> msgspec.inspect.Type:
+    while isinstance(t, msgspec.inspect.Metadata):  # Annotated[..., Meta(...)]
+        t = t.type
+    return t
+
+
+def multipart_body(form: type[msgspec.Struct], files: dict[str, str]) -> RequestBody:
+    """A multipart body of ``form``'s fields and the file parts ``files`` (name: what it is),
+    for a route that reads its form by hand (upstream's send it with GET too)."""
+    fields = msgspec.inspect.type_info(form).fields  # type: ignore[union-attr]
+    props = {f.name: Schema(type=_FIELD_TYPES[type(_bare(f.type))]) for f in fields}
+    props |= {name: Schema(type=OpenAPIType.STRING, format="binary", description=text)
+              for name, text in files.items()}  # fmt: skip
+    required = [f.name for f in fields if f.required] + list(files)
+    schema = Schema(type=OpenAPIType.OBJECT, properties=props, required=required)
+    media = OpenAPIMediaType(schema=schema)
+    return RequestBody(content={"multipart/form-data": media}, required=True)
+
+
+def audio_operation(
+    media_types: dict[str, OpenAPIMediaType],
+    pcm_headers: bool = False,
+    body: RequestBody | None = None,
+):
+    """An Operation class whose 200 answer is documented as `media_types` (and its request
+    body as ``body``)."""
 
     @dataclass
     class AudioOperation(Operation):
         def __post_init__(self) -> None:
+            if body is not None:
+                self.request_body = body
             ok = self.responses["200"]
             ok.content = dict(media_types)
             if pcm_headers:

@@ -18,11 +18,12 @@ from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, MethodNotAllowedException, ValidationException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import RequestBody
 from litestar.params import Body, Parameter
 from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from rtserver.api.docs import BINARY, L16, audio_operation
+from rtserver.api.docs import BINARY, L16, audio_operation, multipart_body
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -364,7 +365,9 @@ async def _read_form(request: Request) -> None:
         await request.form()
 
 
-def _pcm_route(path: str, summary: str, description: str, **more: Any):
+def _pcm_route(
+    path: str, summary: str, description: str, body: RequestBody | None = None, **more: Any
+):
     """An upstream route: GET or POST with form fields, headerless PCM back."""
     return route(
         path,
@@ -373,7 +376,7 @@ def _pcm_route(path: str, summary: str, description: str, **more: Any):
         description=f"{description} Sentence-level chunks.",
         media_type=L16,
         response_description="Headerless s16le mono PCM at the model's rate.",
-        operation_class=audio_operation({L16: BINARY}, pcm_headers=True),
+        operation_class=audio_operation({L16: BINARY}, pcm_headers=True, body=body),
         responses=ERROR_DOCS,
         status_code=200,
         guards=[no_head],
@@ -441,16 +444,19 @@ async def _speak_form(
     return Stream(body, headers=pcm_headers(rate))
 
 
-def _prompted_route(path: str, summary: str, fields: str, mode: str):
+PROMPT_WAV = "1-30 s of speech as wav, flac, mp3, ogg or m4a; at most 8 MiB"
+
+
+def _prompted_route(path: str, summary: str, fields: str, mode: str, form: type[_Ours]):
     """An upstream route that speaks in the voice of a recording sent with the request."""
     return _pcm_route(
         path,
         f"{summary} in a recording's voice",
-        f"Multipart fields {fields} and the file `prompt_wav` (1-30 s of speech as wav, flac, "
-        "mp3, ogg or m4a; at most 8 MiB), as upstream's client sends them (GET or POST). "
-        f"{mode} The recording is analysed for this request alone (nothing is kept): to speak "
-        "in one voice often, register it once (`POST /speakers`). `seed` and `speed` as "
-        "on `/inference_sft`.",
+        f"Multipart fields {fields} and the file `prompt_wav` ({PROMPT_WAV}), as upstream's "
+        f"client sends them (GET or POST). {mode} The recording is analysed for this request "
+        "alone (nothing is kept): to speak in one voice often, register it once "
+        "(`POST /speakers`). `seed` and `speed` as on `/inference_sft`.",
+        multipart_body(form, {"prompt_wav": PROMPT_WAV}),
         request_max_body_size=MAX_UPLOAD_BYTES,
         before_request=_read_form,
     )
@@ -461,6 +467,7 @@ def _prompted_route(path: str, summary: str, fields: str, mode: str):
     "zero-shot endpoint",
     "`tts_text`, `prompt_text` (what the recording says, at most 1000 characters)",
     "CosyVoice engines only.",
+    ZeroShotForm,
 )
 async def inference_zero_shot(request: Request, service: TTSService) -> Stream:
     return await _speak_prompted(request, service, ZeroShotForm)
@@ -472,6 +479,7 @@ async def inference_zero_shot(request: Request, service: TTSService) -> Stream:
     "`tts_text`",
     "CosyVoice engines only; the LLM hears no prompt, so the text may be in another language "
     "than the recording (CosyVoice-300M: begin it with a language tag such as `<|en|>`).",
+    CrossLingualForm,
 )
 async def inference_cross_lingual(request: Request, service: TTSService) -> Stream:
     return await _speak_prompted(request, service, CrossLingualForm)
@@ -483,6 +491,7 @@ async def inference_cross_lingual(request: Request, service: TTSService) -> Stre
     "`tts_text`, `instruct_text` (how to speak: a dialect, an emotion, a speed; at most 1000 "
     "characters; `<|endofprompt|>` is added where it is missing)",
     "CosyVoice2 and CosyVoice3 (CosyVoice-300M-Instruct too, in its instruction format).",
+    Instruct2Form,
 )
 async def inference_instruct2(request: Request, service: TTSService) -> Stream:
     return await _speak_prompted(request, service, Instruct2Form)
