@@ -64,3 +64,13 @@ def pytest_report_header(config) -> str:
         f"golden fixtures: none at {golden}: the CosyVoice tests skip "
         "(set COSYVOICE_GOLDEN=DIR; see README, Quickstart)"
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip for want of the golden fixtures is reported per reason, not per test: without
+    them `-rs` listed hundreds of lines, one for each CosyVoice test."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and isinstance(rep.longrepr, tuple) and "golden" in rep.longrepr[2]:
+        rep.longrepr = (str(Path(__file__).parent), None, rep.longrepr[2])
