@@ -154,20 +154,23 @@ def test_an_http_stream_left_at_the_drain_deadline_is_cut_without_a_traceback(ma
     the body breaks (no clean end: the client can tell), the server logs one warning and
     exits 0. Left to uvicorn's shutdown, the stream's task was cancelled two seconds later,
     with an error line and a CancelledError traceback."""
-    srv = make_server("--drain-timeout-s", "1", "--no-warmup")
+    srv = make_server("--drain-timeout-s", "1", "--no-warmup", "--max-streams", "1")
+    url = f"{srv.base_url}/tts/pcm"
     body = {"tts_text": LONG_TEXT * 10, "spk_id": "joe", "stream": True}
-    got = 0
-    with httpx.stream("POST", f"{srv.base_url}/tts/pcm", json=body, timeout=30) as r:
+    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", url, json=body, timeout=30) as r:
         assert r.status_code == 200
         chunks = r.iter_bytes(4096)
-        got += len(next(chunks))
+        next(chunks)
+        # one more waits in the queue for the only slot: at the drain's end it gets 503
+        queued = pool.submit(httpx.post, url, json={"tts_text": "Hi.", "spk_id": "joe"}, timeout=30)
+        eventually(srv.healthz, lambda h: h["queued"] == 1, 10)
         srv.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         with pytest.raises(httpx.RemoteProtocolError):
-            for chunk in chunks:
-                got += len(chunk)
+            for _ in chunks:
                 time.sleep(0.05)
-    waited = time.monotonic() - t0
+        waited = time.monotonic() - t0
+        assert queued.result().status_code == 503, queued.result().text
     assert 0.8 < waited < 6, waited  # the drain deadline, then the cut
     srv.proc.wait(timeout=20)
     log = srv.log()

@@ -28,7 +28,13 @@ from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import Seed, SpeakerInfo, Speed, TTSRequest
-from rtserver.service import ClientGone, SynthesisFailed, TextRejected, TTSService
+from rtserver.service import (
+    ClientGone,
+    ShuttingDown,
+    SynthesisFailed,
+    TextRejected,
+    TTSService,
+)
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
 log = logging.getLogger("rtserver.api")
@@ -239,6 +245,8 @@ async def open_stream(
         if isinstance(first, Failed):
             if first.code == "unknown_speaker" and isinstance(spk_id, str):
                 service.speaker(spk_id)  # deleted while it waited: UnknownSpeaker, a 400
+            if first.code == "shutting_down":  # still queued at the drain's end: a 503
+                raise ShuttingDown(first.message)
             raise SynthesisFailed(first.message)
         if isinstance(first, Cancelled):
             raise ClientGone()
