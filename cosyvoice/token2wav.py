@@ -374,8 +374,9 @@ class Token2Wav:
         if not math.isfinite(bound):
             return
         blocks = (POOL_OVERSHOOT * bound + call) / BLOCK
+        # a slot per stream holding a cache: 4x the batch (slots 0 and 1 are no stream's)
         pool.presize(
-            {"tokens": int(blocks), "frames": int(cfg.token_mel_ratio * blocks)}, 4 * batch
+            {"tokens": int(blocks), "frames": int(cfg.token_mel_ratio * blocks)}, 4 * batch + 2
         )
 
     def _room(self) -> float:
