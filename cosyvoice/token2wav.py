@@ -61,11 +61,14 @@ import torch
 import torch.nn.functional as F
 
 from cosyvoice.flow import FlowCache, FlowInput, FlowModel
-from cosyvoice.flow.cache import BLOCK
+from cosyvoice.flow.cache import BLOCK, blocks_for
 from cosyvoice.hift import CausalHiFT, CausalVocoderState, HiFT, NoiseBuffer
 
 log = logging.getLogger(__name__)
-POOL_OVERSHOOT = 1.25  # streams past the bound until it drops caches, partly filled blocks
+# Slack over the flow-cache bound in a pool that may not grow: the bound is enforced after
+# each call, one cache dropped per stream in it, so a call's streams can leave the pool past it.
+POOL_OVERSHOOT = 1.25
+PROMPT_SHARE = 0.25  # of the bound, speakers' prompts kept for streams to start from
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,9 @@ class Token2Wav:
         self.cfg = dataclasses.replace(cfg, **opts)
         # up to a quarter of the flow state's bound keeps speakers' prompts for streams to
         # start from (the largest when several share the flow), within the bound
-        flow.prompts.budget = max(flow.prompts.budget, self.cfg.flow_cache_mb * 2**20 / 4)
+        flow.prompts.budget = max(
+            flow.prompts.budget, self.cfg.flow_cache_mb * 2**20 * PROMPT_SHARE
+        )
         # requests holding a flow cache, for the memory bound (a dropped request just vanishes);
         # the lock: states are made on the caller's thread, stepped on a vocoder thread
         self._cached: weakref.WeakValueDictionary[int, Token2WavState] = (
@@ -302,6 +307,7 @@ class Token2Wav:
                 out[i] = torch.zeros(0)
         if not run:
             return out
+        self._fit_pool([j for _, j in run])
         mels = self.flow.inference([self._flow_input(j) for _, j in run])
         for _, j in run:
             self._keep_or_drop_cache(j)
@@ -350,23 +356,25 @@ class Token2Wav:
     def _size_pool(self, batch: int) -> None:
         """Graphs over the pool stay valid only while it does not grow, so it is made as large
         as streams under the memory bound get: the bound (streams overshoot it a little) and
-        one call of ``batch`` streams at the longest hop. Within the device's room: where that
-        is less, the bound is lowered to fit (half the free memory at load was the bound, and
-        a pool grown past the device's memory takes every stream down)."""
+        one call of ``batch`` streams at the longest hop; a call past that (new streams with
+        long prompts) drops caches first (:meth:`_fit_pool`). Within the device's room: where
+        that is less, the bound is lowered to fit (on a GPU the default bound, half the free
+        memory at load, always is: a pool grown past the device's memory fails every stream)."""
         pool, cfg = self.flow.pool, self.cfg
         per_token = (
             pool.position_bytes["tokens"] + cfg.token_mel_ratio * pool.position_bytes["frames"]
         )
-        call = batch * (-(-(cfg.token_max_hop_len + cfg.pre_lookahead_len) // BLOCK) + 1) * BLOCK
+        call = batch * (blocks_for(cfg.token_max_hop_len + cfg.pre_lookahead_len) + 1) * BLOCK
         bound = cfg.flow_cache_mb * 2**20 / per_token  # tokens
-        fits = (self._room() / per_token - call) / POOL_OVERSHOOT
+        # the prompts' copies live outside the pool, in the same device memory
+        fits = (self._room() / per_token - call) / (POOL_OVERSHOOT + PROMPT_SHARE)
         if fits < bound:
             self.cfg = dataclasses.replace(cfg, flow_cache_mb=max(fits, 0) * per_token / 2**20)
             self.flow.prompts.budget = min(
-                self.flow.prompts.budget, self.cfg.flow_cache_mb * 2**20 / 4
+                self.flow.prompts.budget, self.cfg.flow_cache_mb * 2**20 * PROMPT_SHARE
             )
-            log.warning(
-                "flow cache bound lowered to %.0f MB to fit the device with one call of %d streams",
+            log.info(
+                "flow cache bound: %.0f MB, to fit the device with one call of %d streams",
                 self.cfg.flow_cache_mb,
                 batch,
             )
@@ -447,6 +455,20 @@ class Token2Wav:
             cache=st.flow_cache if j.streaming else None,
         )
 
+    def _fit_pool(self, jobs: list[_Job]) -> None:
+        """A pool sized to the device (under CUDA graphs, :meth:`_size_pool`) may not grow: where
+        this call would take more blocks than it has free (new streams with long prompts, past
+        what the sizing foresaw), the streams that would take the most drop their caches and
+        recompute (the same frames, at upstream's cost). Grown, it ran out of device memory."""
+        cached = [j for j in jobs if j.state.flow_cache is not None]
+        while cached and not self.flow.fits([self._flow_input(j) for j in cached]):
+            most = max(
+                cached, key=lambda j: sum(self.flow.blocks_needed(self._flow_input(j)).values())
+            )
+            with self._cached_lock:
+                self._drop_cache(most.state)
+            cached = [j for j in cached if j is not most]  # (== compares their tensors)
+
     def _keep_or_drop_cache(self, j: _Job) -> None:
         """A finished request frees its cache. When all requests' caches are past the memory
         bound, the largest goes (a long whole utterance paced in hops, say, not the stream
@@ -464,7 +486,7 @@ class Token2Wav:
             bound = self.cfg.flow_cache_mb * 2**20
             # the prompt store's part (its budget may be another Token2Wav's, on one flow)
             held = sum(st.flow_cache.nbytes for st in cached)
-            if held + min(self.flow.prompts.nbytes, bound / 4) > bound:
+            if held + min(self.flow.prompts.nbytes, bound * PROMPT_SHARE) > bound:
                 self._drop_cache(max(cached, key=lambda st: st.flow_cache.nbytes))
 
     def _drop_cache(self, st: Token2WavState) -> None:  # with the lock held

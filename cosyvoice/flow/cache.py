@@ -36,7 +36,7 @@ RESOLUTIONS = ("tokens", "frames")  # the encoder's token layers; its frame laye
 ZERO_SLOT, SCRATCH_SLOT = 0, 1  # tails read by fresh requests (kept zero) / written by the rest
 
 
-def _blocks_for(positions: int) -> int:
+def blocks_for(positions: int) -> int:
     return -(-positions // BLOCK)
 
 
@@ -56,13 +56,10 @@ def _retire(tensors) -> None:
 
 
 class _Free:
-    """A free list of ids from ``first`` up that grows by half when it runs out (``exact``: by
-    what is missing, for a list presized to its device's memory, where half as much again
-    would not fit)."""
+    """A free list of ids from ``first`` up that grows by half when it runs out."""
 
     def __init__(self, first: int, size: int):
         self.first, self.initial = first, size
-        self.exact = False
         self.reset()
 
     def reset(self) -> None:
@@ -73,10 +70,12 @@ class _Free:
     def used(self) -> int:
         return self.size - self.first - len(self.free)
 
-    def take(self, n: int) -> list[int]:
+    def take(self, n: int, exact: bool = False) -> list[int]:
+        """``exact``: grow by what is missing only (a list sized to its device's memory, where
+        half as much again would not fit)."""
         if n > len(self.free):
             new = self.size + n - len(self.free)
-            new = new if self.exact else max(new, 3 * self.size // 2)
+            new = new if exact else max(new, 3 * self.size // 2)
             self.free = list(range(new - 1, self.size - 1, -1)) + self.free
             self.size = new
         return [self.free.pop() for _ in range(n)]
@@ -109,7 +108,13 @@ class FlowPool:
         self._known_bytes = (self.position_bytes, 0)  # the two, as before the last shrink
         self._returned: deque[tuple[dict[str, list[int]], list[int]]] = deque()
         self.keep = False  # never shrink (set while CUDA graphs hold the tensors' addresses)
+        self.sized = False  # presized to its device's memory (see Token2Wav._size_pool)
         self.resets = 0
+
+    @property
+    def pinned(self) -> bool:
+        """Sized to its device and held by graphs: it may not grow (it would not fit)."""
+        return self.keep and self.sized
 
     @property
     def held(self) -> int:
@@ -134,10 +139,15 @@ class FlowPool:
                 raise RuntimeError("presize() needs a pool that holds nothing")
             for res, n in blocks.items():
                 self.blocks[res].initial = max(self.blocks[res].initial, n)
-                self.blocks[res].exact = True
             self.slots.initial = max(self.slots.initial, slots)
-            self.slots.exact = True
+            self.sized = True
             self._shrink()
+
+    def free_blocks(self) -> dict[str, int]:
+        """Blocks free now, per resolution (before the pool would grow)."""
+        with self.lock:
+            self._drain()
+            return {res: len(b.free) for res, b in self.blocks.items()}
 
     def shrink_if_idle(self) -> None:
         """Back to the first size when no request holds anything (between calls only)."""
@@ -152,9 +162,9 @@ class FlowPool:
         """Blocks for positions [0, end) of ``cache`` at resolution ``res``."""
         with self.lock:
             self.shrink_if_idle()  # a call's first reservation: nothing of the pool is in use
-            need = _blocks_for(end) - len(cache.blocks[res])
-            if need > 0:
-                cache.blocks[res].extend(self.blocks[res].take(need))
+            need = blocks_for(end) - len(cache.blocks[res])
+            if need > 0:  # past what Token2Wav's guard foresaw, if pinned
+                cache.blocks[res].extend(self.blocks[res].take(need, exact=self.pinned))
 
     def slot(self, cache: FlowCache) -> int:
         with self.lock:
@@ -180,7 +190,7 @@ class FlowPool:
     def trim(self, cache: FlowCache, res: str, end: int) -> None:
         """Give back the blocks past position ``end`` (a call's positions it did not keep)."""
         with self.lock:
-            ids, keep = cache.blocks[res], _blocks_for(end)
+            ids, keep = cache.blocks[res], blocks_for(end)
             self.blocks[res].give(ids[keep:])
             del ids[keep:]
 
@@ -207,7 +217,7 @@ class FlowPool:
     def _positions(self, cache: FlowCache, res: str, n: int, device) -> torch.Tensor:
         """Where positions [0, n) of ``cache`` live in the layers' tensors."""
         j = torch.arange(n)
-        ids = torch.tensor(cache.blocks[res][: _blocks_for(len(j))], dtype=torch.long)
+        ids = torch.tensor(cache.blocks[res][: blocks_for(len(j))], dtype=torch.long)
         return h2d(ids[j // BLOCK] * BLOCK + j % BLOCK, device)
 
     def snapshot(self, cache: FlowCache) -> CachedPrompt:
@@ -505,9 +515,9 @@ class Past:
                                    f"the call starts at {s}")  # fmt: skip
             pool.reserve(c, self.res, e)
         t, k = max(self.lens), max(self.ends)
-        table = torch.zeros(len(self.caches), _blocks_for(k), dtype=torch.long)
+        table = torch.zeros(len(self.caches), blocks_for(k), dtype=torch.long)
         for b, c in enumerate(self.caches):
-            ids = c.blocks[self.res][: _blocks_for(self.ends[b])]
+            ids = c.blocks[self.res][: blocks_for(self.ends[b])]
             table[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         j = torch.arange(k)
         read = table[:, j // BLOCK] * BLOCK + j % BLOCK  # (B, K)

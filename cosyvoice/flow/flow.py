@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.devices import h2d
-from cosyvoice.flow.cache import FlowCache, FlowPool, Past, PromptStore
+from cosyvoice.flow.cache import RESOLUTIONS, FlowCache, FlowPool, Past, PromptStore, blocks_for
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
@@ -336,6 +336,8 @@ class FlowModel(nn.Module):
         n = part.prompt_token.numel() - la  # the positions it makes final
         if not self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):  # 0: not known yet
             return False
+        if not self.fits([part]):  # its pieces would grow a pool sized to the device
+            return False
         step = self._piece_tokens()
         with _unless_out_of_memory():
             for end in range(step, n + 1, step):
@@ -346,6 +348,26 @@ class FlowModel(nn.Module):
             if self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):  # what a copy takes
                 self.prompts.put(key, self.pool.snapshot(r.cache))
         return key in self.prompts
+
+    def fits(self, reqs: list[FlowInput]) -> bool:
+        """Whether calls over these requests take no more of the pool than it has free, for a
+        pool that may not grow (under CUDA graphs: it is sized to the device's memory); always
+        for one that may."""
+        if not self.pool.pinned:
+            return True
+        free = self.pool.free_blocks()
+        need = [self.blocks_needed(r) for r in reqs]
+        return all(sum(n[res] for n in need) <= free[res] for res in RESOLUTIONS)
+
+    def blocks_needed(self, r: FlowInput) -> dict[str, int]:
+        """Pool blocks a call over ``r`` takes beyond what its cache holds, per resolution
+        (a stream's first call: its prompt's positions too)."""
+        if not _uses_pool(r):
+            return dict.fromkeys(RESOLUTIONS, 0)
+        la = 0 if r.finalize else self.cfg.pre_lookahead_len
+        end = r.prompt_token.numel() + r.token.numel() - la  # as plan() counts it
+        ends = {"tokens": end, "frames": end * self.cfg.token_mel_ratio}
+        return {res: max(0, blocks_for(e) - len(r.cache.blocks[res])) for res, e in ends.items()}
 
     def _piece_tokens(self) -> int:
         """The fewest tokens a call over a cache can end on: whole chunks of the encoder whose

@@ -11,7 +11,7 @@ from _fixtures import FAMILIES, ONE_THREAD, CountOps, drive_ragged, family_param
 from conftest import assert_close
 
 from cosyvoice.flow import FlowCache, FlowInput, load_flow
-from cosyvoice.flow.cache import BLOCK, FlowPool
+from cosyvoice.flow.cache import BLOCK
 from cosyvoice.hift import load_hift
 from cosyvoice.token2wav import make_token2wav
 
@@ -436,13 +436,3 @@ def test_a_prompt_copy_out_of_memory_leaves_the_stream_whole(parts, monkeypatch)
     monkeypatch.setattr(flow.pool, "restore", fail("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
         _first_call_frames(flow, t2w, prompted, toks)
-
-
-def test_a_presized_pool_grows_by_what_is_missing_only(family):
-    """A pool presized to its device's memory (under CUDA graphs) that must grow anyway grows
-    by the blocks missing: by half as much again it would not fit on the device."""
-    grown, presized = FlowPool(blocks=10), FlowPool()
-    presized.presize({"tokens": 10, "frames": 20}, 4)
-    for pool in (grown, presized):
-        pool.blocks["tokens"].take(12)  # 9 free (block 0 is scratch): 3 missing
-    assert (grown.blocks["tokens"].size, presized.blocks["tokens"].size) == (15, 13)
