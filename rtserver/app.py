@@ -108,7 +108,12 @@ def served(app: Litestar) -> ASGIApp:
     before any middleware runs. So keys and hosts are checked first (a client without a key
     learns nothing, not even which paths exist), and every response is counted and carries its
     request id. HEAD is answered as GET, and a stream cut short ends in one log line."""
-    inner = AccessControl(abort_quietly(head_as_get(app)), app.state.settings)
+
+    def draining() -> bool:
+        service = getattr(app.state, "service", None)
+        return service is not None and service.draining
+
+    inner = AccessControl(abort_quietly(head_as_get(app), draining), app.state.settings)
     return with_request_id(count_requests(inner, app.state.metrics))
 
 

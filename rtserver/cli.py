@@ -67,11 +67,18 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         service = getattr(self.app.state, "service", None)
-        if self._draining or self._loop is None or service is None:
+        if self._loop is None or service is None:  # not serving yet
             super().handle_exit(sig, frame)
-            return
-        self._draining = True
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(service)))
+        elif self._draining:  # the second: cut what is left and exit (uvicorn's own handling
+            # re-raised the signal at exit: status -15 or -2, and 500s for queued requests)
+            self._loop.call_soon_threadsafe(self._exit_now, service)
+        else:
+            self._draining = True
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(service)))
+
+    def _exit_now(self, service: TTSService) -> None:
+        service.cut_streams()
+        self.should_exit = True  # not force_exit: that cancelled the app's own shutdown
 
     async def _drain(self, service: TTSService) -> None:
         try:

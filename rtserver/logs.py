@@ -37,10 +37,14 @@ stream_cut: contextvars.ContextVar[bool] = contextvars.ContextVar("stream_cut", 
 
 class _ExpectedCut(logging.Filter):
     """uvicorn logs any response body that ends early as an ERROR; one the server cut on
-    purpose is not an error, and already has its own warning line."""
+    purpose is not an error, and already has its own warning line. Nor is cancelling, after
+    the drain, the connections whose clients took nothing: a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (stream_cut.get() and record.getMessage().startswith("ASGI callable returned"))
+        message = record.getMessage()
+        if message.startswith("Cancel ") and "graceful shutdown exceeded" in message:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return not (stream_cut.get() and message.startswith("ASGI callable returned"))
 
 
 class _QueryNamesOnly(logging.Filter):

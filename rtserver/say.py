@@ -49,7 +49,9 @@ async def say(args: argparse.Namespace) -> int:
         async with TTSClient(args.url, api_key=args.api_key) as client:
             audio, rate, first = await _speak(client, args, text, "pcm" if fmt == "wav" else fmt)
             if fmt == "wav":
-                audio = _wav(audio, rate or await _rate_of(client, args.spk))
+                if not (rate := rate or await _rate_of(client, args.spk)):
+                    return _error(f"speaker {args.spk!r} is gone: its sample rate is unknown")
+                audio = _wav(audio, rate)
     except ServerError as exc:
         return _error(str(exc))
     except httpx.HTTPStatusError as exc:
@@ -60,7 +62,10 @@ async def say(args: argparse.Namespace) -> int:
         )
     except (httpx.TransportError, OSError) as exc:
         return _error(f"cannot reach {args.url}: {exc or type(exc).__name__}")
-    out.write_bytes(audio)
+    try:
+        out.write_bytes(audio)
+    except OSError as exc:  # a directory, a folder that is not there, no permission
+        return _error(f"cannot write {out}: {exc.strerror or exc}")
     ttfa = (first - t0) * 1000 if first else float("nan")
     print(f"wrote {out} ({len(audio)} bytes, {fmt}{f', {rate} Hz' if rate else ''}); "
           f"first audio after {ttfa:.0f} ms", file=sys.stderr)  # fmt: skip
@@ -105,7 +110,8 @@ async def _speak(
 async def _rate_of(client: TTSClient, spk_id: str) -> int:
     """The sample rate of `spk_id`'s PCM (the HTTP route sends it as a header, which the
     client's byte stream does not carry)."""
-    return next(int(s["sample_rate"]) for s in await client.speakers() if s["id"] == spk_id)
+    rates = [int(s["sample_rate"]) for s in await client.speakers() if s["id"] == spk_id]
+    return rates[0] if rates else 0  # 0: deleted since it spoke
 
 
 def _wav(pcm: bytes, rate: int) -> bytes:

@@ -212,25 +212,34 @@ class TTSService:
 
     async def drain(self, deadline_s: float) -> None:
         """Stop taking sessions, let running ones finish for up to `deadline_s`, then end
-        every WebSocket context that is left with `shutting_down`."""
+        every WebSocket context that is left with `shutting_down` and cut every other stream
+        (:meth:`cut_streams`)."""
         self.draining = True
         log.info("draining: up to %gs for %d streams", deadline_s, self.client_streams.held())
         end = time.monotonic() + deadline_s
         while self.client_streams.held() and time.monotonic() < end:
             await asyncio.sleep(0.1)
-        await asyncio.gather(*(ws.shutdown() for ws in list(self.sockets)))
-        await self._cut_streams()
-
-    async def _cut_streams(self) -> None:
-        """At the drain's deadline every stream still running (HTTP) fails as `shutting_down`:
-        its body breaks, so its client can tell it is cut, with one warning line. Left to
-        uvicorn's own shutdown, its task was cancelled with an error and a traceback."""
-        why = Failed("the server is shutting down", "shutting_down")
-        for session in list(self._sessions):
-            session.cut(why)
+        # Bounded: a client that reads nothing would hold its socket's shutdown (and every cut
+        # after it) until the write watch gave up on it. uvicorn cancels what is left.
+        closing = [asyncio.ensure_future(ws.shutdown()) for ws in list(self.sockets)]
+        if closing:
+            await asyncio.wait(closing, timeout=CUT_WAIT_S)
+        for task in closing:
+            task.cancel()
+        self.cut_streams()
         end = time.monotonic() + CUT_WAIT_S
         while self.client_streams.held() and time.monotonic() < end:
             await asyncio.sleep(0.05)
+
+    def cut_streams(self) -> None:
+        """At the drain's deadline every stream still running (HTTP) fails as `shutting_down`:
+        its body breaks, so its client can tell it is cut, with one warning line; one still
+        queued gets 503. Left to uvicorn's own shutdown, its task was cancelled with an error
+        and a traceback."""
+        self.draining = True
+        why = Failed("the server is shutting down", "shutting_down")
+        for session in list(self._sessions):
+            session.cut(why)
 
     # ---- queries --------------------------------------------------------------------------
 

@@ -230,8 +230,8 @@ class Session:
         self._wake()
 
     def cut(self, why: Failed) -> None:
-        """End the stream now as ``why`` (the server's shutdown): audio the consumer has not
-        taken yet is not sent, the job is cancelled."""
+        """End the stream now as ``why`` (the server's shutdown): the chunks still queued for
+        the consumer are not sent, the job is cancelled."""
         self._cut = why
         self.cancel(why)
         self.job.channel.put(why)  # wakes events() even if the inference thread is stuck

@@ -132,7 +132,8 @@ class Settings(msgspec.Struct, kw_only=True):
         _doc("CosyVoice2/3 streaming: flow state all streams together may keep so a chunk costs "
              "its own frames, not a recompute of the utterance so far; a stream whose state "
              "would pass it recomputes instead (same audio, quadratic time); 0: never keep; "
-             "none: 8192 on the CPU, on a GPU half its memory free after loading"),
+             "none: 8192 on the CPU, on a GPU half its memory free after loading, lowered "
+             "at warm-up to what fits in 0.6 of it with one call of the largest batch"),
     ] = None  # fmt: skip
     exact_final: Annotated[
         bool,

@@ -42,7 +42,7 @@ def test_help_shows_each_flag_with_its_default_and_variable():
     [
         ((), {"RTSERVER_PORT": "abc"}, "RTSERVER_PORT"),
         (("--max-streams", "-1"), {}, "--max-streams"),
-        (("--dtype", "int8"), {}, "one of: auto, float32, bfloat16, float16"),  # and --dtype
+        (("--dtype", "int8"), {}, "--dtype: Invalid enum value 'int8' (one of: auto, float32"),
         (("--read-timeout-s", "soon"), {}, "--read-timeout-s"),
         (("--voice-alias", "alloy"), {}, "--voice-alias"),
         (("--replicas", "2", "--replica-gpus", "1", "--device", "cpu"), {}, "--replica-gpus"),
@@ -156,3 +156,6 @@ def test_say_writes_what_its_output_is_named(server, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and ".wav" in lines[0], r.stderr
     assert not (tmp_path / "x.ogg").exists()
+    r = rtserver("say", "Hi.", "--url", server.base_url, "-o", str(tmp_path / "no" / "x.wav"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "cannot write" in lines[0], r.stderr

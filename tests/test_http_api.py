@@ -213,6 +213,10 @@ def test_inference_sft_sent_json_says_where_json_goes(server):
     """A client of /tts sends its JSON body here: it was told `tts_text` is missing."""
     r = httpx.post(f"{server.base_url}/inference_sft", json={"tts_text": "Hi.", "spk_id": "joe"})
     assert "/tts/pcm" in error(r, 415)["detail"]
+    # a JSON content type without a body (a client's default header) is no JSON sent
+    r = httpx.post(f"{server.base_url}/inference_sft", params={"tts_text": "Hi.", "spk_id": "joe"},
+                   headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
 
 
 def test_inference_sft_takes_the_text_as_a_file_part(server):

@@ -191,3 +191,56 @@ def test_ctrl_c_in_a_terminal_stops_the_server_and_its_phonemizer_quietly(make_s
     log = srv.log()
     assert srv.proc.returncode == 0, log
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+
+
+def test_clients_that_read_nothing_do_not_hold_the_shutdown(make_server):
+    """A WebSocket client and an HTTP client that stop reading mid-stream: at the drain's end
+    the server still cuts everything and exits in seconds, with warnings only. The socket
+    that read nothing held the drain until the write watch gave up on it (about 70 s, past
+    keepalive pings), and the HTTP stream's task was cancelled with an ERROR and a traceback."""
+    from websockets.sync.client import connect
+
+    srv = make_server("--drain-timeout-s", "1", "--no-warmup")
+    start = {"type": "start", "context_id": "c", "spk_id": "joe", "text": LONG_TEXT * 10}
+    with connect(f"{srv.ws_url}/ws/tts", max_queue=1, compression=None) as ws, httpx.stream(
+        "POST", f"{srv.base_url}/tts/pcm", json={"tts_text": LONG_TEXT * 10, "spk_id": "joe"},
+        timeout=30,
+    ) as r:  # fmt: skip
+        ws.recv(timeout=30)  # ready
+        ws.send(json.dumps(start))
+        assert r.status_code == 200
+        next(r.iter_raw(1024))  # then neither reads again
+        time.sleep(3)  # the server's writes back up into the kernel's buffers
+        srv.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        srv.proc.wait(timeout=30)
+        took = time.monotonic() - t0
+    log = srv.log()
+    assert srv.proc.returncode == 0 and took < 8, (took, log)
+    assert "Traceback" not in log and " ERROR " not in log, log
+
+
+def test_a_second_signal_exits_at_once_and_cleanly(make_server):
+    """SIGTERM, then SIGTERM again during the drain: the streams are cut and the server exits
+    0 at once. uvicorn's own handling re-raised the signal at exit (status -15), and the
+    queued request got a plain-text 500."""
+    srv = make_server("--drain-timeout-s", "30", "--no-warmup", "--max-streams", "1")
+    url = f"{srv.base_url}/tts/pcm"
+    body = {"tts_text": LONG_TEXT * 10, "spk_id": "joe", "stream": True}
+    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", url, json=body, timeout=30) as r:
+        chunks = r.iter_bytes(4096)
+        next(chunks)
+        queued = pool.submit(httpx.post, url, json={"tts_text": "Hi.", "spk_id": "joe"}, timeout=30)
+        eventually(srv.healthz, lambda h: h["queued"] == 1, 10)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            for _ in chunks:
+                pass
+        assert queued.result().status_code == 503, queued.result().text
+    srv.proc.wait(timeout=20)
+    log = srv.log()
+    assert srv.proc.returncode == 0 and time.monotonic() - t0 < 5, log
+    assert "Traceback" not in log, log

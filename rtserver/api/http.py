@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -120,13 +120,20 @@ class StreamAborted(Exception):
     can tell. `abort_quietly` turns it into one log line instead of a traceback."""
 
 
-def abort_quietly(app: ASGIApp) -> ASGIApp:
+def abort_quietly(app: ASGIApp, draining: Callable[[], bool] = lambda: False) -> ASGIApp:
     """Wrap the ASGI app: a stream that ends early (a limit, a client that stopped reading) is
-    an expected event, not a server error."""
+    an expected event, not a server error; so is a connection uvicorn cancels once the drain
+    is over (``draining()``): a client that took nothing of what was sent, or still sends."""
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] == "lifespan" or not draining():
+                raise
+            stream_cut.set(True)
+            log.warning("%s %s: cut at shutdown (its client was not reading or still sending)",
+                        scope.get("method", "WEBSOCKET"), scope.get("path"))  # fmt: skip
         except Exception as exc:
             aborted = _find_abort(exc)
             if aborted is None:
@@ -530,7 +537,8 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
     as UTF-8 text: curl -F tts_text=@article.txt) over the query string. GET handlers cannot
     declare a body in Litestar, so the form is read by hand."""
     media_type = request.content_type[0]
-    if media_type == "application/json" or media_type.endswith("+json"):  # "missing tts_text"
+    json = media_type == "application/json" or media_type.endswith("+json")
+    if json and (await request.body()).strip():  # was "missing tts_text"; a bare header is fine
         raise HTTPException(
             status_code=415,
             detail=f"{request.url.path} takes its fields as a form, multipart or the query "
