@@ -460,6 +460,8 @@ class Token2Wav:
         this call would take more blocks than it has free (new streams with long prompts, past
         what the sizing foresaw), the streams that would take the most drop their caches and
         recompute (the same frames, at upstream's cost). Grown, it ran out of device memory."""
+        if not self.flow.pool.pinned:
+            return
         cached = [j for j in jobs if j.state.flow_cache is not None]
         while cached and not self.flow.fits([self._flow_input(j) for j in cached]):
             most = max(
