@@ -118,7 +118,8 @@ def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
     (voices / "en_US-second-medium.onnx").symlink_to(joe.model_path())
     (voices / "en_US-second-medium.onnx.json").symlink_to(joe.config_path())
     srv = make_server("--voices-dir", str(voices), "--voice-alias", "cedar=second",
-                      "--voice-alias", "alloy=nobody", "--no-warmup")  # fmt: skip
+                      "--voice-alias", "alloy=nobody", "--voice-alias", "Robot=second",
+                      "--no-warmup")  # fmt: skip
     url = f"{srv.base_url}/v1/audio/speech"
     r = httpx.post(url, timeout=60,
                    json={"input": "Hello there.", "voice": "cedar", "response_format": "pcm"})  # fmt: skip
@@ -131,6 +132,9 @@ def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
     assert "--voice-alias alloy=nobody: no speaker 'nobody'" in srv.log()
     r = httpx.post(url, json={"input": "Hello there.", "voice": "alloy"}, timeout=60)
     assert r.status_code == 400 and "'nobody'" in r.json()["error"]["message"], r.text
+    # The voice list offers only names that reach a speaker: not that alias
+    aliases = httpx.get(f"{srv.base_url}/v1/audio/voices").json()["aliases"]
+    assert {"cedar", "echo", "robot"} <= set(aliases) and "alloy" not in aliases, aliases
 
 
 def test_models_through_the_openai_sdk(server):

@@ -165,7 +165,19 @@ async def _sse(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 @get("/v1/audio/voices", summary="Voices /v1/audio/speech accepts")
 async def voices(service: TTSService) -> dict[str, list[str]]:
-    return {"voices": [s.id for s in service.speakers()], "aliases": list(OPENAI_VOICES)}
+    """Speaker ids, and the other names that reach a speaker now: OpenAI's voices and
+    `--voice-alias` names, less those whose speaker is not there (they would get 400)."""
+    names = dict.fromkeys([*OPENAI_VOICES, *voice_aliases(tuple(service.settings.voice_alias))])
+    return {"voices": [s.id for s in service.speakers()],
+            "aliases": [name for name in names if _reaches(service, name)]}  # fmt: skip
+
+
+def _reaches(service: TTSService, voice: str) -> bool:
+    try:
+        _speaker(service, voice)
+    except UnknownSpeaker:
+        return False
+    return True
 
 
 def _models(service: TTSService) -> dict[str, Model]:
