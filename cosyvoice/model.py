@@ -283,9 +283,13 @@ class CosyVoiceModel:
                     u.vocoding = True
                 self._inflight.append((self._vocoder_pool().submit(self._vocode, items), ready))
             else:
-                with self._flow_lock:
-                    chunks = self.token2wav.step(items)
-                self._outputs(ready, chunks)
+                try:
+                    with self._flow_lock:
+                        chunks = self.token2wav.step(items)
+                except Exception as exc:  # noqa: BLE001 - as on the vocoder thread (_collect)
+                    self._fail(ready, exc)
+                else:
+                    self._outputs(ready, chunks)
         if self._inflight and not llm:
             self._collect(wait=True)  # nothing else to do meanwhile
 
@@ -439,15 +443,19 @@ class CosyVoiceModel:
             try:
                 chunks = job.result()
             except Exception as exc:  # noqa: BLE001 - reported on those utterances only
-                log.exception("vocoding failed")
-                for u in utts:
-                    if u.status is not Status.FINISHED:
-                        self.cancel(u)
-                        self._outbox.append(_failed(u, exc))
+                self._fail(utts, exc)
                 continue
             live = [(u, c) for u, c in zip(utts, chunks, strict=True)
                     if u.status is not Status.FINISHED]  # fmt: skip
             self._outputs([u for u, _ in live], [c for _, c in live])
+
+    def _fail(self, utts: list[Utterance], exc: Exception) -> None:
+        """A vocoded batch failed: its utterances end with the error, the others go on."""
+        log.error("vocoding failed", exc_info=exc)
+        for u in utts:
+            if u.status is not Status.FINISHED:
+                self.cancel(u)
+                self._outbox.append(_failed(u, exc))
 
     def close(self) -> None:
         """Stop the vocoder thread (after its batches in flight, whose audio goes out with the

@@ -135,6 +135,15 @@ def fade_in_out(new: torch.Tensor, old: torch.Tensor, window: torch.Tensor) -> t
     return out
 
 
+def stretch(mel: torch.Tensor, speed: float) -> torch.Tensor:
+    """Mel frames (C, T) time-stretched for ``speed``: linear interpolation to int(T / speed)
+    frames, as upstream, but never to none (a one-token segment at speed 4 keeps a frame:
+    interpolate refuses a size of 0, and that token was spoken)."""
+    if speed == 1.0 or mel.shape[-1] == 0:
+        return mel
+    return F.interpolate(mel[None], size=max(1, int(mel.shape[-1] / speed)), mode="linear")[0]
+
+
 def _validated(items, vocab: int) -> list[list[int]]:
     """New tokens of every item as int lists; raises ValueError (before any state changes) for a
     finished state or a token id outside [0, vocab), naming the item, so a scheduler can fail just
@@ -152,9 +161,11 @@ def _validated(items, vocab: int) -> list[list[int]]:
 
 
 def to_host(chunks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """A step's audio chunks as CPU float32 tensors. From a GPU: ONE asynchronous copy of all of
-    them into pinned memory and one wait, after the whole flow + vocoder batch was queued (each
-    ``.cpu()`` would stall the host until the device drained, once per chunk)."""
+    """A step's audio chunks as CPU float32 tensors, each in memory of its own (a slice of the
+    batch's buffer, pinned or not, would keep all of it while a slow client holds the chunk).
+    From a GPU: ONE asynchronous copy of all of them into pinned memory and one wait, after the
+    whole flow + vocoder batch was queued (each ``.cpu()`` would stall the host until the
+    device drained, once per chunk)."""
     out = list(chunks)
     on_gpu = [i for i, c in enumerate(chunks) if c is not None and c.is_cuda]
     if on_gpu:
@@ -164,7 +175,34 @@ def to_host(chunks: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         torch.cuda.current_stream(flat.device).synchronize()
         for i, piece in zip(on_gpu, host.split([out[i].numel() for i in on_gpu]), strict=True):
             out[i] = piece
-    return [None if c is None else c.float().cpu() for c in out]  # no-ops once on the host
+    return [None if c is None else _own(c.float().cpu()) for c in out]
+
+
+def _own(c: torch.Tensor) -> torch.Tensor:
+    return c if c.untyped_storage().nbytes() == c.nbytes else c.clone()
+
+
+def _vocoded(
+    st: Token2WavState | Token2WavV1State,
+    mel: torch.Tensor,
+    speech: torch.Tensor,
+    source: torch.Tensor,
+    final: bool,
+    cfg: StreamConfig | StreamConfigV1,
+    window: torch.Tensor,
+) -> torch.Tensor:
+    """A vocoded chunk's audio, cross-faded into the last chunk's tail. Unless it is the last,
+    its own tail is held back and kept, with the mel and source the next chunk goes on from:
+    copies, as a view would keep the whole batch's buffers alive until the next chunk."""
+    if st.cache_speech is not None:
+        speech = fade_in_out(speech, st.cache_speech, window)
+    if final:
+        st.cache_mel = st.cache_source = st.cache_speech = None
+        return speech
+    nc = cfg.source_cache_len
+    st.cache_mel = mel[:, -cfg.mel_cache_len :].clone()
+    st.cache_source, st.cache_speech = source[-nc:].clone(), speech[-nc:].clone()
+    return speech[:-nc]
 
 
 def _append(st: Token2WavState | Token2WavV1State, new: list[int], final: bool) -> None:
@@ -323,20 +361,8 @@ class Token2Wav:
             caches.append(st.cache_source)
             gens.append(st.generator)
         res = self.hift.inference(hift_in, caches, gens)
-        nc = self.cfg.source_cache_len
         for (i, j), mel, (speech, source) in zip(run, hift_in, res, strict=True):
-            st = j.state
-            if st.cache_speech is not None:
-                speech = fade_in_out(speech, st.cache_speech, self.window)
-            if j.final:
-                st.cache_mel = st.cache_source = st.cache_speech = None
-                chunk = speech
-            else:
-                # copies: a view would keep the whole batch's buffers alive until the next chunk
-                st.cache_mel = mel[:, -self.cfg.mel_cache_len :].clone()
-                st.cache_source = source[-nc:].clone()
-                st.cache_speech = speech[-nc:].clone()
-                chunk = speech[:-nc]
+            chunk = _vocoded(j.state, mel, speech, source, j.final, self.cfg, self.window)
             self._advance(j, chunk)
             out[i] = chunk
         return to_host(out)
@@ -500,8 +526,8 @@ class Token2Wav:
         """A flow output's new frames in float32 (still on the device: the vocoder runs there),
         time-stretched by the request's speed where that applies."""
         mel = mel.float()
-        if st.speed != 1.0 and (st.stream or st.token_offset == 0):
-            mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+        if st.stream or st.token_offset == 0:
+            mel = stretch(mel, st.speed)
         return mel
 
     def _advance(self, j: _Job, chunk: torch.Tensor) -> None:
@@ -649,8 +675,8 @@ class Token2WavV1:
                 mel = fade_in_out(mel, st.mel_overlap, self.mel_window)
             if kind == "chunk":
                 st.tokens = st.tokens[self.cfg.token_hop_len :]
-            elif st.cache_mel is None and st.speed != 1.0:
-                mel = F.interpolate(mel[None], size=int(mel.shape[-1] / st.speed), mode="linear")[0]
+            elif st.cache_mel is None:
+                mel = stretch(mel, st.speed)
             if st.cache_mel is not None:
                 mel = torch.cat([st.cache_mel, mel], dim=-1)
             if kind == "chunk":
@@ -663,22 +689,14 @@ class Token2WavV1:
         res = self.hift.inference(
             mels, [st.cache_source for _, st, _ in run], [st.generator for _, st, _ in run]
         )
-        nc = self.cfg.source_cache_len
         for (i, st, kind), mel, (speech, source) in zip(run, mels, res, strict=True):
-            speech, source = speech.cpu(), source.cpu()
-            if st.cache_speech is not None:
-                speech = fade_in_out(speech, st.cache_speech, self.window)
-            if kind == "final":
-                st.done = True
-                chunk = speech
-            else:
-                st.cache_mel = mel[:, -self.cfg.mel_cache_len :]
-                st.cache_source, st.cache_speech = source[-nc:], speech[-nc:]
-                chunk = speech[:-nc]
+            final = kind == "final"
+            chunk = _vocoded(st, mel, speech.cpu(), source.cpu(), final, self.cfg, self.window)
+            st.done = st.done or final
             st.n_chunks += 1
             st.n_samples += chunk.numel()
             out[i] = chunk
-        return out
+        return to_host(out)
 
     stream = Token2Wav.stream
     synthesize = Token2Wav.synthesize

@@ -188,10 +188,10 @@ class CosyVoiceEngine:
         seal or close it as the job's snapshot says."""
         utt: Utterance = job.engine_state
         items, open_segment, closed = job.take_text()
+        if utt.status is Status.FINISHED or utt.closed:  # failed or cancelled: its error is out
+            return
         for index, text in items:
             self.model.add_text(utt, text, tag=index)
-        if utt.status is Status.FINISHED or utt.closed:
-            return
         if closed:
             self.model.close_text(utt)
         elif _seal_due(utt, open_segment):

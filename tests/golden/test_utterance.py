@@ -319,3 +319,48 @@ def test_the_next_piece_is_normalized_while_one_plays(model, one_group_a_step):
     assert not u.preparing  # normalized before the first piece ended
     outs += _run(model, [u])[id(u)]
     assert [o.tag for o in outs if o.tag_end] == [0, 1]
+
+
+@pytest.mark.parametrize("family", ["cosyvoice2", "cosyvoice1"])
+def test_a_one_token_segment_at_speed_4_still_speaks(golden_dir, tmp_path, family):
+    """A segment of fewer mel frames than ``speed`` was stretched to none, which interpolate
+    refuses: the whole step raised, and every utterance in it was lost."""
+    d = golden_dir / family / "model"
+    if not d.is_dir():
+        pytest.skip(f"no {family} golden dir")
+    m = cosyvoice.load(d, device=TEST_DEVICE, dtype="float32", use_wetext=WETEXT,
+                       speaker_dir=tmp_path, vocoder_thread=False)  # fmt: skip
+    spk = m.speakers.list()[0]
+    utts = [m.start(spk, seed=1, fixed_tokens=TOKENS)]
+    utts += [m.start(spk, seed=2 + s, speed=4.0, stream=s, fixed_tokens=1) for s in (True, False)]
+    for u in utts:
+        m.add_text(u, "Hello there, my friend.")
+        m.close_text(u)
+    for outs in _run(m, utts).values():
+        assert not any(o.error for o in outs) and outs[-1].done
+        assert sum(o.audio.numel() for o in outs) > 0
+
+
+def test_a_failed_vocoder_batch_ends_only_its_utterances(model, monkeypatch):
+    """Inline (no vocoder thread) as on the thread: the error goes to the batch's utterances
+    and the others go on, instead of out of step() for every utterance stepped."""
+    base = model.llm.net.kv_pool().used_blocks
+    spk = model.speakers.list()[0]
+    bad = model.start(spk, seed=1, fixed_tokens=TOKENS)
+    good = model.start(spk, seed=2, fixed_tokens=TOKENS, stream=False)
+    for u in (bad, good):
+        model.add_text(u, "Hello there, my friend.")
+        model.close_text(u)
+    step = model.token2wav.step
+
+    def failing(items):
+        if any(st is bad.t2w for st, _, _ in items):
+            raise RuntimeError("injected")
+        return step(items)
+
+    monkeypatch.setattr(model.token2wav, "step", failing)
+    outs = _run(model, [bad, good])
+    assert outs[id(bad)][-1].error == "RuntimeError: injected"
+    assert not any(o.error for o in outs[id(good)]) and outs[id(good)][-1].done
+    assert sum(o.audio.numel() for o in outs[id(good)]) > 0
+    assert model.llm.net.kv_pool().used_blocks == base
