@@ -202,7 +202,11 @@ class Session:
 
     @property
     def pending_text(self) -> bool:
-        """Buffered text the segmenter is holding back (waiting for a sentence end)."""
+        """Text a flush would let go: what the segmenter holds back (waiting for a sentence
+        end), or in text streaming a piece still open (its LLM run waits for more text, and
+        holds its slot while it waits)."""
+        if self.job.text_streaming:
+            return self.job.open_segment is not None
         return speakable(self._segmenter.pending)
 
     def _submit(self, segments: list[str]) -> None:

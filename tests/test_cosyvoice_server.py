@@ -183,6 +183,36 @@ def test_ws_text_streaming_speaks_each_flushed_piece(cv):
     assert after["completed"] == before["completed"] + 2
 
 
+def test_ws_text_streaming_left_open_is_spoken_then_times_out(tmp_path):
+    """A piece the client never flushes: its LLM run waited for more text, holding its slot
+    and KV blocks for good (pings kept the socket). Now it is spoken after auto_flush_ms,
+    as sentence mode's buffered text is, and the idle context then ends."""
+    srv = start(tmp_path, "--auto-flush-ms", "300", "--context-idle-timeout-s", "2")
+    words = "Hello there, my friend"
+
+    async def turn() -> tuple[list, bytes]:
+        events, audio = [], b""
+        async with TTSClient(srv.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="spk_f1", seed=3, text_streaming=True)
+            await ctx.send(words)
+            async for item in ctx.events():
+                if isinstance(item, bytes):
+                    audio += item
+                else:
+                    events.append(item)
+        return events, audio
+
+    try:
+        events, audio = asyncio.run(asyncio.wait_for(turn(), 60))
+        assert [e.text for e in events if type(e).__name__ == "Segment"] == [words]
+        assert_speech(decode_pcm(audio), 24000, min_seconds=0.3)
+        assert type(events[-1]).__name__ == "Error" and events[-1].code == "context_timeout"
+        after = srv.assert_idle()
+        assert after["held_kv_blocks"] == 0 and after["held_flow_blocks"] == 0
+    finally:
+        srv.stop()
+
+
 def assert_disconnect_frees_the_job(srv: ServerProcess) -> None:
     """A client that leaves after the first audio: its job is cancelled and freed."""
     before = srv.wait_idle()
