@@ -4,6 +4,7 @@ sees it (an SDP file or a playlist would make it open sockets or files)."""
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 
@@ -86,3 +87,18 @@ print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) /
         n, hz = map(int, lines[target].split())
         assert abs(n - int(target)) <= 2 and abs(hz - 440) <= 2, lines
     assert int(lines["grew_mb"]) < 300, lines
+
+
+def _wav_header_says(tag: int, bits: int) -> bytes:
+    """Two seconds of 16-bit samples under a fmt chunk that says format ``tag`` of ``bits``."""
+    pcm = (np.sin(np.arange(32000) * 0.05) * 8000).astype("<i2").tobytes()
+    fmt = struct.pack("<HHIIHH", tag, 1, 16000, 32000, 2, bits)
+    return (b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVEfmt " + struct.pack("<I", 16)
+            + fmt + b"data" + struct.pack("<I", len(pcm)) + pcm)  # fmt: skip
+
+
+@pytest.mark.parametrize("tag, bits", [(1, 0), (3, 16), (0xFFFE, 16)])
+def test_a_wav_of_a_codec_ffmpeg_cannot_decode_is_refused(tag, bits):
+    """FFmpeg opens it but has no decoder: the server answered 500 (AttributeError)."""
+    with pytest.raises(AudioError, match="cannot decode audio"):
+        decode_audio(_wav_header_says(tag, bits))

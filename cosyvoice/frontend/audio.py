@@ -86,6 +86,10 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
             if not container.streams.audio:
                 raise AudioError("no audio stream found")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # FFmpeg has no decoder (a WAV of 0-bit samples)
+                raise AudioError(
+                    f"cannot decode audio: no decoder for its codec ({fmt or 'probed'})"
+                )
             # packed float keeps full precision for every input format (PyAV's planar
             # to_ndarray crashed the process on 8 channels)
             resampler = av.AudioResampler(format="flt", layout=None, rate=None)
