@@ -132,20 +132,24 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
 
 class Gate:
     """At most ``size`` of one kind of work at a time (on the event loop: no lock); one more
-    is Busy (503) before any of it starts."""
+    is Busy (503) before any of it starts. ``clients``: a share one client address may hold
+    of them, so that one client cannot take every place (TooManyForClient, 429)."""
 
-    def __init__(self, size: int, what: str) -> None:
+    def __init__(self, size: int, what: str, clients: ClientQuota | None = None) -> None:
         self.size, self.what, self.inside = size, what, 0
+        self.clients = clients or ClientQuota(what, 0)
 
     @contextlib.contextmanager
-    def enter(self) -> Iterator[None]:
+    def enter(self, client: str = "") -> Iterator[None]:
         if self.inside >= self.size:
             raise Busy(f"{self.size} {self.what}; try again")
+        release = self.clients.acquire(client)
         self.inside += 1
         try:
             yield
         finally:
             self.inside -= 1
+            release()
 
 
 def client_share(settings: Settings) -> int:
@@ -189,7 +193,9 @@ class TTSService:
         self._stop_keeping = threading.Event()
         # prompts being analysed now (registrations among them), upload bodies being read now
         self._extractions = Gate(MAX_EXTRACTING, "prompt recordings are being analysed")
-        self._uploads = Gate(MAX_UPLOADS, "uploads are being received")
+        share = MAX_UPLOADS // 2 if settings.max_client_streams else 0  # with per-client limits
+        uploads = ClientQuota("uploads", share)
+        self._uploads = Gate(MAX_UPLOADS, "uploads are being received", uploads)
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # cut at the drain's end
@@ -285,9 +291,11 @@ class TTSService:
             "sockets_open": self.client_sockets.held(),
         }
 
-    def receiving_upload(self) -> contextlib.AbstractContextManager[None]:
-        """A place to read an upload's body in, or Busy (503) before a byte of it is read."""
-        return self._uploads.enter()
+    def receiving_upload(self, client: str) -> contextlib.AbstractContextManager[None]:
+        """A place to read an upload's body in, or Busy (503) before a byte of it is read:
+        one client address takes at most half of them (a slow upload holds its place until
+        the request deadline)."""
+        return self._uploads.enter(client)
 
     async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
         register = getattr(self.engine, "register_speaker", None)

@@ -555,30 +555,38 @@ def test_text_that_crashes_espeak_fails_one_request_only(make_server):
 
 def test_upload_bodies_are_read_a_few_at_a_time(make_server):
     """A registration's body is held whole before the registration limit sees it: 256 slow
-    uploads held 1.5 GB. Past 4 bodies being read, an upload gets 503 before it sends one."""
+    uploads held 1.5 GB. Past 4 bodies being read, an upload gets 503 before it sends one. One
+    client address reads at most 2 at once (429): 4 slow ones from one address locked everyone
+    out of registration and zero-shot for as long as it went on."""
     srv = make_server("--no-warmup")
-    slow = []
-    for _ in range(4):  # each promises 8 MB and sends a few bytes of it
-        s = socket.create_connection(("127.0.0.1", srv.port))
-        s.sendall(b"POST /speakers HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n"
-                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")  # fmt: skip
-        slow.append(s)
     files = {"prompt_wav": ("p.wav", b"RIFF" + bytes(2000), "audio/wav")}
     data = {"spk_id": "late", "prompt_text": "Hello."}
-    url = f"{srv.base_url}/speakers"
 
-    def late() -> httpx.Response:
-        return httpx.post(url, data=data, files=files, timeout=10)
+    def slow(source: str) -> socket.socket:  # promises 8 MB and sends a few bytes of it
+        s = socket.create_connection(("127.0.0.1", srv.port), source_address=(source, 0))
+        s.sendall(b"POST /speakers HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n"
+                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")  # fmt: skip
+        return s
 
-    refused = eventually(late, lambda r: r.status_code == 503)
+    def late(source: str, path: str = "/speakers", **form: str) -> httpx.Response:
+        transport = httpx.HTTPTransport(local_address=source)  # 127/8: each its own client
+        with httpx.Client(base_url=srv.base_url, transport=transport, timeout=10) as client:
+            return client.post(path, data=form or data, files=files)
+
+    held = [slow("127.0.0.2"), slow("127.0.0.2")]
+    own = eventually(lambda: late("127.0.0.2"), lambda r: r.status_code == 429)
+    assert "uploads" in own.json()["detail"], own.text
+    other = late("127.0.0.3")  # read (and refused by the built-in voice), not locked out
+    assert other.status_code == 400 and "registration" in other.json()["detail"], other.text
+    held += [slow("127.0.0.3"), slow("127.0.0.3")]
+    refused = eventually(lambda: late("127.0.0.4"), lambda r: r.status_code == 503)
     assert "uploads" in refused.json()["detail"] and refused.headers["retry-after"]
     # so are the routes that take a recording with the text (upstream's zero-shot)
-    zero_shot = httpx.post(f"{srv.base_url}/inference_zero_shot", files=files, timeout=10,
-                           data={"tts_text": "Hi.", "prompt_text": "Hello."})  # fmt: skip
+    zero_shot = late("127.0.0.4", "/inference_zero_shot", tts_text="Hi.", prompt_text="Hello.")
     assert zero_shot.status_code == 503 and "uploads" in zero_shot.json()["detail"]
-    for s in slow:
+    for s in held:
         s.close()
     # Their places come back: the next upload is read (and refused by the built-in voice).
-    answered = eventually(late, lambda r: r.status_code != 503)
+    answered = eventually(lambda: late("127.0.0.2"), lambda r: r.status_code not in (429, 503))
     assert answered.status_code == 400 and "registration" in answered.json()["detail"]
     assert_idle(srv)
