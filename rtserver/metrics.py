@@ -27,7 +27,8 @@ SCHEDULER_COUNTERS = {
     "completed": "Jobs that finished with all their audio.",
     "cancelled": "Jobs cancelled by their client (disconnect, cancel, barge-in).",
     "failed": "Jobs the engine failed on.",
-    "dropped": "Jobs ended by a limit: the audio cap, a client that stopped reading, an idle context.",
+    "dropped": "Jobs ended by a limit (the audio cap, a client that stopped reading, an idle "
+    "context, the drain's deadline) or whose speaker was deleted while they waited.",
     "rejected": "Jobs refused at capacity (503 / busy).",
     "steps": "Engine steps run.",
 }

@@ -45,7 +45,7 @@ class Counters:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0  # engine errors
-    dropped: int = 0  # ended by a limit: audio cap, a client that stopped reading, an idle context
+    dropped: int = 0  # ended by a limit or the server (see metrics.SCHEDULER_COUNTERS)
     rejected: int = 0
     steps: int = 0
     audio_s: float = 0.0  # audio produced for clients, all jobs together

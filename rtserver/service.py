@@ -66,12 +66,17 @@ MAX_UPLOADS = 4
 NO_SPEAKERS = "no speakers yet: register one (POST /speakers)"
 
 
+def echoed(name: str) -> str:
+    """A client's name (a speaker, a model) as an error message echoes it: a bounded prefix
+    (a 500 KB id made a 500 KB error)."""
+    return name if len(name) <= 64 else name[:64] + "..."
+
+
 class UnknownSpeaker(LookupError):
     def __init__(
         self, spk_id: str, valid: list[str], field: str = "spk_id", note: str = ""
     ) -> None:
-        # the id is the client's; echo a bounded prefix (a 500 KB id made a 500 KB error)
-        shown = spk_id if len(spk_id) <= 64 else spk_id[:64] + "..."
+        shown = echoed(spk_id)
         known = f"valid speakers: {', '.join(valid)}" if valid else NO_SPEAKERS
         super().__init__(f"unknown {field} {shown!r}{note}; {known}")
         self.spk_id, self.valid, self.field = spk_id, valid, field

@@ -146,3 +146,7 @@ def test_models_through_the_openai_sdk(server):
         client.models.retrieve("whisper-1")
     assert caught.value.body["code"] == "model_not_found"
     assert "whisper-1" in caught.value.body["message"]
+    # a client's name is echoed as a bounded prefix (a 5000-character id made a 5 KB error)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("x" * 5000)
+    assert len(caught.value.body["message"]) < 200, len(caught.value.body["message"])

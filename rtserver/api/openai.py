@@ -32,7 +32,7 @@ from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_heade
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
 from rtserver.protocol import Seed, Speed, Text
-from rtserver.service import TTSService, UnknownSpeaker
+from rtserver.service import TTSService, UnknownSpeaker, echoed
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova",
                  "onyx", "sage", "shimmer", "verse")  # fmt: skip
@@ -136,7 +136,7 @@ def voice_aliases(pairs: tuple[str, ...]) -> dict[str, str]:
 async def speech(request: Request, data: SpeechRequest, service: TTSService) -> Stream:
     if data.response_format not in MEDIA_TYPES:
         raise ValidationException(
-            f"response_format {data.response_format!r} is not supported; use one of "
+            f"response_format {echoed(data.response_format)!r} is not supported; use one of "
             f"{', '.join(MEDIA_TYPES)}",
             extra=[
                 {"key": "response_format", "message": f"unsupported; use {', '.join(MEDIA_TYPES)}"}
@@ -207,7 +207,7 @@ async def model(model_id: str, service: TTSService) -> Model:
     found = _models(service).get(model_id)
     if found is None:
         raise NotFoundException(
-            f"the model {model_id!r} does not exist", extra={"code": "model_not_found"}
+            f"the model {echoed(model_id)!r} does not exist", extra={"code": "model_not_found"}
         )
     return found
 
