@@ -102,9 +102,8 @@ class FlowGraphs:
         self._buf("valid", (b, t), torch.bool)
         for name in ("slots_in", "slots_out", "lens"):
             self._buf(name, (b,), torch.long)
-        span = self._bufs.get("t_span")
-        if span is None or span.dtype != ins["mu"].dtype:  # as cfm_euler makes it: mu's dtype
-            self._bufs["t_span"] = cosine_t_span(self.n_steps, ins["mu"].dtype).to(self.device)
+        if "t_span" not in self._bufs:  # as cfm_euler makes it: float32 under autocast too
+            self._bufs["t_span"] = cosine_t_span(self.n_steps).to(self.device)
             self._drop()
         if self.pool.layout != self._layout:
             self._layout = self.pool.layout
