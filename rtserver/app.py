@@ -141,9 +141,11 @@ def create_app(
             if spk not in ids:  # it may be registered later (POST /speakers)
                 log.warning("--voice-alias %s=%s: no speaker %r (yet); until there is one, "
                             "voice %r gets 400", voice, spk, spk, voice)  # fmt: skip
+        watch = asyncio.create_task(service.watch_speakers(), name="watch-speakers")
         try:
             yield
         finally:
+            watch.cancel()
             await asyncio.to_thread(service.stop)
 
     def provide_service(state: State) -> TTSService:

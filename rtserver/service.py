@@ -51,6 +51,7 @@ log = logging.getLogger("rtserver.service")
 
 CUT_WAIT_S = 1.0  # at the drain's end, for the streams cut to end before uvicorn's shutdown
 KEEP_STOP_S = 30.0  # at shutdown, the longest wait for a prompt being kept to stop
+SPEAKER_WATCH_S = 2.0  # how often to look for speakers other processes registered
 STALL_S = 15.0  # an engine step this long means the inference thread is stuck
 # A transcript of at most 30 s of prompt speech; normalizing it costs ~0.15 ms a character on
 # the CPU, with the GIL held, so it is bounded before any of that work starts.
@@ -194,6 +195,7 @@ class TTSService:
         self._registering: set[str] = set()  # names being registered now
         self._keeping = asyncio.Lock()  # registered speakers' prompts kept one at a time
         self._keeps: set[asyncio.Task] = set()
+        self._speakers_seen: set[str] = set()  # whose prompts are kept or being kept
         self._keep_busy = threading.Lock()  # held by the thread keeping one
         self._stop_keeping = threading.Event()
         # prompts being analysed now (registrations among them), upload bodies being read now
@@ -345,6 +347,7 @@ class TTSService:
         keep = getattr(self.engine, "keep_prompt", None)
         if keep is None:
             return
+        self._speakers_seen.add(spk_id)
 
         def keep_now() -> None:
             with self._keep_busy:  # stop() waits for this, so no thread runs torch at exit
@@ -361,6 +364,26 @@ class TTSService:
         task = asyncio.get_running_loop().create_task(kept(), name=f"keep-{spk_id}")
         self._keeps.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._keeps.discard)
+
+    async def watch_speakers(self) -> None:
+        """Until cancelled: speakers another process registered in a shared --speaker-dir (Ray
+        replicas, servers on one volume) have their prompts kept here too, so that their first
+        stream on this server starts past the prompt as on the one that took the registration.
+        A look is one stat of the directory while nothing changes."""
+        if getattr(self.engine, "keep_prompt", None) is None:
+            return
+        self._speakers_seen |= {s.id for s in self.speakers()}  # kept at warm-up
+        while True:
+            await asyncio.sleep(SPEAKER_WATCH_S)
+            try:
+                ids = {s.id for s in self.speakers()}
+            except Exception:  # noqa: BLE001 - the next look may work (a file system hiccup)
+                log.exception("could not list the speakers")
+                continue
+            for spk_id in sorted(ids - self._speakers_seen - self._registering):
+                self._keep_prompt_soon(spk_id)
+            self._speakers_seen &= ids | self._registering  # one deleted and registered again
+            # elsewhere is kept again
 
     async def prompt_speaker(
         self, audio: bytes, prompt_text: str | None, instruction: str | None = None

@@ -39,8 +39,13 @@ def start(speaker_dir: Path, *args: str) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def cv(tmp_path_factory):
-    srv = start(tmp_path_factory.mktemp("speakers"))
+def cv_speakers(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("speakers")
+
+
+@pytest.fixture(scope="module")
+def cv(cv_speakers):
+    srv = start(cv_speakers)
     yield srv
     srv.stop()
 
@@ -511,6 +516,27 @@ def test_a_registered_speaker_starts_from_its_kept_prompt_at_once(cv):
     gone = scrape(cv)  # deleted: what the flow kept of it goes too
     assert gone["rtserver_flow_prompts"] == before["rtserver_flow_prompts"]
     assert gone["rtserver_flow_prompt_bytes"] == before["rtserver_flow_prompt_bytes"]
+    cv.assert_idle()
+
+
+def test_a_speaker_registered_by_another_server_is_kept_here_too(cv, cv_speakers):
+    """Two servers on one --speaker-dir (Ray replicas, servers on a shared volume): only the
+    one that took a registration kept the prompt ahead, so the speaker's first stream on the
+    other computed it. The other now finds it within seconds and keeps it as well."""
+    other = start(cv_speakers)
+    try:
+        before = scrape(other)
+        voice = prompt_wav(seconds=3.5, amplitude=0.4)  # a recording no other test keeps
+        assert register(cv, "kept_elsewhere", voice).status_code == 201
+        more = before["rtserver_flow_prompts"] + 1
+        kept = eventually(lambda: scrape(other), lambda m: m["rtserver_flow_prompts"] == more, 60)
+        assert kept["rtserver_flow_prompts"] == more
+        assert (
+            kept["rtserver_flow_prompt_misses_total"] == before["rtserver_flow_prompt_misses_total"]
+        )
+    finally:
+        assert httpx.delete(f"{cv.base_url}/speakers/kept_elsewhere").status_code == 204
+        other.stop()
     cv.assert_idle()
 
 
