@@ -81,7 +81,7 @@ class Settings(msgspec.Struct, kw_only=True):
     max_text_chars: Annotated[int, _doc("text per request or WebSocket context", ge=1)] = 5000
     max_audio_s: Annotated[Seconds, _doc("audio one request or context may produce")] = 600.0
     max_client_streams: Annotated[
-        Count, _doc("streams open at once per client address (0: no limit)")
+        Count, _doc("streams open at once per client address (0: no limit, and none on uploads)")
     ] = 8
     max_client_sockets: Annotated[
         Count, _doc("WebSockets open at once per client address (0: no limit)")

@@ -188,28 +188,40 @@ def test_ws_text_streaming_speaks_each_flushed_piece(cv):
     assert after["completed"] == before["completed"] + 2
 
 
-def test_ws_text_streaming_left_open_is_spoken_then_times_out(tmp_path):
-    """A piece the client never flushes: its LLM run waited for more text, holding its slot
-    and KV blocks for good (pings kept the socket). Now it is spoken after auto_flush_ms,
-    as sentence mode's buffered text is, and the idle context then ends."""
+@pytest.mark.parametrize("streaming", [True, False])
+def test_ws_text_left_open_is_spoken_then_times_out(tmp_path, streaming):
+    """Text the client never flushes, then only blank fragments every 100 ms. In text
+    streaming its LLM run waited for more text, holding its slot and KV blocks for good (pings
+    kept the socket); in both modes each blank put the auto-flush off again. Now the text is
+    spoken after auto_flush_ms and the idle context then ends."""
     srv = start(tmp_path, "--auto-flush-ms", "300", "--context-idle-timeout-s", "2")
     words = "Hello there, my friend"
 
     async def turn() -> tuple[list, bytes]:
         events, audio = [], b""
         async with TTSClient(srv.base_url) as client, client.connect() as conn:
-            ctx = await conn.start(spk_id="spk_f1", seed=3, text_streaming=True)
+            ctx = await conn.start(spk_id="spk_f1", seed=3, text_streaming=streaming)
             await ctx.send(words)
-            async for item in ctx.events():
-                if isinstance(item, bytes):
-                    audio += item
-                else:
-                    events.append(item)
+
+            async def blanks() -> None:
+                while True:
+                    await asyncio.sleep(0.1)
+                    await ctx.send(" ")
+
+            nagging = asyncio.create_task(blanks())
+            try:
+                async for item in ctx.events():
+                    if isinstance(item, bytes):
+                        audio += item
+                    else:
+                        events.append(item)
+            finally:
+                nagging.cancel()
         return events, audio
 
     try:
         events, audio = asyncio.run(asyncio.wait_for(turn(), 60))
-        assert [e.text for e in events if type(e).__name__ == "Segment"] == [words]
+        assert [e.text.strip() for e in events if type(e).__name__ == "Segment"] == [words]
         assert_speech(decode_pcm(audio), 24000, min_seconds=0.3)
         assert type(events[-1]).__name__ == "Error" and events[-1].code == "context_timeout"
         after = srv.assert_idle()

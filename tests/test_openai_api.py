@@ -119,6 +119,7 @@ def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
     (voices / "en_US-second-medium.onnx.json").symlink_to(joe.config_path())
     srv = make_server("--voices-dir", str(voices), "--voice-alias", "cedar=second",
                       "--voice-alias", "alloy=nobody", "--voice-alias", "Robot=second",
+                      "--voice-alias", "joe=nobody",
                       "--no-warmup")  # fmt: skip
     url = f"{srv.base_url}/v1/audio/speech"
     r = httpx.post(url, timeout=60,
@@ -133,8 +134,10 @@ def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
     r = httpx.post(url, json={"input": "Hello there.", "voice": "alloy"}, timeout=60)
     assert r.status_code == 400 and "'nobody'" in r.json()["error"]["message"], r.text
     # The voice list offers only names that reach a speaker: not that alias
-    aliases = httpx.get(f"{srv.base_url}/v1/audio/voices").json()["aliases"]
+    listed = httpx.get(f"{srv.base_url}/v1/audio/voices").json()
+    aliases = listed["aliases"]
     assert {"cedar", "echo", "robot"} <= set(aliases) and "alloy" not in aliases, aliases
+    assert listed["voices"] == ["second"], listed  # joe is there, but its name goes elsewhere
 
 
 def test_models_through_the_openai_sdk(server):

@@ -96,19 +96,23 @@ class SpeechRequest(msgspec.Struct):
     seed: Seed = 0  # not OpenAI's (the SDKs send it in extra_body): the same seed, the same audio
 
 
-def _speaker(service: TTSService, voice: str) -> Speaker:
+def _speaker(service: TTSService, voice: str, speakers: list[Speaker] | None = None) -> Speaker:
+    """The speaker a voice name reaches, among ``speakers`` (default: the service's now)."""
+    speakers = service.speakers() if speakers is None else speakers
+    by_id = {s.id: s for s in speakers}
     target = voice_aliases(tuple(service.settings.voice_alias)).get(voice.lower())
-    try:
-        return service.speaker(target or voice)
-    except UnknownSpeaker as exc:
-        if target is not None:  # not another speaker's voice in its stead: the operator chose
-            note = f" (--voice-alias maps it to speaker {target!r}, which is not there)"
-            raise UnknownSpeaker(voice, exc.valid, field="voice", note=note) from None
-        if not exc.valid:  # no speaker to stand in for an OpenAI voice either
-            raise UnknownSpeaker(voice, [], field="voice") from None
-        if voice.lower() in OPENAI_VOICES:
-            return service.speakers()[0]
-        raise UnknownSpeaker(voice, [*exc.valid, *OPENAI_VOICES], field="voice") from None
+    found = by_id.get(target or voice)
+    if found is not None:
+        return found
+    valid = sorted(by_id)
+    if target is not None:  # not another speaker's voice in its stead: the operator chose
+        note = f" (--voice-alias maps it to speaker {target!r}, which is not there)"
+        raise UnknownSpeaker(voice, valid, field="voice", note=note)
+    if not valid:  # no speaker to stand in for an OpenAI voice either
+        raise UnknownSpeaker(voice, [], field="voice")
+    if voice.lower() in OPENAI_VOICES:
+        return speakers[0]
+    raise UnknownSpeaker(voice, [*valid, *OPENAI_VOICES], field="voice")
 
 
 @functools.cache  # parsed once, not on every request
@@ -166,15 +170,17 @@ async def _sse(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 @get("/v1/audio/voices", summary="Voices /v1/audio/speech accepts")
 async def voices(service: TTSService) -> dict[str, list[str]]:
     """Speaker ids, and the other names that reach a speaker now: OpenAI's voices and
-    `--voice-alias` names, less those whose speaker is not there (they would get 400)."""
+    `--voice-alias` names; none whose alias names a speaker that is not there (400)."""
+    speakers = service.speakers()  # one look for every name
+    ids = {s.id for s in speakers}
     names = dict.fromkeys([*OPENAI_VOICES, *voice_aliases(tuple(service.settings.voice_alias))])
-    return {"voices": [s.id for s in service.speakers()],
-            "aliases": [name for name in names if _reaches(service, name)]}  # fmt: skip
+    return {"voices": [s.id for s in speakers if _reaches(service, s.id, speakers)],
+            "aliases": [n for n in names if n not in ids and _reaches(service, n, speakers)]}  # fmt: skip
 
 
-def _reaches(service: TTSService, voice: str) -> bool:
+def _reaches(service: TTSService, voice: str, speakers: list[Speaker]) -> bool:
     try:
-        _speaker(service, voice)
+        _speaker(service, voice, speakers)
     except UnknownSpeaker:
         return False
     return True

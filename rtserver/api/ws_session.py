@@ -392,11 +392,12 @@ class WsSession:
             await self._error(exc.code, f"{exc}; fragment dropped", ctx.id)
             return
         if speakable(text):
-            # Only text to say keeps an idle context (and its scheduler slot): flushes, blank
-            # or refused fragments sent forever would otherwise hold it for good.
+            # Only text to say keeps an idle context (and its scheduler slot), or puts off
+            # the auto-flush: flushes, blank or refused fragments sent forever would
+            # otherwise hold it for good.
             ctx.last_active = time.monotonic()
-        self._stop_auto_flush(ctx)
-        if ctx.session.pending_text:
+            self._stop_auto_flush(ctx)
+        if ctx.auto_flush is None and ctx.session.pending_text:
             loop = asyncio.get_running_loop()
             ctx.auto_flush = loop.call_later(
                 self.settings.auto_flush_ms / 1000, self._auto_flush, ctx
