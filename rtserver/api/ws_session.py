@@ -415,6 +415,7 @@ class WsSession:
             ctx.session.flush()
 
     async def _flush(self, ctx: Context) -> None:
+        self._stop_auto_flush(ctx)  # nothing is left for it
         submitted = ctx.session.flush()
         ctx.flush_count += 1
         ctx.flushes.append((ctx.flush_count, submitted))
