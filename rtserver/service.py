@@ -7,12 +7,13 @@ WebSocket error events.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 from rtserver import __version__
@@ -138,24 +139,47 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
 
 class Gate:
     """At most ``size`` of one kind of work at a time (on the event loop: no lock); one more
-    is Busy (503) before any of it starts. ``clients``: a share one client address may hold
-    of them, so that one client cannot take every place (TooManyForClient, 429)."""
+    is Busy (503) before any of it starts."""
 
-    def __init__(self, size: int, what: str, clients: ClientQuota | None = None) -> None:
-        self.size, self.what, self.inside = size, what, 0
-        self.clients = clients or ClientQuota(what, 0)
+    def __init__(self, size: int, what: str, share: int = 0) -> None:
+        self.size, self.what, self.share, self.inside = size, what, share, 0
+        self._by_client: collections.Counter[str] = collections.Counter()
+        self._left = asyncio.Condition()
 
     @contextlib.contextmanager
     def enter(self, client: str = "") -> Iterator[None]:
         if self.inside >= self.size:
             raise Busy(f"{self.size} {self.what}; try again")
-        release = self.clients.acquire(client)
         self.inside += 1
+        self._by_client[client] += 1
         try:
             yield
         finally:
             self.inside -= 1
-            release()
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
+
+    @contextlib.asynccontextmanager
+    async def enter_in_turn(self, client: str, wait_s: float) -> AsyncIterator[None]:
+        """:meth:`enter`, but a client holding ``share`` places first waits (up to ``wait_s``,
+        then TooManyForClient: 429) for one of its own to be left, so that one client cannot
+        take every place while others' work goes on."""
+        if self.share:
+            async with self._left:
+                mine = lambda: self._by_client[client] < self.share  # noqa: E731
+                try:
+                    await asyncio.wait_for(self._left.wait_for(mine), wait_s)
+                except TimeoutError:
+                    raise TooManyForClient(
+                        f"{client} had {self.share} {self.what} for {wait_s:g}s"
+                    ) from None
+        try:
+            with self.enter(client):
+                yield
+        finally:
+            async with self._left:
+                self._left.notify_all()
 
 
 def client_share(settings: Settings) -> int:
@@ -201,8 +225,7 @@ class TTSService:
         # prompts being analysed now (registrations among them), upload bodies being read now
         self._extractions = Gate(MAX_EXTRACTING, "prompt recordings are being analysed")
         share = MAX_UPLOADS // 2 if settings.max_client_streams else 0  # with per-client limits
-        uploads = ClientQuota("uploads", share)
-        self._uploads = Gate(MAX_UPLOADS, "uploads are being received", uploads)
+        self._uploads = Gate(MAX_UPLOADS, "uploads are being received", share)
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # cut at the drain's end
@@ -298,11 +321,12 @@ class TTSService:
             "sockets_open": self.client_sockets.held(),
         }
 
-    def receiving_upload(self, client: str) -> contextlib.AbstractContextManager[None]:
-        """A place to read an upload's body in, or Busy (503) before a byte of it is read:
-        one client address takes at most half of them (a slow upload holds its place until
-        the request deadline)."""
-        return self._uploads.enter(client)
+    def receiving_upload(self, client: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """A place to read an upload's body in, or Busy (503) before a byte of it is read. One
+        client address holds at most half of them (a slow upload holds its place until the
+        request deadline): its others wait for its own to end, as its streams past its share
+        do."""
+        return self._uploads.enter_in_turn(client, self.settings.request_timeout_s)
 
     async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
         register = getattr(self.engine, "register_speaker", None)

@@ -376,7 +376,7 @@ async def _read_form(request: Request) -> None:
     it on its own (letting a decoding error out) unless the request already holds it; at most
     MAX_UPLOADS bodies at a time."""
     service: TTSService = request.app.state.service
-    with service.receiving_upload(client_of(request)):
+    async with service.receiving_upload(client_of(request)):
         await request.form()
 
 
