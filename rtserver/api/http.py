@@ -34,6 +34,7 @@ from rtserver.service import (
     SynthesisFailed,
     TextRejected,
     TTSService,
+    UnknownSpeaker,
 )
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
@@ -250,8 +251,9 @@ async def open_stream(
     if isinstance(first, Failed | Cancelled) or not session.samples:
         await events.aclose()  # releases the session now, not when collected
         if isinstance(first, Failed):
-            if first.code == "unknown_speaker" and isinstance(spk_id, str):
-                service.speaker(spk_id)  # deleted while it waited: UnknownSpeaker, a 400
+            if first.code == "unknown_speaker":  # deleted while it waited: a 400
+                name = spk_id if isinstance(spk_id, str) else spk_id.id  # (OpenAI's: a Speaker)
+                raise UnknownSpeaker(name, [s.id for s in service.speakers()])
             if first.code == "shutting_down":  # still queued at the drain's end: a 503
                 raise ShuttingDown(first.message)
             raise SynthesisFailed(first.message)
