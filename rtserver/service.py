@@ -7,7 +7,6 @@ WebSocket error events.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import threading
@@ -143,22 +142,20 @@ class Gate:
 
     def __init__(self, size: int, what: str, share: int = 0) -> None:
         self.size, self.what, self.share, self.inside = size, what, share, 0
-        self._by_client: collections.Counter[str] = collections.Counter()
+        self.clients = ClientQuota(what, share)  # places each client holds
         self._left = asyncio.Condition()
 
     @contextlib.contextmanager
     def enter(self, client: str = "") -> Iterator[None]:
         if self.inside >= self.size:
             raise Busy(f"{self.size} {self.what}; try again")
+        release = self.clients.acquire(client)
         self.inside += 1
-        self._by_client[client] += 1
         try:
             yield
         finally:
             self.inside -= 1
-            self._by_client[client] -= 1
-            if not self._by_client[client]:
-                del self._by_client[client]
+            release()
 
     @contextlib.asynccontextmanager
     async def enter_in_turn(self, client: str, wait_s: float) -> AsyncIterator[None]:
@@ -167,7 +164,7 @@ class Gate:
         take every place while others' work goes on."""
         if self.share:
             async with self._left:
-                mine = lambda: self._by_client[client] < self.share  # noqa: E731
+                mine = lambda: self.clients.held_by(client) < self.share  # noqa: E731
                 try:
                     await asyncio.wait_for(self._left.wait_for(mine), wait_s)
                 except TimeoutError:
@@ -406,8 +403,8 @@ class TTSService:
                 continue
             for spk_id in sorted(ids - self._speakers_seen - self._registering):
                 self._keep_prompt_soon(spk_id)
-            self._speakers_seen &= ids | self._registering  # one deleted and registered again
-            # elsewhere is kept again
+            # one deleted, then registered again elsewhere, is kept again
+            self._speakers_seen &= ids | self._registering
 
     async def prompt_speaker(
         self, audio: bytes, prompt_text: str | None, instruction: str | None = None

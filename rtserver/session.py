@@ -101,6 +101,9 @@ class ClientQuota:
     def held(self) -> int:
         return sum(self._held.values())
 
+    def held_by(self, client: str) -> int:
+        return self._held.get(client, 0)
+
 
 @dataclass
 class Audio:

@@ -253,7 +253,7 @@ async def open_stream(
         if isinstance(first, Failed):
             if first.code == "unknown_speaker":  # deleted while it waited: a 400
                 name = spk_id if isinstance(spk_id, str) else spk_id.id  # (OpenAI's: a Speaker)
-                raise UnknownSpeaker(name, [s.id for s in service.speakers()])
+                raise UnknownSpeaker(name, sorted(s.id for s in service.speakers()))
             if first.code == "shutting_down":  # still queued at the drain's end: a 503
                 raise ShuttingDown(first.message)
             raise SynthesisFailed(first.message)

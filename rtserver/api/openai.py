@@ -96,10 +96,11 @@ class SpeechRequest(msgspec.Struct):
     seed: Seed = 0  # not OpenAI's (the SDKs send it in extra_body): the same seed, the same audio
 
 
-def _speaker(service: TTSService, voice: str, speakers: list[Speaker] | None = None) -> Speaker:
-    """The speaker a voice name reaches, among ``speakers`` (default: the service's now)."""
-    speakers = service.speakers() if speakers is None else speakers
-    by_id = {s.id: s for s in speakers}
+def _speaker(service: TTSService, voice: str, by_id: dict[str, Speaker] | None = None) -> Speaker:
+    """The speaker a voice name reaches, among ``by_id`` (in the service's order; default:
+    the service's speakers now)."""
+    if by_id is None:
+        by_id = {s.id: s for s in service.speakers()}
     target = voice_aliases(tuple(service.settings.voice_alias)).get(voice.lower())
     found = by_id.get(target or voice)
     if found is not None:
@@ -111,7 +112,7 @@ def _speaker(service: TTSService, voice: str, speakers: list[Speaker] | None = N
     if not valid:  # no speaker to stand in for an OpenAI voice either
         raise UnknownSpeaker(voice, [], field="voice")
     if voice.lower() in OPENAI_VOICES:
-        return speakers[0]
+        return next(iter(by_id.values()))  # the first speaker
     raise UnknownSpeaker(voice, [*valid, *OPENAI_VOICES], field="voice")
 
 
@@ -171,16 +172,15 @@ async def _sse(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 async def voices(service: TTSService) -> dict[str, list[str]]:
     """Speaker ids, and the other names that reach a speaker now: OpenAI's voices and
     `--voice-alias` names; none whose alias names a speaker that is not there (400)."""
-    speakers = service.speakers()  # one look for every name
-    ids = {s.id for s in speakers}
+    by_id = {s.id: s for s in service.speakers()}  # one look for every name
     names = dict.fromkeys([*OPENAI_VOICES, *voice_aliases(tuple(service.settings.voice_alias))])
-    return {"voices": [s.id for s in speakers if _reaches(service, s.id, speakers)],
-            "aliases": [n for n in names if n not in ids and _reaches(service, n, speakers)]}  # fmt: skip
+    return {"voices": [i for i in by_id if _reaches(service, i, by_id)],
+            "aliases": [n for n in names if n not in by_id and _reaches(service, n, by_id)]}  # fmt: skip
 
 
-def _reaches(service: TTSService, voice: str, speakers: list[Speaker]) -> bool:
+def _reaches(service: TTSService, voice: str, by_id: dict[str, Speaker]) -> bool:
     try:
-        _speaker(service, voice, speakers)
+        _speaker(service, voice, by_id)
     except UnknownSpeaker:
         return False
     return True
