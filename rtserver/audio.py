@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,6 +30,12 @@ def _frame(audio: np.ndarray, rate: int, pts: int, fmt: str = "flt") -> av.Audio
     )
     frame.sample_rate, frame.pts, frame.time_base = rate, pts, Fraction(1, rate)
     return frame
+
+
+def _end_s(packet: av.Packet) -> float:
+    """Where an encoded packet ends on the input's timeline (codecs shift their packets'
+    pts back by their lookahead, so this is the input the packet has covered)."""
+    return float((packet.pts + packet.duration) * packet.time_base)
 
 
 def to_s16le(audio: np.ndarray) -> bytes:
@@ -84,21 +91,46 @@ class Encoder:
     """Base: optional resampling in front of a codec."""
 
     media_type = "application/octet-stream"
+    _DRAIN_STEPS = 16  # codecs hold back under 0.4 s; each step pushes at least 10 ms
 
     def __init__(self, rate_in: int, rate_out: int | None = None) -> None:
+        self.rate_in = rate_in
         self.sample_rate = rate_out or rate_in
         self._resample = (
             _Resampler(rate_in, self.sample_rate) if self.sample_rate != rate_in else None
         )
+        self._given = 0  # samples given to `encode`, at rate_in
+        self._coded = 0  # samples given to the codec, at sample_rate
 
     def encode(self, audio: np.ndarray) -> bytes:
+        self._given += len(audio)
         if self._resample:
             audio = self._resample(audio)
+        self._coded += len(audio)
         return self._encode(audio) if len(audio) else b""
 
     def finish(self) -> bytes:
         tail = self._resample(None) if self._resample else np.zeros(0, np.float32)
         return (self._encode(tail) if len(tail) else b"") + self._finish()
+
+    def drain(self) -> tuple[bytes, int]:
+        """Push out, with silence after it, all the audio given so far, and keep the stream
+        open (`finish` ends it). What it holds back is a resampler's filter delay, a codec's
+        lookahead and unfilled frame, a muxer's page: 10 ms to 0.4 s. Returns the bytes and
+        how many samples of silence (at rate_in) it took."""
+        given_s, out, silence = self._given / self.rate_in, [], 0
+        for _ in range(self._DRAIN_STEPS):
+            behind = given_s - self._emitted_s()
+            if behind * self.sample_rate < 1:  # within a sample
+                break
+            n = max(self.rate_in // 100, math.ceil(behind * self.rate_in))
+            out.append(self.encode(np.zeros(n, np.float32)))
+            silence += n
+        return b"".join(out), silence
+
+    def _emitted_s(self) -> float:
+        """How much of the audio (seconds from the start) has come out as bytes."""
+        return self._coded / self.sample_rate  # no codec delay
 
     def _encode(self, audio: np.ndarray) -> bytes:
         raise NotImplementedError
@@ -153,13 +185,20 @@ class Mp3Encoder(Encoder):
         cc.open()
         self._cc = cc
         self._pts = 0
+        self._out_s = 0.0  # where the last packet out ends
+
+    def _emitted_s(self) -> float:
+        return self._out_s
 
     def _encode(self, audio: np.ndarray | None) -> bytes:
         frame = None
         if audio is not None:
             frame = _frame(np.clip(audio, -1.0, 1.0), self.sample_rate, self._pts, "fltp")
             self._pts += len(audio)
-        return b"".join(bytes(p) for p in self._cc.encode(frame))
+        packets = self._cc.encode(frame)
+        if packets:
+            self._out_s = _end_s(packets[-1])
+        return b"".join(bytes(p) for p in packets)
 
     def _finish(self) -> bytes:
         return self._encode(None)
@@ -193,11 +232,13 @@ class Muxed:
     media_type: str
     rates: tuple[int, ...] = ()  # () = any rate, default the engine's
     options: tuple[tuple[str, str], ...] = ()
+    holds_last_packet: bool = False  # the muxer writes a packet once the next one comes
 
 
 MUXED = {
     "opus": Muxed("ogg", "libopus", "audio/ogg", (48000, 24000, 16000, 12000, 8000),
-                  (("page_duration", "20000"),)),  # 20 ms Ogg pages: audio leaves at once
+                  (("page_duration", "20000"),), True),  # 20 ms Ogg pages: audio leaves at once
+    # (the last page is kept back until the next, to mark the stream's end on it)
     "aac": Muxed("adts", "aac", "audio/aac"),
     "flac": Muxed("flac", "flac", "audio/flac"),
     "mulaw": Muxed("mulaw", "pcm_mulaw", "audio/PCMU", (8000, 16000)),  # telephony: G.711
@@ -215,7 +256,12 @@ class MuxEncoder(Encoder):
         # To the codec's own sample format (s16 for G.711 and FLAC, fltp for AAC, ...).
         codec_format = self._stream.codec_context.format.name
         self._to_codec = av.AudioResampler(format=codec_format, layout="mono")
+        self._holds_last = spec.holds_last_packet
         self._pts = 0
+        self._ends = (0.0, 0.0)  # where the last two packets muxed end
+
+    def _emitted_s(self) -> float:
+        return self._ends[0] if self._holds_last else self._ends[1]
 
     def _encode(self, audio: np.ndarray | None) -> bytes:
         if audio is None:  # the end: flush the converter, then the encoder
@@ -226,6 +272,7 @@ class MuxEncoder(Encoder):
             frames = self._to_codec.resample(frame)
         for frame in frames:
             for packet in self._stream.encode(frame):
+                self._ends = (self._ends[1], _end_s(packet))
                 self._out.mux(packet)
         return self._sink.take()
 

@@ -289,6 +289,10 @@ class Session:
             start_ms, end_ms = (
                 n * 1000 / self._rate_in for n in (self._segment_start, self._samples)
             )
+            if self._pauses_after(chunk.segment):
+                tail, silence = self.encoder.drain()
+                self._samples += silence
+                out += [Audio(tail)] if tail else []
             self._segment_start = self._samples
             text = self.texts[chunk.segment]
             voiced = self._voiced and tuple(
@@ -299,6 +303,14 @@ class Session:
                 SegmentEnd(chunk.segment, text, round(start_ms, 1), round(end_ms, 1), voiced)
             )
         return out
+
+    def _pauses_after(self, segment: int) -> bool:
+        """The stream stops after this segment for now: no later text is given yet, and more
+        may come (a WebSocket context). The encoder's held-back audio is pushed out then, so
+        the segment's audio is all sent before its `segment` event and a `flushed`; the
+        silence that takes (10 ms to 0.4 s, in the stream's timeline) falls where the client
+        waits for the next text anyway. Otherwise the next audio, or `finish`, pushes it."""
+        return segment == len(self.texts) - 1 and not self.job.input_closed
 
     def _track_voice(self, audio: np.ndarray) -> None:
         """Where speech starts and ends in the segment (word timings are spread over it)."""

@@ -22,8 +22,11 @@ def decode_audio(data: bytes, fmt: str | None = None, rate: int = 8000) -> tuple
     opts = {"format": fmt, "options": {"sample_rate": str(rate)}} if fmt else {}
     with av.open(io.BytesIO(data), **opts) as container:
         stream = container.streams.audio[0]
-        frames = [f.to_ndarray().astype(np.float32).reshape(-1) for f in container.decode(stream)]
-        return np.concatenate(frames), stream.rate
+        frames = [f.to_ndarray().reshape(-1) for f in container.decode(stream)]
+        audio = np.concatenate(frames)
+        if audio.dtype.kind == "i":  # s16 (FLAC, WAV, G.711) to the float scale of the rest
+            return audio.astype(np.float32) / np.iinfo(audio.dtype).max, stream.rate
+        return audio.astype(np.float32), stream.rate
 
 
 def decode_pcm(data: bytes) -> np.ndarray:

@@ -226,6 +226,33 @@ def test_flush_is_acknowledged_after_its_audio(server):
     assert seen.index("audio") < seen.index("Segment") < seen.index("Flushed")
 
 
+@pytest.mark.parametrize("fmt", ["mp3", "aac", "opus", "flac"])
+def test_flushed_comes_after_all_of_its_audio_in_coded_formats(server, fmt):
+    """Codecs hold audio back (a frame, a lookahead, an Ogg page): at `flushed`, what came is
+    decodable to the segment's end, and what comes after it (the close) has none of it."""
+
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", format=fmt)
+            await ctx.send("Hello there, this is the whole turn.", flush=True)
+            got, at_flushed, segment = b"", b"", None
+            async for item in ctx.events():
+                if isinstance(item, bytes):
+                    got += item
+                elif type(item).__name__ == "Segment":
+                    segment = item
+                elif type(item).__name__ == "Flushed":
+                    at_flushed = got
+                    await ctx.close()
+            return at_flushed, got, segment
+
+    at_flushed, whole, segment = run(go())
+    early, rate = decode_audio(at_flushed)
+    late = decode_audio(whole)[0][len(early) :]
+    assert len(early) / rate * 1000 >= segment.end_ms
+    assert not len(late) or np.abs(late).max() < 1e-3  # -60 dBFS: silence, not speech
+
+
 def test_idle_text_is_flushed_automatically(server):
     async def go():
         async with TTSClient(server.base_url) as client, client.connect() as conn:
