@@ -228,6 +228,14 @@ class Session:
         return self._segments_done
 
     @property
+    def working(self) -> bool:
+        """The engine has text of this stream to speak that needs nothing more from the
+        client: a segment submitted and not yet all out. (Text the segmenter holds for a
+        sentence end, or an open text-streaming piece, waits on the client.)"""
+        sealed = len(self.texts) - (self.job.open_segment is not None)
+        return self._segments_done < sealed
+
+    @property
     def idle(self) -> bool:
         """Nothing left to say: every submitted segment is spoken and no text is buffered."""
         return self._segments_done == len(self.texts) and not self.pending_text

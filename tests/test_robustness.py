@@ -303,6 +303,50 @@ def test_idle_contexts_give_their_slots_up_while_others_wait(make_server):
     assert_idle(srv)
 
 
+def test_text_that_never_makes_a_sentence_gives_its_slot_up_while_others_wait(make_server):
+    """A letter a second into each context, never a sentence end: each restarts the
+    auto-flush wait and keeps the context busy, so it held its slot with nothing spoken for
+    as long as the text limit allowed. While others wait, such a context's text is spoken
+    once, and the context then ends: the waiting stream gets its slot."""
+    srv = make_server("--max-streams", "2", "--max-client-streams", "0", "--no-warmup")
+
+    async def drip(hog) -> None:
+        while True:
+            for i in range(2):
+                await send(hog, type="text", context_id=f"h{i}", text="a")
+            await asyncio.sleep(0.5)
+
+    async def go() -> tuple[float, list[dict]]:
+        async with connect(srv) as hog, connect(srv) as other:
+            await recv_json(hog)
+            await recv_json(other)
+            for i in range(2):
+                await send(hog, type="start", context_id=f"h{i}", spk_id="joe")
+                await until(hog, "started")
+            dripping = asyncio.create_task(drip(hog))
+            await asyncio.sleep(1)
+            t0 = time.monotonic()
+            await send(other, type="start", context_id="o", spk_id="joe",
+                       text="It is my turn to speak now.")  # fmt: skip
+            await send(other, type="close", context_id="o")
+            while not isinstance(await other.recv(), bytes):
+                pass
+            waited = time.monotonic() - t0
+            dripping.cancel()
+            ended: dict[str, dict] = {}
+            while len(ended) < 2:  # (letters sent after the end get context_closed)
+                if (error := await until(hog, "error"))["code"] != "context_closed":
+                    ended[error["context_id"]] = error
+            await until(other, "done")
+            return waited, list(ended.values())
+
+    waited, ended = run(go())
+    assert waited < 15, waited
+    assert {e["code"] for e in ended} == {"context_timeout"}
+    assert all("others waited" in e["message"] for e in ended), ended
+    assert_idle(srv)
+
+
 def test_one_address_never_holds_every_slot(make_server):
     """A client that opens as many streams as there are slots, and keeps them (here: contexts
     it never speaks in; a stream read at real time holds its slot for up to --max-audio-s),

@@ -108,6 +108,7 @@ class Context:
     stream: int
     session: Session
     last_active: float = field(default_factory=time.monotonic)  # last message or audio
+    last_audio: float = field(default_factory=time.monotonic)  # or the start
     flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segments)
     flush_count: int = 0
     cancelled: bool = False
@@ -115,6 +116,7 @@ class Context:
     timestamps: bool = False  # send `words` before each `segment`
     pump: asyncio.Task | None = None
     auto_flush: asyncio.TimerHandle | None = None
+    expiring: bool = False  # its text was flushed to give its slot up: it ends when spoken
 
 
 class LoopShare:
@@ -168,7 +170,7 @@ class WsSession:
             if ctx.cancelled:  # the ack may have been decided while we waited
                 return
             await self.socket.send_bytes(struct.pack("<I", ctx.stream) + data)
-        ctx.last_active = self.last_active = time.monotonic()
+        ctx.last_audio = ctx.last_active = self.last_active = time.monotonic()
 
     async def _error(self, code: str, message: str, context_id: str | None = None) -> None:
         await self._send(ErrorMsg(code=code, message=message, context_id=context_id))
@@ -259,18 +261,35 @@ class WsSession:
         while not self._closed:
             await asyncio.sleep(period)
             now = time.monotonic()
-            limit = s.context_idle_timeout_s
-            if self.service.scheduler.contended:
-                limit = min(limit, _CONTENDED_IDLE_S)
+            contended = self.service.scheduler.contended
             for ctx in list(self.contexts.values()):
-                idle = not ctx.closed and not ctx.cancelled and ctx.session.idle
-                if idle and now - ctx.last_active > limit:
-                    self._cancel(ctx, self._timed_out(limit))
+                if not ctx.closed and not ctx.cancelled:
+                    self._check_idle(ctx, now, contended)
             if now - self.last_active > s.ws_idle_timeout_s:
                 message = f"no message and no audio for {s.ws_idle_timeout_s:g}s"
                 await self._error("idle_timeout", message)
                 await self.socket.close(code=1000, reason="idle timeout")
                 return
+
+    def _check_idle(self, ctx: Context, now: float, contended: bool) -> None:
+        """End a context that holds its slot without use. While others wait for a slot, use
+        is audio: a context whose engine has nothing to speak, and that got no audio for
+        _CONTENDED_IDLE_S, gives its slot up, even if its client keeps sending text that
+        never makes a sentence (a letter a second held a slot for hours). Text it holds is
+        spoken first, once; the context ends at its next such pause."""
+        limit = self.settings.context_idle_timeout_s
+        if contended and not ctx.session.working:
+            limit = min(limit, _CONTENDED_IDLE_S)
+            if now - ctx.last_audio > limit or (ctx.expiring and ctx.session.idle):
+                if ctx.session.pending_text and not ctx.expiring:
+                    ctx.expiring = True
+                    self._stop_auto_flush(ctx)
+                    ctx.session.flush()
+                else:
+                    self._cancel(ctx, self._timed_out(limit, ctx.expiring))
+                return
+        if ctx.session.idle and now - ctx.last_active > limit:
+            self._cancel(ctx, self._timed_out(limit))
 
     async def _handle_text(self, raw: str) -> None:
         size = len(raw.encode())
@@ -437,8 +456,10 @@ class WsSession:
         self._stop_auto_flush(ctx)
         ctx.session.cancel(why)
 
-    def _timed_out(self, limit: float) -> Failed:
+    def _timed_out(self, limit: float, expiring: bool = False) -> Failed:
         why = f"nothing to say for {limit:g}s"
+        if expiring:
+            why = f"text without a sentence end for {limit:g}s (what came before was spoken)"
         if limit < self.settings.context_idle_timeout_s:
             why += " while others waited for a slot"
         return Failed(f"{why}; the context has ended", code="context_timeout")
