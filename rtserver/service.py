@@ -179,6 +179,40 @@ class Gate:
                 self._left.notify_all()
 
 
+class Queue(Gate):
+    """A Gate whose work, when every place is taken, waits its turn (up to ``wait_s``):
+    at most ``waiting`` at once, ``share`` of them one client's; past that Busy (503)."""
+
+    def __init__(self, size: int, what: str, waiting: int, share: int, wait_s: float) -> None:
+        super().__init__(size, what)
+        self.waiting, self.wait_s = waiting, wait_s
+        self.waiters = ClientQuota(f"{what} waiting", share)
+
+    @contextlib.asynccontextmanager
+    async def enter_queued(self, client: str) -> AsyncIterator[None]:
+        if self.inside >= self.size:
+            if self.waiters.held() >= self.waiting:
+                raise Busy(f"{self.size} {self.what} and {self.waiting} waiting; try again")
+            try:
+                release = self.waiters.acquire(client)
+            except TooManyForClient as exc:
+                raise Busy(f"{exc}; try again") from None
+            try:
+                async with self._left:
+                    free = lambda: self.inside < self.size  # noqa: E731
+                    await asyncio.wait_for(self._left.wait_for(free), self.wait_s)
+            except TimeoutError:
+                raise Busy(f"{self.size} {self.what} for {self.wait_s:g}s; try again") from None
+            finally:
+                release()
+        try:
+            with self.enter(client):  # at once: no other task ran since the place was seen
+                yield
+        finally:
+            async with self._left:
+                self._left.notify_all()
+
+
 def client_share(settings: Settings) -> int:
     """Streams one client address runs at once: with per-client limits on, all slots but one,
     so that one address cannot hold them all for as long as its streams last (its other
@@ -220,7 +254,11 @@ class TTSService:
         self._keep_busy = threading.Lock()  # held by the thread keeping one
         self._stop_keeping = threading.Event()
         # prompts being analysed now (registrations among them), upload bodies being read now
-        self._extractions = Gate(MAX_EXTRACTING, "prompt recordings are being analysed")
+        self._extractions = Queue(
+            MAX_EXTRACTING, "prompt recordings are being analysed",
+            waiting=MAX_UPLOADS, share=MAX_UPLOADS // 2 if settings.max_client_streams else 0,
+            wait_s=settings.request_timeout_s,
+        )  # fmt: skip
         share = MAX_UPLOADS // 2 if settings.max_client_streams else 0  # with per-client limits
         self._uploads = Gate(MAX_UPLOADS, "uploads are being received", share)
         self.draining = False  # SIGTERM came: no new sessions
@@ -325,7 +363,9 @@ class TTSService:
         do."""
         return self._uploads.enter_in_turn(client, self.settings.request_timeout_s)
 
-    async def register_speaker(self, spk_id: str, audio: bytes, prompt_text: str) -> Speaker:
+    async def register_speaker(
+        self, spk_id: str, audio: bytes, prompt_text: str, client: str = ""
+    ) -> Speaker:
         register = getattr(self.engine, "register_speaker", None)
         if register is None:
             raise SpeakerRefused(
@@ -348,16 +388,16 @@ class TTSService:
                 409,
             )
         check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
-        with self._extracting():
-            self._registering.add(spk_id)
-            try:
+        self._registering.add(spk_id)  # from here on, waiting for a place included
+        try:
+            async with self._extracting(client):
                 speaker = await in_own_thread(lambda: register(spk_id, audio, prompt_text))
-            except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
-                # Another replica sharing the speaker dir may have taken the name meanwhile.
-                taken = any(s.id == spk_id for s in self.engine.speakers())
-                raise SpeakerRefused(str(exc), 409 if taken else 400) from exc
-            finally:
-                self._registering.discard(spk_id)
+        except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
+            # Another replica sharing the speaker dir may have taken the name meanwhile.
+            taken = any(s.id == spk_id for s in self.engine.speakers())
+            raise SpeakerRefused(str(exc), 409 if taken else 400) from exc
+        finally:
+            self._registering.discard(spk_id)
         self._keep_prompt_soon(spk_id)
         return speaker
 
@@ -407,7 +447,11 @@ class TTSService:
             self._speakers_seen &= ids | self._registering
 
     async def prompt_speaker(
-        self, audio: bytes, prompt_text: str | None, instruction: str | None = None
+        self,
+        audio: bytes,
+        prompt_text: str | None,
+        instruction: str | None = None,
+        client: str = "",
     ) -> Speaker:
         """A speaker for one request from a prompt recording (upstream's /inference_zero_shot
         with its transcript, /inference_cross_lingual without, /inference_instruct2 with an
@@ -419,7 +463,7 @@ class TTSService:
             self.check_instructions(instruction)
         if prompt_text is not None:
             check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
-        with self._extracting():
+        async with self._extracting(client):
             try:
                 return await in_own_thread(lambda: make(audio, prompt_text, instruction))
             except (ValueError, KeyError) as exc:  # AudioError, empty text, v1's instruct2
@@ -453,10 +497,11 @@ class TTSService:
         except KeyError:  # deleted since it was looked up
             raise UnknownSpeaker(speaker.id, [s.id for s in self.speakers()]) from None
 
-    @contextlib.contextmanager
-    def _extracting(self) -> Iterator[None]:
-        """A place to analyse a prompt in (its own thread: ONNX models), or Busy."""
-        with self._extractions.enter():
+    @contextlib.asynccontextmanager
+    async def _extracting(self, client: str) -> AsyncIterator[None]:
+        """A place to analyse a prompt in (its own thread: ONNX models), waited for in turn
+        (a backend registering four voices at once), or Busy."""
+        async with self._extractions.enter_queued(client):
             try:
                 yield
             finally:

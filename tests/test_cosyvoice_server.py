@@ -461,6 +461,35 @@ def test_uploads_are_whitelisted_and_one_name_registers_once(tmp_path):
         srv.stop()
 
 
+def test_four_registrations_at_once_from_one_client_all_register(tmp_path):
+    """A backend registering its voices at once: two are analysed, the others wait their
+    turn (before, they got 503 for want of a place)."""
+    srv = start(tmp_path / "speakers", "--no-warmup")
+    try:
+
+        async def many(n: int, name: str = "voice") -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as c:
+                files = {"prompt_wav": ("p.wav", prompt_wav(), "audio/wav")}
+                return await asyncio.gather(*(
+                    c.post("/speakers", files=files,
+                           data={"spk_id": f"{name}{i}", "prompt_text": "你好。"})
+                    for i in range(n)
+                ))  # fmt: skip
+
+        codes = [r.status_code for r in asyncio.run(many(4))]
+        assert codes == [201] * 4, codes
+        ids = {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
+        assert {f"voice{i}" for i in range(4)} <= ids
+        # The wait is bounded: 2 analysed, 2 of one client's waiting, the others refused.
+        answers = asyncio.run(many(10, "more"))
+        codes = sorted(r.status_code for r in answers)
+        assert codes.count(201) >= 4 and set(codes) <= {201, 503}, codes
+        assert codes.count(503) >= 1, codes
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
 def test_piper_engine_refuses_registration(server):
     r = register(server, "x", prompt_wav())
     assert r.status_code == 400 and "registration" in r.json()["detail"]

@@ -526,7 +526,10 @@ async def _speak_prompted(
         raise ValidationException(message, extra=[{"key": "prompt_wav", "message": message}])
     service.check_whole_text(form.tts_text, "tts_text")  # before the recording's analysis
     speaker = await service.prompt_speaker(
-        await wav.read(), getattr(form, "prompt_text", None), getattr(form, "instruct_text", None)
+        await wav.read(),
+        getattr(form, "prompt_text", None),
+        getattr(form, "instruct_text", None),
+        client_of(request),
     )
     body, rate = await open_stream(
         request, service, form.tts_text, speaker, "pcm", seed=form.seed, speed=form.speed
@@ -614,9 +617,10 @@ class RegisteredSpeaker(msgspec.Struct):
 async def register_speaker(
     data: Annotated[RegisteredSpeaker, Body(media_type=RequestEncodingType.MULTI_PART)],
     service: TTSService,
+    request: Request,
 ) -> SpeakerInfo:
     audio = await data.prompt_wav.read()
-    s = await service.register_speaker(data.spk_id, audio, data.prompt_text)
+    s = await service.register_speaker(data.spk_id, audio, data.prompt_text, client_of(request))
     return _info(s)
 
 
