@@ -490,6 +490,47 @@ def test_four_registrations_at_once_from_one_client_all_register(tmp_path):
         srv.stop()
 
 
+def test_requests_whose_speaker_is_deleted_while_they_wait_get_400(tmp_path):
+    """Queued behind a full server while their speaker is deleted: each route answers 400
+    naming the speaker, as for a speaker that never was. Before, /v1/audio/speech got 500,
+    and with `instructions` it spoke in the deleted voice."""
+    srv = start(tmp_path / "speakers", "--no-warmup", "--max-streams", "1")
+    try:
+        assert register(srv, "gone", prompt_wav()).status_code == 201
+
+        async def go() -> list[httpx.Response]:
+            async with (
+                websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as ws,
+                httpx.AsyncClient(base_url=srv.base_url, timeout=60) as c,
+            ):
+                await ws.recv()
+                await ws.send(
+                    json.dumps({"type": "start", "context_id": "hold", "spk_id": "spk_f1"})
+                )
+                await ws.recv()  # started: the one slot is held, the others queue
+                asks = [
+                    c.post("/v1/audio/speech", json={"input": "你好。", "voice": "gone",
+                                                     "instructions": "用四川话说"}),
+                    c.post("/v1/audio/speech", json={"input": "你好。", "voice": "gone"}),
+                    c.post("/tts/pcm", json={"tts_text": "你好。", "spk_id": "gone"}),
+                ]  # fmt: skip
+                waiting = [asyncio.create_task(a) for a in asks]
+                queued = await asyncio.to_thread(
+                    eventually, srv.healthz, lambda h: h["queued"] == 3
+                )
+                assert queued["queued"] == 3, queued
+                assert (await c.delete("/speakers/gone")).status_code == 204
+                await ws.send(json.dumps({"type": "cancel", "context_id": "hold"}))
+                return await asyncio.gather(*waiting)
+
+        answers = asyncio.run(go())
+        assert [r.status_code for r in answers] == [400] * 3, [r.text for r in answers]
+        assert all("gone" in r.text for r in answers)
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
 def test_piper_engine_refuses_registration(server):
     r = register(server, "x", prompt_wav())
     assert r.status_code == 400 and "registration" in r.json()["detail"]

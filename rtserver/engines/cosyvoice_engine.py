@@ -118,7 +118,8 @@ class CosyVoiceEngine:
     def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
         """``speaker`` steered by an instruction (where the model takes them: ``instructions``)."""
         voice = self.model.instructed(speaker.voice or speaker.id, instruction)
-        return replace(speaker, voice=voice)
+        steers = speaker.steers or (speaker.id if speaker.voice is None else None)
+        return replace(speaker, voice=voice, steers=steers)
 
     def delete_speaker(self, spk_id: str) -> None:
         """Off the inference thread. What the flow kept of its prompt goes too."""
@@ -139,6 +140,8 @@ class CosyVoiceEngine:
 
     def start(self, job: Job) -> None:
         try:
+            if job.speaker.steers is not None:
+                self.model.speakers.get(job.speaker.steers)
             job.engine_state = self.model.start(
                 job.speaker.voice or job.speaker.id, seed=job.seed, speed=job.speed,
                 stream=job.stream, fixed_tokens=self.fixed_tokens, text_stream=job.text_streaming,
