@@ -219,6 +219,23 @@ def test_a_request_answered_before_its_body_gets_no_second_answer(guarded):
     assert status_of(reply) == 404 and reply.count(b"HTTP/1.1 ") == 1, reply[:300]
 
 
+def test_an_http_1_0_client_gets_the_stream_unchunked(guarded):
+    """HTTP/1.0 has no chunked encoding (nginx speaks 1.0 to its upstreams by default): the
+    audio ends where the connection closes, with no chunk sizes in it."""
+    s = dial(guarded)
+    try:
+        body = json.dumps({"tts_text": "Hello there.", "spk_id": "joe"}).encode()
+        s.sendall(b"POST /tts/pcm HTTP/1.0\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        head, _, audio = answer(s).partition(b"\r\n\r\n")
+    finally:
+        s.close()
+    assert status_of(head) == 200, head
+    assert b"transfer-encoding" not in head.lower()
+    assert len(audio) % 2 == 0
+    assert_speech(decode_pcm(audio), 22050, min_seconds=0.5, max_gap_s=0.5)
+
+
 def test_an_idle_socket_is_closed(guarded):
     s = dial(guarded)
     began = time.monotonic()

@@ -31,11 +31,13 @@ import logging
 import resource
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import msgspec
+from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -223,6 +225,25 @@ def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     return GuardedWebSocket
 
 
+class _UntilClose(RequestResponseCycle):
+    """An HTTP/1.0 request's answer. HTTP/1.0 has no chunked encoding, but uvicorn sends a
+    response of unknown length chunked to it all the same: the client (or a proxy speaking
+    1.0 upstream, as nginx does by default) took the chunk sizes for audio. Such a response
+    ends where the connection closes instead (1.0 connections close after one answer)."""
+
+    _open_ended = False  # a response without Content-Length is under way
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if b"content-length" not in names and b"transfer-encoding" not in names:
+                self._open_ended = True  # uvicorn adds no framing to a length it thinks known
+                self.chunked_encoding, self.expected_content_length = False, sys.maxsize
+        elif self._open_ended and not message.get("more_body", False):
+            self.expected_content_length = len(message.get("body", b""))  # the end: no "short"
+        await super().send(message)
+
+
 def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol under `limits` (pass it as uvicorn.Config(http=...))."""
 
@@ -260,6 +281,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             super().connection_lost(exc)
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
+            if cycle.scope["http_version"] == "1.0":
+                cycle.__class__ = _UntilClose  # (uvicorn makes the cycle; its class is fixed)
             self._answering = cycle
             super()._start_asgi_task(cycle, app)
 
