@@ -96,6 +96,7 @@ class Job:
     status: JobStatus = JobStatus.WAITING  # written by the scheduler only
     created: float = field(default_factory=time.monotonic)
     # Set by the scheduler (inference thread); read by the session for metrics.
+    admitted_at: float | None = None  # when it took a slot
     first_audio_at: float | None = None
     audio_seconds: float = 0.0
     processing_seconds: float = 0.0

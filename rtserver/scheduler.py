@@ -260,7 +260,7 @@ class Scheduler:
                 if job is None:
                     return
                 self._running.append(job)
-                job.status = JobStatus.RUNNING
+                job.status, job.admitted_at = JobStatus.RUNNING, time.monotonic()
             try:
                 self.engine.start(job)
             except SpeakerGone as exc:  # deleted since it was accepted: the client's 4xx

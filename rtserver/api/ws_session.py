@@ -88,6 +88,9 @@ _LOOP_SHARE = 0.2
 # While streams wait for a slot, a context with nothing to say gives its slot up after this
 # (else --context-idle-timeout-s): one socket sending "Hm. " every 20 s held six for good.
 _CONTENDED_IDLE_S = 5.0
+# And a context holds its slot this long, then gives it up at its next pause (a short reply
+# every second, each one spoken, held one for good): turns are shorter, and go on in a new one.
+_LEASE_S = 20.0
 _BURST_S = 0.5
 _GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
 _CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
@@ -116,7 +119,6 @@ class Context:
     timestamps: bool = False  # send `words` before each `segment`
     pump: asyncio.Task | None = None
     auto_flush: asyncio.TimerHandle | None = None
-    expiring: bool = False  # its text was flushed to give its slot up: it ends when spoken
 
 
 class LoopShare:
@@ -272,24 +274,33 @@ class WsSession:
                 return
 
     def _check_idle(self, ctx: Context, now: float, contended: bool) -> None:
-        """End a context that holds its slot without use. While others wait for a slot, use
-        is audio: a context whose engine has nothing to speak, and that got no audio for
-        _CONTENDED_IDLE_S, gives its slot up, even if its client keeps sending text that
-        never makes a sentence (a letter a second held a slot for hours). Text it holds is
-        spoken first, once; the context ends at its next such pause."""
+        """End a context that holds its slot without use. While others wait for a slot, the
+        use that counts is audio, and a slot is lent for a while: see _contended."""
         limit = self.settings.context_idle_timeout_s
-        if contended and not ctx.session.working:
-            limit = min(limit, _CONTENDED_IDLE_S)
-            if now - ctx.last_audio > limit or (ctx.expiring and ctx.session.idle):
-                if ctx.session.pending_text and not ctx.expiring:
-                    ctx.expiring = True
-                    self._stop_auto_flush(ctx)
-                    ctx.session.flush()
-                else:
-                    self._cancel(ctx, self._timed_out(limit, ctx.expiring))
+        if contended and not ctx.session.working:  # at a pause: the engine has none of it
+            if self._contended(ctx, now):
                 return
+            limit = min(limit, _CONTENDED_IDLE_S)
         if ctx.session.idle and now - ctx.last_active > limit:
-            self._cancel(ctx, self._timed_out(limit))
+            why = f"nothing to say for {limit:g}s"
+            self._cancel(ctx, self._timed_out(why, limit < self.settings.context_idle_timeout_s))
+
+    def _contended(self, ctx: Context, now: float) -> bool:
+        """At a pause while others wait: a context that has held its slot _LEASE_S ends, one
+        with no audio for _CONTENDED_IDLE_S has the text it holds spoken as it stands (text
+        that never made a sentence, a letter a second, held a slot for hours). Whether it
+        acted."""
+        admitted = ctx.session.job.admitted_at
+        if admitted is None:  # queued: it holds no slot
+            return False
+        if now - admitted > _LEASE_S:
+            self._cancel(ctx, self._timed_out(f"held a slot for {_LEASE_S:g}s", True))
+            return True
+        if now - max(ctx.last_audio, admitted) > _CONTENDED_IDLE_S and ctx.session.pending_text:
+            self._stop_auto_flush(ctx)
+            ctx.session.flush()
+            return True
+        return False
 
     async def _handle_text(self, raw: str) -> None:
         size = len(raw.encode())
@@ -456,11 +467,9 @@ class WsSession:
         self._stop_auto_flush(ctx)
         ctx.session.cancel(why)
 
-    def _timed_out(self, limit: float, expiring: bool = False) -> Failed:
-        why = f"nothing to say for {limit:g}s"
-        if expiring:
-            why = f"text without a sentence end for {limit:g}s (what came before was spoken)"
-        if limit < self.settings.context_idle_timeout_s:
+    @staticmethod
+    def _timed_out(why: str, contended: bool) -> Failed:
+        if contended:
             why += " while others waited for a slot"
         return Failed(f"{why}; the context has ended", code="context_timeout")
 

@@ -237,7 +237,10 @@ ERROR_CODES: dict[str, str] = {
     "synthesis_failed": "the engine failed on this context",
     "audio_limit": "the context reached max_audio_s of audio; it has ended",
     "read_timeout": "the client read none of this context's audio for too long; it has ended",
-    "context_timeout": "the context had nothing to say for context_idle_timeout_s; it has ended",
+    "context_timeout": (
+        "the context had nothing to say for context_idle_timeout_s (5 s while others wait for "
+        "a slot), or held its slot 20 s while others waited; it has ended"
+    ),
     "internal_error": "a server bug ended this context (it is logged)",
     "shutting_down": "the server is shutting down: the context has ended (or cannot start)",
     "idle_timeout": "no message and no audio for idle_timeout_s; the socket is closed",
