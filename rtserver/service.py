@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
@@ -179,38 +180,59 @@ class Gate:
                 self._left.notify_all()
 
 
-class Queue(Gate):
-    """A Gate whose work, when every place is taken, waits its turn (up to ``wait_s``):
-    at most ``waiting`` at once, ``share`` of them one client's; past that Busy (503)."""
+class Queue:
+    """At most ``size`` of one kind of work at a time; more waits its turn, first come first
+    served (up to ``wait_s``): at most ``waiting`` at once, ``share`` of them one client's;
+    past that Busy (503). A place that is left goes to the first waiter directly, so a
+    newcomer cannot take it in between."""
 
     def __init__(self, size: int, what: str, waiting: int, share: int, wait_s: float) -> None:
-        super().__init__(size, what)
-        self.waiting, self.wait_s = waiting, wait_s
+        self.size, self.what, self.waiting, self.wait_s = size, what, waiting, wait_s
+        self.inside = 0
         self.waiters = ClientQuota(f"{what} waiting", share)
+        self._turns: deque[asyncio.Future[None]] = deque()
 
     @contextlib.asynccontextmanager
-    async def enter_queued(self, client: str) -> AsyncIterator[None]:
-        if self.inside >= self.size:
-            if self.waiters.held() >= self.waiting:
-                raise Busy(f"{self.size} {self.what} and {self.waiting} waiting; try again")
-            try:
-                release = self.waiters.acquire(client)
-            except TooManyForClient as exc:
-                raise Busy(f"{exc}; try again") from None
-            try:
-                async with self._left:
-                    free = lambda: self.inside < self.size  # noqa: E731
-                    await asyncio.wait_for(self._left.wait_for(free), self.wait_s)
-            except TimeoutError:
-                raise Busy(f"{self.size} {self.what} for {self.wait_s:g}s; try again") from None
-            finally:
-                release()
+    async def enter(self, client: str) -> AsyncIterator[None]:
+        if self.inside < self.size and not self._turns:
+            self.inside += 1
+        else:
+            await self._wait_turn(client)
         try:
-            with self.enter(client):  # at once: no other task ran since the place was seen
-                yield
+            yield
         finally:
-            async with self._left:
-                self._left.notify_all()
+            self._leave()
+
+    async def _wait_turn(self, client: str) -> None:
+        """Until a place is handed over (then it is this task's), or Busy."""
+        if len(self._turns) >= self.waiting:
+            raise Busy(f"{self.size} {self.what} and {self.waiting} waiting; try again")
+        try:
+            release = self.waiters.acquire(client)
+        except TooManyForClient as exc:
+            raise Busy(f"{exc}; try again") from None
+        turn = asyncio.get_running_loop().create_future()
+        self._turns.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
+        except BaseException as exc:  # timed out or cancelled: a place handed over goes on
+            if turn.done():
+                self._leave()
+            else:
+                self._turns.remove(turn)
+            if isinstance(exc, TimeoutError):
+                raise Busy(f"{self.size} {self.what} for {self.wait_s:g}s; try again") from None
+            raise
+        finally:
+            release()
+
+    def _leave(self) -> None:
+        while self._turns:
+            turn = self._turns.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the place is the waiter's: `inside` stays
+                return
+        self.inside -= 1
 
 
 def client_share(settings: Settings) -> int:
@@ -501,7 +523,7 @@ class TTSService:
     async def _extracting(self, client: str) -> AsyncIterator[None]:
         """A place to analyse a prompt in (its own thread: ONNX models), waited for in turn
         (a backend registering four voices at once), or Busy."""
-        async with self._extractions.enter_queued(client):
+        async with self._extractions.enter(client):
             try:
                 yield
             finally:
