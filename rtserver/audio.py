@@ -91,7 +91,7 @@ class Encoder:
     """Base: optional resampling in front of a codec."""
 
     media_type = "application/octet-stream"
-    _DRAIN_STEPS = 16  # codecs hold back under 0.4 s; each step pushes at least 10 ms
+    _DRAIN_MAX_S = 0.5  # codecs hold back up to 0.35 s (MP3 at 8 kHz): a bound, not a goal
 
     def __init__(self, rate_in: int, rate_out: int | None = None) -> None:
         self.rate_in = rate_in
@@ -116,14 +116,15 @@ class Encoder:
     def drain(self) -> tuple[bytes, int]:
         """Push out, with silence after it, all the audio given so far, and keep the stream
         open (`finish` ends it). What it holds back is a resampler's filter delay, a codec's
-        lookahead and unfilled frame, a muxer's page: 10 ms to 0.4 s. Returns the bytes and
-        how many samples of silence (at rate_in) it took."""
+        lookahead and unfilled frame, a muxer's page: 10 ms (a resampler) to 0.35 s (MP3 at
+        8 kHz). Returns the bytes and how many samples of silence (at rate_in) it took."""
         given_s, out, silence = self._given / self.rate_in, [], 0
-        for _ in range(self._DRAIN_STEPS):
+        most = int(self._DRAIN_MAX_S * self.rate_in)
+        while silence < most:
             behind = given_s - self._emitted_s()
-            if behind * self.sample_rate < 1:  # within a sample
+            if behind * self.sample_rate < 1:  # within a sample: all out
                 break
-            n = max(self.rate_in // 100, math.ceil(behind * self.rate_in))
+            n = min(max(self.rate_in // 100, math.ceil(behind * self.rate_in)), most - silence)
             out.append(self.encode(np.zeros(n, np.float32)))
             silence += n
         return b"".join(out), silence

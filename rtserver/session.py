@@ -154,7 +154,9 @@ class Session:
         self.first_audio_at: float | None = None
         self._rate_in = job.speaker.sample_rate
         self._samples = 0  # engine-rate samples pumped so far
-        self._segment_start = 0  # sample where the segment being pumped began
+        self._silence = 0  # and of silence the encoder was drained with (see _pauses_after)
+        self._flush_ends: set[int] = set()  # segment counts at flushes not yet drained
+        self._segment_start = 0  # where the segment being pumped began (see _position)
         self._voiced: tuple[int, int] | None = None  # the segment's first/last loud sample
         self._segments_done = 0
         self._cut: Failed | None = None
@@ -184,6 +186,8 @@ class Session:
             self._wake()
         else:
             self._submit(self._segmenter.flush())
+        if self.texts:
+            self._flush_ends.add(len(self.texts))
         return len(self.texts)
 
     def _stream(self, text: str) -> None:
@@ -273,13 +277,9 @@ class Session:
                             self._segments_done = out.index + 1
                         yield out
                     continue
-                if isinstance(event, Done):
-                    tail = self.encoder.finish()
-                    if tail:
-                        yield Audio(tail)
-                    yield self._finished()
-                else:
-                    yield event
+                if isinstance(event, Done | Failed) and (tail := self.encoder.finish()):
+                    yield Audio(tail)  # (a context that timed out, say: what it held back)
+                yield self._finished() if isinstance(event, Done) else event
                 return
         finally:
             self.end()
@@ -295,13 +295,13 @@ class Session:
             out.append(Audio(data))
         if chunk.segment_end:
             start_ms, end_ms = (
-                n * 1000 / self._rate_in for n in (self._segment_start, self._samples)
+                n * 1000 / self._rate_in for n in (self._segment_start, self._position)
             )
             if self._pauses_after(chunk.segment):
                 tail, silence = self.encoder.drain()
-                self._samples += silence
+                self._silence += silence
                 out += [Audio(tail)] if tail else []
-            self._segment_start = self._samples
+            self._segment_start = self._position
             text = self.texts[chunk.segment]
             voiced = self._voiced and tuple(
                 round(n * 1000 / self._rate_in, 1) for n in self._voiced
@@ -313,18 +313,26 @@ class Session:
         return out
 
     def _pauses_after(self, segment: int) -> bool:
-        """The stream stops after this segment for now: no later text is given yet, and more
-        may come (a WebSocket context). The encoder's held-back audio is pushed out then, so
-        the segment's audio is all sent before its `segment` event and a `flushed`; the
-        silence that takes (10 ms to 0.4 s, in the stream's timeline) falls where the client
-        waits for the next text anyway. Otherwise the next audio, or `finish`, pushes it."""
-        return segment == len(self.texts) - 1 and not self.job.input_closed
+        """A flush ends with this segment and more text may come (a WebSocket context): the
+        encoder's held-back audio is pushed out with silence then, so all of the flushed
+        text's audio is sent before `flushed`. The silence (10 ms to 0.35 s, in the stream's
+        timeline) falls at the end of a turn; between sentences the next audio pushes it, at
+        the end `finish` does."""
+        if segment + 1 not in self._flush_ends:
+            return False
+        self._flush_ends.discard(segment + 1)
+        return not self.job.input_closed
+
+    @property
+    def _position(self) -> int:
+        """Where the stream's timeline is (engine-rate samples): audio and drained silence."""
+        return self._samples + self._silence
 
     def _track_voice(self, audio: np.ndarray) -> None:
         """Where speech starts and ends in the segment (word timings are spread over it)."""
         loud = np.flatnonzero(np.abs(audio) > VOICE_LEVEL)
         if loud.size:
-            first, last = self._samples + int(loud[0]), self._samples + int(loud[-1]) + 1
+            first, last = self._position + int(loud[0]), self._position + int(loud[-1]) + 1
             self._voiced = (self._voiced[0] if self._voiced else first, last)
 
     @property

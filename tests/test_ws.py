@@ -253,6 +253,28 @@ def test_flushed_comes_after_all_of_its_audio_in_coded_formats(server, fmt):
     assert not len(late) or np.abs(late).max() < 1e-3  # -60 dBFS: silence, not speech
 
 
+def test_sentences_between_flushes_get_no_drain_silence(server):
+    """Only a flush's last segment is drained: a sentence spoken before the next arrives (an
+    LLM slower than speech) is followed by the next one's audio, with no silence between."""
+
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", format="mp3")
+            await ctx.send("The first sentence is here. The")
+            segments = []
+            async for item in ctx.events():
+                if type(item).__name__ == "Segment":
+                    segments.append(item)
+                    if len(segments) == 1:
+                        await ctx.send(" second one follows it.", flush=True)
+                elif type(item).__name__ == "Flushed":
+                    await ctx.close()
+            return segments
+
+    first, second = run(go())[:2]
+    assert second.start_ms == first.end_ms
+
+
 def test_idle_text_is_flushed_automatically(server):
     async def go():
         async with TTSClient(server.base_url) as client, client.connect() as conn:
