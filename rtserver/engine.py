@@ -31,7 +31,7 @@ class Speaker:
     voice: Any = field(default=None, compare=False, repr=False)
     # A named speaker's voice steered by instructions: the name, which must still be there
     # when its job starts (deleted while the job waited: SpeakerGone, as for the name alone).
-    steers: str | None = None
+    steers: str | None = field(default=None, compare=False)
 
 
 @dataclass

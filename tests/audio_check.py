@@ -25,7 +25,7 @@ def decode_audio(data: bytes, fmt: str | None = None, rate: int = 8000) -> tuple
         frames = [f.to_ndarray().reshape(-1) for f in container.decode(stream)]
         audio = np.concatenate(frames)
         if audio.dtype.kind == "i":  # s16 (FLAC, WAV, G.711) to the float scale of the rest
-            return audio.astype(np.float32) / np.iinfo(audio.dtype).max, stream.rate
+            return audio.astype(np.float32) / -np.iinfo(audio.dtype).min, stream.rate
         return audio.astype(np.float32), stream.rate
 
 

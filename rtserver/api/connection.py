@@ -239,6 +239,7 @@ class _UntilClose(RequestResponseCycle):
             if b"content-length" not in names and b"transfer-encoding" not in names:
                 self._open_ended = True  # uvicorn adds no framing to a length it thinks known
                 self.chunked_encoding, self.expected_content_length = False, sys.maxsize
+                self.keep_alive = False  # the close is the end (1.0 closes anyway: explicit)
         elif self._open_ended and not message.get("more_body", False):
             self.expected_content_length = len(message.get("body", b""))  # the end: no "short"
         await super().send(message)
