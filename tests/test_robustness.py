@@ -267,6 +267,16 @@ def test_flushes_and_blank_text_do_not_keep_an_idle_context(tight):
     assert_idle(tight)
 
 
+async def first_audio_after_a_wait(ws) -> float:
+    """Seconds until a context started on `ws` (a full server: it waits) has audio."""
+    t0 = time.monotonic()
+    await send(ws, type="start", context_id="o", spk_id="joe", text="It is my turn to speak now.")
+    await send(ws, type="close", context_id="o")
+    while not isinstance(await ws.recv(), bytes):
+        pass
+    return time.monotonic() - t0
+
+
 def test_idle_contexts_give_their_slots_up_while_others_wait(make_server):
     """A socket that kept its contexts alive with a word every 20 s (each restarts the idle
     timeout) held every slot for good. Alone on the server such contexts stay; once a stream
@@ -284,13 +294,7 @@ def test_idle_contexts_give_their_slots_up_while_others_wait(make_server):
                 await until(hog, "segment")  # spoken: nothing left to say
             await asyncio.sleep(7)  # idle past 5 s, alone: both keep their slots
             held = srv.healthz()
-            t0 = time.monotonic()
-            await send(other, type="start", context_id="o", spk_id="joe",
-                       text="It is my turn to speak now.")  # fmt: skip
-            await send(other, type="close", context_id="o")
-            while not isinstance(await other.recv(), bytes):
-                pass
-            waited = time.monotonic() - t0
+            waited = await first_audio_after_a_wait(other)
             ended = [await until(hog, "error") for _ in range(2)]
             await until(other, "done")
             return held, waited, ended
@@ -326,13 +330,7 @@ def test_text_that_never_makes_a_sentence_gives_its_slot_up_while_others_wait(ma
                 await until(hog, "started")
             dripping = asyncio.create_task(drip(hog))
             await asyncio.sleep(1)
-            t0 = time.monotonic()
-            await send(other, type="start", context_id="o", spk_id="joe",
-                       text="It is my turn to speak now.")  # fmt: skip
-            await send(other, type="close", context_id="o")
-            while not isinstance(await other.recv(), bytes):
-                pass
-            waited = time.monotonic() - t0
+            waited = await first_audio_after_a_wait(other)
             dripping.cancel()
             ended: dict[str, dict] = {}
             spoken = 0
