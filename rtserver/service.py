@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from rtserver import __version__
@@ -63,6 +63,7 @@ MAX_EXTRACTING = 2
 # Upload bodies read at once: a body is held whole (up to 8 MiB, a few times that while its
 # form is parsed) before the registration limit can look at it; 256 slow uploads held 1.5 GB.
 MAX_UPLOADS = 4
+UPLOADS_WAITING = 16  # requests waiting for that: a connection each, their bodies not read
 
 
 NO_SPEAKERS = "no speakers yet: register one (POST /speakers)"
@@ -137,100 +138,69 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
     return await done
 
 
-class Gate:
-    """At most ``size`` of one kind of work at a time (on the event loop: no lock); one more
-    is Busy (503) before any of it starts."""
+class Places:
+    """At most ``size`` of one kind of work at a time, at most ``share`` of them one client's
+    (0: any). Work past that waits its turn for up to ``wait_s``, first come first served
+    among waiters whose client may take a place: at most ``waiting`` at once, ``wait_share``
+    of them one client's; past that (or that long) Busy, a 503. A place that is left goes to
+    the first such waiter directly, so a newcomer cannot take it in between. (On the event
+    loop: no lock.)"""
 
-    def __init__(self, size: int, what: str, share: int = 0) -> None:
-        self.size, self.what, self.share, self.inside = size, what, share, 0
-        self.clients = ClientQuota(what, share)  # places each client holds
-        self._left = asyncio.Condition()
-
-    @contextlib.contextmanager
-    def enter(self, client: str = "") -> Iterator[None]:
-        if self.inside >= self.size:
-            raise Busy(f"{self.size} {self.what}; try again")
-        release = self.clients.acquire(client)
-        self.inside += 1
-        try:
-            yield
-        finally:
-            self.inside -= 1
-            release()
-
-    @contextlib.asynccontextmanager
-    async def enter_in_turn(self, client: str, wait_s: float) -> AsyncIterator[None]:
-        """:meth:`enter`, but a client holding ``share`` places first waits (up to ``wait_s``,
-        then TooManyForClient: 429) for one of its own to be left, so that one client cannot
-        take every place while others' work goes on."""
-        if self.share:
-            async with self._left:
-                mine = lambda: self.clients.held_by(client) < self.share  # noqa: E731
-                try:
-                    await asyncio.wait_for(self._left.wait_for(mine), wait_s)
-                except TimeoutError:
-                    raise TooManyForClient(
-                        f"{client} had {self.share} {self.what} for {wait_s:g}s"
-                    ) from None
-        try:
-            with self.enter(client):
-                yield
-        finally:
-            async with self._left:
-                self._left.notify_all()
-
-
-class Queue:
-    """At most ``size`` of one kind of work at a time; more waits its turn, first come first
-    served (up to ``wait_s``): at most ``waiting`` at once, ``share`` of them one client's;
-    past that Busy (503). A place that is left goes to the first waiter directly, so a
-    newcomer cannot take it in between."""
-
-    def __init__(self, size: int, what: str, waiting: int, share: int, wait_s: float) -> None:
-        self.size, self.what, self.waiting, self.wait_s = size, what, waiting, wait_s
+    def __init__(
+        self, size: int, what: str, *, share: int = 0, waiting: int = 0, wait_share: int = 0,
+        wait_s: float = 0.0,
+    ) -> None:  # fmt: skip
+        self.size, self.what, self.share = size, what, share
+        self.waiting, self.wait_s = waiting, wait_s
         self.inside = 0
-        self.waiters = ClientQuota(f"{what} waiting", share)
-        self._turns: deque[asyncio.Future[None]] = deque()
+        self.holders = ClientQuota(what, share)  # places each client holds
+        self.waiters = ClientQuota(f"{what} waiting", wait_share)
+        self._turns: deque[tuple[str, asyncio.Future[Callable[[], None]]]] = deque()
 
     @contextlib.asynccontextmanager
     async def enter(self, client: str) -> AsyncIterator[None]:
-        if self.inside < self.size and not self._turns:
+        if self.inside < self.size and self._may_take(client):  # then no one may be waiting
             self.inside += 1
+            release = self.holders.acquire(client)
         else:
-            await self._wait_turn(client)
+            release = await self._wait_turn(client)
         try:
             yield
         finally:
-            self._leave()
+            self._leave(release)
 
-    async def _wait_turn(self, client: str) -> None:
-        """Until a place is handed over (then it is this task's), or Busy."""
+    def _may_take(self, client: str) -> bool:
+        return not self.share or self.holders.held_by(client) < self.share
+
+    async def _wait_turn(self, client: str) -> Callable[[], None]:
+        """Until a place is handed over (its release is returned), or Busy."""
         if len(self._turns) >= self.waiting:
             raise Busy(f"{self.size} {self.what} and {self.waiting} waiting; try again")
         try:
-            release = self.waiters.acquire(client)
+            unwait = self.waiters.acquire(client)
         except TooManyForClient as exc:
             raise Busy(f"{exc}; try again") from None
-        turn = asyncio.get_running_loop().create_future()
-        self._turns.append(turn)
+        turn: asyncio.Future[Callable[[], None]] = asyncio.get_running_loop().create_future()
+        self._turns.append(entry := (client, turn))
         try:
-            await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
+            return await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
         except BaseException as exc:  # timed out or cancelled: a place handed over goes on
             if turn.done():
-                self._leave()
+                self._leave(turn.result())
             else:
-                self._turns.remove(turn)
+                self._turns.remove(entry)
             if isinstance(exc, TimeoutError):
                 raise Busy(f"{self.size} {self.what} for {self.wait_s:g}s; try again") from None
             raise
         finally:
-            release()
+            unwait()
 
-    def _leave(self) -> None:
-        while self._turns:
-            turn = self._turns.popleft()
-            if not turn.done():
-                turn.set_result(None)  # the place is the waiter's: `inside` stays
+    def _leave(self, release: Callable[[], None]) -> None:
+        release()
+        for entry in self._turns:
+            if self._may_take(client := entry[0]):
+                self._turns.remove(entry)
+                entry[1].set_result(self.holders.acquire(client))  # `inside` stays
                 return
         self.inside -= 1
 
@@ -276,13 +246,16 @@ class TTSService:
         self._keep_busy = threading.Lock()  # held by the thread keeping one
         self._stop_keeping = threading.Event()
         # prompts being analysed now (registrations among them), upload bodies being read now
-        self._extractions = Queue(
-            MAX_EXTRACTING, "prompt recordings are being analysed",
-            waiting=MAX_UPLOADS, share=MAX_UPLOADS // 2 if settings.max_client_streams else 0,
+        limits = bool(settings.max_client_streams)  # per-client limits on
+        self._extractions = Places(
+            MAX_EXTRACTING, "prompt recordings are being analysed", waiting=MAX_UPLOADS,
+            wait_share=MAX_UPLOADS // 2 if limits else 0, wait_s=settings.request_timeout_s,
+        )  # fmt: skip
+        self._uploads = Places(
+            MAX_UPLOADS, "uploads are being received", share=MAX_UPLOADS // 2 if limits else 0,
+            waiting=UPLOADS_WAITING, wait_share=UPLOADS_WAITING // 4 if limits else 0,
             wait_s=settings.request_timeout_s,
         )  # fmt: skip
-        share = MAX_UPLOADS // 2 if settings.max_client_streams else 0  # with per-client limits
-        self._uploads = Gate(MAX_UPLOADS, "uploads are being received", share)
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # cut at the drain's end
@@ -372,18 +345,23 @@ class TTSService:
         }
 
     def held(self) -> dict[str, int]:
-        """Sessions not yet released, and WebSockets open."""
+        """Sessions not yet released, WebSockets open, upload bodies being read and prompt
+        recordings being analysed, and requests waiting for either."""
         return {
             "streams_open": self.client_streams.held(),
             "sockets_open": self.client_sockets.held(),
+            "uploads_reading": self._uploads.inside,
+            "uploads_waiting": self._uploads.waiters.held(),
+            "prompts_analysing": self._extractions.inside,
+            "prompts_waiting": self._extractions.waiters.held(),
         }
 
     def receiving_upload(self, client: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """A place to read an upload's body in, or Busy (503) before a byte of it is read. One
-        client address holds at most half of them (a slow upload holds its place until the
-        request deadline): its others wait for its own to end, as its streams past its share
-        do."""
-        return self._uploads.enter_in_turn(client, self.settings.request_timeout_s)
+        """A place to read an upload's body in, waited for in turn (before a byte of it is
+        read: a waiter costs a connection), or Busy (503). One client address holds at most
+        half of them (a slow upload holds its place until the request deadline): its others
+        wait for its own to end, as its streams past its share do."""
+        return self._uploads.enter(client)
 
     async def register_speaker(
         self, spk_id: str, audio: bytes, prompt_text: str, client: str = ""

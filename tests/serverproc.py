@@ -33,6 +33,8 @@ def _held(health: dict) -> bool:
     """Whether a /healthz snapshot shows anything held: a job active or queued, a session or
     socket, engine memory."""
     held = [health[k] for k in ("active", "queued", "streams_open", "sockets_open")]
+    held += [health[f"{k}_{s}"] for k in ("uploads", "prompts") for s in ("reading", "waiting")
+             if f"{k}_{s}" in health]  # fmt: skip
     held += [v for k, v in health.items() if k.startswith("held_")]
     return any(held)
 

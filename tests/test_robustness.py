@@ -606,9 +606,10 @@ def test_text_that_crashes_espeak_fails_one_request_only(make_server):
 
 def test_upload_bodies_are_read_a_few_at_a_time(make_server):
     """A registration's body is held whole before the registration limit sees it: 256 slow
-    uploads held 1.5 GB. Past 4 bodies being read, an upload gets 503 before it sends one. One
-    client address reads at most 2 at once, its others waiting for its own: 4 slow ones from
-    one address locked everyone out of registration and zero-shot for as long as it went on."""
+    uploads held 1.5 GB. Past 4 bodies being read, an upload waits its turn before it sends
+    one (at most 16 wait, 4 from one address; more get 503). One client address reads at most
+    2 at once, its others waiting for its own: 4 slow ones from one address locked everyone
+    out of registration and zero-shot for as long as it went on."""
     srv = make_server("--no-warmup")
     files = {"prompt_wav": ("p.wav", b"RIFF" + bytes(2000), "audio/wav")}
     data = {"spk_id": "late", "prompt_text": "Hello."}
@@ -627,18 +628,26 @@ def test_upload_bodies_are_read_a_few_at_a_time(make_server):
     def read(r: httpx.Response) -> bool:  # and refused by the built-in voice
         return r.status_code == 400 and "registration" in r.json()["detail"]
 
+    def health(what: str, n: int) -> None:
+        assert eventually(srv.healthz, lambda h: h[what] == n)[what] == n
+
     mine, theirs = [slow("127.0.0.2"), slow("127.0.0.2")], [slow("127.0.0.3"), slow("127.0.0.3")]
-    refused = eventually(lambda: late("127.0.0.4"), lambda r: r.status_code == 503)
-    assert "uploads" in refused.json()["detail"] and refused.headers["retry-after"]
-    # so are the routes that take a recording with the text (upstream's zero-shot)
-    zero_shot = late("127.0.0.4", "/inference_zero_shot", tts_text="Hi.", prompt_text="Hello.")
-    assert zero_shot.status_code == 503 and "uploads" in zero_shot.json()["detail"]
-    with ThreadPoolExecutor(1) as pool:
+    health("uploads_reading", 4)
+    with ThreadPoolExecutor(6) as pool:
+        # so are the routes that take a recording with the text (upstream's zero-shot)
+        zero_shot = pool.submit(
+            late, "127.0.0.4", "/inference_zero_shot", tts_text="Hi.", prompt_text="Hello."
+        )
+        queued = [pool.submit(late, "127.0.0.5") for _ in range(4)]
+        health("uploads_waiting", 5)
+        refused = late("127.0.0.5")  # one address's fifth waiting one
+        assert refused.status_code == 503 and "waiting" in refused.json()["detail"]
+        assert refused.headers["retry-after"]
         third = pool.submit(late, "127.0.0.2")  # its two places are taken: it waits
-        with pytest.raises(TimeoutError):  # neither 503 (the server is full) nor 429
-            third.result(timeout=2)
-        theirs.pop().close()
-        assert read(eventually(lambda: late("127.0.0.4"), read))  # the place left is another's
+        health("uploads_waiting", 6)
+        theirs.pop().close()  # the place left goes to the waiters in turn, not to .2's third
+        assert zero_shot.result(timeout=30).status_code == 400
+        assert all(read(q.result(timeout=30)) for q in queued)
         assert not third.done()
         mine.pop().close()
         assert read(third.result(timeout=30))  # its own place came back
