@@ -9,10 +9,11 @@ client slows only itself and server memory stays bounded.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 from rtserver.engine import (
@@ -34,6 +35,9 @@ log = logging.getLogger("rtserver.scheduler")
 
 TRIM_EVERY_S = 30.0  # under constant load, hand freed memory back at least this often
 TRIM_GAP_S = 1.0  # and at most this often, when jobs end or the scheduler goes idle
+
+
+_CLIENTS_REMEMBERED = 4096  # client addresses whose last admission the scheduler keeps
 
 
 class Busy(Exception):
@@ -83,6 +87,8 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
         self._held: dict[str, int] = {}  # the engine's held(), as of the last tick
+        self._turns: OrderedDict[str, int] = OrderedDict()  # client: its last admission's
+        self._turn = itertools.count()
         self._stop = False
         self._trim = trimmer()
         self._trimmed_at = time.monotonic()
@@ -271,16 +277,22 @@ class Scheduler:
                 self._route(job, Failed(f"{type(exc).__name__}: {exc}"))
 
     def _next_waiting(self) -> Job | None:  # with the lock held
-        """The waiting job to admit: the oldest of those whose client has the fewest streams
-        running, so one client's burst cannot keep every other client waiting behind it; none
-        when every waiting job's client runs its share already."""
+        """The waiting job to admit: of the clients with the fewest streams running, the one
+        admitted longest ago (never: first), its oldest job. So one client's burst cannot keep
+        every other client waiting behind it, nor can a client that queued many streams early
+        take every slot that comes free. None when every waiting job's client runs its share
+        already."""
         running = Counter(j.client for j in self._running)
         share = self.client_share or self.max_streams
         allowed = [j for j in self._waiting if running[j.client] < share]
         if not allowed:
             return None
-        job = min(allowed, key=lambda j: running[j.client])  # the first of the fewest
+        job = min(allowed, key=lambda j: (running[j.client], self._turns.get(j.client, -1)))
         self._waiting.remove(job)
+        self._turns[job.client] = next(self._turn)
+        self._turns.move_to_end(job.client)
+        if len(self._turns) > _CLIENTS_REMEMBERED:  # the longest ago go first (as if never)
+            self._turns.popitem(last=False)
         return job
 
     def _pick(self) -> list[Job]:

@@ -312,6 +312,17 @@ class Session:
             )
         return out
 
+    def drain_if_spoken(self) -> bytes:
+        """At a flush that finds all the text given spoken (its last segment ended before
+        the flush came): the encoder's held-back audio, pushed out now (see _pauses_after)."""
+        if not self.texts or self._segments_done < len(self.texts) or self.job.input_closed:
+            return b""
+        self._flush_ends.discard(len(self.texts))
+        tail, silence = self.encoder.drain()
+        self._silence += silence
+        self._segment_start = self._position
+        return tail
+
     def _pauses_after(self, segment: int) -> bool:
         """A flush ends with this segment and more text may come (a WebSocket context): the
         encoder's held-back audio is pushed out with silence then, so all of the flushed

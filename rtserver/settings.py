@@ -110,6 +110,11 @@ class Settings(msgspec.Struct, kw_only=True):
     context_idle_timeout_s: Annotated[
         Seconds, _doc("end a WebSocket context that has nothing to say this long")
     ] = 30.0
+    slot_lease_s: Annotated[
+        Seconds,
+        _doc("while streams wait for a slot, a WebSocket context that has held one this long "
+             "ends at its next pause"),
+    ] = 20.0  # fmt: skip
     auto_flush_ms: Annotated[
         int, _doc("WebSocket: speak buffered text after this much silence", ge=1)
     ] = 1500

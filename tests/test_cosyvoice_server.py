@@ -531,6 +531,47 @@ def test_requests_whose_speaker_is_deleted_while_they_wait_get_400(tmp_path):
         srv.stop()
 
 
+def test_a_text_streaming_turn_is_not_cut_while_it_speaks(tmp_path):
+    """While another stream waits for the one slot, a context past its lease (2 s here)
+    ends only at a pause. A text-streaming piece still taking text is spoken as the text
+    comes, ahead of its listener: it is no pause (it was cut mid-speech, with no segment)."""
+    srv = start(tmp_path / "speakers", "--no-warmup", "--max-streams", "1", "--slot-lease-s", "2")
+    try:
+
+        async def go() -> tuple[str, str]:
+            async with (
+                websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as agent,
+                websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as other,
+            ):
+                for ws in (agent, other):
+                    await ws.recv()
+                start = {"type": "start", "spk_id": "spk_f1", "text_streaming": True}
+                await agent.send(json.dumps({**start, "context_id": "a"}))
+                await agent.send(json.dumps({"type": "text", "context_id": "a", "text": "我们"}))
+                await other.send(json.dumps({**start, "context_id": "o", "text": "你好。"}))
+                await other.send(json.dumps({"type": "close", "context_id": "o"}))
+                for i in range(24):  # 6 s of text, faster than it is spoken
+                    text = {"type": "text", "context_id": "a", "text": f"今天很好，第{i}个。"}
+                    await agent.send(json.dumps(text))
+                    await asyncio.sleep(0.25)
+                await agent.send(json.dumps({"type": "close", "context_id": "a"}))
+                return await last_event(agent), await last_event(other)
+
+        assert asyncio.run(asyncio.wait_for(go(), 120)) == ("done", "done")
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
+async def last_event(ws) -> str:
+    while True:
+        message = await ws.recv()
+        if isinstance(message, str) and (kind := json.loads(message)["type"]) in (
+            "done", "error", "cancelled"
+        ):  # fmt: skip
+            return kind
+
+
 def test_piper_engine_refuses_registration(server):
     r = register(server, "x", prompt_wav())
     assert r.status_code == 400 and "registration" in r.json()["detail"]

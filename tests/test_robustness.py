@@ -386,6 +386,35 @@ def test_one_address_never_holds_every_slot(make_server):
     assert_idle(srv)
 
 
+def test_a_socket_whose_context_waits_for_a_slot_is_not_idle(make_server):
+    """A context queued behind a full server, its client quiet: the socket's idle timeout
+    (2 s here) closed it while it waited. It is kept, and the context speaks once a slot
+    comes free."""
+    srv = make_server("--max-streams", "1", "--ws-idle-timeout-s", "2", "--no-warmup")
+
+    async def go() -> tuple[dict, str]:
+        body = {"tts_text": LONG_TEXT * 3, "spk_id": "joe"}
+        async with (
+            httpx.AsyncClient(timeout=30) as http,
+            http.stream("POST", f"{srv.base_url}/tts/pcm", json=body) as held,  # unread: it
+            connect(srv) as ws,  # keeps the one slot
+        ):
+            await recv_json(ws)
+            await send(ws, type="start", context_id="w", spk_id="joe", text="Waiting my turn.")
+            await send(ws, type="flush", context_id="w")
+            await until(ws, "started")
+            await asyncio.sleep(4)
+            waiting = srv.healthz()
+            await held.aclose()
+            await send(ws, type="close", context_id="w")
+            return waiting, (await until(ws, "done", "error"))["type"]
+
+    waiting, ending = run(go())
+    assert waiting["queued"] == 1, waiting
+    assert ending == "done"
+    assert_idle(srv)
+
+
 def test_socket_with_only_idle_contexts_is_closed(tight):
     async def go() -> tuple[list[str], float]:
         async with connect(tight) as ws:

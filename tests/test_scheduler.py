@@ -327,6 +327,28 @@ def test_admission_takes_turns_between_clients():
     assert started == [burst[0], other, *burst[1:]]
 
 
+def test_a_slot_that_comes_free_goes_to_the_client_admitted_longest_ago():
+    """One slot; client a queued three streams before client b asked once. Whenever the slot
+    comes free both run none, and b (never admitted) goes before a's older streams: a client
+    that queued many early cannot take every slot that comes free (a WebSocket client kept a
+    waiting agent out for minutes so, one context after another)."""
+
+    async def go():
+        engine = ToneEngine()
+        sched = Scheduler(engine, max_streams=1)
+        early = [make_job(sched, ["a"], client="a") for _ in range(3)]
+        later = make_job(sched, ["b"], client="b")
+        sched.start()
+        try:
+            await asyncio.gather(*(drain(j) for j in [*early, later]))
+        finally:
+            sched.stop()
+        return engine.started, [j.id for j in early], later.id
+
+    started, early, later = run(go())
+    assert started == [early[0], later, *early[1:]]
+
+
 def test_one_client_never_runs_every_slot():
     """Client a opens as many streams as there are slots and keeps them open: it runs its
     share (all but one), its last waits with a slot free (not a contended server: a's running

@@ -253,6 +253,55 @@ def test_flushed_comes_after_all_of_its_audio_in_coded_formats(server, fmt):
     assert not len(late) or np.abs(late).max() < 1e-3  # -60 dBFS: silence, not speech
 
 
+def test_a_flush_after_its_text_is_spoken_still_sends_all_its_audio(server):
+    """A paragraph break lets the text go at once; the flush that comes after its audio
+    finds nothing new to say, and drains the encoder then (before: the tail waited for the
+    next turn)."""
+
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", format="mp3")
+            await ctx.send("Hello there, this is the whole turn.\n\n")
+            got, at_flushed, segment = b"", b"", None
+            async for item in ctx.events():
+                if isinstance(item, bytes):
+                    got += item
+                elif type(item).__name__ == "Segment":
+                    segment = item
+                    await ctx.flush()
+                elif type(item).__name__ == "Flushed":
+                    at_flushed = got
+                    await ctx.close()
+            return at_flushed, segment
+
+    at_flushed, segment = run(go())
+    early, rate = decode_audio(at_flushed)
+    assert len(early) / rate * 1000 >= segment.end_ms
+
+
+def test_a_context_that_times_out_sends_its_audio_before_the_error(make_server):
+    """Text let go without a flush, then nothing: the context ends on `context_timeout`, and
+    the audio the encoder held back comes before the error (before: it was dropped)."""
+    srv = make_server("--context-idle-timeout-s", "1", "--no-warmup")
+
+    async def go():
+        async with TTSClient(srv.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", format="mp3")
+            await ctx.send("Hello there, this is the whole turn.\n\n")
+            got, segments = b"", []
+            async for item in ctx.events():
+                if isinstance(item, bytes):
+                    got += item
+                elif type(item).__name__ == "Segment":
+                    segments.append(item)
+            return got, segments, ctx.ending
+
+    audio, segments, ending = run(go())
+    assert ending.code == "context_timeout", ending
+    decoded, rate = decode_audio(audio)
+    assert segments and len(decoded) / rate * 1000 >= segments[-1].end_ms
+
+
 def test_sentences_between_flushes_get_no_drain_silence(server):
     """Only a flush's last segment is drained: a sentence spoken before the next arrives (an
     LLM slower than speech) is followed by the next one's audio, with no silence between."""

@@ -88,9 +88,6 @@ _LOOP_SHARE = 0.2
 # While streams wait for a slot, a context with nothing to say gives its slot up after this
 # (else --context-idle-timeout-s): one socket sending "Hm. " every 20 s held six for good.
 _CONTENDED_IDLE_S = 5.0
-# And a context holds its slot this long, then gives it up at its next pause (a short reply
-# every second, each one spoken, held one for good): turns are shorter, and go on in a new one.
-_LEASE_S = 20.0
 _BURST_S = 0.5
 _GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
 _CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
@@ -115,6 +112,7 @@ class Context:
     flushes: deque[tuple[int, int]] = field(default_factory=deque)  # (flush_id, segments)
     flush_count: int = 0
     cancelled: bool = False
+    muted: bool = False  # the client cancelled: none of its audio is sent from then on
     closed: bool = False  # `close` received: no more text
     timestamps: bool = False  # send `words` before each `segment`
     pump: asyncio.Task | None = None
@@ -169,7 +167,7 @@ class WsSession:
         if self._closed:
             return
         async with self._send_lock:
-            if ctx.cancelled:  # the ack may have been decided while we waited
+            if ctx.muted:  # the ack may have been decided while we waited
                 return
             await self.socket.send_bytes(struct.pack("<I", ctx.stream) + data)
         ctx.last_audio = ctx.last_active = self.last_active = time.monotonic()
@@ -267,6 +265,8 @@ class WsSession:
             for ctx in list(self.contexts.values()):
                 if not ctx.closed and not ctx.cancelled:
                     self._check_idle(ctx, now, contended)
+            if any(not ctx.session.idle for ctx in self.contexts.values()):
+                self.last_active = now  # its contexts wait for a slot or for synthesis
             if now - self.last_active > s.ws_idle_timeout_s:
                 message = f"no message and no audio for {s.ws_idle_timeout_s:g}s"
                 await self._error("idle_timeout", message)
@@ -277,24 +277,31 @@ class WsSession:
         """End a context that holds its slot without use. While others wait for a slot, the
         use that counts is audio, and a slot is lent for a while: see _contended."""
         limit = self.settings.context_idle_timeout_s
-        if contended and not ctx.session.working:  # at a pause: the engine has none of it
-            if self._contended(ctx, now):
+        admitted = ctx.session.job.admitted_at  # None: queued, it holds no slot
+        if contended and admitted is not None and self._paused(ctx, now):
+            if self._contended(ctx, admitted, now):
                 return
             limit = min(limit, _CONTENDED_IDLE_S)
         if ctx.session.idle and now - ctx.last_active > limit:
             why = f"nothing to say for {limit:g}s"
             self._cancel(ctx, self._timed_out(why, limit < self.settings.context_idle_timeout_s))
 
-    def _contended(self, ctx: Context, now: float) -> bool:
-        """At a pause while others wait: a context that has held its slot _LEASE_S ends, one
+    @staticmethod
+    def _paused(ctx: Context, now: float) -> bool:
+        """Not speaking: the engine has no text of it to speak without more from the client,
+        and a listener playing its audio in real time has played it all. (A text-streaming
+        piece still taking text is spoken as it comes, ahead of its listener.)"""
+        dry = ctx.session.job.runs_dry_at
+        return not ctx.session.working and (dry is None or dry <= now)
+
+    def _contended(self, ctx: Context, admitted: float, now: float) -> bool:
+        """At a pause while others wait: a context that has held its slot slot_lease_s ends, one
         with no audio for _CONTENDED_IDLE_S has the text it holds spoken as it stands (text
         that never made a sentence, a letter a second, held a slot for hours). Whether it
         acted."""
-        admitted = ctx.session.job.admitted_at
-        if admitted is None:  # queued: it holds no slot
-            return False
-        if now - admitted > _LEASE_S:
-            self._cancel(ctx, self._timed_out(f"held a slot for {_LEASE_S:g}s", True))
+        lease = self.settings.slot_lease_s  # a short reply every second held a slot for good
+        if now - admitted > lease:
+            self._cancel(ctx, self._timed_out(f"held a slot for {lease:g}s", True))
             return True
         if now - max(ctx.last_audio, admitted) > _CONTENDED_IDLE_S and ctx.session.pending_text:
             self._stop_auto_flush(ctx)
@@ -447,6 +454,8 @@ class WsSession:
     async def _flush(self, ctx: Context) -> None:
         self._stop_auto_flush(ctx)  # nothing is left for it
         submitted = ctx.session.flush()
+        if tail := ctx.session.drain_if_spoken():  # all spoken before the flush came
+            await self._send_audio(ctx, tail)
         ctx.flush_count += 1
         ctx.flushes.append((ctx.flush_count, submitted))
         await self._settle_flushes(ctx)
@@ -462,8 +471,9 @@ class WsSession:
         ctx.session.close()
 
     def _cancel(self, ctx: Context, why: Failed | None = None) -> None:
-        # Stop forwarding now; the ack (or `why`) is sent once the scheduler has dropped the job.
-        ctx.cancelled = True
+        # The ack (or `why`) is sent once the scheduler has dropped the job. The client's own
+        # cancel stops its audio now; audio made before the server ends it (`why`) still goes.
+        ctx.cancelled, ctx.muted = True, ctx.muted or why is None
         self._stop_auto_flush(ctx)
         ctx.session.cancel(why)
 
@@ -508,7 +518,7 @@ class WsSession:
             await self._error("internal_error", "the server failed on this context", ctx.id)
 
     async def _segment_end(self, ctx: Context, event: SegmentEnd) -> None:
-        if ctx.cancelled:
+        if ctx.muted:
             return
         if ctx.timestamps:
             start, end = event.voiced_ms or (event.start_ms, event.end_ms)
