@@ -99,6 +99,7 @@ class Encoder:
         self._resample = (
             _Resampler(rate_in, self.sample_rate) if self.sample_rate != rate_in else None
         )
+        self._finished = False
         self._given = 0  # samples given to `encode`, at rate_in
         self._coded = 0  # samples given to the codec, at sample_rate
 
@@ -110,6 +111,7 @@ class Encoder:
         return self._encode(audio) if len(audio) else b""
 
     def finish(self) -> bytes:
+        self._finished = True
         tail = self._resample(None) if self._resample else np.zeros(0, np.float32)
         return (self._encode(tail) if len(tail) else b"") + self._finish()
 
@@ -118,6 +120,8 @@ class Encoder:
         open (`finish` ends it). What it holds back is a resampler's filter delay, a codec's
         lookahead and unfilled frame, a muxer's page: 10 ms (a resampler) to 0.35 s (MP3 at
         8 kHz). Returns the bytes and how many samples of silence (at rate_in) it took."""
+        if self._finished:  # the stream has ended: nothing is held
+            return b"", 0
         given_s, out, silence = self._given / self.rate_in, [], 0
         most = int(self._DRAIN_MAX_S * self.rate_in)
         while silence < most:

@@ -98,6 +98,7 @@ class Job:
     # Set by the scheduler (inference thread); read by the session for metrics.
     admitted_at: float | None = None  # when it took a slot
     first_audio_at: float | None = None
+    plays_until: float = 0.0  # when a real-time listener has played all its audio, gaps kept
     audio_seconds: float = 0.0
     processing_seconds: float = 0.0
     engine_state: Any = None  # owned by the engine between start() and release()

@@ -342,6 +342,7 @@ class Scheduler:
             job.first_audio_at = time.monotonic()
             self.metrics.first_audio(job, job.first_audio_at)
         seconds = len(event.audio) / job.speaker.sample_rate
+        job.plays_until = max(job.plays_until, time.monotonic()) + seconds
         job.audio_seconds += seconds
         self.counters.audio_s += seconds
         job.channel.put(event, seconds)

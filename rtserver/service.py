@@ -254,7 +254,7 @@ class TTSService:
         self._uploads = Places(
             MAX_UPLOADS, "uploads are being received", share=MAX_UPLOADS // 2 if limits else 0,
             waiting=UPLOADS_WAITING, wait_share=UPLOADS_WAITING // 4 if limits else 0,
-            wait_s=settings.request_timeout_s,
+            wait_s=settings.request_timeout_s / 2,  # the request's deadline runs: half is left
         )  # fmt: skip
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down

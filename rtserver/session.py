@@ -274,6 +274,8 @@ class Session:
                 if isinstance(event, Chunk):
                     for out in self._chunk(event):
                         if isinstance(out, SegmentEnd):  # counted once its audio went out
+                            if self._pauses_after(out.index) and (tail := self._drain()):
+                                yield Audio(tail)  # (a flush may come while audio is sent)
                             self._segments_done = out.index + 1
                         yield out
                     continue
@@ -297,10 +299,6 @@ class Session:
             start_ms, end_ms = (
                 n * 1000 / self._rate_in for n in (self._segment_start, self._position)
             )
-            if self._pauses_after(chunk.segment):
-                tail, silence = self.encoder.drain()
-                self._silence += silence
-                out += [Audio(tail)] if tail else []
             self._segment_start = self._position
             text = self.texts[chunk.segment]
             voiced = self._voiced and tuple(
@@ -318,9 +316,12 @@ class Session:
         if not self.texts or self._segments_done < len(self.texts) or self.job.input_closed:
             return b""
         self._flush_ends.discard(len(self.texts))
+        return self._drain()
+
+    def _drain(self) -> bytes:
         tail, silence = self.encoder.drain()
         self._silence += silence
-        self._segment_start = self._position
+        self._segment_start = self._position  # the next segment starts after the silence
         return tail
 
     def _pauses_after(self, segment: int) -> bool:

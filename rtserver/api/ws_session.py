@@ -291,8 +291,7 @@ class WsSession:
         """Not speaking: the engine has no text of it to speak without more from the client,
         and a listener playing its audio in real time has played it all. (A text-streaming
         piece still taking text is spoken as it comes, ahead of its listener.)"""
-        dry = ctx.session.job.runs_dry_at
-        return not ctx.session.working and (dry is None or dry <= now)
+        return not ctx.session.working and ctx.session.job.plays_until <= now
 
     def _contended(self, ctx: Context, admitted: float, now: float) -> bool:
         """At a pause while others wait: a context that has held its slot slot_lease_s ends, one
