@@ -279,8 +279,9 @@ class Session:
                             self._segments_done = out.index + 1
                         yield out
                     continue
-                if isinstance(event, Done | Failed) and (tail := self.encoder.finish()):
-                    yield Audio(tail)  # (a context that timed out, say: what it held back)
+                ends = isinstance(event, Done) or (isinstance(event, Failed) and self._samples)
+                if ends and (tail := self.encoder.finish()):  # a Failed before any audio
+                    yield Audio(tail)  # stays first (a 4xx); a later one, after what it held
                 yield self._finished() if isinstance(event, Done) else event
                 return
         finally:

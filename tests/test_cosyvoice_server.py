@@ -513,18 +513,20 @@ def test_requests_whose_speaker_is_deleted_while_they_wait_get_400(tmp_path):
                                                      "instructions": "用四川话说"}),
                     c.post("/v1/audio/speech", json={"input": "你好。", "voice": "gone"}),
                     c.post("/tts/pcm", json={"tts_text": "你好。", "spk_id": "gone"}),
+                    c.post("/v1/audio/speech", json={"input": "你好。", "voice": "gone",
+                                                     "response_format": "wav"}),
                 ]  # fmt: skip
                 waiting = [asyncio.create_task(a) for a in asks]
                 queued = await asyncio.to_thread(
-                    eventually, srv.healthz, lambda h: h["queued"] == 3
+                    eventually, srv.healthz, lambda h: h["queued"] == 4
                 )
-                assert queued["queued"] == 3, queued
+                assert queued["queued"] == 4, queued
                 assert (await c.delete("/speakers/gone")).status_code == 204
                 await ws.send(json.dumps({"type": "cancel", "context_id": "hold"}))
                 return await asyncio.gather(*waiting)
 
         answers = asyncio.run(go())
-        assert [r.status_code for r in answers] == [400] * 3, [r.text for r in answers]
+        assert [r.status_code for r in answers] == [400] * 4, [r.text for r in answers]
         assert all("gone" in r.text for r in answers)
         srv.assert_idle()
     finally:
