@@ -22,6 +22,7 @@ TEXT = (
     "user interrupts, the agent cancels, and the audio stops at once."
 )
 LONG = " ".join([TEXT] * 6)
+TURN = "Hello there, this is the whole turn."
 
 
 def run(coro):
@@ -226,27 +227,31 @@ def test_flush_is_acknowledged_after_its_audio(server):
     assert seen.index("audio") < seen.index("Segment") < seen.index("Flushed")
 
 
+async def one_turn(base_url: str, fmt: str, text: str, flush_late: bool = False):
+    """A context's audio for `text` and a flush (with the text, or once its segment is
+    spoken), then a close: what had come at `flushed`, everything, and the last segment."""
+    async with TTSClient(base_url) as client, client.connect() as conn:
+        ctx = await conn.start(spk_id="joe", format=fmt)
+        await ctx.send(text, flush=not flush_late)
+        got, at_flushed, segment = b"", b"", None
+        async for item in ctx.events():
+            if isinstance(item, bytes):
+                got += item
+            elif type(item).__name__ == "Segment":
+                segment = item
+                if flush_late:
+                    await ctx.flush()
+            elif type(item).__name__ == "Flushed":
+                at_flushed = got
+                await ctx.close()
+        return at_flushed, got, segment
+
+
 @pytest.mark.parametrize("fmt", ["mp3", "aac", "opus", "flac"])
 def test_flushed_comes_after_all_of_its_audio_in_coded_formats(server, fmt):
     """Codecs hold audio back (a frame, a lookahead, an Ogg page): at `flushed`, what came is
     decodable to the segment's end, and what comes after it (the close) has none of it."""
-
-    async def go():
-        async with TTSClient(server.base_url) as client, client.connect() as conn:
-            ctx = await conn.start(spk_id="joe", format=fmt)
-            await ctx.send("Hello there, this is the whole turn.", flush=True)
-            got, at_flushed, segment = b"", b"", None
-            async for item in ctx.events():
-                if isinstance(item, bytes):
-                    got += item
-                elif type(item).__name__ == "Segment":
-                    segment = item
-                elif type(item).__name__ == "Flushed":
-                    at_flushed = got
-                    await ctx.close()
-            return at_flushed, got, segment
-
-    at_flushed, whole, segment = run(go())
+    at_flushed, whole, segment = run(one_turn(server.base_url, fmt, TURN))
     early, rate = decode_audio(at_flushed)
     late = decode_audio(whole)[0][len(early) :]
     assert len(early) / rate * 1000 >= segment.end_ms
@@ -257,24 +262,7 @@ def test_a_flush_after_its_text_is_spoken_still_sends_all_its_audio(server):
     """A paragraph break lets the text go at once; the flush that comes after its audio
     finds nothing new to say, and drains the encoder then (before: the tail waited for the
     next turn)."""
-
-    async def go():
-        async with TTSClient(server.base_url) as client, client.connect() as conn:
-            ctx = await conn.start(spk_id="joe", format="mp3")
-            await ctx.send("Hello there, this is the whole turn.\n\n")
-            got, at_flushed, segment = b"", b"", None
-            async for item in ctx.events():
-                if isinstance(item, bytes):
-                    got += item
-                elif type(item).__name__ == "Segment":
-                    segment = item
-                    await ctx.flush()
-                elif type(item).__name__ == "Flushed":
-                    at_flushed = got
-                    await ctx.close()
-            return at_flushed, segment
-
-    at_flushed, segment = run(go())
+    at_flushed, _, segment = run(one_turn(server.base_url, "mp3", TURN + "\n\n", True))
     early, rate = decode_audio(at_flushed)
     assert len(early) / rate * 1000 >= segment.end_ms
 
@@ -287,7 +275,7 @@ def test_a_context_that_times_out_sends_its_audio_before_the_error(make_server):
     async def go():
         async with TTSClient(srv.base_url) as client, client.connect() as conn:
             ctx = await conn.start(spk_id="joe", format="mp3")
-            await ctx.send("Hello there, this is the whole turn.\n\n")
+            await ctx.send(TURN + "\n\n")
             got, segments = b"", []
             async for item in ctx.events():
                 if isinstance(item, bytes):
