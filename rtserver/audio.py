@@ -101,19 +101,21 @@ class Encoder:
         )
         self._finished = False
         self._given = 0  # samples given to `encode`, at rate_in
-        self._coded = 0  # samples given to the codec, at sample_rate
+        self._coded = 0  # samples given to the codec, at sample_rate (the next frame's pts)
 
     def encode(self, audio: np.ndarray) -> bytes:
         self._given += len(audio)
-        if self._resample:
-            audio = self._resample(audio)
-        self._coded += len(audio)
-        return self._encode(audio) if len(audio) else b""
+        return self._code(self._resample(audio) if self._resample else audio)
 
     def finish(self) -> bytes:
         self._finished = True
         tail = self._resample(None) if self._resample else np.zeros(0, np.float32)
-        return (self._encode(tail) if len(tail) else b"") + self._finish()
+        return self._code(tail) + self._finish()
+
+    def _code(self, audio: np.ndarray) -> bytes:
+        data = self._encode(audio) if len(audio) else b""
+        self._coded += len(audio)
+        return data
 
     def drain(self) -> tuple[bytes, int]:
         """Push out, with silence after it, all the audio given so far, and keep the stream
@@ -189,7 +191,6 @@ class Mp3Encoder(Encoder):
         cc.bit_rate = MP3_BITRATE
         cc.open()
         self._cc = cc
-        self._pts = 0
         self._out_s = 0.0  # where the last packet out ends
 
     def _emitted_s(self) -> float:
@@ -198,8 +199,7 @@ class Mp3Encoder(Encoder):
     def _encode(self, audio: np.ndarray | None) -> bytes:
         frame = None
         if audio is not None:
-            frame = _frame(np.clip(audio, -1.0, 1.0), self.sample_rate, self._pts, "fltp")
-            self._pts += len(audio)
+            frame = _frame(np.clip(audio, -1.0, 1.0), self.sample_rate, self._coded, "fltp")
         packets = self._cc.encode(frame)
         if packets:
             self._out_s = _end_s(packets[-1])
@@ -262,7 +262,6 @@ class MuxEncoder(Encoder):
         codec_format = self._stream.codec_context.format.name
         self._to_codec = av.AudioResampler(format=codec_format, layout="mono")
         self._holds_last = spec.holds_last_packet
-        self._pts = 0
         self._ends = (0.0, 0.0)  # where the last two packets muxed end
 
     def _emitted_s(self) -> float:
@@ -272,8 +271,7 @@ class MuxEncoder(Encoder):
         if audio is None:  # the end: flush the converter, then the encoder
             frames = [*self._to_codec.resample(None), None]
         else:
-            frame = _frame(np.clip(audio, -1.0, 1.0), self.sample_rate, self._pts)
-            self._pts += len(audio)
+            frame = _frame(np.clip(audio, -1.0, 1.0), self.sample_rate, self._coded)
             frames = self._to_codec.resample(frame)
         for frame in frames:
             for packet in self._stream.encode(frame):
