@@ -307,36 +307,14 @@ def test_earliest_deadline_first():
     assert order == [starving, new, comfortable]
 
 
-def test_admission_takes_turns_between_clients():
-    """Client a queues a burst before client b asks once: b takes the second slot instead of
-    waiting behind a's whole burst, and a's burst then runs in its own order."""
+def admission_order(max_streams: int, burst: int, segments: int) -> tuple[list, list, int]:
+    """Client a queues `burst` streams of `segments` segments, then client b one; all run to
+    the end. The order the engine started them in, a's ids and b's id."""
 
     async def go():
         engine = ToneEngine()
-        sched = Scheduler(engine, max_streams=2)
-        burst = [make_job(sched, ["a"] * 3, client="a") for _ in range(5)]
-        other = make_job(sched, ["b"], client="b")
-        sched.start()
-        try:
-            await asyncio.gather(*(drain(j) for j in [*burst, other]))
-        finally:
-            sched.stop()
-        return engine.started, [j.id for j in burst], other.id
-
-    started, burst, other = run(go())
-    assert started == [burst[0], other, *burst[1:]]
-
-
-def test_a_slot_that_comes_free_goes_to_the_client_admitted_longest_ago():
-    """One slot; client a queued three streams before client b asked once. Whenever the slot
-    comes free both run none, and b (never admitted) goes before a's older streams: a client
-    that queued many early cannot take every slot that comes free (a WebSocket client kept a
-    waiting agent out for minutes so, one context after another)."""
-
-    async def go():
-        engine = ToneEngine()
-        sched = Scheduler(engine, max_streams=1)
-        early = [make_job(sched, ["a"], client="a") for _ in range(3)]
+        sched = Scheduler(engine, max_streams=max_streams)
+        early = [make_job(sched, ["a"] * segments, client="a") for _ in range(burst)]
         later = make_job(sched, ["b"], client="b")
         sched.start()
         try:
@@ -345,7 +323,22 @@ def test_a_slot_that_comes_free_goes_to_the_client_admitted_longest_ago():
             sched.stop()
         return engine.started, [j.id for j in early], later.id
 
-    started, early, later = run(go())
+    return run(go())
+
+
+def test_admission_takes_turns_between_clients():
+    """Client a queues a burst before client b asks once: b takes the second slot instead of
+    waiting behind a's whole burst, and a's burst then runs in its own order."""
+    started, burst, other = admission_order(max_streams=2, burst=5, segments=3)
+    assert started == [burst[0], other, *burst[1:]]
+
+
+def test_a_slot_that_comes_free_goes_to_the_client_admitted_longest_ago():
+    """One slot; client a queued three streams before client b asked once. Whenever the slot
+    comes free both run none, and b (never admitted) goes before a's older streams: a client
+    that queued many early cannot take every slot that comes free (a WebSocket client kept a
+    waiting agent out for minutes so, one context after another)."""
+    started, early, later = admission_order(max_streams=1, burst=3, segments=1)
     assert started == [early[0], later, *early[1:]]
 
 
