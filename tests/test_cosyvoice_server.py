@@ -21,6 +21,7 @@ from golden.conftest import resolve_golden_dir
 from serverproc import ServerProcess, eventually, rss_mb
 from test_operations import scrape
 from test_prompt_audio import encode
+from test_robustness import until
 
 from rtserver.client import ServerError, TTSClient
 
@@ -557,21 +558,13 @@ def test_a_text_streaming_turn_is_not_cut_while_it_speaks(tmp_path):
                     await agent.send(json.dumps(text))
                     await asyncio.sleep(0.25)
                 await agent.send(json.dumps({"type": "close", "context_id": "a"}))
-                return await last_event(agent), await last_event(other)
+                ends = [await until(ws, "done", "error", "cancelled") for ws in (agent, other)]
+                return tuple(e["type"] for e in ends)
 
         assert asyncio.run(asyncio.wait_for(go(), 120)) == ("done", "done")
         srv.assert_idle()
     finally:
         srv.stop()
-
-
-async def last_event(ws) -> str:
-    while True:
-        message = await ws.recv()
-        if isinstance(message, str) and (kind := json.loads(message)["type"]) in (
-            "done", "error", "cancelled"
-        ):  # fmt: skip
-            return kind
 
 
 def test_piper_engine_refuses_registration(server):
