@@ -26,12 +26,9 @@ class Speaker:
     sample_rate: int
     engine: str
     instructions: bool = False  # whether `instructions` steer it (the engine's instruct mode)
-    # The engine's own voice for a speaker made for one request (a zero-shot prompt), which
-    # no name finds; None: the engine's speaker `id`.
+    # The engine's own voice for a speaker made for one request (a zero-shot prompt, a voice
+    # steered by instructions); None: the engine's speaker `id`.
     voice: Any = field(default=None, compare=False, repr=False)
-    # A named speaker's voice steered by instructions: the name, which must still be there
-    # when its job starts (deleted while the job waited: SpeakerGone, as for the name alone).
-    steers: str | None = field(default=None, compare=False)
 
 
 @dataclass

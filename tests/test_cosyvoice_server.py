@@ -491,6 +491,27 @@ def test_four_registrations_at_once_from_one_client_all_register(tmp_path):
         srv.stop()
 
 
+async def queued_while(srv: ServerProcess, asks: list[dict], meanwhile) -> list[httpx.Response]:
+    """POST each of ``asks`` ({"url": ..., "json": ...}) behind a WebSocket context that
+    holds the one slot; once all are queued, await ``meanwhile(client)``, free the slot and
+    return the answers."""
+    async with (
+        websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as ws,
+        httpx.AsyncClient(base_url=srv.base_url, timeout=60) as c,
+    ):
+        await ws.recv()
+        await ws.send(json.dumps({"type": "start", "context_id": "hold", "spk_id": "spk_f1"}))
+        await ws.recv()  # started: the one slot is held, the others queue
+        waiting = [asyncio.create_task(c.post(**ask)) for ask in asks]
+        queued = await asyncio.to_thread(
+            eventually, srv.healthz, lambda h: h["queued"] == len(asks)
+        )
+        assert queued["queued"] == len(asks), queued
+        await meanwhile(c)
+        await ws.send(json.dumps({"type": "cancel", "context_id": "hold"}))
+        return await asyncio.gather(*waiting)
+
+
 def test_requests_whose_speaker_is_deleted_while_they_wait_get_400(tmp_path):
     """Queued behind a full server while their speaker is deleted: each route answers 400
     naming the speaker, as for a speaker that never was. Before, /v1/audio/speech got 500,
@@ -498,37 +519,51 @@ def test_requests_whose_speaker_is_deleted_while_they_wait_get_400(tmp_path):
     srv = start(tmp_path / "speakers", "--no-warmup", "--max-streams", "1")
     try:
         assert register(srv, "gone", prompt_wav()).status_code == 201
+        speech = {"input": "你好。", "voice": "gone"}
+        asks = [
+            {"url": "/v1/audio/speech", "json": {**speech, "instructions": "用四川话说"}},
+            {"url": "/v1/audio/speech", "json": speech},
+            {"url": "/tts/pcm", "json": {"tts_text": "你好。", "spk_id": "gone"}},
+            {"url": "/v1/audio/speech", "json": {**speech, "response_format": "wav"}},
+        ]
 
-        async def go() -> list[httpx.Response]:
-            async with (
-                websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as ws,
-                httpx.AsyncClient(base_url=srv.base_url, timeout=60) as c,
-            ):
-                await ws.recv()
-                await ws.send(
-                    json.dumps({"type": "start", "context_id": "hold", "spk_id": "spk_f1"})
-                )
-                await ws.recv()  # started: the one slot is held, the others queue
-                asks = [
-                    c.post("/v1/audio/speech", json={"input": "你好。", "voice": "gone",
-                                                     "instructions": "用四川话说"}),
-                    c.post("/v1/audio/speech", json={"input": "你好。", "voice": "gone"}),
-                    c.post("/tts/pcm", json={"tts_text": "你好。", "spk_id": "gone"}),
-                    c.post("/v1/audio/speech", json={"input": "你好。", "voice": "gone",
-                                                     "response_format": "wav"}),
-                ]  # fmt: skip
-                waiting = [asyncio.create_task(a) for a in asks]
-                queued = await asyncio.to_thread(
-                    eventually, srv.healthz, lambda h: h["queued"] == 4
-                )
-                assert queued["queued"] == 4, queued
-                assert (await c.delete("/speakers/gone")).status_code == 204
-                await ws.send(json.dumps({"type": "cancel", "context_id": "hold"}))
-                return await asyncio.gather(*waiting)
+        async def delete(c: httpx.AsyncClient) -> None:
+            assert (await c.delete("/speakers/gone")).status_code == 204
 
-        answers = asyncio.run(go())
+        answers = asyncio.run(queued_while(srv, asks, delete))
         assert [r.status_code for r in answers] == [400] * 4, [r.text for r in answers]
         assert all("gone" in r.text for r in answers)
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
+def test_a_steered_request_speaks_its_speaker_registered_anew_while_it_waits(tmp_path):
+    """Queued while its speaker is deleted and registered again under the same name, a
+    request with `instructions` speaks the new recording, as one without does (it spoke the
+    deleted one)."""
+    srv = start(tmp_path / "speakers", "--no-warmup", "--max-streams", "1")
+    speech = {"input": "你好。", "voice": "anew", "instructions": "用四川话说",
+              "response_format": "pcm", "seed": 5}  # fmt: skip
+
+    def say() -> httpx.Response:
+        return httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech, timeout=120)
+
+    async def anew(c: httpx.AsyncClient) -> None:
+        assert (await c.delete("/speakers/anew")).status_code == 204
+        again = await asyncio.to_thread(register, srv, "anew", prompt_wav(seconds=4.0))
+        assert again.status_code == 201, again.text
+
+    try:
+        assert register(srv, "anew", prompt_wav()).status_code == 201
+        old = say()
+        [queued] = asyncio.run(
+            queued_while(srv, [{"url": "/v1/audio/speech", "json": speech}], anew)
+        )
+        new = say()
+        assert old.status_code == queued.status_code == new.status_code == 200, queued.text
+        assert new.content != old.content
+        assert_same_pcm(queued.content, new.content)
         srv.assert_idle()
     finally:
         srv.stop()
