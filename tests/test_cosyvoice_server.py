@@ -582,7 +582,7 @@ def test_a_text_streaming_turn_is_not_cut_while_it_speaks(tmp_path):
                 websockets.connect(f"{srv.ws_url}/ws/tts", compression=None) as other,
             ):
                 for ws in (agent, other):
-                    await ws.recv()
+                    assert json.loads(await ws.recv())["slot_lease_s"] == 2
                 start = {"type": "start", "spk_id": "spk_f1", "text_streaming": True}
                 await agent.send(json.dumps({**start, "context_id": "a"}))
                 await agent.send(json.dumps({"type": "text", "context_id": "a", "text": "我们"}))

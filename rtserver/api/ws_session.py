@@ -229,6 +229,7 @@ class WsSession:
             max_audio_s=s.max_audio_s,
             min_sentence_chars=s.min_sentence_chars,
             auto_flush_ms=s.auto_flush_ms,
+            slot_lease_s=s.slot_lease_s,
         )
 
     async def _receive_loop(self) -> None:

@@ -149,6 +149,9 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type"):
     max_audio_s: float
     min_sentence_chars: int
     auto_flush_ms: int
+    # while streams wait for a slot, a context that has held one this long ends at its next
+    # pause (None: a server from before the lease)
+    slot_lease_s: float | None = None
 
 
 class Started(msgspec.Struct, tag="started", tag_field="type"):
