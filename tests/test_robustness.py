@@ -389,10 +389,11 @@ def test_one_address_never_holds_every_slot(make_server):
 def test_a_socket_whose_context_waits_for_a_slot_is_not_idle(make_server):
     """A context queued behind a full server, its client quiet: the socket's idle timeout
     (2 s here) closed it while it waited. It is kept, and the context speaks once a slot
-    comes free."""
+    comes free. A queued context given no text yet is not ended either (it holds no slot,
+    so the contended 5 s rule is not for it)."""
     srv = make_server("--max-streams", "1", "--ws-idle-timeout-s", "2", "--no-warmup")
 
-    async def go() -> tuple[dict, str]:
+    async def go() -> tuple[dict, list[str]]:
         body = {"tts_text": LONG_TEXT * 3, "spk_id": "joe"}
         async with (
             httpx.AsyncClient(timeout=30) as http,
@@ -403,15 +404,19 @@ def test_a_socket_whose_context_waits_for_a_slot_is_not_idle(make_server):
             await send(ws, type="start", context_id="w", spk_id="joe", text="Waiting my turn.")
             await send(ws, type="flush", context_id="w")
             await until(ws, "started")
-            await asyncio.sleep(4)
+            await send(ws, type="start", context_id="e", spk_id="joe")
+            await until(ws, "started")
+            await asyncio.sleep(7)
             waiting = srv.healthz()
             await held.aclose()
-            await send(ws, type="close", context_id="w")
-            return waiting, (await until(ws, "done", "error"))["type"]
+            await send(ws, type="text", context_id="e", text="And then mine.")
+            for cid in ("w", "e"):
+                await send(ws, type="close", context_id=cid)
+            return waiting, [(await until(ws, "done", "error"))["type"] for _ in range(2)]
 
-    waiting, ending = run(go())
-    assert waiting["queued"] == 1, waiting
-    assert ending == "done"
+    waiting, endings = run(go())
+    assert waiting["queued"] == 2, waiting
+    assert endings == ["done", "done"], endings
     assert_idle(srv)
 
 
