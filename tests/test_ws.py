@@ -14,6 +14,7 @@ import websockets
 from audio_check import assert_speech, decode_audio, decode_mp3, decode_pcm
 from serverproc import rss_mb
 
+from rtserver.audio import make_encoder
 from rtserver.client import ServerError, TTSClient
 
 TEXT = (
@@ -265,6 +266,16 @@ def test_a_flush_after_its_text_is_spoken_still_sends_all_its_audio(server):
     at_flushed, _, segment = run(one_turn(server.base_url, "mp3", TURN + "\n\n", True))
     early, rate = decode_audio(at_flushed)
     assert len(early) / rate * 1000 >= segment.end_ms
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "mp3", "aac", "opus", "flac", "mulaw"])
+def test_a_finished_encoder_has_nothing_to_drain(fmt):
+    """A flush racing a context the server ends drains an encoder already finished: nothing
+    comes of it (Opus raised from its closed codec)."""
+    encoder = make_encoder(fmt, 22050)
+    tone = 0.3 * np.sin(np.arange(5000, dtype=np.float32) / 10)
+    assert encoder.encode(tone) + encoder.finish()
+    assert encoder.drain() == (b"", 0)
 
 
 def test_a_context_that_times_out_sends_its_audio_before_the_error(make_server):
