@@ -22,7 +22,7 @@ from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
-from .speakers import Speaker, SpeakerError, SpeakerStore
+from .speakers import Speaker, SpeakerError, SpeakerStore, Steering
 from .utterance import Output, Status, TextRun, Utterance
 
 log = logging.getLogger("cosyvoice")
@@ -138,7 +138,7 @@ class CosyVoiceModel:
         """A new utterance in ``speaker``'s voice (raises ``SpeakerError`` for an unknown one;
         a Speaker object is used as it is). ``seed`` 0 picks a random one. ``opts``: the other
         :class:`Utterance` fields."""
-        voice = self._voice(speaker)
+        voice = self._steered_now(self._voice(speaker))
         if not speed > 0:
             raise ValueError("speed must be > 0")
         if opts.get("text_stream") and not self.text_streaming:
@@ -604,12 +604,16 @@ class CosyVoiceModel:
           after the system prompt, unless it has its own.
         - v1 (``inference_instruct``): normalised as a transcript is, then ``<endofprompt>``;
           the LLM does not hear the speaker's x-vector either (upstream drops it, as the voice
-          would leak into the instruction's)."""
+          would leak into the instruction's).
+
+        A name's steered voice remembers the name: an utterance started with it speaks as the
+        name stands then (see :class:`Steering`)."""
         if not self.instructions:
             raise ValueError(
                 "instructions need CosyVoice-300M-Instruct (a dir named so), CosyVoice2 or 3"
             )
         spk = self._voice(speaker)
+        steering = Steering(speaker, instruction, spk) if isinstance(speaker, str) else None
         text = instruction.strip()
         if self.family == "v1":
             text = self.frontend.normalize(text)
@@ -622,7 +626,16 @@ class CosyVoiceModel:
             llm_prompt_speech=False,
             llm_embedding=self.family != "v1",
             builtin=False,
+            steering=steering,
         )
+
+    def _steered_now(self, voice: Speaker) -> Speaker:
+        """A steered name's voice as the name stands now (see :class:`Steering`); re-steering
+        (rare) normalises a v1 instruction again, up to 0.1 s."""
+        steering = voice.steering
+        if steering is None or self.speakers.get(steering.name) is steering.source:
+            return voice
+        return self.instructed(steering.name, steering.instruction)
 
     def _voice(self, speaker: str | Speaker) -> Speaker:
         """A name looked up in the store (SpeakerError if unknown); a Speaker as it is."""

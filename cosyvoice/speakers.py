@@ -91,6 +91,7 @@ class Speaker:
     builtin: bool = False
     llm_prompt_speech: bool = True
     llm_embedding: bool = True  # the v1 LLM hears the x-vector (not in 300M-Instruct's mode)
+    steering: Steering | None = field(default=None, compare=False, repr=False)
 
     @property
     def zero_shot(self) -> bool:
@@ -104,6 +105,17 @@ class Speaker:
             and torch.equal(self.prompt_feat, other.prompt_feat)
             and torch.equal(self.embedding, other.embedding)
         )
+
+
+@dataclass(frozen=True)
+class Steering:
+    """How a named speaker's voice was steered (``Model.instructed`` of a name). An utterance
+    looks the name up again when it starts, to speak as the name alone would then: deleted
+    meanwhile is a ``SpeakerError``, registered anew is steered again from its new recording."""
+
+    name: str
+    instruction: str
+    source: Speaker  # the store's voice for the name when it was steered
 
 
 class PromptExtractor:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import cosyvoice
 from cosyvoice.frontend import IncrementalSplitter
-from cosyvoice.speakers import Speaker as Voice
 from cosyvoice.speakers import SpeakerError
 from cosyvoice.utterance import Output, Status, Utterance
 from rtserver.engine import Chunk, Done, Event, Failed, Job, Speaker, SpeakerGone
@@ -46,19 +45,6 @@ class _WholeText:
 def _raw_sentence(text: str) -> list[str]:
     """WebSocket text is only cut at sentence ends here; the model normalizes and splits."""
     return [text.strip()] if text.strip() else []
-
-
-@dataclass(frozen=True)
-class _Steered:
-    """A named speaker's voice steered by an instruction. The name is looked up again when
-    the job starts: deleted while the job waited is SpeakerGone, as for the name alone, and
-    registered anew meanwhile is steered again from its new recording, as the name alone
-    would speak it."""
-
-    name: str
-    source: Voice  # the store's voice for the name when it was steered
-    instruction: str
-    voice: Voice  # ``source`` steered
 
 
 class CosyVoiceEngine:
@@ -131,11 +117,8 @@ class CosyVoiceEngine:
 
     def instructed(self, speaker: Speaker, instruction: str) -> Speaker:
         """``speaker`` steered by an instruction (where the model takes them: ``instructions``)."""
-        if speaker.voice is not None:  # a prompt's: no name can change it
-            return replace(speaker, voice=self.model.instructed(speaker.voice, instruction))
-        source = self.model.speakers.get(speaker.id)
-        voice = self.model.instructed(source, instruction)
-        return replace(speaker, voice=_Steered(speaker.id, source, instruction, voice))
+        voice = self.model.instructed(speaker.voice or speaker.id, instruction)
+        return replace(speaker, voice=voice)
 
     def delete_speaker(self, spk_id: str) -> None:
         """Off the inference thread. What the flow kept of its prompt goes too."""
@@ -157,7 +140,7 @@ class CosyVoiceEngine:
     def start(self, job: Job) -> None:
         try:
             job.engine_state = self.model.start(
-                self._voice(job.speaker), seed=job.seed, speed=job.speed,
+                job.speaker.voice or job.speaker.id, seed=job.seed, speed=job.speed,
                 stream=job.stream, fixed_tokens=self.fixed_tokens, text_stream=job.text_streaming,
             )  # fmt: skip
         except SpeakerError as exc:  # deleted while the job waited
@@ -199,16 +182,6 @@ class CosyVoiceEngine:
         job.engine_state = None
 
     # ---- internals ------------------------------------------------------------------------
-
-    def _voice(self, speaker: Speaker) -> str | Voice:
-        """What the job speaks with, as its speaker's name stands now (SpeakerError: gone)."""
-        steered = speaker.voice
-        if not isinstance(steered, _Steered):
-            return steered or speaker.id
-        now = self.model.speakers.get(steered.name)
-        if now is steered.source:
-            return steered.voice
-        return self.model.instructed(now, steered.instruction)  # rare: v1 normalises, <0.1 s
 
     def _take_text(self, job: Job) -> None:
         """Move the job's queued segments (or text-streaming fragments) into its utterance;
