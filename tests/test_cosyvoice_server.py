@@ -538,6 +538,33 @@ def test_requests_whose_speaker_is_deleted_while_they_wait_get_400(tmp_path):
         srv.stop()
 
 
+def test_a_context_whose_speaker_is_deleted_while_it_waits_ends_for_the_client(tmp_path):
+    """A WebSocket context queued while its speaker is deleted ends with `unknown_speaker`,
+    and the Python client's context ends with it (its events() waited forever: the code was
+    not one that ends a context)."""
+    srv = start(tmp_path / "speakers", "--no-warmup", "--max-streams", "1")
+    try:
+        assert register(srv, "brief", prompt_wav()).status_code == 201
+
+        async def go() -> ServerError:
+            async with TTSClient(srv.base_url) as client, client.connect() as conn:
+                hold = await conn.start(spk_id="spk_f1")  # holds the one slot
+                waits = await conn.start(spk_id="brief", text="你好。")
+                await waits.close()
+                await asyncio.to_thread(eventually, srv.healthz, lambda h: h["queued"] == 1)
+                gone = await asyncio.to_thread(httpx.delete, f"{srv.base_url}/speakers/brief")
+                assert gone.status_code == 204
+                await hold.cancel()
+                with pytest.raises(ServerError) as ended:
+                    await asyncio.wait_for(waits.collect(), 60)
+                return ended.value
+
+        assert asyncio.run(go()).error.code == "unknown_speaker"
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
 def test_a_steered_request_speaks_its_speaker_registered_anew_while_it_waits(tmp_path):
     """Queued while its speaker is deleted and registered again under the same name, a
     request with `instructions` speaks the new recording, as one without does (it spoke the

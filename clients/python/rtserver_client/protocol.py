@@ -228,7 +228,10 @@ ERROR_CODES: dict[str, str] = {
     "unknown_context": "no open context has this context_id",
     "duplicate_context": "a context with this context_id is already open",
     "context_closed": "text, flush or close for a context after its `close` (or after it finished)",
-    "unknown_speaker": "spk_id is not one of the server's speakers",
+    "unknown_speaker": (
+        "spk_id is not one of the server's speakers (or was deleted while the context waited "
+        "for a slot: then it has ended)"
+    ),
     "unsupported_format": "the format cannot be encoded at the requested sample_rate",
     "unsupported_option": "the loaded model cannot do this (text_streaming needs CosyVoice2/3)",
     "too_many_contexts": "the socket already has max_contexts open contexts",
@@ -242,7 +245,7 @@ ERROR_CODES: dict[str, str] = {
     "read_timeout": "the client read none of this context's audio for too long; it has ended",
     "context_timeout": (
         "the context had nothing to say for context_idle_timeout_s (5 s while others wait for "
-        "a slot), or held its slot 20 s while others waited; it has ended"
+        "a slot), or held its slot slot_lease_s while others waited; it has ended"
     ),
     "internal_error": "a server bug ended this context (it is logged)",
     "shutting_down": "the server is shutting down: the context has ended (or cannot start)",
@@ -254,6 +257,7 @@ ERROR_CODES: dict[str, str] = {
 ENDING_ERRORS = frozenset(
     {
         "synthesis_failed",
+        "unknown_speaker",
         "audio_limit",
         "read_timeout",
         "context_timeout",
