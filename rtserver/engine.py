@@ -92,7 +92,8 @@ class Job:
     id: int = field(default_factory=lambda: next(_job_ids))
     status: JobStatus = JobStatus.WAITING  # written by the scheduler only
     created: float = field(default_factory=time.monotonic)
-    # Set by the scheduler (inference thread); read by the session for metrics.
+    first_text_at: float | None = None  # the first speakable text came (set by the session)
+    # Set by the scheduler (inference thread); read by the session and the WebSocket watch.
     admitted_at: float | None = None  # when it took a slot
     first_audio_at: float | None = None
     plays_until: float = 0.0  # when a real-time listener has played all its audio, gaps kept
@@ -153,6 +154,19 @@ class Job:
         if self.first_audio_at is None:
             return None
         return self.first_audio_at + self.audio_seconds
+
+    @property
+    def ttfa(self) -> float | None:
+        """Seconds from the first speakable text to the first audio made (a WebSocket context
+        may open long before its text: that wait is not the server's)."""
+        if self.first_audio_at is None or self.first_text_at is None:
+            return None
+        return self.first_audio_at - self.first_text_at
+
+    @property
+    def rtf(self) -> float | None:
+        """Seconds of processing per second of audio made (None before any audio)."""
+        return self.processing_seconds / self.audio_seconds if self.audio_seconds else None
 
     def take_text(self) -> tuple[list[tuple[int, str]], int | None, bool]:
         """Everything queued, with the open segment and whether input is closed, as one

@@ -102,7 +102,7 @@ class Metrics:
             ["route", "status"], registry=self.registry,
         )  # fmt: skip
         self.ttfa = Histogram(
-            "rtserver_ttfa_seconds", "Job arrival to its first audio.", registry=self.registry,
+            "rtserver_ttfa_seconds", "A stream's first text to its first audio.", registry=self.registry,
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
         )  # fmt: skip
         self.rtf = Histogram(
@@ -128,12 +128,13 @@ class Metrics:
     def step(self, batch: int) -> None:
         self.batch.observe(batch)
 
-    def first_audio(self, job: Job, at: float) -> None:
-        self.ttfa.observe(at - job.created)
+    def first_audio(self, job: Job) -> None:
+        if job.ttfa is not None:
+            self.ttfa.observe(job.ttfa)
 
     def done(self, job: Job) -> None:
-        if job.audio_seconds:
-            self.rtf.observe(job.processing_seconds / job.audio_seconds)
+        if job.rtf is not None:
+            self.rtf.observe(job.rtf)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

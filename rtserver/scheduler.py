@@ -317,11 +317,14 @@ class Scheduler:
 
         A listener playing in real time since the first audio runs dry at first_audio_at +
         audio_seconds. A job still waiting for its first audio is due `first_audio_budget_s`
-        after it arrived: so new jobs go first, unless a running stream is about to run dry
-        (pure first-audio-first starves running streams when new jobs keep coming).
+        after its first text: so new jobs go first, unless a running stream is about to run
+        dry (pure first-audio-first starves running streams when new jobs keep coming). (From
+        its creation, a context opened long before its text outranked every running stream.)
         """
         dry = job.runs_dry_at
-        return job.created + self.first_audio_budget_s if dry is None else dry
+        if dry is None:
+            return (job.first_text_at or job.created) + self.first_audio_budget_s
+        return dry
 
     def _step(self, batch: list[Job]) -> list[tuple[Job, Event]]:
         try:
@@ -340,7 +343,7 @@ class Scheduler:
             return
         if job.first_audio_at is None:
             job.first_audio_at = time.monotonic()
-            self.metrics.first_audio(job, job.first_audio_at)
+            self.metrics.first_audio(job)
         seconds = len(event.audio) / job.speaker.sample_rate
         job.plays_until = max(job.plays_until, time.monotonic()) + seconds
         job.audio_seconds += seconds
@@ -379,8 +382,8 @@ class Scheduler:
         else:
             c.completed += 1
             self.metrics.done(job)
-            ttfa = (job.first_audio_at - job.created) * 1000 if job.first_audio_at else float("nan")
-            rtf = job.processing_seconds / job.audio_seconds if job.audio_seconds else float("nan")
+            ttfa = job.ttfa * 1000 if job.ttfa is not None else float("nan")
+            rtf = job.rtf if job.rtf is not None else float("nan")
             log.info(
                 "job %d done: spk=%s ttfa=%.0fms audio=%.2fs rtf=%.3f",
                 job.id, job.speaker.id, ttfa, job.audio_seconds, rtf, **extra,

@@ -150,7 +150,6 @@ class Session:
         self._release = release  # frees the client's quota
         self.texts: list[str] = []  # submitted segments, by segment index
         self.chars = 0
-        self.first_text_at: float | None = None
         self.first_audio_at: float | None = None
         self._rate_in = job.speaker.sample_rate
         self._samples = 0  # engine-rate samples pumped so far
@@ -172,8 +171,8 @@ class Session:
         """A fragment; raises TextRejected (and takes nothing of it) when it is not allowed."""
         check_text(text, self.chars, self._max_chars)
         self.chars += len(text)
-        if self.first_text_at is None and speakable(text):
-            self.first_text_at = time.monotonic()
+        if self.job.first_text_at is None and speakable(text):
+            self.job.first_text_at = time.monotonic()
         if self.job.text_streaming:
             self._stream(text)
         else:
@@ -357,8 +356,8 @@ class Session:
         audio_ms = self._samples * 1000 / self._rate_in
         processing_ms = self.job.processing_seconds * 1000
         ttfa = None
-        if self.first_audio_at is not None and self.first_text_at is not None:
-            ttfa = round((self.first_audio_at - self.first_text_at) * 1000, 1)
+        if self.first_audio_at is not None and self.job.first_text_at is not None:
+            ttfa = round((self.first_audio_at - self.job.first_text_at) * 1000, 1)
         return Finished(
             ttfa_ms=ttfa,
             audio_ms=round(audio_ms, 1),

@@ -295,16 +295,20 @@ def test_earliest_deadline_first():
     engine = ToneEngine()
     sched = Scheduler(engine, first_audio_budget_s=0.25)
 
-    def job(created: float, first: float | None = None, audio: float = 0.0) -> Job:
+    def job(created: float, first: float | None = None, audio: float = 0.0, text=None) -> Job:
         j = Job(speaker=SPEAKER, channel=None, created=created)  # never admitted: no channel
+        j.first_text_at = created if text is None else text
         j.first_audio_at, j.audio_seconds = first, audio
         return j
 
     new = job(created=100.0)  # due at 100.25
     starving = job(created=90.0, first=95.0, audio=5.1)  # listener runs dry at 100.1
     comfortable = job(created=90.0, first=95.0, audio=20.0)  # dry at 115
-    order = sorted([comfortable, new, starving], key=sched.deadline)
-    assert order == [starving, new, comfortable]
+    # A context opened at 50 whose text came at 100.05: due at 100.3, not at 50.25 (ahead
+    # of the stream about to run dry).
+    late_text = job(created=50.0, text=100.05)
+    order = sorted([late_text, comfortable, new, starving], key=sched.deadline)
+    assert order == [starving, new, late_text, comfortable]
 
 
 def admission_order(max_streams: int, burst: int, segments: int) -> tuple[list, list, int]:
