@@ -170,6 +170,93 @@ def test_a_websocket_that_stops_reading_is_let_go(guarded):
     guarded.wait_log("took none of what was written", timeout=5)
 
 
+def ws_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+    """A client frame, masked with a zero key (the payload goes as it is)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(payload) < 126:
+        head += bytes([0x80 | len(payload)])
+    else:
+        head += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def ws_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The server's frames in `data` as (opcode, payload); a cut-off last one left out."""
+    frames, i = [], 0
+    while i + 2 <= len(data):
+        opcode, n, i = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+        if n >= 126:
+            width = 2 if n == 126 else 8
+            n, i = int.from_bytes(data[i : i + width], "big"), i + width
+        if i + n > len(data):
+            break
+        frames.append((opcode, data[i : i + n]))
+        i += n
+    return frames
+
+
+def ws_open(srv: ServerProcess, rcvbuf: int | None = None) -> tuple[socket.socket, bytes]:
+    """A WebSocket on a bare socket from STRANGER: the socket and what came after the 101."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((STRANGER, 0))
+    s.connect(("127.0.0.1", srv.port))
+    s.settimeout(15)
+    s.sendall(UPGRADE + b"\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += s.recv(4096)
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert b" 101 " in head, head
+    return s, rest
+
+
+PING, PONG, CLOSE, TEXT, CONT = 0x9, 0xA, 0x8, 0x1, 0x0
+
+
+@pytest.mark.parametrize("flood", ["ping", "fragment"])
+def test_a_websocket_flooding_frames_the_app_never_sees_is_closed(guarded, flood):
+    """Pings (uvicorn answers each at once) and the fragments of a message never finished
+    do not reach the app's share of the event loop: a flood of either slowed every other
+    client by seconds (an attack: first audio 0.2 -> 15 s, /healthz 3 ms -> 5 s). A burst of
+    150 pings is answered; past 50 such frames a second the socket is closed with 1008."""
+    s, got = ws_open(guarded)
+    s.sendall(ws_frame(PING, b"p") * 150)
+    while sum(op == PONG for op, _ in ws_frames(got)) < 150:
+        got += s.recv(1 << 16)
+    if flood == "ping":
+        s.sendall(ws_frame(PING, b"p") * 5000)
+    else:
+        s.sendall(ws_frame(TEXT, b"{", fin=False) + ws_frame(CONT, fin=False) * 5000)
+    closes = [p for op, p in ws_frames(answer(s)) if op == CLOSE]
+    assert not closes or int.from_bytes(closes[0][:2], "big") == 1008, closes
+    guarded.wait_log("pings, pongs or fragments a second; WebSocket closed", timeout=5)
+    guarded.assert_idle(timeout=10)
+
+
+def test_a_websocket_that_reads_nothing_but_pings_is_let_go(guarded):
+    """A client that stops reading its audio and pings under the rate: uvicorn writes each
+    pong though writing is paused, and the write watch took the growing buffer for a client
+    reading, so the socket stayed open for as long as the pings went on. Only bytes taken are
+    progress now: it is aborted."""
+    s, _ = ws_open(guarded, rcvbuf=4096)
+    start = {"type": "start", "context_id": "p", "spk_id": "joe", "text": LONG_TEXT * 20}
+    s.sendall(ws_frame(TEXT, json.dumps(start).encode()))
+    aborted = False
+    deadline = time.monotonic() + 20
+    while not aborted and time.monotonic() < deadline:
+        try:
+            s.sendall(ws_frame(PING, b"x" * 125))
+        except OSError:  # reset: the server aborted the connection
+            aborted = True
+        time.sleep(0.1)
+    s.close()
+    assert aborted
+    guarded.wait_log("took none of what was written", timeout=5)
+    guarded.assert_idle(timeout=10)
+
+
 def test_an_endless_header_gets_431_without_growing_the_server(guarded):
     base = rss_mb(guarded.proc.pid)
     s = dial(guarded)

@@ -19,7 +19,12 @@ WebSockets) with these bounds:
   first byte (or of connecting, for the first request): 408 and closed;
 - a socket that takes none of what the server writes for `write_timeout_s` (a response or
   WebSocket the client stopped reading, or a close waiting to flush) is aborted, so the
-  handler's send returns, the stream ends and its quota is released.
+  handler's send returns, the stream ends and its quota is released;
+- a WebSocket sends at most `FRAME_RATE` frames a second (`FRAME_BURST` at once) that the app
+  never sees: pings, pongs, and the fragments of a message before its last. uvicorn answers
+  each ping at once, and neither kind reaches the app's share of the event loop, so a ping or
+  fragment flood slowed every other client by seconds: past the rate the socket is closed
+  with 1008.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ import msgspec
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import CloseCode, Frame
+from websockets.protocol import State
 
 from rtserver.metrics import ANSWERED
 from rtserver.session import ClientQuota, TooManyForClient
@@ -54,6 +61,11 @@ MAX_PIPELINED = 16  # requests queued behind the one being answered (browsers se
 # client that reads nothing parked megabytes in the kernel. With this the writer wakes, and a
 # stalled client is seen, within a few seconds of audio.
 NOTSENT_LOWAT = 128 * 1024
+# Frames a WebSocket client sends that the app never sees (see the module's docstring). A
+# keepalive pings every few seconds, and a fragmented message is rare (browsers never send
+# one): these leave room for both, and cut a flood after a fraction of a second.
+FRAME_RATE = 50.0
+FRAME_BURST = 200
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -153,6 +165,7 @@ class _WriteWatch:
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
         self._paused = False
+        self._resumed = False  # writing resumed since the last check: bytes were taken
         self._unmoved_since: float | None = None  # bytes waiting, none taken since then
         self._waiting = 0  # bytes waiting at the last check
         self._watch: asyncio.TimerHandle | None = None
@@ -169,6 +182,7 @@ class _WriteWatch:
     def resume_writing(self) -> None:
         super().resume_writing()  # type: ignore[misc]
         self._paused = False
+        self._resumed = True
 
     def _rewatch(self) -> None:
         self._watch = self.loop.call_later(self.limits.write_timeout_s / 4, self._check)
@@ -181,11 +195,13 @@ class _WriteWatch:
     def _check(self) -> None:
         now, t = self.loop.time(), self.transport
         waiting = t.get_write_buffer_size() if self._paused or t.is_closing() else 0
+        # Only bytes taken are progress: a buffer that grows (uvicorn writes each ping's pong
+        # even while writing is paused) must not pass for a client that reads.
         if not waiting:
             self._unmoved_since = None
-        elif waiting != self._waiting or self._unmoved_since is None:
+        elif waiting < self._waiting or self._resumed or self._unmoved_since is None:
             self._unmoved_since = now
-        self._waiting = waiting
+        self._waiting, self._resumed = waiting, False
         if (
             self._unmoved_since is not None
             and now - self._unmoved_since >= self.limits.write_timeout_s
@@ -208,9 +224,49 @@ def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
         # refused one waits for its close handshake) beyond its share of max_connections.
         release: Callable[[], None] = staticmethod(_nothing)
 
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._unseen_allowed = float(FRAME_BURST)  # a token bucket: see FRAME_RATE
+            self._unseen_at = self.loop.time()
+            self._flooded = False
+
         def connection_lost(self, exc: Exception | None) -> None:
             self.release()
             super().connection_lost(exc)
+
+        def handle_ping(self) -> None:
+            if self._unseen_frame():
+                super().handle_ping()
+
+        def handle_pong(self, event: Frame) -> None:
+            if self._unseen_frame():
+                super().handle_pong(event)
+
+        def handle_cont(self, event: Frame) -> None:
+            if event.fin or self._unseen_frame():
+                super().handle_cont(event)
+
+        def _unseen_frame(self) -> bool:
+            """Take one frame the app will not see from the bucket; past FRAME_RATE, close
+            the socket (once) and handle nothing more it sent."""
+            if self._flooded:
+                return False
+            now = self.loop.time()
+            refill = (now - self._unseen_at) * FRAME_RATE
+            self._unseen_allowed = min(FRAME_BURST, self._unseen_allowed + refill)
+            self._unseen_at = now
+            if self._unseen_allowed >= 1:
+                self._unseen_allowed -= 1
+                return True
+            self._flooded = True
+            peer = self.transport.get_extra_info("peername")
+            log.warning("%s: over %g pings, pongs or fragments a second; WebSocket closed",
+                        peer[0] if peer else "?", FRAME_RATE)  # fmt: skip
+            if self.conn.state is State.OPEN:
+                self.conn.send_close(CloseCode.POLICY_VIOLATION, "too many control frames")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()  # the write watch aborts it if the close never flushes
+            return False
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
