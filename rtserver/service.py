@@ -64,6 +64,7 @@ MAX_EXTRACTING = 2
 # form is parsed) before the registration limit can look at it; 256 slow uploads held 1.5 GB.
 MAX_UPLOADS = 4
 UPLOADS_WAITING = 16  # requests waiting for that: a connection each, their bodies not read
+UPLOAD_GRACE_S = 3.0  # before an upload's rate counts (see slow_upload)
 
 
 NO_SPEAKERS = "no speakers yet: register one (POST /speakers)"
@@ -168,6 +169,11 @@ class Places:
             yield
         finally:
             self._leave(release)
+
+    @property
+    def contended(self) -> bool:
+        """Whether work waits for a place."""
+        return bool(self._turns)
 
     def _may_take(self, client: str) -> bool:
         return not self.share or self.holders.held_by(client) < self.share
@@ -362,6 +368,20 @@ class TTSService:
         half of them (a slow upload holds its place until the request deadline): its others
         wait for its own to end, as its streams past its share do."""
         return self._uploads.enter(client)
+
+    def slow_upload(self, held_s: float, received: int) -> str | None:
+        """Why an upload that has held its place `held_s` and received `received` bytes gives
+        the place up, or None: while others wait for one, it came slower than
+        --min-upload-kib-s (four uploads trickling a byte a second from two addresses shut
+        registration and zero-shot for everyone until their deadline)."""
+        floor = self.settings.min_upload_kib_s * 1024
+        if not self._uploads.contended or held_s < UPLOAD_GRACE_S or received >= floor * held_s:
+            return None
+        rate = received / held_s
+        return (
+            f"the upload came at {rate:.0f} bytes/s while others waited for a place (at least "
+            f"{floor} needed); send it faster, or again later"
+        )
 
     async def register_speaker(
         self, spk_id: str, audio: bytes, prompt_text: str, client: str = ""

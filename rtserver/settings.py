@@ -100,6 +100,11 @@ class Settings(msgspec.Struct, kw_only=True):
     request_timeout_s: Annotated[
         Seconds, _doc("a request's headers and body must arrive within this")
     ] = 30.0
+    min_upload_kib_s: Annotated[
+        Count,
+        _doc("while uploads wait for a place, one that has come slower than this (KiB/s, "
+             "after 3 s) gives its place up: 408 (0: never)"),
+    ] = 32  # fmt: skip
     max_contexts: Annotated[int, _doc("open contexts per WebSocket", ge=1)] = 8
     max_message_bytes: Annotated[
         int, _doc("largest client WebSocket frame", ge=1024, le=4 * 1024 * 1024)

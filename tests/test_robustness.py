@@ -5,6 +5,7 @@ queued counters back at zero."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -638,54 +639,82 @@ def test_text_that_crashes_espeak_fails_one_request_only(make_server):
     assert_idle(srv)
 
 
+def slow_upload(srv: ServerProcess, source: str) -> socket.socket:
+    """A registration that promises 8 MB and sends a few bytes of it."""
+    s = socket.create_connection(("127.0.0.1", srv.port), source_address=(source, 0))
+    s.sendall(b"POST /speakers HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n"
+              b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")  # fmt: skip
+    return s
+
+
+def upload(srv: ServerProcess, source: str, path: str = "/speakers", **form: str):
+    """A small registration (or `path`'s form) from `source` (127/8: each its own client)."""
+    files = {"prompt_wav": ("p.wav", b"RIFF" + bytes(2000), "audio/wav")}
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(base_url=srv.base_url, transport=transport, timeout=30) as client:
+        return client.post(path, data=form or {"spk_id": "late", "prompt_text": "Hello."},
+                           files=files)  # fmt: skip
+
+
+def upload_read(r: httpx.Response) -> bool:
+    """Whether the upload was read: the built-in voice then refuses the registration."""
+    return r.status_code == 400 and "registration" in r.json()["detail"]
+
+
 def test_upload_bodies_are_read_a_few_at_a_time(make_server):
     """A registration's body is held whole before the registration limit sees it: 256 slow
     uploads held 1.5 GB. Past 4 bodies being read, an upload waits its turn before it sends
     one (at most 16 wait, 4 from one address; more get 503). One client address reads at most
     2 at once, its others waiting for its own: 4 slow ones from one address locked everyone
-    out of registration and zero-shot for as long as it went on."""
-    srv = make_server("--no-warmup")
-    files = {"prompt_wav": ("p.wav", b"RIFF" + bytes(2000), "audio/wav")}
-    data = {"spk_id": "late", "prompt_text": "Hello."}
-
-    def slow(source: str) -> socket.socket:  # promises 8 MB and sends a few bytes of it
-        s = socket.create_connection(("127.0.0.1", srv.port), source_address=(source, 0))
-        s.sendall(b"POST /speakers HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n"
-                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")  # fmt: skip
-        return s
-
-    def late(source: str, path: str = "/speakers", **form: str) -> httpx.Response:
-        transport = httpx.HTTPTransport(local_address=source)  # 127/8: each its own client
-        with httpx.Client(base_url=srv.base_url, transport=transport, timeout=30) as client:
-            return client.post(path, data=form or data, files=files)
-
-    def read(r: httpx.Response) -> bool:  # and refused by the built-in voice
-        return r.status_code == 400 and "registration" in r.json()["detail"]
+    out of registration and zero-shot for as long as it went on. (Slow uploads are not cut
+    here: see the next test.)"""
+    srv = make_server("--no-warmup", "--min-upload-kib-s", "0")
 
     def health(what: str, n: int) -> None:
         assert eventually(srv.healthz, lambda h: h[what] == n)[what] == n
 
-    mine, theirs = [slow("127.0.0.2"), slow("127.0.0.2")], [slow("127.0.0.3"), slow("127.0.0.3")]
+    mine = [slow_upload(srv, "127.0.0.2") for _ in range(2)]
+    theirs = [slow_upload(srv, "127.0.0.3") for _ in range(2)]
     health("uploads_reading", 4)
     with ThreadPoolExecutor(6) as pool:
         # so are the routes that take a recording with the text (upstream's zero-shot)
         zero_shot = pool.submit(
-            late, "127.0.0.4", "/inference_zero_shot", tts_text="Hi.", prompt_text="Hello."
+            upload, srv, "127.0.0.4", "/inference_zero_shot", tts_text="Hi.", prompt_text="Hello."
         )
-        queued = [pool.submit(late, "127.0.0.5") for _ in range(4)]
+        queued = [pool.submit(upload, srv, "127.0.0.5") for _ in range(4)]
         health("uploads_waiting", 5)
-        refused = late("127.0.0.5")  # one address's fifth waiting one
+        refused = upload(srv, "127.0.0.5")  # one address's fifth waiting one
         assert refused.status_code == 503 and "waiting" in refused.json()["detail"]
         assert refused.headers["retry-after"]
-        third = pool.submit(late, "127.0.0.2")  # its two places are taken: it waits
+        third = pool.submit(upload, srv, "127.0.0.2")  # its two places are taken: it waits
         health("uploads_waiting", 6)
         theirs.pop().close()  # the place left goes to the waiters in turn, not to .2's third
         assert zero_shot.result(timeout=30).status_code == 400
-        assert all(read(q.result(timeout=30)) for q in queued)
+        assert all(upload_read(q.result(timeout=30)) for q in queued)
         assert not third.done()
         mine.pop().close()
-        assert read(third.result(timeout=30))  # its own place came back
+        assert upload_read(third.result(timeout=30))  # its own place came back
     for s in mine + theirs:
         s.close()
-    assert read(eventually(lambda: late("127.0.0.2"), read))
+    assert upload_read(eventually(lambda: upload(srv, "127.0.0.2"), upload_read))
+    assert_idle(srv)
+
+
+def test_a_slow_upload_gives_its_place_up_while_others_wait(make_server):
+    """Four uploads trickling a few bytes from two addresses held every upload place until
+    their deadline: another client waited half of it and got 503. While others wait, an
+    upload slower than --min-upload-kib-s after 3 s gives its place up with a 408, and the
+    waiter is read."""
+    srv = make_server("--no-warmup")
+    slow = [slow_upload(srv, source) for source in ("127.0.0.2", "127.0.0.3") for _ in range(2)]
+    assert eventually(srv.healthz, lambda h: h["uploads_reading"] == 4)["uploads_reading"] == 4
+    assert upload_read(upload(srv, "127.0.0.4"))
+    for s in slow:
+        s.settimeout(0.5)
+    cut = []
+    for s in slow:
+        with contextlib.suppress(OSError):
+            cut.append(s.recv(4096))
+        s.close()
+    assert any(b" 408 " in c and b"while others waited" in c for c in cut), cut
     assert_idle(srv)

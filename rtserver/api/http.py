@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -373,13 +374,39 @@ async def tts_pcm(request: Request, data: TTSRequest, service: TTSService) -> St
     return Stream(body, headers={**disposition, **pcm_headers(rate, data.encoding)})
 
 
+CLOSE = {"Connection": "close"}  # the body was not read to its end: the connection ends
+
+
 async def _read_form(request: Request) -> None:
     """Parse the form through FormRequest before Litestar's multipart extractor, which parses
     it on its own (letting a decoding error out) unless the request already holds it; at most
-    MAX_UPLOADS bodies at a time."""
+    MAX_UPLOADS bodies at a time, and one too slow while others wait is cut (408)."""
     service: TTSService = request.app.state.service
     async with service.receiving_upload(client_of(request)):
-        await request.form()
+        meter = _BodyMeter(request)
+        reading = asyncio.ensure_future(request.form())
+        try:
+            while not (await asyncio.wait({reading}, timeout=0.5))[0]:
+                if why := service.slow_upload(time.monotonic() - meter.since, meter.received):
+                    raise HTTPException(status_code=408, detail=why, headers=CLOSE)
+            reading.result()
+        finally:
+            reading.cancel()
+
+
+class _BodyMeter:
+    """Counts the body bytes a request's reader takes (put in front of its receive)."""
+
+    def __init__(self, request: Request) -> None:
+        self.received = 0
+        self.since = time.monotonic()
+        self._receive = request.receive
+        request.receive = self  # type: ignore[method-assign]
+
+    async def __call__(self) -> Message:
+        message = await self._receive()
+        self.received += len(message.get("body", b""))
+        return message
 
 
 def _pcm_route(
