@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import time
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -646,6 +647,27 @@ def prompted(srv: ServerProcess, mode: str = "zero_shot", method: str = "GET",
     files = {"prompt_wav": ("prompt.wav", prompt_wav() if audio is None else audio)}
     url = f"{srv.base_url}/inference_{mode}"
     return httpx.request(method, url, data=form, files=files, timeout=120)
+
+
+def test_a_zero_shot_request_lets_its_upload_go_before_it_speaks(cv):
+    """A recording past 1 MB is spooled to a temporary file: it stayed open until the whole
+    stream had been sent (minutes for a long text)."""
+
+    def temp_files() -> int:
+        fds = Path(f"/proc/{cv.proc.pid}/fd")
+        with contextlib.suppress(FileNotFoundError):  # an fd closed while listed
+            return sum(os.readlink(fd).startswith(tempfile.gettempdir()) for fd in fds.iterdir())
+        return temp_files()
+
+    before = temp_files()
+    form = {"tts_text": LONG * 4, "prompt_text": PROMPT_TEXT}  # 80 sentences: minutes of audio
+    files = {"prompt_wav": ("prompt.wav", prompt_wav(seconds=25.0))}  # 1.2 MB
+    url = f"{cv.base_url}/inference_zero_shot"
+    with httpx.stream("POST", url, data=form, files=files, timeout=120) as r:
+        assert r.status_code == 200  # speaking (the headers wait for the first audio)
+        during = temp_files()
+    assert during == before, (before, during)
+    cv.assert_idle()
 
 
 def test_inference_zero_shot_speaks_as_the_speaker_registered_from_that_recording(cv):

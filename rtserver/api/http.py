@@ -279,10 +279,11 @@ async def _until_disconnect(request: Request, waiting: Awaitable[SessionEvent]) 
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # (also when this handler is cancelled, as at the server's exit)
         gone.cancel()
-    if not first.done():
-        first.cancel()  # runs the session's cleanup: the job is cancelled
+        if not first.done():
+            first.cancel()  # runs the session's cleanup: the job is cancelled
+    if first.cancelled():
         raise ClientGone()
     return first.result()
 
@@ -552,8 +553,12 @@ async def _speak_prompted(
         message = "send the prompt recording as a file part"  # the answer names the key
         raise ValidationException(message, extra=[{"key": "prompt_wav", "message": message}])
     service.check_whole_text(form.tts_text, "tts_text")  # before the recording's analysis
+    audio = await wav.read()
+    await (
+        await request.form()
+    ).close()  # its files (on disk past 1 MB) go now, not after the stream
     speaker = await service.prompt_speaker(
-        await wav.read(),
+        audio,
         getattr(form, "prompt_text", None),
         getattr(form, "instruct_text", None),
         client_of(request),
