@@ -255,7 +255,7 @@ def test_flushed_comes_after_all_of_its_audio_in_coded_formats(server, fmt):
     at_flushed, whole, segment = run(one_turn(server.base_url, fmt, TURN))
     early, rate = decode_audio(at_flushed)
     late = decode_audio(whole)[0][len(early) :]
-    assert len(early) / rate * 1000 >= segment.end_ms
+    assert len(early) / rate * 1000 >= segment.end_ms - 0.05  # (end_ms: rounded to 0.1)
     assert not len(late) or np.abs(late).max() < 1e-3  # -60 dBFS: silence, not speech
 
 
@@ -265,7 +265,7 @@ def test_a_flush_after_its_text_is_spoken_still_sends_all_its_audio(server):
     next turn)."""
     at_flushed, _, segment = run(one_turn(server.base_url, "mp3", TURN + "\n\n", True))
     early, rate = decode_audio(at_flushed)
-    assert len(early) / rate * 1000 >= segment.end_ms
+    assert len(early) / rate * 1000 >= segment.end_ms - 0.05  # (end_ms: rounded to 0.1)
 
 
 @pytest.mark.parametrize("fmt", ["pcm", "mp3", "aac", "opus", "flac", "mulaw"])
@@ -298,7 +298,7 @@ def test_a_context_that_times_out_sends_its_audio_before_the_error(make_server):
     audio, segments, ending = run(go())
     assert ending.code == "context_timeout", ending
     decoded, rate = decode_audio(audio)
-    assert segments and len(decoded) / rate * 1000 >= segments[-1].end_ms
+    assert segments and len(decoded) / rate * 1000 >= segments[-1].end_ms - 0.05
 
 
 def test_sentences_between_flushes_get_no_drain_silence(server):

@@ -89,7 +89,7 @@ _LOOP_SHARE = 0.2
 # (else --context-idle-timeout-s): one socket sending "Hm. " every 20 s held six for good.
 _CONTENDED_IDLE_S = 5.0
 _BURST_S = 0.5
-_GONE = (WebSocketDisconnect, OSError, RuntimeError)  # the socket closed under a send
+_GONE = (WebSocketDisconnect, OSError)  # the socket closed under a send
 _CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
 
 _START_ERRORS = {
@@ -155,22 +155,36 @@ class WsSession:
     # ---- transport ------------------------------------------------------------------------
 
     async def _send(self, msg: msgspec.Struct) -> None:
-        if self._closed:
-            return
-        start = time.perf_counter()
-        async with self._send_lock:
-            await self.socket.send_text(_encoder.encode(msg).decode())
-        if asyncio.current_task() is self._receiver:  # waiting on the socket is not loop time
-            self._waited += time.perf_counter() - start
+        await self._write(_encoder.encode(msg).decode())
 
     async def _send_audio(self, ctx: Context, data: bytes) -> None:
+        if await self._write(struct.pack("<I", ctx.stream) + data, ctx):
+            ctx.last_audio = ctx.last_active = self.last_active = time.monotonic()
+
+    async def _write(self, frame: str | bytes, ctx: Context | None = None) -> bool:
+        """One frame, in order with the others; whether it went (not to a closed socket,
+        nor for a context muted while it waited)."""
         if self._closed:
-            return
+            return False
+        start = time.perf_counter()
         async with self._send_lock:
-            if ctx.muted:  # the ack may have been decided while we waited
-                return
-            await self.socket.send_bytes(struct.pack("<I", ctx.stream) + data)
-        ctx.last_audio = ctx.last_active = self.last_active = time.monotonic()
+            if ctx is not None and ctx.muted:  # the ack may have been decided while we waited
+                return False
+            try:
+                if isinstance(frame, bytes):
+                    await self.socket.send_bytes(frame)
+                else:
+                    await self.socket.send_text(frame)
+            except RuntimeError as exc:  # uvicorn's answer to a send after the close
+                raise WebSocketDisconnect(detail=str(exc)) from exc
+        if asyncio.current_task() is self._receiver:  # waiting on the socket is not loop time
+            self._waited += time.perf_counter() - start
+        return True
+
+    async def _close_socket(self, code: int, reason: str) -> None:
+        """Close the socket, if it is still open (a close after the close is RuntimeError)."""
+        with contextlib.suppress(*_GONE, RuntimeError):
+            await self.socket.close(code=code, reason=reason)
 
     async def _error(self, code: str, message: str, context_id: str | None = None) -> None:
         await self._send(ErrorMsg(code=code, message=message, context_id=context_id))
@@ -206,12 +220,12 @@ class WsSession:
                 self._drop(ctx)
                 message = "the server is shutting down; start the context again elsewhere"
                 await self._error("shutting_down", message, ctx.id)
-            await self.socket.close(code=1001, reason="server shutting down")
+        await self._close_socket(1001, "server shutting down")
 
     async def _refuse(self, code: str, message: str) -> None:
         with contextlib.suppress(*_GONE):
             await self._error(code, message)
-            await self.socket.close(code=1008, reason=code)
+        await self._close_socket(1008, code)
 
     def _ready(self) -> Ready:
         s = self.settings
@@ -245,7 +259,7 @@ class WsSession:
                 )
                 continue
             start, waited = time.perf_counter(), self._waited
-            await self._handle_text(message.get("text") or "")
+            await self._handle_safely(message.get("text") or "")
             now = time.perf_counter()
             spent = max(0.0, now - start - (self._waited - waited))
             if (wait := self._share.spend(spent, now)) > 0:
@@ -271,7 +285,7 @@ class WsSession:
             if now - self.last_active > s.ws_idle_timeout_s:
                 message = f"no message and no audio for {s.ws_idle_timeout_s:g}s"
                 await self._error("idle_timeout", message)
-                await self.socket.close(code=1000, reason="idle timeout")
+                await self._close_socket(1000, "idle timeout")
                 return
 
     def _check_idle(self, ctx: Context, now: float, contended: bool) -> None:
@@ -308,6 +322,22 @@ class WsSession:
             ctx.session.flush()
             return True
         return False
+
+    async def _handle_safely(self, raw: str) -> None:
+        """A message; a server bug handling it ends the context it names (its pump sends the
+        error, after the audio made) and is logged, and the socket's other contexts go on."""
+        try:
+            await self._handle_text(raw)
+        except _GONE:
+            raise
+        except Exception:
+            log.exception("failed on a message")
+            why = "the server failed on a message of this context (it is logged)"
+            cid = _context_of(raw)
+            if (ctx := self.contexts.get(cid or "")) is not None and not ctx.cancelled:
+                self._cancel(ctx, Failed(why, code="internal_error"))
+            elif ctx is None:  # not open (a `start` that failed): the client waits on its id
+                await self._error("internal_error", why, cid)
 
     async def _handle_text(self, raw: str) -> None:
         size = len(raw.encode())
@@ -515,7 +545,8 @@ class WsSession:
         except Exception:
             log.exception("context %s: pump failed", ctx.id)
             self._drop(ctx)
-            await self._error("internal_error", "the server failed on this context", ctx.id)
+            with contextlib.suppress(*_GONE):
+                await self._error("internal_error", "the server failed on this context", ctx.id)
 
     async def _segment_end(self, ctx: Context, event: SegmentEnd) -> None:
         if ctx.muted:
