@@ -60,6 +60,7 @@ class DrainingServer(uvicorn.Server):
         self.deadline_s = deadline_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._drain_task: asyncio.Task | None = None  # held: the loop keeps tasks weakly
 
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -74,7 +75,11 @@ class DrainingServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._exit_now, service)
         else:
             self._draining = True
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(service)))
+            self._loop.call_soon_threadsafe(self._start_drain, service)
+
+    def _start_drain(self, service: TTSService) -> None:
+        assert self._loop is not None
+        self._drain_task = self._loop.create_task(self._drain(service))
 
     def _exit_now(self, service: TTSService) -> None:
         service.cut_streams()

@@ -147,7 +147,7 @@ class Scheduler:
         return 1 if self.serial else self.max_streams
 
     def _at_capacity(self) -> bool:  # with the lock held
-        return len(self._running) + len(self._waiting) >= self.max_streams + self.max_queue
+        return len(self._running) + len(self._waiting) >= self._slots + self.max_queue
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -272,6 +272,8 @@ class Session:
                 event = await self.job.channel.get()
                 if isinstance(event, Chunk):
                     for out in self._chunk(event):
+                        if self._cut is not None:  # cut while the last part was sent
+                            break
                         if isinstance(out, SegmentEnd):  # counted once its audio went out
                             if self._pauses_after(out.index) and (tail := self._drain()):
                                 yield Audio(tail)  # (a flush may come while audio is sent)

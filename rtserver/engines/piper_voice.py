@@ -159,7 +159,9 @@ class PiperEngine:
             while queue and queue[0][2].done():
                 index, last, future = queue.popleft()
                 try:
-                    out.append((job, Chunk(future.result(), index, segment_end=last)))
+                    audio, took = future.result()
+                    job.processing_seconds += took
+                    out.append((job, Chunk(audio, index, segment_end=last)))
                 except Exception as exc:
                     log.exception("piper failed on job %d", job.id)
                     out.append((job, Failed(f"synthesis failed: {exc}")))
@@ -227,12 +229,11 @@ class PiperEngine:
         self._inflight.pop(job, None)
         job.engine_state = None
 
-    def _timed(self, job: Job, phonemes: list[str]) -> np.ndarray:
+    def _timed(self, job: Job, phonemes: list[str]) -> tuple[np.ndarray, float]:
+        """A piece's audio and the seconds it took (added to the job's on this thread: the
+        workers' pieces of one job end at once)."""
         t0 = time.monotonic()
-        try:
-            return self._synthesize(job.speaker.id, phonemes, job.speed)
-        finally:
-            job.processing_seconds += time.monotonic() - t0
+        return self._synthesize(job.speaker.id, phonemes, job.speed), time.monotonic() - t0
 
     def _synthesize(self, vid: str, phonemes: list[str], speed: float) -> np.ndarray:
         if not phonemes:  # nothing to say: an empty chunk still ends its segment
