@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from golden.conftest import resolve_golden_dir  # noqa: E402  (where the tests find them)
 
 from cosyvoice.config import llm_config, read_yaml  # noqa: E402
 from cosyvoice.llm.lm import UNUSED_KEYS, QwenSpeechLM  # noqa: E402
@@ -76,11 +77,6 @@ QWEN_CONFIG = {
     "use_sliding_window": False,
     "vocab_size": 151936,
 }
-
-
-def golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    return Path(env).resolve() if env else (REPO / "../shared/golden").resolve()
 
 
 def full_yaml(tiny_text: str) -> str:
@@ -207,7 +203,7 @@ def main() -> None:
         help="a real CosyVoice2 dir: copy its tokenizer files and ONNX models instead of the stand-ins",
     )
     args = ap.parse_args()
-    src = golden_dir() / "cosyvoice2" / "model"
+    src = resolve_golden_dir() / "cosyvoice2" / "model"
     out: Path = args.out
     (out / "CosyVoice-BlankEN").mkdir(parents=True, exist_ok=True)
 

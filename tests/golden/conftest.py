@@ -1,8 +1,9 @@
 """Golden-fixture folder resolution and shared helpers for tests/golden.
 
-The folder comes from ``$COSYVOICE_GOLDEN``; default ``../shared/golden`` relative to the repo
-root (not the cwd). Tests discover fixtures from the folder's contents, so any folder of the
-same format can be checked: ``COSYVOICE_GOLDEN=DIR pytest tests/golden``.
+The folder comes from ``$COSYVOICE_GOLDEN``; by default ``.golden`` in the checkout (git
+ignores it), else a ``shared/golden`` folder beside the checkout (not the cwd's). Tests
+discover fixtures from the folder's contents, so any folder of the same format can be
+checked: ``COSYVOICE_GOLDEN=DIR pytest tests/golden``.
 
 * fixture ``golden_dir`` -> Path (skips if the folder is missing);
 * parameter ``family_dir``: every ``<golden>/<name>/`` holding a ``model/`` dir with a CosyVoice
@@ -25,11 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_golden_dir() -> Path:
-    env = os.environ.get("COSYVOICE_GOLDEN")
-    p = Path(env) if env else Path("../shared/golden")
-    if not p.is_absolute():
-        p = (Path.cwd() / p) if env else (REPO_ROOT / p)
-    return p.resolve()
+    if env := os.environ.get("COSYVOICE_GOLDEN"):
+        return Path(env).resolve()
+    inside = REPO_ROOT / ".golden"
+    return inside if inside.is_dir() else (REPO_ROOT.parent / "shared" / "golden").resolve()
 
 
 def family_dirs(golden: Path) -> list[Path]:
