@@ -186,14 +186,6 @@ def detect_family(model_dir: str | Path) -> tuple[Family, Path]:
     raise ConfigError(f"{model_dir}: no cosyvoice.yaml / cosyvoice2.yaml / cosyvoice3.yaml found")
 
 
-def family_of_yaml(path: str | Path) -> Family:
-    """Family from a yaml file name (``cosyvoice2.yaml`` -> ``"v2"``)."""
-    name = Path(path).name
-    if name not in YAML_NAMES:
-        raise ConfigError(f"unknown CosyVoice yaml name: {name}")
-    return YAML_NAMES[name]
-
-
 def load_model_yaml(model_dir: str | Path) -> tuple[Family, dict[str, Any]]:
     """Detect the family of ``model_dir`` and read its yaml with upstream's override of
     ``qwen_pretrain_path`` (v2/v3) applied."""

@@ -45,6 +45,7 @@ __all__ = [
     "TooManyForClient",
     "UnknownSpeaker",
     "UnsupportedFormat",
+    "UnsupportedOption",
 ]
 
 
@@ -573,7 +574,8 @@ class TTSService:
         text_streaming: bool = False,
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
-        UnknownSpeaker, UnsupportedFormat, TooManyForClient or Busy, holding nothing then.
+        ShuttingDown, UnknownSpeaker, UnsupportedFormat, UnsupportedOption, TooManyForClient
+        or Busy, holding nothing then.
         ``spk_id``: a speaker's id, or one made for this session (:meth:`prompt_speaker`,
         :meth:`steered`)."""
         if self.draining:
