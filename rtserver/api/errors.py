@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -75,20 +76,15 @@ def text_rejected(_: Request, exc: TextRejected) -> Response:
     return Response(_body(exc.status, str(exc), {"code": exc.code}), status_code=exc.status)
 
 
-def unsupported_format(_: Request, exc: UnsupportedFormat) -> Response:
-    return Response(_body(422, str(exc)), status_code=422)
+def _plain(status: int, retry: bool = False) -> Callable[[Request, Exception], Response]:
+    """A handler that answers `status` with the exception's message (Retry-After: 1 where
+    trying again soon can succeed)."""
+    headers = {"Retry-After": "1"} if retry else None
 
+    def handler(_: Request, exc: Exception) -> Response:
+        return Response(_body(status, str(exc)), status_code=status, headers=headers)
 
-def busy(_: Request, exc: Busy) -> Response:
-    return Response(_body(503, str(exc)), status_code=503, headers={"Retry-After": "1"})
-
-
-def shutting_down(_: Request, exc: ShuttingDown) -> Response:
-    return Response(_body(503, str(exc)), status_code=503, headers={"Retry-After": "1"})
-
-
-def too_many_for_client(_: Request, exc: TooManyForClient) -> Response:
-    return Response(_body(429, str(exc)), status_code=429, headers={"Retry-After": "1"})
+    return handler
 
 
 def client_gone(_: Request, exc: ClientGone) -> Response:
@@ -114,10 +110,10 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error,
     UnknownSpeaker: unknown_speaker,
     TextRejected: text_rejected,
-    UnsupportedFormat: unsupported_format,
-    Busy: busy,
-    TooManyForClient: too_many_for_client,
-    ShuttingDown: shutting_down,
+    UnsupportedFormat: _plain(422),
+    Busy: _plain(503, retry=True),
+    TooManyForClient: _plain(429, retry=True),
+    ShuttingDown: _plain(503, retry=True),
     ClientGone: client_gone,
     SynthesisFailed: synthesis_failed,
     SpeakerRefused: speaker_refused,
