@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from golden.conftest import resolve_golden_dir  # noqa: E402  (where the tests find them)
+from golden.paths import resolve_golden_dir  # noqa: E402  (where the tests find them)
 
 from cosyvoice.config import llm_config, read_yaml  # noqa: E402
 from cosyvoice.llm.lm import UNUSED_KEYS, QwenSpeechLM  # noqa: E402

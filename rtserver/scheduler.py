@@ -110,9 +110,7 @@ class Scheduler:
         with self._lock:
             if self._at_capacity():
                 self.counters.rejected += 1
-                raise Busy(
-                    f"server at capacity ({self.max_streams} streams, {self.max_queue} queued)"
-                )
+                raise Busy(f"server at capacity ({self._slots} streams, {self.max_queue} queued)")
             self._waiting.append(job)
         self._wake.set()
 

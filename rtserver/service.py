@@ -171,10 +171,11 @@ class Places:
         finally:
             self._leave(release)
 
-    @property
-    def contended(self) -> bool:
-        """Whether work waits for a place."""
-        return bool(self._turns)
+    def wanted(self, client: str) -> bool:
+        """Whether a place `client` left would go to a waiter (one waiting only because its
+        own client holds its share waits for that client's place, not for this one)."""
+        full = self.inside >= self.size
+        return any(c == client or (full and self._may_take(c)) for c, _ in self._turns)
 
     def _may_take(self, client: str) -> bool:
         return not self.share or self.holders.held_by(client) < self.share
@@ -370,13 +371,15 @@ class TTSService:
         wait for its own to end, as its streams past its share do."""
         return self._uploads.enter(client)
 
-    def slow_upload(self, held_s: float, received: int) -> str | None:
-        """Why an upload that has held its place `held_s` and received `received` bytes gives
-        the place up, or None: while others wait for one, it came slower than
-        --min-upload-kib-s (four uploads trickling a byte a second from two addresses shut
-        registration and zero-shot for everyone until their deadline)."""
+    def slow_upload(self, client: str, held_s: float, received: int) -> str | None:
+        """Why `client`'s upload that has held its place `held_s` and received `received`
+        bytes gives the place up, or None: while another waits for that place, it came slower
+        than --min-upload-kib-s (four uploads trickling a byte a second from two addresses
+        shut registration and zero-shot for everyone until their deadline)."""
         floor = self.settings.min_upload_kib_s * 1024
-        if not self._uploads.contended or held_s < UPLOAD_GRACE_S or received >= floor * held_s:
+        if held_s < UPLOAD_GRACE_S or received >= floor * held_s:
+            return None
+        if not self._uploads.wanted(client):
             return None
         rate = received / held_s
         return (

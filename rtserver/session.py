@@ -357,7 +357,7 @@ class Session:
     def _finished(self) -> Finished:
         audio_ms = self._samples * 1000 / self._rate_in
         processing_ms = self.job.processing_seconds * 1000
-        ttfa = None
+        ttfa = None  # to the first encoded bytes (a codec's first frame may wait): the client's
         if self.first_audio_at is not None and self.job.first_text_at is not None:
             ttfa = round((self.first_audio_at - self.job.first_text_at) * 1000, 1)
         return Finished(

@@ -62,7 +62,7 @@ def pytest_report_header(config) -> str:
         return f"golden fixtures: {golden}"
     return (
         f"golden fixtures: none at {golden}: the CosyVoice tests skip "
-        "(set COSYVOICE_GOLDEN=DIR; see README, Quickstart)"
+        "(put them at .golden/ or set COSYVOICE_GOLDEN=DIR; see README, Quickstart)"
     )
 
 

@@ -111,12 +111,18 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()}")
 
-    def wait_log(self, pattern: str, timeout: float = 300.0) -> re.Match:
-        """Wait for a line of the server's log to match `pattern` (a regex); returns the match."""
+    def log_end(self) -> int:
+        """Where the log ends now: `wait_log(..., since=)` looks only at what comes after."""
+        self._log.flush()
+        return len(self.log_path.read_text(errors="replace"))
+
+    def wait_log(self, pattern: str, timeout: float = 300.0, since: int = 0) -> re.Match:
+        """Wait for a line of the server's log (from `since`) to match `pattern` (a regex);
+        returns the match."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._log.flush()
-            if m := re.search(pattern, self.log_path.read_text(errors="replace")):
+            if m := re.search(pattern, self.log_path.read_text(errors="replace")[since:]):
                 return m
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()}")

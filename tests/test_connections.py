@@ -221,6 +221,7 @@ def test_a_websocket_flooding_frames_the_app_never_sees_is_closed(guarded, flood
     do not reach the app's share of the event loop: a flood of either slowed every other
     client by seconds (an attack: first audio 0.2 -> 15 s, /healthz 3 ms -> 5 s). A burst of
     150 pings is answered; past 50 such frames a second the socket is closed with 1008."""
+    since = guarded.log_end()
     s, got = ws_open(guarded)
     s.sendall(ws_frame(PING, b"p") * 150)
     while sum(op == PONG for op, _ in ws_frames(got)) < 150:
@@ -229,9 +230,9 @@ def test_a_websocket_flooding_frames_the_app_never_sees_is_closed(guarded, flood
         s.sendall(ws_frame(PING, b"p") * 5000)
     else:
         s.sendall(ws_frame(TEXT, b"{", fin=False) + ws_frame(CONT, fin=False) * 5000)
-    closes = [p for op, p in ws_frames(answer(s)) if op == CLOSE]
+    closes = [p for op, p in ws_frames(answer(s)) if op == CLOSE]  # (or reset: not read)
     assert not closes or int.from_bytes(closes[0][:2], "big") == 1008, closes
-    guarded.wait_log("pings, pongs or fragments a second; WebSocket closed", timeout=5)
+    guarded.wait_log("pings, pongs or fragments a second; WebSocket closed", 5, since)
     guarded.assert_idle(timeout=10)
 
 
@@ -240,6 +241,7 @@ def test_a_websocket_that_reads_nothing_but_pings_is_let_go(guarded):
     pong though writing is paused, and the write watch took the growing buffer for a client
     reading, so the socket stayed open for as long as the pings went on. Only bytes taken are
     progress now: it is aborted."""
+    since = guarded.log_end()
     s, _ = ws_open(guarded, rcvbuf=4096)
     start = {"type": "start", "context_id": "p", "spk_id": "joe", "text": LONG_TEXT * 20}
     s.sendall(ws_frame(TEXT, json.dumps(start).encode()))
@@ -253,7 +255,7 @@ def test_a_websocket_that_reads_nothing_but_pings_is_let_go(guarded):
         time.sleep(0.1)
     s.close()
     assert aborted
-    guarded.wait_log("took none of what was written", timeout=5)
+    guarded.wait_log("took none of what was written", 5, since)
     guarded.assert_idle(timeout=10)
 
 

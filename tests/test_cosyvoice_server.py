@@ -666,7 +666,7 @@ def test_a_zero_shot_request_lets_its_upload_go_before_it_speaks(cv):
     with httpx.stream("POST", url, data=form, files=files, timeout=120) as r:
         assert r.status_code == 200  # speaking (the headers wait for the first audio)
         during = temp_files()
-    assert during == before, (before, during)
+    assert during <= before, (before, during)  # (another test's may close meanwhile)
     cv.assert_idle()
 
 

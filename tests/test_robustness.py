@@ -511,6 +511,7 @@ def test_requests_abandoned_in_the_queue_cost_no_synthesis(make_server):
     assert after["cancelled"] == before["cancelled"] + 21
     # Only the holder's pieces in flight may end after it was left; none of the 20.
     assert after["audio_s"] - produced < 10, (produced, after)
+    assert "ERROR" not in srv.log()  # a client leaving is no error (it was logged as a 500)
 
 
 # ---- strict input ---------------------------------------------------------------------------------
@@ -697,6 +698,23 @@ def test_upload_bodies_are_read_a_few_at_a_time(make_server):
     for s in mine + theirs:
         s.close()
     assert upload_read(eventually(lambda: upload(srv, "127.0.0.2"), upload_read))
+    assert_idle(srv)
+
+
+def test_a_slow_upload_keeps_its_place_while_places_are_free(make_server):
+    """One address's third upload waits for one of its own two places, with two places
+    free: a slow upload of another address is no one's wait, and is not cut (it was, with a
+    408 that freed a place nobody could take)."""
+    srv = make_server("--no-warmup")
+    mine = [slow_upload(srv, "127.0.0.2") for _ in range(3)]  # two read, one waits
+    other = slow_upload(srv, "127.0.0.3")
+    h = eventually(srv.healthz, lambda h: (h["uploads_reading"], h["uploads_waiting"]) == (3, 1))
+    assert (h["uploads_reading"], h["uploads_waiting"]) == (3, 1), h
+    other.settimeout(6)  # past the 3 s grace, a few checks
+    with pytest.raises(TimeoutError):
+        other.recv(4096)
+    for s in [*mine, other]:
+        s.close()
     assert_idle(srv)
 
 

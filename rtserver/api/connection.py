@@ -265,6 +265,10 @@ def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             if self.conn.state is State.OPEN:
                 self.conn.send_close(CloseCode.POLICY_VIOLATION, "too many control frames")
             self.transport.write(b"".join(self.conn.data_to_send()))
+            # As uvicorn's own closes do: no second close at shutdown (websockets raised, and
+            # the server's exit crashed), and the app hears of it now, not at the reset.
+            self.close_sent = True
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008})
             self.transport.close()  # the write watch aborts it if the close never flushes
             return False
 

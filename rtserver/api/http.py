@@ -281,9 +281,10 @@ async def _until_disconnect(request: Request, waiting: Awaitable[SessionEvent]) 
         await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # (also when this handler is cancelled, as at the server's exit)
         gone.cancel()
-        if not first.done():
+        left = not first.done()
+        if left:
             first.cancel()  # runs the session's cleanup: the job is cancelled
-    if first.cancelled():
+    if left:
         raise ClientGone()
     return first.result()
 
@@ -383,12 +384,14 @@ async def _read_form(request: Request) -> None:
     it on its own (letting a decoding error out) unless the request already holds it; at most
     MAX_UPLOADS bodies at a time, and one too slow while others wait is cut (408)."""
     service: TTSService = request.app.state.service
-    async with service.receiving_upload(client_of(request)):
+    client = client_of(request)
+    async with service.receiving_upload(client):
         meter = _BodyMeter(request)
         reading = asyncio.ensure_future(request.form())
         try:
             while not (await asyncio.wait({reading}, timeout=0.5))[0]:
-                if why := service.slow_upload(time.monotonic() - meter.since, meter.received):
+                held = time.monotonic() - meter.since
+                if why := service.slow_upload(client, held, meter.received):
                     raise HTTPException(status_code=408, detail=why, headers=CLOSE)
             reading.result()
         finally:

@@ -89,7 +89,7 @@ _LOOP_SHARE = 0.2
 # (else --context-idle-timeout-s): one socket sending "Hm. " every 20 s held six for good.
 _CONTENDED_IDLE_S = 5.0
 _BURST_S = 0.5
-_GONE = (WebSocketDisconnect, OSError)  # the socket closed under a send
+_GONE = (WebSocketDisconnect,)  # the socket closed (under a send: see _write)
 _CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
 
 _START_ERRORS = {
@@ -175,7 +175,7 @@ class WsSession:
                     await self.socket.send_bytes(frame)
                 else:
                     await self.socket.send_text(frame)
-            except RuntimeError as exc:  # uvicorn's answer to a send after the close
+            except (RuntimeError, OSError) as exc:  # uvicorn's to a send after the close
                 raise WebSocketDisconnect(detail=str(exc)) from exc
         if asyncio.current_task() is self._receiver:  # waiting on the socket is not loop time
             self._waited += time.perf_counter() - start
@@ -183,7 +183,7 @@ class WsSession:
 
     async def _close_socket(self, code: int, reason: str) -> None:
         """Close the socket, if it is still open (a close after the close is RuntimeError)."""
-        with contextlib.suppress(*_GONE, RuntimeError):
+        with contextlib.suppress(*_GONE, RuntimeError, OSError):
             await self.socket.close(code=code, reason=reason)
 
     async def _error(self, code: str, message: str, context_id: str | None = None) -> None:

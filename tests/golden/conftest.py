@@ -1,8 +1,7 @@
 """Golden-fixture folder resolution and shared helpers for tests/golden.
 
-The folder comes from ``$COSYVOICE_GOLDEN``; by default ``.golden`` in the checkout (git
-ignores it), else a ``shared/golden`` folder beside the checkout (not the cwd's). Tests
-discover fixtures from the folder's contents, so any folder of the same format can be
+The folder: see ``golden/paths.py`` (``$COSYVOICE_GOLDEN``, else ``.golden`` in the checkout).
+Tests discover fixtures from the folder's contents, so any folder of the same format can be
 checked: ``COSYVOICE_GOLDEN=DIR pytest tests/golden``.
 
 * fixture ``golden_dir`` -> Path (skips if the folder is missing);
@@ -21,15 +20,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_golden_dir() -> Path:
-    if env := os.environ.get("COSYVOICE_GOLDEN"):
-        return Path(env).resolve()
-    inside = REPO_ROOT / ".golden"
-    return inside if inside.is_dir() else (REPO_ROOT.parent / "shared" / "golden").resolve()
+from golden.paths import REPO_ROOT, resolve_golden_dir  # noqa: F401  (the tests import them here)
 
 
 def family_dirs(golden: Path) -> list[Path]:
@@ -95,7 +86,7 @@ def family(request: pytest.FixtureRequest) -> str:
 def golden_dir(pytestconfig: pytest.Config) -> Path:
     p = pytestconfig.cosyvoice_golden
     if not p.is_dir():
-        pytest.skip(f"golden folder {p} not found (set COSYVOICE_GOLDEN)")
+        pytest.skip(f"golden folder {p} not found (put it at .golden/ or set COSYVOICE_GOLDEN)")
     return p
 
 

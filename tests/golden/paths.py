@@ -1,0 +1,17 @@
+"""Where the golden fixtures are, without pytest (bench/make_full_model.py uses it too, on a
+bare GPU box): ``$COSYVOICE_GOLDEN``; else ``.golden`` in the checkout (git ignores it); else
+a ``shared/golden`` folder beside the checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_golden_dir() -> Path:
+    if env := os.environ.get("COSYVOICE_GOLDEN"):
+        return Path(env).resolve()
+    inside = REPO_ROOT / ".golden"
+    return inside if inside.is_dir() else (REPO_ROOT.parent / "shared" / "golden").resolve()
