@@ -123,8 +123,12 @@ def serve(args: argparse.Namespace) -> None:
         log_config=logging_config,
         ws_per_message_deflate=False,  # PCM/MP3 do not compress; deflate only burns CPU
         ws_max_size=WS_MAX_FRAME,
-        ws_ping_interval=20,
-        ws_ping_timeout=20,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        # No pong deadline: a ping waits behind the audio queued ahead of it, which is tens of
+        # seconds for a listener reading G.711 at real time (cut with 1011 after a minute). A
+        # peer that takes nothing is aborted by the write watch (--read-timeout-s), an idle
+        # one closed by --ws-idle-timeout-s.
+        ws_ping_timeout=None,
         timeout_graceful_shutdown=2,  # after our own drain: what is still open is cut
     )
     limits = connection_limits(settings, config)

@@ -112,6 +112,11 @@ class Settings(msgspec.Struct, kw_only=True):
     ws_idle_timeout_s: Annotated[
         Seconds, _doc("close a WebSocket with no message and no audio this long")
     ] = 60.0
+    ws_ping_interval_s: Annotated[
+        Seconds,
+        _doc("ping each WebSocket this often (proxies and NATs see traffic); no pong is "
+             "awaited: a dead peer is found by the write watch and the idle timeout"),
+    ] = 20.0  # fmt: skip
     context_idle_timeout_s: Annotated[
         Seconds, _doc("end a WebSocket context that has nothing to say this long")
     ] = 30.0
