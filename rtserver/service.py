@@ -143,10 +143,10 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
 class Places:
     """At most ``size`` of one kind of work at a time, at most ``share`` of them one client's
     (0: any). Work past that waits its turn for up to ``wait_s``, first come first served
-    among waiters whose client may take a place: at most ``waiting`` at once, ``wait_share``
-    of them one client's; past that (or that long) Busy, a 503. A place that is left goes to
-    the first such waiter directly, so a newcomer cannot take it in between. (On the event
-    loop: no lock.)"""
+    among the waiters of the clients holding the fewest places: at most ``waiting`` at once,
+    ``wait_share`` of them one client's; past that (or that long) Busy, a 503. A place that
+    is left goes to such a waiter directly, so a newcomer cannot take it in between. (On the
+    event loop: no lock.)"""
 
     def __init__(
         self, size: int, what: str, *, share: int = 0, waiting: int = 0, wait_share: int = 0,
@@ -204,13 +204,17 @@ class Places:
             unwait()
 
     def _leave(self, release: Callable[[], None]) -> None:
+        """The place goes to the first waiter of a client holding the fewest places: waiters
+        queued first by two addresses holding theirs took every place freed, and a third
+        client waited in vain."""
         release()
-        for entry in self._turns:
-            if self._may_take(client := entry[0]):
-                self._turns.remove(entry)
-                entry[1].set_result(self.holders.acquire(client))  # `inside` stays
-                return
-        self.inside -= 1
+        takers = [entry for entry in self._turns if self._may_take(entry[0])]
+        if not takers:
+            self.inside -= 1
+            return
+        entry = min(takers, key=lambda e: self.holders.held_by(e[0]))  # the first of equals
+        self._turns.remove(entry)
+        entry[1].set_result(self.holders.acquire(entry[0]))  # `inside` stays
 
 
 def client_share(settings: Settings) -> int:

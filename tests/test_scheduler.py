@@ -378,3 +378,32 @@ async def eventually(check, timeout: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < end, "timed out"
         await asyncio.sleep(0.02)
+
+
+def test_a_place_left_goes_to_the_waiting_client_holding_the_fewest():
+    """Uploads' places: client a holds both and has two more waiting, queued before b's one.
+    The place a leaves goes to b (before: to a's first waiter, so two busy addresses took
+    every place freed and a third client waited in vain)."""
+    from rtserver.service import Places
+
+    async def go() -> list[str]:
+        places = Places(2, "uploads", waiting=8, wait_s=5)
+        order: list[str] = []
+        release = [asyncio.Event() for _ in range(5)]
+
+        async def use(client: str, i: int) -> None:
+            async with places.enter(client):
+                order.append(f"{client}{i}")
+                await release[i].wait()
+
+        tasks = [asyncio.create_task(use("a", i)) for i in range(4)]
+        await asyncio.sleep(0.01)  # a0, a1 inside; a2, a3 wait
+        tasks.append(asyncio.create_task(use("b", 4)))
+        await asyncio.sleep(0.01)
+        for i in range(5):
+            release[i].set()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert run(go()) == ["a0", "a1", "b4", "a2", "a3"]
