@@ -247,7 +247,7 @@ ERROR_CODES: dict[str, str] = {
         "the context had nothing to say for context_idle_timeout_s (5 s while others wait for "
         "a slot), or held its slot slot_lease_s while others waited; it has ended"
     ),
-    "internal_error": "a server bug ended this context (it is logged)",
+    "internal_error": "a server bug ended this context, or its `start` (it is logged)",
     "shutting_down": "the server is shutting down: the context has ended (or cannot start)",
     "idle_timeout": "no message and no audio for idle_timeout_s; the socket is closed",
 }
