@@ -102,7 +102,8 @@ class Metrics:
             ["route", "status"], registry=self.registry,
         )  # fmt: skip
         self.ttfa = Histogram(
-            "rtserver_ttfa_seconds", "A stream's first text to its first audio.", registry=self.registry,
+            "rtserver_ttfa_seconds", "A stream's first text to its first audio.",
+            registry=self.registry,
             buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
         )  # fmt: skip
         self.rtf = Histogram(

@@ -551,15 +551,14 @@ async def _speak_prompted(
     form_type: type[ZeroShotForm | CrossLingualForm | Instruct2Form],
 ) -> Stream:
     form = await _form_fields(request, form_type)
-    wav = (await request.form()).get("prompt_wav")
+    parts = await request.form()
+    wav = parts.get("prompt_wav")
     if not isinstance(wav, UploadFile):
         message = "send the prompt recording as a file part"  # the answer names the key
         raise ValidationException(message, extra=[{"key": "prompt_wav", "message": message}])
     service.check_whole_text(form.tts_text, "tts_text")  # before the recording's analysis
     audio = await wav.read()
-    await (
-        await request.form()
-    ).close()  # its files (on disk past 1 MB) go now, not after the stream
+    await parts.close()  # its files (on disk past 1 MB) go now, not after the stream
     speaker = await service.prompt_speaker(
         audio,
         getattr(form, "prompt_text", None),
