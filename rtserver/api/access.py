@@ -25,6 +25,7 @@ from litestar.datastructures import Headers
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.utils import normalize_path
 
+from rtserver.api.errors import ErrorBody
 from rtserver.api.openai import OPENAI_PREFIX, openai_error
 from rtserver.settings import Settings
 
@@ -148,8 +149,10 @@ def _admin_route(method: str | None, path: str) -> bool:
 
 
 async def _deny(send: Send, status: int, detail: str, path: str) -> None:
-    shape = openai_error(status, detail) if path.startswith(OPENAI_PREFIX) else None
-    body = msgspec.json.encode(shape or {"status_code": status, "detail": detail})
+    openai = path.startswith(OPENAI_PREFIX)
+    body = msgspec.json.encode(
+        openai_error(status, detail) if openai else ErrorBody(status, detail)
+    )
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="rtserver"'))

@@ -48,6 +48,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import CloseCode, Frame
 from websockets.protocol import State
 
+from rtserver.api.errors import ErrorBody
 from rtserver.metrics import ANSWERED
 from rtserver.session import ClientQuota, TooManyForClient
 
@@ -129,7 +130,7 @@ _RETRY = (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE)
 def _response(status: HTTPStatus, text: str) -> bytes:
     """An error in the app's shape (JSON status_code and detail; Retry-After on 429 and 503),
     written before the app has the request."""
-    body = msgspec.json.encode({"status_code": status.value, "detail": text})
+    body = msgspec.json.encode(ErrorBody(status.value, text))
     retry = "retry-after: 1\r\n" if status in _RETRY else ""
     return (
         f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
@@ -215,74 +216,76 @@ class _WriteWatch:
             self._rewatch()
 
 
+class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol with the write watch and the frame rate; subclassed with
+    its `limits` by :func:`guarded_websocket` (uvicorn makes the protocol from a class)."""
+
+    # The per-client connection count, handed over by the HTTP protocol at the upgrade:
+    # given back only when the socket closes, so one address cannot park sockets (a
+    # refused one waits for its close handshake) beyond its share of max_connections.
+    release: Callable[[], None] = staticmethod(_nothing)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._unseen_allowed = float(FRAME_BURST)  # a token bucket: see FRAME_RATE
+        self._unseen_at = self.loop.time()
+        self._flooded = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
+        super().connection_lost(exc)
+
+    def handle_ping(self) -> None:
+        if self._unseen_frame():
+            super().handle_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        if self._unseen_frame():
+            super().handle_pong(event)
+
+    def handle_cont(self, event: Frame) -> None:
+        if event.fin or self._unseen_frame():
+            super().handle_cont(event)
+
+    def _unseen_frame(self) -> bool:
+        """Take one frame the app will not see from the bucket; past FRAME_RATE, close
+        the socket (once) and handle nothing more it sent."""
+        if self._flooded:
+            return False
+        now = self.loop.time()
+        refill = (now - self._unseen_at) * FRAME_RATE
+        self._unseen_allowed = min(FRAME_BURST, self._unseen_allowed + refill)
+        self._unseen_at = now
+        if self._unseen_allowed >= 1:
+            self._unseen_allowed -= 1
+            return True
+        self._flooded = True
+        peer = self.transport.get_extra_info("peername")
+        log.warning("%s: over %g pings, pongs or fragments a second; WebSocket closed",
+                    peer[0] if peer else "?", FRAME_RATE)  # fmt: skip
+        if self.conn.state is State.OPEN:
+            self.conn.send_close(CloseCode.POLICY_VIOLATION, "too many control frames")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        # As uvicorn's own closes do: no second close at shutdown (websockets raised, and
+        # the server's exit crashed), and the app hears of it now, not at the reset.
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008})
+        self.transport.close()  # the write watch aborts it if the close never flushes
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # A handshake websockets cannot parse gets a 4xx (a header line over 8 KiB, over
+        # 128 headers) or an end of stream (a body) it only queues: uvicorn, waiting for a
+        # request that never comes, neither sent it nor closed, so the socket stayed open.
+        if not self.handshake_initiated and self.conn.handshake_exc is not None:
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+
+
 def guarded_websocket(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's WebSocket protocol with the write watch (pass it as uvicorn.Config(ws=...))."""
-
-    class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
-        # The per-client connection count, handed over by the HTTP protocol at the upgrade:
-        # given back only when the socket closes, so one address cannot park sockets (a
-        # refused one waits for its close handshake) beyond its share of max_connections.
-        release: Callable[[], None] = staticmethod(_nothing)
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._unseen_allowed = float(FRAME_BURST)  # a token bucket: see FRAME_RATE
-            self._unseen_at = self.loop.time()
-            self._flooded = False
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.release()
-            super().connection_lost(exc)
-
-        def handle_ping(self) -> None:
-            if self._unseen_frame():
-                super().handle_ping()
-
-        def handle_pong(self, event: Frame) -> None:
-            if self._unseen_frame():
-                super().handle_pong(event)
-
-        def handle_cont(self, event: Frame) -> None:
-            if event.fin or self._unseen_frame():
-                super().handle_cont(event)
-
-        def _unseen_frame(self) -> bool:
-            """Take one frame the app will not see from the bucket; past FRAME_RATE, close
-            the socket (once) and handle nothing more it sent."""
-            if self._flooded:
-                return False
-            now = self.loop.time()
-            refill = (now - self._unseen_at) * FRAME_RATE
-            self._unseen_allowed = min(FRAME_BURST, self._unseen_allowed + refill)
-            self._unseen_at = now
-            if self._unseen_allowed >= 1:
-                self._unseen_allowed -= 1
-                return True
-            self._flooded = True
-            peer = self.transport.get_extra_info("peername")
-            log.warning("%s: over %g pings, pongs or fragments a second; WebSocket closed",
-                        peer[0] if peer else "?", FRAME_RATE)  # fmt: skip
-            if self.conn.state is State.OPEN:
-                self.conn.send_close(CloseCode.POLICY_VIOLATION, "too many control frames")
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            # As uvicorn's own closes do: no second close at shutdown (websockets raised, and
-            # the server's exit crashed), and the app hears of it now, not at the reset.
-            self.close_sent = True
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1008})
-            self.transport.close()  # the write watch aborts it if the close never flushes
-            return False
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            # A handshake websockets cannot parse gets a 4xx (a header line over 8 KiB, over
-            # 128 headers) or an end of stream (a body) it only queues: uvicorn, waiting for a
-            # request that never comes, neither sent it nor closed, so the socket stayed open.
-            if not self.handshake_initiated and self.conn.handshake_exc is not None:
-                self.transport.write(b"".join(self.conn.data_to_send()))
-                self.transport.close()
-
-    GuardedWebSocket.limits = limits
-    return GuardedWebSocket
+    return type(GuardedWebSocket.__name__, (GuardedWebSocket,), {"limits": limits})
 
 
 class _UntilClose(RequestResponseCycle):
@@ -305,178 +308,180 @@ class _UntilClose(RequestResponseCycle):
         await super().send(message)
 
 
+class GuardedHttp(_WriteWatch, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds in the module's docstring; subclassed with
+    its `limits` by :func:`guarded_protocol`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._host: str | None = None  # the peer's address, for the log
+        self._release: Callable[[], None] = _nothing  # its per-client count
+        self._deadline: asyncio.TimerHandle | None = None  # the request being read
+        self._in_head = True  # reading a request line and headers
+        self._head_bytes = 0  # read since the head began (an unfinished head's size)
+        self._refused: tuple[HTTPStatus | None, str] | None = None  # by a callback
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        _sockopt(transport, socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        self._answering: RequestResponseCycle | None = None
+        self._host = self.client[0] if self.client else None
+        if self.limits.max_connections and len(self.connections) > self.limits.max_connections:
+            self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry")
+        elif (release := self.limits.admit(self._host)) is None:
+            self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from you")
+        else:
+            self._release = release
+            self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._let_go()
+        # uvicorn tells only the newest request; the one being answered and those queued
+        # behind it must also stop writing to the closed socket.
+        for cycle in (self._answering, *(c for c, _ in self.pipeline)):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
+        if cycle.scope["http_version"] == "1.0":
+            cycle.__class__ = _UntilClose  # (uvicorn makes the cycle; its class is fixed)
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def handle_websocket_upgrade(self) -> None:
+        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            # Pipelined behind a response under way (no browser does this): handed over,
+            # the socket would orphan that response, whose stream went on unwatched and
+            # held its slot for minutes after the client left. Dropped, it ends with it.
+            log.warning("%s: WebSocket upgrade behind a response; aborted", self._host)
+            self._drop()
+            return
+        # The WebSocket protocol takes the socket over, with its own watch and this
+        # connection's per-client count.
+        self._cancel_deadline()
+        self._unwatch()
+        super().handle_websocket_upgrade()
+        if isinstance(ws := self.transport.get_protocol(), _WriteWatch) and ws is not self:
+            ws.release, self._release = self._release, _nothing  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # A head still unfinished after all this data: httptools buffers it whole.
+        closing = self.transport.is_closing()  # refused while parsing
+        if self._in_head and not closing and self._head_bytes > self.limits.max_header_bytes:
+            self._refuse(*self._head_too_large())
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_deadline()
+        self._header_size = 16  # the request line's method and version, about
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._count_header(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Counted as each arrives, so a chunked body's trailers, which the parser adds to
+        # the request's headers after on_headers_complete, are bounded with the rest.
+        super().on_header(name, value)
+        self._count_header(name, value, b": \r\n")
+
+    def _count_header(self, *parts: bytes) -> None:
+        """Add to the block as sent (an empty header line is 4 bytes of it, not 0)."""
+        self._header_size += sum(map(len, parts))
+        if self._header_size > self.limits.max_header_bytes:
+            self._stop(*self._head_too_large())
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_bytes = False, 0
+        super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:  # no answer: responses are under way
+            log.warning("%s: over %d pipelined requests; aborted", self._host, MAX_PIPELINED)
+            self._stop(None, "too many pipelined requests")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True
+        self._cancel_deadline()
+
+    def _stop(self, status: HTTPStatus | None, text: str) -> None:
+        self._refused = (status, text)
+        raise _StopParsing(text)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parser error, which includes our own refusals."""
+        refused, self._refused = self._refused, None
+        if refused is None and self._may_answer():
+            super().send_400_response(msg)
+        elif refused is None:
+            self.transport.close()  # a malformed request behind one being answered
+        elif refused[0] is None:
+            self._drop()
+        else:
+            self._refuse(*refused)
+
+    def _head_too_large(self) -> tuple[HTTPStatus, str]:
+        log.warning("%s: header block over %d bytes; closed", self._host,
+                    self.limits.max_header_bytes)  # fmt: skip
+        return (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"the header block is over {self.limits.max_header_bytes} bytes")  # fmt: skip
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.limits.request_timeout_s, self._read_late)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _read_late(self) -> None:
+        self._deadline = None
+        if self._in_head and self._head_bytes == 0:
+            self.transport.close()  # an idle connection: nothing to answer
+            return
+        log.warning("%s: request not received within %g s; closed", self._host,
+                    self.limits.request_timeout_s)  # fmt: skip
+        self._refuse(HTTPStatus.REQUEST_TIMEOUT, "the request did not arrive in time")
+
+    def _may_answer(self) -> bool:
+        """Whether a status line may be written now: no response is under way, and the
+        request being read has not been answered already (an early 404, say)."""
+        if self.cycle is None:
+            return True
+        if self._in_head:  # a new request: its predecessor must be fully answered
+            return self.cycle.response_complete
+        return not self.cycle.response_started
+
+    def _refuse(self, status: HTTPStatus, text: str) -> None:
+        """Answer `status` when a status line may be written, and close."""
+        if self._may_answer():
+            self.transport.write(_response(status, text))
+            if self.cycle is not None and not self._in_head:
+                # The app reading this request will answer a closed connection; the
+                # request count must have this status, the one the client got.
+                self.cycle.scope[ANSWERED] = status.value
+        self._let_go()
+        self.transport.close()  # the write watch aborts it if the client never reads
+
+    def _drop(self) -> None:
+        """Reset the connection now, with no answer, and give back its count."""
+        self._let_go()
+        _abort(self.transport)
+
+    def _let_go(self) -> None:
+        """Stop the request deadline and give back the per-client count (idempotent)."""
+        self._cancel_deadline()
+        self._release()
+
+
 def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol under `limits` (pass it as uvicorn.Config(http=...))."""
-
-    class GuardedHttp(_WriteWatch, HttpToolsProtocol):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self._host: str | None = None  # the peer's address, for the log
-            self._release: Callable[[], None] = _nothing  # its per-client count
-            self._deadline: asyncio.TimerHandle | None = None  # the request being read
-            self._in_head = True  # reading a request line and headers
-            self._head_bytes = 0  # read since the head began (an unfinished head's size)
-            self._refused: tuple[HTTPStatus | None, str] | None = None  # by a callback
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            _sockopt(transport, socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-            self._answering: RequestResponseCycle | None = None
-            self._host = self.client[0] if self.client else None
-            if limits.max_connections and len(self.connections) > limits.max_connections:
-                self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry")
-            elif (release := limits.admit(self._host)) is None:
-                self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from you")
-            else:
-                self._release = release
-                self._arm_deadline()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._let_go()
-            # uvicorn tells only the newest request; the one being answered and those queued
-            # behind it must also stop writing to the closed socket.
-            for cycle in (self._answering, *(c for c, _ in self.pipeline)):
-                if cycle is not None and not cycle.response_complete:
-                    cycle.disconnected = True
-                    cycle.message_event.set()
-            super().connection_lost(exc)
-
-        def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
-            if cycle.scope["http_version"] == "1.0":
-                cycle.__class__ = _UntilClose  # (uvicorn makes the cycle; its class is fixed)
-            self._answering = cycle
-            super()._start_asgi_task(cycle, app)
-
-        def handle_websocket_upgrade(self) -> None:
-            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
-                # Pipelined behind a response under way (no browser does this): handed over,
-                # the socket would orphan that response, whose stream went on unwatched and
-                # held its slot for minutes after the client left. Dropped, it ends with it.
-                log.warning("%s: WebSocket upgrade behind a response; aborted", self._host)
-                self._drop()
-                return
-            # The WebSocket protocol takes the socket over, with its own watch and this
-            # connection's per-client count.
-            self._cancel_deadline()
-            self._unwatch()
-            super().handle_websocket_upgrade()
-            if isinstance(ws := self.transport.get_protocol(), _WriteWatch) and ws is not self:
-                ws.release, self._release = self._release, _nothing  # type: ignore[attr-defined]
-
-        def data_received(self, data: bytes) -> None:
-            if self._in_head:
-                self._head_bytes += len(data)
-            super().data_received(data)
-            # A head still unfinished after all this data: httptools buffers it whole.
-            closing = self.transport.is_closing()  # refused while parsing
-            if self._in_head and not closing and self._head_bytes > limits.max_header_bytes:
-                self._refuse(*self._head_too_large())
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm_deadline()
-            self._header_size = 16  # the request line's method and version, about
-
-        def on_url(self, url: bytes) -> None:
-            super().on_url(url)
-            self._count_header(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            # Counted as each arrives, so a chunked body's trailers, which the parser adds to
-            # the request's headers after on_headers_complete, are bounded with the rest.
-            super().on_header(name, value)
-            self._count_header(name, value, b": \r\n")
-
-        def _count_header(self, *parts: bytes) -> None:
-            """Add to the block as sent (an empty header line is 4 bytes of it, not 0)."""
-            self._header_size += sum(map(len, parts))
-            if self._header_size > limits.max_header_bytes:
-                self._stop(*self._head_too_large())
-
-        def on_headers_complete(self) -> None:
-            self._in_head, self._head_bytes = False, 0
-            super().on_headers_complete()
-            if len(self.pipeline) > MAX_PIPELINED:  # no answer: responses are under way
-                log.warning("%s: over %d pipelined requests; aborted", self._host, MAX_PIPELINED)
-                self._stop(None, "too many pipelined requests")
-
-        def on_message_complete(self) -> None:
-            super().on_message_complete()
-            self._in_head = True
-            self._cancel_deadline()
-
-        def _stop(self, status: HTTPStatus | None, text: str) -> None:
-            self._refused = (status, text)
-            raise _StopParsing(text)
-
-        def send_400_response(self, msg: str) -> None:
-            """uvicorn's answer to a parser error, which includes our own refusals."""
-            refused, self._refused = self._refused, None
-            if refused is None and self._may_answer():
-                super().send_400_response(msg)
-            elif refused is None:
-                self.transport.close()  # a malformed request behind one being answered
-            elif refused[0] is None:
-                self._drop()
-            else:
-                self._refuse(*refused)
-
-        def _head_too_large(self) -> tuple[HTTPStatus, str]:
-            log.warning("%s: header block over %d bytes; closed", self._host,
-                        limits.max_header_bytes)  # fmt: skip
-            return (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    f"the header block is over {limits.max_header_bytes} bytes")  # fmt: skip
-
-        def _arm_deadline(self) -> None:
-            if self._deadline is None:
-                self._deadline = self.loop.call_later(limits.request_timeout_s, self._read_late)
-
-        def _cancel_deadline(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _read_late(self) -> None:
-            self._deadline = None
-            if self._in_head and self._head_bytes == 0:
-                self.transport.close()  # an idle connection: nothing to answer
-                return
-            log.warning("%s: request not received within %g s; closed", self._host,
-                        limits.request_timeout_s)  # fmt: skip
-            self._refuse(HTTPStatus.REQUEST_TIMEOUT, "the request did not arrive in time")
-
-        def _may_answer(self) -> bool:
-            """Whether a status line may be written now: no response is under way, and the
-            request being read has not been answered already (an early 404, say)."""
-            if self.cycle is None:
-                return True
-            if self._in_head:  # a new request: its predecessor must be fully answered
-                return self.cycle.response_complete
-            return not self.cycle.response_started
-
-        def _refuse(self, status: HTTPStatus, text: str) -> None:
-            """Answer `status` when a status line may be written, and close."""
-            if self._may_answer():
-                self.transport.write(_response(status, text))
-                if self.cycle is not None and not self._in_head:
-                    # The app reading this request will answer a closed connection; the
-                    # request count must have this status, the one the client got.
-                    self.cycle.scope[ANSWERED] = status.value
-            self._let_go()
-            self.transport.close()  # the write watch aborts it if the client never reads
-
-        def _drop(self) -> None:
-            """Reset the connection now, with no answer, and give back its count."""
-            self._let_go()
-            _abort(self.transport)
-
-        def _let_go(self) -> None:
-            """Stop the request deadline and give back the per-client count (idempotent)."""
-            self._cancel_deadline()
-            self._release()
-
-    GuardedHttp.limits = limits
-    return GuardedHttp
+    return type(GuardedHttp.__name__, (GuardedHttp,), {"limits": limits})
 
 
 def raise_fd_limit(connections: int) -> int:

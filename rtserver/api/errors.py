@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Callable
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
@@ -24,11 +25,12 @@ from rtserver.service import (
 log = logging.getLogger("rtserver.api")
 
 
-def _body(status: int, detail: str, extra: object = None) -> dict[str, object]:
-    body: dict[str, object] = {"status_code": status, "detail": detail}
-    if extra is not None:
-        body["extra"] = extra
-    return body
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """Every error's body (OpenAI's routes reshape it: rtserver.api.openai)."""
+
+    status_code: int
+    detail: str  # what was wrong, for a person
+    extra: dict | list | None = None
 
 
 _MISSING = re.compile(r"missing required field `([^`]+)`")
@@ -52,7 +54,7 @@ def validation_error(_: Request, exc: ValidationException) -> Response:
     ]
     detail = "; ".join(messages) or str(exc.detail)
     extra = problems or exc.extra
-    return Response(_body(422, f"invalid request: {detail}", extra), status_code=422)
+    return Response(ErrorBody(422, f"invalid request: {detail}", extra), status_code=422)
 
 
 # Litestar's multipart parser refuses a form of more than 1000 parts with this 400.
@@ -64,16 +66,16 @@ def http_error(_: Request, exc: HTTPException) -> Response:
     if (status, detail) == _TOO_MANY_PARTS:
         status, detail = 413, "the form has too many parts (at most 1000)"
     return Response(
-        _body(status, detail, exc.extra or None), status_code=status, headers=exc.headers
+        ErrorBody(status, detail, exc.extra or None), status_code=status, headers=exc.headers
     )
 
 
 def unknown_speaker(_: Request, exc: UnknownSpeaker) -> Response:
-    return Response(_body(400, str(exc), {"valid_speakers": exc.valid}), status_code=400)
+    return Response(ErrorBody(400, str(exc), {"valid_speakers": exc.valid}), status_code=400)
 
 
 def text_rejected(_: Request, exc: TextRejected) -> Response:
-    return Response(_body(exc.status, str(exc), {"code": exc.code}), status_code=exc.status)
+    return Response(ErrorBody(exc.status, str(exc), {"code": exc.code}), status_code=exc.status)
 
 
 def _plain(status: int, retry: bool = False) -> Callable[[Request, Exception], Response]:
@@ -82,27 +84,27 @@ def _plain(status: int, retry: bool = False) -> Callable[[Request, Exception], R
     headers = {"Retry-After": "1"} if retry else None
 
     def handler(_: Request, exc: Exception) -> Response:
-        return Response(_body(status, str(exc)), status_code=status, headers=headers)
+        return Response(ErrorBody(status, str(exc)), status_code=status, headers=headers)
 
     return handler
 
 
 def client_gone(_: Request, exc: ClientGone) -> Response:
     # Nobody reads this; answering (instead of raising) keeps a normal event out of the logs.
-    return Response(_body(499, "client closed the request"), status_code=499)
+    return Response(ErrorBody(499, "client closed the request"), status_code=499)
 
 
 def synthesis_failed(_: Request, exc: SynthesisFailed) -> Response:
-    return Response(_body(500, f"synthesis failed: {exc}"), status_code=500)
+    return Response(ErrorBody(500, f"synthesis failed: {exc}"), status_code=500)
 
 
 def speaker_refused(_: Request, exc: SpeakerRefused) -> Response:
-    return Response(_body(exc.status, str(exc)), status_code=exc.status)
+    return Response(ErrorBody(exc.status, str(exc)), status_code=exc.status)
 
 
 def internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return Response(_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+    return Response(ErrorBody(500, f"internal error: {type(exc).__name__}"), status_code=500)
 
 
 EXCEPTION_HANDLERS = {

@@ -25,6 +25,7 @@ from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtserver.api.docs import BINARY, L16, audio_operation, multipart_body
+from rtserver.api.errors import ErrorBody
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -45,12 +46,6 @@ F = TypeVar("F", bound=msgspec.Struct)  # an upstream route's form fields
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a 30 s prompt as 48 kHz stereo WAV is 5.8 MB
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ErrorBody(msgspec.Struct):
-    status_code: int
-    detail: str  # what was wrong, for a person
-    extra: dict | list | None = None
 
 
 ERROR_DOCS = {

@@ -28,6 +28,7 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from rtserver.api.docs import BINARY, audio_operation
+from rtserver.api.errors import ErrorBody
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
@@ -228,12 +229,13 @@ def by_path(handler: Callable[[Request, Exception], Response]):
         if not request.url.path.startswith(OPENAI_PREFIX):
             return ours
         body, status = ours.content, ours.status_code
-        extra = body.get("extra")
+        assert isinstance(body, ErrorBody)  # every handler's
+        extra = body.extra
         code = extra.get("code") if isinstance(extra, dict) else None
         param = extra[0].get("key") if isinstance(extra, list) and extra else None
         if isinstance(exc, UnknownSpeaker):
             param = exc.field
-        error = openai_error(status, body["detail"], param, code)
+        error = openai_error(status, body.detail, param, code)
         # OpenAI answers invalid input (too long too) with 400: its SDKs' BadRequestError.
         status = 400 if status in (413, 422) else status
         return Response(error, status_code=status, headers=dict(ours.headers))
@@ -243,12 +245,12 @@ def by_path(handler: Callable[[Request, Exception], Response]):
 
 def openai_error(
     status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, dict[str, object]]:
+) -> OpenAIError:
     """An error body in OpenAI's shape (also for refusals made before routing: a key missing)."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 401:
         code = "invalid_api_key"  # as OpenAI answers a key missing or wrong
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return OpenAIError(OpenAIErrorDetail(message, kind, param, code))
 
 
 ROUTES = [speech, voices, models, model]
