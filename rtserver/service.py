@@ -568,7 +568,7 @@ class TTSService:
         if not speakable(text):
             raise TextRejected("no_speakable_text", f"{field}: has nothing to speak")
 
-    def open_session(
+    async def open_session(
         self,
         spk_id: str | Speaker,
         client: str,
@@ -579,14 +579,16 @@ class TTSService:
         stream: bool = False,
         incremental: bool = False,
         text_streaming: bool = False,
+        instructions: str | None = None,
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
-        ShuttingDown, UnknownSpeaker, UnsupportedFormat, UnsupportedOption, TooManyForClient
-        or Busy, holding nothing then.
-        ``spk_id``: a speaker's id, or one made for this session (:meth:`prompt_speaker`,
-        :meth:`steered`)."""
+        ShuttingDown, TextRejected, UnknownSpeaker, UnsupportedFormat, UnsupportedOption,
+        TooManyForClient or Busy, holding nothing then.
+        ``spk_id``: a speaker's id, or one made for this request (:meth:`prompt_speaker`),
+        steered by ``instructions`` (:meth:`steered`)."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another")
+        spk_id = await self.steered(spk_id, instructions)
         speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
         try:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)

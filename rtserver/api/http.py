@@ -237,10 +237,10 @@ async def open_stream(
     the first audio exists, so a failure before it (or text the voice says nothing for) is
     still an HTTP error."""
     service.check_whole_text(text, field)
-    spk_id = await service.steered(spk_id, instructions)
-    session = service.open_session(
-        spk_id, client_of(request), fmt, rate_out, speed=speed, seed=seed, stream=stream
-    )
+    session = await service.open_session(
+        spk_id, client_of(request), fmt, rate_out,
+        speed=speed, seed=seed, stream=stream, instructions=instructions,
+    )  # fmt: skip
     session.say(text)  # cannot refuse: the text is checked
     events = session.events()
     first = await _until_disconnect(request, _first_output(events))

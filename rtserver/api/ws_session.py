@@ -403,13 +403,13 @@ class WsSession:
             return
         try:
             began = time.perf_counter()
-            speaker = await self.service.steered(msg.spk_id, msg.instructions)
-            self._waited += time.perf_counter() - began  # a worker thread's, not the loop's
-            session = self.service.open_session(
-                speaker, self.client, msg.format, msg.sample_rate,
+            session = await self.service.open_session(
+                msg.spk_id, self.client, msg.format, msg.sample_rate,
                 speed=msg.speed, seed=msg.seed, stream=True, incremental=True,
-                text_streaming=msg.text_streaming,
+                text_streaming=msg.text_streaming, instructions=msg.instructions,
             )  # fmt: skip
+            # The instructions are prepared in a worker thread: not the loop's time.
+            self._waited += time.perf_counter() - began
         except TextRejected as exc:  # the instructions
             await self._error(exc.code, str(exc), cid)
             return
