@@ -142,6 +142,49 @@ class LLMRequest:
         self.prefix, self.prefix_fed = None, 0  # an input cancelled while going in
 
 
+def _check_steppable(requests: Sequence[LLMRequest]) -> None:
+    for r in requests:
+        if r.done:
+            raise ValueError("step() got a finished request")
+        if r.bistream is not None and not r.ready:
+            raise ValueError("step() got a streaming request that is waiting for text")
+    if len({id(r) for r in requests}) != len(requests):
+        raise ValueError("step() got the same request twice")
+
+
+@dataclass
+class _Packed:
+    """One step's inputs, packed, and what the step changes in its requests once its forward
+    has run (:meth:`commit`)."""
+
+    embeds: list[torch.Tensor] = field(default_factory=list)  # each request's new positions
+    lens: list[int] = field(default_factory=list)
+    caches: list[KVCache] = field(default_factory=list)
+    fresh: list[tuple[LLMRequest, KVCache]] = field(default_factory=list)  # first step
+    # inputs longer than prefill_chunk, and how far they got with this step
+    partial: list[tuple[LLMRequest, torch.Tensor, int]] = field(default_factory=list)
+    streamed: list[BistreamState] = field(default_factory=list)  # pending inputs taken
+
+    @property
+    def decode_only(self) -> bool:
+        """One new position per request, every cache started: what a decode graph replays."""
+        return not self.fresh and not self.partial and max(self.lens) == 1
+
+    def commit(self) -> set[int]:
+        """Record the step in its requests; returns the ids of those still mid-prefix."""
+        for r, cache in self.fresh:
+            r.cache = cache
+        for bs in self.streamed:
+            bs.pending = []
+        mid_prefill = set()
+        for r, prefix, fed in self.partial:
+            done_prefix = fed >= prefix.shape[0]
+            r.prefix, r.prefix_fed = (None, 0) if done_prefix else (prefix, fed)
+            if not done_prefix:
+                mid_prefill.add(id(r))
+        return mid_prefill
+
+
 class LLMEngine:
     """Wraps a loaded speech LM (v2/v3 :class:`QwenSpeechLM`, v1 :class:`TransformerSpeechLM`);
     ``model.llm`` of :func:`cosyvoice.load`."""
@@ -215,62 +258,53 @@ class LLMEngine:
         and now waits for text (``ready``). A request that reaches
         ``max_len`` returns its last token and is done ("length"). ``r.flow_tokens`` gets the
         tokens meant for token2wav (v3 drops long silent runs, spec §8.5)."""
-        for r in requests:
-            if r.done:
-                raise ValueError("step() got a finished request")
-            if r.bistream is not None and not r.ready:
-                raise ValueError("step() got a streaming request that is waiting for text")
-        if len({id(r) for r in requests}) != len(requests):
-            raise ValueError("step() got the same request twice")
+        _check_steppable(requests)
         if not requests:
             return []
-        embeds, lens, caches = [], [], []
-        fresh: list[tuple[LLMRequest, KVCache]] = []
-        # inputs longer than prefill_chunk, and how far they got
-        partial: list[tuple[LLMRequest, torch.Tensor, int]] = []
-        streamed: list[BistreamState] = []  # whose pending inputs this step takes
+        batch = self._pack(requests)
+        with self._lock:
+            g = self.graphs
+            if g is not None and batch.decode_only and g.fits(batch.caches):
+                logits = g.run(torch.cat(batch.embeds), batch.caches)
+            else:
+                logits = self.net.forward_packed(torch.cat(batch.embeds), batch.caches, batch.lens)
+        mid_prefill = batch.commit()  # only now: a failed forward leaves requests as they were
+        # a copy (a replayed graph reuses its output buffer; last_logits must outlive the step);
+        # sampling reads back only what it needs (B x top_k on a GPU)
+        return self._sample(requests, logits.to(torch.float32, copy=True), mid_prefill)
+
+    def _pack(self, requests: Sequence[LLMRequest]) -> _Packed:
+        """Each request's input for this step: its last token, its whole prefix, or the next
+        chunk of a long one (``prefill_chunk``)."""
+        batch = _Packed()
         last = self._last_tokens(requests)
         for r in requests:
             if r.prefix is not None:  # the rest of a long input, a chunk per step
                 full, cache, st = r.prefix, r.cache, r.prefix_fed
             else:
-                full, st = last.get(id(r)), 0
+                full, cache, st = last.get(id(r)), r.cache, 0
                 if full is None:
                     full = self._input(r)
                 if r.bistream is not None:
-                    streamed.append(r.bistream)
-                cache = r.cache
+                    batch.streamed.append(r.bistream)
                 if cache is None:
                     cache = self.net.new_cache(self.dtype, self.device)
-                    fresh.append((r, cache))
+                    batch.fresh.append((r, cache))
             n = full.shape[0] - st
             if self.prefill_chunk is not None:
                 n = min(n, self.prefill_chunk)
             if st or n < full.shape[0]:
-                partial.append((r, full, st + n))
-            embeds.append(full[st : st + n])
-            lens.append(n)
-            caches.append(cache)
-        with self._lock:
-            g = self.graphs
-            if g is not None and not fresh and not partial and max(lens) == 1 and g.fits(caches):
-                logits = g.run(torch.cat(embeds), caches)
-            else:
-                logits = self.net.forward_packed(torch.cat(embeds), caches, lens)
-        for r, cache in fresh:  # only now: a failed forward leaves them un-started
-            r.cache = cache
-        for bs in streamed:
-            bs.pending = []
-        mid_prefill = set()
-        for r, prefix, fed in partial:
-            done_prefix = fed >= prefix.shape[0]
-            r.prefix, r.prefix_fed = (None, 0) if done_prefix else (prefix, fed)
-            if not done_prefix:
-                mid_prefill.add(id(r))
-        # a copy (a replayed graph reuses its output buffer; last_logits must outlive the step);
-        # sampling reads back only what it needs (B x top_k on a GPU)
-        logits = logits.to(torch.float32, copy=True)
-        # one batched draw for every request that samples (per-row generators inside)
+                batch.partial.append((r, full, st + n))
+            batch.embeds.append(full[st : st + n])
+            batch.lens.append(n)
+            batch.caches.append(cache)
+        return batch
+
+    def _sample(
+        self, requests: Sequence[LLMRequest], logits: torch.Tensor, mid_prefill: set[int]
+    ) -> list[int | None]:
+        """Each request's token from its row of ``logits``: one batched draw for every request
+        that samples (per-row generators inside), forced tokens as they are."""
         plan: list[Draw | int | None] = []  # a draw, a forced token, or nothing this step
         for r, lg in zip(requests, logits, strict=True):
             if id(r) in mid_prefill:  # nothing to sample until the whole prefix is in
