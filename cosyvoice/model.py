@@ -717,16 +717,7 @@ def load(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     lcfg = llm_config(family, cfg, model_dir)
-    net = TransformerSpeechLM(lcfg) if family == "v1" else QwenSpeechLM(lcfg)
-    net.load_checkpoint(model_dir / "llm.pt")
-    net = net.to(device=device, dtype=dtype).eval()
-    can_pack = can_pack_linears(device, dtype)
-    if packed and not can_pack:
-        raise ValueError(
-            f"packed linears need float32 on an x86 CPU with oneDNN, not {dtype} on {device}"
-        )
-    if can_pack if packed is None else packed:
-        pack_linears(net)
+    net = _load_llm(model_dir, family, lcfg, device, dtype, packed)
     frontend = Frontend(model_dir, family, use_wetext=use_wetext)
     speakers = SpeakerStore(
         model_dir,
@@ -762,6 +753,28 @@ def load(
         if graphs:
             model.token2wav.flow.enable_graphs(max_batch)
     return model
+
+
+def _load_llm(
+    model_dir: Path,
+    family: Family,
+    lcfg: LLMConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    packed: bool | None,
+) -> QwenSpeechLM | TransformerSpeechLM:
+    """The speech-token LM on ``device`` in ``dtype``, its linears packed (see :func:`load`)."""
+    net = TransformerSpeechLM(lcfg) if family == "v1" else QwenSpeechLM(lcfg)
+    net.load_checkpoint(model_dir / "llm.pt")
+    net = net.to(device=device, dtype=dtype).eval()
+    can_pack = can_pack_linears(device, dtype)
+    if packed and not can_pack:
+        raise ValueError(
+            f"packed linears need float32 on an x86 CPU with oneDNN, not {dtype} on {device}"
+        )
+    if can_pack if packed is None else packed:
+        pack_linears(net)
+    return net
 
 
 def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: torch.dtype, **opts):
