@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -64,23 +65,29 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
     the audio is longer (an hour-long upload is never fully decoded).
     """
     if isinstance(src, tuple):
-        arr, rate = src
-        arr = np.asarray(arr, dtype=np.float32)
-        if arr.ndim == 2:
-            arr = arr.mean(axis=0)
-        if arr.ndim != 1 or arr.size == 0:
-            raise AudioError("sample array must be non-empty and 1-D or (channels, N)")
-        return arr, int(rate)
-
-    import av  # only for encoded audio: decoded samples need no codec
-
+        return _samples(*src)
     if isinstance(src, bytes | bytearray | memoryview):
         src = io.BytesIO(bytes(src))
     elif isinstance(src, str | Path):
         src = io.BytesIO(Path(src).read_bytes())
     head = src.read(12)
     src.seek(-len(head), io.SEEK_CUR)
-    fmt = sniff_container(head)
+    return _decode(src, sniff_container(head), max_seconds)
+
+
+def _samples(arr: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr.mean(axis=0)
+    if arr.ndim != 1 or arr.size == 0:
+        raise AudioError("sample array must be non-empty and 1-D or (channels, N)")
+    return arr, int(rate)
+
+
+def _decode(src: io.IOBase, fmt: str | None, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """The first audio stream of the container in ``src`` (FFmpeg's demuxer ``fmt``)."""
+    import av  # only for encoded audio: decoded samples need no codec
+
     try:
         with av.open(src, mode="r", format=fmt) as container:
             if not container.streams.audio:
@@ -90,22 +97,10 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
                 raise AudioError(
                     f"cannot decode audio: no decoder for its codec ({fmt or 'probed'})"
                 )
-            # packed float keeps full precision for every input format (PyAV's planar
-            # to_ndarray crashed the process on 8 channels)
-            resampler = av.AudioResampler(format="flt", layout=None, rate=None)
-            chunks: list[np.ndarray] = []
             rate = stream.rate or stream.codec_context.sample_rate
             if rate and rate > MAX_RATE:
                 raise AudioError(f"sample rate above {MAX_RATE} Hz")
-            limit = int(max_seconds * rate) if max_seconds and rate else None
-            n = 0
-            for frame in container.decode(stream):
-                for f in resampler.resample(frame):
-                    chunks.append(_mono(f))
-                    n += chunks[-1].size
-                if limit is not None and n > limit:
-                    raise AudioError(f"audio too long: more than {max_seconds:g} s")
-            chunks += [_mono(f) for f in resampler.resample(None)]
+            chunks = _frames(container.decode(stream), rate, max_seconds)
     except AudioError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
@@ -113,6 +108,25 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
     if not chunks or not rate:
         raise AudioError("audio stream is empty")
     return np.concatenate(chunks), int(rate)
+
+
+def _frames(frames: Iterable, rate: int, max_seconds: float | None) -> list[np.ndarray]:
+    """Decoded frames as mono float chunks; AudioError once past ``max_seconds``."""
+    import av
+
+    limit = int(max_seconds * rate) if max_seconds and rate else None
+    # packed float keeps full precision for every input format (PyAV's planar
+    # to_ndarray crashed the process on 8 channels)
+    resampler = av.AudioResampler(format="flt", layout=None, rate=None)
+    chunks: list[np.ndarray] = []
+    n = 0
+    for frame in frames:
+        for f in resampler.resample(frame):
+            chunks.append(_mono(f))
+            n += chunks[-1].size
+        if limit is not None and n > limit:
+            raise AudioError(f"audio too long: more than {max_seconds:g} s")
+    return chunks + [_mono(f) for f in resampler.resample(None)]
 
 
 def _mono(frame) -> np.ndarray:
