@@ -117,6 +117,16 @@ def served(app: Litestar) -> ASGIApp:
     return with_request_id(count_requests(inner, app.state.metrics))
 
 
+def _log_ready(service: TTSService, settings: Settings) -> None:
+    ids = [s.id for s in service.speakers()]
+    log.info("ready: engine=%s speakers=%s on http://%s:%d", service.engine.name, ids,
+             settings.host, settings.port)  # fmt: skip
+    for voice, spk in openai.voice_aliases(tuple(settings.voice_alias)).items():
+        if spk not in ids:  # it may be registered later (POST /speakers)
+            log.warning("--voice-alias %s=%s: no speaker %r (yet); until there is one, "
+                        "voice %r gets 400", voice, spk, spk, voice)  # fmt: skip
+
+
 def create_app(
     settings: Settings, engine: Engine | None = None, replica: str | None = None
 ) -> Litestar:
@@ -124,23 +134,16 @@ def create_app(
     through :func:`served`, which adds the key and host checks (they run before routing)."""
     metrics = Metrics(replica)
 
+    def boot() -> TTSService:
+        svc = TTSService(settings, engine or load_engine(settings), metrics, replica)
+        svc.start()
+        return svc
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        def boot() -> TTSService:
-            eng = engine or load_engine(settings)
-            svc = TTSService(settings, eng, metrics, replica)
-            svc.start()
-            return svc
-
         service = await in_own_thread(boot)
         app.state.service = service
-        ids = [s.id for s in service.speakers()]
-        log.info("ready: engine=%s speakers=%s on http://%s:%d", service.engine.name, ids,
-                 settings.host, settings.port)  # fmt: skip
-        for voice, spk in openai.voice_aliases(tuple(settings.voice_alias)).items():
-            if spk not in ids:  # it may be registered later (POST /speakers)
-                log.warning("--voice-alias %s=%s: no speaker %r (yet); until there is one, "
-                            "voice %r gets 400", voice, spk, spk, voice)  # fmt: skip
+        _log_ready(service, settings)
         watch = asyncio.create_task(service.watch_speakers(), name="watch-speakers")
         try:
             yield

@@ -256,15 +256,9 @@ class HiFT(nn.Module):
         frames (host ints: nothing here waits for the device)."""
         cfg, spf = self.cfg, self.cfg.samples_per_frame
         b, _, t = mel.shape
-        dev = mel.device
-        win = self.window.to(dev)
-        hop, nfft = cfg.hop_len, cfg.n_fft
+        dev, hop = mel.device, cfg.hop_len
         nfr = t * spf // hop + 1
-        s_stft = torch.zeros(b, nfft + 2, nfr, device=dev)
-        for i in range(b):
-            spec = torch.stft(s[i, 0, : lens[i] * spf], nfft, hop, nfft, window=win,
-                              return_complex=True)  # fmt: skip
-            s_stft[i, :, : spec.shape[-1]] = torch.cat([spec.real, spec.imag], dim=0)
+        s_stft = self._source_stft(s, lens, nfr)
         frames = h2d(lens, dev)
 
         def mask(length_per_frame: float, size: int) -> torch.Tensor:
@@ -296,15 +290,32 @@ class HiFT(nn.Module):
                 xs = y if xs is None else xs + y
             x = xs / n_res
         x = F.leaky_relu(x)
-        x = self.conv_post(x * m)
+        return self._wave(self.conv_post(x * m), lens, t * spf)
+
+    def _source_stft(self, s: torch.Tensor, lens: list[int], nfr: int) -> torch.Tensor:
+        """Each item's source over its valid length, as (B, n_fft + 2, nfr) real and
+        imaginary parts (zero past its frames)."""
+        nfft, hop, spf = self.cfg.n_fft, self.cfg.hop_len, self.cfg.samples_per_frame
+        win = self.window.to(s.device)
+        out = torch.zeros(s.shape[0], nfft + 2, nfr, device=s.device)
+        for i, n in enumerate(lens):
+            spec = torch.stft(s[i, 0, : n * spf], nfft, hop, nfft, window=win, return_complex=True)
+            out[i, :, : spec.shape[-1]] = torch.cat([spec.real, spec.imag], dim=0)
+        return out
+
+    def _wave(self, x: torch.Tensor, lens: list[int], samples: int) -> torch.Tensor:
+        """conv_post's log-magnitudes and phases -> (B, samples) audio by the inverse STFT,
+        each item over its valid frames."""
+        cfg, spf = self.cfg, self.cfg.samples_per_frame
+        nfft, hop = cfg.n_fft, cfg.hop_len
+        win = self.window.to(x.device)
         nb = nfft // 2 + 1
         mag = torch.exp(x[:, :nb]).clip(max=1e2)
         ph = torch.sin(x[:, nb:])
         spec = torch.complex(mag * torch.cos(ph), mag * torch.sin(ph))
-        out = torch.zeros(b, t * spf, device=dev)
-        for i in range(b):
-            fr = lens[i] * spf // hop + 1
-            y = torch.istft(spec[i, :, :fr], nfft, hop, nfft, window=win)
+        out = torch.zeros(x.shape[0], samples, device=x.device)
+        for i, n in enumerate(lens):
+            y = torch.istft(spec[i, :, : n * spf // hop + 1], nfft, hop, nfft, window=win)
             out[i, : y.shape[-1]] = y
         return out.clamp(-cfg.audio_limit, cfg.audio_limit)
 
