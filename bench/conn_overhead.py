@@ -10,6 +10,7 @@ microseconds per request (median of the rounds, and each round).
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import statistics
@@ -58,7 +59,9 @@ def new_connection_us(port: int, n: int) -> float:
 
 
 def main() -> None:
-    roots = sys.argv[1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("roots", nargs="+", help="checkouts to compare (each serves from its folder)")
+    roots = ap.parse_args().roots
     ports = {root: PORT + i for i, root in enumerate(roots)}
     procs = [start(root, port) for root, port in ports.items()]
     times: dict[str, tuple[list[float], list[float]]] = {r: ([], []) for r in roots}

@@ -1,9 +1,9 @@
 """Write a FULL-SIZE random-weight CosyVoice2-0.5B model dir in the official layout.
 
-No download: every size comes from the released ``cosyvoice2.yaml``, which we rebuild from the
-tiny golden yaml by reversing exactly the edits the golden README lists (and the two release-only
-differences of spec §2.2). Weights are random; tokenizer/ONNX files are the tiny golden
-stand-ins (the real ones cannot be fetched here). Output (default ``bench/out/CosyVoice2-0.5B``,
+No model download, but it needs the golden fixtures' ``cosyvoice2/`` (README, Quickstart): every
+size comes from the released ``cosyvoice2.yaml``, which we rebuild from the tiny golden yaml by
+reversing the edits that made it tiny (and the release's ``filter.max_length``). Weights are
+random; tokenizer/ONNX files are the tiny golden stand-ins (``--assets-from`` a real dir). Output (default ``bench/out/CosyVoice2-0.5B``,
 git-ignored) loads with ``cosyvoice.load`` like the real dir.
 
     uv run python bench/make_full_model.py [--out DIR] [--seed 0] [--no-flow-hift]
@@ -33,7 +33,7 @@ from golden.paths import resolve_golden_dir  # noqa: E402  (where the tests find
 from cosyvoice.config import llm_config, read_yaml  # noqa: E402
 from cosyvoice.llm.lm import UNUSED_KEYS, QwenSpeechLM  # noqa: E402
 
-# (section path, key, tiny value, released value): reverse of the golden README's edit list
+# (section path, key, tiny value, released value): the edits that made the golden yaml tiny, reversed
 YAML_EDITS: list[tuple[str, str, str, str]] = [
     ("", "llm_input_size", "64", "896"),
     ("", "llm_output_size", "64", "896"),
@@ -49,10 +49,10 @@ YAML_EDITS: list[tuple[str, str, str, str]] = [
     ("flow.decoder.estimator", "num_heads", "2", "8"),
     ("hift", "base_channels", "64", "512"),
     ("hift.f0_predictor", "cond_channels", "32", "512"),
-    ("filter", "max_length", "6000", "40960"),  # release vs example conf (spec §2.2)
+    ("filter", "max_length", "6000", "40960"),  # the release's value, not the example conf's
 ]
 
-# Qwen2-0.5B shape (spec §7.2), as CosyVoice-BlankEN/config.json of the release
+# Qwen2-0.5B's shape, as CosyVoice-BlankEN/config.json of the release
 QWEN_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],
     "attention_dropout": 0.0,
@@ -91,7 +91,7 @@ def full_yaml(tiny_text: str) -> str:
             r"(:\s*)" + re.escape(old), lambda m, new=new: m.group(1) + new, lines[i], count=1
         )
     text = "".join(lines)
-    # the release predates the online-feature additions (spec §2.2)
+    # the release predates the online-feature additions of the example conf
     text = re.sub(r"\n    num_frames: 960", "", text)
     text = re.sub(r"compute_whisper_fbank: !name:[^\n]*\n(?:    [^\n]*\n)*", "", text)
     text = text.replace("    !ref <compute_whisper_fbank>,\n", "")
@@ -204,6 +204,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     src = resolve_golden_dir() / "cosyvoice2" / "model"
+    if not (src / "cosyvoice2.yaml").is_file():
+        sys.exit(f"no golden CosyVoice2 dir at {src}: put the golden fixtures at .golden/ or "
+                 "set COSYVOICE_GOLDEN=DIR (README, Quickstart)")  # fmt: skip
     out: Path = args.out
     (out / "CosyVoice-BlankEN").mkdir(parents=True, exist_ok=True)
 

@@ -44,7 +44,8 @@ WEB_DEMO = next((d for d in (_HERE / "web_demo", _HERE.parent / "web_demo") if d
 async def index() -> File:
     if WEB_DEMO is None:
         raise NotFoundException("this install has no web demo")
-    return File(WEB_DEMO / "index.html", content_disposition_type="inline", media_type="text/html")
+    page = WEB_DEMO / "index.html"
+    return File(page, filename=page.name, content_disposition_type="inline", media_type="text/html")
 
 
 class StaticFileSystem(BaseLocalFileSystem):

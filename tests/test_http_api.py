@@ -186,6 +186,25 @@ def test_schema_violations_are_422(server, body, field):
             assert field in [p["key"] for p in got["extra"]], got  # a missing one said `data`
 
 
+@pytest.mark.parametrize(
+    "form, field",
+    [
+        ({"spk_id": "joe"}, "tts_text"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "speed": "9"}, "speed"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "speed": "fast"}, "speed"),
+        ({"tts_text": "Hello.", "spk_id": "joe", "seed": "-1"}, "seed"),
+    ],
+)
+def test_form_violations_name_their_field(server, form, field):
+    """Upstream's routes take forms: each problem is under its field's key (it said `form`),
+    urlencoded and multipart alike."""
+    url = f"{server.base_url}/inference_sft"
+    multipart = {k: (None, v) for k, v in form.items()}
+    for r in (httpx.post(url, data=form, timeout=30), httpx.post(url, files=multipart, timeout=30)):
+        got = error(r, 422)
+        assert [p["key"] for p in got["extra"]] == [field], got
+
+
 def test_malformed_json_is_rejected_with_json_body(server):
     r = httpx.post(
         f"{server.base_url}/tts", content=b"{not json", headers={"content-type": "application/json"}

