@@ -160,12 +160,13 @@ class Places:
         self._turns: deque[tuple[str, asyncio.Future[Callable[[], None]]]] = deque()
 
     @contextlib.asynccontextmanager
-    async def enter(self, client: str) -> AsyncIterator[None]:
+    async def enter(self, client: str, gone: asyncio.Event | None = None) -> AsyncIterator[None]:
+        """A place for ``client``; ClientGone once ``gone`` is set while it waits."""
         if self.inside < self.size and self._may_take(client):  # then no one may be waiting
             self.inside += 1
             release = self.holders.acquire(client)
         else:
-            release = await self._wait_turn(client)
+            release = await self._wait_turn(client, gone)
         try:
             yield
         finally:
@@ -180,8 +181,9 @@ class Places:
     def _may_take(self, client: str) -> bool:
         return not self.share or self.holders.held_by(client) < self.share
 
-    async def _wait_turn(self, client: str) -> Callable[[], None]:
-        """Until a place is handed over (its release is returned), or Busy."""
+    async def _wait_turn(self, client: str, gone: asyncio.Event | None) -> Callable[[], None]:
+        """Until a place is handed over (its release is returned); Busy, or ClientGone once
+        ``gone`` is set (a client that left gives its turn up at once)."""
         if len(self._turns) >= self.waiting:
             raise Busy(f"{self.size} {self.what} and {self.waiting} waiting; try again")
         try:
@@ -190,18 +192,30 @@ class Places:
             raise Busy(f"{exc}; try again") from None
         turn: asyncio.Future[Callable[[], None]] = asyncio.get_running_loop().create_future()
         self._turns.append(entry := (client, turn))
+        left = asyncio.ensure_future(gone.wait()) if gone is not None else None
         try:
-            return await asyncio.wait_for(asyncio.shield(turn), self.wait_s)
-        except BaseException as exc:  # timed out or cancelled: a place handed over goes on
-            if turn.done():
-                self._leave(turn.result())
-            else:
-                self._turns.remove(entry)
-            if isinstance(exc, TimeoutError):
-                raise Busy(f"{self.size} {self.what} for {self.wait_s:g}s; try again") from None
+            await asyncio.wait([f for f in (turn, left) if f], timeout=self.wait_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        except BaseException:  # cancelled
+            self._forgo(entry)
             raise
         finally:
             unwait()
+            if left is not None:
+                left.cancel()
+        if turn.done() and not (gone is not None and gone.is_set()):
+            return turn.result()
+        self._forgo(entry)
+        if gone is not None and gone.is_set():
+            raise ClientGone()
+        raise Busy(f"{self.size} {self.what} for {self.wait_s:g}s; try again")
+
+    def _forgo(self, entry: tuple[str, asyncio.Future[Callable[[], None]]]) -> None:
+        """A waiter stops waiting: out of the line, or a place already handed to it goes on."""
+        if entry[1].done():
+            self._leave(entry[1].result())
+        else:
+            self._turns.remove(entry)
 
     def _leave(self, release: Callable[[], None]) -> None:
         """The place goes to the first waiter of a client holding the fewest places: waiters
@@ -368,12 +382,15 @@ class TTSService:
             "prompts_waiting": self._extractions.waiters.held(),
         }
 
-    def receiving_upload(self, client: str) -> contextlib.AbstractAsyncContextManager[None]:
+    def receiving_upload(
+        self, client: str, gone: asyncio.Event | None = None
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """A place to read an upload's body in, waited for in turn (before a byte of it is
-        read: a waiter costs a connection), or Busy (503). One client address holds at most
-        half of them (a slow upload holds its place until the request deadline): its others
-        wait for its own to end, as its streams past its share do."""
-        return self._uploads.enter(client)
+        read: a waiter costs a connection), or Busy (503); ClientGone once ``gone`` is set
+        while it waits. One client address holds at most half of them (a slow upload holds
+        its place until the request deadline): its others wait for its own to end, as its
+        streams past its share do."""
+        return self._uploads.enter(client, gone)
 
     def slow_upload(self, client: str, held_s: float, received: int) -> str | None:
         """Why `client`'s upload that has held its place `held_s` and received `received`
@@ -392,7 +409,12 @@ class TTSService:
         )
 
     async def register_speaker(
-        self, spk_id: str, audio: bytes, prompt_text: str, client: str = ""
+        self,
+        spk_id: str,
+        audio: bytes,
+        prompt_text: str,
+        client: str = "",
+        gone: asyncio.Event | None = None,
     ) -> Speaker:
         register = getattr(self.engine, "register_speaker", None)
         if register is None:
@@ -418,7 +440,7 @@ class TTSService:
         check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
         self._registering.add(spk_id)  # from here on, waiting for a place included
         try:
-            async with self._extracting(client):
+            async with self._extracting(client, gone):
                 speaker = await in_own_thread(lambda: register(spk_id, audio, prompt_text))
         except (ValueError, KeyError) as exc:  # AudioError, SpeakerError, empty text
             # Another replica sharing the speaker dir may have taken the name meanwhile.
@@ -480,6 +502,7 @@ class TTSService:
         prompt_text: str | None,
         instruction: str | None = None,
         client: str = "",
+        gone: asyncio.Event | None = None,
     ) -> Speaker:
         """A speaker for one request from a prompt recording (upstream's /inference_zero_shot
         with its transcript, /inference_cross_lingual without, /inference_instruct2 with an
@@ -491,7 +514,7 @@ class TTSService:
             self.check_instructions(instruction)
         if prompt_text is not None:
             check_text(prompt_text, 0, MAX_PROMPT_TEXT_CHARS, "prompt_text")
-        async with self._extracting(client):
+        async with self._extracting(client, gone):
             try:
                 return await in_own_thread(lambda: make(audio, prompt_text, instruction))
             except (ValueError, KeyError) as exc:  # AudioError, empty text, v1's instruct2
@@ -526,10 +549,11 @@ class TTSService:
             raise UnknownSpeaker(speaker.id, [s.id for s in self.speakers()]) from None
 
     @contextlib.asynccontextmanager
-    async def _extracting(self, client: str) -> AsyncIterator[None]:
+    async def _extracting(self, client: str, gone: asyncio.Event | None) -> AsyncIterator[None]:
         """A place to analyse a prompt in (its own thread: ONNX models), waited for in turn
-        (a backend registering four voices at once), or Busy."""
-        async with self._extractions.enter(client):
+        (a backend registering four voices at once), or Busy; ClientGone once ``gone`` is set
+        while it waits (nobody would hear of the analysis)."""
+        async with self._extractions.enter(client, gone):
             try:
                 yield
             finally:

@@ -701,6 +701,30 @@ def test_upload_bodies_are_read_a_few_at_a_time(make_server):
     assert_idle(srv)
 
 
+def test_an_upload_waiter_that_leaves_gives_its_turn_up(make_server):
+    """A client that closed its connection while its upload waited for a place kept its
+    turn until its 15 s wait ran out: four such from one address held that address's whole
+    share of waiting, and its next upload got 503. Now the turn goes as the client does."""
+    srv = make_server("--no-warmup", "--min-upload-kib-s", "0")
+    busy = [slow_upload(srv, source) for source in ("127.0.0.2", "127.0.0.3") for _ in range(2)]
+    assert eventually(srv.healthz, lambda h: h["uploads_reading"] == 4)["uploads_reading"] == 4
+    left = [slow_upload(srv, "127.0.0.5") for _ in range(4)]  # its share of waiting
+    assert eventually(srv.healthz, lambda h: h["uploads_waiting"] == 4)["uploads_waiting"] == 4
+    for s in left:
+        s.close()
+    began = time.monotonic()
+    h = eventually(srv.healthz, lambda h: h["uploads_waiting"] == 0, 10)
+    assert h["uploads_waiting"] == 0 and time.monotonic() - began < 5, h
+    with ThreadPoolExecutor(1) as pool:
+        again = pool.submit(upload, srv, "127.0.0.5")  # waits: it is not refused
+        assert eventually(srv.healthz, lambda h: h["uploads_waiting"] == 1)["uploads_waiting"]
+        busy.pop().close()
+        assert upload_read(again.result(timeout=30))
+    for s in busy:
+        s.close()
+    assert_idle(srv)
+
+
 def test_a_slow_upload_keeps_its_place_while_places_are_free(make_server):
     """One address's third upload waits for one of its own two places, with two places
     free: a slow upload of another address is no one's wait, and is not cut (it was, with a

@@ -407,3 +407,40 @@ def test_a_place_left_goes_to_the_waiting_client_holding_the_fewest():
         return order
 
     assert run(go()) == ["a0", "a1", "b4", "a2", "a3"]
+
+
+def test_a_waiter_whose_client_left_gives_its_turn_and_a_handed_place_up():
+    """A waiter whose `gone` is set leaves the line at once (ClientGone), and a place handed
+    to a waiter that left in the same moment goes on to the next one: no place is lost."""
+    from rtserver.service import ClientGone, Places
+
+    async def go() -> tuple[list[str], int]:
+        places = Places(1, "uploads", waiting=8, wait_s=5)
+        order: list[str] = []
+        inside, gone_a, gone_b = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def use(client: str, gone: asyncio.Event | None, until: asyncio.Event) -> None:
+            async with places.enter(client, gone):
+                order.append(client)
+                await until.wait()
+
+        first = asyncio.create_task(use("x", None, inside))
+        await asyncio.sleep(0.01)
+        a = asyncio.create_task(use("a", gone_a, asyncio.Event()))
+        b = asyncio.create_task(use("b", gone_b, asyncio.Event()))
+        c = asyncio.create_task(use("c", None, asyncio.Event()))
+        await asyncio.sleep(0.01)
+        gone_a.set()  # a leaves while waiting
+        await asyncio.sleep(0.01)
+        assert a.done() and isinstance(a.exception(), ClientGone)
+        inside.set()  # x leaves: the place is handed to b ...
+        gone_b.set()  # ... which leaves in the same moment: it goes on to c
+        await first
+        await eventually(lambda: b.done() and "c" in order)
+        assert isinstance(b.exception(), ClientGone)
+        c.cancel()
+        await asyncio.gather(c, return_exceptions=True)
+        return order, places.inside + places.waiters.held() + len(places._turns)
+
+    order, held = run(go())
+    assert order == ["x", "c"] and held == 0

@@ -67,6 +67,10 @@ NOTSENT_LOWAT = 128 * 1024
 # one): these leave room for both, and cut a flood after a fraction of a second.
 FRAME_RATE = 50.0
 FRAME_BURST = 200
+# A request's scope key: an asyncio.Event set when its connection is lost. The app learns of
+# that from `receive` only once it has read the whole body; a request waiting for a place to
+# read its body in would hold its turn in the queue until its wait ran out.
+GONE = "rtserver.gone"
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -342,12 +346,15 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
+                if (gone := cycle.scope.get(GONE)) is not None:
+                    gone.set()
         super().connection_lost(exc)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
         if cycle.scope["http_version"] == "1.0":
             cycle.__class__ = _UntilClose  # (uvicorn makes the cycle; its class is fixed)
         self._answering = cycle
+        cycle.scope[GONE] = asyncio.Event()
         super()._start_asgi_task(cycle, app)
 
     def handle_websocket_upgrade(self) -> None:

@@ -24,6 +24,7 @@ from litestar.params import Body, Parameter
 from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from rtserver.api.connection import GONE
 from rtserver.api.docs import BINARY, L16, audio_operation, multipart_body
 from rtserver.api.errors import ErrorBody
 from rtserver.engine import Speaker
@@ -194,6 +195,12 @@ def _find_abort(exc: BaseException | None) -> StreamAborted | None:
 def client_of(connection: ASGIConnection) -> str:
     """The client address that per-client quotas count against."""
     return connection.client.host if connection.client else "unknown"
+
+
+def gone_of(request: Request) -> asyncio.Event | None:
+    """Set once the request's connection is lost (rtserver.api.connection.GONE); None under
+    another server (Ray Serve's proxy)."""
+    return request.scope.get(GONE)
 
 
 async def strict_json(request: Request) -> None:
@@ -380,7 +387,7 @@ async def _read_form(request: Request) -> None:
     MAX_UPLOADS bodies at a time, and one too slow while others wait is cut (408)."""
     service: TTSService = request.app.state.service
     client = client_of(request)
-    async with service.receiving_upload(client):
+    async with service.receiving_upload(client, gone_of(request)):
         meter = _BodyMeter(request)
         reading = asyncio.ensure_future(request.form())
         try:
@@ -559,6 +566,7 @@ async def _speak_prompted(
         getattr(form, "prompt_text", None),
         getattr(form, "instruct_text", None),
         client_of(request),
+        gone_of(request),
     )
     body, rate = await open_stream(
         request, service, form.tts_text, speaker, "pcm", seed=form.seed, speed=form.speed
@@ -649,7 +657,9 @@ async def register_speaker(
     request: Request,
 ) -> SpeakerInfo:
     audio = await data.prompt_wav.read()
-    s = await service.register_speaker(data.spk_id, audio, data.prompt_text, client_of(request))
+    s = await service.register_speaker(
+        data.spk_id, audio, data.prompt_text, client_of(request), gone_of(request)
+    )
     return _info(s)
 
 
