@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -51,9 +56,13 @@ class Results:
 
 
 def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    """From nvidia-smi: this process (the dtypes' parent) makes no CUDA context of its own,
+    which would hold device memory the measured processes' flow caches are sized by."""
+    try:
+        smi = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "--id=0"]
+        return subprocess.run(smi, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "no CUDA device"
 
 
 class ServerTarget:
@@ -236,9 +245,9 @@ def _timed(fn, calls: list[tuple[int, float]]):
     return timed
 
 
-def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[str]) -> int:
-    """Appends a row per level to `rows` as it goes (kept if a later level fails); the
-    capacity."""
+def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[str], saved) -> int:
+    """Appends a row per level to `rows` as it goes, calling `saved()` after each (kept if a
+    later level fails); the capacity."""
     cap = 0
     target.burst(2)  # warm caches
     for n in sorted({*levels, *capacity}):
@@ -246,6 +255,7 @@ def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[st
             continue  # already past capacity: skip the larger capacity levels
         if time.monotonic() > deadline:
             rows.append(f"| {dtype} | {n} | (not run: past --budget-s) | | | |")
+            saved()
             break
         res = target.burst(n)
         ttfa = [r["ttfa"] * 1000 for r in res]
@@ -258,6 +268,7 @@ def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[st
             f"{max(r['rtf'] for r in res):.2f} | {under} |{split}"
         )
         print(rows[-1], flush=True)
+        saved()
     return cap
 
 
@@ -287,7 +298,11 @@ def parity(device: str, limit_s: float) -> str:
         print(e.stdout, e.stderr, flush=True)
         return f"not finished in {limit_s:.0f} s"
     print(r.stdout[-3000:], r.stderr[-2000:], flush=True)
-    return (r.stdout.strip().splitlines() or ["no output"])[-1]
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    if r.returncode in (0, 1) and ("passed" in last or "failed" in last):
+        return last
+    why = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["no output"])[-1]
+    return f"pytest exited {r.returncode}: {why}"[:300]
 
 
 def main() -> None:
@@ -303,47 +318,101 @@ def main() -> None:
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--budget-s", type=float, default=450,
                     help="no new burst starts after this long (the whole run)")  # fmt: skip
+    ap.add_argument(
+        "--grace-s",
+        type=float,
+        default=60,
+        help="a dtype's process still running this long past --budget-s is killed",
+    )
     ap.add_argument("--body-out", type=Path, help="also write the section's text here")
+    ap.add_argument("--one-dtype", help=argparse.SUPPRESS)  # a child: measure this one
+    ap.add_argument("--state", type=Path, help=argparse.SUPPRESS)  # ... writing its results here
+    ap.add_argument("--deadline-in", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.one_dtype:
+        return measure_one(args)
     t0 = time.monotonic()
-    if not os.path.isdir(args.model):
+    if not complete_model(Path(args.model)):
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_full_model.py"),
                         "--out", args.model], check=True)  # fmt: skip
     deadline = t0 + args.budget_s
     par = "skipped" if args.skip_parity else parity(args.device, min(150, args.budget_s / 3))
     print("parity:", par, flush=True)
     res = Results()
-    target_cls = EngineTarget if args.engine else ServerTarget
-    setup_s = 0.0  # the last dtype's load and warm-up (a minute or more on a GPU)
     for dtype in args.dtypes:
-        if time.monotonic() + setup_s > deadline:  # would run past the time the run was given
+        if time.monotonic() > deadline - 60:  # no time to load a model and measure anything
             res.notes[dtype] = "not run: past --budget-s"
-            report(args, par, res, time.monotonic() - t0)
-            continue
-        try:  # one dtype failing must not cost the other its numbers
-            began = time.monotonic()
-            target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
-                                args.vocoder_thread)  # fmt: skip
-            setup_s = time.monotonic() - began
-            try:
-                res.caps[dtype] = measure(
-                    target, dtype, args.levels, args.capacity, deadline, res.rows
-                )
-                if args.engine:
-                    res.notes[dtype] = f"{target.graphs_note()}; {target.zero_shot_note()}"
-                    print(dtype, res.notes[dtype], flush=True)
-                    report(args, par, res, time.monotonic() - t0)  # kept if the profile hangs
-                    if dtype == args.dtypes[-1]:  # a crash in it (CUPTI) costs nothing measured
-                        profile(target, dtype, res, deadline)
-            finally:
-                target.close()
-        except Exception as e:
-            traceback.print_exc()
-            res.notes[dtype] = f"failed: {type(e).__name__}: {e}"[:300]
-        if args.engine:
-            free_device()  # out of the except: its traceback held the half-made model
+        else:
+            run_child(args, dtype, deadline, res)
         report(args, par, res, time.monotonic() - t0)  # after each dtype: a run cut short by a
         # time limit still leaves what it measured
+
+
+def complete_model(model: Path) -> bool:
+    """Whether ``model`` holds a whole dir (a build cut short left a part of one)."""
+    names = ("cosyvoice2.yaml", "llm.pt", "spk2info.pt", "flow.pt", "hift.pt")
+    return all((model / name).is_file() for name in names)
+
+
+def run_child(args, dtype: str, deadline: float, res: Results) -> None:
+    """Measure ``dtype`` in a process of its own, killed past the deadline's grace: a CUDA
+    error that poisons the context, a crash or a hung burst costs that dtype's remaining
+    rows only. Its results (rows as measured) come back through a JSON file."""
+    state = Path(tempfile.mkstemp(suffix=".json")[1])
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--one-dtype", dtype, "--state", str(state),
+           "--deadline-in", str(deadline - time.monotonic())]  # fmt: skip
+    # its own process group: a kill takes the server it may have started too
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=deadline + args.grace_s - time.monotonic())
+        why = None if rc == 0 else f"its process exited {rc}"
+    except subprocess.TimeoutExpired:
+        why = f"its process was killed {args.grace_s:.0f} s past --budget-s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    got = Results(**json.loads(state.read_text() or "{}"))
+    state.unlink(missing_ok=True)
+    res.rows += got.rows
+    res.caps.update(got.caps)
+    res.profiles.update({d: (w, t) for d, (w, t) in got.profiles.items()})
+    note = got.notes.get(dtype, "")
+    if why:
+        note = f"{note}; {why}" if note else why
+    if note:
+        res.notes[dtype] = note
+
+
+def measure_one(args) -> None:
+    """A child's work (:func:`run_child`): one dtype's rows, capacity, notes and profile,
+    saved to ``--state`` after each."""
+    deadline = time.monotonic() + args.deadline_in
+    dtype, res = args.one_dtype, Results()
+
+    def save() -> None:
+        args.state.write_text(json.dumps(dataclasses.asdict(res)))
+
+    target_cls = EngineTarget if args.engine else ServerTarget
+    try:
+        target = target_cls(args.model, args.device, dtype, args.tokens, max(args.capacity),
+                            args.vocoder_thread)  # fmt: skip
+        try:
+            res.caps[dtype] = measure(
+                target, dtype, args.levels, args.capacity, deadline, res.rows, save
+            )
+            if args.engine:
+                res.notes[dtype] = f"{target.graphs_note()}; {target.zero_shot_note()}"
+                print(dtype, res.notes[dtype], flush=True)
+                save()  # kept if the profile hangs
+                if dtype == args.dtypes[-1]:  # a crash in it (CUPTI) costs nothing measured
+                    profile(target, dtype, res, deadline)
+        finally:
+            target.close()
+    except Exception as e:
+        traceback.print_exc()
+        res.notes[dtype] = f"failed: {type(e).__name__}: {e}"[:300]
+    save()
 
 
 def report(args, parity_result: str, res: Results, seconds: float) -> None:

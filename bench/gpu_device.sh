@@ -15,4 +15,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export COSYVOICE_GOLDEN=$(realpath "${COSYVOICE_GOLDEN:-.golden}")
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 bench/bench_gpu.py --engine --body-out "$out/gpu.md" "$@" 2>&1 | tee "$out/gpu.log"
+# bench_gpu.py keeps to its --budget-s (450 s) and kills a dtype's process 60 s past it; this
+# timeout is the last resort, within a 600 s call: gpu.md holds what was measured by then.
+timeout -k 5 570 python3 bench/bench_gpu.py --engine --body-out "$out/gpu.md" "$@" 2>&1 | tee "$out/gpu.log"

@@ -139,11 +139,16 @@ def capture_graph(
         try:
             with torch.cuda.stream(stream):  # allocator, kernels, lazily grown buffers
                 fn()
-            with (
-                _no_cast_cache(stream.device.type),
-                torch.cuda.graph(graph, mempool, stream, "thread_local"),
-            ):
-                out = fn()
+            # capture_begin/end as torch.cuda.graph does, without what it does first: a device
+            # sync and emptying the device's and pinned host memory caches. Graphs met first
+            # mid-burst (a final chunk's shape) are captured while other streams run; those
+            # stalled every stream and made the next allocations go to the driver again.
+            with _no_cast_cache(stream.device.type), torch.cuda.stream(stream):
+                graph.capture_begin(mempool, capture_error_mode="thread_local")
+                try:
+                    out = fn()
+                finally:
+                    graph.capture_end()
         finally:
             torch.cuda.set_stream(caller)
         caller.wait_stream(stream)
