@@ -449,7 +449,8 @@ def report(args, parity_result: str, res: Results, seconds: float) -> None:
 Command: `bench/bench_gpu.py {flags}{" --engine" if args.engine else ""}`, commit
 {git_rev()}, {seconds:.0f} s in all, {machine()}. Model: `bench/make_full_model.py`
 output (random weights), LLM forced to {args.tokens} tokens ({args.tokens / 25:.0f} s of audio)
-per request; {how}. Golden parity on {args.device}, float32: {parity_result}. Real-time capacity
+per request; {how}; float32 rows with torch's defaults (TF32 convolutions, float32 matmuls).
+Golden parity on {args.device}, float32 (no TF32): {parity_result}. Real-time capacity
 (largest N with no stream underrunning): {", ".join(f"{d} {c}" for d, c in res.caps.items())}.
 {"".join(f"{d}: {n}. " for d, n in res.notes.items())}
 {split}

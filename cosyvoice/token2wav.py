@@ -392,6 +392,9 @@ class Token2Wav:
         )
         call = batch * (blocks_for(cfg.token_max_hop_len + cfg.pre_lookahead_len) + 1) * BLOCK
         bound = cfg.flow_cache_mb * 2**20 / per_token  # tokens
+        # the warm-up's first call grew the pool for `batch` streams (15 GB of the full
+        # CosyVoice2 in float32 at 64): that memory is the pool's to take again, not used
+        pool.drop()
         # the prompts' copies live outside the pool, in the same device memory
         fits = (self._room() / per_token - call) / (POOL_OVERSHOOT + PROMPT_SHARE)
         if fits < bound:
@@ -414,9 +417,14 @@ class Token2Wav:
         )
 
     def _room(self) -> float:
-        """Bytes the flow's pool may take on its device: 0.6 of the free memory on a GPU."""
+        """Bytes the flow's pool may take on its device: 0.6 of the free memory on a GPU (with
+        what the allocator holds unused given back first: it is free for the pool too)."""
         dev = self.flow.input_embedding.weight.device
-        return 0.6 * torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else math.inf
+        if dev.type != "cuda":
+            return math.inf
+        torch.cuda.synchronize(dev)  # (once, at warm-up) so freed tensors' blocks go back too
+        torch.cuda.empty_cache()
+        return 0.6 * torch.cuda.mem_get_info(dev)[0]
 
     def keep_prompt(
         self, embedding: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor

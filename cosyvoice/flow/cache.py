@@ -143,6 +143,14 @@ class FlowPool:
             self.sized = True
             self._shrink()
 
+    def drop(self) -> None:
+        """Let the tensors go (they are made again at the next call): what they took counts as
+        free memory when the pool is sized. Nothing may be held."""
+        with self.lock:
+            if self.held:
+                raise RuntimeError("drop() needs a pool that holds nothing")
+            self._shrink()
+
     def free_blocks(self) -> dict[str, int]:
         """Blocks free now, per resolution (before the pool would grow)."""
         with self.lock:
