@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,13 +32,14 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from report import ROOT, delivery, first_audio, git_rev, machine, pct, write_section
+from report import COMPLETE, ROOT, delivery, first_audio, git_rev, machine, pct, write_section
 
 TEXT = "Hello there, this is a benchmark sentence for the graphics card."
 LEVELS = (1, 16, 64)
 CAPACITY = (32, 48, 64, 96, 128, 192, 256)
 PROFILE_STREAMS = 16
 PROFILE_MARGIN_S = 60  # a profile starts only this long before --budget-s ends
+SUMMARY = re.compile(r"\b(passed|failed|skipped|error|errors|no tests ran)\b")
 PARITY_TESTS = [
     "tests/golden/test_e2e.py",
     "tests/golden/test_utterance.py",
@@ -246,8 +248,8 @@ def _timed(fn, calls: list[tuple[int, float]]):
 
 
 def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[str], saved) -> int:
-    """Appends a row per level to `rows` as it goes, calling `saved()` after each (kept if a
-    later level fails); the capacity."""
+    """Appends a row per level to `rows` as it goes, calling `saved(capacity so far)` after
+    each (kept if a later level fails); the capacity."""
     cap = 0
     target.burst(2)  # warm caches
     for n in sorted({*levels, *capacity}):
@@ -255,7 +257,7 @@ def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[st
             continue  # already past capacity: skip the larger capacity levels
         if time.monotonic() > deadline:
             rows.append(f"| {dtype} | {n} | (not run: past --budget-s) | | | |")
-            saved()
+            saved(cap)
             break
         res = target.burst(n)
         ttfa = [r["ttfa"] * 1000 for r in res]
@@ -268,7 +270,7 @@ def measure(target, dtype: str, levels, capacity, deadline: float, rows: list[st
             f"{max(r['rtf'] for r in res):.2f} | {under} |{split}"
         )
         print(rows[-1], flush=True)
-        saved()
+        saved(cap)
     return cap
 
 
@@ -298,11 +300,11 @@ def parity(device: str, limit_s: float) -> str:
         print(e.stdout, e.stderr, flush=True)
         return f"not finished in {limit_s:.0f} s"
     print(r.stdout[-3000:], r.stderr[-2000:], flush=True)
-    last = (r.stdout.strip().splitlines() or [""])[-1]
-    if r.returncode in (0, 1) and ("passed" in last or "failed" in last):
-        return last
-    why = (r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or ["no output"])[-1]
-    return f"pytest exited {r.returncode}: {why}"[:300]
+    summary = [line.strip("= ") for line in r.stdout.splitlines() if SUMMARY.search(line)]
+    if summary and r.returncode in (0, 1, 5):  # 5: every test skipped (or none collected)
+        return summary[-1]
+    why = summary or r.stderr.strip().splitlines() or r.stdout.strip().splitlines() or [""]
+    return f"pytest exited {r.returncode}: {why[-1]}"[:300]
 
 
 def main() -> None:
@@ -331,6 +333,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.one_dtype:
         return measure_one(args)
+    # a SIGTERM (gpu_device.sh's last-resort timeout) ends the parent through its finally
+    # blocks, which kill a running dtype's process group: it would run on, on the GPU
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     if not complete_model(Path(args.model)):
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_full_model.py"),
@@ -349,16 +354,18 @@ def main() -> None:
 
 
 def complete_model(model: Path) -> bool:
-    """Whether ``model`` holds a whole dir (a build cut short left a part of one)."""
-    names = ("cosyvoice2.yaml", "llm.pt", "spk2info.pt", "flow.pt", "hift.pt")
-    return all((model / name).is_file() for name in names)
+    """Whether ``model`` holds a whole dir: make_full_model.py writes its marker last (a build
+    cut short left a part of one)."""
+    return (model / COMPLETE).is_file()
 
 
 def run_child(args, dtype: str, deadline: float, res: Results) -> None:
     """Measure ``dtype`` in a process of its own, killed past the deadline's grace: a CUDA
     error that poisons the context, a crash or a hung burst costs that dtype's remaining
     rows only. Its results (rows as measured) come back through a JSON file."""
-    state = Path(tempfile.mkstemp(suffix=".json")[1])
+    fd, name = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    state = Path(name)
     cmd = [sys.executable, __file__, *sys.argv[1:], "--one-dtype", dtype, "--state", str(state),
            "--deadline-in", str(deadline - time.monotonic())]  # fmt: skip
     # its own process group: a kill takes the server it may have started too
@@ -372,7 +379,10 @@ def run_child(args, dtype: str, deadline: float, res: Results) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    got = Results(**json.loads(state.read_text() or "{}"))
+    try:
+        got = Results(**json.loads(state.read_text() or "{}"))
+    except ValueError:  # (written atomically: only a child that never wrote it)
+        got = Results()
     state.unlink(missing_ok=True)
     res.rows += got.rows
     res.caps.update(got.caps)
@@ -390,8 +400,12 @@ def measure_one(args) -> None:
     deadline = time.monotonic() + args.deadline_in
     dtype, res = args.one_dtype, Results()
 
-    def save() -> None:
-        args.state.write_text(json.dumps(dataclasses.asdict(res)))
+    def save(cap: int | None = None) -> None:
+        if cap is not None:  # as it goes: a child killed later keeps what it found
+            res.caps[dtype] = cap
+        part = args.state.with_suffix(".part")
+        part.write_text(json.dumps(dataclasses.asdict(res)))
+        part.replace(args.state)  # whole, even if the child is killed while writing
 
     target_cls = EngineTarget if args.engine else ServerTarget
     try:

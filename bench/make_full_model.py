@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 from golden.paths import resolve_golden_dir  # noqa: E402  (where the tests find them)
+from report import COMPLETE  # noqa: E402
 
 from cosyvoice.config import llm_config, read_yaml  # noqa: E402
 from cosyvoice.llm.lm import UNUSED_KEYS, QwenSpeechLM  # noqa: E402
@@ -208,6 +209,7 @@ def main() -> None:
         sys.exit(f"no golden CosyVoice2 dir at {src}: put the golden fixtures at .golden/ or "
                  "set COSYVOICE_GOLDEN=DIR (README, Quickstart)")  # fmt: skip
     out: Path = args.out
+    (out / COMPLETE).unlink(missing_ok=True)  # a rebuild cut short must not pass for whole
     (out / "CosyVoice-BlankEN").mkdir(parents=True, exist_ok=True)
 
     (out / "cosyvoice2.yaml").write_text(
@@ -234,6 +236,7 @@ def main() -> None:
     for p in sorted(out.rglob("*")):
         if p.is_file():
             print(f"{p.stat().st_size:>14,d}  {p.relative_to(out)}")
+    (out / COMPLETE).write_text("written whole by bench/make_full_model.py\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
+COMPLETE = ".complete"  # make_full_model.py writes it last: its model dir is whole
 sys.path.insert(0, str(ROOT / "tests"))
 
 

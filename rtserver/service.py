@@ -610,9 +610,9 @@ class TTSService:
         TooManyForClient or Busy, holding nothing then.
         ``spk_id``: a speaker's id, or one made for this request (:meth:`prompt_speaker`),
         steered by ``instructions`` (:meth:`steered`)."""
-        if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another")
         spk_id = await self.steered(spk_id, instructions)
+        if self.draining:  # (after the wait above: the drain may have begun meanwhile)
+            raise ShuttingDown("the server is shutting down; retry on another")
         speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
         try:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)

@@ -34,6 +34,7 @@ import contextlib
 import ipaddress
 import logging
 import resource
+import select
 import socket
 import struct
 import sys
@@ -71,6 +72,8 @@ FRAME_BURST = 200
 # that from `receive` only once it has read the whole body; a request waiting for a place to
 # read its body in would hold its turn in the queue until its wait ran out.
 GONE = "rtserver.gone"
+# How often a connection whose body reading is paused is looked at for a peer that left.
+PEER_CHECK_S = 0.5
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -146,6 +149,22 @@ def _sockopt(transport: asyncio.Transport, level: int, name: int, value: int | b
     sock = transport.get_extra_info("socket")
     with contextlib.suppress(AttributeError, OSError):  # not a TCP socket, or not Linux
         sock.setsockopt(level, name, value)
+
+
+# POLLRDHUP: the peer shut its side down (Linux; elsewhere only a reset or hang-up shows)
+_PEER_GONE = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def _peer_left(transport: asyncio.Transport) -> bool:
+    """Whether the peer closed or reset the connection, looked at without reading (what it
+    sent before its close stays unread): for a socket whose reading is paused, which asyncio
+    no longer watches."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poll = select.poll()
+    poll.register(sock.fileno(), _PEER_GONE)
+    return bool(poll.poll(0))
 
 
 def _abort(transport: asyncio.Transport) -> None:
@@ -324,6 +343,7 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         self._in_head = True  # reading a request line and headers
         self._head_bytes = 0  # read since the head began (an unfinished head's size)
         self._refused: tuple[HTTPStatus | None, str] | None = None  # by a callback
+        self._peer_watch: asyncio.TimerHandle | None = None  # while body reading is paused
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -381,6 +401,8 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         closing = self.transport.is_closing()  # refused while parsing
         if self._in_head and not closing and self._head_bytes > self.limits.max_header_bytes:
             self._refuse(*self._head_too_large())
+        elif self.flow.read_paused and self._peer_watch is None and not closing:
+            self._peer_watch = self.loop.call_later(PEER_CHECK_S, self._check_peer)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -409,6 +431,23 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         if len(self.pipeline) > MAX_PIPELINED:  # no answer: responses are under way
             log.warning("%s: over %d pipelined requests; aborted", self._host, MAX_PIPELINED)
             self._stop(None, "too many pipelined requests")
+
+    def _check_peer(self) -> None:
+        """uvicorn stops reading a body 64 KiB ahead of the app (an upload waiting for its
+        place reads none), or behind a pipelined request; then a client that leaves goes
+        unseen: no connection_lost, no GONE, its turn kept until its wait ran out. While
+        reading stays paused, the socket is looked at without reading; a peer that closed or
+        reset is dropped (and so seen). (uvicorn closes on a half-close it reads, too.) A
+        close stuck behind body bytes the kernel's buffers cannot take never arrives: that
+        client keeps its turn until its wait ends."""
+        self._peer_watch = None
+        if self.transport.is_closing() or not self.flow.read_paused:
+            return
+        if _peer_left(self.transport):
+            log.info("%s: left while its request's body waited to be read", self._host)
+            self._drop()
+        else:
+            self._peer_watch = self.loop.call_later(PEER_CHECK_S, self._check_peer)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -481,8 +520,12 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         _abort(self.transport)
 
     def _let_go(self) -> None:
-        """Stop the request deadline and give back the per-client count (idempotent)."""
+        """Stop the request deadline and the peer watch, give back the per-client count
+        (idempotent)."""
         self._cancel_deadline()
+        if self._peer_watch is not None:
+            self._peer_watch.cancel()
+            self._peer_watch = None
         self._release()
 
 

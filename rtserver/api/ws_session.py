@@ -401,15 +401,13 @@ class WsSession:
             limit = self.settings.max_contexts
             await self._error("too_many_contexts", f"{limit} contexts already open", cid)
             return
+        began = time.perf_counter()
         try:
-            began = time.perf_counter()
             session = await self.service.open_session(
                 msg.spk_id, self.client, msg.format, msg.sample_rate,
                 speed=msg.speed, seed=msg.seed, stream=True, incremental=True,
                 text_streaming=msg.text_streaming, instructions=msg.instructions,
             )  # fmt: skip
-            # The instructions are prepared in a worker thread: not the loop's time.
-            self._waited += time.perf_counter() - began
         except TextRejected as exc:  # the instructions
             await self._error(exc.code, str(exc), cid)
             return
@@ -417,6 +415,8 @@ class WsSession:
             code = next(c for cls, c in _START_ERRORS.items() if isinstance(exc, cls))
             await self._error(code, str(exc), cid)
             return
+        finally:  # the instructions are prepared in a worker thread: not the loop's time
+            self._waited += time.perf_counter() - began
         ctx = Context(id=cid, stream=self._next_stream, session=session, timestamps=msg.timestamps)
         self._next_stream += 1
         self.contexts[cid] = ctx
