@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -141,12 +141,14 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
 
 
 class Places:
-    """At most ``size`` of one kind of work at a time, at most ``share`` of them one client's
-    (0: any). Work past that waits its turn for up to ``wait_s``, first come first served
-    among the waiters of the clients holding the fewest places: at most ``waiting`` at once,
-    ``wait_share`` of them one client's; past that (or that long) Busy, a 503. A place that
-    is left goes to such a waiter directly, so a newcomer cannot take it in between. (On the
-    event loop: no lock.)"""
+    """At most ``size`` of one kind of work (``what``: "uploads") at a time, at most ``share``
+    of them one client's (0: any). Work past that waits its turn for up to ``wait_s``, first
+    come first served among the waiters of the clients holding the fewest places: at most
+    ``waiting`` at once, ``wait_share`` of them one client's; past that (or that long) Busy,
+    a 503. A full line makes room for a client with fewer in it than another by refusing
+    that one's newest waiter, so that a few addresses refilling the line as fast as it
+    empties cannot keep everyone else out. A place that is left goes to a waiter directly, so
+    a newcomer cannot take it in between. (On the event loop: no lock.)"""
 
     def __init__(
         self, size: int, what: str, *, share: int = 0, waiting: int = 0, wait_share: int = 0,
@@ -155,8 +157,8 @@ class Places:
         self.size, self.what, self.share = size, what, share
         self.waiting, self.wait_s = waiting, wait_s
         self.inside = 0
-        self.holders = ClientQuota(what, share)  # places each client holds
-        self.waiters = ClientQuota(f"{what} waiting", wait_share)
+        self.holders = ClientQuota(what, share, "under way")  # places each client holds
+        self.waiters = ClientQuota(what, wait_share, "waiting")
         self._turns: deque[tuple[str, asyncio.Future[Callable[[], None]]]] = deque()
 
     @contextlib.asynccontextmanager
@@ -184,8 +186,8 @@ class Places:
     async def _wait_turn(self, client: str, gone: asyncio.Event | None) -> Callable[[], None]:
         """Until a place is handed over (its release is returned); Busy, or ClientGone once
         ``gone`` is set (a client that left gives its turn up at once)."""
-        if len(self._turns) >= self.waiting:
-            raise Busy(f"{self.size} {self.what} and {self.waiting} waiting; try again")
+        if len(self._turns) >= self.waiting and not self._make_room(client):
+            raise Busy(f"{self.size} {self.what} under way and {self.waiting} waiting; try again")
         try:
             unwait = self.waiters.acquire(client)
         except TooManyForClient as exc:
@@ -208,25 +210,44 @@ class Places:
         self._forgo(entry)
         if gone is not None and gone.is_set():
             raise ClientGone()
-        raise Busy(f"{self.size} {self.what} for {self.wait_s:g}s; try again")
+        raise Busy(f"{self.size} {self.what} under way for {self.wait_s:g}s; try again")
+
+    def _make_room(self, client: str) -> bool:
+        """In a full line, refuse the newest waiter of the client with the most in it, if that
+        is at least two more than ``client`` has: whether there is room now."""
+        if not self._turns:  # (a line of none)
+            return False
+        counts = Counter(c for c, _ in self._turns)
+        most, n = counts.most_common(1)[0]
+        if n < counts[client] + 2:
+            return False
+        entry = next(e for e in reversed(self._turns) if e[0] == most)
+        self._turns.remove(entry)
+        entry[1].set_exception(
+            Busy(f"{self.what}: a client with fewer waiting took this place in line; try again")
+        )
+        return True
 
     def _forgo(self, entry: tuple[str, asyncio.Future[Callable[[], None]]]) -> None:
-        """A waiter stops waiting: out of the line, or a place already handed to it goes on."""
-        if entry[1].done():
-            self._leave(entry[1].result())
-        else:
+        """A waiter stops waiting: out of the line, or a place already handed to it goes on
+        (none was if it was refused: :meth:`_make_room`)."""
+        turn = entry[1]
+        if not turn.done():
             self._turns.remove(entry)
+        elif turn.exception() is None:
+            self._leave(turn.result())
 
     def _leave(self, release: Callable[[], None]) -> None:
-        """The place goes to the first waiter of a client holding the fewest places: waiters
-        queued first by two addresses holding theirs took every place freed, and a third
-        client waited in vain."""
+        """The place goes to the first waiter of a client holding the fewest places, and of
+        those the one with the fewest waiting: waiters queued first by a few addresses
+        holding theirs took every place freed, and another client waited in vain."""
         release()
         takers = [entry for entry in self._turns if self._may_take(entry[0])]
         if not takers:
             self.inside -= 1
             return
-        entry = min(takers, key=lambda e: self.holders.held_by(e[0]))  # the first of equals
+        waiting = Counter(c for c, _ in self._turns)
+        entry = min(takers, key=lambda e: (self.holders.held_by(e[0]), waiting[e[0]]))
         self._turns.remove(entry)
         entry[1].set_result(self.holders.acquire(entry[0]))  # `inside` stays
 
@@ -274,11 +295,11 @@ class TTSService:
         # prompts being analysed now (registrations among them), upload bodies being read now
         limits = bool(settings.max_client_streams)  # per-client limits on
         self._extractions = Places(
-            MAX_EXTRACTING, "prompt recordings are being analysed", waiting=MAX_UPLOADS,
+            MAX_EXTRACTING, "prompt analyses", waiting=MAX_UPLOADS,
             wait_share=MAX_UPLOADS // 2 if limits else 0, wait_s=settings.request_timeout_s,
         )  # fmt: skip
         self._uploads = Places(
-            MAX_UPLOADS, "uploads are being received", share=MAX_UPLOADS // 2 if limits else 0,
+            MAX_UPLOADS, "uploads", share=MAX_UPLOADS // 2 if limits else 0,
             waiting=UPLOADS_WAITING, wait_share=UPLOADS_WAITING // 4 if limits else 0,
             wait_s=settings.request_timeout_s / 2,  # the request's deadline runs: half is left
         )  # fmt: skip

@@ -73,8 +73,8 @@ def check_text(text: str, used: int, limit: int, name: str = "text") -> None:
 class ClientQuota:
     """At most `limit` things (streams, sockets) open at once per client address."""
 
-    def __init__(self, what: str, limit: int) -> None:
-        self.what = what
+    def __init__(self, what: str, limit: int, state: str = "open") -> None:
+        self.what, self.state = what, state  # "2 streams open", "4 uploads waiting"
         self.limit = limit  # 0: no limit
         self._held: dict[str, int] = {}
 
@@ -82,7 +82,9 @@ class ClientQuota:
         """Take one; returns the (idempotent) release. Raises TooManyForClient."""
         held = self._held.get(client, 0)
         if self.limit and held >= self.limit:
-            raise TooManyForClient(f"{client} already has {held} {self.what} open (the limit)")
+            raise TooManyForClient(
+                f"{client} already has {held} {self.what} {self.state} (the limit)"
+            )
         self._held[client] = held + 1
         released = False
 

@@ -444,3 +444,70 @@ def test_a_waiter_whose_client_left_gives_its_turn_and_a_handed_place_up():
 
     order, held = run(go())
     assert order == ["x", "c"] and held == 0
+
+
+def test_a_full_line_makes_room_for_a_client_with_none_in_it():
+    """Two clients fill the line (4 waiting each, of 8) as fast as it empties: a third one
+    got 503 every time. It now takes the place in line of the newest waiter of the client
+    with the most waiting (that one gets Busy); a client with no fewer than one less than
+    the most still gets Busy, and no place or count is lost."""
+    from rtserver.service import Places
+
+    async def go() -> tuple[list[str], list[bool], int]:
+        places = Places(1, "uploads", waiting=8, wait_share=4, wait_s=5)
+        order: list[str] = []
+        done = asyncio.Event()
+
+        async def use(client: str) -> None:
+            async with places.enter(client):
+                order.append(client)
+                await done.wait()
+
+        inside = asyncio.create_task(use("x"))
+        await asyncio.sleep(0.01)
+        line = [asyncio.create_task(use(c)) for c in "aaaabbbb"]
+        await asyncio.sleep(0.01)
+        newcomer = asyncio.create_task(use("c"))  # the line is full: a's newest goes
+        await asyncio.sleep(0.01)
+        a_again = asyncio.create_task(use("a"))  # a 3, b 4, c 1: b has only one more
+        await asyncio.sleep(0.01)
+        refused = [t.done() for t in [*line, a_again]]
+        done.set()
+        tasks = [inside, newcomer, *line, a_again]
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        busy = [type(o).__name__ for o in outcomes if isinstance(o, BaseException)]
+        assert busy == ["Busy", "Busy"], outcomes
+        held = places.inside + places.waiters.held() + places.holders.held() + len(places._turns)
+        return order, refused, held
+
+    order, refused, held = run(go())
+    assert refused == [False, False, False, True, False, False, False, False, True]
+    assert sorted(order) == sorted("xcaaabbbb") and held == 0  # c had its turn
+
+
+def test_among_clients_holding_as_few_places_the_one_with_fewer_waiting_goes_first():
+    """Four addresses refilling the line got every place freed before a client queued behind
+    them (each held as few places as it): 10-12 s waits where a place freed every 3 s. Of
+    clients holding as few places, the one with the fewest waiting now goes first."""
+    from rtserver.service import Places
+
+    async def go() -> list[str]:
+        places = Places(1, "uploads", waiting=8, wait_s=5)
+        order: list[str] = []
+        done = asyncio.Event()
+
+        async def use(client: str) -> None:
+            async with places.enter(client):
+                order.append(client)
+                await done.wait()
+                done.clear()
+
+        tasks = [asyncio.create_task(use(c)) for c in "aaaac"]
+        await asyncio.sleep(0.01)  # a inside; a, a, a, then c waiting
+        for _ in range(5):
+            done.set()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert run(go()) == ["a", "c", "a", "a", "a"]
