@@ -360,8 +360,9 @@ class SpeakerStore:
         """Build a zero-shot speaker from prompt audio (any format PyAV decodes) and its
         transcript (:meth:`from_prompt`), persist it, return it. Raises :class:`AudioError` for
         unusable audio and :class:`SpeakerError` for a bad or taken name."""
-        if not _valid_name(name):
-            raise SpeakerError(f"invalid speaker name: {name!r}")
+        if not _valid_name(name):  # (a bounded prefix of it: a 500 KB name made a 500 KB error)
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise SpeakerError(f"invalid speaker name: {shown!r}")
         with self._lock:
             self._refresh()
             if name in self._builtin:

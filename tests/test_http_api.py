@@ -205,6 +205,18 @@ def test_form_violations_name_their_field(server, form, field):
         assert [p["key"] for p in got["extra"]] == [field], got
 
 
+def test_a_body_of_the_wrong_shape_is_the_bodys_problem(server):
+    """An array, a string or null for the JSON object: `extra` named the handler's own
+    parameter (`data`), which no client sends; now `body` (OpenAI's `param`: none)."""
+    json = {"content-type": "application/json"}
+    for body in (b"[1]", b'"text"', b"null"):
+        r = httpx.post(f"{server.base_url}/tts/pcm", content=body, headers=json, timeout=30)
+        got = error(r, 422)
+        assert [p["key"] for p in got["extra"]] == ["body"], got
+        r = httpx.post(f"{server.base_url}/v1/audio/speech", content=body, headers=json)
+        assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
+
+
 def test_malformed_json_is_rejected_with_json_body(server):
     r = httpx.post(
         f"{server.base_url}/tts", content=b"{not json", headers={"content-type": "application/json"}

@@ -743,6 +743,23 @@ def test_an_upload_waiter_that_leaves_gives_its_turn_up(make_server):
     assert_idle(srv)
 
 
+@pytest.mark.parametrize("path", ["/speakers", "/inference_zero_shot"])
+def test_a_body_that_is_no_form_is_refused_unread_where_recordings_go(server, path):
+    """The recording routes read a JSON body whole (up to 8 MiB) with no upload place held:
+    40 such held 335 MB. It is refused before a byte of it is read (415, connection closed),
+    as soon as its headers are in; an empty one (a client's default header) is no body."""
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n"
+                  "Content-Type: application/json\r\n\r\n{".encode())  # fmt: skip
+        s.settimeout(10)
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 415 ") and b"multipart" in answer, answer
+    assert b"connection: close" in answer.lower(), answer
+    r = httpx.post(f"{server.base_url}{path}", headers={"content-type": "application/json"})
+    assert r.status_code != 415, r.text  # (the fields are missing: another 4xx)
+    assert_idle(server)
+
+
 def test_a_slow_upload_keeps_its_place_while_places_are_free(make_server):
     """One address's third upload waits for one of its own two places, with two places
     free: a slow upload of another address is no one's wait, and is not cut (it was, with a

@@ -40,11 +40,11 @@ _FIELD = re.compile(r"missing required field `([^`]+)`|at `\$\.([^`.\[]+)")
 def _keyed(problem: object) -> object:
     """A body field's problem under that field's key: Litestar files it under the handler's
     parameter name (`data`, or `form` for a form), which names no field a client sent or
-    could send."""
+    could send; a problem of the whole body (an array sent for an object) under `body`."""
     if not isinstance(problem, dict) or problem.get("key") not in (None, "data", "form"):
         return problem
     m = _FIELD.search(str(problem.get("message", "")))
-    return {**problem, "key": m.group(1) or m.group(2)} if m else problem
+    return {**problem, "key": (m.group(1) or m.group(2)) if m else "body"}
 
 
 def validation_error(_: Request, exc: ValidationException) -> Response:

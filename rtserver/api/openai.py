@@ -233,6 +233,7 @@ def by_path(handler: Callable[[Request, Exception], Response]):
         extra = body.extra
         code = extra.get("code") if isinstance(extra, dict) else None
         param = extra[0].get("key") if isinstance(extra, list) and extra else None
+        param = None if param == "body" else param  # the whole body: no one parameter
         if isinstance(exc, UnknownSpeaker):
             param = exc.field
         error = openai_error(status, body.detail, param, code)
