@@ -611,7 +611,7 @@ class TTSService:
         TextRejected."""
         check_text(text, 0, self.settings.max_text_chars, name=field)
         if not speakable(text):
-            raise TextRejected("no_speakable_text", f"{field}: has nothing to speak")
+            raise TextRejected("no_speakable_text", f"{field}: has nothing to speak", field=field)
 
     async def open_session(
         self,

@@ -43,10 +43,13 @@ VOICE_LEVEL = 0.02  # |sample| above this is speech, not the silence around it (
 class TextRejected(ValueError):
     """Text that must not reach the engine. `code` is the WebSocket error code."""
 
-    def __init__(self, code: str, message: str, status: int = 422) -> None:
+    def __init__(
+        self, code: str, message: str, status: int = 422, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
+        self.field = field  # the request's field the text came in, where there is one
 
 
 class TooManyForClient(Exception):
@@ -61,12 +64,13 @@ def check_text(text: str, used: int, limit: int, name: str = "text") -> None:
     )
     if bad is not None:
         message = f"{name} contains the control character U+{ord(bad):04X}"
-        raise TextRejected("invalid_text", message)
+        raise TextRejected("invalid_text", message, field=name)
     if used + len(text) > limit:
         raise TextRejected(
             "text_too_long",
             f"{name} has {used + len(text)} characters; the limit is {limit}",
             status=413,
+            field=name,
         )
 
 

@@ -65,6 +65,9 @@ def test_errors_in_openai_shape(server):
     assert speech(server, speed=10).status_code == 400
     long = speech(server, input="word " * 401)  # past --max-text-chars (2000): ours is 413
     assert long.status_code == 400 and long.json()["error"]["code"] == "text_too_long"
+    assert long.json()["error"]["param"] == "input"  # (it was none)
+    blank = speech(server, input=" \u2003 ")
+    assert blank.status_code == 400 and blank.json()["error"]["param"] == "input", blank.text
     bare = {"model": "tts-1", "voice": "alloy"}
     r = httpx.post(f"{server.base_url}/v1/audio/speech", json=bare, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"  # it said "data"

@@ -264,7 +264,9 @@ async def open_stream(
         if isinstance(first, Cancelled):
             raise ClientGone()
         # Letters and digits it has no reading for (①, ٣): an empty 200 body is no answer.
-        raise TextRejected("no_speakable_text", f"{field}: the voice has nothing to say for it")
+        raise TextRejected(
+            "no_speakable_text", f"{field}: the voice has nothing to say for it", field=field
+        )
     return _audio(first, events), session.sample_rate
 
 

@@ -33,7 +33,7 @@ from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_heade
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
 from rtserver.protocol import Seed, Speed, Text
-from rtserver.service import TTSService, UnknownSpeaker, echoed
+from rtserver.service import TextRejected, TTSService, UnknownSpeaker, echoed
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova",
                  "onyx", "sage", "shimmer", "verse")  # fmt: skip
@@ -234,7 +234,7 @@ def by_path(handler: Callable[[Request, Exception], Response]):
         code = extra.get("code") if isinstance(extra, dict) else None
         param = extra[0].get("key") if isinstance(extra, list) and extra else None
         param = None if param == "body" else param  # the whole body: no one parameter
-        if isinstance(exc, UnknownSpeaker):
+        if isinstance(exc, UnknownSpeaker | TextRejected) and exc.field:
             param = exc.field
         error = openai_error(status, body.detail, param, code)
         # OpenAI answers invalid input (too long too) with 400: its SDKs' BadRequestError.
