@@ -102,3 +102,11 @@ def test_a_wav_of_a_codec_ffmpeg_cannot_decode_is_refused(tag, bits):
     """FFmpeg opens it but has no decoder: the server answered 500 (AttributeError)."""
     with pytest.raises(AudioError, match="cannot decode audio"):
         decode_audio(_wav_header_says(tag, bits))
+
+
+def test_an_undecodable_file_is_said_in_ffmpegs_words_without_its_errno():
+    """A truncated WAV's error read "[Errno 1094995529] Invalid data found ...": the errno
+    is FFmpeg's internals, not something a client can act on."""
+    with pytest.raises(AudioError) as refused:
+        decode_audio(b"RIFF\0\0\0\0WAVEfmt " + bytes(100))
+    assert "Invalid data" in str(refused.value) and "Errno" not in str(refused.value)

@@ -104,7 +104,8 @@ def _decode(src: io.IOBase, fmt: str | None, max_seconds: float | None) -> tuple
     except AudioError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-        raise AudioError(f"cannot decode audio: {e}") from e
+        # FFmpeg's own words ("Invalid data found when processing input"), not its errno
+        raise AudioError(f"cannot decode audio: {getattr(e, 'strerror', None) or e}") from e
     if not chunks or not rate:
         raise AudioError("audio stream is empty")
     return np.concatenate(chunks), int(rate)
