@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import numpy as np
@@ -446,6 +447,16 @@ def test_a_waiter_whose_client_left_gives_its_turn_and_a_handed_place_up():
     assert order == ["x", "c"] and held == 0
 
 
+async def hold_place(places, order: list[str], done: asyncio.Event, client: str, *, clear: bool):
+    """Enter ``places`` as ``client``, note it in ``order``, and hold the place until ``done``
+    (cleared again for the next holder when ``clear``)."""
+    async with places.enter(client):
+        order.append(client)
+        await done.wait()
+        if clear:
+            done.clear()
+
+
 def test_a_full_line_makes_room_for_a_client_with_none_in_it():
     """Two clients fill the line (4 waiting each, of 8) as fast as it empties: a third one
     got 503 every time. It now takes the place in line of the newest waiter of the client
@@ -457,11 +468,7 @@ def test_a_full_line_makes_room_for_a_client_with_none_in_it():
         places = Places(1, "uploads", waiting=8, wait_share=4, wait_s=5)
         order: list[str] = []
         done = asyncio.Event()
-
-        async def use(client: str) -> None:
-            async with places.enter(client):
-                order.append(client)
-                await done.wait()
+        use = functools.partial(hold_place, places, order, done, clear=False)
 
         inside = asyncio.create_task(use("x"))
         await asyncio.sleep(0.01)
@@ -495,12 +502,7 @@ def test_among_clients_holding_as_few_places_the_one_with_fewer_waiting_goes_fir
         places = Places(1, "uploads", waiting=8, wait_s=5)
         order: list[str] = []
         done = asyncio.Event()
-
-        async def use(client: str) -> None:
-            async with places.enter(client):
-                order.append(client)
-                await done.wait()
-                done.clear()
+        use = functools.partial(hold_place, places, order, done, clear=True)
 
         tasks = [asyncio.create_task(use(c)) for c in "aaaac"]
         await asyncio.sleep(0.01)  # a inside; a, a, a, then c waiting
