@@ -186,12 +186,13 @@ class Places:
     async def _wait_turn(self, client: str, gone: asyncio.Event | None) -> Callable[[], None]:
         """Until a place is handed over (its release is returned); Busy, or ClientGone once
         ``gone`` is set (a client that left gives its turn up at once)."""
-        if len(self._turns) >= self.waiting and not self._make_room(client):
-            raise Busy(f"{self.size} {self.what} under way and {self.waiting} waiting; try again")
         try:
             unwait = self.waiters.acquire(client)
         except TooManyForClient as exc:
             raise Busy(f"{exc}; try again") from None
+        if len(self._turns) >= self.waiting and not self._make_room(client):
+            unwait()
+            raise Busy(f"{self.size} {self.what} under way and {self.waiting} waiting; try again")
         turn: asyncio.Future[Callable[[], None]] = asyncio.get_running_loop().create_future()
         self._turns.append(entry := (client, turn))
         left = asyncio.ensure_future(gone.wait()) if gone is not None else None
@@ -553,21 +554,30 @@ class TTSService:
         if not instruction.strip():
             raise SpeakerRefused("instruct_text: say how to speak (it is blank)")
 
-    async def steered(self, spk_id: str | Speaker, instruction: str | None) -> str | Speaker:
+    async def steered(
+        self,
+        spk_id: str | Speaker,
+        instruction: str | None,
+        waited: Callable[[float], None] | None = None,
+    ) -> str | Speaker:
         """``spk_id``'s speaker steered by an instruction where the engine takes one (see
-        ``check_instructions``), prepared in a worker thread (v1's is normalised, up to 0.1 s);
-        elsewhere ``spk_id`` as it is, as OpenAI's tts-1 ignores `instructions`. Raises
-        TextRejected or UnknownSpeaker."""
+        ``check_instructions``), prepared in a worker thread (v1's is normalised, up to 0.1 s;
+        ``waited`` is told those seconds: not the event loop's); elsewhere ``spk_id`` as it
+        is, as OpenAI's tts-1 ignores `instructions`. Raises TextRejected or UnknownSpeaker."""
         if instruction is None:
             return spk_id
         check_text(instruction, 0, MAX_PROMPT_TEXT_CHARS, "instructions")
         if not getattr(self.engine, "instructions", False) or not instruction.strip():
             return spk_id
         speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
+        began = time.perf_counter()
         try:
             return await asyncio.to_thread(self.engine.instructed, speaker, instruction)
         except KeyError:  # deleted since it was looked up
             raise UnknownSpeaker(speaker.id, [s.id for s in self.speakers()]) from None
+        finally:
+            if waited is not None:
+                waited(time.perf_counter() - began)
 
     @contextlib.asynccontextmanager
     async def _extracting(self, client: str, gone: asyncio.Event | None) -> AsyncIterator[None]:
@@ -613,6 +623,10 @@ class TTSService:
         if not speakable(text):
             raise TextRejected("no_speakable_text", f"{field}: has nothing to speak", field=field)
 
+    def _check_open(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another")
+
     async def open_session(
         self,
         spk_id: str | Speaker,
@@ -625,15 +639,17 @@ class TTSService:
         incremental: bool = False,
         text_streaming: bool = False,
         instructions: str | None = None,
+        waited: Callable[[float], None] | None = None,
     ) -> Session:
         """A session whose job is admitted. Everything that can fail is built first; raises
         ShuttingDown, TextRejected, UnknownSpeaker, UnsupportedFormat, UnsupportedOption,
         TooManyForClient or Busy, holding nothing then.
         ``spk_id``: a speaker's id, or one made for this request (:meth:`prompt_speaker`),
-        steered by ``instructions`` (:meth:`steered`)."""
-        spk_id = await self.steered(spk_id, instructions)
-        if self.draining:  # (after the wait above: the drain may have begun meanwhile)
-            raise ShuttingDown("the server is shutting down; retry on another")
+        steered by ``instructions`` (:meth:`steered`, which tells ``waited`` its wait)."""
+        self._check_open()
+        if instructions is not None:
+            spk_id = await self.steered(spk_id, instructions, waited)
+            self._check_open()  # the drain may have begun while it waited
         speaker = spk_id if isinstance(spk_id, Speaker) else self.speaker(spk_id)
         try:
             encoder = make_encoder(fmt, speaker.sample_rate, sample_rate)

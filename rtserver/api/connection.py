@@ -389,6 +389,7 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         # connection's per-client count.
         self._cancel_deadline()
         self._unwatch()
+        self._unwatch_peer()
         super().handle_websocket_upgrade()
         if isinstance(ws := self.transport.get_protocol(), _WriteWatch) and ws is not self:
             ws.release, self._release = self._release, _nothing  # type: ignore[attr-defined]
@@ -523,10 +524,13 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         """Stop the request deadline and the peer watch, give back the per-client count
         (idempotent)."""
         self._cancel_deadline()
+        self._unwatch_peer()
+        self._release()
+
+    def _unwatch_peer(self) -> None:
         if self._peer_watch is not None:
             self._peer_watch.cancel()
             self._peer_watch = None
-        self._release()
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:

@@ -240,6 +240,7 @@ async def open_stream(
     stream: bool = False,
     instructions: str | None = None,
     field: str = "tts_text",
+    speaker_field: str = "spk_id",
 ) -> tuple[AsyncIterator[bytes], int]:
     """Check, admit and start a whole-text session; returns its encoded audio and rate once
     the first audio exists, so a failure before it (or text the voice says nothing for) is
@@ -257,7 +258,8 @@ async def open_stream(
         if isinstance(first, Failed):
             if first.code == "unknown_speaker":  # deleted while it waited: a 400
                 name = spk_id if isinstance(spk_id, str) else spk_id.id  # (OpenAI's: a Speaker)
-                raise UnknownSpeaker(name, sorted(s.id for s in service.speakers()))
+                valid = sorted(s.id for s in service.speakers())
+                raise UnknownSpeaker(name, valid, field=speaker_field)
             if first.code == "shutting_down":  # still queued at the drain's end: a 503
                 raise ShuttingDown(first.message)
             raise SynthesisFailed(first.message)

@@ -153,7 +153,7 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
     body, rate = await open_stream(
         request, service, data.input, speaker, data.response_format,
         rate_out=rate_out, speed=data.speed, seed=data.seed, stream=True,
-        instructions=data.instructions, field="input",
+        instructions=data.instructions, field="input", speaker_field="voice",
     )  # fmt: skip
     if data.stream_format == "sse":
         return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)

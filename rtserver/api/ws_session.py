@@ -181,6 +181,11 @@ class WsSession:
             self._waited += time.perf_counter() - start
         return True
 
+    def _waited_for(self, seconds: float) -> None:
+        """A handler waited this long off the loop (a worker thread): not the socket's loop
+        time."""
+        self._waited += seconds
+
     async def _close_socket(self, code: int, reason: str) -> None:
         """Close the socket, if it is still open (a close after the close is RuntimeError)."""
         with contextlib.suppress(*_GONE, RuntimeError, OSError):
@@ -401,12 +406,12 @@ class WsSession:
             limit = self.settings.max_contexts
             await self._error("too_many_contexts", f"{limit} contexts already open", cid)
             return
-        began = time.perf_counter()
         try:
             session = await self.service.open_session(
                 msg.spk_id, self.client, msg.format, msg.sample_rate,
                 speed=msg.speed, seed=msg.seed, stream=True, incremental=True,
                 text_streaming=msg.text_streaming, instructions=msg.instructions,
+                waited=self._waited_for,
             )  # fmt: skip
         except TextRejected as exc:  # the instructions
             await self._error(exc.code, str(exc), cid)
@@ -415,8 +420,6 @@ class WsSession:
             code = next(c for cls, c in _START_ERRORS.items() if isinstance(exc, cls))
             await self._error(code, str(exc), cid)
             return
-        finally:  # the instructions are prepared in a worker thread: not the loop's time
-            self._waited += time.perf_counter() - began
         ctx = Context(id=cid, stream=self._next_stream, session=session, timestamps=msg.timestamps)
         self._next_stream += 1
         self.contexts[cid] = ctx
