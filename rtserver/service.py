@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -140,15 +140,19 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
     return await done
 
 
+SERVED_KEPT = 1024  # clients whose last place Places remembers (for its order of turns)
+
+
 class Places:
     """At most ``size`` of one kind of work (``what``: "uploads") at a time, at most ``share``
     of them one client's (0: any). Work past that waits its turn for up to ``wait_s``, first
-    come first served among the waiters of the clients holding the fewest places: at most
-    ``waiting`` at once, ``wait_share`` of them one client's; past that (or that long) Busy,
-    a 503. A full line makes room for a client with fewer in it than another by refusing
-    that one's newest waiter, so that a few addresses refilling the line as fast as it
-    empties cannot keep everyone else out. A place that is left goes to a waiter directly, so
-    a newcomer cannot take it in between. (On the event loop: no lock.)"""
+    come first served among the waiters of the clients holding the fewest places, then with
+    the fewest waiting, then served longest ago: at most ``waiting`` at once, ``wait_share``
+    of them one client's; past that (or that long) Busy, a 503. A full line makes room for a
+    client by refusing the newest waiter of the client with the most places held and waiting,
+    if that is two more than its own; so addresses refilling the line as fast as it empties
+    cannot keep everyone else out. A place that is left goes to a waiter directly, so a
+    newcomer cannot take it in between. (On the event loop: no lock.)"""
 
     def __init__(
         self, size: int, what: str, *, share: int = 0, waiting: int = 0, wait_share: int = 0,
@@ -160,13 +164,15 @@ class Places:
         self.holders = ClientQuota(what, share, "under way")  # places each client holds
         self.waiters = ClientQuota(what, wait_share, "waiting")
         self._turns: deque[tuple[str, asyncio.Future[Callable[[], None]]]] = deque()
+        # clients by when they were last given a place, oldest first (at most SERVED_KEPT)
+        self._served: OrderedDict[str, None] = OrderedDict()
 
     @contextlib.asynccontextmanager
     async def enter(self, client: str, gone: asyncio.Event | None = None) -> AsyncIterator[None]:
         """A place for ``client``; ClientGone once ``gone`` is set while it waits."""
         if self.inside < self.size and self._may_take(client):  # then no one may be waiting
             self.inside += 1
-            release = self.holders.acquire(client)
+            release = self._give(client)
         else:
             release = await self._wait_turn(client, gone)
         try:
@@ -213,14 +219,25 @@ class Places:
             raise ClientGone()
         raise Busy(f"{self.size} {self.what} under way for {self.wait_s:g}s; try again")
 
+    def _give(self, client: str) -> Callable[[], None]:
+        """A place to ``client``: its release."""
+        self._served[client] = None
+        self._served.move_to_end(client)
+        if len(self._served) > SERVED_KEPT:
+            self._served.popitem(last=False)
+        return self.holders.acquire(client)
+
     def _make_room(self, client: str) -> bool:
-        """In a full line, refuse the newest waiter of the client with the most in it, if that
-        is at least two more than ``client`` has: whether there is room now."""
+        """In a full line, refuse the newest waiter of the client with the most places held
+        and waiting, if that is at least two more than ``client`` has: whether there is room
+        now. (Counting waiters alone, 16 addresses holding places and waiting kept a
+        newcomer out.)"""
         if not self._turns:  # (a line of none)
             return False
         counts = Counter(c for c, _ in self._turns)
-        most, n = counts.most_common(1)[0]
-        if n < counts[client] + 2:
+        load = {c: self.holders.held_by(c) + n for c, n in counts.items()}
+        most = max(load, key=load.__getitem__)
+        if load[most] < self.holders.held_by(client) + counts[client] + 2:
             return False
         entry = next(e for e in reversed(self._turns) if e[0] == most)
         self._turns.remove(entry)
@@ -239,18 +256,25 @@ class Places:
             self._leave(turn.result())
 
     def _leave(self, release: Callable[[], None]) -> None:
-        """The place goes to the first waiter of a client holding the fewest places, and of
-        those the one with the fewest waiting: waiters queued first by a few addresses
-        holding theirs took every place freed, and another client waited in vain."""
+        """The place goes to the first waiter of a client holding the fewest places, of those
+        with the fewest waiting, of those served longest ago: waiters queued first by a few
+        addresses holding theirs (or taking turns at it) took every place freed, and another
+        client waited in vain."""
         release()
         takers = [entry for entry in self._turns if self._may_take(entry[0])]
         if not takers:
             self.inside -= 1
             return
         waiting = Counter(c for c, _ in self._turns)
-        entry = min(takers, key=lambda e: (self.holders.held_by(e[0]), waiting[e[0]]))
+        served = {c: i for i, c in enumerate(self._served)}  # never served: -1, first
+
+        def rank(entry: tuple[str, asyncio.Future]) -> tuple[int, int, int]:
+            c = entry[0]
+            return self.holders.held_by(c), waiting[c], served.get(c, -1)
+
+        entry = min(takers, key=rank)
         self._turns.remove(entry)
-        entry[1].set_result(self.holders.acquire(entry[0]))  # `inside` stays
+        entry[1].set_result(self._give(entry[0]))  # `inside` stays
 
 
 def client_share(settings: Settings) -> int:

@@ -513,3 +513,34 @@ def test_among_clients_holding_as_few_places_the_one_with_fewer_waiting_goes_fir
         return order
 
     assert run(go()) == ["a", "c", "a", "a", "a"]
+
+
+def test_a_full_line_counts_places_held_too_and_turns_go_to_the_least_recently_served():
+    """16 addresses each holding a place or waiting, one of each, kept a newcomer out of a
+    full line: counting waiters alone, none had two more than it. Places held count too;
+    and among clients as loaded, the one served longest ago (or never) goes first."""
+    from rtserver.service import Places
+
+    async def go() -> tuple[list[str], list[str]]:
+        places = Places(2, "uploads", waiting=4, wait_s=5)
+        order: list[str] = []
+        done = asyncio.Event()
+        use = functools.partial(hold_place, places, order, done, clear=True)
+        tasks = {}
+        for c in ["a", "b", "a", "b", "x", "y"]:  # a, b inside; a, b, x, y waiting: full
+            tasks.setdefault(c, []).append(asyncio.create_task(use(c)))
+            await asyncio.sleep(0.01)
+        tasks["c"] = [asyncio.create_task(use("c"))]  # a holds 1 and waits 1: 2 more than c
+        await asyncio.sleep(0.01)
+        for _ in range(5):
+            done.set()
+            await asyncio.sleep(0.01)
+        done.set()
+        outcomes = {c: await asyncio.gather(*ts, return_exceptions=True) for c, ts in tasks.items()}
+        refused = [c for c, o in outcomes.items() for r in o if isinstance(r, BaseException)]
+        return order, refused
+
+    order, refused = run(go())
+    assert refused == ["a"]  # its waiter gave its place in line to c
+    assert order[:2] == ["a", "b"] and sorted(order[2:]) == ["b", "c", "x", "y"]
+    assert order[2] == "x"  # served longest ago (never) of those holding and waiting as few

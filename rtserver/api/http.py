@@ -394,14 +394,15 @@ async def _read_form(request: Request) -> None:
     it on its own (letting a decoding error out) unless the request already holds it; at most
     MAX_UPLOADS bodies at a time, and one too slow while others wait is cut (408). A body
     that is no form is refused unread (415): read later, 40 JSON bodies of 8 MiB were held
-    with no upload place (335 MB)."""
+    with no upload place (335 MB). (Not closed after the answer: uvicorn reads the rest of
+    the body and drops it, under the request deadline; a close with body bytes unread reset
+    the connection, and a client still sending never read its 415.)"""
     media_type = request.content_type[0]
     if media_type not in FORM_TYPES and _has_body(request):
         raise HTTPException(
             status_code=415,
             detail=f"{request.url.path} takes a multipart form (the recording as a file part), "
             f"not {echoed(media_type)!r}",
-            headers=CLOSE,
         )
     service: TTSService = request.app.state.service
     client = client_of(request)
@@ -420,9 +421,12 @@ async def _read_form(request: Request) -> None:
 
 def _has_body(request: Request) -> bool:
     headers = request.headers
-    return headers.get("content-length", "0").strip() not in ("0", "") or (
-        "chunked" in headers.get("transfer-encoding", "").lower()
-    )
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return True
+    try:
+        return int(headers.get("content-length", "0")) > 0
+    except ValueError:  # (the parser refuses such a request before the app sees it)
+        return True
 
 
 class _BodyMeter:
