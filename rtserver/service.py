@@ -140,14 +140,17 @@ async def in_own_thread(fn: Callable[[], T]) -> T:
     return await done
 
 
-SERVED_KEPT = 1024  # clients whose last place Places remembers (for its order of turns)
+# How long Places remembers the time a client held its places (its order of turns): the time
+# counts half after USE_HALF_LIFE_S, and the last USERS_KEPT clients are remembered.
+USE_HALF_LIFE_S = 30.0
+USERS_KEPT = 1024
 
 
 class Places:
     """At most ``size`` of one kind of work (``what``: "uploads") at a time, at most ``share``
     of them one client's (0: any). Work past that waits its turn for up to ``wait_s``, first
     come first served among the waiters of the clients holding the fewest places, then with
-    the fewest waiting, then served longest ago: at most ``waiting`` at once, ``wait_share``
+    the fewest waiting, then that held places the least time lately: at most ``waiting`` at once, ``wait_share``
     of them one client's; past that (or that long) Busy, a 503. A full line makes room for a
     client by refusing the newest waiter of the client with the most places held and waiting,
     if that is two more than its own; so addresses refilling the line as fast as it empties
@@ -164,8 +167,8 @@ class Places:
         self.holders = ClientQuota(what, share, "under way")  # places each client holds
         self.waiters = ClientQuota(what, wait_share, "waiting")
         self._turns: deque[tuple[str, asyncio.Future[Callable[[], None]]]] = deque()
-        # clients by when they were last given a place, oldest first (at most SERVED_KEPT)
-        self._served: OrderedDict[str, None] = OrderedDict()
+        # seconds each client held places (decaying), and when: least recently updated first
+        self._use: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     @contextlib.asynccontextmanager
     async def enter(self, client: str, gone: asyncio.Event | None = None) -> AsyncIterator[None]:
@@ -220,12 +223,24 @@ class Places:
         raise Busy(f"{self.size} {self.what} under way for {self.wait_s:g}s; try again")
 
     def _give(self, client: str) -> Callable[[], None]:
-        """A place to ``client``: its release."""
-        self._served[client] = None
-        self._served.move_to_end(client)
-        if len(self._served) > SERVED_KEPT:
-            self._served.popitem(last=False)
-        return self.holders.acquire(client)
+        """A place to ``client``: its release, which adds the time it was held to the
+        client's use."""
+        release, began = self.holders.acquire(client), time.monotonic()
+
+        def give_back() -> None:
+            now = time.monotonic()
+            self._use[client] = (self._used(client, now) + now - began, now)
+            self._use.move_to_end(client)
+            if len(self._use) > USERS_KEPT:
+                self._use.popitem(last=False)
+            release()
+
+        return give_back
+
+    def _used(self, client: str, now: float) -> float:
+        """Seconds ``client`` held places lately (each counting half after USE_HALF_LIFE_S)."""
+        seconds, at = self._use.get(client, (0.0, now))
+        return seconds * 0.5 ** ((now - at) / USE_HALF_LIFE_S)
 
     def _make_room(self, client: str) -> bool:
         """In a full line, refuse the newest waiter of the client with the most places held
@@ -257,20 +272,20 @@ class Places:
 
     def _leave(self, release: Callable[[], None]) -> None:
         """The place goes to the first waiter of a client holding the fewest places, of those
-        with the fewest waiting, of those served longest ago: waiters queued first by a few
-        addresses holding theirs (or taking turns at it) took every place freed, and another
-        client waited in vain."""
+        with the fewest waiting, of those that held places the least time lately: waiters
+        queued first by addresses holding theirs (or taking turns at it, each holding a place
+        until its slow upload was cut) took every place freed, and a client whose uploads
+        take a moment waited 10 s of its 15."""
         release()
         takers = [entry for entry in self._turns if self._may_take(entry[0])]
         if not takers:
             self.inside -= 1
             return
-        waiting = Counter(c for c, _ in self._turns)
-        served = {c: i for i, c in enumerate(self._served)}  # never served: -1, first
+        waiting, now = Counter(c for c, _ in self._turns), time.monotonic()
 
-        def rank(entry: tuple[str, asyncio.Future]) -> tuple[int, int, int]:
+        def rank(entry: tuple[str, asyncio.Future]) -> tuple[int, int, float]:
             c = entry[0]
-            return self.holders.held_by(c), waiting[c], served.get(c, -1)
+            return self.holders.held_by(c), waiting[c], self._used(c, now)
 
         entry = min(takers, key=rank)
         self._turns.remove(entry)

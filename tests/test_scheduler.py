@@ -518,7 +518,7 @@ def test_among_clients_holding_as_few_places_the_one_with_fewer_waiting_goes_fir
 def test_a_full_line_counts_places_held_too_and_turns_go_to_the_least_recently_served():
     """16 addresses each holding a place or waiting, one of each, kept a newcomer out of a
     full line: counting waiters alone, none had two more than it. Places held count too;
-    and among clients as loaded, the one served longest ago (or never) goes first."""
+    and among clients as loaded, the one that held places least lately goes first."""
     from rtserver.service import Places
 
     async def go() -> tuple[list[str], list[str]]:
@@ -543,4 +543,30 @@ def test_a_full_line_counts_places_held_too_and_turns_go_to_the_least_recently_s
     order, refused = run(go())
     assert refused == ["a"]  # its waiter gave its place in line to c
     assert order[:2] == ["a", "b"] and sorted(order[2:]) == ["b", "c", "x", "y"]
-    assert order[2] == "x"  # served longest ago (never) of those holding and waiting as few
+    assert order[2] == "x"  # of those holding and waiting as few, it held places least (never)
+
+
+def test_of_clients_as_loaded_the_one_that_held_places_least_lately_goes_first():
+    """16 addresses taking turns at holding the places (each until its slow upload was cut,
+    3 s) made a client whose uploads take a moment wait 10 s of its 15: served in turn, it
+    was one of 17. The time each client held places lately now orders them."""
+    from rtserver.service import Places
+
+    async def go() -> list[str]:
+        places = Places(1, "uploads", waiting=8, wait_s=5)
+        order: list[str] = []
+
+        async def hold(client: str, seconds: float) -> None:
+            async with places.enter(client):
+                order.append(client)
+                await asyncio.sleep(seconds)
+
+        await hold("slow", 0.3)  # the place held long
+        await hold("quick", 0.01)
+        first = asyncio.create_task(hold("x", 0.05))
+        await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(hold(c, 0.01)) for c in ("slow", "quick")]
+        await asyncio.gather(first, *waiting)
+        return order
+
+    assert run(go()) == ["slow", "quick", "x", "quick", "slow"]
