@@ -244,3 +244,40 @@ def test_a_second_signal_exits_at_once_and_cleanly(make_server):
     log = srv.log()
     assert srv.proc.returncode == 0 and time.monotonic() - t0 < 5, log
     assert "Traceback" not in log, log
+
+
+def test_a_flood_of_refusals_is_logged_at_a_bounded_rate():
+    """One access line per refused request: an attacker's 1,500 refusals a second wrote
+    0.7 GB of log an hour. The loggers that write a line per request or connection keep at
+    most FLOOD_LINES_S refusals a second, and say how many they left out in the next second's
+    line; answered requests are all logged."""
+    import logging.config
+
+    from rtserver.logs import FLOOD_LINES_S, log_config
+
+    names = ("", "uvicorn", "uvicorn.access", "uvicorn.error", "rtserver.connection")
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in loggers]
+    logging.config.dictConfig(log_config("info", "text"))  # as the server configures it
+    access = logging.getLogger("uvicorn.access")
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    access.handlers = [Keep()]
+    try:
+        for second, n, status in ((1000, 5 * FLOOD_LINES_S, 503), (1000, 30, 200), (1001, 1, 503)):
+            for _ in range(n):
+                record = access.makeRecord(access.name, logging.INFO, __file__, 0,
+                                           '%s - "%s %s HTTP/%s" %d',
+                                           ("10.0.0.9:1", "POST", "/speakers", "1.1", status), None)  # fmt: skip
+                record.created = second + 0.5
+                access.handle(record)
+    finally:  # this process's logging as it was
+        for lg, handlers, filters, level, propagate in saved:
+            lg.handlers, lg.filters, lg.propagate = handlers, filters, propagate
+            lg.setLevel(level)
+    assert len(kept) == FLOOD_LINES_S + 30 + 1, len(kept)  # answers all kept
+    assert kept[-1].startswith(f"[{4 * FLOOD_LINES_S} lines like this left out]"), kept[-1]
