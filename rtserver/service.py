@@ -150,12 +150,12 @@ class Places:
     """At most ``size`` of one kind of work (``what``: "uploads") at a time, at most ``share``
     of them one client's (0: any). Work past that waits its turn for up to ``wait_s``, first
     come first served among the waiters of the clients holding the fewest places, then with
-    the fewest waiting, then that held places the least time lately: at most ``waiting`` at once, ``wait_share``
-    of them one client's; past that (or that long) Busy, a 503. A full line makes room for a
-    client by refusing the newest waiter of the client with the most places held and waiting,
-    if that is two more than its own; so addresses refilling the line as fast as it empties
-    cannot keep everyone else out. A place that is left goes to a waiter directly, so a
-    newcomer cannot take it in between. (On the event loop: no lock.)"""
+    the fewest waiting, then that held places the least time lately: at most ``waiting`` at
+    once, ``wait_share`` of them one client's; past that (or that long) Busy, a 503. A full
+    line makes room for a client by refusing the newest waiter of the client with the most
+    places held and waiting, if that is two more than its own; so addresses refilling the
+    line as fast as it empties cannot keep everyone else out. A place that is left goes to a
+    waiter directly, so a newcomer cannot take it in between. (On the event loop: no lock.)"""
 
     def __init__(
         self, size: int, what: str, *, share: int = 0, waiting: int = 0, wait_share: int = 0,
