@@ -11,32 +11,15 @@ microseconds per request (median of the rounds, and each round).
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
+from report import serve_checkout
 
 ROUNDS = 5
 PORT = 51000
-
-
-def start(root: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rtserver", "serve", "--port", str(port), "--no-warmup"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "RTSERVER_LOG_LEVEL": "warning"},
-    )  # fmt: skip
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise SystemExit(f"no server from {root}")
 
 
 def keep_alive_us(port: int, n: int) -> float:
@@ -63,7 +46,7 @@ def main() -> None:
     ap.add_argument("roots", nargs="+", help="checkouts to compare (each serves from its folder)")
     roots = ap.parse_args().roots
     ports = {root: PORT + i for i, root in enumerate(roots)}
-    procs = [start(root, port) for root, port in ports.items()]
+    procs = [serve_checkout(root, port) for root, port in ports.items()]
     times: dict[str, tuple[list[float], list[float]]] = {r: ([], []) for r in roots}
     try:
         for _ in range(ROUNDS):  # interleaved, so a change in the machine's load hits both

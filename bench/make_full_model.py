@@ -3,8 +3,9 @@
 No model download, but it needs the golden fixtures' ``cosyvoice2/`` (README, Quickstart): every
 size comes from the released ``cosyvoice2.yaml``, which we rebuild from the tiny golden yaml by
 reversing the edits that made it tiny (and the release's ``filter.max_length``). Weights are
-random; tokenizer/ONNX files are the tiny golden stand-ins (``--assets-from`` a real dir). Output (default ``bench/out/CosyVoice2-0.5B``,
-git-ignored) loads with ``cosyvoice.load`` like the real dir.
+random; tokenizer/ONNX files are the tiny golden stand-ins (``--assets-from`` a real dir).
+Output (default ``bench/out/CosyVoice2-0.5B``, git-ignored) loads with ``cosyvoice.load``
+like the real dir.
 
     uv run python bench/make_full_model.py [--out DIR] [--seed 0] [--no-flow-hift]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 import wave
 
 import httpx
+from report import serve_checkout
 
 PORT = 51100
 LEGIT = "127.0.0.200"
@@ -32,24 +32,6 @@ HEAD = (
     b"POST /speakers HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n"
     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
 )
-
-
-def start(root: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rtserver", "serve", "--port", str(port), "--no-warmup"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "RTSERVER_LOG_LEVEL": "warning"},
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"no server from {root}")
 
 
 async def attacker(port: int, source: str, stop: asyncio.Event) -> None:
@@ -123,7 +105,7 @@ def main() -> None:
     for n in args.addresses:
         for i, root in enumerate(args.roots):
             port = PORT + i
-            proc = start(root, port)
+            proc = serve_checkout(root, port)
             try:
                 child = subprocess.Popen(
                     [sys.executable, __file__, "--legit", str(port), str(args.seconds - 5)],

@@ -69,7 +69,7 @@ class _Flood(logging.Filter):
     request or connection (uvicorn's access log, its lines of a status of 400 or more; the
     connection's refusals): a client flooding the server with refused requests wrote a line
     for each, 1,500 a second, 0.7 GB an hour. Past it, lines are counted, and the count is
-    said in the first line after the second. Answered requests are all logged."""
+    said in the next refusal's line in a later second. Answered requests are all logged."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -215,10 +215,11 @@ class Places:
             unwait()
             if left is not None:
                 left.cancel()
-        if turn.done() and not (gone is not None and gone.is_set()):
+        left_us = gone is not None and gone.is_set()
+        if turn.done() and not left_us:
             return turn.result()
         self._forgo(entry)
-        if gone is not None and gone.is_set():
+        if left_us:
             raise ClientGone()
         raise Busy(f"{self.size} {self.what} under way for {self.wait_s:g}s; try again")
 
