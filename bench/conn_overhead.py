@@ -16,10 +16,11 @@ import statistics
 import time
 
 import httpx
-from report import serve_checkout
+import report  # noqa: F401  (puts tests/ on the path)
+from serverproc import ServerProcess
 
 ROUNDS = 5
-PORT = 51000
+QUIET = {"RTSERVER_LOG_LEVEL": "warning"}  # the log's cost is no part of what is measured
 
 
 def keep_alive_us(port: int, n: int) -> float:
@@ -45,17 +46,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("roots", nargs="+", help="checkouts to compare (each serves from its folder)")
     roots = ap.parse_args().roots
-    ports = {root: PORT + i for i, root in enumerate(roots)}
-    procs = [serve_checkout(root, port) for root, port in ports.items()]
+    servers = {
+        root: ServerProcess("--no-warmup", cwd=root, env=QUIET).wait_ready() for root in roots
+    }
     times: dict[str, tuple[list[float], list[float]]] = {r: ([], []) for r in roots}
     try:
         for _ in range(ROUNDS):  # interleaved, so a change in the machine's load hits both
-            for root, port in ports.items():
-                times[root][0].append(keep_alive_us(port, 1000))
-                times[root][1].append(new_connection_us(port, 500))
+            for root, srv in servers.items():
+                times[root][0].append(keep_alive_us(srv.port, 1000))
+                times[root][1].append(new_connection_us(srv.port, 500))
     finally:
-        for proc in procs:
-            proc.terminate()
+        for srv in servers.values():
+            srv.stop()
     for root, (kept, fresh) in times.items():
         print(f"{root}: keep-alive {statistics.median(kept):.0f} us/request "
               f"{[round(x) for x in kept]}; new connection {statistics.median(fresh):.0f} "

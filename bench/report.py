@@ -90,28 +90,3 @@ def write_section(name: str, body: str) -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
     print(body)
-
-
-def serve_checkout(root: str, port: int, timeout_s: float = 120) -> subprocess.Popen:
-    """A server (the built-in voice, this virtualenv, no warm-up) started from checkout
-    ``root``, its code imported from there; returned once ready. For side-by-side runs of
-    several commits (`git worktree add /tmp/base COMMIT`)."""
-    import time
-
-    import httpx
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rtserver", "serve", "--port", str(port), "--no-warmup"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "RTSERVER_LOG_LEVEL": "warning"},
-    )  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"no server from {root}")

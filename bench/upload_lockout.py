@@ -24,10 +24,11 @@ import time
 import wave
 
 import httpx
-from report import serve_checkout
+import report  # noqa: F401  (puts tests/ on the path)
+from serverproc import ServerProcess
 
-PORT = 51100
 LEGIT = "127.0.0.200"
+QUIET = {"RTSERVER_LOG_LEVEL": "warning"}  # the log's cost is no part of what is measured
 HEAD = (
     b"POST /speakers HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n"
     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
@@ -103,9 +104,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=40)
     args = ap.parse_args()
     for n in args.addresses:
-        for i, root in enumerate(args.roots):
-            port = PORT + i
-            proc = serve_checkout(root, port)
+        for root in args.roots:
+            srv = ServerProcess("--no-warmup", cwd=root, env=QUIET).wait_ready()
+            port = srv.port
             try:
                 child = subprocess.Popen(
                     [sys.executable, __file__, "--legit", str(port), str(args.seconds - 5)],
@@ -114,8 +115,7 @@ def main() -> None:
                 asyncio.run(attack(port, n, args.per_address, args.seconds))
                 got = [line.split() for line in child.communicate()[0].splitlines()]
             finally:
-                proc.terminate()
-                proc.wait()
+                srv.stop()
             read = [float(w) for s, w in got if s == "400"]
             waits = f"median {statistics.median(read):.1f} s, max {max(read):.1f} s" if read else ""
             print(f"{root}: {n} addresses x {args.per_address}: {len(read)} of {len(got)} "

@@ -85,6 +85,7 @@ class ServerProcess:
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
         new_session: bool = False,  # a process group of its own, as a terminal's command has
+        cwd: Path | str = ROOT,  # another checkout's code (benchmarks comparing commits)
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -94,7 +95,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "rtserver", "serve", "--port", str(self.port), *args]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            cmd, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, start_new_session=new_session,
         )  # fmt: skip
 
