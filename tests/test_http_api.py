@@ -202,7 +202,23 @@ def test_form_violations_name_their_field(server, form, field):
     multipart = {k: (None, v) for k, v in form.items()}
     for r in (httpx.post(url, data=form, timeout=30), httpx.post(url, files=multipart, timeout=30)):
         got = error(r, 422)
-        assert [p["key"] for p in got["extra"]] == [field], got
+        assert [(p["key"], p["source"]) for p in got["extra"]] == [(field, "body")], got
+
+
+@pytest.mark.parametrize(
+    "path", ["/speakers", "/inference_zero_shot", "/inference_cross_lingual", "/inference_instruct2"]
+)
+def test_a_recording_sent_as_text_is_refused_by_name(server, path):
+    """`prompt_wav` as a text field (curl -F prompt_wav=voice.wav, without the @): POST
+    /speakers said "Unsupported type: <class 'str'>"; every recording route now says to send
+    it as a file part, as it does when it is missing."""
+    form = {"spk_id": "x", "prompt_text": "Hello.", "tts_text": "Hi.", "instruct_text": "Calm."}
+    for files in ({"prompt_wav": (None, "voice.wav")}, {"other": ("a.wav", b"RIFF")}):
+        r = httpx.post(f"{server.base_url}{path}", data=form, files=files, timeout=30)
+        got = error(r, 422)
+        assert [(p["key"], p["source"]) for p in got["extra"]] == [("prompt_wav", "body")], got
+        assert "file part" in got["detail"], got
+    server.assert_idle()
 
 
 def test_a_body_of_the_wrong_shape_is_the_bodys_problem(server):

@@ -33,18 +33,29 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     extra: dict | list | None = None
 
 
+def invalid(key: str, message: str, source: str = "body") -> ValidationException:
+    """A 422 for one field's problem, shaped as Litestar's own (``key``, ``message``,
+    ``source``: where the field came from)."""
+    return ValidationException(message, extra=[{"message": message, "key": key, "source": source}])
+
+
 # msgspec names the field a problem is in: "missing required field `x`", "... - at `$.x`".
 _FIELD = re.compile(r"missing required field `([^`]+)`|at `\$\.([^`.\[]+)")
 
 
+def field_of(message: str) -> str:
+    """The field a msgspec validation message names; `body` where it names none (an array
+    sent for an object is the whole body's problem)."""
+    m = _FIELD.search(message)
+    return (m.group(1) or m.group(2)) if m else "body"
+
+
 def _keyed(problem: object) -> object:
     """A body field's problem under that field's key: Litestar files it under the handler's
-    parameter name (`data`, or `form` for a form), which names no field a client sent or
-    could send; a problem of the whole body (an array sent for an object) under `body`."""
-    if not isinstance(problem, dict) or problem.get("key") not in (None, "data", "form"):
+    parameter name (`data`), which names no field a client sent or could send."""
+    if not isinstance(problem, dict) or problem.get("key") not in (None, "data"):
         return problem
-    m = _FIELD.search(str(problem.get("message", "")))
-    return {**problem, "key": (m.group(1) or m.group(2)) if m else "body"}
+    return {**problem, "key": field_of(str(problem.get("message", "")))}
 
 
 def validation_error(_: Request, exc: ValidationException) -> Response:

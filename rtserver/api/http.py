@@ -16,7 +16,7 @@ from litestar import Request, delete, get, post, route
 from litestar.connection import ASGIConnection
 from litestar.datastructures import FormMultiDict, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException, MethodNotAllowedException, ValidationException
+from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import RequestBody
@@ -26,7 +26,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtserver.api.connection import GONE
 from rtserver.api.docs import BINARY, L16, audio_operation, multipart_body
-from rtserver.api.errors import ErrorBody
+from rtserver.api.errors import ErrorBody, field_of, invalid
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -352,10 +352,7 @@ def pcm_headers(rate: int, encoding: str = "s16le") -> dict[str, str]:
 )
 async def tts_mp3(request: Request, data: TTSRequest, service: TTSService) -> Stream:
     if data.encoding != "s16le":
-        raise ValidationException(
-            "encoding: /tts is MP3; mulaw and alaw are for /tts/pcm",
-            extra=[{"key": "encoding", "message": "only s16le (the default) on /tts"}],
-        )
+        raise invalid("encoding", "/tts is MP3; mulaw and alaw are for /tts/pcm")
     body, _ = await _speak(request, service, data, "mp3")
     return Stream(
         body,
@@ -414,7 +411,8 @@ async def _read_form(request: Request) -> None:
                 held = time.monotonic() - meter.since
                 if why := service.slow_upload(client, held, meter.received):
                     raise HTTPException(status_code=408, detail=why, headers=CLOSE)
-            reading.result()
+            if not isinstance(reading.result().get("prompt_wav"), UploadFile):
+                raise invalid("prompt_wav", "send the recording as a file part")
         finally:
             reading.cancel()
 
@@ -583,10 +581,7 @@ async def _speak_prompted(
 ) -> Stream:
     form = await _form_fields(request, form_type)
     parts = await request.form()
-    wav = parts.get("prompt_wav")
-    if not isinstance(wav, UploadFile):
-        message = "send the prompt recording as a file part"  # the answer names the key
-        raise ValidationException(message, extra=[{"key": "prompt_wav", "message": message}])
+    wav = parts["prompt_wav"]  # a file: _read_form saw to it
     service.check_whole_text(form.tts_text, "tts_text")  # before the recording's analysis
     audio = await wav.read()
     await parts.close()  # its files (on disk past 1 MB) go now, not after the stream
@@ -616,7 +611,8 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
             "string, as upstream's; JSON goes to POST /tts/pcm (PCM) or /tts (MP3)",
         )
     fields: dict[str, str] = dict(request.query_params)
-    for k, v in (await request.form()).items():
+    form = await request.form()
+    for k, v in form.items():
         if isinstance(v, UploadFile) and k in form_type.__struct_fields__:
             v = await _text_part(k, v)
         if isinstance(v, str):
@@ -627,7 +623,9 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
             strict=False,
         )  # fmt: skip
     except msgspec.ValidationError as exc:
-        raise ValidationException(str(exc), extra=[{"key": "form", "message": str(exc)}]) from exc
+        key = field_of(str(exc))
+        source = "query" if key in request.query_params and key not in form else "body"
+        raise invalid(key, str(exc), source) from exc
 
 
 class FormRequest(Request):
@@ -641,8 +639,7 @@ class FormRequest(Request):
         except (UnicodeError, LookupError) as exc:
             if isinstance(exc, KeyError | IndexError):  # a LookupError, but a bug: not input
                 raise
-            message = f"a field is not text in its charset ({exc})"
-            raise ValidationException(message, extra=[{"key": "form", "message": message}]) from exc
+            raise invalid("body", f"a field is not text in its charset ({exc})") from exc
 
 
 async def _text_part(name: str, part: UploadFile) -> str:
@@ -651,9 +648,7 @@ async def _text_part(name: str, part: UploadFile) -> str:
     try:
         return (await part.read()).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValidationException(
-            f"{name}: not UTF-8 text", extra=[{"key": name, "message": str(exc)}]
-        ) from exc
+        raise invalid(name, f"not UTF-8 text ({exc})") from exc
 
 
 @get("/speakers", summary="Speakers this server can use")

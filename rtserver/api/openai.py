@@ -22,13 +22,13 @@ from typing import Literal
 
 import msgspec
 from litestar import Request, Response, get, post
-from litestar.exceptions import NotFoundException, ValidationException
+from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from rtserver.api.docs import BINARY, audio_operation
-from rtserver.api.errors import ErrorBody
+from rtserver.api.errors import ErrorBody, invalid
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
@@ -141,12 +141,10 @@ def voice_aliases(pairs: tuple[str, ...]) -> dict[str, str]:
 )
 async def speech(request: Request, data: SpeechRequest, service: TTSService) -> Stream:
     if data.response_format not in MEDIA_TYPES:
-        raise ValidationException(
-            f"response_format {echoed(data.response_format)!r} is not supported; use one of "
+        raise invalid(
+            "response_format",
+            f"{echoed(data.response_format)!r} is not supported; use one of "
             f"{', '.join(MEDIA_TYPES)}",
-            extra=[
-                {"key": "response_format", "message": f"unsupported; use {', '.join(MEDIA_TYPES)}"}
-            ],
         )
     speaker = _speaker(service, data.voice)
     rate_out = OPENAI_PCM_RATE if data.response_format == "pcm" else None  # opus: 48 kHz
