@@ -11,6 +11,7 @@ import socket
 import time
 
 import httpx
+import openai
 import pytest
 import websockets
 from audio_check import assert_speech, decode_pcm
@@ -298,6 +299,39 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_at_the_deadline(guarded, phase):
     took = time.monotonic() - began
     assert took < 10, f"the server waited {took:.1f} s for one request"
     assert status_of(reply) == 408, reply[:200]
+    guarded.assert_idle()
+
+
+JSON = b"Content-Type: application/json"
+
+
+def test_openai_routes_get_the_connections_refusals_in_openais_shape(guarded):
+    """Refused before the app routes it (a header block over the cap, a body too slow), a
+    request under /v1/ is answered in OpenAI's error shape, as the routes' own errors are:
+    its SDKs read `error.message`. (Ours elsewhere; a connection refused before its request
+    line has no path, so it gets ours.)"""
+    client = openai.OpenAI(base_url=f"{guarded.base_url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.audio.speech.create(
+            model="tts-1", voice="joe", input="Hello.", extra_headers={"X-Pad": "a" * 40_000}
+        )
+    assert refused.value.status_code == 431
+    assert "header block" in refused.value.body["message"], refused.value.body
+
+    s = dial(guarded)
+    body = json.dumps({"model": "tts-1", "voice": "joe", "input": "Hello there."}).encode()
+    s.sendall(
+        b"POST /v1/audio/speech?x=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5]
+    )  # fmt: skip
+    reply = answer(s)
+    assert status_of(reply) == 408, reply[:200]
+    error = json.loads(reply.partition(b"\r\n\r\n")[2])["error"]
+    assert error["type"] == "invalid_request_error" and "in time" in error["message"], error
+    s = dial(guarded)
+    s.sendall(b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n" + JSON + b"\r\n\r\nab")
+    reply = answer(s)
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["status_code"] == 408, reply
     guarded.assert_idle()
 
 

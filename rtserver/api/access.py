@@ -25,8 +25,7 @@ from litestar.datastructures import Headers
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.utils import normalize_path
 
-from rtserver.api.errors import ErrorBody
-from rtserver.api.openai import OPENAI_PREFIX, openai_error
+from rtserver.api.errors import refusal
 from rtserver.settings import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes: no key, ever
@@ -149,10 +148,7 @@ def _admin_route(method: str | None, path: str) -> bool:
 
 
 async def _deny(send: Send, status: int, detail: str, path: str) -> None:
-    openai = path.startswith(OPENAI_PREFIX)
-    body = msgspec.json.encode(
-        openai_error(status, detail) if openai else ErrorBody(status, detail)
-    )
+    body = msgspec.json.encode(refusal(path, status, detail))
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="rtserver"'))

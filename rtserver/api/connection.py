@@ -49,7 +49,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import CloseCode, Frame
 from websockets.protocol import State
 
-from rtserver.api.errors import ErrorBody
+from rtserver.api.errors import refusal
 from rtserver.metrics import ANSWERED
 from rtserver.session import ClientQuota, TooManyForClient
 
@@ -134,10 +134,10 @@ class _StopParsing(Exception):
 _RETRY = (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE)
 
 
-def _response(status: HTTPStatus, text: str) -> bytes:
-    """An error in the app's shape (JSON status_code and detail; Retry-After on 429 and 503),
-    written before the app has the request."""
-    body = msgspec.json.encode(ErrorBody(status.value, text))
+def _response(status: HTTPStatus, text: str, path: str = "") -> bytes:
+    """An error in the app's shape, or OpenAI's under its prefix (Retry-After on 429 and
+    503), written before the app has the request (``path``: its path, where known)."""
+    body = msgspec.json.encode(refusal(path, status.value, text))
     retry = "retry-after: 1\r\n" if status in _RETRY else ""
     return (
         f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
@@ -344,6 +344,7 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         self._head_bytes = 0  # read since the head began (an unfinished head's size)
         self._refused: tuple[HTTPStatus | None, str] | None = None  # by a callback
         self._peer_watch: asyncio.TimerHandle | None = None  # while body reading is paused
+        self.url = b""  # the request's target, as uvicorn's parser gathers it (none yet)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -507,7 +508,8 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
     def _refuse(self, status: HTTPStatus, text: str) -> None:
         """Answer `status` when a status line may be written, and close."""
         if self._may_answer():
-            self.transport.write(_response(status, text))
+            path = self.url.partition(b"?")[0].decode("latin-1")
+            self.transport.write(_response(status, text, path))
             if self.cycle is not None and not self._in_head:
                 # The app reading this request will answer a closed connection; the
                 # request count must have this status, the one the client got.

@@ -39,6 +39,40 @@ def invalid(key: str, message: str, source: str = "body") -> ValidationException
     return ValidationException(message, extra=[{"message": message, "key": key, "source": source}])
 
 
+OPENAI_PREFIX = "/v1/"  # errors under it come in OpenAI's shape, so its SDKs show them
+
+
+class OpenAIErrorDetail(msgspec.Struct):
+    message: str
+    type: str  # invalid_request_error or server_error
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(msgspec.Struct):
+    error: OpenAIErrorDetail
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> OpenAIError:
+    """An error body in OpenAI's shape (also for refusals made before routing: a key missing)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        code = "invalid_api_key"  # as OpenAI answers a key missing or wrong
+    return OpenAIError(OpenAIErrorDetail(message, kind, param, code))
+
+
+def refusal(path: str, status: int, detail: str) -> ErrorBody | OpenAIError:
+    """The body of a refusal made before the app routes the request (a key missing, a
+    request too slow or too large): OpenAI's shape under its prefix, ours elsewhere."""
+    return (
+        openai_error(status, detail)
+        if path.startswith(OPENAI_PREFIX)
+        else ErrorBody(status, detail)
+    )
+
+
 # msgspec names the field a problem is in: "missing required field `x`", "... - at `$.x`".
 _FIELD = re.compile(r"missing required field `([^`]+)`|at `\$\.([^`.\[]+)")
 

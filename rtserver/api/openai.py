@@ -28,7 +28,7 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from rtserver.api.docs import BINARY, audio_operation
-from rtserver.api.errors import ErrorBody, invalid
+from rtserver.api.errors import OPENAI_PREFIX, ErrorBody, OpenAIError, invalid, openai_error
 from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
@@ -40,7 +40,6 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "m
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # all speak with the one engine
 OPENAI_PCM_RATE = 24000
 RAW_ENCODINGS = {"pcm": "s16le", "mulaw": "mulaw", "alaw": "alaw"}  # response_format -> ours
-OPENAI_PREFIX = "/v1/"  # errors under it come in OpenAI's shape
 # Each server-sent event: `data` is JSON, {"type": "speech.audio.delta", "audio": base64} and
 # a last {"type": "speech.audio.done"}, as OpenAI streams it.
 SSE = OpenAPIMediaType(
@@ -54,17 +53,6 @@ MEDIA_TYPES = {
     "mp3": "audio/mpeg", "pcm": "audio/pcm", "wav": "audio/wav",
     **{name: spec.media_type for name, spec in MUXED.items()},
 }  # fmt: skip
-
-
-class OpenAIErrorDetail(msgspec.Struct):
-    message: str
-    type: str  # invalid_request_error or server_error
-    param: str | None = None
-    code: str | None = None
-
-
-class OpenAIError(msgspec.Struct):
-    error: OpenAIErrorDetail
 
 
 OPENAI_ERROR_DOCS = {
@@ -240,16 +228,6 @@ def by_path(handler: Callable[[Request, Exception], Response]):
         return Response(error, status_code=status, headers=dict(ours.headers))
 
     return answer
-
-
-def openai_error(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> OpenAIError:
-    """An error body in OpenAI's shape (also for refusals made before routing: a key missing)."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 401:
-        code = "invalid_api_key"  # as OpenAI answers a key missing or wrong
-    return OpenAIError(OpenAIErrorDetail(message, kind, param, code))
 
 
 ROUTES = [speech, voices, models, model]
