@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from litestar import Litestar, Router, get
 from litestar.datastructures import State
@@ -15,6 +16,7 @@ from litestar.exceptions import NotFoundException
 from litestar.file_system import BaseLocalFileSystem
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, PathType, Receive, Scope, Send
@@ -70,6 +72,15 @@ def _static_files(path: str, directory: PathType) -> Router:
 
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the openapi-ui-bundles package
+
+
+def _key_scheme(settings: Settings) -> dict[str, Any]:
+    """With API keys, the document says every route takes one as a bearer token (so the
+    docs page offers to send it); the probes and the demo page need none."""
+    if not settings.api_key:
+        return {}
+    scheme = SecurityScheme(type="http", scheme="bearer", description="--api-key")
+    return {"security": [{"key": []}], "components": Components(security_schemes={"key": scheme})}
 
 
 def _swagger_ui() -> SwaggerRenderPlugin:
@@ -173,6 +184,7 @@ def create_app(
             "docs/websocket.md.",
             path="/schema",
             render_plugins=[_swagger_ui()],
+            **_key_scheme(settings),
         ),
         request_max_body_size=1024 * 1024,
         request_class=FormRequest,

@@ -634,7 +634,10 @@ class TTSService:
         delete = getattr(self.engine, "delete_speaker", None)
         if delete is None:
             raise SpeakerRefused(f"the {self.engine.name} engine has no registered speakers")
-        self.speaker(spk_id)  # UnknownSpeaker -> 400 listing the valid ones
+        try:
+            self.speaker(spk_id)
+        except UnknownSpeaker as exc:  # the path names no resource: 404, not a bad body's 400
+            raise SpeakerRefused(str(exc), 404) from exc
         try:
             await in_own_thread(lambda: delete(spk_id))
         except KeyError as exc:  # a built-in speaker

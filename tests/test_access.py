@@ -129,10 +129,24 @@ def test_without_the_key_no_path_or_method_is_told(locked):
         assert f'route="unmatched",status="{status}"' in metrics, metrics
 
 
-def test_a_foreign_host_is_refused(locked):
-    for path in ("/speakers", "/no-such-route", "/healthz"):
+def test_the_document_says_routes_take_the_key(locked):
+    """With keys, the OpenAPI document declares the bearer scheme, so the docs page offers
+    to send one (it had none: every "Try it out" got 401)."""
+    assert httpx.get(f"{locked.base_url}/schema/openapi.json").status_code == 401
+    doc = httpx.get(f"{locked.base_url}/schema/openapi.json", headers=bearer(KEY)).json()
+    ((name, scheme),) = doc["components"]["securitySchemes"].items()
+    assert scheme["scheme"] == "bearer" and doc["security"] == [{name: []}], doc["security"]
+
+
+def test_a_foreign_host_is_refused_but_the_probes_answer_any(locked):
+    """The probes answer whatever the Host: a kubelet or load balancer names the pod by its
+    address (with --allow-host, every probe got 400 and the pod never became ready)."""
+    for path in ("/speakers", "/no-such-route", "/"):
         r = httpx.get(locked.base_url + path, headers={**bearer(KEY), "host": "evil.example"})
         assert r.status_code == 400 and "host" in r.json()["detail"], path
+    for path in ("/healthz", "/readyz"):
+        r = httpx.get(locked.base_url + path, headers={"host": "10.1.2.3:8000"})
+        assert r.status_code == 200, (path, r.text)
 
 
 async def ws_outcome(srv: ServerProcess, **kw) -> str:

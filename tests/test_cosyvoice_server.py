@@ -351,6 +351,8 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
         built_in = httpx.delete(f"{srv.base_url}/speakers/spk_f1")
         assert built_in.status_code == 400
         assert built_in.json()["detail"] == "'spk_f1' is a built-in speaker and cannot be deleted"
+        unknown = httpx.delete(f"{srv.base_url}/speakers/my_voice")  # gone: no such resource
+        assert unknown.status_code == 404 and "my_voice" in unknown.json()["detail"], unknown.text
         assert httpx.post(f"{srv.base_url}/tts/pcm", json=body).status_code == 400
     finally:
         srv.stop()
@@ -794,7 +796,7 @@ def test_a_speaker_deleted_while_its_request_waits_gets_a_400(tmp_path):
         ({"tts_text": "   "}, None, 422, "tts_text"),
         ({"tts_text": "好" * 5001}, None, 413, "tts_text"),
         ({"seed": "-1"}, None, 422, "seed"),
-        ({}, b"RIFF" + b"\0" * (9 * 1024 * 1024), 413, ""),
+        ({}, b"RIFF" + b"\0" * (9 * 1024 * 1024), 413, "over 8 MiB"),
     ],
 )
 def test_inference_zero_shot_refuses_bad_input_and_holds_nothing(cv, fields, audio, status, says):

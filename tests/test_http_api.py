@@ -206,7 +206,8 @@ def test_form_violations_name_their_field(server, form, field):
 
 
 @pytest.mark.parametrize(
-    "path", ["/speakers", "/inference_zero_shot", "/inference_cross_lingual", "/inference_instruct2"]
+    "path",
+    ["/speakers", "/inference_zero_shot", "/inference_cross_lingual", "/inference_instruct2"],
 )
 def test_a_recording_sent_as_text_is_refused_by_name(server, path):
     """`prompt_wav` as a text field (curl -F prompt_wav=voice.wav, without the @): POST
@@ -486,6 +487,16 @@ def test_pcm_route_resamples_on_request(server):
 def test_mp3_route_refuses_a_pcm_encoding(server):
     body = {"tts_text": SHORT_TEXT, "spk_id": "joe", "encoding": "mulaw"}
     assert "encoding" in message(httpx.post(f"{server.base_url}/tts", json=body), 422)
+
+
+def test_a_body_over_the_routes_limit_is_413_naming_it(server):
+    """Litestar's "Request Entity Too Large" named no limit: a client could not tell a long
+    text (its own 413) from a body past the route's cap, nor what the cap is."""
+    body = {"tts_text": "Hello. " * 200_000, "spk_id": "joe"}  # 1.4 MB
+    for path in ("/tts/pcm", "/v1/audio/speech"):
+        r = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+        assert r.status_code in (413, 400) and "over 1 MiB" in r.text, r.text
+    server.assert_idle()
 
 
 def test_a_form_of_too_many_parts_is_413(server):

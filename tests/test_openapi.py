@@ -30,6 +30,30 @@ def test_document_validates(server):
     assert "application/json" not in speech
 
 
+def test_each_route_documents_the_errors_it_answers(server):
+    """Every route listed the same errors: /v1/audio/speech 413 and 422 (OpenAI's routes
+    answer 400), POST /speakers "unknown spk_id" and no 409, DELETE none of its own, a GET
+    of one model text limits. And the forms /inference_sft reads had no body to send."""
+    paths = httpx.get(f"{server.base_url}/schema/openapi.json").json()["paths"]
+
+    def codes(path: str, method: str) -> set[str]:
+        return set(paths[path][method]["responses"])
+
+    assert {"400", "429", "503"} <= codes("/v1/audio/speech", "post")
+    assert not {"413", "422"} & codes("/v1/audio/speech", "post")
+    assert {"409", "403", "408"} <= codes("/speakers", "post") and "429" not in codes(
+        "/speakers", "post"
+    )
+    assert "404" in codes("/speakers/{spk_id}", "delete")
+    assert codes("/v1/models/{model_id}", "get") <= {"200", "404", "400"}
+    assert "408" in codes("/inference_zero_shot", "post") and "408" not in codes("/tts", "post")
+    form = paths["/inference_sft"]["post"]["requestBody"]
+    assert not form["required"] and "application/x-www-form-urlencoded" in form["content"]
+    assert {"tts_text", "spk_id"} <= set(
+        form["content"]["multipart/form-data"]["schema"]["properties"]
+    )
+
+
 def test_docs_page_loads_its_assets_from_the_server(server):
     page = httpx.get(f"{server.base_url}/schema")
     assert page.status_code == 200 and "swagger" in page.text.lower()

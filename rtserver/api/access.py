@@ -2,7 +2,8 @@
 
 An ASGI wrapper around the whole app, before routing, so no handler can forget it and a
 client without a key learns nothing (not even which paths exist: 401, not 404):
-- Host allow-list (against DNS rebinding): a request for another Host gets 400.
+- Host allow-list (against DNS rebinding): a request for another Host gets 400 (the health
+  probes answer any Host: probes address a pod or VM by its IP).
 - API keys: with `--api-key` set, every route except the health probes and the static demo
   page needs `Authorization: Bearer KEY` (401 otherwise). Browsers cannot set headers on a
   WebSocket, so `/ws/tts` also takes the key as a subprotocol `rtserver.key.KEY` next to
@@ -88,12 +89,14 @@ class AccessControl:
 
     def _refusal(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
         """(status, why) if the request may not pass, else None."""
+        path = routed_path(scope)
+        if path in OPEN_PATHS:
+            return None  # probes: a load balancer's or kubelet's name the pod by its address
         host = headers.get("host", "").lower()
         if self.hosts and host not in self.hosts and host.rsplit(":", 1)[0] not in self.hosts:
             return 400, f"host {host!r} is not served here"
-        path = routed_path(scope)
-        if path in OPEN_PATHS or (self.origins and _preflight(scope, headers)):
-            return None  # probes; CORS preflights, which the CORS layer answers whatever the path
+        if self.origins and _preflight(scope, headers):
+            return None  # CORS preflights, which the CORS layer answers whatever the path
         if scope["type"] == "websocket" and not self._origin_ok(headers.get("origin"), host):
             return 403, "this origin may not open a WebSocket here"
         key = _presented_key(scope, headers)

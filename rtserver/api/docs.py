@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import msgspec
+from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import (
     OpenAPIHeader,
     OpenAPIMediaType,
@@ -37,17 +38,27 @@ def _bare(t: msgspec.inspect.Type) -> msgspec.inspect.Type:
     return t
 
 
-def multipart_body(form: type[msgspec.Struct], files: dict[str, str]) -> RequestBody:
-    """A multipart body of ``form``'s fields and the file parts ``files`` (name: what it is),
-    for a route that reads its form by hand (upstream's send it with GET too)."""
+def form_body(form: type[msgspec.Struct], files: dict[str, str] | None = None) -> RequestBody:
+    """A form body of ``form``'s fields and the file parts ``files`` (name: what it is), for a
+    route that reads its form by hand (upstream's send it with GET too). Without files the
+    body may be url-encoded, or left out for the query string."""
     fields = msgspec.inspect.type_info(form).fields  # type: ignore[union-attr]
     props = {f.name: Schema(type=_FIELD_TYPES[type(_bare(f.type))]) for f in fields}
     props |= {name: Schema(type=OpenAPIType.STRING, format="binary", description=text)
-              for name, text in files.items()}  # fmt: skip
-    required = [f.name for f in fields if f.required] + list(files)
-    schema = Schema(type=OpenAPIType.OBJECT, properties=props, required=required)
-    media = OpenAPIMediaType(schema=schema)
-    return RequestBody(content={"multipart/form-data": media}, required=True)
+              for name, text in (files or {}).items()}  # fmt: skip
+    required = [f.name for f in fields if f.required] + list(files or {})
+    media = OpenAPIMediaType(schema=Schema(type=OpenAPIType.OBJECT, properties=props,
+                                           required=required))  # fmt: skip
+    types = ["multipart/form-data"] + ([] if files else ["application/x-www-form-urlencoded"])
+    return RequestBody(content=dict.fromkeys(types, media), required=bool(files))
+
+
+def error_docs(body: type, described: dict[int, str]) -> dict[int, ResponseSpec]:
+    """The error answers a route documents: status -> what makes it, each a ``body``."""
+    return {
+        status: ResponseSpec(data_container=body, description=what, generate_examples=False)
+        for status, what in described.items()
+    }
 
 
 def audio_operation(

@@ -106,12 +106,16 @@ def validation_error(_: Request, exc: ValidationException) -> Response:
 
 # Litestar's multipart parser refuses a form of more than 1000 parts with this 400.
 _TOO_MANY_PARTS = (400, "Request Entity Too Large")
+_BODY_TOO_LARGE = (413, "Request Entity Too Large")
 
 
-def http_error(_: Request, exc: HTTPException) -> Response:
+def http_error(request: Request, exc: HTTPException) -> Response:
     status, detail = exc.status_code, str(exc.detail)
     if (status, detail) == _TOO_MANY_PARTS:
         status, detail = 413, "the form has too many parts (at most 1000)"
+    elif (status, detail) == _BODY_TOO_LARGE:  # Litestar's words name no limit
+        most = request.route_handler.resolve_request_max_body_size() or 0
+        detail = f"the request body is over {most / 1024 / 1024:g} MiB, this route's limit"
     return Response(
         ErrorBody(status, detail, exc.extra or None), status_code=status, headers=exc.headers
     )

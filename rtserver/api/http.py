@@ -25,7 +25,7 @@ from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtserver.api.connection import GONE
-from rtserver.api.docs import BINARY, L16, audio_operation, multipart_body
+from rtserver.api.docs import BINARY, L16, audio_operation, error_docs, form_body
 from rtserver.api.errors import ErrorBody, field_of, invalid
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
@@ -50,20 +50,48 @@ MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a 30 s prompt as 48 kHz stereo WAV is 5.8 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-ERROR_DOCS = {
-    code: ResponseSpec(data_container=ErrorBody, description=what, generate_examples=False)
-    for code, what in {
-        400: "Unknown spk_id (extra.valid_speakers lists the valid ones), or a body that is "
-        "not UTF-8 JSON.",
-        413: "Text longer than the server's limit, or a form of more than 1000 parts.",
-        415: "A JSON route got another content type.",
-        422: "Schema violation: missing field, wrong type, speed outside [0.25, 4], blank text, "
-        "text with nothing to speak, control characters.",
-        429: "This client address already has its limit of streams open.",
-        500: "Synthesis failed before the first audio.",
-        503: "At capacity; retry after Retry-After seconds.",
-    }.items()
+_SPEAKING = {  # what any route that speaks may answer
+    400: "Unknown spk_id (extra.valid_speakers lists the valid ones), or a body that is not "
+    "UTF-8 JSON.",
+    413: "Text longer than the server's limit, or a body over the route's limit (1 MiB; 8 MiB "
+    "with a recording).",
+    422: "Schema violation: missing field, wrong type, speed outside [0.25, 4], blank text, "
+    "text with nothing to speak, control characters.",
+    429: "This client address already has its limit of streams open.",
+    500: "Synthesis failed before the first audio.",
+    503: "At capacity; retry after Retry-After seconds.",
 }
+_UPLOADS = {  # the routes that take a recording
+    408: "The upload was too slow while others waited for a place (or not in within "
+    "--request-timeout-s).",
+    503: "At capacity, or the line of uploads is full; retry after Retry-After seconds.",
+}
+_ADMIN = {403: "The server has admin keys and this is not one."}
+JSON_ERRORS = error_docs(
+    ErrorBody, {**_SPEAKING, 415: "A content type other than application/json."}
+)
+FORM_ERRORS = error_docs(ErrorBody, {
+    **_SPEAKING,
+    413: f"{_SPEAKING[413]} Or a form of more than 1000 parts.",
+    415: "A JSON body: these routes take a form, multipart or the query string, as upstream's.",
+})  # fmt: skip
+RECORDING_ERRORS = {**FORM_ERRORS, **error_docs(ErrorBody, _UPLOADS)}
+REGISTER_ERRORS = error_docs(ErrorBody, {
+    400: "The recording is not audio, too short or long, or below 16 kHz; an invalid name; an "
+    "engine without zero-shot speakers.",
+    **_ADMIN,
+    409: "The id is in use (delete it first), or --max-speakers are registered.",
+    413: "prompt_text over 1000 characters, or a body over 8 MiB.",
+    415: "A body that is not a form.",
+    422: "A field missing or empty, or the recording sent as text (not a file part).",
+    **_UPLOADS,
+})  # fmt: skip
+DELETE_ERRORS = error_docs(ErrorBody, {
+    400: "A built-in speaker (only registered ones can be deleted), or an engine without "
+    "registered speakers.",
+    **_ADMIN,
+    404: "No speaker by that id.",
+})  # fmt: skip
 
 
 class _Ours(msgspec.Struct, kw_only=True):
@@ -346,7 +374,7 @@ def pcm_headers(rate: int, encoding: str = "s16le") -> dict[str, str]:
     media_type="audio/mpeg",
     response_description="One continuous MP3 stream (mono, the speaker's rate).",
     operation_class=audio_operation({"audio/mpeg": BINARY}),
-    responses=ERROR_DOCS,
+    responses=JSON_ERRORS,
     status_code=200,
     before_request=strict_json,
 )
@@ -370,7 +398,7 @@ async def tts_mp3(request: Request, data: TTSRequest, service: TTSService) -> St
     operation_class=audio_operation(
         {L16: BINARY, "audio/PCMU": BINARY, "audio/PCMA": BINARY}, pcm_headers=True
     ),
-    responses=ERROR_DOCS,
+    responses=JSON_ERRORS,
     status_code=200,
     before_request=strict_json,
 )
@@ -443,8 +471,9 @@ class _BodyMeter:
 
 
 def _pcm_route(
-    path: str, summary: str, description: str, body: RequestBody | None = None, **more: Any
-):
+    path: str, summary: str, description: str, body: RequestBody,
+    errors: dict[int, ResponseSpec] = FORM_ERRORS, **more: Any,
+):  # fmt: skip
     """An upstream route: GET or POST with form fields, headerless PCM back."""
     return route(
         path,
@@ -454,7 +483,7 @@ def _pcm_route(
         media_type=L16,
         response_description="Headerless s16le mono PCM at the model's rate.",
         operation_class=audio_operation({L16: BINARY}, pcm_headers=True, body=body),
-        responses=ERROR_DOCS,
+        responses=errors,
         status_code=200,
         guards=[no_head],
         **more,
@@ -476,6 +505,7 @@ SpeedField = Annotated[
     "as UTF-8 text), or the query string (upstream's client sends GET with a form body); "
     "`seed` (not upstream's; 0, the default, draws one) makes the audio reproducible; "
     "`speed` (not upstream's server's; 0.25-4) as on `/tts`.",
+    form_body(SftForm),
 )
 async def inference_sft(
     request: Request,
@@ -495,6 +525,7 @@ async def inference_sft(
     "characters; `<endofprompt>` is added), for CosyVoice-300M-Instruct: a model dir whose "
     "name says `-Instruct`, as upstream tells it. On CosyVoice2/3 a registered speaker is "
     "steered as by `/inference_instruct2`; a model without an instruct mode answers 400.",
+    form_body(InstructForm),
 )
 async def inference_instruct(
     request: Request,
@@ -533,7 +564,8 @@ def _prompted_route(path: str, summary: str, fields: str, mode: str, form: type[
         f"client sends them (GET or POST). {mode} The recording is analysed for this request "
         "alone (nothing is kept): to speak in one voice often, register it once "
         "(`POST /speakers`). `seed` and `speed` as on `/inference_sft`.",
-        multipart_body(form, {"prompt_wav": PROMPT_WAV}),
+        form_body(form, {"prompt_wav": PROMPT_WAV}),
+        RECORDING_ERRORS,
         request_max_body_size=MAX_UPLOAD_BYTES,
         before_request=_read_form,
     )
@@ -670,7 +702,7 @@ class RegisteredSpeaker(msgspec.Struct):
     "`prompt_wav` (1-30 s of speech as wav, flac, mp3, ogg or m4a; at most 8 MiB). CosyVoice "
     "engines only; needs the admin key when the server has one. Registered speakers are saved "
     "and survive a restart. Concurrent registrations of one name: one wins, the others 409.",
-    responses=ERROR_DOCS,
+    responses=REGISTER_ERRORS,
     status_code=201,
     request_max_body_size=MAX_UPLOAD_BYTES,
     before_request=_read_form,
@@ -687,7 +719,12 @@ async def register_speaker(
     return _info(s)
 
 
-@delete("/speakers/{spk_id:str}", summary="Delete a registered speaker", status_code=204)
+@delete(
+    "/speakers/{spk_id:str}",
+    summary="Delete a registered speaker",
+    status_code=204,
+    responses=DELETE_ERRORS,
+)
 async def delete_speaker(spk_id: str, service: TTSService) -> None:
     await service.delete_speaker(spk_id)
 

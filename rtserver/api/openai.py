@@ -23,13 +23,12 @@ from typing import Literal
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import NotFoundException
-from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
-from rtserver.api.docs import BINARY, audio_operation
+from rtserver.api.docs import BINARY, audio_operation, error_docs
 from rtserver.api.errors import OPENAI_PREFIX, ErrorBody, OpenAIError, invalid, openai_error
-from rtserver.api.http import ERROR_DOCS, STREAM_HEADERS, open_stream, pcm_headers, strict_json
+from rtserver.api.http import STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
 from rtserver.protocol import Seed, Speed, Text
@@ -55,11 +54,15 @@ MEDIA_TYPES = {
 }  # fmt: skip
 
 
-OPENAI_ERROR_DOCS = {
-    code: ResponseSpec(data_container=OpenAIError, description=spec.description,
-                       generate_examples=False)
-    for code, spec in ERROR_DOCS.items()
-}  # fmt: skip
+OPENAI_ERROR_DOCS = error_docs(OpenAIError, {
+    400: "Invalid input (OpenAI answers it all with 400; `param` names the field): an unknown "
+    "voice, a field missing or out of range, input too long (code `text_too_long`), a body "
+    "over 1 MiB, a body that is not JSON.",
+    415: "A content type other than application/json.",
+    429: "This client address already has its limit of streams open.",
+    500: "Synthesis failed before the first audio.",
+    503: "At capacity; retry after Retry-After seconds.",
+})  # fmt: skip
 
 
 class Model(msgspec.Struct):
@@ -187,14 +190,7 @@ async def models(service: TTSService) -> ModelList:
 @get(
     "/v1/models/{model_id:str}",
     summary="One model name",
-    responses={
-        **OPENAI_ERROR_DOCS,
-        404: ResponseSpec(
-            data_container=OpenAIError,
-            description="No such model (code `model_not_found`).",
-            generate_examples=False,
-        ),
-    },
+    responses=error_docs(OpenAIError, {404: "No such model (code `model_not_found`)."}),
 )
 async def model(model_id: str, service: TTSService) -> Model:
     found = _models(service).get(model_id)

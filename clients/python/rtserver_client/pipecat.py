@@ -267,7 +267,8 @@ class RTServerTTSService(WebsocketTTSService):
         server had already refused or ended (that was reported)."""
         if error.code == "idle_timeout":
             return True
-        return error.code == "unknown_context" and error.context_id not in self._opened
+        ended = ("unknown_context", "context_closed")  # the server forgets old ids in time
+        return error.code in ended and error.context_id not in self._opened
 
     def _forget(self, context_id: str) -> bool:
         """Drop a server context this socket had opened; False if it had none by that id."""
