@@ -205,6 +205,17 @@ def test_form_violations_name_their_field(server, form, field):
         assert [(p["key"], p["source"]) for p in got["extra"]] == [(field, "body")], got
 
 
+def test_a_form_fields_problem_says_whether_it_was_in_the_query(server):
+    """Upstream's client may send the fields as a query string: a problem there (or a field
+    missing from a query-only request) is the query's, not the body's."""
+    url = f"{server.base_url}/inference_sft"
+    cases = [({"tts_text": "Hi."}, None, "query"), ({"tts_text": "Hi."}, {"seed": "1"}, "body"),
+             ({"spk_id": "joe"}, {"tts_text": ""}, "body")]  # fmt: skip
+    for query, form, source in cases:
+        got = error(httpx.post(url, params=query, data=form, timeout=30), 422)
+        assert [p["source"] for p in got["extra"]] == [source], (query, form, got)
+
+
 @pytest.mark.parametrize(
     "path",
     ["/speakers", "/inference_zero_shot", "/inference_cross_lingual", "/inference_instruct2"],

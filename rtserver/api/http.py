@@ -656,7 +656,9 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
         )  # fmt: skip
     except msgspec.ValidationError as exc:
         key = field_of(str(exc))
-        source = "query" if key in request.query_params and key not in form else "body"
+        # where it came from, or (missing) where the client sent the rest
+        query = key in request.query_params if key in fields else not form
+        source = "query" if query and key not in form else "body"
         raise invalid(key, str(exc), source) from exc
 
 
