@@ -54,9 +54,11 @@ _HIDDEN = ("Cc", "Cf", "Zl", "Zp")
 
 def _valid_name(name: str) -> bool:
     """A name that fits in a URL path segment and reads as what it is: "." and ".." would
-    be normalized away by clients, so such a speaker could not be deleted."""
+    be normalized away by clients, so such a speaker could not be deleted; a name not in
+    Unicode's composed form (NFC) could sit beside the composed one and look the same."""
     return (
         bool(_NAME_RE.match(name))
+        and unicodedata.is_normalized("NFC", name)
         and name.strip() == name
         and name not in (".", "..")
         and not any(unicodedata.category(c) in _HIDDEN for c in name)
@@ -400,7 +402,7 @@ class SpeakerStore:
         text = prompt_text or ""
         if text and normalize and self.normalize_text is not None:
             text = self.normalize_text(text)
-        wav, sr = decode_audio(audio, max_seconds=MAX_PROMPT_SECONDS + 1.0)
+        wav, sr = decode_audio(audio, MAX_PROMPT_SECONDS + 1.0, MIN_SAMPLE_RATE)
         check_prompt_audio(wav, sr)
         emb, tokens, feat = self.extractor.extract(wav, sr)
         if not tokens:

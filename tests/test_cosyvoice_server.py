@@ -371,10 +371,24 @@ def test_prompts_and_names_that_would_harm_are_refused(tmp_path):
         assert r.status_code == 400 and "range" in r.json()["detail"], r.text
         # "." and ".." are normalized away by clients (no way to delete them); invisible or
         # bidirectional characters make look-alike names.
-        for name in (".", "..", "a\u200bb", "x\u202eevil", "a\u2028b", "a\x7fb", "b" * 500_000):
+        # A name not in composed form (NFC) sat beside the composed one, looking the same.
+        odd = ("e\u0301", "\u212b")  # é as e + accent; the Angstrom sign (NFC: Å)
+        for name in (
+            ".",
+            "..",
+            "a\u200bb",
+            "x\u202eevil",
+            "a\u2028b",
+            "a\x7fb",
+            "b" * 500_000,
+            *odd,
+        ):
             r = register(srv, name, prompt_wav())
             assert r.status_code == 400 and "name" in r.json()["detail"], (name[:9], r.text)
             assert len(r.content) < 1000  # the name echoed in part (it was the whole 500 KB)
+        # A header saying 1 Hz: refused for its rate (it said "too long": a second a sample).
+        r = register(srv, "slow", prompt_wav(seconds=48_000, rate=1))
+        assert r.status_code == 400 and "below 16000 Hz" in r.json()["detail"], r.text
         ids = {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
         assert "odd_rate" in ids and "huge" not in ids
         # A speaker deleted while it speaks: the stream goes on in its voice to the end.

@@ -56,13 +56,17 @@ def sniff_container(head: bytes) -> str:
     raise AudioError(f"not a supported audio file: send one of {', '.join(CONTAINERS)}")
 
 
-def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(
+    src: AudioSource, max_seconds: float | None = None, min_rate: int = 0
+) -> tuple[np.ndarray, int]:
     """Decode ``src`` to mono float32 in [-1, 1] and its rate.
 
     ``src`` is a path, encoded bytes, a binary file object (a container of
     :data:`CONTAINERS`), or a ``(samples, rate)`` tuple with samples shaped (N,) or
     (channels, N). With ``max_seconds``, decoding stops with :class:`AudioError` as soon as
-    the audio is longer (an hour-long upload is never fully decoded).
+    the audio is longer (an hour-long upload is never fully decoded); with ``min_rate``, a
+    container at a lower rate is refused before it is decoded (a header saying 1 Hz made
+    every sample a second: "too long").
     """
     if isinstance(src, tuple):
         return _samples(*src)
@@ -72,7 +76,7 @@ def decode_audio(src: AudioSource, max_seconds: float | None = None) -> tuple[np
         src = io.BytesIO(Path(src).read_bytes())
     head = src.read(12)
     src.seek(-len(head), io.SEEK_CUR)
-    return _decode(src, sniff_container(head), max_seconds)
+    return _decode(src, sniff_container(head), max_seconds, min_rate)
 
 
 def _samples(arr: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
@@ -84,7 +88,9 @@ def _samples(arr: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
     return arr, int(rate)
 
 
-def _decode(src: io.IOBase, fmt: str | None, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode(
+    src: io.IOBase, fmt: str | None, max_seconds: float | None, min_rate: int
+) -> tuple[np.ndarray, int]:
     """The first audio stream of the container in ``src`` (FFmpeg's demuxer ``fmt``)."""
     import av  # only for encoded audio: decoded samples need no codec
 
@@ -100,6 +106,8 @@ def _decode(src: io.IOBase, fmt: str | None, max_seconds: float | None) -> tuple
             rate = stream.rate or stream.codec_context.sample_rate
             if rate and rate > MAX_RATE:
                 raise AudioError(f"sample rate above {MAX_RATE} Hz")
+            if rate and rate < min_rate:
+                raise AudioError(f"sample rate {rate} Hz is below {min_rate} Hz")
             chunks = _frames(container.decode(stream), rate, max_seconds)
     except AudioError:
         raise

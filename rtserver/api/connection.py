@@ -287,7 +287,7 @@ class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
         log.warning("%s: over %g pings, pongs or fragments a second; WebSocket closed",
                     peer[0] if peer else "?", FRAME_RATE)  # fmt: skip
         if self.conn.state is State.OPEN:
-            self.conn.send_close(CloseCode.POLICY_VIOLATION, "too many control frames")
+            self.conn.send_close(CloseCode.POLICY_VIOLATION, "too many control frames or fragments")
         self.transport.write(b"".join(self.conn.data_to_send()))
         # As uvicorn's own closes do: no second close at shutdown (websockets raised, and
         # the server's exit crashed), and the app hears of it now, not at the reset.

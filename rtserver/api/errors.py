@@ -112,7 +112,10 @@ _BODY_TOO_LARGE = (413, "Request Entity Too Large")
 def http_error(request: Request, exc: HTTPException) -> Response:
     status, detail = exc.status_code, str(exc.detail)
     if (status, detail) == _TOO_MANY_PARTS:
-        status, detail = 413, "the form has too many parts (at most 1000)"
+        status, detail = (
+            413,
+            "the form has too many parts (at most 1000), or a part's headers are too long",
+        )
     elif (status, detail) == _BODY_TOO_LARGE:  # Litestar's words name no limit
         most = request.route_handler.resolve_request_max_body_size() or 0
         detail = f"the request body is over {most / 1024 / 1024:g} MiB, this route's limit"
