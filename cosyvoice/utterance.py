@@ -93,15 +93,25 @@ class Utterance:
 _CJK_STOPS = frozenset("，。！？；：、")
 
 
-def _last_boundary(text: str) -> int | None:
-    """Where the text may be cut so that the part before tokenizes the same whatever follows:
-    before its last whitespace (a BPE word takes the space before it) or just past CJK
-    punctuation. None: nowhere."""
+def _cuttable(before: str, c: str) -> bool:
+    """Whether text may be cut between ``before`` and ``c`` so that Qwen2's pre-tokenizer
+    (cosyvoice.frontend.tokenizer.QWEN2_SPLIT) gives the same pieces as for the whole text, whatever follows:
+    - before a space or tab that ends a word or punctuation (a run of spaces is split by what
+      follows it; a word takes the one space before it);
+    - before a line break or CJK punctuation that follows a letter or digit (punctuation
+      takes the line breaks after it, and a space or other punctuation before it; CJK
+      punctuation joins the letters after it: cut after it, `，都` split in two)."""
+    if c in " \t":
+        return before != "" and not before.isspace()
+    return (c.isspace() or c in _CJK_STOPS) and before.isalnum()
+
+
+def _last_boundary(text: str, before: str = "") -> int | None:
+    """The last place ``text`` may be cut (see :func:`_cuttable`; ``before``: the character
+    in front of it). None: nowhere."""
     for i in range(len(text) - 1, -1, -1):
-        if text[i].isspace():
+        if _cuttable(text[i - 1] if i else before, text[i]):
             return i
-        if text[i] in _CJK_STOPS:
-            return i + 1
     return None
 
 
@@ -119,7 +129,7 @@ class TextRun:
     llm: Any = None  # the bistream LLMRequest once the run started
 
     def add(self, fragment: str) -> None:
-        cut = _last_boundary(fragment)
+        cut = _last_boundary(fragment, self.tail[-1:])
         if cut is not None:
             self.ready = len(self.tail) + cut
         self.tail += fragment
