@@ -518,6 +518,8 @@ class CosyVoiceModel:
             speed=u.speed,
             seed=seed if u.noise else None,
         )
+        if req is not None:
+            req.max_speech = self.token2wav.most_tokens(st)
         if u.on_segment is not None:
             u.on_segment(st, u.runs)
         u.runs += 1

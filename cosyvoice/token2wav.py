@@ -273,6 +273,10 @@ class Token2Wav:
             st.vocoder = CausalVocoderState(noise)
         return st
 
+    def most_tokens(self, st: Token2WavState) -> int | None:
+        """The speech tokens ``st`` can take (the flow's noise buffer, past its prompt)."""
+        return self.flow.max_tokens(int(st.prompt_token.numel()))
+
     # ------------------------------------------------------------------ scheduling
     def _plan(self, st: Token2WavState) -> _Job | None:
         if st.done:
@@ -630,6 +634,9 @@ class Token2WavV1:
         self.mel_window = hamming(2 * self.cfg.mel_overlap_len)
         self.window = hamming(2 * self.cfg.source_cache_len)
         self.sample_rate = hift.cfg.sampling_rate
+
+    def most_tokens(self, st: Token2WavV1State) -> int | None:
+        return None  # each v1 flow call draws its own noise: no bound
 
     def new_state(
         self, embedding, prompt_token=None, prompt_feat=None, stream=True, speed=1.0, seed=None

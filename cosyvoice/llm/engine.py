@@ -51,6 +51,7 @@ class LLMRequest:
     embedding: torch.Tensor | None = None  # speaker x-vector (1, 192); used by the v1 LLM only
     min_len: int = -1
     max_len: int = -1
+    max_speech: int | None = None  # speech tokens the flow can take (its noise buffer); None: any
     # runtime state
     out_tokens: list[int] = field(default_factory=list)  # every token the LLM produced
     flow_tokens: list[int] = field(default_factory=list)  # what goes on to token2wav (v3 filter)
@@ -377,7 +378,10 @@ class LLMEngine:
             limit = MAX_TOKEN_TEXT_RATIO * max(bs.n_text, 1) + 2 * SPEECH_CHUNK
         else:
             limit = None
-        if limit is not None and len(r.out_tokens) >= limit:
+        # A segment past the flow's limit (text with no sentence end, a long streamed piece)
+        # ends there: in a batched flow call it failed every stream of the batch.
+        full = r.max_speech is not None and len(r.flow_tokens) >= r.max_speech
+        if full or (limit is not None and len(r.out_tokens) >= limit):
             r._finish("length")
         return tok
 

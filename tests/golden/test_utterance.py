@@ -364,3 +364,25 @@ def test_a_failed_vocoder_batch_ends_only_its_utterances(model, monkeypatch):
     assert not any(o.error for o in outs[id(good)]) and outs[id(good)][-1].done
     assert sum(o.audio.numel() for o in outs[id(good)]) > 0
     assert model.llm.net.kv_pool().used_blocks == base
+
+
+def test_a_segment_past_the_flows_noise_ends_there_alone(model, monkeypatch):
+    """The flow's noise covers 300 s of frames: a segment longer (text with no sentence end)
+    failed the batched flow call, so every stream vocoded with it got its error. Its LLM
+    now stops at the limit. (The limit lowered to 600 frames: the same path in seconds.)"""
+    import cosyvoice.flow.flow as flow
+
+    monkeypatch.setattr(flow, "NOISE_FRAMES", 600)
+    spk = model.speakers.list()[0]
+    long = model.start(spk, seed=1, fixed_tokens=400)  # 800 frames
+    short = model.start(spk, seed=2, fixed_tokens=60)
+    for u in (long, short):
+        model.add_text(u, "Some words.", tag=0)
+        model.close_text(u)
+    outs = _run(model, [long, short])
+    assert not [o.error for os in outs.values() for o in os if o.error]
+    prompt = len(model.speakers.get(spk).prompt_speech_tokens)
+    per_token = model.sample_rate // 25
+    assert 0 < _audio(outs[id(long)]).size <= (300 - prompt) * per_token
+    assert _audio(outs[id(short)]).size == 60 * per_token
+    assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
