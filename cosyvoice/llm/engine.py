@@ -158,6 +158,8 @@ class _Packed:
     """One step's inputs, packed, and what the step changes in its requests once its forward
     has run (:meth:`commit`)."""
 
+    requests: list[LLMRequest] = field(default_factory=list)  # in the forward
+    full: list[LLMRequest] = field(default_factory=list)  # left out: no room in the pool
     embeds: list[torch.Tensor] = field(default_factory=list)  # each request's new positions
     lens: list[int] = field(default_factory=list)
     caches: list[KVCache] = field(default_factory=list)
@@ -263,6 +265,11 @@ class LLMEngine:
         if not requests:
             return []
         batch = self._pack(requests)
+        for r in batch.full:
+            log.warning("KV pool full: a segment ends early")
+            r._finish("length")
+        if not batch.requests:
+            return [None] * len(requests)
         with self._lock:
             g = self.graphs
             if g is not None and batch.decode_only and g.fits(batch.caches):
@@ -272,7 +279,11 @@ class LLMEngine:
         mid_prefill = batch.commit()  # only now: a failed forward leaves requests as they were
         # a copy (a replayed graph reuses its output buffer; last_logits must outlive the step);
         # sampling reads back only what it needs (B x top_k on a GPU)
-        return self._sample(requests, logits.to(torch.float32, copy=True), mid_prefill)
+        got = self._sample(batch.requests, logits.to(torch.float32, copy=True), mid_prefill)
+        if not batch.full:
+            return got
+        by_id = {id(r): t for r, t in zip(batch.requests, got, strict=True)}
+        return [by_id.get(id(r)) for r in requests]
 
     def _pack(self, requests: Sequence[LLMRequest]) -> _Packed:
         """Each request's input for this step: its last token, its whole prefix, or the next
@@ -286,14 +297,21 @@ class LLMEngine:
                 full, cache, st = last.get(id(r)), r.cache, 0
                 if full is None:
                     full = self._input(r)
-                if r.bistream is not None:
-                    batch.streamed.append(r.bistream)
                 if cache is None:
                     cache = self.net.new_cache(self.dtype, self.device)
-                    batch.fresh.append((r, cache))
             n = full.shape[0] - st
             if self.prefill_chunk is not None:
                 n = min(n, self.prefill_chunk)
+            try:  # its blocks now: a pool that may not grow (CUDA graphs) may be full
+                cache.reserve(n)
+            except MemoryError:  # it ends here alone; raised in the forward, it ended them all
+                batch.full.append(r)
+                continue
+            batch.requests.append(r)
+            if r.prefix is None and r.bistream is not None:
+                batch.streamed.append(r.bistream)
+            if cache is not r.cache:
+                batch.fresh.append((r, cache))
             if st or n < full.shape[0]:
                 batch.partial.append((r, full, st + n))
             batch.embeds.append(full[st : st + n])

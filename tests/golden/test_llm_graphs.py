@@ -118,3 +118,31 @@ def test_rope_keeps_float32_frequencies_in_bfloat16(golden_dir):
     net.to(torch.bfloat16)._rope_cache = None
     got = net.rope(pos, 4000, torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_a_full_pool_ends_only_the_request_that_needs_a_block(golden_dir):
+    """Under CUDA graphs the KV pool cannot grow: a request that needs a block when none is
+    free ends there ("length"), and the others in its step go on (the pool's MemoryError came
+    out of the forward and failed the whole batch)."""
+    model = _load(golden_dir, True)
+    pool = model.llm.net.kv_pool(model.llm.dtype, model.llm.device)
+    a = LLMRequest(text_ids=list(range(20, 26)), seed=1, min_len=200, max_len=200)
+    b = LLMRequest(text_ids=list(range(20, 26)), seed=2, min_len=200, max_len=200)
+    model.llm.step([a])
+    for _ in range(BLOCK // 2):  # b is half a block behind a
+        model.llm.step([a])
+    model.llm.step([b])
+    others = pool.take(pool.free_blocks)  # another holder takes every free block
+    try:
+        while not a.done:
+            held = len(b.cache.blocks)
+            tokens = model.llm.step([a, b])
+            assert tokens[1] is not None and len(b.cache.blocks) == held  # b goes on
+        assert a.finish_reason == "length" and 0 < len(a.out_tokens) < 200 and a.cache is None
+        pool.give(others)  # the other holder is done: b has room to its end
+        others = []
+        while not b.done:
+            model.llm.step([b])
+        assert b.finish_reason == "length" and len(b.out_tokens) == 200
+    finally:
+        pool.give(others)
