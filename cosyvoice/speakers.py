@@ -364,7 +364,8 @@ class SpeakerStore:
         unusable audio and :class:`SpeakerError` for a bad or taken name."""
         if not _valid_name(name):  # (a bounded prefix of it: a 500 KB name made a 500 KB error)
             shown = name if len(name) <= 64 else name[:64] + "..."
-            raise SpeakerError(f"invalid speaker name: {shown!r}")
+            nfc = "" if unicodedata.is_normalized("NFC", shown) else " (not in NFC form)"
+            raise SpeakerError(f"invalid speaker name: {shown!r}{nfc}")
         with self._lock:
             self._refresh()
             if name in self._builtin:

@@ -9,6 +9,7 @@ piece they belong to, so a caller can tell where each piece's audio ends.
 from __future__ import annotations
 
 import enum
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ def _cuttable(before: str, c: str) -> bool:
     - before a line break or CJK punctuation that follows a letter or digit (punctuation
       takes the line breaks after it, and a space or other punctuation before it; CJK
       punctuation joins the letters after it: cut after it, `，都` split in two)."""
+    before = unicodedata.normalize("NFC", before)[-1:]  # as the tokenizer sees it (ड़ -> ड + ़)
     if c in " \t":
         return before != "" and not before.isspace()
     return (c.isspace() or c in _CJK_STOPS) and before.isalnum()

@@ -75,12 +75,14 @@ DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, from the openapi-ui-bundles 
 
 
 def _key_scheme(settings: Settings) -> dict[str, Any]:
-    """With API keys, the document says every route takes one as a bearer token (so the
-    docs page offers to send it); the probes and the demo page need none."""
-    if not settings.api_key:
+    """With keys, the document says routes take one as a bearer token (so the docs page
+    offers to send it): every route with API keys (the probes need none: OPEN), only the
+    speaker routes with admin keys alone."""
+    if not (settings.api_key or settings.admin_key):
         return {}
-    scheme = SecurityScheme(type="http", scheme="bearer", description="--api-key")
-    return {"security": [{"key": []}], "components": Components(security_schemes={"key": scheme})}
+    scheme = SecurityScheme(type="http", scheme="bearer", description="--api-key, --admin-key")
+    need = [{"key": []}] if settings.api_key else [{}, {"key": []}]
+    return {"security": need, "components": Components(security_schemes={"key": scheme})}
 
 
 def _swagger_ui() -> SwaggerRenderPlugin:

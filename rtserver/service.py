@@ -640,8 +640,9 @@ class TTSService:
             raise SpeakerRefused(str(exc), 404) from exc
         try:
             await in_own_thread(lambda: delete(spk_id))
-        except KeyError as exc:  # a built-in speaker
-            raise SpeakerRefused(str(exc), 400) from exc
+        except KeyError as exc:  # a built-in speaker, or one deleted meanwhile (another request)
+            gone = all(s.id != spk_id for s in self.speakers())
+            raise SpeakerRefused(str(exc), 404 if gone else 400) from exc
 
     # ---- synthesis ------------------------------------------------------------------------
 

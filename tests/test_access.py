@@ -136,6 +136,8 @@ def test_the_document_says_routes_take_the_key(locked):
     doc = httpx.get(f"{locked.base_url}/schema/openapi.json", headers=bearer(KEY)).json()
     ((name, scheme),) = doc["components"]["securitySchemes"].items()
     assert scheme["scheme"] == "bearer" and doc["security"] == [{name: []}], doc["security"]
+    for probe in ("/healthz", "/readyz"):  # no key
+        assert doc["paths"][probe]["get"]["security"] == [{}], doc["paths"][probe]
 
 
 def test_a_foreign_host_is_refused_but_the_probes_answer_any(locked):

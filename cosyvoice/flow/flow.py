@@ -271,12 +271,12 @@ class FlowModel(nn.Module):
                      self.cfg.chunk_size * ratio, device=dev, tag="frames", pool=self.pool)  # fmt: skip
         return self.encoder_proj(self.encoder(xe, has_ctx, tok, frm)), frames
 
-    @torch.inference_mode()
     def max_tokens(self, prompt_tokens: int) -> int:
         """The speech tokens a request after this many prompt tokens may have: its frames,
         prompt included, take their noise from one fixed buffer of NOISE_FRAMES (300 s)."""
         return NOISE_FRAMES // self.cfg.token_mel_ratio - prompt_tokens
 
+    @torch.inference_mode()
     def inference(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
         """Returns one mel (80, frames) per request: the frames from ``emit_from`` (after the
         prompt) to the end of the call."""

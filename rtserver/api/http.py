@@ -731,7 +731,10 @@ async def delete_speaker(spk_id: str, service: TTSService) -> None:
     await service.delete_speaker(spk_id)
 
 
-@get("/healthz", summary="Liveness and live scheduler counters")
+OPEN: list[dict[str, list[str]]] = [{}]  # no key needed (OpenAPI's empty requirement)
+
+
+@get("/healthz", summary="Liveness and live scheduler counters", security=OPEN)
 async def healthz(service: TTSService) -> dict[str, object]:
     return service.health()
 
@@ -744,6 +747,7 @@ class Readiness(msgspec.Struct):
 @get(
     "/readyz",
     summary="Readiness: 503 while shutting down, stalled or full",
+    security=OPEN,
     responses={503: ResponseSpec(data_container=Readiness, description="Not ready now.")},
 )
 async def readyz(service: TTSService) -> Response[Readiness]:

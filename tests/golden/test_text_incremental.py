@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 
 import pytest
 from tokenizers import Regex, pre_tokenizers
@@ -87,12 +88,31 @@ def test_streamed_text_tokenizes_as_the_whole(frontend, golden_dir, piece):
 
 # Cuts that changed the pre-tokens: just after CJK punctuation (`，` joins the letters after
 # it) and inside the line breaks after punctuation (`.\n\n` is one pre-token).
-CUTS = "我们，都来了。\n\nIt ends.\n\nNext line,\n  more 「引用」， 中文：好。 [laughter] ok\r\n"
+CUTS = (
+    "我们，都来了。\n\nIt ends.\n\nNext line,\n  more 「引用」， 中文：好。 [laughter] ok\r\n "
+    "पहा\u095c\nऔर 我们\u095c，都"  # ड़ is a letter, but NFC splits it: letter + mark
+)
 
 
 def _pre_tokens(text: str) -> list[str]:
     split = pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated")
-    return [t for t, _ in split.pre_tokenize_str(text)]
+    return [t for t, _ in split.pre_tokenize_str(unicodedata.normalize("NFC", text))]
+
+
+def _streamed(fragments: list[str]) -> list[str]:
+    run, pieces = TextRun(tag=0), []
+    for f in fragments:
+        run.add(f)
+        pieces.append(run.take())
+    run.sealed = True
+    return [*pieces, run.take()]
+
+
+@pytest.mark.parametrize("word", CUTS.split(" "))
+def test_streamed_text_a_character_at_a_time_pre_tokenizes_as_the_whole(word):
+    text = f"{word} {word}\n"
+    pieces = _streamed(list(text))
+    assert [t for p in pieces for t in _pre_tokens(p)] == _pre_tokens(text), pieces
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -103,12 +123,10 @@ def test_streamed_text_pre_tokenizes_as_the_whole_wherever_it_was_cut(seed):
     rng = random.Random(seed)
     words = rng.sample(CUTS.split(" "), 6)
     text = "".join(w + rng.choice(["", " ", "  ", "\n", " \n"]) for w in words)
-    run, pieces, at = TextRun(tag=0), [], 0
+    fragments, at = [], 0
     while at < len(text):
         n = rng.randint(1, 4)
-        run.add(text[at : at + n])
+        fragments.append(text[at : at + n])
         at += n
-        pieces.append(run.take())
-    run.sealed = True
-    pieces.append(run.take())
+    pieces = _streamed(fragments)
     assert [t for p in pieces for t in _pre_tokens(p)] == _pre_tokens(text), pieces
