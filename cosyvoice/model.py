@@ -184,7 +184,11 @@ class CosyVoiceModel:
         if run.llm is None:
             return  # not started: its text goes in when it starts
         text = run.take()
-        if text:
+        if text and run.llm.done:  # it reached a limit (the flow's 300 s, a full KV pool)
+            if not run.cut:
+                log.warning("text for a streamed piece that already ended: not spoken")
+            run.cut = True
+        elif text:
             run.llm.push_text(self.frontend.encode(text))
         if run.sealed and not run.llm.bistream.closed:
             run.llm.close_text()

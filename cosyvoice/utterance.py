@@ -129,6 +129,7 @@ class TextRun:
     ready: int = 0  # how much of tail may be given now
     sealed: bool = False
     llm: Any = None  # the bistream LLMRequest once the run started
+    cut: bool = False  # its LLM ended at a limit before the piece did: later text is dropped
 
     def add(self, fragment: str) -> None:
         cut = _last_boundary(fragment, self.tail[-1:])
