@@ -199,9 +199,9 @@ class EngineTarget:
         spk = next((v for v in voices if v.zero_shot), None)
         if spk is None:
             return "no zero-shot speaker in the model dir"
-        m.token2wav.flow.prompts.clear()
+        m.forget_prompt(spk)  # where flow calls run (the vocoder thread may hold the store)
         ms = [1000 * first_audio(m, spk, TEXT, 60, k + 1) for k in range(rounds + 2)]
-        m.token2wav.flow.prompts.clear()  # as a registration does: kept before any stream
+        m.forget_prompt(spk)  # as a registration does: kept before any stream
         t0 = time.perf_counter()
         m.keep_prompt(spk)
         keep = 1000 * (time.perf_counter() - t0)

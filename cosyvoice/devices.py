@@ -128,8 +128,8 @@ def capture_graph(
     tensor each replay rewrites). Both on ``stream``, one per graph owner: the eager run makes
     cuBLAS's workspace for that stream outside the graph's memory, and two owners' graphs
     replayed at once on different streams never share one. ``thread_local``: other threads go
-    on syncing and allocating meanwhile. The caller's stream is current again afterwards, even
-    when the capture fails to begin or end."""
+    on syncing and allocating meanwhile. The caller's stream is current again afterwards, and
+    waits for ``stream``, even when the capture fails to begin or end."""
     # on the graph's device: a model on cuda:1 queued its inputs on that device's current
     # stream, which the capture must wait for, whichever device this thread has current
     with torch.cuda.device(stream.device):
@@ -151,7 +151,9 @@ def capture_graph(
                     graph.capture_end()
         finally:
             torch.cuda.set_stream(caller)
-        caller.wait_stream(stream)
+            # also after a failure: the warm-up may have grown the flow pool's tensors on
+            # ``stream``, and the eager fallback on the caller's stream must see those copies
+            caller.wait_stream(stream)
     return graph, out
 
 

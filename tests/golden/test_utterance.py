@@ -386,3 +386,38 @@ def test_a_segment_past_the_flows_noise_ends_there_alone(model, monkeypatch):
     assert 0 < _audio(outs[id(long)]).size <= (300 - prompt) * per_token
     assert _audio(outs[id(short)]).size == 60 * per_token
     assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
+
+
+def test_text_after_a_streamed_piece_ended_at_its_limit_is_dropped(model, monkeypatch, caplog):
+    """A streamed piece whose LLM stopped at the flow's limit takes no more text: later
+    fragments are dropped with one warning (they used to pile up in a request that would
+    never read them), the piece still ends, and the next piece speaks."""
+    import cosyvoice.flow.flow as flow
+
+    spk = model.speakers.list()[0]
+    prompt = len(model.speakers.get(spk).prompt_speech_tokens)
+    ratio = model.token2wav.flow.cfg.token_mel_ratio
+    monkeypatch.setattr(flow, "NOISE_FRAMES", (prompt + 8) * ratio)  # 8 speech tokens
+    u = model.start(spk, seed=3, text_stream=True)
+    model.add_text(u, "Hello there, how are you doing today, my good old friend? ", tag=0)
+    run = u.open_run
+    outs: list[Output] = []
+    for _ in range(200):
+        if run.llm is not None and run.llm.done:
+            break
+        outs += model.step([u])
+    assert run.llm is not None and run.llm.done
+    taken = run.llm.bistream.n_text
+    with caplog.at_level("WARNING", logger="cosyvoice"):
+        for words in ("And then ", "some more ", "words after it. "):
+            model.add_text(u, words, tag=0)
+    assert len([r for r in caplog.records if "already ended" in r.message]) == 1
+    assert run.llm.bistream.n_text == taken
+    model.add_text(u, "A new piece.", tag=1)
+    model.close_text(u)
+    outs += _run(model, [u])[id(u)]
+    assert not [o.error for o in outs if o.error] and outs[-1].done
+    assert [o.tag for o in outs if o.tag_end] == [0, 1]
+    per_token = model.sample_rate // 25
+    assert 0 < sum(o.audio.numel() for o in outs if o.tag == 0) <= 8 * per_token
+    assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
