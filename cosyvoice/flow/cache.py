@@ -475,6 +475,7 @@ class Past:
         self.valid = (~padded).repeat(rows, 1)  # (rows*B, T)
         self._rel: tuple[torch.Tensor, torch.Tensor] | None = None
         self._tail_idx: dict[int, torch.Tensor] = {}
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
         self.pooled = self._reused()
         if self.pooled:
             self._index(device)
@@ -495,8 +496,19 @@ class Past:
         p.mask, p.write, p.read, p.lens_dev = mask, write, read, lens
         p.positions, p.valid = positions, valid
         p.slots_in, p.slots_out = slots
-        p._rel, p._tail_idx = None, {}
+        p._rel, p._tail_idx, p._bias = None, {}, {}
         return p
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as SDPA's additive bias, made once per call and dtype and shared by the
+        Euler steps' views: SDPA would turn the bool mask into one in every attention layer
+        of every step (560 times per CosyVoice2 flow call). Its rows are laid out 8 apart:
+        the GPU's memory-efficient kernel copies a bias whose rows are not."""
+        if (b := self._bias.get(dtype)) is None:
+            *rows, k = self.mask.shape
+            b = torch.zeros(*rows, -(-k // 8) * 8, dtype=dtype, device=self.mask.device)
+            b = self._bias[dtype] = b[..., :k].masked_fill_(~self.mask, float("-inf"))
+        return b
 
     def at(self, tag: Hashable) -> Past:
         """The same view keyed apart (one per Euler step: each step has its own state)."""

@@ -69,7 +69,7 @@ class Attention(nn.Module):
             for f in (self.to_q, self.to_k, self.to_v)
         )
         k, v = past.kv(self, k, v)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=past.mask)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=past.bias(q.dtype))
         return self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -13,6 +13,7 @@ from _fixtures import CountOps, load_engine
 
 import cosyvoice
 from cosyvoice.devices import PackedLinear, can_pack_linears, pack_linears
+from cosyvoice.llm import qwen2
 from cosyvoice.llm.engine import LLMRequest
 from cosyvoice.llm.kv import BLOCK
 from cosyvoice.llm.qwen2 import attention
@@ -138,8 +139,11 @@ def test_cache_is_readable_and_grows_past_a_block(golden_dir):
         whole.keys(0)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "gpu"])  # the GPU's grouped SDPA, run on the CPU
 @pytest.mark.parametrize("lq", [1, 5])  # decode and prefill
-def test_cpu_attention_matches_sdpa(lq):
+def test_grouped_attention_matches_sdpa(lq, kernel, monkeypatch):
+    if kernel == "gpu":
+        monkeypatch.setattr(qwen2, "_matmuls", qwen2._sdpa)
     g = torch.Generator().manual_seed(3)
     b, h, n_kv, hd, t = 3, 8, 2, 16, 40
     q = torch.randn(b, lq, h, hd, generator=g)
