@@ -245,6 +245,14 @@ def test_a_body_of_the_wrong_shape_is_the_bodys_problem(server):
         assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
 
 
+def test_a_multipart_type_without_a_boundary_is_the_bodys_problem(server):
+    headers = {"content-type": "multipart/form-data"}
+    r = httpx.post(f"{server.base_url}/inference_sft", content=b"x", headers=headers)
+    got = error(r, 422)
+    assert "boundary" in got["detail"], got
+    assert [p["key"] for p in got["extra"]] == ["body"], got  # (it had no `extra`)
+
+
 def test_malformed_json_is_rejected_with_json_body(server):
     r = httpx.post(
         f"{server.base_url}/tts", content=b"{not json", headers={"content-type": "application/json"}
@@ -491,8 +499,11 @@ def test_pcm_route_resamples_on_request(server):
     r = post(server, "/tts/pcm", tts_text=SHORT_TEXT, spk_id="joe", sample_rate=16000)
     assert r.status_code == 200 and r.headers["x-sample-rate"] == "16000"
     assert_speech(decode_pcm(r.content), 16000, min_seconds=2.0)
-    assert "9000" in error(post(server, "/tts", tts_text=SHORT_TEXT, spk_id="joe",
-                                sample_rate=9000), 422)["detail"]  # fmt: skip
+    for path, extra in (("/tts", {}), ("/tts/pcm", {"encoding": "mulaw"})):
+        got = error(post(server, path, tts_text=SHORT_TEXT, spk_id="joe", sample_rate=9000,
+                         **extra), 422)  # fmt: skip
+        assert "9000" in got["detail"], got  # (its `extra` was missing)
+        assert [(p["key"], p["source"]) for p in got["extra"]] == [("sample_rate", "body")], got
 
 
 def test_mp3_route_refuses_a_pcm_encoding(server):

@@ -30,6 +30,20 @@ def test_document_validates(server):
     assert "application/json" not in speech
 
 
+def test_speech_documents_what_each_format_sends(server):
+    """/v1/audio/speech's pcm was documented as audio/pcm, without the rate headers it sends
+    as audio/L16 (as /tts/pcm, documented so)."""
+    doc = httpx.get(f"{server.base_url}/schema/openapi.json").json()
+    ok = doc["paths"]["/v1/audio/speech"]["post"]["responses"]["200"]
+    for fmt in ("mp3", "pcm", "wav", "opus", "aac", "flac", "mulaw", "alaw"):
+        body = {"input": "Hi there.", "voice": "joe", "response_format": fmt}
+        r = httpx.post(f"{server.base_url}/v1/audio/speech", json=body, timeout=60)
+        assert r.status_code == 200 and r.content, (fmt, r.text)
+        assert r.headers["content-type"].split(";")[0] in ok["content"], (fmt, r.headers)
+        if "x-sample-rate" in r.headers:
+            assert "X-Sample-Rate" in ok["headers"], fmt
+
+
 def test_each_route_documents_the_errors_it_answers(server):
     """Every route listed the same errors: /v1/audio/speech 413 and 422 (OpenAI's routes
     answer 400), POST /speakers "unknown spk_id" and no 409, DELETE none of its own, a GET

@@ -17,8 +17,8 @@ from litestar.openapi.spec import (
 )
 
 BINARY = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
-PCM_HEADERS = {
-    "X-Sample-Rate": "Samples per second.",
+PCM_HEADERS = {  # sent with headerless audio: PCM, G.711 (mulaw, alaw)
+    "X-Sample-Rate": "Samples per second (with headerless audio: PCM, mulaw, alaw).",
     "X-Channels": "Always 1.",
     "X-Bit-Depth": "16: signed 16-bit little-endian samples (s16le); 8 for mulaw/alaw.",
 }

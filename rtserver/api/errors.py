@@ -95,13 +95,14 @@ def _keyed(problem: object) -> object:
 def validation_error(_: Request, exc: ValidationException) -> Response:
     # Litestar answers 400 for schema violations; the API promises 422 (as FastAPI does).
     problems = [_keyed(p) for p in exc.extra] if isinstance(exc.extra, list) else []
+    if not problems:  # one about the body as a whole (a multipart type without a boundary)
+        problems = [{"message": str(exc.detail), "key": "body", "source": "body"}]
     messages = [
         f"{p.get('key') or 'body'}: {p.get('message')}" if isinstance(p, dict) else str(p)
         for p in problems
     ]
-    detail = "; ".join(messages) or str(exc.detail)
-    extra = problems or exc.extra
-    return Response(ErrorBody(422, f"invalid request: {detail}", extra), status_code=422)
+    detail = "; ".join(messages)
+    return Response(ErrorBody(422, f"invalid request: {detail}", problems), status_code=422)
 
 
 # Litestar's multipart parser refuses a form of more than 1000 parts with this 400.
@@ -166,7 +167,7 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error,
     UnknownSpeaker: unknown_speaker,
     TextRejected: text_rejected,
-    UnsupportedFormat: _plain(422),
+    UnsupportedFormat: lambda request, exc: validation_error(request, invalid("body", str(exc))),
     Busy: _plain(503, retry=True),
     TooManyForClient: _plain(429, retry=True),
     ShuttingDown: _plain(503, retry=True),

@@ -38,6 +38,7 @@ from rtserver.service import (
     TextRejected,
     TTSService,
     UnknownSpeaker,
+    UnsupportedFormat,
     echoed,
 )
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
@@ -269,15 +270,20 @@ async def open_stream(
     instructions: str | None = None,
     field: str = "tts_text",
     speaker_field: str = "spk_id",
+    rate_field: str = "sample_rate",
 ) -> tuple[AsyncIterator[bytes], int]:
     """Check, admit and start a whole-text session; returns its encoded audio and rate once
     the first audio exists, so a failure before it (or text the voice says nothing for) is
-    still an HTTP error."""
+    still an HTTP error. ``field``, ``speaker_field``, ``rate_field``: the request's names of
+    the text, the speaker and what chose the rate, for its errors."""
     service.check_whole_text(text, field)
-    session = await service.open_session(
-        spk_id, client_of(request), fmt, rate_out,
-        speed=speed, seed=seed, stream=stream, instructions=instructions,
-    )  # fmt: skip
+    try:
+        session = await service.open_session(
+            spk_id, client_of(request), fmt, rate_out,
+            speed=speed, seed=seed, stream=stream, instructions=instructions,
+        )  # fmt: skip
+    except UnsupportedFormat as exc:
+        raise invalid(rate_field, str(exc)) from exc
     session.say(text)  # cannot refuse: the text is checked
     events = session.events()
     first = await _until_disconnect(request, _first_output(events))

@@ -26,7 +26,7 @@ from litestar.exceptions import NotFoundException
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
-from rtserver.api.docs import BINARY, audio_operation, error_docs
+from rtserver.api.docs import BINARY, L16, audio_operation, error_docs
 from rtserver.api.errors import OPENAI_PREFIX, ErrorBody, OpenAIError, invalid, openai_error
 from rtserver.api.http import STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
@@ -49,7 +49,7 @@ SSE = OpenAPIMediaType(
     )
 )
 MEDIA_TYPES = {
-    "mp3": "audio/mpeg", "pcm": "audio/pcm", "wav": "audio/wav",
+    "mp3": "audio/mpeg", "pcm": L16, "wav": "audio/wav",
     **{name: spec.media_type for name, spec in MUXED.items()},
 }  # fmt: skip
 
@@ -127,7 +127,8 @@ def voice_aliases(pairs: tuple[str, ...]) -> dict[str, str]:
     status_code=200,
     before_request=strict_json,
     operation_class=audio_operation(
-        {**dict.fromkeys(MEDIA_TYPES.values(), BINARY), "text/event-stream": SSE}
+        {**dict.fromkeys(MEDIA_TYPES.values(), BINARY), "text/event-stream": SSE},
+        pcm_headers=True,  # with pcm, mulaw and alaw (headerless: the rate is in them)
     ),
 )
 async def speech(request: Request, data: SpeechRequest, service: TTSService) -> Stream:
@@ -143,6 +144,7 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
         request, service, data.input, speaker, data.response_format,
         rate_out=rate_out, speed=data.speed, seed=data.seed, stream=True,
         instructions=data.instructions, field="input", speaker_field="voice",
+        rate_field="response_format",
     )  # fmt: skip
     if data.stream_format == "sse":
         return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)

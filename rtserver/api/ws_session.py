@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import re
 import struct
 import time
 import typing
@@ -77,6 +79,25 @@ def _context_of(raw: str | bytes) -> str | None:
         return _addressed.decode(raw).context_id
     except (msgspec.DecodeError, RecursionError):  # not an object, or no string id
         return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _split_character(raw: str | bytes) -> str | None:
+    """The context of a text message whose text holds half a UTF-16 surrogate pair, as a
+    JavaScript client that cut a string inside an emoji sends it: JSON's grammar allows the
+    escape, msgspec refuses it as not text. None for any other message."""
+    try:
+        msg = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(msg, dict) or not isinstance(text := msg.get("text"), str):
+        return None
+    context_id = msg.get("context_id")
+    if not isinstance(context_id, str) or _SURROGATE.search(context_id):
+        return None  # (an id with half a character could not be sent back)
+    return context_id if _SURROGATE.search(text) else None
 
 
 _encoder = msgspec.json.Encoder()
@@ -358,6 +379,11 @@ class WsSession:
             await self._error("invalid_message", str(exc), _context_of(raw))
             return
         except (msgspec.DecodeError, RecursionError) as exc:
+            if (context_id := _split_character(raw)) is not None:
+                await self._error("invalid_text", "the text holds half of a character (a lone "
+                                  "UTF-16 surrogate): send each character whole; the fragment "
+                                  "is dropped", context_id)  # fmt: skip
+                return
             await self._error("invalid_json", f"not valid JSON: {exc}")
             return
         if isinstance(msg, Ping):
