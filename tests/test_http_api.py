@@ -245,6 +245,23 @@ def test_a_body_of_the_wrong_shape_is_the_bodys_problem(server):
         assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
 
 
+def test_form_fields_that_are_not_utf8_are_refused_by_name(server):
+    """Latin-1 bytes (%E9 for é) in a query string or a url-encoded body were decoded with
+    replacement characters and spoken as what was left: 422 naming the field, as a multipart
+    part that is not text in its charset gets."""
+    url = f"{server.base_url}/inference_sft"
+    for query, body, source in (("tts_text=caf%E9&spk_id=joe", None, "query"),
+                                ("spk_id=joe", b"tts_text=caf\xe9", "body"),
+                                ("", b"spk_id=joe&tts_text=caf%E9+au+lait", "body")):  # fmt: skip
+        headers = {"content-type": "application/x-www-form-urlencoded"}
+        r = httpx.post(f"{url}?{query}", content=body, headers=headers, timeout=30)
+        got = error(r, 422)
+        assert [(p["key"], p["source"]) for p in got["extra"]] == [("tts_text", source)], got
+    r = httpx.get(url, params={"tts_text": "café, naïve", "spk_id": "joe"}, timeout=60)
+    assert r.status_code == 200 and len(r.content) > 0  # UTF-8, percent-encoded: spoken
+    server.assert_idle()
+
+
 def test_a_multipart_type_without_a_boundary_is_the_bodys_problem(server):
     headers = {"content-type": "multipart/form-data"}
     r = httpx.post(f"{server.base_url}/inference_sft", content=b"x", headers=headers)

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from litestar import Request, delete, get, post, route
@@ -648,6 +649,7 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
             detail=f"{request.url.path} takes its fields as a form, multipart or the query "
             "string, as upstream's; JSON goes to POST /tts/pcm (PCM) or /tts (MP3)",
         )
+    _check_utf8(request.scope["query_string"], "query")
     fields: dict[str, str] = dict(request.query_params)
     form = await request.form()
     for k, v in form.items():
@@ -668,12 +670,27 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
         raise invalid(key, str(exc), source) from exc
 
 
+def _check_utf8(encoded: bytes, source: str) -> None:
+    """Percent-encoded fields (a query string, a url-encoded body) must be UTF-8 text: Litestar
+    decodes them with replacement characters, so a client's bytes in another encoding would
+    be spoken as whatever was left."""
+    for pair in encoded.split(b"&"):
+        name, _, value = (unquote_to_bytes(x.replace(b"+", b" ")) for x in pair.partition(b"="))
+        try:
+            name.decode(), value.decode()
+        except UnicodeDecodeError:
+            key = name.decode(errors="replace")
+            raise invalid(key, "not UTF-8 text (percent-encode its UTF-8 bytes)", source) from None
+
+
 class FormRequest(Request):
     """Litestar's request, with a form field that is not text in its part's charset (or names
     a charset Python does not know) refused as bad input: Litestar's parser lets the decoding
     error out, a 500 for any client that sends it (/inference_sft, POST /speakers)."""
 
     async def form(self) -> FormMultiDict:
+        if self.content_type[0] == "application/x-www-form-urlencoded":
+            _check_utf8(await self.body(), "body")
         try:
             return await super().form()
         except (UnicodeError, LookupError) as exc:
