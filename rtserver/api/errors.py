@@ -42,6 +42,11 @@ def invalid(key: str, message: str, source: str = "body") -> ValidationException
 OPENAI_PREFIX = "/v1/"  # errors under it come in OpenAI's shape, so its SDKs show them
 
 
+def under_openai(path: str) -> bool:
+    """Whether ``path`` is one of OpenAI's routes' (the router takes //v1/... as /v1/...)."""
+    return ("/" + path.lstrip("/")).startswith(OPENAI_PREFIX)
+
+
 class OpenAIErrorDetail(msgspec.Struct):
     message: str
     type: str  # invalid_request_error or server_error
@@ -66,11 +71,7 @@ def openai_error(
 def refusal(path: str, status: int, detail: str) -> ErrorBody | OpenAIError:
     """The body of a refusal made before the app routes the request (a key missing, a
     request too slow or too large): OpenAI's shape under its prefix, ours elsewhere."""
-    return (
-        openai_error(status, detail)
-        if path.startswith(OPENAI_PREFIX)
-        else ErrorBody(status, detail)
-    )
+    return openai_error(status, detail) if under_openai(path) else ErrorBody(status, detail)
 
 
 # msgspec names the field a problem is in: "missing required field `x`", "... - at `$.x`".

@@ -27,7 +27,7 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Schema
 from litestar.response import Stream
 
 from rtserver.api.docs import BINARY, L16, audio_operation, error_docs
-from rtserver.api.errors import OPENAI_PREFIX, ErrorBody, OpenAIError, invalid, openai_error
+from rtserver.api.errors import ErrorBody, OpenAIError, invalid, openai_error, under_openai
 from rtserver.api.http import STREAM_HEADERS, open_stream, pcm_headers, strict_json
 from rtserver.audio import MUXED
 from rtserver.engine import Speaker
@@ -210,7 +210,7 @@ def by_path(handler: Callable[[Request, Exception], Response]):
 
     def answer(request: Request, exc: Exception) -> Response:
         ours = handler(request, exc)
-        if not request.url.path.startswith(OPENAI_PREFIX):
+        if not under_openai(request.url.path):
             return ours
         body, status = ours.content, ours.status_code
         assert isinstance(body, ErrorBody)  # every handler's
