@@ -246,19 +246,23 @@ def test_a_body_of_the_wrong_shape_is_the_bodys_problem(server):
 
 
 def test_form_fields_that_are_not_utf8_are_refused_by_name(server):
-    """Latin-1 bytes (%E9 for é) in a query string or a url-encoded body were decoded with
-    replacement characters and spoken as what was left: 422 naming the field, as a multipart
-    part that is not text in its charset gets."""
+    """Latin-1 bytes (%E9 or a raw 0xE9 for é) in a query string or a url-encoded body were
+    decoded with replacement characters and spoken as what was left: 422 naming the field,
+    as a multipart part that is not text in its charset gets. Raw UTF-8 in a body (curl -d)
+    was read as Latin-1: it is text, and spoken."""
     url = f"{server.base_url}/inference_sft"
+    form = {"content-type": "application/x-www-form-urlencoded"}
     for query, body, source in (("tts_text=caf%E9&spk_id=joe", None, "query"),
                                 ("spk_id=joe", b"tts_text=caf\xe9", "body"),
                                 ("", b"spk_id=joe&tts_text=caf%E9+au+lait", "body")):  # fmt: skip
-        headers = {"content-type": "application/x-www-form-urlencoded"}
-        r = httpx.post(f"{url}?{query}", content=body, headers=headers, timeout=30)
-        got = error(r, 422)
+        got = error(httpx.post(f"{url}?{query}", content=body, headers=form, timeout=30), 422)
         assert [(p["key"], p["source"]) for p in got["extra"]] == [("tts_text", source)], got
+    r = httpx.post(url, content="spk_id=joe&tts_text=café, naïve".encode(), headers=form)
+    assert r.status_code == 200 and len(r.content) > 0, r.text
     r = httpx.get(url, params={"tts_text": "café, naïve", "spk_id": "joe"}, timeout=60)
     assert r.status_code == 200 and len(r.content) > 0  # UTF-8, percent-encoded: spoken
+    many = b"&" * 1_000_000  # a form of a million empty fields: refused by its count
+    assert "too many fields" in error(httpx.post(url, content=many, headers=form), 413)["detail"]
     server.assert_idle()
 
 

@@ -363,8 +363,9 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
             # unknown speaker; it was null for an ill-typed start)
             cases = [
                 ("{oops", "invalid_json", None),
-                # half an emoji, as JavaScript's JSON.stringify sends a string cut inside one
-                ('{"type": "text", "context_id": "y", "text": "ab \\ud83d"}', "invalid_text", "y"),
+                # half an emoji, as JavaScript's JSON.stringify sends a string cut inside one,
+                # is dropped and the message goes on (it was invalid_json for no context)
+                ('{"type": "text", "context_id": "y", "text": "ab \\ud83d", "flush": true}', "unknown_context", "y"),
                 (json.dumps({"type": "bogus"}), "invalid_message", None),
                 (json.dumps({"type": "start", "spk_id": "joe"}), "invalid_message", None),
                 (json.dumps({"type": "start", "context_id": "x", "spk_id": "joe", "speed": 0}), "invalid_message", "x"),

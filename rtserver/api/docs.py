@@ -18,10 +18,12 @@ from litestar.openapi.spec import (
 
 BINARY = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
 PCM_HEADERS = {  # sent with headerless audio: PCM, G.711 (mulaw, alaw)
-    "X-Sample-Rate": "Samples per second (with headerless audio: PCM, mulaw, alaw).",
-    "X-Channels": "Always 1.",
-    "X-Bit-Depth": "16: signed 16-bit little-endian samples (s16le); 8 for mulaw/alaw.",
-}
+    "X-Sample-Rate": (OpenAPIType.INTEGER, "Samples per second (with PCM, mulaw, alaw)."),
+    "X-Channels": (OpenAPIType.INTEGER, "Always 1."),
+    "X-Bit-Depth": (OpenAPIType.INTEGER, "16: signed 16-bit little-endian samples (s16le); 8 "
+                    "for mulaw/alaw."),
+    "X-Encoding": (OpenAPIType.STRING, "s16le, mulaw or alaw."),
+}  # fmt: skip
 L16 = "audio/L16"  # RFC 2586's name; the real header adds `;rate=R;channels=1`
 
 
@@ -78,8 +80,8 @@ def audio_operation(
             ok.content = dict(media_types)
             if pcm_headers:
                 ok.headers = {
-                    name: OpenAPIHeader(schema=Schema(type=OpenAPIType.INTEGER), description=text)
-                    for name, text in PCM_HEADERS.items()
+                    name: OpenAPIHeader(schema=Schema(type=kind), description=text)
+                    for name, (kind, text) in PCM_HEADERS.items()
                 }
 
     return AudioOperation

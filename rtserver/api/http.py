@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import re
 import time
+from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl
 
 import msgspec
 from litestar import Request, delete, get, post, route
@@ -23,7 +25,7 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import RequestBody
 from litestar.params import Body, Parameter
 from litestar.response import Response, Stream
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
 
 from rtserver.api.connection import GONE
 from rtserver.api.docs import BINARY, L16, audio_operation, error_docs, form_body
@@ -45,6 +47,14 @@ from rtserver.service import (
 from rtserver.session import Audio, Cancelled, Failed, SegmentEnd, SessionEvent
 
 log = logging.getLogger("rtserver.api")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # text that came as bytes or escapes it was not
+MAX_FORM_FIELDS = 1000  # as Litestar's multipart parser's part limit
+
+
+def _escaped(raw: bytes) -> str:
+    """``raw`` as UTF-8, each byte that is not part of UTF-8 text kept as a lone surrogate."""
+    return raw.decode(errors="surrogateescape")
+
 
 F = TypeVar("F", bound=msgspec.Struct)  # an upstream route's form fields
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024  # a 30 s prompt as 48 kHz stereo WAV is 5.8 MB
@@ -283,8 +293,8 @@ async def open_stream(
             spk_id, client_of(request), fmt, rate_out,
             speed=speed, seed=seed, stream=stream, instructions=instructions,
         )  # fmt: skip
-    except UnsupportedFormat as exc:
-        raise invalid(rate_field, str(exc)) from exc
+    except UnsupportedFormat as exc:  # the rate asked for, or else the speaker's own
+        raise invalid(rate_field if rate_out else speaker_field, str(exc)) from exc
     session.say(text)  # cannot refuse: the text is checked
     events = session.events()
     first = await _until_disconnect(request, _first_output(events))
@@ -649,7 +659,7 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
             detail=f"{request.url.path} takes its fields as a form, multipart or the query "
             "string, as upstream's; JSON goes to POST /tts/pcm (PCM) or /tts (MP3)",
         )
-    _check_utf8(request.scope["query_string"], "query")
+    _form_pairs(_escaped(request.scope["query_string"]), "query")
     fields: dict[str, str] = dict(request.query_params)
     form = await request.form()
     for k, v in form.items():
@@ -670,17 +680,23 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
         raise invalid(key, str(exc), source) from exc
 
 
-def _check_utf8(encoded: bytes, source: str) -> None:
-    """Percent-encoded fields (a query string, a url-encoded body) must be UTF-8 text: Litestar
-    decodes them with replacement characters, so a client's bytes in another encoding would
-    be spoken as whatever was left."""
-    for pair in encoded.split(b"&"):
-        name, _, value = (unquote_to_bytes(x.replace(b"+", b" ")) for x in pair.partition(b"="))
-        try:
-            name.decode(), value.decode()
-        except UnicodeDecodeError:
-            key = name.decode(errors="replace")
-            raise invalid(key, "not UTF-8 text (percent-encode its UTF-8 bytes)", source) from None
+def _form_pairs(encoded: str, source: str) -> list[tuple[str, str]]:
+    """A query string's or url-encoded body's fields (``encoded`` as UTF-8 with its other
+    bytes escaped, raw or percent-encoded alike), at most MAX_FORM_FIELDS of them, each UTF-8
+    text: Litestar refused raw UTF-8 (curl -d 'tts_text=你好') and decoded escapes that are
+    not UTF-8 with replacement characters, so text in another encoding was spoken in part."""
+    try:
+        pairs = parse_qsl(encoded, keep_blank_values=True, encoding="utf-8",
+                          errors="surrogateescape", max_num_fields=MAX_FORM_FIELDS)  # fmt: skip
+    except ValueError:
+        raise HTTPException(
+            status_code=413, detail=f"the form has too many fields (at most {MAX_FORM_FIELDS})"
+        ) from None
+    for name, value in pairs:
+        if LONE_SURROGATE.search(name) or LONE_SURROGATE.search(value):
+            key = name.encode(errors="surrogateescape").decode(errors="replace")
+            raise invalid(key, "not UTF-8 text (send UTF-8, percent-encoded or raw)", source)
+    return pairs
 
 
 class FormRequest(Request):
@@ -689,8 +705,12 @@ class FormRequest(Request):
     error out, a 500 for any client that sends it (/inference_sft, POST /speakers)."""
 
     async def form(self) -> FormMultiDict:
-        if self.content_type[0] == "application/x-www-form-urlencoded":
-            _check_utf8(await self.body(), "body")
+        state = self._connection_state
+        if state.form is Empty and self.content_type[0] == RequestEncodingType.URL_ENCODED:
+            fields: defaultdict[str, list[str]] = defaultdict(list)
+            for name, value in _form_pairs(_escaped(await self.body()), "body"):
+                fields[name].append(value)
+            state.form = {k: v if len(v) > 1 else v[0] for k, v in fields.items()}  # as Litestar's
         try:
             return await super().form()
         except (UnicodeError, LookupError) as exc:

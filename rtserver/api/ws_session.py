@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import struct
 import time
 import typing
@@ -26,7 +25,7 @@ from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
 from rtserver import __version__
-from rtserver.api.http import client_of
+from rtserver.api.http import LONE_SURROGATE, client_of
 from rtserver.protocol import (
     AppendText,
     Cancel,
@@ -81,23 +80,18 @@ def _context_of(raw: str | bytes) -> str | None:
         return None
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _split_character(raw: str | bytes) -> str | None:
-    """The context of a text message whose text holds half a UTF-16 surrogate pair, as a
-    JavaScript client that cut a string inside an emoji sends it: JSON's grammar allows the
-    escape, msgspec refuses it as not text. None for any other message."""
+def _mend_split_characters(raw: str | bytes) -> str | None:
+    """The frame without halves of surrogate pairs in its strings, as JavaScript's
+    JSON.stringify writes a string cut inside an emoji (JSON's grammar allows the escapes;
+    msgspec refuses them as not text). None where that was not the frame's problem."""
     try:
         msg = json.loads(raw)
+        if not isinstance(msg, dict):
+            return None
+        mended = {k: LONE_SURROGATE.sub("", v) if isinstance(v, str) else v for k, v in msg.items()}
+        return json.dumps(mended) if mended != msg else None
     except (ValueError, RecursionError):
         return None
-    if not isinstance(msg, dict) or not isinstance(text := msg.get("text"), str):
-        return None
-    context_id = msg.get("context_id")
-    if not isinstance(context_id, str) or _SURROGATE.search(context_id):
-        return None  # (an id with half a character could not be sent back)
-    return context_id if _SURROGATE.search(text) else None
 
 
 _encoder = msgspec.json.Encoder()
@@ -374,16 +368,16 @@ class WsSession:
             )
             return
         try:
-            msg = _decoder.decode(raw)
+            try:
+                msg = _decoder.decode(raw)
+            except (msgspec.DecodeError, RecursionError):
+                if (mended := _mend_split_characters(raw)) is None:
+                    raise
+                msg = _decoder.decode(raw := mended)  # (half an emoji is nothing to speak)
         except msgspec.ValidationError as exc:
             await self._error("invalid_message", str(exc), _context_of(raw))
             return
         except (msgspec.DecodeError, RecursionError) as exc:
-            if (context_id := _split_character(raw)) is not None:
-                await self._error("invalid_text", "the text holds half of a character (a lone "
-                                  "UTF-16 surrogate): send each character whole; the fragment "
-                                  "is dropped", context_id)  # fmt: skip
-                return
             await self._error("invalid_json", f"not valid JSON: {exc}")
             return
         if isinstance(msg, Ping):
