@@ -266,6 +266,19 @@ def test_form_fields_that_are_not_utf8_are_refused_by_name(server):
     server.assert_idle()
 
 
+def test_a_large_url_encoded_body_is_read_as_a_form(server):
+    """Over 64 KiB, a url-encoded body is decoded off the event loop: the same fields."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    body = b"spk_id=x&prompt_text=Hello.&tts_text=" + b"%41" * 300_000 + b"&prompt_wav=a.wav"
+    r = httpx.post(f"{server.base_url}/inference_zero_shot", content=body, headers=form)
+    got = error(r, 422)
+    assert [(p["key"], p["source"]) for p in got["extra"]] == [("prompt_wav", "body")], got
+    body = b"spk_id=joe&tts_text=" + b"%E9" * 300_000  # not UTF-8, found in the thread
+    got = error(httpx.post(f"{server.base_url}/inference_sft", content=body, headers=form), 422)
+    assert [p["key"] for p in got["extra"]] == ["tts_text"], got
+    server.assert_idle()
+
+
 def test_a_multipart_type_without_a_boundary_is_the_bodys_problem(server):
     headers = {"content-type": "multipart/form-data"}
     r = httpx.post(f"{server.base_url}/inference_sft", content=b"x", headers=headers)
