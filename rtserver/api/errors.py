@@ -19,7 +19,6 @@ from rtserver.service import (
     TextRejected,
     TooManyForClient,
     UnknownSpeaker,
-    UnsupportedFormat,
 )
 
 log = logging.getLogger("rtserver.api")
@@ -168,7 +167,6 @@ EXCEPTION_HANDLERS = {
     HTTPException: http_error,
     UnknownSpeaker: unknown_speaker,
     TextRejected: text_rejected,
-    UnsupportedFormat: lambda request, exc: validation_error(request, invalid("body", str(exc))),
     Busy: _plain(503, retry=True),
     TooManyForClient: _plain(429, retry=True),
     ShuttingDown: _plain(503, retry=True),

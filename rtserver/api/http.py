@@ -684,8 +684,8 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
 def _form_pairs(encoded: str, source: str) -> list[tuple[str, str]]:
     """A query string's or url-encoded body's fields (``encoded`` as UTF-8 with its other
     bytes escaped, raw or percent-encoded alike), at most MAX_FORM_FIELDS of them, each UTF-8
-    text: Litestar refused raw UTF-8 (curl -d 'tts_text=你好') and decoded escapes that are
-    not UTF-8 with replacement characters, so text in another encoding was spoken in part."""
+    text: Litestar read raw bytes as Latin-1 (curl -d 'tts_text=你好' came out garbled) and
+    decoded escapes that are not UTF-8 with replacement characters."""
     try:
         pairs = parse_qsl(encoded, keep_blank_values=True, encoding="utf-8",
                           errors="surrogateescape", max_num_fields=MAX_FORM_FIELDS)  # fmt: skip
