@@ -318,13 +318,15 @@ class CosyVoiceModel:
                 continue
             tag, tag_end = u.tag, seg_done and u.tag_last
             if seg_done:
+                u.tag_cut |= _cut(u)
                 u.llm = u.t2w = None
                 u.chunk_ready = False
             done = seg_done and u.closed and not u.pending
             if done:
                 u.status = Status.FINISHED
             audio = _EMPTY if chunk is None else chunk  # token2wav hands out CPU float32
-            self._outbox.append(Output(u, audio, tag, tag_end, done))
+            cut, u.tag_cut = tag_end and u.tag_cut, u.tag_cut and not tag_end
+            self._outbox.append(Output(u, audio, tag, tag_end, done, cut=cut))
 
     def _normalized(self, u: Utterance) -> bool:
         """Whether the next piece is normalized: if not, normalize some more of it (a group
@@ -684,6 +686,12 @@ class _Spoken:
 
 
 _EMPTY = torch.zeros(0)
+
+
+def _cut(u: Utterance) -> bool:
+    """Whether the segment in flight ended at a limit before its text did (a benchmark's
+    ``fixed_tokens`` ends every segment there on purpose)."""
+    return getattr(u.llm, "finish_reason", None) == "length" and not u.fixed_tokens
 
 
 def _failed(u: Utterance, exc: Exception) -> Output:

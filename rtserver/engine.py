@@ -38,6 +38,9 @@ class Chunk:
     audio: np.ndarray
     segment: int  # index of the text segment this audio belongs to
     segment_end: bool  # the last chunk of that segment
+    # (with segment_end) the segment's speech ended at a limit of the model before all of
+    # its text was spoken
+    cut: bool = False
 
 
 @dataclass

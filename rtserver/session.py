@@ -123,6 +123,7 @@ class SegmentEnd:
     start_ms: float  # where the segment sits in the stream's audio
     end_ms: float
     voiced_ms: tuple[float, float] | None = None  # first to last non-silent sample, if any
+    cut: bool = False  # its speech ended at a limit of the model: not all its text was spoken
 
 
 @dataclass
@@ -314,7 +315,9 @@ class Session:
             )
             self._voiced = None
             out.append(
-                SegmentEnd(chunk.segment, text, round(start_ms, 1), round(end_ms, 1), voiced)
+                SegmentEnd(
+                    chunk.segment, text, round(start_ms, 1), round(end_ms, 1), voiced, chunk.cut
+                )  # fmt: skip
             )
         return out
 

@@ -987,3 +987,42 @@ def test_inference_instruct_on_cosyvoice2_steers_a_speaker_as_instructions_do(cv
     assert_same_pcm(httpx.post(f"{cv.base_url}/tts/pcm", json=body, timeout=120).content,
                     r.content)  # fmt: skip
     cv.assert_idle()
+
+
+def test_a_segment_cut_at_the_llms_length_cap_says_so(cv, tmp_path):
+    """A segment whose speech ends at a limit of the model (here the LLM's length cap,
+    lowered to 1 speech token per text token, below its minimum of 2: every segment reaches
+    it) is spoken up to there: its `segment` event says `cut`, and the server counts it. The
+    same turn on a server with the model's own cap is not cut."""
+    hook = str(Path(__file__).resolve().parent / "short_llm")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])),
+           "RTSERVER_TEST_TOKEN_TEXT_RATIO": "1"}  # fmt: skip
+    short = ServerProcess("--model", str(MODEL), "--speaker-dir", str(tmp_path), "--no-warmup",
+                          env=env).wait_ready()  # fmt: skip
+    sentences = ["你好，今天天气很好。", "我们去公园散步吧。"]
+
+    async def turn(srv: ServerProcess):
+        async with TTSClient(srv.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="spk_f1", seed=5)
+            for s in sentences:
+                await ctx.send(s)
+            await ctx.close()
+            return await ctx.collect()
+
+    try:
+        counted = scrape(short)["rtserver_segments_cut_total"]
+        cut, whole = (asyncio.run(asyncio.wait_for(turn(s), 120)) for s in (short, cv))
+        assert [s.text for s in cut.segments] == [s.text for s in whole.segments] == sentences
+        assert [s.cut for s in cut.segments] == [True, True]
+        assert [s.cut for s in whole.segments] == [False, False]
+        assert 0 < len(cut.audio) < len(whole.audio)
+        assert_speech(decode_pcm(cut.audio), 24000, min_seconds=0.1)
+        assert scrape(short)["rtserver_segments_cut_total"] == counted + 2
+        r = httpx.post(f"{short.base_url}/tts/pcm", json={"tts_text": TEXT, "spk_id": "spk_f1"},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200 and len(r.content) > 0
+        assert scrape(short)["rtserver_segments_cut_total"] > counted + 2
+        assert "cut at a limit of the model" in short.log()
+        short.assert_idle()
+    finally:
+        short.stop()
