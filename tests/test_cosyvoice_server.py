@@ -1026,3 +1026,20 @@ def test_a_segment_cut_at_the_llms_length_cap_says_so(cv, tmp_path):
         short.assert_idle()
     finally:
         short.stop()
+
+
+def test_deletes_of_one_speaker_at_once_leave_one_204_and_404s(cv):
+    """Eight DELETEs of one registered speaker sent together: the ones that lose the race
+    (past the route's check, then beaten to the store by another) get 404 as for a speaker
+    that is gone, not 400 (a speaker that cannot be deleted) or 500."""
+
+    async def deletes() -> list[int]:
+        async with httpx.AsyncClient(base_url=cv.base_url, timeout=60) as c:
+            rs = await asyncio.gather(*(c.delete("/speakers/racer") for _ in range(8)))
+            return sorted(r.status_code for r in rs)
+
+    for _ in range(3):
+        assert register(cv, "racer", prompt_wav()).status_code == 201
+        assert asyncio.run(deletes()) == [204] + [404] * 7
+        assert "racer" not in {s["id"] for s in httpx.get(f"{cv.base_url}/speakers").json()}
+    cv.assert_idle()
