@@ -317,16 +317,18 @@ class CosyVoiceModel:
             if chunk is None and not seg_done:
                 continue
             tag, tag_end = u.tag, seg_done and u.tag_last
+            truncated = False
             if seg_done:
-                u.tag_cut |= _cut(u)
+                u.tag_truncated |= _truncated(u)
+                if u.tag_last:  # the piece ends: it says whether it was cut; the next starts clean
+                    truncated, u.tag_truncated = u.tag_truncated, False
                 u.llm = u.t2w = None
                 u.chunk_ready = False
             done = seg_done and u.closed and not u.pending
             if done:
                 u.status = Status.FINISHED
             audio = _EMPTY if chunk is None else chunk  # token2wav hands out CPU float32
-            cut, u.tag_cut = tag_end and u.tag_cut, u.tag_cut and not tag_end
-            self._outbox.append(Output(u, audio, tag, tag_end, done, cut=cut))
+            self._outbox.append(Output(u, audio, tag, tag_end, done, truncated=truncated))
 
     def _normalized(self, u: Utterance) -> bool:
         """Whether the next piece is normalized: if not, normalize some more of it (a group
@@ -682,16 +684,19 @@ class _Spoken:
 
     done: bool = True
     ready: bool = False
+    finish_reason: str | None = None
+    bistream: None = None
     flow_tokens: list[int] = field(default_factory=list)
 
 
 _EMPTY = torch.zeros(0)
 
 
-def _cut(u: Utterance) -> bool:
+def _truncated(u: Utterance) -> bool:
     """Whether the segment in flight ended at a limit before its text did (a benchmark's
-    ``fixed_tokens`` ends every segment there on purpose)."""
-    return getattr(u.llm, "finish_reason", None) == "length" and not u.fixed_tokens
+    ``fixed_tokens`` ends every segment but a text-streaming run's there on purpose)."""
+    fixed = u.fixed_tokens and u.llm.bistream is None
+    return u.llm.finish_reason == "length" and not fixed
 
 
 def _failed(u: Utterance, exc: Exception) -> Output:

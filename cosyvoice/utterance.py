@@ -56,7 +56,7 @@ class Utterance:
     open_run: TextRun | None = None  # text_stream: the piece still taking text
     tag: Any = None  # the piece the segment in flight belongs to
     tag_last: bool = False  # the segment in flight is the last one of its piece
-    tag_cut: bool = False  # a segment of that piece ended at a limit, not at its text's end
+    tag_truncated: bool = False  # a segment of that piece ended at a limit, not at its text's end
     llm: Any = None  # LLMRequest of the segment in flight
     t2w: Any = None  # its token2wav state
     runs: int = 0  # segments started
@@ -148,8 +148,8 @@ class TextRun:
 @dataclass
 class Output:
     """A chunk of audio (float32 mono, possibly empty) for ``utterance``; ``tag_end``: the last
-    audio of piece ``tag``; ``cut`` (with ``tag_end``): the piece's speech ended at a limit
-    before all its text was spoken (the LLM's length cap, the flow's 300 s, a full KV pool);
+    audio of piece ``tag``; ``truncated`` (with ``tag_end``): a segment of the piece ended at a
+    limit before all its text was spoken (the LLM's length cap, the flow's 300 s, a full KV pool);
     ``done``: the utterance finished with this output; ``error``: it failed (its speaker was
     deleted, ...)."""
 
@@ -159,4 +159,4 @@ class Output:
     tag_end: bool = False
     done: bool = False
     error: str | None = None
-    cut: bool = False
+    truncated: bool = False

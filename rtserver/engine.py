@@ -40,7 +40,7 @@ class Chunk:
     segment_end: bool  # the last chunk of that segment
     # (with segment_end) the segment's speech ended at a limit of the model before all of
     # its text was spoken
-    cut: bool = False
+    truncated: bool = False
 
 
 @dataclass

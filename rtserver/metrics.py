@@ -46,9 +46,9 @@ class _SchedulerCollector(Collector):
             "rtserver_audio_seconds", "Audio produced, all jobs.", value=s["audio_s"]
         )
         yield CounterMetricFamily(
-            "rtserver_segments_cut", "Segments (sentences, text-streaming pieces) whose speech "
+            "rtserver_segments_truncated", "Segments (sentences, text-streaming pieces) whose speech "
             "ended at a limit of the model (its length cap, the flow's 300 s, a full KV pool) "
-            "before all their text was spoken.", value=s["segments_cut"],
+            "before all their text was spoken.", value=s["segments_truncated"],
         )  # fmt: skip
         yield GaugeMetricFamily("rtserver_jobs_active", "Jobs admitted now.", value=s["active"])
         yield GaugeMetricFamily("rtserver_jobs_queued", "Jobs waiting now.", value=s["queued"])

@@ -52,7 +52,7 @@ class Counters:
     dropped: int = 0  # ended by a limit or the server (see metrics.SCHEDULER_COUNTERS)
     rejected: int = 0
     steps: int = 0
-    segments_cut: int = 0  # segments whose speech ended at a model limit, text unspoken
+    segments_truncated: int = 0  # segments whose speech ended at a model limit, text unspoken
     audio_s: float = 0.0  # audio produced for clients, all jobs together
 
 
@@ -161,7 +161,7 @@ class Scheduler:
             "dropped": c.dropped,
             "rejected": c.rejected,
             "steps": c.steps,
-            "segments_cut": c.segments_cut,
+            "segments_truncated": c.segments_truncated,
             "audio_s": round(c.audio_s, 3),
             "max_streams": self.max_streams,
             "max_queue": self.max_queue,
@@ -349,10 +349,10 @@ class Scheduler:
         job.audio_seconds += seconds
         self.counters.audio_s += seconds
         job.channel.put(event, seconds)
-        if event.cut:
-            self.counters.segments_cut += 1
-            log.warning("job %d: segment %d cut at a limit of the model, not all its text "
-                        "spoken", job.id, event.segment, extra={"request_id": job.request_id})  # fmt: skip
+        if event.truncated:
+            self.counters.segments_truncated += 1
+            log.warning("job %d: segment %d truncated at a limit of the model, not all its "
+                        "text spoken", job.id, event.segment, extra={"request_id": job.request_id})  # fmt: skip
         if job.audio_seconds >= job.max_audio_s:
             message = f"the stream reached its limit of {job.max_audio_s:g} s of audio"
             self._finish(job, Failed(message, code="audio_limit"))

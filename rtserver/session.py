@@ -123,7 +123,7 @@ class SegmentEnd:
     start_ms: float  # where the segment sits in the stream's audio
     end_ms: float
     voiced_ms: tuple[float, float] | None = None  # first to last non-silent sample, if any
-    cut: bool = False  # its speech ended at a limit of the model: not all its text was spoken
+    truncated: bool = False  # it ended at a limit of the model: not all its text was spoken
 
 
 @dataclass
@@ -314,11 +314,8 @@ class Session:
                 round(n * 1000 / self._rate_in, 1) for n in self._voiced
             )
             self._voiced = None
-            out.append(
-                SegmentEnd(
-                    chunk.segment, text, round(start_ms, 1), round(end_ms, 1), voiced, chunk.cut
-                )  # fmt: skip
-            )
+            ms = round(start_ms, 1), round(end_ms, 1)
+            out.append(SegmentEnd(chunk.segment, text, *ms, voiced, chunk.truncated))
         return out
 
     def drain_if_spoken(self) -> bytes:

@@ -989,17 +989,22 @@ def test_inference_instruct_on_cosyvoice2_steers_a_speaker_as_instructions_do(cv
     cv.assert_idle()
 
 
-def test_a_segment_cut_at_the_llms_length_cap_says_so(cv, tmp_path):
+def hooked(speaker_dir: Path, **hooks: str) -> ServerProcess:
+    """A server with tests/server_hooks' ``hooks`` (RTSERVER_TEST_* variables) on."""
+    path = [str(Path(__file__).resolve().parent / "server_hooks"), os.environ.get("PYTHONPATH")]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, path)), **hooks}
+    args = ("--model", str(MODEL), "--speaker-dir", str(speaker_dir), "--no-warmup")
+    return ServerProcess(*args, env=env).wait_ready()
+
+
+def test_a_segment_truncated_at_the_llms_length_cap_says_so(cv, tmp_path):
     """A segment whose speech ends at a limit of the model (here the LLM's length cap,
     lowered to 1 speech token per text token, below its minimum of 2: every segment reaches
-    it) is spoken up to there: its `segment` event says `cut`, and the server counts it. The
-    same turn on a server with the model's own cap is not cut."""
-    hook = str(Path(__file__).resolve().parent / "short_llm")
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])),
-           "RTSERVER_TEST_TOKEN_TEXT_RATIO": "1"}  # fmt: skip
-    short = ServerProcess("--model", str(MODEL), "--speaker-dir", str(tmp_path), "--no-warmup",
-                          env=env).wait_ready()  # fmt: skip
+    it) is spoken up to there: its `segment` event says `truncated`, and the server counts it.
+    The same turn on a server with the model's own cap is not truncated."""
+    short = hooked(tmp_path, RTSERVER_TEST_TOKEN_TEXT_RATIO="1")
     sentences = ["你好，今天天气很好。", "我们去公园散步吧。"]
+    metric = "rtserver_segments_truncated_total"
 
     async def turn(srv: ServerProcess):
         async with TTSClient(srv.base_url) as client, client.connect() as conn:
@@ -1010,36 +1015,41 @@ def test_a_segment_cut_at_the_llms_length_cap_says_so(cv, tmp_path):
             return await ctx.collect()
 
     try:
-        counted = scrape(short)["rtserver_segments_cut_total"]
+        counted = scrape(short)[metric]
         cut, whole = (asyncio.run(asyncio.wait_for(turn(s), 120)) for s in (short, cv))
         assert [s.text for s in cut.segments] == [s.text for s in whole.segments] == sentences
-        assert [s.cut for s in cut.segments] == [True, True]
-        assert [s.cut for s in whole.segments] == [False, False]
+        assert [s.truncated for s in cut.segments] == [True, True]
+        assert [s.truncated for s in whole.segments] == [False, False]
         assert 0 < len(cut.audio) < len(whole.audio)
         assert_speech(decode_pcm(cut.audio), 24000, min_seconds=0.1)
-        assert scrape(short)["rtserver_segments_cut_total"] == counted + 2
+        assert scrape(short)[metric] == counted + 2
         r = httpx.post(f"{short.base_url}/tts/pcm", json={"tts_text": TEXT, "spk_id": "spk_f1"},
                        timeout=120)  # fmt: skip
         assert r.status_code == 200 and len(r.content) > 0
-        assert scrape(short)["rtserver_segments_cut_total"] > counted + 2
-        assert "cut at a limit of the model" in short.log()
+        assert scrape(short)[metric] > counted + 2
+        assert "truncated at a limit of the model" in short.log()
         short.assert_idle()
     finally:
         short.stop()
 
 
-def test_deletes_of_one_speaker_at_once_leave_one_204_and_404s(cv):
-    """Eight DELETEs of one registered speaker sent together: the ones that lose the race
-    (past the route's check, then beaten to the store by another) get 404 as for a speaker
-    that is gone, not 400 (a speaker that cannot be deleted) or 500."""
+def test_deletes_of_one_speaker_at_once_leave_one_204_and_404s(tmp_path):
+    """Eight DELETEs of one registered speaker sent together, each deletion held up a moment
+    on its way to the store so that all pass the route's check: those beaten to the store by
+    another get 404 as for a speaker that is gone, not 400 (a speaker that cannot be deleted)
+    or 500."""
+    srv = hooked(tmp_path, RTSERVER_TEST_DELETE_DELAY_S="0.2")
 
     async def deletes() -> list[int]:
-        async with httpx.AsyncClient(base_url=cv.base_url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as c:
             rs = await asyncio.gather(*(c.delete("/speakers/racer") for _ in range(8)))
             return sorted(r.status_code for r in rs)
 
-    for _ in range(3):
-        assert register(cv, "racer", prompt_wav()).status_code == 201
-        assert asyncio.run(deletes()) == [204] + [404] * 7
-        assert "racer" not in {s["id"] for s in httpx.get(f"{cv.base_url}/speakers").json()}
-    cv.assert_idle()
+    try:
+        for _ in range(2):
+            assert register(srv, "racer", prompt_wav()).status_code == 201
+            assert asyncio.run(deletes()) == [204] + [404] * 7
+            assert "racer" not in {s["id"] for s in httpx.get(f"{srv.base_url}/speakers").json()}
+        srv.assert_idle()
+    finally:
+        srv.stop()

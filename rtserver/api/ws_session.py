@@ -587,7 +587,7 @@ class WsSession:
                 text=event.text,
                 start_ms=event.start_ms,
                 end_ms=event.end_ms,
-                cut=event.cut,
+                truncated=event.truncated,
             )  # fmt: skip
         )
         await self._settle_flushes(ctx)

@@ -214,7 +214,9 @@ def _events(out: Output) -> list[Event]:
         return [Failed(out.error)]
     events: list[Event] = []
     if out.audio.numel() or out.tag_end:
-        events.append(Chunk(out.audio.numpy(), out.tag, out.tag_end, out.cut))
+        events.append(
+            Chunk(out.audio.numpy(), out.tag, segment_end=out.tag_end, truncated=out.truncated)
+        )
     if out.done:
         events.append(Done())
     return events

@@ -68,6 +68,7 @@ def test_pieces_are_tagged_and_end_in_order(model):
     assert tags == sorted(tags) and set(tags) == {"a", "c"}  # audio in text order, none for "b"
     assert [o.done for o in outs].count(True) == 1 and outs[-1].done
     assert not any(o.error for o in outs)
+    assert not any(o.truncated for o in outs)  # fixed_tokens end at that length on purpose
     # streamed: a first chunk after 25 + 3 tokens, then the rest
     assert sum(1 for o in outs if o.tag == "c" and o.audio.numel()) >= 2
 
@@ -274,6 +275,32 @@ def _sentences(n: int) -> str:
     return " ".join(f"Sentence number {i} is here, and it is long enough." for i in range(n))
 
 
+def test_a_piece_with_a_truncated_segment_says_so_at_its_end(model, monkeypatch):
+    """A piece that the frontend splits into several segments, the first of them ended by the
+    LLM's length cap: the piece's last output says ``truncated`` (its later segments ended at
+    their text's end), and the next piece's does not."""
+    made = []
+    new_request = model.new_request
+
+    def first_short(*args, **kw):
+        req = new_request(*args, **kw)
+        if not made:
+            req.max_len = req.min_len // 2
+        made.append(req)
+        return req
+
+    monkeypatch.setattr(model, "new_request", first_short)
+    u = model.start(model.speakers.list()[0], seed=6)
+    model.add_text(u, _sentences(8), tag=0)
+    model.add_text(u, "Fine, thanks.", tag=1)
+    model.close_text(u)
+    outs = _run(model, [u])[id(u)]
+    reasons = [r.finish_reason for r in made]
+    assert len(made) >= 3 and reasons == ["length"] + ["stop"] * (len(made) - 1)
+    assert [(o.tag, o.truncated) for o in outs if o.tag_end] == [(0, True), (1, False)]
+    assert not [o for o in outs if o.truncated and not o.tag_end]
+
+
 def test_a_long_text_is_normalized_over_several_steps(model, one_group_a_step):
     """Normalizing a long text takes seconds on a CPU: while another utterance has audio to
     make, each step normalizes only a group of its sentences, and the audio is the same as
@@ -418,8 +445,8 @@ def test_text_after_a_streamed_piece_ended_at_its_limit_is_dropped(model, monkey
     model.close_text(u)
     outs += _run(model, [u])[id(u)]
     assert not [o.error for o in outs if o.error] and outs[-1].done
-    assert [(o.tag, o.cut) for o in outs if o.tag_end] == [(0, True), (1, False)]
-    assert not [o for o in outs if o.cut and not o.tag_end]
+    assert [(o.tag, o.truncated) for o in outs if o.tag_end] == [(0, True), (1, False)]
+    assert not [o for o in outs if o.truncated and not o.tag_end]
     per_token = model.sample_rate // 25
     assert 0 < sum(o.audio.numel() for o in outs if o.tag == 0) <= 8 * per_token
     assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}

@@ -181,15 +181,14 @@ class Words(msgspec.Struct, tag="words", tag_field="type"):
 
 class Segment(msgspec.Struct, tag="segment", tag_field="type"):
     """One synthesized sentence and where it sits in the context's audio (sent after its audio).
-    ``cut``: its speech ended at a limit of the model (its length cap, the flow's 300 s, a full
-    key/value pool on a GPU) before all of ``text`` was spoken."""
+    truncated: its speech ended at a limit of the model before all of its text was spoken."""
 
     context_id: str
     index: int
     text: str
     start_ms: float
     end_ms: float
-    cut: bool = False
+    truncated: bool = False
 
 
 class Flushed(msgspec.Struct, tag="flushed", tag_field="type"):
