@@ -373,12 +373,14 @@ class SpeakerStore:
             if name in self._registered and not overwrite:
                 raise SpeakerError(f"speaker {name!r} already exists")
         spk = self.from_prompt(audio, prompt_text, name, normalize)
+        # Written and synced outside the lock, which a server's lookups take on its event loop:
+        # the file system, not the lock, decides between two registrations of one name.
+        self.speaker_dir.mkdir(parents=True, exist_ok=True)
+        path = self._file(name)
+        if not _write_speaker(path, spk, self.family, replace=overwrite):
+            raise SpeakerError(f"speaker {name!r} already exists")  # another's, just now
+        st = path.stat()
         with self._lock:
-            self.speaker_dir.mkdir(parents=True, exist_ok=True)
-            path = self._file(name)
-            if not _write_speaker(path, spk, self.family, replace=overwrite):
-                raise SpeakerError(f"speaker {name!r} already exists")  # another process's
-            st = path.stat()
             self._files[path.name] = ((st.st_ino, st.st_mtime_ns, st.st_size), spk)
             self._registered[name] = spk
         return spk
@@ -429,9 +431,9 @@ class SpeakerStore:
                 raise SpeakerError(f"unknown speaker: {name!r}")
             path = self._file(name)
             path.unlink(missing_ok=True)
-            _fsync_dir(self.speaker_dir)  # the deletion survives a crash: no speaker returns
             self._files.pop(path.name, None)
             del self._registered[name]
+        _fsync_dir(self.speaker_dir)  # the deletion survives a crash (out of the lock, as above)
 
 
 _TMP_PREFIX = ".tmp-"
