@@ -7,8 +7,9 @@ Starts its own server. Each client loops over randomly chosen sessions: a whole 
 context fed word by word and closed, one cancelled mid-way (barge-in), and a socket dropped
 mid-context. Records the server's RSS over time, errors (anything but the expected outcome),
 and the scheduler's counters once the load stops: active and queued must be back at zero.
-RSS is sampled every 5 s; growth compares the median of the second tenth of the run (after
-warm-up) with the median of the last tenth, and RSS is read again once the server is idle.
+RSS is sampled every 5 s. Under load it swings by tens of MB with what is in flight, so a
+leak is told by a trend: a least-squares line through every sample after the first tenth
+(warm-up), and the median of each tenth; RSS is read again once the server is idle.
 """
 
 from __future__ import annotations
@@ -138,13 +139,17 @@ def main() -> None:
         idle_rss = rss_mb(srv.proc.pid)
     finally:
         srv.stop()
-    # Under load RSS swings with what is in flight; a leak is a trend. So compare the median
-    # of the tenth of the run after warm-up with the median of the last tenth.
     tenth = max(1, len(rss) // 10)
-    warm = statistics.median(mb for _, mb in rss[tenth : 2 * tenth])
-    last = statistics.median(mb for _, mb in rss[-tenth:])
+    medians = [
+        statistics.median(mb for _, mb in rss[i : i + tenth]) for i in range(0, len(rss), tenth)
+    ]
+    warm, last = medians[1 if len(medians) > 1 else 0], medians[-1]
     growth = (last - warm) / warm * 100
-    series = ", ".join(f"{mb:.0f}" for _, mb in rss[::tenth])
+    t, mb = zip(*rss[tenth:], strict=True) if len(rss) > tenth + 1 else zip(*rss, strict=True)
+    fit = statistics.linear_regression(t, mb)
+    fitted = fit.intercept + fit.slope * t[0]
+    trend = fit.slope * (t[-1] - t[0]) / fitted * 100
+    series = ", ".join(f"{m:.0f}" for m in medians)
     errors = {k: n for k, n in tally.items() if k[1] != "ok"}
     sessions = sum(tally.values())
     rows = "\n".join(
@@ -162,10 +167,11 @@ by word then closed, cancelled mid-way, or dropped with the socket.
 - after the load: active {health["active"]}, queued {health["queued"]} (leaked jobs: {health["active"] + health["queued"]});
   completed {health["completed"]}, cancelled {health["cancelled"]}, failed {health["failed"]},
   dropped {health["dropped"]}, rejected {health["rejected"]}, {health["audio_s"]:.0f} s of audio
-- RSS under load (median of a tenth of the run): {warm:.0f} MB after warm-up, {last:.0f} MB
-  at the end, peak {max(mb for _, mb in rss):.0f} MB: growth after warm-up {growth:+.1f}%.
+- RSS under load: a line fitted through every sample after warm-up (the first tenth)
+  climbs {fit.slope * 3600:+.1f} MB an hour, {trend:+.1f}% of its {fitted:.0f} MB over the run.
+  Medians of a tenth of the run: {warm:.0f} MB after warm-up, {last:.0f} MB at the end
+  ({growth:+.1f}%), peak {max(m for _, m in rss):.0f} MB; every tenth, MB: {series}.
   At start (idle) {rss[0][1]:.0f} MB; once idle again after the load {idle_rss:.0f} MB.
-  Every tenth of the run, MB: {series}
 
 | session | outcome | count |
 | --- | --- | --- |
