@@ -377,12 +377,18 @@ class SpeakerStore:
         # the file system, not the lock, decides between two registrations of one name.
         self.speaker_dir.mkdir(parents=True, exist_ok=True)
         path = self._file(name)
-        if not _write_speaker(path, spk, self.family, replace=overwrite):
+        key = _write_speaker(path, spk, self.family, replace=overwrite)
+        if key is None:
             raise SpeakerError(f"speaker {name!r} already exists")  # another's, just now
-        st = path.stat()
         with self._lock:
-            self._files[path.name] = ((st.st_ino, st.st_mtime_ns, st.st_size), spk)
+            known = self._files.get(path.name)
+            if known is not None and known[0] == key and known[1] is not None:
+                spk = known[1]  # a lookup read the file already: one object per file
+            self._files[path.name] = (key, spk)
             self._registered[name] = spk
+            # What the file became meanwhile (deleted, or replaced by another writer) shows
+            # on the next lookup's rescan.
+            self._stamp_racy = True
         return spk
 
     def from_prompt(
@@ -441,9 +447,14 @@ _RACY_NS = 2_000_000_000  # see SpeakerStore._refresh
 _SPEAKER_FILE = re.compile(r"[0-9a-f]{24}\.safetensors")  # see SpeakerStore._file
 
 
-def _write_speaker(path: Path, spk: Speaker, family: str, replace: bool) -> bool:
-    """Write atomically and durably. Without ``replace``, False if ``path`` exists already
-    (checked by the file system, so two processes registering one name cannot both win)."""
+def _write_speaker(
+    path: Path, spk: Speaker, family: str, replace: bool
+) -> tuple[int, int, int] | None:
+    """Write atomically and durably; returns the file's key (inode, mtime, size: what
+    :meth:`SpeakerStore._refresh` compares), taken from the file written, not from ``path``,
+    which another writer may have replaced since. Without ``replace``, None if ``path``
+    exists already (checked by the file system, so two processes registering one name
+    cannot both win)."""
     tensors = {
         "embedding": spk.embedding.float().contiguous(),
         "prompt_text_ids": torch.tensor(spk.prompt_text_ids, dtype=torch.int32),
@@ -465,17 +476,18 @@ def _write_speaker(path: Path, spk: Speaker, family: str, replace: bool) -> bool
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+            st = os.fstat(f.fileno())  # a link or rename keeps inode, mtime and size
         if replace:
             os.replace(tmp, path)
         else:
             try:
                 os.link(tmp, path)  # atomic create-if-absent, also on NFS
             except FileExistsError:
-                return False
+                return None
             finally:
                 Path(tmp).unlink(missing_ok=True)
         _fsync_dir(path.parent)  # the rename itself is durable only once the directory is
-        return True
+        return st.st_ino, st.st_mtime_ns, st.st_size
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -311,3 +311,40 @@ def test_a_prompt_two_speakers_share_stays_kept_while_either_is_left(golden_dir,
     assert m.forget_prompt(c) and len(store) == 1
     m.speakers.delete("b")
     assert m.forget_prompt(b) and len(store) == 0
+
+
+@pytest.mark.parametrize("meanwhile", ["deleted", "replaced"])
+def test_a_registration_whose_file_changes_before_it_is_listed(
+    golden_dir, tmp_path, monkeypatch, meanwhile
+):
+    """A registration writes its file outside the store's lock (lookups on a server's event
+    loop take it), so another thread or replica may delete or replace the file before the
+    store lists it. A deletion then failed the registration (its stat found no file), and a
+    file replaced then was kept as this registration's voice for good (its key was the new
+    file's). Now the store follows the directory either way."""
+    import dataclasses
+
+    import cosyvoice.speakers as speakers
+
+    m = _load(_v2_dir(golden_dir), tmp_path)
+    wav = _encode(_tone(2.0, 16000), 16000, "wav", "pcm_s16le")
+    other = m.speakers.from_prompt(_encode(_tone(3.0, 24000), 24000, "wav", "pcm_s16le"), "再见。")
+    write = speakers._write_speaker
+
+    def then_another_writer(path, spk, family, replace):
+        key = write(path, spk, family, replace)
+        if meanwhile == "deleted":
+            path.unlink()
+        else:
+            write(path, dataclasses.replace(other, name=spk.name), family, replace=True)
+        return key
+
+    monkeypatch.setattr(speakers, "_write_speaker", then_another_writer)
+    m.speakers.register("v", wav, "你好。")
+    monkeypatch.undo()
+    if meanwhile == "deleted":
+        assert "v" not in m.speakers.list()
+    else:
+        fresh = _load(_v2_dir(golden_dir), tmp_path)  # what a restart or a replica reads
+        served = m.speakers.get("v").prompt_speech_tokens
+        assert served == fresh.speakers.get("v").prompt_speech_tokens == other.prompt_speech_tokens
