@@ -660,8 +660,10 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
             detail=f"{request.url.path} takes its fields as a form, multipart or the query "
             "string, as upstream's; JSON goes to POST /tts/pcm (PCM) or /tts (MP3)",
         )
-    _form_pairs(_escaped(request.scope["query_string"]), "query")
-    fields: dict[str, str] = dict(request.query_params)
+    # The query's fields as checked (not Litestar's query_params: a second parse of the same
+    # string); a name given twice keeps its first value, as there.
+    query = dict(reversed(_form_pairs(_escaped(request.scope["query_string"]), "query")))
+    fields: dict[str, str] = dict(query)
     form = await request.form()
     for k, v in form.items():
         if isinstance(v, UploadFile) and k in form_type.__struct_fields__:
@@ -676,8 +678,8 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
     except msgspec.ValidationError as exc:
         key = field_of(str(exc))
         # where it came from, or (missing) where the client sent the rest
-        query = key in request.query_params if key in fields else not form
-        source = "query" if query and key not in form else "body"
+        in_query = key in query if key in fields else not form
+        source = "query" if in_query and key not in form else "body"
         raise invalid(key, str(exc), source) from exc
 
 
