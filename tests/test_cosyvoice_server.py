@@ -34,9 +34,9 @@ LONG = "".join(f"第{i}句话说的是今天的天气很好，我们一起去公
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"no golden model dir at {MODEL}")
 
 
-def start(speaker_dir: Path, *args: str) -> ServerProcess:
+def start(speaker_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
     return ServerProcess(
-        "--model", str(MODEL), "--speaker-dir", str(speaker_dir), *args
+        "--model", str(MODEL), "--speaker-dir", str(speaker_dir), *args, env=env
     ).wait_ready()
 
 
@@ -993,8 +993,7 @@ def hooked(speaker_dir: Path, **hooks: str) -> ServerProcess:
     """A server with tests/server_hooks' ``hooks`` (RTSERVER_TEST_* variables) on."""
     path = [str(Path(__file__).resolve().parent / "server_hooks"), os.environ.get("PYTHONPATH")]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, path)), **hooks}
-    args = ("--model", str(MODEL), "--speaker-dir", str(speaker_dir), "--no-warmup")
-    return ServerProcess(*args, env=env).wait_ready()
+    return start(speaker_dir, "--no-warmup", env=env)
 
 
 def test_a_segment_truncated_at_the_llms_length_cap_says_so(cv, tmp_path):
