@@ -103,9 +103,11 @@ def time_sampling(m, batch: int, repeat: int) -> tuple[float, float]:
 
 
 def pack_ab(args) -> None:
-    kw = dict(dtype="float32", speaker_dir=None, token2wav=False)
+    kw = dict(dtype=args.dtype, speaker_dir=None, token2wav=False)
     models = {p: cosyvoice.load(args.model_dir, packed=p, **kw) for p in (False, True)}
-    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
+    print(
+        f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}"
+    )
     print("| batch | torch linears ms/step | packed ms/step | ratio | prefill s (torch, packed) |")
     print("|---:|---:|---:|---:|---:|")
     for b in args.batches:

@@ -69,12 +69,12 @@ def h2d(x: torch.Tensor | list, device: torch.device | str) -> torch.Tensor:
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`pack_linears` applies: float32 on an x86 CPU with oneDNN. bf16, CUDA and
-    ARM builds (oneDNN over ACL) keep torch's own kernels: the packed path was only measured
-    against MKL on x86 in float32."""
+    """Whether :func:`pack_linears` applies: an x86 CPU with oneDNN, in float32, or in bfloat16
+    where the CPU has bf16 matrix units. CUDA and ARM builds (oneDNN over ACL) keep torch's own
+    kernels: the packed path was only measured against torch's on x86."""
     return (
         device.type == "cpu"
-        and dtype == torch.float32
+        and (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_bf16_units()))
         and platform.machine().lower() in ("x86_64", "amd64")
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")

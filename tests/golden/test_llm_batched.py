@@ -162,19 +162,34 @@ def test_grouped_attention_matches_sdpa(lq, kernel, monkeypatch):
     torch.testing.assert_close(got, ref.transpose(1, 2).reshape(b, lq, h * hd))
 
 
+NEEDS_BF16_PACKING = pytest.mark.skipif(
+    not can_pack_linears(torch.device("cpu"), torch.bfloat16),
+    reason="bf16 packing needs bf16 matrix units (AVX512-BF16/AMX)",
+)
+# float32 must match to rounding; bfloat16 to bf16's rounding of the last product
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
 @NEEDS_ONEDNN
-def test_packed_linears_compute_what_torch_does():
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, pytest.param(torch.bfloat16, marks=NEEDS_BF16_PACKING)]
+)
+def test_packed_linears_compute_what_torch_does(dtype):
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(40, 8, False))
-    )
+    ).to(dtype)
     xs = [torch.randn(1, 24), torch.randn(17, 24), torch.randn(3, 5, 24), torch.randn(24, 6).t()]
+    xs = [x.to(dtype) for x in xs]
     with torch.inference_mode():
         expected = [net(x) for x in xs]
         assert pack_linears(net) == 2
         assert not any(isinstance(m, torch.nn.Linear) for m in net.modules())
         for x, e in zip(xs, expected, strict=True):
-            torch.testing.assert_close(net(x), e, atol=1e-5, rtol=1e-5)
+            got = net(x)
+            assert got.dtype == dtype
+            tol = TOLERANCE[dtype]
+            torch.testing.assert_close(got, e, atol=tol, rtol=tol)
 
 
 @NEEDS_ONEDNN
@@ -194,6 +209,28 @@ def test_load_packs_the_llm_on_a_cpu_unless_told_not_to(golden_dir, family):
         cosyvoice.load(d, speaker_dir=None, token2wav=False).llm.net.to(torch.float64)
 
 
+@NEEDS_BF16_PACKING
+def test_load_packs_the_llm_in_bfloat16_on_bf16_units(golden_dir):
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    kw = dict(dtype="bfloat16", speaker_dir=None, token2wav=False)
+    nets = {p: cosyvoice.load(d, packed=p, **kw).llm.net for p in (None, False)}
+    assert any(isinstance(m, PackedLinear) for m in nets[None].modules())
+    assert not any(isinstance(m, PackedLinear) for m in nets[False].modules())
+    # the same logits as torch's bf16 kernels, to bf16's rounding over a whole forward
+    x = nets[False].prefix_embeds(torch.arange(5, 40), torch.arange(3, 12))
+    with torch.inference_mode():
+        packed, plain = (
+            n.forward_packed(x, [n.new_cache(torch.bfloat16)], [len(x)], last_only=False)
+            for n in (nets[None], nets[False])
+        )
+    assert packed.dtype == torch.bfloat16
+    # a wrong weight layout would be off by the logits' own scale, not by bf16 rounding
+    err = (packed.float() - plain.float()).abs().max() / plain.float().abs().max()
+    assert err < 0.05, err
+
+
 @NEEDS_ONEDNN
 def test_packing_refuses_what_it_was_not_measured_on(golden_dir, monkeypatch):
     import cosyvoice.devices as devices
@@ -201,7 +238,11 @@ def test_packing_refuses_what_it_was_not_measured_on(golden_dir, monkeypatch):
     d = golden_dir / "cosyvoice2" / "model"
     if not d.is_dir():
         pytest.skip("no cosyvoice2 golden dir")
-    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: True)  # keep bf16 on this CPU
-    with pytest.raises(ValueError, match="packed linears need float32"):
-        cosyvoice.load(d, dtype="bfloat16", speaker_dir=None, token2wav=False, packed=True)
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: True)  # keep 16 bits on this CPU
+    with pytest.raises(ValueError, match="packed linears need"):
+        cosyvoice.load(d, dtype="float16", speaker_dir=None, token2wav=False, packed=True)
     assert not devices.can_pack_linears(torch.device("cuda"), torch.float32)
+    assert devices.can_pack_linears(torch.device("cpu"), torch.bfloat16)
+    # emulated bf16 would be slower packed or not, and oneDNN was not measured there
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: False)
+    assert not devices.can_pack_linears(torch.device("cpu"), torch.bfloat16)
