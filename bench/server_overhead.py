@@ -1,7 +1,7 @@
 """What the server path costs over the same model in-process, one stream, side by side.
 
     uv run python bench/make_full_model.py              # once: bench/out/CosyVoice2-0.5B
-    uv run --extra voice python bench/server_overhead.py [--tokens 150] [--rounds 3]
+    uv run --extra voice python bench/server_overhead.py [--tokens 150] [--rounds 3] [--dtype bfloat16]
 
 In-process: ``cosyvoice.tts.synthesize`` (stream, LLM forced to ``--tokens`` tokens). Server:
 one streaming ``POST /tts/pcm`` with the same text, seed and token count. Both report first
@@ -62,13 +62,14 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "bench" / "out" / "CosyVoice2-0.5B"))
     ap.add_argument("--tokens", type=int, default=150)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--section", default="server_overhead")
     args = ap.parse_args()
     spk_dir = ROOT / "bench" / "out" / "speakers"
-    model = cosyvoice.load(args.model, device="cpu", dtype="float32", speaker_dir=spk_dir)
+    model = cosyvoice.load(args.model, device="cpu", dtype=args.dtype, speaker_dir=spk_dir)
     model.warmup()
     srv = ServerProcess(
-        "--model", args.model, "--device", "cpu", "--dtype", "float32", "--llm-fixed-tokens",
+        "--model", args.model, "--device", "cpu", "--dtype", args.dtype, "--llm-fixed-tokens",
         str(args.tokens), "--speaker-dir", str(spk_dir),
     ).wait_ready(timeout=900)  # fmt: skip
     res: dict[str, list[dict]] = {"in-process": [], "server": []}
@@ -87,9 +88,9 @@ def main() -> None:
     ratio = pct([r["rtf"] for r in res["server"]], 50) / pct(
         [r["rtf"] for r in res["in-process"]], 50
     )
-    body = f"""## Server path vs in-process, one stream (CosyVoice2 full size, random weights, CPU float32)
+    body = f"""## Server path vs in-process, one stream (CosyVoice2 full size, random weights, CPU {args.dtype})
 
-Command: `uv run --extra voice python bench/server_overhead.py --tokens {args.tokens} --rounds {args.rounds}`
+Command: `uv run --extra voice python bench/server_overhead.py --tokens {args.tokens} --rounds {args.rounds} --dtype {args.dtype}`
 (commit {git_rev()}). Machine: {machine()}. LLM forced to {args.tokens} tokens
 ({args.tokens / 25:.0f} s of audio), `stream=true`; medians of {args.rounds} alternating rounds.
 Server RTF / in-process RTF: **{ratio:.2f}**.
