@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -76,6 +77,12 @@ def git_rev() -> str:
         ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def command(prefix: str = "uv run python") -> str:
+    """This run's command line as a reader would type it (every argument given, as given)."""
+    script = Path(sys.argv[0]).resolve().relative_to(ROOT)
+    return shlex.join([*prefix.split(), str(script), *sys.argv[1:]])
 
 
 def write_section(name: str, body: str) -> None:

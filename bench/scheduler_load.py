@@ -17,7 +17,7 @@ import asyncio
 import time
 
 import httpx
-from report import ROOT, git_rev, machine, pct, write_section
+from report import ROOT, command, git_rev, machine, pct, write_section
 from serverproc import ServerProcess
 
 TEXT = "Hello there, this is a benchmark sentence."
@@ -84,7 +84,7 @@ def main() -> None:
         )
     body = f"""## CosyVoice2 scheduler: batched vs serial (full-size random weights, {args.device} {args.dtype})
 
-Command: `uv run python bench/scheduler_load.py --tokens {args.tokens} --rounds {args.rounds} --dtype {args.dtype}`
+Command: `{command()}`
 (commit {git_rev()}). Machine: {machine()}.
 Model: `bench/make_full_model.py` output (CosyVoice2-0.5B sizes, random weights), LLM forced to
 {args.tokens} tokens per request ({args.tokens / 25:.1f} s of audio), `stream=true`, N clients at once.

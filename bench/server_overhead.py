@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 from http_load import one
-from report import ROOT, git_rev, machine, pct, write_section
+from report import ROOT, command, git_rev, machine, pct, write_section
 from serverproc import ServerProcess
 
 TEXT = "Hello there, this is a benchmark sentence."
@@ -90,7 +90,7 @@ def main() -> None:
     )
     body = f"""## Server path vs in-process, one stream (CosyVoice2 full size, random weights, CPU {args.dtype})
 
-Command: `uv run --extra voice python bench/server_overhead.py --tokens {args.tokens} --rounds {args.rounds} --dtype {args.dtype}`
+Command: `{command("uv run --extra voice python")}`
 (commit {git_rev()}). Machine: {machine()}. LLM forced to {args.tokens} tokens
 ({args.tokens / 25:.0f} s of audio), `stream=true`; medians of {args.rounds} alternating rounds.
 Server RTF / in-process RTF: **{ratio:.2f}**.
