@@ -129,6 +129,22 @@ def pack_linears(net: nn.Module) -> int:
     return len(swaps)
 
 
+def store_in(net: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the weights of ``net``'s linears and convolutions in ``dtype``, for a net that runs
+    under autocast to ``dtype``; returns how many tensors changed. Autocast would cast them on
+    every call (its cast cache keeps only weights that require grad): 29% of a bf16 flow call
+    on a CPU. The results stay the same bit for bit, since autocast runs these ops in ``dtype``
+    over the same rounded weights, and what it runs in float32 (norms, embeddings) keeps its
+    float32 weights."""
+    n = 0
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            for p in m._parameters.values():
+                if p is not None and p.is_floating_point():
+                    p.data, n = p.data.to(dtype), n + 1
+    return n
+
+
 def capture_graph(
     fn: Callable[[], torch.Tensor], mempool: tuple, stream: torch.cuda.Stream
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

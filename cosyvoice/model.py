@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import Family, LLMConfig, llm_config, load_model_yaml
-from .devices import can_pack_linears, pack_linears, resolve_device, resolve_dtype
+from .devices import can_pack_linears, pack_linears, resolve_device, resolve_dtype, store_in
 from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
@@ -809,6 +809,7 @@ def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: tor
     if dtype != torch.float32:
         # The flow is most of token2wav's time; autocast runs its matmuls in bf16/fp16 (2x at
         # batch 8 on an AMX CPU, mel within ~1.5%) while HiFT's f0/iSTFT stay float32.
+        store_in(flow, dtype)  # what autocast would cast per call (1.2x a first chunk)
         t2w.flow = _Autocast(flow, device.type, dtype)
     return t2w
 

@@ -379,6 +379,38 @@ def test_a_prompt_kept_under_autocast_keeps_the_flows_dtype(family):
     assert {t.dtype for t in flow.pool.kv.values()} <= {torch.bfloat16}
 
 
+def test_a_bf16_flow_stores_what_autocast_casts_and_speaks_the_same(family, monkeypatch):
+    """``cosyvoice.load`` keeps a bfloat16 model's flow linears and convolutions in bf16
+    (``devices.store_in``), which autocast would otherwise cast on every call: the audio is the
+    same bit for bit as autocast's over float32 weights, for an SFT and a zero-shot speaker,
+    and norms and embeddings keep float32."""
+    import cosyvoice
+    import cosyvoice.devices as devices
+    from cosyvoice.model import _Autocast
+
+    d = FAMILIES[family] / "model"
+    monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: True)  # bf16 on any CPU
+    loaded = cosyvoice.load(d, dtype="bfloat16", speaker_dir=None).token2wav.flow
+    spk = torch.load(d / "spk2info.pt", map_location="cpu", weights_only=True)
+    audio = []
+    for flow in (load_flow(d), loaded._flow):
+        t2w = make_token2wav(flow, load_hift(d))
+        t2w.flow = _Autocast(flow, "cpu", torch.bfloat16)
+        toks = _tokens(80, 1, flow.cfg.vocab_size)
+        audio.append([torch.cat(_stream(t2w, s, toks)[0]) for s in _speakers(spk)])
+    for plain, stored in zip(*audio, strict=True):
+        assert torch.equal(plain, stored)
+    dtypes = {
+        type(m): m.weight.dtype
+        for m in loaded.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
+    matmuls = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    assert {dt for t, dt in dtypes.items() if issubclass(t, matmuls)} == {torch.bfloat16}
+    others = {t: dt for t, dt in dtypes.items() if not issubclass(t, matmuls)}
+    assert torch.nn.Embedding in others and set(others.values()) == {torch.float32}
+
+
 def test_the_prompt_store_keeps_what_its_budget_holds(parts):
     """Keyed by the prompt's content (another x-vector is another entry); past the budget the
     least recently used goes; a prompt larger than the whole budget is not kept."""
