@@ -27,7 +27,7 @@ from rtserver.engine import (
     JobStatus,
     SpeakerGone,
 )
-from rtserver.memory import trimmer
+from rtserver.memory import Trimmer
 from rtserver.metrics import Metrics
 
 log = logging.getLogger("rtserver.scheduler")
@@ -91,7 +91,7 @@ class Scheduler:
         self._turns: OrderedDict[str, int] = OrderedDict()  # client: its last admission's
         self._turn = itertools.count()
         self._stop = False
-        self._trim = trimmer()
+        self._trim = Trimmer()
         self._trimmed_at = time.monotonic()
         self._dirty = False  # work done since memory was last handed back
         self._ended = False  # a job ended since then

@@ -21,6 +21,8 @@ from serverproc import ServerProcess, eventually, rss_mb
 from test_connections import STRANGER
 from test_http_api import LONG_TEXT, error, message
 
+from rtserver import memory
+
 # A server with small limits, so each one is quick to reach.
 TIGHT = (
     "--max-streams", "2", "--max-queue", "2", "--max-audio-s", "4",
@@ -207,6 +209,21 @@ def test_memory_is_handed_back_after_a_long_request(make_server):
     # The scheduler hands memory back about a second after it goes idle.
     grown = eventually(lambda: rss_mb(srv.proc.pid) - base, lambda mb: mb < HELD_MB)
     assert grown < HELD_MB, f"RSS stayed {grown:.0f} MB above its level before the request"
+
+
+def test_memory_goes_back_only_past_its_growth_bound():
+    """What ordinary requests free, the next ones take again (a hand-back costs their page
+    faults), so the scheduler's trimmer hands memory back only once the process has grown past
+    1.5x its size after the last hand-back; the first call always trims. Resident sizes are
+    given here, the malloc_trim is glibc's."""
+    if memory._libc() is None:
+        pytest.skip("no glibc malloc_trim here")
+    sizes = iter([1000, 800, 1100, 1200, 1201, 900, 1350, 1351, 700])
+    trim = memory.Trimmer(1.5, resident=lambda: next(sizes))
+    # 1000: first, trims (then 800); 1100, 1200: within 1.5 x 800; 1201: past it (then 900);
+    # 1350: within 1.5 x 900; 1351: past it (then 700)
+    assert [trim() for _ in range(6)] == [True, False, False, True, False, True]
+    assert next(sizes, None) is None  # each trim read its size before and after
 
 
 # ---- idle and stalled clients -----------------------------------------------------------------
