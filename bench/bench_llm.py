@@ -105,9 +105,8 @@ def time_sampling(m, batch: int, repeat: int) -> tuple[float, float]:
 def pack_ab(args) -> None:
     kw = dict(dtype=args.dtype, speaker_dir=None, token2wav=False)
     models = {p: cosyvoice.load(args.model_dir, packed=p, **kw) for p in (False, True)}
-    print(
-        f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}"
-    )
+    dtype = models[True].dtype  # bf16 falls back to float32 on a CPU without bf16 units
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}")
     print("| batch | torch linears ms/step | packed ms/step | ratio | prefill s (torch, packed) |")
     print("|---:|---:|---:|---:|---:|")
     for b in args.batches:
@@ -152,7 +151,7 @@ def main() -> None:
     m = cosyvoice.load(args.model_dir, dtype=args.dtype, speaker_dir=None, token2wav=False)
     print(
         f"load {time.perf_counter() - t0:.1f}s; {cpu_name()}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, dtype {args.dtype}"
+        f"{torch.get_num_threads()} threads, dtype {m.dtype}"
     )
     if args.sampling:
         print("| batch | per-request loop ms | batched ms | ratio |\n|---:|---:|---:|---:|")

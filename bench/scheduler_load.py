@@ -82,7 +82,8 @@ def main() -> None:
             f"| {n} | {b[0]:.0f} | {b[1]:.0f} | {b[2]:.3f} | {s[0]:.0f} | {s[1]:.0f} | {s[2]:.3f} | "
             f"{b[2] / s[2]:.2f}x | {b[1] / s[1]:.2f} |"
         )
-    body = f"""## CosyVoice2 scheduler: batched vs serial (full-size random weights, {args.device} {args.dtype})
+    cpu = machine().split(",", 1)[0]
+    body = f"""## CosyVoice2 scheduler: batched vs serial ({args.tokens} tokens per stream, full-size random weights, {args.device} {args.dtype}; {cpu})
 
 Command: `{command()}`
 (commit {git_rev()}). Machine: {machine()}.

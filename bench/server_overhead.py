@@ -88,7 +88,8 @@ def main() -> None:
     ratio = pct([r["rtf"] for r in res["server"]], 50) / pct(
         [r["rtf"] for r in res["in-process"]], 50
     )
-    body = f"""## Server path vs in-process, one stream (CosyVoice2 full size, random weights, CPU {args.dtype})
+    cpu = machine().split(",", 1)[0]
+    body = f"""## Server path vs in-process, one stream (CosyVoice2 full size, random weights, CPU {str(model.dtype).removeprefix("torch.")}; {cpu})
 
 Command: `{command("uv run --extra voice python")}`
 (commit {git_rev()}). Machine: {machine()}. LLM forced to {args.tokens} tokens

@@ -4,8 +4,8 @@ Defaults: CUDA when a GPU is visible (bfloat16 there), else the CPU in float32. 
 CPU without bf16 matrix units (AVX512-BF16 or AMX) is emulated and several times slower than
 float32 (measured on a 2-core AMD EPYC: one stream RTF 22 vs 6.5; four streams 391 s vs 98 s),
 so such a request falls back to float32 with a warning. On a CPU that has them (an Intel Xeon
-with AMX, 2026-12-03) bfloat16 is the faster choice, 1.3x for one stream and 2.4x for eight
-streams batched, but float32 stays the default there: the reference numbers are checked in it.
+with AMX) bfloat16 is the faster choice, but float32 stays the default there: the reference
+numbers are checked in it.
 """
 
 from __future__ import annotations
@@ -44,12 +44,6 @@ def cpu_has_bf16_units() -> bool:
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
-        if device.type == "cpu" and cpu_has_bf16_units():
-            # float32 stays the CPU default: it is what the reference numbers are checked in
-            log.info(
-                "this CPU has bf16 matrix units (AVX512-BF16/AMX): --dtype bfloat16 runs "
-                "CosyVoice about 1.3x faster for one stream and 2.4x for eight (docs/benchmarks.md)"
-            )
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -129,20 +123,16 @@ def pack_linears(net: nn.Module) -> int:
     return len(swaps)
 
 
-def store_in(net: nn.Module, dtype: torch.dtype) -> int:
-    """Keep the weights of ``net``'s linears and convolutions in ``dtype``, for a net that runs
-    under autocast to ``dtype``; returns how many tensors changed. Autocast would cast them on
-    every call (its cast cache keeps only weights that require grad): 29% of a bf16 flow call
-    on a CPU. The results stay the same bit for bit, since autocast runs these ops in ``dtype``
-    over the same rounded weights, and what it runs in float32 (norms, embeddings) keeps its
-    float32 weights."""
-    n = 0
+def store_in(net: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the weights and biases of ``net``'s linears and convolutions in ``dtype``, for a net
+    that runs under autocast to ``dtype`` and inference_mode: there autocast's weight cache does
+    not apply, so it cast every weight again at every op call (29% of a bf16 flow call on a
+    CPU). The results stay the same bit for bit: autocast runs these ops in ``dtype`` over the
+    same rounded weights, and what it leaves alone (norms, embeddings) keeps float32."""
     for m in net.modules():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            for p in m._parameters.values():
-                if p is not None and p.is_floating_point():
-                    p.data, n = p.data.to(dtype), n + 1
-    return n
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(dtype)
 
 
 def capture_graph(

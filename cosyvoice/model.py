@@ -809,13 +809,15 @@ def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: tor
     if dtype != torch.float32:
         # The flow is most of token2wav's time; autocast runs its matmuls in bf16/fp16 (2x at
         # batch 8 on an AMX CPU, mel within ~1.5%) while HiFT's f0/iSTFT stay float32.
-        store_in(flow, dtype)  # what autocast would cast per call (1.2x a first chunk)
+        store_in(flow, dtype)  # what autocast would cast at every op (1.2x a first chunk)
         t2w.flow = _Autocast(flow, device.type, dtype)
     return t2w
 
 
 class _Autocast:
-    """A flow whose inference runs under torch.autocast; everything else passes through."""
+    """A flow whose inference runs under torch.autocast; everything else passes through. Its
+    linears and convolutions hold bf16/fp16 weights (``devices.store_in``), so the flow computes
+    only through these two methods: any other call would meet them in float32 and fail."""
 
     def __init__(self, flow, device_type: str, dtype: torch.dtype) -> None:
         self._flow, self._device_type, self._dtype = flow, device_type, dtype

@@ -40,7 +40,9 @@ def cap_arenas(arenas: int) -> None:
         libc.mallopt(M_ARENA_MAX, arenas)
 
 
-TRIM_GROWTH = 1.5  # see Trimmer
+# Ordinary requests on CosyVoice2 (CPU) regrow a trimmed process by ~1.3x; a long request on
+# the built-in voice doubles it (see Trimmer).
+TRIM_GROWTH = 1.5
 
 
 def resident_bytes() -> int | None:
@@ -52,9 +54,14 @@ def resident_bytes() -> int | None:
         return None
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    libc = _libc()
+    return None if libc is None else lambda: libc.malloc_trim(0)
+
+
 class Trimmer:
-    """Hands freed memory back to the OS (malloc_trim) once the process has grown past
-    ``growth`` times its size after the last hand-back.
+    """Hands freed memory back to the OS (glibc's malloc_trim) once the process has grown past
+    ``growth`` times its size after the last hand-back while idle.
 
     glibc keeps freed memory in its arenas for reuse; after a long request that is hundreds of
     MB the process never needs again (a Piper server of ~200 MB: +166-230 MB). But what an
@@ -62,22 +69,30 @@ class Trimmer:
     page fault per page: on a CPU CosyVoice2 server (full size, bf16, 3.6 GB resident, ~0.8 GB
     of it handed back each time) a stream's first audio came 0.25 s later after a hand-back
     (2.62 vs 2.38 s). So only growth past ``growth`` goes back: a long request's leftovers,
-    not the working set. Returns whether it trimmed."""
+    not the working set (which may thus keep up to half the trimmed size in freed memory)."""
 
     def __init__(
         self,
         growth: float = TRIM_GROWTH,
         resident: Callable[[], int | None] = resident_bytes,
+        trim: Callable[[], object] | None = None,
     ) -> None:
-        self._libc, self.growth, self._resident = _libc(), growth, resident
-        self._floor: int | None = None  # resident bytes after the last hand-back
+        self.growth = growth
+        self._resident = resident
+        self._trim = trim if trim is not None else _malloc_trim()
+        self._floor: int | None = None  # resident bytes after the last hand-back while idle
 
-    def __call__(self) -> bool:
-        if self._libc is None:
+    def __call__(self, idle: bool) -> bool:
+        """Hand memory back if due; returns whether it did. ``idle``: no job holds memory, so
+        what is left is the server's own size, which later growth is measured from (measured
+        under load, the memory the load frees would stay). Until the first idle hand-back, and
+        where resident memory cannot be read, every call hands back."""
+        if self._trim is None:
             return False
         now = self._resident()
         if self._floor is not None and now is not None and now <= self._floor * self.growth:
             return False
-        self._libc.malloc_trim(0)
-        self._floor = self._resident()
+        self._trim()
+        if idle:
+            self._floor = self._resident()
         return True

@@ -213,7 +213,7 @@ class Scheduler:
         idle = not self._running and not self._waiting
         due = (idle or self._ended) and since > TRIM_GAP_S
         if self._dirty and (due or since > TRIM_EVERY_S):
-            self._trim()
+            self._trim(idle)
             self._trimmed_at, self._dirty, self._ended = time.monotonic(), False, False
 
     def _drop_cancelled(self) -> None:

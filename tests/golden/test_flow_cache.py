@@ -390,7 +390,8 @@ def test_a_bf16_flow_stores_what_autocast_casts_and_speaks_the_same(family, monk
 
     d = FAMILIES[family] / "model"
     monkeypatch.setattr(devices, "cpu_has_bf16_units", lambda: True)  # bf16 on any CPU
-    loaded = cosyvoice.load(d, dtype="bfloat16", speaker_dir=None).token2wav.flow
+    # (packed=False: packing a bf16 LLM needs AVX-512, and only the flow is looked at here)
+    loaded = cosyvoice.load(d, dtype="bfloat16", speaker_dir=None, packed=False).token2wav.flow
     spk = torch.load(d / "spk2info.pt", map_location="cpu", weights_only=True)
     audio = []
     for flow in (load_flow(d), loaded._flow):
@@ -400,15 +401,14 @@ def test_a_bf16_flow_stores_what_autocast_casts_and_speaks_the_same(family, monk
         audio.append([torch.cat(_stream(t2w, s, toks)[0]) for s in _speakers(spk)])
     for plain, stored in zip(*audio, strict=True):
         assert torch.equal(plain, stored)
-    dtypes = {
-        type(m): m.weight.dtype
-        for m in loaded.modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor)
-    }
     matmuls = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
-    assert {dt for t, dt in dtypes.items() if issubclass(t, matmuls)} == {torch.bfloat16}
-    others = {t: dt for t, dt in dtypes.items() if not issubclass(t, matmuls)}
-    assert torch.nn.Embedding in others and set(others.values()) == {torch.float32}
+    dtypes = {
+        (isinstance(m, matmuls), p.dtype)
+        for m in loaded.modules()
+        for p in m.parameters(recurse=False)
+    }
+    assert dtypes == {(True, torch.bfloat16), (False, torch.float32)}
+    assert any(isinstance(m, torch.nn.Embedding) for m in loaded.modules())
 
 
 def test_the_prompt_store_keeps_what_its_budget_holds(parts):
