@@ -44,7 +44,7 @@ def _hint_bf16(settings: Settings) -> None:
     if auto and resolve_device(settings.device).type == "cpu" and cpu_has_bf16_units():
         log.info(
             "this CPU has bf16 matrix units (AVX512-BF16/AMX): --dtype bfloat16 runs CosyVoice "
-            "faster (docs/benchmarks.md: 1.2x for one stream, 2x for eight on a 2-core Xeon)"
+            "faster (docs/benchmarks.md: 1.3x for one stream, 2.2x for eight on a 2-core Xeon)"
         )
 
 
