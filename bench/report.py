@@ -56,15 +56,18 @@ def first_audio(model, voice, text: str, tokens: int, seed: int) -> float:
         chunks.close()  # cancels the utterance
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"load average {load:.1f} at start, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")  # fmt: skip

@@ -17,7 +17,7 @@ import asyncio
 import time
 
 import httpx
-from report import ROOT, command, git_rev, machine, pct, write_section
+from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
 from serverproc import ServerProcess
 
 TEXT = "Hello there, this is a benchmark sentence."
@@ -82,7 +82,7 @@ def main() -> None:
             f"| {n} | {b[0]:.0f} | {b[1]:.0f} | {b[2]:.3f} | {s[0]:.0f} | {s[1]:.0f} | {s[2]:.3f} | "
             f"{b[2] / s[2]:.2f}x | {b[1] / s[1]:.2f} |"
         )
-    cpu = machine().split(",", 1)[0]
+    cpu = cpu_name()
     body = f"""## CosyVoice2 scheduler: batched vs serial ({args.tokens} tokens per stream, full-size random weights, {args.device} {args.dtype}; {cpu})
 
 Command: `{command()}`

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 from http_load import one
-from report import ROOT, command, git_rev, machine, pct, write_section
+from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
 from serverproc import ServerProcess
 
 TEXT = "Hello there, this is a benchmark sentence."
@@ -88,7 +88,7 @@ def main() -> None:
     ratio = pct([r["rtf"] for r in res["server"]], 50) / pct(
         [r["rtf"] for r in res["in-process"]], 50
     )
-    cpu = machine().split(",", 1)[0]
+    cpu = cpu_name()
     body = f"""## Server path vs in-process, one stream (CosyVoice2 full size, random weights, CPU {str(model.dtype).removeprefix("torch.")}; {cpu})
 
 Command: `{command("uv run --extra voice python")}`
