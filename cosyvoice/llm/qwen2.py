@@ -97,8 +97,13 @@ def attention(
 def _sdpa(
     qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, g: int
 ) -> torch.Tensor:
-    """qg (B, n_kv, g * L, hd), k/v (B, n_kv, T, hd), mask (B, 1, L, T): one SDPA call."""
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.repeat(1, 1, g, 1))
+    """qg (B, n_kv, g * L, hd), k/v (B, n_kv, T, hd), mask (B, 1, L, T): one SDPA call.
+
+    A decode step's mask (L = 1) broadcasts over the stacked heads as it is; only a prefill's
+    is repeated per head (a copy in every layer of every decode step would be one more kernel
+    per layer in the replayed graph, for a mask the layers share)."""
+    rows = mask if mask.shape[2] == 1 else mask.repeat(1, 1, g, 1)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=rows)
 
 
 def _matmuls(
