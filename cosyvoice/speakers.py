@@ -52,17 +52,20 @@ _NAME_RE = re.compile(r"^[^/\\]{1,64}$")
 _HIDDEN = ("Cc", "Cf", "Zl", "Zp")
 
 
-def _valid_name(name: str) -> bool:
-    """A name that fits in a URL path segment and reads as what it is: "." and ".." would
-    be normalized away by clients, so such a speaker could not be deleted; a name not in
-    Unicode's composed form (NFC) could sit beside the composed one and look the same."""
-    return (
-        bool(_NAME_RE.match(name))
-        and unicodedata.is_normalized("NFC", name)
-        and name.strip() == name
-        and name not in (".", "..")
-        and not any(unicodedata.category(c) in _HIDDEN for c in name)
-    )
+def _name_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as a speaker name (None: nothing). A name must fit in a URL
+    path segment and read as what it is: "." and ".." would be normalized away by clients, so
+    such a speaker could not be deleted; a name not in Unicode's composed form (NFC) could sit
+    beside the composed one and look the same."""
+    if not _NAME_RE.match(name):
+        return "a name is 1 to 64 characters, without / or \\"
+    if not unicodedata.is_normalized("NFC", name):
+        return "it is not in Unicode's composed form (NFC)"
+    if name.strip() != name or name in (".", ".."):
+        return "it starts or ends with white space, or is . or .."
+    if any(unicodedata.category(c) in _HIDDEN for c in name):
+        return "it holds control or invisible characters"
+    return None
 
 
 class SpeakerError(KeyError):
@@ -70,6 +73,10 @@ class SpeakerError(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class StoreNotWritable(PermissionError):
+    """``speaker_dir`` cannot take a registration (read-only, or not a folder we may write)."""
 
 
 @dataclass
@@ -302,7 +309,8 @@ class SpeakerStore:
             if stamp == self._dir_stamp and not self._stamp_racy:
                 return
             paths = list(self.speaker_dir.iterdir())
-        except FileNotFoundError:  # no speaker registered yet (or the directory was removed)
+        except (FileNotFoundError, NotADirectoryError):  # none registered yet (or removed),
+            # or a path that cannot become a folder (unwritable(): registrations are refused)
             stamp, paths = None, []
         files: dict[str, tuple[tuple[int, int, int], Speaker | None]] = {}
         for p in paths:
@@ -329,6 +337,20 @@ class SpeakerStore:
         # A directory's mtime has its file system's granularity (a clock tick; a second on some
         # network file systems): a change in the same tick as this scan would leave it as is.
         self._stamp_racy = stamp is not None and time.time_ns() - stamp[1] < _RACY_NS
+
+    def unwritable(self) -> str | None:
+        """Why a registration could not be saved in ``speaker_dir`` now (None: it could). The
+        folder is made at the first registration, so its nearest existing parent is asked."""
+        d = self.speaker_dir.absolute()
+        while not d.exists() and d != d.parent:
+            d = d.parent
+        if not d.is_dir():
+            return f"{d} is not a folder (speaker dir {self.speaker_dir})"
+        if os.statvfs(d).f_flag & os.ST_RDONLY:
+            return f"{d} is on a read-only file system"
+        if not os.access(d, os.W_OK | os.X_OK):
+            return f"{d} is not writable by this process"
+        return None
 
     # -- queries ------------------------------------------------------------------------------
     def list(self) -> list[str]:
@@ -362,10 +384,11 @@ class SpeakerStore:
         """Build a zero-shot speaker from prompt audio (any format PyAV decodes) and its
         transcript (:meth:`from_prompt`), persist it, return it. Raises :class:`AudioError` for
         unusable audio and :class:`SpeakerError` for a bad or taken name."""
-        if not _valid_name(name):  # (a bounded prefix of it: a 500 KB name made a 500 KB error)
+        if why := _name_problem(name):  # (a bounded prefix: a 500 KB name made a 500 KB error)
             shown = name if len(name) <= 64 else name[:64] + "..."
-            nfc = "" if unicodedata.is_normalized("NFC", shown) else " (not in NFC form)"
-            raise SpeakerError(f"invalid speaker name: {shown!r}{nfc}")
+            raise SpeakerError(f"invalid speaker name {shown!r}: {why}")
+        if why := self.unwritable():  # before the upload is analysed, which takes seconds
+            raise StoreNotWritable(f"speakers cannot be saved: {why}")
         with self._lock:
             self._refresh()
             if name in self._builtin:

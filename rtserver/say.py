@@ -22,7 +22,9 @@ FORMATS = ["mp3", "wav", "pcm"]
 
 def add_say_args(p: argparse.ArgumentParser, env: Settings) -> None:
     p.add_argument("text", help="what to say ('-' reads stdin)")
-    p.add_argument("--spk", default="joe", help="speaker id (see GET /speakers)")
+    p.add_argument("--spk", default="joe",
+                   help="speaker id (default: joe, the built-in voice; GET /speakers lists a "
+                        "server's)")  # fmt: skip
     p.add_argument("-o", "--output", type=Path,
                    help="write here (.mp3, .wav or .pcm); default: say.mp3")  # fmt: skip
     url = f"http://{env.host}:{env.port or DEFAULT_PORT}"
@@ -48,18 +50,17 @@ async def say(args: argparse.Namespace) -> int:
     try:
         async with TTSClient(args.url, api_key=args.api_key) as client:
             audio, rate, first = await _speak(client, args, text, "pcm" if fmt == "wav" else fmt)
+            if fmt != "mp3" and not (rate := rate or await _rate_of(client, args.spk)):
+                return _error(f"speaker {args.spk!r} is gone: its sample rate is unknown")
             if fmt == "wav":
-                if not (rate := rate or await _rate_of(client, args.spk)):
-                    return _error(f"speaker {args.spk!r} is gone: its sample rate is unknown")
                 audio = _wav(audio, rate)
     except ServerError as exc:
         return _error(str(exc))
     except httpx.HTTPStatusError as exc:
-        return _error(f"{exc.response.status_code} {exc.response.text}")
+        return _refused(exc.response.status_code, exc.response.text)
     except InvalidStatus as exc:  # the WebSocket upgrade refused (a key missing, say)
-        return _error(
-            f"{exc.response.status_code} {(exc.response.body or b'').decode(errors='replace')}"
-        )
+        body = (exc.response.body or b"").decode(errors="replace")
+        return _refused(exc.response.status_code, body)
     except (httpx.TransportError, OSError) as exc:
         return _error(f"cannot reach {args.url}: {exc or type(exc).__name__}")
     try:
@@ -67,7 +68,8 @@ async def say(args: argparse.Namespace) -> int:
     except OSError as exc:  # a directory, a folder that is not there, no permission
         return _error(f"cannot write {out}: {exc.strerror or exc}")
     ttfa = (first - t0) * 1000 if first else float("nan")
-    print(f"wrote {out} ({len(audio)} bytes, {fmt}{f', {rate} Hz' if rate else ''}); "
+    kind = "headerless s16le mono" if fmt == "pcm" else fmt  # what a player must be told
+    print(f"wrote {out} ({len(audio)} bytes, {kind}{f', {rate} Hz' if rate else ''}); "
           f"first audio after {ttfa:.0f} ms", file=sys.stderr)  # fmt: skip
     if args.play:
         player = shutil.which("ffplay") or shutil.which("mpv")
@@ -122,6 +124,13 @@ def _wav(pcm: bytes, rate: int) -> bytes:
         w.setframerate(rate)
         w.writeframes(pcm)
     return buf.getvalue()
+
+
+def _refused(status: int, body: str) -> int:
+    # 401 over HTTP; a WebSocket upgrade is refused with a bare 403 (docs/websocket.md)
+    keyed = status in (401, 403)
+    hint = " (a server started with --api-key: give one with --api-key KEY)" if keyed else ""
+    return _error(f"{status} {body}{hint}")
 
 
 def _error(message: str) -> int:

@@ -119,6 +119,16 @@ class SpeakerRefused(ValueError):
 T = TypeVar("T")
 
 
+def _not_stored(exc: OSError) -> SpeakerRefused:
+    """A registration or deletion the speaker folder refused (read-only, full): 507, the
+    status for a server that cannot store what a request asks it to. The client is not told
+    the server's paths; the log says which folder, and the flag that moves it."""
+    log.error("speaker store: %s (--speaker-dir sets the folder)", exc)
+    return SpeakerRefused(
+        "the server cannot store speakers: its speaker folder is read-only or full", 507
+    )
+
+
 async def in_own_thread(fn: Callable[[], T]) -> T:
     """Run ``fn`` in a thread that exits when it is done. torch's OpenMP workers live as long
     as the thread that started them, and with a second team idle beside the inference
@@ -508,6 +518,8 @@ class TTSService:
             # Another replica sharing the speaker dir may have taken the name meanwhile.
             taken = any(s.id == spk_id for s in self.engine.speakers())
             raise SpeakerRefused(str(exc), 409 if taken else 400) from exc
+        except OSError as exc:  # the store's folder (decoding errors are ValueErrors)
+            raise _not_stored(exc) from exc
         finally:
             self._registering.discard(spk_id)
         self._keep_prompt_soon(spk_id)
@@ -643,6 +655,8 @@ class TTSService:
         except KeyError as exc:  # a built-in speaker, or one deleted meanwhile (another request)
             gone = all(s.id != spk_id for s in self.speakers())
             raise SpeakerRefused(str(exc), 404 if gone else 400) from exc
+        except OSError as exc:
+            raise _not_stored(exc) from exc
 
     # ---- synthesis ------------------------------------------------------------------------
 

@@ -295,7 +295,7 @@ def load(raw: dict[str, Any], source: str) -> Settings:
 def _explain(message: str, source: str) -> str:
     """msgspec's "... - at `$.port`" as the flag or variable the person typed."""
     text, _, where = message.partition(" - at `$.")
-    name = where.rstrip("`")
+    name = where.rstrip("`").split("[")[0]  # api_key[0]: a value of a repeatable flag
     if not name:
         return f"invalid settings ({source}): {text}"
     flag = f"--{name.replace('_', '-')}" if source == "flags" else f"{ENV_PREFIX}{name.upper()}"

@@ -105,6 +105,7 @@ def test_say_sends_its_key(locked, tmp_path, route):
     refused = say(locked, tmp_path / "no.mp3", *route)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 1 and len(lines) == 1 and "40" in lines[0], refused.stderr
+    assert "--api-key" in lines[0], lines[0]  # how to give it
     ok = say(locked, tmp_path / "ok.mp3", "--api-key", KEY, *route)
     assert ok.returncode == 0, ok.stderr
     assert_speech(*decode_mp3((tmp_path / "ok.mp3").read_bytes()), min_seconds=0.5)

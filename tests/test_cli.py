@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from audio_check import assert_speech, decode_audio
+from audio_check import assert_speech, decode_audio, decode_pcm
 from serverproc import ROOT
 
 from rtserver.settings import CPU_STREAMS, ENV_PREFIX, GPU_STREAMS, Settings
@@ -48,6 +48,7 @@ def test_help_shows_each_flag_with_its_default_and_variable():
         (("--replicas", "2", "--replica-gpus", "1", "--device", "cpu"), {}, "--replica-gpus"),
         (("--replicas", "1", "--max-replicas", "3", "--min-replicas", "2"), {}, "--max-replicas"),
         ((), {"RTSERVER_REPLICA_CPUS": "-1"}, "RTSERVER_REPLICA_CPUS"),
+        (("--api-key", "short"), {}, "--api-key: Expected `str` of length >= 8"),
     ],
 )
 def test_a_bad_setting_is_one_clear_line(args, env, says):
@@ -86,8 +87,8 @@ def test_plain_serve_never_imports_ray(server):
 @pytest.mark.parametrize(
     "model, device, says",
     [
-        ("missing", "auto", "--model"),  # a path with nothing there
-        ("empty", "auto", "--model"),  # a folder without a CosyVoice yaml
+        ("missing", "auto", "missing: no such folder"),  # a path with nothing there
+        ("empty", "auto", "cosyvoice2.yaml"),  # a folder without a CosyVoice yaml
         ("model", "tpu", "--device"),
         ("model", "cuda:x", "--device"),
     ],
@@ -100,6 +101,7 @@ def test_a_model_that_cannot_load_is_one_clear_line(tmp_path, model, device, say
     r = serve("--model", str(tmp_path / model), "--device", device, "--port", "1")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and says in lines[0], r.stderr
+    assert lines[0].startswith("rtserver: --model" if model in ("missing", "empty") else "")
 
 
 def test_a_port_in_use_fails_before_the_model_loads(server):
@@ -152,6 +154,11 @@ def test_say_writes_what_its_output_is_named(server, tmp_path):
         audio, rate = decode_audio(out.read_bytes(), "wav")
         assert rate == 22050
         assert_speech(audio, rate, min_seconds=1.0)
+        # headerless PCM: the line says how to read it (over HTTP the rate is not in the bytes)
+        r = rtserver("say", "Raw samples.", "--url", server.base_url, "-o", str(tmp_path / "x.pcm"),
+                     *route)  # fmt: skip
+        assert r.returncode == 0 and "s16le mono, 22050 Hz" in r.stderr, r.stderr
+        assert_speech(decode_pcm((tmp_path / "x.pcm").read_bytes()), 22050, min_seconds=0.5)
     r = rtserver("say", "Hi.", "--url", server.base_url, "-o", str(tmp_path / "x.ogg"))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and ".wav" in lines[0], r.stderr

@@ -358,6 +358,25 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
         srv.stop()
 
 
+def test_a_speaker_folder_that_cannot_be_written_is_told_at_start_and_refuses_with_507(tmp_path):
+    """A read-only model dir (the default speaker folder is inside it) answered a registration
+    with a bare 500 after analysing the upload, and nothing said so at start-up. Here the
+    folder's parent is a file, which stops a root process too."""
+    (tmp_path / "file").write_text("")
+    srv = start(tmp_path / "file" / "speakers", "--no-warmup")
+    try:
+        assert "speakers cannot be registered or deleted here" in srv.log()
+        r = register(srv, "mine", prompt_wav())
+        assert r.status_code == 507 and "cannot store speakers" in r.json()["detail"], r.text
+        assert str(tmp_path) not in r.text  # the server's paths stay in its log
+        assert f"speaker store: speakers cannot be saved: {tmp_path / 'file'}" in srv.log()
+        assert httpx.post(f"{srv.base_url}/tts/pcm", json={"tts_text": "你好。", "spk_id": "spk_f1"},
+                          timeout=120).status_code == 200  # fmt: skip
+        srv.assert_idle()
+    finally:
+        srv.stop()
+
+
 def test_prompts_and_names_that_would_harm_are_refused(tmp_path):
     srv = start(tmp_path / "speakers", "--no-warmup")
     try:
@@ -372,19 +391,23 @@ def test_prompts_and_names_that_would_harm_are_refused(tmp_path):
         # "." and ".." are normalized away by clients (no way to delete them); invisible or
         # bidirectional characters make look-alike names.
         # A name not in composed form (NFC) sat beside the composed one, looking the same.
+        # The answer says why.
         odd = ("e\u0301", "\u212b")  # é as e + accent; the Angstrom sign (NFC: Å)
-        for name in (
-            ".",
-            "..",
-            "a\u200bb",
-            "x\u202eevil",
-            "a\u2028b",
-            "a\x7fb",
-            "b" * 500_000,
-            *odd,
+        for name, why in (
+            (".", "is . or .."),
+            ("..", "is . or .."),
+            (" pad", "white space"),
+            ("a\u200bb", "invisible"),
+            ("x\u202eevil", "invisible"),
+            ("a\u2028b", "invisible"),
+            ("a\x7fb", "control"),
+            ("a/b", "without /"),
+            ("b" * 500_000, "1 to 64"),
+            *((o, "NFC") for o in odd),
         ):
             r = register(srv, name, prompt_wav())
-            assert r.status_code == 400 and "name" in r.json()["detail"], (name[:9], r.text)
+            detail = r.json()["detail"]
+            assert r.status_code == 400 and "name" in detail and why in detail, (name[:9], r.text)
             assert len(r.content) < 1000  # the name echoed in part (it was the whole 500 KB)
         # A header saying 1 Hz: refused for its rate (it said "too long": a second a sample).
         r = register(srv, "slow", prompt_wav(seconds=48_000, rate=1))

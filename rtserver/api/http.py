@@ -80,6 +80,7 @@ _UPLOADS = {  # the routes that take a recording
     503: "At capacity, or the line of uploads is full; retry after Retry-After seconds.",
 }
 _ADMIN = {403: "The server has admin keys and this is not one."}
+_NOT_STORED = {507: "The server's speaker folder is read-only or full (its log says which)."}
 JSON_ERRORS = error_docs(
     ErrorBody, {**_SPEAKING, 415: "A content type other than application/json."}
 )
@@ -98,12 +99,14 @@ REGISTER_ERRORS = error_docs(ErrorBody, {
     415: "A body that is not a form.",
     422: "A field missing or empty, or the recording sent as text (not a file part).",
     **_UPLOADS,
+    **_NOT_STORED,
 })  # fmt: skip
 DELETE_ERRORS = error_docs(ErrorBody, {
     400: "A built-in speaker (only registered ones can be deleted), or an engine without "
     "registered speakers.",
     **_ADMIN,
     404: "No speaker by that id.",
+    **_NOT_STORED,
 })  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 from rtserver.engine import Engine
 from rtserver.settings import Settings, SettingsError
@@ -72,6 +73,8 @@ def check_engine(settings: Settings) -> None:
     from cosyvoice.config import ConfigError, detect_family
     from cosyvoice.devices import resolve_device
 
+    if not Path(settings.model).is_dir():
+        raise SettingsError(f"--model {settings.model}: no such folder")
     try:
         detect_family(settings.model)
     except ConfigError as exc:

@@ -58,6 +58,9 @@ class CosyVoiceEngine:
         """``load_opts``: :func:`cosyvoice.load`'s options (device, dtype, speaker_dir,
         flow_cache_mb, exact_final, vocoder_thread, packed), passed as they are."""
         self.model = cosyvoice.load(model_dir, max_batch=max_batch, **load_opts)
+        if why := self.model.speakers.unwritable():  # a read-only model dir, most often
+            log.warning("speakers cannot be registered or deleted here: %s (--speaker-dir "
+                        "sets the folder they are kept in)", why)  # fmt: skip
         self.name = f"cosyvoice-{self.model.family}"
         self.max_batch = max_batch
         self.sample_rate = self.model.sample_rate
