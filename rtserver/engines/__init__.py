@@ -22,6 +22,8 @@ def load_engine(settings: Settings) -> Engine:
     from rtserver.engines.cosyvoice_engine import CosyVoiceEngine
 
     _hint_bf16(settings)
+    # (uvicorn has said "running on" already: a full model takes a while to load and warm up)
+    log.info("loading CosyVoice from %s; the server answers once it says ready", settings.model)
     return CosyVoiceEngine(
         settings.model,
         device=settings.device,
