@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -211,9 +212,12 @@ def check_prompt_audio(wav: np.ndarray, sr: int) -> None:
         raise AudioError(f"sample rate {sr} Hz is below {MIN_SAMPLE_RATE} Hz")
     dur = len(wav) / sr
     if dur < MIN_PROMPT_SECONDS:
-        raise AudioError(f"prompt audio too short: {dur:.2f} s < {MIN_PROMPT_SECONDS:g} s")
+        # (to the millisecond, rounded down: 0.9995 s read "1.00 s < 1 s")
+        raise AudioError(f"prompt audio too short: {math.floor(dur * 1000) / 1000:g} s < "
+                         f"{MIN_PROMPT_SECONDS:g} s")  # fmt: skip
     if dur > MAX_PROMPT_SECONDS:
-        raise AudioError(f"prompt audio too long: {dur:.2f} s > {MAX_PROMPT_SECONDS:g} s")
+        raise AudioError(f"prompt audio too long: {math.ceil(dur * 1000) / 1000:g} s > "
+                         f"{MAX_PROMPT_SECONDS:g} s")  # fmt: skip
     if not np.isfinite(wav).all():
         raise AudioError("prompt audio contains NaN/inf samples")
     peak = float(np.abs(wav).max())

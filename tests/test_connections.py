@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -213,7 +216,7 @@ def ws_open(srv: ServerProcess, rcvbuf: int | None = None) -> tuple[socket.socke
     return s, rest
 
 
-PING, PONG, CLOSE, TEXT, CONT = 0x9, 0xA, 0x8, 0x1, 0x0
+PING, PONG, CLOSE, TEXT, BINARY, CONT = 0x9, 0xA, 0x8, 0x1, 0x2, 0x0
 
 
 @pytest.mark.parametrize("flood", ["ping", "fragment"])
@@ -234,6 +237,46 @@ def test_a_websocket_flooding_frames_the_app_never_sees_is_closed(guarded, flood
     closes = [p for op, p in ws_frames(answer(s)) if op == CLOSE]  # (or reset: not read)
     assert not closes or int.from_bytes(closes[0][:2], "big") == 1008, closes
     guarded.wait_log("pings, pongs or fragments a second; WebSocket closed", 5, since)
+    guarded.assert_idle(timeout=10)
+
+
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds of the server's main thread, which runs the event loop."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("message", [TEXT, BINARY])
+def test_a_websocket_flooding_messages_gets_its_share_of_the_loop_and_no_more(guarded, message):
+    """App messages answered at once (a JSON ping's pong, a binary frame's error) as fast as a
+    client can send them: only the handlers' time was charged to the socket's share of the
+    loop, not the replies' sends nor uvicorn's parsing, and one socket kept the loop 99% busy
+    (another client's first audio 0.16 -> 1.7 s). The socket's reading now pauses once it is
+    past its share (0.2), so the loop stays mostly free."""
+    s, _ = ws_open(guarded)
+    payload = b'{"type":"ping"}' if message == TEXT else b"x"
+    flood = ws_frame(message, payload) * 20_000
+    stop = time.monotonic() + 4.0
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            while time.monotonic() < stop:
+                s.sendall(flood)
+
+    def drain() -> None:  # the replies are read: the flood is not slowed by a full buffer
+        with contextlib.suppress(OSError):
+            while time.monotonic() < stop + 1 and s.recv(1 << 20):
+                pass
+
+    with ThreadPoolExecutor(2) as pool:
+        sent, read = pool.submit(send), pool.submit(drain)
+        time.sleep(1.0)  # past the burst allowance (0.5 s)
+        t0, cpu0 = time.monotonic(), loop_cpu_s(guarded.proc.pid)
+        time.sleep(2.0)
+        busy = (loop_cpu_s(guarded.proc.pid) - cpu0) / (time.monotonic() - t0)
+        sent.result(), read.result()
+    s.close()
+    assert busy < 0.6, f"the event loop was {busy:.0%} busy with one socket's messages"
     guarded.assert_idle(timeout=10)
 
 

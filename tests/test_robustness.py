@@ -84,6 +84,9 @@ def test_unencodable_start_takes_no_slot(tight):
         event = run(one(fmt))
         assert event["type"] == "error" and event["code"] == "unsupported_format", event
         assert event["context_id"] == "c" and "9000" in event["message"]
+        # every rate it offers is one a start may ask for (AAC's 7350 and 96000 were listed)
+        offered = [int(r) for r in event["message"].split("use one of ")[1].split(", ")]
+        assert offered and all(8000 <= r <= 48000 for r in offered), event["message"]
     assert_idle(tight)
     r = httpx.post(f"{tight.base_url}/tts/pcm", json={"tts_text": "Still here.", "spk_id": "joe"})
     assert r.status_code == 200
@@ -371,7 +374,11 @@ def test_text_that_never_makes_a_sentence_gives_its_slot_up_while_others_wait(ma
     waited, ended, spoken = run(go())
     assert waited < 30, waited  # the lease (20 s), not the text limit (hours)
     assert {e["code"] for e in ended} == {"context_timeout"}
-    assert all("others waited" in e["message"] for e in ended), ended
+    # The first cut gives the waiting stream its slot; the other context is cut in the same
+    # look only if it is at a pause then too, else it ends idle once the letters stop.
+    assert any("others waited" in e["message"] for e in ended), ended
+    assert all(("others waited" in e["message"]) != ("nothing to say" in e["message"])
+               for e in ended), ended  # fmt: skip
     assert spoken, "the letters were never spoken"
     assert_idle(srv)
 

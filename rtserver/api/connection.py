@@ -38,6 +38,7 @@ import select
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -47,6 +48,7 @@ from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import CloseCode, Frame
+from websockets.http11 import Request
 from websockets.protocol import State
 
 from rtserver.api.errors import refusal
@@ -239,6 +241,24 @@ class _WriteWatch:
             self._rewatch()
 
 
+READ_METER = "rtserver.read_meter"  # the scope extension that holds a socket's ReadMeter
+
+
+class ReadMeter:
+    """What reading a WebSocket costs the event loop below the app, for the app to charge to
+    the socket's share of the loop (ws_session.LoopShare): the time its bytes took to parse
+    into messages (a third of the loop under a flood of tiny ones), and whether a message is
+    queued already (the app's next receive then runs without waiting: all of it loop time)."""
+
+    def __init__(self, queue: asyncio.Queue) -> None:
+        self.parse_s = 0.0
+        self._queue = queue
+
+    @property
+    def queued(self) -> bool:
+        return not self._queue.empty()
+
+
 class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol with the write watch and the frame rate; subclassed with
     its `limits` by :func:`guarded_websocket` (uvicorn makes the protocol from a class)."""
@@ -250,6 +270,7 @@ class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.read_meter = ReadMeter(self.queue)
         self._unseen_allowed = float(FRAME_BURST)  # a token bucket: see FRAME_RATE
         self._unseen_at = self.loop.time()
         self._flooded = False
@@ -257,6 +278,11 @@ class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.release()
         super().connection_lost(exc)
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if hasattr(self, "scope"):  # (the app runs from the next loop iteration on)
+            self.scope["extensions"][READ_METER] = self.read_meter
 
     def handle_ping(self) -> None:
         if self._unseen_frame():
@@ -297,7 +323,9 @@ class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
         return False
 
     def data_received(self, data: bytes) -> None:
+        start = time.perf_counter()
         super().data_received(data)
+        self.read_meter.parse_s += time.perf_counter() - start
         # A handshake websockets cannot parse gets a 4xx (a header line over 8 KiB, over
         # 128 headers) or an end of stream (a body) it only queues: uvicorn, waiting for a
         # request that never comes, neither sent it nor closed, so the socket stayed open.

@@ -25,6 +25,7 @@ from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
 from rtserver import __version__
+from rtserver.api.connection import READ_METER, ReadMeter
 from rtserver.api.http import LONE_SURROGATE, client_of
 from rtserver.protocol import (
     AppendText,
@@ -183,6 +184,10 @@ class WsSession:
             return False
         start = time.perf_counter()
         async with self._send_lock:
+            # Waiting behind another frame's send is not loop time; the send itself is, as
+            # long as it does not block (it blocks only on a client that stops reading).
+            if asyncio.current_task() is self._receiver:
+                self._waited += time.perf_counter() - start
             if ctx is not None and ctx.muted:  # the ack may have been decided while we waited
                 return False
             try:
@@ -192,8 +197,6 @@ class WsSession:
                     await self.socket.send_text(frame)
             except (RuntimeError, OSError) as exc:  # uvicorn's to a send after the close
                 raise WebSocketDisconnect(detail=str(exc)) from exc
-        if asyncio.current_task() is self._receiver:  # waiting on the socket is not loop time
-            self._waited += time.perf_counter() - start
         return True
 
     def _waited_for(self, seconds: float) -> None:
@@ -267,21 +270,31 @@ class WsSession:
         )
 
     async def _receive_loop(self) -> None:
+        """Each message is charged to the socket's share of the loop: its handling (less what
+        it waited for off the loop), its replies, and (under uvicorn, which meters them: see
+        ReadMeter) the parsing of its bytes and a receive that did not have to wait."""
         self._receiver = asyncio.current_task()
+        meter: ReadMeter | None = self.socket.scope.get("extensions", {}).get(READ_METER)
+        parsed = 0.0  # the meter's parse time charged so far
         while True:
+            start, queued = time.perf_counter(), meter is not None and meter.queued
             message = await self.socket.receive()
             if message["type"] == "websocket.disconnect":
                 return
             self.last_active = time.monotonic()
+            if not queued:
+                start = time.perf_counter()  # the receive waited for the client
+            waited = self._waited
             if message.get("bytes") is not None:
                 await self._error(
                     "binary_not_accepted", "send JSON text frames; audio only flows to you"
                 )
-                continue
-            start, waited = time.perf_counter(), self._waited
-            await self._handle_safely(message.get("text") or "")
+            else:
+                await self._handle_safely(message.get("text") or "")
             now = time.perf_counter()
             spent = max(0.0, now - start - (self._waited - waited))
+            if meter is not None:
+                spent, parsed = spent + meter.parse_s - parsed, meter.parse_s
             if (wait := self._share.spend(spent, now)) > 0:
                 await asyncio.sleep(wait)
 

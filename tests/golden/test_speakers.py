@@ -157,7 +157,8 @@ def test_register_round_trip(golden_dir, tmp_path):
         ("sdp", "not a supported audio file"),
         ("playlist", "not a supported audio file"),
         ("too_short", "too short"),
-        ("too_long", "too long"),
+        ("just_short", r"too short: 0\.999 s < 1 s"),  # it read "1.00 s < 1 s"
+        ("too_long", r"too long: 31 s > 30 s"),
         ("too_long_file", "too long"),
         ("silent", "silent"),
         ("low_rate", "below 16000"),
@@ -174,6 +175,7 @@ def test_bad_audio(golden_dir, tmp_path, case, pattern):
         ),
         "playlist": lambda: b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n",
         "too_short": lambda: _encode(_tone(0.4), 24000, "wav", "pcm_s16le"),
+        "just_short": lambda: (_tone(0.9995, 16000), 16000),
         "too_long": lambda: (_tone(31.0, 16000), 16000),
         "too_long_file": lambda: _encode(_tone(45.0, 16000), 16000, "wav", "pcm_s16le"),
         "silent": lambda: _encode(np.zeros(48000, np.float32), 24000, "wav", "pcm_s16le"),
