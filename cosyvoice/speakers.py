@@ -62,8 +62,10 @@ def _name_problem(name: str) -> str | None:
         return "a name is 1 to 64 characters, without / or \\"
     if not unicodedata.is_normalized("NFC", name):
         return "it is not in Unicode's composed form (NFC)"
-    if name.strip() != name or name in (".", ".."):
-        return "it starts or ends with white space, or is . or .."
+    if name in (".", ".."):
+        return "it is . or .., which clients take for a path"
+    if name.strip() != name:
+        return "it starts or ends with white space"
     if any(unicodedata.category(c) in _HIDDEN for c in name):
         return "it holds control or invisible characters"
     return None
@@ -346,12 +348,15 @@ class SpeakerStore:
         """Why a registration could not be saved in ``speaker_dir`` now (None: it could). The
         folder is made at the first registration, so its nearest existing parent is asked."""
         d = self.speaker_dir.absolute()
-        while not d.exists() and d != d.parent:
-            d = d.parent
-        if not d.is_dir():
-            return f"{d} is not a folder (speaker dir {self.speaker_dir})"
-        if os.statvfs(d).f_flag & os.ST_RDONLY:
-            return f"{d} is on a read-only file system"
+        try:
+            while not d.exists() and d != d.parent:
+                d = d.parent
+            if not d.is_dir():
+                return f"{d} is not a folder"
+            if os.statvfs(d).f_flag & os.ST_RDONLY:
+                return f"{d} is on a read-only file system"
+        except OSError as exc:  # a parent that may not be searched, an odd file system
+            return f"{d}: {exc.strerror or exc}"
         if not os.access(d, os.W_OK | os.X_OK):
             return f"{d} is not writable by this process"
         return None

@@ -50,9 +50,11 @@ async def say(args: argparse.Namespace) -> int:
     try:
         async with TTSClient(args.url, api_key=args.api_key) as client:
             audio, rate, first = await _speak(client, args, text, "pcm" if fmt == "wav" else fmt)
-            if fmt != "mp3" and not (rate := rate or await _rate_of(client, args.spk)):
-                return _error(f"speaker {args.spk!r} is gone: its sample rate is unknown")
+            if fmt != "mp3":  # a .pcm file's is only told; a .wav file needs it
+                rate = rate or await _rate_of(client, args.spk)
             if fmt == "wav":
+                if not rate:
+                    return _error(f"speaker {args.spk!r} is gone: its sample rate is unknown")
                 audio = _wav(audio, rate)
     except ServerError as exc:
         return _error(str(exc))

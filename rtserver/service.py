@@ -123,7 +123,9 @@ def _not_stored(exc: OSError) -> SpeakerRefused:
     """A registration or deletion the speaker folder refused (read-only, full): 507, the
     status for a server that cannot store what a request asks it to. The client is not told
     the server's paths; the log says which folder, and the flag that moves it."""
-    log.error("speaker store: %s (--speaker-dir sets the folder)", exc)
+    # (with a traceback when the store did not say why: an errno from deep in a write)
+    log.error("speaker store: %s (--speaker-dir sets the folder)", exc,
+              exc_info=exc if exc.errno is not None else None)  # fmt: skip
     return SpeakerRefused(
         "the server cannot store speakers: its speaker folder is read-only or full", 507
     )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import struct
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -579,6 +580,34 @@ def test_a_socket_gets_its_share_of_the_event_loop_and_no_more():
     assert share.spend(0.0, now=0.05 + wait) == pytest.approx(0.0)
     cheap = LoopShare(0.2, burst_s=0.5, now=0.0)  # 1 ms a message, 100 a second: never waits
     assert max(cheap.spend(0.001, now=i / 100) for i in range(10_000)) == 0.0
+
+
+def test_a_reply_waiting_for_a_slow_reader_is_not_the_sockets_loop_time():
+    """A client reading audio at real time keeps the server's write buffer over its mark for
+    seconds; a pong the receiver sends then waits for it to drain. That wait was charged to
+    the socket's share of the loop (6 s of it paused its reading for 27 s: its next text or
+    cancel unread). The protocol's own event tells the wait from the send."""
+    from rtserver.api.connection import READ_METER, ReadMeter
+    from rtserver.api.ws_session import WsSession
+
+    async def go() -> float:
+        meter = ReadMeter(asyncio.Queue(), asyncio.Event())  # writable: clear, a full buffer
+        sent: list[str] = []
+
+        async def send_text(text: str) -> None:  # uvicorn's send: it waits for the reader
+            await meter.writable.wait()
+            sent.append(text)
+
+        socket = SimpleNamespace(scope={"extensions": {READ_METER: meter}}, client=None,
+                                 send_text=send_text)  # fmt: skip
+        session = WsSession(socket, SimpleNamespace(settings=None))  # type: ignore[arg-type]
+        session._receiver = asyncio.current_task()
+        asyncio.get_running_loop().call_later(0.3, meter.writable.set)  # the client reads
+        await session._write('{"type":"pong"}')
+        assert sent == ['{"type":"pong"}']
+        return session._waited
+
+    assert run(go()) >= 0.25
 
 
 def test_plain_http_on_the_websocket_route_says_what_it_is(server):

@@ -248,10 +248,13 @@ class ReadMeter:
     """What reading a WebSocket costs the event loop below the app, for the app to charge to
     the socket's share of the loop (ws_session.LoopShare): the time its bytes took to parse
     into messages (a third of the loop under a flood of tiny ones), and whether a message is
-    queued already (the app's next receive then runs without waiting: all of it loop time)."""
+    queued already (the app's next receive then runs without waiting: all of it loop time).
+    ``writable``: the protocol's own event, clear while a send would wait for the client to
+    read (so a send's wait can be told from its work)."""
 
-    def __init__(self, queue: asyncio.Queue) -> None:
+    def __init__(self, queue: asyncio.Queue, writable: asyncio.Event) -> None:
         self.parse_s = 0.0
+        self.writable = writable
         self._queue = queue
 
     @property
@@ -270,7 +273,7 @@ class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.read_meter = ReadMeter(self.queue)
+        self.read_meter = ReadMeter(self.queue, self.writable)
         self._unseen_allowed = float(FRAME_BURST)  # a token bucket: see FRAME_RATE
         self._unseen_at = self.loop.time()
         self._flooded = False
@@ -281,7 +284,7 @@ class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
-        if hasattr(self, "scope"):  # (the app runs from the next loop iteration on)
+        if self.response.status_code == 101:  # (the app's task runs from the next iteration)
             self.scope["extensions"][READ_METER] = self.read_meter
 
     def handle_ping(self) -> None:

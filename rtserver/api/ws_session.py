@@ -167,6 +167,8 @@ class WsSession:
         self._share = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
         self._receiver: asyncio.Task | None = None  # the task reading the client's messages
         self._waited = 0.0  # the time its handlers waited off the loop (socket, worker thread)
+        # what uvicorn's protocol tells of the socket (none behind another server: Ray's proxy)
+        self._meter: ReadMeter | None = (socket.scope.get("extensions") or {}).get(READ_METER)
 
     # ---- transport ------------------------------------------------------------------------
 
@@ -184,12 +186,11 @@ class WsSession:
             return False
         start = time.perf_counter()
         async with self._send_lock:
-            # Waiting behind another frame's send is not loop time; the send itself is, as
-            # long as it does not block (it blocks only on a client that stops reading).
-            if asyncio.current_task() is self._receiver:
-                self._waited += time.perf_counter() - start
             if ctx is not None and ctx.muted:  # the ack may have been decided while we waited
                 return False
+            if self._meter is not None:  # a client reading audio at real time keeps the
+                await self._meter.writable.wait()  # buffer full for seconds: not loop time
+            sending = time.perf_counter()
             try:
                 if isinstance(frame, bytes):
                     await self.socket.send_bytes(frame)
@@ -197,6 +198,12 @@ class WsSession:
                     await self.socket.send_text(frame)
             except (RuntimeError, OSError) as exc:  # uvicorn's to a send after the close
                 raise WebSocketDisconnect(detail=str(exc)) from exc
+        if asyncio.current_task() is self._receiver:
+            # Waiting behind another frame, or for the buffer to drain, is off the loop; the
+            # send is the socket's loop time where the protocol says when it may wait (it then
+            # does not), else all of it is taken for waiting.
+            off = (sending if self._meter is not None else time.perf_counter()) - start
+            self._waited += off
         return True
 
     def _waited_for(self, seconds: float) -> None:
@@ -274,7 +281,7 @@ class WsSession:
         it waited for off the loop), its replies, and (under uvicorn, which meters them: see
         ReadMeter) the parsing of its bytes and a receive that did not have to wait."""
         self._receiver = asyncio.current_task()
-        meter: ReadMeter | None = self.socket.scope.get("extensions", {}).get(READ_METER)
+        meter = self._meter
         parsed = 0.0  # the meter's parse time charged so far
         while True:
             start, queued = time.perf_counter(), meter is not None and meter.queued

@@ -76,7 +76,7 @@ def check_engine(settings: Settings) -> None:
     from cosyvoice.devices import resolve_device
 
     if not Path(settings.model).is_dir():
-        raise SettingsError(f"--model {settings.model}: no such folder")
+        raise SettingsError(f"--model {settings.model}: not a folder (a model dir is one)")
     try:
         detect_family(settings.model)
     except ConfigError as exc:
