@@ -18,6 +18,8 @@ import msgspec
 __all__ = [
     "ENDING_ERRORS",
     "ERROR_CODES",
+    "MAX_SAMPLE_RATE",
+    "MIN_SAMPLE_RATE",
     "AppendText",
     "Cancel",
     "Cancelled",
@@ -68,7 +70,8 @@ Instructions = Annotated[
     ),
 ]
 ContextId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-SampleRate = Annotated[int, msgspec.Meta(ge=8000, le=48000)]
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000  # what a request may ask to be resampled to
+SampleRate = Annotated[int, msgspec.Meta(ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)]
 
 
 # ---- client -> server -------------------------------------------------------------------
