@@ -33,6 +33,7 @@ from cosyvoice.devices import h2d
 
 BLOCK = 8  # positions per block (host bookkeeping only: gathers index single positions)
 RESOLUTIONS = ("tokens", "frames")  # the encoder's token layers; its frame layers + estimator
+CPU_ROOM = 4  # a CPU pool tensor's positions per position its free list has (see kv_buffer)
 ZERO_SLOT, SCRATCH_SLOT = 0, 1  # tails read by fresh requests (kept zero) / written by the rest
 
 
@@ -56,14 +57,16 @@ def _retire(tensors) -> None:
 
 
 class _Free:
-    """A free list of ids from ``first`` up that grows by half when it runs out."""
+    """A free list of ids from ``first`` up that grows by half when it runs out. ``high``: one
+    past the highest id ever taken (ids below ``first`` count as taken): the lowest come out
+    first, so ids from ``high`` up were never used."""
 
     def __init__(self, first: int, size: int):
         self.first, self.initial = first, size
         self.reset()
 
     def reset(self) -> None:
-        self.size = self.initial
+        self.size, self.high = self.initial, self.first
         self.free = list(range(self.size - 1, self.first - 1, -1))  # pop() gives the lowest
 
     @property
@@ -78,7 +81,9 @@ class _Free:
             new = new if exact else max(new, 3 * self.size // 2)
             self.free = list(range(new - 1, self.size - 1, -1)) + self.free
             self.size = new
-        return [self.free.pop() for _ in range(n)]
+        ids = [self.free.pop() for _ in range(n)]
+        self.high = max([self.high, *(i + 1 for i in ids)])
+        return ids
 
     def give(self, ids: list[int]) -> None:
         self.free.extend(reversed(ids))  # the lowest ids come out first again
@@ -267,16 +272,27 @@ class FlowPool:
             cache.length, cache.tokens = dict(saved.length), saved.tokens
 
     def kv_buffer(self, key: Hashable, res: str, k: torch.Tensor, rows: int) -> torch.Tensor:
-        """Layer ``key``'s (2, rows, positions, H, dh) tensor, grown to the free list's size."""
+        """Layer ``key``'s (2, rows, positions, H, dh) tensor, grown to the free list's size.
+
+        Made empty: a position is read only after it is written, except block 0's (padding's
+        reads and writes), zeroed here - masked out, it is still multiplied by 0. In the CPU's
+        memory, where a page costs nothing until it is first written, a tensor is made
+        ``CPU_ROOM`` times the size it needs, so that the list's growth seldom copies: a full
+        CosyVoice2's position is 4.6 MB, and zeroing and copying a whole pool at every growth
+        by half took a quarter of eight streams' time. A copy takes the used positions only."""
         self.kv_res[key] = res
         n = self.blocks[res].size * BLOCK
         t = self.kv.get(key)
         if t is None or t.shape[2] < n or t.device != k.device:
-            grown = k.new_zeros(2, rows, n, k.shape[1], k.shape[-1])
+            room = n if k.is_cuda else CPU_ROOM * n
+            grown = k.new_empty(2, rows, room, k.shape[1], k.shape[-1])
             if t is None:
                 self.position_bytes[res] += grown[:, :, 0].numel() * grown.element_size()
-            elif t.device == k.device:
-                grown[:, :, : t.shape[2]] = t
+            if t is None or t.device != k.device:
+                grown[:, :, :BLOCK].zero_()
+            else:
+                used = min(t.shape[2], self.blocks[res].high * BLOCK)
+                grown[:, :, :used] = t[:, :, :used]
                 _retire([t])
             self.kv[key] = t = grown
         return t

@@ -11,7 +11,7 @@ from _fixtures import FAMILIES, ONE_THREAD, CountOps, drive_ragged, family_param
 from conftest import assert_close
 
 from cosyvoice.flow import FlowCache, FlowInput, load_flow
-from cosyvoice.flow.cache import BLOCK
+from cosyvoice.flow.cache import BLOCK, CPU_ROOM
 from cosyvoice.hift import load_hift
 from cosyvoice.token2wav import make_token2wav
 
@@ -120,6 +120,27 @@ def test_batched_ragged_requests_over_caches(parts):
     got, n_batched = drive_ragged(t2w, states, toks, [9, 13, 4])
     assert n_batched > 0
     for i in range(3):
+        assert_close(torch.cat(got[i]), alone[i], WAVE_TOL, what=f"request {i}")
+
+
+def test_the_pool_reads_no_position_it_did_not_write(parts, monkeypatch):
+    """The pool's tensors are made empty (and on the CPU larger than needed): made full of NaN
+    instead, ragged streams still give what each gives alone. No key that is masked out or not
+    yet written is ever multiplied in, and a growth keeps every position in use."""
+    flow, hift, spk = parts
+    flow.pool.drop()  # its tensors are made again, under the patch
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda x, *size, **kw: x.new_full(size, float("nan"), **kw)
+    )
+    t2w, scratch = make_token2wav(flow, hift), make_token2wav(flow, hift, flow_cache_mb=0)
+    toks = _tokens(200, 8, flow.cfg.vocab_size)
+    speakers = [_speakers(spk)[0]] * 4
+    alone = [torch.cat(_stream(scratch, s, toks, seed=i)[0]) for i, s in enumerate(speakers)]
+    states = [t2w.new_state(*s, seed=i) for i, s in enumerate(speakers)]
+    got, _ = drive_ragged(t2w, states, toks, [9, 13, 4, 30])
+    frames = flow.pool.blocks["frames"]
+    assert frames.size > CPU_ROOM * frames.initial  # its tensors grew past their first room
+    for i in range(len(states)):
         assert_close(torch.cat(got[i]), alone[i], WAVE_TOL, what=f"request {i}")
 
 
