@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import logging.config
+import os
 import re
 import secrets
 import time
@@ -75,10 +76,14 @@ class _Flood(logging.Filter):
         super().__init__()
         self._second, self._lines, self._left_out = 0, 0, 0
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def counts(self, record: logging.LogRecord) -> bool:
+        """Whether the line is one of those bounded (else it is always written)."""
         args = record.args  # an access line: (client, method, path, version, status)
         access = isinstance(args, tuple) and len(args) == 5 and isinstance(args[4], int)
-        if access and args[4] < 400:
+        return not (access and args[4] < 400)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.counts(record):
             return True
         second = int(record.created)
         if second != self._second:
@@ -90,6 +95,19 @@ class _Flood(logging.Filter):
             return True
         self._left_out += 1
         return False
+
+
+class _ProtocolFlood(_Flood):
+    """uvicorn's own lines about what one connection sent (a request it cannot parse, an
+    upgrade it does not support, a WebSocket handshake's answer) come from its protocol
+    modules, below ERROR: a client sending garbage on new connections wrote 2,100 a second.
+    The application's errors on that logger are all written."""
+
+    def counts(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and _PROTOCOLS in record.pathname
+
+
+_PROTOCOLS = os.path.join("uvicorn", "protocols", "")
 
 
 class JsonFormatter(logging.Formatter):
@@ -126,6 +144,7 @@ def log_config(level: str, fmt: str) -> dict:
             "query": {"()": _QueryNamesOnly},
             "flood_access": {"()": _Flood},
             "flood_connection": {"()": _Flood},
+            "flood_protocol": {"()": _ProtocolFlood},
         },
         "formatters": {"main": formatter},
         "handlers": {"main": handler},
@@ -133,7 +152,7 @@ def log_config(level: str, fmt: str) -> dict:
         "loggers": {
             "uvicorn": quiet,
             "uvicorn.access": {**quiet, "filters": ["flood_access", "query"]},
-            "uvicorn.error": {**quiet, "filters": ["cut"]},
+            "uvicorn.error": {**quiet, "filters": ["cut", "flood_protocol"]},
             "rtserver.connection": {"filters": ["flood_connection"]},
         },
     }

@@ -35,6 +35,10 @@ log = logging.getLogger("rtserver.scheduler")
 
 TRIM_EVERY_S = 30.0  # under constant load, hand freed memory back at least this often
 TRIM_GAP_S = 1.0  # and at most this often, when jobs end or the scheduler goes idle
+# While streams wait for a slot, a client this far behind real time (or read_timeout_s, if
+# less), its audio kept waiting as long, gives its slot up: stalled readers from two
+# addresses held every slot for the whole read timeout (others' first audio came 40 s late).
+CONTENDED_READ_S = 5.0
 
 
 _CLIENTS_REMEMBERED = 4096  # client addresses whose last admission the scheduler keeps
@@ -227,10 +231,11 @@ class Scheduler:
         `read_timeout_s` after both its last read and the time a listener playing in real
         time would have played all it read. (One reading at playback speed leaves whole
         seconds of audio in the socket's buffers, so it reads nothing new while they play.)
-        While streams wait for a slot, a client that reads, but so slowly that it is
-        `read_timeout_s` behind real time and has kept its audio waiting that long in all,
-        gives its slot up too: a few KB every 20 s held a slot for hours. (A client behind
-        only because synthesis is slower than real time takes each chunk as it comes.)"""
+        While streams wait for a slot, a client that far behind real time (CONTENDED_READ_S,
+        if less), having kept its audio waiting that long in all, gives its slot up sooner:
+        it reads nothing or so slowly (a few KB every 20 s held a slot for hours) that
+        another stream would use the slot better. (A client behind only because synthesis
+        is slower than real time takes each chunk as it comes.)"""
         now = time.monotonic()
         with self._lock:
             contended, running = self.contended, list(self._running)
@@ -241,11 +246,12 @@ class Scheduler:
     def _stalled(self, job: Job, now: float, contended: bool) -> str | None:
         """Why the job's client no longer keeps its slot, if it does not."""
         unread, behind = job.channel.stalled_for(now), self._behind(job, now)
-        if unread == 0 or behind <= self.read_timeout_s:
+        if unread == 0:
             return None
-        if unread > self.read_timeout_s:
+        if unread > self.read_timeout_s and behind > self.read_timeout_s:
             return f"the client read no audio for {unread:.0f} s"
-        if contended and job.channel.blocked_for(now) > self.read_timeout_s:
+        patience = min(self.read_timeout_s, CONTENDED_READ_S)
+        if contended and behind > patience and job.channel.blocked_for(now) > patience:
             return f"the client read its audio {behind:.0f} s behind real time while others waited"
         return None
 

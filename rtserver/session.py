@@ -166,6 +166,10 @@ class Session:
         self._voiced: tuple[int, int] | None = None  # the segment's first/last loud sample
         self._segments_done = 0
         self._cut: Failed | None = None
+        # Set by the transport: why the server cut the client's connection off, if it did (a
+        # client that read nothing): then the stream ends as that limit (counted as
+        # dropped), not as a client that left, however the cancel comes.
+        self.cut_by: Callable[[], Failed | None] = lambda: None
 
     # ---- text in ---------------------------------------------------------------------------
 
@@ -251,7 +255,7 @@ class Session:
         return self._segments_done == len(self.texts) and not self.pending_text
 
     def cancel(self, why: Failed | None = None) -> None:
-        self.job.cancel(why)
+        self.job.cancel(why or self.cut_by())
         self._wake()
 
     def cut(self, why: Failed) -> None:

@@ -448,9 +448,17 @@ def test_websockets_count_against_the_per_address_cap(guarded):
     assert eventually(lambda: health_status(guarded, STRANGER), lambda c: c == 200) == 200
 
 
+def _busy(srv: ServerProcess) -> socket.socket:
+    """A connection whose request is under way: its body is still to come."""
+    s = dial(srv)
+    s.sendall(b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{")  # fmt: skip
+    return s
+
+
 def test_connections_beyond_the_server_limit_get_503(guarded):
     time.sleep(0.5)  # earlier tests' sockets are closed
-    held = [dial(guarded) for _ in range(12)]
+    held = [_busy(guarded) for _ in range(12)]
     try:
         reply = answer(dial(guarded))
         assert status_of(reply) == 503, reply[:200]
@@ -463,6 +471,28 @@ def test_connections_beyond_the_server_limit_get_503(guarded):
             s.close()
     # The held ones give their places back once the server has seen them close.
     assert eventually(lambda: health_status(guarded), lambda c: c == 200) == 200
+
+
+def test_at_the_limit_a_new_connection_closes_the_one_idle_longest(guarded):
+    """Idle connections (nothing sent yet, or kept alive between requests) from many
+    addresses, each under its own cap, kept every other client out until the request
+    deadline closed them. At the limit a new connection closes the one idle longest; one
+    whose request is under way is never cut for it."""
+    time.sleep(0.5)  # earlier tests' sockets are closed
+    busy = _busy(guarded)
+    idle = [dial(guarded) for _ in range(11)]
+    try:
+        time.sleep(0.2)  # (accepted in order)
+        assert health_status(guarded) == 200  # in place of the first idle one
+        assert answer(idle[0]) == b""  # closed without a word
+        idle[1].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            idle[1].recv(1)  # the others are still open
+        busy.sendall(b"x" * 99)  # the request under way was not cut: it is answered
+        assert status_of(answer(busy)) in (400, 422), "the busy connection was cut"
+    finally:
+        for s in (busy, *idle):
+            s.close()
 
 
 def test_long_streams_and_sockets_outlive_the_request_deadline(guarded):

@@ -246,6 +246,32 @@ def test_a_second_signal_exits_at_once_and_cleanly(make_server):
     assert "Traceback" not in log, log
 
 
+def test_a_flood_of_garbage_connections_is_logged_at_a_bounded_rate(make_server):
+    """uvicorn writes a warning for every request it cannot parse: one client sending garbage
+    on new connections wrote 2,100 lines a second. Those lines are bounded like refusals, and
+    the count of those left out is said in a later second's line."""
+    from rtserver.logs import FLOOD_LINES_S
+
+    srv = make_server()
+    t0 = time.monotonic()
+    for _ in range(10 * FLOOD_LINES_S):
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(b"\x00GARBAGE\r\n\r\n")
+            s.recv(300)
+    seconds = time.monotonic() - t0
+    time.sleep(1.1)  # a line in a later second says how many were left out
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"\x00GARBAGE\r\n\r\n")
+        s.recv(300)
+    lines = eventually(
+        lambda: [ln for ln in srv.log_path.read_text().splitlines() if "Invalid HTTP" in ln],
+        lambda lines: "lines like this left out]" in "\n".join(lines),
+    )
+    assert "lines like this left out]" in "\n".join(lines), lines[-3:]
+    assert len(lines) <= FLOOD_LINES_S * (seconds + 3), (len(lines), seconds)
+    assert httpx.get(f"{srv.base_url}/healthz").status_code == 200
+
+
 def test_a_flood_of_refusals_is_logged_at_a_bounded_rate():
     """One access line per refused request: an attacker's 1,500 refusals a second wrote
     0.7 GB of log an hour. The loggers that write a line per request or connection keep at

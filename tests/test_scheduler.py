@@ -11,7 +11,7 @@ import pytest
 
 from rtserver.channel import Channel
 from rtserver.engine import Cancelled, Chunk, Done, Failed, Job, Speaker
-from rtserver.scheduler import Busy, Scheduler
+from rtserver.scheduler import CONTENDED_READ_S, Busy, Scheduler
 
 SPEAKER = Speaker("tone", "xx", 1000, "test")
 
@@ -252,6 +252,32 @@ def test_a_slow_reader_gives_its_slot_up_only_while_others_wait():
     assert alone == 0
     assert isinstance(last, Failed) and last.code == "read_timeout" and "behind" in last.message
     assert isinstance(other, Done)
+
+
+def test_a_stalled_reader_gives_its_slot_up_within_seconds_while_others_wait():
+    """A client that reads its first audio, then nothing: alone it keeps its slot for the read
+    timeout, but once a stream waits for the slot it gives it up CONTENDED_READ_S behind real
+    time. Stalled readers from two addresses held every slot for the whole read timeout."""
+
+    async def go():
+        sched = Scheduler(ToneEngine(samples=250), max_streams=1, read_timeout_s=60.0)
+        sched.start()
+        try:
+            stalled = make_job(sched, ["x"] * 400, client="stalled")  # 100 s of audio
+            await stalled.channel.get()  # 0.25 s of it, then nothing
+            await asyncio.sleep(CONTENDED_READ_S + 1)
+            alone = sched.counters.dropped
+            t0 = time.monotonic()
+            waiting = make_job(sched, ["y"], client="other")
+            other = (await drain(waiting))[-1]
+            return alone, time.monotonic() - t0, other, (await drain(stalled))[-1]
+        finally:
+            sched.stop()
+
+    alone, waited, other, last = run(go())
+    assert alone == 0
+    assert isinstance(other, Done) and waited < 5.0, (other, waited)  # the timeout is 60 s
+    assert isinstance(last, Failed) and last.code == "read_timeout" and "others" in last.message
 
 
 def test_a_stream_behind_only_because_synthesis_is_slow_keeps_its_slot():

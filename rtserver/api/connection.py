@@ -39,6 +39,7 @@ import socket
 import struct
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -52,6 +53,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 from rtserver.api.errors import refusal
+from rtserver.engine import Failed
 from rtserver.metrics import ANSWERED
 from rtserver.session import ClientQuota, TooManyForClient
 
@@ -76,6 +78,16 @@ FRAME_BURST = 200
 GONE = "rtserver.gone"
 # How often a connection whose body reading is paused is looked at for a peer that left.
 PEER_CHECK_S = 0.5
+# A scope key: why the write watch aborted the connection of the request (or WebSocket) it
+# carried. Its stream then ends as the limit it ran into (counted as dropped, like the
+# scheduler's read timeout), not as a client that left.
+STALLED = "rtserver.stalled"
+
+
+def stall_of(scope: dict) -> Failed | None:
+    """The end of a stream whose connection the write watch aborted, if it did."""
+    why = scope.get(STALLED)
+    return None if why is None else Failed(why, code="read_timeout")
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -110,6 +122,9 @@ class ConnectionLimits:
     max_header_bytes: int = 32 * 1024  # nginx's largest default header buffers total 32 KiB
     trusted: Callable[[str], bool] = lambda host: False
     per_client: ClientQuota = field(init=False)  # open HTTP connections by address
+    # HTTP connections with no request under way, the longest idle first: at the limit a new
+    # connection closes the first (GuardedHttp._evict)
+    idle: OrderedDict[asyncio.Protocol, None] = field(init=False, default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.per_client = ClientQuota("connections", self.max_client_connections)
@@ -232,13 +247,20 @@ class _WriteWatch:
             self._unmoved_since is not None
             and now - self._unmoved_since >= self.limits.write_timeout_s
         ):
+            why = f"the client took none of what was written for {self.limits.write_timeout_s:g} s"
             peer = t.get_extra_info("peername")
-            log.warning("%s: took none of what was written for %g s; connection aborted",
-                        peer[0] if peer else "?", self.limits.write_timeout_s)  # fmt: skip
+            log.warning("%s: %s; connection aborted", peer[0] if peer else "?", why)
+            for scope in self._carried():
+                scope[STALLED] = why
             self._watch = None
             _abort(t)
         else:
             self._rewatch()
+
+    def _carried(self) -> list[dict]:
+        """The scopes of the streams on this connection (the WebSocket's own, once it has one)."""
+        scope = getattr(self, "scope", None)
+        return [scope] if scope is not None else []
 
 
 READ_METER = "rtserver.read_meter"  # the scope extension that holds a socket's ReadMeter
@@ -382,15 +404,45 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         _sockopt(transport, socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self._answering: RequestResponseCycle | None = None
         self._host = self.client[0] if self.client else None
-        if self.limits.max_connections and len(self.connections) > self.limits.max_connections:
+        full = self.limits.max_connections and len(self.connections) > self.limits.max_connections
+        if full and not self._evict():
             self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry")
         elif (release := self.limits.admit(self._host)) is None:
             self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from you")
         else:
             self._release = release
             self._arm_deadline()
+            self._idle()
+
+    def _idle(self) -> None:
+        """No request of this connection is under way now: it may be closed for a new one."""
+        self.limits.idle[self] = None
+
+    def _busy(self) -> None:
+        self.limits.idle.pop(self, None)
+
+    def _evict(self) -> bool:
+        """At the server's limit, close the connection idle longest (kept alive between
+        requests, or one that sent nothing or only part of a head yet) for this one: else
+        idle connections from many addresses, each under its own cap, kept every other
+        client out (503) until the request deadline closed them, again and again. Whether
+        there was one: requests under way are never cut for a new connection."""
+        while self.limits.idle:
+            oldest, _ = self.limits.idle.popitem(last=False)
+            if oldest is not self and not oldest.transport.is_closing():
+                log.info("%s: idle connection closed for a new one at the limit", oldest._host)
+                oldest._let_go()
+                oldest.transport.close()
+                return True
+        return False
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._idle()  # (a pipelined request's task has started instead)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._busy()
         self._let_go()
         # uvicorn tells only the newest request; the one being answered and those queued
         # behind it must also stop writing to the closed socket.
@@ -402,10 +454,15 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
                     gone.set()
         super().connection_lost(exc)
 
+    def _carried(self) -> list[dict]:
+        cycles = (self._answering, *(c for c, _ in self.pipeline))
+        return [c.scope for c in cycles if c is not None and not c.response_complete]
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
         if cycle.scope["http_version"] == "1.0":
             cycle.__class__ = _UntilClose  # (uvicorn makes the cycle; its class is fixed)
         self._answering = cycle
+        self._busy()
         cycle.scope[GONE] = asyncio.Event()
         super()._start_asgi_task(cycle, app)
 
@@ -419,6 +476,7 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
             return
         # The WebSocket protocol takes the socket over, with its own watch and this
         # connection's per-client count.
+        self._busy()
         self._cancel_deadline()
         self._unwatch()
         self._unwatch_peer()
