@@ -509,6 +509,11 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         # the request's headers after on_headers_complete, are bounded with the rest.
         super().on_header(name, value)
         self._count_header(name, value, b": \r\n")
+        if name.lower() == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # httptools frames the body by a final `chunked` and ignores the codings before
+            # it (`gzip, chunked`): a proxy in front that reads them otherwise frames the body
+            # differently, and a request smuggled in its tail (RFC 9112 6.1: 501).
+            self._stop(HTTPStatus.NOT_IMPLEMENTED, "only the chunked transfer coding is taken")
 
     def _count_header(self, *parts: bytes) -> None:
         """Add to the block as sent (an empty header line is 4 bytes of it, not 0)."""
