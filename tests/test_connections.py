@@ -589,3 +589,14 @@ def test_a_listener_reading_at_playback_speed_is_not_taken_for_a_stalled_one(mak
         assert srv.healthz()["dropped"] == 0
     assert_speech(decode_pcm(pcm), rate, min_seconds=30)
     srv.assert_idle()
+
+
+def test_an_ipv6_client_is_counted_by_its_64():
+    """Per-client limits count an IPv6 address by its /64 (a subscriber's block: each of its
+    2^64 addresses was a new client with a fresh quota), an IPv4-mapped one as IPv4."""
+    from rtserver.api.connection import client_key
+
+    assert client_key("2001:db8:1:2:3:4:5:6") == client_key("2001:db8:1:2::9")
+    assert client_key("2001:db8:1:2::9") != client_key("2001:db8:1:3::9")
+    assert client_key("::ffff:10.0.0.1") == client_key("10.0.0.1") == "10.0.0.1"
+    assert client_key("10.0.0.2") != client_key("10.0.0.1")

@@ -135,13 +135,28 @@ class ConnectionLimits:
         if host is None or self.trusted(host):
             return _nothing
         try:
-            return self.per_client.acquire(host)
+            return self.per_client.acquire(client_key(host))
         except TooManyForClient:
             return None
 
 
 def _nothing() -> None:
     pass
+
+
+def client_key(host: str) -> str:
+    """What per-client limits count an address as: an IPv6 address by its /64, the block one
+    subscriber is given (each of its 2^64 addresses was a new client, with a fresh quota), an
+    IPv4-mapped one as the IPv4 address; anything else (a name, "unknown") as it is."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return host
 
 
 class _StopParsing(Exception):

@@ -28,7 +28,7 @@ from litestar.params import Body, Parameter
 from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
 
-from rtserver.api.connection import GONE, stall_of
+from rtserver.api.connection import GONE, client_key, stall_of
 from rtserver.api.docs import BINARY, L16, audio_operation, error_docs, form_body
 from rtserver.api.errors import ErrorBody, field_of, invalid
 from rtserver.engine import Speaker
@@ -238,8 +238,8 @@ def _find_abort(exc: BaseException | None) -> StreamAborted | None:
 
 
 def client_of(connection: ASGIConnection) -> str:
-    """The client address that per-client quotas count against."""
-    return connection.client.host if connection.client else "unknown"
+    """The client that per-client quotas count against: its address (an IPv6 one's /64)."""
+    return client_key(connection.client.host) if connection.client else "unknown"
 
 
 def gone_of(request: Request) -> asyncio.Event | None:
