@@ -18,6 +18,7 @@ import torch
 
 from .config import Family, LLMConfig, llm_config, load_model_yaml
 from .devices import can_pack_linears, pack_linears, resolve_device, resolve_dtype, store_in
+from .flow.cache import FlowPool
 from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
@@ -122,8 +123,19 @@ class CosyVoiceModel:
     def held(self) -> dict[str, int]:
         """What live utterances hold: KV blocks of the LLM's pool and blocks and slots of the
         flow's (v2/v3 streams); both 0 once every utterance finished or was cancelled."""
-        pool = getattr(getattr(self.token2wav, "flow", None), "pool", None)
+        pool = self._flow_pool
         return {"kv_blocks": self.llm.held_blocks(), "flow_blocks": pool.held if pool else 0}
+
+    def let_go(self) -> None:
+        """Nothing is synthesizing (the caller knows): the flow's state pool lets its tensors
+        go. Otherwise the last streams' state (GBs after a burst on the CPU) stayed until the
+        next request's first flow call."""
+        if (pool := self._flow_pool) is not None:
+            pool.shrink_if_idle(drop=True)
+
+    @property
+    def _flow_pool(self) -> FlowPool | None:
+        return getattr(getattr(self.token2wav, "flow", None), "pool", None)
 
     # ---- utterances ----------------------------------------------------------------------
 

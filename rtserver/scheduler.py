@@ -217,6 +217,8 @@ class Scheduler:
         idle = not self._running and not self._waiting
         due = (idle or self._ended) and since > TRIM_GAP_S
         if self._dirty and (due or since > TRIM_EVERY_S):
+            if idle and (let_go := getattr(self.engine, "let_go", None)) is not None:
+                let_go()  # the engine's idle state first: its memory is then handed back too
             self._trim(idle)
             self._trimmed_at, self._dirty, self._ended = time.monotonic(), False, False
 

@@ -299,6 +299,38 @@ def test_a_stream_behind_only_because_synthesis_is_slow_keeps_its_slot():
     assert isinstance(first, Done) and isinstance(waiting, Done), (first, waiting)
 
 
+class IdleToneEngine(ToneEngine):
+    """Records, at each let_go(), how many jobs the scheduler was running."""
+
+    def __init__(self, sched_of, **kw) -> None:
+        super().__init__(**kw)
+        self.sched_of, self.let_go_at = sched_of, []
+
+    def let_go(self) -> None:
+        self.let_go_at.append(self.sched_of().snapshot()["active"])
+
+
+def test_the_engine_lets_its_idle_state_go_once_nothing_runs():
+    """After the last job ends, the scheduler tells the engine it is idle (CosyVoice then frees
+    its flow state pool); never while a job runs."""
+
+    async def go():
+        engine = IdleToneEngine(lambda: sched, samples=250)
+        sched = Scheduler(engine)
+        sched.start()
+        try:
+            await drain(make_job(sched, ["x"] * 8))
+            deadline = time.monotonic() + 5
+            while not engine.let_go_at and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return engine.let_go_at
+        finally:
+            sched.stop()
+
+    let_go_at = run(go())
+    assert let_go_at and not any(let_go_at), let_go_at
+
+
 def test_capacity_and_serial_mode():
     async def go():
         engine = ToneEngine()

@@ -162,13 +162,15 @@ class FlowPool:
             self._drain()
             return {res: len(b.free) for res, b in self.blocks.items()}
 
-    def shrink_if_idle(self) -> None:
-        """Back to the first size when no request holds anything (between calls only)."""
+    def shrink_if_idle(self, drop: bool = False) -> None:
+        """Back to the first size when no request holds anything (between calls only);
+        ``drop``: the tensors go even at their first size (nothing is synthesizing)."""
         if self.keep:
             return
         with self.lock:
             lists = (*self.blocks.values(), self.slots)
-            if self.held == 0 and any(b.size > b.initial for b in lists):
+            grown = any(b.size > b.initial for b in lists)
+            if self.held == 0 and (grown or drop and bool(self.kv or self.tails)):
                 self._shrink()
 
     def reserve(self, cache: FlowCache, res: str, end: int) -> None:

@@ -172,6 +172,26 @@ def test_same_seed_same_audio_in_process(model):
     torch.testing.assert_close(one, two)
 
 
+def test_idle_the_flow_state_goes_and_the_next_stream_is_the_same(model):
+    """Once nothing synthesizes, let_go() frees the flow pool's tensors (the last streams'
+    state stayed until the next request's first flow call); streams after it speak as
+    before, and one still streaming keeps its state."""
+    spk, pool = model.speakers.list()[0], model.token2wav.flow.pool
+    one = torch.cat(list(synthesize(model, "Seeded, and idle after.", spk, stream=True, seed=9)))
+    assert pool.kv and pool.held == 0
+    model.let_go()
+    assert not pool.kv and not pool.tails
+    two = torch.cat(list(synthesize(model, "Seeded, and idle after.", spk, stream=True, seed=9)))
+    torch.testing.assert_close(one, two)
+    u = model.start(spk, seed=3, fixed_tokens=200)
+    model.add_text(u, "Still streaming.")
+    while not pool.held:
+        model.step([u])
+    model.let_go()  # (the caller's mistake: something is synthesizing) keeps what is held
+    assert pool.kv
+    model.cancel(u)
+
+
 def test_cancel_and_errors_give_back_kv_blocks(model):
     pool = model.llm.net.kv_pool()
     base = pool.used_blocks
