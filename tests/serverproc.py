@@ -86,8 +86,9 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         new_session: bool = False,  # a process group of its own, as a terminal's command has
         cwd: Path | str = ROOT,  # another checkout's code (benchmarks comparing commits)
+        port: int | None = None,  # a stopped server's, to restart "the same" server
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.log_path = log_path or ROOT / "tests" / "out" / f"server-{self.port}.log"

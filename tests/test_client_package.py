@@ -3,12 +3,15 @@ dependencies, and imports in a fresh environment that has only its own."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import re
 import shutil
 import subprocess
 import zipfile
 
+import httpx
+import pytest
 from serverproc import ROOT
 
 CLIENT = ROOT / "clients" / "python"
@@ -57,3 +60,26 @@ def test_client_wheel_installs_alone(tmp_path):
     proc = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert str(venv) in proc.stdout, proc.stdout
+
+
+def test_client_http_tts_formats_and_errors(server):
+    """`TTSClient.tts` takes fmt "mp3" or "pcm" and refuses any other name (it used to return
+    PCM for, say, "wav"); a refusal says the server's reason (httpx's message has only the
+    status), still as an httpx.HTTPStatusError."""
+    from rtserver_client.client import TTSClient
+
+    async def go() -> tuple[bytes, httpx.HTTPStatusError]:
+        async with TTSClient(server.base_url) as client:
+            with pytest.raises(ValueError, match="'mp3' or 'pcm'"):
+                async for _ in client.tts("Hello there.", "joe", fmt="wav"):
+                    pass
+            mp3 = b"".join([piece async for piece in client.tts("Hello there.", "joe")])
+            with pytest.raises(httpx.HTTPStatusError) as refused:
+                async for _ in client.tts("Hello there.", "nobody", fmt="pcm"):
+                    pass
+            return mp3, refused.value
+
+    mp3, refused = asyncio.run(go())
+    assert mp3[:3] == b"ID3" or mp3[0] == 0xFF, mp3[:4]  # an MP3 stream, not PCM
+    assert refused.response.status_code == 400
+    assert "nobody" in str(refused) and "joe" in str(refused), str(refused)  # the reason

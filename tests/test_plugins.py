@@ -5,12 +5,17 @@ server, and word timings (when the server sends `words` events) arrive in order.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 import numpy as np
 import pytest
 from audio_check import assert_speech, decode_pcm
+from serverproc import ServerProcess, eventually
 
 from rtserver.client import TTSClient
 
@@ -77,10 +82,98 @@ async def pipecat_frames(base_url: str, frames: list, **kwargs: object) -> tuple
     from pipecat.tests.utils import run_test
     from rtserver_client.pipecat import RTServerTTSService
 
-    tts = RTServerTTSService(base_url=base_url, voice="joe", **kwargs)
+    tts = RTServerTTSService(**{"base_url": base_url, "voice": "joe", **kwargs})
     params = PipelineParams(audio_out_sample_rate=RATE)
     down, up = await run_test(tts, frames_to_send=frames, pipeline_params=params)
     return list(down), list(up)
+
+
+Step = Callable[[list], Awaitable[None]]
+
+
+async def pipecat_script(base_url: str, steps: list, **kwargs: object) -> tuple[list, list]:
+    """As pipecat_frames, but a step may also be a coroutine function, called with the frames
+    pushed downstream so far and awaited before the next step: to wait for a turn to end, or
+    restart the server between turns (run_test only sleeps between frames)."""
+    from pipecat.frames.frames import EndFrame, StartFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+    from pipecat.workers.runner import WorkerRunner
+    from rtserver_client.pipecat import RTServerTTSService
+
+    class Keep(FrameProcessor):
+        """Keeps the frames going one way in a list the steps can look at as they come."""
+
+        def __init__(self, direction: FrameDirection) -> None:
+            super().__init__(enable_direct_mode=True)
+            self.direction, self.frames = direction, []
+
+        async def process_frame(self, frame, direction) -> None:
+            await super().process_frame(frame, direction)
+            if direction == self.direction and not isinstance(frame, StartFrame | EndFrame):
+                self.frames.append(frame)
+            await self.push_frame(frame, direction)
+
+    up, down = Keep(FrameDirection.UPSTREAM), Keep(FrameDirection.DOWNSTREAM)
+    tts = RTServerTTSService(base_url=base_url, voice="joe", **kwargs)
+    params = PipelineParams(audio_out_sample_rate=RATE)
+    worker = PipelineWorker(Pipeline([up, tts, down]), cancel_on_idle_timeout=False, params=params)
+    started = asyncio.Event()
+
+    @worker.event_handler("on_pipeline_started")
+    async def on_started(worker, frame) -> None:
+        started.set()
+
+    async def drive() -> None:
+        try:
+            await asyncio.wait_for(started.wait(), timeout=30)
+            for step in steps:
+                await (step(down.frames) if callable(step) else worker.queue_frame(step))
+        finally:
+            await worker.queue_frame(EndFrame())  # a failed step ends the pipeline too
+
+    runner = WorkerRunner()
+    await runner.add_workers(worker)
+    await asyncio.gather(runner.run(), drive())
+    return down.frames, up.frames
+
+
+def turns_ended(n: int) -> Step:
+    """A step: wait until n turns have ended (n TTSStoppedFrames)."""
+    from pipecat.frames.frames import TTSStoppedFrame
+
+    async def wait(frames: list) -> None:
+        async with asyncio.timeout(60):
+            while sum(isinstance(f, TTSStoppedFrame) for f in frames) < n:
+                await asyncio.sleep(0.05)
+
+    return wait
+
+
+def restart_on_same_port(make_server, old: ServerProcess) -> ServerProcess:
+    """A new server where the stopped one was (as a restarted server or a replaced pod),
+    once /readyz says it takes work."""
+    log = old.log_path.with_suffix(".restarted.log")
+    new = make_server("--no-warmup", port=old.port, log_path=log)
+
+    def ready() -> int:
+        try:
+            return httpx.get(f"{new.base_url}/readyz", timeout=5).status_code
+        except httpx.HTTPError:
+            return 0
+
+    assert eventually(ready, lambda status: status == 200, timeout=60) == 200
+    return new
+
+
+def turn(down: list, n: int) -> list:
+    """The frames of the n-th turn (from 1): its TTSStartedFrame to its TTSStoppedFrame."""
+    from pipecat.frames.frames import TTSStartedFrame, TTSStoppedFrame
+
+    starts = [i for i, f in enumerate(down) if isinstance(f, TTSStartedFrame)]
+    stops = [i for i, f in enumerate(down) if isinstance(f, TTSStoppedFrame)]
+    return down[starts[n - 1] : stops[n - 1] + 1]
 
 
 async def pipecat_run(base_url: str, frames: list, **kwargs: object) -> list:
@@ -222,6 +315,87 @@ def test_pipecat_turn_outlives_a_context_timeout(make_server, mode):
     pcm = decode_pcm(b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame)))
     assert_speech(pcm, RATE, min_seconds=3.5)
     assert srv.assert_idle()["dropped"] >= 1  # the pause did end a server context
+
+
+def test_pipecat_refused_turn_is_reported_once(server):
+    """A turn the server refuses (an unknown voice): one ErrorFrame, one TTSStoppedFrame, and
+    none of its text reaches the context as if spoken. It used to push a second error per
+    sentence (each sentence started the refused context again) and Pipecat's "completed with
+    no audio" too, then the turn's text as spoken (Pipecat's end-of-context completion)."""
+    from pipecat.frames.frames import (
+        ErrorFrame,
+        TTSAudioRawFrame,
+        TTSStartedFrame,
+        TTSStoppedFrame,
+        TTSTextFrame,
+    )
+
+    down, up = run(pipecat_frames(server.base_url, llm_reply(TURN), voice="nobody"))
+    errors = [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "unknown_speaker" in errors[0].error, errors
+    kinds = [type(f) for f in down]
+    assert kinds.count(TTSStartedFrame) == 1 and kinds.count(TTSStoppedFrame) == 1, kinds
+    assert TTSAudioRawFrame not in kinds
+    assert not [f.text for f in down if isinstance(f, TTSTextFrame)], "unspoken text pushed"
+    server.assert_idle()
+
+
+def test_pipecat_speaks_after_the_server_restarts(make_server):
+    """The server restarts between two turns (on the same port): the next turn opens a new
+    socket and is spoken, without an error. The service used to reconnect in the background
+    (and give up for good after three tries 4-10 s apart), and its next try replaced the
+    socket the next turn had just started on: that turn was lost."""
+    from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSSpeakFrame
+
+    srv = make_server("--no-warmup")
+
+    async def restart(_: list) -> None:
+        await asyncio.to_thread(srv.stop)
+        await asyncio.to_thread(restart_on_same_port, make_server, srv)
+
+    steps = [TTSSpeakFrame(TURN), turns_ended(1), restart, TTSSpeakFrame(TURN), turns_ended(2)]
+    down, up = run(pipecat_script(srv.base_url, steps))
+    assert not [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    audio = b"".join(f.audio for f in turn(down, 2) if isinstance(f, TTSAudioRawFrame))
+    assert_speech(decode_pcm(audio), RATE, min_seconds=2.5)
+
+
+def test_pipecat_turn_while_the_server_is_down(make_server):
+    """A turn while the server is down gets one ErrorFrame, not fatal, and one
+    TTSStoppedFrame, and its text is not pushed as spoken; the turn after the server is back
+    is spoken. It used to get three errors and its text pushed as spoken, and a few turns in
+    a row without audio (a server loading for a minute) made the service give up for good."""
+    from pipecat.frames.frames import (
+        ErrorFrame,
+        TTSAudioRawFrame,
+        TTSSpeakFrame,
+        TTSStartedFrame,
+        TTSTextFrame,
+    )
+
+    srv = make_server("--no-warmup")
+    unspoken = "Nobody hears this sentence."
+
+    async def stop(_: list) -> None:
+        await asyncio.to_thread(srv.stop)
+
+    async def start(_: list) -> None:
+        await asyncio.to_thread(restart_on_same_port, make_server, srv)
+
+    # Three turns while it is down: as many as Pipecat lets end without audio before it
+    # gives up on a service.
+    down_turns = [step for n in (2, 3, 4) for step in (TTSSpeakFrame(unspoken), turns_ended(n))]
+    steps = [TTSSpeakFrame(TURN), turns_ended(1), stop, *down_turns, start]
+    down, up = run(pipecat_script(srv.base_url, [*steps, TTSSpeakFrame(TURN), turns_ended(5)]))
+    errors = [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    assert len(errors) == 3 and not any(f.fatal for f in errors), errors
+    assert sum(isinstance(f, TTSStartedFrame) for f in down) == 5
+    for n in (2, 3, 4):
+        assert not [f for f in turn(down, n) if isinstance(f, TTSAudioRawFrame | TTSTextFrame)]
+    text = " ".join(f.text for f in down if isinstance(f, TTSTextFrame))
+    assert words_of(text) == words_of(TURN) * 2, "text pushed as spoken that was not"
+    audio = b"".join(f.audio for f in turn(down, 5) if isinstance(f, TTSAudioRawFrame))
+    assert_speech(decode_pcm(audio), RATE, min_seconds=2.5)
 
 
 def test_livekit_refused_key_fails_at_once(make_server):
@@ -368,3 +542,133 @@ def test_livekit_word_timings(server, sends_words):
     pcm, timed = livekit_frames(events)
     check_word_times([(str(w), w.start_time) for w in timed], TURN, len(pcm) / RATE)
     assert all(w.end_time >= w.start_time for w in timed)
+
+
+async def drain(events) -> None:
+    async for _ in events:
+        pass
+
+
+def test_livekit_times_out_on_a_stalled_server(make_server):
+    """conn_options.timeout bounds the wait on a server that stopped answering (SIGSTOP: the
+    kernel still accepts connections and takes what is sent): a stream waiting for its next
+    audio, a start on the open socket, a new connection each raise APITimeoutError. The stream
+    used to wait ~50 s for websockets' keepalive and then fail saying the server had closed
+    the socket; the client (keepalive shortened here) now says the connection was lost."""
+    from livekit.agents import APIConnectOptions, APITimeoutError
+    from rtserver_client.client import ServerError
+    from rtserver_client.livekit import TTS
+
+    srv = make_server("--no-warmup")
+    opts = APIConnectOptions(max_retry=0, timeout=4)
+
+    async def times_out(waiting: Awaitable[object]) -> float:
+        began = time.monotonic()
+        with pytest.raises(APITimeoutError):
+            await waiting
+        return time.monotonic() - began
+
+    async def connection_lost(ctx) -> str:
+        with pytest.raises(ServerError) as lost:
+            await ctx.collect()
+        return str(lost.value)
+
+    async def stalled(streaming, warm, cold, client: TTSClient) -> tuple[list, str]:
+        conn = await client.open(ping_interval=1, ping_timeout=1)
+        idle = await conn.start(spk_id="joe")  # open, with nothing to say
+        await warm.synthesize("Hello there.").collect()  # its socket is open
+        stream = streaming.stream(conn_options=opts)
+        stream.push_text(LONG)  # no end of input: the agent's LLM is still talking
+        events = aiter(stream)
+        await anext(events)
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            *waits, said = await asyncio.gather(
+                times_out(drain(events)),
+                times_out(warm.synthesize(TURN, conn_options=opts).collect()),
+                times_out(cold.synthesize(TURN, conn_options=opts).collect()),
+                connection_lost(idle),
+            )
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        await stream.aclose()
+        return waits, said
+
+    async def go() -> tuple[list, str]:
+        plugins = [TTS(base_url=srv.base_url, voice="joe") for _ in range(3)]
+        try:
+            async with TTSClient(srv.base_url) as client:
+                return await stalled(*plugins, client)
+        finally:
+            for each in plugins:
+                await each.aclose()
+
+    waits, said = run(go())
+    assert all(w < 30 for w in waits), waits  # 4 s each here; generous for a loaded machine
+    assert "connection was lost" in said and "server closed" not in said, said
+
+
+def test_livekit_more_concurrent_turns_than_a_socket_takes(make_server):
+    """12 synthesize() at once on one TTS, against a server that takes 8 contexts per socket
+    (its default): the plugin opens a second socket for the rest, so none is refused. They used
+    to go on the one socket, and 4 failed with `too_many_contexts` (not retryable)."""
+    from livekit.agents import APIConnectOptions
+    from rtserver_client.livekit import TTS
+
+    # Per address the server takes 8 streams by default: this test is about the sockets'.
+    srv = make_server("--no-warmup", "--max-client-streams", "16")
+    once = APIConnectOptions(max_retry=0)  # no retry to hide a refusal
+
+    async def go() -> list:
+        tts = TTS(base_url=srv.base_url, voice="joe", sample_rate=RATE)
+        try:
+            texts = [f"Hello there, this is turn {i}." for i in range(12)]
+            return await asyncio.gather(
+                *(tts.synthesize(t, conn_options=once).collect() for t in texts)
+            )
+        finally:
+            await tts.aclose()
+
+    for frame in run(go()):
+        assert_speech(decode_pcm(bytes(frame.data)), RATE, min_seconds=0.5)
+    assert srv.log_path.read_text().count('"WebSocket /ws/tts" [accepted]') == 2
+    srv.assert_idle()
+
+
+def test_livekit_draining_server_refusal_is_retryable(make_server):
+    """A `start` the server refuses with `shutting_down` (it drains: a retry reaches the
+    restarted server, or another replica) fails the attempt as retryable, and the next attempt
+    opens a new socket instead of asking the draining one again. It used to be final."""
+    from livekit.agents import APIConnectOptions, APIError
+    from rtserver_client.livekit import TTS
+
+    srv = make_server("--no-warmup", "--drain-timeout-s", "60")
+    once = APIConnectOptions(max_retry=0)
+
+    def draining() -> bool:
+        return httpx.get(f"{srv.base_url}/readyz", timeout=5).status_code == 503
+
+    async def refused(tts) -> APIError:
+        with pytest.raises(APIError) as e:
+            await tts.synthesize(TURN, conn_options=once).collect()
+        return e.value
+
+    async def go() -> list[APIError]:
+        tts = TTS(base_url=srv.base_url, voice="joe", sample_rate=RATE)
+        try:
+            stream = tts.stream()
+            stream.push_text(LONG)  # an open context: the drain waits for it
+            events = aiter(stream)
+            await anext(events)
+            srv.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(eventually, draining, bool)
+            errors = [await refused(tts), await refused(tts)]
+            await stream.aclose()
+            return errors
+        finally:
+            await tts.aclose()
+
+    errors = run(go())
+    assert all(e.retryable and "shutting_down" in str(e) for e in errors), errors
+    # The second attempt asked on a new socket (the draining server still takes them).
+    assert srv.log_path.read_text().count('"WebSocket /ws/tts" [accepted]') == 2

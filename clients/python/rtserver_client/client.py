@@ -53,6 +53,7 @@ __all__ = [
     "Event",
     "Result",
     "ServerError",
+    "ServerStatusError",
     "TTSClient",
     "auth_headers",
     "ws_url",
@@ -77,6 +78,40 @@ class ServerError(Exception):
     def __init__(self, error: Error) -> None:
         super().__init__(f"{error.code}: {error.message}")
         self.error = error
+
+
+class ServerStatusError(httpx.HTTPStatusError):
+    """An HTTP route refused the request; `detail` is the server's own reason (the JSON
+    body's `detail`, or `error.message` under /v1/), which httpx's message leaves out."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.detail = _detail(response)
+        message = f"HTTP {response.status_code} from {response.request.url.path}: {self.detail}"
+        super().__init__(message, request=response.request, response=response)
+
+
+def _detail(response: httpx.Response) -> str:
+    """The reason an error response gives: rtserver's `{status_code, detail, extra?}`,
+    OpenAI's `{error: {message}}`, or the start of a body that is neither."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        if "detail" in body:
+            extra = body.get("extra")
+            return f"{body['detail']} {extra}" if extra else str(body["detail"])
+    return response.text[:200]
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    """Raise ServerStatusError (an httpx.HTTPStatusError) for any status but a 2xx, as httpx's
+    raise_for_status; the body must have been read."""
+    if not response.is_success:
+        raise ServerStatusError(response)
 
 
 @dataclass
@@ -161,7 +196,11 @@ class Connection:
         self.contexts: dict[str, Context] = {}
         self.streams: dict[int, Context] = {}
         self.errors: asyncio.Queue[Error] = asyncio.Queue()  # errors without a context
+        # The server said it is shutting down (`shutting_down`): its contexts end or finish,
+        # but a new one belongs on a new socket (another replica, or the restarted server).
+        self.draining = False
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False  # aclose() or abort(): the client, not the server, ended it
 
     async def _open(self) -> None:
         first = decode_server_frame(await self.ws.recv())
@@ -177,12 +216,23 @@ class Connection:
             pass
         finally:
             # Every awaitable ends: whatever is still open learns the socket is gone.
-            gone = Error(code="connection_closed", message="the server closed the socket")
+            gone = Error(code="connection_closed", message=self._why_gone())
             for ctx in list(self.contexts.values()):
                 ctx.ending = Error(gone.code, gone.message, ctx.id)
                 ctx.queue.put_nowait(ctx.ending)
             self.contexts.clear()
             self.errors.put_nowait(gone)
+
+    def _why_gone(self) -> str:
+        """Who ended the socket: only a close frame from the server says the server did (a
+        keepalive timeout, a reset, a stalled server are the connection lost)."""
+        if self._closing:
+            return "the client closed the socket"
+        rcvd, sent = self.ws.protocol.close_rcvd, self.ws.protocol.close_sent
+        if rcvd is not None:
+            return f"the server closed the socket ({rcvd})"
+        # e.g. "1011 (internal error) keepalive ping timeout": why websockets gave up on it
+        return f"the connection was lost ({sent})" if sent else "the connection was lost"
 
     def _route(self, frame: str | bytes) -> None:
         msg = decode_server_frame(frame)
@@ -192,6 +242,8 @@ class Connection:
                 ctx.queue.put_nowait(payload)
             return
         context_id = getattr(msg, "context_id", None)
+        if isinstance(msg, Error) and msg.code == "shutting_down":
+            self.draining = True
         ctx = self.contexts.get(context_id or "")
         if ctx is None:
             # Only an error without an id can answer a `start` (the server could not read
@@ -214,14 +266,23 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        """Whether the socket is gone (the reader has ended)."""
-        return self._reader is not None and self._reader.done()
+        """Whether the socket is gone (the reader has ended), or going (closed by the client)."""
+        return self._closing or (self._reader is not None and self._reader.done())
 
     async def aclose(self) -> None:
         """Close the socket; every context still open ends with `connection_closed`."""
+        self._closing = True
         if self._reader:
             self._reader.cancel()
         await self.ws.close()
+
+    def abort(self) -> None:
+        """Drop the socket at once, without the closing handshake a stalled server would
+        never answer; every context still open ends with `connection_closed`."""
+        self._closing = True
+        if self._reader:
+            self._reader.cancel()
+        self.ws.transport.abort()
 
     async def send(self, msg: msgspec.Struct) -> None:
         await self.ws.send(_encode(msg).decode())
@@ -257,10 +318,17 @@ class Connection:
         # context (it could not even parse the start) comes without its id.
         answer = asyncio.ensure_future(ctx.queue.get())
         unowned = asyncio.ensure_future(self.errors.get())
-        await asyncio.wait({answer, unowned}, return_when=asyncio.FIRST_COMPLETED)
-        unowned.cancel()
+        try:
+            await asyncio.wait({answer, unowned}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # Given up on (a caller's timeout): the context is not ours any more, and no
+            # getter may stay behind to take a later error from the next start.
+            self._release(ctx)
+            raise
+        finally:
+            unowned.cancel()
+            answer.cancel()
         first = answer.result() if answer.done() else unowned.result()
-        answer.cancel()
         if isinstance(first, Error):
             self._release(ctx)
             raise ServerError(first)
@@ -298,7 +366,9 @@ class TTSClient:
         try:
             await conn._open()
         except BaseException:
-            await ws.close()
+            # No closing handshake: a server that sent no `ready` (stalled, or a caller's
+            # timeout) would not answer it either.
+            conn.abort()
             raise
         return conn
 
@@ -312,19 +382,22 @@ class TTSClient:
 
     async def speakers(self) -> list[dict[str, object]]:
         r = await self.http.get("/speakers")
-        r.raise_for_status()
+        _raise_for_status(r)
         return r.json()
 
     async def tts(
         self, text: str, spk_id: str, fmt: str = "mp3", stream: bool = False,
         speed: float = 1.0, seed: int = 0,
     ) -> AsyncIterator[bytes]:  # fmt: skip
-        """Stream `POST /tts` (mp3) or `POST /tts/pcm` (pcm). Raises httpx.HTTPStatusError."""
-        path = "/tts" if fmt == "mp3" else "/tts/pcm"
+        """Stream `POST /tts` (``fmt="mp3"``) or `POST /tts/pcm` (``fmt="pcm"``, s16le).
+        Raises ServerStatusError (an httpx.HTTPStatusError carrying the server's reason)."""
+        paths = {"mp3": "/tts", "pcm": "/tts/pcm"}
+        if fmt not in paths:  # any other name used to get PCM without a word
+            raise ValueError(f"fmt must be 'mp3' or 'pcm', not {fmt!r}")
         body = {"tts_text": text, "spk_id": spk_id, "stream": stream, "speed": speed, "seed": seed}
-        async with self.http.stream("POST", path, json=body) as r:
+        async with self.http.stream("POST", paths[fmt], json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                r.raise_for_status()
+                _raise_for_status(r)
             async for piece in r.aiter_raw():
                 yield piece

@@ -5,8 +5,11 @@
 next text goes on in a new context, in the same segment); `flush()` of the input is a `flush`
 (speak what is buffered now) and the end of input a `close`. Closing a stream early
 (barge-in) sends `cancel`, so the server stops synthesizing at once. `synthesize()` is the
-one-shot form. All streams of a TTS share one WebSocket: the protocol multiplexes contexts on
-it. With
+one-shot form. The streams of a TTS share one WebSocket (the protocol multiplexes contexts on
+it), and another once that one has the server's `max_contexts` open. `conn_options.timeout`
+bounds connecting, and how long the server may stay silent while a stream waits on it (it may
+be slow to answer while streams queue for a slot: silence alone is no error; a socket that
+then leaves a ping unanswered too is dropped, with APITimeoutError). With
 `word_timestamps`, the server's `words` events become LiveKit timed transcripts (aligned
 transcripts, where the installed livekit-agents has them).
 
@@ -20,6 +23,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import websockets
 from livekit.agents import (
@@ -28,13 +33,14 @@ from livekit.agents import (
     APIConnectOptions,
     APIError,
     APIStatusError,
+    APITimeoutError,
     tts,
     utils,
 )
 from livekit.agents.types import TimedString
 from websockets.http11 import Response
 
-from rtserver_client.client import Connection, Context, ServerError, TTSClient
+from rtserver_client.client import Connection, Context, Event, ServerError, TTSClient
 from rtserver_client.protocol import Done, Error, Words
 
 __all__ = ["TTS", "ChunkedStream", "SynthesizeStream"]
@@ -43,6 +49,15 @@ logger = logging.getLogger("rtserver_client.livekit")
 
 # Older 1.x releases have no aligned transcripts; there the plugin streams audio only.
 _ALIGNED = "aligned_transcript" in {f.name for f in dataclasses.fields(tts.TTSCapabilities)}
+
+# Refusals a retry can get past: a server at capacity, a socket or address at its limit (the
+# retry finds room, or another socket), a server going away (the retry opens a new socket, to
+# another replica or the restarted server), a socket lost.
+_RETRYABLE = frozenset(
+    {"busy", "too_many_streams", "too_many_contexts", "shutting_down", "connection_closed"}
+)
+
+T = TypeVar("T")
 
 
 class TTS(tts.TTS):
@@ -82,7 +97,10 @@ class TTS(tts.TTS):
         self.instructions = instructions
         self.word_timestamps = aligned
         self._client = TTSClient(base_url, api_key=api_key)
-        self._conn: Connection | None = None
+        self._conns: list[Connection] = []
+        # Context ids a `start` is on its way for, per socket: they count against the
+        # socket's max_contexts before the client has registered them.
+        self._claims: dict[Connection, set[str]] = {}
         self._conn_lock = asyncio.Lock()
         self._prewarm: asyncio.Future[Connection] | None = None
 
@@ -90,38 +108,66 @@ class TTS(tts.TTS):
     def provider(self) -> str:
         return "rtserver"
 
-    async def _connection(self) -> Connection:
-        """The shared socket, opened on first use and again after it dropped."""
-        async with self._conn_lock:
-            if self._conn is None or self._conn.closed:
-                try:
-                    self._conn = await self._client.open()
-                except websockets.InvalidStatus as e:
-                    raise _refused(e.response) from e
-                except (OSError, websockets.InvalidHandshake) as e:
-                    raise APIConnectionError(f"rtserver unreachable: {e}") from e
-            return self._conn
-
-    async def _start(self, text: str = "") -> Context:
-        conn = await self._connection()
+    async def _connection(self, timeout: float, claim: str | None = None) -> Connection:
+        """A socket with room for one more context (claimed for `claim`): the shared one,
+        another when it has the server's max_contexts open or the server is draining it, a
+        new one after it dropped."""
         try:
-            return await conn.start(
-                spk_id=self.voice,
-                format="pcm",
-                sample_rate=self.sample_rate,
-                speed=self.speed,
-                instructions=self.instructions,
-                text=text,
-                timestamps=self.word_timestamps,
-            )
+            async with asyncio.timeout(timeout), self._conn_lock:
+                self._conns = [c for c in self._conns if not c.closed]
+                conn = next((c for c in self._conns if self._has_room(c)), None)
+                if conn is None:
+                    conn = await self._open()
+                if claim:
+                    self._claims.setdefault(conn, set()).add(claim)
+                return conn
+        except TimeoutError as e:  # ours, or websockets' own open_timeout
+            raise APITimeoutError(f"rtserver did not accept a connection in {timeout} s") from e
+
+    def _has_room(self, conn: Connection) -> bool:
+        assert conn.ready is not None
+        held = conn.contexts.keys() | self._claims.get(conn, set())
+        return not conn.draining and len(held) < conn.ready.max_contexts
+
+    async def _open(self) -> Connection:
+        try:
+            conn = await self._client.open()
+        except websockets.InvalidStatus as e:
+            raise _refused(e.response) from e
+        except (OSError, websockets.InvalidHandshake) as e:
+            raise APIConnectionError(f"rtserver unreachable: {e}") from e
+        self._conns.append(conn)
+        return conn
+
+    async def _start(self, timeout: float, text: str = "") -> Context:
+        context_id = f"lk-{utils.shortuuid()}"
+        conn = await self._connection(timeout, claim=context_id)
+        start = conn.start(
+            spk_id=self.voice,
+            format="pcm",
+            context_id=context_id,
+            sample_rate=self.sample_rate,
+            speed=self.speed,
+            instructions=self.instructions,
+            text=text,
+            timestamps=self.word_timestamps,
+        )
+        try:
+            return await _live(conn, start, timeout)
         except ServerError as e:
             # `busy` and friends pass; a bad voice or format does not.
-            retryable = e.error.code in {"busy", "too_many_streams", "connection_closed"}
-            raise APIError(str(e), retryable=retryable) from e
+            raise APIError(str(e), retryable=e.error.code in _RETRYABLE) from e
+        except websockets.ConnectionClosed as e:  # it dropped as the start went out
+            raise APIConnectionError(f"rtserver connection lost: {e}") from e
+        finally:
+            claims = self._claims.get(conn, set())
+            claims.discard(context_id)
+            if not claims:
+                self._claims.pop(conn, None)
 
     def prewarm(self) -> None:
         # Kept: the event loop holds only a weak reference to a task.
-        self._prewarm = asyncio.ensure_future(self._connection())
+        self._prewarm = asyncio.ensure_future(self._connection(DEFAULT_API_CONNECT_OPTIONS.timeout))
 
     def synthesize(
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
@@ -134,9 +180,10 @@ class TTS(tts.TTS):
         return SynthesizeStream(tts=self, conn_options=conn_options)
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            await self._conn.aclose()
-            self._conn = None
+        conns, self._conns = self._conns, []
+        self._claims.clear()
+        for conn in conns:
+            await conn.aclose()
         await self._client.http.aclose()
 
 
@@ -152,17 +199,63 @@ def _refused(response: Response) -> APIStatusError:
     )
 
 
+async def _live(conn: Connection, waiting: Awaitable[T], timeout: float) -> T:
+    """What `waiting` gives, while the socket stays alive. A server may keep a context silent
+    for long (queued for a slot, or waiting for the agent's text), so silence alone is no
+    error; after `timeout` / 2 of it the socket is pinged, and one whose server does not
+    answer within the other half is dropped (its contexts end): APITimeoutError."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=timeout / 2)
+            if not task.done() and not await _answers_ping(conn, timeout / 2):
+                if task.done():
+                    break
+                conn.abort()
+                raise APITimeoutError(f"rtserver did not answer in {timeout} s")
+        return task.result()
+    finally:
+        task.cancel()
+
+
+async def _answers_ping(conn: Connection, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            await (await conn.ws.ping())
+        return True
+    except TimeoutError:
+        return False
+    except websockets.ConnectionClosed:
+        return True  # not stalled but gone: its reader ends what is waited on
+
+
+async def _next_event(ctx: Context, timeout: float) -> Event:
+    if not ctx.queue.empty():  # the common case, audio arriving: no task, no timer
+        return ctx.queue.get_nowait()
+    return await _live(ctx.conn, ctx.queue.get(), timeout)
+
+
+def _unless_gone() -> contextlib.AbstractContextManager[None]:
+    """For a send: a socket that has dropped raises, but the context's reader says so too (it
+    ends the context with `connection_closed`, retryable), and that is what the stream
+    reports."""
+    return contextlib.suppress(websockets.ConnectionClosed)
+
+
 def _lapsed(ctx: Context) -> bool:
     """Whether the server ended the context for having nothing to say (the agent's LLM
     paused longer than its context timeout): the stream goes on in a new context."""
     return isinstance(ctx.ending, Error) and ctx.ending.code == "context_timeout"
 
 
-async def _relay(ctx: Context, emitter: tts.AudioEmitter, words: bool, start_s: float) -> float:
+async def _relay(
+    ctx: Context, emitter: tts.AudioEmitter, words: bool, start_s: float, timeout: float
+) -> float:
     """Pass a context's audio and word timings to the emitter until it ends; its audio starts
     `start_s` into the segment. Returns the seconds of audio passed."""
     audio = 0
-    async for item in ctx.events():  # ends after done, cancelled or an ending error
+    while True:
+        item = await _next_event(ctx, timeout)
         if isinstance(item, bytes):
             emitter.push(item)
             audio += len(item)
@@ -179,8 +272,11 @@ async def _relay(ctx: Context, emitter: tts.AudioEmitter, words: bool, start_s: 
             )
         elif isinstance(item, Error) and not _lapsed(ctx):
             logger.warning("rtserver %s: %s", item.code, item.message)
+        if item is ctx.ending:  # done, cancelled or an ending error: the last event
+            break
     if not isinstance(ctx.ending, Done) and not _lapsed(ctx):
-        raise APIError(f"rtserver ended the context: {ctx.ending!r}", retryable=False)
+        code = ctx.ending.code if isinstance(ctx.ending, Error) else None
+        raise APIError(f"rtserver ended the context: {ctx.ending!r}", retryable=code in _RETRYABLE)
     return audio / (2 * ctx.sample_rate)  # s16le mono
 
 
@@ -199,7 +295,8 @@ class ChunkedStream(tts.ChunkedStream):
         self._rt: TTS = tts
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        ctx = await self._rt._start(text=self.input_text)
+        timeout = self._conn_options.timeout
+        ctx = await self._rt._start(timeout, text=self.input_text)
         output_emitter.initialize(
             request_id=ctx.id,
             sample_rate=self._rt.sample_rate,
@@ -207,8 +304,9 @@ class ChunkedStream(tts.ChunkedStream):
             mime_type="audio/pcm",
         )
         try:
-            await ctx.close()
-            await _relay(ctx, output_emitter, self._rt.word_timestamps, 0.0)
+            with _unless_gone():
+                await ctx.close()
+            await _relay(ctx, output_emitter, self._rt.word_timestamps, 0.0, timeout)
         finally:
             await _cancel_if_open(ctx)
 
@@ -221,7 +319,8 @@ class SynthesizeStream(tts.SynthesizeStream):
         self._rt: TTS = tts
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        ctx = await self._rt._start()
+        timeout = self._conn_options.timeout
+        ctx = await self._rt._start(timeout)
         output_emitter.initialize(
             request_id=utils.shortuuid(),
             sample_rate=self._rt.sample_rate,
@@ -238,25 +337,27 @@ class SynthesizeStream(tts.SynthesizeStream):
         async def send_text() -> None:
             nonlocal ctx
             try:
-                async for data in self._input_ch:
-                    if isinstance(data, self._FlushSentinel):
-                        if ctx.ending is None:
-                            await ctx.flush()
-                        continue
-                    self._mark_started()
-                    if _lapsed(ctx):
-                        ctx = await self._rt._start()
-                        contexts.put_nowait(ctx)
-                    await ctx.send(data)
-                if ctx.ending is None:
-                    await ctx.close()
+                with _unless_gone():
+                    async for data in self._input_ch:
+                        if isinstance(data, self._FlushSentinel):
+                            if ctx.ending is None:
+                                await ctx.flush()
+                            continue
+                        self._mark_started()
+                        if _lapsed(ctx):
+                            ctx = await self._rt._start(timeout)
+                            contexts.put_nowait(ctx)
+                        await ctx.send(data)
+                    if ctx.ending is None:
+                        await ctx.close()
             finally:
                 contexts.put_nowait(None)
 
         async def relay() -> None:
             start_s = 0.0
+            words = self._rt.word_timestamps
             while (each := await contexts.get()) is not None:
-                start_s += await _relay(each, output_emitter, self._rt.word_timestamps, start_s)
+                start_s += await _relay(each, output_emitter, words, start_s, timeout)
                 if not _lapsed(each):
                     return
 

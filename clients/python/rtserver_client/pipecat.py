@@ -12,20 +12,24 @@ server's `words` events become Pipecat word timestamps, so the transcript follow
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
 from loguru import logger
 from pipecat.frames.frames import (
-    ErrorFrame,
+    AggregatedTextProgressFrame,
     Frame,
     StartFrame,
     TTSAudioRawFrame,
     TTSStoppedFrame,
+    TTSTextFrame,
 )
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TextAggregationMode, WebsocketTTSService
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from rtserver_client.client import auth_headers, ws_url
@@ -47,6 +51,7 @@ from rtserver_client.protocol import (
 __all__ = ["RTServerTTSService"]
 
 _encode = msgspec.json.Encoder().encode
+_READY_TIMEOUT_S = 10.0  # the server's `ready` follows the upgrade at once
 
 
 class RTServerTTSService(WebsocketTTSService):
@@ -81,6 +86,8 @@ class RTServerTTSService(WebsocketTTSService):
         **kwargs: Any,
     ) -> None:
         super().__init__(
+            # Reconnecting is on demand (see _ensure_socket), not Pipecat's background loop.
+            reconnect_on_error=False,
             text_aggregation_mode=text_aggregation_mode,
             # Text frames come from the word timestamps (or, when a server sends none, from
             # Pipecat's end-of-context completion), so an interrupted turn only adds what
@@ -96,7 +103,7 @@ class RTServerTTSService(WebsocketTTSService):
         self._speed = speed
         self._instructions = instructions
         self._word_timestamps = word_timestamps
-        self._receive_task = None
+        self._receive_task: asyncio.Task[None] | None = None
         self.ready: Ready | None = None
         # Server contexts opened on this socket (Pipecat context id -> started), and the
         # stream numbers that tag their binary audio frames.
@@ -105,11 +112,22 @@ class RTServerTTSService(WebsocketTTSService):
         # Turns whose server context ended on `context_timeout` while the LLM paused: the
         # turn goes on (no TTSStoppedFrame), and its next text opens a new server context.
         self._lapsed: set[str] = set()
+        # Server contexts sent `close`: their turn's text is complete.
+        self._closing: set[str] = set()
+        # Turns that failed (refused, server down, socket lost) and were reported: the rest
+        # of their text is dropped until their audio context ends.
+        self._failed: set[str] = set()
 
     def can_generate_metrics(self) -> bool:
         return True
 
     # ---- connection -----------------------------------------------------------------
+    # Reconnecting is on demand and has one owner, `_ensure_socket`: a socket's reader
+    # (`_read`) ends the contexts that lived on it when it closes and retries nothing; the next
+    # turn opens a new socket and a new reader. A server that is down then costs that turn one
+    # ErrorFrame, and the turn after tries again: a restart (CosyVoice loads for a minute) never
+    # makes the service give up. (Pipecat's own loop retries in the background a few times and
+    # then gives up for good, and its reconnects raced the sockets turns opened.)
 
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
@@ -118,47 +136,70 @@ class RTServerTTSService(WebsocketTTSService):
 
     async def _connect(self) -> None:
         await super()._connect()
-        await self._connect_websocket()
-        if self._websocket and not self._receive_task:
-            self._receive_task = self.create_task(self._receive_task_handler(self._report_error))
+        try:
+            await self._ensure_socket()
+        except Exception as e:
+            # Said now, not only at the first turn (a refused key makes the service unusable).
+            await self.push_error(error_msg=f"rtserver connection failed: {e}", exception=e)
 
     async def _disconnect(self) -> None:
-        await super()._disconnect()
+        await super()._disconnect()  # sets _disconnecting: the reader reports nothing
+        await self._disconnect_websocket()
         if self._receive_task:
             await self.cancel_task(self._receive_task)
             self._receive_task = None
-        await self._disconnect_websocket()
+
+    async def _ensure_socket(self) -> None:
+        """An open socket with its reader; raises if the server cannot be reached."""
+        if self._websocket and self._websocket.state is State.OPEN:
+            return
+        await self._end_reader()
+        try:
+            await self._connect_websocket()
+        except Exception as e:
+            await self._call_event_handler("on_connection_error", f"{e}")
+            raise
+        assert self._websocket is not None
+        self._receive_task = self.create_task(self._read(self._websocket), name="rtserver-read")
+
+    async def _end_reader(self) -> None:
+        """Let the last socket's reader finish (it ends that socket's contexts) before a new
+        socket has any: its socket is closing, so that is a moment."""
+        task, self._receive_task = self._receive_task, None
+        if task and not task.done():
+            await asyncio.wait({task}, timeout=self._ws_close_timeout + 1)
+            if not task.done():
+                await self.cancel_task(task)
 
     async def _connect_websocket(self) -> None:
+        ws = await self._websocket_connect(
+            self._url, additional_headers=self._headers, compression=None, max_size=None
+        )
         try:
-            if self._websocket and self._websocket.state is State.OPEN:
-                return
-            ws = await self._websocket_connect(
-                self._url, additional_headers=self._headers, compression=None, max_size=None
-            )
             # The server speaks first: `ready` with its speakers and limits.
-            ready = decode_server_frame(await ws.recv())
+            ready = decode_server_frame(await asyncio.wait_for(ws.recv(), _READY_TIMEOUT_S))
             if not isinstance(ready, Ready):
                 raise ConnectionError(f"expected `ready`, got {ready!r}")
-            self.ready = ready
-            self._websocket = ws
-            # Contexts live on a socket: a new socket starts with none.
-            self._opened.clear()
-            self._streams.clear()
-            await self._call_event_handler("on_connected")
-        except Exception as e:
-            self._websocket = None
-            await self.push_error(error_msg=f"rtserver connection failed: {e}", exception=e)
-            await self._call_event_handler("on_connection_error", f"{e}")
+        except BaseException:
+            ws.transport.abort()  # a server that sent no `ready` answers no closing handshake
+            raise
+        self.ready = ready
+        self._websocket = ws
+        # Contexts live on a socket: a new socket starts with none.
+        self._opened.clear()
+        self._streams.clear()
+        self._closing.clear()
+        await self._call_event_handler("on_connected")
 
     async def _disconnect_websocket(self) -> None:
+        ws, self._websocket = self._websocket, None  # first: its reader sees it is not current
         try:
             await self.stop_all_metrics()
-            if self._websocket:
-                await self._websocket.close()
+            if ws:
+                await ws.close()
         finally:
-            self._websocket = None
-            await self._call_event_handler("on_disconnected")
+            if ws:
+                await self._call_event_handler("on_disconnected")
 
     async def _send(self, msg: msgspec.Struct) -> None:
         if not self._websocket:
@@ -169,10 +210,13 @@ class RTServerTTSService(WebsocketTTSService):
 
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
         """Append the text to the turn's server context, opening it on the first call."""
+        if context_id in self._failed:
+            # The turn failed and that was reported: the rest of its text is not spoken.
+            logger.debug(f"{self}: turn {context_id} failed; not speaking [{text}]")
+            return
         try:
-            if not self._websocket or self._websocket.state is not State.OPEN:
-                await self._connect()
             if context_id not in self._opened:
+                await self._ensure_socket()
                 self._lapsed.discard(context_id)
                 self._opened[context_id] = False
                 await self._send(
@@ -193,18 +237,19 @@ class RTServerTTSService(WebsocketTTSService):
             )
             await self.start_tts_usage_metrics(text)
         except Exception as e:
-            self._opened.pop(context_id, None)
-            yield ErrorFrame(error=f"rtserver: {e}")
-            yield TTSStoppedFrame(context_id=context_id)
+            await self._fail(context_id, f"rtserver: {e}", e)
             return
         yield None  # the audio arrives on the receive task
 
     async def flush_audio(self, context_id: str | None = None) -> None:
         """The turn's text is complete: `close` speaks the rest and ends with `done`."""
         context_id = context_id or self.get_active_audio_context_id()
+        if not context_id:
+            return
         if context_id in self._opened and self._websocket:
+            self._closing.add(context_id)
             await self._send(Close(context_id=context_id))
-        elif context_id in self._lapsed:
+        elif context_id in self._lapsed or context_id in self._failed:
             self._lapsed.discard(context_id)
             await self._stop_audio_context(context_id)
 
@@ -212,16 +257,78 @@ class RTServerTTSService(WebsocketTTSService):
         """Barge-in: `cancel` drops the job on the server within one engine step."""
         await self.stop_all_metrics()
         self._lapsed.discard(context_id)
+        self._failed.discard(context_id)
         if context_id in self._opened and self._websocket:
             await self._send(Cancel(context_id=context_id))
         await super().on_audio_context_interrupted(context_id)
 
+    async def _apply_force_complete(self, context_id: str) -> None:
+        """At the end of its audio, Pipecat pushes a context's text that got no word timings
+        as spoken (for providers that drop them). A failed turn's text was not spoken: it
+        must not reach the LLM context as if it had been. (A Pipecat internal: no hook.)"""
+        if context_id not in self._failed:
+            await super()._apply_force_complete(context_id)
+            return
+        frames = self._aggregated_frame_sequencer.force_complete(
+            context_id, self._word_timestamp_tracker.last_pts
+        )
+        unspoken = (TTSTextFrame, AggregatedTextProgressFrame)
+        await self._push_word_frames(
+            [f for f in frames if not (isinstance(f, unspoken) and f.context_id == context_id)]
+        )
+
+    async def _record_context_audio_outcome(self, context_id: str, received_audio: bool) -> None:
+        """Pipecat reports a context that ends without audio, and gives up on the service
+        after a few in a row. A failed turn was reported already, and turns failing while the
+        server restarts must not cost the service for good. (A Pipecat internal: no hook.)"""
+        if context_id in self._failed:
+            self._failed.discard(context_id)
+            return
+        await super()._record_context_audio_outcome(context_id, received_audio)
+
     # ---- receiving ------------------------------------------------------------------
 
     async def _receive_messages(self) -> None:
-        assert self._websocket is not None
-        async for frame in self._websocket:
-            await self._handle(decode_server_frame(frame))
+        """Unused (WebsocketService's retry loop calls it): each socket has its own reader,
+        `_read`, which ends with the socket."""
+        raise NotImplementedError
+
+    async def _read(self, ws: ClientConnection) -> None:
+        """Handle one socket's frames until it closes, then end the contexts it carried."""
+        reason = "the connection to rtserver was lost"
+        try:
+            async for frame in ws:
+                try:
+                    msg = decode_server_frame(frame)
+                except msgspec.MsgspecError as e:  # e.g. an event of a newer server
+                    logger.warning(f"{self}: unreadable frame from rtserver: {e}")
+                    continue
+                await self._handle(msg)
+            reason = f"rtserver closed the socket ({ws.protocol.close_rcvd})"
+        except ConnectionClosed as e:
+            reason = f"the connection to rtserver was lost ({e})"
+        except Exception as e:  # a bug here: drop the socket rather than leave it unread
+            logger.exception(f"{self}: reading rtserver's socket failed")
+            reason = f"reading rtserver's socket failed ({e})"
+            ws.transport.abort()
+        finally:
+            await self._socket_gone(ws, reason)
+
+    async def _socket_gone(self, ws: ClientConnection, reason: str) -> None:
+        """A closed socket's contexts are gone with it: each such turn fails (one error, no
+        hang); the next turn opens a new socket."""
+        if self._websocket is not ws:  # closed on purpose (_disconnect_websocket)
+            return
+        self._websocket = None
+        await self._call_event_handler("on_disconnected")
+        if self._disconnecting:
+            return
+        logger.debug(f"{self}: {reason}")
+        for context_id in list(self._opened):
+            if self.audio_context_available(context_id):
+                await self._fail(context_id, f"{reason} in the middle of a turn")
+            else:  # interrupted (its `cancel` was on the way): nobody waits for it
+                self._forget(context_id)
 
     async def _handle(self, msg: object) -> None:
         if isinstance(msg, tuple):  # (stream, PCM)
@@ -253,11 +360,10 @@ class RTServerTTSService(WebsocketTTSService):
             self._lapsed.add(context_id)
         elif isinstance(msg, Error) and self._quiet(msg):
             logger.debug(f"{self}: rtserver {msg.code}: {msg.message}")
+        elif isinstance(msg, Error) and context_id in self._opened and self._ends(msg):
+            await self._fail(context_id, f"rtserver {msg.code}: {msg.message}")
         elif isinstance(msg, Error):
             await self.push_error(error_msg=f"rtserver {msg.code}: {msg.message}")
-            # An ending error, or a refused `start` (no `started` yet), ends the context.
-            if context_id and (msg.code in ENDING_ERRORS or self._opened.get(context_id) is False):
-                await self._end_context(context_id)
         else:
             logger.trace(f"{self}: {msg!r}")
 
@@ -270,8 +376,28 @@ class RTServerTTSService(WebsocketTTSService):
         ended = ("unknown_context", "context_closed")  # the server forgets old ids in time
         return error.code in ended and error.context_id not in self._opened
 
+    def _ends(self, error: Error) -> bool:
+        """Whether an error about an open context ends it: an ending error, or the refusal
+        of its `start` (no `started` yet)."""
+        return error.code in ENDING_ERRORS or self._opened.get(error.context_id or "") is False
+
+    async def _fail(self, context_id: str, error: str, exception: Exception | None = None) -> None:
+        """The turn failed: one ErrorFrame (not one more per sentence, nor Pipecat's "no
+        audio"), and its audio context ends (one TTSStoppedFrame) once its text is complete:
+        now if `close` was sent, else at the turn's end (flush_audio)."""
+        text_complete = context_id in self._closing
+        self._forget(context_id)
+        if context_id not in self._failed:
+            await self.push_error(error_msg=error, exception=exception)
+            # Marked only while its audio context is there: it is forgotten when that ends.
+            if self.audio_context_available(context_id):
+                self._failed.add(context_id)
+        if text_complete:
+            await self._stop_audio_context(context_id)
+
     def _forget(self, context_id: str) -> bool:
         """Drop a server context this socket had opened; False if it had none by that id."""
+        self._closing.discard(context_id)
         if self._opened.pop(context_id, None) is None:
             return False
         self._streams = {s: c for s, c in self._streams.items() if c != context_id}
