@@ -217,10 +217,18 @@ class Scheduler:
         idle = not self._running and not self._waiting
         due = (idle or self._ended) and since > TRIM_GAP_S
         if self._dirty and (due or since > TRIM_EVERY_S):
-            if idle and (let_go := getattr(self.engine, "let_go", None)) is not None:
-                let_go()  # the engine's idle state first: its memory is then handed back too
+            if idle:
+                self._let_go()  # the engine's idle state first: its memory is handed back too
             self._trim(idle)
             self._trimmed_at, self._dirty, self._ended = time.monotonic(), False, False
+
+    def _let_go(self) -> None:
+        let_go = getattr(self.engine, "let_go", None)
+        try:
+            if let_go is not None:
+                let_go()
+        except Exception:  # memory kept is no reason to fail the tick (it would every 50 ms)
+            log.exception("the engine could not let its idle state go")
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -233,11 +241,11 @@ class Scheduler:
         `read_timeout_s` after both its last read and the time a listener playing in real
         time would have played all it read. (One reading at playback speed leaves whole
         seconds of audio in the socket's buffers, so it reads nothing new while they play.)
-        While streams wait for a slot, a client that far behind real time (CONTENDED_READ_S,
-        if less), having kept its audio waiting that long in all, gives its slot up sooner:
-        it reads nothing or so slowly (a few KB every 20 s held a slot for hours) that
-        another stream would use the slot better. (A client behind only because synthesis
-        is slower than real time takes each chunk as it comes.)"""
+        While streams wait for a slot, a client CONTENDED_READ_S (or that, if less) behind
+        real time that has left its audio unread as long gives its slot up sooner (reading
+        nothing, or a few KB every 20 s, which held a slot for hours); so does one that
+        far behind, having kept its audio waiting that long in all. (A client behind only
+        because synthesis is slower than real time takes each chunk as it comes.)"""
         now = time.monotonic()
         with self._lock:
             contended, running = self.contended, list(self._running)
@@ -252,8 +260,14 @@ class Scheduler:
             return None
         if unread > self.read_timeout_s and behind > self.read_timeout_s:
             return f"the client read no audio for {unread:.0f} s"
+        if not contended:
+            return None
+        # Its audio waiting unread this long now: a client paced by playback takes a chunk
+        # within about a chunk's length, but may be behind for the server's own slowness.
         patience = min(self.read_timeout_s, CONTENDED_READ_S)
-        if contended and behind > patience and job.channel.blocked_for(now) > patience:
+        if unread > patience and behind > patience:
+            return f"the client read no audio for {unread:.0f} s while others waited"
+        if behind > self.read_timeout_s and job.channel.blocked_for(now) > self.read_timeout_s:
             return f"the client read its audio {behind:.0f} s behind real time while others waited"
         return None
 

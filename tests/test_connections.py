@@ -507,6 +507,48 @@ def test_at_the_limit_a_new_connection_closes_the_one_idle_longest(guarded):
             s.close()
 
 
+def test_a_client_at_its_cap_closes_no_one_elses_idle_connection(guarded):
+    """At the limit, a connection its own address may not open (429) must not first close
+    another client's idle one: one address would close everyone's as fast as it connects."""
+    time.sleep(0.5)  # earlier tests' sockets are closed
+    others = [dial(guarded) for _ in range(9)]
+    mine = [dial(guarded, STRANGER) for _ in range(3)]  # its cap; the server is full now
+    try:
+        time.sleep(0.2)
+        assert status_of(answer(dial(guarded, STRANGER))) == 429
+        others[0].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            others[0].recv(1)  # still open
+    finally:
+        for s in (*others, *mine):
+            s.close()
+
+
+def test_a_pipelined_request_under_way_is_not_closed_for_a_new_connection(guarded):
+    """A connection whose pipelined request is being answered is busy, not idle: at the limit
+    a new connection closes a connection idle longer instead of cutting that stream."""
+    time.sleep(0.5)  # earlier tests' sockets are closed
+    body = json.dumps({"tts_text": LONG_TEXT, "spk_id": "joe"}).encode()
+    streaming = dial(guarded)
+    streaming.sendall(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /tts/pcm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(answer, streaming)  # read as it comes (the write watch is 2 s)
+        time.sleep(0.5)  # the first answered, the pipelined stream under way
+        idle = [dial(guarded) for _ in range(11)]
+        try:
+            time.sleep(0.2)
+            assert health_status(guarded) == 200
+            got = reply.result(timeout=60)
+        finally:
+            for s in (streaming, *idle):
+                s.close()
+    assert got.count(b"HTTP/1.1 200") == 2 and got.endswith(b"0\r\n\r\n"), got[-200:]
+
+
 def test_long_streams_and_sockets_outlive_the_request_deadline(guarded):
     """The deadline covers receiving a request, not answering it: a stream that takes many
     times --request-timeout-s, kept-alive requests after it, and a WebSocket all go on."""

@@ -286,13 +286,12 @@ class FlowPool:
         n = self.blocks[res].size * BLOCK
         t = self.kv.get(key)
         if t is None or t.shape[2] < n or t.device != k.device:
-            room = n if k.is_cuda else CPU_ROOM * n
+            room = CPU_ROOM * n if k.device.type == "cpu" else n
             grown = k.new_empty(2, rows, room, k.shape[1], k.shape[-1])
             if t is None:
                 self.position_bytes[res] += grown[:, :, 0].numel() * grown.element_size()
-            if t is None or t.device != k.device:
                 grown[:, :, :BLOCK].zero_()
-            else:
+            else:  # (from another device too: the positions in use move with it)
                 used = min(t.shape[2], self.blocks[res].high * BLOCK)
                 grown[:, :, :used] = t[:, :, :used]
                 _retire([t])

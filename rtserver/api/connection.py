@@ -78,6 +78,9 @@ FRAME_BURST = 200
 GONE = "rtserver.gone"
 # How often a connection whose body reading is paused is looked at for a peer that left.
 PEER_CHECK_S = 0.5
+# A connection whose request head began this recently is not closed for a new one at the
+# limit (a client sends its head at once; one still sending it later is idling).
+HEAD_GRACE_S = 2.0
 # A scope key: why the write watch aborted the connection of the request (or WebSocket) it
 # carried. Its stream then ends as the limit it ran into (counted as dropped, like the
 # scheduler's read timeout), not as a client that left.
@@ -419,11 +422,14 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         _sockopt(transport, socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         self._answering: RequestResponseCycle | None = None
         self._host = self.client[0] if self.client else None
+        self._head_at: float | None = None  # when the head being read began
         full = self.limits.max_connections and len(self.connections) > self.limits.max_connections
-        if full and not self._evict():
-            self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry")
-        elif (release := self.limits.admit(self._host)) is None:
+        # Counted first: a client at its own cap must not close another's idle connection.
+        if (release := self.limits.admit(self._host)) is None:
             self._refuse(HTTPStatus.TOO_MANY_REQUESTS, "too many connections from you")
+        elif full and not self._evict():
+            release()
+            self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry")
         else:
             self._release = release
             self._arm_deadline()
@@ -438,23 +444,32 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
 
     def _evict(self) -> bool:
         """At the server's limit, close the connection idle longest (kept alive between
-        requests, or one that sent nothing or only part of a head yet) for this one: else
-        idle connections from many addresses, each under its own cap, kept every other
-        client out (503) until the request deadline closed them, again and again. Whether
-        there was one: requests under way are never cut for a new connection."""
-        while self.limits.idle:
-            oldest, _ = self.limits.idle.popitem(last=False)
-            if oldest is not self and not oldest.transport.is_closing():
-                log.info("%s: idle connection closed for a new one at the limit", oldest._host)
-                oldest._let_go()
+        requests, or one that sent nothing, or only part of a head for HEAD_GRACE_S) for this
+        one: else idle connections from many addresses, each under its own cap, kept every
+        other client out (503) until the request deadline closed them, again and again.
+        Whether there was one: requests under way are never cut for a new connection."""
+        idle, now = self.limits.idle, self.loop.time()
+        for _ in range(len(idle)):
+            oldest, _ = idle.popitem(last=False)
+            if oldest is self or oldest.transport.is_closing():
+                continue
+            if oldest._head_at is not None and now - oldest._head_at < HEAD_GRACE_S:
+                idle[oldest] = None  # a request on its way (a client sends a head at once)
+                continue
+            log.info("%s: idle connection closed for a new one at the limit", oldest._host)
+            oldest._let_go()
+            if oldest.transport.get_write_buffer_size():
+                _abort(oldest.transport)  # a close would wait for a client that reads nothing
+            else:
                 oldest.transport.close()
-                return True
+            return True
         return False
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
-            self._idle()  # (a pipelined request's task has started instead)
+        answering = self._answering  # (a pipelined request's, if one has started)
+        if not self.transport.is_closing() and (answering is None or answering.response_complete):
+            self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._busy()
@@ -476,7 +491,7 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app) -> None:
         if cycle.scope["http_version"] == "1.0":
             cycle.__class__ = _UntilClose  # (uvicorn makes the cycle; its class is fixed)
-        self._answering = cycle
+        self._answering, self._head_at = cycle, None
         self._busy()
         cycle.scope[GONE] = asyncio.Event()
         super()._start_asgi_task(cycle, app)
@@ -512,6 +527,7 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_at = self.loop.time()
         self._arm_deadline()
         self._header_size = 16  # the request line's method and version, about
 

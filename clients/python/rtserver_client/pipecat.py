@@ -312,7 +312,9 @@ class RTServerTTSService(WebsocketTTSService):
             reason = f"reading rtserver's socket failed ({e})"
             ws.transport.abort()
         finally:
-            await self._socket_gone(ws, reason)
+            # Shielded: a new socket's `_end_reader` may cancel this reader, and its turns
+            # must still end.
+            await asyncio.shield(self._socket_gone(ws, reason))
 
     async def _socket_gone(self, ws: ClientConnection, reason: str) -> None:
         """A closed socket's contexts are gone with it: each such turn fails (one error, no
