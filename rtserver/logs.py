@@ -177,10 +177,12 @@ def with_request_id(app: ASGIApp) -> ASGIApp:
 
 
 def with_header(send: Send, name: bytes, value: bytes) -> Send:
-    """`send`, adding a header to the response start (HTTP) or the accept (WebSocket)."""
+    """`send`, adding a header to the response start (HTTP) or the accept or refusal
+    (WebSocket)."""
 
     async def sending(message: Message) -> None:
-        if message["type"] in ("http.response.start", "websocket.accept"):
+        if message["type"] in ("http.response.start", "websocket.accept",
+                               "websocket.http.response.start"):  # fmt: skip
             message = {**message, "headers": [*message.get("headers", []), (name, value)]}
         await send(message)
 

@@ -175,6 +175,25 @@ def test_websocket_needs_the_key_and_a_allowed_origin(locked):
     locked.assert_idle()
 
 
+def test_a_refused_upgrade_says_why_and_carries_its_request_id(locked):
+    """A refused WebSocket upgrade was a bare 403: a bad key could not be told from a refused
+    origin, and no request id tied it to the server's log."""
+
+    async def refusal(**kw) -> tuple[str, str]:
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(f"{locked.ws_url}/ws/tts", **kw):
+                pass
+        response = info.value.response
+        assert response.status_code == 403
+        return json.loads(response.body)["detail"], response.headers.get("x-request-id", "")
+
+    detail, rid = asyncio.run(refusal())
+    assert "API key" in detail and rid, (detail, rid)
+    detail, rid = asyncio.run(refusal(additional_headers=bearer(KEY), origin="http://evil.example"))
+    assert "origin" in detail and rid, (detail, rid)
+    locked.wait_log(rid, timeout=5)
+
+
 def test_cors_follows_the_origin_list(make_server):
     srv = make_server("--api-key", KEY, "--allow-origin", "http://app.example", "--no-warmup")
     pre = {"access-control-request-method": "POST",

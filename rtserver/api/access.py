@@ -83,7 +83,7 @@ class AccessControl:
         if refusal is None:
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": refusal[1]})
+            await _deny_upgrade(scope, send, refusal[1])
         else:
             await _deny(send, *refusal, routed_path(scope))
 
@@ -150,13 +150,26 @@ def _admin_route(method: str | None, path: str) -> bool:
     )
 
 
-async def _deny(send: Send, status: int, detail: str, path: str) -> None:
+async def _deny(
+    send: Send, status: int, detail: str, path: str, kind: str = "http.response"
+) -> None:
     body = msgspec.json.encode(refusal(path, status, detail))
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="rtserver"'))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{kind}.start", "status": status, "headers": headers})
+    await send({"type": f"{kind}.body", "body": body})
+
+
+async def _deny_upgrade(scope: Scope, send: Send, detail: str) -> None:
+    """A refused WebSocket upgrade: 403 with the reason in the app's JSON (and the request's
+    `x-request-id`), where the server can answer an upgrade with a body (ASGI's denial
+    response: uvicorn's); a bare 403 said nothing of a bad key vs. a refused origin. Else (Ray
+    Serve's proxy) the close, which the server answers with a bare 403."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": detail})
+        return
+    await _deny(send, 403, detail, routed_path(scope), kind="websocket.http.response")
 
 
 def cors_config(settings: Settings) -> CORSConfig | None:
