@@ -26,7 +26,7 @@ from rtserver import __version__
 from rtserver.api import openai
 from rtserver.api.access import AccessControl, cors_config
 from rtserver.api.errors import EXCEPTION_HANDLERS
-from rtserver.api.http import ROUTES, FormRequest, abort_quietly, head_as_get
+from rtserver.api.http import ROUTES, FormRequest, abort_quietly, head_as_get, refuse_coded_body
 from rtserver.api.ws import ws_tts, ws_tts_over_http
 from rtserver.engine import Engine
 from rtserver.engines import load_engine
@@ -190,5 +190,6 @@ def create_app(
         ),
         request_max_body_size=1024 * 1024,
         request_class=FormRequest,
+        before_request=refuse_coded_body,
         state=State({"settings": settings, "metrics": metrics}),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from pathlib import Path
@@ -318,6 +319,35 @@ def test_inference_sft_sent_json_says_where_json_goes(server):
     r = httpx.post(f"{server.base_url}/inference_sft", params={"tts_text": "Hi.", "spk_id": "joe"},
                    headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "path", ["/tts", "/tts/pcm", "/v1/audio/speech", "/inference_sft", "/speakers"]
+)
+def test_a_compressed_body_is_refused_as_such(server, path):
+    """A gzip body was read as it came: its bytes parsed as JSON or a form ("not valid JSON"),
+    or, sent uncompressed under the header, taken as if the header were not there."""
+    fields = {"tts_text": "Hi.", "spk_id": "joe", "input": "Hi.", "voice": "joe", "model": "x"}
+    raw = json.dumps(fields).encode()
+    for body in (gzip.compress(raw), raw):
+        headers = {"content-type": "application/json", "content-encoding": "gzip"}
+        r = httpx.post(f"{server.base_url}{path}", content=body, headers=headers, timeout=30)
+        assert "without a content coding" in message(r, 415), path
+        assert r.headers["accept-encoding"] == "identity"
+    # the header on a request without a body is no coded body
+    r = httpx.post(f"{server.base_url}/inference_sft", params={"tts_text": "Hello there.", "spk_id": "joe"},
+                   headers={"content-encoding": "gzip"}, timeout=60)  # fmt: skip
+    assert r.status_code == 200 and len(r.content) > 22050, r.text
+    server.assert_idle()
+
+
+def test_inference_sft_sent_a_body_that_is_no_form_says_so(server):
+    """It was told `tts_text` is missing (422), as if the body were not there."""
+    url = f"{server.base_url}/inference_sft"
+    r = httpx.post(url, content=b"tts_text=Hi.&spk_id=joe", headers={"content-type": "text/plain"})
+    assert "not 'text/plain'" in error(r, 415)["detail"]
+    r = httpx.post(url, content=b"tts_text=Hi.&spk_id=joe")  # no content type at all
+    assert "needs its Content-Type" in error(r, 415)["detail"]
 
 
 def test_inference_sft_takes_the_text_as_a_file_part(server):

@@ -82,12 +82,14 @@ _UPLOADS = {  # the routes that take a recording
 _ADMIN = {403: "The server has admin keys and this is not one."}
 _NOT_STORED = {507: "The server's speaker folder is read-only or full (its log says which)."}
 JSON_ERRORS = error_docs(
-    ErrorBody, {**_SPEAKING, 415: "A content type other than application/json."}
+    ErrorBody,
+    {**_SPEAKING, 415: "A content type other than application/json, or a compressed body."},
 )
 FORM_ERRORS = error_docs(ErrorBody, {
     **_SPEAKING,
     413: f"{_SPEAKING[413]} Or a form of more than 1000 parts.",
-    415: "A JSON body: these routes take a form, multipart or the query string, as upstream's.",
+    415: "A body that is no form (these routes take a form, multipart or the query string, as "
+    "upstream's), or a compressed one.",
 })  # fmt: skip
 RECORDING_ERRORS = {**FORM_ERRORS, **error_docs(ErrorBody, _UPLOADS)}
 REGISTER_ERRORS = error_docs(ErrorBody, {
@@ -96,7 +98,7 @@ REGISTER_ERRORS = error_docs(ErrorBody, {
     **_ADMIN,
     409: "The id is in use (delete it first), or --max-speakers are registered.",
     413: "prompt_text over 1000 characters, or a body over 8 MiB.",
-    415: "A body that is not a form.",
+    415: "A body that is not a form, or a compressed one.",
     422: "A field missing or empty, or the recording sent as text (not a file part).",
     **_UPLOADS,
     **_NOT_STORED,
@@ -248,14 +250,28 @@ def gone_of(request: Request) -> asyncio.Event | None:
     return request.scope.get(GONE)
 
 
+def refuse_coded_body(request: Request) -> None:
+    """Every route's first look (Litestar's before_request): a body in a content coding
+    (Content-Encoding: gzip) was read as it came, its compressed bytes as JSON or a form, and
+    answered "not valid JSON"; say what is not taken (RFC 9110 15.5.16: 415 and the codings
+    that are)."""
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity") and _has_body(request):
+        raise HTTPException(
+            status_code=415,
+            detail=f"send the body without a content coding, not {echoed(coding)!r}",
+            headers={"Accept-Encoding": "identity"},
+        )
+
+
 async def strict_json(request: Request) -> None:
     """Before a JSON body is parsed: a JSON content type, UTF-8, and a sane nesting depth, so
     bad bytes get a 4xx that says what is wrong instead of a parser's internals."""
+    refuse_coded_body(request)  # (a route's own hook replaces the app's)
     media_type = request.content_type[0]
     if media_type != "application/json" and not media_type.endswith("+json"):
-        raise HTTPException(
-            status_code=415, detail=f"send the body as application/json, not {media_type!r}"
-        )
+        sent = f"not {echoed(media_type)!r}" if media_type else "it had no Content-Type"
+        raise HTTPException(status_code=415, detail=f"send the body as application/json, {sent}")
     body = await request.body()  # cached: the route's own parsing reads it again
     if not body.strip():  # said as "not valid JSON: Input data was truncated"
         raise HTTPException(status_code=400, detail="the body is empty: send a JSON object")
@@ -444,6 +460,7 @@ async def _read_form(request: Request) -> None:
     with no upload place (335 MB). (Not closed after the answer: uvicorn reads the rest of
     the body and drops it, under the request deadline; a close with body bytes unread reset
     the connection, and a client still sending never read its 415.)"""
+    refuse_coded_body(request)
     media_type = request.content_type[0]
     if media_type not in FORM_TYPES and _has_body(request):
         raise HTTPException(
@@ -657,12 +674,17 @@ async def _form_fields(request: Request, form_type: type[F]) -> F:
     as UTF-8 text: curl -F tts_text=@article.txt) over the query string. GET handlers cannot
     declare a body in Litestar, so the form is read by hand."""
     media_type = request.content_type[0]
-    json = media_type == "application/json" or media_type.endswith("+json")
-    if json and (await request.body()).strip():  # was "missing tts_text"; a bare header is fine
+    if media_type not in FORM_TYPES and _has_body(request):  # was "missing tts_text"
+        json = media_type == "application/json" or media_type.endswith("+json")
+        where = (
+            "JSON goes to POST /tts/pcm (PCM) or /tts (MP3)"
+            if json
+            else (f"not {echoed(media_type)!r}" if media_type else "a body needs its Content-Type")
+        )
         raise HTTPException(
             status_code=415,
             detail=f"{request.url.path} takes its fields as a form, multipart or the query "
-            "string, as upstream's; JSON goes to POST /tts/pcm (PCM) or /tts (MP3)",
+            f"string, as upstream's; {where}",
         )
     # The query's fields as checked (not Litestar's query_params: a second parse of the same
     # string); a name given twice keeps its first value, as there.

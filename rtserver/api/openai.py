@@ -58,7 +58,7 @@ OPENAI_ERROR_DOCS = error_docs(OpenAIError, {
     400: "Invalid input (OpenAI answers it all with 400; `param` names the field): an unknown "
     "voice, a field missing or out of range, input too long (code `text_too_long`), a body "
     "over 1 MiB, a body that is not JSON.",
-    415: "A content type other than application/json.",
+    415: "A content type other than application/json, or a compressed body.",
     429: "This client address already has its limit of streams open.",
     500: "Synthesis failed before the first audio.",
     503: "At capacity; retry after Retry-After seconds.",
