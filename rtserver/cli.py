@@ -22,6 +22,7 @@ from rtserver.settings import (
     SettingsError,
     help_texts,
 )
+from rtserver.signals import StopSignals
 
 if TYPE_CHECKING:
     from rtserver.api.connection import ConnectionLimits
@@ -61,12 +62,15 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._drain_task: asyncio.Task | None = None  # held: the loop keeps tasks weakly
+        self._signals = StopSignals()
 
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self._signals.received(sig):
+            return
         service = getattr(self.app.state, "service", None)
         if self._loop is None or service is None:  # not serving yet
             super().handle_exit(sig, frame)

@@ -36,6 +36,7 @@ from ray.exceptions import RayActorError
 
 from rtserver.memory import arena_env
 from rtserver.settings import Settings, SettingsError
+from rtserver.signals import StopSignals
 
 APP = "rtserver"  # the Serve application's name; one per Ray cluster
 DEPLOYMENT = "tts"
@@ -253,7 +254,11 @@ def _connect(settings: Settings) -> bool:
 def _catch_signals(stop: threading.Event) -> dict[int, Any]:
     """Install the handlers (after ray.init, which installs its own); returns the previous."""
 
+    signals = StopSignals()
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not signals.received(signum):
+            return
         if stop.is_set():  # a second signal: exit at once (a local cluster dies with us)
             os._exit(128 + signum)
         stop.set()
