@@ -22,6 +22,7 @@ import logging
 import logging.config
 import os
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -240,6 +241,7 @@ def _connect(settings: Settings) -> bool:
     # Ray's own logs of the replicas come to this terminal, prefixed with the replica's pid.
     options: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if settings.ray_address:
+        _check_reachable(settings.ray_address)
         try:
             ray.init(address=settings.ray_address, **options)
         except ConnectionError as exc:
@@ -249,6 +251,23 @@ def _connect(settings: Settings) -> bool:
     # processes share this one's fate. No dashboard: nothing here uses it.
     ray.init(address="local", include_dashboard=False, **options)
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """ray.init retries a cluster it cannot reach for good, a warning every 20 s (a wrong
+    --ray-address hung 13 minutes; `auto` follows a dead cluster's note in Ray's temp dir):
+    one TCP connect first, 5 s at most."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        if address.startswith("ray://"):  # Ray Client: its server's host:port
+            target = address.removeprefix("ray://")
+        else:
+            target = canonicalize_bootstrap_address_or_die(address)
+        host, _, port = target.rpartition(":")
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:  # (ConnectionError: no cluster found for `auto`)
+        raise SettingsError(f"--ray-address {address}: no Ray cluster answers ({exc})") from None
 
 
 def _catch_signals(stop: threading.Event) -> dict[int, Any]:

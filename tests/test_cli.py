@@ -136,6 +136,18 @@ def test_replicas_on_a_port_in_use_fail_before_ray_starts():
     assert "--port" in lines[0] and "address already in use" in lines[0].lower(), lines[0]
 
 
+def test_a_ray_address_where_nothing_answers_is_one_clear_line():
+    """ray.init retries a cluster it cannot reach for good: a wrong --ray-address printed
+    Ray's warnings for 13 minutes, and `auto` followed a dead cluster's note the same way."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # closed below: nothing listens there
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "no-such-host.invalid:6379"):
+        r = serve("--replicas", "1", "--ray-address", address, "--port", str(port))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+        assert f"--ray-address {address}: no Ray cluster answers" in lines[0], lines[0]
+
+
 def test_say_without_a_server_is_one_clear_line(tmp_path):
     for route in ((), ("--ws",)):
         r = rtserver("say", "Hello.", "--url", "http://127.0.0.1:1", "-o", str(tmp_path / "x.mp3"),
