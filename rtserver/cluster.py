@@ -34,6 +34,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from ray import serve
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 from rtserver.memory import arena_env
 from rtserver.settings import Settings, SettingsError
@@ -46,6 +47,7 @@ DRAIN_ORDER = "drain-order"  # the DrainOrder actor's name
 STOP_MARGIN_S = 5.0  # beyond --drain-timeout-s: to tell the sockets, and let them close
 
 log = logging.getLogger("rtserver.cluster")
+ACCESS = logging.getLogger("rtserver.access")  # configured as uvicorn.access (rtserver.logs)
 
 
 @ray.remote(num_cpus=0)
@@ -92,7 +94,7 @@ class Replica:
         replica = serve.get_replica_context().replica_id.unique_id
         self.litestar = create_app(s, replica=replica)
         self.drain_order = asyncio.get_running_loop().create_task(self._drain_when_told())
-        return _one_request_id(with_replica(served(self.litestar), replica))
+        return _access_log(_one_request_id(with_replica(served(self.litestar), replica)))
 
     async def _drain_when_told(self) -> None:
         try:
@@ -124,6 +126,33 @@ def _one_request_id(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
+def _access_log(app: ASGIApp) -> ASGIApp:
+    """Serve's access lines name the route prefix, not the path: `POST / 200` for /tts and
+    /v1/audio/speech alike. The replica writes the plain server's lines instead (uvicorn's
+    format, the query's values left out, the flood bound; a WebSocket's upgrade as its 101
+    or refusal), and Serve's are off. Not on uvicorn.access: a uvicorn.Config made in the
+    replica without an access log removes that logger's handlers."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await app(scope, receive, send)
+            return
+        method = scope.get("method", "WebSocket")
+
+        async def sending(message: Message) -> None:
+            kind = message["type"]
+            if kind in ("http.response.start", "websocket.http.response.start", "websocket.accept"):
+                status = message.get("status", 101)
+                ACCESS.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), method,
+                            get_path_with_query_string(scope), scope["http_version"],
+                            status)  # fmt: skip
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return wrapped
+
+
 def application(settings: Settings) -> serve.Application:
     s = settings
     options: dict[str, Any] = {
@@ -141,6 +170,7 @@ def application(settings: Settings) -> serve.Application:
         # A replica that cannot start (a bad model dir) fails the same way each time: say so
         # after a few tries instead of Serve's default twenty.
         "max_constructor_retry_count": 3,
+        "logging_config": {"enable_access_log": False},  # the replica's own: _access_log
     }
     if s.max_replicas:
         options["autoscaling_config"] = {

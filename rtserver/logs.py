@@ -152,6 +152,7 @@ def log_config(level: str, fmt: str) -> dict:
         "loggers": {
             "uvicorn": quiet,
             "uvicorn.access": {**quiet, "filters": ["flood_access", "query"]},
+            "rtserver.access": {**quiet, "filters": ["flood_access", "query"]},  # Ray replicas'
             "uvicorn.error": {**quiet, "filters": ["cut", "flood_protocol"]},
             "rtserver.connection": {"filters": ["flood_connection"]},
         },

@@ -129,6 +129,12 @@ def test_every_route_answers_through_the_proxy(cluster, method, path, body, expe
     r = httpx.request(method, f"{cluster.base_url}{path}", json=body, timeout=60)
     assert r.status_code == 200 and expect in r.headers["content-type"], (r.status_code, r.text)
     assert r.headers["x-replica"] and r.content
+    # The replica's access line names the path (Serve's said `POST / 200` for every route),
+    # the query's values left out as on a plain server.
+    rid = r.headers["x-request-id"]
+    line = cluster.wait_log(rf'\[{rid}\] \S+ - "{method} (\S+) HTTP/1.1" 200', timeout=30)
+    shown, _, query = path.partition("?")
+    assert line.group(1) == shown + ("?tts_text=...&spk_id=..." if query else ""), line.group(0)
     # The framework's own answers too: an unknown path or method names its replica.
     missing = httpx.get(f"{cluster.base_url}/no/such/route")
     assert missing.status_code == 404 and missing.json()["status_code"] == 404
@@ -208,6 +214,8 @@ def test_websocket_session_through_the_proxy(cluster):
     async def go() -> tuple[list[str], Result, Result, str]:
         async with TTSClient(cluster.base_url) as client, client.connect() as conn:
             replica = conn.ws.response.headers["x-replica"]
+            rid = conn.ws.response.headers["x-request-id"]  # its access line: path and 101
+            await asyncio.to_thread(cluster.wait_log, rf'\[{rid}\] \S+ - "WebSocket /ws/tts ', 30)
             long = await conn.start(spk_id="joe", context_id="long", text=LONG_TEXT * 4)
             turn = await conn.start(spk_id="joe", context_id="turn")
             await turn.send("Half a sentence without an end", flush=True)
