@@ -338,6 +338,30 @@ def test_a_dropped_fragment_cancels_its_context(browser, make_server, limits, te
         page.page.close()
 
 
+def test_text_past_the_servers_limit_is_refused_before_it_is_sent(browser, make_server) -> None:
+    """The page knew no limit: it sent its own pieces, and the server's refusal of the one
+    that crossed it named that piece's size ("text has 16321 characters"), not the text's."""
+    srv = make_server("--max-text-chars", "60")
+    page = Page(browser, srv.base_url)
+    try:
+        text = SHORT_TEXT + " Und noch ein Satz, über alles."
+        page.page.fill("#text", text)
+        page.page.click("#speak")
+        page.wait("rtDemo.lastError !== null", what="the error")
+        said = page.page.text_content("#error")
+        assert "Text too long" in said and f"has {len(text)} characters" in said, said
+        assert "at most 60 at a time" in said and page.demo("state") == "idle", said
+        assert srv.healthz()["completed"] == srv.healthz()["rejected"] == 0
+        # Text with nothing to speak ends at once: said so, not "Done. 0.0 s of audio."
+        page.page.fill("#text", "...!!! ,,,")
+        page.page.click("#speak")
+        page.wait("rtDemo.utterances === 2 && rtDemo.state === 'idle'", what="the second")
+        assert "nothing to speak" in page.page.text_content("#status")
+        assert page.errors == []
+    finally:
+        page.page.close()
+
+
 def server_speakers(server) -> list[dict]:
     import httpx
 

@@ -546,6 +546,15 @@ async function speakPcm(u, { text, spk, speed, agent, instructions }) {
     return;
   }
   if (u !== current || u.finished) return; // stopped (or replaced) while we were connecting
+  // Said before anything is sent: past the limit the server drops the fragment that crosses
+  // it, and the page's own pieces are no measure of what the person typed.
+  const chars = [...text].length; // code points, as the server counts
+  if (info.max_text_chars != null && chars > info.max_text_chars) {
+    const most = info.max_text_chars;
+    showError("text_too_long", `the text has ${chars} characters; this server speaks at most ${most} at a time`);
+    finish(u, "error");
+    return;
+  }
 
   const rate = audio.ctx.sampleRate;
   const start = { type: "start", context_id: u.id, spk_id: spk, format: "pcm", speed, seed: 0 };
@@ -742,7 +751,7 @@ function finish(u, reason, { keepAudio = false } = {}) {
     const secs = demo.audioMs != null ? ` ${(demo.audioMs / 1000).toFixed(1)} s of audio.` : "";
     setStatus(
       {
-        done: `Done.${secs}`,
+        done: demo.audioMs === 0 ? "Done: the text had nothing to speak." : `Done.${secs}`,
         cancelled: "Stopped (server confirmed the cancel).",
         stopped: "Stopped.",
         error: "Stopped by an error.",

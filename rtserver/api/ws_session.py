@@ -275,6 +275,7 @@ class WsSession:
             min_sentence_chars=s.min_sentence_chars,
             auto_flush_ms=s.auto_flush_ms,
             slot_lease_s=s.slot_lease_s,
+            max_text_chars=s.max_text_chars,
         )
 
     async def _receive_loop(self) -> None:

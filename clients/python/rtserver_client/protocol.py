@@ -155,6 +155,9 @@ class Ready(msgspec.Struct, tag="ready", tag_field="type"):
     # while streams wait for a slot, a context that has held one this long ends at its next
     # pause (None: a server from before the lease)
     slot_lease_s: float | None = None
+    # characters one context may send in all (its start's text and every `text`); None: a
+    # server from before it was said here
+    max_text_chars: int | None = None
 
 
 class Started(msgspec.Struct, tag="started", tag_field="type"):
