@@ -43,7 +43,7 @@ class NoiseBuffer:
 
     def __init__(self, generator: torch.Generator, harmonics: int = 9):
         self.g, self.h = generator, harmonics
-        self.buf = torch.zeros(0, harmonics)
+        self.buf = torch.zeros(0, harmonics, device=generator.device)
         self.start = 0  # sample position of buf[0]; earlier blocks were released
 
     def span(self, a: int, b: int) -> torch.Tensor:
@@ -51,7 +51,8 @@ class NoiseBuffer:
         if a < self.start:
             raise ValueError(f"noise before sample {self.start} was released (asked from {a})")
         while self.start + self.buf.shape[0] < b:
-            self.buf = torch.cat([self.buf, torch.rand(self.BLOCK, self.h, generator=self.g)])
+            block = torch.rand(self.BLOCK, self.h, generator=self.g, device=self.g.device)
+            self.buf = torch.cat([self.buf, block])
         return self.buf[a - self.start : b - self.start]
 
     def take(self, n: int) -> torch.Tensor:

@@ -350,10 +350,9 @@ class HiFT(nn.Module):
                 continue
             n = lens[i] * spf
             h = self.cfg.nb_harmonics + 1
-            torch.rand(
-                1, h, generator=g
-            )  # initial phases: drawn upstream, without effect (see spec)
-            noise.append(torch.randn(n, h, generator=g))
+            torch.rand(1, h, generator=g, device=g.device)  # initial phases: drawn upstream,
+            # without effect (see spec)
+            noise.append(torch.randn(n, h, generator=g, device=g.device))
         s, _, _ = self.source(f0, noise)
         for i, c in enumerate(cache_sources or []):
             if c is not None and c.numel():
