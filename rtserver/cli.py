@@ -203,6 +203,9 @@ def serve_on_ray(settings: Settings) -> None:
     # Ray's workers would otherwise rebuild this environment from the working dir when the
     # command runs under `uv run` (a new venv, torch included); they use the installed one.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray folds a line another replica wrote in the same shape (numbers and ids aside) into a
+    # later "[repeated Nx across cluster]": the replicas' access lines, each its own request.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         from rtserver import cluster
     except ModuleNotFoundError as exc:
