@@ -256,7 +256,9 @@ def test_text_streaming_cuts_do_not_matter(model):
     whole = run(["Hello there, how are you doing today? I am fine."])
     cut = run(["Hel", "lo the", "re, how", " are you do", "ing today? I", " am fine."])
     assert whole.size > 0
-    np.testing.assert_array_equal(cut, whole)
+    # the same tokens either way; on a GPU the cuts change the text's prefill shapes and with
+    # them the kernels' summation order, so samples may differ in the last bit (6e-8 on an H200)
+    np.testing.assert_allclose(cut, whole, rtol=0, atol=0 if TEST_DEVICE == "cpu" else 1e-6)
 
 
 def test_text_streaming_waits_for_text_without_spinning(model):
