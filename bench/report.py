@@ -74,6 +74,10 @@ def machine() -> str:
 
 
 def git_rev() -> str:
+    """HEAD's short hash; ``BENCH_COMMIT`` where the tree was copied without its history (a
+    GPU box that got the files alone, or a stale .git with them)."""
+    if rev := os.environ.get("BENCH_COMMIT"):
+        return rev
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True

@@ -45,7 +45,13 @@ def first_audio(model, n: int, seed: int = 1) -> tuple[list[float], int]:
     for u in utts:
         model.cancel(u)
     model.step([])  # collects what the vocoder thread still had
+    model.let_go()  # idle, as the server's scheduler tells it
     return sorted(got.values()), steps
+
+
+def graphs_now(model) -> str:
+    g = getattr(model.token2wav.flow, "graphs", None)
+    return "no flow graphs" if g is None else f"flow graphs: {g.captures} captured, {g.runs} runs"
 
 
 def timing(table: dict[str, list[float]], obj, attr: str, label: str) -> None:
@@ -84,6 +90,10 @@ def main() -> None:
     t = time.perf_counter()
     m = cosyvoice.load(args.model, dtype=args.dtype, use_wetext=False)
     print(f"loaded in {time.perf_counter() - t:.1f} s on {m.device}, {m.dtype}", flush=True)
+    t = time.perf_counter()
+    m.warmup()  # as the server does before it serves
+    print(f"warm-up {time.perf_counter() - t:.1f} s", flush=True)
+    print(graphs_now(m), "after warm-up", flush=True)
     first_audio(m, 1)  # the first of all pays for what warm-up left out
     for thread in (True, False):
         if not thread:
@@ -92,7 +102,8 @@ def main() -> None:
             runs = [first_audio(m, n, seed=10 * r + 1) for r in range(args.rounds)]
             p50 = sorted(ms[len(ms) // 2] for ms, _ in runs)
             print(f"thread {'on' if thread else 'off'}, {n} streams: TTFA median per run "
-                  f"{[round(x) for x in p50]} ms, {runs[0][1]} steps", flush=True)  # fmt: skip
+                  f"{[round(x) for x in p50]} ms, {runs[0][1]} steps; {graphs_now(m)}",
+                  flush=True)  # fmt: skip
     table: dict[str, list[float]] = {}
     llm, t2w = m.llm, m.token2wav
     flow = getattr(t2w.flow, "_flow", t2w.flow)

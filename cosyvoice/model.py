@@ -131,6 +131,9 @@ class CosyVoiceModel:
         go. Otherwise the last streams' state (GBs after a burst on the CPU) stayed until the
         next request's first flow call."""
         if (pool := self._flow_pool) is not None:
+            # the flow's CUDA graphs for shapes met since warm-up, while nobody waits on them
+            if capture := getattr(self.token2wav.flow, "capture_pending", None):
+                self._where_flow_runs(capture)
             pool.shrink_if_idle(drop=True)
 
     @property
@@ -829,7 +832,7 @@ def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: tor
 class _Autocast:
     """A flow whose inference runs under torch.autocast; everything else passes through. Its
     linears and convolutions hold bf16/fp16 weights (``devices.store_in``), so the flow computes
-    only through these two methods: any other call would meet them in float32 and fail."""
+    only through these methods: any other call would meet them in float32 and fail."""
 
     def __init__(self, flow, device_type: str, dtype: torch.dtype) -> None:
         self._flow, self._device_type, self._dtype = flow, device_type, dtype
@@ -849,6 +852,11 @@ class _Autocast:
             if kept is not None:
                 return kept
             yield
+
+    def capture_pending(self) -> int:
+        """Graphs captured as a stream's calls run: under autocast."""
+        with torch.autocast(self._device_type, dtype=self._dtype):
+            return self._flow.capture_pending()
 
     def __getattr__(self, name: str):
         return getattr(self._flow, name)

@@ -376,13 +376,15 @@ class Token2Wav:
         """Before requests come, for a flow under CUDA graphs: size its pool (:meth:`_size_pool`),
         then run the first ``hops`` chunks of streams at each batch size, largest first, so that
         the shapes of a stream's first seconds (hops of 25, 50 and 100 tokens) are captured
-        before a listener waits on them; longer streams and final chunks are captured when
-        first met."""
+        before a listener waits on them; longer streams' and final chunks' shapes run eagerly
+        when first met, and are captured when the model is idle (``let_go``)."""
         self._chunks(max(batches), 1)  # makes the pool's tensors: their bytes per position
         if self.flow.pool.position_bytes["frames"]:
             self._size_pool(max(batches))
         for b in sorted(batches, reverse=True):
             self._chunks(b, hops)
+        if self.flow.graphs is not None:  # (None: a capture failed, the flow runs eagerly)
+            self.flow.graphs.defer = True  # shapes met from now on are captured when idle
 
     def _size_pool(self, batch: int) -> None:
         """Graphs over the pool stay valid only while it does not grow, so it is made as large

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.flow.cache import FlowCache, Past
+from cosyvoice.fuse import fuse
 
 
 class CausalConv1d(nn.Conv1d):
@@ -57,17 +58,13 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
         self.heads, inner = heads, heads * head_dim
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        fuse(self, "to_qkv", {"to_q": inner, "to_k": inner, "to_v": inner})
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
 
     def forward(self, x, past: Past):  # x (B,T,C) new frames
         b, t, _ = x.shape
-        q, k, v = (
-            f(x).view(b, t, self.heads, -1).transpose(1, 2)
-            for f in (self.to_q, self.to_k, self.to_v)
-        )
+        q, k, v = self.to_qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         k, v = past.kv(self, k, v)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=past.bias(q.dtype))
         return self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))

@@ -9,6 +9,7 @@ from torch import nn
 
 from cosyvoice.flow.cache import Past
 from cosyvoice.flow.decoder import fresh_past, sinusoidal_emb
+from cosyvoice.fuse import fuse
 
 
 class TimestepEmbedding(nn.Module):
@@ -72,16 +73,13 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
         self.heads, inner = heads, heads * dim_head
-        self.to_q, self.to_k, self.to_v = (
-            nn.Linear(dim, inner),
-            nn.Linear(dim, inner),
-            nn.Linear(dim, inner),
-        )
+        self.to_qkv = nn.Linear(dim, 3 * inner)
+        fuse(self, "to_qkv", {"to_q": inner, "to_k": inner, "to_v": inner})
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
 
     def forward(self, x, past: Past, freqs):  # x (B, T, C) new frames, freqs (B, T, rot)
         b, t, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q, k, v = self.to_qkv(x).chunk(3, -1)
         q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         q, k, v = (y.view(b, t, self.heads, -1).transpose(1, 2) for y in (q, k, v))
         k, v = past.kv(self, k, v)  # keys are kept rotated at their own positions

@@ -452,6 +452,18 @@ class FlowModel(nn.Module):
                 c.tokens = s + n
         return out
 
+    def capture_pending(self) -> int:
+        """Capture the graph buckets met since warm-up (:meth:`FlowGraphs.capture_pending`), for
+        an idle model; how many were tried."""
+        g = self.graphs
+        if g is None or not g.pending:
+            return 0
+        try:
+            return g.capture_pending()
+        except CaptureFailed:
+            self.graphs, self.pool.keep = None, False
+            return 1
+
     def _euler(self, z, mask, mu, spks, cond, past: Past) -> torch.Tensor:
         """The estimator's Euler loop: replayed at its bucket when graphs are on and it fits."""
         g = self.graphs

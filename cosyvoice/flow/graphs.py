@@ -55,6 +55,13 @@ class FlowGraphs:
         self.frames, self.contexts = frames, contexts
         self.runs = 0  # calls that went through the static loop (the rest ran eagerly)
         self.captures = 0  # graphs captured (again after the pool grew)
+        # Once warm-up has captured a stream's first shapes, a bucket met first mid-burst (a
+        # final chunk's, a long stream's) runs eagerly at its static shape and is captured when
+        # the model is idle (capture_pending): captured there and then, its warm-up run and
+        # capture stalled every stream of the burst for about two calls' time (1-2 s at 48
+        # streams on an H200), and each new batch size met a final chunk's shape anew.
+        self.defer = False
+        self.pending: set[tuple[int, int, int]] = set()
         self.device = device
         self.capture = device.type == "cuda" if capture is None else capture
         self.pool.keep = self.pool.keep or self.capture
@@ -77,18 +84,34 @@ class FlowGraphs:
         self.runs += 1
         ins = dict(z=z, mask=mask, mu=mu, cond=cond, spks=spks)
         self._prepare(ins)
-        if self.capture and key not in self._graphs:
-            try:
-                self._capture(key)
-            except Exception as e:  # whatever stops a capture, the eager loop still works
-                log.exception("capturing the flow's CUDA graph failed; the flow runs eagerly")
-                raise CaptureFailed(str(e)) from e
+        later = self.capture and key not in self._graphs and self.defer
+        if later:
+            self.pending.add(key)
+        elif self.capture and key not in self._graphs:
+            self._capture_or_fail(key)
         self._fill(ins, past, key)
-        if not self.capture:
+        if not self.capture or later:
             return self._forward(*key)[:n, :, :t]
         graph, out = self._graphs[key]
         graph.replay()
         return out[:n, :, :t].clone()  # the next replay overwrites ``out``
+
+    def capture_pending(self, most: int = 4) -> int:
+        """Capture up to ``most`` of the buckets met since warm-up (while nothing runs: a
+        capture takes about two calls' time); how many were."""
+        keys = sorted(self.pending)[:most]
+        for key in keys:
+            self.pending.discard(key)
+            if key not in self._graphs:
+                self._capture_or_fail(key)
+        return len(keys)
+
+    def _capture_or_fail(self, key: tuple[int, int, int]) -> None:
+        try:
+            self._capture(key)
+        except Exception as e:  # whatever stops a capture, the eager loop still works
+            log.exception("capturing the flow's CUDA graph failed; the flow runs eagerly")
+            raise CaptureFailed(str(e)) from e
 
     def _prepare(self, ins: dict[str, torch.Tensor]) -> None:
         """Static buffers in the inputs' dtypes; graphs over stale buffers or pool tensors go."""

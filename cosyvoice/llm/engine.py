@@ -333,7 +333,8 @@ class LLMEngine:
             plan.append(self._draw(r))
         rows = [i for i, d in enumerate(plan) if isinstance(d, Draw)]
         if rows:
-            drawn = sample_rows(logits[rows], [plan[i] for i in rows], self.speech_token_size,
+            mine = logits if len(rows) == len(plan) else logits[rows]
+            drawn = sample_rows(mine, [plan[i] for i in rows], self.speech_token_size,
                                 self.sampling)  # fmt: skip
             for i, tok in zip(rows, drawn, strict=True):
                 plan[i] = tok

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QwenConfig
+from ..fuse import fuse
 from .kv import KVCache, KVPool, Layout, gather, write
 
 
@@ -24,11 +25,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics whatever the compute dtype (matches HF Qwen2 numerics)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # float32 statistics whatever the compute dtype, then the weight in the compute dtype
+        # (HF Qwen2's numerics); one norm op, not five: a decode step is launch-bound
+        h = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 def last_positions(h: torch.Tensor, seg_lens: list[int]) -> torch.Tensor:
@@ -48,9 +48,9 @@ class Attention(nn.Module):
             cfg.num_key_value_heads,
             hd,
         )
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=True)
+        parts = {"q_proj": self.n_heads * hd, "k_proj": self.n_kv * hd, "v_proj": self.n_kv * hd}
+        self.qkv_proj = nn.Linear(d, sum(parts.values()), bias=True)
+        fuse(self, "qkv_proj", parts)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
     def forward(
@@ -61,11 +61,10 @@ class Attention(nn.Module):
         kv: torch.Tensor,  # this layer of the KV pool
         layout: Layout,
     ) -> torch.Tensor:
-        n = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(n, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(n, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)
-        write(kv, layout.slots, k, v)
+        n, h, h_kv = x.shape[0], self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(n, h + 2 * h_kv, self.head_dim)
+        q, k = apply_rope(qkv[:, : h + h_kv], cos, sin).split((h, h_kv), 1)  # q and k at once
+        write(kv, layout.slots, k, qkv[:, h + h_kv :])
         out = layout.attend(
             q,
             lambda g: gather(kv, g),
@@ -129,12 +128,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class MLP(nn.Module):
     def __init__(self, cfg: QwenConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        d, n = cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(d, 2 * n, bias=False)
+        fuse(self, "gate_up_proj", {"gate_proj": n, "up_proj": n})
+        self.down_proj = nn.Linear(n, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -41,12 +41,13 @@ def sample_rows(
     _mask_specials(logp, draws, speech_token_size)
     out = [0] * len(draws)
     greedy = [i for i, d in enumerate(draws) if d.generator is None]
-    for i, tok in zip(greedy, logp[greedy].argmax(-1).tolist(), strict=True):
-        out[i] = tok
+    if greedy:  # (an empty pick still costs kernels and a wait for the device)
+        for i, tok in zip(greedy, _rows(logp, greedy).argmax(-1).tolist(), strict=True):
+            out[i] = tok
     rows = [i for i, d in enumerate(draws) if d.generator is not None]
     if not rows:
         return out
-    sub = logp[rows]
+    sub = _rows(logp, rows)
     kept_p, kept_idx, n = nucleus_rows(sub.softmax(-1), cfg.top_p, cfg.top_k)
     tops = _categorical(kept_p, kept_idx, n, [draws[i].generator for i in rows])
     for j, (i, top) in enumerate(zip(rows, tops, strict=True)):
@@ -76,15 +77,24 @@ def _categorical(
     return ids.gather(-1, pick)[:, 0].tolist()
 
 
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]``; all of them as they are (a decode step's usual case: no index kernel)."""
+    return x if len(rows) == x.shape[0] else x[rows]
+
+
 def _mask_specials(logp: torch.Tensor, draws: list[Draw], speech_token_size: int) -> None:
     rows = [i for i, d in enumerate(draws) if d.ignore_eos]
     if not rows:
         return
     allow_rows = [i for i in rows if draws[i].allow is not None]
     allow_ids = [draws[i].allow for i in allow_rows]
-    kept = logp[allow_rows, allow_ids].clone()
-    logp[rows, speech_token_size:] = float("-inf")
-    logp[allow_rows, allow_ids] = kept
+    kept = logp[allow_rows, allow_ids].clone() if allow_rows else None
+    if len(rows) == logp.shape[0]:  # in place either way; a slice needs no index kernel
+        logp[:, speech_token_size:] = float("-inf")
+    else:
+        logp[rows, speech_token_size:] = float("-inf")
+    if allow_rows:
+        logp[allow_rows, allow_ids] = kept
 
 
 def nucleus_rows(
