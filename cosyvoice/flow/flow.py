@@ -452,6 +452,7 @@ class FlowModel(nn.Module):
                 c.tokens = s + n
         return out
 
+    @torch.inference_mode()  # as the calls run: the graphs' buffers are inference tensors
     def capture_pending(self) -> int:
         """Capture the graph buckets met since warm-up (:meth:`FlowGraphs.capture_pending`), for
         an idle model; how many were tried."""
