@@ -2,7 +2,7 @@
 
     uv run python bench/make_full_model.py        # once: writes bench/out/CosyVoice2-0.5B
     uv run python bench/bench_llm.py [--model-dir DIR] [--batches 1 4 16] [--steps 20]
-    uv run python bench/bench_llm.py --sampling [--batches 1 16 64]
+    uv run python bench/bench_llm.py --sampling [--bf16-logits] [--batches 1 16 64]
     uv run python bench/bench_llm.py --pack-ab [--batches 1 4 16 64] [--repeat 3]
 
 ``--sampling``: only the host-side draw of a decode step (RAS over the model's speech vocabulary,
@@ -72,25 +72,39 @@ def run_batch(
     }
 
 
-def time_sampling(m, batch: int, repeat: int) -> tuple[float, float]:
-    """ms per decode step's draw: each row alone (sample_next) vs all rows at once."""
+def time_sampling(m, batch: int, repeat: int, bf16: bool = False) -> tuple[float, float, float]:
+    """ms per decode step's draw: each row alone (sample_next), all rows at once, and all at
+    once with the top-k candidates selected and ordered on the logits' device (the code
+    before the host took the top-k window), alternating."""
+    from cosyvoice.llm import sampling
     from cosyvoice.llm.sampling import Draw, sample_next, sample_rows
 
     s, cfg = m.llm.speech_token_size, m.llm.sampling
     vocab = m.llm.net.llm_decoder.out_features
     logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(batch)) * 4
+    if bf16:  # as a bf16 model's: runs of equal values, at the k-th one too
+        logits = logits.bfloat16().float()
     decoded = [list(range(i, i + 10)) for i in range(batch)]
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-    loop, batched = [], []
+    host = sampling.nucleus_rows
+
+    def on_device(probs, top_p, top_k):
+        return sampling._nucleus_on_device(probs, top_p, min(top_k, probs.shape[-1]))
+
+    loop, batched, device = [], [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
         for lg, d, g in zip(logits, decoded, gens, strict=True):
             sample_next(lg, d, s, False, cfg, g)
         loop.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        sample_rows(logits, [Draw(d, False, g) for d, g in zip(decoded, gens, strict=True)], s, cfg)
-        batched.append(time.perf_counter() - t0)
-    return 1000 * sorted(loop)[repeat // 2], 1000 * sorted(batched)[repeat // 2]
+        for select, times in ((host, batched), (on_device, device)):
+            sampling.nucleus_rows = select
+            t0 = time.perf_counter()
+            sample_rows(logits, [Draw(d, False, g) for d, g in zip(decoded, gens, strict=True)],
+                        s, cfg)  # fmt: skip
+            times.append(time.perf_counter() - t0)
+        sampling.nucleus_rows = host
+    return tuple(1000 * sorted(t)[repeat // 2] for t in (loop, batched, device))
 
 
 def pack_ab(args) -> None:
@@ -132,6 +146,7 @@ def main() -> None:
         help="timed windows per batch (best reported; --pack-ab: median)",
     )
     ap.add_argument("--sampling", action="store_true", help="time only the host-side draw")
+    ap.add_argument("--bf16-logits", action="store_true", help="--sampling: logits rounded to bf16")
     ap.add_argument("--pack-ab", action="store_true", help="torch vs packed linears, side by side")
     args = ap.parse_args()
     if args.threads:
@@ -145,10 +160,12 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, dtype {m.dtype}"
     )
     if args.sampling:
-        print("| batch | per-request loop ms | batched ms | ratio |\n|---:|---:|---:|---:|")
+        print("| batch | per-request loop ms | batched ms | ratio | batched, selection on the "
+              "device ms | ratio |\n|---:|---:|---:|---:|---:|---:|")  # fmt: skip
         for b in args.batches:
-            loop, batched = time_sampling(m, b, max(args.repeat, 21))
-            print(f"| {b} | {loop:.2f} | {batched:.2f} | {loop / batched:.1f}x |", flush=True)
+            loop, batched, dev = time_sampling(m, b, max(args.repeat, 21), args.bf16_logits)
+            print(f"| {b} | {loop:.2f} | {batched:.2f} | {loop / batched:.1f}x | {dev:.2f} | "
+                  f"{dev / batched:.2f}x |", flush=True)  # fmt: skip
         return
     print(
         "| batch | decode steps/s | tokens/s | ms/step (best) | ms/step (median) | prefill (tokens, s) |"

@@ -97,6 +97,11 @@ def _mask_specials(logp: torch.Tensor, draws: list[Draw], speech_token_size: int
         logp[allow_rows, allow_ids] = kept
 
 
+# candidates read back past the k-th: ties at the k-th value (bf16 logits make them) are put in
+# order on the host when the window holds all of them
+TIE_ROOM = 16
+
+
 def nucleus_rows(
     probs: torch.Tensor, top_p: float, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -104,8 +109,24 @@ def nucleus_rows(
     descending order (lower id first among equal values, also for ties at the k-th value), and
     how many of them the top-p walk keeps: entries while cum < top_p (cum summed in float32 one
     by one, so the first entry is always taken and the one that crosses top_p is included).
-    Selection runs on the device of ``probs``; the (B, k) results come back on the CPU."""
-    k = min(top_k, probs.shape[-1])
+    One top-k on the device of ``probs`` and its (B, k + TIE_ROOM) window back on the host,
+    where it is put in order; only a tie running past the window selects on the device."""
+    k, v = min(top_k, probs.shape[-1]), probs.shape[-1]
+    w = min(k + TIE_ROOM, v)
+    vals, ids = probs.topk(w, dim=-1)  # descending; equal values in no promised order
+    p, i = vals.cpu().numpy(), ids.cpu().numpy()
+    if w < v and (p[:, w - 1] == p[:, k - 1]).any():  # the k-th value's ties may go on
+        return _nucleus_on_device(probs, top_p, k)
+    order = np.lexsort((i, -p), axis=-1)[:, :k]  # by value, then id: all ties are in view
+    sorted_p, idx = np.take_along_axis(p, order, -1), np.take_along_axis(i, order, -1)
+    return torch.from_numpy(sorted_p), torch.from_numpy(idx), _top_p_counts(sorted_p, top_p)
+
+
+def _nucleus_on_device(
+    probs: torch.Tensor, top_p: float, k: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`nucleus_rows` selecting on the device: every id at or above the k-th value, ties
+    at it by lowest id, in a stable sort."""
     vals = probs.topk(k, dim=-1).values
     thr = vals[:, -1:]
     nz = (probs >= thr).nonzero()  # row-major: ascending ids within each row
@@ -117,10 +138,14 @@ def nucleus_rows(
     p = probs.gather(-1, idx)
     order = p.argsort(dim=-1, descending=True, stable=True)
     sorted_p, idx = p.gather(-1, order).cpu(), idx.gather(-1, order).cpu()
-    cum = np.cumsum(sorted_p.numpy(), axis=-1, dtype=np.float32)  # sequential float32 sums
+    return sorted_p, idx, _top_p_counts(sorted_p.numpy(), top_p)
+
+
+def _top_p_counts(sorted_p: np.ndarray, top_p: float) -> list[int]:
+    """How many of each row's candidates the top-p walk keeps."""
+    cum = np.cumsum(sorted_p, axis=-1, dtype=np.float32)  # sequential float32 sums
     before = np.concatenate([np.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
-    n = np.maximum((before < np.float32(top_p)).sum(-1), 1)
-    return sorted_p, idx, n.tolist()
+    return np.maximum((before < np.float32(top_p)).sum(-1), 1).tolist()
 
 
 def nucleus_candidates(

@@ -36,11 +36,13 @@ def _distributions(case: str, n: int = 150) -> torch.Tensor:
             logits[40:] = float("-inf")
         elif case == "peaked":
             logits[17] = 40.0
+        elif case == "bf16":  # short runs of equal values, at the k-th one too
+            logits = logits.bfloat16().float()
         rows.append(logits.softmax(0))
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("case", ["plain", "ties", "masked", "peaked"])
+@pytest.mark.parametrize("case", ["plain", "ties", "masked", "peaked", "bf16"])
 def test_nucleus_matches_spec_walk(case):
     probs = _distributions(case)
     for top_p, top_k in [(0.8, 25), (0.5, 3), (0.99, 700)]:
