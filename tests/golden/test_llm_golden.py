@@ -99,3 +99,25 @@ def test_family_detection(family_dir):
     _, cfg = load_model_yaml(family_dir / "model")
     cls = cfg["llm"]["_target_"].rsplit(".", 1)[-1]
     assert {"v1": "TransformerLM", "v2": "Qwen2LM", "v3": "CosyVoice3LM"}[fam] == cls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_within_a_rounding_of_float64(dtype):
+    """The LLM's RMSNorm (one op: float32 statistics inside it) against a float64 norm: in
+    float32 to float32's precision, in bf16 within what HF Qwen2's order (round to bf16, then
+    multiply by the weight) loses, on the test's device."""
+    from _fixtures import TEST_DEVICE
+
+    from cosyvoice.llm.qwen2 import RMSNorm
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 896, generator=g) * 30
+    norm = RMSNorm(896, 1e-6)
+    norm.weight.data = torch.rand(896, generator=g) + 0.5
+    x64, w64 = x.to(dtype).double(), norm.weight.to(dtype).double()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    got = norm.to(TEST_DEVICE, dtype)(x.to(TEST_DEVICE, dtype)).double().cpu()
+    xf, wf = x.to(dtype).float(), norm.weight.to(dtype).float().cpu()
+    hf = wf.to(dtype) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    bound = 1e-5 if dtype is torch.float32 else (hf.double() - ref).abs().max().item()
+    assert (got - ref).abs().max().item() <= bound
