@@ -274,6 +274,8 @@ class LLMEngine:
             g = self.graphs
             if g is not None and batch.decode_only and g.fits(batch.caches):
                 logits = g.run(torch.cat(batch.embeds), batch.caches)
+            elif g is not None and g.fits_prefill(batch.caches, batch.lens):
+                logits = g.run_prefill(batch.embeds[0], batch.caches[0])
             else:
                 logits = self.net.forward_packed(torch.cat(batch.embeds), batch.caches, batch.lens)
         mid_prefill = batch.commit()  # only now: a failed forward leaves requests as they were

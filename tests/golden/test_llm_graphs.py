@@ -63,6 +63,39 @@ def test_static_step_matches_dynamic(golden_dir):
     assert pool.fixed and pool.used_blocks == 1  # only the scratch block is left
 
 
+def test_a_first_input_alone_runs_as_a_prefill_bucket(golden_dir):
+    """A request's first input alone in its step (one listener's first audio waits on it) runs
+    at a prefill bucket, padded, with the dynamic step's logits and tokens: inputs across the
+    buckets, and one longer than the largest, whose first chunk fits and whose rest runs as the
+    dynamic step. A step of two fresh requests runs dynamically."""
+    eager, static = _load(golden_dir, False), _load(golden_dir, True)
+    for model in (eager, static):
+        model.llm.prefill_chunk = 128
+    lengths = [3, 29, 31, 60, 150]  # text tokens; the input adds sos and task
+    got = {}
+    for name, model in (("eager", eager), ("static", static)):
+        got[name] = []
+        for i, n in enumerate(lengths):
+            r = LLMRequest(text_ids=[20 + k % 30 for k in range(n)], seed=3 + i, min_len=4,
+                           max_len=4)  # fmt: skip
+            logits = []
+            while not r.done:
+                if model.llm.step([r]) != [None]:  # (None: a first chunk, nothing drawn yet)
+                    logits.append(r.last_logits.clone())
+            got[name].append((r.out_tokens, logits))
+    assert static.llm.graphs.prefills == len(lengths)  # the 152-position input's first chunk too
+    for (tok_e, lg_e), (tok_s, lg_s) in zip(got["eager"], got["static"], strict=True):
+        assert tok_e == tok_s
+        torch.testing.assert_close(torch.stack(lg_s), torch.stack(lg_e), atol=1e-4, rtol=1e-4)
+    two = [LLMRequest(text_ids=[20, 21, 22], seed=s, min_len=2, max_len=2) for s in (1, 2)]
+    static.llm.step(two)
+    assert static.llm.graphs.prefills == len(lengths)
+    pool = static.llm.net.kv_pool()
+    for r in two:
+        r.cancel()
+    assert pool.used_blocks == 1
+
+
 def test_a_request_past_the_buckets_leaves_the_graphs_tables(golden_dir):
     """A request past the largest context bucket runs eagerly and grows the model's RoPE tables
     as new tensors. The graphs read the old ones at their captured address: those must stay
