@@ -103,13 +103,22 @@ def hann_periodic(n: int) -> torch.Tensor:
 
 
 class Snake(nn.Module):
+    """x + sin(alpha x)^2 / alpha. The reciprocal is made when alpha is loaded, not in every
+    call, and the scaled sum is one op: four kernels where there were seven, in each of the
+    vocoder's 72 activations, which a GPU launches one by one (HiFT runs eagerly)."""
+
     def __init__(self, ch: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.ones(ch))
+        self.register_buffer("inv_alpha", torch.ones(1, ch, 1), persistent=False)
+        self.register_load_state_dict_post_hook(Snake._invert)
+
+    def _invert(self, *_: object) -> None:
+        with torch.no_grad():
+            self.inv_alpha.copy_((1.0 / (self.alpha + 1e-9))[None, :, None])
 
     def forward(self, x):
-        a = self.alpha[None, :, None]
-        return x + (1.0 / (a + 1e-9)) * torch.sin(x * a).pow(2)
+        return torch.addcmul(x, self.inv_alpha, torch.sin(x * self.alpha[None, :, None]).pow(2))
 
 
 class ResBlock(nn.Module):
