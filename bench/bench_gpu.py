@@ -161,7 +161,8 @@ class EngineTarget:
                     )
             # audio vocoded on the thread may finish an utterance a step was not given
             busy = [u for u in rest + batch if u.status is not Status.FINISHED]
-        m.let_go()  # idle, as the server's scheduler tells it: graphs for new shapes
+        while m.let_go():  # idle, as the server's scheduler tells it: graphs for new shapes
+            pass
         return [delivery(t0, arrivals[id(u)]) for u in utts]
 
     def split(self) -> str:

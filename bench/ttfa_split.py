@@ -45,7 +45,8 @@ def first_audio(model, n: int, seed: int = 1) -> tuple[list[float], int]:
     for u in utts:
         model.cancel(u)
     model.step([])  # collects what the vocoder thread still had
-    model.let_go()  # idle, as the server's scheduler tells it
+    while model.let_go():  # idle, as the server's scheduler tells it, a tick per graph
+        pass
     return sorted(got.values()), steps
 
 

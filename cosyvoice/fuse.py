@@ -24,7 +24,7 @@ def fuse(parent: nn.Module, name: str, parts: dict[str, int]) -> None:
             whole = state.pop(f"{prefix}{name}.{kind}", None)
             if whole is not None:
                 for p, part in zip(parts, whole.split(list(parts.values())), strict=True):
-                    state[f"{prefix}{p}.{kind}"] = part.clone()  # saved alone, not as a view
+                    state[f"{prefix}{p}.{kind}"] = part  # a view: torch.save keeps one copy
 
     parent.register_load_state_dict_pre_hook(join)
     parent.register_state_dict_post_hook(split)

@@ -126,15 +126,18 @@ class CosyVoiceModel:
         pool = self._flow_pool
         return {"kv_blocks": self.llm.held_blocks(), "flow_blocks": pool.held if pool else 0}
 
-    def let_go(self) -> None:
+    def let_go(self) -> bool:
         """Nothing is synthesizing (the caller knows): the flow's state pool lets its tensors
         go. Otherwise the last streams' state (GBs after a burst on the CPU) stayed until the
-        next request's first flow call."""
+        next request's first flow call. On a GPU, one CUDA graph for a flow shape met since
+        warm-up is captured, while nobody waits on it; True while more are left (call again
+        while still idle)."""
+        left = 0
         if (pool := self._flow_pool) is not None:
-            # the flow's CUDA graphs for shapes met since warm-up, while nobody waits on them
             if capture := getattr(self.token2wav.flow, "capture_pending", None):
-                self._where_flow_runs(capture)
+                left = self._where_flow_runs(capture)
             pool.shrink_if_idle(drop=True)
+        return left > 0
 
     @property
     def _flow_pool(self) -> FlowPool | None:

@@ -377,7 +377,7 @@ class Token2Wav:
         then run the first ``hops`` chunks of streams at each batch size, largest first, so that
         the shapes of a stream's first seconds (hops of 25, 50 and 100 tokens) are captured
         before a listener waits on them; longer streams' and final chunks' shapes run eagerly
-        when first met, and are captured when the model is idle (``let_go``)."""
+        when first met, and are captured when the model is idle (``let_go``) or at a later call."""
         self._chunks(max(batches), 1)  # makes the pool's tensors: their bytes per position
         if self.flow.pool.position_bytes["frames"]:
             self._size_pool(max(batches))

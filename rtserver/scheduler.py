@@ -217,18 +217,19 @@ class Scheduler:
         idle = not self._running and not self._waiting
         due = (idle or self._ended) and since > TRIM_GAP_S
         if self._dirty and (due or since > TRIM_EVERY_S):
-            if idle:
-                self._let_go()  # the engine's idle state first: its memory is handed back too
+            # the engine's idle state first (its memory is handed back too); with more idle
+            # work left, the next idle tick a gap later comes back for it
+            more = idle and self._let_go()
             self._trim(idle)
-            self._trimmed_at, self._dirty, self._ended = time.monotonic(), False, False
+            self._trimmed_at, self._dirty, self._ended = time.monotonic(), more, False
 
-    def _let_go(self) -> None:
+    def _let_go(self) -> bool:
         let_go = getattr(self.engine, "let_go", None)
         try:
-            if let_go is not None:
-                let_go()
+            return bool(let_go()) if let_go is not None else False
         except Exception:  # memory kept is no reason to fail the tick (it would every 50 ms)
             log.exception("the engine could not let its idle state go")
+            return False
 
     def _drop_cancelled(self) -> None:
         with self._lock:

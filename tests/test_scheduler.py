@@ -11,7 +11,7 @@ import pytest
 
 from rtserver.channel import Channel
 from rtserver.engine import Cancelled, Chunk, Done, Failed, Job, Speaker
-from rtserver.scheduler import CONTENDED_READ_S, Busy, Scheduler
+from rtserver.scheduler import CONTENDED_READ_S, TRIM_GAP_S, Busy, Scheduler
 
 SPEAKER = Speaker("tone", "xx", 1000, "test")
 
@@ -300,14 +300,16 @@ def test_a_stream_behind_only_because_synthesis_is_slow_keeps_its_slot():
 
 
 class IdleToneEngine(ToneEngine):
-    """Records, at each let_go(), how many jobs the scheduler was running."""
+    """Records, at each let_go(), how many jobs the scheduler was running; says it has more
+    idle work for its first ``more`` calls (as CosyVoice does while CUDA graphs wait)."""
 
-    def __init__(self, sched_of, **kw) -> None:
+    def __init__(self, sched_of, more: int = 0, **kw) -> None:
         super().__init__(**kw)
-        self.sched_of, self.let_go_at = sched_of, []
+        self.sched_of, self.let_go_at, self.more = sched_of, [], more
 
-    def let_go(self) -> None:
+    def let_go(self) -> bool:
         self.let_go_at.append(self.sched_of().snapshot()["active"])
+        return len(self.let_go_at) <= self.more
 
 
 def test_the_engine_lets_its_idle_state_go_once_nothing_runs():
@@ -329,6 +331,27 @@ def test_the_engine_lets_its_idle_state_go_once_nothing_runs():
 
     let_go_at = run(go())
     assert let_go_at and not any(let_go_at), let_go_at
+
+
+def test_an_engine_with_more_idle_work_is_called_again_while_idle():
+    """An engine whose let_go() says it has more to do (a CUDA graph each call) is called again
+    a gap later while the scheduler stays idle, and no more once it says it is done."""
+
+    async def go():
+        engine = IdleToneEngine(lambda: sched, more=2, samples=250)
+        sched = Scheduler(engine)
+        sched.start()
+        try:
+            await drain(make_job(sched, ["x"] * 4))
+            deadline = time.monotonic() + 10
+            while len(engine.let_go_at) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(3 * TRIM_GAP_S)  # room for a fourth call, which must not come
+            return engine.let_go_at
+        finally:
+            sched.stop()
+
+    assert run(go()) == [0, 0, 0]
 
 
 def test_capacity_and_serial_mode():

@@ -454,8 +454,8 @@ class FlowModel(nn.Module):
 
     @torch.inference_mode()  # as the calls run: the graphs' buffers are inference tensors
     def capture_pending(self) -> int:
-        """Capture the graph buckets met since warm-up (:meth:`FlowGraphs.capture_pending`), for
-        an idle model; how many were tried."""
+        """Capture a graph bucket met since warm-up (:meth:`FlowGraphs.capture_pending`), for
+        an idle model; how many are left."""
         g = self.graphs
         if g is None or not g.pending:
             return 0
@@ -463,7 +463,7 @@ class FlowModel(nn.Module):
             return g.capture_pending()
         except CaptureFailed:
             self.graphs, self.pool.keep = None, False
-            return 1
+            return 0
 
     def _euler(self, z, mask, mu, spks, cond, past: Past) -> torch.Tensor:
         """The estimator's Euler loop: replayed at its bucket when graphs are on and it fits."""

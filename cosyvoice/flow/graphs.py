@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections import Counter
 
 import torch
 
@@ -31,6 +32,7 @@ FRAMES = (32, 64, 96, 128, 192, 256, 384, 512)  # new frames per call: a hop of 
 # whole prompt, 10 s: ~550, when it is not in the flow's prompt store)
 CONTEXTS = (128, 256, 512, 1024, 2048, 4096)  # positions up to the call's end (4096: ~82 s)
 INPUTS = ("z", "mask", "mu", "cond")  # (B, C, T) each; spks (B, C) apart
+CAPTURE_AT = 3  # after warm-up, a new bucket's call that captures it (the earlier ones run eagerly)
 
 log = logging.getLogger("cosyvoice")
 
@@ -57,11 +59,13 @@ class FlowGraphs:
         self.captures = 0  # graphs captured (again after the pool grew)
         # Once warm-up has captured a stream's first shapes, a bucket met first mid-burst (a
         # final chunk's, a long stream's) runs eagerly at its static shape and is captured when
-        # the model is idle (capture_pending): captured there and then, its warm-up run and
-        # capture stalled every stream of the burst for about two calls' time (1-2 s at 48
+        # the model is idle (capture_pending), or at its CAPTURE_AT-th call if it keeps coming
+        # (a server under steady load is never idle). Captured there and then, its warm-up run
+        # and capture stalled every stream of the burst for about two calls' time (1-2 s at 48
         # streams on an H200), and each new batch size met a final chunk's shape anew.
         self.defer = False
-        self.pending: set[tuple[int, int, int]] = set()
+        self.pending: Counter[tuple[int, int, int]] = Counter()  # calls each has had
+        self._captured: set[tuple[int, int, int]] = set()  # ever: a grown pool drops them all
         self.device = device
         self.capture = device.type == "cuda" if capture is None else capture
         self.pool.keep = self.pool.keep or self.capture
@@ -84,11 +88,15 @@ class FlowGraphs:
         self.runs += 1
         ins = dict(z=z, mask=mask, mu=mu, cond=cond, spks=spks)
         self._prepare(ins)
-        later = self.capture and key not in self._graphs and self.defer
-        if later:
-            self.pending.add(key)
-        elif self.capture and key not in self._graphs:
-            self._capture_or_fail(key)
+        later = False
+        if self.capture and key not in self._graphs:
+            new = key not in self._captured  # (one captured before is wanted now: again)
+            later = self.defer and new and self.pending[key] + 1 < CAPTURE_AT
+            if later:
+                self.pending[key] += 1
+            else:
+                self.pending.pop(key, None)
+                self._capture_or_fail(key)
         self._fill(ins, past, key)
         if not self.capture or later:
             return self._forward(*key)[:n, :, :t]
@@ -96,15 +104,18 @@ class FlowGraphs:
         graph.replay()
         return out[:n, :, :t].clone()  # the next replay overwrites ``out``
 
-    def capture_pending(self, most: int = 4) -> int:
-        """Capture up to ``most`` of the buckets met since warm-up (while nothing runs: a
-        capture takes about two calls' time); how many were."""
-        keys = sorted(self.pending)[:most]
-        for key in keys:
-            self.pending.discard(key)
+    def capture_pending(self) -> int:
+        """Capture the most called of the buckets met since warm-up (one: a capture takes
+        about two calls' time, and a request may come meanwhile); how many are left."""
+        if self.pool.layout != self._layout:  # graphs over the pool as it was go first
+            self._layout = self.pool.layout
+            self._drop()
+        if self.pending:
+            key, _ = self.pending.most_common(1)[0]
+            del self.pending[key]
             if key not in self._graphs:
                 self._capture_or_fail(key)
-        return len(keys)
+        return len(self.pending)
 
     def _capture_or_fail(self, key: tuple[int, int, int]) -> None:
         try:
@@ -205,4 +216,5 @@ class FlowGraphs:
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         self._graphs[key] = capture_graph(lambda: self._forward(*key), self._mempool, self._stream)
+        self._captured.add(key)
         self.captures += 1

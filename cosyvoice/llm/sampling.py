@@ -54,7 +54,7 @@ def sample_rows(
         window = draws[i].decoded[-cfg.win_size :]
         if window.count(top) >= cfg.win_size * cfg.tau_r:
             # fallback: full distribution with the repeated id banned
-            scores = sub[j].cpu()  # a copy: the generator draws on the CPU
+            scores = sub[j].cpu().clone()  # the generator draws on the CPU; logp stays as is
             scores[top] = float("-inf")
             top = int(torch.multinomial(scores.softmax(0), 1, generator=draws[i].generator))
         out[i] = top

@@ -174,9 +174,10 @@ class CosyVoiceEngine:
     def held(self) -> dict[str, int]:
         return self.model.held()
 
-    def let_go(self) -> None:
-        """No job is running or waiting (the scheduler calls it idle)."""
-        self.model.let_go()
+    def let_go(self) -> bool:
+        """No job is running or waiting (the scheduler calls it idle); True while the model
+        has more idle work (CUDA graphs to capture, one per call)."""
+        return self.model.let_go()
 
     def stats(self) -> dict[str, int]:
         """Read at scrape time, off the inference thread: counts only."""

@@ -12,6 +12,7 @@ from conftest import assert_close
 
 from cosyvoice.flow import load_flow
 from cosyvoice.flow.cache import BLOCK
+from cosyvoice.flow.graphs import CAPTURE_AT
 from cosyvoice.hift import load_hift
 from cosyvoice.token2wav import make_token2wav
 
@@ -164,8 +165,25 @@ def test_after_warm_up_a_new_bucket_runs_eagerly_and_is_captured_when_idle(model
     assert "capture" not in caplog.text and flow.graphs.pending and flow.graphs.runs > 0
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert_close(a, b, WAVE_TOL, what=f"request {i}")
-    assert flow.capture_pending() == 1 and flow.graphs is None  # tried: it failed here
+    assert max(flow.graphs.pending.values()) < CAPTURE_AT  # none came often enough
+    assert flow.capture_pending() == 0 and flow.graphs is None  # tried: it failed here
     assert "capturing the flow's CUDA graph failed" in caplog.text and not flow.pool.keep
     # for want of a GPU, as far as a capture gets on a CPU (outside inference mode it failed
     # before, on its inference-tensor buffers: on an H200 every graph went)
     assert "Expected a cuda device" in caplog.text, caplog.text[-600:]
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="a capture fails only where there is no GPU")
+def test_a_new_bucket_that_keeps_coming_is_captured_without_waiting_for_idle(model_dir, caplog):
+    """Under steady load the model is never idle: a bucket met after warm-up is captured at its
+    CAPTURE_AT-th call. On a CPU that capture fails, which shows it was tried."""
+    vocab = load_flow(model_dir).cfg.vocab_size
+    toks = torch.randint(0, vocab, (120,), generator=torch.Generator().manual_seed(8)).tolist()
+    _, flow = _ragged(model_dir, toks, defer=True, max_batch=4, capture=True)
+    assert flow.graphs.pending and "capture" not in caplog.text
+    for key in flow.graphs.pending:  # the next call of each is its CAPTURE_AT-th
+        flow.graphs.pending[key] = CAPTURE_AT - 1
+    t2w = make_token2wav(flow, load_hift(model_dir, device=TEST_DEVICE))
+    states = [t2w.new_state(*s, seed=i) for i, s in enumerate(_speakers(model_dir))]
+    drive_ragged(t2w, states, toks, [9, 13, 4, 13, 13])
+    assert flow.graphs is None and "Expected a cuda device" in caplog.text
