@@ -6,7 +6,7 @@
 #   COSYVOICE_GOLDEN=/path/to/golden bash bench/gpu_device.sh OUTDIR [bench_gpu.py options]
 #
 # The golden folder needs cosyvoice2/ only (its model dir also seeds make_full_model.py).
-# OUTDIR receives gpu.md (the docs/benchmarks.md section) and gpu.log.
+# OUTDIR receives gpu.md (the docs/benchmarks.md section), gpu.log and split.log.
 set -euo pipefail
 out=${1:?usage: gpu_device.sh OUTDIR [bench_gpu.py options]}
 shift
@@ -37,3 +37,16 @@ fi
 # bench_gpu.py keeps to its --budget-s (450 s) and kills a dtype's process 60 s past it; this
 # timeout is the last resort, within a 600 s call: gpu.md holds what was measured by then.
 timeout -k 5 570 python3 bench/bench_gpu.py --engine --body-out "$out/gpu.md" ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee "$out/gpu.log"
+# Then, with the time left in the call (it takes ~70 s: its own model load and warm-up), where
+# one stream's and 16 streams' first audio goes, stage by stage: appended to gpu.md.
+left=$((560 - SECONDS))
+if [ "$left" -ge 90 ] && timeout -k 5 "$left" python3 bench/ttfa_split.py --dtype bfloat16 \
+    --rounds 2 > "$out/split.log" 2>&1; then
+  {
+    printf '\nWhere first audio goes (`bench/ttfa_split.py --dtype bfloat16 --rounds 2`):\n\n```\n'
+    cat "$out/split.log"
+    printf '```\n'
+  } >> "$out/gpu.md"
+else
+  echo "ttfa_split.py: not run or failed (${left} s were left); see split.log" | tee -a "$out/gpu.log"
+fi
