@@ -107,9 +107,7 @@ class FlowGraphs:
     def capture_pending(self) -> int:
         """Capture the most called of the buckets met since warm-up (one: a capture takes
         about two calls' time, and a request may come meanwhile); how many are left."""
-        if self.pool.layout != self._layout:  # graphs over the pool as it was go first
-            self._layout = self.pool.layout
-            self._drop()
+        self._follow_pool()  # graphs over the pool as it was go first
         if self.pending:
             key, _ = self.pending.most_common(1)[0]
             del self.pending[key]
@@ -139,6 +137,10 @@ class FlowGraphs:
         if "t_span" not in self._bufs:  # as cfm_euler makes it: float32 under autocast too
             self._bufs["t_span"] = cosine_t_span(self.n_steps).to(self.device)
             self._drop()
+        self._follow_pool()
+
+    def _follow_pool(self) -> None:
+        """Graphs hold the pool's tensors: once it has grown, they go."""
         if self.pool.layout != self._layout:
             self._layout = self.pool.layout
             self._drop()

@@ -23,7 +23,7 @@ from .bistream import SPEECH_CHUNK, BistreamState
 from .graphs import CONTEXT_BLOCKS, DecodeGraphs
 from .kv import KVCache
 from .lm import QwenSpeechLM
-from .sampling import Draw, sample_rows
+from .sampling import Draw, pick_rows, sample_rows
 from .silence import SilentFilter
 from .transformer_lm import TransformerSpeechLM
 
@@ -335,9 +335,8 @@ class LLMEngine:
             plan.append(self._draw(r))
         rows = [i for i, d in enumerate(plan) if isinstance(d, Draw)]
         if rows:
-            mine = logits if len(rows) == len(plan) else logits[rows]
-            drawn = sample_rows(mine, [plan[i] for i in rows], self.speech_token_size,
-                                self.sampling)  # fmt: skip
+            drawn = sample_rows(pick_rows(logits, rows), [plan[i] for i in rows],
+                                self.speech_token_size, self.sampling)  # fmt: skip
             for i, tok in zip(rows, drawn, strict=True):
                 plan[i] = tok
         return [

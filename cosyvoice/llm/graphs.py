@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -106,11 +107,7 @@ class DecodeGraphs:
         if self.capture and (b, nb) not in self._graphs:
             self._capture(b, nb)  # before _fill: it runs on padding, which it writes
         self._fill(x, caches, b, nb)
-        if self.capture:
-            graph, logits = self._graphs[(b, nb)]
-            graph.replay()
-        else:
-            logits = self._forward(b, nb)
+        logits = self._static((b, nb), lambda: self._forward(b, nb))
         KVPool.commit(caches, [1] * n)
         return logits[:n]
 
@@ -131,14 +128,18 @@ class DecodeGraphs:
         self.ptable[:, : bucket // BLOCK].copy_(
             h2d([table_row(cache.blocks, bucket // BLOCK)], dev)
         )
-        if self.capture:
-            graph, logits = self._graphs[(0, bucket)]
-            graph.replay()
-        else:
-            logits = self._forward_prefill(bucket)
+        logits = self._static((0, bucket), lambda: self._forward_prefill(bucket))
         KVPool.commit([cache], [n])
         self.prefills += 1
         return logits
+
+    def _static(self, key: tuple[int, int], forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The output of ``key``'s graph, replayed (on the CPU: ``forward`` run eagerly)."""
+        if not self.capture:
+            return forward()
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
 
     def _forward_prefill(self, n: int) -> torch.Tensor:
         """The static first input of ``n`` positions (padding included): causal attention over

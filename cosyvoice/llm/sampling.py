@@ -42,12 +42,12 @@ def sample_rows(
     out = [0] * len(draws)
     greedy = [i for i, d in enumerate(draws) if d.generator is None]
     if greedy:  # (an empty pick still costs kernels and a wait for the device)
-        for i, tok in zip(greedy, _rows(logp, greedy).argmax(-1).tolist(), strict=True):
+        for i, tok in zip(greedy, pick_rows(logp, greedy).argmax(-1).tolist(), strict=True):
             out[i] = tok
     rows = [i for i, d in enumerate(draws) if d.generator is not None]
     if not rows:
         return out
-    sub = _rows(logp, rows)
+    sub = pick_rows(logp, rows)
     kept_p, kept_idx, n = nucleus_rows(sub.softmax(-1), cfg.top_p, cfg.top_k)
     tops = _categorical(kept_p, kept_idx, n, [draws[i].generator for i in rows])
     for j, (i, top) in enumerate(zip(rows, tops, strict=True)):
@@ -77,7 +77,7 @@ def _categorical(
     return ids.gather(-1, pick)[:, 0].tolist()
 
 
-def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+def pick_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """``x[rows]``; all of them as they are (a decode step's usual case: no index kernel)."""
     return x if len(rows) == x.shape[0] else x[rows]
 

@@ -40,6 +40,12 @@ def _speakers(d):
     return [plain, prompted, plain, prompted, prompted]
 
 
+def _tokens(d, n: int, seed: int) -> list[int]:
+    """``n`` random speech tokens of the flow's vocabulary."""
+    vocab = load_flow(d).cfg.vocab_size
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def _ragged(d, toks, defer: bool = False, **graphs):
     """Five streams (plain, prompted, plain, prompted, prompted) with ragged token arrival,
     through a flow with static graphs (``graphs`` given) or without. The prompted streams'
@@ -69,8 +75,7 @@ def _ragged(d, toks, defer: bool = False, **graphs):
     ids=["all-static", "mixed"],
 )
 def test_static_loop_equals_eager(model_dir, ladders):
-    vocab = load_flow(model_dir).cfg.vocab_size
-    toks = torch.randint(0, vocab, (260,), generator=torch.Generator().manual_seed(6)).tolist()
+    toks = _tokens(model_dir, 260, seed=6)
     ref, _ = _ragged(model_dir, toks)
     got, flow = _ragged(model_dir, toks, **ladders)
     graphs = flow.graphs
@@ -144,8 +149,7 @@ def test_warm_lowers_the_bound_to_what_the_device_has_room_for(model_dir):
 
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="a capture fails only where there is no GPU")
 def test_a_failed_capture_leaves_the_flow_eager_and_right(model_dir, caplog):
-    vocab = load_flow(model_dir).cfg.vocab_size
-    toks = torch.randint(0, vocab, (120,), generator=torch.Generator().manual_seed(8)).tolist()
+    toks = _tokens(model_dir, 120, seed=8)
     ref, _ = _ragged(model_dir, toks)
     got, flow = _ragged(model_dir, toks, max_batch=4, capture=True)
     assert flow.graphs is None and "capturing the flow's CUDA graph failed" in caplog.text
@@ -158,8 +162,7 @@ def test_after_warm_up_a_new_bucket_runs_eagerly_and_is_captured_when_idle(model
     """Past warm-up, a bucket met mid-burst runs at its static shape without a capture (one
     stalled every stream of the burst), and is captured once the model is idle. On a CPU a
     capture fails, which shows when one was tried: only at capture_pending()."""
-    vocab = load_flow(model_dir).cfg.vocab_size
-    toks = torch.randint(0, vocab, (120,), generator=torch.Generator().manual_seed(8)).tolist()
+    toks = _tokens(model_dir, 120, seed=8)
     ref, _ = _ragged(model_dir, toks)
     got, flow = _ragged(model_dir, toks, defer=True, max_batch=4, capture=True)
     assert "capture" not in caplog.text and flow.graphs.pending and flow.graphs.runs > 0
@@ -177,8 +180,7 @@ def test_after_warm_up_a_new_bucket_runs_eagerly_and_is_captured_when_idle(model
 def test_a_new_bucket_that_keeps_coming_is_captured_without_waiting_for_idle(model_dir, caplog):
     """Under steady load the model is never idle: a bucket met after warm-up is captured at its
     CAPTURE_AT-th call. On a CPU that capture fails, which shows it was tried."""
-    vocab = load_flow(model_dir).cfg.vocab_size
-    toks = torch.randint(0, vocab, (120,), generator=torch.Generator().manual_seed(8)).tolist()
+    toks = _tokens(model_dir, 120, seed=8)
     _, flow = _ragged(model_dir, toks, defer=True, max_batch=4, capture=True)
     assert flow.graphs.pending and "capture" not in caplog.text
     for key in flow.graphs.pending:  # the next call of each is its CAPTURE_AT-th
