@@ -261,3 +261,32 @@ def test_a_kept_prompt_stops_between_pieces_when_asked(inline):
     assert asked == [1] and len(flow.prompts) == 0  # asked after the first of two pieces
     _settle(inline)
     assert inline.keep_prompt("zs_spk1", stop=lambda: False) and len(flow.prompts) == 1
+
+
+def test_first_audio_is_waited_for_and_later_chunks_go_beside_the_steps(threaded):
+    """A batch that carries a listener's first audio: the steps wait for it (beside them it
+    would share the GIL and the GPU with their decoding). Later chunks still go beside."""
+    u = _start(threaded, 0)
+    later_beside = 0
+    while u.status is not Status.FINISHED:
+        outs = threaded.step([u])
+        assert u.heard or not u.vocoding, "the step left a first chunk on the vocoder thread"
+        later_beside += u.vocoding
+        if not u.heard:
+            assert not any(o.audio.numel() for o in outs)
+    assert later_beside > 0, "no later chunk went beside the steps"
+    _settle(threaded)
+
+
+def test_first_audio_goes_beside_the_steps_while_another_listener_runs_dry(threaded):
+    """Another listener with little audio left: its stream keeps decoding (the steps do not
+    stop for the newcomer's first chunk)."""
+    old = _start(threaded, 0)
+    while not old.heard:
+        threaded.step([old])
+    new, beside = _start(threaded, 1), False
+    while live := [u for u in (old, new) if u.status is not Status.FINISHED]:
+        threaded.step(live, lambda u: 0.2 if u.heard else None)
+        beside |= new.vocoding and not new.heard
+    assert beside, "the steps stopped for a first chunk while another listener ran dry"
+    _settle(threaded)
