@@ -291,7 +291,7 @@ def gather(kv: torch.Tensor, group: Group) -> Tensors:
     return blocked[0], blocked[1]
 
 
-def write(kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store the new tokens' keys/values (N, kv_heads, head_dim) at their slots."""
-    kv[0].index_copy_(0, slots, k)
-    kv[1].index_copy_(0, slots, v)
+def write(kv: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+    """Store the new tokens' keys and values ``new`` (2, N, kv_heads, head_dim; any strides: a
+    view of the projection's output) at their slots, in one kernel."""
+    kv[:, slots] = new

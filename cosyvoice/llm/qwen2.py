@@ -64,10 +64,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         n, h, h_kv = x.shape[0], self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(n, h + 2 * h_kv, self.head_dim)
-        q, k = apply_rope(qkv[:, : h + h_kv], cos, sin).split((h, h_kv), 1)  # q and k at once
-        write(kv, layout.slots, k, qkv[:, h + h_kv :])
+        rope_(qkv[:, : h + h_kv], cos, sin)  # q and k at once
+        write(kv, layout.slots, qkv[:, h:].unflatten(1, (2, h_kv)).transpose(0, 1))
         out = layout.attend(
-            q,
+            qkv[:, :h],
             lambda g: gather(kv, g),
             lambda qp, keys, values, g: attention(qp, keys, values, g.mask),
         )
@@ -118,12 +118,15 @@ def _matmuls(
     return p @ v
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE; x (N, heads, hd), cos/sin (N, hd)."""
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE of x (N, heads, hd) in place: x * cos + (-x2, x1) * sin, with ``sin``
+    (N, hd) as :meth:`Qwen2Model.rope_tables` gives it, its first half negated: the halves
+    swapped times it is the rotated half. Three kernels (a swap, a product, a fused
+    multiply-add into x) where negating, joining, two products and a sum were five: on a GPU
+    a decode step costs its kernel count."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rot = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    torch.addcmul(x * cos[:, None], swapped, sin[:, None], out=x)
 
 
 class MLP(nn.Module):
@@ -176,7 +179,8 @@ class Qwen2Model(nn.Module):
         return self._pools[key]
 
     def rope_tables(self, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 cos/sin tables (n, head_dim) of positions 0..n-1, n > ``max_pos``. Grown
+        """The float32 cos/sin tables (n, head_dim) of positions 0..n-1, n > ``max_pos``, the
+        first half of sin negated (see :func:`rope_`). Grown
         as new tensors when needed: whoever holds the old ones (CUDA graphs read them at their
         captured address) keeps them valid."""
         if self._rope_cache is None or self._rope_cache[0].shape[0] <= max_pos:
@@ -187,7 +191,9 @@ class Qwen2Model(nn.Module):
             inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, **as_f32) / hd))
             freqs = torch.outer(torch.arange(n, **as_f32), inv)
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._rope_cache = (emb.cos(), emb.sin())
+            sin = emb.sin()
+            sin[:, : hd // 2].neg_()  # as rope_ reads it
+            self._rope_cache = (emb.cos(), sin)
         return self._rope_cache
 
     def rope(

@@ -138,7 +138,7 @@ class RelPosEncoder(nn.Module):
             v = att.linear_v(h).view(-1, att.h, att.dk)
             if caches is not None:
                 kv = pool.layer(li)
-                write(kv, layout.slots, k, v)
+                write(kv, layout.slots, torch.stack((k, v)))
                 out = layout.attend(
                     q, lambda g, kv=kv: gather(kv, g), _rel_attend(att, cached=True)
                 )
