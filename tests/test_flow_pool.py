@@ -36,7 +36,7 @@ def _call(pool: FlowPool, caches: list[FlowCache], lens: list[int]):
     past = Past(caches, start, lens, [True] * len(caches), 0, commit=[True] * len(caches),
                 pool=pool)  # fmt: skip
     k = torch.randn(len(caches), 2, max(lens), 4)
-    keys, values = past.kv("layer", k, k)
+    keys, values = past.kv("layer", k.expand(2, *k.shape))
     out = F.scaled_dot_product_attention(k, keys, values, attn_mask=past.bias(k.dtype))
     past.finish()
     return k, keys, out

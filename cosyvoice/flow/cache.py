@@ -583,19 +583,19 @@ class Past:
             elif c.pool is not None:
                 c.pool.trim(c, self.res, c.length[self.res])
 
-    def kv(self, mod: object, k: torch.Tensor, v: torch.Tensor):
-        """Keys/values of every position up to each request's end, (rows*B, H, K, dh), for new
-        k, v (rows*B, H, T, dh); the new ones are stored in the pool."""
+    def kv(self, mod: object, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every position up to each request's end, each (rows*B, H, K, dh),
+        for the new ones ``new`` (2, rows*B, H, T, dh), which are stored in the pool. Best a
+        view of the attention's projection (any strides; its rows in (B, T) order): then one
+        kernel stores them, where two copies and two index_copy_ did."""
         if not self.pooled:  # fresh requests only: the keys are the new positions
-            return k, v
-        buf = self.pool.kv_buffer((self.tag, mod), self.res, k, self.rows)
-        h, dh = k.shape[1], k.shape[-1]
-        for i, x in enumerate((k, v)):
-            x = x.transpose(1, 2).reshape(self.rows, -1, h, dh)  # (rows, B*T, H, dh)
-            buf[i].index_copy_(1, self.write, _as(x, buf.dtype))
+            return new[0], new[1]
+        buf = self.pool.kv_buffer((self.tag, mod), self.res, new[0], self.rows)
+        x = new.transpose(2, 3).reshape(2, self.rows, -1, *new.shape[2:3], new.shape[-1])
+        buf[:, :, self.write] = _as(x, buf.dtype)  # (2, rows, B*T, H, dh)
         kv = buf[:, :, self.read]  # (2, rows, B, K, H, dh); a slice gives no B axis
         kv = kv.unsqueeze(2) if isinstance(self.read, slice) else kv
-        kv = _as(kv.transpose(3, 4).flatten(1, 2), k.dtype)
+        kv = _as(kv.transpose(3, 4).flatten(1, 2), new.dtype)
         return kv[0], kv[1]
 
     def conv(self, mod: object, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -64,8 +64,8 @@ class Attention(nn.Module):
 
     def forward(self, x, past: Past):  # x (B,T,C) new frames
         b, t, _ = x.shape
-        q, k, v = self.to_qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        k, v = past.kv(self, k, v)
+        qkv = self.to_qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, (k, v) = qkv[0], past.kv(self, qkv[1:])
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=past.bias(q.dtype))
         return self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))
 

@@ -81,8 +81,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self.to_qkv(x).chunk(3, -1)
         q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-        q, k, v = (y.view(b, t, self.heads, -1).transpose(1, 2) for y in (q, k, v))
-        k, v = past.kv(self, k, v)  # keys are kept rotated at their own positions
+        q = q.view(b, t, self.heads, -1).transpose(1, 2)
+        kv = torch.stack((k, v)).view(2, b, t, self.heads, -1).transpose(2, 3)
+        k, v = past.kv(self, kv)  # keys are kept rotated at their own positions
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=past.bias(q.dtype))
         o = self.to_out[0](o.transpose(1, 2).reshape(b, t, -1))
         return o.masked_fill(~past.valid[..., None], 0.0)

@@ -16,6 +16,7 @@ from torch import nn
 
 from cosyvoice.devices import h2d
 from cosyvoice.flow.cache import Past
+from cosyvoice.fuse import fuse
 
 
 class LinearInput(nn.Module):
@@ -34,18 +35,18 @@ class RelPosAttention(nn.Module):
     def __init__(self, d: int, h: int):
         super().__init__()
         self.h, self.dk = h, d // h
-        self.linear_q, self.linear_k = nn.Linear(d, d), nn.Linear(d, d)
-        self.linear_v, self.linear_out = nn.Linear(d, d), nn.Linear(d, d)
+        self.linear_qkv = nn.Linear(d, 3 * d)
+        fuse(self, "linear_qkv", {"linear_q": d, "linear_k": d, "linear_v": d})
+        self.linear_out = nn.Linear(d, d)
         self.linear_pos = nn.Linear(d, d, bias=False)
         self.pos_bias_u = nn.Parameter(torch.zeros(h, self.dk))
         self.pos_bias_v = nn.Parameter(torch.zeros(h, self.dk))
 
     def forward(self, x, past: Past):  # x (B,T,d) new positions
         b, t, _ = x.shape
-        q = self.linear_q(x).view(b, t, self.h, self.dk)
-        k = self.linear_k(x).view(b, t, self.h, self.dk).transpose(1, 2)
-        v = self.linear_v(x).view(b, t, self.h, self.dk).transpose(1, 2)
-        k, v = past.kv(self, k, v)  # (B,h,K,dk): earlier positions too
+        qkv = self.linear_qkv(x).view(b, t, 3, self.h, self.dk)
+        q = qkv[:, :, 0]
+        k, v = past.kv(self, qkv[:, :, 1:].permute(2, 0, 3, 1, 4))  # (B,h,K,dk): earlier too
         table, idx = past.rel_pos(self.h * self.dk)
         p = self.linear_pos(table.to(x)).view(1, -1, self.h, self.dk).transpose(1, 2)
         qu = (q + self.pos_bias_u).transpose(1, 2)

@@ -250,7 +250,7 @@ def test_flow_call_ops_do_not_grow_with_batch(parts):
     warm[0].release()
     assert flow.pool.held == 0
     extra = sum(six.ops.values()) - sum(one.ops.values())
-    layers = sum(1 for m in flow.modules() if hasattr(m, "to_qkv") or hasattr(m, "linear_k"))
+    layers = sum(1 for m in flow.modules() if hasattr(m, "to_qkv") or hasattr(m, "linear_qkv"))
     assert sum(one.ops.values()) > 10 * layers * flow.cfg.n_timesteps  # it saw the estimator
     assert extra <= 40 * 5, six.ops - one.ops
     assert sum(six.host_waits().values()) <= 8, six.host_waits()
