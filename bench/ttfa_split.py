@@ -122,6 +122,7 @@ def main() -> None:
         timing(table, obj, attr, label)
     if llm.graphs is not None:
         timing(table, llm.graphs, "run", "llm graph run")
+        timing(table, llm.graphs, "run_prefill", "llm prefill graph")
     for n in args.streams:
         for r in range(args.rounds):
             table.clear()

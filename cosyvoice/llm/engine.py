@@ -168,11 +168,6 @@ class _Packed:
     partial: list[tuple[LLMRequest, torch.Tensor, int]] = field(default_factory=list)
     streamed: list[BistreamState] = field(default_factory=list)  # pending inputs taken
 
-    @property
-    def decode_only(self) -> bool:
-        """One new position per request, every cache started: what a decode graph replays."""
-        return not self.fresh and not self.partial and max(self.lens) == 1
-
     def commit(self) -> set[int]:
         """Record the step in its requests; returns the ids of those still mid-prefix."""
         for r, cache in self.fresh:
@@ -271,13 +266,7 @@ class LLMEngine:
         if not batch.requests:
             return [None] * len(requests)
         with self._lock:
-            g = self.graphs
-            if g is not None and batch.decode_only and g.fits(batch.caches):
-                logits = g.run(torch.cat(batch.embeds), batch.caches)
-            elif g is not None and g.fits_prefill(batch.caches, batch.lens):
-                logits = g.run_prefill(batch.embeds[0], batch.caches[0])
-            else:
-                logits = self.net.forward_packed(torch.cat(batch.embeds), batch.caches, batch.lens)
+            logits = self._forward(batch)
         mid_prefill = batch.commit()  # only now: a failed forward leaves requests as they were
         # a copy (a replayed graph reuses its output buffer; last_logits must outlive the step);
         # sampling reads back only what it needs (B x top_k on a GPU)
@@ -286,6 +275,33 @@ class LLMEngine:
             return got
         by_id = {id(r): t for r, t in zip(batch.requests, got, strict=True)}
         return [by_id.get(id(r)) for r in requests]
+
+    def _forward(self, batch: _Packed) -> torch.Tensor:
+        """The step's logits: replayed graphs where it fits them (its decode rows as a decode
+        step, its first inputs as a prefill: a step where requests join others decoding is
+        two replays), else one eager forward of the whole packed batch."""
+        g, caches, lens = self.graphs, batch.caches, batch.lens
+        dec = [i for i, (c, n) in enumerate(zip(caches, lens, strict=True)) if c.length and n == 1]
+        pre = [i for i in range(len(caches)) if i not in dec]
+
+        def pick(rows: list[int], items: list) -> list:
+            return [items[i] for i in rows]
+
+        if (
+            g is None
+            or (dec and not g.fits(pick(dec, caches)))
+            or (pre and not g.fits_prefill(pick(pre, caches), pick(pre, lens)))
+        ):
+            return self.net.forward_packed(torch.cat(batch.embeds), caches, lens)
+        if not pre:
+            return g.run(torch.cat(batch.embeds), caches)
+        got = g.run_prefill(pick(pre, batch.embeds), pick(pre, caches))
+        if not dec:
+            return got
+        logits = got.new_empty(len(caches), got.shape[-1])
+        logits[pre] = got  # a copy: the next replay overwrites a graph's output
+        logits[dec] = g.run(torch.cat(pick(dec, batch.embeds)), pick(dec, caches))
+        return logits
 
     def _pack(self, requests: Sequence[LLMRequest]) -> _Packed:
         """Each request's input for this step: its last token, its whole prefix, or the next

@@ -4,7 +4,8 @@ A decode step over B requests is ~24 layers x 30 small kernels: on a GPU the lau
 not the math, set its time. So the step is captured once per (batch bucket, context bucket)
 and replayed: inputs are copied into static buffers, padded rows write their keys to the
 pool's scratch block 0 and attend only to it, and the logits of the real rows are read back.
-A request's first input, alone in its step, runs the same way at a prefill bucket of positions.
+First inputs (up to 16 requests' at once) run the same way at a prefill bucket of requests and
+positions; a step where some requests decode and others start replays both kinds of graph.
 On the CPU the same static step runs eagerly (``capture=False``), which is how the padding and
 bucketing are tested without a GPU.
 """
@@ -26,10 +27,12 @@ log = logging.getLogger("cosyvoice")
 
 BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 CONTEXT_BLOCKS = (8, 16, 32, 64, 128)  # 256 .. 4096 positions
-# A request's first input alone in a step (what one listener's first audio waits on): its
-# positions, padded to a bucket. Eagerly its ~1 000 launches took 30 ms on an H200's host; the
-# engine feeds at most its prefill_chunk (128) positions a step.
+# Requests' first inputs (what their listeners' first audio waits on): each one's positions
+# padded to a bucket, the requests to a batch bucket. Eagerly a prefill's ~1 000 launches took
+# 30 ms on an H200's host, and a step where a request joins others decoding ran all of them
+# eagerly; the engine feeds at most its prefill_chunk (128) positions of a request a step.
 PREFILLS = (32, 64, 128)
+PREFILL_BATCHES = (1, 2, 4, 8, 16)
 
 
 class DecodeGraphs:
@@ -51,13 +54,15 @@ class DecodeGraphs:
         # bucket grows the model's as new tensors, and the old ones' memory, once freed, would
         # be handed out again while every replay still reads it.
         self.rope = net.qwen.rope_tables(self.max_pos)
-        pl = PREFILLS[-1]
-        self.px = torch.zeros(pl, d, dtype=pool.data.dtype, device=dev)
-        self.pslots = torch.zeros(pl, dtype=torch.long, device=dev)
-        self.plen = torch.ones(1, dtype=torch.long, device=dev)  # real positions
-        self.ptable = torch.zeros(1, pl // BLOCK, dtype=torch.long, device=dev)
+        self.prefill_batches = sorted({min(r, max_batch) for r in PREFILL_BATCHES})
+        pr, pl = self.prefill_batches[-1], PREFILLS[-1]
+        self.px = torch.zeros(pr * pl, d, dtype=pool.data.dtype, device=dev)
+        self.pslots = torch.zeros(pr * pl, dtype=torch.long, device=dev)
+        self.plen = torch.ones(pr, dtype=torch.long, device=dev)  # each request's real positions
+        self.ptable = torch.zeros(pr, pl // BLOCK, dtype=torch.long, device=dev)
         self.prefills = 0  # prefills that ran as a bucket (the rest ran eagerly)
         self.prefill_on = True
+        # (batch, context blocks) of a decode step; (-requests, positions) of a prefill
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = None
         self._stream: torch.cuda.Stream | None = None  # warm-up and capture (devices.capture_graph)
@@ -73,12 +78,12 @@ class DecodeGraphs:
         )
 
     def fits_prefill(self, caches: list[KVCache], lens: list[int]) -> bool:
-        """Whether this step is one request's first input (at most the largest bucket)."""
+        """Whether these are first inputs (each at most the largest bucket) of at most the
+        largest prefill batch of requests."""
         return (
             self.prefill_on
-            and len(caches) == 1
-            and caches[0].length == 0
-            and lens[0] <= PREFILLS[-1]
+            and 0 < len(caches) <= self.prefill_batches[-1]
+            and all(c.length == 0 and n <= PREFILLS[-1] for c, n in zip(caches, lens, strict=True))
         )
 
     def capture_all(self) -> None:
@@ -90,8 +95,9 @@ class DecodeGraphs:
             for nb in reversed(self.contexts):
                 self._capture(b, nb)
         try:
-            for n in reversed(PREFILLS):
-                self._capture(0, n)
+            for r in reversed(self.prefill_batches):
+                for n in reversed(PREFILLS):
+                    self._capture(-r, n)
         except Exception:  # decode steps keep their graphs; first inputs run eagerly
             log.exception("capturing the LLM's prefill graphs failed; first inputs run eagerly")
             self.prefill_on = False
@@ -111,27 +117,30 @@ class DecodeGraphs:
         KVPool.commit(caches, [1] * n)
         return logits[:n]
 
-    def run_prefill(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (1, V) at the last of a fresh request's ``x`` (N, d) positions, which go
-        into its cache."""
-        n = x.shape[0]
-        cache.reserve(n)
-        bucket = PREFILLS[bisect.bisect_left(PREFILLS, n)]
-        if self.capture and (0, bucket) not in self._graphs:
-            self._capture(0, bucket)
-        pad = bucket - n  # padded positions write to the scratch slot; none reads them
-        self.px[:n].copy_(x)
-        self.px[n:bucket].zero_()
+    def run_prefill(self, xs: list[torch.Tensor], caches: list[KVCache]) -> torch.Tensor:
+        """Logits (R, V) at the last of each fresh request's ``xs[i]`` (N_i, d) positions,
+        which go into its cache."""
+        lens = [x.shape[0] for x in xs]
+        for c, n in zip(caches, lens, strict=True):
+            c.reserve(n)
+        r = self.prefill_batches[bisect.bisect_left(self.prefill_batches, len(xs))]
+        n = PREFILLS[bisect.bisect_left(PREFILLS, max(lens))]
+        if self.capture and (-r, n) not in self._graphs:
+            self._capture(-r, n)
+        self.px[: r * n].zero_()  # padded positions write to the scratch slot; none reads them
+        slots = [[0] * n for _ in range(r)]
+        for i, (c, m) in enumerate(zip(caches, lens, strict=True)):
+            self.px[i * n : i * n + m].copy_(xs[i])
+            slots[i][:m] = [slot(c.blocks, p) for p in range(m)]
         dev = self.px.device
-        self.pslots[:bucket].copy_(h2d([slot(cache.blocks, p) for p in range(n)] + [0] * pad, dev))
-        self.plen.fill_(n)
-        self.ptable[:, : bucket // BLOCK].copy_(
-            h2d([table_row(cache.blocks, bucket // BLOCK)], dev)
-        )
-        logits = self._static((0, bucket), lambda: self._forward_prefill(bucket))
-        KVPool.commit([cache], [n])
-        self.prefills += 1
-        return logits
+        self.pslots[: r * n].copy_(h2d([s for row in slots for s in row], dev))
+        self.plen[:r].copy_(h2d(lens + [1] * (r - len(xs)), dev))
+        rows = [table_row(c.blocks, n // BLOCK) for c in caches]
+        self.ptable[:r, : n // BLOCK].copy_(h2d(rows + [[0] * (n // BLOCK)] * (r - len(xs)), dev))
+        logits = self._static((-r, n), lambda: self._forward_prefill(r, n))
+        KVPool.commit(caches, lens)
+        self.prefills += len(xs)
+        return logits[: len(xs)]
 
     def _static(self, key: tuple[int, int], forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The output of ``key``'s graph, replayed (on the CPU: ``forward`` run eagerly)."""
@@ -141,16 +150,20 @@ class DecodeGraphs:
         graph.replay()
         return out
 
-    def _forward_prefill(self, n: int) -> torch.Tensor:
-        """The static first input of ``n`` positions (padding included): causal attention over
-        the request's own keys, the logits of its last real position."""
-        pos = torch.arange(n, device=self.px.device)
-        mask = (pos <= pos[:, None]) & (pos < self.plen)  # (n, n): causal, real keys only
-        group = Group(rows=pos, pad_rows=pos, block_table=self.ptable[:, : n // BLOCK],
-                      q_pos=pos[None], mask=mask[None, None], q_len=n)  # fmt: skip
-        layout = Layout(slots=self.pslots[:n], positions=pos, groups=[group])
-        h = self.net.qwen.forward_layout(self.px[:n], self.pool, layout, self.max_pos, self.rope)
-        return self.net.llm_decoder(h.index_select(0, self.plen - 1))
+    def _forward_prefill(self, r: int, n: int) -> torch.Tensor:
+        """The static first inputs of ``r`` requests, ``n`` positions each (padding included):
+        causal attention over each request's own keys, the logits of its last real position."""
+        dev = self.px.device
+        pos = torch.arange(n, device=dev)
+        rows = torch.arange(r * n, device=dev)
+        plen = self.plen[:r]
+        mask = (pos <= pos[:, None]) & (pos < plen[:, None, None])  # (r, n, n): causal, real keys
+        group = Group(rows=rows, pad_rows=rows, block_table=self.ptable[:r, : n // BLOCK],
+                      q_pos=pos.expand(r, n), mask=mask[:, None], q_len=n)  # fmt: skip
+        layout = Layout(slots=self.pslots[: r * n], positions=pos.repeat(r), groups=[group])
+        h = self.net.qwen.forward_layout(self.px[: r * n], self.pool, layout, self.max_pos,
+                                         self.rope)  # fmt: skip
+        return self.net.llm_decoder(h.index_select(0, rows[::n] + plen - 1))
 
     def _fill(self, x: torch.Tensor, caches: list[KVCache], b: int, nb: int) -> None:
         n = len(caches)
@@ -185,15 +198,15 @@ class DecodeGraphs:
         return self.net.llm_decoder(h)
 
     def _capture(self, b: int, nb: int) -> None:
-        """The decode step of bucket (b, nb), or with b = 0 the prefill of nb positions, on
-        padding only (every write goes to the scratch block)."""
-        self.slots[:b].zero_()
-        self.ctx[:b].fill_(1)
-        self.table[:b, :nb].zero_()
+        """The decode step of bucket (b, nb), or with b = -r the prefill of r requests' nb
+        positions, on padding only (every write goes to the scratch block)."""
+        self.slots[: max(b, 0)].zero_()
+        self.ctx[: max(b, 0)].fill_(1)
+        self.table[: max(b, 0), :nb].zero_()
         self.pslots.zero_()
         self.plen.fill_(1)
         self.ptable.zero_()
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.pool.data.device)
-        step = (lambda: self._forward(b, nb)) if b else (lambda: self._forward_prefill(nb))
+        step = (lambda: self._forward(b, nb)) if b > 0 else (lambda: self._forward_prefill(-b, nb))
         self._graphs[(b, nb)] = capture_graph(step, self._mempool, self._stream)

@@ -67,7 +67,7 @@ def test_a_first_input_alone_runs_as_a_prefill_bucket(golden_dir):
     """A request's first input alone in its step (one listener's first audio waits on it) runs
     at a prefill bucket, padded, with the dynamic step's logits and tokens: inputs across the
     buckets, and one longer than the largest, whose first chunk fits and whose rest runs as the
-    dynamic step. A step of two fresh requests runs dynamically."""
+    dynamic step."""
     eager, static = _load(golden_dir, False), _load(golden_dir, True)
     for model in (eager, static):
         model.llm.prefill_chunk = 128
@@ -87,13 +87,33 @@ def test_a_first_input_alone_runs_as_a_prefill_bucket(golden_dir):
     for (tok_e, lg_e), (tok_s, lg_s) in zip(got["eager"], got["static"], strict=True):
         assert tok_e == tok_s
         torch.testing.assert_close(torch.stack(lg_s), torch.stack(lg_e), atol=1e-4, rtol=1e-4)
-    two = [LLMRequest(text_ids=[20, 21, 22], seed=s, min_len=2, max_len=2) for s in (1, 2)]
-    static.llm.step(two)
-    assert static.llm.graphs.prefills == len(lengths)
-    pool = static.llm.net.kv_pool()
-    for r in two:
-        r.cancel()
-    assert pool.used_blocks == 1
+    assert static.llm.net.kv_pool().used_blocks == 1
+
+
+def test_requests_joining_others_run_as_prefill_and_decode_graphs(golden_dir):
+    """First inputs of several requests at once run as one prefill bucket, and a step where
+    requests join others decoding replays a prefill and a decode graph: the same logits and
+    tokens as the dynamic step, whatever joins when."""
+    eager, static = _load(golden_dir, False), _load(golden_dir, True)
+    joins = {0: [5, 40, 17], 2: [9], 4: [33, 12]}  # step -> text lengths of requests joining
+    got = {}
+    for name, model in (("eager", eager), ("static", static)):
+        reqs, logits = [], []
+        for step in range(12):
+            for n in joins.get(step, []):
+                reqs.append(LLMRequest(text_ids=[20 + k % 30 for k in range(n)],
+                                       seed=1 + len(reqs), min_len=6, max_len=6))  # fmt: skip
+                logits.append([])
+            live = [r for r in reqs if not r.done]
+            model.llm.step(live)
+            for r in live:
+                logits[reqs.index(r)].append(r.last_logits.clone())
+        got[name] = [(r.out_tokens, torch.stack(lg)) for r, lg in zip(reqs, logits, strict=True)]
+    assert static.llm.graphs.prefills == sum(len(v) for v in joins.values())
+    for (tok_e, lg_e), (tok_s, lg_s) in zip(got["eager"], got["static"], strict=True):
+        assert tok_e == tok_s and len(tok_s) == 6
+        torch.testing.assert_close(lg_s, lg_e, atol=1e-4, rtol=1e-4)
+    assert static.llm.net.kv_pool().used_blocks == 1
 
 
 def test_a_request_past_the_buckets_leaves_the_graphs_tables(golden_dir):
