@@ -115,8 +115,8 @@ def main() -> None:
         (llm.net, "forward_packed", "llm eager forward"),
         (llm, "_sample", "llm sampling"),
         (t2w, "step", "token2wav.step"),
-        (flow, "encode", "flow encode"),
-        (flow, "_euler", "flow euler"),
+        (flow, "_mel", "flow mel"),  # v2: encoder and Euler loop in one graph where it fits
+        (flow, "encoded", "flow encoder eager"),  # (inside "flow mel" when it runs)
         (t2w.hift, "inference", "hift"),
     ):
         timing(table, obj, attr, label)

@@ -491,6 +491,7 @@ class Past:
         self.positions = pos.repeat(rows, 1)  # (rows*B, T)
         self.valid = (~padded).repeat(rows, 1)  # (rows*B, T)
         self._rel: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._span: tuple[int, int] | None = None  # (keys, queries) of a static view
         self._tail_idx: dict[int, torch.Tensor] = {}
         self._bias: dict[torch.dtype, torch.Tensor] = {}
         self.pooled = self._reused()
@@ -501,19 +502,22 @@ class Past:
     def over(
         cls, pool: FlowPool, rows: int, mask: torch.Tensor, write: torch.Tensor,
         read: torch.Tensor, slots: tuple[torch.Tensor, torch.Tensor], lens: torch.Tensor,
-        positions: torch.Tensor, valid: torch.Tensor,
+        positions: torch.Tensor, valid: torch.Tensor, res: str = "frames",
+        tag: Hashable = None,
     ) -> Past:  # fmt: skip
         """A pooled view over index tensors built elsewhere (the flow's CUDA graphs read them
         from static buffers): ``mask`` (rows*B, 1, T, K), ``write`` (B*T,), ``read`` (B, K),
-        ``slots`` (in, out) (B,) each, ``lens`` (B,), ``positions`` and ``valid`` (rows*B, T).
-        It owns no caches: :meth:`finish` is the call's own view's."""
+        ``slots`` (in, out) (B,) each, ``lens`` (B,), ``positions`` and ``valid`` (rows*B, T);
+        ``res`` and ``tag`` as the dynamic view's, whose state it reads and writes. It owns no
+        caches: :meth:`finish` is the call's own view's."""
         p = cls.__new__(cls)
         p.caches, p.start, p.lens, p.ends, p.commit = [], [], [], [], []
-        p.pool, p.res, p.rows, p.tag, p.pooled = pool, "frames", rows, None, True
+        p.pool, p.res, p.rows, p.tag, p.pooled = pool, res, rows, tag, True
         p.mask, p.write, p.read, p.lens_dev = mask, write, read, lens
         p.positions, p.valid = positions, valid
         p.slots_in, p.slots_out = slots
         p._rel, p._tail_idx, p._bias = None, {}, {}
+        p._span = (read.shape[-1], positions.shape[-1])
         return p
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
@@ -618,15 +622,29 @@ class Past:
     def rel_pos(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The conformer's relative-position inputs: a sinusoidal table of every offset i - j
         from ``max(end) - 1`` down to ``-(T - 1)`` (the rows of the whole-sequence table that
-        the call needs), and the (rows*B, T, K) index of each query/key pair in it."""
+        the call needs; a static view's: of its whole span), and the (rows*B, T, K) index of
+        each query/key pair in it. Made on the device: a static view's, in a CUDA graph."""
         if self._rel is None or self._rel[0].shape[-1] != d:
-            hi, lo = max(self.ends) - 1, -(max(self.lens) - 1)
-            pos = torch.arange(hi, lo - 1, -1, dtype=torch.float32)[:, None]
-            div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * -(math.log(10000.0) / d))
-            table = torch.zeros(hi - lo + 1, d)
-            table[:, 0::2] = torch.sin(pos * div)
-            table[:, 1::2] = torch.cos(pos * div)
-            j = torch.arange(max(self.ends), device=self.positions.device)
-            idx = hi - (self.positions[..., None] - j)
-            self._rel = (table.to(self.positions.device), idx.clamp(0, hi - lo))
+            k, t = self._span or (max(self.ends), max(self.lens))
+            hi, lo, dev = k - 1, -(t - 1), self.positions.device
+            f32 = dict(dtype=torch.float32, device=dev)
+            pos = torch.arange(hi, lo - 1, -1, **f32)[:, None]
+            angle = pos * torch.exp(torch.arange(0, d, 2, **f32) * -(math.log(10000.0) / d))
+            table = torch.stack((angle.sin(), angle.cos()), -1).flatten(-2)  # sin, cos, sin...
+            idx = hi - (self.positions[..., None] - torch.arange(k, device=dev))
+            self._rel = (table, idx.clamp(0, hi - lo))
         return self._rel
+
+
+@dataclass
+class EncoderInputs:
+    """A call's encoder inputs: tokens (B, T + look-ahead) and where they are real (B, T +
+    look-ahead, 1), whether each has look-ahead tokens (B,), the views at token and (v2) at
+    frame rate, and each request's new frames (host ints)."""
+
+    toks: torch.Tensor
+    valid: torch.Tensor
+    has_ctx: torch.Tensor
+    tok: Past
+    frm: Past | None
+    frames: list[int]

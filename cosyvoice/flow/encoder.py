@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.devices import h2d
 from cosyvoice.flow.cache import Past
 from cosyvoice.fuse import fuse
 
@@ -137,7 +136,7 @@ class UpsampleConformerEncoder(nn.Module):
         pos_idx = torch.arange(xe.shape[1], device=xe.device)
         xs = self.embed(xe)
         # zero everything after each item's real context (finalize: zero look-ahead padding)
-        valid = h2d(tok.lens, xe.device) + ctx.long() * self.lookahead
+        valid = tok.lens_dev + ctx.long() * self.lookahead
         xs = (xs * (pos_idx[None, :] < valid[:, None])[..., None]).contiguous()
         xs = self.pre_lookahead_layer(xs, tok)  # (B, T, d)
         for layer in self.encoders:

@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.devices import h2d
-from cosyvoice.flow.cache import RESOLUTIONS, FlowCache, FlowPool, Past, PromptStore, blocks_for
+from cosyvoice.flow.cache import (
+    RESOLUTIONS,
+    EncoderInputs,
+    FlowCache,
+    FlowPool,
+    Past,
+    PromptStore,
+    blocks_for,
+)
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
@@ -227,6 +235,8 @@ class FlowModel(nn.Module):
         c = self.cfg
         self.graphs = FlowGraphs(self.decoder.estimator, self.pool, c.n_timesteps, c.cfg_rate,
                                  max_batch, dev, capture, **ladders)  # fmt: skip
+        if c.estimator != "dit":  # v3's pre-lookahead layer alone is a few ops: eager
+            self.graphs.with_encoder(self.encoded, c.token_mel_ratio, c.pre_lookahead_len)
 
     def plan(self, reqs: list[FlowInput]) -> _Plan:
         la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
@@ -247,29 +257,43 @@ class FlowModel(nn.Module):
     def encode(self, reqs: list[FlowInput], plan: _Plan | None = None):
         """Token embedding + encoder + projection of each request's new positions -> mu
         (B, T, 80) and the per-item frame counts (host ints: nothing here waits for the device)."""
-        p = plan or self.plan(reqs)
+        enc = self._encoder_inputs(reqs, plan or self.plan(reqs))
+        return self.encoded(enc), enc.frames
+
+    def _encoder_inputs(self, reqs: list[FlowInput], p: _Plan) -> EncoderInputs:
         la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
-        ratio = self.cfg.token_mel_ratio
         t = max(p.lens)
         toks = torch.zeros(len(reqs), t + la, dtype=torch.long, device=dev)
         valid = torch.zeros(len(reqs), t + la, 1, device=dev)
         for i, s in enumerate(p.seqs):
             toks[i, : s.numel()] = s
             valid[i, : s.numel()] = 1.0
-        xe = self.input_embedding(toks.clamp(min=0)) * valid
         streaming = [r.streaming for r in reqs]
         has_ctx = h2d([not r.finalize for r in reqs], dev)
         tok = p.past(p.start, p.lens, streaming, self.cfg.chunk_size, device=dev, tag="tokens",
                      pool=self.pool, res="tokens")  # fmt: skip
+        ratio = self.cfg.token_mel_ratio
         frames = [n * ratio for n in p.lens]
+        frm = None
+        if self.cfg.estimator != "dit":
+            frm = p.past([s * ratio for s in p.start], frames, streaming,
+                         self.cfg.chunk_size * ratio, device=dev, tag="frames", pool=self.pool)  # fmt: skip
+        return EncoderInputs(toks, valid, has_ctx, tok, frm, frames)
+
+    def encoded(self, e: EncoderInputs) -> torch.Tensor:
+        """mu (B, ratio * T, 80) of the call's new positions (the tensors alone: the flow's
+        CUDA graphs run it over their static buffers)."""
+        la = self.cfg.pre_lookahead_len
+        xe = self.input_embedding(e.toks.clamp(min=0)) * e.valid
         if self.cfg.estimator == "dit":
-            keep = h2d(p.lens, dev) + has_ctx.long() * la
-            xe = xe * (torch.arange(t + la, device=dev)[None, :] < keep[:, None])[..., None]
-            h = self.pre_lookahead_layer(xe.contiguous(), tok)
-            return h.repeat_interleave(ratio, dim=1), frames
-        frm = p.past([s * ratio for s in p.start], frames, streaming,
-                     self.cfg.chunk_size * ratio, device=dev, tag="frames", pool=self.pool)  # fmt: skip
-        return self.encoder_proj(self.encoder(xe, has_ctx, tok, frm)), frames
+            keep = e.tok.lens_dev + e.has_ctx.long() * la
+            xe = (
+                xe
+                * (torch.arange(xe.shape[1], device=xe.device)[None, :] < keep[:, None])[..., None]
+            )
+            h = self.pre_lookahead_layer(xe.contiguous(), e.tok)
+            return h.repeat_interleave(self.cfg.token_mel_ratio, dim=1)
+        return self.encoder_proj(self.encoder(xe, e.has_ctx, e.tok, e.frm))
 
     def max_tokens(self, prompt_tokens: int) -> int:
         """The speech tokens a request after this many prompt tokens may have: its frames,
@@ -416,9 +440,8 @@ class FlowModel(nn.Module):
     def _run(self, reqs: list[FlowInput], p: _Plan) -> list[torch.Tensor]:
         dev, ratio = self.input_embedding.weight.device, self.cfg.token_mel_ratio
         b = len(reqs)
-        mu, hl = self.encode(reqs, p)  # (B, T, 80) new frames
-        t = mu.shape[1]
-        mu = mu.transpose(1, 2)
+        enc = self._encoder_inputs(reqs, p)
+        hl, t = enc.frames, ratio * max(p.lens)
         emb = h2d(torch.stack([r.embedding.reshape(-1).float() for r in reqs]), dev)
         spks = self.spk_embed_affine_layer(F.normalize(emb, dim=1))
         cond = torch.zeros(b, self.cfg.output_size, t, device=dev)
@@ -440,7 +463,7 @@ class FlowModel(nn.Module):
             p_len.append(r.prompt_feat.reshape(-1, self.cfg.output_size).shape[0])
         past = p.past(start, hl, [r.streaming for r in reqs], self.cfg.est_chunk, rows=2,
                       device=dev, pool=self.pool)  # fmt: skip
-        x = self._euler(z, mask, mu, spks, cond, past)
+        x = self._mel(enc, z, mask, spks, cond, past)
         out = []
         for i, r in enumerate(reqs):
             skip = p_len[i] + r.emit_from - start[i]
@@ -465,14 +488,20 @@ class FlowModel(nn.Module):
             self.graphs, self.pool.keep = None, False
             return 0
 
-    def _euler(self, z, mask, mu, spks, cond, past: Past) -> torch.Tensor:
-        """The estimator's Euler loop: replayed at its bucket when graphs are on and it fits."""
+    def _mel(self, enc: EncoderInputs, z, mask, spks, cond, past: Past) -> torch.Tensor:
+        """The encoder and the estimator's Euler loop: replayed at the call's bucket when
+        graphs are on and it fits (v2: both in one graph; v3: the Euler loop)."""
         g = self.graphs
-        if g is not None and past.pooled and g.fits(z.shape[0], z.shape[-1], past.mask.shape[-1]):
+        fits = (
+            g is not None and past.pooled and g.fits(z.shape[0], z.shape[-1], past.mask.shape[-1])
+        )
+        mu = None if fits and g.encode is not None else self.encoded(enc).transpose(1, 2)
+        if fits:
             try:
-                return g.run(z, mask, mu, spks, cond, past)
+                return g.run(z, mask, mu, spks, cond, past, enc)
             except CaptureFailed:
                 self.graphs, self.pool.keep = None, False
+                mu = self.encoded(enc).transpose(1, 2) if mu is None else mu
         return cfm_euler(
             self.decoder.estimator, z, mask, mu, spks, cond, past,
             self.cfg.n_timesteps, self.cfg.cfg_rate,

@@ -1,11 +1,13 @@
-"""The flow's Euler loop at static shapes, captured as CUDA graphs (v2/v3).
+"""The flow's encoder (v2) and Euler loop at static shapes, captured as CUDA graphs (v2/v3).
 
 A streaming flow call runs the estimator 10 times (both guidance rows at once); each run is a
-few thousand small kernels, so on a GPU a chunk's ~28 000 launches, not its math, set its time.
+few thousand small kernels, so on a GPU a chunk's ~28 000 launches, not its math, set its time,
+and the encoder's ~500, launched eagerly, took 18-40 ms of a first chunk on an H200.
 Over pooled streams a call is a fixed op sequence over index tensors (:mod:`.cache`), so the
-whole loop is captured once per (batch, new frames, context) bucket and replayed: the call's
-inputs and indices are copied into static buffers, padded rows and positions write to the
-pool's scratch block and slot and attend to one scratch key, and the real rows are read back.
+whole call is captured once per (batch, new frames, context) bucket and replayed: the call's
+inputs and indices (at frame and at token rate) are copied into static buffers, padded rows and
+positions write to the pool's scratch block and slot and attend to one scratch key, and the
+real rows are read back.
 
 A graph holds the addresses of the pool's tensors, so the pool stops shrinking while graphs
 are on (``FlowPool.keep``) and a graph is captured anew once the pool has grown. On the CPU
@@ -18,12 +20,13 @@ from __future__ import annotations
 import bisect
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
 from cosyvoice.devices import capture_graph
 
-from .cache import SCRATCH_SLOT, ZERO_SLOT, FlowPool, Past
+from .cache import SCRATCH_SLOT, ZERO_SLOT, EncoderInputs, FlowPool, Past
 from .decoder import cfm_euler, cosine_t_span
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -70,24 +73,35 @@ class FlowGraphs:
         self.capture = device.type == "cuda" if capture is None else capture
         self.pool.keep = self.pool.keep or self.capture
         self._bufs: dict[str, torch.Tensor] = {}
+        self.encode: Callable[[EncoderInputs], torch.Tensor] | None = None
+        self.ratio = self.lookahead = 0
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._layout: tuple | None = None
         self._mempool = None
         self._stream: torch.cuda.Stream | None = None
+
+    def with_encoder(self, encode: Callable[[EncoderInputs], torch.Tensor], ratio: int,
+                     lookahead: int) -> None:  # fmt: skip
+        """Run the encoder in the graphs too: ``encode`` gives mu (B, ratio * T, 80) of a
+        call's :class:`EncoderInputs` (T + ``lookahead`` tokens each)."""
+        self.encode, self.ratio, self.lookahead = encode, ratio, lookahead
+        self._drop()
 
     def fits(self, batch: int, frames: int, context: int) -> bool:
         return (
             batch <= self.batches[-1] and frames <= self.frames[-1] and context <= self.contexts[-1]
         )
 
-    def run(self, z, mask, mu, spks, cond, past: Past) -> torch.Tensor:
+    def run(self, z, mask, mu, spks, cond, past: Past, enc: EncoderInputs | None = None):
         """What :func:`cfm_euler` gives for a pooled call (inputs (B, C, T), ``past`` its view
-        of the estimator's state), computed at the call's bucket."""
+        of the estimator's state), computed at the call's bucket; with the encoder in the
+        graphs, mu is None: it comes from ``enc``."""
         n, t, k = z.shape[0], z.shape[-1], past.mask.shape[-1]
         key = (_bucket(self.batches, n), _bucket(self.frames, t), _bucket(self.contexts, k))
         self.runs += 1
         ins = dict(z=z, mask=mask, mu=mu, cond=cond, spks=spks)
-        self._prepare(ins)
+        ins = {name: x for name, x in ins.items() if x is not None}  # mu: None with the encoder
+        self._prepare(ins, enc)
         later = False
         if self.capture and key not in self._graphs:
             new = key not in self._captured  # (one captured before is wanted now: again)
@@ -97,7 +111,7 @@ class FlowGraphs:
             else:
                 self.pending.pop(key, None)
                 self._capture_or_fail(key)
-        self._fill(ins, past, key)
+        self._fill(ins, past, key, enc)
         if not self.capture or later:
             return self._forward(*key)[:n, :, :t]
         graph, out = self._graphs[key]
@@ -122,18 +136,24 @@ class FlowGraphs:
             log.exception("capturing the flow's CUDA graph failed; the flow runs eagerly")
             raise CaptureFailed(str(e)) from e
 
-    def _prepare(self, ins: dict[str, torch.Tensor]) -> None:
+    def _prepare(self, ins: dict[str, torch.Tensor], enc: EncoderInputs | None) -> None:
         """Static buffers in the inputs' dtypes; graphs over stale buffers or pool tensors go."""
         b, c, t, k = self.batches[-1], ins["z"].shape[1], self.frames[-1], self.contexts[-1]
         for name, x in ins.items():
             shape = (b, c) if name == "spks" else (b, x.shape[1], t)
             self._buf(name, shape, x.dtype)
         self._buf("att", (2, b, 1, t, k), torch.bool)  # the mask of both guidance rows
-        for name, shape in dict(write=(b, t), read=(b, k), positions=(b, t)).items():
-            self._buf(name, shape, torch.long)
-        self._buf("valid", (b, t), torch.bool)
-        for name in ("slots_in", "slots_out", "lens"):
+        self._view_bufs("", b, t, k)
+        for name in ("slots_in", "slots_out"):
             self._buf(name, (b,), torch.long)
+        if self.encode is not None:  # the encoder's: its views at frame rate and at token rate
+            tt, kt = t // self.ratio, k // self.ratio
+            self._buf("frm_att", (b, 1, t, k), torch.bool)
+            self._buf("tok_att", (b, 1, tt, kt), torch.bool)
+            self._view_bufs("tok_", b, tt, kt)
+            self._buf("toks", (b, tt + self.lookahead), torch.long)
+            self._buf("toks_valid", (b, tt + self.lookahead, 1), enc.valid.dtype)
+            self._buf("has_ctx", (b,), torch.bool)
         if "t_span" not in self._bufs:  # as cfm_euler makes it: float32 under autocast too
             self._bufs["t_span"] = cosine_t_span(self.n_steps).to(self.device)
             self._drop()
@@ -144,6 +164,11 @@ class FlowGraphs:
         if self.pool.layout != self._layout:
             self._layout = self.pool.layout
             self._drop()
+
+    def _view_bufs(self, pre: str, b: int, t: int, k: int) -> None:
+        for name, shape in dict(write=(b, t), read=(b, k), positions=(b, t), lens=(b,)).items():
+            self._buf(pre + name, shape, torch.long)
+        self._buf(pre + "valid", (b, t), torch.bool)
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         x = self._bufs.get(name)
@@ -160,52 +185,104 @@ class FlowGraphs:
     def _pad(self, b: int, t: int, k: int) -> None:
         """Bucket (b, t, k) all padding: every write goes to scratch, every query sees key 0."""
         f = self._bufs
-        for name in (*INPUTS, "write", "positions", "valid"):
-            f[name][:b, ..., :t].zero_()
-        f["read"][:b, :k].zero_()
-        f["att"][:, :b, :, :t, :k].zero_()
-        f["att"][:, :b, :, :t, 0] = True
+        for name in INPUTS:
+            if name in f:
+                f[name][:b, ..., :t].zero_()
         f["spks"][:b].zero_()
-        f["lens"][:b].zero_()
         f["slots_in"][:b].fill_(ZERO_SLOT)
         f["slots_out"][:b].fill_(SCRATCH_SLOT)
+        for pre, att, tb, kb in self._views(b, t, k):
+            for name in ("write", "positions", "valid"):
+                f[pre + name][:b, :tb].zero_()
+            f[pre + "read"][:b, :kb].zero_()
+            f[pre + "lens"][:b].zero_()
+            att.zero_()
+            att[..., 0] = True
+        if self.encode is not None:
+            for name in ("toks", "toks_valid", "has_ctx"):
+                f[name][:b].zero_()
 
-    def _fill(self, ins: dict[str, torch.Tensor], past: Past, key: tuple[int, int, int]) -> None:
+    def _views(self, b: int, t: int, k: int) -> list[tuple[str, torch.Tensor, int, int]]:
+        """(index prefix, mask, positions, keys) of the bucket's views: the estimator's; with
+        the encoder, its frame-rate view (the estimator's indices, its own mask) and its
+        token-rate one."""
+        f = self._bufs
+        views = [("", f["att"][:, :b, :, :t, :k], t, k)]
+        if self.encode is not None:
+            tt, kt = t // self.ratio, k // self.ratio
+            views += [("", f["frm_att"][:b, :, :t, :k], t, k),
+                      ("tok_", f["tok_att"][:b, :, :tt, :kt], tt, kt)]  # fmt: skip
+        return views
+
+    def _fill(self, ins: dict[str, torch.Tensor], past: Past, key: tuple[int, int, int],
+              enc: EncoderInputs | None) -> None:  # fmt: skip
         n, t, k = ins["z"].shape[0], ins["z"].shape[-1], past.mask.shape[-1]
         self._pad(*key)
         f = self._bufs
         for name in INPUTS:
-            f[name][:n, :, :t] = ins[name]
+            if name in ins:
+                f[name][:n, :, :t] = ins[name]
         f["spks"][:n] = ins["spks"]
+        f["slots_in"][:n] = past.slots_in
+        f["slots_out"][:n] = past.slots_out
         f["att"][:, :n, :, :t, :k] = past.mask.view(2, n, 1, t, k)
-        f["write"][:n, :t] = past.write.view(n, t)
+        self._fill_view("", past, n)
+        if self.encode is not None:
+            f["frm_att"][:n, :, :t, :k] = enc.frm.mask
+            m = enc.tok.mask
+            f["tok_att"][:n, :, : m.shape[2], : m.shape[3]] = m
+            self._fill_view("tok_", enc.tok, n)
+            tt = enc.toks.shape[1]
+            f["toks"][:n, :tt] = enc.toks
+            f["toks_valid"][:n, :tt] = enc.valid
+            f["has_ctx"][:n] = enc.has_ctx
+
+    def _fill_view(self, pre: str, past: Past, n: int) -> None:
+        """A dynamic view's indices (write, read, positions, valid, lens) into the buffers
+        named ``pre`` + each."""
+        f, t, k = self._bufs, past.positions.shape[-1], past.mask.shape[-1]
+        f[pre + "write"][:n, :t] = past.write.view(n, t)
         read = past.read
         if isinstance(read, slice):  # one stream whose blocks are in order
             read = torch.arange(read.start, read.stop, device=self.device)[None]
-        f["read"][:n, :k] = read
-        f["positions"][:n, :t] = past.positions[:n]
-        f["valid"][:n, :t] = past.valid[:n]
-        f["lens"][:n] = past.lens_dev
-        f["slots_in"][:n] = past.slots_in
-        f["slots_out"][:n] = past.slots_out
+        f[pre + "read"][:n, :k] = read
+        f[pre + "positions"][:n, :t] = past.positions[:n]
+        f[pre + "valid"][:n, :t] = past.valid[:n]
+        f[pre + "lens"][:n] = past.lens_dev
+
+    def _view(self, pre: str, att: torch.Tensor, b: int, t: int, k: int, rows: int,
+              **kw) -> Past:  # fmt: skip
+        """The static view over the buffers named ``pre`` + each index (bucket b, t, k)."""
+        f = self._bufs
+
+        def per_row(x: torch.Tensor) -> torch.Tensor:
+            return x if rows == 1 else x.repeat(rows, 1)
+
+        return Past.over(
+            self.pool, rows=rows, mask=att, write=f[pre + "write"][:b, :t].flatten(),
+            read=f[pre + "read"][:b, :k], slots=(f["slots_in"][:b], f["slots_out"][:b]),
+            lens=f[pre + "lens"][:b], positions=per_row(f[pre + "positions"][:b, :t]),
+            valid=per_row(f[pre + "valid"][:b, :t]), **kw,
+        )  # fmt: skip
 
     def _forward(self, b: int, t: int, k: int) -> torch.Tensor:
-        """The static loop: every op reads the buffers, so it can be captured."""
+        """The static call: every op reads the buffers, so it can be captured."""
         f = self._bufs
-        past = Past.over(
-            self.pool,
-            rows=2,
-            mask=f["att"][:, :b, :, :t, :k].flatten(0, 1),
-            write=f["write"][:b, :t].flatten(),
-            read=f["read"][:b, :k],
-            slots=(f["slots_in"][:b], f["slots_out"][:b]),
-            lens=f["lens"][:b],
-            positions=f["positions"][:b, :t].repeat(2, 1),
-            valid=f["valid"][:b, :t].repeat(2, 1),
-        )
-        x = {name: f[name][:b, :, :t] for name in INPUTS}
+        (_, att, _, _), *enc_views = self._views(b, t, k)
+        x = {name: f[name][:b, :, :t] for name in INPUTS if name in f}
+        if self.encode is None:
+            mu = x["mu"]
+        else:
+            (_, frm_att, _, _), (_, tok_att, tt, kt) = enc_views
+            frm = self._view("", frm_att, b, t, k, rows=1, res="frames", tag="frames")
+            tok = self._view("tok_", tok_att, b, tt, kt, rows=1, res="tokens", tag="tokens")
+            la = tt + self.lookahead
+            enc = EncoderInputs(f["toks"][:b, :la], f["toks_valid"][:b, :la], f["has_ctx"][:b],
+                                tok, frm, [])  # fmt: skip
+            mu = self.encode(enc).transpose(1, 2)
+        past = self._view("", att.flatten(0, 1), b, t, k, rows=2)
         return cfm_euler(
-            self.estimator, x["z"], x["mask"], x["mu"], f["spks"][:b], x["cond"], past,
+            self.estimator, x["z"], x["mask"], mu, f["spks"][:b], x["cond"], past,
             self.n_steps, self.cfg_rate, t_span=f["t_span"],
         )  # fmt: skip
 

@@ -80,6 +80,7 @@ def test_static_loop_equals_eager(model_dir, ladders):
     got, flow = _ragged(model_dir, toks, **ladders)
     graphs = flow.graphs
     assert graphs is not None and graphs.runs > 0
+    assert (graphs.encode is None) == (flow.cfg.estimator == "dit")  # v2: the encoder too
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert_close(a, b, WAVE_TOL, what=f"request {i}")
 
