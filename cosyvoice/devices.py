@@ -10,9 +10,10 @@ numbers are checked in it.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -133,6 +134,16 @@ def store_in(net: nn.Module, dtype: torch.dtype) -> None:
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             for p in m.parameters(recurse=False):
                 p.data = p.data.to(dtype)
+
+
+def bucket(ladder: Sequence[int], n: int) -> int:
+    """The smallest of ``ladder`` (ascending) that holds ``n``: a CUDA graph's static size."""
+    return ladder[bisect.bisect_left(ladder, n)]
+
+
+class CaptureFailed(RuntimeError):
+    """A CUDA graph's capture failed (on padding only: no stream's state moved); its owner
+    goes on eagerly."""
 
 
 def capture_graph(

@@ -812,6 +812,8 @@ def load(
         model.token2wav = _load_token2wav(model_dir, cfg, device, dtype, **opts)
         if graphs:
             model.token2wav.flow.enable_graphs(max_batch)
+            if family == "v2":  # (v3's causal HiFT vocodes each stream alone)
+                model.token2wav.hift.enable_graphs(max_batch)
     return model
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.devices import h2d
+from cosyvoice.devices import CaptureFailed, h2d
 from cosyvoice.flow.cache import (
     RESOLUTIONS,
     EncoderInputs,
@@ -35,7 +35,7 @@ from cosyvoice.flow.cache import (
 from cosyvoice.flow.decoder import CFM, CausalConditionalDecoder, cfm_euler
 from cosyvoice.flow.dit import DiT
 from cosyvoice.flow.encoder import PreLookahead, UpsampleConformerEncoder
-from cosyvoice.flow.graphs import CaptureFailed, FlowGraphs
+from cosyvoice.flow.graphs import FlowGraphs
 
 NOISE_FRAMES = 15000
 

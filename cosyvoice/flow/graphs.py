@@ -17,14 +17,13 @@ without a GPU.
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 
-from cosyvoice.devices import capture_graph
+from cosyvoice.devices import CaptureFailed, bucket, capture_graph
 
 from .cache import SCRATCH_SLOT, ZERO_SLOT, EncoderInputs, FlowPool, Past
 from .decoder import cfm_euler, cosine_t_span
@@ -38,14 +37,6 @@ INPUTS = ("z", "mask", "mu", "cond")  # (B, C, T) each; spks (B, C) apart
 CAPTURE_AT = 3  # after warm-up, a new bucket's call that captures it (the earlier ones run eagerly)
 
 log = logging.getLogger("cosyvoice")
-
-
-class CaptureFailed(RuntimeError):
-    """A capture failed (on padding only: no stream's state moved); the flow goes on eagerly."""
-
-
-def _bucket(ladder: list[int] | tuple[int, ...], n: int) -> int:
-    return ladder[bisect.bisect_left(ladder, n)]
 
 
 class FlowGraphs:
@@ -97,7 +88,7 @@ class FlowGraphs:
         of the estimator's state), computed at the call's bucket; with the encoder in the
         graphs, mu is None: it comes from ``enc``."""
         n, t, k = z.shape[0], z.shape[-1], past.mask.shape[-1]
-        key = (_bucket(self.batches, n), _bucket(self.frames, t), _bucket(self.contexts, k))
+        key = (bucket(self.batches, n), bucket(self.frames, t), bucket(self.contexts, k))
         self.runs += 1
         ins = dict(z=z, mask=mask, mu=mu, cond=cond, spks=spks)
         ins = {name: x for name, x in ins.items() if x is not None}  # mu: None with the encoder

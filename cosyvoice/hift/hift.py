@@ -14,7 +14,7 @@ import itertools
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +23,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from cosyvoice.devices import h2d
+from cosyvoice.devices import CaptureFailed, h2d
+
+if TYPE_CHECKING:
+    from cosyvoice.hift.graphs import HiFTGraphs
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,7 @@ class HiFT(nn.Module):
         self.conv_post = _wn(nn.Conv1d(c // 2 ** len(self.ups), nf, 7, padding=3))
         self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels, cfg.f0_num_class)
         self.register_buffer("window", hann_periodic(cfg.n_fft), persistent=False)
+        self.graphs: HiFTGraphs | None = None  # see enable_graphs
 
     def _source_path(self, resblock: type[nn.Module], padded: bool) -> None:
         """Per upsampling stage, the source's STFT brought down to that stage's rate (strided
@@ -262,13 +266,27 @@ class HiFT(nn.Module):
     # ---------------------------------------------------------------- filter network
     def decode(self, mel: torch.Tensor, s: torch.Tensor, lens: list[int]) -> torch.Tensor:
         """mel (B, 80, T), source (B, 1, T*spf) -> wave (B, T*spf); item b valid for lens[b]
-        frames (host ints: nothing here waits for the device)."""
+        frames (host ints: nothing here waits for the device). The filter network between the
+        source's STFT and the inverse STFT replays as a CUDA graph where :attr:`graphs` has a
+        bucket for the call."""
+        spf, t = self.cfg.samples_per_frame, mel.shape[-1]
+        s_stft = self._source_stft(s, lens, t * spf // self.cfg.hop_len + 1)
+        frames = h2d(lens, mel.device)
+        g = self.graphs
+        if g is not None and g.fits(mel.shape[0], t):
+            try:
+                return self._wave(g.run(mel, s_stft, frames), lens, t * spf)
+            except CaptureFailed:
+                self.graphs = None
+        return self._wave(self.filter(mel, s_stft, frames), lens, t * spf)
+
+    def filter(self, mel: torch.Tensor, s_stft: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """The filter network: mel (B, 80, T) and the source's STFT (B, n_fft + 2, F) -> the
+        inverse STFT's input (B, n_fft + 2, F), item b valid for ``frames[b]`` (on the device:
+        every shape here is the inputs', so it runs at a graph's static shapes). Every
+        convolution's input is masked to its item's length."""
         cfg, spf = self.cfg, self.cfg.samples_per_frame
-        b, _, t = mel.shape
-        dev, hop = mel.device, cfg.hop_len
-        nfr = t * spf // hop + 1
-        s_stft = self._source_stft(s, lens, nfr)
-        frames = h2d(lens, dev)
+        t, dev = mel.shape[-1], mel.device
 
         def mask(length_per_frame: float, size: int) -> torch.Tensor:
             valid = (frames.float() * length_per_frame).long()
@@ -277,9 +295,9 @@ class HiFT(nn.Module):
         m = mask(1, t)
         x = self.conv_pre(mel * m)
         up = 1
-        m_stft = torch.zeros(b, 1, nfr, device=dev)
-        for i in range(b):
-            m_stft[i, :, : lens[i] * spf // hop + 1] = 1.0
+        nfr = s_stft.shape[-1]
+        m_stft = torch.arange(nfr, device=dev) < (frames * spf // cfg.hop_len + 1)[:, None]
+        m_stft = m_stft.float()[:, None]
         n_res = len(cfg.resblock_kernel_sizes)
         for i, u in enumerate(cfg.upsample_rates):
             x = F.leaky_relu(x, cfg.lrelu_slope)
@@ -299,7 +317,15 @@ class HiFT(nn.Module):
                 xs = y if xs is None else xs + y
             x = xs / n_res
         x = F.leaky_relu(x)
-        return self._wave(self.conv_post(x * m), lens, t * spf)
+        return self.conv_post(x * m)
+
+    def enable_graphs(self, max_batch: int, capture: bool | None = None) -> None:
+        """Replay :meth:`filter` as CUDA graphs for calls of up to ``max_batch`` items
+        (:mod:`cosyvoice.hift.graphs`; ``capture=False``: eagerly at the same static shapes,
+        to test the padding on a CPU). Call after the model is on its device."""
+        from cosyvoice.hift.graphs import HiFTGraphs
+
+        self.graphs = HiFTGraphs(self, max_batch, self.conv_pre.weight.device, capture)
 
     def _source_stft(self, s: torch.Tensor, lens: list[int], nfr: int) -> torch.Tensor:
         """Each item's source over its valid length, as (B, n_fft + 2, nfr) real and
