@@ -299,8 +299,9 @@ class LLMEngine:
         if not dec:
             return got
         logits = got.new_empty(len(caches), got.shape[-1])
-        logits[pre] = got  # a copy: the next replay overwrites a graph's output
-        logits[dec] = g.run(torch.cat(pick(dec, batch.embeds)), pick(dec, caches))
+        dev = logits.device  # (indices through pinned memory: a list would wait for the device)
+        logits[h2d(pre, dev)] = got  # a copy: the next replay overwrites a graph's output
+        logits[h2d(dec, dev)] = g.run(torch.cat(pick(dec, batch.embeds)), pick(dec, caches))
         return logits
 
     def _pack(self, requests: Sequence[LLMRequest]) -> _Packed:
