@@ -246,7 +246,7 @@ class CosyVoiceModel:
         self._free_group = True
         active = self._start(utts)
         if active:
-            self._advance(active, slack)
+            self._advance(active, slack, utts)
         # outputs wait in the outbox until a step returns: collected audio outlives a step
         # that raises, and goes out with the next one
         out, self._outbox = self._outbox, []
@@ -283,7 +283,7 @@ class CosyVoiceModel:
                 u.status = Status.WAITING
         return active
 
-    def _advance(self, active: list[Utterance], slack: Slack) -> None:
+    def _advance(self, active: list[Utterance], slack: Slack, utts: list[Utterance]) -> None:
         llm = [u.llm for u in active if u.llm.ready]  # not: done, or waiting for text
         if llm:
             self.llm.step(llm)
@@ -304,7 +304,7 @@ class CosyVoiceModel:
                 for u in ready:
                     u.vocoding = True
                 self._inflight.append((self._vocoder_pool().submit(self._vocode, items), ready))
-                if self._wait_for_batch(active, ready, slack):
+                if self._wait_for_batch(utts, ready, slack):
                     while self._inflight:  # one worker: the batch is the last one queued
                         self._collect(wait=True)
             else:
@@ -318,12 +318,10 @@ class CosyVoiceModel:
         if self._inflight and not llm:
             self._collect(wait=True)  # nothing else to do meanwhile
 
-    def _wait_for_batch(
-        self, active: list[Utterance], ready: list[Utterance], slack: Slack
-    ) -> bool:
+    def _wait_for_batch(self, utts: list[Utterance], ready: list[Utterance], slack: Slack) -> bool:
         """Whether the steps stop until this batch is vocoded instead of going on beside it: it
         carries a listener's first audio (or audio about to be missed) and no other listener
-        is about to run dry meanwhile. Beside it, the steps' Python contends with the batch's
+        of ``utts`` (those between segments too) is about to run dry meanwhile. Beside it, the steps' Python contends with the batch's
         for the GIL and their kernels with its on the GPU: an H200 gave one stream its first
         audio in 178-210 ms inline and 218-222 ms beside the steps, 16 streams in 270-286 vs
         324-472 ms (bench/ttfa_split.py)."""
@@ -333,7 +331,7 @@ class CosyVoiceModel:
             return not u.heard if left is None else left < self.run_dry_s
 
         batch = {id(u) for u in ready}
-        others = [u for u in active if id(u) not in batch and u.heard]
+        others = [u for u in utts if id(u) not in batch and u.heard]
         return any(short(u) for u in ready) and not any(short(u) for u in others)
 
     def _feed(self, u: Utterance) -> None:

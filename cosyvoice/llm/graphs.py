@@ -159,7 +159,7 @@ class DecodeGraphs:
         plen = self.plen[:r]
         mask = (pos <= pos[:, None]) & (pos < plen[:, None, None])  # (r, n, n): causal, real keys
         group = Group(rows=rows, pad_rows=rows, block_table=self.ptable[:r, : n // BLOCK],
-                      q_pos=pos.expand(r, n), mask=mask[:, None], q_len=n)  # fmt: skip
+                      q_pos=pos.expand(r, n), mask=mask[:, None], q_len=n, in_order=True)  # fmt: skip
         layout = Layout(slots=self.pslots[: r * n], positions=pos.repeat(r), groups=[group])
         h = self.net.qwen.forward_layout(self.px[: r * n], self.pool, layout, self.max_pos,
                                          self.rope)  # fmt: skip

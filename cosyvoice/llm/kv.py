@@ -187,6 +187,7 @@ class Group:
     q_pos: torch.Tensor
     mask: torch.Tensor
     q_len: int
+    in_order: bool = False  # the packed rows already are the padded array (a static prefill)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Packed rows (N, ...) -> (B, q_len, ...), zeros where a request has fewer rows."""
@@ -213,10 +214,10 @@ class Layout:
         """Attention for every packed query row (N, heads, hd) -> (N, heads * hd): per group,
         ``keys_of(group)`` gives its (keys, values) and ``attend(q_padded, keys, values,
         group)`` the padded output. A pure decode step needs no padding at all."""
-        n = q.shape[0]
-        if len(self.groups) == 1 and self.groups[0].q_len == 1:  # rows are already in order
-            g = self.groups[0]
-            return attend(q[:, None], *keys_of(g), g).view(n, -1)
+        n, g = q.shape[0], self.groups[0]
+        if len(self.groups) == 1 and (g.q_len == 1 or g.in_order):  # rows are already in order
+            q = q.view(n // g.q_len, g.q_len, *q.shape[1:])
+            return attend(q, *keys_of(g), g).view(n, -1)
         out = q.new_empty(n, q.shape[1] * q.shape[2])
         for g in self.groups:
             g.unpad_into(out, attend(g.pad(q), *keys_of(g), g))

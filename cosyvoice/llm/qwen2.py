@@ -122,11 +122,11 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate-half RoPE of x (N, heads, hd) in place: x * cos + (-x2, x1) * sin, with ``sin``
     (N, hd) as :meth:`Qwen2Model.rope_tables` gives it, its first half negated: the halves
     swapped times it is the rotated half. Three kernels (a swap, a product, a fused
-    multiply-add into x) where negating, joining, two products and a sum were five: on a GPU
+    multiply-add, both in x) where negating, joining, two products and a sum were five: on a GPU
     a decode step costs its kernel count."""
     half = x.shape[-1] // 2
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
-    torch.addcmul(x * cos[:, None], swapped, sin[:, None], out=x)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # a copy, before x changes
+    x.mul_(cos[:, None]).addcmul_(swapped, sin[:, None])
 
 
 class MLP(nn.Module):

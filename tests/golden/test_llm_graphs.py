@@ -71,7 +71,9 @@ def test_a_first_input_alone_runs_as_a_prefill_bucket(golden_dir):
     eager, static = _load(golden_dir, False), _load(golden_dir, True)
     for model in (eager, static):
         model.llm.prefill_chunk = 128
-    lengths = [3, 29, 31, 60, 150]  # text tokens; the input adds sos and task
+    # text tokens; the input adds sos and task: 129 positions are a 128-position first chunk
+    # and one more (as a decode step), 152 a first chunk and 24 more (dynamically)
+    lengths = [3, 29, 31, 60, 127, 150]
     got = {}
     for name, model in (("eager", eager), ("static", static)):
         got[name] = []
@@ -83,7 +85,7 @@ def test_a_first_input_alone_runs_as_a_prefill_bucket(golden_dir):
                 if model.llm.step([r]) != [None]:  # (None: a first chunk, nothing drawn yet)
                     logits.append(r.last_logits.clone())
             got[name].append((r.out_tokens, logits))
-    assert static.llm.graphs.prefills == len(lengths)  # the 152-position input's first chunk too
+    assert static.llm.graphs.prefills == len(lengths)  # the longer inputs' first chunks too
     for (tok_e, lg_e), (tok_s, lg_s) in zip(got["eager"], got["static"], strict=True):
         assert tok_e == tok_s
         torch.testing.assert_close(torch.stack(lg_s), torch.stack(lg_e), atol=1e-4, rtol=1e-4)
