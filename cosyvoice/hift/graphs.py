@@ -6,9 +6,12 @@ their convolutions and masks. Launched eagerly they took 16-43 ms of a first chu
 so :meth:`HiFT.filter` is captured once per (batch, mel frames) bucket and replayed: the call's
 mel and source STFT are copied into zero-padded static buffers with each item's length, and
 every convolution's input is masked to that length, as in any batched call. A bucket is
-captured when first met (a capture costs about two calls: tens of ms, not a flow call's
-seconds); calls past the largest bucket (long whole utterances) run eagerly. On the CPU the
-same static call runs eagerly (``capture=False``): that is how the padding is tested.
+captured when first met (a capture costs about two calls); the frame buckets are a stream's
+first three hops' (25, 50 and 100 tokens, each with the 8 mel frames carried over), which the
+flow's warm-up runs at every batch bucket, so a final chunk's call, padded to one of them,
+captures nothing mid-burst. Calls past the largest bucket (long whole utterances, slow speech)
+run eagerly. On the CPU the same static call runs eagerly (``capture=False``): that is how the
+padding is tested.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
     from cosyvoice.hift.hift import HiFT
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-FRAMES = (32, 64, 96, 128, 192, 256)  # mel frames of a call (a streaming hop and its overlap)
+FRAMES = (64, 128, 256)  # mel frames of a call: hops of 25, 50, 100 tokens (58, 108, 208 frames)
 
 log = logging.getLogger("cosyvoice")
 
