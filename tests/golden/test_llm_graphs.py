@@ -97,11 +97,13 @@ def test_requests_joining_others_run_as_prefill_and_decode_graphs(golden_dir):
     requests join others decoding replays a prefill and a decode graph: the same logits and
     tokens as the dynamic step, whatever joins when."""
     eager, static = _load(golden_dir, False), _load(golden_dir, True)
-    joins = {0: [5, 40, 17], 2: [9], 4: [33, 12]}  # step -> text lengths of requests joining
+    # step -> text lengths of requests joining; at step 7, more than a prefill bucket holds
+    # (6 here) join at once: that step runs dynamically
+    joins = {0: [5, 40, 17], 2: [9], 4: [33, 12], 7: [3, 4, 5, 6, 7, 8, 9]}
     got = {}
     for name, model in (("eager", eager), ("static", static)):
         reqs, logits = [], []
-        for step in range(12):
+        for step in range(14):
             for n in joins.get(step, []):
                 reqs.append(LLMRequest(text_ids=[20 + k % 30 for k in range(n)],
                                        seed=1 + len(reqs), min_len=6, max_len=6))  # fmt: skip
@@ -111,7 +113,7 @@ def test_requests_joining_others_run_as_prefill_and_decode_graphs(golden_dir):
             for r in live:
                 logits[reqs.index(r)].append(r.last_logits.clone())
         got[name] = [(r.out_tokens, torch.stack(lg)) for r, lg in zip(reqs, logits, strict=True)]
-    assert static.llm.graphs.prefills == sum(len(v) for v in joins.values())
+    assert static.llm.graphs.prefills == sum(len(v) for k, v in joins.items() if k < 7)
     for (tok_e, lg_e), (tok_s, lg_s) in zip(got["eager"], got["static"], strict=True):
         assert tok_e == tok_s and len(tok_s) == 6
         torch.testing.assert_close(lg_s, lg_e, atol=1e-4, rtol=1e-4)
