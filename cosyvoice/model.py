@@ -321,10 +321,10 @@ class CosyVoiceModel:
     def _wait_for_batch(self, utts: list[Utterance], ready: list[Utterance], slack: Slack) -> bool:
         """Whether the steps stop until this batch is vocoded instead of going on beside it: it
         carries a listener's first audio (or audio about to be missed) and no other listener
-        of ``utts`` (those between segments too) is about to run dry meanwhile. Beside it, the steps' Python contends with the batch's
-        for the GIL and their kernels with its on the GPU: an H200 gave one stream its first
-        audio in 178-210 ms inline and 218-222 ms beside the steps, 16 streams in 270-286 vs
-        324-472 ms (bench/ttfa_split.py)."""
+        of ``utts`` (those between segments too) is about to run dry meanwhile. Beside it, the
+        steps' Python contends with the batch's for the GIL and their kernels with its on the
+        GPU: an H200 gave one stream its first audio in 178-210 ms inline and 218-222 ms
+        beside the steps, 16 streams in 270-286 vs 324-472 ms (bench/ttfa_split.py)."""
 
         def short(u: Utterance) -> bool:  # None: no slack known (before first audio, no caller's)
             left = None if slack is None else slack(u)

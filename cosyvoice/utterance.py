@@ -67,7 +67,7 @@ class Utterance:
     ready_since: int = 0  # model step at which its next chunk became ready (0: not ready)
     chunk_ready: bool = False  # token2wav has a chunk to make (set by the model's step)
     vocoding: bool = False  # a chunk of it is on the vocoder thread (its audio comes later)
-    heard: bool = False
+    heard: bool = False  # some of its audio has been handed out (see CosyVoiceModel.step)
 
     @property
     def in_flight(self) -> bool:

@@ -287,10 +287,8 @@ class FlowModel(nn.Module):
         xe = self.input_embedding(e.toks.clamp(min=0)) * e.valid
         if self.cfg.estimator == "dit":
             keep = e.tok.lens_dev + e.has_ctx.long() * la
-            xe = (
-                xe
-                * (torch.arange(xe.shape[1], device=xe.device)[None, :] < keep[:, None])[..., None]
-            )
+            kept = torch.arange(xe.shape[1], device=xe.device)[None, :] < keep[:, None]
+            xe = xe * kept[..., None]
             h = self.pre_lookahead_layer(xe.contiguous(), e.tok)
             return h.repeat_interleave(self.cfg.token_mel_ratio, dim=1)
         return self.encoder_proj(self.encoder(xe, e.has_ctx, e.tok, e.frm))

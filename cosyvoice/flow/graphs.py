@@ -40,7 +40,8 @@ log = logging.getLogger("cosyvoice")
 
 
 class FlowGraphs:
-    """The estimator's Euler loop of one flow model over up to ``max_batch`` pooled streams."""
+    """The encoder (v2, :meth:`with_encoder`) and the estimator's Euler loop of one flow model
+    over up to ``max_batch`` pooled streams."""
 
     def __init__(self, estimator: torch.nn.Module, pool: FlowPool, n_steps: int,
                  cfg_rate: float, max_batch: int, device: torch.device,
@@ -182,11 +183,14 @@ class FlowGraphs:
         f["spks"][:b].zero_()
         f["slots_in"][:b].fill_(ZERO_SLOT)
         f["slots_out"][:b].fill_(SCRATCH_SLOT)
+        done = set()  # the frame-rate views share the estimator's indices
         for pre, att, tb, kb in self._views(b, t, k):
-            for name in ("write", "positions", "valid"):
-                f[pre + name][:b, :tb].zero_()
-            f[pre + "read"][:b, :kb].zero_()
-            f[pre + "lens"][:b].zero_()
+            if pre not in done:
+                done.add(pre)
+                for name in ("write", "positions", "valid"):
+                    f[pre + name][:b, :tb].zero_()
+                f[pre + "read"][:b, :kb].zero_()
+                f[pre + "lens"][:b].zero_()
             att.zero_()
             att[..., 0] = True
         if self.encode is not None:

@@ -12,13 +12,12 @@ bucketing are tested without a GPU.
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Callable
 
 import torch
 
-from cosyvoice.devices import capture_graph, h2d
+from cosyvoice.devices import bucket, capture_graph, h2d
 
 from .kv import BLOCK, Group, KVCache, KVPool, Layout, blocks_for, slot, table_row
 from .lm import QwenSpeechLM
@@ -107,9 +106,9 @@ class DecodeGraphs:
         n = len(caches)
         for c in caches:
             c.reserve(1)
-        b = self.batches[bisect.bisect_left(self.batches, n)]
+        b = bucket(self.batches, n)
         need = max(blocks_for(c.length + 1) for c in caches)
-        nb = self.contexts[bisect.bisect_left(self.contexts, need)]
+        nb = bucket(self.contexts, need)
         if self.capture and (b, nb) not in self._graphs:
             self._capture(b, nb)  # before _fill: it runs on padding, which it writes
         self._fill(x, caches, b, nb)
@@ -123,8 +122,7 @@ class DecodeGraphs:
         lens = [x.shape[0] for x in xs]
         for c, n in zip(caches, lens, strict=True):
             c.reserve(n)
-        r = self.prefill_batches[bisect.bisect_left(self.prefill_batches, len(xs))]
-        n = PREFILLS[bisect.bisect_left(PREFILLS, max(lens))]
+        r, n = bucket(self.prefill_batches, len(xs)), bucket(PREFILLS, max(lens))
         if self.capture and (-r, n) not in self._graphs:
             self._capture(-r, n)
         self.px[: r * n].zero_()  # padded positions write to the scratch slot; none reads them
