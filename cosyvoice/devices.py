@@ -71,6 +71,16 @@ def h2d(x: torch.Tensor | list, device: torch.device | str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def h2d_into(dst: torch.Tensor, data: list) -> None:
+    """Host ints or floats ``data`` (a flat list) into the start of the 1-D ``dst`` as one
+    copy: on CUDA from pinned memory without making the host wait (as :func:`h2d`), straight
+    into the buffer (no device tensor of its own to copy from)."""
+    src = torch.tensor(data, dtype=dst.dtype)
+    if dst.device.type == "cuda":
+        src = src.pin_memory()
+    dst[: src.numel()].copy_(src, non_blocking=True)
+
+
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`pack_linears` applies: an x86 CPU with oneDNN, in float32, or in bfloat16
     where the CPU has bf16 matrix units. CUDA and ARM builds (oneDNN over ACL) keep torch's own
@@ -108,6 +118,16 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(), ...: would silently not apply
         raise RuntimeError("a packed linear cannot change device or dtype: pack after .to()")
+
+
+def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)`` for rows ``x`` (N, in), as one matmul that adds ``residual``
+    (``addmm``: on a GPU in cuBLAS's epilogue) for a plain linear without bias. On a GPU a
+    decode step is its kernel count: the two residual adds were 2 of a layer's ~16 kernels.
+    A :class:`PackedLinear` adds apart: oneDNN's add post-op was no faster (2-core Xeon)."""
+    if type(linear) is nn.Linear and linear.bias is None and x.dim() == 2:
+        return torch.addmm(residual, x, linear.weight.t())
+    return residual + linear(x)
 
 
 def pack_linears(net: nn.Module) -> int:

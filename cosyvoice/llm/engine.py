@@ -294,14 +294,14 @@ class LLMEngine:
         ):
             return self.net.forward_packed(torch.cat(batch.embeds), caches, lens)
         if not pre:
-            return g.run(torch.cat(batch.embeds), caches)
+            return g.run(batch.embeds, caches)
         got = g.run_prefill(pick(pre, batch.embeds), pick(pre, caches))
         if not dec:
             return got
         logits = got.new_empty(len(caches), got.shape[-1])
         dev = logits.device  # (indices through pinned memory: a list would wait for the device)
         logits[h2d(pre, dev)] = got  # a copy: the next replay overwrites a graph's output
-        logits[h2d(dec, dev)] = g.run(torch.cat(pick(dec, batch.embeds)), pick(dec, caches))
+        logits[h2d(dec, dev)] = g.run(pick(dec, batch.embeds), pick(dec, caches))
         return logits
 
     def _pack(self, requests: Sequence[LLMRequest]) -> _Packed:

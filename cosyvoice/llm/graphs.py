@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from cosyvoice.devices import bucket, capture_graph, h2d
+from cosyvoice.devices import bucket, capture_graph, h2d_into
 
 from .kv import BLOCK, Group, KVCache, KVPool, Layout, blocks_for, slot, table_row
 from .lm import QwenSpeechLM
@@ -45,9 +45,9 @@ class DecodeGraphs:
         dev, d = pool.data.device, net.cfg.llm_input_size
         mb, mc = self.batches[-1], self.contexts[-1]
         self.x = torch.zeros(mb, d, dtype=pool.data.dtype, device=dev)
-        self.slots = torch.zeros(mb, dtype=torch.long, device=dev)  # 0: the scratch slot
-        self.ctx = torch.ones(mb, dtype=torch.long, device=dev)
-        self.table = torch.zeros(mb, mc, dtype=torch.long, device=dev)
+        # A step's integer inputs, all in one buffer so that one copy from the host fills them
+        # (three copies were six launches of every step): see _ints.
+        self.ints = torch.zeros(mb * (2 + mc), dtype=torch.long, device=dev)
         self.max_pos = mc * BLOCK - 1
         # The RoPE tables the graphs read, held here: an eager step past the largest context
         # bucket grows the model's as new tensors, and the old ones' memory, once freed, would
@@ -56,9 +56,7 @@ class DecodeGraphs:
         self.prefill_batches = sorted({min(r, max_batch) for r in PREFILL_BATCHES})
         pr, pl = self.prefill_batches[-1], PREFILLS[-1]
         self.px = torch.zeros(pr * pl, d, dtype=pool.data.dtype, device=dev)
-        self.pslots = torch.zeros(pr * pl, dtype=torch.long, device=dev)
-        self.plen = torch.ones(pr, dtype=torch.long, device=dev)  # each request's real positions
-        self.ptable = torch.zeros(pr, pl // BLOCK, dtype=torch.long, device=dev)
+        self.pints = torch.zeros(pr * (pl + 1 + pl // BLOCK), dtype=torch.long, device=dev)
         self.prefills = 0  # prefills that ran as a bucket (the rest ran eagerly)
         self.prefill_on = True
         # (batch, context blocks) of a decode step; (-requests, positions) of a prefill
@@ -101,8 +99,9 @@ class DecodeGraphs:
             log.exception("capturing the LLM's prefill graphs failed; first inputs run eagerly")
             self.prefill_on = False
 
-    def run(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """Logits (len(caches), V) of one decode step; advances the caches by one position."""
+    def run(self, xs: list[torch.Tensor], caches: list[KVCache]) -> torch.Tensor:
+        """Logits (len(caches), V) of one decode step over each request's input ``xs[i]``
+        (1, d); advances the caches by one position."""
         n = len(caches)
         for c in caches:
             c.reserve(1)
@@ -111,7 +110,7 @@ class DecodeGraphs:
         nb = bucket(self.contexts, need)
         if self.capture and (b, nb) not in self._graphs:
             self._capture(b, nb)  # before _fill: it runs on padding, which it writes
-        self._fill(x, caches, b, nb)
+        self._fill(xs, caches, b, nb)
         logits = self._static((b, nb), lambda: self._forward(b, nb))
         KVPool.commit(caches, [1] * n)
         return logits[:n]
@@ -130,11 +129,9 @@ class DecodeGraphs:
         for i, (c, m) in enumerate(zip(caches, lens, strict=True)):
             self.px[i * n : i * n + m].copy_(xs[i])
             slots[i][:m] = [slot(c.blocks, p) for p in range(m)]
-        dev = self.px.device
-        self.pslots[: r * n].copy_(h2d([s for row in slots for s in row], dev))
-        self.plen[:r].copy_(h2d(lens + [1] * (r - len(xs)), dev))
-        rows = [table_row(c.blocks, n // BLOCK) for c in caches]
-        self.ptable[:r, : n // BLOCK].copy_(h2d(rows + [[0] * (n // BLOCK)] * (r - len(xs)), dev))
+        pad = r - len(xs)
+        rows = [table_row(c.blocks, n // BLOCK) for c in caches] + [[0] * (n // BLOCK)] * pad
+        h2d_into(self.pints, _flat(slots) + lens + [1] * pad + _flat(rows))
         logits = self._static((-r, n), lambda: self._forward_prefill(r, n))
         KVPool.commit(caches, lens)
         self.prefills += len(xs)
@@ -154,57 +151,64 @@ class DecodeGraphs:
         dev = self.px.device
         pos = torch.arange(n, device=dev)
         rows = torch.arange(r * n, device=dev)
-        plen = self.plen[:r]
+        slots, plen, table = self._prefill_ints(r, n)
         mask = (pos <= pos[:, None]) & (pos < plen[:, None, None])  # (r, n, n): causal, real keys
-        group = Group(rows=rows, pad_rows=rows, block_table=self.ptable[:r, : n // BLOCK],
+        group = Group(rows=rows, pad_rows=rows, block_table=table,
                       q_pos=pos.expand(r, n), mask=mask[:, None], q_len=n, in_order=True)  # fmt: skip
-        layout = Layout(slots=self.pslots[: r * n], positions=pos.repeat(r), groups=[group])
+        layout = Layout(slots=slots, positions=pos.repeat(r), groups=[group])
         h = self.net.qwen.forward_layout(self.px[: r * n], self.pool, layout, self.max_pos,
                                          self.rope)  # fmt: skip
         return self.net.llm_decoder(h.index_select(0, rows[::n] + plen - 1))
 
-    def _fill(self, x: torch.Tensor, caches: list[KVCache], b: int, nb: int) -> None:
-        n = len(caches)
-        slots, ctx, table = [], [], []
-        for c in caches:
-            pos = c.length
-            slots.append(slot(c.blocks, pos))
-            ctx.append(pos + 1)
-            table.append(table_row(c.blocks, nb))
-        pad = b - n  # padded rows: write to the scratch slot, attend to it alone
-        dev = self.x.device  # through pinned memory: a pageable copy would wait for the stream
-        self.x[:n].copy_(x)
+    def _ints(self, b: int, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bucket (b, nb)'s views of ``ints``: where each row's new key goes (b,), its context
+        length (b,) and its block table (b, nb), one after the other."""
+        i = self.ints
+        return i[:b], i[b : 2 * b], i[2 * b : 2 * b + b * nb].view(b, nb)
+
+    def _prefill_ints(self, r: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A prefill bucket's views of ``pints``: each position's slot (r * n,), each request's
+        real positions (r,) and its block table (r, n / BLOCK)."""
+        i, rn, nb = self.pints, r * n, n // BLOCK
+        return i[:rn], i[rn : rn + r], i[rn + r : rn + r + r * nb].view(r, nb)
+
+    def _fill(self, xs: list[torch.Tensor], caches: list[KVCache], b: int, nb: int) -> None:
+        n, pad = len(caches), b - len(caches)  # padded rows: the scratch slot, key 0 alone
+        slots = [slot(c.blocks, c.length) for c in caches] + [0] * pad
+        ctx = [c.length + 1 for c in caches] + [1] * pad
+        table = [table_row(c.blocks, nb) for c in caches] + [[0] * nb] * pad
+        torch.cat(xs, out=self.x[:n])
         self.x[n:b].zero_()
-        self.slots[:b].copy_(h2d(slots + [0] * pad, dev))
-        self.ctx[:b].copy_(h2d(ctx + [1] * pad, dev))
-        self.table[:b, :nb].copy_(h2d(table + [[0] * nb] * pad, dev))
+        h2d_into(self.ints, slots + ctx + _flat(table))
 
     def _forward(self, b: int, nb: int) -> torch.Tensor:
         """The static step: every op reads the buffers, so it can be captured."""
-        ctx = self.ctx[:b]
+        slots, ctx, table = self._ints(b, nb)
         k_pos = torch.arange(nb * BLOCK, device=ctx.device)
         group = Group(
             rows=torch.arange(b, device=ctx.device),
             pad_rows=torch.arange(b, device=ctx.device),
-            block_table=self.table[:b, :nb],
+            block_table=table,
             q_pos=(ctx - 1)[:, None],
             mask=(k_pos < ctx[:, None, None])[:, None],
             q_len=1,
         )
-        layout = Layout(slots=self.slots[:b], positions=ctx - 1, groups=[group])
+        layout = Layout(slots=slots, positions=ctx - 1, groups=[group])
         h = self.net.qwen.forward_layout(self.x[:b], self.pool, layout, self.max_pos, self.rope)
         return self.net.llm_decoder(h)
 
     def _capture(self, b: int, nb: int) -> None:
         """The decode step of bucket (b, nb), or with b = -r the prefill of r requests' nb
         positions, on padding only (every write goes to the scratch block)."""
-        self.slots[: max(b, 0)].zero_()
-        self.ctx[: max(b, 0)].fill_(1)
-        self.table[: max(b, 0), :nb].zero_()
-        self.pslots.zero_()
-        self.plen.fill_(1)
-        self.ptable.zero_()
+        slots, ctx, table = self._ints(b, nb) if b > 0 else self._prefill_ints(-b, nb)
+        slots.zero_()
+        ctx.fill_(1)  # (a prefill's: each request's real positions)
+        table.zero_()
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.pool.data.device)
         step = (lambda: self._forward(b, nb)) if b > 0 else (lambda: self._forward_prefill(-b, nb))
         self._graphs[(b, nb)] = capture_graph(step, self._mempool, self._stream)
+
+
+def _flat(rows: list[list[int]]) -> list[int]:
+    return [x for row in rows for x in row]

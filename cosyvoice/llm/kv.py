@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -188,6 +188,15 @@ class Group:
     mask: torch.Tensor
     q_len: int
     in_order: bool = False  # the packed rows already are the padded array (a static prefill)
+    _bias: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def bias(self, dtype: torch.dtype, stack: int = 1) -> torch.Tensor:
+        """:func:`additive_bias` of the mask, made once per forward and read by every layer:
+        given the bool mask, SDPA makes such a bias in every layer (three more kernels per
+        layer, which a replayed decode step launches one by one)."""
+        if (b := self._bias.get((dtype, stack))) is None:
+            b = self._bias[(dtype, stack)] = additive_bias(self.mask, dtype, stack)
+        return b
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Packed rows (N, ...) -> (B, q_len, ...), zeros where a request has fewer rows."""
@@ -199,6 +208,15 @@ class Group:
     def unpad_into(self, out: torch.Tensor, y: torch.Tensor) -> None:
         """Write the real rows of padded ``y`` (B, q_len, ...) back into packed ``out``."""
         out[self.rows] = y.reshape(-1, *y.shape[2:])[self.pad_rows]
+
+
+def additive_bias(mask: torch.Tensor, dtype: torch.dtype, stack: int = 1) -> torch.Tensor:
+    """A bool attention mask (B, 1, L, T) as an additive bias in ``dtype``: 0 where a query may
+    attend a key, -inf elsewhere; for L > 1 each request's L rows repeated ``stack`` times (the
+    query heads of one KV head stacked as rows, as :func:`cosyvoice.llm.qwen2.attention` reads
+    them; a single row broadcasts as it is): (B, 1, stack * L or 1, T)."""
+    m = mask if mask.shape[2] == 1 else mask.repeat(1, 1, stack, 1)
+    return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
 
 
 @dataclass

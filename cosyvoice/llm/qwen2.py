@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QwenConfig
+from ..devices import linear_add
 from ..fuse import fuse
 from .kv import KVCache, KVPool, Layout, gather, write
 
@@ -61,6 +62,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv: torch.Tensor,  # this layer of the KV pool
         layout: Layout,
+        residual: torch.Tensor,  # (N, d): added to the output projection's
     ) -> torch.Tensor:
         n, h, h_kv = x.shape[0], self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(n, h + 2 * h_kv, self.head_dim)
@@ -69,16 +71,18 @@ class Attention(nn.Module):
         out = layout.attend(
             qkv[:, :h],
             lambda g: gather(kv, g),
-            lambda qp, keys, values, g: attention(qp, keys, values, g.mask),
+            lambda qp, keys, values, g: attention(qp, keys, values, g.bias(qp.dtype, h // h_kv)),
         )
-        return self.o_proj(out)
+        return linear_add(self.o_proj, out, residual)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """Masked GQA attention for a padded batch: q (B, L, H, hd), k/v (B, T, n_kv, hd), mask
-    (B, 1, L, T) -> (B, L, H * hd). Query head h reads KV head h // (H / n_kv).
+    """Masked GQA attention for a padded batch: q (B, L, H, hd), k/v (B, T, n_kv, hd) and
+    ``bias`` the additive mask with each KV head's query rows stacked (:meth:`Group.bias`:
+    (B, 1, g * L, T), or (B, 1, 1, T) when L = 1) -> (B, L, H * hd). Query head h reads KV
+    head h // g, g = H / n_kv.
 
     Both kernels see ``n_kv`` heads of ``g * L`` query rows (each KV head's ``g`` query heads
     stacked as rows), so no key is copied per query head. On the GPU that shape is one SDPA
@@ -90,31 +94,21 @@ def attention(
     g = h // n_kv
     qg = q.view(b, lq, n_kv, g, hd).permute(0, 2, 3, 1, 4).reshape(b, n_kv, g * lq, hd)
     grouped = _matmuls if q.device.type == "cpu" else _sdpa
-    o = grouped(qg, k.transpose(1, 2), v.transpose(1, 2), mask, g)  # (B, n_kv, g * L, hd)
+    o = grouped(qg, k.transpose(1, 2), v.transpose(1, 2), bias)  # (B, n_kv, g * L, hd)
     return o.view(b, n_kv, g, lq, hd).permute(0, 3, 1, 2, 4).reshape(b, lq, h * hd)
 
 
-def _sdpa(
-    qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, g: int
-) -> torch.Tensor:
-    """qg (B, n_kv, g * L, hd), k/v (B, n_kv, T, hd), mask (B, 1, L, T): one SDPA call.
-
-    A decode step's mask (L = 1) broadcasts over the stacked heads as it is; only a prefill's
-    is repeated per head (a copy in every layer of every decode step would be one more kernel
-    per layer in the replayed graph, for a mask the layers share)."""
-    rows = mask if mask.shape[2] == 1 else mask.repeat(1, 1, g, 1)
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=rows)
+def _sdpa(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """qg (B, n_kv, rows, hd) over k/v (B, n_kv, T, hd) with the additive ``bias``: one call."""
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=bias)
 
 
 def _matmuls(
-    qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, g: int
+    qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """The same as :func:`_sdpa` in two matmuls (a softmax in float32 between them)."""
-    b, n_kv, rows, hd = qg.shape
-    scores = (qg @ k.transpose(2, 3)) * (hd**-0.5)  # (B, n_kv, g * L, T)
-    scores = scores.view(b, n_kv, g, rows // g, -1).float()
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    p = scores.softmax(-1).to(v.dtype).view(b, n_kv, rows, -1)
+    """The same as :func:`_sdpa` in two matmuls, a float32 softmax between them."""
+    scores = (qg @ k.transpose(2, 3)) * (qg.shape[-1] ** -0.5)  # (B, n_kv, rows, T)
+    p = (scores.float() + bias).softmax(-1).to(v.dtype)
     return p @ v
 
 
@@ -137,9 +131,9 @@ class MLP(nn.Module):
         fuse(self, "gate_up_proj", {"gate_proj": n, "up_proj": n})
         self.down_proj = nn.Linear(n, d, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear_add(self.down_proj, F.silu(gate) * up, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -149,6 +143,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, kv: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Packed rows x (N, d) -> (N, d); the residual adds ride on the projections."""
+        x = self.self_attn(self.input_layernorm(x), cos, sin, kv, layout, residual=x)
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class Qwen2Model(nn.Module):
@@ -224,7 +223,5 @@ class Qwen2Model(nn.Module):
         cos/sin tables to read (default: the model's, grown to ``max_pos``)."""
         cos, sin = self.rope(layout.positions, max_pos, x.dtype, rope)
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            x = x + layer.self_attn(h, cos, sin, pool.layer(i), layout)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = layer(x, cos, sin, pool.layer(i), layout)
         return self.norm(x)

@@ -11,8 +11,10 @@ import torch
 from _fixtures import TEST_DEVICE
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import cosyvoice
 from cosyvoice.flow import decoder, dit
 from cosyvoice.flow.cache import FlowCache, Past
+from cosyvoice.llm.kv import additive_bias
 from cosyvoice.llm.qwen2 import attention
 
 pytestmark = pytest.mark.skipif(TEST_DEVICE == "cpu", reason="the GPU's attention kernels")
@@ -41,7 +43,8 @@ def test_llm_attention_takes_the_memory_efficient_kernel(dtype, lq):
     q_pos = past + torch.arange(lq, device=TEST_DEVICE)
     keys = torch.arange(t, device=TEST_DEVICE)
     mask = (keys <= q_pos[..., None]) & (keys < past[..., None] + lq)
-    fast, ref = _both_kernels(lambda: attention(q, k, v, mask[:, None]))
+    bias = additive_bias(mask[:, None], dtype, h // n_kv)
+    fast, ref = _both_kernels(lambda: attention(q, k, v, bias))
     torch.testing.assert_close(fast, ref, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
 
 
@@ -66,3 +69,67 @@ def test_flow_attention_takes_the_memory_efficient_kernel(dtype, module):
 
     fast, ref = _both_kernels(run)
     torch.testing.assert_close(fast, ref, atol=3e-2 if dtype == torch.bfloat16 else 1e-4, rtol=0)
+
+
+def test_graph_calls_never_wait_for_the_device(golden_dir, monkeypatch):
+    """Streams through the model with every graph owner's call (a decode step, first inputs, a
+    flow call, a HiFT call) under torch's sync debug mode: a stray host synchronization there
+    (a scalar read back, a pageable copy, a shape that depends on data) raises. One would stall
+    the host at every replay until the GPU drained its queue, so nothing is queued ahead while
+    the GPU runs. Captures are left out: a capture synchronizes by design."""
+    from cosyvoice.flow import graphs as flow_graphs
+    from cosyvoice.hift import graphs as hift_graphs
+    from cosyvoice.llm import graphs as llm_graphs
+    from cosyvoice.utterance import Status
+
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    calls: dict[str, int] = {}
+    errors: list[str] = []
+
+    def checked(name, fn):
+        def run(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*a, **k)
+            except RuntimeError as e:
+                errors.append(f"{name}: {e}")
+                raise
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        return run
+
+    def unchecked(fn):
+        def run(*a, **k):
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return fn(*a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+
+        return run
+
+    for mod in (llm_graphs, flow_graphs, hift_graphs):
+        monkeypatch.setattr(mod, "capture_graph", unchecked(mod.capture_graph))
+    model = cosyvoice.load(d, device=TEST_DEVICE, speaker_dir=None, vocoder_thread=False)
+    model.warmup()
+    for owner, name in ((model.llm.graphs, "run"), (model.llm.graphs, "run_prefill"),
+                        (model.token2wav.flow.graphs, "run"), (model.token2wav.hift.graphs, "run")):  # fmt: skip
+        monkeypatch.setattr(owner, name, checked(f"{type(owner).__name__}.{name}",
+                                                 getattr(owner, name)))  # fmt: skip
+    spk = model.speakers.list()[0]
+    utts = [model.start(spk, seed=k + 1, fixed_tokens=60) for k in range(3)]
+    for u in utts:
+        model.add_text(u, "Hello there, this is a test.")
+        model.close_text(u)
+    failed = []
+    while live := [u for u in utts if u.status is not Status.FINISHED]:
+        failed += [o.error for o in model.step(live) if o.error]
+    assert not errors, errors
+    assert not failed, failed
+    assert set(calls) == {"DecodeGraphs.run", "DecodeGraphs.run_prefill", "FlowGraphs.run",
+                          "HiFTGraphs.run"}, calls  # fmt: skip

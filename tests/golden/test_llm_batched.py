@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from _fixtures import CountOps, load_engine
 
 import cosyvoice
-from cosyvoice.devices import PackedLinear, can_pack_linears, pack_linears
+from cosyvoice.devices import PackedLinear, can_pack_linears, linear_add, pack_linears
 from cosyvoice.llm import qwen2
 from cosyvoice.llm.engine import LLMRequest
-from cosyvoice.llm.kv import BLOCK
+from cosyvoice.llm.kv import BLOCK, additive_bias
 from cosyvoice.llm.qwen2 import attention
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -57,6 +57,33 @@ def test_decode_step_ops_do_not_grow_with_batch(golden_dir, family):
     # a few ops of host-side bookkeeping may differ, never anything per request per layer
     assert abs(extra) <= 8, (sum(one.values()), sum(sixteen.values()), sixteen - one)
     assert sum(one.values()) > 5 * n_layers  # the counter saw the layers at all
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "gpu"])
+@pytest.mark.parametrize("n_new", [1, 3])  # a decode step, a prefill
+def test_every_layer_reads_one_attention_bias_per_forward(golden_dir, kernel, n_new, monkeypatch):
+    """The mask goes into attention as one additive bias per forward, in the compute dtype: a
+    bool mask made SDPA build that bias again in every layer (on a GPU three kernels per layer
+    of every replayed decode step), and the CPU path masked every layer's scores."""
+    model = load_engine(golden_dir, "cosyvoice2")
+    seen: list[torch.Tensor] = []
+    inner = qwen2._sdpa if kernel == "gpu" else qwen2._matmuls
+
+    def spy(qg, k, v, bias):
+        seen.append(bias)
+        return inner(qg, k, v, bias)
+
+    reqs = _started(model, 3)
+    monkeypatch.setattr(qwen2, "_matmuls", spy)
+    net = model.llm.net
+    with torch.inference_mode():
+        x = net.speech_embedding(torch.tensor([[r.out_tokens[-1]] * n_new for r in reqs]))
+        net.forward_packed(x.flatten(0, 1), [r.cache for r in reqs], [n_new] * 3)
+    assert len(seen) == model.llm_config.qwen.num_hidden_layers
+    assert all(b is seen[0] for b in seen), "a bias per layer"
+    assert seen[0].dtype == model.dtype
+    for r in reqs:
+        r.cancel()
 
 
 # per request in a step: views of its row, and its own seeded draw
@@ -152,7 +179,7 @@ def test_grouped_attention_matches_sdpa(lq, kernel, monkeypatch):
     past = torch.tensor([0, 10, 30])
     q_pos = past[:, None] + torch.arange(lq)
     mask = (torch.arange(t) <= q_pos[:, :, None]) & (torch.arange(t) < (past + lq)[:, None, None])
-    got = attention(q, k, v, mask[:, None])
+    got = attention(q, k, v, additive_bias(mask[:, None], q.dtype, h // n_kv))
     ref = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.repeat_interleave(h // n_kv, 2).transpose(1, 2),
@@ -229,6 +256,19 @@ def test_load_packs_the_llm_in_bfloat16_on_bf16_units(golden_dir):
     # a wrong weight layout would be off by the logits' own scale, not by bf16 rounding
     err = (packed.float() - plain.float()).abs().max() / plain.float().abs().max()
     assert err < 0.05, err
+
+
+@NEEDS_ONEDNN
+def test_linear_add_is_the_residual_plus_the_linear_on_every_path():
+    """addmm (a plain linear without bias), a packed linear and a biased one (the plain sum)."""
+    g = torch.Generator().manual_seed(0)
+    x, res = torch.randn(5, 16, generator=g), torch.randn(5, 8, generator=g)
+    for bias in (False, True):
+        lin = torch.nn.Linear(16, 8, bias=bias)
+        with torch.inference_mode():
+            want = res + lin(x)
+            for m in (lin, PackedLinear(lin)):
+                torch.testing.assert_close(linear_add(m, x, res), want)
 
 
 @NEEDS_ONEDNN
