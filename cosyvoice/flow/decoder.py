@@ -3,7 +3,13 @@ sampler with cosine schedule and classifier-free guidance.
 
 The estimator runs on a call's new frames; a :class:`Past` (one per Euler step) supplies the
 keys/values and convolution inputs of earlier frames, so a streaming chunk does not recompute
-them (see :mod:`cosyvoice.flow.cache`)."""
+them (see :mod:`cosyvoice.flow.cache`).
+
+Padding is right of each row's frames, and nothing in this U-Net reads rightwards: its
+convolutions are causal, its norms per frame, and attention's bias hides every key past a
+row's end. So a frame's output never depends on the padding's values, and the estimator does
+not zero them between blocks, as the official one multiplies by the mask before and after
+every convolution (~75 kernels per evaluation, 10 per flow call); its output is masked once."""
 
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ class CausalConv1d(nn.Conv1d):
 
 
 class CausalBlock1D(nn.Module):
-    """block = [CausalConv1d(k3), -, LayerNorm over channels, -, Mish]; out = block(x*m)*m."""
+    """block = [CausalConv1d(k3), -, LayerNorm over channels, -, Mish]; the official block's
+    masks, block(x*m)*m, leave real frames as they are (module docstring)."""
 
     def __init__(self, dim: int, dim_out: int):
         super().__init__()
@@ -33,10 +40,10 @@ class CausalBlock1D(nn.Module):
             [CausalConv1d(dim, dim_out, 3), nn.Identity(), nn.LayerNorm(dim_out), nn.Identity()]
         )
 
-    def forward(self, x, mask, past: Past):
-        h = self.block[0](x * mask, past)
+    def forward(self, x, past: Past):
+        h = self.block[0](x, past)
         h = self.block[2](h.transpose(1, 2)).transpose(1, 2)
-        return F.mish(h) * mask
+        return F.mish(h)
 
 
 class CausalResnetBlock1D(nn.Module):
@@ -47,11 +54,11 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x, mask, temb, past: Past):
-        h = self.block1(x, mask, past)
-        h = h + self.mlp(temb)[:, :, None]
-        h = self.block2(h, mask, past)
-        return h + self.res_conv(x * mask)
+    def forward(self, x, tproj, past: Past):  # tproj: mlp(time embedding), (B or 1, C)
+        h = self.block1(x, past)
+        h = h + tproj[:, :, None]
+        h = self.block2(h, past)
+        return h + self.res_conv(x)
 
 
 class Attention(nn.Module):
@@ -112,6 +119,13 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def unet_time_terms(unet: nn.Module, t: torch.Tensor) -> list[torch.Tensor]:
+    """Each resnet block's projection of the time embedding of t (N,) in a U-Net estimator
+    (the first module of each of its levels), (N, C) each, in the order the levels run."""
+    temb = unet.time_mlp(sinusoidal_emb(t, unet.cin))
+    return [lvl[0].mlp(temb) for lvl in (*unet.down_blocks, *unet.mid_blocks, *unet.up_blocks)]
+
+
 def sinusoidal_emb(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
     half = dim // 2
     f = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
@@ -145,31 +159,37 @@ class CausalConditionalDecoder(nn.Module):
         self.final_block = CausalBlock1D(channels, channels)
         self.final_proj = nn.Conv1d(channels, cout, 1)
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past: Past | None = None):
+    def time_terms(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """What the blocks take from the time t (N,) (see :func:`cfm_euler`)."""
+        return unet_time_terms(self, t)
+
+    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past: Past | None = None,
+                time: list[torch.Tensor] | None = None):  # fmt: skip
         """Inputs (B, C, T) of the new frames. ``past``: the call's view of earlier frames (one
         Euler step's); without it every row is a whole sequence, chunk-masked where
-        ``streaming`` (B,) is set."""
+        ``streaming`` (B,) is set. ``time``: :meth:`time_terms` made already (then t is not
+        read), each (B or 1, C)."""
         if past is None:
             past = fresh_past(mask, streaming, self.chunk)
-        temb = self.time_mlp(sinusoidal_emb(t, self.cin))
+        terms = iter(self.time_terms(t) if time is None else time)
         x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
 
         def run(lvl, x):
-            x = lvl[0](x, mask, temb, past).transpose(1, 2)
+            x = lvl[0](x, next(terms), past).transpose(1, 2)
             for blk in lvl[1]:
                 x = blk(x, past)
             return x.transpose(1, 2)
 
         x = run(self.down_blocks[0], x)
         skip = x
-        x = self.down_blocks[0][2](x * mask, past)
+        x = self.down_blocks[0][2](x, past)
         for lvl in self.mid_blocks:
             x = run(lvl, x)
         x = torch.cat([x, skip], dim=1)
         x = run(self.up_blocks[0], x)
-        x = self.up_blocks[0][2](x * mask, past)
-        x = self.final_block(x, mask, past)
-        return self.final_proj(x * mask) * mask
+        x = self.up_blocks[0][2](x, past)
+        x = self.final_block(x, past)
+        return self.final_proj(x) * mask
 
 
 def fresh_past(mask: torch.Tensor, streaming: torch.Tensor | None, chunk: int) -> Past:
@@ -185,6 +205,24 @@ def cosine_t_span(n: int, dtype=torch.float32) -> torch.Tensor:
     return 1 - torch.cos(t * 0.5 * torch.pi)
 
 
+def euler_times(n: int) -> torch.Tensor:
+    """(2, n): the time t and the step dt of each of ``n`` Euler steps over the cosine schedule,
+    as upstream's loop makes them: t advances by t += dt with dt = t_span[s + 1] - t, in
+    float32 (so t drifts from t_span by a rounding). Made once, on the host: the same float32
+    sums as on any device. In float32 also under autocast: in bf16 the first step is 5% short
+    (v2's bf16 mel 10x further off)."""
+    span = cosine_t_span(n)
+    t, dt = span[0], span[1] - span[0]
+    ts, dts = [], []
+    for s in range(1, n + 1):
+        ts.append(t)
+        dts.append(dt)
+        t = t + dt
+        if s < n:
+            dt = span[s + 1] - t
+    return torch.stack([torch.stack(ts), torch.stack(dts)])
+
+
 class CFM(nn.Module):
     """A flow's ``decoder``: holds the estimator, so its weights sit under ``decoder.estimator.*``
     as in the official ``flow.pt``; the sampler is :func:`cfm_euler`."""
@@ -195,26 +233,28 @@ class CFM(nn.Module):
 
 
 def cfm_euler(estimator, z, mask, mu, spks, cond, past: Past, n_steps=10, cfg_rate=0.7,
-              t_span: torch.Tensor | None = None):  # fmt: skip
+              times: torch.Tensor | None = None):  # fmt: skip
     """Euler ODE from noise z with classifier-free guidance (unconditional rows zero mu/spks/cond).
     ``past`` (2 row groups: conditional, unconditional) is keyed apart for every step.
-    ``t_span``: the schedule already on the device (a CUDA graph cannot copy it there)."""
-    if t_span is None:  # float32 also under autocast: in bf16 the first step is 5% short
-        t_span = cosine_t_span(n_steps).to(mu.device)  # (v2's bf16 mel 10x further off)
+    ``times``: :func:`euler_times` already on the device (a CUDA graph cannot copy it there).
+
+    What the estimator takes from the time (``time_terms``: its time embedding's projections,
+    ~40 small kernels for the U-Net, ~100 for the DiT) is made once for all steps, every row of
+    a step sharing its t: per evaluation it was ten times as many launches for ten vectors."""
+    if times is None:
+        times = euler_times(n_steps).to(mu.device)
+    ts, dts = times
+    terms = estimator.time_terms(ts)
     b = z.shape[0]
     x = z
     mask2 = torch.cat([mask, mask])
     mu2 = torch.cat([mu, torch.zeros_like(mu)])
     spks2 = torch.cat([spks, torch.zeros_like(spks)])
     cond2 = torch.cat([cond, torch.zeros_like(cond)])
-    t, dt = t_span[0], t_span[1] - t_span[0]
-    for step in range(1, len(t_span)):
-        v = estimator(torch.cat([x, x]), mask2, mu2, t.expand(2 * b), spks2, cond2,
-                      past=past.at(step))  # fmt: skip
+    for s in range(n_steps):
+        v = estimator(torch.cat([x, x]), mask2, mu2, None, spks2, cond2, past=past.at(s + 1),
+                      time=[term[s : s + 1] for term in terms])  # fmt: skip
         vc, vu = v[:b], v[b:]
         v = (1.0 + cfg_rate) * vc - cfg_rate * vu
-        x = x + dt * v
-        t = t + dt
-        if step < len(t_span) - 1:
-            dt = t_span[step + 1] - t
+        x = x + dts[s] * v
     return x.float()

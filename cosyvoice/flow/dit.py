@@ -121,12 +121,18 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, heads, dim_head)
         self.ff = FF(dim, ff_mult)
 
-    def forward(self, x, c, past: Past, freqs):
+    def time_terms(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """Its modulation by the time embedding c (N, dim): shift, 1 + scale and gate of the
+        attention's and the feed-forward's inputs, (N, dim) each."""
         sh_a, sc_a, g_a, sh_m, sc_m, g_m = self.attn_norm(c)
-        n = _ln(x) * (1 + sc_a[:, None]) + sh_a[:, None]
-        x = x + g_a[:, None] * self.attn(n, past, freqs)
-        n = _ln(x) * (1 + sc_m[:, None]) + sh_m[:, None]
-        return x + g_m[:, None] * self.ff(n)
+        return [sh_a, 1 + sc_a, g_a, sh_m, 1 + sc_m, g_m]
+
+    def forward(self, x, terms: list[torch.Tensor], past: Past, freqs):
+        sh_a, sc_a, g_a, sh_m, sc_m, g_m = (term[:, None] for term in terms)
+        n = _ln(x) * sc_a + sh_a
+        x = x + g_a * self.attn(n, past, freqs)
+        n = _ln(x) * sc_m + sh_m
+        return x + g_m * self.ff(n)
 
 
 class DiT(nn.Module):
@@ -143,17 +149,27 @@ class DiT(nn.Module):
         self.norm_out = AdaLNZero(dim, 2)
         self.proj_out = nn.Linear(dim, out_channels)
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past: Past | None = None):
-        """Inputs (B, C, T) of the new frames; ``past`` as for the U-Net estimator."""
+    def time_terms(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """What the blocks take from the time t (N,): each block's six modulations and the
+        output norm's 1 + scale and shift, (N, dim) each (see :func:`cfm_euler`)."""
+        c = self.time_embed(t)
+        scale, shift = self.norm_out(c)
+        return [*(x for blk in self.transformer_blocks for x in blk.time_terms(c)), 1 + scale,
+                shift]  # fmt: skip
+
+    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past: Past | None = None,
+                time: list[torch.Tensor] | None = None):  # fmt: skip
+        """Inputs (B, C, T) of the new frames; ``past`` and ``time`` as for the U-Net
+        estimator."""
         if past is None:
             past = fresh_past(mask, streaming, self.chunk)
-        c = self.time_embed(t)
+        terms = self.time_terms(t) if time is None else time
         h = self.input_embed(
             x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks, past
         )
         freqs = self.rotary_embed(past.positions)
-        for blk in self.transformer_blocks:
-            h = blk(h, c, past, freqs)
-        scale, shift = self.norm_out(c)
-        h = _ln(h) * (1 + scale[:, None]) + shift[:, None]
+        for i, blk in enumerate(self.transformer_blocks):
+            h = blk(h, terms[6 * i : 6 * i + 6], past, freqs)
+        scale, shift = terms[-2][:, None], terms[-1][:, None]
+        h = _ln(h) * scale + shift
         return self.proj_out(h).transpose(1, 2)

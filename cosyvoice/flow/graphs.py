@@ -26,7 +26,7 @@ import torch
 from cosyvoice.devices import CaptureFailed, bucket, capture_graph
 
 from .cache import SCRATCH_SLOT, ZERO_SLOT, EncoderInputs, FlowPool, Past
-from .decoder import cfm_euler, cosine_t_span
+from .decoder import cfm_euler, euler_times
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 FRAMES = (32, 64, 96, 128, 192, 256, 384, 512)  # new frames per call: a hop of 25 tokens
@@ -146,8 +146,8 @@ class FlowGraphs:
             self._buf("toks", (b, tt + self.lookahead), torch.long)
             self._buf("toks_valid", (b, tt + self.lookahead, 1), enc.valid.dtype)
             self._buf("has_ctx", (b,), torch.bool)
-        if "t_span" not in self._bufs:  # as cfm_euler makes it: float32 under autocast too
-            self._bufs["t_span"] = cosine_t_span(self.n_steps).to(self.device)
+        if "times" not in self._bufs:  # as cfm_euler makes it: float32 under autocast too
+            self._bufs["times"] = euler_times(self.n_steps).to(self.device)
             self._drop()
         self._follow_pool()
 
@@ -278,7 +278,7 @@ class FlowGraphs:
         past = self._view("", att.flatten(0, 1), b, t, k, rows=2)
         return cfm_euler(
             self.estimator, x["z"], x["mask"], mu, f["spks"][:b], x["cond"], past,
-            self.n_steps, self.cfg_rate, t_span=f["t_span"],
+            self.n_steps, self.cfg_rate, times=f["times"],
         )  # fmt: skip
 
     def _capture(self, key: tuple[int, int, int]) -> None:

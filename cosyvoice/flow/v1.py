@@ -19,7 +19,7 @@ from cosyvoice.flow.decoder import (
     TransformerBlock,
     cfm_euler,
     fresh_past,
-    sinusoidal_emb,
+    unet_time_terms,
 )
 from cosyvoice.flow.encoder import ConformerLayer, LinearInput
 
@@ -133,8 +133,8 @@ class ResnetBlock1D(nn.Module):
         self.block1, self.block2 = Block1D(dim, dim_out), Block1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x, mask, temb):
-        h = self.block1(x, mask) + self.mlp(temb)[:, :, None]
+    def forward(self, x, mask, tproj):  # tproj: mlp(time embedding), (B or 1, C)
+        h = self.block1(x, mask) + tproj[:, :, None]
         return self.block2(h, mask) + self.res_conv(x * mask)
 
 
@@ -197,13 +197,17 @@ class ConditionalDecoder(nn.Module):
         self.final_block = Block1D(up[-1], up[-1])
         self.final_proj = nn.Conv1d(up[-1], cout, 1)
 
-    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past=None):
-        """Full attention over each level's frames (``streaming``/``past`` do not apply)."""
-        temb = self.time_mlp(sinusoidal_emb(t, self.cin))
+    def time_terms(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return unet_time_terms(self, t)
+
+    def forward(self, x, mask, mu, t, spks, cond, streaming=None, past=None, time=None):
+        """Full attention over each level's frames (``streaming``/``past`` do not apply);
+        ``time``: :meth:`time_terms` made already (as the U-Net of CosyVoice2 takes them)."""
+        terms = iter(self.time_terms(t) if time is None else time)
         x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)
 
         def run(lvl, x, m):
-            x = lvl[0](x, m, temb).transpose(1, 2)
+            x = lvl[0](x, m, next(terms)).transpose(1, 2)
             whole = fresh_past(m, None, 0)
             for blk in lvl[1]:
                 x = blk(x, whole)

@@ -281,6 +281,40 @@ def test_estimator_calls(family, flow, fx):
         assert_close(v, fx[f"{name}_dphi_dt"], MEL_TOL, what=name)
 
 
+@pytest.mark.parametrize("family", CAUSAL, indirect=True, scope="module")
+@pytest.mark.parametrize("streaming", [False, True])
+def test_padding_never_reaches_a_rows_frames(family, flow, fx, streaming):
+    """Rows of different lengths in one padded estimator call, the padding filled with large
+    random values: each row's real frames come out as the row alone gives them. The
+    estimators zero nothing between blocks (causal convolutions, per-frame norms, keys past a
+    row's end hidden), so a block that read rightwards or a key left unmasked fails here."""
+    est, g = flow.decoder.estimator, torch.Generator().manual_seed(7)
+    src = fx["A_est_call0_mu"]
+    c, full = src.shape[1], src.shape[-1]
+    lens = [full, full - 13, full // 2]
+    ins = {k: torch.randn(len(lens), c if k != "spks" else 80, full, generator=g) * 50
+           for k in ("x", "mu", "cond", "spks")}  # fmt: skip
+    ins["spks"] = ins["spks"][:, :, 0]
+    mask = torch.zeros(len(lens), 1, full)
+    for i, n in enumerate(lens):
+        mask[i, :, :n] = 1.0
+        for k in ("x", "mu", "cond"):  # real frames from the fixture, the same for every row
+            ins[k][i, :, :n] = torch.as_tensor(
+                fx["A_est_call0_x" if k == "x" else f"A_est_call0_{k}"]
+            )[0, :, :n]
+    t, stream = torch.full((len(lens),), 0.3), torch.full((len(lens),), streaming)
+    with torch.inference_mode():
+        v = est(ins["x"], mask, ins["mu"], t, ins["spks"], ins["cond"], stream)
+        for i, n in enumerate(lens):
+            one = {
+                k: x[i : i + 1, ..., :n] if x.dim() == 3 else x[i : i + 1] for k, x in ins.items()
+            }
+            alone = est(one["x"], mask[i : i + 1, :, :n], one["mu"], t[:1], one["spks"],
+                        one["cond"], stream[:1])  # fmt: skip
+            assert torch.isfinite(v[i]).all()
+            assert_close(v[i, :, :n], alone[0], BATCH_TOL, what=f"row {i} ({n} frames)")
+
+
 @pytest.mark.parametrize("family", family_params("flow.npz", "v2"), indirect=True, scope="module")
 def test_encoder_mu(flow, fx):
     with torch.inference_mode():
