@@ -120,14 +120,16 @@ class PackedLinear(nn.Module):
         raise RuntimeError("a packed linear cannot change device or dtype: pack after .to()")
 
 
-def linear_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)`` for rows ``x`` (N, in), as one matmul that adds ``residual``
-    (``addmm``: on a GPU in cuBLAS's epilogue) for a plain linear without bias. On a GPU a
-    decode step is its kernel count: the two residual adds were 2 of a layer's ~16 kernels.
-    A :class:`PackedLinear` adds apart: oneDNN's add post-op was no faster (2-core Xeon)."""
+def linear_add_(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual += linear(x)`` for rows ``x`` (N, in); returns ``residual``. For a plain
+    linear without bias one in-place ``addmm_``: the matmul adds into ``residual`` (a GEMM
+    with beta = 1), where the linear and the sum were two kernels (an out-of-place addmm
+    first copies its 2-D input into the result: a copy and a GEMM). On a GPU a decode step
+    costs its kernel count. A :class:`PackedLinear` adds apart: oneDNN's add post-op was no
+    faster (2-core Xeon)."""
     if type(linear) is nn.Linear and linear.bias is None and x.dim() == 2:
-        return torch.addmm(residual, x, linear.weight.t())
-    return residual + linear(x)
+        return residual.addmm_(x, linear.weight.t())
+    return residual.add_(linear(x))
 
 
 def pack_linears(net: nn.Module) -> int:

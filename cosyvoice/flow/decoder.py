@@ -9,16 +9,19 @@ Padding is right of each row's frames, and nothing in this U-Net reads rightward
 convolutions are causal, its norms per frame, and attention's bias hides every key past a
 row's end. So a frame's output never depends on the padding's values, and the estimator does
 not zero them between blocks, as the official one multiplies by the mask before and after
-every convolution (~75 kernels per evaluation, 10 per flow call); its output is masked once."""
+every convolution (~75 kernels per evaluation, 10 evaluations per flow call); its output is
+masked once."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosyvoice.devices import h2d
 from cosyvoice.flow.cache import FlowCache, Past
 from cosyvoice.fuse import fuse
 
@@ -135,7 +138,8 @@ def sinusoidal_emb(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Te
 
 class CausalConditionalDecoder(nn.Module):
     """Single-level causal U-Net: down (resnet, transformers, causal conv), mid blocks, up (skip
-    concat), final block, 1x1 projection. Inputs (B,80,T) x/mu/cond, mask (B,1,T), t (B,), spks (B,80)."""
+    concat), final block, 1x1 projection. Inputs (B,80,T) x/mu/cond, mask (B,1,T), t (B,) (or
+    its :meth:`time_terms` made already), spks (B,80)."""
 
     def __init__(
         self, cin=320, cout=80, channels=256, head_dim=64, n_blocks=4, n_mid=12, heads=8, chunk=50
@@ -205,12 +209,13 @@ def cosine_t_span(n: int, dtype=torch.float32) -> torch.Tensor:
     return 1 - torch.cos(t * 0.5 * torch.pi)
 
 
+@functools.cache
 def euler_times(n: int) -> torch.Tensor:
     """(2, n): the time t and the step dt of each of ``n`` Euler steps over the cosine schedule,
     as upstream's loop makes them: t advances by t += dt with dt = t_span[s + 1] - t, in
     float32 (so t drifts from t_span by a rounding). Made once, on the host: the same float32
     sums as on any device. In float32 also under autocast: in bf16 the first step is 5% short
-    (v2's bf16 mel 10x further off)."""
+    (v2's bf16 mel 10x further off). Kept (on the host: never written)."""
     span = cosine_t_span(n)
     t, dt = span[0], span[1] - span[0]
     ts, dts = [], []
@@ -242,8 +247,10 @@ def cfm_euler(estimator, z, mask, mu, spks, cond, past: Past, n_steps=10, cfg_ra
     ~40 small kernels for the U-Net, ~100 for the DiT) is made once for all steps, every row of
     a step sharing its t: per evaluation it was ten times as many launches for ten vectors."""
     if times is None:
-        times = euler_times(n_steps).to(mu.device)
+        times = h2d(euler_times(n_steps), mu.device)
     ts, dts = times
+    if len(ts) != n_steps:
+        raise ValueError(f"{len(ts)} Euler times for {n_steps} steps")
     terms = estimator.time_terms(ts)
     b = z.shape[0]
     x = z

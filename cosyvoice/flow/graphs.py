@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from cosyvoice.devices import CaptureFailed, bucket, capture_graph
+from cosyvoice.devices import CaptureFailed, bucket, capture_graph, h2d
 
 from .cache import SCRATCH_SLOT, ZERO_SLOT, EncoderInputs, FlowPool, Past
 from .decoder import cfm_euler, euler_times
@@ -147,7 +147,7 @@ class FlowGraphs:
             self._buf("toks_valid", (b, tt + self.lookahead, 1), enc.valid.dtype)
             self._buf("has_ctx", (b,), torch.bool)
         if "times" not in self._bufs:  # as cfm_euler makes it: float32 under autocast too
-            self._bufs["times"] = euler_times(self.n_steps).to(self.device)
+            self._bufs["times"] = h2d(euler_times(self.n_steps), self.device)
             self._drop()
         self._follow_pool()
 

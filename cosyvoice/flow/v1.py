@@ -198,6 +198,7 @@ class ConditionalDecoder(nn.Module):
         self.final_proj = nn.Conv1d(up[-1], cout, 1)
 
     def time_terms(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """What the blocks take from the time t (N,) (see :func:`cfm_euler`)."""
         return unet_time_terms(self, t)
 
     def forward(self, x, mask, mu, t, spks, cond, streaming=None, past=None, time=None):

@@ -188,7 +188,9 @@ class Group:
     mask: torch.Tensor
     q_len: int
     in_order: bool = False  # the packed rows already are the padded array (a static prefill)
-    _bias: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _bias: dict[tuple[torch.dtype, int], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def bias(self, dtype: torch.dtype, stack: int = 1) -> torch.Tensor:
         """:func:`additive_bias` of the mask, made once per forward and read by every layer:
@@ -216,7 +218,7 @@ def additive_bias(mask: torch.Tensor, dtype: torch.dtype, stack: int = 1) -> tor
     query heads of one KV head stacked as rows, as :func:`cosyvoice.llm.qwen2.attention` reads
     them; a single row broadcasts as it is): (B, 1, stack * L or 1, T)."""
     m = mask if mask.shape[2] == 1 else mask.repeat(1, 1, stack, 1)
-    return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    return torch.full(m.shape, float("-inf"), dtype=dtype, device=m.device).masked_fill_(m, 0.0)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QwenConfig
-from ..devices import linear_add
+from ..devices import linear_add_
 from ..fuse import fuse
 from .kv import KVCache, KVPool, Layout, gather, write
 
@@ -62,27 +62,31 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv: torch.Tensor,  # this layer of the KV pool
         layout: Layout,
-        residual: torch.Tensor,  # (N, d): added to the output projection's
+        residual: torch.Tensor,  # (N, d): the output projection adds into it, in place
     ) -> torch.Tensor:
         n, h, h_kv = x.shape[0], self.n_heads, self.n_kv
+        # the bias's rows: on a GPU stacked for SDPA once per forward (it would repeat them in
+        # every layer); the CPU's matmuls broadcast one row per query over the heads (a
+        # stacked prefill bias is 7x the memory)
+        stack = 1 if x.device.type == "cpu" else h // h_kv
         qkv = self.qkv_proj(x).view(n, h + 2 * h_kv, self.head_dim)
         rope_(qkv[:, : h + h_kv], cos, sin)  # q and k at once
         write(kv, layout.slots, qkv[:, h:].unflatten(1, (2, h_kv)).transpose(0, 1))
         out = layout.attend(
             qkv[:, :h],
             lambda g: gather(kv, g),
-            lambda qp, keys, values, g: attention(qp, keys, values, g.bias(qp.dtype, h // h_kv)),
+            lambda qp, keys, values, g: attention(qp, keys, values, g.bias(qp.dtype, stack)),
         )
-        return linear_add(self.o_proj, out, residual)
+        return linear_add_(self.o_proj, out, residual)
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     """Masked GQA attention for a padded batch: q (B, L, H, hd), k/v (B, T, n_kv, hd) and
-    ``bias`` the additive mask with each KV head's query rows stacked (:meth:`Group.bias`:
-    (B, 1, g * L, T), or (B, 1, 1, T) when L = 1) -> (B, L, H * hd). Query head h reads KV
-    head h // g, g = H / n_kv.
+    ``bias`` the additive mask (:meth:`Group.bias`), (B, 1, L, T) or with each KV head's g
+    query heads' rows stacked, (B, 1, g * L, T) (either is (B, 1, 1, T) when L = 1) ->
+    (B, L, H * hd). Query head h reads KV head h // g, g = H / n_kv.
 
     Both kernels see ``n_kv`` heads of ``g * L`` query rows (each KV head's ``g`` query heads
     stacked as rows), so no key is copied per query head. On the GPU that shape is one SDPA
@@ -99,7 +103,10 @@ def attention(
 
 
 def _sdpa(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """qg (B, n_kv, rows, hd) over k/v (B, n_kv, T, hd) with the additive ``bias``: one call."""
+    """qg (B, n_kv, rows, hd) over k/v (B, n_kv, T, hd) with the additive ``bias``: one call
+    (a bias of one row per query is stacked here, a kernel in every layer)."""
+    if bias.shape[2] not in (1, qg.shape[2]):
+        bias = bias.repeat(1, 1, qg.shape[2] // bias.shape[2], 1)
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=bias)
 
 
@@ -107,9 +114,12 @@ def _matmuls(
     qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     """The same as :func:`_sdpa` in two matmuls, a float32 softmax between them."""
-    scores = (qg @ k.transpose(2, 3)) * (qg.shape[-1] ** -0.5)  # (B, n_kv, rows, T)
+    b, n_kv, rows, hd = qg.shape
+    scores = (qg @ k.transpose(2, 3)) * (hd**-0.5)  # (B, n_kv, g * L, T)
+    if bias.shape[2] not in (1, rows):  # one row per query: broadcast over the g heads
+        scores, bias = scores.view(b, n_kv, -1, bias.shape[2], scores.shape[-1]), bias[:, :, None]
     p = (scores.float() + bias).softmax(-1).to(v.dtype)
-    return p @ v
+    return p.view(b, n_kv, rows, -1) @ v
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -133,7 +143,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, -1)
-        return linear_add(self.down_proj, F.silu(gate) * up, residual)
+        return linear_add_(self.down_proj, F.silu(gate) * up, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -145,7 +155,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, kv: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Packed rows x (N, d) -> (N, d); the residual adds ride on the projections."""
+        """Packed rows x (N, d) -> (N, d), in place in x: the projections add into it."""
         x = self.self_attn(self.input_layernorm(x), cos, sin, kv, layout, residual=x)
         return self.mlp(self.post_attention_layernorm(x), residual=x)
 
@@ -222,6 +232,7 @@ class Qwen2Model(nn.Module):
         """The layers over a prepared layout: no host work, no per-request ops. ``rope``: the
         cos/sin tables to read (default: the model's, grown to ``max_pos``)."""
         cos, sin = self.rope(layout.positions, max_pos, x.dtype, rope)
+        x = x.clone()  # the layers add into it: the caller's input stays as it was
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, pool.layer(i), layout)
         return self.norm(x)

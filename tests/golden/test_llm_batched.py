@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from _fixtures import CountOps, load_engine
 
 import cosyvoice
-from cosyvoice.devices import PackedLinear, can_pack_linears, linear_add, pack_linears
+from cosyvoice.devices import PackedLinear, can_pack_linears, linear_add_, pack_linears
 from cosyvoice.llm import qwen2
 from cosyvoice.llm.engine import LLMRequest
 from cosyvoice.llm.kv import BLOCK, additive_bias
@@ -78,7 +78,10 @@ def test_every_layer_reads_one_attention_bias_per_forward(golden_dir, kernel, n_
     net = model.llm.net
     with torch.inference_mode():
         x = net.speech_embedding(torch.tensor([[r.out_tokens[-1]] * n_new for r in reqs]))
-        net.forward_packed(x.flatten(0, 1), [r.cache for r in reqs], [n_new] * 3)
+        x = x.flatten(0, 1)
+        before = x.clone()
+        net.forward_packed(x, [r.cache for r in reqs], [n_new] * 3)
+    assert torch.equal(x, before), "the layers add into a copy of the input, not into it"
     assert len(seen) == model.llm_config.qwen.num_hidden_layers
     assert all(b is seen[0] for b in seen), "a bias per layer"
     assert seen[0].dtype == model.dtype
@@ -166,9 +169,10 @@ def test_cache_is_readable_and_grows_past_a_block(golden_dir):
         whole.keys(0)
 
 
+@pytest.mark.parametrize("stacked", [False, True])  # the bias's rows per query or per head
 @pytest.mark.parametrize("kernel", ["cpu", "gpu"])  # the GPU's grouped SDPA, run on the CPU
 @pytest.mark.parametrize("lq", [1, 5])  # decode and prefill
-def test_grouped_attention_matches_sdpa(lq, kernel, monkeypatch):
+def test_grouped_attention_matches_sdpa(lq, kernel, stacked, monkeypatch):
     if kernel == "gpu":
         monkeypatch.setattr(qwen2, "_matmuls", qwen2._sdpa)
     g = torch.Generator().manual_seed(3)
@@ -179,7 +183,7 @@ def test_grouped_attention_matches_sdpa(lq, kernel, monkeypatch):
     past = torch.tensor([0, 10, 30])
     q_pos = past[:, None] + torch.arange(lq)
     mask = (torch.arange(t) <= q_pos[:, :, None]) & (torch.arange(t) < (past + lq)[:, None, None])
-    got = attention(q, k, v, additive_bias(mask[:, None], q.dtype, h // n_kv))
+    got = attention(q, k, v, additive_bias(mask[:, None], q.dtype, h // n_kv if stacked else 1))
     ref = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.repeat_interleave(h // n_kv, 2).transpose(1, 2),
@@ -260,7 +264,8 @@ def test_load_packs_the_llm_in_bfloat16_on_bf16_units(golden_dir):
 
 @NEEDS_ONEDNN
 def test_linear_add_is_the_residual_plus_the_linear_on_every_path():
-    """addmm (a plain linear without bias), a packed linear and a biased one (the plain sum)."""
+    """addmm_ (a plain linear without bias), a packed linear and a biased one (an add_): each
+    adds into the residual it returns."""
     g = torch.Generator().manual_seed(0)
     x, res = torch.randn(5, 16, generator=g), torch.randn(5, 8, generator=g)
     for bias in (False, True):
@@ -268,7 +273,9 @@ def test_linear_add_is_the_residual_plus_the_linear_on_every_path():
         with torch.inference_mode():
             want = res + lin(x)
             for m in (lin, PackedLinear(lin)):
-                torch.testing.assert_close(linear_add(m, x, res), want)
+                into = res.clone()
+                assert linear_add_(m, x, into) is into
+                torch.testing.assert_close(into, want)
 
 
 @NEEDS_ONEDNN
