@@ -145,5 +145,43 @@ def main() -> None:
             print(f"flow graph {key} bare replay {replay_ms(graph, 10):.3f} ms", flush=True)
 
 
+def attention_us(b: int, t: int, kernel: str, reps: int = 24) -> float:
+    """Microseconds per decode-step attention call (batch b, t keys, bf16, Qwen2-0.5B's 14 query
+    and 2 KV heads), ``reps`` calls (a step's layers) replayed as one graph: SDPA's
+    memory-efficient kernel, as the decode step runs it, or the CPU's two matmuls and float32
+    softmax (whether one kernel with little parallelism at batch 1 beats five small ones)."""
+    from cosyvoice.llm import qwen2
+    from cosyvoice.llm.kv import additive_bias
+
+    dev, g = "cuda", torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(b, 1, 14, 64, device=dev, generator=g).bfloat16()
+    k, v = (torch.randn(b, t, 2, 64, device=dev, generator=g).bfloat16() for _ in range(2))
+    ctx = torch.randint(t // 2, t + 1, (b,), device=dev, generator=g)
+    bias = additive_bias((torch.arange(t, device=dev) < ctx[:, None, None])[:, None],
+                         torch.bfloat16, 7)  # fmt: skip
+    sdpa = qwen2._sdpa
+    if kernel == "matmuls":
+        qwen2._sdpa = qwen2._matmuls  # the GPU branch of attention() takes the CPU's kernel
+    try:
+        for _ in range(3):
+            qwen2.attention(q, k, v, bias)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                qwen2.attention(q, k, v, bias)
+    finally:
+        qwen2._sdpa = sdpa
+    return 1000 * replay_ms(graph, 20) / reps
+
+
+def attention_ab() -> None:
+    for b, t in ((1, 256), (16, 256), (64, 256), (16, 1024)):
+        us = {kern: attention_us(b, t, kern) for kern in ("sdpa", "matmuls")}
+        print(f"decode attention, batch {b}, {t} keys: " +
+              ", ".join(f"{kern} {x:.1f} us" for kern, x in us.items()), flush=True)  # fmt: skip
+
+
 if __name__ == "__main__":
     main()
+    if torch.cuda.is_available():
+        attention_ab()

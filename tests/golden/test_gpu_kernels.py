@@ -116,7 +116,9 @@ def test_graph_calls_never_wait_for_the_device(golden_dir, monkeypatch):
 
     for mod in (llm_graphs, flow_graphs, hift_graphs):
         monkeypatch.setattr(mod, "capture_graph", unchecked(mod.capture_graph))
-    model = cosyvoice.load(d, device=TEST_DEVICE, speaker_dir=None, vocoder_thread=False)
+    model = cosyvoice.load(
+        d, device=TEST_DEVICE, speaker_dir=None, vocoder_thread=False, max_batch=4
+    )  # fmt: skip (a few buckets to capture at warm-up)
     model.warmup()
     for owner, name in ((model.llm.graphs, "run"), (model.llm.graphs, "run_prefill"),
                         (model.token2wav.flow.graphs, "run"), (model.token2wav.hift.graphs, "run")):  # fmt: skip
