@@ -168,6 +168,38 @@ class CaptureFailed(RuntimeError):
     goes on eagerly."""
 
 
+class GraphPool:
+    """What one owner's CUDA graphs are captured with, made at its first capture: the memory
+    pool they share (captured largest first, smaller graphs reuse its memory) and a stream of
+    their own (see :func:`capture_graph`)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._mempool: tuple | None = None
+        self._stream: torch.cuda.Stream | None = None
+
+    def capture(self, fn: Callable[[], torch.Tensor], owner: str | None = None):
+        """:func:`capture_graph` of ``fn`` in this pool. With ``owner`` named, whatever stops
+        the capture is logged and raised as :class:`CaptureFailed` (``owner`` goes on
+        eagerly)."""
+        try:
+            if self._mempool is None:
+                self._mempool = torch.cuda.graph_pool_handle()
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            return capture_graph(fn, self._mempool, self._stream)
+        except Exception as e:
+            if owner is None:
+                raise
+            log.exception("capturing %s's CUDA graph failed; %s runs eagerly", owner, owner)
+            raise CaptureFailed(str(e)) from e
+
+    def drop(self) -> None:
+        """Forget the memory pool, with the graphs the owner drops: a pool handle whose graphs
+        are all gone cannot take a new capture."""
+        self._mempool = None
+
+
 def capture_graph(
     fn: Callable[[], torch.Tensor], mempool: tuple, stream: torch.cuda.Stream
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

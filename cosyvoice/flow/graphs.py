@@ -17,13 +17,12 @@ without a GPU.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 
-from cosyvoice.devices import CaptureFailed, bucket, capture_graph, h2d
+from cosyvoice.devices import GraphPool, bucket, h2d
 
 from .cache import SCRATCH_SLOT, ZERO_SLOT, EncoderInputs, FlowPool, Past
 from .decoder import cfm_euler, euler_times
@@ -35,8 +34,6 @@ FRAMES = (32, 64, 96, 128, 192, 256, 384, 512)  # new frames per call: a hop of 
 CONTEXTS = (128, 256, 512, 1024, 2048, 4096)  # positions up to the call's end (4096: ~82 s)
 INPUTS = ("z", "mask", "mu", "cond")  # (B, C, T) each; spks (B, C) apart
 CAPTURE_AT = 3  # after warm-up, a new bucket's call that captures it (the earlier ones run eagerly)
-
-log = logging.getLogger("cosyvoice")
 
 
 class FlowGraphs:
@@ -69,8 +66,7 @@ class FlowGraphs:
         self.ratio = self.lookahead = 0
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._layout: tuple | None = None
-        self._mempool = None
-        self._stream: torch.cuda.Stream | None = None
+        self._graph_pool = GraphPool(device)
 
     def with_encoder(self, encode: Callable[[EncoderInputs], torch.Tensor], ratio: int,
                      lookahead: int) -> None:  # fmt: skip
@@ -102,7 +98,7 @@ class FlowGraphs:
                 self.pending[key] += 1
             else:
                 self.pending.pop(key, None)
-                self._capture_or_fail(key)
+                self._capture(key)
         self._fill(ins, past, key, enc)
         if not self.capture or later:
             return self._forward(*key)[:n, :, :t]
@@ -118,15 +114,8 @@ class FlowGraphs:
             key, _ = self.pending.most_common(1)[0]
             del self.pending[key]
             if key not in self._graphs:
-                self._capture_or_fail(key)
+                self._capture(key)
         return len(self.pending)
-
-    def _capture_or_fail(self, key: tuple[int, int, int]) -> None:
-        try:
-            self._capture(key)
-        except Exception as e:  # whatever stops a capture, the eager loop still works
-            log.exception("capturing the flow's CUDA graph failed; the flow runs eagerly")
-            raise CaptureFailed(str(e)) from e
 
     def _prepare(self, ins: dict[str, torch.Tensor], enc: EncoderInputs | None) -> None:
         """Static buffers in the inputs' dtypes; graphs over stale buffers or pool tensors go."""
@@ -172,7 +161,7 @@ class FlowGraphs:
         """Forget every graph, and their memory pool with them: a pool handle whose graphs are
         all gone cannot take a new capture."""
         self._graphs.clear()
-        self._mempool = None
+        self._graph_pool.drop()
 
     def _pad(self, b: int, t: int, k: int) -> None:
         """Bucket (b, t, k) all padding: every write goes to scratch, every query sees key 0."""
@@ -283,12 +272,8 @@ class FlowGraphs:
 
     def _capture(self, key: tuple[int, int, int]) -> None:
         """Warm up and capture on padding only: a run over the real indices would move the
-        streams' convolution tails before the replay reads them."""
+        streams' convolution tails before the replay reads them. Raises CaptureFailed."""
         self._pad(*key)
-        if self._mempool is None:
-            self._mempool = torch.cuda.graph_pool_handle()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        self._graphs[key] = capture_graph(lambda: self._forward(*key), self._mempool, self._stream)
+        self._graphs[key] = self._graph_pool.capture(lambda: self._forward(*key), "the flow")
         self._captured.add(key)
         self.captures += 1

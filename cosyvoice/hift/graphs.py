@@ -16,20 +16,17 @@ padding is tested.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
 
-from cosyvoice.devices import CaptureFailed, bucket, capture_graph
+from cosyvoice.devices import GraphPool, bucket
 
 if TYPE_CHECKING:
     from cosyvoice.hift.hift import HiFT
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 FRAMES = (64, 128, 256)  # mel frames of a call: hops of 25, 50, 100 tokens (58, 108, 208 frames)
-
-log = logging.getLogger("cosyvoice")
 
 
 class HiFTGraphs:
@@ -41,8 +38,7 @@ class HiFTGraphs:
         self.runs = 0  # calls that went through the static filter
         self._bufs: dict[str, torch.Tensor] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._mempool = None
-        self._stream: torch.cuda.Stream | None = None
+        self._graph_pool = GraphPool(device)
 
     def fits(self, batch: int, frames: int) -> bool:
         return batch <= self.batches[-1] and frames <= FRAMES[-1]
@@ -54,7 +50,8 @@ class HiFTGraphs:
         self.runs += 1
         self._prepare(mel, s_stft)
         if self.capture and key not in self._graphs:
-            self._capture_or_fail(key)
+            self._pad(*key)
+            self._graphs[key] = self._graph_pool.capture(lambda: self._forward(*key), "HiFT")
         b, tb = key
         f = self._bufs
         self._pad(b, tb)
@@ -82,7 +79,7 @@ class HiFTGraphs:
             if x is None or x.shape != shape or x.dtype != dtype:
                 self._bufs[name] = torch.zeros(shape, dtype=dtype, device=self.device)
                 self._graphs.clear()
-                self._mempool = None
+                self._graph_pool.drop()
 
     def _pad(self, b: int, t: int) -> None:
         f = self._bufs
@@ -94,16 +91,3 @@ class HiFTGraphs:
         f = self._bufs
         return self.hift.filter(f["mel"][:b, :, :t], f["s_stft"][:b, :, : self._nfr(t)],
                                 f["frames"][:b])  # fmt: skip
-
-    def _capture_or_fail(self, key: tuple[int, int]) -> None:
-        try:
-            self._pad(*key)
-            if self._mempool is None:
-                self._mempool = torch.cuda.graph_pool_handle()
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
-            fn = lambda: self._forward(*key)  # noqa: E731
-            self._graphs[key] = capture_graph(fn, self._mempool, self._stream)
-        except Exception as e:  # whatever stops a capture, the eager filter still works
-            log.exception("capturing HiFT's CUDA graph failed; HiFT runs eagerly")
-            raise CaptureFailed(str(e)) from e

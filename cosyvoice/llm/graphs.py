@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from cosyvoice.devices import bucket, capture_graph, h2d_into
+from cosyvoice.devices import GraphPool, bucket, h2d_into
 
 from .kv import BLOCK, Group, KVCache, KVPool, Layout, blocks_for, slot, table_row
 from .lm import QwenSpeechLM
@@ -61,8 +61,7 @@ class DecodeGraphs:
         self.prefill_on = True
         # (batch, context blocks) of a decode step; (-requests, positions) of a prefill
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._mempool = None
-        self._stream: torch.cuda.Stream | None = None  # warm-up and capture (devices.capture_graph)
+        self._graph_pool = GraphPool(dev)
 
     @property
     def max_batch(self) -> int:
@@ -87,7 +86,6 @@ class DecodeGraphs:
         """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
         if not self.capture:
             return
-        self._mempool = torch.cuda.graph_pool_handle()
         for b in reversed(self.batches):
             for nb in reversed(self.contexts):
                 self._capture(b, nb)
@@ -204,10 +202,8 @@ class DecodeGraphs:
         slots.zero_()
         ctx.fill_(1)  # (a prefill's: each request's real positions)
         table.zero_()
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.pool.data.device)
         step = (lambda: self._forward(b, nb)) if b > 0 else (lambda: self._forward_prefill(-b, nb))
-        self._graphs[(b, nb)] = capture_graph(step, self._mempool, self._stream)
+        self._graphs[(b, nb)] = self._graph_pool.capture(step)
 
 
 def _flat(rows: list[list[int]]) -> list[int]:
