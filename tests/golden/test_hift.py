@@ -267,6 +267,23 @@ def test_static_filter_equals_eager(family, fx):
         assert static.graphs is not None and static.graphs.runs == runs
 
 
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="a capture fails only where there is no GPU")
+@pytest.mark.parametrize("family", NON_CAUSAL, indirect=True, scope="module")
+def test_a_failed_capture_leaves_hift_eager_and_right(family, fx, caplog):
+    """A capture that fails (here: no GPU) is logged, the graphs go and the call runs eagerly,
+    giving what the eager call gives."""
+    eager = load_hift(FAMILIES[family] / "model")
+    static = load_hift(FAMILIES[family] / "model")
+    static.enable_graphs(max_batch=4, capture=True)
+    mel = fx["mel"][0]
+    mels = [mel[:, :50], mel[:, 7:40]]
+    ref = eager.inference(mels, generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    got = static.inference(mels, generators=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert static.graphs is None and "capturing HiFT's CUDA graph failed" in caplog.text
+    for (y, _), (y_ref, _) in zip(got, ref, strict=True):
+        assert torch.equal(y, y_ref)
+
+
 @pytest.mark.parametrize("family", NON_CAUSAL, indirect=True, scope="module")
 def test_per_request_noise_generator(hift, fx):
     mel = fx["mel"][0, :, :30]
