@@ -2,12 +2,17 @@
 
     uv run python bench/make_full_model.py        # once: writes bench/out/CosyVoice2-0.5B
     uv run python bench/bench_llm.py [--model-dir DIR] [--batches 1 4 16] [--steps 20]
-    uv run python bench/bench_llm.py --sampling [--bf16-logits] [--batches 1 16 64]
+    uv run python bench/bench_llm.py --sampling [--bf16-logits] [--batches 1 16 64] [--against F]
     uv run python bench/bench_llm.py --pack-ab [--batches 1 4 16 64] [--repeat 3]
 
-``--sampling``: only the host-side draw of a decode step (RAS over the model's speech vocabulary,
-one generator per request), the per-request loop vs one batched call, side by side: on a GPU
-this CPU time adds to every replayed decode step.
+``--sampling``: only the draw of a decode step (RAS over the model's speech vocabulary, each
+request's own seed), from logits on the model's device to tokens on the host; ``--against
+FILE`` times another version's ``sampling.py`` alongside (``git show
+REV:cosyvoice/llm/sampling.py > FILE``). On a GPU the draw runs inside a replayed decode step;
+what is timed here is the same ops launched eagerly.
+
+``--static``: decode steps through ``enable_graphs`` (replayed CUDA graphs on a GPU; on a CPU
+the same static steps run eagerly), what the server runs on a GPU.
 
 ``--pack-ab``: the same decode steps with torch's linears (MKL) and with the weights packed once
 for oneDNN (``cosyvoice.load(packed=...)``, the CPU float32 default), two models in one process,
@@ -23,6 +28,7 @@ tokens/s, the median window and the prefill time.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -72,39 +78,45 @@ def run_batch(
     }
 
 
-def time_sampling(m, batch: int, repeat: int, bf16: bool = False) -> tuple[float, float, float]:
-    """ms per decode step's draw: each row alone (sample_next), all rows at once, and all at
-    once with the top-k candidates selected and ordered on the logits' device (the code
-    before the host took the top-k window), alternating."""
-    from cosyvoice.llm import sampling
-    from cosyvoice.llm.sampling import Draw, sample_next, sample_rows
+def time_sampling(
+    m, batch: int, repeat: int, bf16: bool = False, against: Path | None = None
+) -> tuple[float, float | None]:
+    """ms per decode step's draw (rows built on the host, the draw on the logits' device, the
+    tokens back), median of ``repeat``; with ``against`` (another version's sampling.py, e.g.
+    ``git show REV:cosyvoice/llm/sampling.py``), its ``sample_rows`` too, alternating."""
+    from cosyvoice.llm.sampling import Draw, sample_rows
 
     s, cfg = m.llm.speech_token_size, m.llm.sampling
     vocab = m.llm.net.llm_decoder.out_features
     logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(batch)) * 4
     if bf16:  # as a bf16 model's: runs of equal values, at the k-th one too
         logits = logits.bfloat16().float()
+    logits = logits.to(m.llm.device)
     decoded = [list(range(i, i + 10)) for i in range(batch)]
-    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-    host = sampling.nucleus_rows
-
-    def on_device(probs, top_p, top_k):
-        return sampling._nucleus_on_device(probs, top_p, min(top_k, probs.shape[-1]))
-
-    loop, batched, device = [], [], []
+    runs = {"now": lambda: sample_rows(logits, [Draw(d, False, i) for i, d in enumerate(decoded)],
+                                       s, cfg)}  # fmt: skip
+    if against is not None:
+        old = _load_module("cosyvoice.llm._against", against)
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+        runs["against"] = lambda: old.sample_rows(
+            logits, [old.Draw(d, False, g) for d, g in zip(decoded, gens, strict=True)], s, cfg
+        )
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for lg, d, g in zip(logits, decoded, gens, strict=True):
-            sample_next(lg, d, s, False, cfg, g)
-        loop.append(time.perf_counter() - t0)
-        for select, times in ((host, batched), (on_device, device)):
-            sampling.nucleus_rows = select
+        for k, run in runs.items():
             t0 = time.perf_counter()
-            sample_rows(logits, [Draw(d, False, g) for d, g in zip(decoded, gens, strict=True)],
-                        s, cfg)  # fmt: skip
-            times.append(time.perf_counter() - t0)
-        sampling.nucleus_rows = host
-    return tuple(1000 * sorted(t)[repeat // 2] for t in (loop, batched, device))
+            run()
+            times[k].append(time.perf_counter() - t0)
+    now, *rest = (1000 * sorted(t)[repeat // 2] for t in times.values())
+    return now, (rest[0] if rest else None)
+
+
+def _load_module(name: str, path: Path):
+    """The module in file ``path`` as ``name`` (inside this package: its relative imports work)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec)  # (dataclasses look there)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def pack_ab(args) -> None:
@@ -145,8 +157,14 @@ def main() -> None:
         default=3,
         help="timed windows per batch (best reported; --pack-ab: median)",
     )
-    ap.add_argument("--sampling", action="store_true", help="time only the host-side draw")
+    ap.add_argument("--sampling", action="store_true", help="time only the draw")
+    ap.add_argument(
+        "--static", action="store_true", help="decode through the CUDA graphs' static steps"
+    )
     ap.add_argument("--bf16-logits", action="store_true", help="--sampling: logits rounded to bf16")
+    ap.add_argument(
+        "--against", type=Path, help="--sampling: another version's sampling.py, timed alongside"
+    )
     ap.add_argument("--pack-ab", action="store_true", help="torch vs packed linears, side by side")
     args = ap.parse_args()
     if args.threads:
@@ -159,13 +177,14 @@ def main() -> None:
         f"load {time.perf_counter() - t0:.1f}s; {cpu_name()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, dtype {m.dtype}"
     )
+    if args.static:  # (after load: the pool becomes fixed-size)
+        m.llm.enable_graphs(max(args.batches))
     if args.sampling:
-        print("| batch | per-request loop ms | batched ms | ratio | batched, selection on the "
-              "device ms | ratio |\n|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+        print(f"| batch | draw ms ({m.llm.device}) | --against ms | ratio |\n|---:|---:|---:|---:|")
         for b in args.batches:
-            loop, batched, dev = time_sampling(m, b, max(args.repeat, 21), args.bf16_logits)
-            print(f"| {b} | {loop:.2f} | {batched:.2f} | {loop / batched:.1f}x | {dev:.2f} | "
-                  f"{dev / batched:.2f}x |", flush=True)  # fmt: skip
+            now, old = time_sampling(m, b, max(args.repeat, 21), args.bf16_logits, args.against)
+            vs = "| - | -" if old is None else f"| {old:.2f} | {old / now:.2f}x"
+            print(f"| {b} | {now:.2f} {vs} |", flush=True)
         return
     print(
         "| batch | decode steps/s | tokens/s | ms/step (best) | ms/step (median) | prefill (tokens, s) |"

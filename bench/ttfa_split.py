@@ -113,7 +113,7 @@ def main() -> None:
         (m, "_start", "start/text"),
         (llm, "step", "llm.step"),
         (llm.net, "forward_packed", "llm eager forward"),
-        (llm, "_sample", "llm sampling"),
+        (llm, "_plan", "llm draw plan"),  # (the draw itself runs in the graph run's replay)
         (t2w, "step", "token2wav.step"),
         (flow, "_mel", "flow mel"),  # v2: encoder and Euler loop in one graph where it fits
         (flow, "encoded", "flow encoder eager"),  # (inside "flow mel" when it runs)

@@ -67,9 +67,10 @@ and its keys/values live in blocks of one paged pool per model (``m.llm.net.kv_p
     m.llm.step([r, ...])           # None also when it produced a "fill" (then waits for text);
                                    # r.out_tokens includes fills, r.flow_tokens never does
 
-Sampling: RAS (top-p 0.8 / top-k 25 / repetition fallback, from the yaml) with the request's
-own ``torch.Generator`` seeded from ``seed`` (0 = random; the seed used is kept in ``r.seed``),
-so a request's tokens never depend on its batch-mates. ``min_len = 2 * len(text_ids)``
+Sampling: RAS (top-p 0.8 / top-k 25 / repetition fallback, from the yaml) on the model's
+device, with random numbers that are a function of the request's ``seed`` and the draw's number
+(0 = random; the seed used is kept in ``r.seed``), so a request's tokens never depend on its
+batch-mates. ``min_len = 2 * len(text_ids)``
 (every special id is masked before that), ``max_len = 20 * len(text_ids)``. ``greedy=True``
 takes the argmax instead. v1 requests also take the speaker x-vector (``embedding``; set by
 ``new_request`` from the speaker).

@@ -1,6 +1,6 @@
 """Step API of the speech-token LM for a continuous-batching scheduler.
 
-A request is an :class:`LLMRequest` (its token ids, KV cache, generator, length limits, done
+A request is an :class:`LLMRequest` (its token ids, KV cache, seed, length limits, done
 flag). :meth:`LLMEngine.step` runs ONE forward over any subset of live requests: those without a
 cache are prefilled, the others decode one token; all are packed into the same forward. Finished
 or cancelled requests are simply not passed again; their cache is dropped when they finish (or
@@ -23,7 +23,7 @@ from .bistream import SPEECH_CHUNK, BistreamState
 from .graphs import CONTEXT_BLOCKS, DecodeGraphs
 from .kv import KVCache
 from .lm import QwenSpeechLM
-from .sampling import Draw, pick_rows, sample_rows
+from .sampling import Draw, Sampler
 from .silence import SilentFilter
 from .transformer_lm import TransformerSpeechLM
 
@@ -60,7 +60,6 @@ class LLMRequest:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     last_logits: torch.Tensor | None = None  # llm_decoder output of the latest step (V,), float32
     # on the model's device
-    generator: torch.Generator | None = None
     silent_filter: SilentFilter | None = None
     bistream: BistreamState | None = None  # set by LLMRequest.streaming()
     prefix: torch.Tensor | None = None  # an input being fed in chunks (a prefix, streamed text)
@@ -76,9 +75,6 @@ class LLMRequest:
             self.max_len = int(n * MAX_TOKEN_TEXT_RATIO)
         if self.seed == 0:
             self.seed = secrets.randbits(63) or 1
-        if self.generator is None and not self.greedy:
-            self.generator = torch.Generator(device="cpu")
-            self.generator.manual_seed(self.seed)
 
     @classmethod
     def streaming(
@@ -168,19 +164,18 @@ class _Packed:
     partial: list[tuple[LLMRequest, torch.Tensor, int]] = field(default_factory=list)
     streamed: list[BistreamState] = field(default_factory=list)  # pending inputs taken
 
-    def commit(self) -> set[int]:
-        """Record the step in its requests; returns the ids of those still mid-prefix."""
+    def mid_prefill(self) -> set[int]:
+        """The ids of the requests whose input is not all in after this step."""
+        return {id(r) for r, prefix, fed in self.partial if fed < prefix.shape[0]}
+
+    def commit(self) -> None:
+        """Record the step in its requests."""
         for r, cache in self.fresh:
             r.cache = cache
         for bs in self.streamed:
             bs.pending = []
-        mid_prefill = set()
         for r, prefix, fed in self.partial:
-            done_prefix = fed >= prefix.shape[0]
-            r.prefix, r.prefix_fed = (None, 0) if done_prefix else (prefix, fed)
-            if not done_prefix:
-                mid_prefill.add(id(r))
-        return mid_prefill
+            r.prefix, r.prefix_fed = (None, 0) if fed >= prefix.shape[0] else (prefix, fed)
 
 
 class LLMEngine:
@@ -198,6 +193,8 @@ class LLMEngine:
         # the scheduler calls from one thread; the lock only guards against accidental sharing
         self._lock = threading.Lock()
         self.graphs: DecodeGraphs | None = None
+        self.sampler = Sampler(net.speech_token_size, sampling)
+        self._idle = self.sampler.idle_row()
 
     def enable_graphs(self, max_batch: int, capture: bool | None = None) -> None:
         """Run decode steps of up to ``max_batch`` requests at static shapes, replayed as CUDA
@@ -210,7 +207,7 @@ class LLMEngine:
         pool = net.kv_pool(dtype, self.device, blocks=blocks, fixed=True)
         if self.graphs is not None or not pool.fixed or pool.blocks != blocks:
             raise ValueError("enable_graphs() must come once, before the first request")
-        self.graphs = DecodeGraphs(net, pool, max_batch, capture)
+        self.graphs = DecodeGraphs(net, pool, max_batch, self.sampler, capture)
         try:
             with torch.inference_mode():
                 self.graphs.capture_all()
@@ -265,21 +262,28 @@ class LLMEngine:
             r._finish("length")
         if not batch.requests:
             return [None] * len(requests)
+        plan = self._plan(batch)
+        rows = [d.row(self.sampling) if isinstance(d, Draw) else self._idle for d in plan]
         with self._lock:
-            logits = self._forward(batch)
-        mid_prefill = batch.commit()  # only now: a failed forward leaves requests as they were
-        # a copy (a replayed graph reuses its output buffer; last_logits must outlive the step);
-        # sampling reads back only what it needs (B x top_k on a GPU)
-        got = self._sample(batch.requests, logits.to(torch.float32, copy=True), mid_prefill)
+            logits, tokens = self._forward(batch, rows)
+            # a copy: a replayed graph reuses its output buffer; last_logits outlives the step
+            logits = logits.to(torch.float32, copy=True)
+        batch.commit()  # only now: a failed forward leaves requests as they were
+        got = []
+        for r, d, lg, tok in zip(batch.requests, plan, logits, tokens.tolist(), strict=True):
+            if d is not None:  # (tolist: the step's one wait for the device)
+                r.last_logits = lg
+            got.append(None if d is None else self._take(r, d if isinstance(d, int) else tok))
         if not batch.full:
             return got
         by_id = {id(r): t for r, t in zip(batch.requests, got, strict=True)}
         return [by_id.get(id(r)) for r in requests]
 
-    def _forward(self, batch: _Packed) -> torch.Tensor:
-        """The step's logits: replayed graphs where it fits them (its decode rows as a decode
-        step, its first inputs as a prefill: a step where requests join others decoding is
-        two replays), else one eager forward of the whole packed batch."""
+    def _forward(self, batch: _Packed, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits and drawn tokens (``rows``: each request's :class:`Draw` row):
+        replayed graphs where it fits them (its decode rows as a decode step, its first inputs
+        as a prefill: a step where requests join others decoding is two replays), else one
+        eager forward of the whole packed batch and the draw."""
         g, caches, lens = self.graphs, batch.caches, batch.lens
         dec = [i for i, (c, n) in enumerate(zip(caches, lens, strict=True)) if c.length and n == 1]
         pre = [i for i in range(len(caches)) if i not in dec]
@@ -292,17 +296,21 @@ class LLMEngine:
             or (dec and not g.fits(pick(dec, caches)))
             or (pre and not g.fits_prefill(pick(pre, caches), pick(pre, lens)))
         ):
-            return self.net.forward_packed(torch.cat(batch.embeds), caches, lens)
+            logits = self.net.forward_packed(torch.cat(batch.embeds), caches, lens)
+            return logits, self.sampler(logits, h2d(rows, logits.device))
         if not pre:
-            return g.run(batch.embeds, caches)
-        got = g.run_prefill(pick(pre, batch.embeds), pick(pre, caches))
+            return g.run(batch.embeds, caches, rows)
+        got = g.run_prefill(pick(pre, batch.embeds), pick(pre, caches), pick(pre, rows))
         if not dec:
             return got
-        logits = got.new_empty(len(caches), got.shape[-1])
+        logits = got[0].new_empty(len(caches), got[0].shape[-1])
+        tokens = got[1].new_empty(len(caches))
         dev = logits.device  # (indices through pinned memory: a list would wait for the device)
-        logits[h2d(pre, dev)] = got  # a copy: the next replay overwrites a graph's output
-        logits[h2d(dec, dev)] = g.run(pick(dec, batch.embeds), pick(dec, caches))
-        return logits
+        at = h2d(pre, dev)
+        logits[at], tokens[at] = got  # copies, first: graphs share their memory pool, so the
+        at = h2d(dec, dev)  # decode replay may overwrite a prefill graph's output
+        logits[at], tokens[at] = g.run(pick(dec, batch.embeds), pick(dec, caches), pick(dec, rows))
+        return logits, tokens
 
     def _pack(self, requests: Sequence[LLMRequest]) -> _Packed:
         """Each request's input for this step: its last token, its whole prefix, or the next
@@ -338,27 +346,11 @@ class LLMEngine:
             batch.caches.append(cache)
         return batch
 
-    def _sample(
-        self, requests: Sequence[LLMRequest], logits: torch.Tensor, mid_prefill: set[int]
-    ) -> list[int | None]:
-        """Each request's token from its row of ``logits``: one batched draw for every request
-        that samples (per-row generators inside), forced tokens as they are."""
-        plan: list[Draw | int | None] = []  # a draw, a forced token, or nothing this step
-        for r, lg in zip(requests, logits, strict=True):
-            if id(r) in mid_prefill:  # nothing to sample until the whole prefix is in
-                plan.append(None)
-                continue
-            r.last_logits = lg
-            plan.append(self._draw(r))
-        rows = [i for i, d in enumerate(plan) if isinstance(d, Draw)]
-        if rows:
-            drawn = sample_rows(pick_rows(logits, rows), [plan[i] for i in rows],
-                                self.speech_token_size, self.sampling)  # fmt: skip
-            for i, tok in zip(rows, drawn, strict=True):
-                plan[i] = tok
-        return [
-            None if t is None else self._take(r, t) for r, t in zip(requests, plan, strict=True)
-        ]
+    def _plan(self, batch: _Packed) -> list[Draw | int | None]:
+        """What each request of the step draws (a :class:`Draw`), the token forced on it, or
+        None: its input is not all in yet."""
+        mid = batch.mid_prefill()
+        return [None if id(r) in mid else self._draw(r) for r in batch.requests]
 
     def _last_tokens(self, requests: Sequence[LLMRequest]) -> dict[int, torch.Tensor]:
         """The embedding of each request that feeds only its last token, by ``id(request)``:
@@ -386,7 +378,7 @@ class LLMEngine:
 
     def _draw(self, r: LLMRequest) -> Draw | int:
         """What request ``r`` samples this step (or the token forced on it)."""
-        gen = None if r.greedy else r.generator
+        gen = None if r.greedy else r.seed
         bs = r.bistream
         if bs is None:
             return Draw(r.out_tokens, len(r.out_tokens) < r.min_len, gen)

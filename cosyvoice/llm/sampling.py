@@ -1,159 +1,156 @@
-"""Repetition-aware sampling (RAS, spec §8.4) with a per-request generator.
+"""Repetition-aware sampling (RAS, spec §8.4) as tensor ops on the logits' device.
 
-Deliberate differences from upstream HEAD (spec "bugs"):
+A decode step's draw is a fixed set of row-wise ops over the logits and one small integer
+tensor per row (:meth:`Draw.row`): no host work between the logits and the tokens, no wait for
+the device until the tokens come back, and the same ops at every batch size, so a replayed
+decode step on a GPU can include its draw. What a row needs from the host (its flags, its RAS
+window, two random numbers) is known before the step runs.
+
+Deliberate differences from upstream HEAD (spec "bugs" and serving):
 * while fewer than ``min_len`` tokens exist, *every* special id (>= speech_token_size) is masked,
   not only id ``speech_token_size`` (which in v3 is sos, not eos);
-* randomness comes from the request's own ``torch.Generator``, never the global RNG, so the
-  same seed gives the same tokens whatever else runs in the batch.
+* randomness is a function of the request's seed and the step (splitmix64's output at the
+  row's position), never the global RNG: the same seed gives the same tokens whatever else
+  runs in the batch, and a step that failed and runs again draws the same. Each sampled step
+  takes two 24-bit uniforms, and each draw is an inverse-CDF pick with one of them (upstream's
+  ``multinomial`` draws from the global RNG);
+* the top-p walk's sums are torch's cumsum (accumulated in float64 on a CPU, a float32 scan on
+  a GPU), not upstream's one-by-one float32 sum: where that lands within a rounding of
+  ``top_p``, the last candidate may differ (2 of 1500 rows of 700 candidates in the tests,
+  none at top-k 25);
+* a RAS fallback with nothing left to draw (the repeated id held all the mass) keeps the
+  repeated id, where ``multinomial`` raised.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..config import SamplingConfig
+
+UNIFORM_BITS = 24  # a float32 uniform's resolution: k / 2**24 is exact in float32
+_FLAGS = 5  # greedy, mask specials, allowed special id, two uniforms; then the RAS window
+_M64 = (1 << 64) - 1
+
+
+def uniforms(seed: int, step: int) -> tuple[int, int]:
+    """Two 24-bit uniforms for draw ``step`` of a request seeded ``seed``: the top 48 bits of
+    splitmix64's output number ``step`` (a counter-based generator: no state to keep, rewind or
+    share between threads)."""
+    x = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    x ^= x >> 31
+    return x >> 40, (x >> 16) & ((1 << UNIFORM_BITS) - 1)
 
 
 @dataclass
 class Draw:
-    """One row's draw: the tokens so far (the RAS window), whether every special id (>= the
-    speech token size) is masked except ``allow`` (the bistream fill id), and the request's
-    generator (None: greedy, argmax)."""
+    """One row's draw: the tokens so far (the RAS window; its length numbers the draw),
+    whether every special id (>= the speech token size) is masked except ``allow`` (the
+    bistream fill id), and the request's seed (None: greedy, argmax)."""
 
     decoded: list[int]
     ignore_eos: bool
-    generator: torch.Generator | None
+    seed: int | None
     allow: int | None = None
+
+    def row(self, cfg: SamplingConfig) -> list[int]:
+        """This row's ints for :func:`sample_tokens`."""
+        g = self.seed is None
+        u = (0, 0) if g else uniforms(self.seed, len(self.decoded))
+        window = self.decoded[-cfg.win_size :]
+        pad = [-1] * (cfg.win_size - len(window))
+        allow = -1 if self.allow is None else self.allow
+        return [int(g), int(self.ignore_eos), allow, *u, *window, *pad]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A model's draw: :func:`sample_tokens` with its speech token size and sampling config."""
+
+    speech_token_size: int
+    cfg: SamplingConfig
+
+    @property
+    def width(self) -> int:
+        """Ints per row of the draw's input (:meth:`Draw.row`)."""
+        return _FLAGS + self.cfg.win_size
+
+    def idle_row(self) -> list[int]:
+        """The row of a request that draws nothing (its token is forced, or not due)."""
+        return [1, 0, -1, 0, 0] + [-1] * self.cfg.win_size
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return sample_tokens(logits, rows, self.speech_token_size, self.cfg)
+
+
+def sample_tokens(
+    logits: torch.Tensor, rows: torch.Tensor, speech_token_size: int, cfg: SamplingConfig
+) -> torch.Tensor:
+    """One token per row of ``logits`` (B, V), given each row's ints ``rows`` (B,
+    :func:`row_width`) on the same device: greedy rows take the argmax; the others draw among
+    the top-k candidates in upstream's stable order that the top-p walk keeps, and if that
+    token is in the row's RAS window, again from the whole distribution with it banned.
+    Row-wise ops only: a row's token does not depend on the others."""
+    greedy, ignore, allow = rows[:, 0:1], rows[:, 1:2], rows[:, 2:3]
+    u = rows[:, 3:5].float() * 2.0**-UNIFORM_BITS  # exact: fewer than 24 bits
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    special = (ids >= speech_token_size) & (ids != allow) & (ignore != 0)
+    x = logits.float().masked_fill(special, float("-inf"))
+    probs = x.softmax(-1)
+    p, top = nucleus(probs, cfg.top_p, cfg.top_k)
+    tok = top.gather(-1, inverse_cdf(p, u[:, :1]))
+    repeats = (rows[:, _FLAGS:] == tok).sum(-1, keepdim=True)
+    banned = probs.scatter(-1, tok, 0.0)
+    redraw = (repeats >= cfg.win_size * cfg.tau_r) & (banned.sum(-1, keepdim=True) > 0)
+    tok = torch.where(redraw, inverse_cdf(banned, u[:, 1:]), tok)
+    return torch.where(greedy != 0, x.argmax(-1, keepdim=True), tok)[:, 0]
+
+
+def nucleus(probs: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``probs`` (B, V): the top-k probabilities and ids in upstream's stable
+    descending order (lower id first among equal values, also for ties at the k-th value),
+    the probabilities past the top-p walk's last set to 0. The walk keeps entries while the sum
+    before them is < top_p: the first always, the one that crosses top_p included.
+
+    The order comes from one top-k over keys that are unique: a non-negative float32's bits
+    sort as its value, so (bits, complement of the id) packed in an int64 sorts by value, then
+    by lower id (bf16 logits make ties at the k-th value common; a float top-k orders them as
+    it likes)."""
+    v = probs.shape[-1]
+    shift = v.bit_length()
+    ids = torch.arange(v, device=probs.device)
+    key = (
+        probs.view(torch.int32)
+        .long()
+        .bitwise_left_shift_(shift)
+        .bitwise_or_((1 << shift) - 1 - ids)
+    )
+    top = key.topk(min(top_k, v), dim=-1).indices
+    p = probs.gather(-1, top)
+    before = F.pad(p.cumsum(-1)[:, :-1], (1, 0))  # the sum of the entries before each
+    return p * (before < top_p), top
+
+
+def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of weights ``p`` (B, n), not normalized: the index whose share of the cumulative
+    sum holds ``u`` (B, 1) in [0, 1), never one of weight 0: (B, 1)."""
+    cum = p.cumsum(-1)
+    # u < 1 and u * total rounds below the total (u's 24 bits), so no index past the last
+    # weight > 0 is counted; the clamp is for a row of zeros
+    return (cum <= u * cum[:, -1:]).sum(-1, keepdim=True).clamp_(max=p.shape[-1] - 1)
 
 
 def sample_rows(
     logits: torch.Tensor, draws: list[Draw], speech_token_size: int, cfg: SamplingConfig
 ) -> list[int]:
-    """One token per row of ``logits`` (B, V). The row-wise math (log-softmax, masks, top-k in
-    stable order) runs once for the batch on the logits' device, so a GPU sends back only B x
-    top_k candidates; the top-p cut, each row's draw from its own (CPU) generator and the rare
-    RAS fallback run on the CPU. Row-wise kernels give each row the same bits at any batch size,
-    so a row's token does not depend on the others."""
-    logp = logits.float().log_softmax(-1)
-    _mask_specials(logp, draws, speech_token_size)
-    out = [0] * len(draws)
-    greedy = [i for i, d in enumerate(draws) if d.generator is None]
-    if greedy:  # (an empty pick still costs kernels and a wait for the device)
-        for i, tok in zip(greedy, pick_rows(logp, greedy).argmax(-1).tolist(), strict=True):
-            out[i] = tok
-    rows = [i for i, d in enumerate(draws) if d.generator is not None]
-    if not rows:
-        return out
-    sub = pick_rows(logp, rows)
-    kept_p, kept_idx, n = nucleus_rows(sub.softmax(-1), cfg.top_p, cfg.top_k)
-    tops = _categorical(kept_p, kept_idx, n, [draws[i].generator for i in rows])
-    for j, (i, top) in enumerate(zip(rows, tops, strict=True)):
-        window = draws[i].decoded[-cfg.win_size :]
-        if window.count(top) >= cfg.win_size * cfg.tau_r:
-            # fallback: full distribution with the repeated id banned
-            scores = sub[j].cpu().clone()  # the generator draws on the CPU; logp stays as is
-            scores[top] = float("-inf")
-            top = int(torch.multinomial(scores.softmax(0), 1, generator=draws[i].generator))
-        out[i] = top
-    return out
-
-
-def _categorical(
-    p: torch.Tensor, ids: torch.Tensor, n: list[int], generators: list[torch.Generator]
-) -> list[int]:
-    """One draw per row among its first n[j] entries of ``p`` (B, k): argmax(p / q) with
-    q ~ Exp(1) from the row's generator, the exponential race torch.multinomial(p, 1) runs
-    (the same draws and the same token; measured 20000/20000 equal) without its per-call
-    overhead, which is most of a batch's sampling time."""
-    width = max(n)
-    q = torch.ones(len(n), width)
-    for j, g in enumerate(generators):
-        q[j, : n[j]].exponential_(generator=g)
-    live = torch.arange(width) < torch.tensor(n)[:, None]
-    pick = (torch.where(live, p[:, :width], 0.0) / q).argmax(-1, keepdim=True)
-    return ids.gather(-1, pick)[:, 0].tolist()
-
-
-def pick_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """``x[rows]``; all of them as they are (a decode step's usual case: no index kernel)."""
-    return x if len(rows) == x.shape[0] else x[rows]
-
-
-def _mask_specials(logp: torch.Tensor, draws: list[Draw], speech_token_size: int) -> None:
-    rows = [i for i, d in enumerate(draws) if d.ignore_eos]
-    if not rows:
-        return
-    allow_rows = [i for i in rows if draws[i].allow is not None]
-    allow_ids = [draws[i].allow for i in allow_rows]
-    kept = logp[allow_rows, allow_ids].clone() if allow_rows else None
-    if len(rows) == logp.shape[0]:  # in place either way; a slice needs no index kernel
-        logp[:, speech_token_size:] = float("-inf")
-    else:
-        logp[rows, speech_token_size:] = float("-inf")
-    if allow_rows:
-        logp[allow_rows, allow_ids] = kept
-
-
-# candidates read back past the k-th: ties at the k-th value (bf16 logits make them) are put in
-# order on the host when the window holds all of them
-TIE_ROOM = 16
-
-
-def nucleus_rows(
-    probs: torch.Tensor, top_p: float, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Per row of ``probs`` (B, V): the top-k probabilities and ids in upstream's stable
-    descending order (lower id first among equal values, also for ties at the k-th value), and
-    how many of them the top-p walk keeps: entries while cum < top_p (cum summed in float32 one
-    by one, so the first entry is always taken and the one that crosses top_p is included).
-    One top-k on the device of ``probs`` and its (B, k + TIE_ROOM) window back on the host,
-    where it is put in order; only a tie running past the window selects on the device."""
-    k, v = min(top_k, probs.shape[-1]), probs.shape[-1]
-    w = min(k + TIE_ROOM, v)
-    vals, ids = probs.topk(w, dim=-1)  # descending; equal values in no promised order
-    p, i = vals.cpu().numpy(), ids.cpu().numpy()
-    if w < v and (p[:, w - 1] == p[:, k - 1]).any():  # the k-th value's ties may go on
-        return _nucleus_on_device(probs, top_p, k)
-    order = np.lexsort((i, -p), axis=-1)[:, :k]  # by value, then id: all ties are in view
-    sorted_p, idx = np.take_along_axis(p, order, -1), np.take_along_axis(i, order, -1)
-    return torch.from_numpy(sorted_p), torch.from_numpy(idx), _top_p_counts(sorted_p, top_p)
-
-
-def _nucleus_on_device(
-    probs: torch.Tensor, top_p: float, k: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """:func:`nucleus_rows` selecting on the device: every id at or above the k-th value, ties
-    at it by lowest id, in a stable sort."""
-    vals = probs.topk(k, dim=-1).values
-    thr = vals[:, -1:]
-    nz = (probs >= thr).nonzero()  # row-major: ascending ids within each row
-    if nz.shape[0] != probs.shape[0] * k:  # ties past the k-th value (common from bf16 logits):
-        ties = probs == thr  # their lowest ids fill the places left
-        room = k - (vals > thr).sum(-1, keepdim=True)
-        nz = ((probs > thr) | (ties & (ties.cumsum(-1) <= room))).nonzero()
-    idx = nz[:, 1].view(-1, k)  # exactly k per row
-    p = probs.gather(-1, idx)
-    order = p.argsort(dim=-1, descending=True, stable=True)
-    sorted_p, idx = p.gather(-1, order).cpu(), idx.gather(-1, order).cpu()
-    return sorted_p, idx, _top_p_counts(sorted_p.numpy(), top_p)
-
-
-def _top_p_counts(sorted_p: np.ndarray, top_p: float) -> list[int]:
-    """How many of each row's candidates the top-p walk keeps."""
-    cum = np.cumsum(sorted_p, axis=-1, dtype=np.float32)  # sequential float32 sums
-    before = np.concatenate([np.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
-    return np.maximum((before < np.float32(top_p)).sum(-1), 1).tolist()
-
-
-def nucleus_candidates(
-    probs: torch.Tensor, top_p: float, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-p/top-k candidates (probs, ids) of one distribution (V,), in draw order."""
-    p, idx, (n,) = nucleus_rows(probs[None], top_p, top_k)
-    return p[0, :n], idx[0, :n]
+    """:func:`sample_tokens` for ``draws`` (one per row of ``logits``), back on the host."""
+    rows = torch.tensor([d.row(cfg) for d in draws], device=logits.device)
+    return sample_tokens(logits, rows, speech_token_size, cfg).tolist()
 
 
 def sample_next(
@@ -162,10 +159,10 @@ def sample_next(
     speech_token_size: int,
     ignore_eos: bool,
     cfg: SamplingConfig,
-    generator: torch.Generator | None,
+    seed: int | None,
     allow: int | None = None,
 ) -> int:
     """One row of :func:`sample_rows`: mask specials if ``ignore_eos`` (except ``allow``) and
-    draw; ``generator=None`` means greedy (argmax)."""
-    draw = Draw(decoded, ignore_eos, generator, allow)
+    draw; ``seed=None`` means greedy (argmax)."""
+    draw = Draw(decoded, ignore_eos, seed, allow)
     return sample_rows(logits[None], [draw], speech_token_size, cfg)[0]

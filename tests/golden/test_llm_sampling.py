@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cosyvoice.config import SamplingConfig
-from cosyvoice.llm.sampling import Draw, nucleus_candidates, nucleus_rows, sample_next, sample_rows
+from cosyvoice.llm.sampling import Draw, inverse_cdf, nucleus, sample_next, sample_rows
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -46,10 +46,14 @@ def _distributions(case: str, n: int = 150) -> torch.Tensor:
 def test_nucleus_matches_spec_walk(case):
     probs = _distributions(case)
     for top_p, top_k in [(0.8, 25), (0.5, 3), (0.99, 700)]:
-        _, ids, n = nucleus_rows(probs, top_p, top_k)  # the whole batch at once
-        for row, row_ids, row_n in zip(probs, ids, n, strict=True):
-            assert row_ids[:row_n].tolist() == _walk(row, top_p, top_k)
-            assert nucleus_candidates(row, top_p, top_k)[1].tolist() == _walk(row, top_p, top_k)
+        p, ids = nucleus(probs, top_p, top_k)  # the whole batch at once
+        for row, row_p, row_ids in zip(probs, p, ids, strict=True):
+            got, want = row_ids[row_p > 0].tolist(), _walk(row, top_p, top_k)
+            assert got == row_ids[: len(got)].tolist()  # kept: a prefix
+            if got != want:  # only where the walk's float32 sum is within a rounding of top_p
+                short, long = sorted((got, want), key=len)
+                assert long[: len(short)] == short and len(long) == len(short) + 1
+                assert abs(row[short].double().sum() - top_p) < 1e-5
 
 
 def test_batched_rows_draw_what_each_row_draws_alone():
@@ -59,17 +63,17 @@ def test_batched_rows_draw_what_each_row_draws_alone():
     logits = torch.log(_distributions("plain", 40)) * 0.5
     logits[::7, s + 1] = 30.0  # a stop id that wins wherever specials are not masked
 
-    def draws() -> list[Draw]:
+    def draws(it: int) -> list[Draw]:
         out = []
         for i in range(len(logits)):
-            g = None if i % 5 == 0 else torch.Generator().manual_seed(i)
+            g = None if i % 5 == 0 else i + 1000 * it
             out.append(Draw([i % 9] * (i % 12), i % 3 == 0, g, s + 2 if i % 6 == 0 else None))
         return out
 
-    for _ in range(3):
-        batch = sample_rows(logits, draws(), s, cfg)
-        alone = [sample_next(lg, d.decoded, s, d.ignore_eos, cfg, d.generator, d.allow)
-                 for lg, d in zip(logits, draws(), strict=True)]  # fmt: skip
+    for it in range(3):
+        batch = sample_rows(logits, draws(it), s, cfg)
+        alone = [sample_next(lg, d.decoded, s, d.ignore_eos, cfg, d.seed, d.allow)
+                 for lg, d in zip(logits, draws(it), strict=True)]  # fmt: skip
         assert batch == alone
         assert any(t >= s for t in batch) and any(t < s for t in batch)
 
@@ -79,12 +83,15 @@ def test_ras_fallback_bans_repeated_token():
     logp = torch.full((50,), -20.0)
     logp[7] = 0.0  # ~certain under top-p/top-k
     logp = logp.log_softmax(0)
-    g = torch.Generator().manual_seed(0)
-    assert sample_next(logp, [1, 2, 3], 50, False, cfg, g) == 7
-    got = {sample_next(logp, [7, 1, 2], 50, False, cfg, g) for _ in range(200)}
+    assert sample_next(logp, [1, 2, 3], 50, False, cfg, 0) == 7
+    got = {sample_next(logp, [7, 1, 2], 50, False, cfg, seed) for seed in range(200)}
     assert 7 not in got and len(got) > 5  # full-distribution fallback, 7 banned
     # outside the window (11 tokens back) the token is allowed again
-    assert sample_next(logp, [7] + [1] * 10, 50, False, cfg, g) == 7
+    assert sample_next(logp, [7] + [1] * 10, 50, False, cfg, 0) == 7
+    # nothing left to draw once 7 is banned: 7 stays (multinomial raised)
+    only = torch.full((50,), float("-inf"))
+    only[7] = 0.0
+    assert sample_next(only, [7, 7], 50, False, cfg, 0) == 7
 
 
 def test_min_len_masks_every_special_and_seed_reproducible():
@@ -96,7 +103,29 @@ def test_min_len_masks_every_special_and_seed_reproducible():
     assert sample_next(logits, [], s, False, cfg, None) == s + 1
     torch.manual_seed(0)
     lg = torch.randn(s + 3)
-    a = [sample_next(lg, [], s, True, cfg, torch.Generator().manual_seed(9)) for _ in range(3)]
+    a = [sample_next(lg, [1] * k, s, True, cfg, 9) for k in range(12)]
     torch.manual_seed(1)  # the global RNG must not matter
-    b = [sample_next(lg, [], s, True, cfg, torch.Generator().manual_seed(9)) for _ in range(3)]
-    assert a == b
+    b = [sample_next(lg, [1] * k, s, True, cfg, 9) for k in range(12)]
+    assert a == b and len(set(a)) > 1  # (the draw's number changes the draw)
+
+
+def test_draws_follow_the_kept_distribution():
+    """Over many seeds, each kept candidate comes up in proportion to its probability
+    renormalized over the top-p set, and nothing outside it comes up."""
+    cfg, s = SamplingConfig(top_p=0.9, top_k=6), 100
+    logits = torch.tensor([3.0, 2.5, 2.5, 2.0, 1.0, 0.5, 0.0] + [-1.0] * (s - 7))
+    p, ids = nucleus(logits.softmax(0)[None], cfg.top_p, cfg.top_k)
+    kept = {int(i): float(q) for i, q in zip(ids[0], p[0] / p[0].sum(), strict=True) if q > 0}
+    n = 6000
+    got = sample_rows(logits.expand(n, -1), [Draw([], False, seed) for seed in range(n)], s, cfg)
+    assert set(got) == set(kept)
+    for tok, q in kept.items():
+        share = got.count(tok) / n
+        assert abs(share - q) < 4 * (q * (1 - q) / n) ** 0.5 + 1e-3, (tok, share, q)
+
+
+def test_inverse_cdf_never_picks_a_zero_weight():
+    p = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0]])
+    top = (2**24 - 1) / 2**24  # u * total may round to the total
+    for u, want in [(0.0, 1), (0.29, 1), (0.31, 3), (top, 3)]:
+        assert inverse_cdf(p, torch.tensor([[u]])).item() == want
