@@ -47,6 +47,7 @@ PARITY_TESTS = [
     "tests/golden/test_e2e.py",
     "tests/golden/test_utterance.py",
     "tests/golden/test_llm_graphs.py",
+    "tests/golden/test_llm_sampling.py",
     "tests/golden/test_flow_graphs.py",
     "tests/golden/test_gpu_kernels.py",
     "tests/golden/test_hift.py::test_static_filter_equals_eager",

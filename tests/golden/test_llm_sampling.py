@@ -1,10 +1,12 @@
 """Sampling rules of spec §8.4 (no fixture records sampled tokens: upstream was patched to argmax
-for the goldens), checked against a literal re-statement of the rules."""
+for the goldens), checked against a literal re-statement of the rules. The draw runs on the test
+device (the GPU benchmark's parity run: its top-k, scans and scatter there)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _fixtures import TEST_DEVICE
 
 from cosyvoice.config import SamplingConfig
 from cosyvoice.llm.sampling import Draw, inverse_cdf, nucleus, sample_next, sample_rows
@@ -46,7 +48,7 @@ def _distributions(case: str, n: int = 150) -> torch.Tensor:
 def test_nucleus_matches_spec_walk(case):
     probs = _distributions(case)
     for top_p, top_k in [(0.8, 25), (0.5, 3), (0.99, 700)]:
-        p, ids = nucleus(probs, top_p, top_k)  # the whole batch at once
+        p, ids = (t.cpu() for t in nucleus(probs.to(TEST_DEVICE), top_p, top_k))  # all at once
         for row, row_p, row_ids in zip(probs, p, ids, strict=True):
             got, want = row_ids[row_p > 0].tolist(), _walk(row, top_p, top_k)
             assert got == row_ids[: len(got)].tolist()  # kept: a prefix
@@ -62,6 +64,7 @@ def test_batched_rows_draw_what_each_row_draws_alone():
     cfg, s = SamplingConfig(), 600
     logits = torch.log(_distributions("plain", 40)) * 0.5
     logits[::7, s + 1] = 30.0  # a stop id that wins wherever specials are not masked
+    logits = logits.to(TEST_DEVICE)
 
     def draws(it: int) -> list[Draw]:
         out = []
@@ -82,7 +85,7 @@ def test_ras_fallback_bans_repeated_token():
     cfg = SamplingConfig()  # top_p 0.8, top_k 25, win 10, tau_r 0.1 -> any repeat in 10
     logp = torch.full((50,), -20.0)
     logp[7] = 0.0  # ~certain under top-p/top-k
-    logp = logp.log_softmax(0)
+    logp = logp.log_softmax(0).to(TEST_DEVICE)
     assert sample_next(logp, [1, 2, 3], 50, False, cfg, 0) == 7
     got = {sample_next(logp, [7, 1, 2], 50, False, cfg, seed) for seed in range(200)}
     assert 7 not in got and len(got) > 5  # full-distribution fallback, 7 banned
@@ -91,7 +94,7 @@ def test_ras_fallback_bans_repeated_token():
     # nothing left to draw once 7 is banned: 7 stays (multinomial raised)
     only = torch.full((50,), float("-inf"))
     only[7] = 0.0
-    assert sample_next(only, [7, 7], 50, False, cfg, 0) == 7
+    assert sample_next(only.to(TEST_DEVICE), [7, 7], 50, False, cfg, 0) == 7
 
 
 def test_min_len_masks_every_special_and_seed_reproducible():
@@ -102,7 +105,7 @@ def test_min_len_masks_every_special_and_seed_reproducible():
     assert sample_next(logits, [], s, True, cfg, None) < s
     assert sample_next(logits, [], s, False, cfg, None) == s + 1
     torch.manual_seed(0)
-    lg = torch.randn(s + 3)
+    lg = torch.randn(s + 3).to(TEST_DEVICE)
     a = [sample_next(lg, [1] * k, s, True, cfg, 9) for k in range(12)]
     torch.manual_seed(1)  # the global RNG must not matter
     b = [sample_next(lg, [1] * k, s, True, cfg, 9) for k in range(12)]
@@ -117,7 +120,9 @@ def test_draws_follow_the_kept_distribution():
     p, ids = nucleus(logits.softmax(0)[None], cfg.top_p, cfg.top_k)
     kept = {int(i): float(q) for i, q in zip(ids[0], p[0] / p[0].sum(), strict=True) if q > 0}
     n = 6000
-    got = sample_rows(logits.expand(n, -1), [Draw([], False, seed) for seed in range(n)], s, cfg)
+    got = sample_rows(
+        logits.to(TEST_DEVICE).expand(n, -1), [Draw([], False, seed) for seed in range(n)], s, cfg
+    )
     assert set(got) == set(kept)
     for tok, q in kept.items():
         share = got.count(tok) / n
@@ -125,7 +130,7 @@ def test_draws_follow_the_kept_distribution():
 
 
 def test_inverse_cdf_never_picks_a_zero_weight():
-    p = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0]])
-    top = (2**24 - 1) / 2**24  # u * total may round to the total
+    p = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0]], device=TEST_DEVICE)
+    top = (2**24 - 1) / 2**24  # the largest u
     for u, want in [(0.0, 1), (0.29, 1), (0.31, 3), (top, 3)]:
-        assert inverse_cdf(p, torch.tensor([[u]])).item() == want
+        assert inverse_cdf(p, torch.tensor([[u]], device=TEST_DEVICE)).item() == want
