@@ -264,14 +264,15 @@ class LLMEngine:
             return [None] * len(requests)
         plan = self._plan(batch)
         rows = [d.row(self.sampling) if isinstance(d, Draw) else self._idle for d in plan]
-        with self._lock:
+        with self._lock:  # (the graphs' outputs are read before another step replays them)
             logits, tokens = self._forward(batch, rows)
             # a copy: a replayed graph reuses its output buffer; last_logits outlives the step
             logits = logits.to(torch.float32, copy=True)
+            tokens = tokens.tolist()  # the step's one wait for the device
         batch.commit()  # only now: a failed forward leaves requests as they were
         got = []
-        for r, d, lg, tok in zip(batch.requests, plan, logits, tokens.tolist(), strict=True):
-            if d is not None:  # (tolist: the step's one wait for the device)
+        for r, d, lg, tok in zip(batch.requests, plan, logits, tokens, strict=True):
+            if d is not None:
                 r.last_logits = lg
             got.append(None if d is None else self._take(r, d if isinstance(d, int) else tok))
         if not batch.full:

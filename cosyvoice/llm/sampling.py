@@ -92,7 +92,7 @@ def sample_tokens(
     logits: torch.Tensor, rows: torch.Tensor, speech_token_size: int, cfg: SamplingConfig
 ) -> torch.Tensor:
     """One token per row of ``logits`` (B, V), given each row's ints ``rows`` (B,
-    :func:`row_width`) on the same device: greedy rows take the argmax; the others draw among
+    :attr:`Sampler.width`) on the same device: greedy rows take the argmax; the others draw among
     the top-k candidates in upstream's stable order that the top-p walk keeps, and if that
     token is in the row's RAS window, again from the whole distribution with it banned.
     Row-wise ops only: a row's token does not depend on the others."""
@@ -133,16 +133,22 @@ def nucleus(probs: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Tensor
     top = key.topk(min(top_k, v), dim=-1).indices
     p = probs.gather(-1, top)
     before = F.pad(p.cumsum(-1)[:, :-1], (1, 0))  # the sum of the entries before each
-    return p * (before < top_p), top
+    keep = before < top_p
+    keep[:, 0] = True  # (also where top_p <= 0)
+    return p * keep, top
 
 
 def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row of weights ``p`` (B, n), not normalized: the index whose share of the cumulative
-    sum holds ``u`` (B, 1) in [0, 1), never one of weight 0: (B, 1)."""
-    cum = p.cumsum(-1)
-    # u < 1 and u * total rounds below the total (u's 24 bits), so no index past the last
-    # weight > 0 is counted; the clamp is for a row of zeros
-    return (cum <= u * cum[:, -1:]).sum(-1, keepdim=True).clamp_(max=p.shape[-1] - 1)
+    sum holds ``u`` (B, 1) in [0, 1), never one of weight 0 (a row of zeros: 0): (B, 1).
+
+    The first index of weight > 0 whose cumulative sum passes u * total. In float64: u has 24
+    bits, so u * total stays below the total (in float32 it rounds up to a subnormal total, as
+    a RAS fallback's can be), and a scan that adds in another order (CUDA's at batch 1 is not
+    monotone in float32) moves the sums by far less than u's step."""
+    cum = p.double().cumsum(-1)
+    hit = (cum > u.double() * cum[:, -1:]) & (p > 0)
+    return hit.byte().argmax(-1, keepdim=True)  # (the first maximum)
 
 
 def sample_rows(

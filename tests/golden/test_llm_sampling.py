@@ -60,7 +60,7 @@ def test_nucleus_matches_spec_walk(case):
 
 def test_batched_rows_draw_what_each_row_draws_alone():
     """sample_rows over a batch mixing sampled, greedy, min_len-masked and bistream (allow)
-    rows gives each row the token sample_next gives it alone with the same generator state."""
+    rows gives each row the token sample_next gives it alone with the same seed."""
     cfg, s = SamplingConfig(), 600
     logits = torch.log(_distributions("plain", 40)) * 0.5
     logits[::7, s + 1] = 30.0  # a stop id that wins wherever specials are not masked
@@ -130,7 +130,30 @@ def test_draws_follow_the_kept_distribution():
 
 
 def test_inverse_cdf_never_picks_a_zero_weight():
-    p = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0]], device=TEST_DEVICE)
     top = (2**24 - 1) / 2**24  # the largest u
-    for u, want in [(0.0, 1), (0.29, 1), (0.31, 3), (top, 3)]:
-        assert inverse_cdf(p, torch.tensor([[u]], device=TEST_DEVICE)).item() == want
+    tiny = 2.0**-140  # a subnormal total, as a RAS fallback's can be: u * total rounds up
+    for scale in (1.0, tiny):
+        p = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0, 0.0]], device=TEST_DEVICE) * scale
+        for u, want in [(0.0, 1), (0.29, 1), (0.31, 3), (top, 3)]:
+            assert inverse_cdf(p, torch.tensor([[u]], device=TEST_DEVICE)).item() == want
+
+
+def test_masked_specials_let_the_allowed_id_through():
+    """While specials are masked (before min_len, a streaming request's speech), the one id
+    allowed (the bistream fill) can still be drawn and the others cannot."""
+    cfg, s = SamplingConfig(), 40
+    logits = torch.zeros(s + 3)
+    logits[s + 2] = 50.0  # the fill id, far ahead
+    logits[s + 1] = 49.0  # a stop id, next
+    logits = logits.to(TEST_DEVICE)
+    for seed in (None, 1, 2):
+        assert sample_next(logits, [], s, True, cfg, seed, allow=s + 2) == s + 2
+        assert sample_next(logits, [], s, True, cfg, seed) < s
+        assert sample_next(logits, [], s, False, cfg, seed, allow=s + 2) == s + 2
+
+
+def test_a_top_p_of_zero_keeps_the_first_candidate():
+    probs = _distributions("plain", 5)
+    p, ids = nucleus(probs.to(TEST_DEVICE), 0.0, 25)
+    assert ((p > 0).sum(-1) == 1).all() and (p[:, 0] > 0).all()
+    assert ids[:, 0].cpu().tolist() == probs.argmax(-1).tolist()
