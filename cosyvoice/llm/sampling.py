@@ -14,10 +14,9 @@ Deliberate differences from upstream HEAD (spec "bugs" and serving):
   runs in the batch, and a step that failed and runs again draws the same. Each sampled step
   takes two 24-bit uniforms, and each draw is an inverse-CDF pick with one of them (upstream's
   ``multinomial`` draws from the global RNG);
-* the top-p walk's sums are torch's cumsum (accumulated in float64 on a CPU, a float32 scan on
-  a GPU), not upstream's one-by-one float32 sum: where that lands within a rounding of
-  ``top_p``, the last candidate may differ (2 of 1500 rows of 700 candidates in the tests,
-  none at top-k 25);
+* the top-p walk's sums are a float64 cumsum, not upstream's one-by-one float32 sum: where
+  that lands within a rounding of ``top_p``, the last candidate may differ (2 of 1500 rows of
+  700 candidates in the tests, none at top-k 25);
 * a RAS fallback with nothing left to draw (the repeated id held all the mass) keeps the
   repeated id, where ``multinomial`` raised.
 """
@@ -132,7 +131,9 @@ def nucleus(probs: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Tensor
     )
     top = key.topk(min(top_k, v), dim=-1).indices
     p = probs.gather(-1, top)
-    before = F.pad(p.cumsum(-1)[:, :-1], (1, 0))  # the sum of the entries before each
+    # the sum of the entries before each, in float64: scans that add in another order (CUDA's
+    # at batch 1 and at larger batches) then agree on which side of top_p it falls
+    before = F.pad(p.double().cumsum(-1)[:, :-1], (1, 0))
     keep = before < top_p
     keep[:, 0] = True  # (also where top_p <= 0)
     return p * keep, top
