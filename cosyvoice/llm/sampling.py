@@ -9,8 +9,8 @@ window, two random numbers) is known before the step runs.
 Deliberate differences from upstream HEAD (spec "bugs" and serving):
 * while fewer than ``min_len`` tokens exist, *every* special id (>= speech_token_size) is masked,
   not only id ``speech_token_size`` (which in v3 is sos, not eos);
-* randomness is a function of the request's seed and the step (splitmix64's output at the
-  row's position), never the global RNG: the same seed gives the same tokens whatever else
+* randomness is a function of the request's seed and the step (splitmix64 at the draw's
+  number), never the global RNG: the same seed gives the same tokens whatever else
   runs in the batch, and a step that failed and runs again draws the same. Each sampled step
   takes two 24-bit uniforms, and each draw is an inverse-CDF pick with one of them (upstream's
   ``multinomial`` draws from the global RNG);
@@ -37,13 +37,19 @@ _M64 = (1 << 64) - 1
 
 def uniforms(seed: int, step: int) -> tuple[int, int]:
     """Two 24-bit uniforms for draw ``step`` of a request seeded ``seed``: the top 48 bits of
-    splitmix64's output number ``step`` (a counter-based generator: no state to keep, rewind or
-    share between threads)."""
-    x = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _M64
+    splitmix64's output number ``step`` from the mixed seed (a counter-based generator: no
+    state to keep, rewind or share between threads; mixing the seed first keeps seeds that
+    differ by splitmix64's increment from drawing one stream shifted by a step)."""
+    x = _mix((_mix(seed & _M64) + (step + 1) * 0x9E3779B97F4A7C15) & _M64)
+    return x >> 40, (x >> 16) & ((1 << UNIFORM_BITS) - 1)
+
+
+def _mix(x: int) -> int:
+    """splitmix64's output function: a 64-bit bijection whose every output bit depends on
+    every input bit."""
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    x ^= x >> 31
-    return x >> 40, (x >> 16) & ((1 << UNIFORM_BITS) - 1)
+    return x ^ (x >> 31)
 
 
 @dataclass

@@ -9,7 +9,14 @@ import torch
 from _fixtures import TEST_DEVICE
 
 from cosyvoice.config import SamplingConfig
-from cosyvoice.llm.sampling import Draw, inverse_cdf, nucleus, sample_next, sample_rows
+from cosyvoice.llm.sampling import (
+    Draw,
+    inverse_cdf,
+    nucleus,
+    sample_next,
+    sample_rows,
+    uniforms,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -149,7 +156,7 @@ def test_masked_specials_let_the_allowed_id_through():
     for seed in (None, 1, 2):
         assert sample_next(logits, [], s, True, cfg, seed, allow=s + 2) == s + 2
         assert sample_next(logits, [], s, True, cfg, seed) < s
-        assert sample_next(logits, [], s, False, cfg, seed, allow=s + 2) == s + 2
+    assert sample_next(logits, [], s, False, cfg, None) == s + 2  # unmasked, greedy
 
 
 def test_a_top_p_of_zero_keeps_the_first_candidate():
@@ -157,3 +164,15 @@ def test_a_top_p_of_zero_keeps_the_first_candidate():
     p, ids = nucleus(probs.to(TEST_DEVICE), 0.0, 25)
     assert ((p > 0).sum(-1) == 1).all() and (p[:, 0] > 0).all()
     assert ids[:, 0].cpu().tolist() == probs.argmax(-1).tolist()
+
+
+def test_uniforms_are_spread_and_seeds_draw_unrelated_streams():
+    """24-bit uniforms, about uniform over many seeds; a seed's stream is no other seed's
+    shifted by a step (seeds that differ by splitmix64's increment would be, unmixed)."""
+    us = [u for seed in range(2000) for u in uniforms(seed, 3)]
+    assert all(0 <= u < 2**24 for u in us)
+    assert abs(sum(us) / len(us) / 2**24 - 0.5) < 0.02
+    inc = 0x9E3779B97F4A7C15
+    one = [uniforms(5, k) for k in range(1, 40)]
+    assert one != [uniforms((5 + inc) % 2**64, k) for k in range(39)]
+    assert len(set(one)) == len(one)
