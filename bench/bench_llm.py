@@ -12,7 +12,9 @@ REV:cosyvoice/llm/sampling.py > FILE``). On a GPU the draw runs inside a replaye
 what is timed here is the same ops launched eagerly.
 
 ``--static``: decode steps through ``enable_graphs`` (replayed CUDA graphs on a GPU; on a CPU
-the same static steps run eagerly), what the server runs on a GPU.
+the same static steps run eagerly), what the server runs on a GPU; the last column is a step's
+time outside the static forward and draw: on a CPU the host's part of a replayed step (packing,
+the draw's rows, the copies, the tokens' bookkeeping), which a GPU's replays wait on.
 
 ``--pack-ab``: the same decode steps with torch's linears (MKL) and with the weights packed once
 for oneDNN (``cosyvoice.load(packed=...)``, the CPU float32 default), two models in one process,
@@ -59,23 +61,48 @@ def run_batch(
     t_prefill = time.perf_counter() - t0
     for _ in range(warmup):
         m.llm.decode(reqs)
-    times = []
+    times, replayed = [], _ReplayClock.on(m.llm.graphs)
     for _ in range(repeat):  # the machine is shared: keep the best of several windows
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), replayed.s
         for _ in range(steps):
             m.llm.decode(reqs)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0, replayed.s - r0))
     assert all(not r.done for r in reqs)
-    dt = min(times)
+    dt, in_static = min(times)
     return {
+        "host_ms_per_step": 1000 * (dt - in_static) / steps,
         "batch": batch,
         "steps_per_s": steps / dt,
         "tokens_per_s": steps * batch / dt,
         "ms_per_step": 1000 * dt / steps,
-        "ms_per_step_median": 1000 * sorted(times)[len(times) // 2] / steps,
+        "ms_per_step_median": 1000 * sorted(times)[len(times) // 2][0] / steps,
         "prefill_s": t_prefill,
         "prefill_tokens": sum(len(r.text_ids) + 2 for r in reqs),
     }
+
+
+class _ReplayClock:
+    """Seconds spent in the static steps' replays (``DecodeGraphs._static``: on a CPU the static
+    forward and draw run eagerly there), so a step's time outside them is the host's part."""
+
+    def __init__(self) -> None:
+        self.s = 0.0
+
+    @classmethod
+    def on(cls, graphs) -> _ReplayClock:
+        clock = cls()
+        if graphs is not None and not hasattr(graphs, "_clock"):
+            static = graphs._static
+
+            def timed(key, forward):
+                t0 = time.perf_counter()
+                try:
+                    return static(key, forward)
+                finally:
+                    clock.s += time.perf_counter() - t0
+
+            graphs._static, graphs._clock = timed, clock
+        return getattr(graphs, "_clock", clock)
 
 
 def time_sampling(
@@ -187,14 +214,16 @@ def main() -> None:
             print(f"| {b} | {now:.2f} {vs} |", flush=True)
         return
     print(
-        "| batch | decode steps/s | tokens/s | ms/step (best) | ms/step (median) | prefill (tokens, s) |"
+        "| batch | decode steps/s | tokens/s | ms/step (best) | ms/step (median) | prefill (tokens, s) "
+        "| host ms/step (--static) |\n|---:|---:|---:|---:|---:|---:|---:|"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
     for b in args.batches:
         r = run_batch(m, b, args.steps, args.warmup, args.seed, args.repeat, args.context)
+        host = f"{r['host_ms_per_step']:.3f}" if args.static else "-"
         print(
             f"| {b} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.0f} "
-            f"| {r['ms_per_step_median']:.0f} | {r['prefill_tokens']}, {r['prefill_s']:.2f} |",
+            f"| {r['ms_per_step_median']:.0f} | {r['prefill_tokens']}, {r['prefill_s']:.2f} "
+            f"| {host} |",
             flush=True,
         )
 
