@@ -229,7 +229,12 @@ class EngineTarget:
         # the flow-cache bound: streams past it drop their caches and recompute each chunk
         # eagerly (float32's bound is about a seventh of bf16's on the same memory)
         bound = self.model.token2wav.cfg.flow_cache_mb
-        return f"{g.runs} flow calls {how}, {g.captures} graphs captured, flow cache bound {bound:.0f} MB"
+        calls = "; ".join(  # every call that did not replay launched its kernels one by one
+            f"{stage} {', '.join(f'{n} {mode}' for mode, n in s['calls'].items())}"
+            for stage, s in self.model.graph_stats().items()
+        )
+        return (f"{g.runs} flow calls {how}, {g.captures} graphs captured, flow cache bound "
+                f"{bound:.0f} MB; calls by way: {calls}")  # fmt: skip
 
     def close(self) -> None:
         self.model.close()

@@ -163,6 +163,16 @@ def bucket(ladder: Sequence[int], n: int) -> int:
     return ladder[bisect.bisect_left(ladder, n)]
 
 
+# How a graph owner's call ran (its ``calls`` counter): a captured CUDA graph replayed; at a
+# graph's static shapes but eagerly (on a CPU, or while a bucket waits for its capture); or
+# eagerly at the call's own shapes (graphs off, or no bucket holds the call).
+CALL_MODES = ("replayed", "static", "dynamic")
+
+
+def static_mode(replayed: bool) -> str:
+    return "replayed" if replayed else "static"
+
+
 class CaptureFailed(RuntimeError):
     """A CUDA graph's capture failed (on padding only: no stream's state moved); its owner
     goes on eagerly."""

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from .config import Family, LLMConfig, llm_config, load_model_yaml
-from .devices import can_pack_linears, pack_linears, resolve_device, resolve_dtype, store_in
+from .devices import (
+    CALL_MODES,
+    can_pack_linears,
+    pack_linears,
+    resolve_device,
+    resolve_dtype,
+    store_in,
+)
 from .flow.cache import FlowPool
 from .frontend import Frontend
 from .llm.engine import LLMEngine, LLMRequest
@@ -478,6 +485,23 @@ class CosyVoiceModel:
         return {"prompts": len(store), "prompt_bytes": store.nbytes, "prompt_hits": store.hits,
                 "prompt_misses": store.misses}  # fmt: skip
 
+    def graph_stats(self) -> dict[str, GraphStats]:
+        """Per stage (llm, flow, vocoder): whether it runs at CUDA graphs' static shapes now
+        (``graphs``: 0 when off, or since a failed capture dropped them) and its ``calls`` by
+        how they ran (:data:`cosyvoice.devices.CALL_MODES`). Counts only: read off the
+        inference thread."""
+        t2w = self.token2wav
+        owners = {"llm": self.llm, "flow": getattr(t2w, "flow", None),
+                  "vocoder": getattr(t2w, "hift", None)}  # fmt: skip
+        return {
+            stage: {
+                "graphs": int(o.graphs is not None),
+                "calls": {m: o.calls[m] for m in CALL_MODES},
+            }
+            for stage, o in owners.items()
+            if hasattr(o, "calls")  # (v3's causal HiFT vocodes each stream alone, eagerly)
+        }
+
     def _collect(self, wait: bool) -> None:
         """Outputs of the vocoded batches that are done, oldest first (``wait``: block for the
         oldest). A failed batch fails its utterances only; cancelled ones are dropped."""
@@ -739,6 +763,9 @@ def _truncated(u: Utterance) -> bool:
 
 def _failed(u: Utterance, exc: Exception) -> Output:
     return Output(u, _EMPTY, done=True, error=f"{type(exc).__name__}: {exc}")
+
+
+GraphStats = dict[str, Any]  # {"graphs": 0 or 1, "calls": {mode: count}}: see graph_stats
 
 
 def load(

@@ -9,6 +9,7 @@ observed as it happens.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
@@ -96,6 +97,33 @@ class _EngineCollector(Collector):
             yield family(f"rtserver_flow_{name}", doc, value=value)
 
 
+class _GraphCollector(Collector):
+    """How each CosyVoice stage (llm, flow, vocoder) runs: whether at CUDA graphs' static
+    shapes, and its calls by way. On a GPU every call that is not ``replayed`` launches its
+    kernels one by one: a failed capture (graphs 0) or calls past the largest bucket show
+    here before they show in the time to first audio."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        on = GaugeMetricFamily(
+            "rtserver_engine_graphs", "1 while the stage runs at CUDA graphs' static shapes "
+            "(0: off, or dropped after a failed capture).", labels=["stage"],
+        )  # fmt: skip
+        calls = CounterMetricFamily(
+            "rtserver_engine_calls", "A stage's calls: replayed (a captured CUDA graph), static "
+            "(its static shapes run eagerly: a CPU, or a bucket waiting for its capture) or "
+            "dynamic (eagerly at the call's own shapes).", labels=["stage", "mode"],
+        )  # fmt: skip
+        for stage, s in self.stats().items():
+            on.add_metric([stage], s["graphs"])
+            for mode, n in s["calls"].items():
+                calls.add_metric([stage, mode], n)
+        yield on
+        yield calls
+
+
 class Metrics:
     def __init__(self, replica: str | None = None) -> None:
         self.registry = CollectorRegistry()
@@ -128,6 +156,9 @@ class Metrics:
 
     def watch_engine(self, stats: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_EngineCollector(stats))
+
+    def watch_graphs(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_GraphCollector(stats))
 
     # ---- called by the scheduler (inference thread; prometheus-client is thread-safe) -------
 

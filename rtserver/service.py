@@ -339,6 +339,8 @@ class TTSService:
         self.scheduler.metrics.watch_held(self.held)
         if hasattr(engine, "stats"):
             self.scheduler.metrics.watch_engine(engine.stats)
+        if hasattr(engine, "graph_stats"):
+            self.scheduler.metrics.watch_graphs(engine.graph_stats)
         self._registering: set[str] = set()  # names being registered now
         self._keeping = asyncio.Lock()  # registered speakers' prompts kept one at a time
         self._keeps: set[asyncio.Task] = set()

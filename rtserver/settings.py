@@ -161,6 +161,13 @@ class Settings(msgspec.Struct, kw_only=True):
              "on while a batch is vocoded (auto: on with a GPU; off on a CPU, where the two "
              "would fight for the cores)"),
     ] = "auto"  # fmt: skip
+    graphs: Annotated[
+        Literal["auto", "on", "off"],
+        _doc("CosyVoice2/3: run decode steps, first inputs, flow calls and the vocoder's filter "
+             "at static shapes, replayed as CUDA graphs (auto: on with a GPU; off: eagerly at "
+             "each call's shapes; on a CPU, on runs the static shapes eagerly, which only tests "
+             "them); /metrics counts the calls of each way"),
+    ] = "auto"  # fmt: skip
     packed: Annotated[
         Literal["auto", "on", "off"],
         _doc("CosyVoice: run the LLM's linears over weights packed once for oneDNN (auto: on an "

@@ -736,6 +736,42 @@ def test_inference_zero_shot_speaks_as_the_speaker_registered_from_that_recordin
     cv.assert_idle()
 
 
+def _calls(m: dict[str, float], stage: str, mode: str) -> float:
+    return m[f"rtserver_engine_calls_total{{mode={mode},stage={stage}}}"]
+
+
+STAGES = ("llm", "flow", "vocoder")
+
+
+def test_metrics_say_how_each_stage_runs(cv, cv_speakers):
+    """/metrics says whether each stage runs at CUDA graphs' static shapes and counts its calls
+    by way. A CPU's default runs every call eagerly at its own shapes; --graphs on runs every
+    call a bucket holds at the static shapes (replayed on a GPU, eagerly here), whole
+    utterances and one-call streams too, and the audio is still speech."""
+    before = scrape(cv)
+    pcm(cv, seed=5)
+    after = scrape(cv)
+    for stage in STAGES:
+        assert after[f"rtserver_engine_graphs{{stage={stage}}}"] == 0
+        assert _calls(after, stage, "dynamic") > _calls(before, stage, "dynamic")
+        assert _calls(after, stage, "static") == _calls(after, stage, "replayed") == 0
+    srv = start(cv_speakers, "--graphs", "on", "--max-streams", "4")
+    try:
+        before = scrape(srv)
+        for stream in (False, True):  # (a short reply's stream ends in its first flow call)
+            audio = pcm(srv, "Hello there, this is a test.", stream=stream, seed=5)
+            assert_speech(decode_pcm(audio), 24000, 0.5)
+        srv.assert_idle()
+        after = scrape(srv)
+    finally:
+        srv.stop()
+    for stage in STAGES:
+        assert after[f"rtserver_engine_graphs{{stage={stage}}}"] == 1
+        assert _calls(after, stage, "static") > _calls(before, stage, "static")
+        assert _calls(after, stage, "dynamic") == _calls(before, stage, "dynamic")
+        assert _calls(after, stage, "replayed") == 0  # (no GPU: nothing captured)
+
+
 def test_a_registered_speaker_starts_from_its_kept_prompt_at_once(cv):
     """Registering a speaker computes its prompt's part of the flow state (once it has
     answered): the first segment of its first stream copies it in too, as /metrics shows, and deleting the speaker frees

@@ -471,7 +471,10 @@ class Past:
         tag: Hashable = None,
         pool: FlowPool | None = None,
         res: str = "frames",
+        pooled: bool = False,
     ):
+        """``pooled``: through the pool even if no request reads or keeps state (a call that
+        replays a CUDA graph: the graphs read every call's keys through the pool)."""
         self.caches, self.start, self.lens, self.rows, self.tag = caches, start, lens, rows, tag
         self.commit = commit or [False] * len(caches)
         self.pool, self.res = pool, res
@@ -494,7 +497,7 @@ class Past:
         self._span: tuple[int, int] | None = None  # (keys, queries) of a static view
         self._tail_idx: dict[int, torch.Tensor] = {}
         self._bias: dict[torch.dtype, torch.Tensor] = {}
-        self.pooled = self._reused()
+        self.pooled = pooled or self._reused()
         if self.pooled:
             self._index(device)
 

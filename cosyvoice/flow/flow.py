@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import math
+from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -170,9 +171,10 @@ class _Plan:
     commit: list[bool]
     seqs: list[torch.Tensor]  # new tokens followed by the look-ahead tokens (non-final)
     pasts: list[Past] = field(default_factory=list)  # the call's views, finished after it
+    pooled: bool = False  # every view through the pool (see FlowModel._replayable)
 
     def past(self, *args, **kw) -> Past:
-        p = Past(self.caches, *args, commit=self.commit, **kw)
+        p = Past(self.caches, *args, commit=self.commit, pooled=self.pooled, **kw)
         self.pasts.append(p)
         return p
 
@@ -186,6 +188,7 @@ class FlowModel(nn.Module):
         self.pool = FlowPool()  # every streaming request's state (not a parameter or buffer)
         self.prompts = PromptStore()  # speakers' prompts, for streams to start from
         self.graphs: FlowGraphs | None = None
+        self.calls: Counter[str] = Counter()  # flow calls by how they ran (devices.CALL_MODES)
         d = cfg.input_size
         self.input_embedding = nn.Embedding(cfg.vocab_size, d)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
@@ -234,25 +237,46 @@ class FlowModel(nn.Module):
         dev = self.input_embedding.weight.device
         c = self.cfg
         self.graphs = FlowGraphs(self.decoder.estimator, self.pool, c.n_timesteps, c.cfg_rate,
-                                 max_batch, dev, capture, **ladders)  # fmt: skip
+                                 max_batch, dev, self.calls, capture, **ladders)  # fmt: skip
         if c.estimator != "dit":  # v3's pre-lookahead layer alone is a few ops: eager
             self.graphs.with_encoder(self.encoded, c.token_mel_ratio, c.pre_lookahead_len)
 
     def plan(self, reqs: list[FlowInput]) -> _Plan:
-        la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
-        p = _Plan([], [], [], [], [])
+        dev = self.input_embedding.weight.device
+        p = _Plan([], [], [], [], [], pooled=self._replayable(reqs))
         for r in reqs:
             c = r.cache if r.cache is not None else FlowCache()
-            tok = h2d(torch.cat([r.prompt_token.reshape(-1), r.token.reshape(-1)]).long(), dev)
-            end = tok.numel() - (0 if r.finalize else la)
-            if end <= c.tokens:
+            start, end = self._span(r)
+            if end <= start:
                 raise ValueError("a flow call needs new tokens past its cache and look-ahead")
+            tok = h2d(torch.cat([r.prompt_token.reshape(-1), r.token.reshape(-1)]).long(), dev)
             p.caches.append(c)
-            p.start.append(c.tokens)
-            p.lens.append(end - c.tokens)
+            p.start.append(start)
+            p.lens.append(end - start)
             p.commit.append(r.cache is not None and not r.finalize)
-            p.seqs.append(tok[c.tokens :])
+            p.seqs.append(tok[start:])
         return p
+
+    def _span(self, r: FlowInput) -> tuple[int, int]:
+        """The token positions [start, end) a call computes for ``r`` (prompt included)."""
+        n = r.prompt_token.numel() + r.token.numel()
+        return (r.cache.tokens if r.cache is not None else 0), n - (
+            0 if r.finalize else self.cfg.pre_lookahead_len
+        )
+
+    def _replayable(self, reqs: list[FlowInput]) -> bool:
+        """Whether a call over ``reqs`` replays a graph: graphs are on, a bucket holds it and
+        a pool that may not grow has the blocks for its positions free. Then its requests
+        without state (a
+        whole utterance, a stream that ends in its first call) go through the pool too, for
+        the call (their blocks come back after it): otherwise such a call ran eagerly, ~14 000
+        launches on a GPU, where a short reply's first audio waits on it."""
+        g = self.graphs
+        if g is None or not reqs:
+            return False
+        spans, ratio = [self._span(r) for r in reqs], self.cfg.token_mel_ratio
+        frames, context = ratio * max(e - s for s, e in spans), ratio * max(e for _, e in spans)
+        return g.fits(len(reqs), frames, context) and self.fits(reqs, stateless=True)
 
     def encode(self, reqs: list[FlowInput], plan: _Plan | None = None):
         """Token embedding + encoder + projection of each request's new positions -> mu
@@ -302,8 +326,10 @@ class FlowModel(nn.Module):
     def inference(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
         """Returns one mel (80, frames) per request: the frames from ``emit_from`` (after the
         prompt) to the end of the call."""
+        for r in reqs:  # first: a stream that starts from its prompt's state has state
+            self._start_from_prompt(r)
         pooled = [i for i, r in enumerate(reqs) if _uses_pool(r)]
-        if not 0 < len(pooled) < len(reqs):
+        if not 0 < len(pooled) < len(reqs) or self._replayable(reqs):
             return self._call(reqs)
         # requests without state (non-stream, recomputing) run apart: in a call over caches
         # their keys would go through the pool too, and a long one would grow it for nothing
@@ -314,10 +340,7 @@ class FlowModel(nn.Module):
                 out[i] = mel
         return out
 
-    def _call(self, reqs: list[FlowInput], prompts: bool = True) -> list[torch.Tensor]:
-        if prompts:
-            for r in reqs:
-                self._start_from_prompt(r)
+    def _call(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
         p, ok = self.plan(reqs), False
         try:
             out = self._run(reqs, p)
@@ -370,31 +393,32 @@ class FlowModel(nn.Module):
             for end in range(step, n + 1, step):
                 piece = replace(part, prompt_token=part.prompt_token[: end + la],
                                 prompt_feat=part.prompt_feat[: end * ratio])  # fmt: skip
-                self._call([piece], prompts=False)
+                self._call([piece])
                 yield
             if self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):  # what a copy takes
                 self.prompts.put(key, self.pool.snapshot(r.cache))
         return key in self.prompts
 
-    def fits(self, reqs: list[FlowInput]) -> bool:
-        """Whether calls over these requests take no more of the pool than it has free, for a
-        pool that may not grow (under CUDA graphs: it is sized to the device's memory); always
-        for one that may."""
+    def fits(self, reqs: list[FlowInput], stateless: bool = False) -> bool:
+        """Whether calls over these requests take no more of the pool than it has free
+        (:meth:`blocks_needed`), for a pool that may not grow (under CUDA graphs: it is sized
+        to the device's memory); always for one that may."""
         if not self.pool.pinned:
             return True
         free = self.pool.free_blocks()
-        need = [self.blocks_needed(r) for r in reqs]
+        need = [self.blocks_needed(r, stateless) for r in reqs]
         return all(sum(n[res] for n in need) <= free[res] for res in RESOLUTIONS)
 
-    def blocks_needed(self, r: FlowInput) -> dict[str, int]:
+    def blocks_needed(self, r: FlowInput, stateless: bool = False) -> dict[str, int]:
         """Pool blocks a call over ``r`` takes beyond what its cache holds, per resolution
-        (a stream's first call: its prompt's positions too)."""
-        if not _uses_pool(r):
+        (a stream's first call: its prompt's positions too); ``stateless``: also for a request
+        without state (in a call that goes through the pool for its graphs)."""
+        if not (stateless or _uses_pool(r)):
             return dict.fromkeys(RESOLUTIONS, 0)
-        la = 0 if r.finalize else self.cfg.pre_lookahead_len
-        end = r.prompt_token.numel() + r.token.numel() - la  # as plan() counts it
+        _, end = self._span(r)
         ends = {"tokens": end, "frames": end * self.cfg.token_mel_ratio}
-        return {res: max(0, blocks_for(e) - len(r.cache.blocks[res])) for res, e in ends.items()}
+        held = r.cache.blocks if r.cache is not None else dict.fromkeys(RESOLUTIONS, [])
+        return {res: max(0, blocks_for(e) - len(held[res])) for res, e in ends.items()}
 
     def _piece_tokens(self) -> int:
         """The fewest tokens a call over a cache can end on: whole chunks of the encoder whose
@@ -429,7 +453,7 @@ class FlowModel(nn.Module):
 
     def _keep(self, part: FlowInput, key: bytes, c: FlowCache) -> None:
         """Compute a prompt's part into ``c`` (empty) and keep a copy, unless too large."""
-        self._call([part], prompts=False)
+        self._call([part])
         if c.nbytes > self.prompts.budget:
             self.prompts.refuse(key)
         else:
@@ -500,6 +524,7 @@ class FlowModel(nn.Module):
             except CaptureFailed:
                 self.graphs, self.pool.keep = None, False
                 mu = self.encoded(enc).transpose(1, 2) if mu is None else mu
+        self.calls["dynamic"] += 1
         return cfm_euler(
             self.decoder.estimator, z, mask, mu, spks, cond, past,
             self.cfg.n_timesteps, self.cfg.cfg_rate,

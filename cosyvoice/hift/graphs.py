@@ -16,11 +16,12 @@ padding is tested.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
 
-from cosyvoice.devices import GraphPool, bucket
+from cosyvoice.devices import GraphPool, bucket, static_mode
 
 if TYPE_CHECKING:
     from cosyvoice.hift.hift import HiFT
@@ -30,15 +31,20 @@ FRAMES = (64, 128, 256)  # mel frames of a call: hops of 25, 50, 100 tokens (58,
 
 
 class HiFTGraphs:
-    def __init__(self, hift: HiFT, max_batch: int, device: torch.device,
+    def __init__(self, hift: HiFT, max_batch: int, device: torch.device, calls: Counter[str],
                  capture: bool | None = None) -> None:  # fmt: skip
         self.hift, self.device = hift, device
         self.batches = [b for b in BATCHES if b < max_batch] + [max_batch]
         self.capture = device.type == "cuda" if capture is None else capture
-        self.runs = 0  # calls that went through the static filter
+        self.calls = calls  # HiFT's (devices.CALL_MODES): it outlives these graphs
         self._bufs: dict[str, torch.Tensor] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = GraphPool(device)
+
+    @property
+    def runs(self) -> int:
+        """Calls that went through the static filter."""
+        return self.calls["replayed"] + self.calls["static"]
 
     def fits(self, batch: int, frames: int) -> bool:
         return batch <= self.batches[-1] and frames <= FRAMES[-1]
@@ -47,7 +53,7 @@ class HiFTGraphs:
         """What :meth:`HiFT.filter` gives for the call, computed at its bucket."""
         n, t, nfr = mel.shape[0], mel.shape[-1], s_stft.shape[-1]
         key = (bucket(self.batches, n), bucket(FRAMES, t))
-        self.runs += 1
+        self.calls[static_mode(self.capture)] += 1
         self._prepare(mel, s_stft)
         if self.capture and key not in self._graphs:
             self._pad(*key)

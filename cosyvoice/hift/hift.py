@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,6 +198,7 @@ class HiFT(nn.Module):
         self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels, cfg.f0_num_class)
         self.register_buffer("window", hann_periodic(cfg.n_fft), persistent=False)
         self.graphs: HiFTGraphs | None = None  # see enable_graphs
+        self.calls: Counter[str] = Counter()  # filter calls by how they ran (devices.CALL_MODES)
 
     def _source_path(self, resblock: type[nn.Module], padded: bool) -> None:
         """Per upsampling stage, the source's STFT brought down to that stage's rate (strided
@@ -278,6 +280,7 @@ class HiFT(nn.Module):
                 return self._wave(g.run(mel, s_stft, frames), lens, t * spf)
             except CaptureFailed:
                 self.graphs = None
+        self.calls["dynamic"] += 1
         return self._wave(self.filter(mel, s_stft, frames), lens, t * spf)
 
     def filter(self, mel: torch.Tensor, s_stft: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -325,7 +328,7 @@ class HiFT(nn.Module):
         to test the padding on a CPU). Call after the model is on its device."""
         from cosyvoice.hift.graphs import HiFTGraphs
 
-        self.graphs = HiFTGraphs(self, max_batch, self.conv_pre.weight.device, capture)
+        self.graphs = HiFTGraphs(self, max_batch, self.conv_pre.weight.device, self.calls, capture)
 
     def _source_stft(self, s: torch.Tensor, lens: list[int], nfr: int) -> torch.Tensor:
         """Each item's source over its valid length, as (B, n_fft + 2, nfr) real and

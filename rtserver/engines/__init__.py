@@ -35,6 +35,7 @@ def load_engine(settings: Settings) -> Engine:
         exact_final=settings.exact_final,
         vocoder_thread=AUTO_ON_OFF[settings.vocoder_thread],
         packed=AUTO_ON_OFF[settings.packed],
+        graphs=AUTO_ON_OFF[settings.graphs],
     )
 
 

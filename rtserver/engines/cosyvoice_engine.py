@@ -56,7 +56,7 @@ class CosyVoiceEngine:
         **load_opts: Any,
     ) -> None:
         """``load_opts``: :func:`cosyvoice.load`'s options (device, dtype, speaker_dir,
-        flow_cache_mb, exact_final, vocoder_thread, packed), passed as they are."""
+        flow_cache_mb, exact_final, vocoder_thread, packed, graphs), passed as they are."""
         self.model = cosyvoice.load(model_dir, max_batch=max_batch, **load_opts)
         if why := self.model.speakers.unwritable():  # a read-only model dir, most often
             log.warning("speakers cannot be registered or deleted here: %s (--speaker-dir "
@@ -182,6 +182,10 @@ class CosyVoiceEngine:
     def stats(self) -> dict[str, int]:
         """Read at scrape time, off the inference thread: counts only."""
         return self.model.stats()
+
+    def graph_stats(self) -> dict[str, Any]:
+        """Read at scrape time, as :meth:`stats`."""
+        return self.model.graph_stats()
 
     def release(self, job: Job) -> None:
         if job.engine_state is not None:

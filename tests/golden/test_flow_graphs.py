@@ -85,6 +85,37 @@ def test_static_loop_equals_eager(model_dir, ladders):
         assert_close(a, b, WAVE_TOL, what=f"request {i}")
 
 
+def _whole(d, toks, stream: bool, **graphs):
+    """A plain and a prompted speaker's audio, all ``toks`` at once (a whole utterance, or a
+    stream that ends in its first call: calls without state), graphs on or off."""
+    flow = load_flow(d, device=TEST_DEVICE)
+    if graphs:
+        flow.enable_graphs(**graphs)
+    t2w = make_token2wav(flow, load_hift(d, device=TEST_DEVICE))
+    out = []
+    for i, spk in enumerate(_speakers(d)[:2]):
+        st = t2w.new_state(*spk, stream=stream, seed=i)
+        out.append(torch.cat(list(t2w.stream(st, [toks]))))
+    assert flow.pool.held == 0  # the call's blocks came back
+    return out, flow
+
+
+@pytest.mark.parametrize("stream, n", [(False, 60), (True, 20)], ids=["whole", "short-stream"])
+def test_a_call_without_state_goes_through_the_graphs(model_dir, stream, n):
+    """A call that neither reads nor keeps flow state (a whole utterance; a stream that ends in
+    its first call, a short reply) runs at its graph bucket through the pool, where it ran
+    eagerly (on a GPU ~14 000 launches before a short reply's first audio), with the same
+    audio; one too long for the buckets still runs eagerly."""
+    toks = _tokens(model_dir, n, seed=3)
+    ref, _ = _whole(model_dir, toks, stream)
+    got, flow = _whole(model_dir, toks, stream, max_batch=2)
+    assert flow.calls["dynamic"] == 0 and flow.graphs.runs == 2
+    for i, (a, b) in enumerate(zip(got, ref, strict=True)):
+        assert_close(a, b, WAVE_TOL, what=f"speaker {i}")
+    _, flow = _whole(model_dir, toks, stream, max_batch=2, frames=(16,))
+    assert flow.calls["dynamic"] == 2 and flow.graphs.runs == 0
+
+
 def test_warm_sizes_the_pool_to_its_bound_and_runs_each_batch(model_dir):
     """Warm-up makes the pool as large as the memory bound lets streams get, so that streams
     under the bound never grow it (graphs over its tensors stay valid), then runs a stream's
