@@ -785,7 +785,7 @@ def load(
     """Load a model dir. ``device`` None: CUDA when available, else CPU; ``dtype`` None:
     bfloat16 on CUDA, float32 on the CPU (see :mod:`cosyvoice.devices` for why a bf16 request
     on a CPU without bf16 matrix units falls back). ``token2wav=False`` loads only the front
-    half (text -> speech tokens). ``graphs`` (default: on CUDA for v2/v3) runs decode steps of
+    half (text -> speech tokens). ``graphs`` (default: on CUDA; v2/v3 only) runs decode steps of
     up to ``max_batch`` utterances as replayed CUDA graphs (:mod:`cosyvoice.llm.graphs`), and
     so the flow's Euler loop over as many streams (:mod:`cosyvoice.flow.graphs`).
     ``exact_final`` / ``flow_cache_mb``: how v2/v3 streams end and how much flow state they may
@@ -824,7 +824,8 @@ def load(
         dtype=dtype,
         vocoder_thread=device.type == "cuda" if vocoder_thread is None else vocoder_thread,
     )
-    graphs = graphs if graphs is not None else (device.type == "cuda" and family != "v1")
+    # v1's LLM and flow have no static steps: it runs eagerly (a server's --graphs on too)
+    graphs = (device.type == "cuda" if graphs is None else graphs) and family != "v1"
     if graphs:
         model.llm.enable_graphs(max_batch)
     if token2wav:

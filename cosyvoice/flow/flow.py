@@ -266,8 +266,7 @@ class FlowModel(nn.Module):
 
     def _replayable(self, reqs: list[FlowInput]) -> bool:
         """Whether a call over ``reqs`` replays a graph: graphs are on, a bucket holds it and
-        a pool that may not grow has the blocks for its positions free. Then its requests
-        without state (a
+        the pool has the blocks for its positions free now. Then its requests without state (a
         whole utterance, a stream that ends in its first call) go through the pool too, for
         the call (their blocks come back after it): otherwise such a call ran eagerly, ~14 000
         launches on a GPU, where a short reply's first audio waits on it."""
@@ -276,13 +275,21 @@ class FlowModel(nn.Module):
             return False
         spans, ratio = [self._span(r) for r in reqs], self.cfg.token_mel_ratio
         frames, context = ratio * max(e - s for s, e in spans), ratio * max(e for _, e in spans)
-        return g.fits(len(reqs), frames, context) and self.fits(reqs, stateless=True)
+        # free now, whether the pool may grow or not: grown for a call without state it keeps
+        # nothing of it, and under graphs (a pool that keeps its size) every graph would go
+        return g.fits(len(reqs), frames, context) and self._free_for(reqs, stateless=True)
 
-    def encode(self, reqs: list[FlowInput], plan: _Plan | None = None):
+    def encode(self, reqs: list[FlowInput]):
         """Token embedding + encoder + projection of each request's new positions -> mu
-        (B, T, 80) and the per-item frame counts (host ints: nothing here waits for the device)."""
-        enc = self._encoder_inputs(reqs, plan or self.plan(reqs))
-        return self.encoded(enc), enc.frames
+        (B, T, 80) and the per-item frame counts (host ints: nothing here waits for the device).
+        Nothing is kept: what the views took from the pool goes back."""
+        p = self.plan(reqs)
+        try:
+            enc = self._encoder_inputs(reqs, p)
+            return self.encoded(enc), enc.frames
+        finally:
+            for v in p.pasts:
+                v.finish(ok=False)
 
     def _encoder_inputs(self, reqs: list[FlowInput], p: _Plan) -> EncoderInputs:
         la, dev = self.cfg.pre_lookahead_len, self.input_embedding.weight.device
@@ -326,13 +333,12 @@ class FlowModel(nn.Module):
     def inference(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
         """Returns one mel (80, frames) per request: the frames from ``emit_from`` (after the
         prompt) to the end of the call."""
-        for r in reqs:  # first: a stream that starts from its prompt's state has state
-            self._start_from_prompt(r)
         pooled = [i for i, r in enumerate(reqs) if _uses_pool(r)]
-        if not 0 < len(pooled) < len(reqs) or self._replayable(reqs):
+        if not 0 < len(pooled) < len(reqs):
             return self._call(reqs)
         # requests without state (non-stream, recomputing) run apart: in a call over caches
         # their keys would go through the pool too, and a long one would grow it for nothing
+        # (apart, at their own bucket, they go through it where it has room: _replayable)
         rest = [i for i, r in enumerate(reqs) if not _uses_pool(r)]
         out: list[torch.Tensor] = [torch.empty(0)] * len(reqs)
         for group in (pooled, rest):
@@ -340,7 +346,10 @@ class FlowModel(nn.Module):
                 out[i] = mel
         return out
 
-    def _call(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
+    def _call(self, reqs: list[FlowInput], prompts: bool = True) -> list[torch.Tensor]:
+        if prompts:
+            for r in reqs:
+                self._start_from_prompt(r)
         p, ok = self.plan(reqs), False
         try:
             out = self._run(reqs, p)
@@ -393,18 +402,21 @@ class FlowModel(nn.Module):
             for end in range(step, n + 1, step):
                 piece = replace(part, prompt_token=part.prompt_token[: end + la],
                                 prompt_feat=part.prompt_feat[: end * ratio])  # fmt: skip
-                self._call([piece])
+                self._call([piece], prompts=False)
                 yield
             if self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):  # what a copy takes
                 self.prompts.put(key, self.pool.snapshot(r.cache))
         return key in self.prompts
 
-    def fits(self, reqs: list[FlowInput], stateless: bool = False) -> bool:
-        """Whether calls over these requests take no more of the pool than it has free
-        (:meth:`blocks_needed`), for a pool that may not grow (under CUDA graphs: it is sized
-        to the device's memory); always for one that may."""
-        if not self.pool.pinned:
-            return True
+    def fits(self, reqs: list[FlowInput]) -> bool:
+        """Whether calls over these requests take no more of the pool than it has free, for a
+        pool that may not grow (under CUDA graphs: it is sized to the device's memory); always
+        for one that may."""
+        return not self.pool.pinned or self._free_for(reqs)
+
+    def _free_for(self, reqs: list[FlowInput], stateless: bool = False) -> bool:
+        """Whether the pool has the blocks calls over ``reqs`` take (:meth:`blocks_needed`)
+        free now."""
         free = self.pool.free_blocks()
         need = [self.blocks_needed(r, stateless) for r in reqs]
         return all(sum(n[res] for n in need) <= free[res] for res in RESOLUTIONS)
@@ -453,7 +465,7 @@ class FlowModel(nn.Module):
 
     def _keep(self, part: FlowInput, key: bytes, c: FlowCache) -> None:
         """Compute a prompt's part into ``c`` (empty) and keep a copy, unless too large."""
-        self._call([part])
+        self._call([part], prompts=False)
         if c.nbytes > self.prompts.budget:
             self.prompts.refuse(key)
         else:

@@ -53,11 +53,11 @@ class HiFTGraphs:
         """What :meth:`HiFT.filter` gives for the call, computed at its bucket."""
         n, t, nfr = mel.shape[0], mel.shape[-1], s_stft.shape[-1]
         key = (bucket(self.batches, n), bucket(FRAMES, t))
-        self.calls[static_mode(self.capture)] += 1
         self._prepare(mel, s_stft)
         if self.capture and key not in self._graphs:
             self._pad(*key)
             self._graphs[key] = self._graph_pool.capture(lambda: self._forward(*key), "HiFT")
+        self.calls[static_mode(self.capture)] += 1  # (after a capture: a failed one is eager)
         b, tb = key
         f = self._bufs
         self._pad(b, tb)
