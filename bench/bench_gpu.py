@@ -233,7 +233,8 @@ class EngineTarget:
             f"{stage} {', '.join(f'{n} {mode}' for mode, n in s['calls'].items())}"
             for stage, s in self.model.graph_stats().items()
         )
-        return (f"{g.runs} flow calls {how}, {g.captures} graphs captured, flow cache bound "
+        runs = self.model.token2wav.flow.calls.static_runs
+        return (f"{runs} flow calls {how}, {g.captures} graphs captured, flow cache bound "
                 f"{bound:.0f} MB; calls by way: {calls}")  # fmt: skip
 
     def close(self) -> None:

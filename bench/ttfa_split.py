@@ -51,8 +51,10 @@ def first_audio(model, n: int, seed: int = 1) -> tuple[list[float], int]:
 
 
 def graphs_now(model) -> str:
-    g = getattr(model.token2wav.flow, "graphs", None)
-    return "no flow graphs" if g is None else f"flow graphs: {g.captures} captured, {g.runs} runs"
+    flow = model.token2wav.flow
+    if getattr(flow, "graphs", None) is None:
+        return "no flow graphs"
+    return f"flow graphs: {flow.graphs.captures} captured, {flow.calls.static_runs} runs"
 
 
 def timing(table: dict[str, list[float]], obj, attr: str, label: str) -> None:

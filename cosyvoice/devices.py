@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import logging
 import platform
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -163,14 +164,21 @@ def bucket(ladder: Sequence[int], n: int) -> int:
     return ladder[bisect.bisect_left(ladder, n)]
 
 
-# How a graph owner's call ran (its ``calls`` counter): a captured CUDA graph replayed; at a
-# graph's static shapes but eagerly (on a CPU, or while a bucket waits for its capture); or
-# eagerly at the call's own shapes (graphs off, or no bucket holds the call).
-CALL_MODES = ("replayed", "static", "dynamic")
+class Calls(Counter):
+    """A graph owner's calls by how they ran: ``replayed`` (a captured CUDA graph),
+    ``static`` (at a graph's static shapes but eagerly: on a CPU, or while a bucket waits for
+    its capture) or ``dynamic`` (eagerly at the call's own shapes: graphs off, or no bucket
+    holds the call). The owner keeps it: it outlives graphs that are dropped."""
 
+    MODES = ("replayed", "static", "dynamic")
 
-def static_mode(replayed: bool) -> str:
-    return "replayed" if replayed else "static"
+    def at_static_shapes(self, replayed: bool) -> None:
+        self["replayed" if replayed else "static"] += 1
+
+    @property
+    def static_runs(self) -> int:
+        """Calls at the static shapes, replayed or not."""
+        return self["replayed"] + self["static"]
 
 
 class CaptureFailed(RuntimeError):

@@ -18,7 +18,7 @@ import torch
 
 from .config import Family, LLMConfig, llm_config, load_model_yaml
 from .devices import (
-    CALL_MODES,
+    Calls,
     can_pack_linears,
     pack_linears,
     resolve_device,
@@ -488,7 +488,7 @@ class CosyVoiceModel:
     def graph_stats(self) -> dict[str, GraphStats]:
         """Per stage (llm, flow, vocoder): whether it runs at CUDA graphs' static shapes now
         (``graphs``: 0 when off, or since a failed capture dropped them) and its ``calls`` by
-        how they ran (:data:`cosyvoice.devices.CALL_MODES`). Counts only: read off the
+        how they ran (:class:`cosyvoice.devices.Calls`). Counts only: read off the
         inference thread."""
         t2w = self.token2wav
         owners = {"llm": self.llm, "flow": getattr(t2w, "flow", None),
@@ -496,7 +496,7 @@ class CosyVoiceModel:
         return {
             stage: {
                 "graphs": int(o.graphs is not None),
-                "calls": {m: o.calls[m] for m in CALL_MODES},
+                "calls": {m: o.calls[m] for m in Calls.MODES},
             }
             for stage, o in owners.items()
             if hasattr(o, "calls")  # (v3's causal HiFT vocodes each stream alone, eagerly)

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import logging
 import math
-from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.devices import CaptureFailed, h2d
+from cosyvoice.devices import Calls, CaptureFailed, h2d
 from cosyvoice.flow.cache import (
     RESOLUTIONS,
     EncoderInputs,
@@ -188,7 +187,7 @@ class FlowModel(nn.Module):
         self.pool = FlowPool()  # every streaming request's state (not a parameter or buffer)
         self.prompts = PromptStore()  # speakers' prompts, for streams to start from
         self.graphs: FlowGraphs | None = None
-        self.calls: Counter[str] = Counter()  # flow calls by how they ran (devices.CALL_MODES)
+        self.calls = Calls()  # flow calls by how they ran
         d = cfg.input_size
         self.input_embedding = nn.Embedding(cfg.vocab_size, d)
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from cosyvoice.devices import GraphPool, bucket, h2d, static_mode
+from cosyvoice.devices import Calls, GraphPool, bucket, h2d
 
 from .cache import SCRATCH_SLOT, ZERO_SLOT, EncoderInputs, FlowPool, Past
 from .decoder import cfm_euler, euler_times
@@ -41,13 +41,13 @@ class FlowGraphs:
     over up to ``max_batch`` pooled streams."""
 
     def __init__(self, estimator: torch.nn.Module, pool: FlowPool, n_steps: int,
-                 cfg_rate: float, max_batch: int, device: torch.device, calls: Counter[str],
+                 cfg_rate: float, max_batch: int, device: torch.device, calls: Calls,
                  capture: bool | None = None, frames: tuple[int, ...] = FRAMES,
                  contexts: tuple[int, ...] = CONTEXTS) -> None:  # fmt: skip
         self.estimator, self.pool, self.n_steps, self.cfg_rate = estimator, pool, n_steps, cfg_rate
         self.batches = [b for b in BATCHES if b < max_batch] + [max_batch]
         self.frames, self.contexts = frames, contexts
-        self.calls = calls  # the flow's (devices.CALL_MODES): it outlives these graphs
+        self.calls = calls  # the flow's
         self.captures = 0  # graphs captured (again after the pool grew)
         # Once warm-up has captured a stream's first shapes, a bucket met first mid-burst (a
         # final chunk's, a long stream's) runs eagerly at its static shape and is captured when
@@ -75,11 +75,6 @@ class FlowGraphs:
         self.encode, self.ratio, self.lookahead = encode, ratio, lookahead
         self._drop()
 
-    @property
-    def runs(self) -> int:
-        """Calls that went through the static loop (the rest ran eagerly)."""
-        return self.calls["replayed"] + self.calls["static"]
-
     def fits(self, batch: int, frames: int, context: int) -> bool:
         return (
             batch <= self.batches[-1] and frames <= self.frames[-1] and context <= self.contexts[-1]
@@ -105,7 +100,7 @@ class FlowGraphs:
                 self._capture(key)
         self._fill(ins, past, key, enc)
         replay = self.capture and not later
-        self.calls[static_mode(replay)] += 1
+        self.calls.at_static_shapes(replay)
         if not replay:
             return self._forward(*key)[:n, :, :t]
         graph, out = self._graphs[key]

@@ -16,12 +16,11 @@ padding is tested.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
 
-from cosyvoice.devices import GraphPool, bucket, static_mode
+from cosyvoice.devices import Calls, GraphPool, bucket
 
 if TYPE_CHECKING:
     from cosyvoice.hift.hift import HiFT
@@ -31,20 +30,15 @@ FRAMES = (64, 128, 256)  # mel frames of a call: hops of 25, 50, 100 tokens (58,
 
 
 class HiFTGraphs:
-    def __init__(self, hift: HiFT, max_batch: int, device: torch.device, calls: Counter[str],
+    def __init__(self, hift: HiFT, max_batch: int, device: torch.device, calls: Calls,
                  capture: bool | None = None) -> None:  # fmt: skip
         self.hift, self.device = hift, device
         self.batches = [b for b in BATCHES if b < max_batch] + [max_batch]
         self.capture = device.type == "cuda" if capture is None else capture
-        self.calls = calls  # HiFT's (devices.CALL_MODES): it outlives these graphs
+        self.calls = calls  # HiFT's
         self._bufs: dict[str, torch.Tensor] = {}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = GraphPool(device)
-
-    @property
-    def runs(self) -> int:
-        """Calls that went through the static filter."""
-        return self.calls["replayed"] + self.calls["static"]
 
     def fits(self, batch: int, frames: int) -> bool:
         return batch <= self.batches[-1] and frames <= FRAMES[-1]
@@ -57,7 +51,7 @@ class HiFTGraphs:
         if self.capture and key not in self._graphs:
             self._pad(*key)
             self._graphs[key] = self._graph_pool.capture(lambda: self._forward(*key), "HiFT")
-        self.calls[static_mode(self.capture)] += 1  # (after a capture: a failed one is eager)
+        self.calls.at_static_shapes(self.capture)  # (after a capture: a failed one is eager)
         b, tb = key
         f = self._bufs
         self._pad(b, tb)

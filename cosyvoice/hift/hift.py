@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from cosyvoice.devices import CaptureFailed, h2d
+from cosyvoice.devices import Calls, CaptureFailed, h2d
 
 if TYPE_CHECKING:
     from cosyvoice.hift.graphs import HiFTGraphs
@@ -198,7 +197,7 @@ class HiFT(nn.Module):
         self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_cond_channels, cfg.f0_num_class)
         self.register_buffer("window", hann_periodic(cfg.n_fft), persistent=False)
         self.graphs: HiFTGraphs | None = None  # see enable_graphs
-        self.calls: Counter[str] = Counter()  # filter calls by how they ran (devices.CALL_MODES)
+        self.calls = Calls()  # filter calls by how they ran
 
     def _source_path(self, resblock: type[nn.Module], padded: bool) -> None:
         """Per upsampling stage, the source's STFT brought down to that stage's rate (strided

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import SamplingConfig
-from ..devices import h2d, static_mode
+from ..devices import Calls, h2d
 from .bistream import SPEECH_CHUNK, BistreamState
 from .graphs import CONTEXT_BLOCKS, DecodeGraphs
 from .kv import KVCache
@@ -194,7 +193,7 @@ class LLMEngine:
         # the scheduler calls from one thread; the lock only guards against accidental sharing
         self._lock = threading.Lock()
         self.graphs: DecodeGraphs | None = None
-        self.calls: Counter[str] = Counter()  # steps by how they ran (devices.CALL_MODES)
+        self.calls = Calls()  # steps by how they ran
         self.sampler = Sampler(net.speech_token_size, sampling)
         self._idle = self.sampler.idle_row()
 
@@ -302,7 +301,7 @@ class LLMEngine:
             self.calls["dynamic"] += 1
             logits = self.net.forward_packed(torch.cat(batch.embeds), caches, lens)
             return logits, self.sampler(logits, h2d(rows, logits.device))
-        self.calls[static_mode(g.capture)] += 1
+        self.calls.at_static_shapes(g.capture)
         if not pre:
             return g.run(batch.embeds, caches, rows)
         got = g.run_prefill(pick(pre, batch.embeds), pick(pre, caches), pick(pre, rows))

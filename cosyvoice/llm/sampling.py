@@ -86,8 +86,9 @@ class Sampler:
         return _FLAGS + self.cfg.win_size
 
     def idle_row(self) -> list[int]:
-        """The row of a request that draws nothing (its token is forced, or not due)."""
-        return [1, 0, -1, 0, 0] + [-1] * self.cfg.win_size
+        """The row of a request that draws nothing (its token is forced, or not due): a greedy
+        draw with nothing masked and an empty window."""
+        return Draw([], ignore_eos=False, seed=None).row(self.cfg)
 
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return sample_tokens(logits, rows, self.speech_token_size, self.cfg)

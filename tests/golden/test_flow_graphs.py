@@ -79,7 +79,7 @@ def test_static_loop_equals_eager(model_dir, ladders):
     ref, _ = _ragged(model_dir, toks)
     got, flow = _ragged(model_dir, toks, **ladders)
     graphs = flow.graphs
-    assert graphs is not None and graphs.runs > 0
+    assert graphs is not None and flow.calls.static_runs > 0
     assert (graphs.encode is None) == (flow.cfg.estimator == "dit")  # v2: the encoder too
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert_close(a, b, WAVE_TOL, what=f"request {i}")
@@ -113,11 +113,11 @@ def test_a_call_without_state_goes_through_the_graphs(model_dir, stream, n):
     toks = _tokens(model_dir, n, seed=3)
     ref, _ = _whole(model_dir, toks, stream)
     got, flow = _whole(model_dir, toks, stream, blocks=256, max_batch=2)
-    assert flow.calls["dynamic"] == 0 and flow.graphs.runs == 2
+    assert flow.calls["dynamic"] == 0 and flow.calls.static_runs == 2
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert_close(a, b, WAVE_TOL, what=f"speaker {i}")
     _, flow = _whole(model_dir, toks, stream, blocks=256, max_batch=2, frames=(16,))
-    assert flow.calls["dynamic"] == 2 and flow.graphs.runs == 0
+    assert flow.calls["dynamic"] == 2 and flow.calls.static_runs == 0
     _, flow = _whole(model_dir, toks, stream, max_batch=2)  # the pool's first 8 blocks
     assert flow.calls["dynamic"] >= 1  # (the prompted speaker's, prompt and all)
     assert flow.pool.layout[0] == (8, 8)  # not grown
@@ -133,7 +133,7 @@ def test_warm_sizes_the_pool_to_its_bound_and_runs_each_batch(model_dir):
     t2w.warm(flow.graphs.batches)
     # sizing, then 4, 2 and 1 streams three chunks each (and the recomputing streams' calls
     # past the 16 MB bound: without state, at their bucket too), every call static
-    assert flow.graphs.runs >= 1 + 3 * len(flow.graphs.batches) == 10
+    assert flow.calls.static_runs >= 1 + 3 * len(flow.graphs.batches) == 10
     assert flow.calls["dynamic"] == 0
     layout, pool = flow.pool.layout, flow.pool
     assert (
@@ -206,7 +206,7 @@ def test_after_warm_up_a_new_bucket_runs_eagerly_and_is_captured_when_idle(model
     toks = _tokens(model_dir, 120, seed=8)
     ref, _ = _ragged(model_dir, toks)
     got, flow = _ragged(model_dir, toks, defer=True, max_batch=4, capture=True)
-    assert "capture" not in caplog.text and flow.graphs.pending and flow.graphs.runs > 0
+    assert "capture" not in caplog.text and flow.graphs.pending and flow.calls.static_runs > 0
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         assert_close(a, b, WAVE_TOL, what=f"request {i}")
     assert max(flow.graphs.pending.values()) < CAPTURE_AT  # none came often enough
