@@ -3,7 +3,7 @@
     uv run python bench/make_full_model.py        # once: writes bench/out/CosyVoice2-0.5B
     uv run python bench/bench_llm.py [--model-dir DIR] [--batches 1 4 16] [--steps 20]
     uv run python bench/bench_llm.py --sampling [--bf16-logits] [--batches 1 16 64] [--against F]
-    uv run python bench/bench_llm.py --pack-ab [--batches 1 4 16 64] [--repeat 3]
+    uv run python bench/bench_llm.py --pack-ab [--pack-rows 1 64] [--batches 1 4 16 64] [--repeat 3]
 
 ``--sampling``: only the draw of a decode step (RAS over the model's speech vocabulary, each
 request's own seed), from logits on the model's device to tokens on the host; ``--against
@@ -17,8 +17,9 @@ time outside the static forward and draw: on a CPU the host's part of a replayed
 the draw's rows, the copies, the tokens' bookkeeping), which a GPU's replays wait on.
 
 ``--pack-ab``: the same decode steps with torch's linears (MKL) and with the weights packed once
-for oneDNN (``cosyvoice.load(packed=...)``, the CPU float32 default), two models in one process,
-alternating per window; medians of ``--repeat`` windows of ``--steps`` steps each.
+for oneDNN (``cosyvoice.load(packed=...)``, the CPU default), each layout of ``--pack-rows`` (the
+row count oneDNN lays the weight out for; ``devices.PACK_ROWS`` by default) a model of its own, in
+one process, alternating per window; medians of ``--repeat`` windows of ``--steps`` steps each.
 
 Each batch holds requests of different text lengths (ragged prefill), all prefilled in one
 step; then ``--steps`` timed decode steps after ``--warmup`` untimed ones. Stop tokens are
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from report import cpu_name  # noqa: E402
 
 import cosyvoice  # noqa: E402
+from cosyvoice.devices import PACK_ROWS, can_pack_linears, pack_linears  # noqa: E402
 from cosyvoice.llm.engine import LLMRequest  # noqa: E402
 
 
@@ -147,23 +150,28 @@ def _load_module(name: str, path: Path):
 
 
 def pack_ab(args) -> None:
-    kw = dict(dtype=args.dtype, speaker_dir=None, token2wav=False)
-    models = {p: cosyvoice.load(args.model_dir, packed=p, **kw) for p in (False, True)}
-    dtype = models[True].dtype  # bf16 falls back to float32 on a CPU without bf16 units
-    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}")
-    print("| batch | torch linears ms/step | packed ms/step | ratio | prefill s (torch, packed) |")
-    print("|---:|---:|---:|---:|---:|")
+    """torch's linears against packed ones laid out for each of ``--pack-rows``, alternating."""
+    kw = dict(dtype=args.dtype, speaker_dir=None, token2wav=False, packed=False)
+    models = {"torch": cosyvoice.load(args.model_dir, **kw)}
+    if not can_pack_linears(models["torch"].llm.device, models["torch"].dtype):
+        raise SystemExit(f"no packed linears for {models['torch'].dtype} on this machine")
+    for rows in args.pack_rows:
+        m = models[f"packed {rows}"] = cosyvoice.load(args.model_dir, **kw)
+        pack_linears(m.llm.net, rows)
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{models['torch'].dtype}; ms per step, medians (prefill s)")  # fmt: skip
+    print("| batch | " + " | ".join(models) + " |\n|---:|" + "---:|" * len(models))
     for b in args.batches:
-        ms: dict[bool, list[float]] = {False: [], True: []}
-        prefill: dict[bool, list[float]] = {False: [], True: []}
+        ms: dict[str, list[float]] = {k: [] for k in models}
+        prefill: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(args.repeat):
-            for p, m in models.items():
+            for k, m in models.items():
                 r = run_batch(m, b, args.steps, args.warmup, args.seed, 1, args.context)
-                ms[p].append(r["ms_per_step"])
-                prefill[p].append(r["prefill_s"])
-        a, c = (sorted(ms[p])[len(ms[p]) // 2] for p in (False, True))
-        pa, pc = (sorted(prefill[p])[len(prefill[p]) // 2] for p in (False, True))
-        print(f"| {b} | {a:.0f} | {c:.0f} | {a / c:.2f}x | {pa:.2f}, {pc:.2f} |", flush=True)
+                ms[k].append(r["ms_per_step"])
+                prefill[k].append(r["prefill_s"])
+        cells = [f"{statistics.median(ms[k]):.1f} ({statistics.median(prefill[k]):.2f})"
+                 for k in models]  # fmt: skip
+        print(f"| {b} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
@@ -193,6 +201,10 @@ def main() -> None:
         "--against", type=Path, help="--sampling: another version's sampling.py, timed alongside"
     )
     ap.add_argument("--pack-ab", action="store_true", help="torch vs packed linears, side by side")
+    ap.add_argument(
+        "--pack-rows", type=int, nargs="+", default=[PACK_ROWS],
+        help="--pack-ab: the row counts packed layouts are made for",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -96,22 +96,29 @@ def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+# The row count oneDNN lays a packed weight out for (any row count runs over it). On a 2-core Xeon
+# (AMX) a layout for 64 rows made float32 CosyVoice2 decode steps 1.78x faster at batch 8 and
+# 1.29x at 16 than one for a single row, 4% slower at batch 1 (bf16: 1.21x at 8, the same at 1
+# and 16); layouts for up to 32 rows multiplied 16 rows as slowly as the one-row layout
+# (bench/bench_llm.py --pack-ab --pack-rows). On the AMD EPYC the one-row layout had been as
+# fast as those for 16 rows and for a prefill's length.
+PACK_ROWS = 64
+
+
 class PackedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose weight is kept in oneDNN's blocked layout.
 
     ``F.linear`` on a CPU multiplies by the transposed row-major weight through MKL's sgemm,
     which reads it at half the memory bandwidth for a single row and runs skinny batches far
-    from peak; oneDNN's kernel over a weight packed once at load makes the LLM's decode steps
-    1.2-1.9x faster (batches of 1-64; ``bench/bench_llm.py --pack-ab``). The packed tensor is
-    opaque (no storage, no state_dict, no ``.to``), so it is a plain attribute and the module
-    is built last, after the net reached its device and dtype."""
+    from peak; oneDNN's kernel over a weight packed once at load made the LLM's decode steps
+    1.2-1.9x faster on an AMD EPYC (batches of 1-64; ``bench/bench_llm.py --pack-ab``). The
+    packed tensor is opaque (no storage, no state_dict, no ``.to``), so it is a plain attribute
+    and the module is built last, after the net reached its device and dtype."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, rows: int = PACK_ROWS) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        # the hint is the row count the layout is tuned for; 1 (decode) was as fast as 16 or
-        # the prefill length at every size measured, and a packed weight serves any row count
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +140,10 @@ def linear_add_(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> t
     return residual.add_(linear(x))
 
 
-def pack_linears(net: nn.Module) -> int:
-    """Swap every ``nn.Linear`` in ``net`` for a :class:`PackedLinear`; returns how many.
-    Code that needs a packed net's dtype or device reads them from a non-linear parameter."""
+def pack_linears(net: nn.Module, rows: int = PACK_ROWS) -> int:
+    """Swap every ``nn.Linear`` in ``net`` for a :class:`PackedLinear` laid out for ``rows``;
+    returns how many. Code that needs a packed net's dtype or device reads them from a
+    non-linear parameter."""
     swaps = [
         (parent, name, child)
         for parent in net.modules()
@@ -143,7 +151,7 @@ def pack_linears(net: nn.Module) -> int:
         if type(child) is nn.Linear
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child))
+        setattr(parent, name, PackedLinear(child, rows))
     return len(swaps)
 
 

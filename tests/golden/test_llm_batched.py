@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from _fixtures import CountOps, load_engine
 
 import cosyvoice
-from cosyvoice.devices import PackedLinear, can_pack_linears, linear_add_, pack_linears
+from cosyvoice.devices import (
+    PACK_ROWS,
+    PackedLinear,
+    can_pack_linears,
+    linear_add_,
+    pack_linears,
+)
 from cosyvoice.llm import qwen2
 from cosyvoice.llm.engine import LLMRequest
 from cosyvoice.llm.kv import BLOCK, additive_bias
@@ -202,19 +208,25 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @NEEDS_ONEDNN
+@pytest.mark.parametrize("rows", [1, PACK_ROWS])
 @pytest.mark.parametrize(
     "dtype", [torch.float32, pytest.param(torch.bfloat16, marks=NEEDS_BF16_PACKING)]
 )
-def test_packed_linears_compute_what_torch_does(dtype):
+def test_packed_linears_compute_what_torch_does(dtype, rows):
+    """Whatever row count the weights are laid out for, any row count runs over them: fewer
+    and more rows than the layout's, and strided inputs."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(40, 8, False))
+        torch.nn.Linear(72, 200),
+        torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Linear(200, 8, False)),
     ).to(dtype)
-    xs = [torch.randn(1, 24), torch.randn(17, 24), torch.randn(3, 5, 24), torch.randn(24, 6).t()]
+    xs = [torch.randn(1, 72), torch.randn(17, 72), torch.randn(3, 5, 72), torch.randn(72, 6).t(),
+          torch.randn(2 * PACK_ROWS + 3, 72)]  # fmt: skip
     xs = [x.to(dtype) for x in xs]
     with torch.inference_mode():
         expected = [net(x) for x in xs]
-        assert pack_linears(net) == 2
+        assert pack_linears(net, rows) == 2
         assert not any(isinstance(m, torch.nn.Linear) for m in net.modules())
         for x, e in zip(xs, expected, strict=True):
             got = net(x)
