@@ -48,8 +48,7 @@ class HiFTGraphs:
         n, t, nfr = mel.shape[0], mel.shape[-1], s_stft.shape[-1]
         key = (bucket(self.batches, n), bucket(FRAMES, t))
         self._prepare(mel, s_stft)
-        if self.capture and key not in self._graphs:
-            self._pad(*key)
+        if self.capture and key not in self._graphs:  # (over the buffers as they are: finite)
             self._graphs[key] = self._graph_pool.capture(lambda: self._forward(*key), "HiFT")
         self.calls.at_static_shapes(self.capture)  # (after a capture: a failed one is eager)
         b, tb = key
