@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 from golden.paths import resolve_golden_dir  # noqa: E402  (where the tests find them)
-from report import COMPLETE  # noqa: E402
+from report import BUILDING, COMPLETE  # noqa: E402
 
 from cosyvoice.config import llm_config, read_yaml  # noqa: E402
 from cosyvoice.llm.lm import UNUSED_KEYS, QwenSpeechLM  # noqa: E402
@@ -205,11 +205,14 @@ def main() -> None:
         help="a real CosyVoice2 dir: copy its tokenizer files and ONNX models instead of the stand-ins",
     )
     args = ap.parse_args()
+    refuse_foreign(args.out)
     src = resolve_golden_dir() / "cosyvoice2" / "model"
     if not (src / "cosyvoice2.yaml").is_file():
         sys.exit(f"no golden CosyVoice2 dir at {src}: put the golden fixtures at .golden/ or "
                  "set COSYVOICE_GOLDEN=DIR (README, Quickstart)")  # fmt: skip
     out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILDING).touch()
     (out / COMPLETE).unlink(missing_ok=True)  # a rebuild cut short must not pass for whole
     (out / "CosyVoice-BlankEN").mkdir(parents=True, exist_ok=True)
 
@@ -238,6 +241,19 @@ def main() -> None:
         if p.is_file():
             print(f"{p.stat().st_size:>14,d}  {p.relative_to(out)}")
     (out / COMPLETE).write_text("written whole by bench/make_full_model.py\n")
+    (out / BUILDING).unlink()
+
+
+def refuse_foreign(out: Path) -> None:
+    """Exit unless ``out`` is new, empty or this script's own: it overwrites the yaml and the
+    weights, and a real model dir (or the golden one, ``--out`` being a benchmark's
+    ``--model``) must never get random weights."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / COMPLETE).exists() or (out / BUILDING).exists():
+        return
+    sys.exit(f"{out} holds files this script did not write (a model dir?): not overwriting it. "
+             "Give --out a new or empty folder.")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 COMPLETE = ".complete"  # make_full_model.py writes it last: its model dir is whole
+BUILDING = ".building"  # ... and this first: a dir holding either marker is its own to rewrite
 sys.path.insert(0, str(ROOT / "tests"))
 
 

@@ -94,3 +94,25 @@ def test_released_shapes_other_families(family, n_keys, n_params):
     extra = 0 if family == "v1" else len(UNUSED_KEYS)
     assert len(net.state_dict()) + extra == n_keys
     assert sum(p.numel() for p in net.parameters()) == n_params
+
+
+def test_make_full_model_never_overwrites_a_model_it_did_not_write(tmp_path, monkeypatch):
+    """A benchmark's ``--model`` is make_full_model.py's ``--out`` when that dir is not whole:
+    pointed at a real (or the golden) model dir, it must leave it alone, not write random
+    weights over it. Its own dirs, whole or cut short, it rebuilds."""
+    mfm = _mfm()
+    real = tmp_path / "CosyVoice2-0.5B"
+    real.mkdir()
+    (real / "cosyvoice2.yaml").write_text("the release's\n")
+    monkeypatch.setattr("sys.argv", ["make_full_model.py", "--out", str(real)])
+    with pytest.raises(SystemExit, match="not overwriting"):
+        mfm.main()
+    assert [p.name for p in real.iterdir()] == ["cosyvoice2.yaml"]
+    assert (real / "cosyvoice2.yaml").read_text() == "the release's\n"
+    for marker in (mfm.BUILDING, mfm.COMPLETE):  # its own: accepted (as a new or empty dir is)
+        own = tmp_path / marker.strip(".")
+        own.mkdir()
+        (own / "cosyvoice2.yaml").write_text("random\n")
+        (own / marker).touch()
+        mfm.refuse_foreign(own)
+    mfm.refuse_foreign(tmp_path / "new")
