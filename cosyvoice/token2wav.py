@@ -402,6 +402,8 @@ class Token2Wav:
         # the warm-up's first call grew the pool for `batch` streams (15 GB of the full
         # CosyVoice2 in float32 at 64): that memory is the pool's to take again, not used
         pool.drop()
+        if self.flow.graphs is not None:  # and the graphs captured over it, with their memory
+            self.flow.graphs.drop()
         # the prompts' copies live outside the pool, in the same device memory
         fits = (self._room() / per_token - call) / (POOL_OVERSHOOT + PROMPT_SHARE)
         if fits < bound:

@@ -73,7 +73,7 @@ class FlowGraphs:
         """Run the encoder in the graphs too: ``encode`` gives mu (B, ratio * T, 80) of a
         call's :class:`EncoderInputs` (T + ``lookahead`` tokens each)."""
         self.encode, self.ratio, self.lookahead = encode, ratio, lookahead
-        self._drop()
+        self.drop()
 
     def fits(self, batch: int, frames: int, context: int) -> bool:
         return (
@@ -138,14 +138,14 @@ class FlowGraphs:
             self._buf("has_ctx", (b,), torch.bool)
         if "times" not in self._bufs:  # as cfm_euler makes it: float32 under autocast too
             self._bufs["times"] = h2d(euler_times(self.n_steps), self.device)
-            self._drop()
+            self.drop()
         self._follow_pool()
 
     def _follow_pool(self) -> None:
         """Graphs hold the pool's tensors: once it has grown, they go."""
         if self.pool.layout != self._layout:
             self._layout = self.pool.layout
-            self._drop()
+            self.drop()
 
     def _view_bufs(self, pre: str, b: int, t: int, k: int) -> None:
         for name, shape in dict(write=(b, t), read=(b, k), positions=(b, t), lens=(b,)).items():
@@ -156,9 +156,9 @@ class FlowGraphs:
         x = self._bufs.get(name)
         if x is None or x.dtype != dtype or x.shape != shape:
             self._bufs[name] = torch.zeros(shape, dtype=dtype, device=self.device)
-            self._drop()
+            self.drop()
 
-    def _drop(self) -> None:
+    def drop(self) -> None:
         """Forget every graph, and their memory pool with them: a pool handle whose graphs are
         all gone cannot take a new capture."""
         self._graphs.clear()

@@ -257,6 +257,10 @@ class LLMEngine:
         _check_steppable(requests)
         if not requests:
             return []
+        if self.graphs is not None and len(requests) > (n := self.graphs.max_batch):
+            # more than the graphs hold (a library caller; the server's steps are capped):
+            # as steps the graphs replay, not one eager forward of all
+            return [t for i in range(0, len(requests), n) for t in self.step(requests[i : i + n])]
         batch = self._pack(requests)
         for r in batch.full:
             log.warning("KV pool full: a segment ends early")

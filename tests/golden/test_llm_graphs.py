@@ -95,10 +95,11 @@ def test_a_first_input_alone_runs_as_a_prefill_bucket(golden_dir):
 def test_requests_joining_others_run_as_prefill_and_decode_graphs(golden_dir):
     """First inputs of several requests at once run as one prefill bucket, and a step where
     requests join others decoding replays a prefill and a decode graph: the same logits and
-    tokens as the dynamic step, whatever joins when."""
+    tokens as the dynamic step, whatever joins when. A step of more requests than the graphs
+    hold (a library caller's: the server caps its steps) runs as steps they replay."""
     eager, static = _load(golden_dir, False), _load(golden_dir, True)
-    # step -> text lengths of requests joining; at step 7, more than a prefill bucket holds
-    # (6 here) join at once: that step runs dynamically
+    # step -> text lengths of requests joining; at step 7, 10 requests step, the graphs
+    # hold 6: two replayed steps (6, then 4 first inputs), none eager
     joins = {0: [5, 40, 17], 2: [9], 4: [33, 12], 7: [3, 4, 5, 6, 7, 8, 9]}
     got = {}
     for name, model in (("eager", eager), ("static", static)):
@@ -113,7 +114,8 @@ def test_requests_joining_others_run_as_prefill_and_decode_graphs(golden_dir):
             for r in live:
                 logits[reqs.index(r)].append(r.last_logits.clone())
         got[name] = [(r.out_tokens, torch.stack(lg)) for r, lg in zip(reqs, logits, strict=True)]
-    assert static.llm.graphs.prefills == sum(len(v) for k, v in joins.items() if k < 7)
+    assert static.llm.graphs.prefills == sum(len(v) for v in joins.values())
+    assert static.llm.calls["dynamic"] == 0
     for (tok_e, lg_e), (tok_s, lg_s) in zip(got["eager"], got["static"], strict=True):
         assert tok_e == tok_s and len(tok_s) == 6
         torch.testing.assert_close(lg_s, lg_e, atol=1e-4, rtol=1e-4)
