@@ -360,6 +360,9 @@ class TTSService:
         )  # fmt: skip
         self.draining = False  # SIGTERM came: no new sessions
         self.sockets: set = set()  # open WsSessions, told when the server shuts down
+        # each client address's share of the event loop (api.ws_session.LoopShare), one for
+        # all its sockets: kept while any of them is open
+        self.loop_shares: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()  # cut at the drain's end
         self.started_at = time.time()
 

@@ -229,6 +229,34 @@ def test_flush_is_acknowledged_after_its_audio(server):
     assert seen.index("audio") < seen.index("Segment") < seen.index("Flushed")
 
 
+def test_flushes_waiting_for_their_audio_are_bounded(server):
+    """A client flushing as fast as it can while its audio is still to come: each flush was
+    kept until its `flushed` (a million of them while a context waited for a slot). Past 256
+    waiting, a flush gets `too_many_flushes` and is dropped; the kept ones are answered in
+    order, and the context goes on to its end."""
+
+    async def go():
+        async with websockets.connect(f"{server.ws_url}/ws/tts", compression=None) as ws:
+            await ws.recv()  # ready
+            await ws.send(json.dumps({"type": "start", "context_id": "f", "spk_id": "joe"}))
+            await ws.send(json.dumps({"type": "text", "context_id": "f", "text": LONG}))
+            for _ in range(300):
+                await ws.send(json.dumps({"type": "flush", "context_id": "f"}))
+            await ws.send(json.dumps({"type": "close", "context_id": "f"}))
+            events = []
+            while not events or events[-1]["type"] != "done":
+                if isinstance(msg := await ws.recv(), str):
+                    events.append(json.loads(msg))
+            return events
+
+    events = run(go())
+    refused = [e for e in events if e["type"] == "error"]
+    acked = [e["flush_id"] for e in events if e["type"] == "flushed"]
+    assert {e["code"] for e in refused} == {"too_many_flushes"}, refused[:3]
+    assert acked == list(range(1, 257)) and len(refused) == 300 - 256
+    server.assert_idle()
+
+
 async def one_turn(base_url: str, fmt: str, text: str, flush_late: bool = False):
     """A context's audio for `text` and a flush (with the text, or once its segment is
     spoken), then a close: what had come at `flushed`, everything, and the last segment."""
@@ -600,7 +628,8 @@ def test_a_reply_waiting_for_a_slow_reader_is_not_the_sockets_loop_time():
 
         socket = SimpleNamespace(scope={"extensions": {READ_METER: meter}}, client=None,
                                  send_text=send_text)  # fmt: skip
-        session = WsSession(socket, SimpleNamespace(settings=None))  # type: ignore[arg-type]
+        service = SimpleNamespace(settings=None, loop_shares={})
+        session = WsSession(socket, service)  # type: ignore[arg-type]
         session._receiver = asyncio.current_task()
         asyncio.get_running_loop().call_later(0.3, meter.writable.set)  # the client reads
         await session._write('{"type":"pong"}')

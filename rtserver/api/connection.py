@@ -286,7 +286,7 @@ READ_METER = "rtserver.read_meter"  # the scope extension that holds a socket's 
 
 class ReadMeter:
     """What reading a WebSocket costs the event loop below the app, for the app to charge to
-    the socket's share of the loop (ws_session.LoopShare): the time its bytes took to parse
+    its client's share of the loop (ws_session.LoopShare): the time its bytes took to parse
     into messages (a third of the loop under a flood of tiny ones), and whether a message is
     queued already (the app's next receive then runs without waiting: all of it loop time).
     ``writable``: the protocol's own event, clear while a send would wait for the client to

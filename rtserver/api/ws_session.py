@@ -98,9 +98,10 @@ def _mend_split_characters(raw: str | bytes) -> str | None:
 
 _encoder = msgspec.json.Encoder()
 _FINISHED_MEMORY = 64  # recently finished context ids, so a late cancel is acknowledged
-# One socket may keep the event loop busy this share of the time (bursts of up to _BURST_S):
-# 5000 one-character messages a second of "Mr. " (each rereads a pending sentence) kept
-# /healthz waiting 4.7 s. Agents sending an LLM's tokens use a fraction of a percent.
+# One client address's sockets together may keep the event loop busy this share of the time
+# (bursts of up to _BURST_S): 5000 one-character messages a second of "Mr. " (each rereads a
+# pending sentence) kept /healthz waiting 4.7 s; a share per socket let 8 sockets flooding
+# pings hold it 4-5 s. Agents sending an LLM's tokens use a fraction of a percent.
 _LOOP_SHARE = 0.2
 # While streams wait for a slot, a context with nothing to say gives its slot up after this
 # (else --context-idle-timeout-s): one socket sending "Hm. " every 20 s held six for good.
@@ -108,6 +109,10 @@ _CONTENDED_IDLE_S = 5.0
 _BURST_S = 0.5
 _GONE = (WebSocketDisconnect,)  # the socket closed (under a send: see _write)
 _CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
+# Flushes of one context that wait for their audio (an agent flushing at each turn's end has
+# a few): each is a `flushed` to send later, outside the socket's loop share; a client sending
+# flushes as fast as it could while its context waited for a slot held a million.
+_MAX_PENDING_FLUSHES = 256
 
 _START_ERRORS = {
     UnknownSpeaker: "unknown_speaker",
@@ -137,9 +142,10 @@ class Context:
 
 
 class LoopShare:
-    """A socket's share of the event loop: the time its messages take to handle is paid back
+    """A client's share of the event loop: the time its messages take to handle is paid back
     by not reading the next one until the balance is positive again (reading pauses, and TCP
-    slows the client down). A client within `share` never waits."""
+    slows the client down). A client within `share` never waits. Its sockets share one: each
+    waits out the debt all of them ran up."""
 
     def __init__(self, share: float, burst_s: float, now: float) -> None:
         self.share, self.burst_s = share, burst_s
@@ -165,11 +171,18 @@ class WsSession:
         self._next_stream = 1
         self._send_lock = asyncio.Lock()
         self._closed = False
-        self._share = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
+        self._share = self._client_share()
         self._receiver: asyncio.Task | None = None  # the task reading the client's messages
         self._waited = 0.0  # the time its handlers waited off the loop (socket, worker thread)
         # what uvicorn's protocol tells of the socket (none behind another server: Ray's proxy)
         self._meter: ReadMeter | None = (socket.scope.get("extensions") or {}).get(READ_METER)
+
+    def _client_share(self) -> LoopShare:
+        shares = self.service.loop_shares
+        share = shares.get(self.client)
+        if share is None:
+            share = shares[self.client] = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
+        return share
 
     # ---- transport ------------------------------------------------------------------------
 
@@ -279,7 +292,7 @@ class WsSession:
         )
 
     async def _receive_loop(self) -> None:
-        """Each message is charged to the socket's share of the loop: its handling (less what
+        """Each message is charged to its client's share of the loop: its handling (less what
         it waited for off the loop), its replies, and (under uvicorn, which meters them: see
         ReadMeter) the parsing of its bytes and a receive that did not have to wait."""
         self._receiver = asyncio.current_task()
@@ -528,6 +541,10 @@ class WsSession:
             ctx.session.flush()
 
     async def _flush(self, ctx: Context) -> None:
+        if len(ctx.flushes) >= _MAX_PENDING_FLUSHES:
+            message = f"{len(ctx.flushes)} flushes already wait for their audio; flush dropped"
+            await self._error("too_many_flushes", message, ctx.id)
+            return
         self._stop_auto_flush(ctx)  # nothing is left for it
         submitted = ctx.session.flush()
         if tail := ctx.session.drain_if_spoken():  # all spoken before the flush came
