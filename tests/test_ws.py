@@ -232,8 +232,9 @@ def test_flush_is_acknowledged_after_its_audio(server):
 def test_flushes_waiting_for_their_audio_are_bounded(server):
     """A client flushing as fast as it can while its audio is still to come: each flush was
     kept until its `flushed` (a million of them while a context waited for a slot). Past 256
-    waiting, a flush gets `too_many_flushes` and is dropped; the kept ones are answered in
-    order, and the context goes on to its end."""
+    waiting, a flush that adds no text gets `too_many_flushes` and is dropped; one with text
+    (an agent flushing each sentence) is kept. The kept ones are answered in order, and the
+    context goes on to its end."""
 
     async def go():
         async with websockets.connect(f"{server.ws_url}/ws/tts", compression=None) as ws:
@@ -242,6 +243,8 @@ def test_flushes_waiting_for_their_audio_are_bounded(server):
             await ws.send(json.dumps({"type": "text", "context_id": "f", "text": LONG}))
             for _ in range(300):
                 await ws.send(json.dumps({"type": "flush", "context_id": "f"}))
+            more = {"type": "text", "context_id": "f", "text": "And one more.", "flush": True}
+            await ws.send(json.dumps(more))
             await ws.send(json.dumps({"type": "close", "context_id": "f"}))
             events = []
             while not events or events[-1]["type"] != "done":
@@ -253,7 +256,7 @@ def test_flushes_waiting_for_their_audio_are_bounded(server):
     refused = [e for e in events if e["type"] == "error"]
     acked = [e["flush_id"] for e in events if e["type"] == "flushed"]
     assert {e["code"] for e in refused} == {"too_many_flushes"}, refused[:3]
-    assert acked == list(range(1, 257)) and len(refused) == 300 - 256
+    assert acked == list(range(1, 258)) and len(refused) == 300 - 256
     server.assert_idle()
 
 

@@ -109,9 +109,10 @@ _CONTENDED_IDLE_S = 5.0
 _BURST_S = 0.5
 _GONE = (WebSocketDisconnect,)  # the socket closed (under a send: see _write)
 _CANCEL_WAIT_S = 5.0  # longer than an engine step; a start at the limit waits no longer
-# Flushes of one context that wait for their audio (an agent flushing at each turn's end has
-# a few): each is a `flushed` to send later, outside the socket's loop share; a client sending
-# flushes as fast as it could while its context waited for a slot held a million.
+# Flushes of one context that wait for their audio (an agent flushing each sentence has one a
+# sentence: their number is bounded by the text) past which one that adds no text is refused:
+# each is a `flushed` to send later, outside the socket's loop share, and a client sending
+# empty flushes as fast as it could while its context waited for a slot held a million.
 _MAX_PENDING_FLUSHES = 256
 
 _START_ERRORS = {
@@ -541,12 +542,13 @@ class WsSession:
             ctx.session.flush()
 
     async def _flush(self, ctx: Context) -> None:
-        if len(ctx.flushes) >= _MAX_PENDING_FLUSHES:
-            message = f"{len(ctx.flushes)} flushes already wait for their audio; flush dropped"
-            await self._error("too_many_flushes", message, ctx.id)
-            return
         self._stop_auto_flush(ctx)  # nothing is left for it
         submitted = ctx.session.flush()
+        waiting = ctx.flushes
+        if len(waiting) >= _MAX_PENDING_FLUSHES and waiting[-1][1] == submitted:
+            message = f"{len(waiting)} flushes already wait for their audio; flush dropped"
+            await self._error("too_many_flushes", message, ctx.id)
+            return
         if tail := ctx.session.drain_if_spoken():  # all spoken before the flush came
             await self._send_audio(ctx, tail)
         ctx.flush_count += 1

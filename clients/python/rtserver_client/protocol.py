@@ -247,7 +247,10 @@ ERROR_CODES: dict[str, str] = {
     "too_many_sockets": "this client address already has its limit of sockets open; closed",
     "text_too_long": "the context's text exceeds the server's limit; the fragment is dropped",
     "invalid_text": "the fragment contains a control character; it is dropped",
-    "too_many_flushes": "256 flushes of the context already wait for their audio; it is dropped",
+    "too_many_flushes": (
+        "a flush that adds no text while 256 of the context's flushes wait for their audio; "
+        "it is dropped"
+    ),
     "busy": "the server is at capacity; retry later",
     "synthesis_failed": "the engine failed on this context",
     "audio_limit": "the context reached max_audio_s of audio; it has ended",
