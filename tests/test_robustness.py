@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import struct
 import time
@@ -481,6 +482,53 @@ def raw_request(srv: ServerProcess, body: dict, rcvbuf: int | None = None) -> so
         + f"Content-Length: {len(data)}\r\n\r\n".encode() + data
     )  # fmt: skip
     return s
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_until_quiet(pid: int, since: float, timeout: float = 60) -> float:
+    """CPU seconds a process spends from ``since`` (its CPU time then) until half a second
+    in which it spends under 0.05 s."""
+    last, deadline = process_cpu_s(pid), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = process_cpu_s(pid)
+        if now - last < 0.05:
+            break
+        last = now
+    return last - since
+
+
+def test_clients_leaving_right_after_their_start_leave_no_work_behind(make_server):
+    """Clients sending a request and leaving 0.1 s later, again and again, 8 at once: a left
+    job's pieces not started yet were queued on the workers anyway (its workers counted as
+    free), and ran after the clients had gone, before everyone else's pieces (another
+    client's first audio grew 0.2 -> 26 s over 30 s of it). They are cancelled now: once the
+    last client has left, the server works only as long as the pieces still running."""
+    srv = make_server("--max-client-streams", "0", "--max-text-chars", "100000")
+    before = assert_idle(srv)
+    body = {"tts_text": LONG_TEXT * 4, "spk_id": "joe", "stream": True}
+    stop = time.monotonic() + 4
+
+    def leave_again_and_again() -> None:
+        while time.monotonic() < stop:
+            s = raw_request(srv, body)
+            time.sleep(0.1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # a reset: gone at once
+
+    with ThreadPoolExecutor(8) as pool:
+        for left in [pool.submit(leave_again_and_again) for _ in range(8)]:
+            left.result()
+    cpu = process_cpu_s(srv.proc.pid)
+    after = assert_idle(srv)
+    spent = cpu_until_quiet(srv.proc.pid, cpu)
+    assert spent < 2.0, f"{spent:.1f} s of CPU after the last client left"
+    assert after["cancelled"] > before["cancelled"] + 8, after
 
 
 def test_clients_that_stop_reading_are_dropped(make_server):

@@ -104,6 +104,8 @@ class PiperEngine:
         self.max_batch = 1024  # see every ready job; the worker count bounds the work
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="piper")
         self._inflight: dict[Job, deque[tuple[int, Future]]] = {}
+        # pieces of released jobs still running: their workers are busy until they end
+        self._orphans: set[Future] = set()
         self._voices: dict[str, object] = {}
         self._speakers: dict[str, Speaker] = {}
         configs: dict[str, str] = {}
@@ -151,6 +153,7 @@ class PiperEngine:
         # chunk), but briefly: the scheduler must also see new jobs and cancels.
         if not any(q[0][2].done() for j in jobs if (q := self._inflight.get(j))):
             running = [f for q in self._inflight.values() for *_, f in q if not f.done()]
+            running += self._orphans
             if running:
                 wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
         out: list[tuple[Job, Event]] = []
@@ -179,7 +182,9 @@ class PiperEngine:
 
     def _fill(self, jobs: list[Job]) -> None:
         """Give idle workers the next pieces, most urgent jobs first, round robin."""
-        free = self.workers - sum(len(q) for q in self._inflight.values())
+        self._orphans = {f for f in self._orphans if not f.done()}
+        busy = sum(len(q) for q in self._inflight.values()) + len(self._orphans)
+        free = self.workers - busy
         while free > 0:
             submitted = False
             for job in jobs:
@@ -225,8 +230,13 @@ class PiperEngine:
         return sentences
 
     def release(self, job: Job) -> None:
-        # A running piece cannot be interrupted; its result is dropped when it ends.
-        self._inflight.pop(job, None)
+        # Pieces not started are cancelled. A running one cannot be interrupted: its worker
+        # stays busy (counted by _fill) until it ends, and its result is dropped. Counted as
+        # free, clients leaving right after their start queued their pieces without bound
+        # before everyone else's (another client's first audio 0.2 -> 26 s).
+        for *_, future in self._inflight.pop(job, ()):
+            if not future.cancel():
+                self._orphans.add(future)
         job.engine_state = None
 
     def _timed(self, job: Job, phonemes: list[str]) -> tuple[np.ndarray, float]:
