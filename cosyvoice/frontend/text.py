@@ -1,9 +1,10 @@
 """Text normalisation and sentence splitting (spec frontend-llm.md §4).
 
 Every rule here mirrors the documented upstream behaviour so that long texts become the same
-segments (golden ``frontend/text_frontend.json``). The only deliberate difference: indices that
+segments (golden ``frontend/text_frontend.json``). The deliberate differences: indices that
 upstream reads past the end of the string (``replace_blank`` on a trailing space) are treated as
-"not ASCII" instead of raising.
+"not ASCII" instead of raising, and a segment over ``MAX_SEGMENT_TOKENS`` (one sentence with
+no end: upstream keeps it whole) is cut (:func:`cap_segments`).
 """
 
 from __future__ import annotations
@@ -146,6 +147,44 @@ def merge_sentences(
         else:
             final.append(cur)
     return final
+
+
+# A segment is one LLM prefix, and its speech is made in one run: a sentence that never ends
+# (5000 characters of "1234567890 " normalize to 12 000 tokens) was one segment, whose
+# prefill and attention slowed every stream's steps for its whole length. One longer than
+# this is cut into pieces of about token_max_n; a long natural sentence stays whole.
+MAX_SEGMENT_TOKENS = 320
+_CUTS = (re.compile(r"(?<=[,，、])"), re.compile(r"(?<=\s)(?=\S)"))  # after a comma, a space
+_ATOM = re.compile(r"<\|.*?\|>|.", re.S)  # a character, or a special token whole
+
+
+def cap_segments(
+    segs: list[str], length: LengthFn, cap: int = MAX_SEGMENT_TOKENS, target: int = 80
+) -> list[str]:
+    """``segs``, each one longer than ``cap`` cut into pieces of at most ``target``: at commas,
+    else between words, else between characters (never inside a ``<|special|>`` token)."""
+    return [p for s in segs for p in (_cut(s, length, target) if length(s) > cap else [s])]
+
+
+def _cut(text: str, length: LengthFn, target: int, level: int = 0) -> list[str]:
+    if length(text) <= target:
+        return [text]
+    parts = [p for p in _CUTS[level].split(text) if p] if level < len(_CUTS) else None
+    if parts is None:
+        parts = _ATOM.findall(text)
+    elif len(parts) == 1:  # no such mark: the next kind of cut
+        return _cut(text, length, target, level + 1)
+    pieces, cur, n = [], "", 0
+    for p in parts:
+        k = length(p)  # a sum of parts' lengths: each part read once (within a token a seam)
+        if cur and n + k > target:
+            pieces.append(cur)
+            cur, n = "", 0
+        cur, n = cur + p, n + k
+    pieces.append(cur)
+    if level == len(_CUTS):
+        return pieces
+    return [q for piece in pieces for q in _cut(piece, length, target, level + 1)]
 
 
 @functools.cache
@@ -296,13 +335,14 @@ class TextNormalizer:
         if self.bypass(text):
             text_frontend = False
         if not text_frontend or text == "":
-            return [text] if split else text
+            segs = cap_segments([text], self.count_tokens) if text else [text]
+            return segs if split else text
         text = text.strip()
         if contains_chinese(text):
             text = yield from self._zh_steps(text)
-            segs = split_paragraph(text, len, "zh")
+            segs, length = split_paragraph(text, len, "zh"), len
         else:
             text = yield from self._en_steps(text)
-            segs = split_paragraph(text, self.count_tokens, "en")
-        segs = [s for s in segs if not is_punct_only(s)]
+            segs, length = split_paragraph(text, self.count_tokens, "en"), self.count_tokens
+        segs = cap_segments([s for s in segs if not is_punct_only(s)], length)
         return segs if split else text

@@ -175,3 +175,36 @@ def test_symbols_wetext_fails_on_still_normalize(text):
     pytest.importorskip("wetext")
     out = TextNormalizer(len).normalize(text, split=False)
     assert "7" not in out and ("seven" in out or "七" in out), out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1234567890 " * 500,  # normalizes to ~12 000 tokens of number words with no sentence end
+        "我们" * 1000,  # CJK with no mark at all
+        "word " * 2000,  # plain words, no comma
+        "<|endofprompt|>" + "字" * 1000 + "<|laughter|>",  # special tokens: never normalized
+    ],
+    ids=["digits", "cjk", "words", "special"],
+)
+def test_a_sentence_that_never_ends_is_cut_into_segments(golden_dir, text):
+    """Upstream keeps a sentence whole as one segment, one LLM prefix, however long it is: a
+    stream of 5000 characters of digits was 12 274 tokens in one prefill, which slowed every
+    other stream's steps. Past MAX_SEGMENT_TOKENS a segment is cut (at commas, between words,
+    between characters, never inside a special token), and nothing is lost."""
+    from cosyvoice.frontend.text import MAX_SEGMENT_TOKENS
+
+    pytest.importorskip("wetext")
+    n = _normalizer(str(golden_dir), "wetext", "qwen_tiny")
+    segs = n.normalize(text, split=True)
+    lengths = [n.count_tokens(s) for s in segs]
+    assert len(segs) > 1 and max(lengths) <= 100, lengths[:10]
+    if "<|" in text:
+        assert "".join(segs) == text and segs[0].startswith("<|endofprompt|>")
+        assert segs[-1].endswith("<|laughter|>")
+    else:  # the same text, cut (as a stream's segments are spoken one after the other)
+        whole = n.normalize(text, split=False).replace(" ", "")  # (split adds a final mark)
+        assert "".join(segs).replace(" ", "").rstrip(".。") == whole.rstrip(".。")
+    natural = "This sentence runs on, " * 12 + "and it ends here."  # long, but within the cap
+    assert MAX_SEGMENT_TOKENS >= n.count_tokens(natural) > 80
+    assert n.normalize(natural, split=True) == [natural]
