@@ -155,7 +155,7 @@ def merge_sentences(
 # this is cut into pieces of about token_max_n; a long natural sentence stays whole.
 MAX_SEGMENT_TOKENS = 320
 _CUTS = (re.compile(r"(?<=[,，、])"), re.compile(r"(?<=\s)(?=\S)"))  # after a comma, a space
-_ATOM = re.compile(r"<\|.*?\|>|.", re.S)  # a character, or a special token whole
+_ATOM = re.compile(r"<\|[^\s|]{1,40}\|>|.", re.S)  # a character, or a special token whole
 
 
 def cap_segments(

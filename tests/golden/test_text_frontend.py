@@ -184,8 +184,9 @@ def test_symbols_wetext_fails_on_still_normalize(text):
         "我们" * 1000,  # CJK with no mark at all
         "word " * 2000,  # plain words, no comma
         "<|endofprompt|>" + "字" * 1000 + "<|laughter|>",  # special tokens: never normalized
+        "<|" + "字" * 1000 + "|>",  # no special token: a run of characters like any other
     ],
-    ids=["digits", "cjk", "words", "special"],
+    ids=["digits", "cjk", "words", "special", "brackets"],
 )
 def test_a_sentence_that_never_ends_is_cut_into_segments(golden_dir, text):
     """Upstream keeps a sentence whole as one segment, one LLM prefix, however long it is: a
@@ -200,8 +201,9 @@ def test_a_sentence_that_never_ends_is_cut_into_segments(golden_dir, text):
     lengths = [n.count_tokens(s) for s in segs]
     assert len(segs) > 1 and max(lengths) <= 100, lengths[:10]
     if "<|" in text:
-        assert "".join(segs) == text and segs[0].startswith("<|endofprompt|>")
-        assert segs[-1].endswith("<|laughter|>")
+        assert "".join(segs) == text
+        if "<|e" in text:
+            assert segs[0].startswith("<|endofprompt|>") and segs[-1].endswith("<|laughter|>")
     else:  # the same text, cut (as a stream's segments are spoken one after the other)
         whole = n.normalize(text, split=False).replace(" ", "")  # (split adds a final mark)
         assert "".join(segs).replace(" ", "").rstrip(".。") == whole.rstrip(".。")
