@@ -45,6 +45,14 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
+def cpu_s(pid: int, thread: int | None = None) -> float:
+    """CPU seconds of a process, all its threads (Linux /proc), or of one of its threads
+    (``thread``: its id; the process's own id is its main thread, the server's event loop)."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def descendants(pid: int) -> set[int]:
     """Every process below `pid` (Linux /proc), e.g. the Ray cluster a server started."""
     parents: dict[int, list[int]] = {}

@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import websockets
 from audio_check import assert_speech, decode_pcm
-from serverproc import ServerProcess, eventually, rss_mb
+from serverproc import ServerProcess, cpu_s, eventually, rss_mb
 from test_http_api import LONG_TEXT
 
 # 127.0.0.1 is a proxy uvicorn trusts for X-Forwarded-For, so it is exempt from the
@@ -254,8 +252,7 @@ def test_a_websocket_flooding_frames_the_app_never_sees_is_closed(guarded, flood
 
 def loop_cpu_s(pid: int) -> float:
     """CPU seconds of the server's main thread, which runs the event loop."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_s(pid, thread=pid)
 
 
 @pytest.mark.parametrize(("message", "sockets"), [(TEXT, 1), (BINARY, 1), (TEXT, 3)])

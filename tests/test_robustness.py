@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import struct
 import time
@@ -18,7 +17,7 @@ import httpx
 import pytest
 import websockets
 from audio_check import assert_speech, decode_pcm
-from serverproc import ServerProcess, eventually, rss_mb
+from serverproc import ServerProcess, cpu_s, eventually, rss_mb
 from test_connections import STRANGER
 from test_http_api import LONG_TEXT, error, message
 
@@ -484,19 +483,13 @@ def raw_request(srv: ServerProcess, body: dict, rcvbuf: int | None = None) -> so
     return s
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_until_quiet(pid: int, since: float, timeout: float = 60) -> float:
     """CPU seconds a process spends from ``since`` (its CPU time then) until half a second
     in which it spends under 0.05 s."""
-    last, deadline = process_cpu_s(pid), time.monotonic() + timeout
+    last, deadline = cpu_s(pid), time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        now = process_cpu_s(pid)
+        now = cpu_s(pid)
         if now - last < 0.05:
             break
         last = now
@@ -524,7 +517,7 @@ def test_clients_leaving_right_after_their_start_leave_no_work_behind(make_serve
     with ThreadPoolExecutor(8) as pool:
         for left in [pool.submit(leave_again_and_again) for _ in range(8)]:
             left.result()
-    cpu = process_cpu_s(srv.proc.pid)
+    cpu = cpu_s(srv.proc.pid)
     after = assert_idle(srv)
     spent = cpu_until_quiet(srv.proc.pid, cpu)
     assert spent < 2.0, f"{spent:.1f} s of CPU after the last client left"

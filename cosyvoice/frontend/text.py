@@ -169,11 +169,12 @@ def cap_segments(
 def _cut(text: str, length: LengthFn, target: int, level: int = 0) -> list[str]:
     if length(text) <= target:
         return [text]
-    parts = [p for p in _CUTS[level].split(text) if p] if level < len(_CUTS) else None
-    if parts is None:
+    if level == len(_CUTS):
         parts = _ATOM.findall(text)
-    elif len(parts) == 1:  # no such mark: the next kind of cut
-        return _cut(text, length, target, level + 1)
+    else:
+        parts = [p for p in _CUTS[level].split(text) if p]
+        if len(parts) == 1:  # no such mark: the next kind of cut
+            return _cut(text, length, target, level + 1)
     pieces, cur, n = [], "", 0
     for p in parts:
         k = length(p)  # a sum of parts' lengths: each part read once (within a token a seam)

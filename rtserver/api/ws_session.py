@@ -179,11 +179,8 @@ class WsSession:
         self._meter: ReadMeter | None = (socket.scope.get("extensions") or {}).get(READ_METER)
 
     def _client_share(self) -> LoopShare:
-        shares = self.service.loop_shares
-        share = shares.get(self.client)
-        if share is None:
-            share = shares[self.client] = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
-        return share
+        new = LoopShare(_LOOP_SHARE, _BURST_S, time.perf_counter())
+        return self.service.loop_shares.setdefault(self.client, new)
 
     # ---- transport ------------------------------------------------------------------------
 
