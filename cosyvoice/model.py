@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import threading
@@ -95,11 +96,16 @@ class CosyVoiceModel:
     vocode_wait_steps: int = 3
     run_dry_s: float = 1.0
     ahead_s: float = 5.0
+    # While another listener waits for audio, batches of prompt pieces (a stream's recording
+    # going through the flow before its tokens: no audio) take at most this share of the time.
+    # Four 29 s recordings' pieces, run as they came, held another stream's first audio 3 s.
+    prompt_share: float = 0.5
     # token2wav on a thread of its own (and its own CUDA stream), so decode steps go on while
     # a batch is vocoded; its audio is handed out by a later step (see _advance)
     vocoder_thread: bool = False
     _steps: int = field(default=0, repr=False)
     _step_s: float = field(default=0.0, repr=False)  # recent steps' longest time (decaying)
+    _pieces_due: float = field(default=0.0, repr=False)  # when prompt pieces may run again
     _vocoder: ThreadPoolExecutor | None = field(default=None, repr=False)
     _slice_end: float = field(default=0.0, repr=False)  # this step's time for normalizing
     _free_group: bool = field(default=False, repr=False)  # a group not yet taken this step
@@ -307,17 +313,19 @@ class CosyVoiceModel:
         ready = self._to_vocode(active, ready, slack)
         if ready:
             items = [(u.t2w, [], u.llm.done) for u in ready]
+            pieces = any(u.t2w.in_prompt for u in ready)
             if self.vocoder_thread:
                 for u in ready:
                     u.vocoding = True
-                self._inflight.append((self._vocoder_pool().submit(self._vocode, items), ready))
+                job = self._vocoder_pool().submit(self._vocode, items, pieces)
+                self._inflight.append((job, ready))
                 if self._wait_for_batch(utts, ready, slack):
                     while self._inflight:  # one worker: the batch is the last one queued
                         self._collect(wait=True)
             else:
                 try:
                     with self._flow_lock:
-                        chunks = self.token2wav.step(items)
+                        chunks = self._flow_step(items, pieces)
                 except Exception as exc:  # noqa: BLE001 - as on the vocoder thread (_collect)
                     self._fail(ready, exc)
                 else:
@@ -333,13 +341,17 @@ class CosyVoiceModel:
         GPU: an H200 gave one stream its first audio in 178-210 ms inline and 218-222 ms
         beside the steps, 16 streams in 270-286 vs 324-472 ms (bench/ttfa_split.py)."""
 
-        def short(u: Utterance) -> bool:  # None: no slack known (before first audio, no caller's)
-            left = None if slack is None else slack(u)
-            return not u.heard if left is None else left < self.run_dry_s
-
         batch = {id(u) for u in ready}
         others = [u for u in utts if id(u) not in batch and u.heard]
-        return any(short(u) for u in ready) and not any(short(u) for u in others)
+        audible = [u for u in ready if not u.t2w.in_prompt]  # a prompt's piece carries no audio
+        short = functools.partial(self._short, slack=slack)
+        return any(map(short, audible)) and not any(map(short, others))
+
+    def _short(self, u: Utterance, slack: Slack) -> bool:
+        """Whether ``u``'s listener is about to run dry: under ``run_dry_s`` of audio left, or
+        (no slack known: before its first audio, or no caller's) nothing heard yet."""
+        left = None if slack is None else slack(u)
+        return not u.heard if left is None else left < self.run_dry_s
 
     def _feed(self, u: Utterance) -> None:
         """Hand the segment's new LLM tokens (and whether they ended) to its token2wav state;
@@ -408,10 +420,23 @@ class CosyVoiceModel:
                 self._vocoder_stream = torch.cuda.Stream(self.device)
         return self._vocoder
 
-    def _vocode(self, items: list) -> list:
+    def _vocode(self, items: list, pieces: bool) -> list:
         """On the vocoder thread: the flow and HiFT of one batch, queued on the thread's own
         CUDA stream (the decode steps' stream never waits for it), audio back on the CPU."""
-        return self._on_vocoder_stream(self.token2wav.step, items)
+        return self._on_vocoder_stream(self._flow_step, items, pieces)
+
+    def _flow_step(self, items: list, pieces: bool) -> list:
+        """token2wav's step over ``items``; one with prompt pieces says when the next may come
+        while others wait for audio (``prompt_share`` of the time; on a GPU without waiting
+        for the device, so there it counts the launches: its pieces cost little anyway)."""
+        began = time.perf_counter()
+        try:
+            return self.token2wav.step(items)
+        finally:
+            if pieces:
+                end = time.perf_counter()
+                share = min(max(self.prompt_share, 0.01), 1.0)
+                self._pieces_due = end + (end - began) * (1 - share) / share
 
     def _on_vocoder_stream(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._vocoder_stream is None:
@@ -550,6 +575,9 @@ class CosyVoiceModel:
         recent steps) of audio left: the steps they would ride are everyone's latency."""
         if not ready:
             return ready
+        ready = self._hold_pieces(active, ready, slack)
+        if not ready:
+            return ready
         left = {id(u): None if slack is None else slack(u) for u in ready}
         busy = any(u.llm.ready for u in active if u not in ready)  # others still make tokens
         far = self.ahead_s + 2 * self._step_s
@@ -563,6 +591,18 @@ class CosyVoiceModel:
         if any((s := left[id(u)]) is not None and s < self.run_dry_s for u in ready):
             return ready
         return []
+
+    def _hold_pieces(
+        self, active: list[Utterance], ready: list[Utterance], slack: Slack
+    ) -> list[Utterance]:
+        """Prompt pieces (no audio: ``FlowModel.prompt_piece``) wait while another listener is
+        about to run dry (first audio included) and the time since the last batch of pieces is
+        short of its share (``prompt_share``); they run as they come otherwise."""
+        if time.perf_counter() >= self._pieces_due:
+            return ready
+        if not any(self._short(u, slack) for u in active if not u.t2w.in_prompt):
+            return ready
+        return [u for u in ready if not u.t2w.in_prompt]
 
     def _next_segment(self, u: Utterance) -> bool:
         """Start the next queued segment: its LLM request and token2wav state."""

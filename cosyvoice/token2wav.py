@@ -82,9 +82,11 @@ class StreamConfig:
     samples_per_frame: int = 480
     exact_final: bool = False  # final chunk: upstream's full-attention recompute of everything
     flow_cache_mb: float = 8192.0  # all requests' flow caches; past it a request recomputes
-    # a non-stream utterance of more tokens (30 s) is vocoded in hops like a stream: one flow
-    # call over all of it would hold every other stream's step up for seconds to minutes
-    max_whole_tokens: int = 750
+    # a non-stream utterance whose one flow call would cover more positions, its prompt's
+    # included (20 s), is vocoded in hops like a stream (the prompt first, in pieces): one call
+    # over all of it held every other stream's step up for seconds to minutes (four 29 s
+    # recordings' one-word replies, 8 s)
+    max_whole_tokens: int = 500
 
     @property
     def source_cache_len(self) -> int:
@@ -114,6 +116,7 @@ class Token2WavState:
     vocoder: CausalVocoderState | None = None
     flow_cache: FlowCache | None = None  # streaming: the flow state of the finished frames
     in_hops: bool = False  # a whole (non-stream) utterance vocoded in hops (max_whole_tokens)
+    in_prompt: bool = False  # its prompt's part of the flow state is still to compute
     n_chunks: int = 0
     n_samples: int = 0
 
@@ -216,6 +219,8 @@ class _Job:
     n_tok: int
     final: bool
     streaming: bool
+    prompt: bool = False  # a piece of the state's prompt (FlowModel.prompt_piece), no audio
+    piece: FlowInput | None = None  # that piece's flow call
 
 
 class Token2Wav:
@@ -282,6 +287,8 @@ class Token2Wav:
     def _plan(self, st: Token2WavState) -> _Job | None:
         if st.done:
             return None
+        if st.in_prompt and st.flow_cache is not None:
+            return _Job(st, 0, False, True, prompt=True)
         c = len(st.tokens) - st.token_offset
         # A whole utterance's hops are cheap only over its flow cache: once the memory bound
         # took that, each hop would recompute everything before it, so the rest goes in one call.
@@ -299,10 +306,13 @@ class Token2Wav:
             st.flow_cache = FlowCache()
             with self._cached_lock:
                 self._cached[id(st)] = st
+            # its prompt's part goes through the flow in pieces before its tokens do
+            st.in_prompt = self.flow.prompt_part(self._first_input(st)) is not None
 
     def _add(self, st: Token2WavState, new: list[int], final: bool) -> None:
         _append(st, new, final)
-        long = len(st.tokens) > self.cfg.max_whole_tokens * min(st.speed, 1.0)
+        n, most = len(st.tokens), self.cfg.max_whole_tokens
+        long = n > most * min(st.speed, 1.0) or n + st.prompt_token.numel() > most
         if st.input_done and not st.stream and long and self.cfg.flow_cache_mb > 0:
             # too long for one call: in hops (the longest from the start) like a stream
             st.stream, st.in_hops, st.hop = True, True, self._max_hop(st)
@@ -318,6 +328,17 @@ class Token2Wav:
             return cfg.token_max_hop_len
         hops = int(cfg.token_max_hop_len * st.speed) // cfg.token_hop_len
         return max(1, hops) * cfg.token_hop_len
+
+    def _job(self, st: Token2WavState) -> _Job | None:
+        """``st``'s job now: the next piece of its prompt while there is one (asked here, where
+        flow calls run: the prompt store is theirs), else its chunk when one is ready."""
+        j = self._plan(st)
+        if j is not None and j.prompt:
+            j.piece = self.flow.prompt_piece(self._first_input(st), self.cfg.token_max_hop_len)
+            if j.piece is None:
+                st.in_prompt = False
+                j = self._plan(st)
+        return j
 
     def ready(self, st: Token2WavState) -> bool:
         """Whether :meth:`step` would produce a chunk for this state now."""
@@ -341,19 +362,30 @@ class Token2Wav:
             items, _validated(items, self.flow.cfg.vocab_size), strict=True
         ):
             self._add(st, new, final)
-            jobs.append(self._plan(st))
+            jobs.append(self._job(st))
         out: list[torch.Tensor | None] = [None] * len(items)
-        run = [(i, j) for i, j in enumerate(jobs) if j is not None and j.n_tok > 0]
+        run = [
+            (i, j)
+            for i, j in enumerate(jobs)
+            if j is not None and (j.n_tok > 0 or j.piece is not None)
+        ]
         for i, j in enumerate(jobs):  # nothing to synthesize at all
-            if j is not None and j.n_tok == 0:
+            if j is not None and j.n_tok == 0 and j.piece is None:
                 j.state.done = True
                 out[i] = torch.zeros(0)
+        if run:
+            self._fit_pool([j for _, j in run])
+            # (a prompt's piece is moot once the bound took its cache)
+            run = [(i, j) for i, j in run if j.piece is None or j.state.flow_cache is not None]
         if not run:
             return out
-        self._fit_pool([j for _, j in run])
         mels = self.flow.inference([self._flow_input(j) for _, j in run])
         for _, j in run:
             self._keep_or_drop_cache(j)
+        sound = [k for k, (_, j) in enumerate(run) if j.piece is None]  # pieces make none
+        run, mels = [run[k] for k in sound], [mels[k] for k in sound]
+        if not run:
+            return out
         if self.causal:
             return self._finish_causal(run, mels, out)
         hift_in, caches, gens = [], [], []
@@ -485,7 +517,10 @@ class Token2Wav:
 
     def _flow_input(self, j: _Job) -> FlowInput:
         """The flow call of a job: new frames only (from the request's token offset), over its
-        cache when it streams (upstream's exact final pass recomputes without one)."""
+        cache when it streams (upstream's exact final pass recomputes without one); a piece of
+        its prompt's."""
+        if j.piece is not None:
+            return j.piece
         st = j.state
         return FlowInput(
             torch.tensor(st.tokens[: j.n_tok], dtype=torch.long),
@@ -536,7 +571,7 @@ class Token2Wav:
 
     def _drop_cache(self, st: Token2WavState) -> None:  # with the lock held
         st.flow_cache.release()  # the pool's blocks go back now, not at gc
-        st.flow_cache = None
+        st.flow_cache, st.in_prompt = None, False
         self._cached.pop(id(st), None)
 
     def _new_frames(self, st: Token2WavState, mel: torch.Tensor) -> torch.Tensor:
@@ -575,12 +610,11 @@ class Token2Wav:
         """Generator: feed an iterable of token lists (the LLM output as it arrives), yield audio
         chunks as soon as they are ready, then the rest after the input ends."""
         for toks in token_chunks:
-            while True:
-                (c,) = self.step([(st, toks, False)])
-                toks = []
-                if c is None:
-                    break
-                yield c
+            self.feed(st, toks)
+            while self.ready(st):
+                (c,) = self.step([(st, [], False)])
+                if c is not None:  # (None: a piece of its prompt)
+                    yield c
         while not st.done:
             (c,) = self.step([(st, [], True)])
             if c is not None:
@@ -622,6 +656,7 @@ class Token2WavV1State:
     flow_cache: torch.Tensor | None = None
     mel_overlap: torch.Tensor | None = None
     in_hops: bool = False  # never: v1 vocodes a whole utterance in one call
+    in_prompt: bool = False  # never: v1's flow keeps no prompt state
     cache_mel: torch.Tensor | None = None
     cache_source: torch.Tensor | None = None
     cache_speech: torch.Tensor | None = None

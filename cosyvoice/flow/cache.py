@@ -418,6 +418,8 @@ class FlowCache:
         self.blocks: dict[str, list[int]] = {r: [] for r in RESOLUTIONS}
         self.slot: list[int] = []
         self.length = dict.fromkeys(RESOLUTIONS, 0)  # cached positions per resolution
+        # its prompt's part, once computed, goes to the prompt store (FlowModel.prompt_piece)
+        self.keep_prompt = False
         self._finalizer: weakref.finalize | None = None
 
     def bind(self, pool: FlowPool) -> None:
@@ -431,7 +433,7 @@ class FlowCache:
         """Give everything back to the pool (idempotent); the cache starts over empty."""
         if self._finalizer is not None:
             self._finalizer()
-        self.pool, self._finalizer, self.tokens = None, None, 0
+        self.pool, self._finalizer, self.tokens, self.keep_prompt = None, None, 0, False
         self.length = dict.fromkeys(RESOLUTIONS, 0)
 
     @property

@@ -345,10 +345,7 @@ class FlowModel(nn.Module):
                 out[i] = mel
         return out
 
-    def _call(self, reqs: list[FlowInput], prompts: bool = True) -> list[torch.Tensor]:
-        if prompts:
-            for r in reqs:
-                self._start_from_prompt(r)
+    def _call(self, reqs: list[FlowInput]) -> list[torch.Tensor]:
         p, ok = self.plan(reqs), False
         try:
             out = self._run(reqs, p)
@@ -359,20 +356,35 @@ class FlowModel(nn.Module):
                 v.finish(ok)
             self.pool.shrink_if_idle()
 
-    def _start_from_prompt(self, r: FlowInput) -> None:
-        """A stream's first call begins past its speaker's prompt: that part of its state is
-        copied from :attr:`prompts`, or (a prompt seen before) computed now in a call of its
-        own and kept there."""
-        got = self._prompt_part(r)
-        if got is None:
-            return
-        part, key = got
-        saved = self.prompts.get(key)
-        with _unless_out_of_memory():  # a failed restore leaves the cache empty
+    def prompt_piece(self, r: FlowInput, most: int) -> FlowInput | None:
+        """A stream's prompt goes through the flow ahead of its tokens, a piece of at most
+        ``most`` tokens per call (beside other streams' calls): computed in its first call
+        with its tokens, a long prompt (a 30 s recording is 750 tokens) held every other
+        stream's audio for seconds. The next piece for ``r`` (a stream's first call, over its
+        cache), or None once the cache is past the prompt's part: computed, or copied from
+        :attr:`prompts` (looked up on the first ask). A prompt seen before
+        (:meth:`PromptStore.admit`) is kept there once computed. The piece's call returns no
+        frames."""
+        part = self.prompt_part(r)
+        if part is None:
+            return None
+        c, n = r.cache, part.prompt_token.numel() - self.cfg.pre_lookahead_len
+        if c.tokens == 0:
+            key = _prompt_key(part)
+            saved = self.prompts.get(key)
             if saved is not None:
-                self.pool.restore(saved, r.cache)
-            elif self.prompts.admit(key):
-                self._keep(part, key, r.cache)
+                with _unless_out_of_memory():  # a failed copy leaves the cache empty
+                    self.pool.restore(saved, c)
+                    return None
+            c.keep_prompt = self.prompts.admit(key)
+        if c.tokens < n:
+            return self._piece(part, c.tokens, most)
+        key = _prompt_key(part) if c.keep_prompt and c.tokens == n else None
+        if key is not None and key not in self.prompts:  # (kept meanwhile by a stream beside)
+            with _unless_out_of_memory():  # just computed: the cache holds the part alone
+                self._keep(key, c)
+        c.keep_prompt = False
+        return None
 
     @torch.inference_mode()
     def keep_prompt(self, r: FlowInput) -> Generator[None, None, bool]:
@@ -384,10 +396,10 @@ class FlowModel(nn.Module):
         A generator: each ``next()`` is one flow call over the next piece of the prompt (one
         chunk of the encoder and of the estimator), so a caller can let other flow calls run
         between (on a CPU a 10 s prompt is many seconds). Returns whether it is kept."""
-        got = self._prompt_part(r)
-        if got is None:
+        part = self.prompt_part(r)
+        if part is None or self.prompts.budget <= 0:
             return False
-        part, key = got
+        key = _prompt_key(part)
         if key in self.prompts:
             return True
         ratio, la = self.cfg.token_mel_ratio, self.cfg.pre_lookahead_len
@@ -396,16 +408,22 @@ class FlowModel(nn.Module):
             return False
         if not self.fits([part]):  # its pieces would grow a pool sized to the device
             return False
-        step = self._piece_tokens()
         with _unless_out_of_memory():
-            for end in range(step, n + 1, step):
-                piece = replace(part, prompt_token=part.prompt_token[: end + la],
-                                prompt_feat=part.prompt_feat[: end * ratio])  # fmt: skip
-                self._call([piece], prompts=False)
+            while r.cache.tokens < n:
+                self._call([self._piece(part, r.cache.tokens, self._piece_tokens())])
                 yield
             if self.prompts.has_room(self.pool.bytes_for(n, n * ratio)):  # what a copy takes
                 self.prompts.put(key, self.pool.snapshot(r.cache))
         return key in self.prompts
+
+    def _piece(self, part: FlowInput, done: int, most: int) -> FlowInput:
+        """The call taking a prompt's part (:meth:`prompt_part`) from ``done`` positions on by
+        up to ``most`` (at least one piece): it ends on whole chunks of the encoder and of the
+        estimator, its look-ahead tokens after it."""
+        step, la, ratio = self._piece_tokens(), self.cfg.pre_lookahead_len, self.cfg.token_mel_ratio
+        end = min(part.prompt_token.numel() - la, done + max(1, most // step) * step)
+        return replace(part, prompt_token=part.prompt_token[: end + la],
+                       prompt_feat=part.prompt_feat[: end * ratio])  # fmt: skip
 
     def fits(self, reqs: list[FlowInput]) -> bool:
         """Whether calls over these requests take no more of the pool than it has free, for a
@@ -440,31 +458,30 @@ class FlowModel(nn.Module):
     def forget_prompt(self, r: FlowInput) -> bool:
         """Drop the prompt part of ``r`` (as for :meth:`keep_prompt`) from the store: its
         speaker is gone. Whether it was kept."""
-        got = self._prompt_part(r)
-        return got is not None and self.prompts.discard(got[1])
+        part = self.prompt_part(r)
+        return part is not None and self.prompts.discard(_prompt_key(part))
 
-    def _prompt_part(self, r: FlowInput) -> tuple[FlowInput, bytes] | None:
-        """The part of a stream's first call that its prompt alone decides, with its key; None
-        when there is none to keep. The part ends on a chunk of the encoder and of the
-        estimator (where a hop would end, so its frames are final) with the look-ahead tokens
-        after it still in the prompt; the stream computes the rest."""
+    def prompt_part(self, r: FlowInput) -> FlowInput | None:
+        """The part of a stream's first call that its prompt alone decides; None
+        when there is none (no prompt, or not a stream over a cache). The part ends on a chunk
+        of the encoder and of the estimator (where a hop would end, so its frames are final)
+        with the look-ahead tokens after it still in the prompt; the stream computes the rest."""
         c, la, chunk = r.cache, self.cfg.pre_lookahead_len, self.cfg.chunk_size
-        if c is None or c.tokens or r.finalize or not r.streaming or not chunk:
+        if c is None or r.finalize or not r.streaming or not chunk:
             return None
         n = (r.prompt_token.numel() - la) // chunk * chunk
         ratio = self.cfg.token_mel_ratio
-        if n <= 0 or self.prompts.budget <= 0 or n * ratio % max(self.cfg.est_chunk, 1):
+        if n <= 0 or n * ratio % max(self.cfg.est_chunk, 1):
             return None
         part = replace(
             r, token=r.token[:0], prompt_token=r.prompt_token.reshape(-1)[: n + la],
             prompt_feat=r.prompt_feat.reshape(-1, self.cfg.output_size)[: n * ratio],
             emit_from=0,
         )  # fmt: skip
-        return part, _prompt_key(part)
+        return part
 
-    def _keep(self, part: FlowInput, key: bytes, c: FlowCache) -> None:
-        """Compute a prompt's part into ``c`` (empty) and keep a copy, unless too large."""
-        self._call([part], prompts=False)
+    def _keep(self, key: bytes, c: FlowCache) -> None:
+        """Keep a copy of ``c`` (holding a prompt's part alone), unless too large."""
         if c.nbytes > self.prompts.budget:
             self.prompts.refuse(key)
         else:

@@ -279,36 +279,99 @@ def test_stateless_requests_stay_out_of_the_pool(parts):
 
 
 def _first_call_frames(flow, t2w, speaker, toks) -> tuple[list[int], torch.Tensor]:
-    """The frames the estimator saw per flow call while a stream made its first chunk, and
-    the chunk."""
+    """The frames the estimator saw per flow call while a stream made its first chunk (the
+    pieces of its prompt first), and the chunk."""
     seen: list[int] = []
     hook = flow.decoder.estimator.register_forward_hook(
         lambda m, args, out: seen.append(out.shape[-1])
     )
     try:
         st = t2w.new_state(*speaker, seed=5)
-        (chunk,) = t2w.step([(st, toks, False)])  # one chunk: the first hop
+        t2w.feed(st, toks)
+        while (chunk := t2w.step([(st, [], False)])[0]) is None:  # until the first hop's
+            assert len(seen) < 100 * flow.cfg.n_timesteps
     finally:
         hook.remove()
-    st.flow_cache.release()
+    if st.flow_cache is not None:
+        st.flow_cache.release()
     return seen[:: flow.cfg.n_timesteps], chunk
 
 
+def _long_prompt(spk, times: int = 4):
+    """A zero-shot speaker whose prompt is ``times`` its recording (60 tokens each)."""
+    _, (emb, pt, pf) = _speakers(spk)
+    return emb, pt.repeat(times), pf.repeat(times, 1)
+
+
+def test_a_long_prompt_goes_through_the_flow_in_pieces(parts):
+    """A stream's prompt goes through the flow ahead of its tokens in pieces of at most the
+    longest hop (100 tokens): a 240-token prompt (9.6 s) in calls of 100, 100 and 25 tokens,
+    then the first hop alone. Its first chunk is the one a single call over the prompt and the
+    hop makes (without a cache: upstream's way)."""
+    flow, hift, spk = parts
+    speaker = _long_prompt(spk)
+    toks = _tokens(40, 15, flow.cfg.vocab_size)
+    flow.prompts.clear()
+    pad = -240 % 25  # the first hop ends on the chunk grid
+    frames, chunk = _first_call_frames(flow, make_token2wav(flow, hift), speaker, toks)
+    assert frames == [200, 200, 50, 2 * (240 - 225 + 25 + pad)]
+    whole, ref = _first_call_frames(
+        flow, make_token2wav(flow, hift, flow_cache_mb=0), speaker, toks
+    )
+    assert whole == [2 * (240 + 25 + pad)]
+    assert_close(chunk, ref, WAVE_TOL, what="the first chunk after a prompt in pieces")
+    assert flow.pool.held == 0
+
+
+def test_a_long_prompt_starting_holds_no_other_streams_chunk(parts):
+    """A stream with a long prompt (720 tokens, 29 s) starts beside one already speaking: each
+    step's one flow call carries the other's next chunk and a piece of the prompt, never more
+    than a hop's frames (the whole prompt was 1440 frames in one call, the other stream's chunk
+    waiting on it)."""
+    flow, hift, spk = parts
+    t2w = make_token2wav(flow, hift)
+    flow.prompts.clear()
+    sft, _ = _speakers(spk)
+    calls: list[int] = []
+    hook = flow.decoder.estimator.register_forward_hook(
+        lambda m, a, out: calls.append(out.shape[-1])
+    )
+    speaking, joining = t2w.new_state(*sft, seed=1), t2w.new_state(*_long_prompt(spk, 12), seed=2)
+    toks = _tokens(400, 16, flow.cfg.vocab_size)
+    try:
+        t2w.feed(speaking, toks)  # chunks of 25, 50, 100, 100 and 100 tokens ready
+        t2w.feed(joining, toks[:40])  # its first hop ready (30 tokens on the chunk grid, 3 ahead)
+        heard = []
+        for _ in range(7):  # the prompt's 700 tokens: 7 pieces of 100
+            a, b = t2w.step([(speaking, [], False), (joining, [], False)])
+            heard.append(a is not None)
+            assert b is None
+        assert heard == [True] * 5 + [False] * 2
+        assert max(calls) <= 200 and len(calls) == 7 * flow.cfg.n_timesteps
+        (b,) = t2w.step([(joining, [], False)])  # then its first hop (and the prompt's last 20)
+        assert b is not None and b.numel() > 0 and calls[-1] == 2 * (720 - 700 + 30)
+    finally:
+        hook.remove()
+        for st in (speaking, joining):
+            st.flow_cache.release()
+    assert flow.pool.held == 0
+
+
 def test_a_prompted_stream_starts_past_its_speakers_saved_prompt(parts):
-    """A zero-shot speaker's prompt (60 tokens) is computed once, up to the last chunk with
-    its look-ahead inside it (50 tokens), and kept from its second stream on: that stream runs
-    the part as a call of its own, later streams copy it in and compute only the rest and
-    their hop. The first chunk is the same each time; an SFT speaker (no prompt) and a flow
-    without a store budget skip the store. The pool holds nothing afterwards."""
+    """A zero-shot speaker's prompt (60 tokens) is computed up to the last chunk with its
+    look-ahead inside it (50 tokens) in a call of its own before the stream's tokens, and kept
+    from its second stream on: later streams copy it in and compute only the rest and their
+    hop. The first chunk is the same each time; an SFT speaker (no prompt) and a flow without
+    a store budget skip the store. The pool holds nothing afterwards."""
     flow, hift, spk = parts
     sft, prompted = _speakers(spk)
     toks = _tokens(60, 12, flow.cfg.vocab_size)
     flow.prompts.clear()
     t2w = make_token2wav(flow, hift)
     pad = -prompted[1].numel() % 25  # the first hop ends on the chunk grid
-    whole, rest = 2 * (prompted[1].numel() + 25 + pad), 2 * (prompted[1].numel() - 50 + 25 + pad)
+    rest = 2 * (prompted[1].numel() - 50 + 25 + pad)
     once, a = _first_call_frames(flow, t2w, prompted, toks)
-    assert once == [whole] and len(flow.prompts) == 0  # a prompt seen once is not kept
+    assert once == [100, rest] and len(flow.prompts) == 0  # a prompt seen once is not kept
     again, b = _first_call_frames(flow, t2w, prompted, toks)
     assert again == [100, rest] and len(flow.prompts) == 1
     later, c = _first_call_frames(flow, t2w, prompted, toks)
@@ -318,7 +381,9 @@ def test_a_prompted_stream_starts_past_its_speakers_saved_prompt(parts):
     flow.prompts.budget, kept = 0, flow.prompts.budget
     try:
         flow.prompts.clear()
-        assert [_first_call_frames(flow, t2w, prompted, toks)[0] for _ in range(2)] == [[whole]] * 2
+        assert [_first_call_frames(flow, t2w, prompted, toks)[0] for _ in range(2)] == [
+            [100, rest]
+        ] * 2
     finally:
         flow.prompts.budget = kept
     assert len(flow.prompts) == 0
@@ -432,9 +497,10 @@ def test_a_bf16_flow_stores_what_autocast_casts_and_speaks_the_same(family, monk
     assert any(isinstance(m, torch.nn.Embedding) for m in loaded.modules())
 
 
-def test_the_prompt_store_keeps_what_its_budget_holds(parts):
+def test_the_prompt_store_keeps_what_its_budget_holds(parts, monkeypatch):
     """Keyed by the prompt's content (another x-vector is another entry); past the budget the
-    least recently used goes; a prompt larger than the whole budget is not kept."""
+    least recently used goes; a prompt larger than the whole budget is not kept, nor tried
+    again."""
     flow, hift, spk = parts
     _, (emb, pt, pf) = _speakers(spk)
     toks = _tokens(60, 13, flow.cfg.vocab_size)
@@ -455,8 +521,12 @@ def test_the_prompt_store_keeps_what_its_budget_holds(parts):
         assert twice(voices[0]) == [2, 1]  # evicted: computed (seen before: kept), then copied
         flow.prompts.clear()
         flow.prompts.budget = 0.5 * one
-        assert twice(voices[0]) == [1, 2] and len(flow.prompts) == 0  # too large to keep
-        assert twice(voices[0]) == [1, 1]  # and not tried again
+        refused = []
+        refuse = flow.prompts.refuse
+        monkeypatch.setattr(flow.prompts, "refuse", lambda key: refused.append(refuse(key)))
+        assert twice(voices[0]) == [2, 2] and len(flow.prompts) == 0  # too large to keep
+        assert len(refused) == 1
+        assert twice(voices[0]) == [2, 2] and len(refused) == 1  # and not tried again
     finally:
         flow.prompts.budget = kept
     assert flow.pool.held == 0
@@ -483,7 +553,7 @@ def test_a_prompt_copy_out_of_memory_leaves_the_stream_whole(parts, monkeypatch)
 
     monkeypatch.setattr(flow.pool, "restore", fail("CPU allocator: can't allocate memory"))
     frames, chunk = _first_call_frames(flow, t2w, prompted, toks)
-    assert len(frames) == 1 and frames[0] > 100  # the whole prompt, in the stream's call
+    assert len(frames) == 2 and frames[0] == 100  # the prompt computed (a piece), then the hop
     assert_close(chunk, kept, WAVE_TOL, what="the first chunk without the copy")
     assert flow.pool.held == 0
     monkeypatch.setattr(flow.pool, "restore", fail("a bug"))

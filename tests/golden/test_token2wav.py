@@ -265,6 +265,34 @@ def test_a_long_whole_utterance_goes_in_hops(t2w, spk, vocab):
 
 
 @pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
+def test_a_whole_utterance_after_a_long_prompt_goes_in_hops(t2w, spk, vocab):
+    """A short non-stream reply after a long recording (its one flow call past max_whole_tokens
+    with the prompt's positions) goes in hops too: the prompt in pieces first, no flow call
+    over more than a hop's new frames, all the audio. Under the bound it stays one call."""
+    t2w = make_token2wav(t2w.flow, t2w.hift)  # the final chunk over the cache, as served
+    emb, pt, pf = _speaker(spk, _zero_shot(spk))
+    reps = -(-t2w.cfg.max_whole_tokens // pt.numel())
+    toks = _random_tokens(40, 6, vocab)
+    frames: list[int] = []
+    hook = t2w.flow.decoder.estimator.register_forward_hook(
+        lambda m, a, out: frames.append(out.shape[-1])
+    )
+    try:
+        for times, one_call in ((1, True), (reps, False)):
+            frames.clear()
+            st = t2w.new_state(emb, pt.repeat(times), pf.repeat(times, 1), stream=False)
+            chunks = [c for c in t2w.stream(st, [toks])]  # the input ends with the tokens
+            calls = frames[:: t2w.flow.cfg.n_timesteps]
+            assert (len(calls) == 1) == one_call and len(chunks) == 1, calls
+            if not one_call:
+                assert max(calls) <= 2 * t2w.cfg.token_max_hop_len and st.in_hops
+            assert abs(sum(c.numel() for c in chunks) - 2 * len(toks) * 480) <= 2 * 480
+    finally:
+        hook.remove()
+    assert t2w.flow.pool.held == 0
+
+
+@pytest.mark.parametrize("family", V2_V3, indirect=True, scope="module")
 def test_a_long_whole_utterance_without_room_for_its_cache_ends_in_one_call(family, spk, vocab):
     """Once the flow caches' memory bound takes a whole utterance's cache, its hops would each
     recompute all before them (the cost growing with every hop): the rest goes in one call.

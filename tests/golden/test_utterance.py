@@ -473,3 +473,43 @@ def test_text_after_a_streamed_piece_ended_at_its_limit_is_dropped(model, monkey
     per_token = model.sample_rate // 25
     assert 0 < sum(o.audio.numel() for o in outs if o.tag == 0) <= 8 * per_token
     assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
+
+
+@pytest.mark.parametrize("share, pieces_first", [(0.01, 1), (1.0, 7)], ids=["held", "free"])
+def test_a_long_recordings_pieces_take_their_share_while_another_waits(
+    model, monkeypatch, share, pieces_first
+):
+    """A stream with a long recording (12 times the golden prompt: 7 pieces of 100 tokens)
+    starts beside a registered voice's stream. While that one waits for its first audio, a
+    batch of pieces is followed by ``prompt_share``'s rest of the time without any: at a
+    share of 0.01 one batch goes before that first audio, the rest after it (and the long
+    stream still ends). With a share of 1 nothing is held: all 7 go first."""
+    zs = next(s for s in map(model.speakers.get, model.speakers.list()) if s.zero_shot)
+    long = dataclasses.replace(
+        zs, name="long", prompt_speech_tokens=zs.prompt_speech_tokens * 12,
+        prompt_feat=zs.prompt_feat.repeat(1, 12, 1), llm_prompt_speech=False,
+    )  # fmt: skip
+    monkeypatch.setattr(model, "prompt_share", share)
+    monkeypatch.setattr(model, "_pieces_due", 0.0)
+    flow = model.token2wav.flow
+    pieces: list[int] = []
+    piece = flow.prompt_piece
+
+    def counted(r, most):
+        got = piece(r, most)
+        if got is not None:
+            pieces.append(1)
+        return got
+
+    monkeypatch.setattr(flow, "prompt_piece", counted)
+    waiting = model.start(model.speakers.list()[0], seed=1, fixed_tokens=TOKENS)
+    joining = model.start(long, seed=2, fixed_tokens=TOKENS)
+    for u, text in ((waiting, "Hello there."), (joining, "Hi.")):
+        model.add_text(u, text)
+        model.close_text(u)
+    first = None
+    while live := [u for u in (waiting, joining) if u.status is not Status.FINISHED]:
+        for o in model.step(live):
+            if o.utterance is waiting and o.audio.numel() and first is None:
+                first = len(pieces)
+    assert first == pieces_first and len(pieces) == 7

@@ -234,11 +234,11 @@ def test_steps_flow_calls_run_between_the_pieces_of_a_kept_prompt(inline, monkey
     order: list[str] = []
     call = flow._call
 
-    def piece(reqs, prompts=True):
+    def piece(reqs):
         order.append("piece")
         if len(order) == 1:
             time.sleep(0.3)  # the step asks for the lock meanwhile
-        return call(reqs, prompts)
+        return call(reqs)
 
     monkeypatch.setattr(flow, "_call", piece)
     keeping = threading.Thread(target=inline.keep_prompt, args=("zs_spk1",))
