@@ -6,10 +6,10 @@
 In-process (the model's step loop, stream, LLM forced to ``--tokens``): for a speaker
 made from a synthetic recording of each length, the time from the request to its first audio,
 with the store warm (streams of that speaker ran before: the prompt's flow state is copied
-in) and with it off (every stream's first flow call runs over the whole prompt, as before the
-store). Rounds alternate the two so drift in the machine's load hits both. The first two
+in) and with it off (every stream computes the whole prompt's state, in pieces before its
+tokens). Rounds alternate the two so drift in the machine's load hits both. The first two
 streams of a speaker are reported apart: the first runs as with the store off, the second
-(the prompt seen before) computes the prompt's state for the store. Then, as registering a
+(the prompt seen before) also keeps the prompt's state in the store once computed. Then, as registering a
 speaker does, ``keep_prompt`` fills the store before any stream: its time (what a registration
 adds) and the first audio of the stream after it.
 """

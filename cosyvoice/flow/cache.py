@@ -339,11 +339,26 @@ class PromptStore:
     SEEN = 4096  # prompt keys remembered for admission (20 bytes each)
 
     def __init__(self, budget: float = 0.0) -> None:
-        self.budget = budget
         self._saved: OrderedDict[bytes, CachedPrompt] = OrderedDict()
         self._seen: OrderedDict[bytes, bool] = OrderedDict()  # key -> may be kept
         self.nbytes = 0  # of what it keeps
         self.hits = self.misses = 0
+        self.budget = budget
+
+    @property
+    def budget(self) -> float:
+        return self._budget
+
+    @budget.setter
+    def budget(self, value: float) -> None:
+        """Lowered, it pushes the least recently used out until what it keeps fits (0: the
+        store is off, and streams compute their prompts)."""
+        self._budget = value
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.nbytes > self._budget:
+            self.nbytes -= self._saved.popitem(last=False)[1].nbytes
 
     def admit(self, key: bytes) -> bool:
         """Whether to keep this prompt: it was seen before and not refused (:meth:`refuse`),
@@ -383,8 +398,7 @@ class PromptStore:
         old = self._saved.pop(key, None)
         self.nbytes += saved.nbytes - (old.nbytes if old else 0)
         self._saved[key] = saved
-        while self.nbytes > self.budget:
-            self.nbytes -= self._saved.popitem(last=False)[1].nbytes
+        self._evict()
 
     def has_room(self, nbytes: int) -> bool:
         """Whether this much more fits without pushing anything out."""

@@ -499,8 +499,8 @@ def test_a_bf16_flow_stores_what_autocast_casts_and_speaks_the_same(family, monk
 
 def test_the_prompt_store_keeps_what_its_budget_holds(parts, monkeypatch):
     """Keyed by the prompt's content (another x-vector is another entry); past the budget the
-    least recently used goes; a prompt larger than the whole budget is not kept, nor tried
-    again."""
+    least recently used goes, also when the budget is lowered; a prompt larger than the whole
+    budget is not kept, nor tried again."""
     flow, hift, spk = parts
     _, (emb, pt, pf) = _speakers(spk)
     toks = _tokens(60, 13, flow.cfg.vocab_size)
@@ -519,6 +519,9 @@ def test_the_prompt_store_keeps_what_its_budget_holds(parts, monkeypatch):
             twice(v)
         assert len(flow.prompts) == 2 and flow.prompts.nbytes == 2 * one
         assert twice(voices[0]) == [2, 1]  # evicted: computed (seen before: kept), then copied
+        flow.prompts.budget = 1.5 * one  # lowered: the least recently used goes now
+        assert len(flow.prompts) == 1 and flow.prompts.nbytes == one
+        assert len(_first_call_frames(flow, t2w, voices[0], toks)[0]) == 1  # the one left
         flow.prompts.clear()
         flow.prompts.budget = 0.5 * one
         refused = []
