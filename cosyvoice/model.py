@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import secrets
 import threading
 import time
@@ -313,19 +314,21 @@ class CosyVoiceModel:
         ready = self._to_vocode(active, ready, slack)
         if ready:
             items = [(u.t2w, [], u.llm.done) for u in ready]
-            pieces = any(u.t2w.in_prompt for u in ready)
+            # (read before the thread may change it)
+            audible = [u for u in ready if not u.t2w.in_prompt]
             if self.vocoder_thread:
                 for u in ready:
                     u.vocoding = True
-                job = self._vocoder_pool().submit(self._vocode, items, pieces)
-                self._inflight.append((job, ready))
-                if self._wait_for_batch(utts, ready, slack):
+                if len(audible) < len(ready):  # no more pieces until these are done
+                    self._pieces_due = math.inf
+                self._inflight.append((self._vocoder_pool().submit(self._vocode, items), ready))
+                if self._wait_for_batch(utts, audible, slack):
                     while self._inflight:  # one worker: the batch is the last one queued
                         self._collect(wait=True)
             else:
                 try:
                     with self._flow_lock:
-                        chunks = self._flow_step(items, pieces)
+                        chunks = self._flow_step(items)
                 except Exception as exc:  # noqa: BLE001 - as on the vocoder thread (_collect)
                     self._fail(ready, exc)
                 else:
@@ -333,17 +336,19 @@ class CosyVoiceModel:
         if self._inflight and not llm:
             self._collect(wait=True)  # nothing else to do meanwhile
 
-    def _wait_for_batch(self, utts: list[Utterance], ready: list[Utterance], slack: Slack) -> bool:
-        """Whether the steps stop until this batch is vocoded instead of going on beside it: it
-        carries a listener's first audio (or audio about to be missed) and no other listener
-        of ``utts`` (those between segments too) is about to run dry meanwhile. Beside it, the
+    def _wait_for_batch(
+        self, utts: list[Utterance], audible: list[Utterance], slack: Slack
+    ) -> bool:
+        """Whether the steps stop until this batch is vocoded instead of going on beside it: its
+        ``audible`` part (not prompts' pieces) carries a listener's first audio (or audio about
+        to be missed) and no other listener of ``utts`` (those between segments too) is about
+        to run dry meanwhile. Beside it, the
         steps' Python contends with the batch's for the GIL and their kernels with its on the
         GPU: an H200 gave one stream its first audio in 178-210 ms inline and 218-222 ms
         beside the steps, 16 streams in 270-286 vs 324-472 ms (bench/ttfa_split.py)."""
 
-        batch = {id(u) for u in ready}
+        batch = {id(u) for u in audible}
         others = [u for u in utts if id(u) not in batch and u.heard]
-        audible = [u for u in ready if not u.t2w.in_prompt]  # a prompt's piece carries no audio
         short = functools.partial(self._short, slack=slack)
         return any(map(short, audible)) and not any(map(short, others))
 
@@ -420,23 +425,25 @@ class CosyVoiceModel:
                 self._vocoder_stream = torch.cuda.Stream(self.device)
         return self._vocoder
 
-    def _vocode(self, items: list, pieces: bool) -> list:
+    def _vocode(self, items: list) -> list:
         """On the vocoder thread: the flow and HiFT of one batch, queued on the thread's own
         CUDA stream (the decode steps' stream never waits for it), audio back on the CPU."""
-        return self._on_vocoder_stream(self._flow_step, items, pieces)
+        return self._on_vocoder_stream(self._flow_step, items)
 
-    def _flow_step(self, items: list, pieces: bool) -> list:
-        """token2wav's step over ``items``; one with prompt pieces says when the next may come
-        while others wait for audio (``prompt_share`` of the time; on a GPU without waiting
-        for the device, so there it counts the launches: its pieces cost little anyway)."""
+    def _flow_step(self, items: list) -> list:
+        """token2wav's step over ``items``; one that ran prompts' pieces says when the next may
+        come while others wait for audio (``prompt_share`` of the time; on a GPU without
+        waiting for the device, so there it counts the launches: pieces cost little there)."""
         began = time.perf_counter()
         try:
             return self.token2wav.step(items)
         finally:
-            if pieces:
-                end = time.perf_counter()
-                share = min(max(self.prompt_share, 0.01), 1.0)
+            end = time.perf_counter()
+            share = min(max(self.prompt_share, 0.01), 1.0)
+            if self.token2wav.pieces:
                 self._pieces_due = end + (end - began) * (1 - share) / share
+            elif self._pieces_due == math.inf:  # a batch of pieces that ran none (restored)
+                self._pieces_due = end
 
     def _on_vocoder_stream(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._vocoder_stream is None:

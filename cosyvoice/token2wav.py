@@ -245,6 +245,7 @@ class Token2Wav:
             weakref.WeakValueDictionary()
         )
         self._cached_lock = threading.Lock()
+        self.pieces = 0  # prompts' pieces the last step ran (no audio: FlowModel.prompt_piece)
         self.device = hift.conv_pre.weight.device
         self.window = hamming(2 * self.cfg.source_cache_len, self.device)  # read-only
         self.causal = isinstance(hift, CausalHiFT)
@@ -287,7 +288,8 @@ class Token2Wav:
     def _plan(self, st: Token2WavState) -> _Job | None:
         if st.done:
             return None
-        if st.in_prompt and st.flow_cache is not None:
+        # (from its first token on: a request cancelled before it costs no flow call)
+        if st.in_prompt and st.flow_cache is not None and st.tokens:
             return _Job(st, 0, False, True, prompt=True)
         c = len(st.tokens) - st.token_offset
         # A whole utterance's hops are cheap only over its flow cache: once the memory bound
@@ -312,7 +314,7 @@ class Token2Wav:
     def _add(self, st: Token2WavState, new: list[int], final: bool) -> None:
         _append(st, new, final)
         n, most = len(st.tokens), self.cfg.max_whole_tokens
-        long = n > most * min(st.speed, 1.0) or n + st.prompt_token.numel() > most
+        long = n > most * min(st.speed, 1.0) or n > 0 and n + st.prompt_token.numel() > most
         if st.input_done and not st.stream and long and self.cfg.flow_cache_mb > 0:
             # too long for one call: in hops (the longest from the start) like a stream
             st.stream, st.in_hops, st.hop = True, True, self._max_hop(st)
@@ -340,6 +342,13 @@ class Token2Wav:
                 j = self._plan(st)
         return j
 
+    def _prompt_done(self, st: Token2WavState) -> None:
+        """After a piece: when it was the prompt's last, the stream is past its prompt now (kept
+        in the store if need be), so a chunk it has ready is not taken for a piece."""
+        if st.flow_cache is not None:
+            most = self.cfg.token_max_hop_len
+            st.in_prompt = self.flow.prompt_piece(self._first_input(st), most) is not None
+
     def ready(self, st: Token2WavState) -> bool:
         """Whether :meth:`step` would produce a chunk for this state now."""
         return self._plan(st) is not None
@@ -358,6 +367,7 @@ class Token2Wav:
         ``state.done``; an item whose input ended may need more calls (one chunk per call) until then.
         """
         jobs: list[_Job | None] = []
+        self.pieces = 0  # of the prompts' pieces this step ran
         for (st, _, final), new in zip(
             items, _validated(items, self.flow.cfg.vocab_size), strict=True
         ):
@@ -382,6 +392,10 @@ class Token2Wav:
         mels = self.flow.inference([self._flow_input(j) for _, j in run])
         for _, j in run:
             self._keep_or_drop_cache(j)
+        for _, j in run:
+            if j.piece is not None:
+                self.pieces += 1
+                self._prompt_done(j.state)
         sound = [k for k, (_, j) in enumerate(run) if j.piece is None]  # pieces make none
         run, mels = [run[k] for k in sound], [mels[k] for k in sound]
         if not run:
@@ -667,6 +681,8 @@ class Token2WavV1State:
 class Token2WavV1:
     """Same API as :class:`Token2Wav` for the v1 family. Flow calls run per request (v1 flow is
     not batched); HiFT runs batched."""
+
+    pieces = 0  # never: v1's flow keeps no prompt state to compute in pieces
 
     def __init__(self, flow, hift: HiFT, cfg: StreamConfigV1 | None = None):
         self.flow, self.hift = flow, hift

@@ -372,7 +372,9 @@ class FlowModel(nn.Module):
         if c.tokens == 0:
             key = _prompt_key(part)
             saved = self.prompts.get(key)
-            if saved is not None:
+            # (a pool that may not grow restores only into blocks it has free; else in pieces,
+            # which the caller fits to the pool like any call)
+            if saved is not None and self.fits([part]):
                 with _unless_out_of_memory():  # a failed copy leaves the cache empty
                     self.pool.restore(saved, c)
                     return None

@@ -562,3 +562,28 @@ def test_a_prompt_copy_out_of_memory_leaves_the_stream_whole(parts, monkeypatch)
     monkeypatch.setattr(flow.pool, "restore", fail("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
         _first_call_frames(flow, t2w, prompted, toks)
+
+
+def test_a_pool_that_may_not_grow_copies_a_kept_prompt_only_into_free_blocks(parts, family):
+    """Under CUDA graphs the pool keeps its size (its tensors' addresses are in the graphs): a
+    kept prompt is copied into a stream's cache only where the pool has the blocks free. Here
+    it has not (8 blocks of frames, the prompt's part takes 13): the stream goes without a
+    cache, as the memory bound would have it, with the same first chunk, and the pool does not
+    grow. The copy grew it, and a GPU's graphs all went."""
+    _, hift, spk = parts
+    flow = load_flow(FAMILIES[family] / "model")
+    t2w = make_token2wav(flow, hift)
+    _, prompted = _speakers(spk)
+    toks = _tokens(60, 17, flow.cfg.vocab_size)
+    for _ in t2w.keep_prompt(*prompted):
+        pass
+    pad = -prompted[1].numel() % 25
+    frames, want = _first_call_frames(flow, t2w, prompted, toks)
+    assert frames == [2 * (prompted[1].numel() - 50 + 25 + pad)]  # copied in: the rest alone
+    flow.pool.presize({"tokens": 8, "frames": 8}, 4)
+    flow.pool.keep = True  # pinned, as captured graphs pin it
+    layout = flow.pool.layout
+    frames, got = _first_call_frames(flow, t2w, prompted, toks)
+    assert frames == [2 * (prompted[1].numel() + 25 + pad)]  # no cache: all in one call
+    assert flow.pool.layout == layout and flow.pool.held == 0
+    assert_close(got, want, WAVE_TOL, what="the first chunk without the copy")

@@ -491,17 +491,16 @@ def test_a_long_recordings_pieces_take_their_share_while_another_waits(
     )  # fmt: skip
     monkeypatch.setattr(model, "prompt_share", share)
     monkeypatch.setattr(model, "_pieces_due", 0.0)
-    flow = model.token2wav.flow
+    t2w = model.token2wav
     pieces: list[int] = []
-    piece = flow.prompt_piece
+    step = t2w.step
 
-    def counted(r, most):
-        got = piece(r, most)
-        if got is not None:
-            pieces.append(1)
-        return got
+    def counted(items):
+        out = step(items)
+        pieces.extend([1] * t2w.pieces)
+        return out
 
-    monkeypatch.setattr(flow, "prompt_piece", counted)
+    monkeypatch.setattr(t2w, "step", counted)
     waiting = model.start(model.speakers.list()[0], seed=1, fixed_tokens=TOKENS)
     joining = model.start(long, seed=2, fixed_tokens=TOKENS)
     for u, text in ((waiting, "Hello there."), (joining, "Hi.")):
