@@ -483,8 +483,9 @@ class FlowModel(nn.Module):
         return part
 
     def _keep(self, key: bytes, c: FlowCache) -> None:
-        """Keep a copy of ``c`` (holding a prompt's part alone), unless too large."""
-        if c.nbytes > self.prompts.budget:
+        """Keep a copy of ``c`` (holding a prompt's part alone), unless larger than the whole
+        budget: what the copy takes, its positions (the cache's whole blocks take more)."""
+        if self.pool.bytes_for(c.length["tokens"], c.length["frames"]) > self.prompts.budget:
             self.prompts.refuse(key)
         else:
             self.prompts.put(key, self.pool.snapshot(c))

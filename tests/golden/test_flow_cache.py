@@ -530,6 +530,9 @@ def test_the_prompt_store_keeps_what_its_budget_holds(parts, monkeypatch):
         assert twice(voices[0]) == [2, 2] and len(flow.prompts) == 0  # too large to keep
         assert len(refused) == 1
         assert twice(voices[0]) == [2, 2] and len(refused) == 1  # and not tried again
+        flow.prompts.clear()
+        flow.prompts.budget = one  # what its copy takes (the cache's whole blocks take more)
+        assert twice(voices[0]) == [2, 2] and len(flow.prompts) == 1 and len(refused) == 1
     finally:
         flow.prompts.budget = kept
     assert flow.pool.held == 0
