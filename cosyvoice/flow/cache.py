@@ -173,10 +173,13 @@ class FlowPool:
             if self.held == 0 and (grown or drop and bool(self.kv or self.tails)):
                 self._shrink()
 
-    def reserve(self, cache: FlowCache, res: str, end: int) -> None:
-        """Blocks for positions [0, end) of ``cache`` at resolution ``res``."""
+    def reserve(self, cache: FlowCache, res: str, end: int, shrink: bool = True) -> None:
+        """Blocks for positions [0, end) of ``cache`` at resolution ``res``; ``shrink``: back to
+        the first size first if nothing is held (a call's first reservation)."""
         with self.lock:
-            self.shrink_if_idle()  # a call's first reservation: nothing of the pool is in use
+            if shrink:
+                self.shrink_if_idle()
+            self._drain()  # what caches gave back is free again
             need = blocks_for(end) - len(cache.blocks[res])
             if need > 0:  # past what Token2Wav's guard foresaw, if pinned
                 cache.blocks[res].extend(self.blocks[res].take(need, exact=self.pinned))
@@ -258,8 +261,8 @@ class FlowPool:
             cache.bind(self)
             if cache.tokens or cache.slot:
                 raise ValueError("restore() into a cache that holds state")
-            for res, n in saved.length.items():
-                self.reserve(cache, res, n)
+            for res, n in saved.length.items():  # (shrunk first, the pool would grow again:
+                self.reserve(cache, res, n, shrink=False)  # 10 s for 2 GB on a 2-core VM)
             at: dict[str, torch.Tensor] = {}
             for key, data in saved.kv.items():
                 res = self.kv_res[key]
