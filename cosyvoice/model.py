@@ -342,10 +342,10 @@ class CosyVoiceModel:
         """Whether the steps stop until this batch is vocoded instead of going on beside it: its
         ``audible`` part (not prompts' pieces) carries a listener's first audio (or audio about
         to be missed) and no other listener of ``utts`` (those between segments too) is about
-        to run dry meanwhile. Beside it, the
-        steps' Python contends with the batch's for the GIL and their kernels with its on the
-        GPU: an H200 gave one stream its first audio in 178-210 ms inline and 218-222 ms
-        beside the steps, 16 streams in 270-286 vs 324-472 ms (bench/ttfa_split.py)."""
+        to run dry meanwhile. Beside it, the steps' Python contends with the batch's for the
+        GIL and their kernels with its on the GPU: an H200 gave one stream its first audio in
+        178-210 ms inline and 218-222 ms beside the steps, 16 streams in 270-286 vs 324-472 ms
+        (bench/ttfa_split.py)."""
 
         batch = {id(u) for u in audible}
         others = [u for u in utts if id(u) not in batch and u.heard]

@@ -336,18 +336,21 @@ class Token2Wav:
         flow calls run: the prompt store is theirs), else its chunk when one is ready."""
         j = self._plan(st)
         if j is not None and j.prompt:
-            j.piece = self.flow.prompt_piece(self._first_input(st), self.cfg.token_max_hop_len)
+            j.piece = self._next_piece(st)
             if j.piece is None:
-                st.in_prompt = False
                 j = self._plan(st)
         return j
 
-    def _prompt_done(self, st: Token2WavState) -> None:
-        """After a piece: when it was the prompt's last, the stream is past its prompt now (kept
-        in the store if need be), so a chunk it has ready is not taken for a piece."""
+    def _next_piece(self, st: Token2WavState) -> FlowInput | None:
+        """The next piece of ``st``'s prompt (``FlowModel.prompt_piece``); None, and the state
+        past its prompt, once there is none (computed, and kept in the store if need be, or
+        copied from there). Asked after each piece too, so a chunk ready in the step after the
+        last piece is not taken for one."""
+        piece = None
         if st.flow_cache is not None:
-            most = self.cfg.token_max_hop_len
-            st.in_prompt = self.flow.prompt_piece(self._first_input(st), most) is not None
+            piece = self.flow.prompt_piece(self._first_input(st), self.cfg.token_max_hop_len)
+        st.in_prompt = piece is not None
+        return piece
 
     def ready(self, st: Token2WavState) -> bool:
         """Whether :meth:`step` would produce a chunk for this state now."""
@@ -395,7 +398,7 @@ class Token2Wav:
         for _, j in run:
             if j.piece is not None:
                 self.pieces += 1
-                self._prompt_done(j.state)
+                self._next_piece(j.state)
         sound = [k for k, (_, j) in enumerate(run) if j.piece is None]  # pieces make none
         run, mels = [run[k] for k in sound], [mels[k] for k in sound]
         if not run:
