@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
+from pathlib import Path
 
 import httpx
 from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
 from serverproc import ServerProcess
 
 TEXT = "Hello there, this is a benchmark sentence."
+
+
+def faults_sys(pid: int) -> tuple[int, float]:
+    """A process's minor page faults and system CPU seconds so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 async def one(client: httpx.AsyncClient, spk: str, seed: int) -> tuple[float, float]:
@@ -57,9 +65,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--warmup-rounds", type=int, default=0,
+                    help="unmeasured rounds before each level's (a server in steady use)")  # fmt: skip
     ap.add_argument("--section", default="scheduler_load")
     args = ap.parse_args()
     results: dict[tuple[str, int], tuple[float, float, float]] = {}
+    kernel: dict[tuple[str, int], tuple[float, float]] = {}  # the server's sys s, M page faults
     for mode in ("batch", "serial"):
         srv = ServerProcess(
             "--model", args.model, "--scheduler", mode, "--llm-fixed-tokens", str(args.tokens),
@@ -70,9 +81,14 @@ def main() -> None:
         try:
             spk = httpx.get(f"{srv.base_url}/speakers").json()[0]["id"]
             for n in args.concurrency:
+                if args.warmup_rounds:
+                    asyncio.run(level(srv.base_url, spk, n, args.warmup_rounds))
+                f0, s0 = faults_sys(srv.proc.pid)
                 ttfa, audio, wall = asyncio.run(level(srv.base_url, spk, n, args.rounds))
+                f1, s1 = faults_sys(srv.proc.pid)
                 results[(mode, n)] = (pct(ttfa, 50) * 1000, pct(ttfa, 95) * 1000, audio / wall)
-                print(mode, n, results[(mode, n)], flush=True)
+                kernel[(mode, n)] = (s1 - s0, (f1 - f0) / 1e6)
+                print(mode, n, results[(mode, n)], kernel[(mode, n)], flush=True)
         finally:
             srv.stop()
     rows = []
@@ -80,7 +96,8 @@ def main() -> None:
         b, s = results[("batch", n)], results[("serial", n)]
         rows.append(
             f"| {n} | {b[0]:.0f} | {b[1]:.0f} | {b[2]:.3f} | {s[0]:.0f} | {s[1]:.0f} | {s[2]:.3f} | "
-            f"{b[2] / s[2]:.2f}x | {b[1] / s[1]:.2f} |"
+            f"{b[2] / s[2]:.2f}x | {b[1] / s[1]:.2f} | {'{:.1f} / {:.2f}'.format(*kernel[('batch', n)])} | "
+            f"{'{:.1f} / {:.2f}'.format(*kernel[('serial', n)])} |"
         )
     cpu = cpu_name()
     body = f"""## CosyVoice2 scheduler: batched vs serial ({args.tokens} tokens per stream, full-size random weights, {args.device} {args.dtype}; {cpu})
@@ -88,11 +105,13 @@ def main() -> None:
 Command: `{command()}`
 (commit {git_rev()}). Machine: {machine()}.
 Model: `bench/make_full_model.py` output (CosyVoice2-0.5B sizes, random weights), LLM forced to
-{args.tokens} tokens per request ({args.tokens / 25:.1f} s of audio), `stream=true`, N clients at once.
+{args.tokens} tokens per request ({args.tokens / 25:.1f} s of audio), `stream=true`, N clients at once
+({args.warmup_rounds} unmeasured rounds of them first).
 TTFA: request -> first audio byte. Throughput: audio seconds per wall second, all clients.
+Kernel: the server's system CPU seconds and millions of minor page faults over the measured rounds.
 
-| N | batched TTFA p50 ms | p95 ms | audio s/s | serial TTFA p50 ms | p95 ms | audio s/s | throughput ratio | p95 TTFA ratio |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| N | batched TTFA p50 ms | p95 ms | audio s/s | serial TTFA p50 ms | p95 ms | audio s/s | throughput ratio | p95 TTFA ratio | batched kernel s / M faults | serial |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 """ + "\n".join(rows)
     write_section(args.section, body)
 

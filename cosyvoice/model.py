@@ -142,15 +142,15 @@ class CosyVoiceModel:
 
     def let_go(self) -> bool:
         """Nothing is synthesizing (the caller knows): the flow's state pool lets its tensors
-        go. Otherwise the last streams' state (GBs after a burst on the CPU) stayed until the
-        next request's first flow call. On a GPU, one CUDA graph for a flow shape met since
-        warm-up is captured, while nobody waits on it; True while more are left (call again
-        while still idle)."""
+        go once it has been idle for its ``hold_s`` (GBs after a burst on the CPU, which the
+        next burst soon after would take from the OS again). On a GPU, one CUDA graph for a
+        flow shape met since warm-up is captured, while nobody waits on it. True while either
+        has more to do (call again while still idle)."""
         left = 0
         if (pool := self._flow_pool) is not None:
             if capture := getattr(self.token2wav.flow, "capture_pending", None):
                 left = self._where_flow_runs(capture)
-            pool.shrink_if_idle(drop=True)
+            left += pool.shrink_if_idle(drop=True)
         return left > 0
 
     @property
@@ -662,6 +662,8 @@ class CosyVoiceModel:
         if graphs is not None and graphs.capture:
             self.token2wav.warm(graphs.batches)
         self._keep_prompts()
+        if (pool := self._flow_pool) is not None:
+            pool.shrink_if_idle(drop=True, hold=False)  # no burst to keep the memory for
 
     def _keep_prompts(self) -> None:
         """The zero-shot speakers' prompts into the flow's store (:meth:`keep_prompt`), as many

@@ -218,9 +218,11 @@ class Scheduler:
         due = (idle or self._ended) and since > TRIM_GAP_S
         if self._dirty and (due or since > TRIM_EVERY_S):
             # the engine's idle state first (its memory is handed back too); with more idle
-            # work left, the next idle tick a gap later comes back for it
+            # work left (or memory it lets go later), the next idle tick a gap later comes back
+            # for it and hands back then, measuring the size to grow from without it
             more = idle and self._let_go()
-            self._trim(idle)
+            if not more:
+                self._trim(idle)
             self._trimmed_at, self._dirty, self._ended = time.monotonic(), more, False
 
     def _let_go(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -67,3 +68,41 @@ def test_a_growing_pool_keeps_every_position_in_use(monkeypatch):
     _, keys, _ = _call(pool, caches, [1] * 3)
     for b, w in enumerate(written):
         assert torch.equal(keys[b, :, : 12 * 24], torch.cat(w, dim=1))
+
+
+def test_an_idle_pool_keeps_its_tensors_for_its_hold():
+    """Once nothing is held, the pool keeps its tensors for ``hold_s`` (the next burst would
+    take that memory from the OS again, a page fault per page), saying it has memory to let go
+    later; past the hold it shrinks."""
+    pool, caches = FlowPool(), [FlowCache() for _ in range(3)]
+    _call(pool, caches, [100] * 3)  # grows past its first size
+    for c in caches:
+        c.release()
+    tensors, resets = list(pool.kv.values()), pool.resets
+    _call(pool, [FlowCache()], [8])  # a new burst within the hold
+    assert pool.resets == resets and list(pool.kv.values()) == tensors
+    assert pool.held == 0 and pool.shrink_if_idle(drop=True) and pool.kv
+    pool.used_at -= pool.hold_s
+    assert not pool.shrink_if_idle(drop=True)
+    assert not pool.kv and pool.resets == resets + 1
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_a_growing_pool_copies_only_positions_held_before(monkeypatch, release):
+    """A tensor grown in a call takes the positions of blocks requests hold, not those the call
+    itself just reserved (unwritten yet) nor those of requests gone: copying them touched the
+    pool's memory twice, a page fault per page."""
+    fills = iter(range(1, 100))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda x, *size, **kw: x.new_full(size, 1000.0 * next(fills))
+    )
+    pool, first, short, long = FlowPool(), FlowCache(), FlowCache(), FlowCache()
+    _call(pool, [first], [24])  # blocks 1-3, in a tensor made with fill 1000
+    (made,) = pool.kv.values()
+    if release:
+        first.release()
+    _call(pool, [short, long], [20, 290])  # short: blocks 1-3 or 4-6; long grows the tensor
+    (grown,) = pool.kv.values()
+    assert grown.shape[2] > made.shape[2]
+    tail = short.blocks["frames"][-1] * BLOCK + 20 % BLOCK  # short's unwritten positions
+    assert tail + BLOCK < made.shape[2] and (grown[:, :, tail : tail + 4] == 2000.0).all()

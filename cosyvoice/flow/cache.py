@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Hashable
@@ -35,6 +36,11 @@ BLOCK = 8  # positions per block (host bookkeeping only: gathers index single po
 RESOLUTIONS = ("tokens", "frames")  # the encoder's token layers; its frame layers + estimator
 CPU_ROOM = 4  # a CPU pool tensor's positions per position its free list has (see kv_buffer)
 ZERO_SLOT, SCRATCH_SLOT = 0, 1  # tails read by fresh requests (kept zero) / written by the rest
+# How long an idle pool keeps its tensors (see FlowPool.shrink_if_idle). Memory a process gives
+# back costs a page fault per page when taken again: on the project's 2-core VM (a microVM that
+# hands freed guest memory to its host) ~19 us per page past the host's working set, more than
+# the flow's own compute per token of state (9.2 MB per token in float32).
+HOLD_S = 30.0
 
 
 def blocks_for(positions: int) -> int:
@@ -95,10 +101,12 @@ class FlowPool:
     ``kv[key]``: (2, rows, positions, heads, head_dim) per attention layer (``key`` = the call's
     tag and the module; positions ``block * BLOCK + offset``, block 0 is scratch for padding);
     ``tails[key]``: (rows, request slots, channels, k - 1) per causal convolution. Tensors are
-    made on first use and grow with the free lists; when no request holds anything (checked
-    before and after every call) they go back to their first size, so a burst does not keep its
-    memory. One flow call runs at a time. A cache garbage-collected (on any thread, even inside
-    a free-list update) only queues its ids; the next bookkeeping call takes them back.
+    made on first use and grow with the free lists; once no request has held anything for
+    ``hold_s`` seconds (checked around every call, and at the caller's :meth:`shrink_if_idle`)
+    they go back to their first size, so a burst does not keep its memory for long, but the next
+    burst soon after does not pay to take it from the OS again. One flow call runs at a time.
+    A cache garbage-collected (on any thread, even inside a free-list update) only queues its
+    ids; the next bookkeeping call takes them back.
     """
 
     def __init__(self, blocks: int = 8, slots: int = 8):  # small: a position is ~4.6 MB (v2)
@@ -112,7 +120,10 @@ class FlowPool:
         self.slot_bytes = 0  # over every convolution's tails
         self._known_bytes = (self.position_bytes, 0)  # the two, as before the last shrink
         self._returned: deque[tuple[dict[str, list[int]], list[int]]] = deque()
+        self.bound: weakref.WeakSet[FlowCache] = weakref.WeakSet()  # caches ever bound here
         self.keep = False  # never shrink (set while CUDA graphs hold the tensors' addresses)
+        self.hold_s = HOLD_S
+        self.used_at = time.monotonic()  # the last reservation: when something was last held
         self.sized = False  # presized to its device's memory (see Token2Wav._size_pool)
         self.resets = 0
 
@@ -162,16 +173,22 @@ class FlowPool:
             self._drain()
             return {res: len(b.free) for res, b in self.blocks.items()}
 
-    def shrink_if_idle(self, drop: bool = False) -> None:
-        """Back to the first size when no request holds anything (between calls only);
-        ``drop``: the tensors go even at their first size (nothing is synthesizing)."""
+    def shrink_if_idle(self, drop: bool = False, hold: bool = True) -> bool:
+        """Back to the first size when no request has held anything for ``hold_s`` seconds
+        (between calls only; ``hold=False``: at once); ``drop``: the tensors go even at their
+        first size (nothing is synthesizing). Returns whether the pool holds memory it will let
+        go once that time has passed (call again then)."""
         if self.keep:
-            return
+            return False
         with self.lock:
             lists = (*self.blocks.values(), self.slots)
             grown = any(b.size > b.initial for b in lists)
-            if self.held == 0 and (grown or drop and bool(self.kv or self.tails)):
-                self._shrink()
+            if self.held or not (grown or drop and bool(self.kv or self.tails)):
+                return False
+            if hold and time.monotonic() - self.used_at < self.hold_s:
+                return True
+            self._shrink()
+            return False
 
     def reserve(self, cache: FlowCache, res: str, end: int, shrink: bool = True) -> None:
         """Blocks for positions [0, end) of ``cache`` at resolution ``res``; ``shrink``: back to
@@ -179,6 +196,7 @@ class FlowPool:
         with self.lock:
             if shrink:
                 self.shrink_if_idle()
+            self.used_at = time.monotonic()
             self._drain()  # what caches gave back is free again
             need = blocks_for(end) - len(cache.blocks[res])
             if need > 0:  # past what Token2Wav's guard foresaw, if pinned
@@ -295,11 +313,20 @@ class FlowPool:
                 self.position_bytes[res] += grown[:, :, 0].numel() * grown.element_size()
                 grown[:, :, :BLOCK].zero_()
             else:  # (from another device too: the positions in use move with it)
-                used = min(t.shape[2], self.blocks[res].high * BLOCK)
+                used = min(t.shape[2], self._kept_end(res))
                 grown[:, :, :used] = t[:, :, :used]
                 _retire([t])
             self.kv[key] = t = grown
         return t
+
+    def _kept_end(self, res: str) -> int:
+        """One past the highest position (block 0's at least) of state a request keeps: what a
+        tensor's growth copies. Not a call's new positions, unwritten yet, nor those of
+        requests gone (copying them took the pool's memory twice over)."""
+        with self.lock:
+            caches = list(self.bound)
+        kept = [max(c.blocks[res][: blocks_for(c.length[res])], default=0) for c in caches]
+        return (max(kept, default=0) + 1) * BLOCK
 
     def tails_buffer(self, key: Hashable, x: torch.Tensor, rows: int, n: int) -> torch.Tensor:
         """Convolution ``key``'s (rows, slots, C, n) tensor, grown to the slot list's size."""
@@ -443,6 +470,8 @@ class FlowCache:
         if self.pool is None:
             self.pool = pool
             self._finalizer = weakref.finalize(self, pool.give, self.blocks, self.slot)
+            with pool.lock:
+                pool.bound.add(self)
         elif self.pool is not pool:
             raise ValueError("this flow cache belongs to another flow model")
 
