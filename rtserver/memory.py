@@ -91,6 +91,8 @@ class Trimmer:
             return False
         now = self._resident()
         if self._floor is not None and now is not None and now <= self._floor * self.growth:
+            if idle:  # smaller idle than at the hand-back: the engine let its idle state go
+                self._floor = min(self._floor, now)  # since (a CosyVoice flow pool's GBs)
             return False
         self._trim()
         if idle:

@@ -219,10 +219,9 @@ class Scheduler:
         if self._dirty and (due or since > TRIM_EVERY_S):
             # the engine's idle state first (its memory is handed back too); with more idle
             # work left (or memory it lets go later), the next idle tick a gap later comes back
-            # for it and hands back then, measuring the size to grow from without it
+            # for it
             more = idle and self._let_go()
-            if not more:
-                self._trim(idle)
+            self._trim(idle)
             self._trimmed_at, self._dirty, self._ended = time.monotonic(), more, False
 
     def _let_go(self) -> bool:

@@ -233,6 +233,19 @@ def test_memory_goes_back_only_past_its_growth_bound():
     assert len(trims) == 4 and next(sizes, None) is None
 
 
+def test_the_idle_size_to_grow_from_falls_when_the_engine_lets_go_later():
+    """A CosyVoice engine keeps its flow pool's memory for a while after a burst: the idle
+    size measured then includes it. Once the pool goes, a smaller idle size is the one later
+    growth is measured from (else a long request's leftovers up to 1.5x the larger size stay)."""
+    sizes = iter([5000, 4000, 2000, 2500, 3100, 2000])
+    trims: list[int] = []
+    trim = memory.Trimmer(1.5, resident=lambda: next(sizes), trim=lambda: trims.append(1))
+    # 5000: the first, trims (then 4000, the pool held); 2000: the pool gone, within; 2500:
+    # within 1.5 x 2000 once it is the floor; 3100: past 3000, trims (then 2000)
+    assert [trim(True) for _ in range(4)] == [True, False, False, True]
+    assert len(trims) == 2 and next(sizes, None) is None
+
+
 # ---- idle and stalled clients -----------------------------------------------------------------
 
 
