@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
-from pathlib import Path
 
 import httpx
 from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
-from serverproc import ServerProcess
+from serverproc import ServerProcess, cpu_s, stat_fields
 
 TEXT = "Hello there, this is a benchmark sentence."
 
 
 def faults_sys(pid: int) -> tuple[int, float]:
     """A process's minor page faults and system CPU seconds so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    return int(stat_fields(pid)[7]), cpu_s(pid, system=True)
 
 
 async def one(client: httpx.AsyncClient, spk: str, seed: int) -> tuple[float, float]:
@@ -91,13 +88,18 @@ def main() -> None:
                 print(mode, n, results[(mode, n)], kernel[(mode, n)], flush=True)
         finally:
             srv.stop()
+
+    def kernel_cell(mode: str, n: int) -> str:
+        sys_s, faults = kernel[(mode, n)]
+        return f"{sys_s:.1f} / {faults:.2f}"
+
     rows = []
     for n in args.concurrency:
         b, s = results[("batch", n)], results[("serial", n)]
         rows.append(
             f"| {n} | {b[0]:.0f} | {b[1]:.0f} | {b[2]:.3f} | {s[0]:.0f} | {s[1]:.0f} | {s[2]:.3f} | "
-            f"{b[2] / s[2]:.2f}x | {b[1] / s[1]:.2f} | {'{:.1f} / {:.2f}'.format(*kernel[('batch', n)])} | "
-            f"{'{:.1f} / {:.2f}'.format(*kernel[('serial', n)])} |"
+            f"{b[2] / s[2]:.2f}x | {b[1] / s[1]:.2f} | {kernel_cell('batch', n)} | "
+            f"{kernel_cell('serial', n)} |"
         )
     cpu = cpu_name()
     body = f"""## CosyVoice2 scheduler: batched vs serial ({args.tokens} tokens per stream, full-size random weights, {args.device} {args.dtype}; {cpu})

@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
-from pathlib import Path
 
 import httpx
 from http_load import one
 from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
-from serverproc import ServerProcess
+from serverproc import ServerProcess, cpu_s
 
 TEXT = "Hello there, this is a benchmark sentence."
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def in_process(model, spk: str, tokens: int, seed: int) -> dict:
@@ -48,10 +41,10 @@ def through_server(srv: ServerProcess, spk: str, rate: int, seed: int) -> dict:
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=3600) as client:
             return await one(client, "/tts/pcm", spk, rate, tts_text=TEXT, stream=True, seed=seed)
 
-    t0, c0 = time.monotonic(), cpu_seconds(srv.proc.pid)
+    t0, c0 = time.monotonic(), cpu_s(srv.proc.pid)
     r = asyncio.run(go())
     wall = time.monotonic() - t0
-    cores = (cpu_seconds(srv.proc.pid) - c0) / wall
+    cores = (cpu_s(srv.proc.pid) - c0) / wall
     return {"ttfa": r["ttfa"], "rtf": r["wall_rtf"], "cores": cores}
 
 

@@ -91,8 +91,8 @@ class Trimmer:
             return False
         now = self._resident()
         if self._floor is not None and now is not None and now <= self._floor * self.growth:
-            if idle:  # smaller idle than at the hand-back: the engine let its idle state go
-                self._floor = min(self._floor, now)  # since (a CosyVoice flow pool's GBs)
+            if idle:  # smaller than at the hand-back: the engine let idle state go since
+                self._floor = min(self._floor, now)  # (a CosyVoice flow pool, held a while)
             return False
         self._trim()
         if idle:
