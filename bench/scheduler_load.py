@@ -18,14 +18,9 @@ import time
 
 import httpx
 from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
-from serverproc import ServerProcess, cpu_s, stat_fields
+from serverproc import ServerProcess, faults_sys
 
 TEXT = "Hello there, this is a benchmark sentence."
-
-
-def faults_sys(pid: int) -> tuple[int, float]:
-    """A process's minor page faults and system CPU seconds so far (Linux /proc)."""
-    return int(stat_fields(pid)[7]), cpu_s(pid, system=True)
 
 
 async def one(client: httpx.AsyncClient, spk: str, seed: int) -> tuple[float, float]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 
 import httpx
 from http_load import one
 from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
-from serverproc import ServerProcess, cpu_s
+from serverproc import ServerProcess, cpu_s, faults_sys
 
 TEXT = "Hello there, this is a benchmark sentence."
 
@@ -26,14 +27,22 @@ TEXT = "Hello there, this is a benchmark sentence."
 def in_process(model, spk: str, tokens: int, seed: int) -> dict:
     from cosyvoice.tts import synthesize
 
-    t0, c0 = time.monotonic(), time.process_time()
+    t0, c0, (f0, s0) = time.monotonic(), time.process_time(), faults_sys(os.getpid())
     first, samples = None, 0
     for chunk in synthesize(model, TEXT, spk, stream=True, seed=seed, fixed_tokens=tokens):
         first = first or time.monotonic()
         samples += chunk.numel()
     wall = time.monotonic() - t0
     audio = samples / model.sample_rate
-    return {"ttfa": first - t0, "rtf": wall / audio, "cores": (time.process_time() - c0) / wall}
+    f1, s1 = faults_sys(os.getpid())
+    cores = (time.process_time() - c0) / wall
+    return {
+        "ttfa": first - t0,
+        "rtf": wall / audio,
+        "cores": cores,
+        "sys": s1 - s0,
+        "mflt": (f1 - f0) / 1e6,
+    }
 
 
 def through_server(srv: ServerProcess, spk: str, rate: int, seed: int) -> dict:
@@ -41,11 +50,18 @@ def through_server(srv: ServerProcess, spk: str, rate: int, seed: int) -> dict:
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=3600) as client:
             return await one(client, "/tts/pcm", spk, rate, tts_text=TEXT, stream=True, seed=seed)
 
-    t0, c0 = time.monotonic(), cpu_s(srv.proc.pid)
+    pid = srv.proc.pid
+    t0, c0, (f0, s0) = time.monotonic(), cpu_s(pid), faults_sys(pid)
     r = asyncio.run(go())
     wall = time.monotonic() - t0
-    cores = (cpu_s(srv.proc.pid) - c0) / wall
-    return {"ttfa": r["ttfa"], "rtf": r["wall_rtf"], "cores": cores}
+    (f1, s1), cores = faults_sys(pid), (cpu_s(pid) - c0) / wall
+    return {
+        "ttfa": r["ttfa"],
+        "rtf": r["wall_rtf"],
+        "cores": cores,
+        "sys": s1 - s0,
+        "mflt": (f1 - f0) / 1e6,
+    }
 
 
 def main() -> None:
@@ -76,8 +92,11 @@ def main() -> None:
         srv.stop()
     rows = []
     for name, rs in res.items():
-        med = {k: pct([r[k] for r in rs], 50) for k in ("ttfa", "rtf", "cores")}
-        rows.append(f"| {name} | {med['ttfa']:.2f} | {med['rtf']:.2f} | {med['cores']:.2f} |")
+        med = {k: pct([r[k] for r in rs], 50) for k in ("ttfa", "rtf", "cores", "sys", "mflt")}
+        rows.append(
+            f"| {name} | {med['ttfa']:.2f} | {med['rtf']:.2f} | {med['cores']:.2f} "
+            f"| {med['sys']:.1f} / {med['mflt']:.2f} |"
+        )
     ratio = pct([r["rtf"] for r in res["server"]], 50) / pct(
         [r["rtf"] for r in res["in-process"]], 50
     )
@@ -89,8 +108,10 @@ Command: `{command("uv run --extra voice python")}`
 ({args.tokens / 25:.0f} s of audio), `stream=true`; medians of {args.rounds} alternating rounds.
 Server RTF / in-process RTF: **{ratio:.2f}**.
 
-| path | first audio s | whole-request RTF | cores busy |
-| --- | --- | --- | --- |
+Kernel: the process's system CPU seconds and millions of minor page faults per request.
+
+| path | first audio s | whole-request RTF | cores busy | kernel s / M faults |
+| --- | --- | --- | --- | --- |
 """ + "\n".join(rows)
     write_section(args.section, body)
 

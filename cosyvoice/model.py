@@ -663,6 +663,7 @@ class CosyVoiceModel:
             self.token2wav.warm(graphs.batches)
         self._keep_prompts()
         if (pool := self._flow_pool) is not None:
+            self.token2wav.reserve_room()  # the layers' sizes are known now
             pool.shrink_if_idle(drop=True, hold=False)  # no burst to keep the memory for
 
     def _keep_prompts(self) -> None:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import weakref
 from collections.abc import Generator
@@ -443,10 +444,8 @@ class Token2Wav:
         that is less, the bound is lowered to fit (on a GPU the default bound, half the free
         memory at load, always is: a pool grown past the device's memory fails every stream)."""
         pool, cfg = self.flow.pool, self.cfg
-        per_token = (
-            pool.position_bytes["tokens"] + cfg.token_mel_ratio * pool.position_bytes["frames"]
-        )
-        call = batch * (blocks_for(cfg.token_max_hop_len + cfg.pre_lookahead_len) + 1) * BLOCK
+        per_token = self._token_bytes()
+        call = self._call_tokens(batch)
         bound = cfg.flow_cache_mb * 2**20 / per_token  # tokens
         # the warm-up's first call grew the pool for `batch` streams (15 GB of the full
         # CosyVoice2 in float32 at 64): that memory is the pool's to take again, not used
@@ -468,11 +467,37 @@ class Token2Wav:
             bound = max(fits, 0)
         if not math.isfinite(bound):
             return
-        blocks = (POOL_OVERSHOOT * bound + call) / BLOCK
         # a slot per stream holding a cache: 4x the batch (slots 0 and 1 are no stream's)
-        pool.presize(
-            {"tokens": int(blocks), "frames": int(cfg.token_mel_ratio * blocks)}, 4 * batch + 2
-        )
+        pool.presize(self._blocks_for(POOL_OVERSHOOT * bound + call), 4 * batch + 2)
+
+    def reserve_room(self) -> None:
+        """On the CPU, where a page costs nothing until it is first written, the flow pool's
+        tensors are made with room for all the state the memory bound lets streams hold
+        (address space, :attr:`FlowPool.room`), so that the pool's growth does not copy: a
+        copy takes the state's memory a second time, a page fault per page (a 6 s stream's
+        first call after warm-up copied 1.2 GB of a full CosyVoice2's state in float32). The
+        layers' sizes must be known: call after a flow call. No more than the machine's memory:
+        a tensor past it is refused even as address space (Linux's overcommit heuristic)."""
+        per_token = self._token_bytes()
+        if self.device.type != "cpu" or not per_token or self.cfg.flow_cache_mb <= 0:
+            return
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        bound = min(self.cfg.flow_cache_mb * 2**20, ram) / per_token
+        self.flow.pool.room = self._blocks_for(POOL_OVERSHOOT * bound + self._call_tokens(1))
+
+    def _token_bytes(self) -> float:
+        """A token's flow state over every layer (0 before the pool's first call)."""
+        pb = self.flow.pool.position_bytes
+        return pb["tokens"] + self.cfg.token_mel_ratio * pb["frames"]
+
+    def _call_tokens(self, batch: int) -> int:
+        """The positions one call of ``batch`` streams at the longest hop may take."""
+        cfg = self.cfg
+        return batch * (blocks_for(cfg.token_max_hop_len + cfg.pre_lookahead_len) + 1) * BLOCK
+
+    def _blocks_for(self, tokens: float) -> dict[str, int]:
+        blocks = tokens / BLOCK
+        return {"tokens": int(blocks), "frames": int(self.cfg.token_mel_ratio * blocks)}
 
     def _room(self) -> float:
         """Bytes the flow's pool may take on its device: 0.6 of the free memory on a GPU (with

@@ -61,6 +61,11 @@ def cpu_s(pid: int, thread: int | None = None, system: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def faults_sys(pid: int) -> tuple[int, float]:
+    """A process's minor page faults and system CPU seconds so far (Linux /proc)."""
+    return int(stat_fields(pid)[7]), cpu_s(pid, system=True)
+
+
 def descendants(pid: int) -> set[int]:
     """Every process below `pid` (Linux /proc), e.g. the Ray cluster a server started."""
     parents: dict[int, list[int]] = {}

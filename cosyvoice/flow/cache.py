@@ -125,6 +125,7 @@ class FlowPool:
         self.hold_s = HOLD_S
         self.used_at = time.monotonic()  # the last reservation: when something was last held
         self.sized = False  # presized to its device's memory (see Token2Wav._size_pool)
+        self.room: dict[str, int] = {}  # blocks a CPU tensor is made with, at least (kv_buffer)
         self.resets = 0
 
     @property
@@ -299,15 +300,18 @@ class FlowPool:
 
         Made empty: a position is read only after it is written, except block 0's (padding's
         reads and writes), zeroed here - masked out, it is still multiplied by 0. In the CPU's
-        memory, where a page costs nothing until it is first written, a tensor is made
-        ``CPU_ROOM`` times the size it needs, so that the list's growth seldom copies: a full
-        CosyVoice2's position is 4.6 MB, and zeroing and copying a whole pool at every growth
-        by half took a quarter of eight streams' time. A copy takes the used positions only."""
+        memory, where a page costs nothing until it is first written, a tensor is made with
+        room for :attr:`room`'s blocks (what the owner's memory bound lets requests hold, see
+        ``Token2Wav.reserve_room``), and at least ``CPU_ROOM`` times the size it needs, so that
+        the list's growth seldom copies: a full CosyVoice2's position is 4.6 MB, and zeroing
+        and copying a whole pool at every growth by half took a quarter of eight streams'
+        time. A copy takes the used positions only."""
         self.kv_res[key] = res
         n = self.blocks[res].size * BLOCK
         t = self.kv.get(key)
         if t is None or t.shape[2] < n or t.device != k.device:
-            room = CPU_ROOM * n if k.device.type == "cpu" else n
+            cpu = k.device.type == "cpu"
+            room = max(CPU_ROOM * n, self.room.get(res, 0) * BLOCK) if cpu else n
             grown = k.new_empty(2, rows, room, k.shape[1], k.shape[-1])
             if t is None:
                 self.position_bytes[res] += grown[:, :, 0].numel() * grown.element_size()

@@ -13,6 +13,7 @@ from _fixtures import ONE_THREAD, TEST_DEVICE, WETEXT
 
 import cosyvoice
 from cosyvoice.devices import resolve_dtype
+from cosyvoice.flow.cache import CPU_ROOM
 from cosyvoice.tts import synthesize
 from cosyvoice.utterance import Output, Status
 
@@ -197,6 +198,44 @@ def test_idle_the_flow_state_goes_and_the_next_stream_is_the_same(model):
     model.let_go()  # (the caller's mistake: something is synthesizing) keeps what is held
     assert pool.kv
     model.cancel(u)
+
+
+def _warm_cpu_model(golden_dir, tmp_path, **opts):
+    if torch.device(TEST_DEVICE).type != "cpu":
+        pytest.skip("address space is free on the CPU only; a GPU pool is sized to its memory")
+    m = cosyvoice.load(golden_dir / "cosyvoice2" / "model", device="cpu", dtype="float32",
+                       use_wetext=WETEXT, speaker_dir=tmp_path, vocoder_thread=False,
+                       **opts)  # fmt: skip
+    m.warmup()
+    return m
+
+
+def test_after_warm_up_a_cpu_stream_grows_the_flow_pool_without_a_copy(golden_dir, tmp_path):
+    """Warm-up gives the flow pool on the CPU the room its memory bound lets streams take
+    (address space: a page costs nothing until it is written), so a stream that grows the
+    pool's lists far past their first size never makes a tensor anew: each growth copied the
+    state, taking its memory a second time at a page fault per page."""
+    m = _warm_cpu_model(golden_dir, tmp_path)
+    pool = m.token2wav.flow.pool
+    u = m.start(m.speakers.list()[0], seed=3, fixed_tokens=300)  # 600 frames
+    m.add_text(u, "A long stream.")
+    m.close_text(u)
+    made: dict = {}  # each layer's tensor's address, from the call that made it
+    while u.status is not Status.FINISHED:
+        m.step([u])
+        for key, t in pool.kv.items():
+            assert made.setdefault(key, t.data_ptr()) == t.data_ptr(), f"{key} made anew"
+    frames = pool.blocks["frames"]
+    assert made and frames.size > CPU_ROOM * frames.initial
+
+
+def test_a_cpu_flow_bound_past_the_machines_memory_still_streams(golden_dir, tmp_path):
+    """The pool's room stops at the machine's memory: a tensor past it cannot be made even as
+    address space, and every stream would fail."""
+    m = _warm_cpu_model(golden_dir, tmp_path, flow_cache_mb=1e12)
+    spk = m.speakers.list()[0]
+    chunks = list(synthesize(m, "Bound past memory.", spk, stream=True, seed=2, fixed_tokens=80))
+    assert m.token2wav.flow.pool.kv and len(chunks) > 1 and torch.cat(chunks).abs().max() > 0
 
 
 def test_cancel_and_errors_give_back_kv_blocks(model):
