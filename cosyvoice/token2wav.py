@@ -481,14 +481,15 @@ class Token2Wav:
         per_token = self._token_bytes()
         if self.device.type != "cpu" or not per_token or self.cfg.flow_cache_mb <= 0:
             return
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        bound = min(self.cfg.flow_cache_mb * 2**20, ram) / per_token
-        self.flow.pool.room = self._blocks_for(POOL_OVERSHOOT * bound + self._call_tokens(1))
+        bound = self.cfg.flow_cache_mb * 2**20 / per_token
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / per_token
+        tokens = min(POOL_OVERSHOOT * bound + self._call_tokens(1), ram)
+        self.flow.pool.room = self._blocks_for(tokens)
 
     def _token_bytes(self) -> float:
         """A token's flow state over every layer (0 before the pool's first call)."""
-        pb = self.flow.pool.position_bytes
-        return pb["tokens"] + self.cfg.token_mel_ratio * pb["frames"]
+        pool = self.flow.pool  # (as its layers were, if it has let its tensors go since)
+        return pool.bytes_for(1, self.cfg.token_mel_ratio) - pool.bytes_for(0, 0)
 
     def _call_tokens(self, batch: int) -> int:
         """The positions one call of ``batch`` streams at the longest hop may take."""

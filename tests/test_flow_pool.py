@@ -70,6 +70,22 @@ def test_a_growing_pool_keeps_every_position_in_use(monkeypatch):
         assert torch.equal(keys[b, :, : 12 * 24], torch.cat(w, dim=1))
 
 
+def test_a_cpu_pool_grows_its_lists_up_to_its_room_not_past_it():
+    """The free lists' growth by half stops at the room the CPU tensors are made with, so a
+    pool holding up to that room never makes a tensor anew (a growth copies the state; by
+    half, the list passed a room of 278 blocks with 202 held). Past the room it grows as ever."""
+    pool, cache = FlowPool(), FlowCache()
+    pool.room = {"frames": 100}
+    _call(pool, [cache], [BLOCK])
+    (made,) = (t.data_ptr() for t in pool.kv.values())
+    while len(cache.blocks["frames"]) < 99:  # block 0 is scratch
+        _call(pool, [cache], [BLOCK])
+    assert pool.blocks["frames"].size == 100
+    assert [t.data_ptr() for t in pool.kv.values()] == [made]
+    _call(pool, [cache], [BLOCK])
+    assert pool.blocks["frames"].size > 100 and len(cache.blocks["frames"]) == 100
+
+
 def test_an_idle_pool_keeps_its_tensors_for_its_hold():
     """Once nothing is held, the pool keeps its tensors for ``hold_s`` (the next burst would
     take that memory from the OS again, a page fault per page), saying it has memory to let go

@@ -79,12 +79,14 @@ class _Free:
     def used(self) -> int:
         return self.size - self.first - len(self.free)
 
-    def take(self, n: int, exact: bool = False) -> list[int]:
+    def take(self, n: int, exact: bool = False, stop: int = 0) -> list[int]:
         """``exact``: grow by what is missing only (a list sized to its device's memory, where
-        half as much again would not fit)."""
+        half as much again would not fit); ``stop``: a size growth by half stops at on its way
+        (the room tensors were made with: past it they are made anew)."""
         if n > len(self.free):
             new = self.size + n - len(self.free)
-            new = new if exact else max(new, 3 * self.size // 2)
+            half = 3 * self.size // 2
+            new = new if exact else max(new, min(half, stop) if self.size < stop else half)
             self.free = list(range(new - 1, self.size - 1, -1)) + self.free
             self.size = new
         ids = [self.free.pop() for _ in range(n)]
@@ -201,7 +203,8 @@ class FlowPool:
             self._drain()  # what caches gave back is free again
             need = blocks_for(end) - len(cache.blocks[res])
             if need > 0:  # past what Token2Wav's guard foresaw, if pinned
-                cache.blocks[res].extend(self.blocks[res].take(need, exact=self.pinned))
+                ids = self.blocks[res].take(need, exact=self.pinned, stop=self.room.get(res, 0))
+                cache.blocks[res].extend(ids)
 
     def slot(self, cache: FlowCache) -> int:
         with self.lock:
