@@ -86,6 +86,23 @@ def test_a_cpu_pool_grows_its_lists_up_to_its_room_not_past_it():
     assert pool.blocks["frames"].size > 100 and len(cache.blocks["frames"]) == 100
 
 
+def test_a_cpu_pool_refused_its_room_makes_what_it_needs(monkeypatch):
+    """Where the room's address space is refused (strict overcommit, ``ulimit -v``), the pool
+    gives the room up and makes its tensors the size they need: its streams go on."""
+    real = torch.Tensor.new_empty
+
+    def refusing(x, *size, **kw):
+        if size[2] > 500:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(x, *size, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", refusing)
+    pool, cache = FlowPool(), FlowCache()
+    pool.room = {"frames": 1000}
+    k, keys, _ = _call(pool, [cache], [24])
+    assert not pool.room and torch.equal(keys[0, :, :24], k[0])
+
+
 def test_an_idle_pool_keeps_its_tensors_for_its_hold():
     """Once nothing is held, the pool keeps its tensors for ``hold_s`` (the next burst would
     take that memory from the OS again, a page fault per page), saying it has memory to let go

@@ -19,6 +19,7 @@ size: on a GPU the launches of a flow call no longer grow with the number of str
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import threading
 import time
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from cosyvoice.devices import h2d
+
+log = logging.getLogger(__name__)
 
 BLOCK = 8  # positions per block (host bookkeeping only: gathers index single positions)
 RESOLUTIONS = ("tokens", "frames")  # the encoder's token layers; its frame layers + estimator
@@ -313,9 +316,7 @@ class FlowPool:
         n = self.blocks[res].size * BLOCK
         t = self.kv.get(key)
         if t is None or t.shape[2] < n or t.device != k.device:
-            cpu = k.device.type == "cpu"
-            room = max(CPU_ROOM * n, self.room.get(res, 0) * BLOCK) if cpu else n
-            grown = k.new_empty(2, rows, room, k.shape[1], k.shape[-1])
+            grown = self._empty(k, rows, n, res)
             if t is None:
                 self.position_bytes[res] += grown[:, :, 0].numel() * grown.element_size()
                 grown[:, :, :BLOCK].zero_()
@@ -325,6 +326,22 @@ class FlowPool:
                 _retire([t])
             self.kv[key] = t = grown
         return t
+
+    def _empty(self, k: torch.Tensor, rows: int, n: int, res: str) -> torch.Tensor:
+        """A (2, rows, positions, H, dh) tensor for ``n`` positions, with room on the CPU (see
+        :meth:`kv_buffer`). Where the room's address space is refused (strict overcommit,
+        ``ulimit -v``), the pool gives the room up and makes what it needs."""
+        if k.device.type != "cpu":
+            return k.new_empty(2, rows, n, k.shape[1], k.shape[-1])
+        try:
+            room = max(CPU_ROOM * n, self.room.get(res, 0) * BLOCK)
+            return k.new_empty(2, rows, room, k.shape[1], k.shape[-1])
+        except RuntimeError:
+            if not self.room:
+                raise
+            log.warning("flow pool: no address space for its room; its tensors grow instead")
+            self.room = {}
+            return k.new_empty(2, rows, CPU_ROOM * n, k.shape[1], k.shape[-1])
 
     def _kept_end(self, res: str) -> int:
         """One past the highest position (block 0's at least) of state a request keeps: what a
