@@ -18,7 +18,7 @@ import time
 
 import httpx
 from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
-from serverproc import ServerProcess, faults_sys
+from serverproc import ServerProcess, faults_sys, kernel_since
 
 TEXT = "Hello there, this is a benchmark sentence."
 
@@ -75,11 +75,10 @@ def main() -> None:
             for n in args.concurrency:
                 if args.warmup_rounds:
                     asyncio.run(level(srv.base_url, spk, n, args.warmup_rounds))
-                f0, s0 = faults_sys(srv.proc.pid)
+                start = faults_sys(srv.proc.pid)
                 ttfa, audio, wall = asyncio.run(level(srv.base_url, spk, n, args.rounds))
-                f1, s1 = faults_sys(srv.proc.pid)
                 results[(mode, n)] = (pct(ttfa, 50) * 1000, pct(ttfa, 95) * 1000, audio / wall)
-                kernel[(mode, n)] = (s1 - s0, (f1 - f0) / 1e6)
+                kernel[(mode, n)] = kernel_since(srv.proc.pid, start)
                 print(mode, n, results[(mode, n)], kernel[(mode, n)], flush=True)
         finally:
             srv.stop()

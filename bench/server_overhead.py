@@ -19,7 +19,7 @@ import time
 import httpx
 from http_load import one
 from report import ROOT, command, cpu_name, git_rev, machine, pct, write_section
-from serverproc import ServerProcess, cpu_s, faults_sys
+from serverproc import ServerProcess, cpu_s, faults_sys, kernel_since
 
 TEXT = "Hello there, this is a benchmark sentence."
 
@@ -27,22 +27,14 @@ TEXT = "Hello there, this is a benchmark sentence."
 def in_process(model, spk: str, tokens: int, seed: int) -> dict:
     from cosyvoice.tts import synthesize
 
-    t0, c0, (f0, s0) = time.monotonic(), time.process_time(), faults_sys(os.getpid())
+    t0, c0, start = time.monotonic(), time.process_time(), faults_sys(os.getpid())
     first, samples = None, 0
     for chunk in synthesize(model, TEXT, spk, stream=True, seed=seed, fixed_tokens=tokens):
         first = first or time.monotonic()
         samples += chunk.numel()
     wall = time.monotonic() - t0
-    audio = samples / model.sample_rate
-    f1, s1 = faults_sys(os.getpid())
     cores = (time.process_time() - c0) / wall
-    return {
-        "ttfa": first - t0,
-        "rtf": wall / audio,
-        "cores": cores,
-        "sys": s1 - s0,
-        "mflt": (f1 - f0) / 1e6,
-    }
+    return row(first - t0, wall / (samples / model.sample_rate), cores, os.getpid(), start)
 
 
 def through_server(srv: ServerProcess, spk: str, rate: int, seed: int) -> dict:
@@ -51,17 +43,16 @@ def through_server(srv: ServerProcess, spk: str, rate: int, seed: int) -> dict:
             return await one(client, "/tts/pcm", spk, rate, tts_text=TEXT, stream=True, seed=seed)
 
     pid = srv.proc.pid
-    t0, c0, (f0, s0) = time.monotonic(), cpu_s(pid), faults_sys(pid)
+    t0, c0, start = time.monotonic(), cpu_s(pid), faults_sys(pid)
     r = asyncio.run(go())
-    wall = time.monotonic() - t0
-    (f1, s1), cores = faults_sys(pid), (cpu_s(pid) - c0) / wall
-    return {
-        "ttfa": r["ttfa"],
-        "rtf": r["wall_rtf"],
-        "cores": cores,
-        "sys": s1 - s0,
-        "mflt": (f1 - f0) / 1e6,
-    }
+    cores = (cpu_s(pid) - c0) / (time.monotonic() - t0)
+    return row(r["ttfa"], r["wall_rtf"], cores, pid, start)
+
+
+def row(ttfa: float, rtf: float, cores: float, pid: int, start: tuple[int, float]) -> dict:
+    """One round of a path; the kernel's part read from ``pid`` since ``start``."""
+    sys_s, mflt = kernel_since(pid, start)
+    return {"ttfa": ttfa, "rtf": rtf, "cores": cores, "sys": sys_s, "mflt": mflt}
 
 
 def main() -> None:

@@ -66,6 +66,13 @@ def faults_sys(pid: int) -> tuple[int, float]:
     return int(stat_fields(pid)[7]), cpu_s(pid, system=True)
 
 
+def kernel_since(pid: int, start: tuple[int, float]) -> tuple[float, float]:
+    """System CPU seconds and millions of minor page faults since ``start`` (a
+    :func:`faults_sys` of the same process)."""
+    faults, sys_s = faults_sys(pid)
+    return sys_s - start[1], (faults - start[0]) / 1e6
+
+
 def descendants(pid: int) -> set[int]:
     """Every process below `pid` (Linux /proc), e.g. the Ray cluster a server started."""
     parents: dict[int, list[int]] = {}

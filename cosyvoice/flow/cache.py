@@ -66,16 +66,15 @@ def _retire(tensors) -> None:
 
 
 class _Free:
-    """A free list of ids from ``first`` up that grows by half when it runs out. ``high``: one
-    past the highest id ever taken (ids below ``first`` count as taken): the lowest come out
-    first, so ids from ``high`` up were never used."""
+    """A free list of ids from ``first`` up that grows by half when it runs out; the lowest
+    ids come out first."""
 
     def __init__(self, first: int, size: int):
         self.first, self.initial = first, size
         self.reset()
 
     def reset(self) -> None:
-        self.size, self.high = self.initial, self.first
+        self.size = self.initial
         self.free = list(range(self.size - 1, self.first - 1, -1))  # pop() gives the lowest
 
     @property
@@ -84,17 +83,16 @@ class _Free:
 
     def take(self, n: int, exact: bool = False, stop: int = 0) -> list[int]:
         """``exact``: grow by what is missing only (a list sized to its device's memory, where
-        half as much again would not fit); ``stop``: a size growth by half stops at on its way
-        (the room tensors were made with: past it they are made anew)."""
+        half as much again would not fit); ``stop``: a growth by half from below this size
+        goes no further than it (the room the pool's tensors were made with: past it they are
+        made anew)."""
         if n > len(self.free):
             new = self.size + n - len(self.free)
             half = 3 * self.size // 2
             new = new if exact else max(new, min(half, stop) if self.size < stop else half)
             self.free = list(range(new - 1, self.size - 1, -1)) + self.free
             self.size = new
-        ids = [self.free.pop() for _ in range(n)]
-        self.high = max([self.high, *(i + 1 for i in ids)])
-        return ids
+        return [self.free.pop() for _ in range(n)]
 
     def give(self, ids: list[int]) -> None:
         self.free.extend(reversed(ids))  # the lowest ids come out first again
