@@ -19,6 +19,12 @@ streams stepped together (one batched flow call per step) in each mode:
 ``--count-ops``: instead of timing, the torch ops one batched step dispatches (on a GPU about
 its kernel launches), per batch size and hop.
 
+``--pack-ab``: instead, each batched step with the flow's linears as loaded (torch's kernels) and
+packed for oneDNN (what ``cosyvoice.load`` does on a CPU in float32), in one process, alternating;
+medians of ``--repeat`` rounds:
+
+    uv run python bench/bench_token2wav.py --pack-ab --batches 1,4 --repeat 5
+
 Each number is the best of ``--repeat`` runs (the dev box is shared; see docs/benchmarks.md).
 
 ``--model`` is a full-size random-weight dir from ``bench/make_full_model.py``; without one the
@@ -32,6 +38,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cosyvoice.devices import pack_linears  # noqa: E402
 from cosyvoice.flow import FlowConfig, build_flow, load_flow  # noqa: E402
 from cosyvoice.hift import HiFTConfig, build_hift, load_hift  # noqa: E402
 from cosyvoice.token2wav import Token2Wav  # noqa: E402
@@ -100,6 +108,26 @@ def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -
     audio = sum(c.numel() for c in out) / t2w.sample_rate
     return {"batch": b, "hop": hop, "wall_s": round(wall, 3), "audio_s": round(audio, 3),
             "audio_s_per_s": round(audio / wall, 3)}  # fmt: skip
+
+
+def pack_ab(a, plain: Token2Wav, emb, vocab: int) -> list[dict]:
+    """Batched steps over the flow's torch linears and over a second copy packed for oneDNN,
+    alternating per round; the medians of ``--repeat`` rounds."""
+    flow = load(a.model, a.device).flow
+    pack_linears(flow)
+    packed, rows = Token2Wav(flow, plain.hift), []
+    for hop in a.hops.split(","):
+        for b in (int(x) for x in a.batches.split(",")):
+            walls: dict[str, list[float]] = {"torch": [], "packed": []}
+            for _ in range(a.repeat):
+                for name, t2w in (("torch", plain), ("packed", packed)):
+                    walls[name].append(batch_step(t2w, b, hop, emb, a.device, vocab)["wall_s"])
+            med = {k: statistics.median(v) for k, v in walls.items()}
+            rows.append({"batch": b, "hop": hop, "torch_s": med["torch"],
+                         "packed_s": med["packed"], "ratio": round(med["torch"] / med["packed"], 3),
+                         "rounds": walls})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 class _CountOps(TorchDispatchMode):
@@ -206,6 +234,7 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(LONG_MODES), help="modes of the concurrent run")
     ap.add_argument("--count-ops", action="store_true", help="ops per batched step, no timing")
     ap.add_argument("--graphs", action="store_true", help="flow graphs on (eager on a CPU)")
+    ap.add_argument("--pack-ab", action="store_true", help="flow linears: torch's vs packed")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -250,6 +279,11 @@ def main() -> None:
         res["ops"] = [step_ops(t2w, int(b), h, emb, vocab)
                       for h in a.hops.split(",") for b in a.batches.split(",")]  # fmt: skip
         print(json.dumps(res["ops"]))
+        return
+
+    if a.pack_ab:
+        res["pack_ab"] = pack_ab(a, t2w, emb, vocab)
+        print(json.dumps(res["machine"]))
         return
 
     def best(fn, key):  # best of --repeat windows: the box may be shared (see docs)

@@ -845,14 +845,16 @@ def load(
     decode steps go on while a batch is vocoded (on a 2-core CPU the two would fight for the
     cores). ``packed`` (default: on a CPU, in float32 or in bfloat16 on bf16 matrix units) runs
     the LLM's linears over weights packed once for oneDNN (:class:`cosyvoice.devices.PackedLinear`:
-    1.2-1.9x faster float32 decode steps at batch 16-64, 1.2-1.3x in bfloat16 at batch 1-16);
-    the LLM must not change device or dtype afterwards."""
+    1.2-1.9x faster float32 decode steps at batch 16-64, 1.2-1.3x in bfloat16 at batch 1-16),
+    and in float32 the flow's too (a stream's first chunk 1.1-1.2x faster); the LLM and the
+    flow must not change device or dtype afterwards."""
     model_dir = Path(model_dir)
     family, cfg = load_model_yaml(model_dir)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     lcfg = llm_config(family, cfg, model_dir)
-    net = _load_llm(model_dir, family, lcfg, device, dtype, packed)
+    pack = _pack(device, dtype, packed)
+    net = _load_llm(model_dir, family, lcfg, device, dtype, pack)
     frontend = Frontend(model_dir, family, use_wetext=use_wetext)
     speakers = SpeakerStore(
         model_dir,
@@ -885,12 +887,23 @@ def load(
             flow_cache_mb = torch.cuda.mem_get_info(device)[0] / 2 / 2**20
         opts = dict(exact_final=exact_final, flow_cache_mb=flow_cache_mb)
         opts = {k: v for k, v in opts.items() if v is not None}
-        model.token2wav = _load_token2wav(model_dir, cfg, device, dtype, **opts)
+        model.token2wav = _load_token2wav(model_dir, cfg, device, dtype, pack, **opts)
         if graphs:
             model.token2wav.flow.enable_graphs(max_batch)
             if family == "v2":  # (v3's causal HiFT vocodes each stream alone)
                 model.token2wav.hift.enable_graphs(max_batch)
     return model
+
+
+def _pack(device: torch.device, dtype: torch.dtype, packed: bool | None) -> bool:
+    """Whether to pack the linears (``packed`` None: where it can; see :func:`load`)."""
+    can_pack = can_pack_linears(device, dtype)
+    if packed and not can_pack:
+        raise ValueError(
+            "packed linears need an x86 CPU with oneDNN, in float32 or in bfloat16 on bf16 "
+            f"matrix units, not {dtype} on {device}"
+        )
+    return can_pack if packed is None else packed
 
 
 def _load_llm(
@@ -899,24 +912,20 @@ def _load_llm(
     lcfg: LLMConfig,
     device: torch.device,
     dtype: torch.dtype,
-    packed: bool | None,
+    pack: bool,
 ) -> QwenSpeechLM | TransformerSpeechLM:
-    """The speech-token LM on ``device`` in ``dtype``, its linears packed (see :func:`load`)."""
+    """The speech-token LM on ``device`` in ``dtype``, its linears packed if ``pack``."""
     net = TransformerSpeechLM(lcfg) if family == "v1" else QwenSpeechLM(lcfg)
     net.load_checkpoint(model_dir / "llm.pt")
     net = net.to(device=device, dtype=dtype).eval()
-    can_pack = can_pack_linears(device, dtype)
-    if packed and not can_pack:
-        raise ValueError(
-            "packed linears need an x86 CPU with oneDNN, in float32 or in bfloat16 on bf16 "
-            f"matrix units, not {dtype} on {device}"
-        )
-    if can_pack if packed is None else packed:
+    if pack:
         pack_linears(net)
     return net
 
 
-def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: torch.dtype, **opts):
+def _load_token2wav(
+    model_dir: Path, cfg: dict, device: torch.device, dtype: torch.dtype, pack: bool, **opts
+):
     from .flow import load_flow
     from .hift import HiFTConfig, load_hift
     from .token2wav import make_token2wav
@@ -929,6 +938,11 @@ def _load_token2wav(model_dir: Path, cfg: dict, device: torch.device, dtype: tor
         # batch 8 on an AMX CPU, mel within ~1.5%) while HiFT's f0/iSTFT stay float32.
         store_in(flow, dtype)  # what autocast would cast at every op (1.2x a first chunk)
         t2w.flow = _Autocast(flow, device.type, dtype)
+    elif pack:
+        # MKL ran the flow's skinny matmuls (100 rows of 256 for one stream's chunk) at 55-75%
+        # of oneDNN's speed over packed weights (to_qkv 718 vs 376 us; AMD EPYC, 2 cores). Not
+        # under autocast: it would not cast inputs for the packed op.
+        pack_linears(flow)
     return t2w
 
 

@@ -237,19 +237,50 @@ def test_packed_linears_compute_what_torch_does(dtype, rows):
 
 @NEEDS_ONEDNN
 @pytest.mark.parametrize("family", ["cosyvoice1", "cosyvoice2"])
-def test_load_packs_the_llm_on_a_cpu_unless_told_not_to(golden_dir, family):
+def test_load_packs_the_llm_and_the_flow_on_a_cpu_unless_told_not_to(golden_dir, family):
     d = golden_dir / family / "model"
     if not d.is_dir():
         pytest.skip(f"no {family} golden dir")
     for packed in (None, False):
-        llm = cosyvoice.load(d, speaker_dir=None, token2wav=False, packed=packed).llm.net
-        kinds = {type(m) for m in llm.modules()}
-        assert (PackedLinear in kinds, torch.nn.Linear in kinds) == (
-            packed is None,
-            packed is False,
-        )
+        model = cosyvoice.load(d, speaker_dir=None, packed=packed)
+        for net in (model.llm.net, model.token2wav.flow):
+            kinds = {type(m) for m in net.modules()}
+            assert (PackedLinear in kinds, torch.nn.Linear in kinds) == (
+                packed is None,
+                packed is False,
+            )
     with pytest.raises(RuntimeError, match="packed"):
         cosyvoice.load(d, speaker_dir=None, token2wav=False).llm.net.to(torch.float64)
+
+
+def _stream_audio(t2w, tokens: list[int]) -> torch.Tensor:
+    """One stream's audio from ``tokens``, in hops of 7 (each call reads the flow's state)."""
+    emb = torch.randn(t2w.flow.cfg.spk_embed_dim, generator=torch.Generator().manual_seed(0))
+    st, chunks = t2w.new_state(emb, stream=True, seed=1), []
+    for i in range(0, len(tokens), 7):
+        (c,) = t2w.step([(st, tokens[i : i + 7], i + 7 >= len(tokens))])
+        chunks += [] if c is None else [c]
+    while not st.done:
+        (c,) = t2w.step([(st, [], True)])
+        chunks += [] if c is None else [c]
+    return torch.cat(chunks, -1)
+
+
+@NEEDS_ONEDNN
+def test_a_packed_flow_makes_the_audio_torchs_linears_do(golden_dir):
+    """The flow's linears packed (the CPU's float32 default) against torch's: the same audio
+    to float32 rounding, through a stream's cached chunks (a wrong weight layout would be off
+    by the signal's own scale)."""
+    d = golden_dir / "cosyvoice2" / "model"
+    if not d.is_dir():
+        pytest.skip("no cosyvoice2 golden dir")
+    t2ws = [cosyvoice.load(d, speaker_dir=None, packed=p).token2wav for p in (None, False)]
+    vocab = t2ws[0].flow.cfg.vocab_size
+    tokens = torch.randint(0, vocab, (80,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.inference_mode():
+        packed, plain = (_stream_audio(t, tokens) for t in t2ws)
+    assert packed.shape == plain.shape and plain.abs().max() > 0.01
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=0)
 
 
 @NEEDS_BF16_PACKING
