@@ -670,8 +670,10 @@ class Past:
         buf = self.pool.kv_buffer((self.tag, mod), self.res, new[0], self.rows)
         x = new.transpose(2, 3).reshape(2, self.rows, -1, *new.shape[2:3], new.shape[-1])
         buf[:, :, self.write] = _as(x, buf.dtype)  # (2, rows, B*T, H, dh)
-        kv = buf[:, :, self.read]  # (2, rows, B, K, H, dh); a slice gives no B axis
-        kv = kv.unsqueeze(2) if isinstance(self.read, slice) else kv
+        if isinstance(self.read, slice):
+            kv = buf[:, :, self.read].unsqueeze(2)  # (2, rows, B, K, H, dh)
+        else:  # whole positions at once (buf[:, :, read] copied element by element: 1.9x)
+            kv = buf.index_select(2, self.read.flatten()).unflatten(2, self.read.shape)
         kv = _as(kv.transpose(3, 4).flatten(1, 2), new.dtype)
         return kv[0], kv[1]
 
