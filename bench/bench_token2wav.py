@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cosyvoice.devices import pack_linears  # noqa: E402
+from cosyvoice.devices import can_pack_linears, pack_linears  # noqa: E402
 from cosyvoice.flow import FlowConfig, build_flow, load_flow  # noqa: E402
 from cosyvoice.hift import HiFTConfig, build_hift, load_hift  # noqa: E402
 from cosyvoice.token2wav import Token2Wav  # noqa: E402
@@ -113,9 +113,12 @@ def batch_step(t2w: Token2Wav, b: int, hop: str, emb, device: str, vocab: int) -
 def pack_ab(a, plain: Token2Wav, emb, vocab: int) -> list[dict]:
     """Batched steps over the flow's torch linears and over a second copy packed for oneDNN,
     alternating per round; the medians of ``--repeat`` rounds."""
+    if not can_pack_linears(torch.device(a.device), torch.float32):
+        raise SystemExit("--pack-ab: packed linears need an x86 CPU with oneDNN")
     flow = load(a.model, a.device).flow
     pack_linears(flow)
     packed, rows = Token2Wav(flow, plain.hift), []
+    batch_step(packed, 1, "first", emb, a.device, vocab)  # warm-up, as the plain one had
     for hop in a.hops.split(","):
         for b in (int(x) for x in a.batches.split(",")):
             walls: dict[str, list[float]] = {"torch": [], "packed": []}
@@ -283,7 +286,10 @@ def main() -> None:
 
     if a.pack_ab:
         res["pack_ab"] = pack_ab(a, t2w, emb, vocab)
+        res["machine"]["load_avg_end"] = os.getloadavg()
         print(json.dumps(res["machine"]))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1))
         return
 
     def best(fn, key):  # best of --repeat windows: the box may be shared (see docs)

@@ -2,7 +2,8 @@
 
 Defaults: CUDA when a GPU is visible (bfloat16 there), else the CPU in float32. bfloat16 on a
 CPU without bf16 matrix units (AVX512-BF16 or AMX) is emulated and several times slower than
-float32 (measured on a 2-core AMD EPYC: one stream RTF 22 vs 6.5; four streams 391 s vs 98 s),
+float32 (measured on a 2-core AMD EPYC when the GPU-engine issue was filed: one stream RTF 22 vs
+6.5; four streams 391 s vs 98 s),
 so such a request falls back to float32 with a warning. On a CPU that has them (an Intel Xeon
 with AMX; a Zen 4 AMD EPYC, whose AVX512-BF16 ran a bf16 decode step in 43 ms against 60 in
 float32) bfloat16 is the faster choice, but float32 stays the default there: the reference
@@ -112,7 +113,8 @@ class PackedLinear(nn.Module):
     ``F.linear`` on a CPU multiplies by the transposed row-major weight through MKL's sgemm,
     which reads it at half the memory bandwidth for a single row and runs skinny batches far
     from peak; oneDNN's kernel over a weight packed once at load made the LLM's decode steps
-    1.2-1.9x faster on an AMD EPYC (batches of 1-64; ``bench/bench_llm.py --pack-ab``). The
+    1.2-1.9x faster on an AMD EPYC (batches of 1-64; ``bench/bench_llm.py --pack-ab``), and a
+    flow call in float32 1.05-1.18x (``bench/bench_token2wav.py --pack-ab``). The
     packed tensor is opaque (no storage, no state_dict, no ``.to``), so it is a plain attribute
     and the module is built last, after the net reached its device and dtype."""
 

@@ -939,9 +939,9 @@ def _load_token2wav(
         store_in(flow, dtype)  # what autocast would cast at every op (1.2x a first chunk)
         t2w.flow = _Autocast(flow, device.type, dtype)
     elif pack:
-        # MKL ran the flow's skinny matmuls (100 rows of 256 for one stream's chunk) at 55-75%
-        # of oneDNN's speed over packed weights (to_qkv 718 vs 376 us; AMD EPYC, 2 cores). Not
-        # under autocast: it would not cast inputs for the packed op.
+        # MKL ran the flow's skinny matmuls (100 rows of 256 for one stream's chunk) at half
+        # to nearly all of oneDNN's speed over packed weights (to_qkv 718 vs 376 us; AMD EPYC,
+        # 2 cores). Not under autocast: it would not cast inputs for the packed op.
         pack_linears(flow)
     return t2w
 

@@ -128,7 +128,7 @@ def test_concurrent_requests_are_batch_invariant(cv):
 def test_vocoder_thread_and_torch_linears_serve_the_same_audio_and_free_cut_streams(cv, tmp_path):
     """--vocoder-thread on (the default with a GPU): batches are vocoded on a thread of their
     own while decode steps go on, their audio handed out by later steps. --packed off: the LLM
-    runs torch's linears instead of the oneDNN-packed ones the CPU default uses."""
+    and the flow run torch's linears instead of the oneDNN-packed ones the CPU default uses."""
     srv = start(tmp_path, "--vocoder-thread", "on", "--packed", "off", "--no-warmup")
     try:
         assert_same_pcm(pcm(cv, seed=21), three_at_once(srv))

@@ -245,7 +245,9 @@ class FlowGraphs:
 
         return Past.over(
             self.pool, rows=rows, mask=att, write=f[pre + "write"][:b, :t].flatten(),
-            read=f[pre + "read"][:b, :k], slots=(f["slots_in"][:b], f["slots_out"][:b]),
+            # read contiguous once per view, not flattened into a copy by each of 560 layers
+            read=f[pre + "read"][:b, :k].contiguous(),
+            slots=(f["slots_in"][:b], f["slots_out"][:b]),
             lens=f[pre + "lens"][:b], positions=per_row(f[pre + "positions"][:b, :t]),
             valid=per_row(f[pre + "valid"][:b, :t]), **kw,
         )  # fmt: skip

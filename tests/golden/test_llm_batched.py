@@ -242,13 +242,16 @@ def test_load_packs_the_llm_and_the_flow_on_a_cpu_unless_told_not_to(golden_dir,
     if not d.is_dir():
         pytest.skip(f"no {family} golden dir")
     for packed in (None, False):
-        model = cosyvoice.load(d, speaker_dir=None, packed=packed)
+        model = cosyvoice.load(d, "cpu", "float32", speaker_dir=None, packed=packed)
         for net in (model.llm.net, model.token2wav.flow):
             kinds = {type(m) for m in net.modules()}
             assert (PackedLinear in kinds, torch.nn.Linear in kinds) == (
                 packed is None,
                 packed is False,
             )
+        if packed is None:
+            with pytest.raises(RuntimeError, match="packed"):
+                model.token2wav.flow.to(torch.float64)
     with pytest.raises(RuntimeError, match="packed"):
         cosyvoice.load(d, speaker_dir=None, token2wav=False).llm.net.to(torch.float64)
 
@@ -274,7 +277,8 @@ def test_a_packed_flow_makes_the_audio_torchs_linears_do(golden_dir):
     d = golden_dir / "cosyvoice2" / "model"
     if not d.is_dir():
         pytest.skip("no cosyvoice2 golden dir")
-    t2ws = [cosyvoice.load(d, speaker_dir=None, packed=p).token2wav for p in (None, False)]
+    t2ws = [cosyvoice.load(d, "cpu", "float32", speaker_dir=None, packed=p).token2wav
+            for p in (None, False)]  # fmt: skip
     vocab = t2ws[0].flow.cfg.vocab_size
     tokens = torch.randint(0, vocab, (80,), generator=torch.Generator().manual_seed(3)).tolist()
     with torch.inference_mode():
