@@ -268,11 +268,7 @@ def main() -> None:
         res["machine"]["gpu"] = torch.cuda.get_device_name()
     if a.long or a.long_concurrency:
         res["long"] = long_mode(t2w, a, a.device)
-        res["machine"]["load_avg_end"] = os.getloadavg()
-        print(json.dumps(res["machine"]))
-        if a.json:
-            a.json.write_text(json.dumps(res, indent=1))
-        return
+        return report(res, a.json)
 
     if a.count_ops:
         # steady state: grow the flow pool for twice the streams, then keep it from shrinking
@@ -286,11 +282,7 @@ def main() -> None:
 
     if a.pack_ab:
         res["pack_ab"] = pack_ab(a, t2w, emb, vocab)
-        res["machine"]["load_avg_end"] = os.getloadavg()
-        print(json.dumps(res["machine"]))
-        if a.json:
-            a.json.write_text(json.dumps(res, indent=1))
-        return
+        return report(res, a.json)
 
     def best(fn, key):  # best of --repeat windows: the box may be shared (see docs)
         runs = [fn() for _ in range(a.repeat)]
@@ -305,10 +297,15 @@ def main() -> None:
             r = best(lambda b=b, h=hop: batch_step(t2w, b, h, emb, a.device, vocab), "wall_s")
             print(json.dumps(r), flush=True)
             res["batch"].append(r)
+    report(res, a.json)
+
+
+def report(res: dict, path: Path | None) -> None:
+    """The run's end: the load then, the machine line printed, everything to ``path`` if given."""
     res["machine"]["load_avg_end"] = os.getloadavg()
     print(json.dumps(res["machine"]))
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+    if path:
+        path.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

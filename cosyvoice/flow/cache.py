@@ -329,17 +329,20 @@ class FlowPool:
         """A (2, rows, positions, H, dh) tensor for ``n`` positions, with room on the CPU (see
         :meth:`kv_buffer`). Where the room's address space is refused (strict overcommit,
         ``ulimit -v``), the pool gives the room up and makes what it needs."""
+
+        def empty(positions: int) -> torch.Tensor:
+            return k.new_empty(2, rows, positions, k.shape[1], k.shape[-1])
+
         if k.device.type != "cpu":
-            return k.new_empty(2, rows, n, k.shape[1], k.shape[-1])
+            return empty(n)
         try:
-            room = max(CPU_ROOM * n, self.room.get(res, 0) * BLOCK)
-            return k.new_empty(2, rows, room, k.shape[1], k.shape[-1])
+            return empty(max(CPU_ROOM * n, self.room.get(res, 0) * BLOCK))
         except RuntimeError:
             if not self.room:
                 raise
             log.warning("flow pool: no address space for its room; its tensors grow instead")
             self.room = {}
-            return k.new_empty(2, rows, CPU_ROOM * n, k.shape[1], k.shape[-1])
+            return empty(CPU_ROOM * n)
 
     def _kept_end(self, res: str) -> int:
         """One past the highest position (block 0's at least) of state a request keeps: what a

@@ -257,16 +257,10 @@ def test_load_packs_the_llm_and_the_flow_on_a_cpu_unless_told_not_to(golden_dir,
 
 
 def _stream_audio(t2w, tokens: list[int]) -> torch.Tensor:
-    """One stream's audio from ``tokens``, in hops of 7 (each call reads the flow's state)."""
+    """One stream's audio from ``tokens`` fed 7 at a time (each chunk reads the flow's state)."""
     emb = torch.randn(t2w.flow.cfg.spk_embed_dim, generator=torch.Generator().manual_seed(0))
-    st, chunks = t2w.new_state(emb, stream=True, seed=1), []
-    for i in range(0, len(tokens), 7):
-        (c,) = t2w.step([(st, tokens[i : i + 7], i + 7 >= len(tokens))])
-        chunks += [] if c is None else [c]
-    while not st.done:
-        (c,) = t2w.step([(st, [], True)])
-        chunks += [] if c is None else [c]
-    return torch.cat(chunks, -1)
+    st = t2w.new_state(emb, stream=True, seed=1)
+    return torch.cat(list(t2w.stream(st, (tokens[i : i + 7] for i in range(0, len(tokens), 7)))))
 
 
 @NEEDS_ONEDNN
