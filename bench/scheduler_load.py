@@ -102,7 +102,7 @@ Command: `{command()}`
 (commit {git_rev()}). Machine: {machine()}.
 Model: `bench/make_full_model.py` output (CosyVoice2-0.5B sizes, random weights), LLM forced to
 {args.tokens} tokens per request ({args.tokens / 25:.1f} s of audio), `stream=true`, N clients at once
-({args.warmup_rounds} unmeasured round{'' if args.warmup_rounds == 1 else 's'} of them first).
+({args.warmup_rounds} unmeasured round{"" if args.warmup_rounds == 1 else "s"} of them first).
 TTFA: request -> first audio byte. Throughput: audio seconds per wall second, all clients.
 Kernel: the server's system CPU seconds and millions of minor page faults over the measured rounds.
 

@@ -18,17 +18,19 @@ from rtserver.client import ServerError, TTSClient
 from rtserver.settings import DEFAULT_PORT, Settings
 
 FORMATS = ["mp3", "wav", "pcm"]
+DEFAULT_SPEAKER = "joe"
 
 
 def add_say_args(p: argparse.ArgumentParser, env: Settings) -> None:
     p.add_argument("text", help="what to say ('-' reads stdin)")
-    p.add_argument("--spk", default="joe",
-                   help="speaker id (default: joe, the built-in voice; GET /speakers lists a "
-                        "server's)")  # fmt: skip
+    p.add_argument("--spk",
+                   help=f"speaker id (default: {DEFAULT_SPEAKER}, the built-in voice, where the "
+                        "server has it, else the first of its speakers; GET /speakers lists them)")  # fmt: skip
     p.add_argument("-o", "--output", type=Path,
                    help="write here (.mp3, .wav or .pcm); default: say.mp3")  # fmt: skip
     url = f"http://{env.host}:{env.port or DEFAULT_PORT}"
-    p.add_argument("--url", default=url, help=f"the server (default: {url})")
+    p.add_argument("--url", default=url,
+                   help=f"the server (default: {url}, from RTSERVER_HOST and RTSERVER_PORT)")  # fmt: skip
     p.add_argument("--api-key", default=(env.api_key or [None])[0],
                    help="a key of a server started with --api-key (default: the first of "
                         "RTSERVER_API_KEY)")  # fmt: skip
@@ -49,6 +51,9 @@ async def say(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         async with TTSClient(args.url, api_key=args.api_key) as client:
+            args.spk = args.spk or await _default_speaker(client)
+            if not args.spk:
+                return _error("the server has no speakers yet: register one (POST /speakers)")
             audio, rate, first = await _speak(client, args, text, "pcm" if fmt == "wav" else fmt)
             if fmt != "mp3":  # a .pcm file's is only told; a .wav file needs it
                 rate = rate or await _rate_of(client, args.spk)
@@ -109,6 +114,13 @@ async def _speak(
                 first = first or time.monotonic()
                 audio += item
         return audio, ctx.sample_rate, first
+
+
+async def _default_speaker(client: TTSClient) -> str | None:
+    """The built-in voice where the server has it (a CosyVoice server has not), else its first
+    speaker; None when it has none (a CosyVoice2 dir before any registration)."""
+    ids = [s["id"] for s in await client.speakers()]
+    return DEFAULT_SPEAKER if DEFAULT_SPEAKER in ids else next(iter(ids), None)
 
 
 async def _rate_of(client: TTSClient, spk_id: str) -> int:

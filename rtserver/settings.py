@@ -171,9 +171,9 @@ class Settings(msgspec.Struct, kw_only=True):
     packed: Annotated[
         Literal["auto", "on", "off"],
         _doc("CosyVoice: run the LLM's linears over weights packed once for oneDNN (auto: on an "
-             "x86 CPU in float32, 1.2-1.9x faster decode steps at batch 16-64, or in bfloat16 on "
-             "bf16 matrix units, 1.2-1.3x at batch 1-16), in float32 the flow's too (a first "
-             "chunk 1.14x faster); off: torch's kernels"),
+             "x86 CPU in float32, decode steps 1.5-1.9x faster at batch 8-64 and up to 10% slower "
+             "at batch 1, or in bfloat16 on bf16 matrix units, 1.2-1.3x at batch 1-16), in "
+             "float32 the flow's too (a first chunk 1.14x faster); off: torch's kernels"),
     ] = "auto"  # fmt: skip
     scheduler: Annotated[
         Literal["batch", "serial"], _doc("serial: one job at a time (benchmark baseline)")

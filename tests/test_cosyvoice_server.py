@@ -21,6 +21,7 @@ import websockets
 from audio_check import assert_speech, decode_mp3, decode_pcm
 from golden.conftest import resolve_golden_dir
 from serverproc import ServerProcess, eventually, rss_mb
+from test_cli import rtserver
 from test_operations import scrape
 from test_prompt_audio import encode
 from test_robustness import until
@@ -287,7 +288,8 @@ def register(srv: ServerProcess, spk_id: str, audio: bytes, text: str = PROMPT_T
 def test_a_model_dir_with_no_speakers_serves_once_one_is_registered(tmp_path):
     """The released CosyVoice2 and 3 dirs have no spk2info.pt: the server failed its warm-up
     (it took the first speaker), and an OpenAI voice, which stands for the first speaker, got
-    a 500. Now it warms up on a silent speaker, says how to add one, and then speaks."""
+    a 500. Now it warms up on a silent speaker, says how to add one, and then speaks; so does
+    `rtserver say` with no --spk (it asked for the built-in voice)."""
     bare = tmp_path / "model"
     bare.mkdir()
     for f in MODEL.iterdir():
@@ -306,7 +308,16 @@ def test_a_model_dir_with_no_speakers_serves_once_one_is_registered(tmp_path):
         speech = {"model": "tts-1", "input": "你好，今天天气很好。", "voice": "alloy"}
         refused = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech, timeout=60)
         assert refused.status_code == 400 and "POST /speakers" in refused.text, refused.text
+        said = rtserver("say", "你好。", "--url", srv.base_url, "-o", str(tmp_path / "no.wav"))
+        assert said.returncode == 1 and "no speakers yet" in said.stderr, said.stderr
         assert register(srv, "mine", prompt_wav()).status_code == 201
+        said = rtserver(
+            "say", "你好，今天天气很好。", "--url", srv.base_url, "-o", str(tmp_path / "hi.wav")
+        )
+        assert said.returncode == 0, said.stderr  # `say` spoke as joe, which it has not: 400
+        with wave.open(str(tmp_path / "hi.wav")) as w:
+            assert w.getframerate() == 24000
+            assert_speech(decode_pcm(w.readframes(w.getnframes())), 24000, min_seconds=0.5)
         r = httpx.post(f"{srv.base_url}/v1/audio/speech", json=speech | {"response_format": "pcm"},
                        timeout=120)  # fmt: skip
         assert r.status_code == 200, r.text
