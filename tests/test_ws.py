@@ -398,6 +398,11 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
                 # half an emoji, as JavaScript's JSON.stringify sends a string cut inside one,
                 # is dropped and the message goes on (it was invalid_json for no context)
                 ('{"type": "text", "context_id": "y", "text": "ab \\ud83d", "flush": true}', "unknown_context", "y"),
+                # ... and the rest of the frame is read as sent: a number out of range stays one,
+                # an escaped backslash before "ud83d" is not an escape (the mend wrote 1e999
+                # back as Infinity: invalid_json, no context)
+                ('{"type": "start", "context_id": "z", "spk_id": "joe", "speed": 1e999, "text": "hi \\ud83d"}', "invalid_message", "z"),
+                ('{"type": "text", "context_id": "w", "text": "\\\\ud83d \\udc00 \\ud83d\\ude00", "flush": true}', "unknown_context", "w"),
                 (json.dumps({"type": "bogus"}), "invalid_message", None),
                 (json.dumps({"type": "start", "spk_id": "joe"}), "invalid_message", None),
                 (json.dumps({"type": "start", "context_id": "x", "spk_id": "joe", "speed": 0}), "invalid_message", "x"),

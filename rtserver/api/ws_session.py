@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
+import re
 import struct
 import time
 import typing
@@ -27,7 +27,7 @@ from litestar.exceptions import WebSocketDisconnect
 
 from rtserver import __version__
 from rtserver.api.connection import READ_METER, ReadMeter, stall_of
-from rtserver.api.http import LONE_SURROGATE, client_of
+from rtserver.api.http import client_of
 from rtserver.protocol import (
     AppendText,
     Cancel,
@@ -82,18 +82,24 @@ def _context_of(raw: str | bytes) -> str | None:
         return None
 
 
-def _mend_split_characters(raw: str | bytes) -> str | None:
-    """The frame without halves of surrogate pairs in its strings, as JavaScript's
-    JSON.stringify writes a string cut inside an emoji (JSON's grammar allows the escapes;
-    msgspec refuses them as not text). None where that was not the frame's problem."""
-    try:
-        msg = json.loads(raw)
-        if not isinstance(msg, dict):
-            return None
-        mended = {k: LONE_SURROGATE.sub("", v) if isinstance(v, str) else v for k, v in msg.items()}
-        return json.dumps(mended) if mended != msg else None
-    except (ValueError, RecursionError):
-        return None
+# A JSON escape: a whole surrogate pair, half of one, or any other (matched so that the
+# backslash of an escaped backslash is not read as starting an escape).
+_ESCAPE = re.compile(
+    r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"  # a pair, kept
+    r"|(?P<half>u[dD][89a-fA-F][0-9a-fA-F]{2})"  # half of one, dropped
+    r"|.)",
+    re.DOTALL,
+)
+
+
+def _mend_split_characters(raw: str) -> str | None:
+    """The frame without the escaped halves of surrogate pairs, as JavaScript's JSON.stringify
+    writes a string cut inside an emoji (JSON's grammar allows the escapes; msgspec refuses
+    them as not text). Mended in the text, so the rest reaches the decoder as the client sent
+    it (a parse and a rewrite turned a number out of range into Infinity). None where the frame
+    has no such half."""
+    mended = _ESCAPE.sub(lambda m: "" if m["half"] else m[0], raw)
+    return mended if mended != raw else None
 
 
 _encoder = msgspec.json.Encoder()
