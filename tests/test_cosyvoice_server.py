@@ -349,6 +349,15 @@ def test_register_speaker_survives_restart_and_can_be_deleted(tmp_path):
             assert why in r.json()["detail"].lower()
         # 8 channels (PyAV's planar decoding crashed the server on them) are mixed down
         assert register(srv, "surround", prompt_wav(channels=8)).status_code == 201
+        # The form as the recording routes take it (those answered 200, this a 422 naming a
+        # Python type): the transcript as a file part, and of two recordings the first.
+        wav = ("prompt.wav", prompt_wav(), "audio/wav")
+        files = [("prompt_text", ("t.txt", PROMPT_TEXT.encode(), "text/plain")),
+                 ("prompt_wav", wav), ("prompt_wav", wav)]  # fmt: skip
+        r = httpx.post(
+            f"{srv.base_url}/speakers", data={"spk_id": "filed"}, files=files, timeout=120
+        )
+        assert r.status_code == 201 and r.json()["id"] == "filed", r.text
     finally:
         srv.stop()
     srv = start(spk_dir, "--no-warmup")

@@ -63,6 +63,17 @@ def error_docs(body: type, described: dict[int, str]) -> dict[int, ResponseSpec]
     }
 
 
+def body_operation(body: RequestBody):
+    """An Operation class whose request body is documented as ``body`` (a form read by hand)."""
+
+    @dataclass
+    class BodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = body
+
+    return BodyOperation
+
+
 def audio_operation(
     media_types: dict[str, OpenAPIMediaType],
     pcm_headers: bool = False,

@@ -24,12 +24,12 @@ from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import RequestBody
-from litestar.params import Body, Parameter
+from litestar.params import Parameter
 from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
 
 from rtserver.api.connection import GONE, client_key, stall_of
-from rtserver.api.docs import BINARY, L16, audio_operation, error_docs, form_body
+from rtserver.api.docs import BINARY, L16, audio_operation, body_operation, error_docs, form_body
 from rtserver.api.errors import ErrorBody, field_of, invalid
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
@@ -766,10 +766,9 @@ async def speakers(service: TTSService) -> list[SpeakerInfo]:
     return [_info(s) for s in service.speakers()]
 
 
-class RegisteredSpeaker(msgspec.Struct):
+class SpeakerForm(msgspec.Struct):
     spk_id: str
     prompt_text: str
-    prompt_wav: UploadFile
 
 
 @post(
@@ -780,19 +779,22 @@ class RegisteredSpeaker(msgspec.Struct):
     "`prompt_wav` (1-30 s of speech as wav, flac, mp3, ogg or m4a; at most 8 MiB). CosyVoice "
     "engines only; needs the admin key when the server has one. Registered speakers are saved "
     "and survive a restart. Concurrent registrations of one name: one wins, the others 409.",
+    operation_class=body_operation(form_body(SpeakerForm, {"prompt_wav": PROMPT_WAV})),
     responses=REGISTER_ERRORS,
     status_code=201,
     request_max_body_size=MAX_UPLOAD_BYTES,
     before_request=_read_form,
 )
-async def register_speaker(
-    data: Annotated[RegisteredSpeaker, Body(media_type=RequestEncodingType.MULTI_PART)],
-    service: TTSService,
-    request: Request,
-) -> SpeakerInfo:
-    audio = await data.prompt_wav.read()
+async def register_speaker(service: TTSService, request: Request) -> SpeakerInfo:
+    """The form read as the recording routes read theirs (a field as a file part is its text;
+    of two recordings the first), not by Litestar's extractor, which refused both with a type
+    name (422 "Unsupported type: <class 'list'>")."""
+    form = await _form_fields(request, SpeakerForm)
+    parts = await request.form()
+    audio = await parts["prompt_wav"].read()  # a file: _read_form saw to it
+    await parts.close()
     s = await service.register_speaker(
-        data.spk_id, audio, data.prompt_text, client_of(request), gone_of(request)
+        form.spk_id, audio, form.prompt_text, client_of(request), gone_of(request)
     )
     return _info(s)
 
