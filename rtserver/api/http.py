@@ -651,11 +651,8 @@ async def _speak_prompted(
     form_type: type[ZeroShotForm | CrossLingualForm | Instruct2Form],
 ) -> Stream:
     form = await _form_fields(request, form_type)
-    parts = await request.form()
-    wav = parts["prompt_wav"]  # a file: _read_form saw to it
     service.check_whole_text(form.tts_text, "tts_text")  # before the recording's analysis
-    audio = await wav.read()
-    await parts.close()  # its files (on disk past 1 MB) go now, not after the stream
+    audio = await _recording(request)
     speaker = await service.prompt_speaker(
         audio,
         getattr(form, "prompt_text", None),
@@ -667,6 +664,15 @@ async def _speak_prompted(
         request, service, form.tts_text, speaker, "pcm", seed=form.seed, speed=form.speed
     )
     return Stream(body, headers=pcm_headers(rate))
+
+
+async def _recording(request: Request) -> bytes:
+    """The form's `prompt_wav` (a file: _read_form saw to it; of two, the first). The form's
+    files (on disk past 1 MB) go now, not after the stream."""
+    parts = await request.form()
+    audio = await parts["prompt_wav"].read()
+    await parts.close()
+    return audio
 
 
 async def _form_fields(request: Request, form_type: type[F]) -> F:
@@ -790,9 +796,7 @@ async def register_speaker(service: TTSService, request: Request) -> SpeakerInfo
     of two recordings the first), not by Litestar's extractor, which refused both with a type
     name (422 "Unsupported type: <class 'list'>")."""
     form = await _form_fields(request, SpeakerForm)
-    parts = await request.form()
-    audio = await parts["prompt_wav"].read()  # a file: _read_form saw to it
-    await parts.close()
+    audio = await _recording(request)
     s = await service.register_speaker(
         form.spk_id, audio, form.prompt_text, client_of(request), gone_of(request)
     )
