@@ -103,6 +103,7 @@ class Encoder:
         self._finished = False
         self._given = 0  # samples given to `encode`, at rate_in
         self._coded = 0  # samples given to the codec, at sample_rate (the next frame's pts)
+        self.bytes_out = 0  # bytes it has returned
 
     def encode(self, audio: np.ndarray) -> bytes:
         self._given += len(audio)
@@ -111,12 +112,21 @@ class Encoder:
     def finish(self) -> bytes:
         self._finished = True
         tail = self._resample(None) if self._resample else np.zeros(0, np.float32)
-        return self._code(tail) + self._finish()
+        data = self._code(tail)
+        end = self._finish()
+        self.bytes_out += len(end)
+        return data + end
 
     def _code(self, audio: np.ndarray) -> bytes:
         data = self._encode(audio) if len(audio) else b""
         self._coded += len(audio)
+        self.bytes_out += len(data)
         return data
+
+    def seconds_in(self, nbytes: int) -> float:
+        """About how much audio ``nbytes`` of the output hold (its rate so far: exact for
+        PCM, a compressed stream's average)."""
+        return nbytes * self._emitted_s() / self.bytes_out if self.bytes_out else 0.0
 
     def drain(self) -> tuple[bytes, int]:
         """Push out, with silence after it, all the audio given so far, and keep the stream

@@ -28,6 +28,8 @@ class Channel:
         self._waiting_since: float | None = None  # items wait unread since then
         self._blocked_s = 0.0  # time items waited unread, up to _waiting_since
         self.taken_s = 0.0  # seconds of audio the consumer has read (written by it alone)
+        # Set by the consumer: seconds of audio that reached its client, where it knows.
+        self.reached_s: Callable[[], float | None] = lambda: None
 
     def put(self, item: Any, seconds: float = 0.0) -> None:
         """Called from any thread; ``seconds``: of audio in the item."""
@@ -51,6 +53,12 @@ class Channel:
         producer, held the stream up (a consumer that takes each item as it comes has ~0)."""
         with self._clock:
             return self._blocked_s + self._stalled(now)
+
+    def delivered_s(self) -> float:
+        """Seconds of audio the consumer has read and passed on to its client: a client that
+        stops reading leaves seconds of what was read for it in the server's buffers."""
+        reached = self.reached_s()
+        return self.taken_s if reached is None else min(self.taken_s, reached)
 
     def _stalled(self, now: float) -> float:
         since = self._waiting_since

@@ -257,9 +257,10 @@ class Scheduler:
 
     def _stalled(self, job: Job, now: float, contended: bool) -> str | None:
         """Why the job's client no longer keeps its slot, if it does not."""
-        unread, behind = job.channel.stalled_for(now), self._behind(job, now)
+        unread = job.channel.stalled_for(now)
         if unread == 0:
             return None
+        behind = self._behind(job, now)
         if unread > self.read_timeout_s and behind > self.read_timeout_s:
             return f"the client read no audio for {unread:.0f} s"
         if not contended:
@@ -279,7 +280,7 @@ class Scheduler:
         first audio (infinite before it: nothing to play yet, so only unread time counts)."""
         if job.first_audio_at is None:
             return float("inf")
-        return now - (job.first_audio_at + job.channel.taken_s)
+        return now - (job.first_audio_at + job.channel.delivered_s())
 
     def _admit(self) -> None:
         while True:

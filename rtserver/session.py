@@ -170,6 +170,16 @@ class Session:
         # client that read nothing): then the stream ends as that limit (counted as
         # dropped), not as a client that left, however the cancel comes.
         self.cut_by: Callable[[], Failed | None] = lambda: None
+        # Set by the transport too, where it knows: bytes of this stream that reached the
+        # client. The scheduler judges a client by the audio that reached it (see
+        # Channel.delivered_s), not by what waits in the server's buffers.
+        self.acked: Callable[[], int | None] = lambda: None
+        job.channel.reached_s = self._reached_s
+
+    def _reached_s(self) -> float | None:
+        """Seconds of audio that reached the client, where the transport knows (called from
+        the scheduler's thread: it reads counters and asks the socket)."""
+        return None if (n := self.acked()) is None else self.encoder.seconds_in(n)
 
     # ---- text in ---------------------------------------------------------------------------
 

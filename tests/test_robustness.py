@@ -565,6 +565,41 @@ def test_clients_that_stop_reading_are_dropped(make_server):
     assert after["completed"] == before["completed"]
 
 
+def test_a_client_that_stops_reading_gives_a_wanted_slot_up_by_what_it_heard(make_server):
+    """A listener reads PCM at real time, then stops (its socket open) as another client asks
+    for the only slot. It gives the slot up once it is CONTENDED_READ_S behind what reached
+    it: not behind what the server wrote, seconds of which still wait in the server's socket
+    buffers and in its send for room."""
+    from rtserver.scheduler import CONTENDED_READ_S
+
+    srv = make_server("--max-streams", "1", "--max-text-chars", "100000", "--no-warmup")
+    before = assert_idle(srv)
+    # Long sentences: the piece waiting in the server's send for room is one (~20 s of audio).
+    sentence = ", and ".join(["the weather is sunny with a light breeze from the west"] * 6)
+    text = f"{sentence.capitalize()}. " * 10
+    listener = raw_request(srv, {"tts_text": text, "spk_id": "joe"}, rcvbuf=16384)
+    try:
+        head, _, pcm = listener.recv(4096).partition(b"\r\n\r\n")
+        rate = int(head.lower().split(b"x-sample-rate: ")[1].split(b"\r\n")[0])
+        began = time.monotonic()
+        while (heard := len(pcm) / 2 / rate) < 2:  # (chunk sizes, a few bytes: no matter)
+            time.sleep(max(0.0, began + heard - time.monotonic()))
+            pcm += listener.recv(2048)
+        stopped = time.monotonic()
+        with httpx.stream("POST", f"{srv.base_url}/tts/pcm", timeout=60,
+                          json={"tts_text": "Hello there.", "spk_id": "joe"}) as other:  # fmt: skip
+            next(other.iter_raw())
+            waited = time.monotonic() - stopped
+    finally:
+        listener.close()
+    after = assert_idle(srv)
+    assert after["dropped"] - before["dropped"] == 1, after
+    # Behind from the moment it stopped, plus what its receive buffer holds (the kernel
+    # doubles the 16 KB asked: 0.7 s of 22 kHz PCM) and the scheduler's idle tick (1 s):
+    # not the seconds in the server's buffers as well (11 s in all).
+    assert waited < CONTENDED_READ_S + 2 * 16384 / 2 / rate + 2, waited
+
+
 def assert_closed_by_server(s: socket.socket, timeout: float = 30) -> None:
     """Read what is left until the server's close (EOF or a reset) ends the stream."""
     s.settimeout(timeout)

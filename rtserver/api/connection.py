@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import resource
@@ -55,7 +56,7 @@ from websockets.protocol import State
 from rtserver.api.errors import refusal
 from rtserver.engine import Failed
 from rtserver.metrics import ANSWERED
-from rtserver.session import ClientQuota, TooManyForClient
+from rtserver.session import ClientQuota, Session, TooManyForClient
 
 log = logging.getLogger("rtserver.connection")
 
@@ -85,12 +86,28 @@ HEAD_GRACE_S = 2.0
 # carried. Its stream then ends as the limit it ran into (counted as dropped, like the
 # scheduler's read timeout), not as a client that left.
 STALLED = "rtserver.stalled"
+# A scope key: its connection's `acked` (bytes written that reached the client).
+ACKED = "rtserver.acked"
+# Where struct tcp_info (linux/tcp.h) holds tcpi_bytes_acked, a u64, and its size up to it.
+_BYTES_ACKED = 120
+_TCP_INFO_LEN = _BYTES_ACKED + 8
 
 
 def stall_of(scope: dict) -> Failed | None:
     """The end of a stream whose connection the write watch aborted, if it did."""
     why = scope.get(STALLED)
     return None if why is None else Failed(why, code="read_timeout")
+
+
+def attach(session: Session, scope: dict) -> None:
+    """Tell a session what the connection carrying it (a request's or WebSocket's scope)
+    knows: why the write watch cut it off, and how much of its audio reached the client
+    (counted from now: a WebSocket's other streams, its events, and a response's framing
+    count too, so a little more than its own)."""
+    session.cut_by = functools.partial(stall_of, scope)
+    acked = scope.get(ACKED)
+    if acked is not None and (start := acked()) is not None:
+        session.acked = lambda: None if (n := acked()) is None else n - start
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -229,10 +246,28 @@ class _WriteWatch:
         self._waiting = 0  # bytes waiting at the last check
         self._watch: asyncio.TimerHandle | None = None
         self._rewatch()
+        self._sock = transport.get_extra_info("socket")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._sock = None  # (its descriptor may be another socket's soon)
         self._unwatch()
         super().connection_lost(exc)  # type: ignore[misc]
+
+    def acked(self) -> int | None:
+        """Bytes of all written to the socket that the client's kernel has acknowledged
+        (TCP_INFO's tcpi_bytes_acked, Linux 4.1+), None where unknown. What the server wrote
+        that still sits in its own buffers, or waits in uvicorn's send for room, is not: a
+        client that stops reading leaves seconds of audio there. Called from the scheduler's
+        thread (a syscall on the socket's descriptor, like uvloop's own getsockopt)."""
+        if self._sock is None:
+            return None
+        try:
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        except (AttributeError, OSError):  # closed meanwhile, or not Linux's TCP
+            return None
+        return (
+            struct.unpack_from("Q", info, _BYTES_ACKED)[0] if len(info) >= _TCP_INFO_LEN else None
+        )
 
     def pause_writing(self) -> None:
         super().pause_writing()  # type: ignore[misc]
@@ -326,6 +361,7 @@ class GuardedWebSocket(_WriteWatch, WebSocketsSansIOProtocol):
         super().handle_connect(event)
         if self.response.status_code == 101:  # (the app's task runs from the next iteration)
             self.scope["extensions"][READ_METER] = self.read_meter
+            self.scope[ACKED] = self.acked
 
     def handle_ping(self) -> None:
         if self._unseen_frame():
@@ -494,6 +530,7 @@ class GuardedHttp(_WriteWatch, HttpToolsProtocol):
         self._answering, self._head_at = cycle, None
         self._busy()
         cycle.scope[GONE] = asyncio.Event()
+        cycle.scope[ACKED] = self.acked
         super()._start_asgi_task(cycle, app)
 
     def handle_websocket_upgrade(self) -> None:

@@ -28,7 +28,7 @@ from litestar.params import Parameter
 from litestar.response import Response, Stream
 from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
 
-from rtserver.api.connection import GONE, client_key, stall_of
+from rtserver.api.connection import GONE, attach, client_key
 from rtserver.api.docs import BINARY, L16, audio_operation, body_operation, error_docs, form_body
 from rtserver.api.errors import ErrorBody, field_of, invalid
 from rtserver.engine import Speaker
@@ -315,7 +315,7 @@ async def open_stream(
         )  # fmt: skip
     except UnsupportedFormat as exc:  # the rate asked for, or else the speaker's own
         raise invalid(rate_field if rate_out else speaker_field, str(exc)) from exc
-    session.cut_by = functools.partial(stall_of, request.scope)
+    attach(session, request.scope)
     session.say(text)  # cannot refuse: the text is checked
     events = session.events()
     first = await _until_disconnect(request, _first_output(events))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import re
 import struct
@@ -26,7 +25,7 @@ from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
 from rtserver import __version__
-from rtserver.api.connection import READ_METER, ReadMeter, stall_of
+from rtserver.api.connection import READ_METER, ReadMeter, attach
 from rtserver.api.http import client_of
 from rtserver.protocol import (
     AppendText,
@@ -479,7 +478,7 @@ class WsSession:
             code = next(c for cls, c in _START_ERRORS.items() if isinstance(exc, cls))
             await self._error(code, str(exc), cid)
             return
-        session.cut_by = functools.partial(stall_of, self.socket.scope)
+        attach(session, self.socket.scope)
         ctx = Context(id=cid, stream=self._next_stream, session=session, timestamps=msg.timestamps)
         self._next_stream += 1
         self.contexts[cid] = ctx
