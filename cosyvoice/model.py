@@ -236,6 +236,8 @@ class CosyVoiceModel:
         """Stop now and free the utterance's KV blocks and vocoder state (idempotent)."""
         if utt.llm is not None and not utt.llm.done:
             utt.llm.cancel()
+        if utt.t2w is not None and not utt.vocoding:  # (else with the batch in flight)
+            self.token2wav.drop(utt.t2w)
         utt.llm = utt.t2w = None
         utt.pending.clear()
         utt.status = Status.FINISHED
@@ -506,7 +508,10 @@ class CosyVoiceModel:
             if not self.vocoder_thread:
                 return fn(*args)
             job = self._vocoder_pool_locked().submit(self._on_vocoder_stream, fn, *args)
-        return job.result()
+        try:
+            return job.result()
+        finally:
+            del job  # a raised error's traceback holds this frame: no cycle through the job
 
     def stats(self) -> dict[str, int]:
         """The flow's prompt store (v2/v3): prompts kept, their bytes, and streams that found
@@ -542,11 +547,13 @@ class CosyVoiceModel:
             job, utts = self._inflight.popleft()
             for u in utts:
                 u.vocoding = False
-            try:
-                chunks = job.result()
-            except Exception as exc:  # noqa: BLE001 - reported on those utterances only
-                self._fail(utts, exc)
+            # Not result() in a try: re-raised here, the error's traceback would hold this
+            # frame and through it the job, a cycle keeping the batch's states (their flow
+            # blocks) until a full garbage collection.
+            if (exc := job.exception()) is not None:
+                self._fail(utts, exc)  # reported on those utterances only
                 continue
+            chunks = job.result()
             live = [(u, c) for u, c in zip(utts, chunks, strict=True)
                     if u.status is not Status.FINISHED]  # fmt: skip
             self._outputs([u for u, _ in live], [c for _, c in live])

@@ -612,6 +612,13 @@ class Token2Wav:
             if held + min(self.flow.prompts.nbytes, bound * PROMPT_SHARE) > bound:
                 self._drop_cache(max(cached, key=lambda st: st.flow_cache.nbytes))
 
+    def drop(self, st: Token2WavState) -> None:
+        """A request ended before its last chunk (cancelled, or failed): its flow state goes
+        back to the pool now, not when collected. Never while a step vocodes it."""
+        with self._cached_lock:
+            if st.flow_cache is not None:
+                self._drop_cache(st)
+
     def _drop_cache(self, st: Token2WavState) -> None:  # with the lock held
         st.flow_cache.release()  # the pool's blocks go back now, not at gc
         st.flow_cache, st.in_prompt = None, False
