@@ -35,6 +35,7 @@ from rtserver.settings import Settings
 from rtserver.text import Segmenter
 
 __all__ = [
+    "SHUTTING_DOWN",
     "Busy",
     "ClientGone",
     "ShuttingDown",
@@ -97,6 +98,9 @@ class UnsupportedOption(ValueError):
 
 class SynthesisFailed(RuntimeError):
     pass
+
+
+SHUTTING_DOWN = "the server is shutting down; retry on another"
 
 
 class ShuttingDown(Exception):
@@ -690,7 +694,7 @@ class TTSService:
 
     def _check_open(self) -> None:
         if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another")
+            raise ShuttingDown(SHUTTING_DOWN)
 
     async def open_session(
         self,

@@ -222,6 +222,38 @@ def test_clients_that_read_nothing_do_not_hold_the_shutdown(make_server):
     assert "Traceback" not in log and " ERROR " not in log, log
 
 
+@pytest.mark.parametrize("path", ["/tts/pcm", "/speakers"])
+def test_a_request_whose_body_is_still_coming_at_the_drains_end_gets_a_503(make_server, path):
+    """A client still sending its body (JSON, or a recording's upload) when the drain ends:
+    it is answered as every request the drain refuses is, 503 with Retry-After. uvicorn,
+    its task cancelled, answered a plain-text 500 (and /metrics counted a server error)."""
+    srv = make_server("--drain-timeout-s", "1", "--no-warmup")
+    kind = "application/json" if path == "/tts/pcm" else "multipart/form-data; boundary=b"
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+              "Content-Length: 100000\r\n\r\n".encode() + b"--b\r\n")  # fmt: skip
+    time.sleep(0.5)  # the head read: the request is the app's
+    srv.proc.send_signal(signal.SIGTERM)
+    s.settimeout(0.2)
+    answer, deadline = b"", time.monotonic() + 20
+    while time.monotonic() < deadline:  # still sending, as such a client does
+        try:
+            s.sendall(b"x")
+            if not (piece := s.recv(4096)):
+                break
+            answer += piece
+        except TimeoutError:
+            continue
+        except OSError:  # reset once the server is gone
+            break
+    s.close()
+    srv.proc.wait(timeout=20)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert b"retry-after: 1" in head.lower()
+    assert "shutting down" in json.loads(body)["detail"]
+
+
 def test_a_signal_delivered_twice_is_one_drain(make_server):
     """A signal to the process group (systemd's default KillMode, GNU timeout) reaches the
     server and `uv run` above it, which forwards it: the same SIGTERM twice, milliseconds

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import functools
 import logging
 import re
@@ -30,12 +31,13 @@ from litestar.types import ASGIApp, Empty, Message, Receive, Scope, Send
 
 from rtserver.api.connection import GONE, attach, client_key
 from rtserver.api.docs import BINARY, L16, audio_operation, body_operation, error_docs, form_body
-from rtserver.api.errors import ErrorBody, field_of, invalid
+from rtserver.api.errors import ErrorBody, field_of, invalid, refusal
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import Seed, SpeakerInfo, Speed, TTSRequest
 from rtserver.service import (
+    SHUTTING_DOWN,
     ClientGone,
     ShuttingDown,
     SynthesisFailed,
@@ -171,14 +173,23 @@ def abort_quietly(app: ASGIApp, draining: Callable[[], bool] = lambda: False) ->
     is over (``draining()``): a client that took nothing of what was sent, or still sends."""
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await app(scope, receive, send)
+            await app(scope, receive, watched if scope["type"] == "http" else send)
         except asyncio.CancelledError:
             if scope["type"] == "lifespan" or not draining():
                 raise
             stream_cut.set(True)
             log.warning("%s %s: cut at shutdown (its client was not reading or still sending)",
                         scope.get("method", "WEBSOCKET"), scope.get("path"))  # fmt: skip
+            if scope["type"] == "http" and not started:  # its body was still coming
+                await _shutting_down(scope, send)
         except Exception as exc:
             aborted = _find_abort(exc)
             if aborted is None:
@@ -188,6 +199,19 @@ def abort_quietly(app: ASGIApp, draining: Callable[[], bool] = lambda: False) ->
                         aborted)  # fmt: skip
 
     return wrapped
+
+
+async def _shutting_down(scope: Scope, send: Send) -> None:
+    """Answer a request cut at the drain's end before it had a response as every request the
+    drain refuses is answered, 503 (uvicorn sent a plain-text 500). Within a second: the
+    client may not be reading either."""
+    body = msgspec.json.encode(refusal(scope["path"], 503, SHUTTING_DOWN))
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+               (b"retry-after", b"1"), (b"connection", b"close")]  # fmt: skip
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        async with asyncio.timeout(1):
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
 
 HEAD = "rtserver.head"  # in the scope of a GET that head_as_get made of a HEAD
