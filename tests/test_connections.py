@@ -417,6 +417,23 @@ def test_an_http_1_0_client_gets_the_stream_unchunked(guarded):
     assert_speech(decode_pcm(audio), 22050, min_seconds=0.5, max_gap_s=0.5)
 
 
+def test_an_http_1_0_stream_cut_short_ends_in_a_reset(make_server):
+    """Unchunked, a 1.0 answer ends where the connection closes: one the server cuts short
+    (here at its audio limit) is reset, or it looked whole (a 200 and a clean close)."""
+    srv = make_server("--max-audio-s", "2", "--max-text-chars", "100000", "--no-warmup")
+    s = dial(srv)
+    try:
+        body = json.dumps({"tts_text": LONG_TEXT * 4, "spk_id": "joe"}).encode()
+        s.sendall(b"POST /tts/pcm HTTP/1.0\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        with pytest.raises(ConnectionResetError):
+            while s.recv(1 << 16):
+                pass
+    finally:
+        s.close()
+    srv.assert_idle()
+
+
 def test_an_idle_socket_is_closed(guarded):
     s = dial(guarded)
     began = time.monotonic()

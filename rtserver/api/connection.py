@@ -219,10 +219,17 @@ def _peer_left(transport: asyncio.Transport) -> bool:
     return bool(poll.poll(0))
 
 
+def _linger(transport: asyncio.Transport, seconds: int | None) -> None:
+    """SO_LINGER: with 0, a close resets the connection and drops what it had left to send;
+    None, the default (a close sends all, then FIN)."""
+    value = struct.pack("ii", 0, 0) if seconds is None else struct.pack("ii", 1, seconds)
+    _sockopt(transport, socket.SOL_SOCKET, socket.SO_LINGER, value)
+
+
 def _abort(transport: asyncio.Transport) -> None:
     """Drop the connection and what it had left to send: with SO_LINGER 0 the kernel resets
     it and frees its send buffer now, instead of retrying to a peer that reads nothing."""
-    _sockopt(transport, socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _linger(transport, 0)
     transport.abort()
 
 
@@ -422,7 +429,9 @@ class _UntilClose(RequestResponseCycle):
     """An HTTP/1.0 request's answer. HTTP/1.0 has no chunked encoding, but uvicorn sends a
     response of unknown length chunked to it all the same: the client (or a proxy speaking
     1.0 upstream, as nginx does by default) took the chunk sizes for audio. Such a response
-    ends where the connection closes instead (1.0 connections close after one answer)."""
+    ends where the connection closes instead (1.0 connections close after one answer), so
+    until its last part is sent a close is a reset: a stream the server cuts short (a
+    limit, a failure, the drain) must not look whole, as a missing last chunk shows in 1.1."""
 
     _open_ended = False  # a response without Content-Length is under way
 
@@ -433,8 +442,10 @@ class _UntilClose(RequestResponseCycle):
                 self._open_ended = True  # uvicorn adds no framing to a length it thinks known
                 self.chunked_encoding, self.expected_content_length = False, sys.maxsize
                 self.keep_alive = False  # the close is the end (1.0 closes anyway: explicit)
+                _linger(self.transport, 0)
         elif self._open_ended and not message.get("more_body", False):
             self.expected_content_length = len(message.get("body", b""))  # the end: no "short"
+            _linger(self.transport, None)
         await super().send(message)
 
 
