@@ -408,7 +408,7 @@ def test_malformed_input_gets_error_events_and_socket_survives(server):
                 (json.dumps({"type": "start", "context_id": "x", "spk_id": "joe", "speed": 0}), "invalid_message", "x"),
                 (json.dumps({"type": "text", "context_id": "nope", "text": "hi"}), "unknown_context", "nope"),
                 (json.dumps({"type": "start", "context_id": "x", "spk_id": "nobody"}), "unknown_speaker", "x"),
-                (json.dumps({"type": "text", "context_id": "x", "text": "a" * (ready["max_message_bytes"] + 10)}), "message_too_large", None),
+                (json.dumps({"type": "text", "context_id": "x", "text": "a" * (ready["max_message_bytes"] + 10)}), "message_too_large", "x"),
             ]  # fmt: skip
             for frame, code, context_id in cases:
                 await ws.send(frame)

@@ -400,9 +400,13 @@ class WsSession:
     async def _handle_text(self, raw: str) -> None:
         size = len(raw.encode())
         if size > self.settings.max_message_bytes:
+            # Its context named, if it has one (up to 4 MiB to scan): a client library
+            # then reports the text it lost where it was sent, not as the socket's.
             await self._error(
                 "message_too_large",
-                f"frame of {size} bytes exceeds {self.settings.max_message_bytes}",
+                f"frame of {size} bytes exceeds {self.settings.max_message_bytes}: dropped;"
+                " send the text in smaller pieces",
+                _context_of(raw),
             )
             return
         try:
