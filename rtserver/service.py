@@ -83,7 +83,8 @@ class UnknownSpeaker(LookupError):
         self, spk_id: str, valid: list[str], field: str = "spk_id", note: str = ""
     ) -> None:
         shown = echoed(spk_id)
-        known = f"valid speakers: {', '.join(valid)}" if valid else NO_SPEAKERS
+        noun = "voices" if field == "voice" else "speakers"  # (OpenAI's names are voices)
+        known = f"valid {noun}: {', '.join(valid)}" if valid else NO_SPEAKERS
         super().__init__(f"unknown {field} {shown!r}{note}; {known}")
         self.spk_id, self.valid, self.field = spk_id, valid, field
 

@@ -142,6 +142,10 @@ def test_voice_alias_reaches_another_speaker(make_server, tmp_path):
     aliases = listed["aliases"]
     assert {"cedar", "echo", "robot"} <= set(aliases) and "alloy" not in aliases, aliases
     assert listed["voices"] == ["second"], listed  # joe is there, but its name goes elsewhere
+    # A voice no name reaches: its error offers what the list offers (it named alloy and joe)
+    r = httpx.post(url, json={"input": "Hello there.", "voice": "bob"}, timeout=60)
+    offered = r.json()["error"]["message"].split("valid voices: ")[1].split(", ")
+    assert r.status_code == 400 and offered == listed["voices"] + aliases, r.text
 
 
 def test_models_through_the_openai_sdk(server):

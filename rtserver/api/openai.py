@@ -105,7 +105,7 @@ def _speaker(service: TTSService, voice: str, by_id: dict[str, Speaker] | None =
         raise UnknownSpeaker(voice, [], field="voice")
     if voice.lower() in OPENAI_VOICES:
         return next(iter(by_id.values()))  # the first speaker
-    raise UnknownSpeaker(voice, [*valid, *OPENAI_VOICES], field="voice")
+    raise UnknownSpeaker(voice, _accepted(service, by_id), field="voice")
 
 
 @functools.cache  # parsed once, not on every request
@@ -165,9 +165,19 @@ async def voices(service: TTSService) -> dict[str, list[str]]:
     """Speaker ids, and the other names that reach a speaker now: OpenAI's voices and
     `--voice-alias` names; none whose alias names a speaker that is not there (400)."""
     by_id = {s.id: s for s in service.speakers()}  # one look for every name
-    names = dict.fromkeys([*OPENAI_VOICES, *voice_aliases(tuple(service.settings.voice_alias))])
-    return {"voices": [i for i in by_id if _reaches(service, i, by_id)],
-            "aliases": [n for n in names if n not in by_id and _reaches(service, n, by_id)]}  # fmt: skip
+    accepted = _accepted(service, by_id)
+    return {"voices": [n for n in accepted if n in by_id],
+            "aliases": [n for n in accepted if n not in by_id]}  # fmt: skip
+
+
+def _accepted(service: TTSService, by_id: dict[str, Speaker]) -> list[str]:
+    """The names `voice` reaches a speaker by now: speaker ids, then OpenAI's voices and
+    `--voice-alias` names (no alias of a speaker that is not there). None of them is the
+    unknown voice `_speaker` refuses with this list: it never comes back here."""
+    names = dict.fromkeys(
+        [*by_id, *OPENAI_VOICES, *voice_aliases(tuple(service.settings.voice_alias))]
+    )
+    return [n for n in names if _reaches(service, n, by_id)]
 
 
 def _reaches(service: TTSService, voice: str, by_id: dict[str, Speaker]) -> bool:
