@@ -50,7 +50,9 @@ def test_sse_stream_format(server):
     deltas = [e for e in events[:-1] if e["type"] == "speech.audio.delta"]
     assert len(deltas) == len(events) - 1 and deltas
     audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
-    assert_speech(decode_pcm(audio), 24000, min_seconds=3.0)
+    rate = int(r.headers["X-Sample-Rate"])  # headerless samples: the rate is said beside them
+    assert (rate, r.headers["X-Bit-Depth"]) == (24000, "16")
+    assert_speech(decode_pcm(audio), rate, min_seconds=3.0)
 
 
 def test_errors_in_openai_shape(server):

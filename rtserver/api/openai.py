@@ -146,10 +146,11 @@ async def speech(request: Request, data: SpeechRequest, service: TTSService) -> 
         instructions=data.instructions, field="input", speaker_field="voice",
         rate_field="response_format",
     )  # fmt: skip
-    if data.stream_format == "sse":
-        return Stream(_sse(body), media_type="text/event-stream", headers=STREAM_HEADERS)
     raw = RAW_ENCODINGS.get(data.response_format)  # headerless: the rate goes in headers
     headers = pcm_headers(rate, raw) if raw else STREAM_HEADERS
+    if data.stream_format == "sse":  # (the X- headers too: its deltas are as headerless)
+        sse = {k: v for k, v in headers.items() if k != "content-type"}
+        return Stream(_sse(body), media_type="text/event-stream", headers=sse)
     return Stream(body, media_type=MEDIA_TYPES[data.response_format], headers=headers)
 
 
