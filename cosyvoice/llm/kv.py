@@ -11,6 +11,7 @@ rows and prefill rows are two groups, so a long prefill does not pad every decod
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class KVPool:
         if blocks < 2:
             raise ValueError("a KV pool needs at least 2 blocks (block 0 is scratch)")
         self._free = list(range(blocks - 1, 0, -1))  # pop() hands out the lowest block first
+        # A cache's blocks come back from its finalizer, on whatever thread collects it (a
+        # cyclic collection runs on any): never while another thread takes or grows.
+        self._lock = threading.Lock()
 
     @property
     def blocks(self) -> int:
@@ -90,11 +94,16 @@ class KVPool:
         return self.data[i]
 
     def take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            self._grow(n - len(self._free))
-        return [self._free.pop() for _ in range(n)]
+        with self._lock:
+            if n > len(self._free):
+                self._grow(n - len(self._free))
+            return [self._free.pop() for _ in range(n)]
 
     def give(self, blocks: list[int]) -> None:
+        with self._lock:
+            self._give(blocks)
+
+    def _give(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
         if not self.fixed and self.blocks > self._initial and self.used_blocks == 1:
             shape = list(self.data.shape)
