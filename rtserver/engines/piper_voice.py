@@ -167,7 +167,7 @@ class PiperEngine:
                     out.append((job, Chunk(audio, index, segment_end=last)))
                 except Exception as exc:
                     log.exception("piper failed on job %d", job.id)
-                    out.append((job, Failed(f"synthesis failed: {exc}")))
+                    out.append((job, Failed(f"{type(exc).__name__}: {exc}")))  # (as others)
                     self.release(job)
                     break
             else:

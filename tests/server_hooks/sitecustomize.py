@@ -6,6 +6,8 @@ a lucky interleaving otherwise. Each hook is off unless its variable is set.
   token (CosyVoice's cap is 20).
 - RTSERVER_TEST_DELETE_DELAY_S: a speaker's deletion waits this long before it reaches the
   store, so that other deletions of it pass the route's check meanwhile.
+- RTSERVER_TEST_ESPEAK_CRASH: the phonemizer child (which loads this too) dies as espeak-ng
+  does on a text containing this, now that no text known to crash it reaches it.
 """
 
 import os
@@ -26,3 +28,15 @@ if delay := os.environ.get("RTSERVER_TEST_DELETE_DELAY_S"):
         _delete(self, spk_id)
 
     CosyVoiceEngine.delete_speaker = _slow_delete
+
+if marker := os.environ.get("RTSERVER_TEST_ESPEAK_CRASH"):
+    from piper.voice import PiperVoice
+
+    _phonemize = PiperVoice.phonemize
+
+    def _crashing(self, text: str):  # noqa: ANN202 - piper's own signature
+        if marker in text:
+            os.abort()
+        return _phonemize(self, text)
+
+    PiperVoice.phonemize = _crashing
