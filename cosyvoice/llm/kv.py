@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,9 +71,11 @@ class KVPool:
         if blocks < 2:
             raise ValueError("a KV pool needs at least 2 blocks (block 0 is scratch)")
         self._free = list(range(blocks - 1, 0, -1))  # pop() hands out the lowest block first
-        # A cache's blocks come back from its finalizer, on whatever thread collects it (a
-        # cyclic collection runs on any): never while another thread takes or grows.
+        # A cache's blocks may come back from its finalizer, on whatever thread collects it
+        # (a cyclic collection runs on any, even inside take on this one): they are queued,
+        # and taken back by whoever holds the lock, never while another thread takes or grows.
         self._lock = threading.Lock()
+        self._returned: deque[list[int]] = deque()
 
     @property
     def blocks(self) -> int:
@@ -84,6 +87,7 @@ class KVPool:
 
     @property
     def used_blocks(self) -> int:
+        self._drain()
         return self.blocks - len(self._free)
 
     def new_cache(self) -> KVCache:
@@ -95,17 +99,29 @@ class KVPool:
 
     def take(self, n: int) -> list[int]:
         with self._lock:
+            self._take_back()
             if n > len(self._free):
                 self._grow(n - len(self._free))
-            return [self._free.pop() for _ in range(n)]
+            taken = [self._free.pop() for _ in range(n)]
+            self._take_back()  # (what came back meanwhile)
+            return taken
 
     def give(self, blocks: list[int]) -> None:
-        with self._lock:
-            self._give(blocks)
+        """A cache's blocks back: from its release, or its finalizer (any thread)."""
+        self._returned.append(list(blocks))
+        self._drain()
 
-    def _give(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        if not self.fixed and self.blocks > self._initial and self.used_blocks == 1:
+    def _drain(self) -> None:
+        if self._lock.acquire(blocking=False):  # else its holder takes them back
+            try:
+                self._take_back()
+            finally:
+                self._lock.release()
+
+    def _take_back(self) -> None:  # with the lock held
+        while self._returned:
+            self._free.extend(reversed(self._returned.popleft()))
+        if not self.fixed and self.blocks > self._initial and self.blocks - len(self._free) == 1:
             shape = list(self.data.shape)
             shape[2] = self._initial * BLOCK
             self.data = self.data.new_zeros(shape)  # nothing live to copy: block 0 is scratch
