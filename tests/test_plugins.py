@@ -398,6 +398,32 @@ def test_pipecat_turn_while_the_server_is_down(make_server):
     assert_speech(decode_pcm(audio), RATE, min_seconds=2.5)
 
 
+def test_pipecat_refused_key_ends_each_turn_unspoken(make_server):
+    """A server that refuses the service's key (403 on the upgrade): one ErrorFrame, and each
+    turn ends at once (TTSStarted .. TTSStopped) with none of its text pushed as spoken, as
+    when the server is down. Pipecat gives an unusable service's turns no run_tts, and they
+    used to get no TTSStoppedFrame, then their text as spoken when their audio timed out."""
+    from pipecat.frames.frames import (
+        ErrorFrame,
+        TTSAudioRawFrame,
+        TTSStartedFrame,
+        TTSStoppedFrame,
+        TTSTextFrame,
+    )
+    from pipecat.tests.utils import SleepFrame
+
+    srv = make_server("--api-key", "right-key-123", "--no-warmup")
+    # Past Pipecat's 3 s stop_frame_timeout_s: a turn left open would have timed out.
+    frames = [*llm_reply(TURN), SleepFrame(sleep=4), *llm_reply(TURN), SleepFrame(sleep=4)]
+    down, up = run(pipecat_frames(srv.base_url, frames))
+    errors = [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "403" in errors[0].error, errors
+    kinds = [type(f) for f in down]
+    assert kinds.count(TTSStartedFrame) == kinds.count(TTSStoppedFrame) == 2, kinds
+    assert TTSAudioRawFrame not in kinds
+    assert not [f.text for f in down if isinstance(f, TTSTextFrame)], "unspoken text pushed"
+
+
 def test_livekit_refused_key_fails_at_once(make_server):
     """A server that refuses the key (403 on the upgrade) refuses it again: the plugin says so
     in a final error instead of "unreachable", retried three times over four seconds."""

@@ -249,7 +249,13 @@ class RTServerTTSService(WebsocketTTSService):
         if context_id in self._opened and self._websocket:
             self._closing.add(context_id)
             await self._send(Close(context_id=context_id))
-        elif context_id in self._lapsed or context_id in self._failed:
+            return
+        if not self.is_usable and self.audio_context_available(context_id):
+            # Pipecat gave no text of this turn to run_tts (an unusable service is given no
+            # work, e.g. after a refused key, reported once): it failed unspoken, and must
+            # end now, not be pushed as spoken when its audio context times out.
+            self._failed.add(context_id)
+        if context_id in self._lapsed or context_id in self._failed:
             self._lapsed.discard(context_id)
             await self._stop_audio_context(context_id)
 
