@@ -83,3 +83,30 @@ def test_client_http_tts_formats_and_errors(server):
     assert mp3[:3] == b"ID3" or mp3[0] == 0xFF, mp3[:4]  # an MP3 stream, not PCM
     assert refused.response.status_code == 400
     assert "nobody" in str(refused) and "joe" in str(refused), str(refused)  # the reason
+
+
+async def _errors_arrive(conn, n: int = 1) -> None:
+    """Wait until `n` errors without a context have come in on the socket."""
+    async with asyncio.timeout(10):
+        while conn.errors.qsize() < n:
+            await asyncio.sleep(0.01)
+
+
+def test_client_start_is_not_answered_by_an_older_error(server):
+    """An error without a context about an earlier frame (here one that is not JSON) is not
+    the answer to the next start. The start used to raise that `invalid_json`, though the
+    server had opened its context, which then held a stream the client knew nothing of."""
+    from rtserver_client.client import TTSClient
+
+    async def go():
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            await conn.ws.send("{not json")
+            await _errors_arrive(conn)
+            ctx = await conn.start(spk_id="joe", context_id="turn-1", text="Hello there.")
+            await ctx.close()
+            return await ctx.collect(), conn.errors.get_nowait()
+
+    result, earlier = asyncio.run(go())
+    assert result.done is not None and result.audio
+    assert earlier.code == "invalid_json" and earlier.context_id is None
+    server.assert_idle()

@@ -195,7 +195,9 @@ class Connection:
         self.ready: Ready | None = None
         self.contexts: dict[str, Context] = {}
         self.streams: dict[int, Context] = {}
-        self.errors: asyncio.Queue[Error] = asyncio.Queue()  # errors without a context
+        # Errors without a context (a frame the server could not read, the socket's end),
+        # for the caller to look at: no start waits on them (see start).
+        self.errors: asyncio.Queue[Error] = asyncio.Queue()
         # The server said it is shutting down (`shutting_down`): its contexts end or finish,
         # but a new one belongs on a new socket (another replica, or the restarted server).
         self.draining = False
@@ -246,8 +248,7 @@ class Connection:
             self.draining = True
         ctx = self.contexts.get(context_id or "")
         if ctx is None:
-            # Only an error without an id can answer a `start` (the server could not read
-            # it); one about a context that has ended (text crossed its end) is no news.
+            # One about a context that has ended (text crossed its end) is no news.
             if isinstance(msg, Error) and not context_id:
                 self.errors.put_nowait(msg)
             return
@@ -308,31 +309,36 @@ class Connection:
         cid = context_id or f"ctx-{next(_ids)}"
         if cid in self.contexts:  # the server's refusal would carry the open context's id
             raise ValueError(f"context {cid!r} is open on this connection")
+        start = Start(context_id=cid, spk_id=spk_id, format=format, sample_rate=sample_rate,
+                      speed=speed, seed=seed, text=text, text_streaming=text_streaming,
+                      timestamps=timestamps, instructions=instructions)  # fmt: skip
+        # A frame over max_message_bytes is refused without a context id, as is any frame
+        # the server cannot read: such an error cannot be told from one about an earlier
+        # frame. A start that fits is always answered with its id (or its context ends with
+        # the socket), so its text goes on after it when it would not fit.
+        rest = ""
+        if not self._fits(start):
+            start, rest = msgspec.structs.replace(start, text=""), text
         ctx = Context(self, cid)
         self.contexts[cid] = ctx
-        await self.send(Start(context_id=cid, spk_id=spk_id, format=format,
-                              sample_rate=sample_rate, speed=speed, seed=seed, text=text,
-                              text_streaming=text_streaming, timestamps=timestamps,
-                              instructions=instructions))  # fmt: skip
-        # The answer is `started` or an error; an error the server could not tie to the
-        # context (it could not even parse the start) comes without its id.
-        answer = asyncio.ensure_future(ctx.queue.get())
-        unowned = asyncio.ensure_future(self.errors.get())
         try:
-            await asyncio.wait({answer, unowned}, return_when=asyncio.FIRST_COMPLETED)
+            await self.send(start)
+            first = await ctx.queue.get()
         except BaseException:
-            # Given up on (a caller's timeout): the context is not ours any more, and no
-            # getter may stay behind to take a later error from the next start.
+            # Given up on (a caller's timeout): the context is not ours any more.
             self._release(ctx)
             raise
-        finally:
-            unowned.cancel()
-            answer.cancel()
-        first = answer.result() if answer.done() else unowned.result()
         if isinstance(first, Error):
             self._release(ctx)
             raise ServerError(first)
+        if rest:
+            await ctx.send(rest)
         return ctx
+
+    def _fits(self, msg: msgspec.Struct) -> bool:
+        """Whether the server takes this message in one frame (ready.max_message_bytes)."""
+        assert self.ready is not None
+        return len(_encode(msg)) <= self.ready.max_message_bytes
 
     async def ping(self) -> None:
         await self.send(Ping())
