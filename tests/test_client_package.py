@@ -110,3 +110,29 @@ def test_client_start_is_not_answered_by_an_older_error(server):
     assert result.done is not None and result.audio
     assert earlier.code == "invalid_json" and earlier.context_id is None
     server.assert_idle()
+
+
+def test_client_text_larger_than_a_frame_is_spoken(make_server):
+    """Text over the server's max_message_bytes, in a start or a fragment, is all spoken: the
+    client cuts it into frames that fit, between characters (quotes and accented letters
+    take more than a byte each). The server used to refuse such a frame with
+    `message_too_large`, without the context's id, and the text was lost."""
+    from rtserver_client.client import TTSClient
+    from rtserver_client.protocol import Error
+
+    srv = make_server("--max-message-bytes", "1024", "--max-text-chars", "20000", "--no-warmup")
+    sentence = 'Le "café" est prêt, mon ami. '
+    first, second = sentence * 40, sentence.upper() * 40  # ~1.3 KB each
+
+    async def go():
+        async with TTSClient(srv.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", text=first)
+            await ctx.send(second)
+            await ctx.close()
+            return await ctx.collect()
+
+    result = asyncio.run(go())
+    assert not [e for e in result.events if isinstance(e, Error)], result.events
+    spoken = " ".join(s.text for s in result.segments)
+    assert spoken.split() == (first + second).split()
+    srv.assert_idle()

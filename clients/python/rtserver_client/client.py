@@ -125,6 +125,27 @@ class Result:
     cancelled: bool = False
 
 
+def _json_size(text: str) -> int:
+    """The bytes `text` takes inside a JSON string: UTF-8, with escapes (quotes, controls)."""
+    return len(_encode(text)) - 2
+
+
+def _cut(text: str, room: int) -> list[str]:
+    """`text` in pieces that each take at most `room` bytes as a JSON string, cut between
+    characters (never inside one's UTF-8 bytes or escape)."""
+    if _json_size(text) <= room:
+        return [text]
+    pieces, begin, used = [], 0, 0
+    for i, char in enumerate(text):
+        size = _json_size(char)
+        if used + size > room and i > begin:
+            pieces.append(text[begin:i])
+            begin, used = i, 0
+        used += size
+    pieces.append(text[begin:])
+    return pieces
+
+
 def _ends(item: object) -> bool:
     """Whether this ends its context (`connection_closed`: the client's own, socket gone)."""
     if isinstance(item, Error):
@@ -150,7 +171,13 @@ class Context:
         return self.started.sample_rate
 
     async def send(self, text: str, flush: bool = False) -> None:
-        await self.conn.send(AppendText(context_id=self.id, text=text, flush=flush))
+        """Append a fragment. One larger than the server takes in a frame (a frame over
+        ready.max_message_bytes is refused, its text lost) goes in several, cut between
+        characters: the server joins a context's fragments, so the cuts are not heard."""
+        *pieces, last = _cut(text, self.conn.text_room(self.id))
+        for piece in pieces:
+            await self.conn.send(AppendText(context_id=self.id, text=piece))
+        await self.conn.send(AppendText(context_id=self.id, text=last, flush=flush))
 
     async def flush(self) -> None:
         await self.conn.send(Flush(context_id=self.id))
@@ -334,6 +361,12 @@ class Connection:
         if rest:
             await ctx.send(rest)
         return ctx
+
+    def text_room(self, context_id: str) -> int:
+        """The bytes of text (as a JSON string) one `text` frame of this context may carry."""
+        assert self.ready is not None
+        frame = _encode(AppendText(context_id=context_id, text="", flush=True))
+        return self.ready.max_message_bytes - len(frame)
 
     def _fits(self, msg: msgspec.Struct) -> bool:
         """Whether the server takes this message in one frame (ready.max_message_bytes)."""
