@@ -340,6 +340,35 @@ def test_pipecat_refused_turn_is_reported_once(server):
     server.assert_idle()
 
 
+def test_pipecat_reply_over_max_text_chars_is_reported_once(make_server, sends_words):
+    """A reply longer than the server's --max-text-chars, token by token: one ErrorFrame
+    (`text_too_long`), the text that fit is spoken in one turn, and the text the server
+    dropped is not pushed as spoken. It used to push an ErrorFrame for every token past the
+    limit (405 for a 7,089-character reply)."""
+    from pipecat.frames.frames import (
+        ErrorFrame,
+        TTSAudioRawFrame,
+        TTSStartedFrame,
+        TTSStoppedFrame,
+        TTSTextFrame,
+    )
+    from pipecat.services.tts_service import TextAggregationMode
+
+    srv = make_server("--max-text-chars", "400", "--no-warmup")
+    tokens = TextAggregationMode.TOKEN
+    down, up = run(pipecat_frames(srv.base_url, llm_reply(LONG), text_aggregation_mode=tokens))
+    errors = [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "text_too_long" in errors[0].error, errors
+    kinds = [type(f) for f in down]
+    assert kinds.count(TTSStartedFrame) == kinds.count(TTSStoppedFrame) == 1, kinds
+    pcm = decode_pcm(b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame)))
+    assert_speech(pcm, RATE, min_seconds=10)
+    if sends_words:  # what was spoken got its words; the rest is not claimed
+        spoken = words_of(" ".join(f.text for f in down if isinstance(f, TTSTextFrame)))
+        assert 0 < len(spoken) < len(words_of(LONG)) and spoken == words_of(LONG)[: len(spoken)]
+    srv.assert_idle()
+
+
 def test_pipecat_speaks_after_the_server_restarts(make_server):
     """The server restarts between two turns (on the same port): the next turn opens a new
     socket and is spoken, without an error. The service used to reconnect in the background

@@ -117,6 +117,9 @@ class RTServerTTSService(WebsocketTTSService):
         # Turns that failed (refused, server down, socket lost) and were reported: the rest
         # of their text is dropped until their audio context ends.
         self._failed: set[str] = set()
+        # Turns the server refused some text of (the first refusal's code): reported once,
+        # and past max_text_chars none of their text is sent any more (all would be refused).
+        self._refused: dict[str, str] = {}
 
     def can_generate_metrics(self) -> bool:
         return True
@@ -214,6 +217,9 @@ class RTServerTTSService(WebsocketTTSService):
             # The turn failed and that was reported: the rest of its text is not spoken.
             logger.debug(f"{self}: turn {context_id} failed; not speaking [{text}]")
             return
+        if self._refused.get(context_id) == "text_too_long":
+            logger.debug(f"{self}: turn {context_id} is over max_text_chars; dropping [{text}]")
+            return
         try:
             if context_id not in self._opened:
                 await self._ensure_socket()
@@ -264,6 +270,7 @@ class RTServerTTSService(WebsocketTTSService):
         await self.stop_all_metrics()
         self._lapsed.discard(context_id)
         self._failed.discard(context_id)
+        self._refused.pop(context_id, None)
         if context_id in self._opened and self._websocket:
             await self._send(Cancel(context_id=context_id))
         await super().on_audio_context_interrupted(context_id)
@@ -271,8 +278,10 @@ class RTServerTTSService(WebsocketTTSService):
     async def _apply_force_complete(self, context_id: str) -> None:
         """At the end of its audio, Pipecat pushes a context's text that got no word timings
         as spoken (for providers that drop them). A failed turn's text was not spoken: it
-        must not reach the LLM context as if it had been. (A Pipecat internal: no hook.)"""
-        if context_id not in self._failed:
+        must not reach the LLM context as if it had been, nor text the server refused (with
+        word timestamps, what was spoken got its words). (A Pipecat internal: no hook.)"""
+        refused = self._word_timestamps and context_id in self._refused
+        if context_id not in self._failed and not refused:
             await super()._apply_force_complete(context_id)
             return
         frames = self._aggregated_frame_sequencer.force_complete(
@@ -287,6 +296,7 @@ class RTServerTTSService(WebsocketTTSService):
         """Pipecat reports a context that ends without audio, and gives up on the service
         after a few in a row. A failed turn was reported already, and turns failing while the
         server restarts must not cost the service for good. (A Pipecat internal: no hook.)"""
+        self._refused.pop(context_id, None)  # the turn is over
         if context_id in self._failed:
             self._failed.discard(context_id)
             return
@@ -370,10 +380,21 @@ class RTServerTTSService(WebsocketTTSService):
             logger.debug(f"{self}: rtserver {msg.code}: {msg.message}")
         elif isinstance(msg, Error) and context_id in self._opened and self._ends(msg):
             await self._fail(context_id, f"rtserver {msg.code}: {msg.message}")
+        elif isinstance(msg, Error) and context_id in self._opened:
+            await self._refuse_text(context_id, msg)
         elif isinstance(msg, Error):
             await self.push_error(error_msg=f"rtserver {msg.code}: {msg.message}")
         else:
             logger.trace(f"{self}: {msg!r}")
+
+    async def _refuse_text(self, context_id: str, error: Error) -> None:
+        """The server dropped a fragment and the context goes on: one ErrorFrame per turn,
+        not one per token (past max_text_chars it refuses every one)."""
+        if context_id in self._refused:
+            logger.debug(f"{self}: rtserver {error.code}: {error.message}")
+            return
+        self._refused[context_id] = error.code
+        await self.push_error(error_msg=f"rtserver {error.code}: {error.message}")
 
     def _quiet(self, error: Error) -> bool:
         """Errors that are no news to the pipeline: an idle socket closed by the server (the
