@@ -136,3 +136,24 @@ def test_client_text_larger_than_a_frame_is_spoken(make_server):
     spoken = " ".join(s.text for s in result.segments)
     assert spoken.split() == (first + second).split()
     srv.assert_idle()
+
+
+def test_client_refused_upgrade_says_why(make_server):
+    """A refused WebSocket upgrade says the server's reason (the response's body): a missing
+    key and a wrong one read differently. It used to be websockets' bare "HTTP 403"; it is
+    still a websockets.InvalidStatus."""
+    import websockets
+    from rtserver_client.client import TTSClient
+
+    srv = make_server("--api-key", "right-key-123", "--no-warmup")
+
+    async def refusal(key: str | None) -> websockets.InvalidStatus:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            async with TTSClient(srv.base_url, api_key=key) as client, client.connect():
+                pass
+        return refused.value
+
+    missing, wrong = asyncio.run(refusal(None)), asyncio.run(refusal("wrong-key-123"))
+    assert missing.response.status_code == wrong.response.status_code == 403
+    assert "an API key is required" in str(missing), str(missing)
+    assert "this API key is not valid here" in str(wrong), str(wrong)

@@ -447,6 +447,7 @@ def test_pipecat_refused_key_ends_each_turn_unspoken(make_server):
     down, up = run(pipecat_frames(srv.base_url, frames))
     errors = [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "403" in errors[0].error, errors
+    assert "an API key is required" in errors[0].error, errors  # the server's reason
     kinds = [type(f) for f in down]
     assert kinds.count(TTSStartedFrame) == kinds.count(TTSStoppedFrame) == 2, kinds
     assert TTSAudioRawFrame not in kinds
@@ -471,6 +472,7 @@ def test_livekit_refused_key_fails_at_once(make_server):
     with pytest.raises(APIStatusError) as refused:
         run(go())
     assert refused.value.status_code == 403 and not refused.value.retryable
+    assert "this API key is not valid here" in str(refused.value), refused.value
     assert srv.log().count('"WebSocket /ws/tts" 403') == 1  # asked once, not retried
 
 

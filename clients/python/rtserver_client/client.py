@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import httpx
 import msgspec
 import websockets
+from websockets.http11 import Response
 
 from rtserver_client.protocol import (
     ENDING_ERRORS,
@@ -51,6 +53,7 @@ __all__ = [
     "Connection",
     "Context",
     "Event",
+    "HandshakeRefused",
     "Result",
     "ServerError",
     "ServerStatusError",
@@ -74,6 +77,18 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+async def connect_ws(
+    url: str, connect: Callable[..., Awaitable[websockets.ClientConnection]] | None = None,
+    **kwargs: Any,
+) -> websockets.ClientConnection:  # fmt: skip
+    """Open a WebSocket (with `connect`, default websockets.connect); a refused upgrade
+    raises HandshakeRefused, which says the server's reason."""
+    try:
+        return await (connect or websockets.connect)(url, **kwargs)
+    except websockets.InvalidStatus as e:
+        raise HandshakeRefused(e.response) from e
+
+
 class ServerError(Exception):
     def __init__(self, error: Error) -> None:
         super().__init__(f"{error.code}: {error.message}")
@@ -90,13 +105,31 @@ class ServerStatusError(httpx.HTTPStatusError):
         super().__init__(message, request=response.request, response=response)
 
 
+class HandshakeRefused(websockets.InvalidStatus):
+    """The server refused the WebSocket upgrade (a key it does not take, an origin);
+    `detail` is its reason, from the response's body, which websockets' message leaves out.
+    Still a websockets.InvalidStatus (`response` holds the status)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response)
+        self.detail = _reason(response.body.decode(errors="replace") if response.body else "")
+
+    def __str__(self) -> str:
+        status = self.response.status_code
+        return f"rtserver refused the connection (HTTP {status}): {self.detail}".rstrip(": ")
+
+
 def _detail(response: httpx.Response) -> str:
-    """The reason an error response gives: rtserver's `{status_code, detail, extra?}`,
-    OpenAI's `{error: {message}}`, or the start of a body that is neither."""
+    return _reason(response.text)
+
+
+def _reason(text: str) -> str:
+    """The reason an error response's body gives: rtserver's `{status_code, detail,
+    extra?}`, OpenAI's `{error: {message}}`, or the start of a body that is neither."""
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        return response.text[:200]
+        return text[:200]
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and "message" in error:
@@ -104,7 +137,7 @@ def _detail(response: httpx.Response) -> str:
         if "detail" in body:
             extra = body.get("extra")
             return f"{body['detail']} {extra}" if extra else str(body["detail"])
-    return response.text[:200]
+    return text[:200]
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -398,9 +431,7 @@ class TTSClient:
         """A socket that stays open until its `aclose()` (a plugin keeps one for many turns:
         the protocol multiplexes contexts, so one socket serves every concurrent turn)."""
         kwargs.setdefault("additional_headers", self.headers)
-        ws = await websockets.connect(
-            ws_url(self.base_url), compression=None, max_size=None, **kwargs
-        )
+        ws = await connect_ws(ws_url(self.base_url), compression=None, max_size=None, **kwargs)
         conn = Connection(ws)
         try:
             await conn._open()

@@ -38,9 +38,15 @@ from livekit.agents import (
     utils,
 )
 from livekit.agents.types import TimedString
-from websockets.http11 import Response
 
-from rtserver_client.client import Connection, Context, Event, ServerError, TTSClient
+from rtserver_client.client import (
+    Connection,
+    Context,
+    Event,
+    HandshakeRefused,
+    ServerError,
+    TTSClient,
+)
 from rtserver_client.protocol import Done, Error, Words
 
 __all__ = ["TTS", "ChunkedStream", "SynthesizeStream"]
@@ -132,8 +138,8 @@ class TTS(tts.TTS):
     async def _open(self) -> Connection:
         try:
             conn = await self._client.open()
-        except websockets.InvalidStatus as e:
-            raise _refused(e.response) from e
+        except HandshakeRefused as e:
+            raise _refused(e) from e
         except (OSError, websockets.InvalidHandshake) as e:
             raise APIConnectionError(f"rtserver unreachable: {e}") from e
         self._conns.append(conn)
@@ -187,15 +193,14 @@ class TTS(tts.TTS):
         await self._client.http.aclose()
 
 
-def _refused(response: Response) -> APIStatusError:
+def _refused(refusal: HandshakeRefused) -> APIStatusError:
     """The server answered the upgrade with a refusal: a key or origin it does not accept is
     refused again on a retry (APIStatusError makes 4xx final, 429 and 5xx retryable)."""
-    detail = response.body.decode(errors="replace")[:200] if response.body else ""
     return APIStatusError(
-        f"rtserver refused the connection (HTTP {response.status_code}) {detail}".strip(),
-        status_code=response.status_code,
-        request_id=response.headers.get("x-request-id"),
-        body=detail or None,
+        str(refusal),
+        status_code=refusal.response.status_code,
+        request_id=refusal.response.headers.get("x-request-id"),
+        body=refusal.detail or None,
     )
 
 

@@ -32,7 +32,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from rtserver_client.client import auth_headers, ws_url
+from rtserver_client.client import auth_headers, connect_ws, ws_url
 from rtserver_client.protocol import (
     ENDING_ERRORS,
     AppendText,
@@ -175,8 +175,12 @@ class RTServerTTSService(WebsocketTTSService):
                 await self.cancel_task(task)
 
     async def _connect_websocket(self) -> None:
-        ws = await self._websocket_connect(
-            self._url, additional_headers=self._headers, compression=None, max_size=None
+        ws = await connect_ws(
+            self._url,
+            self._websocket_connect,
+            additional_headers=self._headers,
+            compression=None,
+            max_size=None,
         )
         try:
             # The server speaks first: `ready` with its speakers and limits.
