@@ -157,3 +157,26 @@ def test_client_refused_upgrade_says_why(make_server):
     assert missing.response.status_code == wrong.response.status_code == 403
     assert "an API key is required" in str(missing), str(missing)
     assert "this API key is not valid here" in str(wrong), str(wrong)
+
+
+def test_client_socket_closed_for_idling_is_closed(make_server):
+    """Once the server says it closes an idle socket (`idle_timeout`), the connection is
+    `closed` (a plugin then opens another), and a start on it raises the package's
+    ServerError (`connection_closed`, with the server's reason). `closed` used to stay False
+    until the close frame was read, and a start raised websockets' ConnectionClosedOK."""
+    from rtserver_client.client import ServerError, TTSClient
+
+    srv = make_server("--ws-idle-timeout-s", "1", "--no-warmup")
+
+    async def go() -> tuple[str, bool, ServerError]:
+        async with TTSClient(srv.base_url) as client, client.connect() as conn:
+            said = (await asyncio.wait_for(conn.errors.get(), 10)).code
+            closed = conn.closed  # at once, before the close frame is read
+            await conn.ws.wait_closed()
+            with pytest.raises(ServerError) as refused:
+                await conn.start(spk_id="joe")
+            return said, closed, refused.value
+
+    said, closed, refused = asyncio.run(go())
+    assert said == "idle_timeout" and closed
+    assert refused.error.code == "connection_closed" and "idle_timeout" in str(refused)

@@ -26,9 +26,11 @@ import httpx
 import msgspec
 import websockets
 from websockets.http11 import Response
+from websockets.protocol import State
 
 from rtserver_client.protocol import (
     ENDING_ERRORS,
+    SOCKET_ENDING_ERRORS,
     AppendText,
     Cancel,
     Cancelled,
@@ -263,6 +265,9 @@ class Connection:
         self.draining = False
         self._reader: asyncio.Task[None] | None = None
         self._closing = False  # aclose() or abort(): the client, not the server, ended it
+        # The error the server sent before closing the socket (idle_timeout, ...): the socket
+        # is done from then, though its close frame may still be on the way.
+        self._closed_by: Error | None = None
 
     async def _open(self) -> None:
         first = decode_server_frame(await self.ws.recv())
@@ -278,18 +283,26 @@ class Connection:
             pass
         finally:
             # Every awaitable ends: whatever is still open learns the socket is gone.
-            gone = Error(code="connection_closed", message=self._why_gone())
+            gone = self._gone()
             for ctx in list(self.contexts.values()):
                 ctx.ending = Error(gone.code, gone.message, ctx.id)
                 ctx.queue.put_nowait(ctx.ending)
             self.contexts.clear()
             self.errors.put_nowait(gone)
 
+    def _gone(self) -> Error:
+        """The error a context, or a start, gets when the socket is gone."""
+        return Error(code="connection_closed", message=self._why_gone())
+
     def _why_gone(self) -> str:
-        """Who ended the socket: only a close frame from the server says the server did (a
-        keepalive timeout, a reset, a stalled server are the connection lost)."""
+        """Who ended the socket: only a close frame from the server (or the error it sends
+        first) says the server did (a keepalive timeout, a reset, a stalled server are the
+        connection lost)."""
         if self._closing:
             return "the client closed the socket"
+        if self._closed_by is not None:
+            why = self._closed_by
+            return f"the server closed the socket ({why.code}: {why.message})"
         rcvd, sent = self.ws.protocol.close_rcvd, self.ws.protocol.close_sent
         if rcvd is not None:
             return f"the server closed the socket ({rcvd})"
@@ -306,6 +319,8 @@ class Connection:
         context_id = getattr(msg, "context_id", None)
         if isinstance(msg, Error) and msg.code == "shutting_down":
             self.draining = True
+        if isinstance(msg, Error) and msg.code in SOCKET_ENDING_ERRORS:
+            self._closed_by = msg
         ctx = self.contexts.get(context_id or "")
         if ctx is None:
             # One about a context that has ended (text crossed its end) is no news.
@@ -327,8 +342,11 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        """Whether the socket is gone (the reader has ended), or going (closed by the client)."""
-        return self._closing or (self._reader is not None and self._reader.done())
+        """Whether the socket is gone (the reader has ended), or going: closed by the client,
+        or by the server (its error saying so, or its close frame, has come)."""
+        if self._closing or self._closed_by is not None or self.ws.state is not State.OPEN:
+            return True
+        return self._reader is not None and self._reader.done()
 
     async def aclose(self) -> None:
         """Close the socket; every context still open ends with `connection_closed`."""
@@ -369,6 +387,8 @@ class Connection:
         cid = context_id or f"ctx-{next(_ids)}"
         if cid in self.contexts:  # the server's refusal would carry the open context's id
             raise ValueError(f"context {cid!r} is open on this connection")
+        if self.closed:
+            raise ServerError(self._gone())
         start = Start(context_id=cid, spk_id=spk_id, format=format, sample_rate=sample_rate,
                       speed=speed, seed=seed, text=text, text_streaming=text_streaming,
                       timestamps=timestamps, instructions=instructions)  # fmt: skip
@@ -382,7 +402,7 @@ class Connection:
         ctx = Context(self, cid)
         self.contexts[cid] = ctx
         try:
-            await self.send(start)
+            await self._send_start(start)
             first = await ctx.queue.get()
         except BaseException:
             # Given up on (a caller's timeout): the context is not ours any more.
@@ -400,6 +420,12 @@ class Connection:
         assert self.ready is not None
         frame = _encode(AppendText(context_id=context_id, text="", flush=True))
         return self.ready.max_message_bytes - len(frame)
+
+    async def _send_start(self, start: Start) -> None:
+        try:
+            await self.send(start)
+        except websockets.ConnectionClosed as e:  # it closed as the start went out
+            raise ServerError(self._gone()) from e
 
     def _fits(self, msg: msgspec.Struct) -> bool:
         """Whether the server takes this message in one frame (ready.max_message_bytes)."""

@@ -20,6 +20,7 @@ __all__ = [
     "ERROR_CODES",
     "MAX_SAMPLE_RATE",
     "MIN_SAMPLE_RATE",
+    "SOCKET_ENDING_ERRORS",
     "AppendText",
     "Cancel",
     "Cancelled",
@@ -277,6 +278,9 @@ ENDING_ERRORS = frozenset(
         "shutting_down",
     }
 )
+
+# The error codes after which the server closes the socket (the others leave it open).
+SOCKET_ENDING_ERRORS = frozenset({"idle_timeout", "too_many_sockets"})
 
 _decode = msgspec.json.Decoder(ServerMessage).decode
 
