@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from audio_check import assert_speech, decode_pcm
+from golden.conftest import resolve_golden_dir
 from serverproc import ServerProcess, eventually
 
 from rtserver.client import TTSClient
@@ -26,6 +27,7 @@ LONG = " ".join(
     ["Voice agents stream their replies a few words at a time, and users interrupt them."] * 12
 )
 RATE = 24000  # what both frameworks ask for: the server resamples from Piper's 22.05 kHz
+COSYVOICE2 = resolve_golden_dir() / "cosyvoice2" / "model"  # the tiny test model
 
 
 def run(coro):
@@ -729,3 +731,59 @@ def test_livekit_draining_server_refusal_is_retryable(make_server):
     assert all(e.retryable and "shutting_down" in str(e) for e in errors), errors
     # The second attempt asked on a new socket (the draining server still takes them).
     assert srv.log_path.read_text().count('"WebSocket /ws/tts" [accepted]') == 2
+
+
+# ---- Both: start options ------------------------------------------------------------------
+
+
+async def pipecat_pcm(base_url: str, text: str, **kwargs: object) -> tuple[bytes, list]:
+    """The audio Pipecat's service made of one spoken text, and the ErrorFrames."""
+    from pipecat.frames.frames import ErrorFrame, TTSAudioRawFrame, TTSSpeakFrame
+
+    down, up = await pipecat_frames(base_url, [TTSSpeakFrame(text)], **kwargs)
+    errors = [f for f in (*down, *up) if isinstance(f, ErrorFrame)]
+    return b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame)), errors
+
+
+async def livekit_pcm(base_url: str, text: str, **kwargs: object) -> bytes:
+    """The audio LiveKit's plugin made of one synthesize()."""
+    from livekit.agents import APIConnectOptions
+    from rtserver_client.livekit import TTS
+
+    tts = TTS(base_url=base_url, sample_rate=RATE, **kwargs)
+    try:
+        frame = await tts.synthesize(text, conn_options=APIConnectOptions(max_retry=0)).collect()
+        return bytes(frame.data)
+    finally:
+        await tts.aclose()
+
+
+def test_plugins_pass_text_streaming_to_the_server(server):
+    """`text_streaming=True` reaches the start: the built-in voice refuses it
+    (`unsupported_option`, CosyVoice2/3 only), where a start without it is spoken."""
+    from livekit.agents import APIError
+
+    _, errors = run(pipecat_pcm(server.base_url, TURN, text_streaming=True))
+    assert len(errors) == 1 and "unsupported_option" in errors[0].error, errors
+    with pytest.raises(APIError, match="unsupported_option"):
+        run(livekit_pcm(server.base_url, TURN, voice="joe", text_streaming=True))
+    server.assert_idle()
+
+
+@pytest.mark.skipif(not COSYVOICE2.is_dir(), reason=f"no golden model dir at {COSYVOICE2}")
+def test_plugins_seed_and_text_streaming_on_cosyvoice2(make_server):
+    """On CosyVoice2, with text streaming: the same seed gives the same audio, another seed
+    other audio (the seed reaches the start; 0, the default, draws one per turn)."""
+    srv = make_server("--model", str(COSYVOICE2), "--no-warmup")
+    text = "Hello there, this is a test."
+    opts = {"voice": "spk_f1", "text_streaming": True}
+
+    async def go() -> tuple[list[bytes], list[bytes], list]:
+        lk = [await livekit_pcm(srv.base_url, text, seed=s, **opts) for s in (11, 11, 12)]
+        said = [await pipecat_pcm(srv.base_url, text, seed=s, **opts) for s in (11, 11, 12)]
+        return lk, [pcm for pcm, _ in said], [e for _, errors in said for e in errors]
+
+    lk, pc, errors = run(go())
+    assert not errors, errors
+    for a, b, other in (lk, pc):
+        assert a and a == b and other != a

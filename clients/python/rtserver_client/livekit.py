@@ -78,6 +78,10 @@ class TTS(tts.TTS):
         instructions: how to speak, e.g. a dialect or an emotion (CosyVoice2/3's instruct
             mode; other engines ignore it).
         word_timestamps: ask for `words` events and pass them on as timed transcripts.
+        text_streaming: feed the model text as it arrives instead of by sentence
+            (CosyVoice2/3 only; other engines refuse the stream): speech starts after a
+            few words.
+        seed: sampling seed (CosyVoice); 0 draws a random one per stream.
     """
 
     def __init__(
@@ -90,6 +94,8 @@ class TTS(tts.TTS):
         speed: float = 1.0,
         instructions: str | None = None,
         word_timestamps: bool = True,
+        text_streaming: bool = False,
+        seed: int = 0,
     ) -> None:
         aligned = word_timestamps and _ALIGNED
         caps = (
@@ -102,6 +108,8 @@ class TTS(tts.TTS):
         self.speed = speed
         self.instructions = instructions
         self.word_timestamps = aligned
+        self.text_streaming = text_streaming
+        self.seed = seed
         self._client = TTSClient(base_url, api_key=api_key)
         self._conns: list[Connection] = []
         # Context ids a `start` is on its way for, per socket: they count against the
@@ -157,6 +165,8 @@ class TTS(tts.TTS):
             instructions=self.instructions,
             text=text,
             timestamps=self.word_timestamps,
+            text_streaming=self.text_streaming,
+            seed=self.seed,
         )
         try:
             return await _live(conn, start, timeout)

@@ -70,6 +70,10 @@ class RTServerTTSService(WebsocketTTSService):
         text_aggregation_mode: SENTENCE (Pipecat's default) hands over whole sentences and
             each is spoken at once; TOKEN streams LLM tokens and lets the server's own
             sentence buffering cut them, for the lowest latency.
+        text_streaming: feed the model text as it arrives instead of by sentence
+            (CosyVoice2/3 only; other engines refuse the turn): speech starts after a few
+            words. Best with TOKEN; each sentence handed over in SENTENCE mode is a piece.
+        seed: sampling seed (CosyVoice); 0 draws a random one per turn.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class RTServerTTSService(WebsocketTTSService):
         word_timestamps: bool = True,
         sample_rate: int | None = None,
         text_aggregation_mode: TextAggregationMode | None = None,
+        text_streaming: bool = False,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -103,6 +109,8 @@ class RTServerTTSService(WebsocketTTSService):
         self._speed = speed
         self._instructions = instructions
         self._word_timestamps = word_timestamps
+        self._text_streaming = text_streaming
+        self._seed = seed
         self._receive_task: asyncio.Task[None] | None = None
         self.ready: Ready | None = None
         # Server contexts opened on this socket (Pipecat context id -> started), and the
@@ -238,6 +246,8 @@ class RTServerTTSService(WebsocketTTSService):
                         speed=self._speed,
                         instructions=self._instructions,
                         timestamps=self._word_timestamps,
+                        text_streaming=self._text_streaming,
+                        seed=self._seed,
                     )
                 )
             # A sentence is complete as handed over: speak it now (flush) instead of waiting
