@@ -180,3 +180,26 @@ def test_client_socket_closed_for_idling_is_closed(make_server):
     said, closed, refused = asyncio.run(go())
     assert said == "idle_timeout" and closed
     assert refused.error.code == "connection_closed" and "idle_timeout" in str(refused)
+
+
+def test_client_http_tts_says_the_pcm_rate(server):
+    """`TTSClient.tts(fmt="pcm")` tells the rate of its PCM (the response's X-Sample-Rate),
+    still iterated as before: it used to yield bare samples at a rate the caller had to
+    guess. MP3 says its own rate in its frames."""
+    from rtserver_client.client import TTSClient
+
+    async def go() -> tuple[int | None, int | None, int, int]:
+        async with TTSClient(server.base_url) as client:
+            pcm = client.tts("Hello there.", "joe", fmt="pcm")
+            audio = b"".join([piece async for piece in pcm])
+            mp3 = client.tts("Hello there.", "joe")
+            async for _ in mp3:
+                break
+            await mp3.aclose()
+            async with client.connect() as conn:
+                assert conn.ready is not None
+                return pcm.sample_rate, mp3.sample_rate, conn.ready.sample_rate, len(audio)
+
+    pcm_rate, mp3_rate, speaker_rate, size = asyncio.run(go())
+    assert pcm_rate == speaker_rate and mp3_rate is None and size > pcm_rate  # over 0.5 s
+    server.assert_idle()

@@ -8,8 +8,9 @@ async with TTSClient("http://127.0.0.1:50000") as client:
         await ctx.close()
         result = await ctx.collect()      # audio bytes, segments, word timings, the done event
 
-    async for piece in client.tts("Hello.", "joe", fmt="mp3"):
-        ...
+    speech = client.tts("Hello.", "joe", fmt="pcm")
+    async for piece in speech:
+        ...                               # s16le mono at speech.sample_rate
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "Result",
     "ServerError",
     "ServerStatusError",
+    "Speech",
     "TTSClient",
     "auth_headers",
     "ws_url",
@@ -481,19 +483,45 @@ class TTSClient:
         _raise_for_status(r)
         return r.json()
 
-    async def tts(
+    def tts(
         self, text: str, spk_id: str, fmt: str = "mp3", stream: bool = False,
         speed: float = 1.0, seed: int = 0,
-    ) -> AsyncIterator[bytes]:  # fmt: skip
-        """Stream `POST /tts` (``fmt="mp3"``) or `POST /tts/pcm` (``fmt="pcm"``, s16le).
-        Raises ServerStatusError (an httpx.HTTPStatusError carrying the server's reason)."""
+    ) -> Speech:  # fmt: skip
+        """Stream `POST /tts` (``fmt="mp3"``) or `POST /tts/pcm` (``fmt="pcm"``, s16le mono):
+        iterate the result for the audio; its `sample_rate` is PCM's rate once the first
+        piece has come. Raises ServerStatusError (an httpx.HTTPStatusError carrying the
+        server's reason)."""
         paths = {"mp3": "/tts", "pcm": "/tts/pcm"}
         if fmt not in paths:  # any other name used to get PCM without a word
             raise ValueError(f"fmt must be 'mp3' or 'pcm', not {fmt!r}")
         body = {"tts_text": text, "spk_id": spk_id, "stream": stream, "speed": speed, "seed": seed}
-        async with self.http.stream("POST", paths[fmt], json=body) as r:
+        return Speech(self.http, paths[fmt], body)
+
+
+class Speech(AsyncIterator[bytes]):
+    """The audio of one HTTP synthesis (TTSClient.tts), as it streams in. `sample_rate`: the
+    rate of PCM (the response's X-Sample-Rate), set before the first piece is yielded; None
+    for MP3 (its frames say it) or before the response has come."""
+
+    def __init__(self, http: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
+        self.sample_rate: int | None = None
+        self._pieces = self._stream(http, path, body)
+
+    async def _stream(
+        self, http: httpx.AsyncClient, path: str, body: dict[str, Any]
+    ) -> AsyncGenerator[bytes, None]:
+        async with http.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 await r.aread()
                 _raise_for_status(r)
+            rate = r.headers.get("x-sample-rate")
+            self.sample_rate = int(rate) if rate else None
             async for piece in r.aiter_raw():
                 yield piece
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop reading (the response is closed), as an async generator's aclose()."""
+        await self._pieces.aclose()
