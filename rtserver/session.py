@@ -138,6 +138,10 @@ class Finished:
 SessionEvent = Audio | SegmentEnd | Finished | Cancelled | Failed
 
 
+def _unknown() -> None:
+    return None
+
+
 class Session:
     def __init__(
         self,
@@ -279,6 +283,7 @@ class Session:
         """Release everything this session holds. Idempotent; safe on any path."""
         if self.job.status is not JobStatus.FINISHED:
             self.cancel()
+        self.job.channel.reached_s = _unknown  # (no cycle through the job: freed at once)
         self._release()
 
     # ---- audio out -------------------------------------------------------------------------

@@ -106,8 +106,10 @@ def attach(session: Session, scope: dict) -> None:
     count too, so a little more than its own)."""
     session.cut_by = functools.partial(stall_of, scope)
     acked = scope.get(ACKED)
-    if acked is not None and (start := acked()) is not None:
-        session.acked = lambda: None if (n := acked()) is None else n - start
+    if acked is not None and sys.platform == "linux" and (start := acked()) is not None:
+        # A count that never moves is unknown, not nothing reached: a kernel that returns
+        # tcp_info without filling it (older gVisor) would have every listener dropped.
+        session.acked = lambda: n - start if (n := acked()) is not None and n > start else None
 
 
 def trusted_hosts(spec: str | list[str]) -> Callable[[str], bool]:
@@ -270,7 +272,7 @@ class _WriteWatch:
             return None
         try:
             info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        except (AttributeError, OSError):  # closed meanwhile, or not Linux's TCP
+        except (AttributeError, OSError, ValueError):  # closed meanwhile (uvloop: ValueError)
             return None
         return (
             struct.unpack_from("Q", info, _BYTES_ACKED)[0] if len(info) >= _TCP_INFO_LEN else None

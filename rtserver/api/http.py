@@ -34,6 +34,7 @@ from rtserver.api.docs import BINARY, L16, audio_operation, body_operation, erro
 from rtserver.api.errors import ErrorBody, field_of, invalid, refusal
 from rtserver.engine import Speaker
 from rtserver.logs import stream_cut
+from rtserver.metrics import ANSWERED
 from rtserver.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from rtserver.protocol import Seed, SpeakerInfo, Speed, TTSRequest
 from rtserver.service import (
@@ -188,7 +189,8 @@ def abort_quietly(app: ASGIApp, draining: Callable[[], bool] = lambda: False) ->
             stream_cut.set(True)
             log.warning("%s %s: cut at shutdown (its client was not reading or still sending)",
                         scope.get("method", "WEBSOCKET"), scope.get("path"))  # fmt: skip
-            if scope["type"] == "http" and not started:  # its body was still coming
+            # Its body was still coming, and the connection had not refused it already
+            if scope["type"] == "http" and not started and ANSWERED not in scope:
                 await _shutting_down(scope, send)
         except Exception as exc:
             aborted = _find_abort(exc)

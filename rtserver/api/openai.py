@@ -93,19 +93,25 @@ def _speaker(service: TTSService, voice: str, by_id: dict[str, Speaker] | None =
     the service's speakers now)."""
     if by_id is None:
         by_id = {s.id: s for s in service.speakers()}
-    target = voice_aliases(tuple(service.settings.voice_alias)).get(voice.lower())
-    found = by_id.get(target or voice)
+    found, alias = _target(service, voice, by_id)
     if found is not None:
         return found
-    valid = sorted(by_id)
-    if target is not None:  # not another speaker's voice in its stead: the operator chose
-        note = f" (--voice-alias maps it to speaker {target!r}, which is not there)"
-        raise UnknownSpeaker(voice, valid, field="voice", note=note)
-    if not valid:  # no speaker to stand in for an OpenAI voice either
-        raise UnknownSpeaker(voice, [], field="voice")
-    if voice.lower() in OPENAI_VOICES:
-        return next(iter(by_id.values()))  # the first speaker
-    raise UnknownSpeaker(voice, _accepted(service, by_id), field="voice")
+    # An alias to a missing speaker is not another speaker's voice in its stead: the
+    # operator chose.
+    note = f" (--voice-alias maps it to speaker {alias!r}, which is not there)" if alias else ""
+    raise UnknownSpeaker(voice, _accepted(service, by_id), field="voice", note=note)
+
+
+def _target(
+    service: TTSService, voice: str, by_id: dict[str, Speaker]
+) -> tuple[Speaker | None, str | None]:
+    """The speaker a voice name reaches (None: none does), and the `--voice-alias` target
+    it names, if it is an alias. An OpenAI voice no alias maps speaks as the first speaker."""
+    alias = voice_aliases(tuple(service.settings.voice_alias)).get(voice.lower())
+    found = by_id.get(alias or voice)
+    if found is None and alias is None and by_id and voice.lower() in OPENAI_VOICES:
+        found = next(iter(by_id.values()))
+    return found, alias
 
 
 @functools.cache  # parsed once, not on every request
@@ -173,20 +179,10 @@ async def voices(service: TTSService) -> dict[str, list[str]]:
 
 def _accepted(service: TTSService, by_id: dict[str, Speaker]) -> list[str]:
     """The names `voice` reaches a speaker by now: speaker ids, then OpenAI's voices and
-    `--voice-alias` names (no alias of a speaker that is not there). None of them is the
-    unknown voice `_speaker` refuses with this list: it never comes back here."""
-    names = dict.fromkeys(
-        [*by_id, *OPENAI_VOICES, *voice_aliases(tuple(service.settings.voice_alias))]
-    )
-    return [n for n in names if _reaches(service, n, by_id)]
-
-
-def _reaches(service: TTSService, voice: str, by_id: dict[str, Speaker]) -> bool:
-    try:
-        _speaker(service, voice, by_id)
-    except UnknownSpeaker:
-        return False
-    return True
+    `--voice-alias` names (no alias of a speaker that is not there)."""
+    aliases = voice_aliases(tuple(service.settings.voice_alias))
+    names = dict.fromkeys([*by_id, *OPENAI_VOICES, *aliases])
+    return [n for n in names if _target(service, n, by_id)[0] is not None]
 
 
 def _models(service: TTSService) -> dict[str, Model]:
