@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import struct
 import time
@@ -598,6 +599,9 @@ def test_a_client_that_stops_reading_gives_a_wanted_slot_up_by_what_it_heard(mak
     # doubles the 16 KB asked: 0.7 s of 22 kHz PCM) and the scheduler's idle tick (1 s):
     # not the seconds in the server's buffers as well (11 s in all).
     assert waited < CONTENDED_READ_S + 2 * 16384 / 2 / rate + 2, waited
+    # and its reason names no more time than it has read nothing (it said 11 s of 6)
+    why = re.search(r"read no audio for (\d+) s while others waited", srv.log())
+    assert why is not None and int(why.group(1)) <= waited + 0.5, (why, waited)
 
 
 def assert_closed_by_server(s: socket.socket, timeout: float = 30) -> None:
