@@ -256,25 +256,26 @@ class Scheduler:
                 self._finish(job, Failed(why, code="read_timeout"))
 
     def _stalled(self, job: Job, now: float, contended: bool) -> str | None:
-        """Why the job's client no longer keeps its slot, if it does not."""
+        """Why the job's client no longer keeps its slot, if it does not. How far behind it
+        is asks its socket (a syscall): only for audio that has waited unread that long
+        already, not for every stream the server runs ahead of, at every step."""
         unread = job.channel.stalled_for(now)
         if unread == 0:
             return None
-        behind = self._behind(job, now)
-        # How long it has read nothing, as far as the server can tell: its audio has waited
-        # unread, and what reached it has played out (unread alone counts the time the
-        # server ran ahead of a client that was still reading).
-        quiet = min(unread, behind)
-        if unread > self.read_timeout_s and behind > self.read_timeout_s:
-            return f"the client read no audio for {quiet:.0f} s"
-        if not contended:
-            return None
         # Its audio waiting unread this long now: a client paced by playback takes a chunk
         # within about a chunk's length, but may be behind for the server's own slowness.
-        patience = min(self.read_timeout_s, CONTENDED_READ_S)
-        if unread > patience and behind > patience:
+        patience = min(self.read_timeout_s, CONTENDED_READ_S) if contended else self.read_timeout_s
+        if unread > patience and (behind := self._behind(job, now)) > patience:
+            # How long it has read nothing, as far as the server can tell: its audio has
+            # waited unread, and what reached it has played out (unread alone counts the
+            # time the server ran ahead of a client that was still reading).
+            quiet = min(unread, behind)
+            if unread > self.read_timeout_s and behind > self.read_timeout_s:
+                return f"the client read no audio for {quiet:.0f} s"
             return f"the client read no audio for {quiet:.0f} s while others waited"
-        if behind > self.read_timeout_s and job.channel.blocked_for(now) > self.read_timeout_s:
+        if not contended or job.channel.blocked_for(now) <= self.read_timeout_s:
+            return None
+        if (behind := self._behind(job, now)) > self.read_timeout_s:
             return f"the client read its audio {behind:.0f} s behind real time while others waited"
         return None
 

@@ -177,7 +177,7 @@ class Session:
         # Set by the transport too, where it knows: bytes of this stream that reached the
         # client. The scheduler judges a client by the audio that reached it (see
         # Channel.delivered_s), not by what waits in the server's buffers.
-        self.acked: Callable[[], int | None] = lambda: None
+        self.acked: Callable[[], int | None] = _unknown
         job.channel.reached_s = self._reached_s
 
     def _reached_s(self) -> float | None:
