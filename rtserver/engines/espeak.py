@@ -3,12 +3,12 @@
 espeak-ng is C that some texts crash: in piper-tts 1.8, 97 dotted letters in a row ("a.a.a...",
 "U.S.U.S...") overrun a buffer and kill the process. In the server's process that takes every
 stream and connection with it. Such runs are cut by a line break before they reach it (read
-letter by letter all the same). Another crash, or a text that takes over TIMEOUT_S, fails that one
-text (PhonemizerFailed) and the next call starts a fresh child: a wait of a second or so for
-its imports, which held every stream's step while one client sent crashing text. The child imports only
-Piper (no onnxruntime session, no server), about 50 MB; it speaks JSON lines on its stdin and
-stdout: first `ready`, then [voice, text] in, [true, phonemes by sentence] or [false, message]
-out.
+letter by letter all the same). Another crash, or a text that takes over TIMEOUT_S, fails that
+one text (PhonemizerFailed) and the next call starts a fresh child: a wait of a second or so
+for its imports, which held every stream's step while one client sent crashing text. The
+child imports only Piper (no onnxruntime session, no server), about 50 MB; it speaks JSON
+lines on its stdin and stdout: first `ready`, then [voice, text] in, [true, phonemes by
+sentence] or [false, message] out.
 
     python -m rtserver.engines.espeak '{"joe": "/path/to/voice.onnx.json"}'
 """
