@@ -29,11 +29,12 @@ from .devices import (
 )
 from .flow.cache import FlowPool
 from .frontend import Frontend
+from .frontend.text import MAX_SEGMENT_TOKENS
 from .llm.engine import LLMEngine, LLMRequest
 from .llm.lm import QwenSpeechLM
 from .llm.transformer_lm import TransformerSpeechLM
 from .speakers import Speaker, SpeakerError, SpeakerStore, Steering
-from .utterance import Output, Status, TextRun, Utterance
+from .utterance import RUN_TOKENS, Output, Status, TextRun, Utterance, run_cut
 
 log = logging.getLogger("cosyvoice")
 
@@ -101,6 +102,10 @@ class CosyVoiceModel:
     # going through the flow before its tokens: no audio) take at most this share of the time.
     # Four 29 s recordings' pieces, run as they came, held another stream's first audio 3 s.
     prompt_share: float = 0.5
+    # A text-streaming run ends at its first sentence end past this many text tokens, and
+    # takes no more than run_cap (:data:`cosyvoice.utterance.RUN_TOKENS`).
+    run_tokens: int = RUN_TOKENS
+    run_cap: int = MAX_SEGMENT_TOKENS
     # token2wav on a thread of its own (and its own CUDA stream), so decode steps go on while
     # a batch is vocoded; its audio is handed out by a later step (see _advance)
     vocoder_thread: bool = False
@@ -202,7 +207,7 @@ class CosyVoiceModel:
             run = utt.open_run = TextRun(tag)
             utt.pending.append((tag, run, True))
         run.add(text)
-        self._push_run(run)
+        self._push_run(utt, run)
         utt.status = Status.RUNNING
 
     def seal(self, utt: Utterance) -> None:
@@ -210,9 +215,10 @@ class CosyVoiceModel:
         run, utt.open_run = utt.open_run, None
         if run is not None:
             run.sealed = True
-            self._push_run(run)
+            self._push_run(utt, run)
 
-    def _push_run(self, run: TextRun) -> None:
+    def _push_run(self, utt: Utterance, run: TextRun) -> None:
+        """Give a started run (``utt``'s segment in flight) the text it may have now."""
         if run.llm is None:
             return  # not started: its text goes in when it starts
         text = run.take()
@@ -221,9 +227,31 @@ class CosyVoiceModel:
                 log.warning("text for a streamed piece that already ended: not spoken")
             run.cut = True
         elif text:
-            run.llm.push_text(self.frontend.encode(text))
+            ids, taken = self.frontend.encode(text), run.llm.bistream.n_text
+            if taken + len(ids) >= self.run_tokens:
+                cut = run_cut(text, taken, self._text_tokens, self.run_tokens, self.run_cap)
+                if cut is not None and (cut < len(text) or not run.sealed):
+                    self._go_on(utt, run, text[:cut], text[cut:])
+                    return
+            run.llm.push_text(ids)
         if run.sealed and not run.llm.bistream.closed:
             run.llm.close_text()
+
+    def _go_on(self, utt: Utterance, run: TextRun, head: str, rest: str) -> None:
+        """End ``run``'s LLM after ``head``: the rest of its piece goes to a new run, queued
+        next (see :data:`RUN_TOKENS`)."""
+        if head := head.rstrip():
+            run.llm.push_text(self.frontend.encode(head))
+        run.llm.close_text()
+        run.llm = None
+        tail = rest + run.tail
+        run.tail = tail.lstrip()  # (a new run starts at a word, as a whole text's segment does)
+        run.ready = max(len(rest) - (len(tail) - len(run.tail)), 0)
+        utt.pending.appendleft((run.tag, run, True))
+        utt.tag_last = False
+
+    def _text_tokens(self, text: str) -> int:
+        return len(self.frontend.encode(text))
 
     def close_text(self, utt: Utterance) -> None:
         """No more text: the utterance finishes once everything queued is spoken."""
@@ -625,9 +653,10 @@ class CosyVoiceModel:
         tag, text, last = u.pending.popleft()
         seed = u.seed + u.runs
         spk = u.voice
-        if isinstance(text, TextRun):
+        if isinstance(text, TextRun) and (text.tail.strip() or not text.sealed):
             req = text.llm = self.new_stream_request(spk, seed=seed, greedy=u.greedy)
-            self._push_run(text)
+        elif isinstance(text, TextRun):
+            req = None  # (a piece's last run, ended where its text did: nothing left)
         elif text:
             req = self.new_request(text, spk, seed=seed, greedy=u.greedy)
             if u.fixed_tokens:
@@ -649,6 +678,8 @@ class CosyVoiceModel:
         u.runs += 1
         u.llm, u.t2w, u.fed = req or _Spoken(), st, 0
         u.tag, u.tag_last = tag, last
+        if req is not None and isinstance(text, TextRun):
+            self._push_run(u, text)
         u.status = Status.RUNNING
         return True
 

@@ -9,6 +9,7 @@ piece they belong to, so a caller can tell where each piece's audio ends.
 from __future__ import annotations
 
 import enum
+import re
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Generator
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .frontend.text import MAX_SEGMENT_TOKENS, LengthFn, cap_segments
 
 
 class Status(enum.Enum):
@@ -144,6 +147,53 @@ class TextRun:
         n = len(self.tail) if self.sealed else self.ready
         text, self.tail, self.ready = self.tail[:n], self.tail[n:], 0
         return text
+
+
+# A text-streaming run is one LLM request, whose context holds all its text and speech: a long
+# reply streamed as one piece (an agent that never flushes) grew past a stream's share of the
+# GPU's fixed KV pool (4096 positions) and the flow's 300 s, and its attention slowed every
+# step of its batch. A run that has had RUN_TOKENS text tokens ends at its next sentence end,
+# and no run takes more than MAX_SEGMENT_TOKENS (a whole text's segment bound) unless one
+# part alone is longer: the piece goes on in a new run, as a whole text's next segment does.
+RUN_TOKENS = 160
+# a sentence's end: a mark (an ASCII one before a space or the text's end: not "3.14")
+# and the closing quotes after it
+_SENTENCE_END = re.compile(r"(?:[.?!;]+(?=[\"”’\']*(?:\s|$))|[。？！；]+)[\"”’\']*")
+
+
+def run_cut(
+    text: str,
+    taken: int,
+    length: LengthFn,
+    tokens: int = RUN_TOKENS,
+    cap: int = MAX_SEGMENT_TOKENS,
+) -> int | None:
+    """Where a text-streaming run that has had ``taken`` text tokens stops taking ``text``:
+    just past the first sentence end that brings it to ``tokens``, or before the part that
+    would take it past ``cap`` (parts: sentences, one longer than ``cap`` cut at commas or
+    words). None: the run takes all of it and goes on."""
+    pos = 0
+    for part, ends in _parts(text, length, cap):
+        k = length(part)
+        if taken and taken + k > cap:
+            return pos
+        taken, pos = taken + k, pos + len(part)
+        if ends and taken >= tokens:
+            return pos
+    return None
+
+
+def _parts(text: str, length: LengthFn, cap: int) -> Generator[tuple[str, bool]]:
+    """``text`` in consecutive parts, each with whether it ends a sentence."""
+    cuts = [(m.end(), True) for m in _SENTENCE_END.finditer(text)]
+    if not cuts or cuts[-1][0] < len(text):
+        cuts.append((len(text), False))
+    start = 0
+    for end, sentence in cuts:
+        *pieces, last = cap_segments([text[start:end]], length, cap)
+        yield from ((piece, False) for piece in pieces)
+        yield last, sentence
+        start = end
 
 
 @dataclass

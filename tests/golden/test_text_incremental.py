@@ -12,7 +12,7 @@ from tokenizers import Regex, pre_tokenizers
 
 from cosyvoice.frontend import Frontend
 from cosyvoice.frontend.tokenizer import QWEN2_SPLIT
-from cosyvoice.utterance import TextRun
+from cosyvoice.utterance import TextRun, run_cut
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -130,3 +130,26 @@ def test_streamed_text_pre_tokenizes_as_the_whole_wherever_it_was_cut(seed):
         at += n
     pieces = _streamed(fragments)
     assert [t for p in pieces for t in _pre_tokens(p)] == _pre_tokens(text), pieces
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def test_a_run_ends_at_the_first_sentence_end_past_its_tokens():
+    text = "One two three. Four five six seven. Eight nine. Ten."
+    assert run_cut(text, 0, _words, tokens=5, cap=100) == len("One two three. Four five six seven.")
+    assert run_cut(text, 4, _words, tokens=5, cap=100) == len("One two three.")
+    assert run_cut(text, 0, _words, tokens=50, cap=100) is None  # under its tokens: all of it
+    assert run_cut("Pi is 3.14 or so", 0, _words, tokens=1, cap=100) is None  # not an end
+    # CJK marks end a sentence wherever they are; closing quotes stay with it
+    assert run_cut("他说“走吧。”我们走", 0, len, tokens=3, cap=100) == len("他说“走吧。”")
+
+
+def test_a_run_never_takes_past_its_cap():
+    words = " ".join(f"w{i}" for i in range(1000))  # no sentence end at all
+    for text in [words, "A short one. " + words]:
+        cut = run_cut(text, 0, _words, tokens=500, cap=100)
+        assert cut is not None and 0 < _words(text[:cut]) <= 100
+        assert text[cut - 1] in ". " and text[cut] != " "  # between words
+    assert run_cut(words, 90, _words, tokens=5, cap=100) == 0  # nothing more fits: ends here

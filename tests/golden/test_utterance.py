@@ -330,6 +330,54 @@ def test_text_streaming_needs_v2_or_v3(golden_dir):
         v1.start(v1.speakers.list()[0], text_stream=True)
 
 
+def _streamed_runs(model, monkeypatch) -> list[list[int]]:
+    """The text tokens given to each text-streaming LLM run the model starts from now on."""
+    runs: list[list[int]] = []
+    new_stream_request = model.new_stream_request
+
+    def recorded(*args, **kw):
+        req = new_stream_request(*args, **kw)
+        ids: list[int] = []
+        runs.append(ids)
+        push = req.push_text
+        monkeypatch.setattr(req, "push_text", lambda t: (ids.extend(t), push(t))[1])
+        return req
+
+    monkeypatch.setattr(model, "new_stream_request", recorded)
+    return runs
+
+
+@pytest.mark.parametrize("how", ["words", "whole", "unpunctuated"])
+def test_a_long_streamed_piece_goes_on_in_new_runs(model, monkeypatch, how):
+    """One streamed piece far longer than a run takes (an agent's reply, never flushed) is
+    spoken in several LLM runs, each ending at a sentence end past ``run_tokens`` and none
+    past ``run_cap``; together they speak all of its text, and the piece ends once."""
+    monkeypatch.setattr(model, "run_tokens", 30)
+    monkeypatch.setattr(model, "run_cap", 100)
+    runs = _streamed_runs(model, monkeypatch)
+    text = " ".join(f"Sentence {i} is here, and it goes on a while." for i in range(12))
+    if how == "unpunctuated":
+        text = " ".join(f"word{i}" for i in range(150))
+    u = model.start(model.speakers.list()[0], seed=4, text_stream=True)
+    outs: list[Output] = []
+    for fragment in [w + " " for w in text.split(" ")] if how != "whole" else [text]:
+        model.add_text(u, fragment, tag="reply")
+        outs += model.step([u]) if u.busy else []
+    model.close_text(u)
+    outs += _run(model, [u])[id(u)]
+    spoken = [model.frontend.tokenizer.decode(ids) for ids in runs]
+    assert " ".join(spoken).split() == text.split()
+    assert len(runs) >= 3 and max(len(ids) for ids in runs) <= 100
+    if how != "unpunctuated":
+        assert all(
+            t.endswith(".") and len(ids) >= 30
+            for t, ids in zip(spoken[:-1], runs[:-1], strict=True)
+        )
+    assert [(o.tag, o.truncated) for o in outs if o.tag_end] == [("reply", False)]
+    assert outs[-1].done and not [o.error for o in outs if o.error]
+    assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
+
+
 @pytest.fixture
 def one_group_a_step(model, monkeypatch) -> str:
     """A speaker of `model`, whose steps now normalize one group of sentences each."""
