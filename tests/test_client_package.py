@@ -182,6 +182,27 @@ def test_client_socket_closed_for_idling_is_closed(make_server):
     assert refused.error.code == "connection_closed" and "idle_timeout" in str(refused)
 
 
+def test_client_send_on_a_gone_socket_raises_server_error(server):
+    """A context's send, flush or cancel after its socket is gone raises the package's
+    ServerError (`connection_closed`, saying who closed it), as a start does; it raised
+    websockets' own ConnectionClosedOK."""
+    from rtserver_client.client import ServerError, TTSClient
+
+    async def go() -> list[ServerError]:
+        async with TTSClient(server.base_url) as client, client.connect() as conn:
+            ctx = await conn.start(spk_id="joe", text="Hello")
+            await conn.aclose()
+            refused = []
+            for call in (ctx.send("there."), ctx.flush(), ctx.cancel()):
+                with pytest.raises(ServerError) as e:
+                    await call
+                refused.append(e.value)
+            return refused
+
+    for e in asyncio.run(go()):
+        assert e.error.code == "connection_closed" and "client closed" in str(e)
+
+
 def test_client_http_tts_says_the_pcm_rate(server):
     """`TTSClient.tts(fmt="pcm")` tells the rate of its PCM (the response's X-Sample-Rate),
     still iterated as before: it used to yield bare samples at a rate the caller had to

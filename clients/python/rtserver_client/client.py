@@ -366,7 +366,14 @@ class Connection:
         self.ws.transport.abort()
 
     async def send(self, msg: msgspec.Struct) -> None:
-        await self.ws.send(_encode(msg).decode())
+        """Send a frame; raises ServerError ``connection_closed`` (why, as a context's end
+        says it) once the socket is gone, as :meth:`start` does."""
+        if self.closed:
+            raise ServerError(self._gone())
+        try:
+            await self.ws.send(_encode(msg).decode())
+        except websockets.ConnectionClosed:
+            raise ServerError(self._gone()) from None
 
     async def start(
         self,
@@ -404,7 +411,7 @@ class Connection:
         ctx = Context(self, cid)
         self.contexts[cid] = ctx
         try:
-            await self._send_start(start)
+            await self.send(start)
             first = await ctx.queue.get()
         except BaseException:
             # Given up on (a caller's timeout): the context is not ours any more.
@@ -422,12 +429,6 @@ class Connection:
         assert self.ready is not None
         frame = _encode(AppendText(context_id=context_id, text="", flush=True))
         return self.ready.max_message_bytes - len(frame)
-
-    async def _send_start(self, start: Start) -> None:
-        try:
-            await self.send(start)
-        except websockets.ConnectionClosed as e:  # it closed as the start went out
-            raise ServerError(self._gone()) from e
 
     def _fits(self, msg: msgspec.Struct) -> bool:
         """Whether the server takes this message in one frame (ready.max_message_bytes)."""

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import TypeVar
 
 import websockets
@@ -250,11 +250,16 @@ async def _next_event(ctx: Context, timeout: float) -> Event:
     return await _live(ctx.conn, ctx.queue.get(), timeout)
 
 
-def _unless_gone() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def _unless_gone() -> Iterator[None]:
     """For a send: a socket that has dropped raises, but the context's reader says so too (it
     ends the context with `connection_closed`, retryable), and that is what the stream
     reports."""
-    return contextlib.suppress(websockets.ConnectionClosed)
+    try:
+        yield
+    except ServerError as e:
+        if e.error.code != "connection_closed":
+            raise
 
 
 def _lapsed(ctx: Context) -> bool:
