@@ -418,9 +418,18 @@ class LLMEngine:
         # A segment past the flow's limit (text with no sentence end, a long streamed piece)
         # ends there: in a batched flow call it failed every stream of the batch.
         full = r.max_speech is not None and len(r.flow_tokens) >= r.max_speech
-        if full or (limit is not None and len(r.out_tokens) >= limit):
+        if full or self._context_full(r) or (limit is not None and len(r.out_tokens) >= limit):
             r._finish("length")
         return tok
+
+    def _context_full(self, r: LLMRequest) -> bool:
+        """Under the decode graphs, a request whose next input would pass the largest context
+        bucket ends there: past it, every step it was in ran eagerly for the whole batch (on
+        a GPU several times a replay's time), and it took more than its share of the fixed KV
+        pool, which ends other requests. Real speech stays well within it (a 320-token
+        segment and a 30 s prompt: about 3800 of 4096 positions); a runaway LLM does not."""
+        g = self.graphs
+        return g is not None and r.cache is not None and r.cache.length + 1 > g.max_context
 
     def _emit(self, r: LLMRequest, tok: int) -> None:
         r.out_tokens.append(tok)

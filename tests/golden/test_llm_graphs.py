@@ -205,3 +205,23 @@ def test_a_full_pool_ends_only_the_request_that_needs_a_block(golden_dir):
         assert b.finish_reason == "length" and len(b.out_tokens) == 200
     finally:
         pool.give(others)
+
+
+def test_a_request_at_the_largest_context_bucket_ends_there(golden_dir):
+    """Under the decode graphs a request ends ("length") where its next input would pass the
+    largest context bucket: its steps stay static (past it, each one it was in ran eagerly for
+    the whole batch) and it never holds more than its share of the fixed pool. Here the
+    buckets stop at 16 blocks (512 positions)."""
+    model = _load(golden_dir, True)
+    model.llm.graphs.contexts = [8, 16]
+    cap = 16 * BLOCK
+    runaway = LLMRequest(text_ids=list(range(20, 26)), seed=3, min_len=2 * cap, max_len=2 * cap)
+    other = LLMRequest(text_ids=list(range(20, 26)), seed=4, min_len=40, max_len=40)
+    most = 0
+    while live := [r for r in (runaway, other) if not r.done]:
+        model.llm.step(live)
+        most = max([most, *(r.cache.length for r in live if r.cache is not None)])
+    assert runaway.finish_reason == "length" and len(other.out_tokens) == 40
+    assert cap - 20 < len(runaway.out_tokens) < cap and most <= cap
+    assert model.llm.calls["dynamic"] == 0
+    assert model.llm.held_blocks() == 0
