@@ -347,35 +347,44 @@ def _streamed_runs(model, monkeypatch) -> list[list[int]]:
     return runs
 
 
-@pytest.mark.parametrize("how", ["words", "whole", "unpunctuated"])
-def test_a_long_streamed_piece_goes_on_in_new_runs(model, monkeypatch, how):
-    """One streamed piece far longer than a run takes (an agent's reply, never flushed) is
-    spoken in several LLM runs, each ending at a sentence end past ``run_tokens`` and none
-    past ``run_cap``; together they speak all of its text, and the piece ends once."""
-    monkeypatch.setattr(model, "run_tokens", 30)
-    monkeypatch.setattr(model, "run_cap", 100)
+def _stream_piece(model, monkeypatch, fragments: list[str]) -> tuple[list[list[int]], list[Output]]:
+    """One streamed piece from ``fragments``: the text tokens each LLM run was given, and the
+    outputs."""
     runs = _streamed_runs(model, monkeypatch)
-    text = " ".join(f"Sentence {i} is here, and it goes on a while." for i in range(12))
-    if how == "unpunctuated":
-        text = " ".join(f"word{i}" for i in range(150))
     u = model.start(model.speakers.list()[0], seed=4, text_stream=True)
     outs: list[Output] = []
-    for fragment in [w + " " for w in text.split(" ")] if how != "whole" else [text]:
+    for fragment in fragments:
         model.add_text(u, fragment, tag="reply")
         outs += model.step([u]) if u.busy else []
     model.close_text(u)
-    outs += _run(model, [u])[id(u)]
+    return runs, outs + _run(model, [u])[id(u)]
+
+
+@pytest.mark.parametrize("punctuated", [True, False], ids=["sentences", "no-sentence-end"])
+def test_a_long_streamed_piece_goes_on_in_new_runs(model, monkeypatch, punctuated):
+    """One streamed piece far longer than a run takes (an agent's reply, never flushed) is
+    spoken in several LLM runs, each ending at a sentence end past ``run_tokens`` and none
+    past ``run_cap``; together they speak all of its text, and the piece ends once. Where
+    sentences end does not depend on how the text was cut into fragments."""
+    monkeypatch.setattr(model, "run_tokens", 30)
+    monkeypatch.setattr(model, "run_cap", 100)
+    text = " ".join(f"Sentence {i} is here, and it goes on a while." for i in range(12))
+    if not punctuated:
+        text = " ".join(f"word{i}" for i in range(150))
+    words = text.split(" ")
+    runs, outs = _stream_piece(model, monkeypatch, [w + " " for w in words[:-1]] + words[-1:])
     spoken = [model.frontend.tokenizer.decode(ids) for ids in runs]
-    assert " ".join(spoken).split() == text.split()
+    assert " ".join(spoken).split() == words
     assert len(runs) >= 3 and max(len(ids) for ids in runs) <= 100
-    if how != "unpunctuated":
-        assert all(
-            t.endswith(".") and len(ids) >= 30
-            for t, ids in zip(spoken[:-1], runs[:-1], strict=True)
-        )
     assert [(o.tag, o.truncated) for o in outs if o.tag_end] == [("reply", False)]
     assert outs[-1].done and not [o.error for o in outs if o.error]
     assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
+    if punctuated:
+        assert all(
+            t.endswith(".") and len(ids) >= 30 for t, ids in zip(spoken[:-1], runs, strict=False)
+        )
+        first = [list(ids) for ids in runs]  # (the next piece's runs are recorded here too)
+        assert _stream_piece(model, monkeypatch, [text])[0] == first  # one fragment: the same
 
 
 @pytest.fixture
