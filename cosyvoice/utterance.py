@@ -170,8 +170,10 @@ def run_cut(
 ) -> int | None:
     """Where a text-streaming run that has had ``taken`` text tokens stops taking ``text``:
     just past the first sentence end that brings it to ``tokens``, or before the part that
-    would take it past ``cap`` (parts: sentences, one longer than ``cap`` cut at commas or
-    words). None: the run takes all of it and goes on."""
+    would take it past ``cap`` (parts: words, the pieces :meth:`TextRun.take` may hand over,
+    one longer than ``cap`` cut at commas or characters). None: the run takes all of it and
+    goes on. Both depend only on the text before them, so the runs end at the same places
+    whether the text came whole, word by word, or piled up while the run was queued."""
     pos = 0
     for part, ends in _parts(text, length, cap):
         k = length(part)
@@ -184,15 +186,18 @@ def run_cut(
 
 
 def _parts(text: str, length: LengthFn, cap: int) -> Generator[tuple[str, bool]]:
-    """``text`` in consecutive parts, each with whether it ends a sentence."""
-    cuts = [(m.end(), True) for m in _SENTENCE_END.finditer(text)]
-    if not cuts or cuts[-1][0] < len(text):
-        cuts.append((len(text), False))
+    """``text`` in consecutive parts, each with whether it ends a sentence: cut at sentence
+    ends and at every word boundary (:func:`_cuttable`: where :meth:`TextRun.take` may end
+    what it hands over). With whole sentences as parts, a sentence past what was left of a
+    run's cap ended the run before it when the text came in one piece, but mid-sentence at
+    the cap when it came word by word (its start already given to the LLM)."""
+    ends = {m.end() for m in _SENTENCE_END.finditer(text)}
+    words = (i for i in range(1, len(text)) if _cuttable(text[i - 1], text[i]))
     start = 0
-    for end, sentence in cuts:
+    for end in sorted({*ends, *words, len(text)}):
         *pieces, last = cap_segments([text[start:end]], length, cap)
         yield from ((piece, False) for piece in pieces)
-        yield last, sentence
+        yield last, end in ends
         start = end
 
 

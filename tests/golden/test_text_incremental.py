@@ -151,5 +151,10 @@ def test_a_run_never_takes_past_its_cap():
     for text in [words, "A short one. " + words]:
         cut = run_cut(text, 0, _words, tokens=500, cap=100)
         assert cut is not None and 0 < _words(text[:cut]) <= 100
-        assert text[cut - 1] in ". " and text[cut] != " "  # between words
-    assert run_cut(words, 90, _words, tokens=5, cap=100) == 0  # nothing more fits: ends here
+        assert text[cut] == " " and text[cut - 1] != " "  # between words
+    assert run_cut(words, 90, _words, tokens=5, cap=100) == len("w0 w1 w2 w3 w4 w5 w6 w7 w8 w9")
+    assert run_cut(words, 100, _words, tokens=5, cap=100) == 0  # nothing more fits: ends here
+    # a sentence that does not fit what is left is cut at the cap, as it is when it comes word
+    # by word (it ended the run before the sentence when it came whole)
+    text = "One two. Three four five six seven."
+    assert run_cut(text, 0, _words, tokens=50, cap=4) == len("One two. Three four")

@@ -387,6 +387,32 @@ def test_a_long_streamed_piece_goes_on_in_new_runs(model, monkeypatch, punctuate
         assert _stream_piece(model, monkeypatch, [text])[0] == first  # one fragment: the same
 
 
+def test_where_a_long_streamed_piece_runs_end_does_not_depend_on_its_fragments(model, monkeypatch):
+    """A sentence that fits a run's cap but not what is left of it: the run ended before the
+    sentence when its text came in one fragment, but mid-sentence at the cap when it came word
+    by word (or, for a queued run, as fast as the text came), so the audio depended on how and
+    when the text arrived. Now the runs end at the same places either way."""
+    monkeypatch.setattr(model, "run_tokens", 30)
+    monkeypatch.setattr(model, "run_cap", 100)
+    runs = _streamed_runs(model, monkeypatch)
+    long = " ".join(f"then word{i} came" for i in range(11))  # 84 tokens: fits a run alone
+    text = f"Sentence one is here. Sentence two is here. And {long} at last. Done now."
+    given = {}
+    for how in ("whole", "words"):
+        runs.clear()
+        u = model.start(model.speakers.list()[0], seed=4, text_stream=True)
+        for fragment in [text] if how == "whole" else [w + " " for w in text.split(" ")]:
+            model.add_text(u, fragment, tag="reply")
+            _ = model.step([u]) if u.busy else []  # (a started run takes each word as it comes)
+        model.close_text(u)
+        _run(model, [u])
+        given[how] = [model.frontend.tokenizer.decode(ids).strip() for ids in runs]
+        assert " ".join(given[how]).split() == text.split()
+        assert max(len(ids) for ids in runs) <= 100
+    assert given["whole"] == given["words"]
+    assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
+
+
 @pytest.fixture
 def one_group_a_step(model, monkeypatch) -> str:
     """A speaker of `model`, whose steps now normalize one group of sentences each."""
