@@ -234,8 +234,11 @@ class CosyVoiceModel:
                     self._go_on(utt, run, text[:cut], text[cut:])
                     return
             run.llm.push_text(ids)
-        if run.sealed and not run.llm.bistream.closed:
-            run.llm.close_text()
+        if run.sealed and not run.llm.bistream.closed and not run.llm.done:
+            if run.llm.bistream.n_text:
+                run.llm.close_text()
+            else:  # a run that got no text (the piece's text ended where its last run did):
+                run.llm.cancel()  # closed, the LLM would speak from none (up to 2 s of it)
 
     def _go_on(self, utt: Utterance, run: TextRun, head: str, rest: str) -> None:
         """End ``run``'s LLM after ``head``: the rest of its piece goes to a new run, queued

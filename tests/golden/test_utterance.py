@@ -413,6 +413,28 @@ def test_where_a_long_streamed_piece_runs_end_does_not_depend_on_its_fragments(m
     assert model.held() == {"kv_blocks": 0, "flow_blocks": 0}
 
 
+def test_a_run_that_gets_no_text_is_not_spoken(model, monkeypatch):
+    """A piece whose text ends where a run does (a sentence end past ``run_tokens``) queues
+    the next run, which may start before the piece is closed; closed with no text, that run's
+    LLM is not asked to speak (from no text a real model says up to 2 s of something)."""
+    text = "Sentence one is here, and it goes on. And a second one ends it."
+    monkeypatch.setattr(model, "run_tokens", len(model.frontend.encode(text)))
+    runs = _streamed_runs(model, monkeypatch)
+    u = model.start(model.speakers.list()[0], seed=5, text_stream=True)
+    model.add_text(u, text + " ", tag="reply")  # (the space: the last word is complete)
+    first, outs = None, []
+    while u.busy:  # until the next run has started and waits for text
+        outs += model.step([u])
+        first = first or u.llm
+    assert len(runs) == 2 and u.llm is not first and u.llm.bistream.n_text == 0
+    second = u.llm
+    model.close_text(u)
+    outs += _run(model, [u])[id(u)]
+    assert second.finish_reason == "cancelled" and not second.out_tokens
+    assert [(o.tag, o.truncated) for o in outs if o.tag_end] == [("reply", False)]
+    assert outs[-1].done and model.held() == {"kv_blocks": 0, "flow_blocks": 0}
+
+
 @pytest.fixture
 def one_group_a_step(model, monkeypatch) -> str:
     """A speaker of `model`, whose steps now normalize one group of sentences each."""
