@@ -42,7 +42,8 @@ def _serve_args(p: argparse.ArgumentParser, env: Settings) -> None:
         shown = "none" if default in (None, []) else default
         if name in SECRET_SETTINGS and default:
             shown = "set"
-        kw: dict = {"help": f"{text} (default: {shown}; env {ENV_PREFIX}{name.upper()})"}
+        text = f"{text} (default: {shown}; env {ENV_PREFIX}{name.upper()})"
+        kw: dict = {"help": text.replace("%", "%%")}  # argparse formats help with %
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
