@@ -37,8 +37,10 @@ def add_say_args(p: argparse.ArgumentParser, env: Settings) -> None:
     p.add_argument("--format", choices=FORMATS, help="default: from the output suffix")
     p.add_argument("--ws", action="store_true", help="use /ws/tts, sending the text word by word")
     p.add_argument("--play", action="store_true", help="play with ffplay/mpv when one exists")
-    p.add_argument("--speed", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speed", type=float, default=1.0,
+                   help="speaking rate, 0.25 to 4 (default: 1.0)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed, honoured by CosyVoice (default: 0, a random one)")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="finest chunks (HTTP)")
 
 
