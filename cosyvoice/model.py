@@ -102,8 +102,8 @@ class CosyVoiceModel:
     # going through the flow before its tokens: no audio) take at most this share of the time.
     # Four 29 s recordings' pieces, run as they came, held another stream's first audio 3 s.
     prompt_share: float = 0.5
-    # A text-streaming run ends at its first sentence end past this many text tokens, and
-    # takes no more than run_cap (:data:`cosyvoice.utterance.RUN_TOKENS`).
+    # A text-streaming run ends at its first sentence end past run_tokens text tokens, and
+    # takes no more than run_cap (see :data:`cosyvoice.utterance.RUN_TOKENS`).
     run_tokens: int = RUN_TOKENS
     run_cap: int = MAX_SEGMENT_TOKENS
     # token2wav on a thread of its own (and its own CUDA stream), so decode steps go on while
@@ -227,13 +227,16 @@ class CosyVoiceModel:
                 log.warning("text for a streamed piece that already ended: not spoken")
             run.cut = True
         elif text:
-            ids, taken = self.frontend.encode(text), run.llm.bistream.n_text
-            if taken + len(ids) >= self.run_tokens:
+            taken = run.llm.bistream.n_text
+            # (a token is at least a byte: short text skips the search for a cut; a long one,
+            # piled up while the run was queued, is read only up to its cut, so a reply that
+            # goes through many runs costs linear time)
+            if taken + len(text.encode()) >= self.run_tokens:
                 cut = run_cut(text, taken, self._text_tokens, self.run_tokens, self.run_cap)
-                if cut is not None and (cut < len(text) or not run.sealed):
+                if cut is not None and (text[cut:].strip() or not run.sealed):
                     self._go_on(utt, run, text[:cut], text[cut:])
                     return
-            run.llm.push_text(ids)
+            run.llm.push_text(self.frontend.encode(text))
         if run.sealed and not run.llm.bistream.closed and not run.llm.done:
             if run.llm.bistream.n_text:
                 run.llm.close_text()

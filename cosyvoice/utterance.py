@@ -35,8 +35,9 @@ class Utterance:
     (argmax LLM) and ``noise=False`` (zero vocoder noise) reproduce the golden fixtures;
     ``fixed_tokens`` makes every LLM run emit exactly that many tokens (benchmarks);
     ``on_segment(t2w_state, i)`` sees each segment's token2wav state before use (tests replay
-    recorded noise with it). ``text_stream`` (v2/v3): each piece is ONE LLM run fed token by
-    token as its text arrives (bistream), instead of waiting for the piece to be complete.
+    recorded noise with it). ``text_stream`` (v2/v3): each piece goes to an LLM run token by
+    token as its text arrives (bistream), instead of waiting for the piece to be complete; a
+    long piece to several runs, one after another (:data:`RUN_TOKENS`).
     """
 
     speaker: str
@@ -188,17 +189,24 @@ def run_cut(
 def _parts(text: str, length: LengthFn, cap: int) -> Generator[tuple[str, bool]]:
     """``text`` in consecutive parts, each with whether it ends a sentence: cut at sentence
     ends and at every word boundary (:func:`_cuttable`: where :meth:`TextRun.take` may end
-    what it hands over). With whole sentences as parts, a sentence past what was left of a
-    run's cap ended the run before it when the text came in one piece, but mid-sentence at
-    the cap when it came word by word (its start already given to the LLM)."""
-    ends = {m.end() for m in _SENTENCE_END.finditer(text)}
-    words = (i for i in range(1, len(text)) if _cuttable(text[i - 1], text[i]))
+    what it hands over), found as they are reached. With whole sentences as parts, a sentence
+    past what was left of a run's cap ended the run before it when the text came in one
+    piece, but mid-sentence at the cap when it came word by word."""
+    ends = _SENTENCE_END.finditer(text)
+    end = next(ends, None)
     start = 0
-    for end in sorted({*ends, *words, len(text)}):
-        *pieces, last = cap_segments([text[start:end]], length, cap)
-        yield from ((piece, False) for piece in pieces)
-        yield last, end in ends
-        start = end
+    for i in range(1, len(text) + 1):
+        sentence = end is not None and end.end() == i
+        if sentence or i == len(text) or _cuttable(text[i - 1], text[i]):
+            part = text[start:i]  # (cut when longer than cap: a token is at least a byte)
+            *pieces, last = (
+                [part] if len(part.encode()) <= cap else cap_segments([part], length, cap)
+            )
+            yield from ((piece, False) for piece in pieces)
+            yield last, sentence
+            start = i
+        if sentence:
+            end = next(ends, None)
 
 
 @dataclass

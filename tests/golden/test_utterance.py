@@ -435,6 +435,24 @@ def test_a_run_that_gets_no_text_is_not_spoken(model, monkeypatch):
     assert outs[-1].done and model.held() == {"kv_blocks": 0, "flow_blocks": 0}
 
 
+def test_a_long_piece_given_at_once_is_read_once(model, monkeypatch):
+    """A piece's text that piles up while its runs speak (an agent's whole reply in one
+    message) is read up to each run's cut, not again in full at every run's start: the text
+    tokenized for all its runs stays within a few times its length (quadratic before: 197k
+    characters took 49 s of tokenizing on the inference thread). A piece that ends in spaces
+    after a cut adds no empty run."""
+    monkeypatch.setattr(model, "run_tokens", 30)
+    monkeypatch.setattr(model, "run_cap", 100)
+    read = []
+    encode = model.frontend.encode
+    monkeypatch.setattr(model.frontend, "encode", lambda t: (read.append(len(t)), encode(t))[1])
+    text = " ".join(f"Sentence {i} is here, and it goes on a while." for i in range(24))
+    runs, outs = _stream_piece(model, monkeypatch, [text + "   "])
+    assert len(runs) >= 6 and sum(read) <= 3 * len(text), (sum(read), len(text))
+    assert outs[-1].utterance.runs == len(runs)  # (a blank last run would be one more)
+    assert [(o.tag, o.truncated) for o in outs if o.tag_end] == [("reply", False)]
+
+
 @pytest.fixture
 def one_group_a_step(model, monkeypatch) -> str:
     """A speaker of `model`, whose steps now normalize one group of sentences each."""
