@@ -366,8 +366,8 @@ class Connection:
         self.ws.transport.abort()
 
     async def send(self, msg: msgspec.Struct) -> None:
-        """Send a frame; raises ServerError ``connection_closed`` (why, as a context's end
-        says it) once the socket is gone, as :meth:`start` does."""
+        """Send a frame; raises ServerError ``connection_closed`` (saying why, as a context's
+        end does) once the socket is gone: a start, text, flush or cancel alike."""
         if self.closed:
             raise ServerError(self._gone())
         try:
@@ -396,8 +396,6 @@ class Connection:
         cid = context_id or f"ctx-{next(_ids)}"
         if cid in self.contexts:  # the server's refusal would carry the open context's id
             raise ValueError(f"context {cid!r} is open on this connection")
-        if self.closed:
-            raise ServerError(self._gone())
         start = Start(context_id=cid, spk_id=spk_id, format=format, sample_rate=sample_rate,
                       speed=speed, seed=seed, text=text, text_streaming=text_streaming,
                       timestamps=timestamps, instructions=instructions)  # fmt: skip
@@ -414,7 +412,7 @@ class Connection:
             await self.send(start)
             first = await ctx.queue.get()
         except BaseException:
-            # Given up on (a caller's timeout): the context is not ours any more.
+            # Given up on (a caller's timeout, the socket gone): the context is not ours any more.
             self._release(ctx)
             raise
         if isinstance(first, Error):

@@ -173,8 +173,6 @@ class TTS(tts.TTS):
         except ServerError as e:
             # `busy` and friends pass; a bad voice or format does not.
             raise APIError(str(e), retryable=e.error.code in _RETRYABLE) from e
-        except websockets.ConnectionClosed as e:  # it dropped as the start went out
-            raise APIConnectionError(f"rtserver connection lost: {e}") from e
         finally:
             claims = self._claims.get(conn, set())
             claims.discard(context_id)
