@@ -659,10 +659,11 @@ class CosyVoiceModel:
         tag, text, last = u.pending.popleft()
         seed = u.seed + u.runs
         spk = u.voice
-        if isinstance(text, TextRun) and (text.tail.strip() or not text.sealed):
-            req = text.llm = self.new_stream_request(spk, seed=seed, greedy=u.greedy)
-        elif isinstance(text, TextRun):
-            req = None  # (a piece's last run, ended where its text did: nothing left)
+        if isinstance(text, TextRun):
+            blank = text.sealed and not text.tail.strip()  # (its piece ended where a run did)
+            req = text.llm = (
+                None if blank else self.new_stream_request(spk, seed=seed, greedy=u.greedy)
+            )
         elif text:
             req = self.new_request(text, spk, seed=seed, greedy=u.greedy)
             if u.fixed_tokens:

@@ -423,14 +423,15 @@ class LLMEngine:
         return tok
 
     def _context_full(self, r: LLMRequest) -> bool:
-        """Under the decode graphs, a request whose next decode input (one position) would
-        pass the largest context bucket ends there (a text-streaming request's next input may
-        be a block of its text: that one step may pass it by the block, eagerly): past it, every step it was in ran eagerly for the whole batch (on
+        """Under the decode graphs, a request whose next decode step has no context bucket
+        ends there: past the largest, every step it was in ran eagerly for the whole batch (on
         a GPU several times a replay's time), and it took more than its share of the fixed KV
-        pool, which ends other requests. Real speech stays well within it (a 320-token
-        segment and a 30 s prompt: about 3800 of 4096 positions); a runaway LLM does not."""
+        pool, which ends other requests. Real speech stays well within it (a 320-token segment
+        and a 30 s prompt: about 3800 of 4096 positions); a runaway LLM does not. (A
+        text-streaming request's next input may be a block of its text, which may pass it by
+        that block for one eager step.)"""
         g = self.graphs
-        return g is not None and r.cache is not None and r.cache.length + 1 > g.max_context
+        return g is not None and r.cache is not None and not g.holds(r.cache)
 
     def _emit(self, r: LLMRequest, tok: int) -> None:
         r.out_tokens.append(tok)

@@ -81,16 +81,14 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.batches[-1]
 
-    @property
-    def max_context(self) -> int:
-        """Positions of the largest context bucket: a request's share of the fixed pool."""
-        return self.contexts[-1] * BLOCK
+    def holds(self, cache: KVCache) -> bool:
+        """Whether a decode step of this cache's request has a context bucket (the largest:
+        a request's share of the fixed pool)."""
+        return cache.length + 1 <= self.contexts[-1] * BLOCK
 
     def fits(self, caches: list[KVCache]) -> bool:
         """Whether this step (every request decoding one token) has a bucket."""
-        return len(caches) <= self.max_batch and all(
-            c.length + 1 <= self.max_context for c in caches
-        )
+        return len(caches) <= self.max_batch and all(self.holds(c) for c in caches)
 
     def fits_prefill(self, caches: list[KVCache], lens: list[int]) -> bool:
         """Whether these are first inputs (each at most the largest bucket) of at most the
